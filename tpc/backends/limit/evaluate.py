@@ -1,0 +1,370 @@
+"""The infinite-width limit of a forward (Netsor) program by Gaussian propagation.
+
+Each vector is a coordinatewise function of Gaussian blocks (`Block`): initial vectors, and
+the outputs of MatMul instructions. Blocks from the same matrix form one Gaussian family with
+`Cov(Z^{Wx}, Z^{Wy}) = s_W^2 E[Z^x Z^y]` (Master Theorem); blocks of different families are
+independent. Scalars are deterministic: a Moment is `E psi(Z...)`. One loop over the
+instructions in order, an environment from node to limit value (as JAX's eval_jaxpr).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var
+from tpc.errors import NumericalError, TpcError
+from tpc.ir import Node, Program
+from tpc.ops import expr as ex
+from tpc.ops.functions import FUNCTIONS
+
+Tensor = torch.Tensor
+METHODS = ("auto", "exact", "closed-form", "quadrature", "monte-carlo")
+
+
+@dataclass(frozen=True)
+class Block:
+    """A leaf of a vector's expression: a Gaussian block of the limit."""
+
+    bid: int
+
+
+@dataclass(frozen=True)
+class ScalarRef:
+    """A leaf of a vector's expression: a deterministic scalar (its limit)."""
+
+    nid: int
+
+
+@dataclass
+class BlockInfo:
+    family: object
+    shape: tuple[int, ...]
+    mean: Tensor  # broadcastable to shape
+    source: int  # the node that created it
+
+
+@dataclass
+class LimitValue:
+    value: Tensor
+    methods: set[str]
+    stderr: Tensor | None = None
+    cov: Tensor | None = None  # for readouts: Gaussian in the limit with this covariance
+
+
+@dataclass
+class LimitEvaluator:
+    prog: Program
+    method: str = "auto"
+    dtype: torch.dtype = torch.float64
+    particles: int = 2**16
+    seed: int = 0
+    blocks: list[BlockInfo] = field(default_factory=list)
+    family_blocks: dict[object, list[int]] = field(default_factory=dict)
+    cov: dict[tuple[int, int], Tensor] = field(default_factory=dict)
+    trees: dict[int, object] = field(default_factory=dict)  # vector node -> expression
+    scalars: dict[int, LimitValue] = field(default_factory=dict)
+    vec_methods: dict[int, set[str]] = field(default_factory=dict)
+    mc_used: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise TpcError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
+        self.generator = torch.Generator().manual_seed(self.seed)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, LimitValue]:
+        for node in self.prog.needed():
+            try:
+                getattr(self, f"rule_{node.op}")(node)
+            except NumericalError as err:
+                if err.span is None:
+                    err.span = node.span
+                raise err.locate(self.prog.filename, self.prog.source) from None
+            if node.id in self.scalars:
+                self.check_finite(node, self.scalars[node.id].value)
+        return {name: self.scalars[nid] for name, nid in self.prog.outputs.items()}
+
+    def check_finite(self, node: Node, value: Tensor) -> None:
+        if not torch.isfinite(value).all():
+            raise NumericalError(
+                f"the limit of '{node.name}' is not finite (NaN or overflow)", node.span
+            ).locate(self.prog.filename, self.prog.source)
+
+    # ------------------------------------------------------------------ Gaussian blocks
+    def new_block(self, family: object, shape: tuple[int, ...], mean: Tensor, source: int) -> int:
+        bid = len(self.blocks)
+        self.blocks.append(BlockInfo(family, shape, mean, source))
+        self.family_blocks.setdefault(family, []).append(bid)
+        return bid
+
+    def block_cov(self, a: int, b: int) -> Tensor:
+        """Cov(block a, block b), shape a.shape + b.shape; zero across families."""
+        if (a, b) in self.cov:
+            return self.cov[a, b]
+        if (b, a) in self.cov:
+            c = self.cov[b, a]
+            ra = len(self.blocks[b].shape)
+            return c.permute(*range(ra, c.dim()), *range(ra))
+        return torch.zeros(self.blocks[a].shape + self.blocks[b].shape, dtype=self.dtype)
+
+    # ------------------------------------------------------------------ expectations
+    def expect(self, parts: list[tuple[object, int | None]], combine: str | None,
+               shape: tuple[int, ...], node: Node) -> Result:
+        """E of the product (combine='mul') of vector expressions, each placed with its batch
+        axis on the given output axis, or of a single expression (combine=None)."""
+        rank = len(shape)
+        variables: list[tuple[int, int | None]] = []
+
+        def place_tensor(t: Tensor, axis: int | None) -> Tensor:
+            if t.dim() == 0:
+                return t
+            if axis is None:  # a tensor over a batch that this side does not have
+                raise AssertionError("batched leaf on an unbatched side")
+            view = [1] * rank
+            view[axis] = t.shape[0]
+            return t.reshape(view)
+
+        def place(tree: object, axis: int | None) -> object:
+            if isinstance(tree, Block):
+                info = self.blocks[tree.bid]
+                key = (tree.bid, axis if info.shape else None)
+                if key not in variables:
+                    variables.append(key)
+                return Var(variables.index(key))
+            if isinstance(tree, ScalarRef):
+                val = self.scalars[tree.nid].value
+                return TensorLeaf(place_tensor(val, axis if val.dim() else None))
+            if isinstance(tree, ex.Apply):
+                return ex.Apply(tree.fn, tuple(place(a, axis) for a in tree.args))
+            return tree
+
+        placed = [place(t, ax) for t, ax in parts]
+        tree = placed[0] if combine is None else ex.Apply(combine, tuple(placed))
+        means = []
+        for bid, axis in variables:
+            m = self.blocks[bid].mean
+            means.append(place_tensor(m, axis) if m.dim() else m)
+        covs = [[self.placed_cov(vi, vj, rank) for vj in variables] for vi in variables]
+        where = f"instruction {node.name}" + (f" (line {node.span.line})" if node.span else "")
+        result = Expectation(shape, means, covs, self.dtype, where, self.method, self.particles,
+                             self.generator)(tree)
+        if "monte-carlo" in result.methods:
+            self.mc_used = True
+        return result
+
+    def placed_cov(self, vi: tuple[int, int | None], vj: tuple[int, int | None], rank: int) -> Tensor:
+        (bi, ai), (bj, aj) = vi, vj
+        c = self.block_cov(bi, bj)
+        if ai is None and aj is None:
+            return c
+        view = [1] * rank
+        if ai is None or aj is None:
+            axis = ai if ai is not None else aj
+            view[axis] = c.shape[0]
+            return c.reshape(view)
+        if ai == aj:
+            d = torch.diagonal(c)
+            view[ai] = d.shape[0]
+            return d.reshape(view)
+        if ai > aj:
+            c = c.T
+            ai, aj = aj, ai
+        view[ai], view[aj] = c.shape
+        return c.reshape(view)
+
+    def methods_of(self, nids: tuple[int, ...]) -> set[str]:
+        out: set[str] = set()
+        for i in nids:
+            out |= self.vec_methods.get(i, set())
+            if i in self.scalars:
+                out |= self.scalars[i].methods
+        return out
+
+    def axis_for(self, nid: int, offset: int = 0) -> int | None:
+        return offset if self.prog.node(nid).shape else None
+
+    # ------------------------------------------------------------------ one rule per instruction
+    def rule_data(self, node: Node) -> None:
+        value = torch.tensor(np.asarray(node.params["value"], dtype=np.float64), dtype=self.dtype)
+        self.scalars[node.id] = LimitValue(value, {"exact"})
+
+    def rule_matrix(self, node: Node) -> None:
+        pass  # a matrix enters the limit through the families of its MatMuls
+
+    def rule_vector(self, node: Node) -> None:
+        gi, group = self.prog.group_of(node.id)
+        family = ("group", gi)
+        k = group.members.index(node.id)
+        bid = self.new_block(family, (), torch.tensor(group.mean[k], dtype=self.dtype), node.id)
+        for other in self.family_blocks[family][:-1]:
+            j = group.members.index(self.blocks[other].source)
+            self.cov[other, bid] = torch.tensor(group.cov[j, k], dtype=self.dtype)
+        self.cov[bid, bid] = torch.tensor(group.cov[k, k], dtype=self.dtype)
+        self.trees[node.id] = Block(bid)
+        self.vec_methods[node.id] = set()
+
+    def rule_matmul(self, node: Node) -> None:
+        mat = self.prog.node(node.inputs[0])
+        x = node.inputs[1]
+        s2 = mat.params["var"]
+        family = ("matrix", mat.id)
+        zero = torch.zeros((), dtype=self.dtype)
+        methods = self.methods_of((x,))
+        if mat.params["role"] == "input":
+            data = self.scalars[x].value  # (..., d): E over the finite dot product is exact
+            bid = self.new_block(family, node.shape, zero, node.id)
+            self.block_data[bid] = data
+            for other in self.family_blocks[family]:
+                od = self.block_data[other]
+                c = s2 * torch.tensordot(od, data, dims=([-1], [-1]))
+                self.cov[other, bid] = c
+            methods |= {"exact"}
+        else:
+            tree = self.trees[x]
+            bid = self.new_block(family, node.shape, zero, node.id)
+            self.block_tree[bid] = (tree, x)
+            for other in self.family_blocks[family]:
+                otree, ox = self.block_tree[other]
+                shape = self.blocks[other].shape + node.shape
+                res = self.expect(
+                    [(otree, self.axis_for(ox)), (tree, self.axis_for(x, len(self.blocks[other].shape)))],
+                    "mul", shape, node,
+                )
+                self.cov[other, bid] = s2 * res.value
+                methods |= res.methods | self.methods_of((ox,))
+        self.trees[node.id] = Block(bid)
+        self.vec_methods[node.id] = methods
+
+    def rule_nonlin(self, node: Node) -> None:
+        if node.kind == "scalar":
+            args = [self.scalars[i].value for i in node.inputs]
+            value = _evaluate_scalar(node.params["tree"], args)
+            self.scalars[node.id] = LimitValue(value, self.methods_of(node.inputs) | {"exact"})
+            return
+        mapping = {}
+        for i, nid in enumerate(node.inputs):
+            mapping[i] = self.trees[nid] if nid in self.trees else ScalarRef(nid)
+        self.trees[node.id] = ex.substitute(node.params["tree"], mapping)
+        self.vec_methods[node.id] = self.methods_of(node.inputs)
+
+    def rule_moment(self, node: Node) -> None:
+        mapping = {}
+        for i, nid in enumerate(node.inputs):
+            mapping[i] = self.trees[nid] if nid in self.trees else ScalarRef(nid)
+        tree = ex.substitute(node.params["tree"], mapping)
+        res = self.expect([(tree, 0 if node.shape else None)], None, node.shape, node)
+        self.scalars[node.id] = LimitValue(res.value, res.methods | self.methods_of(node.inputs),
+                                           res.stderr)
+
+    def rule_gram(self, node: Node) -> None:
+        x, y = node.inputs
+        rx = len(self.prog.node(x).shape)
+        res = self.expect([(self.trees[x], self.axis_for(x)), (self.trees[y], self.axis_for(y, rx))],
+                          "mul", node.shape, node)
+        self.scalars[node.id] = LimitValue(res.value, res.methods | self.methods_of(node.inputs),
+                                           res.stderr)
+
+    def rule_readout(self, node: Node) -> None:
+        # Gaussian with mean zero; its covariance is computed by rule_cov on demand
+        cov = self.readout_cov(node, node, node)
+        self.scalars[node.id] = LimitValue(torch.zeros(node.shape, dtype=self.dtype), cov.methods,
+                                           None, cov.value)
+
+    def rule_cov(self, node: Node) -> None:
+        f, g = (self.prog.node(i) for i in node.inputs)
+        if f.id == g.id and self.scalars[f.id].cov is not None:
+            src = self.scalars[f.id]
+            self.scalars[node.id] = LimitValue(src.cov, src.methods)
+            return
+        res = self.readout_cov(f, g, node)
+        self.scalars[node.id] = LimitValue(res.value, res.methods)
+
+    def readout_cov(self, f: Node, g: Node, node: Node) -> Result:
+        """Cov(c_f v.x/sqrt n, c_g w.y/sqrt n) -> c_f c_g Cov(Z^v, Z^w) E[Z^x Z^y]."""
+        v, w = (self.prog.node(f.inputs[0]), self.prog.node(g.inputs[0]))
+        x, y = f.inputs[1], g.inputs[1]
+        coef = f.params["coef"] * g.params["coef"]
+        shape = f.shape + g.shape
+        if v.op == "matrix" or w.op == "matrix":
+            if v.id != w.id:
+                return Result(torch.zeros(shape, dtype=self.dtype), {"exact"})
+            scale, rows = coef * v.params["var"], v.params["rows"]
+        else:
+            gi, group = self.prog.group_of(v.id)
+            gj, _ = self.prog.group_of(w.id)
+            if gi != gj:
+                return Result(torch.zeros(shape, dtype=self.dtype), {"exact"})
+            scale = coef * group.cov[group.members.index(v.id), group.members.index(w.id)]
+            rows = None
+        sx, sy = self.prog.node(x).shape, self.prog.node(y).shape
+        res = self.expect([(self.trees[x], self.axis_for(x)), (self.trees[y], self.axis_for(y, len(sx)))],
+                          "mul", sx + sy, node)
+        value = scale * res.value
+        if rows is not None:
+            eye = torch.eye(rows, dtype=self.dtype)
+            value = value.reshape(*sx, 1, *sy, 1) * eye.reshape([1] * len(sx) + [rows] + [1] * len(sy) + [rows])
+        return Result(value, res.methods | self.methods_of((x, y)))
+
+    block_data: dict[int, Tensor] = field(default_factory=dict)
+    block_tree: dict[int, tuple[object, int]] = field(default_factory=dict)
+
+
+def _evaluate_scalar(tree: ex.Tree, args: list[Tensor]) -> Tensor:
+    if isinstance(tree, ex.Arg):
+        return args[tree.index]
+    if isinstance(tree, ex.Const):
+        return torch.tensor(tree.value, dtype=torch.float64)
+    return FUNCTIONS[tree.fn].torch(*[_evaluate_scalar(a, args) for a in tree.args])
+
+
+@dataclass
+class LimitOutput:
+    value: np.ndarray
+    method: str
+    stderr: np.ndarray | None = None
+    cov: np.ndarray | None = None
+
+    def to_json(self) -> dict:
+        out: dict = {"value": _tolist(self.value), "method": self.method}
+        if self.stderr is not None:
+            out["stderr"] = _tolist(self.stderr)
+        if self.cov is not None:
+            out["cov"] = _tolist(self.cov)
+        return out
+
+
+def _tolist(a: np.ndarray) -> object:
+    return a.tolist() if a.ndim else float(a)
+
+
+ORDER = ("exact", "closed-form", "quadrature", "monte-carlo")
+
+
+def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
+                   particles: int = 2**16, replicates: int = 8, seed: int = 0) -> dict[str, LimitOutput]:
+    """The limit of every output. Where Monte Carlo served any expectation, the whole evaluation
+    is repeated with independent particles and the standard error is taken across replicates."""
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    with torch.no_grad():
+        first = LimitEvaluator(prog, method, tdtype, particles, seed)
+        runs = [first.run()]
+        if first.mc_used:
+            for r in range(1, max(2, replicates)):
+                runs.append(LimitEvaluator(prog, method, tdtype, particles, seed + r).run())
+    out = {}
+    for name in prog.outputs:
+        vals = [r[name] for r in runs]
+        methods = set().union(*[v.methods for v in vals]) or {"exact"}
+        label = "+".join(m for m in ORDER if m in methods)
+        stack = np.stack([v.value.double().numpy() for v in vals])
+        cov = None
+        if vals[0].cov is not None:
+            cov = np.mean([v.cov.double().numpy() for v in vals], axis=0)
+        stderr = None
+        if len(vals) > 1:
+            stderr = stack.std(axis=0, ddof=1) / np.sqrt(len(vals))
+        out[name] = LimitOutput(stack.mean(axis=0), label, stderr, cov)
+    return out

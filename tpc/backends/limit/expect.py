@@ -1,0 +1,335 @@
+"""Expectations of coordinatewise functions of jointly Gaussian variables, vectorised over a
+finite output shape (a batch, or a pair of batches for a kernel).
+
+`Expectation` receives a tree whose leaves are `Var(i)` (the i-th Gaussian), `Tensor`
+constants already broadcast to the output shape, and `Const`. It takes the expectation:
+- exactly, where every term is a product of at most two linear forms (E[uv] = Cov + means);
+- in closed form, where every term is a product of at most two registered functions of
+  centred linear forms with a known pair kernel (arc-cosine, arcsine, ...), or one function
+  with a known Gaussian mean;
+- by Gauss-Hermite quadrature on the k Gaussians the tree needs (k <= 3 by default);
+- by Monte Carlo with M particles otherwise or on request, with a standard error.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tpc.errors import NumericalError
+from tpc.ops import expr as ex
+from tpc.ops.functions import FUNCTIONS, pair_rule
+
+Tensor = torch.Tensor
+QUADRATURE_NODES = {1: 96, 2: 40, 3: 16}
+MAX_CHUNK = 2**23  # entries x nodes evaluated at once
+
+
+@dataclass(frozen=True)
+class Var:
+    index: int
+
+
+@dataclass(eq=False)
+class TensorLeaf:
+    value: Tensor
+
+
+@dataclass
+class Linear:
+    """sum_i coef[i] * Var(i) + const, with coefficients broadcast over the output shape."""
+
+    coef: dict[int, Tensor | float] = field(default_factory=dict)
+    const: Tensor | float = 0.0
+
+    def scale(self, s: Tensor | float) -> Linear:
+        return Linear({i: c * s for i, c in self.coef.items()}, self.const * s)
+
+    def plus(self, other: Linear, sign: float = 1.0) -> Linear:
+        coef = dict(self.coef)
+        for i, c in other.coef.items():
+            coef[i] = coef[i] + sign * c if i in coef else sign * c
+        return Linear(coef, self.const + sign * other.const)
+
+
+@dataclass
+class Result:
+    value: Tensor
+    methods: set[str]
+    stderr: Tensor | None = None
+
+
+class Expectation:
+    """E[tree] over Gaussians with the given per-entry means and covariances.
+
+    `mean[i]` and `cov[i][j]` are tensors broadcastable to `shape`.
+    """
+
+    def __init__(self, shape: tuple[int, ...], mean: list[Tensor], cov: list[list[Tensor]],
+                 dtype: torch.dtype, where: str, method: str = "auto", particles: int = 2**16,
+                 generator: torch.Generator | None = None) -> None:
+        self.shape = shape
+        self.mean = mean
+        self.cov = cov
+        self.k = len(mean)
+        self.dtype = dtype
+        self.where = where
+        self.method = method
+        self.particles = particles
+        self.generator = generator
+
+    # ------------------------------------------------------------------ entry point
+    def __call__(self, tree: ex.Tree) -> Result:
+        if self.method in ("auto", "exact", "closed-form"):
+            res = self.analytic(tree)
+            if res is not None:
+                if self.method == "exact" and res.methods != {"exact"}:
+                    raise NumericalError(
+                        f"{self.where}: this expectation is not linear in the Gaussians; "
+                        "it needs a closed form (use --method auto)"
+                    )
+                return res
+            if self.method != "auto":
+                raise NumericalError(
+                    f"{self.where}: no {self.method} rule for this expectation (use --method auto)"
+                )
+        if self.method == "monte-carlo" or (self.method == "auto" and self.k > max(QUADRATURE_NODES)):
+            return self.sampled(tree, quadrature=False)
+        if self.k > max(QUADRATURE_NODES):
+            raise NumericalError(
+                f"{self.where}: quadrature over {self.k} Gaussians is too costly; use --method auto "
+                "or monte-carlo"
+            )
+        return self.sampled(tree, quadrature=True)
+
+    # ------------------------------------------------------------------ exact and closed form
+    def linear(self, tree: object) -> Linear | None:
+        if isinstance(tree, Var):
+            return Linear({tree.index: 1.0})
+        if isinstance(tree, ex.Const):
+            return Linear({}, tree.value)
+        if isinstance(tree, TensorLeaf):
+            return Linear({}, tree.value)
+        if not isinstance(tree, ex.Apply):
+            return None
+        fn = tree.fn
+        if fn == "identity":
+            return self.linear(tree.args[0])
+        if fn == "neg":
+            a = self.linear(tree.args[0])
+            return None if a is None else a.scale(-1.0)
+        if fn in ("add", "sub"):
+            a, b = (self.linear(t) for t in tree.args)
+            if a is None or b is None:
+                return None
+            return a.plus(b, 1.0 if fn == "add" else -1.0)
+        if fn in ("mul", "div"):
+            a, b = (self.linear(t) for t in tree.args)
+            if a is None or b is None:
+                return None
+            if fn == "mul" and not a.coef:
+                return b.scale(a.const)
+            if not b.coef:
+                return a.scale(b.const if fn == "mul" else 1.0 / b.const)
+        return None
+
+    def terms(self, tree: object) -> list[tuple[Tensor | float, list[tuple[str, Linear]]]] | None:
+        """tree as sum_t coef_t * prod_j f_j(L_j), or None if it has no such form."""
+        lin = self.linear(tree)
+        if lin is not None:
+            if not lin.coef:
+                return [(lin.const, [])]
+            out: list = [(1.0, [("identity", Linear(lin.coef))])]
+            if not _is_zero(lin.const):
+                out.append((lin.const, []))
+            return out
+        if not isinstance(tree, ex.Apply):
+            return None
+        fn = tree.fn
+        if fn in ("add", "sub"):
+            a, b = (self.terms(t) for t in tree.args)
+            if a is None or b is None:
+                return None
+            sign = 1.0 if fn == "add" else -1.0
+            return a + [(sign * c, fs) for c, fs in b]
+        if fn == "neg":
+            a = self.terms(tree.args[0])
+            return None if a is None else [(-c, fs) for c, fs in a]
+        if fn == "mul":
+            a, b = (self.terms(t) for t in tree.args)
+            if a is None or b is None:
+                return None
+            return [(ca * cb, fa + fb) for ca, fa in a for cb, fb in b]
+        if fn == "div":
+            b = self.linear(tree.args[1])
+            a = self.terms(tree.args[0])
+            if a is None or b is None or b.coef:
+                return None
+            return [(c / b.const, fs) for c, fs in a]
+        if FUNCTIONS[fn].arity == 1:
+            arg = self.linear(tree.args[0])
+            if arg is None:
+                return None
+            return [(1.0, [(fn, arg)])]
+        return None
+
+    def moments(self, a: Linear, b: Linear | None = None) -> tuple[Tensor, Tensor]:
+        """(mean of a, Cov(a, b)) where b defaults to a."""
+        b = a if b is None else b
+        mean = torch.as_tensor(a.const, dtype=self.dtype)
+        for i, c in a.coef.items():
+            mean = mean + c * self.mean[i]
+        cov = torch.zeros((), dtype=self.dtype)
+        for i, ci in a.coef.items():
+            for j, cj in b.coef.items():
+                cov = cov + ci * cj * self.cov[i][j]
+        return mean, cov
+
+    def analytic(self, tree: ex.Tree) -> Result | None:
+        terms = self.terms(tree)
+        if terms is None:
+            return None
+        total = torch.zeros(self.shape, dtype=self.dtype)
+        methods: set[str] = set()
+        for coef, factors in terms:
+            if not factors:
+                total = total + coef
+                methods.add("exact")
+                continue
+            if len(factors) == 1:
+                f, lin = factors[0]
+                mean_rule = FUNCTIONS[f].mean
+                if mean_rule is None:
+                    return None
+                mu, var = self.moments(lin)
+                self.check_var(var)
+                total = total + coef * mean_rule(mu, torch.clamp(var, min=0.0))
+                methods.add("exact" if f == "identity" else "closed-form")
+                continue
+            if len(factors) != 2:
+                return None
+            (f, la), (g, lb) = factors
+            ma, va = self.moments(la)
+            mb, vb = self.moments(lb)
+            _, c = self.moments(la, lb)
+            self.check_var(va)
+            self.check_var(vb)
+            self.check_corr(va, vb, c)
+            if f == "identity" and g == "identity":
+                total = total + coef * (c + ma * mb)
+                methods.add("exact")
+                continue
+            if not (_is_zero(ma) and _is_zero(mb)):
+                return None
+            rule = pair_rule(f, g)
+            if rule is None:
+                return None
+            total = total + coef * rule(torch.clamp(va, min=0.0), torch.clamp(vb, min=0.0), c)
+            methods.add("closed-form")
+        return Result(total.expand(self.shape).clone(), methods)
+
+    def check_var(self, var: Tensor) -> None:
+        if torch.as_tensor(var).min() < -1e-9 * max(1.0, float(torch.as_tensor(var).abs().max())):
+            raise NumericalError(f"{self.where}: a variance came out negative ({float(torch.as_tensor(var).min()):.3g})")
+
+    def check_corr(self, va: Tensor, vb: Tensor, c: Tensor) -> None:
+        excess = torch.as_tensor(c).abs() - torch.sqrt(torch.clamp(va * vb, min=0.0))
+        if excess.max() > 1e-7 * max(1.0, float(torch.as_tensor(va).abs().max())):
+            raise NumericalError(
+                f"{self.where}: the covariance of the Gaussians is not positive semidefinite "
+                f"(|Cov| exceeds the product of standard deviations by {float(excess.max()):.3g})"
+            )
+
+    # ------------------------------------------------------------------ quadrature and Monte Carlo
+    def sampled(self, tree: ex.Tree, quadrature: bool) -> Result:
+        k, shape = self.k, self.shape
+        entries = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        mean = torch.stack([torch.as_tensor(m, dtype=self.dtype).expand(shape) for m in self.mean], -1)
+        cov = torch.stack(
+            [torch.stack([torch.as_tensor(c, dtype=self.dtype).expand(shape) for c in row], -1)
+             for row in self.cov], -2
+        )
+        mean = mean.reshape(entries, k)
+        cov = cov.reshape(entries, k, k)
+        factor = self.factor(cov)
+        if quadrature:
+            z, w = gauss_hermite(k, QUADRATURE_NODES[k], self.dtype)
+            method = "quadrature"
+        else:
+            z = torch.randn((self.particles, k), generator=self.generator, dtype=self.dtype)
+            w = torch.full((self.particles,), 1.0 / self.particles, dtype=self.dtype)
+            method = "monte-carlo"
+        leaves = _tensor_leaves(tree)
+        flat = {id(t): torch.as_tensor(t.value, dtype=self.dtype).expand(shape).reshape(entries, 1)
+                for t in leaves}
+        out = torch.empty(entries, dtype=self.dtype)
+        second = torch.empty(entries, dtype=self.dtype)
+        step = max(1, MAX_CHUNK // z.shape[0])
+        for lo in range(0, entries, step):
+            hi = min(entries, lo + step)
+            g = mean[lo:hi, None, :] + torch.einsum("pk,ejk->epj", z, factor[lo:hi])
+            vals = _evaluate(tree, g, {key: v[lo:hi] for key, v in flat.items()})
+            vals = vals.expand(hi - lo, z.shape[0])
+            out[lo:hi] = vals @ w
+            if not quadrature:
+                second[lo:hi] = (vals * vals) @ w
+        stderr = None
+        if not quadrature:
+            var = torch.clamp(second - out * out, min=0.0)
+            stderr = torch.sqrt(var / (self.particles - 1)).reshape(shape)
+        if not torch.isfinite(out).all():
+            raise NumericalError(f"{self.where}: the expectation is not finite ({method})")
+        return Result(out.reshape(shape), {method}, stderr)
+
+    def factor(self, cov: Tensor) -> Tensor:
+        """L with L L^T = cov for every entry, allowing singular (PSD) matrices."""
+        evals, evecs = torch.linalg.eigh(cov)
+        scale = torch.clamp(evals.abs().amax(-1), min=1.0)
+        if (evals.amin(-1) < -1e-8 * scale).any():
+            worst = float(evals.amin())
+            raise NumericalError(
+                f"{self.where}: the covariance of the Gaussians is not positive semidefinite "
+                f"(smallest eigenvalue {worst:.3g})"
+            )
+        return evecs * torch.sqrt(torch.clamp(evals, min=0.0)).unsqueeze(-2)
+
+
+def gauss_hermite(k: int, m: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Tensor-product Gauss-Hermite rule for E f(Z), Z ~ N(0, I_k): nodes (m^k, k), weights."""
+    x, w = np.polynomial.hermite_e.hermegauss(m)
+    w = w / math.sqrt(2 * math.pi)
+    grids = np.meshgrid(*([x] * k), indexing="ij")
+    wgrid = np.meshgrid(*([w] * k), indexing="ij")
+    nodes = np.stack([g.ravel() for g in grids], -1)
+    weights = np.prod(np.stack([g.ravel() for g in wgrid], -1), -1)
+    return torch.tensor(nodes, dtype=dtype), torch.tensor(weights, dtype=dtype)
+
+
+def _is_zero(x: Tensor | float) -> bool:
+    return bool((torch.as_tensor(x) == 0).all())
+
+
+def _tensor_leaves(tree: object) -> list[TensorLeaf]:
+    if isinstance(tree, TensorLeaf):
+        return [tree]
+    if isinstance(tree, ex.Apply):
+        out: list[TensorLeaf] = []
+        for a in tree.args:
+            out += _tensor_leaves(a)
+        return out
+    return []
+
+
+def _evaluate(tree: object, g: Tensor, leaves: dict[int, Tensor]) -> Tensor:
+    """Evaluate the tree at Gaussian samples g (entries, points, k)."""
+    if isinstance(tree, Var):
+        return g[..., tree.index]
+    if isinstance(tree, TensorLeaf):
+        return leaves[id(tree)]
+    if isinstance(tree, ex.Const):
+        return torch.tensor(tree.value, dtype=g.dtype)
+    assert isinstance(tree, ex.Apply)
+    return FUNCTIONS[tree.fn].torch(*[_evaluate(a, g, leaves) for a in tree.args])

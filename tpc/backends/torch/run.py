@@ -1,0 +1,78 @@
+"""Run a program at finite width for many seeds: chunks of seeds, each chunk one vectorised
+forward pass of the generated module."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tpc.backends.torch.codegen import constants, module_class
+from tpc.ir import Program
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class FiniteResult:
+    name: str
+    values: np.ndarray  # (seeds, *shape)
+    width: int
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.values.mean(axis=0)
+
+    @property
+    def stderr(self) -> np.ndarray:
+        s = self.values.shape[0]
+        if s < 2:
+            return np.full(self.values.shape[1:], np.nan)
+        return self.values.std(axis=0, ddof=1) / np.sqrt(s)
+
+    def to_json(self) -> dict:
+        return {"mean": self.mean.tolist(), "stderr": self.stderr.tolist(),
+                "width": self.width, "seeds": int(self.values.shape[0])}
+
+
+def bytes_per_seed(prog: Program, width: int, itemsize: int) -> int:
+    """A generous estimate of the memory one seed needs: every matrix and every vector."""
+    total = 0
+    for node in prog.needed():
+        if node.op == "matrix":
+            rows = width if node.params["rows"] == "n" else node.params["rows"]
+            cols = width if node.params["cols"] == "n" else node.params["cols"]
+            total += rows * cols
+        elif node.kind == "vector":
+            total += int(np.prod(node.shape, dtype=np.int64)) * width
+        else:
+            total += int(np.prod(node.shape, dtype=np.int64))
+    return 2 * total * itemsize  # x2: temporaries of matmuls and nonlinearities
+
+
+def run_finite(prog: Program, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
+               first_seed: int = 0, memory_gb: float = 4.0,
+               progress: Callable[[int], None] | None = None) -> dict[str, FiniteResult]:
+    """Outputs at width `width` for seeds first_seed .. first_seed+seeds-1."""
+    tdtype = DTYPES[dtype]
+    per_seed = bytes_per_seed(prog, width, torch.finfo(tdtype).bits // 8)
+    chunk = max(1, min(seeds, int(memory_gb * 2**30 // max(per_seed, 1))))
+    cls = module_class(prog)
+    consts = constants(prog, tdtype, device)
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in prog.outputs}
+    done = 0
+    with torch.no_grad():
+        while done < seeds:
+            ids = list(range(first_seed + done, first_seed + min(seeds, done + chunk)))
+            module = cls(width, ids, consts, dtype=tdtype, device=device)
+            out = module()
+            for k, v in out.items():
+                v = v.expand(len(ids), *v.shape[1:]) if v.shape[0] == 1 else v
+                parts[k].append(v.detach().to("cpu", torch.float64).numpy())
+            done += len(ids)
+            del module, out
+            if progress:
+                progress(len(ids))
+    return {k: FiniteResult(k, np.concatenate(v), width) for k, v in parts.items()}

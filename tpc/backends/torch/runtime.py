@@ -1,0 +1,80 @@
+"""Helpers the generated modules call. Every tensor carries a leading seeds axis `S`
+(1 for data); vectors end with the width axis `n`."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tpc.errors import NumericalError
+
+Tensor = torch.Tensor
+
+
+def generators(seeds: list[int], device: str | torch.device) -> list[torch.Generator]:
+    """One generator per seed, so seed k samples the same network whatever the chunking."""
+    gens = []
+    for s in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(1_000_003 * (s + 1))
+        gens.append(g)
+    return gens
+
+
+def normal(gens: list[torch.Generator], shape: tuple[int, ...], dtype: torch.dtype,
+           device: str | torch.device) -> Tensor:
+    """Standard normal entries, shape (S, *shape), each seed from its own generator."""
+    return torch.stack([torch.randn(shape, generator=g, dtype=dtype, device=device) for g in gens])
+
+
+def vector_group(z: Tensor, mean: Tensor, factor: Tensor) -> Tensor:
+    """Coordinates iid over n, correlated across the k members: (S, k, n) -> mean + L z."""
+    return mean[None, :, None] + torch.einsum("ij,sjn->sin", factor, z)
+
+
+def matmul(w: Tensor, x: Tensor) -> Tensor:
+    """W x for W (S, rows, cols) and x (S|1, [B,] cols): returns (S, [B,] rows)."""
+    if x.dim() == 2:
+        return (x.unsqueeze(-2) @ w.mT).squeeze(-2)
+    return x @ w.mT
+
+
+def gram(x: Tensor, y: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """(1/n) x_a . y_b over the batch: (S, *shape)."""
+    xs = x if x.dim() == 3 else x.unsqueeze(-2)
+    ys = y if y.dim() == 3 else y.unsqueeze(-2)
+    return (xs @ ys.mT).reshape(x.shape[0], *shape) / x.shape[-1]
+
+
+def readout(v: Tensor, x: Tensor) -> Tensor:
+    """sum_alpha v_alpha x_alpha: v (S, n) or a readout matrix (S, k, n); x (S, [B,] n)."""
+    if v.dim() == 2:
+        return (x * (v if x.dim() == 2 else v.unsqueeze(-2))).sum(-1)
+    return matmul(v, x)
+
+
+def readout_cov(x: Tensor, y: Tensor, shape_x: tuple[int, ...], shape_y: tuple[int, ...],
+                scale: float, rows: int | None) -> Tensor:
+    """Covariance of two readouts given the features (the readout weights integrated out
+    exactly): scale * (x_a . y_b) / n, times the identity over readout rows."""
+    g = gram(x, y, shape_x + shape_y) * scale
+    if rows is None:
+        return g
+    bx, by = len(shape_x), len(shape_y)
+    eye = torch.eye(rows, dtype=g.dtype, device=g.device)
+    out = g.reshape(g.shape[0], *shape_x, *([1] * 0), *shape_y)
+    out = out.unsqueeze(1 + bx).unsqueeze(-1)  # (S, *bx, 1, *by, 1)
+    eye_shape = [1] * (1 + bx) + [rows] + [1] * by + [rows]
+    return out * eye.reshape(eye_shape)
+
+
+def check(x: Tensor, what: str) -> Tensor:
+    """Stop at the first instruction that produces NaN or infinity, and name it."""
+    if not torch.isfinite(x).all():
+        bad = "NaN" if torch.isnan(x).any() else "infinite values"
+        raise NumericalError(f"finite width: instruction {what} produced {bad}")
+    return x
+
+
+SQRT_2PI = math.sqrt(2 * math.pi)

@@ -1,0 +1,750 @@
+"""AST -> Program: resolves names, checks kinds and shapes, and builds the instruction graph.
+
+Every user mistake raises TpcError at the offending source span. The width `n` may appear
+only in variances and in the scaling of readouts; everything else is finite.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tpc import syntax as ast
+from tpc.data import literal_array, load_array
+from tpc.errors import Span, TpcError, nearest
+from tpc.ir import Program, VectorGroup
+from tpc.ops import expr as ex
+from tpc.ops.functions import ALIASES, FUNCTIONS
+
+BUILTINS = ("mean", "gram", "cov", "sqrt")
+RESERVED = {"load", "N", *BUILTINS}
+
+
+@dataclass(frozen=True)
+class Mono:
+    """A constant `c * n^p` (numbers, dimensions and the width)."""
+
+    c: float
+    p: float = 0.0
+
+
+@dataclass
+class Pending:
+    """A coordinatewise expression not yet turned into an instruction."""
+
+    tree: ex.Tree
+    args: list[int]
+    kind: str  # 'vector' or 'scalar'
+    shape: tuple[int, ...]
+    span: Span
+
+
+@dataclass
+class RawReadout:
+    """`v @ x` (a sum over the n coordinates) waiting for its `1/sqrt(n)` or `1/n`."""
+
+    left: int
+    right: int
+    span: Span
+    coef: float = 1.0
+    exponent: float = 0.0
+
+
+@dataclass
+class Ref:
+    """A matrix, or a readout that is Gaussian in the limit."""
+
+    nid: int
+
+
+Value = Mono | Pending | RawReadout | Ref
+
+
+@dataclass
+class UserNonlin:
+    args: tuple[str, ...]
+    params: tuple[str, ...]
+    body: ast.Expr
+    span: Span
+
+
+@dataclass
+class Builder:
+    prog: Program
+    base_dir: Path
+    names: dict[str, int] = field(default_factory=dict)
+    defined_at: dict[str, Span] = field(default_factory=dict)
+    dims: dict[str, int] = field(default_factory=dict)
+    nonlins: dict[str, UserNonlin] = field(default_factory=dict)
+    width: str | None = None
+    scope: list[dict[str, Pending]] = field(default_factory=list)
+
+    # ------------------------------------------------------------------ helpers
+    def node(self, nid: int):  # noqa: ANN201
+        return self.prog.node(nid)
+
+    def known_names(self) -> list[str]:
+        out = list(self.names) + list(self.dims) + list(self.nonlins)
+        out += [k for k, f in FUNCTIONS.items() if f.user_visible] + list(BUILTINS)
+        if self.width:
+            out.append(self.width)
+        if self.scope:
+            out += list(self.scope[-1])
+        return out
+
+    def declare(self, name: str, span: Span) -> None:
+        if name in self.names or name in self.dims or name in self.nonlins or name == self.width:
+            prev = self.defined_at.get(name)
+            where = f" (first defined at line {prev.line})" if prev else ""
+            raise TpcError(
+                f"'{name}' is already defined{where}; a Tensor Program assigns each name once",
+                span,
+            )
+        if name in FUNCTIONS and FUNCTIONS[name].user_visible or name in RESERVED or name in ALIASES:
+            raise TpcError(f"'{name}' is a built-in function; choose another name", span)
+        self.defined_at[name] = span
+
+    def source_text(self, span: Span) -> str:
+        lines = self.prog.source.splitlines()
+        if span.line == span.end_line:
+            return lines[span.line - 1][span.column - 1 : span.end_column - 1]
+        return lines[span.line - 1][span.column - 1 :]
+
+    # ------------------------------------------------------------------ constants
+    def mono(self, e: ast.Expr) -> Mono:
+        """Evaluate a constant expression (numbers, dims, the width) to `c * n^p`."""
+        v = self.expr(e)
+        if not isinstance(v, Mono):
+            raise TpcError("expected a constant (numbers, dimensions and the width only)", e.span)
+        return v
+
+    # ------------------------------------------------------------------ values
+    def pending(self, v: Value, span: Span) -> Pending:
+        if isinstance(v, Pending):
+            return v
+        if isinstance(v, Mono):
+            if v.p != 0:
+                raise TpcError(
+                    f"the width {self.width} can only scale a readout (v @ x / sqrt({self.width}) or "
+                    f"v @ x / {self.width}) or appear in a variance",
+                    span,
+                )
+            return Pending(ex.Const(v.c), [], "scalar", (), span)
+        if isinstance(v, RawReadout):
+            return self.pending(self.finish_readout(v, None), span)
+        node = self.node(v.nid)
+        if node.kind == "matrix":
+            raise TpcError(f"matrix '{node.name}' is not a value; multiply it: {node.name} @ x", span)
+        raise TpcError(
+            f"'{node.name}' is a readout, a Gaussian random scalar in the limit; it can be an "
+            "output or go into cov(...), but not into further arithmetic",
+            span,
+        )
+
+    def ref_pending(self, nid: int, span: Span) -> Pending:
+        node = self.node(nid)
+        if node.kind in ("matrix", "gaussian"):
+            return self.pending(Ref(nid), span)  # raises with a clear message
+        return Pending(ex.Arg(0), [nid], node.kind, node.shape, span)
+
+    def combine(self, fn: str, parts: list[Pending], span: Span) -> Pending:
+        args: list[int] = []
+        trees = []
+        for p in parts:
+            mapping = {}
+            for i, nid in enumerate(p.args):
+                if nid not in args:
+                    args.append(nid)
+                mapping[i] = ex.Arg(args.index(nid))
+            trees.append(ex.substitute(p.tree, mapping))
+        # constant folding keeps `2 * 3` and `-1` out of the graph
+        if all(isinstance(t, ex.Const) for t in trees):
+            import torch
+
+            val = FUNCTIONS[fn].torch(*[torch.tensor(t.value, dtype=torch.float64) for t in trees])
+            return Pending(ex.Const(float(val)), [], "scalar", (), span)
+        kind = "vector" if any(p.kind == "vector" for p in parts) else "scalar"
+        shape = self.broadcast(parts, kind, span)
+        tree: ex.Tree = ex.Apply(fn, tuple(trees))
+        if fn == "pow" and isinstance(trees[1], ex.Const) and trees[1].value == 2.0:
+            tree = ex.Apply("square", (trees[0],))
+        return Pending(tree, args, kind, shape, span)
+
+    def broadcast(self, parts: list[Pending], kind: str, span: Span) -> tuple[int, ...]:
+        if kind == "scalar":
+            try:
+                return tuple(np.broadcast_shapes(*[p.shape for p in parts]))
+            except ValueError:
+                shapes = " and ".join(_shape(p.shape) for p in parts)
+                raise TpcError(f"shapes {shapes} do not broadcast", span) from None
+        shapes = {p.shape for p in parts if p.shape != ()}
+        if len(shapes) > 1:
+            raise TpcError(
+                "a coordinatewise expression mixes batches of different sizes: "
+                + " and ".join(_shape(s) for s in sorted(shapes)),
+                span,
+            )
+        shape = shapes.pop() if shapes else ()
+        if len(shape) > 1:
+            raise TpcError(
+                f"a vector can be a batch along one axis only, here it would be {_shape(shape)}",
+                span,
+            )
+        return shape
+
+    def materialize(self, p: Pending, name: str | None, span: Span) -> int:
+        if isinstance(p.tree, ex.Arg) and name is None:
+            return p.args[p.tree.index]
+        if not p.args:
+            val = float(p.tree.value) if isinstance(p.tree, ex.Const) else math.nan
+            node = self.prog.add("data", (), "scalar", (), name, span, value=np.array(val), source=None)
+            return node.id
+        op = "nonlin"
+        node = self.prog.add(op, tuple(p.args), p.kind, p.shape, name, span, tree=p.tree)
+        return node.id
+
+    def finish_readout(self, r: RawReadout, name: str | None) -> Value:
+        left = self.node(r.left)
+        right = self.node(r.right)
+        n = self.width
+        if r.exponent == -1.0 and left.kind == "vector":
+            tree = ex.Apply("mul", (ex.Arg(0), ex.Arg(1))) if r.left != r.right else ex.Apply(
+                "square", (ex.Arg(0),)
+            )
+            args = [r.left, r.right] if r.left != r.right else [r.left]
+            shape = self.broadcast(
+                [Pending(ex.Arg(0), [], "vector", left.shape, r.span),
+                 Pending(ex.Arg(0), [], "vector", right.shape, r.span)], "vector", r.span)
+            m = self.prog.add("moment", tuple(args), "scalar", shape, None if r.coef != 1 else name,
+                              r.span, tree=tree)
+            if r.coef == 1.0:
+                return Pending(ex.Arg(0), [m.id], "scalar", shape, r.span)
+            return Pending(ex.Apply("mul", (ex.Const(r.coef), ex.Arg(0))), [m.id], "scalar", shape, r.span)
+        extra = left.params.get("exponent_shift", 0.0)
+        exponent = r.exponent + extra
+        if exponent == -0.5:
+            if left.op not in ("vector", "matrix"):
+                raise TpcError(
+                    f"'{left.name} @ {right.name} / sqrt({n})' needs an initial vector (or readout "
+                    f"matrix) on the left; '{left.name}' is computed, so this sum is not O(1). "
+                    f"Use {left.name} @ {right.name} / {n} for a moment.",
+                    r.span,
+                )
+            if left.op == "vector":
+                _, group = self.prog.group_of(left.id)
+                if group.mean[group.members.index(left.id)] != 0:
+                    raise TpcError(
+                        f"readout vector '{left.name}' has a nonzero mean, so "
+                        f"{left.name} @ x / sqrt({n}) grows like sqrt({n}); use / {n}",
+                        r.span,
+                    )
+            shape = right.shape + ((left.params["rows"],) if left.op == "matrix" else ())
+            node = self.prog.add("readout", (r.left, r.right), "gaussian", shape, name, r.span,
+                                 coef=r.coef, exponent=-0.5)
+            return Ref(node.id)
+        raise TpcError(
+            f"'{left.name} @ {right.name}' sums {n} terms; scale it by 1/sqrt({n}) (a Gaussian in "
+            f"the limit) or by 1/{n} (a moment); here the scaling is {n}^{r.exponent:g}",
+            r.span,
+        )
+
+    # ------------------------------------------------------------------ expressions
+    def expr(self, e: ast.Expr) -> Value:
+        if isinstance(e, ast.Num):
+            return Mono(e.value)
+        if isinstance(e, ast.Name):
+            return self.lookup(e)
+        if isinstance(e, ast.Neg):
+            v = self.expr(e.operand)
+            if isinstance(v, Mono):
+                return Mono(-v.c, v.p)
+            if isinstance(v, RawReadout):
+                v.coef = -v.coef
+                return v
+            return self.combine("neg", [self.pending(v, e.span)], e.span)
+        if isinstance(e, ast.BinOp):
+            if e.op == "@":
+                return self.matmul(e)
+            return self.binop(e)
+        if isinstance(e, ast.Call):
+            return self.call(e)
+        if isinstance(e, ast.Attr):
+            if e.attr == "T":
+                raise TpcError("transposes (W.T) are not supported yet", e.span)
+            raise TpcError(f"unknown attribute '.{e.attr}'", e.span)
+        if isinstance(e, ast.ListExpr):
+            raise TpcError("a list is allowed only in `data` and in N(...) of a vector group", e.span)
+        raise TpcError("unsupported expression", e.span)  # pragma: no cover
+
+    def lookup(self, e: ast.Name) -> Value:
+        if self.scope and e.id in self.scope[-1]:
+            return self.scope[-1][e.id]
+        if self.scope:
+            raise TpcError(
+                f"unknown name '{e.id}' in a nonlin body: a nonlin may use only its own arguments "
+                "and parameters",
+                e.span,
+            )
+        if e.id == self.width:
+            return Mono(1.0, 1.0)
+        if e.id in self.dims:
+            return Mono(float(self.dims[e.id]))
+        if e.id in self.names:
+            nid = self.names[e.id]
+            node = self.node(nid)
+            if node.kind in ("matrix", "gaussian"):
+                return Ref(nid)
+            return Pending(ex.Arg(0), [nid], node.kind, node.shape, e.span)
+        if e.id == "pi":
+            return Mono(math.pi)
+        sugg = nearest(e.id, self.known_names())
+        hint = f"did you mean '{sugg}'?" if sugg else None
+        if self.width is None and len(e.id) == 1:
+            hint = (hint + " " if hint else "") + "(declare the width first: `width n`)"
+        raise TpcError(f"unknown name '{e.id}'", e.span, hint)
+
+    def binop(self, e: ast.BinOp) -> Value:
+        a = self.expr(e.left)
+        b = self.expr(e.right)
+        op = e.op
+        if isinstance(a, Mono) and isinstance(b, Mono):
+            if op in "+-":
+                if a.p != b.p and a.c != 0 and b.c != 0:
+                    raise TpcError(f"cannot add terms of different orders in {self.width}", e.span)
+                p = a.p if a.c != 0 else b.p
+                return Mono(a.c + b.c if op == "+" else a.c - b.c, p)
+            if op == "*":
+                return Mono(a.c * b.c, a.p + b.p)
+            if op == "/":
+                if b.c == 0:
+                    raise TpcError("division by zero", e.right.span)
+                return Mono(a.c / b.c, a.p - b.p)
+            if op == "^":
+                if b.p != 0:
+                    raise TpcError(f"an exponent cannot depend on {self.width}", e.right.span)
+                if a.c < 0 and not float(b.c).is_integer():
+                    raise TpcError("a negative number to a fractional power", e.span)
+                return Mono(a.c**b.c, a.p * b.c)
+        if isinstance(a, RawReadout) and isinstance(b, Mono) and op in "*/":
+            if op == "/" and b.c == 0:
+                raise TpcError("division by zero", e.right.span)
+            a.coef *= b.c if op == "*" else 1.0 / b.c
+            a.exponent += b.p if op == "*" else -b.p
+            return a
+        if isinstance(b, RawReadout) and isinstance(a, Mono) and op == "*":
+            b.coef *= a.c
+            b.exponent += a.p
+            return b
+        if isinstance(a, Ref) and isinstance(b, Mono) and b.p == 0 and op in "*/":
+            return self.scale_readout(a, b.c if op == "*" else 1.0 / b.c, e.span)
+        if isinstance(b, Ref) and isinstance(a, Mono) and a.p == 0 and op == "*":
+            return self.scale_readout(b, a.c, e.span)
+        pa = self.pending(a, e.left.span)
+        pb = self.pending(b, e.right.span)
+        fn = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow"}[op]
+        return self.combine(fn, [pa, pb], e.span)
+
+    def scale_readout(self, ref: Ref, factor: float, span: Span) -> Value:
+        node = self.node(ref.nid)
+        if node.op != "readout":
+            return self.pending(ref, span)
+        new = self.prog.add("readout", node.inputs, "gaussian", node.shape, None, span,
+                            coef=node.params["coef"] * factor, exponent=node.params["exponent"])
+        return Ref(new.id)
+
+    def matmul(self, e: ast.BinOp) -> Value:
+        a = self.expr(e.left)
+        if isinstance(a, Ref) and self.node(a.nid).kind == "matrix":
+            mat = self.node(a.nid)
+            b = self.expr(e.right)
+            role = mat.params["role"]
+            if role == "input":
+                pb = self.pending(b, e.right.span)
+                if pb.kind != "scalar":
+                    raise TpcError(
+                        f"'{mat.name}' is an input layer ({self.width} x {mat.params['cols']}): it "
+                        f"multiplies finite data, but this is an {self.width}-vector",
+                        e.right.span,
+                    )
+                d = mat.params["cols"]
+                if not pb.shape or pb.shape[-1] != d or len(pb.shape) > 2:
+                    got = _shape(pb.shape)
+                    raise TpcError(
+                        f"'{mat.name}' is {self.width} x {d}, so it multiplies inputs of dimension "
+                        f"{d} (one per row), but the data here has shape {got}",
+                        e.span,
+                    )
+                x = self.materialize(pb, None, e.right.span)
+                node = self.prog.add("matmul", (mat.id, x), "vector", pb.shape[:-1], None, e.span)
+                return Pending(ex.Arg(0), [node.id], "vector", node.shape, e.span)
+            pb = self.pending(b, e.right.span)
+            if pb.kind != "vector":
+                raise TpcError(
+                    f"'{mat.name}' is {_dims(mat, self.width)}: it multiplies an {self.width}-vector, "
+                    f"but this is finite ({_shape(pb.shape)})",
+                    e.right.span,
+                )
+            x = self.materialize(pb, None, e.right.span)
+            if role == "readout":
+                return RawReadout(mat.id, x, e.span)
+            node = self.prog.add("matmul", (mat.id, x), "vector", pb.shape, None, e.span)
+            return Pending(ex.Arg(0), [node.id], "vector", node.shape, e.span)
+        pa = self.pending(a, e.left.span)
+        pb = self.pending(self.expr(e.right), e.right.span)
+        if pa.kind == "vector" and pb.kind == "vector":
+            left = self.materialize(pa, None, e.left.span)
+            right = self.materialize(pb, None, e.right.span)
+            return RawReadout(left, right, e.span)
+        raise TpcError(
+            "'@' multiplies a matrix by a vector (W @ x), or two n-vectors (v @ x / sqrt(n)); "
+            "finite data only goes through an input layer",
+            e.span,
+        )
+
+    def call(self, e: ast.Call) -> Value:
+        fn = ALIASES.get(e.fn, e.fn)
+        if fn == "load":
+            raise TpcError("load(...) is allowed only in a data declaration: data X = load(\"x.csv\")", e.span)
+        if fn == "mean":
+            self.arity(e, 1)
+            p = self.pending(self.expr(e.args[0]), e.args[0].span)
+            if p.kind != "vector":
+                raise TpcError("mean(...) averages over the n coordinates of a vector; this is finite",
+                               e.args[0].span)
+            if isinstance(p.tree, ex.Arg):
+                p = Pending(ex.Apply("identity", (p.tree,)), p.args, p.kind, p.shape, p.span)
+            m = self.prog.add("moment", tuple(p.args), "scalar", p.shape, None, e.span, tree=p.tree)
+            return Pending(ex.Arg(0), [m.id], "scalar", p.shape, e.span)
+        if fn == "gram":
+            self.arity(e, 1, 2)
+            xs = []
+            for a in e.args:
+                p = self.pending(self.expr(a), a.span)
+                if p.kind != "vector":
+                    raise TpcError("gram(...) takes n-vectors (or batches of them)", a.span)
+                xs.append(self.materialize(p, None, a.span))
+            if len(xs) == 1:
+                xs.append(xs[0])
+            shape = self.node(xs[0]).shape + self.node(xs[1]).shape
+            g = self.prog.add("gram", tuple(xs), "scalar", shape, None, e.span)
+            return Pending(ex.Arg(0), [g.id], "scalar", shape, e.span)
+        if fn == "cov":
+            self.arity(e, 1, 2)
+            fs = []
+            for a in e.args:
+                v = self.expr(a)
+                if isinstance(v, RawReadout):
+                    v = self.finish_readout(v, None)
+                if not (isinstance(v, Ref) and self.node(v.nid).op == "readout"):
+                    raise TpcError("cov(...) takes readouts v @ x / sqrt(n) (Gaussian in the limit)",
+                                   a.span)
+                fs.append(v.nid)
+            if len(fs) == 1:
+                fs.append(fs[0])
+            shape = self.node(fs[0]).shape + self.node(fs[1]).shape
+            c = self.prog.add("cov", tuple(fs), "scalar", shape, None, e.span)
+            return Pending(ex.Arg(0), [c.id], "scalar", shape, e.span)
+        if fn == "sqrt" and len(e.args) == 1:
+            v = self.expr(e.args[0])
+            if isinstance(v, Mono):
+                if v.c < 0:
+                    raise TpcError("square root of a negative number", e.span)
+                return Mono(math.sqrt(v.c), v.p / 2)
+            return self.combine("sqrt", [self.pending(v, e.args[0].span)], e.span)
+        if fn in self.nonlins:
+            return self.call_user(e, self.nonlins[fn])
+        if fn in FUNCTIONS and FUNCTIONS[fn].user_visible:
+            self.arity(e, FUNCTIONS[fn].arity)
+            parts = [self.pending(self.expr(a), a.span) for a in e.args]
+            return self.combine(fn, parts, e.span)
+        sugg = nearest(e.fn, self.known_names())
+        raise TpcError(f"unknown function '{e.fn}'", e.fn_span,
+                       f"did you mean '{sugg}'?" if sugg else None)
+
+    def call_user(self, e: ast.Call, f: UserNonlin) -> Value:
+        want = len(f.args) + len(f.params)
+        if len(e.args) != want:
+            raise TpcError(f"'{e.fn}' takes {want} argument{'s' if want != 1 else ''}, got {len(e.args)}",
+                           e.span)
+        local: dict[str, Pending] = {}
+        for name, a in zip(f.args + f.params, e.args, strict=True):
+            p = self.pending(self.expr(a), a.span)
+            if name in f.params and p.kind != "scalar":
+                raise TpcError(f"parameter '{name}' of '{e.fn}' must be a scalar", a.span)
+            local[name] = p
+        self.scope.append(local)
+        try:
+            return self.expr(f.body)
+        finally:
+            self.scope.pop()
+
+    def arity(self, e: ast.Call, *counts: int) -> None:
+        if len(e.args) not in counts:
+            want = " or ".join(str(c) for c in counts)
+            raise TpcError(f"'{e.fn}' takes {want} argument{'s' if counts != (1,) else ''}, got {len(e.args)}",
+                           e.span)
+
+    # ------------------------------------------------------------------ statements
+    def statement(self, s: ast.Stmt) -> None:
+        if isinstance(s, ast.WidthDecl):
+            if self.width is not None:
+                raise TpcError("the width is declared twice", s.span)
+            self.declare(s.name, s.span)
+            self.width = s.name
+            self.prog.width_name = s.name
+        elif isinstance(s, ast.DimDecl):
+            self.declare(s.name, s.span)
+            if s.value <= 0:
+                raise TpcError("a dimension must be positive", s.span)
+            self.dims[s.name] = s.value
+        elif isinstance(s, ast.DataDecl):
+            self.declare(s.name, s.span)
+            if s.path is not None:
+                arr = load_array(s.path, self.base_dir, s.source_span)
+            else:
+                arr = literal_array(s.literal, s.span)
+            self.names[s.name] = self.prog.add("data", (), "scalar", arr.shape, s.name, s.span,
+                                               value=arr, source=s.path).id
+        elif isinstance(s, ast.ScalarDecl):
+            self.declare(s.name, s.span)
+            p = self.pending(self.expr(s.value), s.value.span)
+            if p.kind != "scalar":
+                raise TpcError(f"scalar '{s.name}' must be finite, but this is an n-vector", s.value.span)
+            self.names[s.name] = self.materialize_named(p, s.name, s.span)
+        elif isinstance(s, ast.MatrixDecl):
+            self.matrix(s)
+        elif isinstance(s, ast.VectorDecl):
+            self.vectors(s)
+        elif isinstance(s, ast.NonlinDecl):
+            self.declare(s.name, s.span)
+            seen = set()
+            for a in s.args + s.params:
+                if a in seen:
+                    raise TpcError(f"argument '{a}' appears twice", s.span)
+                seen.add(a)
+            self.nonlins[s.name] = UserNonlin(s.args, s.params, s.body, s.span)
+            # check the body once, on placeholder arguments, so mistakes show at the definition
+            local = {a: Pending(ex.Const(0.0), [], "scalar", (), s.span) for a in s.args + s.params}
+            self.scope.append(local)
+            try:
+                self.pending(self.expr(s.body), s.body.span)
+            finally:
+                self.scope.pop()
+        elif isinstance(s, (ast.Assign, ast.OutputDecl)):
+            is_output = isinstance(s, ast.OutputDecl)
+            if is_output:
+                if s.name in self.prog.outputs:
+                    raise TpcError(f"output '{s.name}' is defined twice", s.span)
+            else:
+                self.declare(s.name, s.span)
+            v = self.expr(s.value)
+            if isinstance(v, RawReadout):
+                v = self.finish_readout(v, s.name)
+            if isinstance(v, Ref):
+                nid = v.nid
+                node = self.node(nid)
+                if node.kind == "matrix":
+                    if is_output:
+                        raise TpcError("an output must be finite; a matrix is n x n", s.value.span)
+                elif node.name.startswith("_t"):
+                    node.name = s.name
+            else:
+                p = self.pending(v, s.value.span)
+                nid = self.materialize_named(p, s.name, s.span)
+                if is_output and p.kind == "vector":
+                    raise TpcError(
+                        f"output '{s.name}' is an n-vector; outputs must be finite: take mean(...), "
+                        "gram(...), or a readout v @ x / sqrt(n)",
+                        s.value.span,
+                    )
+            if is_output:
+                self.prog.outputs[s.name] = nid
+            else:
+                self.names[s.name] = nid
+
+    def materialize_named(self, p: Pending, name: str, span: Span) -> int:
+        if isinstance(p.tree, ex.Arg):
+            nid = p.args[p.tree.index]
+            node = self.node(nid)
+            if node.name.startswith("_t"):
+                node.name = name
+            return nid
+        return self.materialize(p, name, span)
+
+    def matrix(self, s: ast.MatrixDecl) -> None:
+        self.declare(s.name, s.span)
+        rows = self.dim(s.rows, s.rows_span)
+        cols = self.dim(s.cols, s.cols_span)
+        mean = self.mono(s.dist.mean)
+        if mean.c != 0:
+            raise TpcError("matrix entries must have mean 0", s.dist.mean.span)
+        var = self.mono(s.dist.var)
+        if var.c <= 0:
+            raise TpcError("a variance must be positive", s.dist.var.span)
+        n = self.width
+        text = self.source_text(s.dist.var.span)
+        if rows == "n" and cols == "n":
+            role = "hidden"
+            if var.p != -1:
+                raise TpcError(
+                    f"entries of an {n} x {n} matrix must have variance c/{n} (Netsor scaling); "
+                    f"this variance scales like {n}^{var.p:g}",
+                    s.dist.var.span,
+                )
+        elif rows == "n":
+            role = "input"
+            if var.p != 0:
+                raise TpcError(
+                    f"entries of an input layer {n} x {cols} have a variance that does not depend "
+                    f"on {n}; this one scales like {n}^{var.p:g}",
+                    s.dist.var.span,
+                )
+        elif cols == "n":
+            role = "readout"
+            if var.p > 0:
+                raise TpcError(f"readout variance grows with {n}", s.dist.var.span)
+        else:
+            raise TpcError(
+                f"a matrix needs the width {n} as one of its dimensions; use `data` for finite arrays",
+                s.span,
+            )
+        node = self.prog.add("matrix", (), "matrix", (), s.name, s.span, role=role, rows=rows,
+                             cols=cols, var=var.c, var_text=text, exponent_shift=var.p / 2)
+        self.names[s.name] = node.id
+
+    def dim(self, d: str | int, span: Span) -> str | int:
+        if isinstance(d, int):
+            if d <= 0:
+                raise TpcError("a dimension must be positive", span)
+            return d
+        if self.width is not None and d == self.width:
+            return "n"
+        if d in self.dims:
+            return self.dims[d]
+        sugg = nearest(d, list(self.dims) + ([self.width] if self.width else []))
+        hint = f"did you mean '{sugg}'?" if sugg else "declare it: `dim d = 3` (or `width n` first)"
+        raise TpcError(f"unknown dimension '{d}'", span, hint)
+
+    def vectors(self, s: ast.VectorDecl) -> None:
+        k = len(s.names)
+        for name in s.names:
+            self.declare(name, s.span)
+        mean = self.const_array(s.dist.mean, (k,), "mean")
+        if k == 1:
+            cov = self.const_array(s.dist.var, (1, 1), "variance")
+        else:
+            cov = self.const_array(s.dist.var, (k, k), "covariance")
+        if not np.allclose(cov, cov.T, rtol=0, atol=1e-12):
+            raise TpcError("the declared covariance is not symmetric", s.dist.var.span)
+        eig = np.linalg.eigvalsh(cov)
+        if eig.min() < -1e-12 * max(1.0, float(np.abs(eig).max())):
+            raise TpcError(
+                f"the declared covariance is not positive semidefinite (smallest eigenvalue {eig.min():.4g})",
+                s.dist.var.span,
+            )
+        ids = []
+        for name in s.names:
+            node = self.prog.add("vector", (), "vector", (), name, s.span)
+            self.names[name] = node.id
+            ids.append(node.id)
+        self.prog.groups.append(VectorGroup(tuple(ids), mean, cov))
+
+    def const_array(self, e: ast.Expr, shape: tuple[int, ...], what: str) -> np.ndarray:
+        def value(x: ast.Expr) -> object:
+            if isinstance(x, ast.ListExpr):
+                return [value(i) for i in x.items]
+            m = self.mono(x)
+            if m.p != 0:
+                raise TpcError(f"an initial vector's {what} cannot depend on the width", x.span)
+            return m.c
+
+        raw = value(e)
+        try:
+            arr = np.array(raw, dtype=np.float64)
+        except ValueError:
+            raise TpcError(f"the {what} is ragged", e.span) from None
+        if arr.shape == ():
+            if shape == (1, 1) or shape == (1,) or what == "mean":
+                arr = np.full(shape, float(arr)) if what == "mean" else arr.reshape(shape)
+            else:
+                raise TpcError(f"a group of {shape[0]} vectors needs a {shape[0]} x {shape[0]} {what}", e.span)
+        if arr.shape != shape:
+            want = "x".join(map(str, shape))
+            raise TpcError(f"the {what} must have shape {want}, got {_shape(arr.shape)}", e.span)
+        if what == "variance" and arr[0, 0] < 0:
+            raise TpcError("a variance must be nonnegative", e.span)
+        return arr
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(s) for s in shape) if shape else "a single value"
+
+
+def _dims(node, width: str | None) -> str:  # noqa: ANN001
+    r = width if node.params["rows"] == "n" else node.params["rows"]
+    c = width if node.params["cols"] == "n" else node.params["cols"]
+    return f"{r} x {c}"
+
+
+def build(module: ast.Module, filename: str, source: str, base_dir: Path) -> Program:
+    """Check a parsed module and build its Program; errors carry file, line and column."""
+    prog = Program(filename=filename, source=source)
+    b = Builder(prog, base_dir)
+    try:
+        for stmt in module.statements:
+            if b.width is None and not isinstance(stmt, (ast.WidthDecl, ast.DimDecl, ast.DataDecl,
+                                                         ast.NonlinDecl)):
+                if isinstance(stmt, (ast.MatrixDecl, ast.VectorDecl)):
+                    raise TpcError("declare the width before any matrix or vector: `width n`", stmt.span)
+            b.statement(stmt)
+        if b.width is None:
+            raise TpcError("the program declares no width: start it with `width n`")
+        if not prog.outputs:
+            raise TpcError("the program has no outputs: add `output NAME = ...`")
+        _check_readouts(prog)
+    except TpcError as err:
+        raise err.locate(filename, source) from None
+    prog.verify()
+    return prog
+
+
+def _check_readouts(prog: Program) -> None:
+    """A 1/sqrt(n) readout needs a vector that nothing else in the program touches."""
+    for node in prog.nodes():
+        if node.op != "readout":
+            continue
+        left = prog.node(node.inputs[0])
+        for user in prog.graph.successors(left.id):
+            u = prog.node(user)
+            if u.op != "readout" and u.id in {n.id for n in prog.needed()}:
+                raise TpcError(
+                    f"'{left.name}' is used in a readout / sqrt(n) and also at line "
+                    f"{u.span.line if u.span else '?'}; a Gaussian readout needs a vector that the "
+                    "rest of the program does not use",
+                    node.span,
+                )
+
+
+def load_program(path: str | Path) -> Program:
+    """Read, parse and build a `.tp` file."""
+    from tpc.syntax import parse
+
+    p = Path(path)
+    try:
+        source = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TpcError("no such file").locate(str(path), "") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TpcError(f"cannot read the program: {exc}").locate(str(path), "") from None
+    module = parse(source, str(path))
+    return build(module, str(path), source, p.resolve().parent)
+
+
+def load_source(source: str, filename: str = "<program>", base_dir: Path | None = None) -> Program:
+    from tpc.syntax import parse
+
+    module = parse(source, filename)
+    return build(module, filename, source, base_dir or Path.cwd())

@@ -1,0 +1,219 @@
+"""The Program: a networkx DiGraph of Netsor instructions, its verifier and its printers.
+
+Node ids are consecutive integers in creation order, which is a topological order, so every
+printout and export is deterministic. Each node carries:
+  op      the instruction (see tpc.ops.instructions): data, matrix, vector, matmul, nonlin,
+          moment, gram, readout, cov
+  inputs  the input node ids, in order (edges also carry their position as `pos`)
+  kind    'scalar' (finite, deterministic in the limit), 'vector' (an n-vector, or a batch of
+          them), 'matrix' (an initial matrix) or 'gaussian' (a readout that is a Gaussian random
+          scalar in the limit)
+  shape   the finite shape: the batch shape of a vector, the shape of a scalar
+  name    the program's name for it, or a generated one (`_t3`) for intermediate values
+  span    where it came from in the source
+  params  op-specific data (a Nonlin's expression tree, a matrix's variance, ...)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import numpy as np
+
+from tpc.errors import Span
+from tpc.ops import expr as ex
+
+
+@dataclass
+class Node:
+    id: int
+    op: str
+    inputs: tuple[int, ...]
+    kind: str
+    shape: tuple[int, ...]
+    name: str
+    span: Span | None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class VectorGroup:
+    """Initial vectors declared together: iid over coordinates, jointly Gaussian across members."""
+
+    members: tuple[int, ...]  # node ids
+    mean: np.ndarray  # (k,)
+    cov: np.ndarray  # (k, k)
+
+
+@dataclass
+class Program:
+    filename: str
+    source: str
+    width_name: str = "n"
+    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
+    outputs: dict[str, int] = field(default_factory=dict)
+    groups: list[VectorGroup] = field(default_factory=list)
+
+    # --- construction
+    def add(self, op: str, inputs: tuple[int, ...], kind: str, shape: tuple[int, ...],
+            name: str | None, span: Span | None, **params: Any) -> Node:
+        nid = self.graph.number_of_nodes()
+        node = Node(nid, op, tuple(inputs), kind, tuple(shape), name or f"_t{nid}", span, params)
+        self.graph.add_node(nid, node=node)
+        for pos, src in enumerate(inputs):
+            self.graph.add_edge(src, nid, pos=pos)
+        return node
+
+    # --- access
+    def node(self, nid: int) -> Node:
+        return self.graph.nodes[nid]["node"]
+
+    def nodes(self) -> list[Node]:
+        return [self.graph.nodes[i]["node"] for i in sorted(self.graph.nodes)]
+
+    def needed(self) -> list[Node]:
+        """Nodes the outputs depend on, in order (dead code removed)."""
+        keep: set[int] = set()
+        for nid in self.outputs.values():
+            keep |= nx.ancestors(self.graph, nid) | {nid}
+        return [n for n in self.nodes() if n.id in keep]
+
+    def group_of(self, nid: int) -> tuple[int, VectorGroup]:
+        for gi, group in enumerate(self.groups):
+            if nid in group.members:
+                return gi, group
+        raise KeyError(nid)
+
+    def verify(self) -> None:
+        """Internal consistency: inputs precede their users and edges match inputs."""
+        for node in self.nodes():
+            for pos, src in enumerate(node.inputs):
+                assert src < node.id, f"node {node.id} uses later node {src}"
+                assert self.graph.edges[src, node.id]["pos"] in range(len(node.inputs))
+            assert nx.is_directed_acyclic_graph(self.graph)
+
+    def summary(self) -> dict[str, Any]:
+        counts: dict[str, int] = {}
+        for n in self.nodes():
+            counts[n.op] = counts.get(n.op, 0) + 1
+        return {"width": self.width_name, "counts": counts, "outputs": list(self.outputs)}
+
+
+# ---------------------------------------------------------------------------- printing
+
+INSTRUCTION = {
+    "data": "Data",
+    "matrix": "A-var",
+    "vector": "G-var",
+    "matmul": "MatMul",
+    "nonlin": "Nonlin",
+    "moment": "Moment",
+    "gram": "Moment",
+    "readout": "Readout",
+    "cov": "Kernel",
+}
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "x".join(str(s) for s in shape) if shape else "1"
+
+
+def _fmt(x: float) -> str:
+    return f"{x:g}"
+
+
+def describe(prog: Program, node: Node) -> str:
+    """The right-hand side of an instruction, written the way the papers write it."""
+    names = [prog.node(i).name for i in node.inputs]
+    n = prog.width_name
+    p = node.params
+    if node.op == "data":
+        return f"data {_shape_text(node.shape)}" + (f" from {p['source']}" if p.get("source") else "")
+    if node.op == "matrix":
+        rows = n if p["rows"] == "n" else p["rows"]
+        cols = n if p["cols"] == "n" else p["cols"]
+        return f"{p['role']} matrix {rows} x {cols}, entries N(0, {p['var_text']})"
+    if node.op == "vector":
+        gi, group = prog.group_of(node.id)
+        k = group.members.index(node.id)
+        return f"initial vector, coordinates N({_fmt(group.mean[k])}, {_fmt(group.cov[k, k])})" + (
+            f", group {gi}" if len(group.members) > 1 else ""
+        )
+    if node.op == "matmul":
+        return f"{names[0]} {names[1]}"
+    if node.op == "nonlin":
+        return ex.render(p["tree"], names)
+    if node.op == "moment":
+        return f"mean({ex.render(p['tree'], names)})"
+    if node.op == "gram":
+        return f"gram({names[0]}, {names[1]})"
+    if node.op == "readout":
+        scale = {-0.5: f"/ sqrt({n})", -1.0: f"/ {n}"}.get(p["exponent"], f"* {n}^{p['exponent']}")
+        coef = "" if p["coef"] == 1.0 else f"{_fmt(p['coef'])} * "
+        return f"{coef}{names[0]} . {names[1]} {scale}"
+    if node.op == "cov":
+        return f"cov({names[0]}, {names[1]})"
+    return f"{node.op}({', '.join(names)})"
+
+
+def print_program(prog: Program) -> str:
+    rows = []
+    for node in prog.nodes():
+        tag = INSTRUCTION.get(node.op, node.op)
+        kind = {"scalar": "scalar", "vector": "vector", "matrix": "", "gaussian": "Gaussian scalar"}[
+            node.kind
+        ]
+        shape = f"[{_shape_text(node.shape)}]" if node.shape else ""
+        sep = ":" if node.op in ("matrix", "vector", "data") else "="
+        rows.append((str(node.id), node.name, sep, describe(prog, node), tag, f"{kind} {shape}".strip()))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)] if rows else [0] * 6
+    lines = [f"# {prog.filename}: width {prog.width_name}, {len(rows)} instructions"]
+    for r in rows:
+        lines.append(
+            f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}} {r[2]} {r[3]:<{widths[3]}}  {r[4]:<{widths[4]}}  {r[5]}".rstrip()
+        )
+    lines.append("outputs: " + ", ".join(f"{k} (= {prog.node(v).name}, #{v})" for k, v in prog.outputs.items()))
+    return "\n".join(lines)
+
+
+def to_json(prog: Program) -> dict[str, Any]:
+    nodes = []
+    for node in prog.nodes():
+        item: dict[str, Any] = {
+            "id": node.id,
+            "op": node.op,
+            "instruction": INSTRUCTION.get(node.op, node.op),
+            "name": node.name,
+            "inputs": list(node.inputs),
+            "kind": node.kind,
+            "shape": list(node.shape),
+            "text": describe(prog, node),
+        }
+        if node.span is not None:
+            item["span"] = {"line": node.span.line, "column": node.span.column,
+                            "end_line": node.span.end_line, "end_column": node.span.end_column}
+        nodes.append(item)
+    return {"file": prog.filename, "width": prog.width_name, "nodes": nodes, "outputs": prog.outputs}
+
+
+def to_dot(prog: Program) -> str:
+    colors = {"matrix": "lightblue", "vector": "palegreen", "data": "lightgrey", "matmul": "khaki",
+              "nonlin": "white", "moment": "pink", "gram": "pink", "readout": "orange", "cov": "pink"}
+    lines = ["digraph tpc {", "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
+    outs = set(prog.outputs.values())
+    for node in prog.nodes():
+        label = f"{node.name} = {describe(prog, node)}\\n{INSTRUCTION.get(node.op, node.op)}"
+        label = label.replace('"', '\\"')
+        style = ', peripheries=2' if node.id in outs else ""
+        lines.append(f'  n{node.id} [label="{label}", style=filled, fillcolor={colors.get(node.op, "white")}{style}];')
+    for src, dst, data in sorted(prog.graph.edges(data=True)):
+        lines.append(f'  n{src} -> n{dst} [label="{data["pos"]}"];')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def dumps_json(prog: Program) -> str:
+    return json.dumps(to_json(prog), indent=2)

@@ -1,0 +1,310 @@
+"""Coordinatewise functions, each with all of its rules side by side.
+
+For a function `f` the registry holds:
+- `torch`: its implementation on tensors (used by both backends, and by quadrature);
+- `code`: a template for the emitted PyTorch source (`{0}`, `{1}` are the arguments);
+- `mean`: a closed form of `E f(u)`, `u ~ N(mu, var)`, when one is known;
+- `pairs`: closed forms of `E f(u) g(v)` for centred `(u, v)` with `Var u = a`, `Var v = b`,
+  `Cov(u, v) = c`, keyed by the name of `g`;
+- `deriv`: the derivative `f'` as an expression tree in `Arg(0)` (for autodiff and for
+  Stein's lemma: `E[u g(v)] = c E[g'(v)]`).
+
+References for the kernels: Cho & Saul 2009 (arc-cosine kernels of ReLU and step),
+Williams 1997 (arcsine kernel of erf).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from tpc.ops.expr import Apply, Arg, Const, Tree
+
+Tensor = torch.Tensor
+_SQRT2 = math.sqrt(2.0)
+_SQRT2PI = math.sqrt(2.0 * math.pi)
+
+
+@dataclass
+class Function:
+    name: str
+    arity: int
+    torch: Callable[..., Tensor]
+    code: str
+    mean: Callable[[Tensor, Tensor], Tensor] | None = None
+    pairs: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = field(default_factory=dict)
+    deriv: Callable[[Tree], Tree] | None = None
+    infix: str | None = None  # '+', '-', '*', '/', '^' for arithmetic
+    linear: bool = False  # add, sub, neg: preserve Gaussianity
+    user_visible: bool = True  # callable by name in a program
+
+
+FUNCTIONS: dict[str, Function] = {}
+
+
+def register(fn: Function) -> Function:
+    FUNCTIONS[fn.name] = fn
+    return fn
+
+
+def _phi(x: Tensor) -> Tensor:
+    return torch.exp(-0.5 * x * x) / _SQRT2PI
+
+
+def _Phi(x: Tensor) -> Tensor:
+    return 0.5 * (1.0 + torch.erf(x / _SQRT2))
+
+
+def _sd(var: Tensor) -> Tensor:
+    return torch.sqrt(torch.clamp(var, min=1e-300))
+
+
+def _cos_angle(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    return torch.clamp(c / torch.sqrt(torch.clamp(a * b, min=1e-300)), -1.0, 1.0)
+
+
+def A(fn: str, *args: Tree) -> Apply:
+    return Apply(fn, tuple(args))
+
+
+X = Arg(0)
+
+# ---------------------------------------------------------------------------- arithmetic
+
+register(Function("add", 2, torch.add, "{0} + {1}", infix="+", linear=True, user_visible=False))
+register(Function("sub", 2, torch.sub, "{0} - {1}", infix="-", linear=True, user_visible=False))
+register(Function("mul", 2, torch.mul, "{0} * {1}", infix="*", user_visible=False))
+register(Function("div", 2, torch.div, "{0} / {1}", infix="/", user_visible=False))
+register(Function("pow", 2, torch.pow, "{0} ** {1}", infix="^", user_visible=False))
+register(
+    Function(
+        "neg", 1, torch.neg, "-{0}", mean=lambda m, v: -m, linear=True, user_visible=False,
+        deriv=lambda x: Const(-1.0),
+    )
+)
+
+# ---------------------------------------------------------------------------- nonlinearities
+
+
+def _relu_mean(m: Tensor, v: Tensor) -> Tensor:
+    s = _sd(v)
+    return m * _Phi(m / s) + s * _phi(m / s)
+
+
+def _relu_relu(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    cos = _cos_angle(a, b, c)
+    theta = torch.arccos(cos)
+    return torch.sqrt(a * b) / (2 * math.pi) * (torch.sin(theta) + (math.pi - theta) * cos)
+
+
+def _step_step(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    return (math.pi - torch.arccos(_cos_angle(a, b, c))) / (2 * math.pi)
+
+
+def _relu_step(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    # E[u 1(u>0) 1(v>0)] = sqrt(a) (1 + rho) / (2 sqrt(2 pi))
+    return _sd(a) * (1.0 + _cos_angle(a, b, c)) / (2 * _SQRT2PI)
+
+
+def _erf_erf(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    return (2 / math.pi) * torch.arcsin(
+        torch.clamp(2 * c / torch.sqrt((1 + 2 * a) * (1 + 2 * b)), -1.0, 1.0)
+    )
+
+
+def _derf_derf(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    # E[(2/sqrt pi) e^{-u^2} (2/sqrt pi) e^{-v^2}] = (4/pi) / sqrt((1+2a)(1+2b) - 4c^2)
+    return (4 / math.pi) / torch.sqrt(torch.clamp((1 + 2 * a) * (1 + 2 * b) - 4 * c * c, 1e-300))
+
+
+def _abs_abs(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    rho = _cos_angle(a, b, c)
+    return (2 / math.pi) * torch.sqrt(a * b) * (torch.sqrt(1 - rho * rho) + rho * torch.arcsin(rho))
+
+
+def _id_id(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    return c
+
+
+def _square_square(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    return a * b + 2 * c * c
+
+
+def _gelu(x: Tensor) -> Tensor:
+    return torch.nn.functional.gelu(x)
+
+
+def _dgelu(x: Tensor) -> Tensor:
+    return _Phi(x) + x * _phi(x)
+
+
+def _gelu_mean(m: Tensor, v: Tensor) -> Tensor:
+    # E[u Phi(u)] for u ~ N(m, v): m Phi(m/r) + v phi(m/r) / r with r = sqrt(1 + v)
+    r = torch.sqrt(1 + v)
+    return m * _Phi(m / r) + v * _phi(m / r) / r
+
+
+def _abs_mean(m: Tensor, v: Tensor) -> Tensor:
+    s = _sd(v)
+    return m * (1 - 2 * _Phi(-m / s)) + 2 * s * _phi(m / s)
+
+
+def _derf(x: Tensor) -> Tensor:
+    return (2 / math.sqrt(math.pi)) * torch.exp(-x * x)
+
+
+def _step(x: Tensor) -> Tensor:
+    return (x > 0).to(x.dtype)
+
+
+register(
+    Function(
+        "identity", 1, lambda x: x, "{0}", mean=lambda m, v: m,
+        pairs={"identity": _id_id}, deriv=lambda x: Const(1.0),
+    )
+)
+register(
+    Function(
+        "relu", 1, torch.relu, "torch.relu({0})", mean=_relu_mean,
+        pairs={"relu": _relu_relu, "step": _relu_step}, deriv=lambda x: A("step", x),
+    )
+)
+register(
+    Function(
+        "step", 1, _step, "({0} > 0).to({0}.dtype)", mean=lambda m, v: _Phi(m / _sd(v)),
+        pairs={"step": _step_step}, deriv=lambda x: Const(0.0),
+    )
+)
+register(
+    Function(
+        "sign", 1, torch.sign, "torch.sign({0})",
+        mean=lambda m, v: 2 * _Phi(m / _sd(v)) - 1, deriv=lambda x: Const(0.0),
+    )
+)
+register(
+    Function(
+        "abs", 1, torch.abs, "torch.abs({0})", mean=_abs_mean,
+        pairs={"abs": _abs_abs}, deriv=lambda x: A("sign", x),
+    )
+)
+register(
+    Function(
+        "tanh", 1, torch.tanh, "torch.tanh({0})",
+        deriv=lambda x: A("sub", Const(1.0), A("square", A("tanh", x))),
+    )
+)
+register(
+    Function(
+        "erf", 1, torch.erf, "torch.erf({0})",
+        mean=lambda m, v: torch.erf(m / torch.sqrt(1 + 2 * v)),
+        pairs={"erf": _erf_erf}, deriv=lambda x: A("derf", x),
+    )
+)
+register(
+    Function(
+        "derf", 1, _derf, "2 / math.sqrt(math.pi) * torch.exp(-{0} ** 2)",
+        mean=lambda m, v: (2 / math.sqrt(math.pi)) * torch.exp(-m * m / (1 + 2 * v))
+        / torch.sqrt(1 + 2 * v),
+        pairs={"derf": _derf_derf},
+        deriv=lambda x: A("mul", A("mul", Const(-2.0), x), A("derf", x)),
+    )
+)
+register(
+    Function(
+        "sigmoid", 1, torch.sigmoid, "torch.sigmoid({0})",
+        deriv=lambda x: A("mul", A("sigmoid", x), A("sub", Const(1.0), A("sigmoid", x))),
+    )
+)
+register(
+    Function(
+        "gelu", 1, _gelu, "torch.nn.functional.gelu({0})", mean=_gelu_mean,
+        deriv=lambda x: A("dgelu", x),
+    )
+)
+register(
+    Function(
+        "dgelu", 1, _dgelu, "0.5 * (1 + torch.erf({0} / math.sqrt(2))) + {0} * torch.exp(-{0} ** 2 / 2) / math.sqrt(2 * math.pi)",
+        deriv=lambda x: A("mul", A("sub", Const(2.0), A("square", x)),
+                          A("div", A("exp", A("mul", Const(-0.5), A("square", x))), Const(_SQRT2PI))),
+    )
+)
+register(
+    Function(
+        "softplus", 1, torch.nn.functional.softplus, "torch.nn.functional.softplus({0})",
+        deriv=lambda x: A("sigmoid", x),
+    )
+)
+register(
+    Function(
+        "sin", 1, torch.sin, "torch.sin({0})", mean=lambda m, v: torch.sin(m) * torch.exp(-v / 2),
+        pairs={
+            "sin": lambda a, b, c: torch.exp(-(a + b) / 2) * torch.sinh(c),
+            "cos": lambda a, b, c: torch.zeros_like(c),
+        },
+        deriv=lambda x: A("cos", x),
+    )
+)
+register(
+    Function(
+        "cos", 1, torch.cos, "torch.cos({0})", mean=lambda m, v: torch.cos(m) * torch.exp(-v / 2),
+        pairs={"cos": lambda a, b, c: torch.exp(-(a + b) / 2) * torch.cosh(c)},
+        deriv=lambda x: A("neg", A("sin", x)),
+    )
+)
+register(
+    Function(
+        "exp", 1, torch.exp, "torch.exp({0})", mean=lambda m, v: torch.exp(m + v / 2),
+        pairs={"exp": lambda a, b, c: torch.exp((a + b) / 2 + c)},
+        deriv=lambda x: A("exp", x),
+    )
+)
+register(
+    Function(
+        "square", 1, torch.square, "{0} ** 2", mean=lambda m, v: m * m + v,
+        pairs={"square": _square_square}, deriv=lambda x: A("mul", Const(2.0), x),
+    )
+)
+register(
+    Function(
+        "sqrt", 1, torch.sqrt, "torch.sqrt({0})",
+        deriv=lambda x: A("div", Const(0.5), A("sqrt", x)),
+    )
+)
+register(
+    Function("log", 1, torch.log, "torch.log({0})", deriv=lambda x: A("div", Const(1.0), x))
+)
+
+# `id` is accepted as a short name for identity in programs
+ALIASES = {"id": "identity"}
+
+
+def pair_rule(f: str, g: str) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:
+    """Closed form of E f(u) g(v) (centred), trying both orders, then Stein's lemma for identity."""
+    if g in FUNCTIONS[f].pairs:
+        return FUNCTIONS[f].pairs[g]
+    if f in FUNCTIONS[g].pairs:
+        rule = FUNCTIONS[g].pairs[f]
+        return lambda a, b, c: rule(b, a, c)
+    if f == "identity" or g == "identity":
+        other = g if f == "identity" else f
+        deriv = FUNCTIONS[other].deriv
+        if deriv is None:
+            return None
+        d = deriv(X)
+        # Stein: E[u g(v)] = Cov(u, v) E[g'(v)]; closed when g' is a constant or a function
+        # with a closed-form mean
+        if isinstance(d, Const):
+            value = d.value
+            rule_c = lambda a, b, c: c * value  # noqa: E731
+        elif isinstance(d, Apply) and d.args == (X,) and FUNCTIONS[d.fn].mean is not None:
+            mean = FUNCTIONS[d.fn].mean
+            rule_c = lambda a, b, c: c * mean(torch.zeros_like(b), b)  # noqa: E731
+        else:
+            return None
+        if f == "identity":
+            return rule_c
+        return lambda a, b, c: rule_c(b, a, c)
+    return None

@@ -1,0 +1,370 @@
+"""The grammar (Lark, LALR, positions on) and the AST: plain dataclasses with source spans."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+import lark
+from lark import Lark, Token, Transformer, v_args
+
+from tpc.errors import Span, TpcError
+
+# ---------------------------------------------------------------------------- expressions
+
+
+@dataclass(frozen=True)
+class Expr:
+    span: Span
+
+
+@dataclass(frozen=True)
+class Num(Expr):
+    value: float
+
+
+@dataclass(frozen=True)
+class Name(Expr):
+    id: str
+
+
+@dataclass(frozen=True)
+class Call(Expr):
+    fn: str
+    args: tuple[Expr, ...]
+    fn_span: Span
+
+
+@dataclass(frozen=True)
+class BinOp(Expr):
+    op: str  # one of + - * / ^ @
+    left: Expr
+    right: Expr
+
+
+@dataclass(frozen=True)
+class Neg(Expr):
+    operand: Expr
+
+
+@dataclass(frozen=True)
+class Attr(Expr):
+    operand: Expr
+    attr: str
+
+
+@dataclass(frozen=True)
+class ListExpr(Expr):
+    items: tuple[Expr, ...]
+
+
+# ---------------------------------------------------------------------------- statements
+
+
+@dataclass(frozen=True)
+class Stmt:
+    span: Span
+
+
+@dataclass(frozen=True)
+class Normal:
+    mean: Expr
+    var: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class WidthDecl(Stmt):
+    name: str
+
+
+@dataclass(frozen=True)
+class DimDecl(Stmt):
+    name: str
+    value: int
+
+
+@dataclass(frozen=True)
+class DataDecl(Stmt):
+    name: str
+    path: str | None  # load("...") relative to the program file
+    literal: object | None  # nested lists of floats
+    source_span: Span
+
+
+@dataclass(frozen=True)
+class ScalarDecl(Stmt):
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True)
+class MatrixDecl(Stmt):
+    name: str
+    rows: str | int
+    cols: str | int
+    rows_span: Span
+    cols_span: Span
+    dist: Normal
+
+
+@dataclass(frozen=True)
+class VectorDecl(Stmt):
+    names: tuple[str, ...]
+    dist: Normal
+
+
+@dataclass(frozen=True)
+class NonlinDecl(Stmt):
+    name: str
+    args: tuple[str, ...]
+    params: tuple[str, ...]
+    body: Expr
+
+
+@dataclass(frozen=True)
+class OutputDecl(Stmt):
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True)
+class Assign(Stmt):
+    name: str
+    value: Expr
+
+
+@dataclass
+class Module:
+    statements: list[Stmt] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- parsing
+
+
+def _span(meta_or_token: object) -> Span:
+    m = meta_or_token
+    return Span(m.line, m.column, m.end_line, m.end_column)  # type: ignore[attr-defined]
+
+
+class _ToAst(Transformer):
+    """Lark tree -> AST dataclasses; every node keeps the span of its source text."""
+
+    # --- expressions
+    @v_args(meta=True)
+    def number(self, meta, children):
+        return Num(_span(meta), float(children[0]))
+
+    @v_args(meta=True)
+    def name(self, meta, children):
+        return Name(_span(meta), str(children[0]))
+
+    @v_args(meta=True)
+    def call(self, meta, children):
+        fn, *args = children
+        args = [a for a in args if a is not None]
+        return Call(_span(meta), str(fn), tuple(args), _span(fn))
+
+    def _bin(op):  # noqa: N805 - a small factory used at class creation
+        @v_args(meta=True)
+        def rule(self, meta, children):
+            return BinOp(_span(meta), op, children[0], children[-1])
+
+        return rule
+
+    add = _bin("+")
+    sub = _bin("-")
+    mul = _bin("*")
+    div = _bin("/")
+    matmul = _bin("@")
+    pow = _bin("^")
+
+    @v_args(meta=True)
+    def neg(self, meta, children):
+        return Neg(_span(meta), children[0])
+
+    @v_args(meta=True)
+    def attr(self, meta, children):
+        return Attr(_span(meta), children[0], str(children[1]))
+
+    @v_args(meta=True)
+    def list_expr(self, meta, children):
+        return ListExpr(_span(meta), tuple(children))
+
+    # --- literals in `data`
+    def list(self, children):
+        return [c for c in children if c is not None]
+
+    def literal_number(self, children):
+        return float(children[0])
+
+    # --- statements
+    @v_args(meta=True)
+    def width_decl(self, meta, children):
+        return WidthDecl(_span(meta), str(children[0]))
+
+    @v_args(meta=True)
+    def dim_decl(self, meta, children):
+        name, value = children
+        if "." in value or "e" in value.lower():
+            raise TpcError(f"dimension '{name}' must be a whole number, got {value}", _span(value))
+        return DimDecl(_span(meta), str(name), int(value))
+
+    @v_args(meta=True)
+    def data_decl(self, meta, children):
+        name, src = children
+        if isinstance(src, tuple):  # load(...)
+            path, span = src
+            return DataDecl(_span(meta), str(name), path, None, span)
+        return DataDecl(_span(meta), str(name), None, src, _span(meta))
+
+    def load(self, children):
+        tok = children[0]
+        return (str(tok)[1:-1], _span(tok))
+
+    @v_args(meta=True)
+    def scalar_decl(self, meta, children):
+        return ScalarDecl(_span(meta), str(children[0]), children[1])
+
+    @v_args(meta=True)
+    def matrix_decl(self, meta, children):
+        name, rows, x, cols, dist = children
+        if str(x) != "x":
+            raise TpcError(
+                f"expected 'x' between the dimensions of matrix '{name}', got '{x}'",
+                _span(x),
+                hint=f"write: matrix {name} : n x n ~ N(0, 1/n)",
+            )
+        return MatrixDecl(_span(meta), str(name), rows[0], cols[0], rows[1], cols[1], dist)
+
+    def dimension(self, children):
+        tok = children[0]
+        value: str | int = int(tok) if tok.type == "INT" else str(tok)
+        return (value, _span(tok))
+
+    @v_args(meta=True)
+    def normal(self, meta, children):
+        return Normal(children[1], children[2], _span(meta))
+
+    @v_args(meta=True)
+    def vector_decl(self, meta, children):
+        *names, dist = children
+        return VectorDecl(_span(meta), tuple(str(n) for n in names), dist)
+
+    @v_args(meta=True)
+    def nonlin_decl(self, meta, children):
+        name, params, body = children
+        return NonlinDecl(_span(meta), str(name), params[0], params[1], body)
+
+    def params(self, children):
+        args, params = children
+        return (tuple(args), tuple(params or ()))
+
+    def names(self, children):
+        return [str(c) for c in children]
+
+    @v_args(meta=True)
+    def output_decl(self, meta, children):
+        return OutputDecl(_span(meta), str(children[0]), children[1])
+
+    @v_args(meta=True)
+    def assign(self, meta, children):
+        return Assign(_span(meta), str(children[0]), children[1])
+
+    def start(self, children):
+        return Module(list(children))
+
+
+_TOKEN_NAMES = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "SIGNED_NUMBER": "a number",
+    "INT": "a whole number",
+    "STRING": 'a quoted file name ("...")',
+    "NORMAL": "N(mean, variance)",
+    "LPAR": "'('",
+    "RPAR": "')'",
+    "LSQB": "'['",
+    "RSQB": "']'",
+    "COMMA": "','",
+    "EQUAL": "'='",
+    "COLON": "':'",
+    "SEMICOLON": "';'",
+    "TILDE": "'~'",
+    "PLUS": "'+'",
+    "MINUS": "'-'",
+    "STAR": "'*'",
+    "SLASH": "'/'",
+    "AT": "'@'",
+    "CIRCUMFLEX": "'^'",
+    "DOT": "'.'",
+    "$END": "the end of the program",
+}
+
+
+def _describe(terminal: str) -> str:
+    if terminal in _TOKEN_NAMES:
+        return _TOKEN_NAMES[terminal]
+    if terminal.startswith("__ANON") or terminal.isupper():
+        return terminal.lower()
+    return terminal
+
+
+def grammar_text() -> str:
+    """The grammar shipped inside the package, or `grammar/tp.lark` of a source checkout."""
+    try:
+        return resources.files("tpc").joinpath("grammar/tp.lark").read_text()
+    except (FileNotFoundError, OSError):
+        return (Path(__file__).resolve().parent.parent / "grammar" / "tp.lark").read_text()
+
+
+@lru_cache(maxsize=1)
+def _parser() -> Lark:
+    return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
+
+
+_KEYWORD_STARTS = {"width", "dim", "data", "scalar", "matrix", "vector", "nonlin", "output"}
+
+
+def parse(source: str, filename: str = "<program>") -> Module:
+    """Parse `.tp` source text into a Module; a syntax error raises TpcError with its location."""
+    try:
+        tree = _parser().parse(source)
+    except lark.UnexpectedCharacters as exc:
+        span = Span(exc.line, exc.column, exc.line, exc.column + 1)
+        char = source[exc.pos_in_stream] if exc.pos_in_stream < len(source) else "?"
+        raise TpcError(f"syntax error: unexpected character {char!r}", span).locate(
+            filename, source
+        ) from None
+    except lark.UnexpectedToken as exc:
+        tok: Token = exc.token
+        expected = sorted({_describe(t) for t in exc.expected})
+        if tok.type == "$END":
+            lines = source.rstrip().splitlines() or [""]
+            span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+            what = "the end of the program"
+        else:
+            span = _span(tok)
+            what = f"'{tok}'"
+        msg = f"syntax error: unexpected {what}"
+        if expected:
+            msg += "; expected " + (
+                expected[0] if len(expected) == 1 else "one of " + ", ".join(expected)
+            )
+        hint = None
+        if tok.type == "NAME" and str(tok) not in _KEYWORD_STARTS and "EQUAL" in exc.expected:
+            hint = f"a statement is a declaration or `NAME = expression`; is an operator missing before '{tok}'?"
+        raise TpcError(msg, span, hint).locate(filename, source) from None
+    except lark.UnexpectedEOF as exc:  # pragma: no cover - LALR reports UnexpectedToken($END)
+        raise TpcError(f"syntax error: unexpected end of program, expected {exc.expected}").locate(
+            filename, source
+        ) from None
+    try:
+        module = _ToAst().transform(tree)
+    except lark.exceptions.VisitError as exc:
+        if isinstance(exc.orig_exc, TpcError):
+            raise exc.orig_exc.locate(filename, source) from None
+        raise
+    return module
