@@ -12,7 +12,7 @@ from tpc.errors import Span, TpcError
 def load_array(path_text: str, base_dir: Path, span: Span) -> np.ndarray:
     path = (base_dir / path_text).resolve()
     if not path.is_file():
-        raise TpcError(f"data file not found: {path_text} (looked in {base_dir})", span)
+        raise TpcError(f"data file not found: {path_text} (paths are relative to the program's folder)", span)
     suffix = path.suffix.lower()
     if suffix == ".csv":
         arr = _load_csv(path, path_text, span)

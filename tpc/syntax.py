@@ -354,6 +354,8 @@ def parse(source: str, filename: str = "<program>") -> Module:
                 expected[0] if len(expected) == 1 else "one of " + ", ".join(expected)
             )
         hint = None
+        if "RPAR" in exc.expected and tok.type != "RPAR":
+            hint = "is a ')' missing?"
         if tok.type == "NAME" and str(tok) not in _KEYWORD_STARTS and "EQUAL" in exc.expected:
             hint = f"a statement is a declaration or `NAME = expression`; is an operator missing before '{tok}'?"
         raise TpcError(msg, span, hint).locate(filename, source) from None

@@ -40,6 +40,7 @@ class Function:
     infix: str | None = None  # '+', '-', '*', '/', '^' for arithmetic
     linear: bool = False  # add, sub, neg: preserve Gaussianity
     user_visible: bool = True  # callable by name in a program
+    jumps: bool = False  # discontinuous: its a.e. derivative is not its Stein derivative
 
 
 FUNCTIONS: dict[str, Function] = {}
@@ -175,13 +176,15 @@ register(
 register(
     Function(
         "step", 1, _step, "({0} > 0).to({0}.dtype)", mean=lambda m, v: _Phi(m / _sd(v)),
-        pairs={"step": _step_step}, deriv=lambda x: Const(0.0),
+        pairs={"step": _step_step, "identity": lambda a, b, c: c / torch.sqrt(2 * math.pi * a)},
+        deriv=lambda x: Const(0.0), jumps=True,
     )
 )
 register(
     Function(
         "sign", 1, torch.sign, "torch.sign({0})",
-        mean=lambda m, v: 2 * _Phi(m / _sd(v)) - 1, deriv=lambda x: Const(0.0),
+        mean=lambda m, v: 2 * _Phi(m / _sd(v)) - 1, deriv=lambda x: Const(0.0), jumps=True,
+        pairs={"identity": lambda a, b, c: 2 * c / torch.sqrt(2 * math.pi * a)},
     )
 )
 register(
@@ -291,7 +294,7 @@ def pair_rule(f: str, g: str) -> Callable[[Tensor, Tensor, Tensor], Tensor] | No
     if f == "identity" or g == "identity":
         other = g if f == "identity" else f
         deriv = FUNCTIONS[other].deriv
-        if deriv is None:
+        if deriv is None or FUNCTIONS[other].jumps:
             return None
         d = deriv(X)
         # Stein: E[u g(v)] = Cov(u, v) E[g'(v)]; closed when g' is a constant or a function

@@ -107,7 +107,7 @@ class LimitEvaluator:
         if (b, a) in self.cov:
             c = self.cov[b, a]
             ra = len(self.blocks[b].shape)
-            return c.permute(*range(ra, c.dim()), *range(ra))
+            return c.permute(tuple(range(ra, c.dim())) + tuple(range(ra)))
         return torch.zeros(self.blocks[a].shape + self.blocks[b].shape, dtype=self.dtype)
 
     # ------------------------------------------------------------------ expectations
@@ -364,7 +364,7 @@ def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
         if vals[0].cov is not None:
             cov = np.mean([v.cov.double().numpy() for v in vals], axis=0)
         stderr = None
-        if len(vals) > 1:
+        if len(vals) > 1 and "monte-carlo" in methods:
             stderr = stack.std(axis=0, ddof=1) / np.sqrt(len(vals))
         out[name] = LimitOutput(stack.mean(axis=0), label, stderr, cov)
     return out

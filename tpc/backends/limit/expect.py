@@ -24,7 +24,8 @@ from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS, pair_rule
 
 Tensor = torch.Tensor
-QUADRATURE_NODES = {1: 96, 2: 40, 3: 16}
+QUADRATURE_NODES = {1: 96, 2: 40, 3: 20, 4: 12}
+QUADRATURE_BUDGET = 2**27  # entries x nodes; beyond it, auto switches to Monte Carlo
 MAX_CHUNK = 2**23  # entries x nodes evaluated at once
 
 
@@ -96,7 +97,9 @@ class Expectation:
                 raise NumericalError(
                     f"{self.where}: no {self.method} rule for this expectation (use --method auto)"
                 )
-        if self.method == "monte-carlo" or (self.method == "auto" and self.k > max(QUADRATURE_NODES)):
+        entries = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        too_big = self.k > max(QUADRATURE_NODES) or entries * QUADRATURE_NODES[self.k] ** self.k > QUADRATURE_BUDGET
+        if self.method == "monte-carlo" or (self.method == "auto" and too_big):
             return self.sampled(tree, quadrature=False)
         if self.k > max(QUADRATURE_NODES):
             raise NumericalError(

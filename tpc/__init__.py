@@ -1,0 +1,36 @@
+"""tpc: a Tensor Program compiler.
+
+Write a network as a `.tp` program; get its finite-width PyTorch module, its infinite-width
+limit (Master Theorem), and a check that the first converges to the second.
+
+    import tpc
+    prog = tpc.load("programs/kernels/relu_mlp.tp")
+    prog.graph                                   # networkx.DiGraph of instructions
+    module = tpc.torch_module(prog, width=1024, seeds=4)   # torch.nn.Module
+    finite = tpc.run(prog, width=1024, seeds=16)           # name -> FiniteResult
+    limit = tpc.limit(prog)                                # name -> LimitOutput
+    table = tpc.compare(prog, [64, 256, 1024], seeds=8)
+"""
+
+from __future__ import annotations
+
+from tpc.backends.limit import LimitOutput, evaluate_limit
+from tpc.backends.torch import compile_module, emit_source, run_finite
+from tpc.build import load_program, load_source
+from tpc.compare import compare
+from tpc.errors import NumericalError, TpcError
+from tpc.ir import Program, print_program
+
+__version__ = "0.1.0"
+
+load = load_program
+loads = load_source
+limit = evaluate_limit
+run = run_finite
+torch_module = compile_module
+torch_source = emit_source
+
+__all__ = [
+    "LimitOutput", "NumericalError", "Program", "TpcError", "compare", "limit", "load", "loads",
+    "print_program", "run", "torch_module", "torch_source", "__version__",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from tpc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,280 @@
+"""The command line: one subcommand per pipeline stage.
+
+    tpc check FILE        parse and check; a one-screen summary
+    tpc graph FILE        the instructions, as the papers write them (or DOT / JSON)
+    tpc emit-torch FILE   the generated PyTorch module
+    tpc run FILE          finite width: means and standard errors over seeds
+    tpc limit FILE        infinite width: the Master Theorem limit
+    tpc compare FILE      finite widths against the limit, slopes and a plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+from tpc import __version__
+from tpc.errors import TpcError
+
+EXIT_USER_ERROR = 2
+
+
+def _load(path: str):  # noqa: ANN202
+    from tpc.build import load_program
+
+    return load_program(path)
+
+
+def _fmt_array(a: np.ndarray, err: np.ndarray | None = None) -> str:
+    a = np.asarray(a)
+    if a.ndim == 0:
+        text = f"{float(a):.6g}"
+        if err is not None and np.ndim(err) == 0 and np.isfinite(err):
+            text += f" ± {float(err):.2g}"
+        return text
+    with np.printoptions(precision=5, suppress=True, linewidth=100):
+        text = "\n" + "\n".join("    " + line for line in str(a).splitlines())
+    if err is not None and np.size(err) and np.all(np.isfinite(err)):
+        text += f"\n    (largest standard error {float(np.max(err)):.2g})"
+    return text
+
+
+def _progress(total: int, desc: str, enabled: bool) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=desc, unit="seed", file=sys.stderr, leave=False)
+    return bar.update, bar.close
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    prog = _load(args.file)
+    counts: dict[str, int] = {}
+    for node in prog.nodes():
+        counts[node.op] = counts.get(node.op, 0) + 1
+    print(f"{args.file}: ok")
+    print(f"  width      {prog.width_name}")
+    mats = [n for n in prog.nodes() if n.op == "matrix"]
+    vecs = [n for n in prog.nodes() if n.op == "vector"]
+    data = [n for n in prog.nodes() if n.op == "data" and n.params.get("source") is not None or
+            (n.op == "data" and n.shape)]
+    if mats:
+        print("  matrices   " + ", ".join(
+            f"{m.name} ({m.params['role']}, {_dim(m.params['rows'], prog)} x {_dim(m.params['cols'], prog)})"
+            for m in mats))
+    if vecs:
+        print("  vectors    " + ", ".join(v.name for v in vecs))
+    if data:
+        print("  data       " + ", ".join(f"{d.name} {'x'.join(map(str, d.shape))}" for d in data))
+    inst = [("MatMul", "matmul"), ("Nonlin", "nonlin"), ("Moment", "moment"), ("Gram", "gram"),
+            ("Readout", "readout"), ("Kernel", "cov")]
+    print("  instructions " + ", ".join(f"{label} {counts[op]}" for label, op in inst if op in counts))
+    print("  outputs    " + ", ".join(
+        f"{k} [{'x'.join(map(str, prog.node(v).shape)) or 'scalar'}]" for k, v in prog.outputs.items()))
+    return 0
+
+
+def _dim(d: object, prog) -> str:  # noqa: ANN001
+    return prog.width_name if d == "n" else str(d)
+
+
+def cmd_graph(args: argparse.Namespace) -> int:
+    from tpc.ir import dumps_json, print_program, to_dot
+
+    prog = _load(args.file)
+    if args.format == "text":
+        print(print_program(prog))
+    elif args.format == "dot":
+        print(to_dot(prog))
+    else:
+        print(dumps_json(prog))
+    return 0
+
+
+def cmd_emit(args: argparse.Namespace) -> int:
+    from tpc.backends.torch import emit_source
+
+    print(emit_source(_load(args.file)), end="")
+    return 0
+
+
+def _check_device(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise TpcError("--device cuda: no CUDA device is available here (use --device cpu)")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from tpc.backends.torch import run_finite
+
+    prog = _load(args.file)
+    _check_device(args.device)
+    update, close = _progress(args.seeds, f"width {args.width}", not args.json and not args.quiet)
+    try:
+        res = run_finite(prog, args.width, args.seeds, dtype=args.dtype, device=args.device,
+                         first_seed=args.first_seed, progress=update)
+    finally:
+        close()
+    if args.json:
+        print(json.dumps({"outputs": {k: v.to_json() for k, v in res.items()}}, indent=1))
+        return 0
+    print(f"{args.file}: width {args.width}, {args.seeds} seeds, {args.dtype} on {args.device}")
+    for name, r in res.items():
+        print(f"  {name} = {_fmt_array(r.mean, r.stderr)}")
+    return 0
+
+
+def cmd_limit(args: argparse.Namespace) -> int:
+    from tpc.backends.limit import evaluate_limit
+
+    prog = _load(args.file)
+    res = evaluate_limit(prog, method=args.method, dtype=args.dtype, particles=args.particles,
+                         replicates=args.replicates, seed=args.seed)
+    if args.json:
+        print(json.dumps({"outputs": {k: v.to_json() for k, v in res.items()}}, indent=1))
+        return 0
+    print(f"{args.file}: infinite-width limit")
+    for name, r in res.items():
+        print(f"  {name} [{r.method}] = {_fmt_array(r.value, r.stderr)}")
+        if r.cov is not None:
+            print(f"    Gaussian in the limit, covariance: {_fmt_array(r.cov)}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tpc.compare import compare, plot
+
+    prog = _load(args.file)
+    _check_device(args.device)
+    widths = _widths(args.widths)
+    update, close = _progress(args.seeds * len(widths), "finite widths", not args.json and not args.quiet)
+    try:
+        results = compare(prog, widths, args.seeds, method=args.method, dtype=args.dtype,
+                          device=args.device, progress=update)
+    finally:
+        close()
+    if args.plot:
+        plot(results, args.plot, f"{args.file}: finite width vs limit ({args.seeds} seeds)")
+    if args.json:
+        print(json.dumps({"outputs": {k: v.to_json() for k, v in results.items()},
+                          "widths": widths, "seeds": args.seeds}, indent=1))
+        return 0
+    print(f"{args.file}: {args.seeds} seeds per width; errors against the limit")
+    for name, comp in results.items():
+        lim = comp.limit
+        shape = "x".join(map(str, np.shape(lim.value))) or "scalar"
+        print(f"\n  {name} [{shape}], limit by {lim.method}: {_fmt_array(lim.value) if np.ndim(lim.value) == 0 else ''}")
+        if comp.random:
+            print("    Gaussian in the limit (mean 0): compare its cov(...) output instead")
+        header = f"    {'width':>7}  {'|mean - limit|':>15}  {'stderr(mean)':>13}  {'rms error':>11}"
+        print(header)
+        for r in comp.rows:
+            se = float(np.sqrt(np.sum(np.asarray(r.stderr) ** 2)))
+            print(f"    {r.width:>7}  {r.mean_error:>15.4g}  {se:>13.3g}  {r.rms_error:>11.4g}")
+        if not comp.random:
+            print(f"    fitted slope of log(rms error) vs log(n): {comp.slope:+.3f}  (n^-1/2 is -0.5); "
+                  f"of log|mean - limit|: {comp.mean_slope:+.3f}")
+    if args.plot:
+        print(f"\nplot written to {args.plot}")
+    return 0
+
+
+def _widths(text: str) -> list[int]:
+    try:
+        widths = [int(w) for w in text.split(",") if w.strip()]
+    except ValueError:
+        raise TpcError(f"--widths expects comma-separated whole numbers, got '{text}'") from None
+    if not widths or min(widths) < 1:
+        raise TpcError("--widths needs at least one positive width")
+    return widths
+
+
+# ---------------------------------------------------------------------------- parser
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tpc",
+        description="tpc compiles Tensor Programs (.tp files) to finite-width PyTorch and to "
+        "their infinite-width limit, and compares the two.",
+    )
+    p.add_argument("--version", action="version", version=f"tpc {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    def add(name: str, help_text: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.add_argument("file", metavar="FILE", help="a .tp program")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    add("check", "Parse and check a program; print a summary (width, initial objects, "
+        "instruction counts, outputs) or the errors.", cmd_check)
+    g = add("graph", "Print the program as numbered Netsor instructions (MatMul / Nonlin / Moment / "
+            "initial), or export it as Graphviz DOT or JSON.", cmd_graph)
+    g.add_argument("--format", choices=["text", "dot", "json"], default="text")
+    add("emit-torch", "Print the generated PyTorch module (Python source).", cmd_emit)
+
+    def finite_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--seeds", type=int, default=8, help="independent initialisations (default 8)")
+        sp.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        sp.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+        sp.add_argument("--json", action="store_true", help="print one JSON object")
+        sp.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    r = add("run", "Run the program at finite width for several seeds (vectorised across seeds); "
+            "print each output's mean and standard error.", cmd_run)
+    r.add_argument("--width", type=int, required=True, help="the width n")
+    r.add_argument("--first-seed", type=int, default=0)
+    finite_opts(r)
+
+    lim = add("limit", "Compute the infinite-width limit (Master Theorem) of every output, and say "
+              "how each was obtained.", cmd_limit)
+    lim.add_argument("--method", default="auto",
+                     choices=["auto", "exact", "closed-form", "quadrature", "monte-carlo"],
+                     help="auto: exact where linear, closed forms where known, Gauss-Hermite "
+                     "quadrature otherwise, Monte Carlo in high dimension")
+    lim.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    lim.add_argument("--particles", type=int, default=2**16, help="Monte Carlo particles")
+    lim.add_argument("--replicates", type=int, default=8,
+                     help="independent Monte Carlo runs, for the standard error")
+    lim.add_argument("--seed", type=int, default=0)
+    lim.add_argument("--json", action="store_true", help="print one JSON object")
+
+    c = add("compare", "Run finite widths and the limit; print each output's error per width and "
+            "the fitted log-log slope (about -0.5 when the Master Theorem holds).", cmd_compare)
+    c.add_argument("--widths", default="64,256,1024,4096", help="comma-separated widths")
+    c.add_argument("--method", default="auto",
+                   choices=["auto", "exact", "closed-form", "quadrature", "monte-carlo"])
+    c.add_argument("--plot", metavar="PNG", help="write a log-log plot of error against width")
+    finite_opts(c)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except TpcError as err:
+        if err.filename == "<program>" and getattr(args, "file", None):
+            err.filename = args.file
+        print(err.render(), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

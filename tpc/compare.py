@@ -1,0 +1,116 @@
+"""Finite width against the limit: errors per width, fitted log-log slopes, plots."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from tpc.backends.limit import LimitOutput, evaluate_limit
+from tpc.backends.torch import run_finite
+from tpc.ir import Program
+
+
+@dataclass
+class WidthRow:
+    width: int
+    mean: np.ndarray
+    stderr: np.ndarray
+    mean_error: float  # || mean over seeds - limit ||  (Frobenius over entries)
+    rms_error: float  # sqrt(mean over seeds and entries of (value - limit)^2)
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    limit: LimitOutput
+    rows: list[WidthRow] = field(default_factory=list)
+
+    @property
+    def random(self) -> bool:
+        """A readout / sqrt(n): Gaussian in the limit, compared through cov(...), not pointwise."""
+        return self.limit.cov is not None
+
+    @property
+    def slope(self) -> float:
+        """Fitted slope of log(rms error) against log(width): -1/2 when finite width converges
+        to the limit at the Master Theorem's rate."""
+        if self.random:
+            return float("nan")
+        return fit_slope([r.width for r in self.rows], [r.rms_error for r in self.rows])
+
+    @property
+    def mean_slope(self) -> float:
+        if self.random:
+            return float("nan")
+        return fit_slope([r.width for r in self.rows], [r.mean_error for r in self.rows])
+
+    def to_json(self) -> dict:
+        return {
+            "limit": self.limit.to_json(),
+            "slope": None if self.random else self.slope,
+            "mean_slope": None if self.random else self.mean_slope,
+            "widths": [
+                {"width": r.width, "mean": r.mean.tolist(), "stderr": r.stderr.tolist(),
+                 "mean_error": r.mean_error, "rms_error": r.rms_error}
+                for r in self.rows
+            ],
+        }
+
+
+def fit_slope(widths: list[int], errors: list[float]) -> float:
+    x = np.log(np.asarray(widths, dtype=float))
+    y = np.log(np.maximum(np.asarray(errors, dtype=float), 1e-300))
+    if len(x) < 2:
+        return float("nan")
+    return float(np.polyfit(x, y, 1)[0])
+
+
+def compare(prog: Program, widths: list[int], seeds: int, method: str = "auto",
+            dtype: str = "float64", device: str = "cpu",
+            progress: Callable[[int], None] | None = None) -> dict[str, OutputComparison]:
+    limit = evaluate_limit(prog, method=method)
+    out = {k: OutputComparison(k, v) for k, v in limit.items()}
+    for width in widths:
+        finite = run_finite(prog, width, seeds, dtype=dtype, device=device, progress=progress)
+        for name, res in finite.items():
+            lim = limit[name].value
+            diff = res.values - lim[None]
+            out[name].rows.append(WidthRow(
+                width, res.mean, res.stderr,
+                float(np.sqrt(np.sum((res.mean - lim) ** 2))),
+                float(np.sqrt(np.mean(diff**2))),
+            ))
+    return out
+
+
+def plot(results: dict[str, OutputComparison], path: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    all_w: list[int] = []
+    for name, comp in results.items():
+        if comp.random:
+            continue
+        w = [r.width for r in comp.rows]
+        all_w += w
+        rms = [r.rms_error for r in comp.rows]
+        ax.loglog(w, rms, "o-", label=f"{name}: rms error, slope {comp.slope:.2f}")
+        me = [r.mean_error for r in comp.rows]
+        ax.loglog(w, me, "s--", alpha=0.6, label=f"{name}: |mean - limit|")
+    if all_w and any(not c.random for c in results.values()):
+        w0, w1 = min(all_w), max(all_w)
+        first = max(c.rows[0].rms_error for c in results.values() if not c.random)
+        ax.loglog([w0, w1], [first, first * (w1 / w0) ** -0.5], "k:", label="n^-1/2")
+    ax.set_xlabel("width n")
+    ax.set_ylabel("error against the infinite-width limit")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
