@@ -288,8 +288,10 @@ class Expectation:
         return Result(out.reshape(shape), {method}, stderr)
 
     def factor(self, cov: Tensor) -> Tensor:
-        """L with L L^T = cov for every entry, allowing singular (PSD) matrices."""
-        evals, evecs = torch.linalg.eigh(cov)
+        """L with L L^T = cov for every entry. Cholesky where it succeeds (it aligns the first
+        Gaussian with a quadrature axis, which helps functions with a kink); an eigenvalue
+        factor for singular (PSD) entries, such as the diagonal of a kernel."""
+        evals = torch.linalg.eigvalsh(cov)
         scale = torch.clamp(evals.abs().amax(-1), min=1.0)
         if (evals.amin(-1) < -1e-8 * scale).any():
             worst = float(evals.amin())
@@ -297,7 +299,16 @@ class Expectation:
                 f"{self.where}: the covariance of the Gaussians is not positive semidefinite "
                 f"(smallest eigenvalue {worst:.3g})"
             )
-        return evecs * torch.sqrt(torch.clamp(evals, min=0.0)).unsqueeze(-2)
+        # a relative 1e-12 on the diagonal lets Cholesky factor singular entries too (equal
+        # Gaussians on a kernel's diagonal); it moves the result by about 1e-12, far below the
+        # quadrature error, and PSD-ness was checked above on the matrix itself
+        eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
+        chol, info = torch.linalg.cholesky_ex(cov + 1e-12 * scale[:, None, None] * eye)
+        bad = info != 0
+        if bad.any():
+            e, v = torch.linalg.eigh(cov[bad])
+            chol[bad] = v * torch.sqrt(torch.clamp(e, min=0.0)).unsqueeze(-2)
+        return chol
 
 
 def gauss_hermite(k: int, m: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
