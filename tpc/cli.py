@@ -173,7 +173,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     for name, comp in results.items():
         lim = comp.limit
         shape = "x".join(map(str, np.shape(lim.value))) or "scalar"
-        print(f"\n  {name} [{shape}], limit by {lim.method}: {_fmt_array(lim.value) if np.ndim(lim.value) == 0 else ''}")
+        value = _fmt_array(lim.value) if np.ndim(lim.value) == 0 else ""
+        print(f"\n  {name} [{shape}], limit by {lim.method}: {value}")
         if comp.random:
             print("    Gaussian in the limit (mean 0): compare its cov(...) output instead")
         header = f"    {'width':>7}  {'|mean - limit|':>15}  {'stderr(mean)':>13}  {'rms error':>11}"

@@ -4,7 +4,7 @@ Node ids are consecutive integers in creation order, which is a topological orde
 printout and export is deterministic. Each node carries:
   op      the instruction (see tpc.ops.instructions): data, matrix, vector, matmul, nonlin,
           moment, gram, readout, cov
-  inputs  the input node ids, in order (edges also carry their position as `pos`)
+  inputs  the input node ids, in order (edges carry their positions as `pos`, a tuple)
   kind    'scalar' (finite, deterministic in the limit), 'vector' (an n-vector, or a batch of
           them), 'matrix' (an initial matrix) or 'gaussian' (a readout that is a Gaussian random
           scalar in the limit)
@@ -64,7 +64,11 @@ class Program:
         node = Node(nid, op, tuple(inputs), kind, tuple(shape), name or f"_t{nid}", span, params)
         self.graph.add_node(nid, node=node)
         for pos, src in enumerate(inputs):
-            self.graph.add_edge(src, nid, pos=pos)
+            # an input used twice (cov(f, f)) is one edge listing both positions
+            if self.graph.has_edge(src, nid):
+                self.graph.edges[src, nid]["pos"] += (pos,)
+            else:
+                self.graph.add_edge(src, nid, pos=(pos,))
         return node
 
     # --- access
@@ -92,7 +96,7 @@ class Program:
         for node in self.nodes():
             for pos, src in enumerate(node.inputs):
                 assert src < node.id, f"node {node.id} uses later node {src}"
-                assert self.graph.edges[src, node.id]["pos"] in range(len(node.inputs))
+                assert pos in self.graph.edges[src, node.id]["pos"]
             assert nx.is_directed_acyclic_graph(self.graph)
 
     def summary(self) -> dict[str, Any]:
@@ -210,7 +214,8 @@ def to_dot(prog: Program) -> str:
         style = ', peripheries=2' if node.id in outs else ""
         lines.append(f'  n{node.id} [label="{label}", style=filled, fillcolor={colors.get(node.op, "white")}{style}];')
     for src, dst, data in sorted(prog.graph.edges(data=True)):
-        lines.append(f'  n{src} -> n{dst} [label="{data["pos"]}"];')
+        label = ",".join(str(p) for p in data["pos"])
+        lines.append(f'  n{src} -> n{dst} [label="{label}"];')
     lines.append("}")
     return "\n".join(lines)
 

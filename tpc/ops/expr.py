@@ -26,6 +26,8 @@ class Apply:
 
 Tree = Arg | Const | Apply
 
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2, "^": 3}
+
 
 def args_used(tree: Tree) -> set[int]:
     if isinstance(tree, Arg):
@@ -59,11 +61,15 @@ def render(tree: Tree, names: list[str]) -> str:
     fn = FUNCTIONS[tree.fn]
     inner = [render(a, names) for a in tree.args]
     if fn.infix:
+        prec = _PRECEDENCE[fn.infix]
         left, right = inner
-        if isinstance(tree.args[0], Apply) and FUNCTIONS[tree.args[0].fn].infix:
+        a, b = tree.args
+        if isinstance(a, Apply) and FUNCTIONS[a.fn].infix and _PRECEDENCE[FUNCTIONS[a.fn].infix] < prec:
             left = f"({left})"
-        if isinstance(tree.args[1], Apply) and FUNCTIONS[tree.args[1].fn].infix:
-            right = f"({right})"
+        if isinstance(b, Apply) and FUNCTIONS[b.fn].infix:
+            pb = _PRECEDENCE[FUNCTIONS[b.fn].infix]
+            if pb < prec or (pb == prec and fn.infix in "-/^"):
+                right = f"({right})"
         return f"{left} {fn.infix} {right}"
     if tree.fn == "neg":
         return f"-{inner[0]}" if not isinstance(tree.args[0], Apply) else f"-({inner[0]})"

@@ -55,7 +55,7 @@ def _phi(x: Tensor) -> Tensor:
     return torch.exp(-0.5 * x * x) / _SQRT2PI
 
 
-def _Phi(x: Tensor) -> Tensor:
+def _Phi(x: Tensor) -> Tensor:  # noqa: N802 - the usual name of the normal cdf
     return 0.5 * (1.0 + torch.erf(x / _SQRT2))
 
 
@@ -63,11 +63,25 @@ def _sd(var: Tensor) -> Tensor:
     return torch.sqrt(torch.clamp(var, min=1e-300))
 
 
+class CorrelationError(ValueError):
+    """|Cov(u, v)| > sd(u) sd(v): the covariance handed to a kernel is not PSD."""
+
+
 def _cos_angle(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    return torch.clamp(c / torch.sqrt(torch.clamp(a * b, min=1e-300)), -1.0, 1.0)
+    """c / sqrt(a b) as a new tensor, checked to lie in [-1, 1] up to round-off, then clamped."""
+    cos = torch.div(c, _sd(a))
+    if cos.shape != torch.broadcast_shapes(cos.shape, b.shape):
+        cos = cos.expand(torch.broadcast_shapes(cos.shape, b.shape)).clone()
+    cos.div_(_sd(b))
+    if cos.numel():
+        lo, hi = torch.aminmax(cos)
+        worst = max(-float(lo), float(hi))
+        if worst > 1 + 1e-6:
+            raise CorrelationError(f"a correlation of {worst:.6g} (beyond 1)")
+    return cos.clamp_(-1.0, 1.0)
 
 
-def A(fn: str, *args: Tree) -> Apply:
+def A(fn: str, *args: Tree) -> Apply:  # noqa: N802 - short, for derivative rules
     return Apply(fn, tuple(args))
 
 
@@ -96,9 +110,14 @@ def _relu_mean(m: Tensor, v: Tensor) -> Tensor:
 
 
 def _relu_relu(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    cos = _cos_angle(a, b, c)
-    theta = torch.arccos(cos)
-    return torch.sqrt(a * b) / (2 * math.pi) * (torch.sin(theta) + (math.pi - theta) * cos)
+    # sqrt(ab)/(2 pi) (sin t + (pi - t) cos t) = (sqrt(ab) sin t + (pi - t) c) / (2 pi),
+    # t = arccos(c / sqrt(ab)). Two full-size temporaries, the rest in place: over a large
+    # batch this kernel is bound by memory traffic, not arithmetic.
+    theta = torch.arccos_(_cos_angle(a, b, c))
+    out = torch.sin(theta)
+    out.mul_(_sd(a)).mul_(_sd(b))
+    out.add_(theta.neg_().add_(math.pi).mul_(c))
+    return out.div_(2 * math.pi)
 
 
 def _step_step(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
@@ -229,7 +248,8 @@ register(
 )
 register(
     Function(
-        "dgelu", 1, _dgelu, "0.5 * (1 + torch.erf({0} / math.sqrt(2))) + {0} * torch.exp(-{0} ** 2 / 2) / math.sqrt(2 * math.pi)",
+        "dgelu", 1, _dgelu,
+        "0.5 * (1 + torch.erf({0} / math.sqrt(2))) + {0} * torch.exp(-{0} ** 2 / 2) / math.sqrt(2 * math.pi)",
         deriv=lambda x: A("mul", A("sub", Const(2.0), A("square", x)),
                           A("div", A("exp", A("mul", Const(-0.5), A("square", x))), Const(_SQRT2PI))),
     )

@@ -88,7 +88,8 @@ class LimitEvaluator:
         return {name: self.scalars[nid] for name, nid in self.prog.outputs.items()}
 
     def check_finite(self, node: Node, value: Tensor) -> None:
-        if not torch.isfinite(value).all():
+        # a NaN or infinity anywhere makes the sum non-finite; look closer only then
+        if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
             raise NumericalError(
                 f"the limit of '{node.name}' is not finite (NaN or overflow)", node.span
             ).locate(self.prog.filename, self.prog.source)
@@ -233,7 +234,7 @@ class LimitEvaluator:
                     [(otree, self.axis_for(ox)), (tree, self.axis_for(x, len(self.blocks[other].shape)))],
                     "mul", shape, node,
                 )
-                self.cov[other, bid] = s2 * res.value
+                self.cov[other, bid] = res.value.mul_(s2) if res.value.is_contiguous() else s2 * res.value
                 methods |= res.methods | self.methods_of((ox,))
         self.trees[node.id] = Block(bid)
         self.vec_methods[node.id] = methods
@@ -302,7 +303,7 @@ class LimitEvaluator:
         sx, sy = self.prog.node(x).shape, self.prog.node(y).shape
         res = self.expect([(self.trees[x], self.axis_for(x)), (self.trees[y], self.axis_for(y, len(sx)))],
                           "mul", sx + sy, node)
-        value = scale * res.value
+        value = res.value.mul_(scale) if scale != 1.0 else res.value
         if rows is not None:
             eye = torch.eye(rows, dtype=self.dtype)
             value = value.reshape(*sx, 1, *sy, 1) * eye.reshape([1] * len(sx) + [rows] + [1] * len(sy) + [rows])

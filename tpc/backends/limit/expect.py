@@ -21,7 +21,7 @@ import torch
 
 from tpc.errors import NumericalError
 from tpc.ops import expr as ex
-from tpc.ops.functions import FUNCTIONS, pair_rule
+from tpc.ops.functions import FUNCTIONS, CorrelationError, pair_rule
 
 Tensor = torch.Tensor
 QUADRATURE_NODES = {1: 96, 2: 40, 3: 20, 4: 12}
@@ -182,6 +182,9 @@ class Expectation:
     def moments(self, a: Linear, b: Linear | None = None) -> tuple[Tensor, Tensor]:
         """(mean of a, Cov(a, b)) where b defaults to a."""
         b = a if b is None else b
+        if _is_unit(a) and _is_unit(b):  # the common case: no arithmetic on full kernels
+            i, j = next(iter(a.coef)), next(iter(b.coef))
+            return torch.as_tensor(self.mean[i], dtype=self.dtype), torch.as_tensor(self.cov[i][j])
         mean = torch.as_tensor(a.const, dtype=self.dtype)
         for i, c in a.coef.items():
             mean = mean + c * self.mean[i]
@@ -195,11 +198,11 @@ class Expectation:
         terms = self.terms(tree)
         if terms is None:
             return None
-        total = torch.zeros(self.shape, dtype=self.dtype)
+        parts: list[Tensor] = []
         methods: set[str] = set()
         for coef, factors in terms:
             if not factors:
-                total = total + coef
+                parts.append(torch.as_tensor(coef, dtype=self.dtype).clone())  # never alias an input
                 methods.add("exact")
                 continue
             if len(factors) == 1:
@@ -209,7 +212,7 @@ class Expectation:
                     return None
                 mu, var = self.moments(lin)
                 self.check_var(var)
-                total = total + coef * mean_rule(mu, torch.clamp(var, min=0.0))
+                parts.append(_scaled(coef, mean_rule(mu, torch.clamp(var, min=0.0))).clone())
                 methods.add("exact" if f == "identity" else "closed-form")
                 continue
             if len(factors) != 2:
@@ -220,9 +223,9 @@ class Expectation:
             _, c = self.moments(la, lb)
             self.check_var(va)
             self.check_var(vb)
-            self.check_corr(va, vb, c)
             if f == "identity" and g == "identity":
-                total = total + coef * (c + ma * mb)
+                self.check_corr(va, vb, c)
+                parts.append(_scaled(coef, c + ma * mb))
                 methods.add("exact")
                 continue
             if not (_is_zero(ma) and _is_zero(mb)):
@@ -230,13 +233,25 @@ class Expectation:
             rule = pair_rule(f, g)
             if rule is None:
                 return None
-            total = total + coef * rule(torch.clamp(va, min=0.0), torch.clamp(vb, min=0.0), c)
+            try:
+                value = rule(torch.clamp(va, min=0.0), torch.clamp(vb, min=0.0), c)
+            except CorrelationError as err:
+                raise NumericalError(
+                    f"{self.where}: the covariance of the Gaussians is not positive semidefinite ({err})"
+                ) from None
+            parts.append(_scaled(coef, value))
             methods.add("closed-form")
-        return Result(total.expand(self.shape).clone(), methods)
+        total = parts[0]
+        for p in parts[1:]:
+            total = total + p
+        if tuple(total.shape) != self.shape:
+            total = total.expand(self.shape).clone()
+        return Result(total, methods)
 
     def check_var(self, var: Tensor) -> None:
         if torch.as_tensor(var).min() < -1e-9 * max(1.0, float(torch.as_tensor(var).abs().max())):
-            raise NumericalError(f"{self.where}: a variance came out negative ({float(torch.as_tensor(var).min()):.3g})")
+            worst = float(torch.as_tensor(var).min())
+            raise NumericalError(f"{self.where}: a variance came out negative ({worst:.3g})")
 
     def check_corr(self, va: Tensor, vb: Tensor, c: Tensor) -> None:
         excess = torch.as_tensor(c).abs() - torch.sqrt(torch.clamp(va * vb, min=0.0))
@@ -320,6 +335,20 @@ def gauss_hermite(k: int, m: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     nodes = np.stack([g.ravel() for g in grids], -1)
     weights = np.prod(np.stack([g.ravel() for g in wgrid], -1), -1)
     return torch.tensor(nodes, dtype=dtype), torch.tensor(weights, dtype=dtype)
+
+
+def _is_unit(lin: Linear) -> bool:
+    """A single Gaussian with coefficient 1 and no constant."""
+    if len(lin.coef) != 1 or not _is_zero(lin.const):
+        return False
+    c = next(iter(lin.coef.values()))
+    return isinstance(c, float) and c == 1.0
+
+
+def _scaled(coef: Tensor | float, value: Tensor) -> Tensor:
+    if isinstance(coef, float) and coef == 1.0:
+        return value
+    return coef * value
 
 
 def _is_zero(x: Tensor | float) -> bool:
