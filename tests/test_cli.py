@@ -1,0 +1,103 @@
+"""The command line: every command, its --help, and the JSON that scripts rely on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tpc import __version__
+from tpc.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+RELU = str(ROOT / "programs" / "kernels" / "relu_mlp.tp")
+MOMENTS = str(ROOT / "programs" / "netsor" / "moments.tp")
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    status = main(list(argv))
+    out = capsys.readouterr()
+    return status, out.out, out.err
+
+
+def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert __version__ in capsys.readouterr().out
+    for cmd in ["check", "graph", "emit-torch", "run", "limit", "compare"]:
+        with pytest.raises(SystemExit):
+            main([cmd, "--help"])
+        assert "FILE" in capsys.readouterr().out
+
+
+def test_check_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "check", RELU)
+    assert status == 0
+    assert "width      n" in out and "W2 (hidden, n x n)" in out
+    assert "MatMul 3" in out and "nngp [8x8]" in out
+
+
+def test_graph_formats(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "graph", RELU)
+    assert status == 0 and "MatMul" in out and "outputs: nngp" in out
+    status, out, _ = run(capsys, "graph", RELU, "--format", "dot")
+    assert out.startswith("digraph tpc {") and "->" in out
+    status, out, _ = run(capsys, "graph", RELU, "--format", "json")
+    data = json.loads(out)
+    assert {n["instruction"] for n in data["nodes"]} >= {"MatMul", "Nonlin", "A-var", "G-var", "Kernel"}
+
+
+def test_emit_torch(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "emit-torch", RELU)
+    assert status == 0
+    compile(out, "<emitted>", "exec")
+
+
+def test_limit_json(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "limit", MOMENTS, "--json")
+    data = json.loads(out)["outputs"]
+    assert data["ab"] == {"value": pytest.approx(0.6), "method": "exact"}
+    assert data["arccos"]["method"] == "closed-form"
+    assert data["tanh3"]["method"] == "quadrature"
+    status, out, _ = run(capsys, "limit", MOMENTS, "--json", "--method", "monte-carlo",
+                         "--particles", "4096", "--replicates", "4")
+    data = json.loads(out)["outputs"]
+    assert data["tanh3"]["method"] == "monte-carlo" and "stderr" in data["tanh3"]
+    status, out, _ = run(capsys, "limit", RELU, "--json")
+    nngp = json.loads(out)["outputs"]["nngp"]
+    assert nngp["method"] == "exact+closed-form" and len(nngp["value"]) == 8 and len(nngp["value"][0]) == 8
+
+
+def test_run_json(capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "run", MOMENTS, "--width", "128", "--seeds", "3", "--json")
+    data = json.loads(out)["outputs"]["ab"]
+    assert set(data) == {"mean", "stderr", "width", "seeds"}
+    assert data["width"] == 128 and data["seeds"] == 3
+
+
+def test_compare_json_and_plot(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    png = tmp_path / "conv.png"
+    status, out, _ = run(capsys, "compare", MOMENTS, "--widths", "64,256", "--seeds", "4", "--json",
+                         "--plot", str(png))
+    assert status == 0
+    data = json.loads(out)
+    assert data["widths"] == [64, 256]
+    assert isinstance(data["outputs"]["ab"]["slope"], float)
+    assert png.read_bytes()[:4] == b"\x89PNG"
+    status, out, _ = run(capsys, "compare", MOMENTS, "--widths", "64,256", "--seeds", "2", "--quiet")
+    assert "fitted slope" in out
+
+
+def test_bad_arguments_are_clean_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run(capsys, "compare", MOMENTS, "--widths", "a,b")
+    assert status == 2 and "--widths" in err and "Traceback" not in err
+    status, _, err = run(capsys, "run", MOMENTS, "--width", "64", "--device", "cuda:0") if not _cuda() else (2, "", "cuda")
+    assert status == 2
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
