@@ -169,7 +169,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(json.dumps({"outputs": {k: v.to_json() for k, v in results.items()},
                           "widths": widths, "seeds": args.seeds}, indent=1))
         return 0
-    print(f"{args.file}: {args.seeds} seeds per width; errors against the limit")
+    print(f"{args.file}: {args.seeds} seeds per width; errors against the limit, root-mean-square over "
+          "entries (rms error: of single seeds; |mean - limit|: of the mean over seeds)")
     for name, comp in results.items():
         lim = comp.limit
         shape = "x".join(map(str, np.shape(lim.value))) or "scalar"
@@ -180,7 +181,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         header = f"    {'width':>7}  {'|mean - limit|':>15}  {'stderr(mean)':>13}  {'rms error':>11}"
         print(header)
         for r in comp.rows:
-            se = float(np.sqrt(np.sum(np.asarray(r.stderr) ** 2)))
+            se = float(np.sqrt(np.mean(np.asarray(r.stderr) ** 2)))
             print(f"    {r.width:>7}  {r.mean_error:>15.4g}  {se:>13.3g}  {r.rms_error:>11.4g}")
         if not comp.random:
             print(f"    fitted slope of log(rms error) vs log(n): {comp.slope:+.3f}  (n^-1/2 is -0.5); "

@@ -17,7 +17,7 @@ class WidthRow:
     width: int
     mean: np.ndarray
     stderr: np.ndarray
-    mean_error: float  # || mean over seeds - limit ||  (Frobenius over entries)
+    mean_error: float  # sqrt(mean over entries of (mean over seeds - limit)^2)
     rms_error: float  # sqrt(mean over seeds and entries of (value - limit)^2)
 
 
@@ -79,7 +79,7 @@ def compare(prog: Program, widths: list[int], seeds: int, method: str = "auto",
             diff = res.values - lim[None]
             out[name].rows.append(WidthRow(
                 width, res.mean, res.stderr,
-                float(np.sqrt(np.sum((res.mean - lim) ** 2))),
+                float(np.sqrt(np.mean((res.mean - lim) ** 2))),
                 float(np.sqrt(np.mean(diff**2))),
             ))
     return out
