@@ -98,3 +98,34 @@ def test_width_agnostic_program_name() -> None:
     prog = tpc.loads("width m\nmatrix W : m x m ~ N(0, 1/m)\nvector v ~ N(0, 1)\noutput q = mean((W @ v)^2)\n")
     assert prog.width_name == "m"
     assert float(tpc.limit(prog)["q"].value) == 1.0
+
+
+def test_readout_matrix_and_moment_readout() -> None:
+    """A k x n readout matrix scaled through its variance (N(0, 1/n), no 1/sqrt(n) in the
+    expression) and a 1/n readout, at finite width and in the limit."""
+    src = (
+        "width n\ndata X = [[1, 0], [0.6, 0.8]]\nmatrix U : n x 2 ~ N(0, 1)\nmatrix V : 3 x n ~ N(0, 2/n)\n"
+        "vector w ~ N(0.5, 1)\nh = tanh(U @ X)\nf = V @ h\noutput k = cov(f)\noutput m = w @ h / n\n"
+    )
+    prog = tpc.loads(src)
+    lim = tpc.limit(prog)
+    assert lim["k"].value.shape == (2, 3, 2, 3)
+    fin = tpc.run(prog, 4096, 8)
+    assert fin["k"].values.shape == (8, 2, 3, 2, 3)
+    assert np.all(np.abs(fin["k"].mean - lim["k"].value) < 5 * fin["k"].stderr + 1e-3)
+    # the readout rows are independent: zero covariance across rows, in both backends
+    assert lim["k"].value[0, 0, 0, 1] == 0 and np.all(fin["k"].values[:, 0, 0, 0, 1] == 0)
+    # mean(w * tanh(u)) = 0.5 E tanh(u) = 0 for centred u
+    assert np.allclose(lim["m"].value, 0.0, atol=1e-12)
+    assert np.all(np.abs(fin["m"].mean) < 5 * fin["m"].stderr + 1e-3)
+
+
+def test_numerical_trouble_names_the_instruction(capsys) -> None:  # noqa: ANN001
+    prog = tpc.loads("width n\nvector v ~ N(0, 1)\ny = log(v)\noutput m = mean(y)\n", "bad.tp")
+    import pytest
+
+    with pytest.raises(tpc.NumericalError, match="y \\(line 3\\)"):
+        tpc.run(prog, 64, 2)
+    with pytest.raises(tpc.NumericalError) as err:
+        tpc.limit(prog)
+    assert "bad.tp:4" in err.value.render() and "not finite" in err.value.render()

@@ -243,7 +243,7 @@ class Builder:
                     )
             shape = right.shape + ((left.params["rows"],) if left.op == "matrix" else ())
             node = self.prog.add("readout", (r.left, r.right), "gaussian", shape, name, r.span,
-                                 coef=r.coef, exponent=-0.5)
+                                 coef=r.coef, exponent=-0.5, multiplier_exponent=r.exponent)
             return Ref(node.id)
         raise TpcError(
             f"'{left.name} @ {right.name}' sums {n} terms; scale it by 1/sqrt({n}) (a Gaussian in "
@@ -352,7 +352,8 @@ class Builder:
         if node.op != "readout":
             return self.pending(ref, span)
         new = self.prog.add("readout", node.inputs, "gaussian", node.shape, None, span,
-                            coef=node.params["coef"] * factor, exponent=node.params["exponent"])
+                            coef=node.params["coef"] * factor, exponent=node.params["exponent"],
+                            multiplier_exponent=node.params["multiplier_exponent"])
         return Ref(new.id)
 
     def matmul(self, e: ast.BinOp) -> Value:

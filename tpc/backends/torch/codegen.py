@@ -140,7 +140,9 @@ class _Emitter:
                 code = f"rt.gram({x}, {y}, {tuple(node.shape)})"
             elif node.op == "readout":
                 v, x = (self.ref(i) for i in node.inputs)
-                code = f"rt.readout({v}, {x}) * ({_num(p['coef'])} / math.sqrt(n))"
+                scale = {-0.5: " / math.sqrt(n)", 0.0: ""}.get(
+                    p["multiplier_exponent"], f" * n ** {_num(p['multiplier_exponent'])}")
+                code = f"rt.readout({v}, {x}) * ({_num(p['coef'])}{scale})"
             elif node.op == "cov":
                 code = self.cov_code(node)
             else:  # pragma: no cover - every op is handled above
