@@ -273,7 +273,7 @@ class Builder:
             return self.call(e)
         if isinstance(e, ast.Attr):
             if e.attr == "T":
-                raise TpcError("transposes (W.T) are not supported yet", e.span)
+                raise TpcError("a transpose is used only as a product: W.T @ x", e.span)
             raise TpcError(f"unknown attribute '.{e.attr}'", e.span)
         if isinstance(e, ast.ListExpr):
             raise TpcError("a list is allowed only in `data` and in N(...) of a vector group", e.span)
@@ -357,7 +357,15 @@ class Builder:
         return Ref(new.id)
 
     def matmul(self, e: ast.BinOp) -> Value:
-        a = self.expr(e.left)
+        transposed = isinstance(e.left, ast.Attr) and e.left.attr == "T"
+        a = self.expr(e.left.operand if transposed else e.left)  # type: ignore[attr-defined]
+        if transposed and not (isinstance(a, Ref) and self.node(a.nid).kind == "matrix"):
+            raise TpcError("'.T' transposes a matrix: W.T @ x", e.left.span)
+        if transposed and self.node(a.nid).params["role"] != "hidden":  # type: ignore[union-attr]
+            raise TpcError(
+                "transposes of input and readout layers are not supported yet; only n x n matrices",
+                e.left.span,
+            )
         if isinstance(a, Ref) and self.node(a.nid).kind == "matrix":
             mat = self.node(a.nid)
             b = self.expr(e.right)
@@ -391,7 +399,8 @@ class Builder:
             x = self.materialize(pb, None, e.right.span)
             if role == "readout":
                 return RawReadout(mat.id, x, e.span)
-            node = self.prog.add("matmul", (mat.id, x), "vector", pb.shape, None, e.span)
+            node = self.prog.add("matmul", (mat.id, x), "vector", pb.shape, None, e.span,
+                                 transposed=transposed)
             return Pending(ex.Arg(0), [node.id], "vector", node.shape, e.span)
         pa = self.pending(a, e.left.span)
         pb = self.pending(self.expr(e.right), e.right.span)

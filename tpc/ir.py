@@ -147,7 +147,7 @@ def describe(prog: Program, node: Node) -> str:
             f", group {gi}" if len(group.members) > 1 else ""
         )
     if node.op == "matmul":
-        return f"{names[0]} {names[1]}"
+        return f"{names[0]}{'.T' if p.get('transposed') else ''} {names[1]}"
     if node.op == "nonlin":
         return ex.render(p["tree"], names)
     if node.op == "moment":

@@ -349,12 +349,25 @@ def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
     """The limit of every output. Where Monte Carlo served any expectation, the whole evaluation
     is repeated with independent particles and the standard error is taken across replicates."""
     tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    def make(s: int):  # noqa: ANN202
+        if any(n.op == "matmul" and n.params.get("transposed") for n in prog.needed()):
+            from tpc.backends.limit.particles import ParticleEvaluator, is_linear_program
+
+            exact = is_linear_program(prog) and method in ("auto", "exact")
+            if method in ("closed-form", "quadrature") or (method == "exact" and not exact):
+                raise TpcError(
+                    f"--method {method}: programs with transposes are evaluated exactly (when linear) "
+                    "or by Monte Carlo particles; use --method auto or monte-carlo"
+                ).locate(prog.filename, prog.source)
+            return ParticleEvaluator(prog, exact, tdtype, particles, s)
+        return LimitEvaluator(prog, method, tdtype, particles, s)
+
     with torch.no_grad():
-        first = LimitEvaluator(prog, method, tdtype, particles, seed)
+        first = make(seed)
         runs = [first.run()]
         if first.mc_used:
             for r in range(1, max(2, replicates)):
-                runs.append(LimitEvaluator(prog, method, tdtype, particles, seed + r).run())
+                runs.append(make(seed + r).run())
     out = {}
     for name in prog.outputs:
         vals = [r[name] for r in runs]

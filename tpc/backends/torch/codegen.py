@@ -127,7 +127,8 @@ class _Emitter:
             p = node.params
             where = f"{node.name} (line {node.span.line})" if node.span else node.name
             if node.op == "matmul":
-                code = f"rt.matmul({self.ref(node.inputs[0])}, {self.ref(node.inputs[1])})"
+                w = self.ref(node.inputs[0]) + (".mT" if p.get("transposed") else "")
+                code = f"rt.matmul({w}, {self.ref(node.inputs[1])})"
             elif node.op == "nonlin":
                 vector = node.kind == "vector"
                 args = [self.lifted(i, len(node.shape), vector) for i in node.inputs]

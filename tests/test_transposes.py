@@ -1,0 +1,84 @@
+"""Netsor-transpose programs: W and W.T are not independent, and the Zdot term says how."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tpc
+
+ROOT = Path(__file__).resolve().parent.parent
+NETSOR = ROOT / "programs" / "netsor"
+
+
+def gauss_mean(f) -> float:  # noqa: ANN001
+    x, w = np.polynomial.hermite_e.hermegauss(200)
+    return float(np.sum(w * f(x)) / math.sqrt(2 * math.pi))
+
+
+def test_wishart_moments_are_catalan_numbers_exactly() -> None:
+    out = tpc.limit(tpc.load(NETSOR / "wishart.tp"))
+    for name, want in [("m1", 1), ("m2", 2), ("m3", 5), ("m4", 14), ("p2", 2)]:
+        assert out[name].method == "exact"
+        assert float(out[name].value) == pytest.approx(want, rel=1e-12), name
+
+
+def test_transpose_tanh_limit_is_e_tanh_prime() -> None:
+    want = gauss_mean(lambda x: 1 / np.cosh(x) ** 2)  # E tanh'(g) = 0.60571
+    assert want == pytest.approx(0.60571, abs=1e-5)
+    prog = tpc.load(NETSOR / "transpose_tanh.tp")
+    out = tpc.limit(prog)
+    m = out["m"]
+    assert m.method == "monte-carlo"
+    assert abs(float(m.value) - want) < 4 * float(m.stderr)
+    # E z^2 = E tanh(g)^2 (Zhat) + (E tanh'(g))^2 (Zdot)
+    q = gauss_mean(lambda x: np.tanh(x) ** 2) + want**2
+    assert abs(float(out["q"].value) - q) < 4 * float(out["q"].stderr)
+    # finite width agrees with the limit, not with the naive answer
+    fin = tpc.run(prog, 2048, 8)["m"]
+    assert abs(float(fin.mean) - want) < 5 * float(fin.stderr) + 0.01
+    assert float(fin.mean) > 0.5
+
+
+def test_naive_independent_transpose_gives_zero() -> None:
+    prog = tpc.load(NETSOR / "transpose_naive.tp")
+    assert float(tpc.limit(prog)["m"].value) == 0.0
+    fin = tpc.run(prog, 2048, 8)["m"]
+    assert abs(float(fin.mean)) < 5 * float(fin.stderr) + 0.01
+
+
+def test_zdot_zero_by_structure_is_found_not_assumed() -> None:
+    """z = W (W.T y)^2: the derivative of an even function of a centred Gaussian has mean
+    zero, so Zdot vanishes and mean(z y) -> 0; with relu instead it is E relu'(g) = 1/2."""
+    src = "width n\nmatrix W : n x n ~ N(0, 1/n)\nvector y ~ N(0, 1)\ng = W.T @ y\n"
+    even = tpc.loads(src + "z = W @ (g * g)\noutput m = mean(z * y)\n")
+    relu = tpc.loads(src + "z = W @ relu(g)\noutput m = mean(z * y)\n")
+    m_even = tpc.limit(even)["m"]
+    m_relu = tpc.limit(relu)["m"]
+    assert abs(float(m_even.value)) < 4 * float(m_even.stderr)
+    assert abs(float(m_relu.value) - 0.5) < 4 * float(m_relu.stderr)
+    assert abs(float(tpc.run(relu, 2048, 8)["m"].mean) - 0.5) < 0.03
+
+
+def test_linear_transpose_program_with_a_batch_is_exact() -> None:
+    """A batch through W then W.T: gram(x, W^T W x) -> gram(x, x) = X X^T / 3 (the first
+    Marchenko-Pastur moment is 1), all of it from Zdot: a naive computation gives 0."""
+    src = (
+        "width n\ndata X = [[1, 0, 0], [0.6, 0.8, 0], [0, 0, 2]]\nmatrix U : n x 3 ~ N(0, 1/3)\n"
+        "matrix W : n x n ~ N(0, 1/n)\nx = U @ X\nb = W.T @ (W @ x)\noutput k = gram(x, b)\n"
+    )
+    prog = tpc.loads(src)
+    out = tpc.limit(prog)["k"]
+    x = np.array([[1, 0, 0], [0.6, 0.8, 0], [0, 0, 2]])
+    assert out.method == "exact"
+    np.testing.assert_allclose(out.value, x @ x.T / 3, rtol=1e-12, atol=1e-14)
+    fin = tpc.run(prog, 2048, 8)["k"]
+    assert np.all(np.abs(fin.mean - out.value) < 5 * fin.stderr + 0.01)
+
+
+def test_transposes_of_input_layers_are_not_yet_supported() -> None:
+    with pytest.raises(tpc.TpcError, match="only n x n"):
+        tpc.loads("width n\nmatrix U : n x 2 ~ N(0, 1)\nvector y ~ N(0, 1)\noutput m = mean(U.T @ y)\n")

@@ -1,0 +1,374 @@
+"""The limit of Netsor-transpose programs (those with `W.T @ x`) by particles.
+
+Every vector's `Z` is an array over the last axis, in one of two spaces with the same
+algebra:
+- `exact`: coefficients over an orthonormal basis of independent standard Gaussians plus a
+  constant; `E[Z Z'] = <Z, Z'>` exactly. Used when every Nonlin is linear.
+- `monte-carlo`: M particles; `E[Z Z'] = mean(Z Z')`.
+
+For each matrix W there are two Gaussian families, W and W.T. Each keeps the vectors it has
+multiplied, the Cholesky factor L of their covariance `s^2 E[x x']`, and its own standard
+normals; a new `Zhat` is the new row of L times those normals (one row per batch element).
+The Master Theorem's correction is computed, never assumed:
+    Zdot^{W x} = s^2 sum_i Z^{y_i} E[dZ^x / dZhat^{W.T y_i}],
+with the expectation by Stein's lemma, `E[grad_G f] = C^+ E[G f]`, for the W.T family's
+Zhats G with covariance C (Yang 2020, Tensor Programs III; DESIGN.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from tpc.backends.limit.evaluate import LimitValue
+from tpc.errors import NumericalError, TpcError
+from tpc.ir import Node, Program
+from tpc.ops import expr as ex
+from tpc.ops.functions import FUNCTIONS
+
+Tensor = torch.Tensor
+LINEAR_FNS = {"add", "sub", "neg", "identity"}
+
+
+def is_linear_program(prog: Program) -> bool:
+    """Every vector Nonlin is linear in its vector inputs (scalars may multiply them)."""
+    for node in prog.needed():
+        if node.op == "nonlin" and node.kind == "vector" and not _linear(node.params["tree"], prog, node):
+            return False
+        if node.op == "moment" and not _degree_ok(node.params["tree"], prog, node):
+            return False
+    return True
+
+
+def _is_vec(tree: ex.Tree, prog: Program, node: Node) -> bool:
+    return bool(ex.args_used(tree) & {i for i, nid in enumerate(node.inputs) if prog.node(nid).kind == "vector"})
+
+
+def _linear(tree: ex.Tree, prog: Program, node: Node) -> bool:
+    if not isinstance(tree, ex.Apply):
+        return True
+    if tree.fn in LINEAR_FNS:
+        return all(_linear(a, prog, node) for a in tree.args)
+    if tree.fn in ("mul", "div"):
+        a, b = tree.args
+        if tree.fn == "div":
+            return _linear(a, prog, node) and not _is_vec(b, prog, node)
+        return (not _is_vec(a, prog, node) and _linear(b, prog, node)) or (
+            not _is_vec(b, prog, node) and _linear(a, prog, node))
+    return not _is_vec(tree, prog, node)
+
+
+def _degree_ok(tree: ex.Tree, prog: Program, node: Node) -> bool:
+    """A moment's psi: linear, or a product of two linear factors (E[ab] = <a, b>)."""
+    if _linear(tree, prog, node):
+        return True
+    if isinstance(tree, ex.Apply) and tree.fn == "mul":
+        return all(_linear(a, prog, node) for a in tree.args)
+    if isinstance(tree, ex.Apply) and tree.fn == "square":
+        return _linear(tree.args[0], prog, node)
+    return False
+
+
+@dataclass
+class Family:
+    """One side (W or W.T) of a matrix: the vectors multiplied so far and their Zhats."""
+
+    inputs: list[Tensor] = field(default_factory=list)  # Z^x, each (space,)
+    zhats: list[Tensor] = field(default_factory=list)  # Zhat^{Wx}, each (space,)
+    generators: list[Tensor] = field(default_factory=list)  # its standard normals, (space,) each
+    chol: Tensor | None = None  # (k, k): Zhat_i = sum_j chol[i, j] generators[j]
+
+
+@dataclass
+class ParticleEvaluator:
+    prog: Program
+    exact: bool
+    dtype: torch.dtype = torch.float64
+    particles: int = 2**16
+    seed: int = 0
+    values: dict[int, Tensor] = field(default_factory=dict)  # vector node -> (*batch, space)
+    scalars: dict[int, LimitValue] = field(default_factory=dict)
+    families: dict[tuple[int, bool], Family] = field(default_factory=dict)
+    next_basis: int = 1  # exact space: index 0 is the constant
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+        self.method = "exact" if self.exact else "monte-carlo"
+        self.mc_used = not self.exact
+        self.size = self.basis_size() if self.exact else self.particles
+
+    # ------------------------------------------------------------------ the space
+    def basis_size(self) -> int:
+        count = 1
+        for node in self.prog.needed():
+            if node.op == "matmul":
+                mat = self.prog.node(node.inputs[0])
+                count += mat.params["cols"] if mat.params["role"] == "input" else int(np.prod(node.shape or (1,)))
+        count += sum(len(g.members) for g in self.prog.groups)
+        return count
+
+    def normals(self, k: int) -> Tensor:
+        """k new independent standard Gaussians, (k, space)."""
+        if self.exact:
+            out = torch.zeros((k, self.size), dtype=self.dtype)
+            out[torch.arange(k), torch.arange(self.next_basis, self.next_basis + k)] = 1.0
+            self.next_basis += k
+            return out
+        return torch.randn((k, self.size), generator=self.generator, dtype=self.dtype)
+
+    def constant(self, value: Tensor) -> Tensor:
+        """A deterministic value as an element of the space, broadcast over its shape."""
+        value = torch.as_tensor(value, dtype=self.dtype)
+        if self.exact:
+            out = torch.zeros((*value.shape, self.size), dtype=self.dtype)
+            out[..., 0] = value
+            return out
+        return value[..., None].expand(*value.shape, self.size)
+
+    def expect(self, z: Tensor) -> Tensor:
+        return z[..., 0] if self.exact else z.mean(-1)
+
+    def inner(self, a: Tensor, b: Tensor) -> Tensor:
+        """E[a b] with broadcasting over leading axes."""
+        return (a * b).sum(-1) if self.exact else (a * b).mean(-1)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict[str, LimitValue]:
+        for node in self.prog.needed():
+            try:
+                getattr(self, f"rule_{node.op}")(node)
+            except NumericalError as err:
+                if err.span is None:
+                    err.span = node.span
+                raise err.locate(self.prog.filename, self.prog.source) from None
+            val = self.scalars.get(node.id)
+            if val is not None and not torch.isfinite(val.value).all():
+                raise NumericalError(f"the limit of '{node.name}' is not finite", node.span).locate(
+                    self.prog.filename, self.prog.source)
+        return {name: self.scalars[nid] for name, nid in self.prog.outputs.items()}
+
+    def where(self, node: Node) -> str:
+        return f"instruction {node.name}" + (f" (line {node.span.line})" if node.span else "")
+
+    # ------------------------------------------------------------------ rules
+    def rule_data(self, node: Node) -> None:
+        value = torch.tensor(np.asarray(node.params["value"], dtype=np.float64), dtype=self.dtype)
+        self.scalars[node.id] = LimitValue(value, {"exact"})
+
+    def rule_matrix(self, node: Node) -> None:
+        pass
+
+    def rule_vector(self, node: Node) -> None:
+        gi, group = self.prog.group_of(node.id)
+        key = ("group", gi)
+        if key not in self.families:  # sample the whole group at once
+            w, v = np.linalg.eigh(group.cov)
+            factor = torch.tensor(v * np.sqrt(np.clip(w, 0, None)), dtype=self.dtype)
+            z = factor @ self.normals(len(group.members)) + self.constant(torch.tensor(group.mean))
+            self.families[key] = Family(inputs=list(z))
+        k = group.members.index(node.id)
+        self.values[node.id] = self.families[key].inputs[k]
+
+    def rule_nonlin(self, node: Node) -> None:
+        if node.kind == "scalar":
+            args = [self.scalars[i].value for i in node.inputs]
+            value = _evaluate(node.params["tree"], args, self.dtype)
+            self.scalars[node.id] = LimitValue(value, {"exact"} | self.methods(node.inputs))
+            return
+        args = [self.lift(i) for i in node.inputs]
+        if self.exact:
+            self.values[node.id] = _evaluate_linear(node.params["tree"], args, self)
+        else:
+            self.values[node.id] = _evaluate(node.params["tree"], args, self.dtype)
+
+    def lift(self, nid: int) -> Tensor:
+        """An input of a coordinatewise expression: vectors as they are, scalars broadcast."""
+        if nid in self.values:
+            return self.values[nid]
+        value = self.scalars[nid].value
+        return value[..., None] if not self.exact else value
+
+    def rule_moment(self, node: Node) -> None:
+        args = [self.lift(i) for i in node.inputs]
+        tree = node.params["tree"]
+        if self.exact:
+            value = _expect_degree2(tree, args, self)
+        else:
+            value = _evaluate(tree, args, self.dtype).mean(-1)
+        self.scalars[node.id] = LimitValue(value, {self.method} | self.methods(node.inputs))
+
+    def rule_gram(self, node: Node) -> None:
+        x, y = (self.values[i] for i in node.inputs)
+        xs = x if x.dim() == 2 else x[None]
+        ys = y if y.dim() == 2 else y[None]
+        value = self.inner(xs[:, None, :], ys[None, :, :]).reshape(node.shape)
+        self.scalars[node.id] = LimitValue(value, {self.method} | self.methods(node.inputs))
+
+    def rule_readout(self, node: Node) -> None:
+        cov = self.readout_cov(node, node, node)
+        self.scalars[node.id] = LimitValue(torch.zeros(node.shape, dtype=self.dtype), cov.methods, None, cov.value)
+
+    def rule_cov(self, node: Node) -> None:
+        f, g = (self.prog.node(i) for i in node.inputs)
+        res = self.readout_cov(f, g, node)
+        self.scalars[node.id] = res
+
+    def readout_cov(self, f: Node, g: Node, node: Node) -> LimitValue:
+        v, w = self.prog.node(f.inputs[0]), self.prog.node(g.inputs[0])
+        shape = f.shape + g.shape
+        coef = f.params["coef"] * g.params["coef"]
+        if v.op == "matrix" or w.op == "matrix":
+            if v.id != w.id:
+                return LimitValue(torch.zeros(shape, dtype=self.dtype), {"exact"})
+            scale, rows = coef * v.params["var"], v.params["rows"]
+        else:
+            gi, group = self.prog.group_of(v.id)
+            gj, _ = self.prog.group_of(w.id)
+            if gi != gj:
+                return LimitValue(torch.zeros(shape, dtype=self.dtype), {"exact"})
+            scale, rows = coef * group.cov[group.members.index(v.id), group.members.index(w.id)], None
+        x, y = self.values[f.inputs[1]], self.values[g.inputs[1]]
+        xs = x if x.dim() == 2 else x[None]
+        ys = y if y.dim() == 2 else y[None]
+        sx, sy = self.prog.node(f.inputs[1]).shape, self.prog.node(g.inputs[1]).shape
+        value = scale * self.inner(xs[:, None, :], ys[None, :, :]).reshape(sx + sy)
+        if rows is not None:
+            eye = torch.eye(rows, dtype=self.dtype)
+            value = value.reshape(*sx, 1, *sy, 1) * eye.reshape([1] * len(sx) + [rows] + [1] * len(sy) + [rows])
+        return LimitValue(value, {self.method} | self.methods((f.inputs[1], g.inputs[1])))
+
+    def methods(self, nids: tuple[int, ...]) -> set[str]:
+        out: set[str] = set()
+        for i in nids:
+            if i in self.scalars:
+                out |= self.scalars[i].methods
+            elif i in self.values:
+                out.add(self.method)
+        return out
+
+    def rule_matmul(self, node: Node) -> None:
+        mat = self.prog.node(node.inputs[0])
+        s2 = mat.params["var"]
+        if mat.params["role"] == "input":
+            data = self.scalars[node.inputs[1]].value  # (..., d)
+            key = (mat.id, False)
+            if key not in self.families:
+                self.families[key] = Family(generators=list(self.normals(mat.params["cols"])))
+            cols = torch.stack(self.families[key].generators)  # (d, space): the columns of U
+            self.values[node.id] = (data @ cols) * np.sqrt(s2)
+            return
+        transposed = bool(node.params.get("transposed"))
+        x = self.values[node.inputs[1]]
+        rows = x.reshape(-1, x.shape[-1])  # one row per batch element
+        fam = self.families.setdefault((mat.id, transposed), Family())
+        other = self.families.get((mat.id, not transposed))
+        zhat = self.new_zhat(fam, rows, s2, node)
+        zdot = self.zdot(other, rows, s2, node) if other and other.zhats else torch.zeros_like(zhat)
+        self.values[node.id] = (zhat + zdot).reshape(x.shape)
+
+    def new_zhat(self, fam: Family, rows: Tensor, s2: float, node: Node) -> Tensor:
+        """Zhat for new inputs `rows` (b, space): extends the family's Cholesky factor."""
+        b = rows.shape[0]
+        c_new = s2 * self.inner(rows[:, None, :], rows[None, :, :])  # (b, b)
+        if fam.inputs:
+            prev = torch.stack(fam.inputs)
+            c_cross = s2 * self.inner(rows[:, None, :], prev[None, :, :])  # (b, k)
+            # l21 L11^T = C_cross; L11 may be singular when a vector repeats, hence pinv
+            l21 = c_cross @ torch.linalg.pinv(fam.chol.T, rtol=1e-12)
+            schur = c_new - l21 @ l21.T
+        else:
+            l21 = torch.zeros((b, 0), dtype=self.dtype)
+            schur = c_new
+        schur = (schur + schur.T) / 2
+        evals, evecs = torch.linalg.eigh(schur)
+        scale = max(1.0, float(evals.abs().max())) if evals.numel() else 1.0
+        if evals.numel() and float(evals.min()) < -1e-7 * scale:
+            raise NumericalError(
+                f"{self.where(node)}: the covariance of this MatMul's Gaussians is not positive "
+                f"semidefinite (smallest eigenvalue {float(evals.min()):.3g})"
+            )
+        l22 = evecs * torch.sqrt(torch.clamp(evals, min=0.0))  # zero columns where a vector repeats
+        new = self.normals(b)
+        zhat = l22 @ new
+        if fam.inputs:
+            zhat = zhat + l21 @ torch.stack(fam.generators)
+        k = len(fam.inputs)
+        chol = torch.zeros((k + b, k + b), dtype=self.dtype)
+        if k:
+            chol[:k, :k] = fam.chol
+        chol[k:, :k] = l21
+        chol[k:, k:] = l22
+        fam.chol = chol
+        fam.generators += list(new)
+        fam.inputs += list(rows)
+        fam.zhats += list(zhat)
+        return zhat
+
+    def zdot(self, other: Family, rows: Tensor, s2: float, node: Node) -> Tensor:
+        """s^2 sum_i Z^{y_i} E[dZ^x/dG_i] with E[grad_G Z^x] = C^+ E[G Z^x] (Stein)."""
+        g = torch.stack(other.zhats)  # (k, space): the other family's Zhats
+        y = torch.stack(other.inputs)  # (k, space): the vectors they multiplied
+        cov = s2 * self.inner(y[:, None, :], y[None, :, :])  # C = s^2 E[y y']
+        eg = self.inner(g[:, None, :], rows[None, :, :])  # (k, b): E[G Z^x]
+        grad = torch.linalg.pinv(cov, hermitian=True, rtol=1e-10) @ eg  # (k, b)
+        return s2 * grad.T @ y
+
+
+def _evaluate(tree: ex.Tree, args: list[Tensor], dtype: torch.dtype) -> Tensor:
+    if isinstance(tree, ex.Arg):
+        return args[tree.index]
+    if isinstance(tree, ex.Const):
+        return torch.tensor(tree.value, dtype=dtype)
+    return FUNCTIONS[tree.fn].torch(*[_evaluate(a, args, dtype) for a in tree.args])
+
+
+def _evaluate_linear(tree: ex.Tree, args: list[Tensor], ev: ParticleEvaluator) -> Tensor:
+    """A linear expression on coefficient vectors: scalars multiply, constants go to index 0."""
+    kind, val = _lin(tree, args, ev)
+    return val if kind == "vec" else ev.constant(val)
+
+
+def _lin(tree: ex.Tree, args: list[Tensor], ev: ParticleEvaluator) -> tuple[str, Tensor]:
+    if isinstance(tree, ex.Arg):
+        a = args[tree.index]
+        return ("vec", a) if a.dim() and a.shape[-1] == ev.size and _is_space(a, tree, ev) else ("sc", a)
+    if isinstance(tree, ex.Const):
+        return "sc", torch.tensor(tree.value, dtype=ev.dtype)
+    parts = [_lin(a, args, ev) for a in tree.args]
+    fn = tree.fn
+    if all(k == "sc" for k, _ in parts):
+        return "sc", FUNCTIONS[fn].torch(*[v for _, v in parts])
+    if fn == "identity":
+        return parts[0]
+    if fn == "neg":
+        return "vec", -parts[0][1]
+    if fn in ("add", "sub"):
+        (ka, a), (kb, b) = parts
+        a = a if ka == "vec" else ev.constant(a)
+        b = b if kb == "vec" else ev.constant(b)
+        return "vec", a + b if fn == "add" else a - b
+    if fn == "mul":
+        (ka, a), (kb, b) = parts
+        vec, sc = (a, b) if ka == "vec" else (b, a)
+        return "vec", vec * sc[..., None]
+    if fn == "div":
+        (ka, a), (kb, b) = parts
+        return "vec", a / b[..., None]
+    raise TpcError(f"'{fn}' is not linear")  # pragma: no cover - guarded by is_linear_program
+
+
+def _is_space(a: Tensor, tree: ex.Arg, ev: ParticleEvaluator) -> bool:
+    return any(a is v for v in ev.values.values())
+
+
+def _expect_degree2(tree: ex.Tree, args: list[Tensor], ev: ParticleEvaluator) -> Tensor:
+    if isinstance(tree, ex.Apply) and tree.fn == "mul":
+        a = _evaluate_linear(tree.args[0], args, ev)
+        b = _evaluate_linear(tree.args[1], args, ev)
+        return ev.inner(a, b)
+    if isinstance(tree, ex.Apply) and tree.fn == "square":
+        a = _evaluate_linear(tree.args[0], args, ev)
+        return ev.inner(a, a)
+    return ev.expect(_evaluate_linear(tree, args, ev))
