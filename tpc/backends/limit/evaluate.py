@@ -38,6 +38,17 @@ class ScalarRef:
     nid: int
 
 
+@dataclass(eq=False)
+class Coef:
+    """A leaf of a vector's expression: a deterministic coefficient over its batch (Zdot)."""
+
+    value: Tensor
+
+
+class NeedsParticles(Exception):  # noqa: N818 - a signal, not an error
+    """A Zdot that mixes batch elements: the particle evaluator handles it."""
+
+
 @dataclass
 class BlockInfo:
     family: object
@@ -138,6 +149,8 @@ class LimitEvaluator:
             if isinstance(tree, ScalarRef):
                 val = self.scalars[tree.nid].value
                 return TensorLeaf(place_tensor(val, axis if val.dim() else None))
+            if isinstance(tree, Coef):
+                return TensorLeaf(place_tensor(tree.value, axis if tree.value.dim() else None))
             if isinstance(tree, ex.Apply):
                 return ex.Apply(tree.fn, tuple(place(a, axis) for a in tree.args))
             return tree
@@ -211,7 +224,8 @@ class LimitEvaluator:
         mat = self.prog.node(node.inputs[0])
         x = node.inputs[1]
         s2 = mat.params["var"]
-        family = ("matrix", mat.id)
+        transposed = bool(node.params.get("transposed"))
+        family = ("matrix", mat.id, transposed)
         zero = torch.zeros((), dtype=self.dtype)
         methods = self.methods_of((x,))
         if mat.params["role"] == "input":
@@ -236,8 +250,42 @@ class LimitEvaluator:
                 )
                 self.cov[other, bid] = res.value.mul_(s2) if res.value.is_contiguous() else s2 * res.value
                 methods |= res.methods | self.methods_of((ox,))
+            zdot, zdot_methods = self.zdot(("matrix", mat.id, not transposed), tree, x, s2, node)
+            if zdot is not None:
+                self.trees[node.id] = ex.Apply("add", (Block(bid), zdot))
+                self.vec_methods[node.id] = methods | zdot_methods
+                return
         self.trees[node.id] = Block(bid)
         self.vec_methods[node.id] = methods
+
+    def zdot(self, other: tuple, tree: object, x: int, s2: float, node: Node) -> tuple[object | None, set[str]]:
+        """The Master Theorem's correction for W x when W.T has been used (or W for W.T x):
+        Zdot = s^2 sum_i Z^{y_i} E[dZ^x / dG_i] over the other family's Zhats G_i, with the
+        expectation by Stein's lemma, E[grad_G Z^x] = C^+ E[G Z^x]: no derivative is taken,
+        so functions with jumps are handled, and a Zdot that vanishes is computed as zero."""
+        blocks = self.family_blocks.get(other, [])
+        if not blocks:
+            return None, set()
+        if any(self.blocks[b].shape for b in blocks):
+            raise NeedsParticles()  # Zhat^{W.T y_b} over a batch would mix batch elements
+        cov = torch.stack([torch.stack([self.block_cov(i, j) for j in blocks]) for i in blocks])
+        methods: set[str] = set()
+        stein = []
+        for b in blocks:
+            res = self.expect([(Block(b), None), (tree, self.axis_for(x))], "mul", self.prog.node(x).shape, node)
+            stein.append(res.value)
+            methods |= res.methods
+        eg = torch.stack(stein)  # (k, *batch)
+        grad = torch.tensordot(torch.linalg.pinv(cov, hermitian=True, rtol=1e-10), eg, dims=1)
+        terms = []
+        for i, b in enumerate(blocks):
+            ytree, y = self.block_tree[b]
+            methods |= self.methods_of((y,))
+            terms.append(ex.Apply("mul", (Coef(s2 * grad[i]), ytree)))
+        total = terms[0]
+        for t in terms[1:]:
+            total = ex.Apply("add", (total, t))
+        return total, methods
 
     def rule_nonlin(self, node: Node) -> None:
         if node.kind == "scalar":
@@ -349,25 +397,28 @@ def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
     """The limit of every output. Where Monte Carlo served any expectation, the whole evaluation
     is repeated with independent particles and the standard error is taken across replicates."""
     tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
-    def make(s: int):  # noqa: ANN202
-        if any(n.op == "matmul" and n.params.get("transposed") for n in prog.needed()):
+    def run_once(s: int) -> tuple[dict[str, LimitValue], bool]:
+        ev = LimitEvaluator(prog, method, tdtype, particles, s)
+        try:
+            return ev.run(), ev.mc_used
+        except NeedsParticles:
             from tpc.backends.limit.particles import ParticleEvaluator, is_linear_program
 
             exact = is_linear_program(prog) and method in ("auto", "exact")
             if method in ("closed-form", "quadrature") or (method == "exact" and not exact):
                 raise TpcError(
-                    f"--method {method}: programs with transposes are evaluated exactly (when linear) "
-                    "or by Monte Carlo particles; use --method auto or monte-carlo"
-                ).locate(prog.filename, prog.source)
-            return ParticleEvaluator(prog, exact, tdtype, particles, s)
-        return LimitEvaluator(prog, method, tdtype, particles, s)
+                    f"--method {method}: this program applies W.T to a batch, which tpc evaluates by "
+                    "particles: exactly when linear, else by Monte Carlo; use --method auto or monte-carlo"
+                ).locate(prog.filename, prog.source) from None
+            pev = ParticleEvaluator(prog, exact, tdtype, particles, s)
+            return pev.run(), pev.mc_used
 
     with torch.no_grad():
-        first = make(seed)
-        runs = [first.run()]
-        if first.mc_used:
+        result, mc_used = run_once(seed)
+        runs = [result]
+        if mc_used:
             for r in range(1, max(2, replicates)):
-                runs.append(make(seed + r).run())
+                runs.append(run_once(seed + r)[0])
     out = {}
     for name in prog.outputs:
         vals = [r[name] for r in runs]
