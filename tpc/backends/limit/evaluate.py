@@ -251,9 +251,10 @@ class LimitEvaluator:
                 self.cov[other, bid] = res.value.mul_(s2) if res.value.is_contiguous() else s2 * res.value
                 methods |= res.methods | self.methods_of((ox,))
             zdot, zdot_methods = self.zdot(("matrix", mat.id, not transposed), tree, x, s2, node)
+            methods |= zdot_methods
             if zdot is not None:
                 self.trees[node.id] = ex.Apply("add", (Block(bid), zdot))
-                self.vec_methods[node.id] = methods | zdot_methods
+                self.vec_methods[node.id] = methods
                 return
         self.trees[node.id] = Block(bid)
         self.vec_methods[node.id] = methods
@@ -266,8 +267,19 @@ class LimitEvaluator:
         blocks = self.family_blocks.get(other, [])
         if not blocks:
             return None, set()
+        xshape = self.prog.node(x).shape
         if any(self.blocks[b].shape for b in blocks):
-            raise NeedsParticles()  # Zhat^{W.T y_b} over a batch would mix batch elements
+            # Over a batch, Zdot mixes batch elements. It is often zero by structure (backprop
+            # from an independent centred readout): check with Stein, else use particles.
+            methods = set()
+            for b in blocks:
+                rb = len(self.blocks[b].shape)
+                res = self.expect([(Block(b), 0 if rb else None), (tree, self.axis_for(x, rb))], "mul",
+                                  self.blocks[b].shape + xshape, node)
+                if not bool((res.value == 0).all()):
+                    raise NeedsParticles()
+                methods |= res.methods
+            return None, methods
         cov = torch.stack([torch.stack([self.block_cov(i, j) for j in blocks]) for i in blocks])
         methods: set[str] = set()
         stein = []

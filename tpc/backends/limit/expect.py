@@ -205,48 +205,75 @@ class Expectation:
                 parts.append(torch.as_tensor(coef, dtype=self.dtype).clone())  # never alias an input
                 methods.add("exact")
                 continue
-            if len(factors) == 1:
-                f, lin = factors[0]
-                mean_rule = FUNCTIONS[f].mean
-                if mean_rule is None:
+            # factors over independent Gaussians factorise: E[prod] = prod of group expectations
+            value: Tensor | None = None
+            for group in self.independent_groups(factors):
+                got = self.group_expectation(group)
+                if got is None:
                     return None
-                mu, var = self.moments(lin)
-                self.check_var(var)
-                parts.append(_scaled(coef, mean_rule(mu, torch.clamp(var, min=0.0))).clone())
-                methods.add("exact" if f == "identity" else "closed-form")
-                continue
-            if len(factors) != 2:
-                return None
-            (f, la), (g, lb) = factors
-            ma, va = self.moments(la)
-            mb, vb = self.moments(lb)
-            _, c = self.moments(la, lb)
-            self.check_var(va)
-            self.check_var(vb)
-            if f == "identity" and g == "identity":
-                self.check_corr(va, vb, c)
-                parts.append(_scaled(coef, c + ma * mb))
-                methods.add("exact")
-                continue
-            if not (_is_zero(ma) and _is_zero(mb)):
-                return None
-            rule = pair_rule(f, g)
-            if rule is None:
-                return None
-            try:
-                value = rule(torch.clamp(va, min=0.0), torch.clamp(vb, min=0.0), c)
-            except CorrelationError as err:
-                raise NumericalError(
-                    f"{self.where}: the covariance of the Gaussians is not positive semidefinite ({err})"
-                ) from None
-            parts.append(_scaled(coef, value))
-            methods.add("closed-form")
+                g_value, method = got
+                methods.add(method)
+                value = g_value if value is None else value * g_value
+            assert value is not None
+            parts.append(_scaled(coef, value).clone() if len(factors) == 1 else _scaled(coef, value))
         total = parts[0]
         for p in parts[1:]:
             total = total + p
         if tuple(total.shape) != self.shape:
             total = total.expand(self.shape).clone()
         return Result(total, methods)
+
+    def independent_groups(self, factors: list[tuple[str, Linear]]) -> list[list[tuple[str, Linear]]]:
+        """Split factors into groups whose Gaussians are independent of the other groups'."""
+        parent = list(range(len(factors)))
+
+        def find(i: int) -> int:
+            while parent[i] != i:
+                i = parent[i]
+            return i
+
+        for i, (_, li) in enumerate(factors):
+            for j in range(i):
+                lj = factors[j][1]
+                if any(not _is_zero(self.cov[a][b]) for a in li.coef for b in lj.coef):
+                    parent[find(i)] = find(j)
+        groups: dict[int, list[tuple[str, Linear]]] = {}
+        for i, f in enumerate(factors):
+            groups.setdefault(find(i), []).append(f)
+        return list(groups.values())
+
+    def group_expectation(self, factors: list[tuple[str, Linear]]) -> tuple[Tensor, str] | None:
+        """E of a product of one or two functions of linear forms, or None."""
+        if len(factors) == 1:
+            f, lin = factors[0]
+            mean_rule = FUNCTIONS[f].mean
+            if mean_rule is None:
+                return None
+            mu, var = self.moments(lin)
+            self.check_var(var)
+            return mean_rule(mu, torch.clamp(var, min=0.0)), "exact" if f == "identity" else "closed-form"
+        if len(factors) != 2:
+            return None
+        (f, la), (g, lb) = factors
+        ma, va = self.moments(la)
+        mb, vb = self.moments(lb)
+        _, c = self.moments(la, lb)
+        self.check_var(va)
+        self.check_var(vb)
+        if f == "identity" and g == "identity":
+            self.check_corr(va, vb, c)
+            return c + ma * mb, "exact"
+        if not (_is_zero(ma) and _is_zero(mb)):
+            return None
+        rule = pair_rule(f, g)
+        if rule is None:
+            return None
+        try:
+            return rule(torch.clamp(va, min=0.0), torch.clamp(vb, min=0.0), c), "closed-form"
+        except CorrelationError as err:
+            raise NumericalError(
+                f"{self.where}: the covariance of the Gaussians is not positive semidefinite ({err})"
+            ) from None
 
     def check_var(self, var: Tensor) -> None:
         if torch.as_tensor(var).min() < -1e-9 * max(1.0, float(torch.as_tensor(var).abs().max())):
