@@ -123,3 +123,27 @@ def _eval(tree, x):  # noqa: ANN001, ANN202
     if isinstance(tree, ex.Const):
         return torch.tensor(tree.value, dtype=torch.float64)
     return FUNCTIONS[tree.fn].torch(*[_eval(a, x) for a in tree.args])
+
+
+@pytest.mark.parametrize("name", [n for n, f in FUNCTIONS.items() if f.arity == 1])
+def test_emitted_source_of_each_function(name: str) -> None:
+    """The torch source template of each function, inside larger expressions, computes the
+    same numbers as its torch rule (operator precedence included)."""
+    import math as m
+
+    from tpc.backends.torch.codegen import _tree_code
+    from tpc.ops import expr as ex
+
+    x = torch.linspace(0.1, 2.0, 7, dtype=torch.float64)
+    f = FUNCTIONS[name].torch
+    a = ex.Apply(name, (ex.Arg(0),))
+    cases = [
+        (ex.Apply("mul", (ex.Arg(1), ex.Apply("mul", (a, ex.Const(3.0))))), lambda: -x * (f(x) * 3)),
+        (ex.Apply("neg", (a,)), lambda: -f(x)),
+        (ex.Apply("pow", (a, ex.Const(3.0))), lambda: f(x) ** 3),
+        (ex.Apply(name, (ex.Apply("sub", (ex.Arg(0), ex.Const(0.05))),)), lambda: f(x - 0.05)),
+    ]
+    for tree, want in cases:
+        code = _tree_code(tree, ["x", "(-x)"])
+        got = eval(code, {"torch": torch, "math": m, "x": x})  # noqa: S307 - our own generated code
+        assert torch.allclose(got, want(), rtol=1e-12, atol=1e-14), code

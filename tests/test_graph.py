@@ -49,8 +49,12 @@ def test_graph_structure_of_relu_mlp() -> None:
     g = prog.graph
     assert isinstance(g, nx.DiGraph) and nx.is_directed_acyclic_graph(g)
     assert list(g.nodes) == list(range(g.number_of_nodes()))
-    ops = [prog.node(i).op for i in g.nodes]
-    assert ops.count("matmul") == 3 and ops.count("nonlin") == 3 and ops.count("readout") == 1
+    forward = [prog.node(i) for i in g.nodes if not prog.node(i).params.get("derived")]
+    ops = [n.op for n in forward]
+    # 3 MatMul, 3 Nonlin, the readout; the ntk output is a Nonlin of the backward program's kernels
+    assert ops.count("matmul") == 3 and ops.count("nonlin") == 4 and ops.count("readout") == 1
+    backward = [prog.node(i) for i in g.nodes if prog.node(i).params.get("derived")]
+    assert sum(n.op == "matmul" and n.params["transposed"] for n in backward) == 2  # W3.T, W2.T
     for node in prog.nodes():
         # inputs in order, mirrored by edges with their position
         for pos, src in enumerate(node.inputs):
@@ -71,7 +75,7 @@ def test_printers_are_deterministic() -> None:
     assert "MatMul" in text and "Nonlin" in text and "x2   = relu(" in text
     js = to_json(a)
     assert [n["id"] for n in js["nodes"]] == list(range(len(js["nodes"])))
-    assert js["outputs"] == {"nngp": a.outputs["nngp"]}
+    assert js["outputs"] == {"nngp": a.outputs["nngp"], "ntk": a.outputs["ntk"]}
 
 
 def test_torch_module_is_an_nn_module_and_matches_run() -> None:

@@ -19,7 +19,7 @@ from tpc.ir import Program, VectorGroup
 from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS
 
-BUILTINS = ("mean", "gram", "cov", "sqrt")
+BUILTINS = ("mean", "gram", "cov", "sqrt", "grad", "tangent_kernel")
 RESERVED = {"load", "N", *BUILTINS}
 
 
@@ -81,6 +81,7 @@ class Builder:
     nonlins: dict[str, UserNonlin] = field(default_factory=dict)
     width: str | None = None
     scope: list[dict[str, Pending]] = field(default_factory=list)
+    backward_of: dict[int, dict[int, int]] = field(default_factory=dict)  # readout -> gradients
 
     # ------------------------------------------------------------------ helpers
     def node(self, nid: int):  # noqa: ANN201
@@ -457,6 +458,8 @@ class Builder:
             shape = self.node(fs[0]).shape + self.node(fs[1]).shape
             c = self.prog.add("cov", tuple(fs), "scalar", shape, None, e.span)
             return Pending(ex.Arg(0), [c.id], "scalar", shape, e.span)
+        if fn in ("grad", "tangent_kernel"):
+            return self.autodiff(e, fn)
         if fn == "sqrt" and len(e.args) == 1:
             v = self.expr(e.args[0])
             if isinstance(v, Mono):
@@ -473,6 +476,40 @@ class Builder:
         sugg = nearest(e.fn, self.known_names())
         raise TpcError(f"unknown function '{e.fn}'", e.fn_span,
                        f"did you mean '{sugg}'?" if sugg else None)
+
+    def autodiff(self, e: ast.Call, fn: str) -> Value:
+        from tpc.passes.autodiff import backward, tangent_kernel
+
+        self.arity(e, 1, 2) if fn == "tangent_kernel" else self.arity(e, 2)
+        v = self.expr(e.args[0])
+        if isinstance(v, RawReadout):
+            v = self.finish_readout(v, None)
+        if not (isinstance(v, Ref) and self.node(v.nid).op == "readout"
+                and self.node(self.node(v.nid).inputs[0]).op == "vector"):
+            raise TpcError(f"{fn}(f, ...) differentiates a readout f = v @ x / sqrt(n) with an initial "
+                           "vector v", e.args[0].span)
+        f = v.nid
+        if f not in self.backward_of:
+            self.backward_of[f] = backward(self.prog, f, e.span)
+        grads = self.backward_of[f]
+        if fn == "tangent_kernel":
+            if len(e.args) == 2:
+                x = self.expr(e.args[1])
+                ok = isinstance(x, Pending) and isinstance(x.tree, ex.Arg) and self.node(x.args[0]).op == "data"
+                if not ok or x.args[0] not in nx_ancestors(self.prog, f):
+                    raise TpcError("the second argument of tangent_kernel is the data that f is computed on",
+                                   e.args[1].span)
+            nid = tangent_kernel(self.prog, f, grads, e.span)
+            node = self.node(nid)
+            return Pending(ex.Arg(0), [nid], "scalar", node.shape, e.span)
+        target = self.expr(e.args[1])
+        if not (isinstance(target, Pending) and isinstance(target.tree, ex.Arg) and target.kind == "vector"):
+            raise TpcError("grad(f, x) differentiates with respect to a named vector x", e.args[1].span)
+        x = target.args[0]
+        if x not in grads:
+            raise TpcError(f"f does not depend on '{self.node(x).name}'", e.args[1].span)
+        g = self.node(grads[x])
+        return Pending(ex.Arg(0), [g.id], "vector", g.shape, e.span)
 
     def call_user(self, e: ast.Call, f: UserNonlin) -> Value:
         want = len(f.args) + len(f.params)
@@ -689,6 +726,12 @@ class Builder:
         return arr
 
 
+def nx_ancestors(prog: Program, nid: int) -> set[int]:
+    import networkx as nx
+
+    return set(nx.ancestors(prog.graph, nid))
+
+
 def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape) if shape else "a single value"
 
@@ -729,7 +772,8 @@ def _check_readouts(prog: Program) -> None:
         left = prog.node(node.inputs[0])
         for user in prog.graph.successors(left.id):
             u = prog.node(user)
-            if u.op != "readout" and u.id in {n.id for n in prog.needed()}:
+            # the backward program of f uses v by construction (d_x = c v): that is fine
+            if u.op != "readout" and not u.params.get("derived") and u.id in {n.id for n in prog.needed()}:
                 raise TpcError(
                     f"'{left.name}' is used in a readout / sqrt(n) and also at line "
                     f"{u.span.line if u.span else '?'}; a Gaussian readout needs a vector that the "

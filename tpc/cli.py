@@ -58,14 +58,15 @@ def _progress(total: int, desc: str, enabled: bool) -> tuple[Callable[[int], Non
 def cmd_check(args: argparse.Namespace) -> int:
     prog = _load(args.file)
     counts: dict[str, int] = {}
+    derived: dict[str, int] = {}
     for node in prog.nodes():
-        counts[node.op] = counts.get(node.op, 0) + 1
+        into = derived if node.params.get("derived") else counts
+        into[node.op] = into.get(node.op, 0) + 1
     print(f"{args.file}: ok")
     print(f"  width      {prog.width_name}")
     mats = [n for n in prog.nodes() if n.op == "matrix"]
     vecs = [n for n in prog.nodes() if n.op == "vector"]
-    data = [n for n in prog.nodes() if n.op == "data" and n.params.get("source") is not None or
-            (n.op == "data" and n.shape)]
+    data = [n for n in prog.nodes() if n.op == "data" and n.shape and not n.params.get("derived")]
     if mats:
         print("  matrices   " + ", ".join(
             f"{m.name} ({m.params['role']}, {_dim(m.params['rows'], prog)} x {_dim(m.params['cols'], prog)})"
@@ -77,6 +78,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     inst = [("MatMul", "matmul"), ("Nonlin", "nonlin"), ("Moment", "moment"), ("Gram", "gram"),
             ("Readout", "readout"), ("Kernel", "cov")]
     print("  instructions " + ", ".join(f"{label} {counts[op]}" for label, op in inst if op in counts))
+    if derived:
+        print("  backward   " + ", ".join(f"{label} {derived[op]}" for label, op in inst if op in derived)
+              + " (derived by autodiff; tpc graph --backward)")
     print("  outputs    " + ", ".join(
         f"{k} [{'x'.join(map(str, prog.node(v).shape)) or 'scalar'}]" for k, v in prog.outputs.items()))
     return 0
@@ -91,7 +95,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
 
     prog = _load(args.file)
     if args.format == "text":
-        print(print_program(prog))
+        print(print_program(prog, backward=args.backward))
     elif args.format == "dot":
         print(to_dot(prog))
     else:
@@ -225,6 +229,8 @@ def parser() -> argparse.ArgumentParser:
     g = add("graph", "Print the program as numbered Netsor instructions (MatMul / Nonlin / Moment / "
             "initial), or export it as Graphviz DOT or JSON.", cmd_graph)
     g.add_argument("--format", choices=["text", "dot", "json"], default="text")
+    g.add_argument("--backward", action="store_true",
+                   help="also show the backward instructions that autodiff derived (grad, tangent_kernel)")
     add("emit-torch", "Print the generated PyTorch module (Python source).", cmd_emit)
 
     def finite_opts(sp: argparse.ArgumentParser) -> None:

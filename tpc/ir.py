@@ -134,6 +134,8 @@ def describe(prog: Program, node: Node) -> str:
     names = [prog.node(i).name for i in node.inputs]
     n = prog.width_name
     p = node.params
+    if p.get("text"):
+        return p["text"]
     if node.op == "data":
         return f"data {_shape_text(node.shape)}" + (f" from {p['source']}" if p.get("source") else "")
     if node.op == "matrix":
@@ -163,9 +165,14 @@ def describe(prog: Program, node: Node) -> str:
     return f"{node.op}({', '.join(names)})"
 
 
-def print_program(prog: Program) -> str:
+def print_program(prog: Program, backward: bool = False) -> str:
+    """Numbered instructions; those derived by autodiff only with `backward`."""
     rows = []
+    hidden = 0
     for node in prog.nodes():
+        if node.params.get("derived") and not backward:
+            hidden += 1
+            continue
         tag = INSTRUCTION.get(node.op, node.op)
         kind = {"scalar": "scalar", "vector": "vector", "matrix": "", "gaussian": "Gaussian scalar"}[
             node.kind
@@ -174,11 +181,15 @@ def print_program(prog: Program) -> str:
         sep = ":" if node.op in ("matrix", "vector", "data") else "="
         rows.append((str(node.id), node.name, sep, describe(prog, node), tag, f"{kind} {shape}".strip()))
     widths = [max(len(r[i]) for r in rows) for i in range(6)] if rows else [0] * 6
-    lines = [f"# {prog.filename}: width {prog.width_name}, {len(rows)} instructions"]
+    lines = [f"# {prog.filename}: width {prog.width_name}, {len(rows)} instructions"
+             + (" (forward and backward)" if backward and hidden == 0 and any(
+                 n.params.get("derived") for n in prog.nodes()) else "")]
     for r in rows:
         lines.append(
             f"{r[0]:>{widths[0]}}  {r[1]:<{widths[1]}} {r[2]} {r[3]:<{widths[3]}}  {r[4]:<{widths[4]}}  {r[5]}".rstrip()
         )
+    if hidden:
+        lines.append(f"   ({hidden} backward instructions derived by autodiff: tpc graph --backward)")
     lines.append("outputs: " + ", ".join(f"{k} (= {prog.node(v).name}, #{v})" for k, v in prog.outputs.items()))
     return "\n".join(lines)
 
@@ -195,6 +206,7 @@ def to_json(prog: Program) -> dict[str, Any]:
             "kind": node.kind,
             "shape": list(node.shape),
             "text": describe(prog, node),
+            "derived": bool(node.params.get("derived")),
         }
         if node.span is not None:
             item["span"] = {"line": node.span.line, "column": node.span.column,

@@ -73,11 +73,17 @@ def _cos_angle(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     if cos.shape != torch.broadcast_shapes(cos.shape, b.shape):
         cos = cos.expand(torch.broadcast_shapes(cos.shape, b.shape)).clone()
     cos.div_(_sd(b))
+    worst = 0.0
     if cos.numel():
         lo, hi = torch.aminmax(cos)
         worst = max(-float(lo), float(hi))
         if worst > 1 + 1e-6:
             raise CorrelationError(f"a correlation of {worst:.6g} (beyond 1)")
+    # a correlation within rounding of +-1 is +-1: the same Gaussian on both sides (a kernel's
+    # diagonal) must give arccos = 0 exactly, not sqrt(rounding) ~ 1e-8
+    if worst > 1 - 4e-15:
+        cos.masked_fill_(cos > 1 - 4e-15, 1.0)
+        cos.masked_fill_(cos < -1 + 4e-15, -1.0)
     return cos.clamp_(-1.0, 1.0)
 
 
@@ -227,7 +233,7 @@ register(
 )
 register(
     Function(
-        "derf", 1, _derf, "2 / math.sqrt(math.pi) * torch.exp(-{0} ** 2)",
+        "derf", 1, _derf, "(2 / math.sqrt(math.pi) * torch.exp(-{0} ** 2))",
         mean=lambda m, v: (2 / math.sqrt(math.pi)) * torch.exp(-m * m / (1 + 2 * v))
         / torch.sqrt(1 + 2 * v),
         pairs={"derf": _derf_derf},
@@ -249,7 +255,7 @@ register(
 register(
     Function(
         "dgelu", 1, _dgelu,
-        "0.5 * (1 + torch.erf({0} / math.sqrt(2))) + {0} * torch.exp(-{0} ** 2 / 2) / math.sqrt(2 * math.pi)",
+        "(0.5 * (1 + torch.erf({0} / math.sqrt(2))) + {0} * torch.exp(-{0} ** 2 / 2) / math.sqrt(2 * math.pi))",
         deriv=lambda x: A("mul", A("sub", Const(2.0), A("square", x)),
                           A("div", A("exp", A("mul", Const(-0.5), A("square", x))), Const(_SQRT2PI))),
     )

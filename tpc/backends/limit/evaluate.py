@@ -124,7 +124,7 @@ class LimitEvaluator:
 
     # ------------------------------------------------------------------ expectations
     def expect(self, parts: list[tuple[object, int | None]], combine: str | None,
-               shape: tuple[int, ...], node: Node) -> Result:
+               shape: tuple[int, ...], node: Node, method: str | None = None) -> Result:
         """E of the product (combine='mul') of vector expressions, each placed with its batch
         axis on the given output axis, or of a single expression (combine=None)."""
         rank = len(shape)
@@ -163,7 +163,7 @@ class LimitEvaluator:
             means.append(place_tensor(m, axis) if m.dim() else m)
         covs = [[self.placed_cov(vi, vj, rank) for vj in variables] for vi in variables]
         where = f"instruction {node.name}" + (f" (line {node.span.line})" if node.span else "")
-        result = Expectation(shape, means, covs, self.dtype, where, self.method, self.particles,
+        result = Expectation(shape, means, covs, self.dtype, where, method or self.method, self.particles,
                              self.generator)(tree)
         if "monte-carlo" in result.methods:
             self.mc_used = True
@@ -274,8 +274,9 @@ class LimitEvaluator:
             methods = set()
             for b in blocks:
                 rb = len(self.blocks[b].shape)
+                # "auto" whatever the user's method: this decides structure (is it exactly zero?)
                 res = self.expect([(Block(b), 0 if rb else None), (tree, self.axis_for(x, rb))], "mul",
-                                  self.blocks[b].shape + xshape, node)
+                                  self.blocks[b].shape + xshape, node, method="auto")
                 if not bool((res.value == 0).all()):
                     raise NeedsParticles()
                 methods |= res.methods

@@ -97,6 +97,10 @@ class Expectation:
                 raise NumericalError(
                     f"{self.where}: no {self.method} rule for this expectation (use --method auto)"
                 )
+        return self.numeric(tree)
+
+    def numeric(self, tree: ex.Tree) -> Result:
+        """Quadrature where the number of Gaussians and the output size allow, else Monte Carlo."""
         entries = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
         too_big = self.k > max(QUADRATURE_NODES) or entries * QUADRATURE_NODES[self.k] ** self.k > QUADRATURE_BUDGET
         if self.method == "monte-carlo" or (self.method == "auto" and too_big):
@@ -207,13 +211,18 @@ class Expectation:
                 continue
             # factors over independent Gaussians factorise: E[prod] = prod of group expectations
             value: Tensor | None = None
-            for group in self.independent_groups(factors):
+            # smallest groups first: a centred Gaussian alone makes the whole term exactly 0
+            for group in sorted(self.independent_groups(factors), key=len):
                 got = self.group_expectation(group)
+                if got is None and self.method == "auto" and len(factors) > 1:
+                    got = self.group_numeric(group)  # quadrature on this group's few Gaussians
                 if got is None:
                     return None
                 g_value, method = got
                 methods.add(method)
                 value = g_value if value is None else value * g_value
+                if _is_zero(value):
+                    break
             assert value is not None
             parts.append(_scaled(coef, value).clone() if len(factors) == 1 else _scaled(coef, value))
         total = parts[0]
@@ -241,6 +250,25 @@ class Expectation:
         for i, f in enumerate(factors):
             groups.setdefault(find(i), []).append(f)
         return list(groups.values())
+
+    def group_numeric(self, factors: list[tuple[str, Linear]]) -> tuple[Tensor, str]:
+        """E of a product of functions of linear forms, numerically, over only the Gaussians
+        this group uses (the other groups are independent and were factored out)."""
+        used = sorted({i for _, lin in factors for i in lin.coef})
+        index = {old: new for new, old in enumerate(used)}
+        tree: object | None = None
+        for fname, lin in factors:
+            arg: object = TensorLeaf(torch.as_tensor(lin.const, dtype=self.dtype))
+            for i, c in lin.coef.items():
+                term = ex.Apply("mul", (TensorLeaf(torch.as_tensor(c, dtype=self.dtype)), Var(index[i])))
+                arg = ex.Apply("add", (arg, term))
+            fac = ex.Apply(fname, (arg,))
+            tree = fac if tree is None else ex.Apply("mul", (tree, fac))
+        sub = Expectation(self.shape, [self.mean[i] for i in used],
+                          [[self.cov[i][j] for j in used] for i in used], self.dtype, self.where,
+                          "auto", self.particles, self.generator)
+        res = sub.numeric(tree)  # type: ignore[arg-type]
+        return res.value, next(iter(res.methods))
 
     def group_expectation(self, factors: list[tuple[str, Linear]]) -> tuple[Tensor, str] | None:
         """E of a product of one or two functions of linear forms, or None."""

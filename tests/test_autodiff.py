@@ -1,0 +1,171 @@
+"""Autodiff and the neural tangent kernel: the backward program against torch.autograd at
+finite width, and the limit against the standard NTK recursion (Jacot et al. 2018)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tpc
+from tpc.ops import expr as ex
+from tpc.passes.autodiff import derivative
+
+ROOT = Path(__file__).resolve().parent.parent
+KERNELS = ROOT / "programs" / "kernels"
+X8 = np.loadtxt(ROOT / "programs" / "data" / "inputs8x3.csv", delimiter=",")
+WITH_NTK = ["relu_mlp", "erf_mlp", "gelu_mlp", "rnn_erf"]
+
+
+def autograd_ntk(prog: tpc.Program, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(tpc's finite-width ntk, the same from torch.autograd on the same sampled network):
+    sum over parameters P of var(P entries) * <df_a/dP, df_b/dP>."""
+    # the same program with the readout f as an extra output
+    f_name = next(n.name for n in prog.nodes() if n.op == "readout")
+    prog = tpc.loads(prog.source + f"\noutput tpc_test_f = {f_name}\n", prog.filename, Path(prog.filename).parent)
+    module = tpc.torch_module(prog, width=width, seeds=[3])
+    out = module()
+    ntk = out["ntk"][0].detach().numpy()
+    fs = out["tpc_test_f"]
+    params = dict(module.named_parameters())
+    var = {}
+    for node in prog.nodes():
+        if node.op == "matrix":
+            var[node.name] = node.params["var"] / (width if node.params["role"] == "hidden" else 1)
+        elif node.op == "vector":
+            gi, group = prog.group_of(node.id)
+            k = group.members.index(node.id)
+            var[node.name] = group.cov[k, k]
+    jac = []
+    for a in range(fs.shape[-1]):
+        grads = torch.autograd.grad(fs[0, a], [params[k] for k in var], retain_graph=True, allow_unused=True)
+        jac.append([torch.zeros_like(params[k]) if g is None else g for g, k in zip(grads, var, strict=True)])
+    b = len(jac)
+    want = np.zeros((b, b))
+    for i in range(b):
+        for j in range(b):
+            want[i, j] = sum(float(var[k] * (jac[i][p] * jac[j][p]).sum()) for p, k in enumerate(var))
+    return ntk, want
+
+
+@pytest.mark.parametrize("name", WITH_NTK)
+def test_finite_ntk_matches_torch_autograd(name: str) -> None:
+    prog = tpc.load(KERNELS / f"{name}.tp")
+    got, want = autograd_ntk(prog, 96)
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_grad_of_readout_vector_matches_autograd() -> None:
+    src = (KERNELS / "relu_mlp.tp").read_text() + "\noutput gv = gram(grad(f, v))\noutput ff = f\n"
+    prog = tpc.loads(src, "relu_grad.tp", KERNELS)
+    module = tpc.torch_module(prog, width=64, seeds=[0])
+    out = module()
+    jac = [torch.autograd.grad(out["ff"][0, a], module.v, retain_graph=True)[0][0] for a in range(8)]
+    want = torch.stack([torch.stack([(ja * jb).sum() for jb in jac]) for ja in jac])
+    # gram(grad(f, v)) = mean(d_v_a d_v_b) with d_v = sqrt(n) df/dv, i.e. <df_a/dv, df_b/dv>
+    np.testing.assert_allclose(out["gv"][0].detach().numpy(), want.detach().numpy(), rtol=1e-12)
+
+
+def arccos(k: np.ndarray, degree: int) -> np.ndarray:
+    d = np.sqrt(np.diag(k))
+    cos = np.clip(k / np.outer(d, d), -1, 1)
+    cos = np.where(np.abs(cos) > 1 - 4e-15, np.sign(cos), cos)  # the diagonal is exactly 1
+    t = np.arccos(cos)
+    if degree == 0:
+        return (np.pi - t) / (2 * np.pi)
+    return np.outer(d, d) / (2 * np.pi) * (np.sin(t) + (np.pi - t) * cos)
+
+
+def test_relu_ntk_is_the_standard_recursion() -> None:
+    """Theta_1 = Sigma_1 = (2/3) X X^T; Theta_{l+1} = Sigma_{l+1} + s2 Theta_l E[phi' phi'];
+    the readout has variance 1."""
+    out = tpc.limit(tpc.load(KERNELS / "relu_mlp.tp"))
+    sigma = 2 / 3 * X8 @ X8.T
+    theta = sigma.copy()
+    for s2 in (2.0, 2.0, 1.0):  # W2, W3, then the readout
+        theta = s2 * arccos(sigma, 1) + s2 * theta * arccos(sigma, 0)
+        sigma = s2 * arccos(sigma, 1)
+    assert out["ntk"].method == "exact+closed-form"
+    np.testing.assert_allclose(out["ntk"].value, theta, rtol=1e-12, atol=1e-14)
+
+
+def test_erf_ntk_is_the_standard_recursion() -> None:
+    def k_erf(k: np.ndarray) -> np.ndarray:
+        d = 1 + 2 * np.diag(k)
+        return 2 / np.pi * np.arcsin(2 * k / np.sqrt(np.outer(d, d)))
+
+    def k_derf(k: np.ndarray) -> np.ndarray:
+        d = 1 + 2 * np.diag(k)
+        return 4 / np.pi / np.sqrt(np.outer(d, d) - 4 * k**2)
+
+    out = tpc.limit(tpc.load(KERNELS / "erf_mlp.tp"))
+    sigma = 1.5 / 3 * X8 @ X8.T
+    theta = sigma.copy()
+    for s2 in (1.5, 1.0):
+        theta = s2 * k_erf(sigma) + s2 * theta * k_derf(sigma)
+        sigma = s2 * k_erf(sigma)
+    assert out["ntk"].method == "exact+closed-form"
+    np.testing.assert_allclose(out["ntk"].value, theta, rtol=1e-12, atol=1e-14)
+
+
+def test_gelu_ntk_by_independent_quadrature() -> None:
+    from tests.test_limits import gh2
+
+    def gelu(x: np.ndarray) -> np.ndarray:
+        return x * 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+    def dgelu(x: np.ndarray) -> np.ndarray:
+        return 0.5 * (1 + np.vectorize(math.erf)(x / math.sqrt(2))) + x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi)
+
+    out = tpc.limit(tpc.load(KERNELS / "gelu_mlp.tp"))
+    sigma = X8 @ X8.T / 3
+    theta = sigma.copy()
+    for s2 in (1.0, 1.0):
+        theta = s2 * gh2(gelu, sigma) + s2 * theta * gh2(dgelu, sigma)
+        sigma = s2 * gh2(gelu, sigma)
+    np.testing.assert_allclose(out["ntk"].value, theta, rtol=1e-4, atol=1e-6)
+
+
+def test_rnn_ntk_against_a_direct_recursion() -> None:
+    """The erf RNN by hand: NNGP through time, and the NTK summing every use of U and W."""
+    prog = tpc.load(KERNELS / "rnn_erf.tp")
+    out = tpc.limit(prog)
+    xs = [np.asarray(prog.node(prog.node(i).id).params["value"]) for i in range(3)]
+
+    def k_erf(k: np.ndarray) -> np.ndarray:
+        d = 1 + 2 * np.diag(k)
+        return 2 / np.pi * np.arcsin(2 * k / np.sqrt(np.outer(d, d)))
+
+    def k_derf(k: np.ndarray) -> np.ndarray:
+        d = 1 + 2 * np.diag(k)
+        return 4 / np.pi / np.sqrt(np.outer(d, d) - 4 * k**2)
+
+    s2w = 1.5
+    pre = xs[0] @ xs[0].T  # covariance of the pre-activation of h1
+    theta = pre.copy()  # NTK of the pre-activation w.r.t. everything before
+    for x in xs[1:]:
+        h = k_erf(pre)
+        theta = s2w * h + s2w * k_derf(pre) * theta + x @ x.T
+        pre = s2w * h + x @ x.T
+    nngp = k_erf(pre)
+    ntk = nngp + k_derf(pre) * theta
+    np.testing.assert_allclose(out["nngp"].value, nngp, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(out["ntk"].value, ntk, rtol=1e-12, atol=1e-14)
+
+
+def test_derivative_rules() -> None:
+    t = ex.Apply("mul", (ex.Arg(0), ex.Apply("tanh", (ex.Arg(1),))))
+    assert derivative(t, 0) == ex.Apply("tanh", (ex.Arg(1),))
+    assert ex.render(derivative(t, 1), ["a", "b"]) == "a * (1 - square(tanh(b)))"
+    assert derivative(t, 2) == ex.Const(0.0)
+
+
+def test_backward_is_hidden_unless_asked() -> None:
+    prog = tpc.load(KERNELS / "relu_mlp.tp")
+    short = tpc.print_program(prog)
+    full = tpc.print_program(prog, backward=True)
+    assert "W3.T" not in short and "backward instructions" in short
+    assert "W3.T d_t9" in full and "W2.T" in full

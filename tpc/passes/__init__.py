@@ -1,0 +1,1 @@
+"""Program-to-program passes: autodiff (the backward program and the tangent kernel)."""
