@@ -1,11 +1,14 @@
-"""Benchmark tpc's infinite-width NNGP limit of a 3-hidden-layer ReLU MLP against plain NumPy.
+"""Benchmark tpc's infinite-width NNGP and NTK limits of a 3-hidden-layer ReLU MLP against plain NumPy.
 
     python benchmarks/kernels.py [--sizes 1000,4000] [--repeats 3] [--json PATH]
 
 For each N, N random inputs of dimension 100 are written to a temporary .npy file; tpc parses,
-checks and builds the program (`tpc.loads`) and takes its limit (`tpc.limit`) in float64 and
-float32, and a direct NumPy arc-cosine recursion computes the same kernel in float64. Each
-timing is the best of `--repeats` runs after one warm-up run.
+checks and builds the program (`tpc.loads`) and takes its limit (`tpc.limit`), once for the
+program with only `output nngp = cov(f)` and once with `output ntk = tangent_kernel(f, X)` as
+well, in float64 and float32. A direct NumPy recursion (arc-cosine kernels for the NNGP, plus
+the Jacot et al. 2018 recursion for the NTK) computes the same kernels in float64. Each timing
+is the best of `--repeats` runs after one warm-up run. Before timing, tpc and NumPy are checked
+to agree to 1e-12 (relative to the largest entry) at N = 5 and 50.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 import tpc
 
 D = 100
-SOURCE = f"""\
+SOURCE_NNGP = f"""\
 width n
 data X = load("X.npy")
 matrix U  : n x {D} ~ N(0, 2/{D})
@@ -39,60 +42,143 @@ x3 = relu(W3 @ x2)
 f  = v @ x3 / sqrt(n)
 output nngp = cov(f)
 """
+SOURCE_NTK = SOURCE_NNGP + "output ntk = tangent_kernel(f, X)\n"
+
+HIDDEN_VARIANCE = 2.0  # weight variance of W2 and W3 (times 1/n)
+VERIFY_SIZES = (5, 50)
+VERIFY_TOL = 1e-12  # max |tpc - numpy| / max |numpy|, float64
+SNAP = 1 - 4e-15  # |cos| beyond this is +-1, as in tpc: arccos of a rounded 1 would be ~1e-8, not 0
+
+Kernels = dict[str, np.ndarray]
 
 
-def arccos_kernel(k: np.ndarray) -> np.ndarray:
-    """E[relu(u) relu(v)] for (u, v) centred Gaussian with covariance entries of k (Cho & Saul)."""
+def relu_kernels(k: np.ndarray, derivative: bool) -> tuple[np.ndarray, np.ndarray | None]:
+    """(J1, J0) for the centred Gaussian with covariance k (Cho & Saul arc-cosine kernels).
+
+    J1[a, b] = E[relu(u_a) relu(u_b)] = sqrt(k_aa k_bb) (sin t + (pi - t) cos t) / (2 pi),
+    J0[a, b] = E[relu'(u_a) relu'(u_b)] = (pi - t) / (2 pi), t = arccos(k_ab / sqrt(k_aa k_bb));
+    J0 is only computed (else None) when `derivative` is set.
+    """
     d = np.sqrt(np.diag(k))
     norms = np.outer(d, d)
-    cos = np.clip(k / norms, -1.0, 1.0)
+    cos = k / norms
+    cos = np.clip(np.where(np.abs(cos) > SNAP, np.sign(cos), cos), -1.0, 1.0)
     t = np.arccos(cos)
-    return norms / (2 * np.pi) * (np.sin(t) + (np.pi - t) * cos)
+    j1 = norms / (2 * np.pi) * (np.sin(t) + (np.pi - t) * cos)
+    j0 = (np.pi - t) / (2 * np.pi) if derivative else None
+    return j1, j0
 
 
-def numpy_nngp(x: np.ndarray) -> np.ndarray:
-    """The direct recursion: K1 = (2/d) X X^T, K2 = 2 J(K1), K3 = 2 J(K2), nngp = J(K3)."""
-    k = (2.0 / x.shape[1]) * (x @ x.T)
-    for _ in range(2):
-        k = 2.0 * arccos_kernel(k)
-    return arccos_kernel(k)
+def numpy_kernels(x: np.ndarray, ntk: bool) -> Kernels:
+    """The direct recursion: Sigma = Theta = (2/d) X X^T; through each hidden layer (s2 = 2)
+    Theta <- s2 J1(Sigma) + s2 Theta J0(Sigma), Sigma <- s2 J1(Sigma); then the readout (s2 = 1):
+    nngp = J1(Sigma), ntk = J1(Sigma) + Theta J0(Sigma). The NTK is only computed if `ntk`."""
+    sigma = (2.0 / x.shape[1]) * (x @ x.T)
+    theta = sigma.copy() if ntk else None
+    for s2 in (HIDDEN_VARIANCE, HIDDEN_VARIANCE, 1.0):
+        j1, j0 = relu_kernels(sigma, derivative=ntk)
+        sigma = s2 * j1
+        if theta is not None and j0 is not None:
+            theta = sigma + s2 * theta * j0
+    out = {"nngp": sigma}
+    if theta is not None:
+        out["ntk"] = theta
+    return out
 
 
-def tpc_nngp(base_dir: pathlib.Path, dtype: str) -> tuple[np.ndarray, float, str]:
-    """(kernel, seconds spent in tpc.limit, method label) for the full loads + limit path."""
-    prog = tpc.loads(SOURCE, filename="bench.tp", base_dir=base_dir)
+def tpc_kernels(base_dir: pathlib.Path, source: str, dtype: str) -> tuple[Kernels, float, dict[str, str]]:
+    """(kernels, seconds spent in tpc.limit, method label per output) for the full loads + limit path."""
+    prog = tpc.loads(source, filename="bench.tp", base_dir=base_dir)
     start = time.perf_counter()
-    out = tpc.limit(prog, dtype=dtype)["nngp"]
-    return out.value, time.perf_counter() - start, out.method
+    outs = tpc.limit(prog, dtype=dtype)
+    elapsed = time.perf_counter() - start
+    return {k: o.value for k, o in outs.items()}, elapsed, {k: o.method for k, o in outs.items()}
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> tuple[list[float], list[Any]]:
-    """Wall times and results of `repeats` runs of fn after one untimed warm-up run."""
-    fn()
-    times, results = [], []
+def timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
+    """Best wall time of `repeats` runs of fn after one untimed warm-up run, and the last result."""
+    result = fn()
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        results.append(fn())
-        times.append(time.perf_counter() - start)
-    return times, results
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b).max())
+
+
+def max_rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    """Largest entrywise |a - ref| / |ref|."""
+    return float((np.abs(a.astype(np.float64) - ref) / np.abs(ref)).max())
+
+
+def inputs(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, D))
+
+
+def verify(sizes: tuple[int, ...] = VERIFY_SIZES) -> dict[str, dict[str, float]]:
+    """Max |tpc - numpy| per kernel and size (float64); SystemExit if beyond VERIFY_TOL relative."""
+    report: dict[str, dict[str, float]] = {}
+    for n in sizes:
+        x = inputs(n, seed=n)
+        with tempfile.TemporaryDirectory() as tmp:
+            base = pathlib.Path(tmp)
+            np.save(base / "X.npy", x)
+            got, _, _ = tpc_kernels(base, SOURCE_NTK, "float64")
+        ref = numpy_kernels(x, ntk=True)
+        report[str(n)] = {name: max_abs_diff(got[name], ref[name]) for name in ("nngp", "ntk")}
+        for name, diff in report[str(n)].items():
+            if diff > VERIFY_TOL * np.abs(ref[name]).max():
+                raise SystemExit(f"verification failed: {name} at N={n}: max |tpc - numpy| = {diff:.3e}")
+    return report
 
 
 def measure(n: int, repeats: int, seed: int = 0) -> dict[str, Any]:
-    x = np.random.default_rng(seed).standard_normal((n, D))
+    x = inputs(n, seed)
     with tempfile.TemporaryDirectory() as tmp:
         base = pathlib.Path(tmp)
         np.save(base / "X.npy", x)
-        t64, r64 = timed(lambda: tpc_nngp(base, "float64"), repeats)
-        t32, r32 = timed(lambda: tpc_nngp(base, "float32"), repeats)
-    t_np, r_np = timed(lambda: numpy_nngp(x), repeats)
-    (k64, _, method), (k32, _, _), k_np = r64[-1], r32[-1], r_np[-1]
-    total64, t_np = min(t64), min(t_np)
+        t_nngp64, (k_nngp64, lim_nngp64, methods) = timed(lambda: tpc_kernels(base, SOURCE_NNGP, "float64"), repeats)
+        t_nngp32, (k_nngp32, _, _) = timed(lambda: tpc_kernels(base, SOURCE_NNGP, "float32"), repeats)
+        t_ntk64, (k_ntk64, lim_ntk64, methods_ntk) = timed(lambda: tpc_kernels(base, SOURCE_NTK, "float64"), repeats)
+        t_ntk32, (k_ntk32, _, _) = timed(lambda: tpc_kernels(base, SOURCE_NTK, "float32"), repeats)
+    t_np_nngp, ref_nngp = timed(lambda: numpy_kernels(x, ntk=False), repeats)
+    t_np_ntk, ref = timed(lambda: numpy_kernels(x, ntk=True), repeats)
     return {
-        "N": n, "method": method, "tpc_total_s": total64, "tpc_limit_s": min(r[1] for r in r64),
-        "tpc_float32_s": min(t32), "numpy_s": t_np, "ratio_numpy_over_tpc": t_np / total64,
-        "max_abs_diff": float(np.abs(k64 - k_np).max()),
-        "max_abs_diff_float32": float(np.abs(k32 - k_np).max()),
+        "N": n, "methods": {**methods, **methods_ntk},
+        # seconds, loads + limit (tpc) and the whole recursion (numpy); best of repeats
+        "tpc_nngp_s": t_nngp64, "tpc_nngp_float32_s": t_nngp32, "numpy_nngp_s": t_np_nngp,
+        "tpc_ntk_s": t_ntk64, "tpc_ntk_float32_s": t_ntk32, "numpy_ntk_s": t_np_ntk,
+        # seconds in tpc.limit alone (float64), last run
+        "tpc_nngp_limit_s": lim_nngp64, "tpc_ntk_limit_s": lim_ntk64,
+        # accuracy against the numpy float64 recursion
+        "max_abs_diff_nngp": max_abs_diff(k_nngp64["nngp"], ref_nngp["nngp"]),
+        "max_abs_diff_nngp_with_ntk": max_abs_diff(k_ntk64["nngp"], ref["nngp"]),
+        "max_abs_diff_ntk": max_abs_diff(k_ntk64["ntk"], ref["ntk"]),
+        "max_abs_diff_nngp_float32": max_abs_diff(k_nngp32["nngp"], ref_nngp["nngp"]),
+        "max_rel_err_ntk_float32": max_rel_err(k_ntk32["ntk"], ref["ntk"]),
     }
+
+
+COLUMNS: tuple[tuple[str, str, str], ...] = (  # header, key, format
+    ("N", "N", "d"),
+    ("tpc NNGP f64", "tpc_nngp_s", ".3f"),
+    ("tpc NNGP f32", "tpc_nngp_float32_s", ".3f"),
+    ("numpy NNGP", "numpy_nngp_s", ".3f"),
+    ("tpc +NTK f64", "tpc_ntk_s", ".3f"),
+    ("tpc +NTK f32", "tpc_ntk_float32_s", ".3f"),
+    ("numpy +NTK", "numpy_ntk_s", ".3f"),
+    ("|diff| NNGP", "max_abs_diff_nngp_with_ntk", ".1e"),
+    ("|diff| NTK", "max_abs_diff_ntk", ".1e"),
+    ("f32 NTK rel err", "max_rel_err_ntk_float32", ".1e"),
+)
+
+
+def yes_no(flag: bool | None) -> str:
+    return "n/a" if flag is None else "yes" if flag else "no"
 
 
 def main() -> None:
@@ -108,34 +194,46 @@ def main() -> None:
           f"torch {torch.__version__} ({torch.get_num_threads()} threads) | "
           f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus | "
           f"OPENBLAS_CORETYPE={os.environ.get('OPENBLAS_CORETYPE', '-')}")
-    print(f"3-hidden-layer ReLU MLP NNGP, d={D}, best of {args.repeats} after a warm-up\n")
+    print(f"3-hidden-layer ReLU MLP NNGP and NTK, d={D}, best of {args.repeats} after a warm-up")
 
-    header = ("N", "tpc total (s)", "tpc limit only (s)", "tpc float32 (s)", "numpy (s)",
-              "numpy/tpc", "max |diff|")
-    widths = [max(len(h), 8) for h in header]
-    print("  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)))
+    verification = verify()
+    print("verified tpc = numpy (float64 max |diff|): " + "; ".join(
+        f"N={n}: nngp {r['nngp']:.1e}, ntk {r['ntk']:.1e}" for n, r in verification.items()) + "\n")
+
+    widths = [max(len(h), 8) for h, _, _ in COLUMNS]
+    print("  ".join(h.rjust(w) for (h, _, _), w in zip(COLUMNS, widths, strict=True)))
     rows = []
     for n in sizes:
         r = measure(n, args.repeats)
         rows.append(r)
-        cells = (str(n), f"{r['tpc_total_s']:.3f}", f"{r['tpc_limit_s']:.3f}", f"{r['tpc_float32_s']:.3f}",
-                 f"{r['numpy_s']:.3f}", f"{r['ratio_numpy_over_tpc']:.2f}", f"{r['max_abs_diff']:.2e}")
-        print("  ".join(c.rjust(w) for c, w in zip(cells, widths, strict=True)), flush=True)
+        print("  ".join(format(r[key], fmt).rjust(w) for (_, key, fmt), w in zip(COLUMNS, widths, strict=True)),
+              flush=True)
 
-    methods = sorted({r["method"] for r in rows})
-    print(f"\ntpc method: {', '.join(methods)}; float32 max |diff| vs numpy: "
-          + ", ".join(f"N={r['N']}: {r['max_abs_diff_float32']:.1e}" for r in rows))
-    no_slower = all(r["tpc_total_s"] <= r["numpy_s"] for r in rows)
-    big = [r for r in rows if r["N"] == 4000]
-    under_1s = big[0]["tpc_total_s"] < 1.0 if big else None
-    print(f"targets: tpc no slower than numpy: {'yes' if no_slower else 'NO'}; "
-          f"N=4000 under 1 s: {'n/a' if under_1s is None else 'yes' if under_1s else 'NO'}")
+    print("\ntimes in s: tpc = tpc.loads + tpc.limit, numpy = the direct float64 recursion; "
+          "+NTK = NNGP and NTK together; |diff| = float64 max |tpc - numpy| (nngp from the +NTK program)")
+    methods = sorted({f"{k}: {m}" for r in rows for k, m in r["methods"].items()})
+    print(f"tpc methods: {', '.join(methods)}")
+    print("NNGP-only program float64 max |diff|: " + ", ".join(f"N={r['N']}: {r['max_abs_diff_nngp']:.1e}"
+                                                             for r in rows)
+          + "; float32 max |diff|: " + ", ".join(f"N={r['N']}: {r['max_abs_diff_nngp_float32']:.1e}" for r in rows))
+
+    big = next((r for r in rows if r["N"] == 4000), None)
+    under_1s_32 = None if big is None else big["tpc_ntk_float32_s"] < 1.0
+    under_1s_64 = None if big is None else big["tpc_ntk_s"] < 1.0
+    no_slower_nngp = all(r["tpc_nngp_s"] <= r["numpy_nngp_s"] for r in rows)
+    no_slower_ntk = all(r["tpc_ntk_s"] <= r["numpy_ntk_s"] for r in rows)
+    print(f"targets: NNGP+NTK at N=4000 under 1 s (float32 / float64): {yes_no(under_1s_32)} / {yes_no(under_1s_64)}")
+    print(f"         tpc no slower than numpy (float64): NNGP {yes_no(no_slower_nngp)}; "
+          f"NNGP+NTK {yes_no(no_slower_ntk)}")
 
     if args.json:
         meta = {"numpy": np.__version__, "numpy_threads": np_threads, "torch": torch.__version__,
                 "torch_threads": torch.get_num_threads(), "repeats": args.repeats, "d": D}
-        targets = {"tpc_no_slower_than_numpy": no_slower, "n4000_under_1s": under_1s}
-        args.json.write_text(json.dumps({"meta": meta, "rows": rows, "targets": targets}, indent=2) + "\n")
+        targets = {"ntk_n4000_under_1s_float32": under_1s_32, "ntk_n4000_under_1s_float64": under_1s_64,
+                   "tpc_no_slower_than_numpy_nngp": no_slower_nngp,
+                   "tpc_no_slower_than_numpy_ntk": no_slower_ntk}
+        payload = {"meta": meta, "verification": verification, "rows": rows, "targets": targets}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
 
 
 def _numpy_threads() -> int | str:

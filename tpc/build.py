@@ -484,11 +484,16 @@ class Builder:
         v = self.expr(e.args[0])
         if isinstance(v, RawReadout):
             v = self.finish_readout(v, None)
-        if not (isinstance(v, Ref) and self.node(v.nid).op == "readout"
-                and self.node(self.node(v.nid).inputs[0]).op == "vector"):
-            raise TpcError(f"{fn}(f, ...) differentiates a readout f = v @ x / sqrt(n) with an initial "
-                           "vector v", e.args[0].span)
-        f = v.nid
+        is_readout = (isinstance(v, Ref) and self.node(v.nid).op == "readout"
+                      and self.node(self.node(v.nid).inputs[0]).op == "vector")
+        is_moment = (fn == "grad" and isinstance(v, Pending) and isinstance(v.tree, ex.Arg)
+                     and self.node(v.args[0]).op in ("moment", "nonlin") and v.kind == "scalar"
+                     and len(v.shape) <= 1)
+        if not (is_readout or is_moment):
+            what = "a readout f = v @ x / sqrt(n) with an initial vector v" + (
+                " or a named moment" if fn == "grad" else "")
+            raise TpcError(f"{fn}(f, ...) differentiates {what}", e.args[0].span)
+        f = v.nid if isinstance(v, Ref) else v.args[0]  # type: ignore[union-attr]
         if f not in self.backward_of:
             self.backward_of[f] = backward(self.prog, f, e.span)
         grads = self.backward_of[f]

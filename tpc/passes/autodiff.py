@@ -3,7 +3,8 @@ as ordinary Netsor-transpose instructions (Nonlin, MatMul by W.T, Moment), so bo
 run it unchanged.
 
 For a readout `f = c v.x / sqrt(n)` the gradients are scaled to O(1) coordinates:
-`d_z = sqrt(n) df/dz` for every vector z. One rule per instruction:
+`d_z = sqrt(n) df/dz` for every vector z; for a moment `f = mean(psi)`, `d_z = n df/dz`.
+One rule per instruction (the rules are linear, so the scaling is set by the seed alone):
   readout      d_x += c v,  d_v += c x
   h = W x      d_x += W.T d_h          (h = W.T x:  d_x += W d_h)
   z = phi(xs)  d_x_i += d_z * dphi/dx_i;  for a scalar parameter theta of phi (a moment),
@@ -112,19 +113,27 @@ class Backward:
         self.pending.setdefault(target, []).append((tree, args))
 
     def batch(self, *nids: int) -> tuple[int, ...]:
-        shapes = {self.prog.node(i).shape for i in nids} | {self.f.shape}
+        shapes = {self.prog.node(i).shape for i in nids}
         shapes.discard(())
         return shapes.pop() if shapes else ()
 
     def run(self) -> dict[int, int]:
         f = self.f
-        if f.op != "readout" or self.prog.node(f.inputs[0]).op != "vector":
-            raise TpcError("autodiff: f must be a readout v @ x / sqrt(n) with an initial vector v", self.span)
-        v, x = f.inputs
-        c = float(f.params["coef"])
-        self.contribute(x, _mul(ex.Const(c), ex.Arg(0)), [v])
-        self.contribute(v, _mul(ex.Const(c), ex.Arg(0)), [x])
-        cone = {a for a in _ancestors(self.prog, x)} | {x, v}
+        if f.op == "readout" and self.prog.node(f.inputs[0]).op == "vector":
+            v, x = f.inputs
+            c = float(f.params["coef"])
+            self.contribute(x, _mul(ex.Const(c), ex.Arg(0)), [v])
+            self.contribute(v, _mul(ex.Const(c), ex.Arg(0)), [x])
+            cone = _ancestors(self.prog, x) | {x, v}
+        elif f.kind == "scalar" and f.op in ("moment", "nonlin") and len(f.shape) <= 1:
+            # a moment (or a scalar function of moments): d_z = n df/dz, and d_f = 1 for each
+            # element of f's batch
+            one = self.add("data", (), "scalar", f.shape, None, value=np.ones(f.shape), source=None)
+            self.contribute(f.id, ex.Arg(0), [one.id])
+            cone = _ancestors(self.prog, f.id) | {f.id}
+        else:
+            raise TpcError("autodiff: f must be a readout v @ x / sqrt(n) with an initial vector v, "
+                           "or a moment", self.span)
         for node in reversed([n for n in self.prog.nodes() if n.id in cone]):
             if node.id not in self.pending:
                 continue
@@ -149,6 +158,11 @@ class Backward:
         if isinstance(tree, ex.Arg):
             return args[tree.index]
         kind = node.kind
+        if kind == "vector" and self.f.shape and not any(self.prog.node(a).shape for a in args):
+            # the same gradient for every element of f's batch (d_x = c v): give it that batch
+            ones = self.add("data", (), "scalar", self.f.shape, None, value=np.ones(self.f.shape), source=None)
+            args.append(ones.id)
+            tree = _mul(tree, ex.Arg(len(args) - 1))
         shape = self.batch(*args) if kind == "vector" else _broadcast(self.prog, args)
         return self.add("nonlin", tuple(args), kind, shape, f"d_{node.name.lstrip('_')}", tree=tree).id
 
