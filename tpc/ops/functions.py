@@ -80,10 +80,11 @@ def _cos_angle(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
         if worst > 1 + 1e-6:
             raise CorrelationError(f"a correlation of {worst:.6g} (beyond 1)")
     # a correlation within rounding of +-1 is +-1: the same Gaussian on both sides (a kernel's
-    # diagonal) must give arccos = 0 exactly, not sqrt(rounding) ~ 1e-8
-    if worst > 1 - 4e-15:
-        cos.masked_fill_(cos > 1 - 4e-15, 1.0)
-        cos.masked_fill_(cos < -1 + 4e-15, -1.0)
+    # diagonal) must give arccos = 0 exactly, not sqrt(rounding) (1e-8 in float64, 3e-4 in float32)
+    snap = 4 * torch.finfo(cos.dtype).eps
+    if worst > 1 - snap:
+        cos.masked_fill_(cos > 1 - snap, 1.0)
+        cos.masked_fill_(cos < -1 + snap, -1.0)
     return cos.clamp_(-1.0, 1.0)
 
 
@@ -127,7 +128,8 @@ def _relu_relu(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
 
 
 def _step_step(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    return (math.pi - torch.arccos(_cos_angle(a, b, c))) / (2 * math.pi)
+    # (pi - arccos(cos)) / (2 pi), in place on the fresh cosine
+    return torch.arccos_(_cos_angle(a, b, c)).neg_().add_(math.pi).div_(2 * math.pi)
 
 
 def _relu_step(a: Tensor, b: Tensor, c: Tensor) -> Tensor:

@@ -120,13 +120,24 @@ class LimitEvaluator:
             c = self.cov[b, a]
             ra = len(self.blocks[b].shape)
             return c.permute(tuple(range(ra, c.dim())) + tuple(range(ra)))
-        return torch.zeros(self.blocks[a].shape + self.blocks[b].shape, dtype=self.dtype)
+        return torch.zeros((), dtype=self.dtype)  # independent families: broadcasts, costs nothing
 
     # ------------------------------------------------------------------ expectations
     def expect(self, parts: list[tuple[object, int | None]], combine: str | None,
                shape: tuple[int, ...], node: Node, method: str | None = None) -> Result:
         """E of the product (combine='mul') of vector expressions, each placed with its batch
-        axis on the given output axis, or of a single expression (combine=None)."""
+        axis on the given output axis, or of a single expression (combine=None). Kernels are
+        cached: gram(x, x) after W @ x, or a backward kernel the NTK needs twice, cost once."""
+        key = (tuple(parts), combine, shape, method)  # trees compare by value
+        if key in self.cache:
+            cached = self.cache[key]
+            return Result(cached.value, set(cached.methods), cached.stderr)
+        result = self._expect(parts, combine, shape, node, method)
+        self.cache[key] = result  # values are never modified in place once computed
+        return result
+
+    def _expect(self, parts: list[tuple[object, int | None]], combine: str | None,
+                shape: tuple[int, ...], node: Node, method: str | None = None) -> Result:
         rank = len(shape)
         variables: list[tuple[int, int | None]] = []
 
@@ -172,7 +183,7 @@ class LimitEvaluator:
     def placed_cov(self, vi: tuple[int, int | None], vj: tuple[int, int | None], rank: int) -> Tensor:
         (bi, ai), (bj, aj) = vi, vj
         c = self.block_cov(bi, bj)
-        if ai is None and aj is None:
+        if (ai is None and aj is None) or c.dim() == 0:
             return c
         view = [1] * rank
         if ai is None or aj is None:
@@ -187,7 +198,7 @@ class LimitEvaluator:
             c = c.T
             ai, aj = aj, ai
         view[ai], view[aj] = c.shape
-        return c.reshape(view)
+        return c if c.dim() == rank else c.reshape(view)  # a transposed view stays a view
 
     def methods_of(self, nids: tuple[int, ...]) -> set[str]:
         out: set[str] = set()
@@ -248,7 +259,7 @@ class LimitEvaluator:
                     [(otree, self.axis_for(ox)), (tree, self.axis_for(x, len(self.blocks[other].shape)))],
                     "mul", shape, node,
                 )
-                self.cov[other, bid] = res.value.mul_(s2) if res.value.is_contiguous() else s2 * res.value
+                self.cov[other, bid] = s2 * res.value if s2 != 1.0 else res.value
                 methods |= res.methods | self.methods_of((ox,))
             zdot, zdot_methods = self.zdot(("matrix", mat.id, not transposed), tree, x, s2, node)
             methods |= zdot_methods
@@ -364,13 +375,14 @@ class LimitEvaluator:
         sx, sy = self.prog.node(x).shape, self.prog.node(y).shape
         res = self.expect([(self.trees[x], self.axis_for(x)), (self.trees[y], self.axis_for(y, len(sx)))],
                           "mul", sx + sy, node)
-        value = res.value.mul_(scale) if scale != 1.0 else res.value
+        value = scale * res.value if scale != 1.0 else res.value
         if rows is not None:
             eye = torch.eye(rows, dtype=self.dtype)
             value = value.reshape(*sx, 1, *sy, 1) * eye.reshape([1] * len(sx) + [rows] + [1] * len(sy) + [rows])
         return Result(value, res.methods | self.methods_of((x, y)))
 
     block_data: dict[int, Tensor] = field(default_factory=dict)
+    cache: dict[tuple, Result] = field(default_factory=dict)
     block_tree: dict[int, tuple[object, int]] = field(default_factory=dict)
 
 
@@ -437,12 +449,13 @@ def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
         vals = [r[name] for r in runs]
         methods = set().union(*[v.methods for v in vals]) or {"exact"}
         label = "+".join(m for m in ORDER if m in methods)
-        stack = np.stack([v.value.double().numpy() for v in vals])
+        stack = np.stack([v.value.double().numpy() for v in vals]) if len(vals) > 1 else \
+            vals[0].value.double().numpy()[None]
         cov = None
         if vals[0].cov is not None:
             cov = np.mean([v.cov.double().numpy() for v in vals], axis=0)
         stderr = None
         if len(vals) > 1 and "monte-carlo" in methods:
             stderr = stack.std(axis=0, ddof=1) / np.sqrt(len(vals))
-        out[name] = LimitOutput(stack.mean(axis=0), label, stderr, cov)
+        out[name] = LimitOutput(stack.mean(axis=0) if len(vals) > 1 else stack[0], label, stderr, cov)
     return out

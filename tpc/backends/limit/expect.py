@@ -206,7 +206,7 @@ class Expectation:
         methods: set[str] = set()
         for coef, factors in terms:
             if not factors:
-                parts.append(torch.as_tensor(coef, dtype=self.dtype).clone())  # never alias an input
+                parts.append(torch.as_tensor(coef, dtype=self.dtype))
                 methods.add("exact")
                 continue
             # factors over independent Gaussians factorise: E[prod] = prod of group expectations
@@ -220,16 +220,19 @@ class Expectation:
                     return None
                 g_value, method = got
                 methods.add(method)
-                value = g_value if value is None else value * g_value
+                if value is None or _is_one(value):
+                    value = g_value
+                elif not _is_one(g_value):
+                    value = value * g_value
                 if _is_zero(value):
                     break
             assert value is not None
-            parts.append(_scaled(coef, value).clone() if len(factors) == 1 else _scaled(coef, value))
+            parts.append(_scaled(coef, value))
         total = parts[0]
         for p in parts[1:]:
             total = total + p
         if tuple(total.shape) != self.shape:
-            total = total.expand(self.shape).clone()
+            total = total.expand(self.shape)  # a broadcast view: results are never modified in place
         return Result(total, methods)
 
     def independent_groups(self, factors: list[tuple[str, Linear]]) -> list[list[tuple[str, Linear]]]:
@@ -289,7 +292,8 @@ class Expectation:
         self.check_var(va)
         self.check_var(vb)
         if f == "identity" and g == "identity":
-            self.check_corr(va, vb, c)
+            if not (_is_unit(la) and _is_unit(lb)):  # cancellation in linear combinations
+                self.check_corr(va, vb, c)
             return c + ma * mb, "exact"
         if not (_is_zero(ma) and _is_zero(mb)):
             return None
@@ -406,8 +410,15 @@ def _scaled(coef: Tensor | float, value: Tensor) -> Tensor:
     return coef * value
 
 
+def _is_one(x: Tensor) -> bool:
+    return x.dim() == 0 and float(x) == 1.0
+
+
 def _is_zero(x: Tensor | float) -> bool:
-    return bool((torch.as_tensor(x) == 0).all())
+    t = torch.as_tensor(x)
+    if t.numel() > 1 and t[(0,) * t.dim()] != 0:  # a dense kernel: decided by its first entry
+        return False
+    return bool((t == 0).all())
 
 
 def _tensor_leaves(tree: object) -> list[TensorLeaf]:
