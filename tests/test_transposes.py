@@ -99,6 +99,26 @@ def test_batched_nonlinear_transpose_by_particles() -> None:
     assert np.abs(lim.value).max() > 0.1  # not the naive zero
 
 
-def test_transposes_of_input_layers_are_not_yet_supported() -> None:
-    with pytest.raises(tpc.TpcError, match="only n x n"):
-        tpc.loads("width n\nmatrix U : n x 2 ~ N(0, 1)\nvector y ~ N(0, 1)\noutput m = mean(U.T @ y)\n")
+def test_transposes_of_input_and_readout_layers() -> None:
+    """U.T @ h / n for an input layer (a moment per column: backprop to the inputs) and V.T @ c
+    for a readout matrix (a combination of its rows), in the limit and at finite width."""
+    src = (
+        "width n\ndata X = [[1, 0], [0.6, 0.8], [0, 2]]\ndata C = [[1, 0, 1], [0, 2, 0]]\n"
+        "matrix U : n x 2 ~ N(0, 1)\nmatrix V : 3 x n ~ N(0, 1)\nh = tanh(U @ X)\nb = V.T @ C\n"
+        "output back = U.T @ h / n\noutput k = gram(b)\n"
+    )
+    prog = tpc.loads(src)
+    lim = tpc.limit(prog)
+    x = np.array([[1, 0], [0.6, 0.8], [0, 2]])
+    # E[tanh(u.x) u_j] = x_j E[tanh'(u.x)] (Stein), u.x ~ N(0, |x|^2)
+    norms = np.linalg.norm(x, axis=1)
+    et = [gauss_mean(lambda g, s=s: 1 / np.cosh(s * g) ** 2) for s in norms]
+    np.testing.assert_allclose(lim["back"].value, x * np.array(et)[:, None], atol=1e-7)  # 1-D quadrature
+    c = np.array([[1, 0, 1], [0, 2, 0]])
+    np.testing.assert_allclose(lim["k"].value, c @ c.T, rtol=1e-12)
+    assert lim["k"].method == "exact"
+    fin = tpc.run(prog, 4096, 8)
+    for name in ("back", "k"):
+        assert np.all(np.abs(fin[name].mean - lim[name].value) < 5 * fin[name].stderr + 0.01), name
+    with pytest.raises(tpc.TpcError, match="as a moment"):
+        tpc.loads("width n\nmatrix U : n x 2 ~ N(0, 1)\nvector y ~ N(0, 1)\noutput m = U.T @ y / sqrt(n)\n")

@@ -51,6 +51,7 @@ class RawReadout:
     span: Span
     coef: float = 1.0
     exponent: float = 0.0
+    gram: bool = False  # U.T @ x for an input layer: `left` is the batch of U's columns
 
 
 @dataclass
@@ -211,6 +212,13 @@ class Builder:
         left = self.node(r.left)
         right = self.node(r.right)
         n = self.width
+        if r.gram:
+            if r.exponent != -1.0:
+                raise TpcError(f"U.T @ x for an input layer U is supported as a moment, U.T @ x / {n}",
+                               r.span)
+            g = self.prog.add("gram", (r.right, r.left), "scalar", right.shape + left.shape, None, r.span)
+            tree: ex.Tree = ex.Arg(0) if r.coef == 1.0 else ex.Apply("mul", (ex.Const(r.coef), ex.Arg(0)))
+            return Pending(tree, [g.id], "scalar", g.shape, r.span)
         if r.exponent == -1.0 and left.kind == "vector":
             tree = ex.Apply("mul", (ex.Arg(0), ex.Arg(1))) if r.left != r.right else ex.Apply(
                 "square", (ex.Arg(0),)
@@ -362,16 +370,16 @@ class Builder:
         a = self.expr(e.left.operand if transposed else e.left)  # type: ignore[attr-defined]
         if transposed and not (isinstance(a, Ref) and self.node(a.nid).kind == "matrix"):
             raise TpcError("'.T' transposes a matrix: W.T @ x", e.left.span)
-        if transposed and self.node(a.nid).params["role"] != "hidden":  # type: ignore[union-attr]
-            raise TpcError(
-                "transposes of input and readout layers are not supported yet; only n x n matrices",
-                e.left.span,
-            )
         if isinstance(a, Ref) and self.node(a.nid).kind == "matrix":
             mat = self.node(a.nid)
             b = self.expr(e.right)
             role = mat.params["role"]
-            if role == "input":
+            if role == "input" and transposed:
+                return self.input_transpose(mat, b, e)
+            if role == "readout" and transposed and mat.params.get("exponent_shift"):
+                raise TpcError(f"'{mat.name}.T' needs entries of variance independent of {self.width}",
+                               e.left.span)
+            if role == "input" or (role == "readout" and transposed):
                 pb = self.pending(b, e.right.span)
                 if pb.kind != "scalar":
                     raise TpcError(
@@ -379,7 +387,7 @@ class Builder:
                         f"multiplies finite data, but this is an {self.width}-vector",
                         e.right.span,
                     )
-                d = mat.params["cols"]
+                d = mat.params["cols"] if role == "input" else mat.params["rows"]
                 if not pb.shape or pb.shape[-1] != d or len(pb.shape) > 2:
                     got = _shape(pb.shape)
                     raise TpcError(
@@ -388,7 +396,8 @@ class Builder:
                         e.span,
                     )
                 x = self.materialize(pb, None, e.right.span)
-                node = self.prog.add("matmul", (mat.id, x), "vector", pb.shape[:-1], None, e.span)
+                node = self.prog.add("matmul", (mat.id, x), "vector", pb.shape[:-1], None, e.span,
+                                     transposed=transposed)
                 return Pending(ex.Arg(0), [node.id], "vector", node.shape, e.span)
             pb = self.pending(b, e.right.span)
             if pb.kind != "vector":
@@ -414,6 +423,18 @@ class Builder:
             "finite data only goes through an input layer",
             e.span,
         )
+
+    def input_transpose(self, mat, b: Value, e: ast.BinOp) -> Value:  # noqa: ANN001
+        """`U.T @ x` for an input layer U (n x d): d sums over n, one per column u_j of U. Its
+        columns are the MatMul of U with the identity, so `U.T @ x / n` is gram(x, columns)."""
+        pb = self.pending(b, e.right.span)
+        if pb.kind != "vector":
+            raise TpcError(f"'{mat.name}.T' multiplies an {self.width}-vector", e.right.span)
+        x = self.materialize(pb, None, e.right.span)
+        d = mat.params["cols"]
+        eye = self.prog.add("data", (), "scalar", (d, d), None, e.span, value=np.eye(d), source=None)
+        cols = self.prog.add("matmul", (mat.id, eye.id), "vector", (d,), f"{mat.name}_columns", e.span)
+        return RawReadout(cols.id, x, e.span, gram=True)
 
     def call(self, e: ast.Call) -> Value:
         fn = ALIASES.get(e.fn, e.fn)

@@ -240,7 +240,7 @@ def tangent_kernel(prog: Program, f: int, grads: dict[int, int], span: Span | No
                 if batched and any(not prog.node(i).shape for i in (xu, xw)) and mat.params["role"] == "hidden":
                     raise TpcError("tangent_kernel: a matrix applied to an unbatched vector inside a batched "
                                    "network is not supported yet", span)
-                if mat.params["role"] == "input":
+                if mat.params["role"] != "hidden":  # U x or V.T c: a matrix times finite data
                     da = np.asarray(prog.node(xu).params["value"], dtype=np.float64)
                     db = np.asarray(prog.node(xw).params["value"], dtype=np.float64)
                     dot = bt.add("data", (), "scalar", da.shape[:-1] + db.shape[:-1], None,

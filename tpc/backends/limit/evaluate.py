@@ -239,8 +239,9 @@ class LimitEvaluator:
         family = ("matrix", mat.id, transposed)
         zero = torch.zeros((), dtype=self.dtype)
         methods = self.methods_of((x,))
-        if mat.params["role"] == "input":
-            data = self.scalars[x].value  # (..., d): E over the finite dot product is exact
+        if mat.params["role"] == "input" or (mat.params["role"] == "readout" and transposed):
+            # U x or V.T c for finite x, c: a combination of U's columns (V's rows), exact
+            data = self.scalars[x].value
             bid = self.new_block(family, node.shape, zero, node.id)
             self.block_data[bid] = data
             for other in self.family_blocks[family]:

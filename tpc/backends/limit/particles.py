@@ -251,11 +251,12 @@ class ParticleEvaluator:
     def rule_matmul(self, node: Node) -> None:
         mat = self.prog.node(node.inputs[0])
         s2 = mat.params["var"]
-        if mat.params["role"] == "input":
+        if mat.params["role"] == "input" or (mat.params["role"] == "readout" and node.params.get("transposed")):
             data = self.scalars[node.inputs[1]].value  # (..., d)
             key = (mat.id, False)
             if key not in self.families:
-                self.families[key] = Family(generators=list(self.normals(mat.params["cols"])))
+                d = mat.params["cols"] if mat.params["role"] == "input" else mat.params["rows"]
+                self.families[key] = Family(generators=list(self.normals(d)))
             cols = torch.stack(self.families[key].generators)  # (d, space): the columns of U
             self.values[node.id] = (data @ cols) * np.sqrt(s2)
             return
