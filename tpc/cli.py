@@ -6,6 +6,7 @@
     tpc run FILE          finite width: means and standard errors over seeds
     tpc limit FILE        infinite width: the Master Theorem limit
     tpc compare FILE      finite widths against the limit, slopes and a plot
+    tpc classify          an abc-parametrization: r, stability, regime (TP4)
 """
 
 from __future__ import annotations
@@ -195,6 +196,42 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_classify(args: argparse.Namespace) -> int:
+    from tpc.parametrization import ABC, classify, preset
+
+    if args.preset:
+        abc = preset(args.preset, args.layers)
+    else:
+        if args.a is None or args.b is None or args.c is None:
+            raise TpcError("give --preset NAME (with --layers L), or all of --a, --b and --c")
+        abc = ABC(_floats(args.a, "--a"), _floats(args.b, "--b"), _floats(args.c, "--c")[0])
+    res = classify(abc)
+    if args.json:
+        print(json.dumps(res.to_json(), indent=1))
+        return 0
+    layers = f"{abc.hidden_layers} hidden layer" + ("s" if abc.hidden_layers != 1 else "")
+    print(f"a = {list(abc.a)}, b = {list(abc.b)}, c = {abc.c:g}  ({layers})")
+    print(f"  r          {res.r:g}")
+    print(f"  stable     {'yes' if res.stable else 'no'}")
+    for why in res.failed:
+        print(f"    fails    {why}")
+    print(f"  nontrivial {'yes' if res.nontrivial else 'no'}")
+    print(f"  regime     {res.regime}")
+    return 0
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(eval_fraction(t)) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise TpcError(f"{flag} expects comma-separated numbers (fractions like 1/2 allowed), got '{text}'") from None
+
+
+def eval_fraction(text: str) -> float:
+    num, _, den = text.strip().partition("/")
+    return float(num) / float(den) if den else float(num)
+
+
 def _widths(text: str) -> list[int]:
     try:
         widths = [int(w) for w in text.split(",") if w.strip()]
@@ -266,6 +303,19 @@ def parser() -> argparse.ArgumentParser:
                    choices=["auto", "exact", "closed-form", "quadrature", "monte-carlo"])
     c.add_argument("--plot", metavar="PNG", help="write a log-log plot of error against width")
     finite_opts(c)
+
+    cl = sub.add_parser("classify", help="Classify an abc-parametrization (TP4): r, stability, "
+                        "nontriviality, and the regime, feature learning or kernel.",
+                        description="Classify an abc-parametrization by TP4's Dynamical Dichotomy: "
+                        "W^l = n^-a_l w^l, w^l ~ N(0, n^-2b_l), learning rate eta n^-c, for layers "
+                        "1 (input) .. L (hidden), L+1 (readout).")
+    cl.add_argument("--preset", choices=["sp", "ntk", "mup", "mf"], help="a named parametrization")
+    cl.add_argument("--layers", type=int, default=2, help="hidden layers L for a preset (default 2)")
+    cl.add_argument("--a", help="a_1,...,a_{L+1} (comma-separated; fractions like -1/2 allowed)")
+    cl.add_argument("--b", help="b_1,...,b_{L+1}")
+    cl.add_argument("--c", help="c")
+    cl.add_argument("--json", action="store_true", help="print one JSON object")
+    cl.set_defaults(fn=cmd_classify)
     return p
 
 
@@ -274,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except TpcError as err:
-        if err.filename == "<program>" and getattr(args, "file", None):
-            err.filename = args.file
+        if err.filename == "<program>":
+            err.filename = getattr(args, "file", None) or "tpc"
         print(err.render(), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

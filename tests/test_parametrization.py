@@ -1,0 +1,62 @@
+"""abc-parametrizations: TP4's classification (r, stability, nontriviality, regime)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tpc.cli import main
+from tpc.errors import TpcError
+from tpc.parametrization import ABC, classify, preset
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3, 5])
+def test_presets(layers: int) -> None:
+    sp, ntk, mup = (classify(preset(p, layers)) for p in ("sp", "ntk", "mup"))
+    assert sp.stable and sp.nontrivial and sp.regime == "kernel"
+    assert sp.r == (1.5 if layers == 1 else 0.5)
+    assert ntk.stable and ntk.nontrivial and ntk.regime == "kernel" and ntk.r == 0.5
+    assert mup.stable and mup.nontrivial and mup.regime == "feature learning" and mup.r == 0.0
+
+
+def test_mean_field_is_feature_learning() -> None:
+    mf = classify(preset("mf", 1))
+    assert mf.regime == "feature learning" and mf.r == 0.0
+    with pytest.raises(TpcError, match="one hidden layer"):
+        preset("mf", 2)
+
+
+def test_unstable_choices_say_which_condition_fails() -> None:
+    # SP with an O(1) learning rate blows up: r < 0 and 2a+c < 1
+    sp_big_lr = classify(ABC((0.0, 0.0, 0.0), (0.0, 0.5, 0.5), 0.0))
+    assert not sp_big_lr.stable and sp_big_lr.regime == "unstable"
+    assert any("r >= 0" in f for f in sp_big_lr.failed)
+    assert any("2 a_3 + c >= 1" in f for f in sp_big_lr.failed)
+    # an input layer that is not O(1) at initialization
+    bad_init = classify(ABC((0.0, 0.5), (0.5, 0.0), 0.0))
+    assert bad_init.failed == ["initialization: a_1 + b_1 = 0 (here 0.5)"]
+    # a hidden layer with the wrong scale
+    bad_hidden = classify(ABC((-0.5, 0.0, 0.5), (0.5, 0.0, 0.5), 0.0))
+    assert any("a_2 + b_2 = 1/2" in f for f in bad_hidden.failed)
+
+
+def test_trivial_and_kernel_edges() -> None:
+    # muP with a smaller learning rate (c = 1/2): stable, r > 0, and a+b+r = 1.5, 2a+c = 1.5: trivial
+    slow = classify(ABC((-0.5, 0.0, 0.5), (0.5, 0.5, 0.5), 0.5))
+    assert slow.stable and not slow.nontrivial and slow.regime == "trivial"
+    # NTK with a readout initialised smaller (b_3 = 1/2): r = min(1, 1) + 0 - 1 + 1 = 1, still
+    # nontrivial through 2 a_3 + c = 1: the kernel regime
+    k = classify(ABC((0.0, 0.5, 0.5), (0.0, 0.0, 0.5), 0.0))
+    assert k.stable and k.nontrivial and k.r == 1.0 and k.regime == "kernel"
+
+
+def test_classify_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["classify", "--preset", "mup", "--layers", "2", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert {"r", "stable", "nontrivial", "regime"} <= set(data)
+    assert data["regime"] == "feature learning"
+    assert main(["classify", "--a", "0,1/2", "--b", "1/2,0", "--c", "0"]) == 0
+    assert "fails    initialization: a_1 + b_1 = 0" in capsys.readouterr().out
+    assert main(["classify", "--a", "x", "--b", "1", "--c", "0"]) == 2
+    assert capsys.readouterr().err.startswith("tpc: error:")

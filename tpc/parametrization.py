@@ -1,0 +1,91 @@
+"""abc-parametrizations and the Dynamical Dichotomy (Yang & Hu 2021, "Feature Learning in
+Infinite-Width Neural Networks", Definition 3.1, Theorem 3.3 and Corollary 3.9).
+
+An L-hidden-layer network has layers l = 1 (input), 2..L (hidden) and L+1 (readout), with
+`W^l = n^-a_l w^l`, `w^l ~ N(0, n^-2b_l)` and learning rate `eta n^-c`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tpc.errors import TpcError
+
+PRESETS = ("sp", "ntk", "mup", "mf")
+TOL = 1e-12
+
+
+@dataclass(frozen=True)
+class ABC:
+    a: tuple[float, ...]  # a_1 .. a_{L+1}
+    b: tuple[float, ...]
+    c: float
+
+    @property
+    def hidden_layers(self) -> int:
+        return len(self.a) - 1
+
+
+@dataclass
+class Classification:
+    abc: ABC
+    r: float
+    stable: bool
+    nontrivial: bool
+    regime: str  # "feature learning", "kernel", "trivial" or "unstable"
+    failed: list[str] = field(default_factory=list)  # the stability conditions that fail
+
+    def to_json(self) -> dict:
+        return {"a": list(self.abc.a), "b": list(self.abc.b), "c": self.abc.c, "r": self.r,
+                "stable": self.stable, "nontrivial": self.nontrivial, "regime": self.regime,
+                "failed": self.failed}
+
+
+def preset(name: str, hidden_layers: int) -> ABC:
+    """The presets of TP4 (Table 1 and Section 3) for L hidden layers."""
+    L = hidden_layers  # noqa: N806 - the paper's name
+    if L < 1:
+        raise TpcError("a network needs at least one hidden layer")
+    if name == "sp":  # standard parametrization, learning rate ~ 1/n (the largest stable one)
+        return ABC((0.0,) * (L + 1), (0.0,) + (0.5,) * L, 1.0)
+    if name == "ntk":
+        return ABC((0.0,) + (0.5,) * L, (0.0,) * (L + 1), 0.0)
+    if name == "mup":
+        return ABC((-0.5,) + (0.0,) * (L - 1) + (0.5,), (0.5,) * (L + 1), 0.0)
+    if name == "mf":
+        if L != 1:
+            raise TpcError("the mean-field parametrization is defined for one hidden layer")
+        return ABC((0.0, 1.0), (0.0, 0.0), -1.0)
+    raise TpcError(f"unknown parametrization '{name}'; choose one of {', '.join(PRESETS)} or abc(...)")
+
+
+def classify(p: ABC) -> Classification:
+    a, b, c = p.a, p.b, p.c
+    if len(a) != len(b) or len(a) < 2:
+        raise TpcError("a and b need one entry per layer: input, hidden layers, readout (at least 2)")
+    L = len(a) - 1  # noqa: N806
+    out_ab = a[L] + b[L]
+    r = min(out_ab, 2 * a[L] + c) + c - 1 + min(2 * a[k] + (1 if k == 0 else 0) for k in range(L))
+    failed = []
+    if abs(a[0] + b[0]) > TOL:
+        failed.append(f"initialization: a_1 + b_1 = 0 (here {a[0] + b[0]:g})")
+    for k in range(1, L):  # hidden layers 2..L
+        if abs(a[k] + b[k] - 0.5) > TOL:
+            failed.append(f"initialization: a_{k + 1} + b_{k + 1} = 1/2 (here {a[k] + b[k]:g})")
+    if out_ab < 0.5 - TOL:
+        failed.append(f"initialization: a_{L + 1} + b_{L + 1} >= 1/2 (here {out_ab:g})")
+    if r < -TOL:
+        failed.append(f"training: r >= 0 (here r = {r:g})")
+    if out_ab + r < 1 - TOL:
+        failed.append(f"training: a_{L + 1} + b_{L + 1} + r >= 1 (here {out_ab + r:g})")
+    if 2 * a[L] + c < 1 - TOL:
+        failed.append(f"training: 2 a_{L + 1} + c >= 1 (here {2 * a[L] + c:g})")
+    stable = not failed
+    nontrivial = abs(out_ab + r - 1) <= TOL or abs(2 * a[L] + c - 1) <= TOL
+    if not stable:
+        regime = "unstable"
+    elif not nontrivial:
+        regime = "trivial"
+    else:
+        regime = "feature learning" if abs(r) <= TOL else "kernel"
+    return Classification(p, r, stable, nontrivial, regime, failed)
