@@ -103,6 +103,18 @@ def test_grad_of_readout_vector_matches_autograd() -> None:
     np.testing.assert_allclose(out["gv"][0].detach().numpy(), want.detach().numpy(), rtol=1e-12)
 
 
+def k_erf(k: np.ndarray) -> np.ndarray:
+    """E erf(u) erf(v) over the kernel k (Williams 1997)."""
+    d = 1 + 2 * np.diag(k)
+    return 2 / np.pi * np.arcsin(2 * k / np.sqrt(np.outer(d, d)))
+
+
+def k_derf(k: np.ndarray) -> np.ndarray:
+    """E erf'(u) erf'(v)."""
+    d = 1 + 2 * np.diag(k)
+    return 4 / np.pi / np.sqrt(np.outer(d, d) - 4 * k**2)
+
+
 def arccos(k: np.ndarray, degree: int) -> np.ndarray:
     d = np.sqrt(np.diag(k))
     cos = np.clip(k / np.outer(d, d), -1, 1)
@@ -127,14 +139,6 @@ def test_relu_ntk_is_the_standard_recursion() -> None:
 
 
 def test_erf_ntk_is_the_standard_recursion() -> None:
-    def k_erf(k: np.ndarray) -> np.ndarray:
-        d = 1 + 2 * np.diag(k)
-        return 2 / np.pi * np.arcsin(2 * k / np.sqrt(np.outer(d, d)))
-
-    def k_derf(k: np.ndarray) -> np.ndarray:
-        d = 1 + 2 * np.diag(k)
-        return 4 / np.pi / np.sqrt(np.outer(d, d) - 4 * k**2)
-
     out = tpc.limit(tpc.load(KERNELS / "erf_mlp.tp"))
     sigma = 1.5 / 3 * X8 @ X8.T
     theta = sigma.copy()
@@ -168,14 +172,6 @@ def test_rnn_ntk_against_a_direct_recursion() -> None:
     prog = tpc.load(KERNELS / "rnn_erf.tp")
     out = tpc.limit(prog)
     xs = [np.asarray(prog.node(prog.node(i).id).params["value"]) for i in range(3)]
-
-    def k_erf(k: np.ndarray) -> np.ndarray:
-        d = 1 + 2 * np.diag(k)
-        return 2 / np.pi * np.arcsin(2 * k / np.sqrt(np.outer(d, d)))
-
-    def k_derf(k: np.ndarray) -> np.ndarray:
-        d = 1 + 2 * np.diag(k)
-        return 4 / np.pi / np.sqrt(np.outer(d, d) - 4 * k**2)
 
     s2w = 1.5
     pre = xs[0] @ xs[0].T  # covariance of the pre-activation of h1

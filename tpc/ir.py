@@ -106,6 +106,21 @@ class Program:
         return {"width": self.width_name, "counts": counts, "outputs": list(self.outputs)}
 
 
+def readout_weights(prog: Program, f: Node, g: Node) -> tuple[float, int | None] | None:
+    """For readouts f = c_f v.x / sqrt(n) and g = c_g w.y / sqrt(n): (s, k) with
+    Cov(f, g) = s (x.y)/n, times the identity over the k rows of a readout matrix (k None for
+    vectors); None when v and w are independent. Both backends use it."""
+    v, w = prog.node(f.inputs[0]), prog.node(g.inputs[0])
+    coef = f.params["coef"] * g.params["coef"]
+    if v.op == "matrix" or w.op == "matrix":
+        return (coef * v.params["var"], v.params["rows"]) if v.id == w.id else None
+    gi, group = prog.group_of(v.id)
+    gj, _ = prog.group_of(w.id)
+    if gi != gj:
+        return None
+    return coef * float(group.cov[group.members.index(v.id), group.members.index(w.id)]), None
+
+
 # ---------------------------------------------------------------------------- printing
 
 INSTRUCTION = {

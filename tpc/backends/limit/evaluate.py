@@ -16,7 +16,7 @@ import torch
 
 from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var
 from tpc.errors import NumericalError, TpcError
-from tpc.ir import Node, Program
+from tpc.ir import Node, Program, readout_weights
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS
 
@@ -358,21 +358,11 @@ class LimitEvaluator:
 
     def readout_cov(self, f: Node, g: Node, node: Node) -> Result:
         """Cov(c_f v.x/sqrt n, c_g w.y/sqrt n) -> c_f c_g Cov(Z^v, Z^w) E[Z^x Z^y]."""
-        v, w = (self.prog.node(f.inputs[0]), self.prog.node(g.inputs[0]))
         x, y = f.inputs[1], g.inputs[1]
-        coef = f.params["coef"] * g.params["coef"]
-        shape = f.shape + g.shape
-        if v.op == "matrix" or w.op == "matrix":
-            if v.id != w.id:
-                return Result(torch.zeros(shape, dtype=self.dtype), {"exact"})
-            scale, rows = coef * v.params["var"], v.params["rows"]
-        else:
-            gi, group = self.prog.group_of(v.id)
-            gj, _ = self.prog.group_of(w.id)
-            if gi != gj:
-                return Result(torch.zeros(shape, dtype=self.dtype), {"exact"})
-            scale = coef * group.cov[group.members.index(v.id), group.members.index(w.id)]
-            rows = None
+        weights = readout_weights(self.prog, f, g)
+        if weights is None:
+            return Result(torch.zeros(f.shape + g.shape, dtype=self.dtype), {"exact"})
+        scale, rows = weights
         sx, sy = self.prog.node(x).shape, self.prog.node(y).shape
         res = self.expect([(self.trees[x], self.axis_for(x)), (self.trees[y], self.axis_for(y, len(sx)))],
                           "mul", sx + sy, node)

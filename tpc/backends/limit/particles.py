@@ -24,7 +24,7 @@ import torch
 
 from tpc.backends.limit.evaluate import LimitValue
 from tpc.errors import NumericalError, TpcError
-from tpc.ir import Node, Program
+from tpc.ir import Node, Program, readout_weights
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS
 
@@ -216,19 +216,10 @@ class ParticleEvaluator:
         self.scalars[node.id] = res
 
     def readout_cov(self, f: Node, g: Node, node: Node) -> LimitValue:
-        v, w = self.prog.node(f.inputs[0]), self.prog.node(g.inputs[0])
-        shape = f.shape + g.shape
-        coef = f.params["coef"] * g.params["coef"]
-        if v.op == "matrix" or w.op == "matrix":
-            if v.id != w.id:
-                return LimitValue(torch.zeros(shape, dtype=self.dtype), {"exact"})
-            scale, rows = coef * v.params["var"], v.params["rows"]
-        else:
-            gi, group = self.prog.group_of(v.id)
-            gj, _ = self.prog.group_of(w.id)
-            if gi != gj:
-                return LimitValue(torch.zeros(shape, dtype=self.dtype), {"exact"})
-            scale, rows = coef * group.cov[group.members.index(v.id), group.members.index(w.id)], None
+        weights = readout_weights(self.prog, f, g)
+        if weights is None:
+            return LimitValue(torch.zeros(f.shape + g.shape, dtype=self.dtype), {"exact"})
+        scale, rows = weights
         x, y = self.values[f.inputs[1]], self.values[g.inputs[1]]
         xs = x if x.dim() == 2 else x[None]
         ys = y if y.dim() == 2 else y[None]

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tpc.ir import Program, describe
+from tpc.ir import Program, describe, readout_weights
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS
 
@@ -157,22 +157,13 @@ class _Emitter:
 
     def cov_code(self, node: Any) -> str:
         f, g = (self.prog.node(i) for i in node.inputs)
-        v, w = (self.prog.node(f.inputs[0]), self.prog.node(g.inputs[0]))
         x, y = self.ref(f.inputs[1]), self.ref(g.inputs[1])
         sx, sy = self.prog.node(f.inputs[1]).shape, self.prog.node(g.inputs[1]).shape
-        coef = f.params["coef"] * g.params["coef"]
-        if v.op == "matrix" or w.op == "matrix":
-            if v.id != w.id:
-                return f"torch.zeros((S, *{tuple(node.shape)}), dtype=dtype, device=device)"
-            rows = v.params["rows"]
-            scale = coef * v.params["var"]
-            return f"rt.readout_cov({x}, {y}, {tuple(sx)}, {tuple(sy)}, {_num(scale)}, {rows})"
-        gi, group = self.prog.group_of(v.id)
-        gj, _ = self.prog.group_of(w.id)
-        if gi != gj:
+        weights = readout_weights(self.prog, f, g)
+        if weights is None:  # independent readout weights
             return f"torch.zeros((S, *{tuple(node.shape)}), dtype=dtype, device=device)"
-        c = group.cov[group.members.index(v.id), group.members.index(w.id)]
-        return f"rt.readout_cov({x}, {y}, {tuple(sx)}, {tuple(sy)}, {_num(coef * c)}, None)"
+        scale, rows = weights
+        return f"rt.readout_cov({x}, {y}, {tuple(sx)}, {tuple(sy)}, {_num(scale)}, {rows})"
 
 
 def emit_source(prog: Program, class_name: str = "TensorProgram") -> str:
