@@ -162,3 +162,25 @@ def test_float32_limit_is_close() -> None:
     prog = tpc.load(ROOT / "programs" / "kernels" / "relu_mlp.tp")
     np.testing.assert_allclose(tpc.limit(prog, dtype="float32")["nngp"].value,
                                tpc.limit(prog)["nngp"].value, rtol=1e-5)
+
+
+def test_naming_an_intermediate_keeps_the_closed_form() -> None:
+    prog = tpc.loads("width n\nvector v ~ N(0, 1)\nx = relu(v)\noutput m = mean(x)\noutput m2 = mean(relu(v))\n")
+    out = tpc.limit(prog)
+    for name in ("m", "m2"):
+        assert out[name].method == "closed-form"
+        assert float(out[name].value) == pytest.approx(1 / math.sqrt(2 * math.pi), rel=1e-14)
+
+
+def test_non_smooth_integrands_use_monte_carlo_not_quadrature() -> None:
+    """log|v| is singular at 0 and tanh(a) sign(b) jumps: Gauss-Hermite would be silently off
+    (by 10% and 1.5%), so auto takes them by Monte Carlo, which reports its error."""
+    src = ("width n\nvector v ~ N(0, 1)\nvector a, b ~ N([0, 0], [[1, 1], [1, 1]])\n"
+           "output l = mean(log(abs(v)))\noutput t = mean(tanh(a) * sign(b))\n")
+    out = tpc.limit(tpc.loads(src))
+    exact_l = -(0.5772156649015329 + math.log(2)) / 2
+    z = np.linspace(0, 12, 400_001)  # E|tanh Z| = 2 int_0^oo tanh(z) phi(z) dz, trapezoid rule
+    exact_t = float(np.trapezoid(2 * np.tanh(z) * np.exp(-z * z / 2) / math.sqrt(2 * math.pi), z))
+    for name, exact in (("l", exact_l), ("t", exact_t)):
+        assert out[name].method == "monte-carlo"
+        assert abs(float(out[name].value) - exact) < 5 * float(out[name].stderr)

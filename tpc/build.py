@@ -162,12 +162,16 @@ class Builder:
                     args.append(nid)
                 mapping[i] = ex.Arg(args.index(nid))
             trees.append(ex.substitute(p.tree, mapping))
+        if fn == "div" and isinstance(trees[1], ex.Const) and trees[1].value == 0:
+            raise TpcError("division by zero", span)
         # constant folding keeps `2 * 3` and `-1` out of the graph
         if all(isinstance(t, ex.Const) for t in trees):
             import torch
 
-            val = FUNCTIONS[fn].torch(*[torch.tensor(t.value, dtype=torch.float64) for t in trees])
-            return Pending(ex.Const(float(val)), [], "scalar", (), span)
+            val = float(FUNCTIONS[fn].torch(*[torch.tensor(t.value, dtype=torch.float64) for t in trees]))
+            if not math.isfinite(val):
+                raise TpcError(f"this constant is not finite ({val})", span)
+            return Pending(ex.Const(val), [], "scalar", (), span)
         kind = "vector" if any(p.kind == "vector" for p in parts) else "scalar"
         shape = self.broadcast(parts, kind, span)
         tree: ex.Tree = ex.Apply(fn, tuple(trees))
@@ -235,6 +239,12 @@ class Builder:
         extra = left.params.get("exponent_shift", 0.0)
         exponent = r.exponent + extra
         if exponent == -0.5:
+            if r.left == r.right or r.left in nx_ancestors(self.prog, r.right):
+                raise TpcError(
+                    f"'{left.name}' is used in a readout / sqrt({n}) and also in the vector it reads "
+                    f"out; a Gaussian readout needs a vector that the rest of the program does not use",
+                    r.span,
+                )
             if left.op not in ("vector", "matrix"):
                 raise TpcError(
                     f"'{left.name} @ {right.name} / sqrt({n})' needs an initial vector (or readout "
@@ -336,7 +346,13 @@ class Builder:
                     raise TpcError(f"an exponent cannot depend on {self.width}", e.right.span)
                 if a.c < 0 and not float(b.c).is_integer():
                     raise TpcError("a negative number to a fractional power", e.span)
-                return Mono(a.c**b.c, a.p * b.c)
+                try:
+                    value = a.c**b.c
+                except OverflowError:
+                    raise TpcError("this power overflows", e.span) from None
+                except ZeroDivisionError:
+                    raise TpcError("zero to a negative power", e.span) from None
+                return Mono(value, a.p * b.c)
         if isinstance(a, RawReadout) and isinstance(b, Mono) and op in "*/":
             if op == "/" and b.c == 0:
                 raise TpcError("division by zero", e.right.span)
@@ -598,14 +614,15 @@ class Builder:
                 if a in seen:
                     raise TpcError(f"argument '{a}' appears twice", s.span)
                 seen.add(a)
-            self.nonlins[s.name] = UserNonlin(s.args, s.params, s.body, s.span)
-            # check the body once, on placeholder arguments, so mistakes show at the definition
-            local = {a: Pending(ex.Const(0.0), [], "scalar", (), s.span) for a in s.args + s.params}
+            # check the body once, on placeholder arguments, so mistakes show at the definition;
+            # the name is registered after, so a nonlin cannot call itself
+            local = {a: Pending(ex.Const(0.5), [], "scalar", (), s.span) for a in s.args + s.params}
             self.scope.append(local)
             try:
                 self.pending(self.expr(s.body), s.body.span)
             finally:
                 self.scope.pop()
+            self.nonlins[s.name] = UserNonlin(s.args, s.params, s.body, s.span)
         elif isinstance(s, (ast.Assign, ast.OutputDecl)):
             is_output = isinstance(s, ast.OutputDecl)
             if is_output:
@@ -703,7 +720,9 @@ class Builder:
 
     def vectors(self, s: ast.VectorDecl) -> None:
         k = len(s.names)
-        for name in s.names:
+        for i, name in enumerate(s.names):
+            if name in s.names[:i]:
+                raise TpcError(f"'{name}' appears twice in this group", s.span)
             self.declare(name, s.span)
         mean = self.const_array(s.dist.mean, (k,), "mean")
         if k == 1:

@@ -22,7 +22,7 @@ def load_array(path_text: str, base_dir: Path, span: Span) -> np.ndarray:
             arr = np.load(path, allow_pickle=False)
         except ValueError as exc:
             raise TpcError(f"cannot read {path_text}: {exc}", span) from None
-        if not np.issubdtype(arr.dtype, np.number):
+        if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
             raise TpcError(f"{path_text} holds {arr.dtype} values, not numbers", span)
         arr = arr.astype(np.float64)
     else:
@@ -36,25 +36,23 @@ def load_array(path_text: str, base_dir: Path, span: Span) -> np.ndarray:
 
 def _load_csv(path: Path, path_text: str, span: Span) -> np.ndarray:
     rows: list[list[float]] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            row = []
-            for col, cell in enumerate(line.split(","), 1):
-                try:
-                    row.append(float(cell))
-                except ValueError:
-                    raise TpcError(
-                        f"{path_text}:{lineno}: field {col} is not a number: {cell.strip()!r}", span
-                    ) from None
-            if rows and len(row) != len(rows[0]):
-                raise TpcError(
-                    f"{path_text}:{lineno}: {len(row)} fields, but the first row has {len(rows[0])}",
-                    span,
-                )
-            rows.append(row)
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Excel) is not data
+    except UnicodeDecodeError as exc:
+        raise TpcError(f"{path_text} is not UTF-8 text ({exc.reason} at byte {exc.start})", span) from None
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        row = []
+        for col, cell in enumerate(line.split(","), 1):
+            try:
+                row.append(float(cell))
+            except ValueError:
+                raise TpcError(f"{path_text}:{lineno}: field {col} is not a number: {cell.strip()!r}", span) from None
+        if rows and len(row) != len(rows[0]):
+            raise TpcError(f"{path_text}:{lineno}: {len(row)} fields, but the first row has {len(rows[0])}", span)
+        rows.append(row)
     arr = np.array(rows, dtype=np.float64)
     if arr.ndim == 2 and arr.shape[1] == 1:
         arr = arr[:, 0]

@@ -41,6 +41,7 @@ class Function:
     linear: bool = False  # add, sub, neg: preserve Gaussianity
     user_visible: bool = True  # callable by name in a program
     jumps: bool = False  # discontinuous: its a.e. derivative is not its Stein derivative
+    smooth: bool = True  # False for kinks, jumps and singularities: Gauss-Hermite is unreliable there
 
 
 FUNCTIONS: dict[str, Function] = {}
@@ -197,27 +198,27 @@ register(
 register(
     Function(
         "relu", 1, torch.relu, "torch.relu({0})", mean=_relu_mean,
-        pairs={"relu": _relu_relu, "step": _relu_step}, deriv=lambda x: A("step", x),
+        pairs={"relu": _relu_relu, "step": _relu_step}, smooth=False, deriv=lambda x: A("step", x),
     )
 )
 register(
     Function(
         "step", 1, _step, "({0} > 0).to({0}.dtype)", mean=lambda m, v: _Phi(m / _sd(v)),
         pairs={"step": _step_step, "identity": lambda a, b, c: c / torch.sqrt(2 * math.pi * a)},
-        deriv=lambda x: Const(0.0), jumps=True,
+        smooth=False, deriv=lambda x: Const(0.0), jumps=True,
     )
 )
 register(
     Function(
         "sign", 1, torch.sign, "torch.sign({0})",
-        mean=lambda m, v: 2 * _Phi(m / _sd(v)) - 1, deriv=lambda x: Const(0.0), jumps=True,
+        mean=lambda m, v: 2 * _Phi(m / _sd(v)) - 1, smooth=False, deriv=lambda x: Const(0.0), jumps=True,
         pairs={"identity": lambda a, b, c: 2 * c / torch.sqrt(2 * math.pi * a)},
     )
 )
 register(
     Function(
         "abs", 1, torch.abs, "torch.abs({0})", mean=_abs_mean,
-        pairs={"abs": _abs_abs}, deriv=lambda x: A("sign", x),
+        pairs={"abs": _abs_abs}, smooth=False, deriv=lambda x: A("sign", x),
     )
 )
 register(
@@ -301,11 +302,11 @@ register(
 register(
     Function(
         "sqrt", 1, torch.sqrt, "torch.sqrt({0})",
-        deriv=lambda x: A("div", Const(0.5), A("sqrt", x)),
+        smooth=False, deriv=lambda x: A("div", Const(0.5), A("sqrt", x)),
     )
 )
 register(
-    Function("log", 1, torch.log, "torch.log({0})", deriv=lambda x: A("div", Const(1.0), x))
+    Function("log", 1, torch.log, "torch.log({0})", smooth=False, deriv=lambda x: A("div", Const(1.0), x))
 )
 
 # `id` is accepted as a short name for identity in programs

@@ -102,6 +102,10 @@ class Expectation:
     def numeric(self, tree: ex.Tree) -> Result:
         """Quadrature where the number of Gaussians and the output size allow, else Monte Carlo."""
         entries = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        if self.method == "auto" and not _smooth(tree):
+            # a kink, jump or singularity: Gauss-Hermite converges slowly or to the wrong value
+            # without warning; Monte Carlo is unbiased and says how uncertain it is
+            return self.sampled(tree, quadrature=False)
         too_big = self.k > max(QUADRATURE_NODES) or entries * QUADRATURE_NODES[self.k] ** self.k > QUADRATURE_BUDGET
         if self.method == "monte-carlo" or (self.method == "auto" and too_big):
             return self.sampled(tree, quadrature=False)
@@ -156,6 +160,8 @@ class Expectation:
         if not isinstance(tree, ex.Apply):
             return None
         fn = tree.fn
+        if fn == "identity":
+            return self.terms(tree.args[0])
         if fn in ("add", "sub"):
             a, b = (self.terms(t) for t in tree.args)
             if a is None or b is None:
@@ -436,6 +442,28 @@ def _scaled(coef: Tensor | float, value: Tensor) -> Tensor:
     if isinstance(coef, float) and coef == 1.0:
         return value
     return coef * value
+
+
+def _smooth(tree: object) -> bool:
+    """No kink, jump or singularity in the integrand: functions flagged smooth, no division by
+    a Gaussian, powers by non-negative integers only."""
+    if not isinstance(tree, ex.Apply):
+        return True
+    if not FUNCTIONS[tree.fn].smooth:
+        return False
+    if tree.fn == "div" and _has_var(tree.args[1]):
+        return False
+    if tree.fn == "pow" and _has_var(tree.args[0]):
+        e = tree.args[1]
+        if not (isinstance(e, ex.Const) and e.value >= 0 and float(e.value).is_integer()):
+            return False
+    return all(_smooth(a) for a in tree.args)
+
+
+def _has_var(tree: object) -> bool:
+    if isinstance(tree, Var):
+        return True
+    return isinstance(tree, ex.Apply) and any(_has_var(a) for a in tree.args)
 
 
 def _is_one(x: Tensor) -> bool:
