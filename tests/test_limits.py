@@ -184,3 +184,17 @@ def test_non_smooth_integrands_use_monte_carlo_not_quadrature() -> None:
     for name, exact in (("l", exact_l), ("t", exact_t)):
         assert out[name].method == "monte-carlo"
         assert abs(float(out[name].value) - exact) < 5 * float(out[name].stderr)
+
+
+def test_quadrature_checks_itself_against_a_coarser_rule() -> None:
+    """E[exp(u v)] is infinite: fine and coarse Gauss-Hermite rules disagree wildly, so auto
+    falls back to Monte Carlo, whose standard error shows the trouble. A steep but smooth
+    integrand (sech^2 of a variance-4 Gaussian) passes the check and stays quadrature."""
+    src = ("width n\nvector v, u ~ N([1, 0], [[1, 0.3], [0.3, 1]])\nvector g ~ N(0, 4)\n"
+           "output m = mean(exp(u) ^ v)\noutput s = mean(1 - tanh(g) ^ 2)\n")
+    out = tpc.limit(tpc.loads(src))
+    assert out["m"].method == "monte-carlo" and float(out["m"].stderr) > 0.1 * abs(float(out["m"].value))
+    assert out["s"].method == "quadrature"
+    z = np.linspace(0, 30, 600_001)
+    exact = float(np.trapezoid(2 / np.cosh(2 * z) ** 2 * np.exp(-z * z / 2) / math.sqrt(2 * math.pi), z))
+    assert float(out["s"].value) == pytest.approx(exact, rel=1e-7)

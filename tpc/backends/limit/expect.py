@@ -25,6 +25,7 @@ from tpc.ops.functions import FUNCTIONS, CorrelationError, pair_rule
 
 Tensor = torch.Tensor
 QUADRATURE_NODES = {1: 200, 2: 40, 3: 20, 4: 12}
+QUADRATURE_RTOL, QUADRATURE_ATOL = 1e-4, 1e-8  # fine and coarse rules must agree this well
 QUADRATURE_BUDGET = 2**27  # entries x nodes; beyond it, auto switches to Monte Carlo
 MAX_CHUNK = 2**23  # entries x nodes evaluated at once
 
@@ -114,7 +115,16 @@ class Expectation:
                 f"{self.where}: quadrature over {self.k} Gaussians is too costly; use --method auto "
                 "or monte-carlo"
             )
-        return self.sampled(tree, quadrature=True)
+        fine = self.sampled(tree, quadrature=True)
+        if self.method != "auto":
+            return fine
+        # a second, coarser rule estimates the quadrature error: where the two disagree (a steep
+        # or heavy-tailed integrand) the number would be wrong without warning; take Monte Carlo
+        coarse = self.sampled(tree, quadrature=True, nodes=max(2, (3 * QUADRATURE_NODES[self.k]) // 4))
+        gap = (fine.value - coarse.value).abs()
+        if bool((gap > QUADRATURE_RTOL * fine.value.abs() + QUADRATURE_ATOL).any()):
+            return self.sampled(tree, quadrature=False)
+        return fine
 
     # ------------------------------------------------------------------ exact and closed form
     def linear(self, tree: object) -> Linear | None:
@@ -355,7 +365,7 @@ class Expectation:
             )
 
     # ------------------------------------------------------------------ quadrature and Monte Carlo
-    def sampled(self, tree: ex.Tree, quadrature: bool) -> Result:
+    def sampled(self, tree: ex.Tree, quadrature: bool, nodes: int | None = None) -> Result:
         k, shape = self.k, self.shape
         entries = int(np.prod(shape, dtype=np.int64)) if shape else 1
         mean = torch.stack([torch.as_tensor(m, dtype=self.dtype).expand(shape) for m in self.mean], -1)
@@ -367,7 +377,7 @@ class Expectation:
         cov = cov.reshape(entries, k, k)
         factor = self.factor(cov)
         if quadrature:
-            z, w = gauss_hermite(k, QUADRATURE_NODES[k], self.dtype)
+            z, w = gauss_hermite(k, nodes or QUADRATURE_NODES[k], self.dtype)
             method = "quadrature"
         else:
             z = torch.randn((self.particles, k), generator=self.generator, dtype=self.dtype)
