@@ -81,12 +81,34 @@ def _cos_angle(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
         if worst > 1 + 1e-6:
             raise CorrelationError(f"a correlation of {worst:.6g} (beyond 1)")
     # a correlation within rounding of +-1 is +-1: the same Gaussian on both sides (a kernel's
-    # diagonal) must give arccos = 0 exactly, not sqrt(rounding) (1e-8 in float64, 3e-4 in float32)
-    snap = 4 * torch.finfo(cos.dtype).eps
-    if worst > 1 - snap:
-        cos.masked_fill_(cos > 1 - snap, 1.0)
-        cos.masked_fill_(cos < -1 + snap, -1.0)
-    return cos.clamp_(-1.0, 1.0)
+    # diagonal) must give arccos = 0 exactly, not sqrt(rounding) (1e-8 in float64, 3e-4 in float32).
+    # Stretching by 4 ulps, then clamping, snaps those and moves every other angle by ~1e-15:
+    # two passes in place, no temporaries.
+    return cos.mul_(1 + 4 * torch.finfo(cos.dtype).eps).clamp_(-1.0, 1.0)
+
+
+# the last few arccos(c / sqrt(ab)) of large kernels, with a, b, c themselves: holding them keeps
+# their storage alive, so no other tensor can reuse the addresses in the key
+_ANGLES: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}
+
+
+def clear_angle_cache() -> None:
+    """Drop the shared angles (the limit evaluator calls this when it is done)."""
+    _ANGLES.clear()
+
+
+def _angle(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """arccos(c / sqrt(ab)), shared between the relu and step kernels of one covariance (an NTK
+    needs both): callers must not modify it. Keyed by storage, layout and version of a, b, c."""
+    key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t._version, t.dtype) for t in (a, b, c))
+    if key in _ANGLES:
+        return _ANGLES[key][0]
+    theta = torch.arccos_(_cos_angle(a, b, c))
+    if theta.numel() >= 2**16:  # only worth keeping for large kernels; keep the last three
+        while len(_ANGLES) >= 3:
+            _ANGLES.pop(next(iter(_ANGLES)))
+        _ANGLES[key] = (theta, (a, b, c))
+    return theta
 
 
 def A(fn: str, *args: Tree) -> Apply:  # noqa: N802 - short, for derivative rules
@@ -121,16 +143,16 @@ def _relu_relu(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     # sqrt(ab)/(2 pi) (sin t + (pi - t) cos t) = (sqrt(ab) sin t + (pi - t) c) / (2 pi),
     # t = arccos(c / sqrt(ab)). Two full-size temporaries, the rest in place: over a large
     # batch this kernel is bound by memory traffic, not arithmetic.
-    theta = torch.arccos_(_cos_angle(a, b, c))
+    theta = _angle(a, b, c)
     out = torch.sin(theta)
     out.mul_(_sd(a)).mul_(_sd(b))
-    out.add_(theta.neg_().add_(math.pi).mul_(c))
+    out.add_(c, alpha=math.pi).addcmul_(theta, c, value=-1.0)  # + (pi - t) c, theta left intact
     return out.div_(2 * math.pi)
 
 
 def _step_step(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    # (pi - arccos(cos)) / (2 pi), in place on the fresh cosine
-    return torch.arccos_(_cos_angle(a, b, c)).neg_().add_(math.pi).div_(2 * math.pi)
+    # (pi - t) / (2 pi) = 1/2 - t / (2 pi)
+    return torch.mul(_angle(a, b, c), -1.0 / (2 * math.pi)).add_(0.5)
 
 
 def _relu_step(a: Tensor, b: Tensor, c: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var
 from tpc.errors import NumericalError, TpcError
 from tpc.ir import Node, Program, readout_weights
 from tpc.ops import expr as ex
-from tpc.ops.functions import FUNCTIONS
+from tpc.ops.functions import FUNCTIONS, clear_angle_cache
 
 Tensor = torch.Tensor
 METHODS = ("auto", "exact", "closed-form", "quadrature", "monte-carlo")
@@ -430,11 +430,14 @@ def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
             return pev.run(), pev.mc_used
 
     with torch.no_grad():
-        result, mc_used = run_once(seed)
-        runs = [result]
-        if mc_used:
-            for r in range(1, max(2, replicates)):
-                runs.append(run_once(seed + r)[0])
+        try:
+            result, mc_used = run_once(seed)
+            runs = [result]
+            if mc_used:
+                for r in range(1, max(2, replicates)):
+                    runs.append(run_once(seed + r)[0])
+        finally:
+            clear_angle_cache()
     out = {}
     for name in prog.outputs:
         vals = [r[name] for r in runs]
