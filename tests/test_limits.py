@@ -198,3 +198,13 @@ def test_quadrature_checks_itself_against_a_coarser_rule() -> None:
     z = np.linspace(0, 30, 600_001)
     exact = float(np.trapezoid(2 / np.cosh(2 * z) ** 2 * np.exp(-z * z / 2) / math.sqrt(2 * math.pi), z))
     assert float(out["s"].value) == pytest.approx(exact, rel=1e-7)
+
+
+def test_scalar_arithmetic_never_writes_into_its_inputs() -> None:
+    """Scalar Nonlins over kernels are evaluated in place where they own a temporary; the
+    kernels they read (outputs themselves here) must come out unchanged."""
+    src = ("width n\ndata X = [[1, 0], [0.6, 0.8]]\nmatrix U : n x 2 ~ N(0, 1)\nx = relu(U @ X)\n"
+           "k = gram(x)\noutput k1 = k\noutput k2 = identity(k) * 2 + k * k\noutput k3 = k\n")
+    out = tpc.limit(tpc.loads(src))
+    np.testing.assert_array_equal(out["k1"].value, out["k3"].value)
+    np.testing.assert_allclose(out["k2"].value, 2 * out["k1"].value + out["k1"].value ** 2, rtol=1e-15)

@@ -377,12 +377,33 @@ class LimitEvaluator:
     block_tree: dict[int, tuple[object, int]] = field(default_factory=dict)
 
 
+_IN_PLACE = {"add": "add_", "sub": "sub_", "mul": "mul_", "div": "div_"}
+
+
 def _evaluate_scalar(tree: ex.Tree, args: list[Tensor]) -> Tensor:
+    return _evaluate_owned(tree, args)[0]
+
+
+def _evaluate_owned(tree: ex.Tree, args: list[Tensor]) -> tuple[Tensor, bool]:
+    """Evaluate a scalar expression over (possibly large) kernels; (value, owned). Arithmetic
+    writes into a temporary this evaluation made itself when shapes allow (the NTK is a sum of
+    products of kernels: one temporary instead of one per operation). Inputs are never written."""
     if isinstance(tree, ex.Arg):
-        return args[tree.index]
+        return args[tree.index], False
     if isinstance(tree, ex.Const):
-        return torch.tensor(tree.value, dtype=torch.float64)
-    return FUNCTIONS[tree.fn].torch(*[_evaluate_scalar(a, args) for a in tree.args])
+        return torch.tensor(tree.value, dtype=torch.float64), False
+    parts = [_evaluate_owned(a, args) for a in tree.args]
+    if tree.fn in _IN_PLACE and len(parts) == 2:
+        (a, own_a), (b, own_b) = parts
+        shape = torch.broadcast_shapes(a.shape, b.shape)
+        if own_a and a.shape == shape and a.dtype == torch.promote_types(a.dtype, b.dtype):
+            return getattr(a, _IN_PLACE[tree.fn])(b), True
+        commutes = tree.fn in ("add", "mul")
+        if own_b and commutes and b.shape == shape and b.dtype == torch.promote_types(a.dtype, b.dtype):
+            return getattr(b, _IN_PLACE[tree.fn])(a), True
+    inputs = [p[0] for p in parts]
+    out = FUNCTIONS[tree.fn].torch(*inputs)
+    return out, not any(out is x for x in inputs)  # identity returns its input: not ours to write
 
 
 @dataclass
