@@ -338,6 +338,8 @@ class Expectation:
         if f == "identity" and g == "identity":
             if not (_is_unit(la) and _is_unit(lb)):  # cancellation in linear combinations
                 self.check_corr(va, vb, c)
+            if _is_zero(ma) or _is_zero(mb):
+                return c, "exact"  # results are never written in place, so no copy is needed
             return c + ma * mb, "exact"
         if not (_is_zero(ma) and _is_zero(mb)):
             return None
@@ -345,7 +347,7 @@ class Expectation:
         if rule is None:
             return None
         try:
-            return rule(torch.clamp(va, min=0.0), torch.clamp(vb, min=0.0), c), "closed-form"
+            return rule(_nonneg(va), _nonneg(vb), c), "closed-form"
         except CorrelationError as err:
             raise NumericalError(
                 f"{self.where}: the covariance of the Gaussians is not positive semidefinite ({err})"
@@ -474,6 +476,12 @@ def _has_var(tree: object) -> bool:
     if isinstance(tree, Var):
         return True
     return isinstance(tree, ex.Apply) and any(_has_var(a) for a in tree.args)
+
+
+def _nonneg(v: Tensor) -> Tensor:
+    """Clamp round-off below zero, without a copy when there is none (the kernels key their
+    shared angle on the tensors they receive)."""
+    return v if bool((v >= 0).all()) else torch.clamp(v, min=0.0)
 
 
 def _is_one(x: Tensor) -> bool:
