@@ -97,7 +97,6 @@ def test_relu_kernel_known_values() -> None:
 
 def test_derivatives_match_autograd() -> None:
     """deriv rules (used by Stein's lemma here and by autodiff later) against torch.autograd."""
-    from tpc.backends.limit.expect import _evaluate  # noqa: F401 - import check
     from tpc.ops import expr as ex
 
     grid = torch.linspace(-2.5, 2.5, 41, dtype=torch.float64) + 0.013

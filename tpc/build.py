@@ -204,12 +204,11 @@ class Builder:
     def materialize(self, p: Pending, name: str | None, span: Span) -> int:
         if isinstance(p.tree, ex.Arg) and name is None:
             return p.args[p.tree.index]
-        if not p.args:
-            val = float(p.tree.value) if isinstance(p.tree, ex.Const) else math.nan
-            node = self.prog.add("data", (), "scalar", (), name, span, value=np.array(val), source=None)
+        if not p.args:  # combine() folds constants, so an expression without inputs is a Const
+            assert isinstance(p.tree, ex.Const)
+            node = self.prog.add("data", (), "scalar", (), name, span, value=np.array(p.tree.value), source=None)
             return node.id
-        op = "nonlin"
-        node = self.prog.add(op, tuple(p.args), p.kind, p.shape, name, span, tree=p.tree)
+        node = self.prog.add("nonlin", tuple(p.args), p.kind, p.shape, name, span, tree=p.tree)
         return node.id
 
     def finish_readout(self, r: RawReadout, name: str | None) -> Value:
@@ -239,7 +238,7 @@ class Builder:
         extra = left.params.get("exponent_shift", 0.0)
         exponent = r.exponent + extra
         if exponent == -0.5:
-            if r.left == r.right or r.left in nx_ancestors(self.prog, r.right):
+            if r.left == r.right or r.left in self.prog.ancestors(r.right):
                 raise TpcError(
                     f"'{left.name}' is used in a readout / sqrt({n}) and also in the vector it reads "
                     f"out; a Gaussian readout needs a vector that the rest of the program does not use",
@@ -538,7 +537,7 @@ class Builder:
             if len(e.args) == 2:
                 x = self.expr(e.args[1])
                 ok = isinstance(x, Pending) and isinstance(x.tree, ex.Arg) and self.node(x.args[0]).op == "data"
-                if not ok or x.args[0] not in nx_ancestors(self.prog, f):
+                if not ok or x.args[0] not in self.prog.ancestors(f):
                     raise TpcError("the second argument of tangent_kernel is the data that f is computed on",
                                    e.args[1].span)
             nid = tangent_kernel(self.prog, f, grads, e.span)
@@ -771,12 +770,6 @@ class Builder:
         return arr
 
 
-def nx_ancestors(prog: Program, nid: int) -> set[int]:
-    import networkx as nx
-
-    return set(nx.ancestors(prog.graph, nid))
-
-
 def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape) if shape else "a single value"
 
@@ -811,6 +804,7 @@ def build(module: ast.Module, filename: str, source: str, base_dir: Path) -> Pro
 
 def _check_readouts(prog: Program) -> None:
     """A 1/sqrt(n) readout needs a vector that nothing else in the program touches."""
+    needed = {n.id for n in prog.needed()}
     for node in prog.nodes():
         if node.op != "readout":
             continue
@@ -818,7 +812,7 @@ def _check_readouts(prog: Program) -> None:
         for user in prog.graph.successors(left.id):
             u = prog.node(user)
             # the backward program of f uses v by construction (d_x = c v): that is fine
-            if u.op != "readout" and not u.params.get("derived") and u.id in {n.id for n in prog.needed()}:
+            if u.op != "readout" and not u.params.get("derived") and u.id in needed:
                 raise TpcError(
                     f"'{left.name}' is used in a readout / sqrt(n) and also at line "
                     f"{u.span.line if u.span else '?'}; a Gaussian readout needs a vector that the "

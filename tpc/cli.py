@@ -131,8 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         close()
     if args.json:
-        print(json.dumps({"outputs": {k: v.to_json() for k, v in res.items()}}, indent=1))
-        return 0
+        return _print_outputs_json(res)
     print(f"{args.file}: width {args.width}, {args.seeds} seeds, {args.dtype} on {args.device}")
     for name, r in res.items():
         print(f"  {name} = {_fmt_array(r.mean, r.stderr)}")
@@ -146,8 +145,7 @@ def cmd_limit(args: argparse.Namespace) -> int:
     res = evaluate_limit(prog, method=args.method, dtype=args.dtype, particles=args.particles,
                          replicates=args.replicates, seed=args.seed)
     if args.json:
-        print(json.dumps({"outputs": {k: v.to_json() for k, v in res.items()}}, indent=1))
-        return 0
+        return _print_outputs_json(res)
     print(f"{args.file}: infinite-width limit")
     for name, r in res.items():
         print(f"  {name} [{r.method}] = {_fmt_array(r.value, r.stderr)}")
@@ -230,6 +228,12 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
 def eval_fraction(text: str) -> float:
     num, _, den = text.strip().partition("/")
     return float(num) / float(den) if den else float(num)
+
+
+def _print_outputs_json(results: dict) -> int:
+    """The `--json` object of run and limit: {"outputs": {name: ...}}."""
+    print(json.dumps({"outputs": {k: v.to_json() for k, v in results.items()}}, indent=1))
+    return 0
 
 
 def _widths(text: str) -> list[int]:

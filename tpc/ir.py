@@ -85,6 +85,10 @@ class Program:
             keep |= nx.ancestors(self.graph, nid) | {nid}
         return [n for n in self.nodes() if n.id in keep]
 
+    def ancestors(self, nid: int) -> set[int]:
+        """Every node that `nid` depends on."""
+        return set(nx.ancestors(self.graph, nid))
+
     def group_of(self, nid: int) -> tuple[int, VectorGroup]:
         for gi, group in enumerate(self.groups):
             if nid in group.members:
@@ -98,12 +102,6 @@ class Program:
                 assert src < node.id, f"node {node.id} uses later node {src}"
                 assert pos in self.graph.edges[src, node.id]["pos"]
             assert nx.is_directed_acyclic_graph(self.graph)
-
-    def summary(self) -> dict[str, Any]:
-        counts: dict[str, int] = {}
-        for n in self.nodes():
-            counts[n.op] = counts.get(n.op, 0) + 1
-        return {"width": self.width_name, "counts": counts, "outputs": list(self.outputs)}
 
 
 def readout_weights(prog: Program, f: Node, g: Node) -> tuple[float, int | None] | None:

@@ -197,9 +197,6 @@ class _ToAst(Transformer):
     def list(self, children):
         return [c for c in children if c is not None]
 
-    def literal_number(self, children):
-        return float(children[0])
-
     # --- statements
     @v_args(meta=True)
     def width_decl(self, meta, children):

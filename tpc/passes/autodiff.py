@@ -124,13 +124,13 @@ class Backward:
             c = float(f.params["coef"])
             self.contribute(x, _mul(ex.Const(c), ex.Arg(0)), [v])
             self.contribute(v, _mul(ex.Const(c), ex.Arg(0)), [x])
-            cone = _ancestors(self.prog, x) | {x, v}
+            cone = self.prog.ancestors(x) | {x, v}
         elif f.kind == "scalar" and f.op in ("moment", "nonlin") and len(f.shape) <= 1:
             # a moment (or a scalar function of moments): d_z = n df/dz, and d_f = 1 for each
             # element of f's batch
             one = self.add("data", (), "scalar", f.shape, None, value=np.ones(f.shape), source=None)
             self.contribute(f.id, ex.Arg(0), [one.id])
-            cone = _ancestors(self.prog, f.id) | {f.id}
+            cone = self.prog.ancestors(f.id) | {f.id}
         else:
             raise TpcError("autodiff: f must be a readout v @ x / sqrt(n) with an initial vector v, "
                            "or a moment", self.span)
@@ -198,12 +198,6 @@ class Backward:
         # initial vectors, data and readouts end the recursion
 
 
-def _ancestors(prog: Program, nid: int) -> set[int]:
-    import networkx as nx
-
-    return set(nx.ancestors(prog.graph, nid))
-
-
 def _broadcast(prog: Program, args: list[int]) -> tuple[int, ...]:
     return tuple(np.broadcast_shapes(*[prog.node(a).shape for a in args]))
 
@@ -220,11 +214,9 @@ def tangent_kernel(prog: Program, f: int, grads: dict[int, int], span: Span | No
     gradients; every term is a product of kernels (moments) of the backward program."""
     fnode = prog.node(f)
     terms: list[tuple[float, list[int]]] = []  # coef * prod of scalar nodes
-    bt = Backward(prog, fnode, span)
-
     def gram(a: int, b: int) -> int:
         shape = prog.node(a).shape + prog.node(b).shape
-        return bt.add("gram", (a, b), "scalar", shape, None).id
+        return prog.add("gram", (a, b), "scalar", shape, None, span, derived=True).id
 
     batched = bool(fnode.shape)
     uses: dict[int, list[Node]] = {}
@@ -243,8 +235,8 @@ def tangent_kernel(prog: Program, f: int, grads: dict[int, int], span: Span | No
                 if mat.params["role"] != "hidden":  # U x or V.T c: a matrix times finite data
                     da = np.asarray(prog.node(xu).params["value"], dtype=np.float64)
                     db = np.asarray(prog.node(xw).params["value"], dtype=np.float64)
-                    dot = bt.add("data", (), "scalar", da.shape[:-1] + db.shape[:-1], None,
-                                 value=np.tensordot(da, db, axes=([-1], [-1])), source=None)
+                    dot = prog.add("data", (), "scalar", da.shape[:-1] + db.shape[:-1], None, span, derived=True,
+                                   value=np.tensordot(da, db, axes=([-1], [-1])), source=None)
                     terms.append((s2, [gram(gu, gw), dot.id]))
                     continue
                 tu, tw = bool(u.params.get("transposed")), bool(w.params.get("transposed"))

@@ -78,6 +78,9 @@ class LimitEvaluator:
     trees: dict[int, object] = field(default_factory=dict)  # vector node -> expression
     scalars: dict[int, LimitValue] = field(default_factory=dict)
     vec_methods: dict[int, set[str]] = field(default_factory=dict)
+    block_data: dict[int, Tensor] = field(default_factory=dict)  # input-layer block -> its data
+    block_tree: dict[int, tuple[object, int]] = field(default_factory=dict)  # MatMul block -> (Z^x, x)
+    cache: dict[tuple, Result] = field(default_factory=dict)  # kernels asked for twice
     mc_used: bool = False
 
     def __post_init__(self) -> None:
@@ -85,25 +88,8 @@ class LimitEvaluator:
             raise TpcError(f"unknown method '{self.method}'; choose one of {', '.join(METHODS)}")
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, LimitValue]:
-        for node in self.prog.needed():
-            try:
-                getattr(self, f"rule_{node.op}")(node)
-            except NumericalError as err:
-                if err.span is None:
-                    err.span = node.span
-                raise err.locate(self.prog.filename, self.prog.source) from None
-            if node.id in self.scalars:
-                self.check_finite(node, self.scalars[node.id].value)
-        return {name: self.scalars[nid] for name, nid in self.prog.outputs.items()}
-
-    def check_finite(self, node: Node, value: Tensor) -> None:
-        # a NaN or infinity anywhere makes the sum non-finite; look closer only then
-        if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
-            raise NumericalError(
-                f"the limit of '{node.name}' is not finite (NaN or overflow)", node.span
-            ).locate(self.prog.filename, self.prog.source)
+        return interpret(self.prog, self, self.scalars)
 
     # ------------------------------------------------------------------ Gaussian blocks
     def new_block(self, family: object, shape: tuple[int, ...], mean: Tensor, source: int) -> int:
@@ -315,7 +301,7 @@ class LimitEvaluator:
     def rule_nonlin(self, node: Node) -> None:
         if node.kind == "scalar":
             args = [self.scalars[i].value for i in node.inputs]
-            value = _evaluate_scalar(node.params["tree"], args)
+            value = evaluate_tree(node.params["tree"], args)
             self.scalars[node.id] = LimitValue(value, self.methods_of(node.inputs) | {"exact"})
             return
         mapping = {}
@@ -372,15 +358,31 @@ class LimitEvaluator:
             value = value.reshape(*sx, 1, *sy, 1) * eye.reshape([1] * len(sx) + [rows] + [1] * len(sy) + [rows])
         return Result(value, res.methods | self.methods_of((x, y)))
 
-    block_data: dict[int, Tensor] = field(default_factory=dict)
-    cache: dict[tuple, Result] = field(default_factory=dict)
-    block_tree: dict[int, tuple[object, int]] = field(default_factory=dict)
 
 
 _IN_PLACE = {"add": "add_", "sub": "sub_", "mul": "mul_", "div": "div_"}
 
 
-def _evaluate_scalar(tree: ex.Tree, args: list[Tensor]) -> Tensor:
+def interpret(prog: Program, evaluator: object, scalars: dict[int, LimitValue]) -> dict[str, LimitValue]:
+    """The loop both limit evaluators share: each instruction in order through the evaluator's
+    `rule_<op>`; numerical trouble is reported at the instruction that caused it."""
+    for node in prog.needed():
+        try:
+            getattr(evaluator, f"rule_{node.op}")(node)
+        except NumericalError as err:
+            if err.span is None:
+                err.span = node.span
+            raise err.locate(prog.filename, prog.source) from None
+        value = scalars[node.id].value if node.id in scalars else None
+        # a NaN or infinity anywhere makes the sum non-finite; look closer only then
+        if value is not None and not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
+            raise NumericalError(f"the limit of '{node.name}' is not finite (NaN or overflow)",
+                                 node.span).locate(prog.filename, prog.source)
+    return {name: scalars[nid] for name, nid in prog.outputs.items()}
+
+
+def evaluate_tree(tree: ex.Tree, args: list[Tensor]) -> Tensor:
+    """A coordinatewise expression on tensors (scalars, or particles of vectors)."""
     return _evaluate_owned(tree, args)[0]
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tpc.backends.limit.evaluate import LimitValue
+from tpc.backends.limit.evaluate import LimitValue, evaluate_tree, interpret
 from tpc.errors import NumericalError, TpcError
 from tpc.ir import Node, Program, readout_weights
 from tpc.ops import expr as ex
@@ -134,20 +134,8 @@ class ParticleEvaluator:
         """E[a b] with broadcasting over leading axes."""
         return (a * b).sum(-1) if self.exact else (a * b).mean(-1)
 
-    # ------------------------------------------------------------------ the loop
     def run(self) -> dict[str, LimitValue]:
-        for node in self.prog.needed():
-            try:
-                getattr(self, f"rule_{node.op}")(node)
-            except NumericalError as err:
-                if err.span is None:
-                    err.span = node.span
-                raise err.locate(self.prog.filename, self.prog.source) from None
-            val = self.scalars.get(node.id)
-            if val is not None and not torch.isfinite(val.value).all():
-                raise NumericalError(f"the limit of '{node.name}' is not finite", node.span).locate(
-                    self.prog.filename, self.prog.source)
-        return {name: self.scalars[nid] for name, nid in self.prog.outputs.items()}
+        return interpret(self.prog, self, self.scalars)
 
     def where(self, node: Node) -> str:
         return f"instruction {node.name}" + (f" (line {node.span.line})" if node.span else "")
@@ -174,14 +162,17 @@ class ParticleEvaluator:
     def rule_nonlin(self, node: Node) -> None:
         if node.kind == "scalar":
             args = [self.scalars[i].value for i in node.inputs]
-            value = _evaluate(node.params["tree"], args, self.dtype)
+            value = evaluate_tree(node.params["tree"], args)
             self.scalars[node.id] = LimitValue(value, {"exact"} | self.methods(node.inputs))
             return
         args = [self.lift(i) for i in node.inputs]
         if self.exact:
-            self.values[node.id] = _evaluate_linear(node.params["tree"], args, self)
+            self.values[node.id] = _evaluate_linear(node.params["tree"], args, self.vector_args(node), self)
         else:
-            self.values[node.id] = _evaluate(node.params["tree"], args, self.dtype)
+            self.values[node.id] = evaluate_tree(node.params["tree"], args)
+
+    def vector_args(self, node: Node) -> set[int]:
+        return {i for i, nid in enumerate(node.inputs) if nid in self.values}
 
     def lift(self, nid: int) -> Tensor:
         """An input of a coordinatewise expression: vectors as they are, scalars broadcast."""
@@ -194,9 +185,9 @@ class ParticleEvaluator:
         args = [self.lift(i) for i in node.inputs]
         tree = node.params["tree"]
         if self.exact:
-            value = _expect_degree2(tree, args, self)
+            value = _expect_degree2(tree, args, self.vector_args(node), self)
         else:
-            value = _evaluate(tree, args, self.dtype).mean(-1)
+            value = evaluate_tree(tree, args).mean(-1)
         self.scalars[node.id] = LimitValue(value, {self.method} | self.methods(node.inputs))
 
     def rule_gram(self, node: Node) -> None:
@@ -308,27 +299,19 @@ class ParticleEvaluator:
         return s2 * grad.T @ y
 
 
-def _evaluate(tree: ex.Tree, args: list[Tensor], dtype: torch.dtype) -> Tensor:
-    if isinstance(tree, ex.Arg):
-        return args[tree.index]
-    if isinstance(tree, ex.Const):
-        return torch.tensor(tree.value, dtype=dtype)
-    return FUNCTIONS[tree.fn].torch(*[_evaluate(a, args, dtype) for a in tree.args])
-
-
-def _evaluate_linear(tree: ex.Tree, args: list[Tensor], ev: ParticleEvaluator) -> Tensor:
-    """A linear expression on coefficient vectors: scalars multiply, constants go to index 0."""
-    kind, val = _lin(tree, args, ev)
+def _evaluate_linear(tree: ex.Tree, args: list[Tensor], vec: set[int], ev: ParticleEvaluator) -> Tensor:
+    """A linear expression on coefficient vectors (the args in `vec`): scalars multiply,
+    constants go to index 0."""
+    kind, val = _lin(tree, args, vec, ev)
     return val if kind == "vec" else ev.constant(val)
 
 
-def _lin(tree: ex.Tree, args: list[Tensor], ev: ParticleEvaluator) -> tuple[str, Tensor]:
+def _lin(tree: ex.Tree, args: list[Tensor], vec: set[int], ev: ParticleEvaluator) -> tuple[str, Tensor]:
     if isinstance(tree, ex.Arg):
-        a = args[tree.index]
-        return ("vec", a) if a.dim() and a.shape[-1] == ev.size and _is_space(a, tree, ev) else ("sc", a)
+        return ("vec" if tree.index in vec else "sc"), args[tree.index]
     if isinstance(tree, ex.Const):
         return "sc", torch.tensor(tree.value, dtype=ev.dtype)
-    parts = [_lin(a, args, ev) for a in tree.args]
+    parts = [_lin(a, args, vec, ev) for a in tree.args]
     fn = tree.fn
     if all(k == "sc" for k, _ in parts):
         return "sc", FUNCTIONS[fn].torch(*[v for _, v in parts])
@@ -351,16 +334,12 @@ def _lin(tree: ex.Tree, args: list[Tensor], ev: ParticleEvaluator) -> tuple[str,
     raise TpcError(f"'{fn}' is not linear")  # pragma: no cover - guarded by is_linear_program
 
 
-def _is_space(a: Tensor, tree: ex.Arg, ev: ParticleEvaluator) -> bool:
-    return any(a is v for v in ev.values.values())
-
-
-def _expect_degree2(tree: ex.Tree, args: list[Tensor], ev: ParticleEvaluator) -> Tensor:
+def _expect_degree2(tree: ex.Tree, args: list[Tensor], vec: set[int], ev: ParticleEvaluator) -> Tensor:
     if isinstance(tree, ex.Apply) and tree.fn == "mul":
-        a = _evaluate_linear(tree.args[0], args, ev)
-        b = _evaluate_linear(tree.args[1], args, ev)
+        a = _evaluate_linear(tree.args[0], args, vec, ev)
+        b = _evaluate_linear(tree.args[1], args, vec, ev)
         return ev.inner(a, b)
     if isinstance(tree, ex.Apply) and tree.fn == "square":
-        a = _evaluate_linear(tree.args[0], args, ev)
+        a = _evaluate_linear(tree.args[0], args, vec, ev)
         return ev.inner(a, a)
-    return ev.expect(_evaluate_linear(tree, args, ev))
+    return ev.expect(_evaluate_linear(tree, args, vec, ev))

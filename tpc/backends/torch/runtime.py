@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from tpc.errors import NumericalError
@@ -63,8 +61,7 @@ def readout_cov(x: Tensor, y: Tensor, shape_x: tuple[int, ...], shape_y: tuple[i
         return g
     bx, by = len(shape_x), len(shape_y)
     eye = torch.eye(rows, dtype=g.dtype, device=g.device)
-    out = g.reshape(g.shape[0], *shape_x, *([1] * 0), *shape_y)
-    out = out.unsqueeze(1 + bx).unsqueeze(-1)  # (S, *bx, 1, *by, 1)
+    out = g.unsqueeze(1 + bx).unsqueeze(-1)  # (S, *bx, 1, *by, 1)
     eye_shape = [1] * (1 + bx) + [rows] + [1] * by + [rows]
     return out * eye.reshape(eye_shape)
 
@@ -76,5 +73,3 @@ def check(x: Tensor, what: str) -> Tensor:
         raise NumericalError(f"finite width: instruction {what} produced {bad}")
     return x
 
-
-SQRT_2PI = math.sqrt(2 * math.pi)
