@@ -278,20 +278,26 @@ class Expectation:
             if stein is not None:
                 return stein
         used = sorted({i for _, lin in factors for i in lin.coef})
-        index = {old: new for new, old in enumerate(used)}
         tree: object | None = None
         for fname, lin in factors:
-            arg: object = TensorLeaf(torch.as_tensor(lin.const, dtype=self.dtype))
-            for i, c in lin.coef.items():
-                term = ex.Apply("mul", (TensorLeaf(torch.as_tensor(c, dtype=self.dtype)), Var(index[i])))
-                arg = ex.Apply("add", (arg, term))
-            fac = ex.Apply(fname, (arg,))
+            fac = ex.Apply(fname, (self.linear_tree(lin, used),))
             tree = fac if tree is None else ex.Apply("mul", (tree, fac))
-        sub = Expectation(self.shape, [self.mean[i] for i in used],
-                          [[self.cov[i][j] for j in used] for i in used], self.dtype, self.where,
-                          "auto", self.particles, self.generator)
-        res = sub.numeric(tree)  # type: ignore[arg-type]
+        res = self.restricted(used).numeric(tree)  # type: ignore[arg-type]
         return res.value, next(iter(res.methods))
+
+    def linear_tree(self, lin: Linear, used: list[int]) -> object:
+        """A linear form as an expression over the Gaussians `used` (renumbered from 0)."""
+        tree: object = TensorLeaf(torch.as_tensor(lin.const, dtype=self.dtype))
+        for i, c in lin.coef.items():
+            term = ex.Apply("mul", (TensorLeaf(torch.as_tensor(c, dtype=self.dtype)), Var(used.index(i))))
+            tree = ex.Apply("add", (tree, term))
+        return tree
+
+    def restricted(self, used: list[int]) -> Expectation:
+        """The same expectation over only the Gaussians `used`."""
+        return Expectation(self.shape, [self.mean[i] for i in used],
+                           [[self.cov[i][j] for j in used] for i in used], self.dtype, self.where,
+                           "auto", self.particles, self.generator)
 
     def stein_numeric(self, factors: list[tuple[str, Linear]]) -> tuple[Tensor, str] | None:
         """E[u f(v)] = Cov(u, v) E[f'(v)] for centred u, v and a smooth f: a quadrature in the
@@ -305,16 +311,8 @@ class Expectation:
             return None
         _, c = self.moments(lu, lv)
         used = sorted(lv.coef)
-        index = {old: new for new, old in enumerate(used)}
-        arg: object = TensorLeaf(torch.as_tensor(lv.const, dtype=self.dtype))
-        for i, k in lv.coef.items():
-            arg = ex.Apply("add", (arg, ex.Apply("mul", (TensorLeaf(torch.as_tensor(k, dtype=self.dtype)),
-                                                         Var(index[i])))))
-        tree = ex.substitute(fn.deriv(ex.Arg(0)), {0: arg})  # type: ignore[dict-item]
-        sub = Expectation(self.shape, [self.mean[i] for i in used],
-                          [[self.cov[i][j] for j in used] for i in used], self.dtype, self.where,
-                          "auto", self.particles, self.generator)
-        res = sub.numeric(tree)
+        tree = ex.substitute(fn.deriv(ex.Arg(0)), {0: self.linear_tree(lv, used)})  # type: ignore[dict-item]
+        res = self.restricted(used).numeric(tree)
         return c * res.value, next(iter(res.methods))
 
     def group_expectation(self, factors: list[tuple[str, Linear]]) -> tuple[Tensor, str] | None:
