@@ -136,6 +136,57 @@ class Assign(Stmt):
     value: Expr
 
 
+@dataclass(frozen=True)
+class Kwarg:
+    name: str
+    value: Expr
+    span: Span
+
+
+@dataclass(frozen=True)
+class ParamDecl(Stmt):
+    """`parametrization mup(lr = 0.5)` or `abc(a = [...], b = [...], c = ...)`."""
+
+    name: str
+    name_span: Span
+    kwargs: tuple[Kwarg, ...]
+
+
+@dataclass(frozen=True)
+class LayerDecl(Stmt):
+    """`layer W : hidden n x n, var = 2`; a bias has one dimension."""
+
+    name: str
+    role: str
+    role_span: Span
+    dims: tuple[tuple[str | int, Span], ...]
+    kwargs: tuple[Kwarg, ...]
+
+
+@dataclass(frozen=True)
+class ModelDecl(Stmt):
+    name: str
+    arg: str
+    body: Expr
+
+
+@dataclass(frozen=True)
+class LossDecl(Stmt):
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True)
+class TrainDecl(Stmt):
+    """`train sgd(lr = ..., steps = ..., batch = ...) minimize L`."""
+
+    optimizer: str
+    optimizer_span: Span
+    kwargs: tuple[Kwarg, ...]
+    loss: str
+    loss_span: Span
+
+
 @dataclass
 class Module:
     statements: list[Stmt] = field(default_factory=list)
@@ -270,6 +321,46 @@ class _ToAst(Transformer):
     def assign(self, meta, children):
         return Assign(_span(meta), str(children[0]), children[1])
 
+    # --- networks and training
+    @v_args(meta=True)
+    def kwarg(self, meta, children):
+        return Kwarg(str(children[0]), children[1], _span(meta))
+
+    def kwargs(self, children):
+        return tuple(children)
+
+    @v_args(meta=True)
+    def param_decl(self, meta, children):
+        name, kwargs = children
+        return ParamDecl(_span(meta), str(name), _span(name), kwargs or ())
+
+    @v_args(meta=True)
+    def layer_decl(self, meta, children):
+        name, role, first, x, second, *kwargs = children
+        dims = (first,)
+        if second is not None:
+            if str(x) != "x":
+                raise TpcError(f"expected 'x' between the dimensions of layer '{name}', got '{x}'", _span(x),
+                               hint=f"write: layer {name} : hidden n x n")
+            dims = (first, second)
+        return LayerDecl(_span(meta), str(name), str(role), _span(role), dims, tuple(kwargs))
+
+    @v_args(meta=True)
+    def model_decl(self, meta, children):
+        return ModelDecl(_span(meta), str(children[0]), str(children[1]), children[2])
+
+    @v_args(meta=True)
+    def loss_decl(self, meta, children):
+        return LossDecl(_span(meta), str(children[0]), children[1])
+
+    @v_args(meta=True)
+    def train_decl(self, meta, children):
+        opt, kwargs, word, loss = children
+        if str(word) != "minimize":
+            raise TpcError(f"expected 'minimize' after the optimizer, got '{word}'", _span(word),
+                           hint="write: train sgd(lr = 0.1, steps = 10) minimize L")
+        return TrainDecl(_span(meta), str(opt), _span(opt), kwargs or (), str(loss), _span(loss))
+
     def start(self, children):
         return Module(list(children))
 
@@ -322,7 +413,8 @@ def _parser() -> Lark:
     return Lark(grammar_text(), parser="lalr", propagate_positions=True, maybe_placeholders=True)
 
 
-_KEYWORD_STARTS = {"width", "dim", "data", "scalar", "matrix", "vector", "nonlin", "output"}
+_KEYWORD_STARTS = {"width", "dim", "data", "scalar", "matrix", "vector", "nonlin", "output",
+                   "parametrization", "layer", "model", "loss", "train"}
 
 
 def parse(source: str, filename: str = "<program>") -> Module:

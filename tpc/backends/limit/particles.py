@@ -82,36 +82,27 @@ class Family:
 
 
 @dataclass
-class ParticleEvaluator:
-    prog: Program
+class GaussianSpace:
+    """Random variables as arrays over the last axis (coefficients or particles), and the two
+    Gaussian families (W and W.T) of each matrix with their Zhat and Zdot rules. Shared by the
+    particle evaluator of programs and by the unrolled training loop (tpc.train.unroll)."""
+
     exact: bool
+    size: int  # basis size (exact) or number of particles
     dtype: torch.dtype = torch.float64
-    particles: int = 2**16
     seed: int = 0
-    values: dict[int, Tensor] = field(default_factory=dict)  # vector node -> (*batch, space)
-    scalars: dict[int, LimitValue] = field(default_factory=dict)
-    families: dict[tuple[int, bool], Family] = field(default_factory=dict)
+    families: dict[object, Family] = field(default_factory=dict)
     next_basis: int = 1  # exact space: index 0 is the constant
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
         self.method = "exact" if self.exact else "monte-carlo"
-        self.mc_used = not self.exact
-        self.size = self.basis_size() if self.exact else self.particles
-
-    # ------------------------------------------------------------------ the space
-    def basis_size(self) -> int:
-        count = 1
-        for node in self.prog.needed():
-            if node.op == "matmul":
-                mat = self.prog.node(node.inputs[0])
-                count += mat.params["cols"] if mat.params["role"] == "input" else int(np.prod(node.shape or (1,)))
-        count += sum(len(g.members) for g in self.prog.groups)
-        return count
 
     def normals(self, k: int) -> Tensor:
         """k new independent standard Gaussians, (k, space)."""
         if self.exact:
+            if self.next_basis + k > self.size:
+                raise TpcError(f"internal: the exact basis ({self.size}) is too small")  # pragma: no cover
             out = torch.zeros((k, self.size), dtype=self.dtype)
             out[torch.arange(k), torch.arange(self.next_basis, self.next_basis + k)] = 1.0
             self.next_basis += k
@@ -133,6 +124,106 @@ class ParticleEvaluator:
     def inner(self, a: Tensor, b: Tensor) -> Tensor:
         """E[a b] with broadcasting over leading axes."""
         return (a * b).sum(-1) if self.exact else (a * b).mean(-1)
+
+    def gram(self, a: Tensor, b: Tensor) -> Tensor:
+        """E[a_i b_j] for rows a (..., p, space) and b (..., q, space): (..., p, q)."""
+        out = a @ b.transpose(-1, -2)
+        return out if self.exact else out / self.size
+
+    def matmul(self, key: object, rows: Tensor, s2: float, where: str) -> Tensor:
+        """Z^{W x} = Zhat + Zdot for rows x (b, space) of the family `key` = (matrix, transposed)."""
+        mat, transposed = key  # type: ignore[misc]
+        fam = self.families.setdefault(key, Family())
+        other = self.families.get((mat, not transposed))
+        zhat = self.new_zhat(fam, rows, s2, where)
+        return zhat + self.zdot(other, rows, s2) if other and other.zhats else zhat
+
+    def new_zhat(self, fam: Family, rows: Tensor, s2: float, where: str) -> Tensor:
+        """Zhat for new inputs `rows` (b, space): extends the family's Cholesky factor."""
+        b = rows.shape[0]
+        c_new = s2 * self.gram(rows, rows)  # (b, b)
+        if fam.inputs:
+            prev = torch.stack(fam.inputs)
+            c_cross = s2 * self.gram(rows, prev)  # (b, k)
+            # l21 L11^T = C_cross; L11 may be singular when a vector repeats, hence pinv
+            l21 = c_cross @ torch.linalg.pinv(fam.chol.T, rtol=1e-12)
+            schur = c_new - l21 @ l21.T
+        else:
+            l21 = torch.zeros((b, 0), dtype=self.dtype)
+            schur = c_new
+        schur = (schur + schur.T) / 2
+        evals, evecs = torch.linalg.eigh(schur)
+        scale = max(1.0, float(evals.abs().max())) if evals.numel() else 1.0
+        if evals.numel() and float(evals.min()) < -1e-7 * scale:
+            raise NumericalError(
+                f"{where}: the covariance of this MatMul's Gaussians is not positive "
+                f"semidefinite (smallest eigenvalue {float(evals.min()):.3g})"
+            )
+        l22 = evecs * torch.sqrt(torch.clamp(evals, min=0.0))  # zero columns where a vector repeats
+        new = self.normals(b)
+        zhat = l22 @ new
+        if fam.inputs:
+            zhat = zhat + l21 @ torch.stack(fam.generators)
+        k = len(fam.inputs)
+        chol = torch.zeros((k + b, k + b), dtype=self.dtype)
+        if k:
+            chol[:k, :k] = fam.chol
+        chol[k:, :k] = l21
+        chol[k:, k:] = l22
+        fam.chol = chol
+        fam.generators += list(new)
+        fam.inputs += list(rows)
+        fam.zhats += list(zhat)
+        return zhat
+
+    def zdot(self, other: Family, rows: Tensor, s2: float) -> Tensor:
+        """s^2 sum_i Z^{y_i} E[dZ^x/dG_i] with E[grad_G Z^x] = C^+ E[G Z^x] (Stein)."""
+        g = torch.stack(other.zhats)  # (k, space): the other family's Zhats
+        y = torch.stack(other.inputs)  # (k, space): the vectors they multiplied
+        cov = s2 * self.gram(y, y)  # C = s^2 E[y y']
+        eg = self.gram(g, rows)  # (k, b): E[G Z^x]
+        grad = torch.linalg.pinv(cov, hermitian=True, rtol=1e-10) @ eg  # (k, b)
+        return s2 * grad.T @ y
+
+
+@dataclass
+class ParticleEvaluator:
+    prog: Program
+    exact: bool
+    dtype: torch.dtype = torch.float64
+    particles: int = 2**16
+    seed: int = 0
+    values: dict[int, Tensor] = field(default_factory=dict)  # vector node -> (*batch, space)
+    scalars: dict[int, LimitValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.space = GaussianSpace(self.exact, self.basis_size() if self.exact else self.particles, self.dtype,
+                                   self.seed)
+        self.method = self.space.method
+        self.mc_used = not self.exact
+        self.families = self.space.families
+
+    # ------------------------------------------------------------------ the space
+    def basis_size(self) -> int:
+        count = 1
+        for node in self.prog.needed():
+            if node.op == "matmul":
+                mat = self.prog.node(node.inputs[0])
+                count += mat.params["cols"] if mat.params["role"] == "input" else int(np.prod(node.shape or (1,)))
+        count += sum(len(g.members) for g in self.prog.groups)
+        return count
+
+    def normals(self, k: int) -> Tensor:
+        return self.space.normals(k)
+
+    def constant(self, value: Tensor) -> Tensor:
+        return self.space.constant(value)
+
+    def expect(self, z: Tensor) -> Tensor:
+        return self.space.expect(z)
+
+    def inner(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.space.inner(a, b)
 
     def run(self) -> dict[str, LimitValue]:
         return interpret(self.prog, self, self.scalars)
@@ -245,58 +336,8 @@ class ParticleEvaluator:
         transposed = bool(node.params.get("transposed"))
         x = self.values[node.inputs[1]]
         rows = x.reshape(-1, x.shape[-1])  # one row per batch element
-        fam = self.families.setdefault((mat.id, transposed), Family())
-        other = self.families.get((mat.id, not transposed))
-        zhat = self.new_zhat(fam, rows, s2, node)
-        zdot = self.zdot(other, rows, s2, node) if other and other.zhats else torch.zeros_like(zhat)
-        self.values[node.id] = (zhat + zdot).reshape(x.shape)
-
-    def new_zhat(self, fam: Family, rows: Tensor, s2: float, node: Node) -> Tensor:
-        """Zhat for new inputs `rows` (b, space): extends the family's Cholesky factor."""
-        b = rows.shape[0]
-        c_new = s2 * self.inner(rows[:, None, :], rows[None, :, :])  # (b, b)
-        if fam.inputs:
-            prev = torch.stack(fam.inputs)
-            c_cross = s2 * self.inner(rows[:, None, :], prev[None, :, :])  # (b, k)
-            # l21 L11^T = C_cross; L11 may be singular when a vector repeats, hence pinv
-            l21 = c_cross @ torch.linalg.pinv(fam.chol.T, rtol=1e-12)
-            schur = c_new - l21 @ l21.T
-        else:
-            l21 = torch.zeros((b, 0), dtype=self.dtype)
-            schur = c_new
-        schur = (schur + schur.T) / 2
-        evals, evecs = torch.linalg.eigh(schur)
-        scale = max(1.0, float(evals.abs().max())) if evals.numel() else 1.0
-        if evals.numel() and float(evals.min()) < -1e-7 * scale:
-            raise NumericalError(
-                f"{self.where(node)}: the covariance of this MatMul's Gaussians is not positive "
-                f"semidefinite (smallest eigenvalue {float(evals.min()):.3g})"
-            )
-        l22 = evecs * torch.sqrt(torch.clamp(evals, min=0.0))  # zero columns where a vector repeats
-        new = self.normals(b)
-        zhat = l22 @ new
-        if fam.inputs:
-            zhat = zhat + l21 @ torch.stack(fam.generators)
-        k = len(fam.inputs)
-        chol = torch.zeros((k + b, k + b), dtype=self.dtype)
-        if k:
-            chol[:k, :k] = fam.chol
-        chol[k:, :k] = l21
-        chol[k:, k:] = l22
-        fam.chol = chol
-        fam.generators += list(new)
-        fam.inputs += list(rows)
-        fam.zhats += list(zhat)
-        return zhat
-
-    def zdot(self, other: Family, rows: Tensor, s2: float, node: Node) -> Tensor:
-        """s^2 sum_i Z^{y_i} E[dZ^x/dG_i] with E[grad_G Z^x] = C^+ E[G Z^x] (Stein)."""
-        g = torch.stack(other.zhats)  # (k, space): the other family's Zhats
-        y = torch.stack(other.inputs)  # (k, space): the vectors they multiplied
-        cov = s2 * self.inner(y[:, None, :], y[None, :, :])  # C = s^2 E[y y']
-        eg = self.inner(g[:, None, :], rows[None, :, :])  # (k, b): E[G Z^x]
-        grad = torch.linalg.pinv(cov, hermitian=True, rtol=1e-10) @ eg  # (k, b)
-        return s2 * grad.T @ y
+        z = self.space.matmul((mat.id, transposed), rows, s2, self.where(node))
+        self.values[node.id] = z.reshape(x.shape)
 
 
 def _evaluate_linear(tree: ex.Tree, args: list[Tensor], vec: set[int], ev: ParticleEvaluator) -> Tensor:

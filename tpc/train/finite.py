@@ -1,0 +1,179 @@
+"""Finite-width training: real weight matrices in torch, trained by SGD with autograd,
+vectorised over seeds (every weight has a leading seed axis), on any device.
+
+Seed s draws every layer's standard normals from its own generator, in declaration order, so
+`unroll.py` can rebuild the same initial network.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from tpc.backends.torch.run import DTYPES, FiniteResult
+from tpc.errors import NumericalError
+from tpc.train.losses import batch_rows, loss_value
+from tpc.train.network import Layer, Network, Output, Step
+
+Tensor = torch.Tensor
+
+
+def shape_of(layer: Layer, width: int) -> tuple[int, ...]:
+    if layer.role == "bias":
+        return (width,)
+    return tuple(width if d is None else int(d) for d in (layer.rows, layer.cols))
+
+
+def standard_normals(net: Network, width: int, seeds: list[int], dtype: torch.dtype,
+                     device: str) -> dict[str, Tensor]:
+    """Each layer's standard normals, (S, *shape), the same for every backend at a seed."""
+    per_seed: list[dict[str, Tensor]] = []
+    for s in seeds:
+        gen = torch.Generator(device=device).manual_seed(int(s))
+        per_seed.append({name: torch.randn(shape_of(la, width), generator=gen, dtype=dtype, device=device)
+                         for name, la in net.layers.items()})
+    return {name: torch.stack([p[name] for p in per_seed]) for name in net.layers}
+
+
+def init_std(net: Network, layer: Layer, width: int) -> float:
+    """Entries of W^l: sqrt(var / fan_in) n^-(a+b)."""
+    return float(np.sqrt(layer.var / layer.fan_in) * width ** (-net.init_exponent(layer)))
+
+
+def forward(net: Network, weights: dict[str, Tensor], x: Tensor, keep: bool = False) -> list[Tensor]:
+    """Every step's value; `weights` are the W^l (S, *shape). Vectors are (S, B, n), the output (S, B, k)."""
+    vals: list[Tensor] = []
+    for step in net.model.steps:
+        vals.append(_step(step, vals, weights, x))
+    return vals
+
+
+def _step(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor) -> Tensor:
+    from tpc.train.losses import _tree
+
+    if step.op == "input":
+        return x
+    if step.op == "bias":
+        return weights[step.layer][:, None, :]
+    if step.op == "matmul":
+        w = weights[step.layer]
+        arg = vals[step.args[0]]
+        if arg.dim() == 2:  # the data (B, d) times the input layer (S, n, d)
+            return torch.einsum("bd,snd->sbn", arg, w)
+        return arg @ w.transpose(-1, -2)
+    return _tree(step.tree, [vals[i] for i in step.args])
+
+
+def train_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
+                 first_seed: int = 0, memory_gb: float = 4.0,
+                 progress: Callable[[int], None] | None = None) -> dict[str, FiniteResult]:
+    """Every output of the network program at width `width` for seeds first_seed...; training runs
+    SGD on the trained parameters w^l (W^l = n^-a_l w^l) with learning rate lr n^-c."""
+    tdtype = DTYPES[dtype]
+    per_seed = 4 * sum(int(np.prod(shape_of(la, width))) for la in net.layers.values())
+    rows = max(net.data[d].shape[0] for d in net.point_sets())
+    per_seed += 4 * rows * width * len(net.model.steps)
+    chunk = max(1, min(seeds, int(memory_gb * 2**30 // (per_seed * torch.finfo(tdtype).bits // 8))))
+    parts: dict[str, list[np.ndarray]] = {o.name: [] for o in net.outputs}
+    done = 0
+    while done < seeds:
+        ids = list(range(first_seed + done, first_seed + min(seeds, done + chunk)))
+        out = _train_chunk(net, width, ids, tdtype, device, progress)
+        for k, v in out.items():
+            parts[k].append(v)
+        done += len(ids)
+    return {k: FiniteResult(k, np.concatenate(v), width) for k, v in parts.items()}
+
+
+def _train_chunk(net: Network, width: int, ids: list[int], dtype: torch.dtype, device: str,
+                 progress: Callable[[int], None] | None) -> dict[str, np.ndarray]:
+    normals = standard_normals(net, width, ids, dtype, device)
+    params: dict[str, Tensor] = {}
+    mult: dict[str, float] = {}
+    for name, la in net.layers.items():
+        a, b = net.ab(la)
+        params[name] = (normals[name] * float(np.sqrt(la.var / la.fan_in) * width ** (-b))).requires_grad_(True)
+        mult[name] = float(width ** (-a))
+
+    def weights() -> dict[str, Tensor]:
+        return {k: mult[k] * w for k, w in params.items()}
+
+    def data(name: str) -> Tensor:
+        return torch.as_tensor(net.data[name], dtype=dtype, device=device)
+
+    results: dict[str, np.ndarray] = {}
+    init_features: dict[str, Tensor] = {}
+
+    def evaluate(outputs: list[Output], history: np.ndarray | None) -> None:
+        with torch.no_grad():
+            w = weights()
+            for o in outputs:
+                results[o.name] = _output(net, o, w, data, init_features, history)
+
+    init_outs = [o for o in net.outputs if o.phase == "init"]
+    evaluate(init_outs, None)
+    history = None
+    if net.train:
+        with torch.no_grad():
+            w = weights()
+            for o in net.outputs:
+                if o.kind == "feature_change":
+                    init_features[o.data] = forward(net, w, data(o.data))[net.model.features]
+        history = _sgd(net, params, weights, data, width)
+    evaluate([o for o in net.outputs if o.phase == "trained"], history)
+    if progress:
+        progress(len(ids))
+    return results
+
+
+def _sgd(net: Network, params: dict[str, Tensor], weights: Callable[[], dict[str, Tensor]],
+         data: Callable[[str], Tensor], width: int) -> np.ndarray:
+    train = net.train
+    loss = net.losses[train.loss]
+    X = data(loss.data)  # noqa: N806
+    m = X.shape[0]
+    rate = {k: train.lr * width ** (-net.abc.c) for k in params}
+    history = []
+    for t in range(train.steps):
+        rows = batch_rows(t, train.batch, m)
+        F = forward(net, weights(), X[torch.as_tensor(rows, device=X.device)])[-1]  # noqa: N806
+        value = loss_value(loss, F, net.data, rows)
+        if train.batch == m:
+            history.append(value.detach())
+        else:
+            with torch.no_grad():
+                history.append(loss_value(loss, forward(net, weights(), X)[-1], net.data, np.arange(m)))
+        if not torch.isfinite(value).all():
+            raise NumericalError(f"training diverged at step {t + 1}: the loss is not finite (lower the "
+                                 "learning rate)")
+        grads = torch.autograd.grad(value.sum(), list(params.values()))
+        with torch.no_grad():
+            for (k, w), g in zip(params.items(), grads, strict=True):
+                w -= rate[k] * g
+    return torch.stack(history, dim=-1).detach().to("cpu", torch.float64).numpy()
+
+
+def _output(net: Network, o: Output, w: dict[str, Tensor], data: Callable[[str], Tensor],
+            init_features: dict[str, Tensor], history: np.ndarray | None) -> np.ndarray:
+    def numpy(t: Tensor) -> np.ndarray:
+        return t.detach().to("cpu", torch.float64).numpy()
+
+    if o.kind == "history":
+        return history
+    if o.kind == "loss":
+        loss = net.losses[o.loss]
+        F = forward(net, w, data(loss.data))[-1]  # noqa: N806
+        return numpy(loss_value(loss, F, net.data, np.arange(F.shape[-2])))
+    vals = forward(net, w, data(o.data))
+    if o.kind == "predict":
+        F = vals[-1]  # noqa: N806
+        return numpy(F[..., 0] if F.shape[-1] == 1 else F)
+    feats = vals[net.model.features]
+    n = feats.shape[-1]
+    if o.kind == "features":
+        return numpy(feats @ feats.transpose(-1, -2) / n)
+    diff = feats - init_features[o.data]
+    return numpy((diff * diff).mean(-1))
+

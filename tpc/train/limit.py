@@ -1,0 +1,76 @@
+"""The infinite-width limit of a network program: feature learning (r = 0) by the unrolled
+Netsor-transpose program, the kernel regime (r > 0) by kernel gradient descent."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from tpc.backends.limit.evaluate import LimitOutput
+from tpc.errors import TpcError
+from tpc.train.kernel import kernel_limit
+from tpc.train.network import Network
+from tpc.train.unroll import LimitSpace, Plan, is_linear_model, plan, run
+
+DEFAULT_MEMORY_GB = 8.0
+
+
+def describe(net: Network, method: str = "auto", particles: int = 2**16, replicates: int = 4) -> str:
+    """What the limit will compute and how, before it runs."""
+    cls = net.classification()
+    head = f"{net.param_name}: r = {cls.r:g}, {cls.regime}"
+    if cls.regime == "feature learning":
+        p = plan(net)
+        exact = _exact(net, method)
+        size = p.gaussians + 1 if exact else particles
+        mem = p.memory_bytes(size) / 2**30
+        steps = net.train.steps if net.train else 0
+        return (f"{head}: SGD unrolled over {steps} step(s) into a Netsor-transpose program; "
+                f"{p.describe(exact, particles, replicates)}; about {mem:.2g} GB")
+    if cls.regime in ("kernel", "trivial"):
+        return (f"{head}: the features stay at initialisation; kernel gradient descent with the limit "
+                "NNGP and NTK of the initial network (closed forms or quadrature)")
+    return head
+
+
+def _exact(net: Network, method: str) -> bool:
+    linear = is_linear_model(net)
+    if method == "exact" and not linear:
+        raise TpcError("--method exact: this model has a nonlinearity, so its limit is taken by Monte Carlo; use "
+                       "--method auto or monte-carlo")
+    if method not in ("auto", "exact", "monte-carlo"):
+        raise TpcError(f"--method {method}: a training limit is exact (linear models) or monte-carlo")
+    return linear and method in ("auto", "exact")
+
+
+def network_limit(net: Network, method: str = "auto", particles: int = 2**16, replicates: int = 4,
+                  seed: int = 0, memory_gb: float = DEFAULT_MEMORY_GB, force: bool = False,
+                  progress: Callable[[int, int], None] | None = None) -> dict[str, LimitOutput]:
+    cls = net.classification()
+    if not cls.stable:
+        raise TpcError(f"the parametrization is unstable (its limit blows up): {'; '.join(cls.failed)}").locate(
+            net.filename, net.source)
+    if cls.regime != "feature learning":
+        return kernel_limit(net, seed=seed)
+    p: Plan = plan(net)
+    exact = _exact(net, method)
+    size = p.gaussians + 1 if exact else particles
+    need = p.memory_bytes(size) / 2**30
+    if need > memory_gb and not force:
+        raise TpcError(f"the unrolled limit needs about {need:.3g} GB ({p.gaussians} Gaussian vectors over "
+                       f"{size} {'basis elements' if exact else 'particles'}), more than {memory_gb:g} GB; "
+                       "use fewer particles or steps, or --force").locate(net.filename, net.source)
+    runs = []
+    with torch.no_grad():
+        for r in range(1 if exact else max(2, replicates)):
+            runs.append(run(net, LimitSpace(net, exact, size, seed + r), progress))
+    out = {}
+    for o in net.outputs:
+        stack = np.stack([r[o.name].double().numpy() for r in runs])
+        if exact:
+            out[o.name] = LimitOutput(stack[0], "exact")
+        else:
+            out[o.name] = LimitOutput(stack.mean(0), "monte-carlo", stack.std(0, ddof=1) / np.sqrt(len(runs)))
+    return out

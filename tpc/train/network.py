@@ -1,0 +1,699 @@
+"""Network programs: layers with roles, a parametrization, a model, losses, SGD and outputs.
+
+A `.tp` program with a `layer`, `model` or `train` statement is a network program. It is
+checked here into a `Network`: plain data that the finite-width trainer (`finite.py`), the
+unrolled Netsor-transpose program (`unroll.py`) and the kernel-regime limit (`kernel.py`) read.
+
+Conventions (TP4, Yang & Hu 2021, Definition 3.1): layer l has `W^l = n^-a_l w^l` with
+`w^l ~ N(0, var_l n^-2b_l / d)` (the finite fan-in `d` divides the input layer's variance
+only), and SGD updates the trained parameter `w^l <- w^l - lr n^-c dL/dw^l`. Layers are numbered
+in the order the model applies them: the input layer is 1, hidden layers 2..L, the readout
+L+1; a bias takes the input layer's `a` and `b` (a weight on a constant input 1).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tpc import syntax as ast
+from tpc.data import literal_array, load_array
+from tpc.errors import Span, TpcError, nearest
+from tpc.ops import expr as ex
+from tpc.ops.functions import ALIASES, FUNCTIONS
+from tpc.parametrization import ABC, Classification, classify, preset
+
+ROLES = ("input", "hidden", "readout", "bias")
+LOSSES = ("mse", "xent", "logistic")
+OUTPUT_FUNCTIONS = ("history", "features", "feature_change")
+NETWORK_STATEMENTS = (ast.ParamDecl, ast.LayerDecl, ast.ModelDecl, ast.LossDecl, ast.TrainDecl)
+
+
+@dataclass
+class Layer:
+    name: str
+    role: str  # input | hidden | readout | bias
+    rows: int | None  # None: the width n
+    cols: int | None
+    var: float  # sigma_l^2
+    span: Span
+    index: int = -1  # its place l-1 in the parametrization's lists
+
+    @property
+    def fan_in(self) -> int:
+        return int(self.cols) if self.role == "input" else 1
+
+
+@dataclass
+class Step:
+    """One value of the model: the input, a layer applied to a value, a bias, or a
+    coordinatewise function of earlier values (a tree over `Arg(i)` = the i-th of `args`)."""
+
+    op: str  # input | matmul | bias | fn
+    kind: str  # data | vector | out
+    layer: str | None = None
+    args: tuple[int, ...] = ()
+    tree: ex.Tree | None = None
+    span: Span | None = None
+
+
+@dataclass
+class Model:
+    name: str
+    arg: str
+    steps: list[Step]
+    span: Span
+
+    @property
+    def out(self) -> int:
+        return len(self.steps) - 1
+
+    @property
+    def features(self) -> int:
+        """The last hidden vector: what the readout multiplies."""
+        return self.steps[self.out].args[0]
+
+
+@dataclass
+class Loss:
+    name: str
+    kind: str  # mse | xent | logistic | user
+    data: str  # the inputs X of f(X)
+    target: str | None  # Y for the built-in losses
+    span: Span
+    tree: ex.Tree | None = None  # user losses: Arg(0) = f(X), Arg(i) = data `args[i]`
+    args: tuple[str, ...] = ()
+    reduce: str = "mean"  # user losses: mean or sum over every entry
+
+
+@dataclass
+class Train:
+    lr: float
+    steps: int
+    batch: int  # rows per step; the full training set unless `batch = ...`
+    loss: str
+    span: Span
+
+
+@dataclass
+class Output:
+    name: str
+    kind: str  # predict | loss | history | features | feature_change
+    phase: str  # init | trained
+    span: Span
+    data: str | None = None
+    loss: str | None = None
+
+
+@dataclass
+class Network:
+    filename: str
+    source: str
+    width_name: str
+    param_name: str
+    abc: ABC
+    lr: float | None
+    layers: dict[str, Layer]
+    model: Model
+    data: dict[str, np.ndarray] = field(default_factory=dict)
+    losses: dict[str, Loss] = field(default_factory=dict)
+    train: Train | None = None
+    outputs: list[Output] = field(default_factory=list)
+
+    @property
+    def hidden_layers(self) -> int:
+        return self.abc.hidden_layers
+
+    def classification(self) -> Classification:
+        return classify(self.abc)
+
+    def ab(self, layer: Layer) -> tuple[float, float]:
+        return self.abc.a[layer.index], self.abc.b[layer.index]
+
+    def init_exponent(self, layer: Layer) -> float:
+        """Entries of W = n^-a w have standard deviation sqrt(var / fan_in) n^-(a+b)."""
+        a, b = self.ab(layer)
+        return a + b
+
+    def lr_exponent(self, layer: Layer) -> float:
+        """SGD on w moves W by -lr n^-(2a+c) dL/dW."""
+        a, _ = self.ab(layer)
+        return 2 * a + self.abc.c
+
+    def readout(self) -> Layer:
+        return next(la for la in self.layers.values() if la.role == "readout")
+
+    def output_dim(self) -> int:
+        return int(self.readout().rows)
+
+    def point_sets(self) -> list[str]:
+        """Every data set the model is evaluated on, training data first."""
+        names: list[str] = []
+        if self.train:
+            names.append(self.losses[self.train.loss].data)
+        for loss in self.losses.values():
+            names.append(loss.data)
+        names += [o.data for o in self.outputs if o.data]
+        return list(dict.fromkeys(names))
+
+
+# ---------------------------------------------------------------------------- building
+
+
+@dataclass
+class _Builder:
+    base_dir: Path
+    width: str | None = None
+    dims: dict[str, int] = field(default_factory=dict)
+    data: dict[str, np.ndarray] = field(default_factory=dict)
+    nonlins: dict[str, ast.NonlinDecl] = field(default_factory=dict)
+    layers: dict[str, Layer] = field(default_factory=dict)
+    defined: dict[str, Span] = field(default_factory=dict)
+    param: ast.ParamDecl | None = None
+    model: Model | None = None
+    losses: dict[str, Loss] = field(default_factory=dict)
+    train: Train | None = None
+    outputs: list[Output] = field(default_factory=list)
+
+    def declare(self, name: str, span: Span) -> None:
+        if name in self.defined:
+            raise TpcError(f"'{name}' is already defined (first defined at line {self.defined[name].line})", span)
+        if name in FUNCTIONS and FUNCTIONS[name].user_visible or name in ALIASES or name in LOSSES \
+                or name in OUTPUT_FUNCTIONS or name in ("mean", "sum", "load", "N"):
+            raise TpcError(f"'{name}' is a built-in function; choose another name", span)
+        self.defined[name] = span
+
+    def known(self) -> list[str]:
+        return list(self.defined) + [k for k, f in FUNCTIONS.items() if f.user_visible]
+
+    def unknown(self, name: str, span: Span) -> TpcError:
+        near = nearest(name, self.known())
+        return TpcError(f"unknown name '{name}'", span, f"did you mean '{near}'?" if near else None)
+
+    # --- constants (numbers and dimensions; the width never appears in a network's statements)
+    def const(self, e: ast.Expr) -> float:
+        if isinstance(e, ast.Num):
+            return e.value
+        if isinstance(e, ast.Neg):
+            return -self.const(e.operand)
+        if isinstance(e, ast.Name) and e.id in self.dims:
+            return float(self.dims[e.id])
+        if isinstance(e, ast.Name) and e.id == self.width:
+            raise TpcError(f"the parametrization supplies the powers of {e.id}; write a number here", e.span)
+        if isinstance(e, ast.BinOp) and e.op in "+-*/^":
+            a, b = self.const(e.left), self.const(e.right)
+            if e.op == "/" and b == 0:
+                raise TpcError("division by zero", e.span)
+            try:
+                return {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else 0.0, "^": a**b}[e.op]
+            except (OverflowError, ZeroDivisionError):
+                raise TpcError("this constant overflows", e.span) from None
+        if isinstance(e, ast.Call) and e.fn == "sqrt" and len(e.args) == 1:
+            v = self.const(e.args[0])
+            if v < 0:
+                raise TpcError("sqrt of a negative number", e.span)
+            return float(np.sqrt(v))
+        raise TpcError("expected a number", e.span)
+
+    def const_list(self, e: ast.Expr) -> tuple[float, ...]:
+        if not isinstance(e, ast.ListExpr):
+            raise TpcError("expected a list of numbers, e.g. [-0.5, 0, 0.5]", e.span)
+        return tuple(self.const(x) for x in e.items)
+
+    def kwargs(self, kwargs: tuple[ast.Kwarg, ...], allowed: tuple[str, ...], what: str) -> dict[str, ast.Kwarg]:
+        out: dict[str, ast.Kwarg] = {}
+        for kw in kwargs:
+            if kw.name not in allowed:
+                near = nearest(kw.name, list(allowed))
+                raise TpcError(f"{what} takes {', '.join(allowed)}; unknown argument '{kw.name}'", kw.span,
+                               f"did you mean '{near}'?" if near else None)
+            if kw.name in out:
+                raise TpcError(f"argument '{kw.name}' is given twice", kw.span)
+            out[kw.name] = kw
+        return out
+
+    # --- statements
+    def statement(self, s: ast.Stmt) -> None:
+        if isinstance(s, ast.WidthDecl):
+            if self.width is not None:
+                raise TpcError("the width is declared twice", s.span)
+            self.declare(s.name, s.span)
+            self.width = s.name
+        elif isinstance(s, ast.DimDecl):
+            self.declare(s.name, s.span)
+            if s.value <= 0:
+                raise TpcError("a dimension must be positive", s.span)
+            self.dims[s.name] = s.value
+        elif isinstance(s, ast.DataDecl):
+            self.declare(s.name, s.span)
+            arr = load_array(s.path, self.base_dir, s.source_span) if s.path is not None \
+                else literal_array(s.literal, s.span)
+            self.data[s.name] = np.asarray(arr, dtype=np.float64)
+        elif isinstance(s, ast.NonlinDecl):
+            self.declare(s.name, s.span)
+            self.nonlins[s.name] = s
+        elif isinstance(s, ast.ParamDecl):
+            if self.param is not None:
+                raise TpcError("the parametrization is declared twice", s.span)
+            self.param = s
+        elif isinstance(s, ast.LayerDecl):
+            self.layer(s)
+        elif isinstance(s, ast.ModelDecl):
+            if self.model is not None:
+                raise TpcError("a network program has one model", s.span)
+            self.declare(s.name, s.span)
+            self.model = ModelBuilder(self, s).build()
+        elif isinstance(s, ast.LossDecl):
+            self.declare(s.name, s.span)
+            self.losses[s.name] = self.loss(s)
+        elif isinstance(s, ast.TrainDecl):
+            self.train_stmt(s)
+        elif isinstance(s, ast.OutputDecl):
+            self.output(s)
+        elif isinstance(s, (ast.MatrixDecl, ast.VectorDecl)):
+            raise TpcError("a network program declares its weights with `layer`, not `matrix` or `vector`", s.span,
+                           "write: layer W : hidden n x n")
+        else:
+            raise TpcError("a network program has no assignments: name values in the model, the losses and "
+                           "the outputs", s.span)
+
+    def dim(self, d: str | int, span: Span) -> int | None:
+        if d == self.width:
+            return None
+        if isinstance(d, int):
+            if d <= 0:
+                raise TpcError("a dimension must be positive", span)
+            return d
+        if d in self.dims:
+            return self.dims[d]
+        raise self.unknown(d, span)
+
+    def layer(self, s: ast.LayerDecl) -> None:
+        self.declare(s.name, s.span)
+        if self.width is None:
+            raise TpcError("declare the width before any layer: `width n`", s.span)
+        if s.role not in ROLES:
+            near = nearest(s.role, list(ROLES))
+            raise TpcError(f"unknown layer role '{s.role}'; a layer is input, hidden, readout or bias", s.role_span,
+                           f"did you mean '{near}'?" if near else None)
+        dims = [self.dim(d, sp) for d, sp in s.dims]
+        want = {"input": "n x d", "hidden": "n x n", "readout": "k x n", "bias": "n"}[s.role]
+        ok = {
+            "input": len(dims) == 2 and dims[0] is None and dims[1] is not None,
+            "hidden": len(dims) == 2 and dims[0] is None and dims[1] is None,
+            "readout": len(dims) == 2 and dims[0] is not None and dims[1] is None,
+            "bias": len(dims) == 1 and dims[0] is None,
+        }[s.role]
+        if not ok:
+            raise TpcError(f"a {s.role} layer is {want.replace('n', self.width)} (n the width, d and k finite)",
+                           s.span)
+        kw = self.kwargs(s.kwargs, ("var",), "a layer")
+        var = self.const(kw["var"].value) if "var" in kw else 1.0
+        if not var > 0 or not np.isfinite(var):
+            raise TpcError("a layer's variance must be positive", kw["var"].value.span)
+        rows, cols = (dims + [1])[:2] if s.role == "bias" else dims
+        self.layers[s.name] = Layer(s.name, s.role, rows, cols, var, s.span)
+
+    def f_call(self, e: ast.Expr) -> str | None:
+        """`f(X)` with f the model and X data: the name of X, else None."""
+        if isinstance(e, ast.Call) and self.model and e.fn == self.model.name:
+            if len(e.args) != 1 or not isinstance(e.args[0], ast.Name) or e.args[0].id not in self.data:
+                raise TpcError(f"{e.fn}(X) takes one data set X", e.span)
+            x = e.args[0].id
+            d = self.input_dim()
+            arr = self.data[x]
+            if arr.ndim != 2 or arr.shape[1] != d:
+                raise TpcError(f"'{x}' is {' x '.join(map(str, arr.shape))}; the model takes rows of dimension {d}",
+                               e.args[0].span)
+            return x
+        return None
+
+    def input_dim(self) -> int:
+        return int(next(la.cols for la in self.layers.values() if la.role == "input"))
+
+    def output_dim(self) -> int:
+        return int(next(la.rows for la in self.layers.values() if la.role == "readout"))
+
+    def loss(self, s: ast.LossDecl) -> Loss:
+        if self.model is None:
+            raise TpcError("define the model before its losses", s.span)
+        e = s.value
+        if isinstance(e, ast.Call) and e.fn in LOSSES:
+            if len(e.args) != 2:
+                raise TpcError(f"{e.fn}(f(X), Y) takes the model's outputs and the targets", e.span)
+            x = self.f_call(e.args[0])
+            if x is None:
+                raise TpcError(f"the first argument of {e.fn} is the model on data, e.g. {self.model.name}(X)",
+                               e.args[0].span)
+            y = e.args[1]
+            if not isinstance(y, ast.Name) or y.id not in self.data:
+                raise TpcError("the targets are a data set", y.span)
+            self.check_targets(e.fn, self.data[x], self.data[y.id], y.span)
+            return Loss(s.name, e.fn, x, y.id, s.span)
+        if not (isinstance(e, ast.Call) and e.fn in ("mean", "sum") and len(e.args) == 1):
+            raise TpcError("a loss is mse(f(X), Y), xent(f(X), Y), logistic(f(X), Y), or mean(...) or sum(...) "
+                           "of an expression in f(X) and data", e.span)
+        names: list[str] = []
+        xs: list[str] = []
+        tree = self.loss_tree(e.args[0], names, xs)
+        if not xs:
+            raise TpcError(f"a loss depends on the model: use {self.model.name}(X)", e.span)
+        m = self.data[xs[0]].shape[0]
+        for name in names:
+            arr = self.data[name]
+            if arr.ndim and arr.shape[0] != m:
+                raise TpcError(f"'{name}' has {arr.shape[0]} rows but {xs[0]} has {m}", e.span)
+        return Loss(s.name, "user", xs[0], None, s.span, tree, tuple(["<f>"] + names), e.fn)
+
+    def loss_tree(self, e: ast.Expr, names: list[str], xs: list[str]) -> ex.Tree:
+        x = self.f_call(e)
+        if x is not None:
+            if xs and xs[0] != x:
+                raise TpcError("a loss evaluates the model on one data set", e.span)
+            xs.append(x)
+            return ex.Arg(0)
+        if isinstance(e, ast.Num):
+            return ex.Const(e.value)
+        if isinstance(e, ast.Name):
+            if e.id in self.data:
+                if e.id not in names:
+                    names.append(e.id)
+                return ex.Arg(1 + names.index(e.id))
+            if e.id in self.dims:
+                return ex.Const(float(self.dims[e.id]))
+            raise self.unknown(e.id, e.span)
+        if isinstance(e, ast.Neg):
+            return ex.Apply("neg", (self.loss_tree(e.operand, names, xs),))
+        if isinstance(e, ast.BinOp) and e.op in "+-*/^":
+            fn = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow"}[e.op]
+            return ex.Apply(fn, (self.loss_tree(e.left, names, xs), self.loss_tree(e.right, names, xs)))
+        if isinstance(e, ast.Call):
+            fn = ALIASES.get(e.fn, e.fn)
+            if fn == "sqrt" and len(e.args) == 1:
+                return ex.Apply("pow", (self.loss_tree(e.args[0], names, xs), ex.Const(0.5)))
+            if fn not in FUNCTIONS or not FUNCTIONS[fn].user_visible:
+                raise self.unknown(e.fn, e.fn_span)
+            if len(e.args) != FUNCTIONS[fn].arity:
+                raise TpcError(f"'{e.fn}' takes {FUNCTIONS[fn].arity} argument(s)", e.span)
+            return ex.Apply(fn, tuple(self.loss_tree(a, names, xs) for a in e.args))
+        raise TpcError("a loss is a coordinatewise expression in f(X), data and numbers", e.span)
+
+    def check_targets(self, kind: str, x: np.ndarray, y: np.ndarray, span: Span) -> None:
+        m, k = x.shape[0], self.output_dim()
+        if y.shape[0] != m:
+            raise TpcError(f"the targets have {y.shape[0]} rows but the inputs have {m}", span)
+        if kind == "mse" and not (y.shape == (m, k) or (k == 1 and y.shape in ((m,), (m, 1)))):
+            raise TpcError(f"mse targets are {m} x {k}", span)
+        if kind == "xent":
+            if k < 2:
+                raise TpcError("xent (softmax cross-entropy) needs a readout with at least 2 rows", span)
+            labels = y.reshape(m, -1)
+            if labels.shape[1] == 1:
+                ok = np.all((labels >= 0) & (labels < k) & (labels == np.round(labels)))
+                if not ok:
+                    raise TpcError(f"xent targets are class labels 0..{k - 1} (or one-hot rows)", span)
+            elif labels.shape != (m, k):
+                raise TpcError(f"xent targets are {m} class labels or a {m} x {k} one-hot matrix", span)
+        if kind == "logistic":
+            if k != 1:
+                raise TpcError("logistic loss needs a readout with one row", span)
+            if not np.all(np.isin(y, (-1.0, 0.0, 1.0))) or y.size != m:
+                raise TpcError("logistic targets are labels in {0, 1} or {-1, +1}", span)
+
+    def train_stmt(self, s: ast.TrainDecl) -> None:
+        if self.train is not None:
+            raise TpcError("a network program has one train statement", s.span)
+        if s.optimizer != "sgd":
+            raise TpcError(f"unknown optimizer '{s.optimizer}'; tpc trains with sgd", s.optimizer_span)
+        if s.loss not in self.losses:
+            raise self.unknown(s.loss, s.loss_span)
+        kw = self.kwargs(s.kwargs, ("lr", "steps", "batch"), "sgd")
+        if "steps" not in kw:
+            raise TpcError("sgd needs the number of steps: sgd(steps = 10)", s.span)
+        steps = self.const(kw["steps"].value)
+        if steps != int(steps) or steps < 1:
+            raise TpcError("steps is a positive whole number", kw["steps"].value.span)
+        m = self.data[self.losses[s.loss].data].shape[0]
+        batch = self.const(kw["batch"].value) if "batch" in kw else m
+        if batch != int(batch) or not 1 <= batch <= m:
+            raise TpcError(f"batch is a whole number from 1 to the {m} training rows", kw["batch"].value.span)
+        lr = self.const(kw["lr"].value) if "lr" in kw else None
+        if lr is not None and not lr > 0:
+            raise TpcError("the learning rate must be positive", kw["lr"].value.span)
+        self.train = Train(lr if lr is not None else np.nan, int(steps), int(batch), s.loss, s.span)
+
+    def output(self, s: ast.OutputDecl) -> None:
+        if any(o.name == s.name for o in self.outputs):
+            raise TpcError(f"output '{s.name}' is defined twice", s.span)
+        phase = "trained" if self.train else "init"
+        e = s.value
+        if self.model is None:
+            raise TpcError("define the model before the outputs", s.span)
+        x = self.f_call(e)
+        if x is not None:
+            self.outputs.append(Output(s.name, "predict", phase, s.span, data=x))
+            return
+        if isinstance(e, ast.Name) and e.id in self.losses:
+            self.outputs.append(Output(s.name, "loss", phase, s.span, loss=e.id))
+            return
+        if isinstance(e, ast.Call) and e.fn == "history":
+            if len(e.args) != 1 or not isinstance(e.args[0], ast.Name) or self.train is None \
+                    or e.args[0].id != self.train.loss:
+                raise TpcError("history(L) is the trained loss L at every step, after `train ... minimize L`",
+                               e.span)
+            self.outputs.append(Output(s.name, "history", phase, s.span, loss=e.args[0].id))
+            return
+        if isinstance(e, ast.Call) and e.fn in ("features", "feature_change"):
+            ok = len(e.args) == 2 and isinstance(e.args[0], ast.Name) and e.args[0].id == self.model.name
+            x = self.f_call(ast.Call(e.span, self.model.name, e.args[1:], e.fn_span)) if ok else None
+            if x is None:
+                raise TpcError(f"{e.fn}(f, X) takes the model and a data set", e.span)
+            if e.fn == "feature_change" and self.train is None:
+                raise TpcError("feature_change(f, X) compares the features after training with those at "
+                               "initialisation: put it after the train statement", e.span)
+            self.outputs.append(Output(s.name, e.fn, phase, s.span, data=x))
+            return
+        raise TpcError(f"a network program outputs {self.model.name}(X), a loss, history(L), features(f, X) or "
+                       "feature_change(f, X)", e.span)
+
+    def finish(self, filename: str, source: str) -> Network:
+        if self.width is None:
+            raise TpcError("the program declares no width: start it with `width n`")
+        if self.model is None:
+            raise TpcError("a network program needs a model: `model f(x) = ...`")
+        if self.param is None:
+            raise TpcError("a network program needs a parametrization: `parametrization mup` (or sp, ntk, mf, "
+                           "abc(...))")
+        if not self.outputs:
+            raise TpcError("the program has no outputs: add `output NAME = ...`")
+        used = {s.layer for s in self.model.steps if s.layer}
+        for la in self.layers.values():
+            if la.name not in used:
+                raise TpcError(f"layer '{la.name}' is not used by the model", la.span)
+        abc, lr = self.parametrization(self.param)
+        if self.train:
+            if np.isnan(self.train.lr) and lr is None:
+                raise TpcError("give the learning rate: sgd(lr = 0.1, ...) or parametrization mup(lr = 0.1)",
+                               self.train.span)
+            if not np.isnan(self.train.lr) and lr is not None:
+                raise TpcError("the learning rate is given twice (in the parametrization and in sgd)",
+                               self.train.span)
+            if np.isnan(self.train.lr):
+                self.train.lr = float(lr)
+        return Network(filename, source, self.width, self.param.name, abc, lr, self.layers, self.model,
+                       self.data, self.losses, self.train, self.outputs)
+
+    def parametrization(self, p: ast.ParamDecl) -> tuple[ABC, float | None]:
+        hidden = sum(1 for la in self.layers.values() if la.role == "hidden")
+        L = hidden + 1  # noqa: N806 - the paper's name: the input layer is hidden layer 1
+        if p.name == "abc":
+            kw = self.kwargs(p.kwargs, ("a", "b", "c", "lr"), "abc")
+            for need in ("a", "b", "c"):
+                if need not in kw:
+                    raise TpcError(f"abc(...) needs {need}", p.span)
+            a, b = self.const_list(kw["a"].value), self.const_list(kw["b"].value)
+            for key, vals in (("a", a), ("b", b)):
+                if len(vals) != L + 1:
+                    raise TpcError(f"{key} has {len(vals)} entries; this network has {L + 1} layers "
+                                   "(input, hidden, readout)", kw[key].value.span)
+            abc = ABC(a, b, self.const(kw["c"].value))
+        else:
+            kw = self.kwargs(p.kwargs, ("lr",), p.name)
+            try:
+                abc = preset(p.name, L)
+            except TpcError as err:
+                raise TpcError(err.message, p.name_span) from None
+        lr = self.const(kw["lr"].value) if "lr" in kw else None
+        if lr is not None and not lr > 0:
+            raise TpcError("the learning rate must be positive", kw["lr"].value.span)
+        return abc, lr
+
+
+class ModelBuilder:
+    """`model f(x) = expr` -> a list of Steps, checking each layer's role where it is applied."""
+
+    def __init__(self, b: _Builder, decl: ast.ModelDecl) -> None:
+        self.b = b
+        self.decl = decl
+        self.steps: list[Step] = []
+        self.scope: list[dict[str, int | float]] = []
+        self.order: list[str] = []  # layers in the order of first use
+
+    def build(self) -> Model:
+        if not any(la.role == "input" for la in self.b.layers.values()):
+            raise TpcError("the model needs an input layer: `layer W1 : input n x d`", self.decl.span)
+        out = self.value(self.decl.body)
+        if not isinstance(out, int) or self.steps[out].kind != "out":
+            raise TpcError("a model ends with its readout layer: model f(x) = V @ ...", self.decl.body.span)
+        if out != len(self.steps) - 1:  # pragma: no cover - the readout is applied last by construction
+            raise TpcError("the model's readout must be its last operation", self.decl.body.span)
+        roles = [self.b.layers[n].role for n in self.order]
+        if roles.count("input") != 1 or roles.count("readout") != 1:
+            raise TpcError("a model has one input layer and one readout layer", self.decl.body.span)
+        index = 1
+        for name in self.order:  # TP4's layer numbers, in the order of application
+            la = self.b.layers[name]
+            la.index = {"input": 0, "bias": 0, "readout": -1}.get(la.role, -2)
+            if la.role == "hidden":
+                la.index = index
+                index += 1
+        for la in self.b.layers.values():
+            if la.role == "readout":
+                la.index = index
+        return Model(self.decl.name, self.decl.arg, self.steps, self.decl.span)
+
+    def add(self, step: Step) -> int:
+        self.steps.append(step)
+        if step.layer and step.layer not in self.order:
+            self.order.append(step.layer)
+        return len(self.steps) - 1
+
+    def value(self, e: ast.Expr) -> int | float:
+        """A step index, or a float for constants."""
+        if isinstance(e, ast.Num):
+            return e.value
+        if isinstance(e, ast.Name):
+            return self.name(e)
+        if isinstance(e, ast.BinOp) and e.op == "@":
+            return self.matmul(e)
+        if isinstance(e, ast.BinOp):
+            fn = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow"}[e.op]
+            return self.fn(fn, [self.value(e.left), self.value(e.right)], e)
+        if isinstance(e, ast.Neg):
+            return self.fn("neg", [self.value(e.operand)], e)
+        if isinstance(e, ast.Call):
+            return self.call(e)
+        if isinstance(e, ast.Attr):
+            raise TpcError("a model applies its layers forward (W @ x); the backward pass is derived by tpc",
+                           e.span)
+        raise TpcError("not part of a model: layers, coordinatewise functions and numbers", e.span)
+
+    def name(self, e: ast.Name) -> int | float:
+        for local in reversed(self.scope):
+            if e.id in local:
+                return local[e.id]
+        if e.id == self.decl.arg:
+            for i, s in enumerate(self.steps):
+                if s.op == "input":
+                    return i
+            return self.add(Step("input", "data", span=e.span))
+        if e.id in self.b.dims:
+            return float(self.b.dims[e.id])
+        if e.id in self.b.layers:
+            la = self.b.layers[e.id]
+            if la.role != "bias":
+                raise TpcError(f"layer '{e.id}' is applied with @: {e.id} @ ...", e.span)
+            for i, s in enumerate(self.steps):
+                if s.op == "bias" and s.layer == e.id:
+                    return i
+            return self.add(Step("bias", "vector", layer=e.id, span=e.span))
+        if e.id == self.b.width:
+            raise TpcError(f"the parametrization supplies the powers of {e.id}; a model does not use the width",
+                           e.span)
+        raise self.b.unknown(e.id, e.span)
+
+    def matmul(self, e: ast.BinOp) -> int:
+        if not isinstance(e.left, ast.Name) or e.left.id not in self.b.layers:
+            raise TpcError("the left of @ in a model is a layer", e.left.span)
+        la = self.b.layers[e.left.id]
+        if la.role == "bias":
+            raise TpcError(f"'{la.name}' is a bias: add it (W @ x + {la.name})", e.left.span)
+        x = self.value(e.right)
+        kind = self.steps[x].kind if isinstance(x, int) else "constant"
+        want = "data" if la.role == "input" else "vector"
+        if kind != want:
+            what = {"data": f"the model's input {self.decl.arg}", "vector": "an n-vector"}[want]
+            raise TpcError(f"a{'n' if la.role == 'input' else ''} {la.role} layer multiplies {what}", e.right.span)
+        if self.steps[x].kind == "out":  # pragma: no cover - guarded by the kind check
+            raise TpcError("the readout's output is finite", e.span)
+        if la.role == "readout" and self.scope:
+            raise TpcError("the readout is applied in the model's body, not inside a nonlin", e.span)
+        return self.add(Step("matmul", "out" if la.role == "readout" else "vector", layer=la.name, args=(x,),
+                             span=e.span))
+
+    def call(self, e: ast.Call) -> int | float:
+        if e.fn in self.b.nonlins:
+            d = self.b.nonlins[e.fn]
+            names = d.args + d.params
+            if len(e.args) != len(names):
+                raise TpcError(f"'{e.fn}' takes {len(names)} arguments, got {len(e.args)}", e.span)
+            if len(self.scope) > 16:
+                raise TpcError(f"'{e.fn}' is nested too deeply", e.span)
+            self.scope.append({n: self.value(a) for n, a in zip(names, e.args, strict=True)})
+            try:
+                return self.value(d.body)
+            finally:
+                self.scope.pop()
+        fn = ALIASES.get(e.fn, e.fn)
+        if fn == "sqrt" and len(e.args) == 1:
+            return self.fn("pow", [self.value(e.args[0]), 0.5], e)
+        if fn not in FUNCTIONS or not FUNCTIONS[fn].user_visible:
+            if e.fn == self.decl.name:
+                raise TpcError("a model cannot call itself", e.fn_span)
+            raise self.b.unknown(e.fn, e.fn_span)
+        if len(e.args) != FUNCTIONS[fn].arity:
+            raise TpcError(f"'{e.fn}' takes {FUNCTIONS[fn].arity} argument(s), got {len(e.args)}", e.span)
+        return self.fn(fn, [self.value(a) for a in e.args], e)
+
+    def fn(self, fn: str, vals: list[int | float], e: ast.Expr) -> int | float:
+        steps = [v for v in vals if isinstance(v, int)]
+        for v in steps:
+            kind = self.steps[v].kind
+            if kind == "data":
+                raise TpcError(f"the model's input enters through its input layer: W @ {self.decl.arg}", e.span)
+            if kind == "out":
+                raise TpcError("the model ends at its readout; put any function of the outputs in the loss", e.span)
+        args: list[int] = []
+        trees: list[ex.Tree] = []
+        for v in vals:
+            if isinstance(v, int):
+                if v not in args:
+                    args.append(v)
+                trees.append(ex.Arg(args.index(v)))
+            else:
+                trees.append(ex.Const(float(v)))
+        tree = ex.Apply(fn, tuple(trees))
+        if not args:  # a constant expression
+            import torch
+
+            value = float(FUNCTIONS[fn].torch(*[torch.tensor(float(v), dtype=torch.float64) for v in vals]))
+            if not np.isfinite(value):
+                raise TpcError("this constant is not finite", e.span)
+            return value
+        return self.add(Step("fn", "vector", args=tuple(args), tree=tree, span=e.span))
+
+
+def is_network(module: ast.Module) -> bool:
+    return any(isinstance(s, NETWORK_STATEMENTS) for s in module.statements)
+
+
+def build_network(module: ast.Module, filename: str, source: str, base_dir: Path) -> Network:
+    b = _Builder(base_dir)
+    try:
+        for s in module.statements:
+            b.statement(s)
+        return b.finish(filename, source)
+    except TpcError as err:
+        raise err.locate(filename, source) from None

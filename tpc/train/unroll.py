@@ -1,0 +1,363 @@
+"""SGD unrolled into a Netsor-transpose program that multiplies only by the initial matrices.
+
+One SGD step moves a hidden matrix by a sum of outer products, so after t steps
+    W_t y = W_0 y + sum_s c_s sum_j dh_{s,j} (x_{s,j} . y / n),
+    W_t.T g = W_0.T g + sum_s c_s sum_j x_{s,j} (dh_{s,j} . g / n),
+with the scalars c_s and the vectors dh (n times the gradient of the loss in the pre-activation)
+and x (the layer's inputs) of step s. Input layers, biases and readouts have a finite side and
+are kept as they are: d columns, one vector, k rows.
+
+Every quantity is written at its natural scale (TP4, "maximal update" normalisation): vectors
+have O(1) coordinates, `v = n W^{L+1}` for the readout, and the powers of n that a
+parametrization puts on initial values and updates are explicit factors `n^e`. The same loop
+runs on two spaces:
+- `FiniteSpace`: width n, real initial matrices (the seeds' own): equal to direct training in
+  `finite.py` up to round-off, for any parametrization;
+- `LimitSpace`: the infinite-width limit (TP4's Master Theorem for Netsor-transpose programs):
+  each `n^e` becomes 1 (e = 0) or 0 (e < 0), vectors are coefficient vectors over independent
+  Gaussians (exact, linear models) or particles (Monte Carlo), and `W_0 y` is `Zhat + Zdot`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tpc.backends.limit.evaluate import evaluate_tree
+from tpc.backends.limit.particles import LINEAR_FNS, GaussianSpace, _evaluate_linear
+from tpc.errors import NumericalError, TpcError
+from tpc.ops import expr as ex
+from tpc.passes.autodiff import derivative
+from tpc.train.finite import init_std, standard_normals
+from tpc.train.losses import _tree, batch_rows, loss_gradient, loss_value
+from tpc.train.network import Layer, Network, Output
+
+Tensor = torch.Tensor
+# the update exponent of each role under muP: n^(target - (2a + c)) multiplies its update
+MAXIMAL_LR_EXPONENT = {"input": -1.0, "bias": -1.0, "hidden": 0.0, "readout": 1.0}
+TOL = 1e-12
+
+
+class FiniteSpace:
+    """The unrolled program at width n, for a batch of seeds: vectors (S, B, n)."""
+
+    exact = False
+
+    def __init__(self, net: Network, width: int, seeds: list[int], dtype: torch.dtype, device: str) -> None:
+        self.net, self.n, self.dtype, self.device = net, width, dtype, device
+        self.normals = standard_normals(net, width, seeds, dtype, device)
+
+    def factor(self, exponent: float) -> float:
+        return float(self.n**exponent)
+
+    def initial(self, layer: Layer) -> Tensor:
+        """W^l_0 entries: input (S, n, d) as columns (S, d, n); bias (S, n); readout v = n W (S, k, n)."""
+        w = self.normals[layer.name] * init_std(self.net, layer, self.n)
+        if layer.role == "input":
+            return w.transpose(-1, -2)
+        if layer.role == "readout":
+            return w * self.n
+        return w
+
+    def matmul(self, layer: Layer, rows: Tensor, transposed: bool) -> Tensor:
+        w = self.normals[layer.name] * init_std(self.net, layer, self.n)
+        return rows @ w if transposed else rows @ w.transpose(-1, -2)
+
+    def gram(self, a: Tensor, b: Tensor) -> Tensor:
+        return a @ b.transpose(-1, -2) / self.n
+
+    def data(self, value: np.ndarray) -> Tensor:
+        return torch.as_tensor(value, dtype=self.dtype, device=self.device)
+
+    def fn(self, tree: ex.Tree, args: list[Tensor]) -> Tensor:
+        return _tree(tree, args)
+
+
+class LimitSpace:
+    """The limit: vectors (B, space) over coefficients (exact) or particles (Monte Carlo)."""
+
+    def __init__(self, net: Network, exact: bool, size: int, seed: int) -> None:
+        self.net = net
+        self.exact = exact
+        self.dtype = torch.float64
+        self.device = "cpu"
+        self.space = GaussianSpace(exact, size, self.dtype, seed)
+
+    def factor(self, exponent: float) -> float:
+        if exponent > TOL:  # pragma: no cover - unstable parametrizations are refused before
+            raise TpcError(f"internal: a factor n^{exponent:g} has no limit")
+        return 1.0 if exponent > -TOL else 0.0
+
+    def initial(self, layer: Layer) -> Tensor:
+        e = -self.net.init_exponent(layer)
+        std = np.sqrt(layer.var / layer.fan_in)
+        if layer.role == "input":
+            return self.factor(e) * std * self.space.normals(int(layer.cols))
+        if layer.role == "readout":
+            return self.factor(1 + e) * std * self.space.normals(int(layer.rows))
+        return self.factor(e) * std * self.space.normals(1)[0]
+
+    def matmul(self, layer: Layer, rows: Tensor, transposed: bool) -> Tensor:
+        s2 = layer.var * self.factor(1 - 2 * self.net.init_exponent(layer))
+        flat = rows.reshape(-1, rows.shape[-1])
+        where = f"layer {layer.name} (line {layer.span.line})"
+        return self.space.matmul((layer.name, transposed), flat, s2, where).reshape(rows.shape)
+
+    def gram(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.space.gram(a, b)
+
+    def data(self, value: np.ndarray) -> Tensor:
+        return torch.as_tensor(value, dtype=self.dtype)
+
+    def fn(self, tree: ex.Tree, args: list[Tensor]) -> Tensor:
+        if self.exact:
+            return _evaluate_linear(tree, args, set(range(len(args))), self.space)
+        return evaluate_tree(tree, args)
+
+
+Space = FiniteSpace | LimitSpace
+
+
+def is_linear_model(net: Network) -> bool:
+    """Every coordinatewise step is linear in its vectors: the limit is exact."""
+    def linear(t: ex.Tree) -> bool:
+        if not isinstance(t, ex.Apply):
+            return True
+        if t.fn in LINEAR_FNS:
+            return all(linear(a) for a in t.args)
+        if t.fn == "mul":
+            a, b = t.args
+            return (not ex.args_used(a) and linear(b)) or (not ex.args_used(b) and linear(a))
+        if t.fn == "div":
+            return linear(t.args[0]) and not ex.args_used(t.args[1])
+        return not ex.args_used(t)
+    return all(linear(s.tree) for s in net.model.steps if s.op == "fn")
+
+
+@dataclass
+class Plan:
+    """What the unrolled limit will do, known before it runs."""
+
+    forward_rows: int  # rows pushed through the model forward (all phases and steps)
+    backward_rows: int
+    hidden_uses: int  # hidden-layer applications per forward
+    gaussians: int  # independent Gaussian vectors the limit needs
+    stored_rows: int  # vectors kept for the updates of hidden matrices
+
+    def describe(self, exact: bool, particles: int, replicates: int) -> str:
+        how = ("exactly: every vector is a coefficient vector over the Gaussians (a linear model)" if exact else
+               f"by Monte Carlo: {particles} particles x {replicates} replicates (standard errors across them)")
+        zdot = ("; W.T after W (and W after W.T) gets its Zdot by Stein's lemma"
+                if self.hidden_uses else "; no n x n matrix, so no Zdot")
+        return (f"{self.gaussians} Gaussian vectors ({self.forward_rows} rows forward, {self.backward_rows} backward, "
+                f"{self.hidden_uses} hidden-matrix use(s) each); expectations {how}{zdot}")
+
+    def memory_bytes(self, size: int) -> int:
+        return 8 * size * (4 * self.gaussians + 2 * self.stored_rows + 8 * self.forward_rows)
+
+
+def plan(net: Network) -> Plan:
+    """Count the rows of every forward and backward pass of `run` without running it."""
+    hidden = sum(1 for s in net.model.steps if s.op == "matmul" and net.layers[s.layer].role == "hidden")
+    fwd = bwd = 0
+    for phase in ("init", "trained"):
+        fwd += sum(net.data[d].shape[0] for d in _forward_sets(net, phase))
+    if net.train:
+        t = net.train
+        m = net.data[net.losses[t.loss].data].shape[0]
+        fwd += t.steps * t.batch
+        bwd += t.steps * t.batch
+        if t.batch < m and any(o.kind == "history" for o in net.outputs):
+            fwd += t.steps * m
+    finite = sum(int(la.cols) if la.role == "input" else int(la.rows) if la.role == "readout" else 1
+                 for la in net.layers.values())
+    return Plan(fwd, bwd, hidden, finite + hidden * (fwd + bwd), hidden * bwd)
+
+
+def _forward_sets(net: Network, phase: str) -> list[str]:
+    """The data sets whose forward pass a phase needs (features at init for feature_change)."""
+    sets = []
+    for o in net.outputs:
+        if o.phase == phase and o.kind in ("predict", "features", "feature_change"):
+            sets.append(o.data)
+        if o.phase == phase and o.kind == "loss":
+            sets.append(net.losses[o.loss].data)
+        if phase == "init" and o.kind == "feature_change" and net.train:
+            sets.append(o.data)
+    return list(dict.fromkeys(sets))
+
+
+class Unrolled:
+    """The state of training: the initial network plus the updates so far."""
+
+    def __init__(self, net: Network, space: Space) -> None:
+        self.net, self.space = net, space
+        self.state: dict[str, Tensor] = {}  # input columns, biases, readout rows: updated in place
+        self.history: dict[str, tuple[Tensor, Tensor]] = {}  # hidden: (inputs x, scaled gradients c dh)
+        for name, la in net.layers.items():
+            if la.role != "hidden":
+                self.state[name] = space.initial(la)
+        self.rate = {name: -net.train.lr * space.factor(MAXIMAL_LR_EXPONENT[la.role] - net.lr_exponent(la))
+                     for name, la in net.layers.items()} if net.train else {}
+
+    # --- the model at the current weights
+    def hidden(self, layer: Layer, y: Tensor, transposed: bool) -> Tensor:
+        out = self.space.matmul(layer, y, transposed)
+        if layer.name in self.history:
+            xs, ds = self.history[layer.name]
+            out = out + (self.space.gram(y, ds) @ xs if transposed else self.space.gram(y, xs) @ ds)
+        return out
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        vals: list[Tensor] = []
+        for step in self.net.model.steps:
+            if step.op == "input":
+                vals.append(x)
+            elif step.op == "bias":
+                vals.append(self.state[step.layer][..., None, :])
+            elif step.op == "fn":
+                vals.append(self.space.fn(step.tree, [vals[i] for i in step.args]))
+            else:
+                la = self.net.layers[step.layer]
+                y = vals[step.args[0]]
+                if la.role == "input":
+                    vals.append(y @ self.state[la.name])
+                elif la.role == "readout":
+                    vals.append(self.space.gram(y, self.state[la.name]))  # f = W x = (v . x) / n
+                else:
+                    vals.append(self.hidden(la, y, False))
+        return vals
+
+    def backward(self, vals: list[Tensor], chi: Tensor) -> list[Tensor | None]:
+        """n dL/d(value) for every vector step, from chi = dL/df (..., B, k)."""
+        steps = self.net.model.steps
+        grads: list[Tensor | None] = [None] * len(steps)
+
+        def add(i: int, g: Tensor) -> None:
+            grads[i] = g if grads[i] is None else grads[i] + g
+
+        out = steps[-1]
+        add(out.args[0], chi @ self.state[out.layer])  # n dL/dx = sum_i chi_i v_i
+        for i in range(len(steps) - 2, -1, -1):
+            step, g = steps[i], grads[i]
+            if g is None or step.op in ("input", "bias"):
+                continue
+            if step.op == "matmul":
+                la = self.net.layers[step.layer]
+                if la.role == "hidden":
+                    add(step.args[0], self.hidden(la, g, True))
+                continue
+            args = [vals[j] for j in step.args]
+            for k, j in enumerate(step.args):
+                if steps[j].kind != "vector":
+                    continue
+                d = derivative(step.tree, k)
+                if not ex.args_used(d):
+                    add(j, float(evaluate_tree(d, [torch.zeros(())] * len(args))) * g)
+                else:
+                    add(j, self.space.fn(ex.Apply("mul", (d, ex.Arg(len(args)))), args + [g]))
+        return grads
+
+    def sgd_step(self, x: Tensor, rows: np.ndarray) -> Tensor:
+        """One step on the rows `rows` of the training set; returns the loss before it."""
+        loss = self.net.losses[self.net.train.loss]
+        vals = self.forward(x)
+        value, chi = loss_gradient(loss, vals[-1], self.net.data, rows)
+        grads = self.backward(vals, chi)
+        updates: list[tuple[str, Tensor, Tensor]] = []
+        for i, step in enumerate(self.net.model.steps):
+            if step.op == "bias":
+                self.state[step.layer] = self.state[step.layer] + self.rate[step.layer] * grads[i].sum(-2)
+            if step.op != "matmul":
+                continue
+            la, y = self.net.layers[step.layer], vals[step.args[0]]
+            if la.role == "input":
+                self.state[la.name] = self.state[la.name] + self.rate[la.name] * (y.transpose(-1, -2) @ grads[i])
+            elif la.role == "readout":
+                self.state[la.name] = self.state[la.name] + self.rate[la.name] * (chi.transpose(-1, -2) @ y)
+            else:
+                updates.append((la.name, y, self.rate[la.name] * grads[i]))
+        for name, y, d in updates:  # after every gradient of this step is taken
+            if name in self.history:
+                xs, ds = self.history[name]
+                y, d = torch.cat([xs, y], dim=-2), torch.cat([ds, d], dim=-2)
+            self.history[name] = (y, d)
+        return value
+
+
+def run(net: Network, space: Space, progress: Callable[[int, int], None] | None = None) -> dict[str, Tensor]:
+    """Every output of the network program on `space`."""
+    state = Unrolled(net, space)
+    results: dict[str, Tensor] = {}
+    init_features: dict[str, Tensor] = {}
+
+    def evaluate(phase: str, history: Tensor | None) -> None:
+        cache = {d: state.forward(space.data(net.data[d])) for d in _forward_sets(net, phase)}
+        for o in net.outputs:
+            if phase == "init" and o.kind == "feature_change":
+                init_features[o.data] = cache[o.data][net.model.features]
+            if o.phase != phase:
+                continue
+            results[o.name] = _output(net, space, o, cache, init_features, history)
+
+    evaluate("init", None)
+    history = None
+    if net.train:
+        t = net.train
+        loss = net.losses[t.loss]
+        X = net.data[loss.data]  # noqa: N806
+        m = X.shape[0]
+        want_history = any(o.kind == "history" for o in net.outputs)
+        values = []
+        for s in range(t.steps):
+            rows = batch_rows(s, t.batch, m)
+            value = state.sgd_step(space.data(X[rows]), rows)
+            if want_history and t.batch < m:
+                value = loss_value(loss, state_forward_full(state, space, X), net.data, np.arange(m))
+            values.append(value)
+            if not torch.isfinite(value).all():
+                raise NumericalError(f"training diverged at step {s + 1}: the loss is not finite (lower the "
+                                     "learning rate)")
+            if progress:
+                progress(s + 1, t.steps)
+        history = torch.stack(values, dim=-1)
+    evaluate("trained", history)
+    return results
+
+
+def state_forward_full(state: Unrolled, space: Space, X: np.ndarray) -> Tensor:  # noqa: N803
+    return state.forward(space.data(X))[-1]
+
+
+def _output(net: Network, space: Space, o: Output, cache: dict[str, list[Tensor]],
+            init_features: dict[str, Tensor], history: Tensor | None) -> Tensor:
+    if o.kind == "history":
+        return history
+    if o.kind == "loss":
+        loss = net.losses[o.loss]
+        F = cache[loss.data][-1]  # noqa: N806
+        return loss_value(loss, F, net.data, np.arange(F.shape[-2]))
+    vals = cache[o.data]
+    if o.kind == "predict":
+        F = vals[-1]  # noqa: N806
+        return F[..., 0] if F.shape[-1] == 1 else F
+    feats = vals[net.model.features]
+    if o.kind == "features":
+        return space.gram(feats, feats)
+    diff = feats - init_features[o.data]
+    return space.gram(diff[..., None, :], diff[..., None, :])[..., 0, 0]
+
+
+def run_unrolled_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
+                        first_seed: int = 0) -> dict[str, np.ndarray]:
+    """The unrolled program in torch at width n: the same numbers as `train_finite`, to round-off."""
+    from tpc.backends.torch.run import DTYPES
+
+    space = FiniteSpace(net, width, list(range(first_seed, first_seed + seeds)), DTYPES[dtype], device)
+    with torch.no_grad():
+        out = run(net, space)
+    return {k: v.to("cpu", torch.float64).numpy() for k, v in out.items()}
+
