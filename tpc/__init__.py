@@ -10,6 +10,10 @@ limit (Master Theorem), and a check that the first converges to the second.
     finite = tpc.run(prog, width=1024, seeds=16)           # name -> FiniteResult
     limit = tpc.limit(prog)                                # name -> LimitOutput
     table = tpc.compare(prog, [64, 256, 1024], seeds=8)
+
+    net = tpc.load("programs/train/relu2_mup.tp")          # a network program (layers, SGD)
+    trained = tpc.run(net, width=1024, seeds=8)            # real SGD in torch, vectorised over seeds
+    tpc.limit(net)                                         # its muP limit (unrolled Netsor-transpose)
 """
 
 from __future__ import annotations
@@ -23,21 +27,35 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from tpc.backends.limit import LimitOutput, evaluate_limit
 from tpc.backends.torch import compile_module, emit_source, run_finite
+from tpc.backends.torch.run import FiniteResult
 from tpc.build import load_program, load_source
 from tpc.compare import compare
 from tpc.errors import NumericalError, TpcError
 from tpc.ir import Program, print_program
+from tpc.train.finite import train_finite
+from tpc.train.limit import network_limit
+from tpc.train.network import Network
 
 __version__ = "0.1.0"
 
 load = load_program
 loads = load_source
-limit = evaluate_limit
-run = run_finite
+
+
+def limit(prog: Program | Network, **options: object) -> dict[str, LimitOutput]:
+    """The infinite-width limit of every output (a network program's after its training)."""
+    return network_limit(prog, **options) if isinstance(prog, Network) else evaluate_limit(prog, **options)
+
+
+def run(prog: Program | Network, width: int, seeds: int, **options: object) -> dict[str, FiniteResult]:
+    """Every output at width `width` for `seeds` seeds (a network program is trained in torch)."""
+    return (train_finite if isinstance(prog, Network) else run_finite)(prog, width, seeds, **options)
+
+
 torch_module = compile_module
 torch_source = emit_source
 
 __all__ = [
-    "LimitOutput", "NumericalError", "Program", "TpcError", "compare", "limit", "load", "loads",
+    "FiniteResult", "LimitOutput", "Network", "NumericalError", "Program", "TpcError", "compare", "limit", "load", "loads",
     "print_program", "run", "torch_module", "torch_source", "__version__",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from tpc.errors import Span, TpcError, nearest
 from tpc.ir import Program, VectorGroup
 from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS
+
+if TYPE_CHECKING:
+    from tpc.train.network import Network
 
 BUILTINS = ("mean", "gram", "cov", "sqrt", "grad", "tangent_kernel")
 RESERVED = {"load", "N", *BUILTINS}
@@ -821,8 +825,9 @@ def _check_readouts(prog: Program) -> None:
                 )
 
 
-def load_program(path: str | Path) -> Program:
-    """Read, parse and build a `.tp` file."""
+def load_program(path: str | Path) -> Program | Network:
+    """Read, parse and build a `.tp` file: a Program, or a Network for programs with layers,
+    a model and training."""
     from tpc.syntax import parse
 
     p = Path(path)
@@ -832,12 +837,18 @@ def load_program(path: str | Path) -> Program:
         raise TpcError("no such file").locate(str(path), "") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise TpcError(f"cannot read the program: {exc}").locate(str(path), "") from None
-    module = parse(source, str(path))
-    return build(module, str(path), source, p.resolve().parent)
+    return _build_any(parse(source, str(path)), str(path), source, p.resolve().parent)
 
 
-def load_source(source: str, filename: str = "<program>", base_dir: Path | None = None) -> Program:
+def load_source(source: str, filename: str = "<program>", base_dir: Path | None = None) -> Program | Network:
     from tpc.syntax import parse
 
-    module = parse(source, filename)
-    return build(module, filename, source, base_dir or Path.cwd())
+    return _build_any(parse(source, filename), filename, source, base_dir or Path.cwd())
+
+
+def _build_any(module: ast.Module, filename: str, source: str, base_dir: Path) -> Program | Network:
+    from tpc.train.network import build_network, is_network
+
+    if is_network(module):
+        return build_network(module, filename, source, base_dir)
+    return build(module, filename, source, base_dir)

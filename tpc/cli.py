@@ -6,7 +6,7 @@
     tpc run FILE          finite width: means and standard errors over seeds
     tpc limit FILE        infinite width: the Master Theorem limit
     tpc compare FILE      finite widths against the limit, slopes and a plot
-    tpc classify          an abc-parametrization: r, stability, regime (TP4)
+    tpc classify [FILE]   an abc-parametrization: r, stability, regime (TP4)
 """
 
 from __future__ import annotations
@@ -56,8 +56,48 @@ def _progress(total: int, desc: str, enabled: bool) -> tuple[Callable[[int], Non
 # ---------------------------------------------------------------------------- commands
 
 
+def _is_network(obj: object) -> bool:
+    from tpc.train.network import Network
+
+    return isinstance(obj, Network)
+
+
+def _check_network(path: str, net) -> int:  # noqa: ANN001
+    from tpc.train.limit import describe
+
+    cls = net.classification()
+    print(f"{path}: ok (a network program)")
+    print(f"  width      {net.width_name}")
+    print(f"  parametrization {net.param_name}: a = {list(net.abc.a)}, b = {list(net.abc.b)}, c = {net.abc.c:g}; "
+          f"r = {cls.r:g}, {cls.regime}")
+    for why in cls.failed:
+        print(f"    fails    {why}")
+    order = sorted(net.layers.values(), key=lambda la: (la.index, la.role != "bias"))
+    print("  layers     " + ", ".join(
+        f"{la.name} ({la.role} {_layer_dims(la, net.width_name)}, layer {la.index + 1}, var {la.var:g})"
+        for la in order))
+    print(f"  model      {net.model.name}({net.model.arg}): {len(net.model.steps)} steps")
+    if net.losses:
+        print("  losses     " + ", ".join(f"{lo.name} = {lo.kind} on {lo.data}" for lo in net.losses.values()))
+    if net.train:
+        t = net.train
+        print(f"  training   sgd, lr {t.lr:g} (times n^-c), {t.steps} steps, batch {t.batch}, minimize {t.loss}")
+    print("  outputs    " + ", ".join(f"{o.name} ({o.kind}, {'after training' if o.phase == 'trained' else 'at init'})"
+                                      for o in net.outputs))
+    if cls.stable:
+        print(f"  limit      {describe(net)}")
+    return 0
+
+
+def _layer_dims(la, width: str) -> str:  # noqa: ANN001
+    dims = [width if d is None else str(d) for d in (la.rows, la.cols)]
+    return width if la.role == "bias" else " x ".join(dims)
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     prog = _load(args.file)
+    if _is_network(prog):
+        return _check_network(args.file, prog)
     counts: dict[str, int] = {}
     derived: dict[str, int] = {}
     for node in prog.nodes():
@@ -95,6 +135,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from tpc.ir import dumps_json, print_program, to_dot
 
     prog = _load(args.file)
+    if _is_network(prog):
+        prog = _lowered(prog)
     if args.format == "text":
         print(print_program(prog, backward=args.backward))
     elif args.format == "dot":
@@ -104,10 +146,26 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lowered(net):  # noqa: ANN001, ANN202
+    """A network at initialisation as a forward Tensor Program on all its data (what the
+    kernel-regime limit evaluates; training itself is not part of it)."""
+    import numpy as np
+
+    from tpc.train.kernel import lowered_program
+
+    X = np.concatenate([net.data[d] for d in net.point_sets()])  # noqa: N806
+    prog, _ = lowered_program(net, X)
+    return prog
+
+
 def cmd_emit(args: argparse.Namespace) -> int:
     from tpc.backends.torch import emit_source
 
-    print(emit_source(_load(args.file)), end="")
+    prog = _load(args.file)
+    if _is_network(prog):
+        print("# the network at initialisation (training runs in tpc.train.finite with autograd)")
+        prog = _lowered(prog)
+    print(emit_source(prog), end="")
     return 0
 
 
@@ -121,13 +179,15 @@ def _check_device(device: str) -> None:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from tpc.backends.torch import run_finite
+    from tpc.train.finite import train_finite
 
     prog = _load(args.file)
     _check_device(args.device)
     update, close = _progress(args.seeds, f"width {args.width}", not args.json and not args.quiet)
     try:
-        res = run_finite(prog, args.width, args.seeds, dtype=args.dtype, device=args.device,
-                         first_seed=args.first_seed, progress=update)
+        run = train_finite if _is_network(prog) else run_finite
+        res = run(prog, args.width, args.seeds, dtype=args.dtype, device=args.device,
+                  first_seed=args.first_seed, progress=update)
     finally:
         close()
     if args.json:
@@ -142,8 +202,11 @@ def cmd_limit(args: argparse.Namespace) -> int:
     from tpc.backends.limit import evaluate_limit
 
     prog = _load(args.file)
-    res = evaluate_limit(prog, method=args.method, dtype=args.dtype, particles=args.particles,
-                         replicates=args.replicates, seed=args.seed)
+    if _is_network(prog):
+        res = _network_limit(args, prog)
+    else:
+        res = evaluate_limit(prog, method=args.method, dtype=args.dtype, particles=args.particles,
+                             replicates=args.replicates or 8, seed=args.seed)
     if args.json:
         return _print_outputs_json(res)
     print(f"{args.file}: infinite-width limit")
@@ -152,6 +215,33 @@ def cmd_limit(args: argparse.Namespace) -> int:
         if r.cov is not None:
             print(f"    Gaussian in the limit, covariance: {_fmt_array(r.cov)}")
     return 0
+
+
+def _network_limit(args: argparse.Namespace, net) -> dict:  # noqa: ANN001
+    """The plan first (how many Gaussians, which method), then the limit with a bar per step."""
+    from tpc.train.limit import describe, network_limit
+
+    replicates = args.replicates if args.replicates is not None else 4
+    print(f"{args.file}: {describe(net, args.method, args.particles, replicates)}",
+          file=sys.stderr if args.json else sys.stdout, flush=True)
+    bar = None
+    if not args.json and net.train and net.classification().regime == "feature learning":
+        from tqdm import tqdm
+
+        bar = tqdm(desc="SGD steps (limit, all replicates)", unit="step", file=sys.stderr, leave=False)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        return network_limit(net, method=args.method, particles=args.particles, replicates=replicates,
+                             seed=args.seed, memory_gb=args.memory_gb, force=args.force, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -180,7 +270,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         value = _fmt_array(lim.value) if np.ndim(lim.value) == 0 else ""
         print(f"\n  {name} [{shape}], limit by {lim.method}: {value}")
         if comp.random:
-            print("    Gaussian in the limit (mean 0): compare its cov(...) output instead")
+            print("    random in the limit (a Gaussian readout, or f_0 in the kernel regime): single seeds do not "
+                  "converge; the mean over seeds does, within its standard error")
         header = f"    {'width':>7}  {'|mean - limit|':>15}  {'stderr(mean)':>13}  {'rms error':>11}"
         print(header)
         for r in comp.rows:
@@ -197,7 +288,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_classify(args: argparse.Namespace) -> int:
     from tpc.parametrization import ABC, classify, preset
 
-    if args.preset:
+    if args.file:
+        net = _load(args.file)
+        if not _is_network(net):
+            raise TpcError("this program has no parametrization (no layers): classify a network program, or "
+                           "give --preset / --a --b --c").locate(args.file, "")
+        abc = net.abc
+    elif args.preset:
         abc = preset(args.preset, args.layers)
     else:
         if args.a is None or args.b is None or args.c is None:
@@ -295,9 +392,12 @@ def parser() -> argparse.ArgumentParser:
                      "quadrature otherwise, Monte Carlo in high dimension")
     lim.add_argument("--dtype", choices=["float32", "float64"], default="float64")
     lim.add_argument("--particles", type=int, default=2**16, help="Monte Carlo particles")
-    lim.add_argument("--replicates", type=int, default=8,
-                     help="independent Monte Carlo runs, for the standard error")
+    lim.add_argument("--replicates", type=int, default=None,
+                     help="independent Monte Carlo runs, for the standard error (default 8; 4 for training)")
     lim.add_argument("--seed", type=int, default=0)
+    lim.add_argument("--memory-gb", type=float, default=8.0,
+                     help="refuse a training limit that needs more memory than this (default 8)")
+    lim.add_argument("--force", action="store_true", help="run a training limit even above --memory-gb")
     lim.add_argument("--json", action="store_true", help="print one JSON object")
 
     c = add("compare", "Run finite widths and the limit; print each output's error per width and "
@@ -313,6 +413,7 @@ def parser() -> argparse.ArgumentParser:
                         description="Classify an abc-parametrization by TP4's Dynamical Dichotomy: "
                         "W^l = n^-a_l w^l, w^l ~ N(0, n^-2b_l), learning rate eta n^-c, for layers "
                         "1 (input) .. L (hidden), L+1 (readout).")
+    cl.add_argument("file", metavar="FILE", nargs="?", help="a network program (its parametrization and layers)")
     cl.add_argument("--preset", choices=["sp", "ntk", "mup", "mf"], help="a named parametrization")
     cl.add_argument("--layers", type=int, default=2, help="hidden layers L for a preset (default 2)")
     cl.add_argument("--a", help="a_1,...,a_{L+1} (comma-separated; fractions like -1/2 allowed)")

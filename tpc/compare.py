@@ -10,6 +10,9 @@ import numpy as np
 from tpc.backends.limit import LimitOutput, evaluate_limit
 from tpc.backends.torch import run_finite
 from tpc.ir import Program
+from tpc.train.finite import train_finite
+from tpc.train.limit import network_limit
+from tpc.train.network import Network
 
 
 @dataclass
@@ -29,7 +32,8 @@ class OutputComparison:
 
     @property
     def random(self) -> bool:
-        """A readout / sqrt(n): Gaussian in the limit, compared through cov(...), not pointwise."""
+        """Random in the limit (a readout / sqrt(n), or a kernel-regime prediction): a single seed
+        does not converge; its mean over seeds and its covariance do."""
         return self.limit.cov is not None
 
     @property
@@ -67,13 +71,15 @@ def fit_slope(widths: list[int], errors: list[float]) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
-def compare(prog: Program, widths: list[int], seeds: int, method: str = "auto",
+def compare(prog: Program | Network, widths: list[int], seeds: int, method: str = "auto",
             dtype: str = "float64", device: str = "cpu",
             progress: Callable[[int], None] | None = None) -> dict[str, OutputComparison]:
-    limit = evaluate_limit(prog, method=method)
+    network = isinstance(prog, Network)
+    limit = network_limit(prog, method=method) if network else evaluate_limit(prog, method=method)
     out = {k: OutputComparison(k, v) for k, v in limit.items()}
     for width in widths:
-        finite = run_finite(prog, width, seeds, dtype=dtype, device=device, progress=progress)
+        run = train_finite if network else run_finite
+        finite = run(prog, width, seeds, dtype=dtype, device=device, progress=progress)
         for name, res in finite.items():
             lim = limit[name].value
             diff = res.values - lim[None]

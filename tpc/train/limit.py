@@ -63,9 +63,14 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
                        f"{size} {'basis elements' if exact else 'particles'}), more than {memory_gb:g} GB; "
                        "use fewer particles or steps, or --force").locate(net.filename, net.source)
     runs = []
+    count = 1 if exact else max(2, replicates)
+    steps = net.train.steps if net.train else 0
     with torch.no_grad():
-        for r in range(1 if exact else max(2, replicates)):
-            runs.append(run(net, LimitSpace(net, exact, size, seed + r), progress))
+        for r in range(count):
+            def step_done(done: int, _total: int, r: int = r) -> None:
+                if progress:
+                    progress(r * steps + done, count * steps)
+            runs.append(run(net, LimitSpace(net, exact, size, seed + r), step_done))
     out = {}
     for o in net.outputs:
         stack = np.stack([r[o.name].double().numpy() for r in runs])
