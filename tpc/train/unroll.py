@@ -314,10 +314,10 @@ def run(net: Network, space: Space, progress: Callable[[int, int], None] | None 
         values = []
         for s in range(t.steps):
             rows = batch_rows(s, t.batch, m)
+            if want_history and t.batch < m:  # the loss on the whole training set before the step
+                full = loss_value(loss, state.forward(space.data(X))[-1], net.data, np.arange(m))
             value = state.sgd_step(space.data(X[rows]), rows)
-            if want_history and t.batch < m:
-                value = loss_value(loss, state_forward_full(state, space, X), net.data, np.arange(m))
-            values.append(value)
+            values.append(full if want_history and t.batch < m else value)
             if not torch.isfinite(value).all():
                 raise NumericalError(f"training diverged at step {s + 1}: the loss is not finite (lower the "
                                      "learning rate)")
@@ -326,10 +326,6 @@ def run(net: Network, space: Space, progress: Callable[[int, int], None] | None 
         history = torch.stack(values, dim=-1)
     evaluate("trained", history)
     return results
-
-
-def state_forward_full(state: Unrolled, space: Space, X: np.ndarray) -> Tensor:  # noqa: N803
-    return state.forward(space.data(X))[-1]
 
 
 def _output(net: Network, space: Space, o: Output, cache: dict[str, list[Tensor]],
