@@ -56,6 +56,6 @@ torch_module = compile_module
 torch_source = emit_source
 
 __all__ = [
-    "FiniteResult", "LimitOutput", "Network", "NumericalError", "Program", "TpcError", "compare", "limit", "load", "loads",
-    "print_program", "run", "torch_module", "torch_source", "__version__",
+    "FiniteResult", "LimitOutput", "Network", "NumericalError", "Program", "TpcError", "compare", "limit",
+    "load", "loads", "print_program", "run", "torch_module", "torch_source", "__version__",
 ]
