@@ -28,6 +28,10 @@ def test_finite_width_converges_to_the_limit(path: Path) -> None:
         assert -0.75 <= comp.slope <= -0.25, f"{name}: slope {comp.slope:.3f}"
         last = comp.rows[-1]
         lim = np.asarray(comp.limit.value)
+        if not np.any(lim) and np.all(last.mean >= 0):
+            # a root-mean-square whose limit is 0 (feature_change in the kernel regime): its mean
+            # is biased by its own O(n^-1/2) size, so the slope above is the check
+            continue
         bias = 3.0 / last.width * max(1.0, float(np.abs(lim).max()))
         z = np.abs(last.mean - lim) - bias
         lim_se = comp.limit.stderr if comp.limit.stderr is not None else 0.0  # Monte Carlo limits

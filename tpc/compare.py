@@ -34,7 +34,7 @@ class OutputComparison:
     def random(self) -> bool:
         """Random in the limit (a readout / sqrt(n), or a kernel-regime prediction): a single seed
         does not converge; its mean over seeds and its covariance do."""
-        return self.limit.cov is not None
+        return self.limit.cov is not None or self.limit.random
 
     @property
     def slope(self) -> float:

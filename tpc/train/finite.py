@@ -175,5 +175,5 @@ def _output(net: Network, o: Output, w: dict[str, Tensor], data: Callable[[str],
     if o.kind == "features":
         return numpy(feats @ feats.transpose(-1, -2) / n)
     diff = feats - init_features[o.data]
-    return numpy((diff * diff).mean(-1))
+    return numpy(torch.sqrt((diff * diff).mean(-1)))
 

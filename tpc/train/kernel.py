@@ -187,10 +187,10 @@ def kernel_limit(net: Network, samples: int = 2**14, seed: int = 0) -> dict[str,
             if o.kind == "history":
                 vals = np.array([h[0] for h in history])
                 errs = None if history[0][1] is None else np.array([h[1] for h in history])
-                results[o.name] = LimitOutput(vals, method, errs)
+                results[o.name] = LimitOutput(vals, method, errs, random=True)
             elif o.kind == "loss":
                 value, err = loss_stats(o.loss)
-                results[o.name] = LimitOutput(value, method, err)
+                results[o.name] = LimitOutput(value, method, err, random=True)
             elif o.kind == "features":
                 r = K.points[o.data]
                 results[o.name] = LimitOutput(K.features[r, r], K.method)
@@ -231,15 +231,15 @@ def _prediction(rows: slice, k: int, A: np.ndarray | None, b: np.ndarray, sample
         mean = b[rows]
         cov = A[rows] @ K.nngp @ A[rows].T  # (m, m), times the identity over outputs
         if k == 1:
-            return LimitOutput(mean[:, 0], method, None, cov)
+            return LimitOutput(mean[:, 0], method, None, cov, random=True)
         m = cov.shape[0]
         full = np.einsum("pq,ij->piqj", cov, np.eye(k)).reshape(m, k, m, k)
-        return LimitOutput(mean, method, None, full)
+        return LimitOutput(mean, method, None, full, random=True)
     s = sample[:, rows]  # (S, m, k)
     mean = s.mean(0)
     err = s.std(0, ddof=1) / np.sqrt(s.shape[0])
     flat = s.reshape(s.shape[0], -1)
     cov = np.cov(flat, rowvar=False).reshape(*mean.shape, *mean.shape)
     if k == 1:
-        return LimitOutput(mean[:, 0], method, err[:, 0], cov.reshape(mean.shape[0], mean.shape[0]))
-    return LimitOutput(mean, method, err, cov)
+        return LimitOutput(mean[:, 0], method, err[:, 0], cov.reshape(mean.shape[0], mean.shape[0]), random=True)
+    return LimitOutput(mean, method, err, cov, random=True)

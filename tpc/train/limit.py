@@ -50,8 +50,8 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
                   progress: Callable[[int, int], None] | None = None) -> dict[str, LimitOutput]:
     cls = net.classification()
     if not cls.stable:
-        raise TpcError(f"the parametrization is unstable (its limit blows up): {'; '.join(cls.failed)}").locate(
-            net.filename, net.source)
+        raise TpcError(f"the parametrization is unstable (its limit blows up): {'; '.join(cls.failed)}",
+                       net.param_span).locate(net.filename, net.source)
     if cls.regime != "feature learning":
         return kernel_limit(net, seed=seed)
     p: Plan = plan(net)
@@ -61,7 +61,8 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
     if need > memory_gb and not force:
         raise TpcError(f"the unrolled limit needs about {need:.3g} GB ({p.gaussians} Gaussian vectors over "
                        f"{size} {'basis elements' if exact else 'particles'}), more than {memory_gb:g} GB; "
-                       "use fewer particles or steps, or --force").locate(net.filename, net.source)
+                       "use fewer particles or steps, or --force",
+                       net.train.span if net.train else None).locate(net.filename, net.source)
     runs = []
     count = 1 if exact else max(2, replicates)
     steps = net.train.steps if net.train else 0

@@ -121,6 +121,7 @@ class Network:
     losses: dict[str, Loss] = field(default_factory=dict)
     train: Train | None = None
     outputs: list[Output] = field(default_factory=list)
+    param_span: Span | None = None
 
     @property
     def hidden_layers(self) -> int:
@@ -503,7 +504,7 @@ class _Builder:
             if np.isnan(self.train.lr):
                 self.train.lr = float(lr)
         return Network(filename, source, self.width, self.param.name, abc, lr, self.layers, self.model,
-                       self.data, self.losses, self.train, self.outputs)
+                       self.data, self.losses, self.train, self.outputs, self.param.span)
 
     def parametrization(self, p: ast.ParamDecl) -> tuple[ABC, float | None]:
         hidden = sum(1 for la in self.layers.values() if la.role == "hidden")
@@ -517,7 +518,7 @@ class _Builder:
             for key, vals in (("a", a), ("b", b)):
                 if len(vals) != L + 1:
                     raise TpcError(f"{key} has {len(vals)} entries; this network has {L + 1} layers "
-                                   "(input, hidden, readout)", kw[key].value.span)
+                                   f"(the input layer, {L - 1} hidden, the readout)", kw[key].value.span)
             abc = ABC(a, b, self.const(kw["c"].value))
         else:
             kw = self.kwargs(p.kwargs, ("lr",), p.name)

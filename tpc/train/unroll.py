@@ -344,7 +344,7 @@ def _output(net: Network, space: Space, o: Output, cache: dict[str, list[Tensor]
     if o.kind == "features":
         return space.gram(feats, feats)
     diff = feats - init_features[o.data]
-    return space.gram(diff[..., None, :], diff[..., None, :])[..., 0, 0]
+    return torch.sqrt(torch.clamp(space.gram(diff[..., None, :], diff[..., None, :])[..., 0, 0], min=0.0))
 
 
 def run_unrolled_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",

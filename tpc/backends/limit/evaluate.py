@@ -414,9 +414,12 @@ class LimitOutput:
     method: str
     stderr: np.ndarray | None = None
     cov: np.ndarray | None = None
+    random: bool = False  # random in the limit (value is its mean): a Gaussian readout, a kernel-regime output
 
     def to_json(self) -> dict:
         out: dict = {"value": _tolist(self.value), "method": self.method}
+        if self.random or self.cov is not None:
+            out["random"] = True
         if self.stderr is not None:
             out["stderr"] = _tolist(self.stderr)
         if self.cov is not None:
