@@ -5,7 +5,8 @@
 - mse(f(X), Y) = mean over rows of 1/2 |f(x) - y|^2 (the gradient is (f - y) / B);
 - xent(f(X), Y) = mean over rows of -log softmax(f(x))[y], Y class labels 0..k-1 or one-hot;
 - logistic(f(X), Y) = mean over rows of log(1 + exp(-s f(x))), s = +1 for labels 1, -1 for 0 or -1;
-- user losses mean(...) / sum(...) over every entry of a coordinatewise expression.
+- user losses: expressions in mean(...) and sum(...), each over every entry (rows and outputs) of a
+  coordinatewise expression in f(X) and data.
 """
 
 from __future__ import annotations
@@ -20,13 +21,18 @@ from tpc.train.network import Loss
 Tensor = torch.Tensor
 
 
-def _tree(tree: ex.Tree, args: list[Tensor]) -> Tensor:
-    """Evaluate without in-place tricks: autograd runs through this."""
+def _tree(tree: ex.Tree, args: list[Tensor], reduce_dims: tuple[int, ...] = ()) -> Tensor:
+    """Evaluate without in-place tricks: autograd runs through this. A loss's `mean_all` and
+    `sum_all` reduce over `reduce_dims` (the rows and outputs)."""
     if isinstance(tree, ex.Arg):
         return args[tree.index]
     if isinstance(tree, ex.Const):
         return torch.tensor(tree.value, dtype=args[0].dtype, device=args[0].device)
-    return FUNCTIONS[tree.fn].torch(*[_tree(a, args) for a in tree.args])
+    if tree.fn in ("mean_all", "sum_all"):
+        inner = _tree(tree.args[0], args)
+        inner = inner.expand(torch.broadcast_shapes(inner.shape, args[0].shape))
+        return inner.mean(reduce_dims) if tree.fn == "mean_all" else inner.sum(reduce_dims)
+    return FUNCTIONS[tree.fn].torch(*[_tree(a, args, reduce_dims) for a in tree.args])
 
 
 def loss_value(loss: Loss, F: Tensor, data: dict[str, np.ndarray], rows: np.ndarray) -> Tensor:  # noqa: N803
@@ -51,10 +57,7 @@ def loss_value(loss: Loss, F: Tensor, data: dict[str, np.ndarray], rows: np.ndar
         return torch.nn.functional.softplus(-s * F[..., 0]).mean(-1)
     f = F[..., 0] if k == 1 else F
     args = [f] + [arr(name) for name in loss.args[1:]]
-    value = _tree(loss.tree, args)
-    value = value.expand(torch.broadcast_shapes(value.shape, f.shape))
-    dims = tuple(range(-(1 if k == 1 else 2), 0))
-    return value.mean(dims) if loss.reduce == "mean" else value.sum(dims)
+    return _tree(loss.tree, args, tuple(range(-(1 if k == 1 else 2), 0)))
 
 
 def loss_gradient(loss: Loss, F: Tensor, data: dict[str, np.ndarray], rows: np.ndarray) -> tuple[Tensor, Tensor]:  # noqa: N803

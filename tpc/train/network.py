@@ -83,9 +83,8 @@ class Loss:
     data: str  # the inputs X of f(X)
     target: str | None  # Y for the built-in losses
     span: Span
-    tree: ex.Tree | None = None  # user losses: Arg(0) = f(X), Arg(i) = data `args[i]`
+    tree: ex.Tree | None = None  # user losses: Arg(0) = f(X), Arg(i) = data `args[i]`, mean_all / sum_all
     args: tuple[str, ...] = ()
-    reduce: str = "mean"  # user losses: mean or sum over every entry
 
 
 @dataclass
@@ -353,12 +352,9 @@ class _Builder:
                 raise TpcError("the targets are a data set", y.span)
             self.check_targets(e.fn, self.data[x], self.data[y.id], y.span)
             return Loss(s.name, e.fn, x, y.id, s.span)
-        if not (isinstance(e, ast.Call) and e.fn in ("mean", "sum") and len(e.args) == 1):
-            raise TpcError("a loss is mse(f(X), Y), xent(f(X), Y), logistic(f(X), Y), or mean(...) or sum(...) "
-                           "of an expression in f(X) and data", e.span)
         names: list[str] = []
         xs: list[str] = []
-        tree = self.loss_tree(e.args[0], names, xs)
+        tree = self.loss_tree(e, names, xs, inside=False)
         if not xs:
             raise TpcError(f"a loss depends on the model: use {self.model.name}(X)", e.span)
         m = self.data[xs[0]].shape[0]
@@ -366,10 +362,21 @@ class _Builder:
             arr = self.data[name]
             if arr.ndim and arr.shape[0] != m:
                 raise TpcError(f"'{name}' has {arr.shape[0]} rows but {xs[0]} has {m}", e.span)
-        return Loss(s.name, "user", xs[0], None, s.span, tree, tuple(["<f>"] + names), e.fn)
+        return Loss(s.name, "user", xs[0], None, s.span, tree, tuple(["<f>"] + names))
 
-    def loss_tree(self, e: ast.Expr, names: list[str], xs: list[str]) -> ex.Tree:
+    def loss_tree(self, e: ast.Expr, names: list[str], xs: list[str], inside: bool) -> ex.Tree:
+        """A user loss: numbers and reductions `mean(...)` / `sum(...)` (over every entry) of
+        coordinatewise expressions in f(X) and data; `inside` is True within a reduction."""
+        def sub(a: ast.Expr) -> ex.Tree:
+            return self.loss_tree(a, names, xs, inside)
+
+        if isinstance(e, ast.Call) and e.fn in ("mean", "sum") and len(e.args) == 1:
+            if inside:
+                raise TpcError(f"{e.fn}(...) inside a reduction: a loss reduces once over the rows", e.span)
+            return ex.Apply(f"{e.fn}_all", (self.loss_tree(e.args[0], names, xs, True),))
         x = self.f_call(e)
+        if x is not None and not inside:
+            raise TpcError(f"a loss reduces {e.fn}(X) over its rows: mean(...) or sum(...)", e.span)
         if x is not None:
             if xs and xs[0] != x:
                 raise TpcError("a loss evaluates the model on one data set", e.span)
@@ -378,6 +385,8 @@ class _Builder:
         if isinstance(e, ast.Num):
             return ex.Const(e.value)
         if isinstance(e, ast.Name):
+            if e.id in self.data and not inside:
+                raise TpcError(f"data '{e.id}' in a loss is used inside mean(...) or sum(...)", e.span)
             if e.id in self.data:
                 if e.id not in names:
                     names.append(e.id)
@@ -386,20 +395,21 @@ class _Builder:
                 return ex.Const(float(self.dims[e.id]))
             raise self.unknown(e.id, e.span)
         if isinstance(e, ast.Neg):
-            return ex.Apply("neg", (self.loss_tree(e.operand, names, xs),))
+            return ex.Apply("neg", (sub(e.operand),))
         if isinstance(e, ast.BinOp) and e.op in "+-*/^":
             fn = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow"}[e.op]
-            return ex.Apply(fn, (self.loss_tree(e.left, names, xs), self.loss_tree(e.right, names, xs)))
+            return ex.Apply(fn, (sub(e.left), sub(e.right)))
         if isinstance(e, ast.Call):
             fn = ALIASES.get(e.fn, e.fn)
             if fn == "sqrt" and len(e.args) == 1:
-                return ex.Apply("pow", (self.loss_tree(e.args[0], names, xs), ex.Const(0.5)))
+                return ex.Apply("pow", (sub(e.args[0]), ex.Const(0.5)))
             if fn not in FUNCTIONS or not FUNCTIONS[fn].user_visible:
                 raise self.unknown(e.fn, e.fn_span)
             if len(e.args) != FUNCTIONS[fn].arity:
                 raise TpcError(f"'{e.fn}' takes {FUNCTIONS[fn].arity} argument(s)", e.span)
-            return ex.Apply(fn, tuple(self.loss_tree(a, names, xs) for a in e.args))
-        raise TpcError("a loss is a coordinatewise expression in f(X), data and numbers", e.span)
+            return ex.Apply(fn, tuple(sub(a) for a in e.args))
+        raise TpcError("a loss is mse(f(X), Y), xent(f(X), Y), logistic(f(X), Y), or an expression in mean(...) "
+                       "and sum(...) of coordinatewise functions of f(X) and data", e.span)
 
     def check_targets(self, kind: str, x: np.ndarray, y: np.ndarray, span: Span) -> None:
         m, k = x.shape[0], self.output_dim()

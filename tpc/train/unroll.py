@@ -172,8 +172,7 @@ def plan(net: Network) -> Plan:
         bwd += t.steps * t.batch
         if t.batch < m and any(o.kind == "history" for o in net.outputs):
             fwd += t.steps * m
-    finite = sum(int(la.cols) if la.role == "input" else int(la.rows) if la.role == "readout" else 1
-                 for la in net.layers.values())
+    finite = sum({"input": la.cols, "readout": la.rows, "bias": 1}.get(la.role, 0) for la in net.layers.values())
     return Plan(fwd, bwd, hidden, finite + hidden * (fwd + bwd), hidden * bwd)
 
 

@@ -1,0 +1,246 @@
+"""Training: direct SGD in torch against the unrolled Netsor-transpose program (round-off), the
+exact linear muP limit against a direct computation, the kernel regime against the NTK
+recursion and a per-seed linearisation, and the limit's plan and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tpc
+from tpc.cli import main
+from tpc.compare import fit_slope
+from tpc.train.kernel import kernels
+from tpc.train.unroll import plan, run_unrolled_finite
+
+ROOT = Path(__file__).resolve().parent.parent
+TRAIN = sorted((ROOT / "programs" / "train").glob("*.tp"))
+
+HEADER = """width n
+data X = [[1, 0.5], [-0.3, 0.8], [0.2, -1], [0.9, 0.1], [-0.5, -0.5]]
+data Xt = [[0.4, 0.4], [-1, 0.2]]
+"""
+# small programs that exercise what the bundled ones do not
+VARIANTS = {
+    "xent_bias_minibatch": """parametrization mup
+data Y = [0, 1, 2, 1, 0]
+layer U : input n x 2
+layer b : bias n
+layer W : hidden n x n, var = 2
+layer V : readout 3 x n
+nonlin act(z) = z * sigmoid(z)
+model f(x) = V @ act(W @ tanh(U @ x + b) + 0.5 * b)
+loss L = xent(f(X), Y)
+output p0 = f(Xt)
+train sgd(lr = 0.3, steps = 4, batch = 2) minimize L
+output p = f(Xt)
+output h = history(L)
+output final = L
+output k = features(f, X)
+output move = feature_change(f, X)
+""",
+    "logistic_mf_user_loss": """parametrization mf(lr = 0.4)
+data Y = [1, -1, 1, 1, -1]
+layer U : input n x 2, var = 2
+layer V : readout 1 x n
+model f(x) = V @ relu(U @ x)
+loss L = logistic(f(X), Y)
+loss Q = mean((f(X) - Y)^2 + 0.1 * abs(f(X)))
+train sgd(steps = 3) minimize L
+output q = Q
+output h = history(L)
+""",
+    "shared_weights_abc": """parametrization abc(a = [0, 0.5, 1], b = [0, 0, 0], c = -1, lr = 0.2)
+data Y = [[1, 0], [0, 1], [1, 1], [0, 0], [0.5, 0.5]]
+layer U : input n x 2
+layer W : hidden n x n
+layer V : readout 2 x n
+model f(x) = V @ erf(W @ relu(W @ erf(U @ x)))
+loss L = mse(f(X), Y)
+train sgd(steps = 3, batch = 3) minimize L
+output p = f(Xt)
+output L1 = L
+""",
+    "ntk_user_loss": """parametrization ntk(lr = 0.5)
+data Y = [1, -1, 1, 1, -1]
+layer U : input n x 2
+layer W : hidden n x n
+layer V : readout 1 x n
+model f(x) = V @ gelu(W @ gelu(U @ x))
+loss L = sum((f(X) - Y)^4) / 20
+train sgd(steps = 2) minimize L
+output p = f(Xt)
+""",
+}
+
+
+def _variant(name: str) -> tpc.Network:
+    return tpc.loads(HEADER + VARIANTS[name], f"<{name}>")
+
+
+CASES = [(p.stem, lambda p=p: tpc.load(p)) for p in TRAIN] + [(k, lambda k=k: _variant(k)) for k in VARIANTS]
+
+
+@pytest.mark.parametrize("load", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_unrolled_program_equals_direct_training(load) -> None:  # noqa: ANN001
+    """Same width, same seeds: SGD on real matrices with autograd, and the unrolled program that
+    multiplies only by the initial matrices, agree to round-off for every parametrization."""
+    net = load()
+    direct = tpc.run(net, 48, 2)
+    unrolled = run_unrolled_finite(net, 48, 2)
+    assert set(direct) == set(unrolled)
+    for name, res in direct.items():
+        np.testing.assert_allclose(res.values, unrolled[name], rtol=0, atol=1e-10, err_msg=name)
+
+
+def test_training_moves_the_outputs() -> None:
+    """Guards the test above against a vacuous pass: training does change the predictions."""
+    net = _variant("xent_bias_minibatch")
+    res = tpc.run(net, 64, 2)
+    assert np.abs(res["p"].values - res["p0"].values).max() > 1e-2
+    assert np.all(np.diff(res["h"].mean) != 0)
+
+
+def test_exact_linear_mup_limit_against_a_direct_computation() -> None:
+    """linear_mup.tp: every vector lies in the span of U's 3 column Gaussians and v's; the limit
+    is linear algebra on their coefficients, written out here independently of tpc."""
+    net = tpc.load(ROOT / "programs" / "train" / "linear_mup.tp")
+    lim = tpc.limit(net)
+    X, Xt, y = net.data["X"], net.data["Xt"], net.data["Y"].reshape(-1)  # noqa: N806
+    eta, steps, d = 0.5, 5, 3
+    U = np.zeros((d, d + 1))  # noqa: N806 - columns of U as coefficients over (u1, u2, u3, v)
+    U[:, :d] = np.eye(d) / np.sqrt(d)  # var 1, fan-in 3
+    v = np.zeros(d + 1)
+    v[d] = 1.0
+    h0 = X @ U
+    losses = []
+    for _ in range(steps):
+        H = X @ U  # noqa: N806 - the hidden vectors of the 4 inputs, (4, 4 coefficients)
+        f = H @ v  # E[Z^v Z^h]
+        losses.append(0.5 * np.mean((f - y) ** 2))
+        chi = (f - y) / len(X)
+        dH = np.outer(chi, v)  # noqa: N806 - n dL/dh = chi v
+        U, v = U - eta * X.T @ dH, v - eta * chi @ H  # noqa: N806 - muP: both updates at lr eta
+    H = X @ U  # noqa: N806
+    assert lim["pred"].method == "exact"
+    np.testing.assert_allclose(lim["pred"].value, (Xt @ U) @ v, atol=1e-12)
+    np.testing.assert_allclose(lim["curve"].value, losses, atol=1e-12)
+    np.testing.assert_allclose(lim["final"].value, 0.5 * np.mean((H @ v - y) ** 2), atol=1e-12)
+    np.testing.assert_allclose(lim["kernel"].value, H @ H.T, atol=1e-12)
+    np.testing.assert_allclose(lim["move"].value, np.linalg.norm(H - h0, axis=1), atol=1e-12)
+    assert lim["move"].value.min() > 0.1  # muP: features move by order one
+
+
+def _relu_kernels(s11: np.ndarray, var: float) -> tuple[np.ndarray, np.ndarray]:
+    """var E[relu(u) relu(u')] and var E[step(u) step(u')] for u ~ N(0, s11) (Cho & Saul)."""
+    d = np.sqrt(np.diag(s11))
+    cos = np.clip(s11 / np.outer(d, d), -1, 1)
+    th = np.arccos(cos)
+    relu = np.outer(d, d) / (2 * np.pi) * (np.sin(th) + (np.pi - th) * cos)
+    return var * relu, var * (np.pi - th) / (2 * np.pi)
+
+
+@pytest.mark.parametrize("param", ["ntk", "sp"])
+def test_kernel_regime_kernels_against_the_ntk_recursion(param: str) -> None:
+    """relu2 in NTK and SP: the NNGP and the training kernel against the arc-cosine recursion.
+    SP (lr n^-1) trains the hidden and readout layers only; NTK trains all three."""
+    net = tpc.load(ROOT / "programs" / "train" / f"relu2_{param}.tp")
+    K = kernels(net)  # noqa: N806
+    P = np.concatenate([net.data["X"], net.data["Xt"]])  # noqa: N806 - the order of point_sets
+    s1 = 2.0 * P @ P.T / 3  # input layer, var 2, fan-in 3
+    x1, d1 = _relu_kernels(s1, 1.0)
+    s2 = 2.0 * x1  # hidden layer, var 2
+    x2, d2 = _relu_kernels(s2, 1.0)
+    nngp = 1.0 * x2  # readout var 1
+    g2 = 1.0 * d2  # <dh2, dh2'>/n: v (var 1) times step(h2)
+    g1 = 2.0 * g2 * d1  # back through W (var 2) and step(h1)
+    theta = x2 + g2 * x1 + (g1 * (P @ P.T) if param == "ntk" else 0.0)
+    np.testing.assert_allclose(K.nngp, nngp, atol=1e-10)
+    np.testing.assert_allclose(K.theta, 0.5 * theta, atol=1e-10)  # lr 0.5
+
+
+def test_kernel_regime_is_kernel_gradient_descent_seed_by_seed() -> None:
+    """NTK parametrization: each seed's trained predictions approach kernel gradient descent
+    started from that seed's own f_0, with error shrinking like n^-1/2."""
+    src = HEADER + """parametrization ntk(lr = 0.5)
+data Y = [1, -1, 1, 1, -1]
+layer U : input n x 2
+layer W : hidden n x n
+layer V : readout 1 x n
+model f(x) = V @ erf(W @ relu(U @ x))
+loss L = mse(f(X), Y)
+output f0 = f(X)
+output f0t = f(Xt)
+train sgd(steps = 4) minimize L
+output ft = f(Xt)
+"""
+    net = tpc.loads(src)
+    K = kernels(net)  # noqa: N806
+    theta, y = K.theta, net.data["Y"]
+    lim = tpc.limit(net)
+    errors, widths = [], [128, 512, 2048]
+    for width in widths:
+        res = tpc.run(net, width, 4)
+        f = np.concatenate([res["f0"].values, res["f0t"].values], axis=1)  # (seeds, 7)
+        for _ in range(4):
+            f = f - (f[:, :5] - y) @ theta[:, :5].T / 5
+        errors.append(np.sqrt(np.mean((res["ft"].values - f[:, 5:]) ** 2)))
+    slope = fit_slope(widths, errors)
+    assert -0.75 <= slope <= -0.25, (errors, slope)
+    assert errors[-1] < 0.05
+    # the limit's mean is the same recursion started from E f_0 = 0
+    f = np.zeros(7)
+    for _ in range(4):
+        f = f - theta[:, :5] @ (f[:5] - y) / 5
+    np.testing.assert_allclose(lim["ft"].value, f[5:], atol=1e-12)
+    assert lim["ft"].random and lim["ft"].cov.shape == (2, 2)
+
+
+def test_kernel_regime_non_mse_loss_samples_f0() -> None:
+    net = _variant("ntk_user_loss")
+    lim = tpc.limit(net)
+    assert "monte-carlo" in lim["p"].method and lim["p"].stderr is not None
+    res = tpc.run(net, 1024, 64)
+    z = np.abs(res["p"].mean - lim["p"].value) / np.sqrt(res["p"].stderr ** 2 + lim["p"].stderr ** 2)
+    assert np.all(z < 5), z
+
+
+def test_plan_counts_gaussians() -> None:
+    net = tpc.load(ROOT / "programs" / "train" / "relu2_mup.tp")
+    p = plan(net)
+    # init forward on X (kernel0, feature_change), 3 steps x (4 forward + 4 backward), trained forward
+    # on X and Xt: one hidden matrix, so one Gaussian per row; plus U's 3 columns and V's row
+    assert (p.forward_rows, p.backward_rows) == (4 + 12 + 4 + 3, 12)
+    assert p.gaussians == 3 + 1 + p.forward_rows + p.backward_rows
+
+
+def test_limit_refuses_what_would_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(ROOT / "programs" / "train" / "relu2_mup.tp")
+    assert main(["limit", path, "--memory-gb", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert "relu2_mup.tp:" in err and "--force" in err and "Gaussian vectors" in err
+
+
+def test_unstable_parametrization_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    src = HEADER + """parametrization abc(a = [0, 0], b = [0, 0], c = 0, lr = 0.1)
+layer U : input n x 2
+layer V : readout 1 x n
+model f(x) = V @ relu(U @ x)
+output p = f(Xt)
+"""
+    with pytest.raises(tpc.TpcError, match="unstable.*a_2 \\+ b_2 >= 1/2"):
+        tpc.limit(tpc.loads(src))
+
+
+def test_cli_limit_prints_its_plan_and_classify_reads_a_program(capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(ROOT / "programs" / "train" / "linear_mup.tp")
+    assert main(["limit", path]) == 0
+    out = capsys.readouterr().out
+    assert "4 Gaussian vectors" in out and "exactly" in out and "pred [exact]" in out
+    assert main(["classify", path, "--json"]) == 0
+    import json
+
+    res = json.loads(capsys.readouterr().out)
+    assert res["regime"] == "feature learning" and res["r"] == 0 and res["stable"]
