@@ -31,6 +31,10 @@ def kernel_change(k0: np.ndarray, kt: np.ndarray) -> np.ndarray:
     return np.linalg.norm(kt - k0, axis=(-2, -1)) / np.linalg.norm(k0, axis=(-2, -1))
 
 
+def stderr(x: np.ndarray) -> float:
+    return float(x.std(ddof=1) / np.sqrt(len(x)))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--widths", default="64,256,1024,4096")
@@ -54,11 +58,11 @@ def main() -> None:
             move = res["move"].values.mean(axis=1)  # per seed: mean over the training inputs
             kc = kernel_change(res["kernel0"].values, res["kernel"].values)
             pred_err = np.sqrt(np.mean((res["pred"].values - np.asarray(lim["pred"].value)) ** 2, axis=1))
-            row["widths"].append({"width": w, "move": float(move.mean()), "move_se": float(move.std(ddof=1) / np.sqrt(len(move))),
-                                  "kernel_change": float(kc.mean()), "kernel_change_se": float(kc.std(ddof=1) / np.sqrt(len(kc))),
+            row["widths"].append({"width": w, "move": float(move.mean()), "move_se": stderr(move),
+                                  "kernel_change": float(kc.mean()), "kernel_change_se": stderr(kc),
                                   "pred_rms_error": float(pred_err.mean())})
-            print(f"{p:>4}  n = {w:>5}: feature movement {move.mean():.4f} ± {move.std(ddof=1) / np.sqrt(len(move)):.4f}, "
-                  f"kernel change {kc.mean():.4f}, test-prediction rms error vs limit {pred_err.mean():.4f}", flush=True)
+            print(f"{p:>4}  n = {w:>5}: feature movement {move.mean():.4f} ± {stderr(move):.4f}, kernel change "
+                  f"{kc.mean():.4f}, test-prediction rms error vs limit {pred_err.mean():.4f}", flush=True)
         print(f"{p:>4}  limit ({cls.regime}, r = {cls.r:g}): feature movement {row['limit_move']:.4f}, "
               f"kernel change {row['limit_kernel_change']:.4f}  [{lim['move'].method}]", flush=True)
         table[p] = row
@@ -88,7 +92,8 @@ def plot(table: dict, widths: list[int], out: str, seeds: int) -> None:
         if row["limit_kernel_change"] > 0:
             axes[1].axhline(row["limit_kernel_change"], color=c, ls="--", lw=1, label=f"{p} limit")
         if p == "mup":
-            axes[2].loglog(w, [r["pred_rms_error"] for r in row["widths"]], "o-", color=c, label="muP: rms error vs limit")
+            err = [r["pred_rms_error"] for r in row["widths"]]
+            axes[2].loglog(w, err, "o-", color=c, label="muP: rms error vs limit")
             first = row["widths"][0]["pred_rms_error"]
             axes[2].loglog(w, first * (w / w[0]) ** -0.5, "k:", label="n^-1/2")
     for ax, title in zip(axes[:2], ("feature movement (rms, last hidden layer)", "kernel change |K_T - K_0| / |K_0|"),
