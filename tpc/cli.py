@@ -213,7 +213,7 @@ def cmd_limit(args: argparse.Namespace) -> int:
     for name, r in res.items():
         print(f"  {name} [{r.method}] = {_fmt_array(r.value, r.stderr)}")
         if r.cov is not None:
-            print(f"    Gaussian in the limit, covariance: {_fmt_array(r.cov)}")
+            print(f"    random in the limit (the value is its mean); covariance: {_fmt_array(r.cov)}")
     return 0
 
 
