@@ -53,6 +53,22 @@ def _progress(total: int, desc: str, enabled: bool) -> tuple[Callable[[int], Non
     return bar.update, bar.close
 
 
+def _step_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """A bar over SGD steps: `update(done, total)`."""
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(desc="SGD steps", unit="step", file=sys.stderr, leave=False, position=1)
+
+    def update(done: int, total: int) -> None:
+        bar.total = total
+        bar.n = done
+        bar.refresh()
+
+    return update, bar.close
+
+
 # ---------------------------------------------------------------------------- commands
 
 
@@ -183,11 +199,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     prog = _load(args.file)
     _check_device(args.device)
-    update, close = _progress(args.seeds, f"width {args.width}", not args.json and not args.quiet)
+    show = not args.json and not args.quiet
+    update, close = _progress(args.seeds, f"width {args.width}", show)
     try:
-        run = train_finite if _is_network(prog) else run_finite
-        res = run(prog, args.width, args.seeds, dtype=args.dtype, device=args.device,
-                  first_seed=args.first_seed, progress=update)
+        if _is_network(prog):
+            steps, close_steps = _step_bar(show and prog.train is not None)
+            try:
+                res = train_finite(prog, args.width, args.seeds, dtype=args.dtype, device=args.device,
+                                   first_seed=args.first_seed, progress=update, on_step=steps)
+            finally:
+                close_steps()
+        else:
+            res = run_finite(prog, args.width, args.seeds, dtype=args.dtype, device=args.device,
+                             first_seed=args.first_seed, progress=update)
     finally:
         close()
     if args.json:

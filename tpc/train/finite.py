@@ -68,9 +68,11 @@ def _step(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor)
 
 def train_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
                  first_seed: int = 0, memory_gb: float = 4.0,
-                 progress: Callable[[int], None] | None = None) -> dict[str, FiniteResult]:
+                 progress: Callable[[int], None] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> dict[str, FiniteResult]:
     """Every output of the network program at width `width` for seeds first_seed...; training runs
-    SGD on the trained parameters w^l (W^l = n^-a_l w^l) with learning rate lr n^-c."""
+    SGD on the trained parameters w^l (W^l = n^-a_l w^l) with learning rate lr n^-c. `progress`
+    counts finished seeds, `on_step(done, steps)` the SGD steps of the current chunk of seeds."""
     tdtype = DTYPES[dtype]
     per_seed = 4 * sum(int(np.prod(shape_of(la, width))) for la in net.layers.values())
     rows = max(net.data[d].shape[0] for d in net.point_sets())
@@ -80,7 +82,7 @@ def train_finite(net: Network, width: int, seeds: int, dtype: str = "float64", d
     done = 0
     while done < seeds:
         ids = list(range(first_seed + done, first_seed + min(seeds, done + chunk)))
-        out = _train_chunk(net, width, ids, tdtype, device, progress)
+        out = _train_chunk(net, width, ids, tdtype, device, progress, on_step)
         for k, v in out.items():
             parts[k].append(v)
         done += len(ids)
@@ -88,7 +90,8 @@ def train_finite(net: Network, width: int, seeds: int, dtype: str = "float64", d
 
 
 def _train_chunk(net: Network, width: int, ids: list[int], dtype: torch.dtype, device: str,
-                 progress: Callable[[int], None] | None) -> dict[str, np.ndarray]:
+                 progress: Callable[[int], None] | None,
+                 on_step: Callable[[int, int], None] | None) -> dict[str, np.ndarray]:
     normals = standard_normals(net, width, ids, dtype, device)
     params: dict[str, Tensor] = {}
     mult: dict[str, float] = {}
@@ -121,7 +124,7 @@ def _train_chunk(net: Network, width: int, ids: list[int], dtype: torch.dtype, d
             for o in net.outputs:
                 if o.kind == "feature_change":
                     init_features[o.data] = forward(net, w, data(o.data))[net.model.features]
-        history = _sgd(net, params, weights, data, width)
+        history = _sgd(net, params, weights, data, width, on_step)
     evaluate([o for o in net.outputs if o.phase == "trained"], history)
     if progress:
         progress(len(ids))
@@ -129,7 +132,7 @@ def _train_chunk(net: Network, width: int, ids: list[int], dtype: torch.dtype, d
 
 
 def _sgd(net: Network, params: dict[str, Tensor], weights: Callable[[], dict[str, Tensor]],
-         data: Callable[[str], Tensor], width: int) -> np.ndarray:
+         data: Callable[[str], Tensor], width: int, on_step: Callable[[int, int], None] | None) -> np.ndarray:
     train = net.train
     loss = net.losses[train.loss]
     X = data(loss.data)  # noqa: N806
@@ -152,6 +155,8 @@ def _sgd(net: Network, params: dict[str, Tensor], weights: Callable[[], dict[str
         with torch.no_grad():
             for (k, w), g in zip(params.items(), grads, strict=True):
                 w -= rate[k] * g
+        if on_step:
+            on_step(t + 1, train.steps)
     return torch.stack(history, dim=-1).detach().to("cpu", torch.float64).numpy()
 
 

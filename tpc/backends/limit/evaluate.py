@@ -199,7 +199,8 @@ class LimitEvaluator:
 
     # ------------------------------------------------------------------ one rule per instruction
     def rule_data(self, node: Node) -> None:
-        value = torch.tensor(np.asarray(node.params["value"], dtype=np.float64), dtype=self.dtype)
+        # a view of the program's own array (no copy in float64); nothing writes to data values
+        value = torch.from_numpy(np.ascontiguousarray(node.params["value"], dtype=np.float64)).to(self.dtype)
         self.scalars[node.id] = LimitValue(value, {"exact"})
 
     def rule_matrix(self, node: Node) -> None:
