@@ -185,6 +185,7 @@ class TrainDecl(Stmt):
     kwargs: tuple[Kwarg, ...]
     loss: str
     loss_span: Span
+    on: tuple[tuple[str, Span], ...] = ()  # `on P, S, SY, Q, QY` (fomaml's task data)
 
 
 @dataclass
@@ -355,11 +356,14 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def train_decl(self, meta, children):
-        opt, kwargs, word, loss = children
+        opt, kwargs, word, loss, on, *names = children
         if str(word) != "minimize":
             raise TpcError(f"expected 'minimize' after the optimizer, got '{word}'", _span(word),
                            hint="write: train sgd(lr = 0.1, steps = 10) minimize L")
-        return TrainDecl(_span(meta), str(opt), _span(opt), kwargs or (), str(loss), _span(loss))
+        if on is not None and str(on) != "on":
+            raise TpcError(f"expected 'on' after the loss, got '{on}'", _span(on))
+        data = tuple((str(n), _span(n)) for n in names if n is not None)
+        return TrainDecl(_span(meta), str(opt), _span(opt), kwargs or (), str(loss), _span(loss), data)
 
     def start(self, children):
         return Module(list(children))

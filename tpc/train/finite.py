@@ -110,10 +110,14 @@ def _train_chunk(net: Network, width: int, ids: list[int], dtype: torch.dtype, d
     init_features: dict[str, Tensor] = {}
 
     def evaluate(outputs: list[Output], history: np.ndarray | None) -> None:
+        for o in outputs:
+            if o.kind == "adapted":
+                results[o.name] = _adapted(net, o, params, mult, width, data)
         with torch.no_grad():
             w = weights()
             for o in outputs:
-                results[o.name] = _output(net, o, w, data, init_features, history)
+                if o.kind != "adapted":
+                    results[o.name] = _output(net, o, w, data, init_features, history)
 
     init_outs = [o for o in net.outputs if o.phase == "init"]
     evaluate(init_outs, None)
@@ -124,7 +128,10 @@ def _train_chunk(net: Network, width: int, ids: list[int], dtype: torch.dtype, d
             for o in net.outputs:
                 if o.kind == "feature_change":
                     init_features[o.data] = forward(net, w, data(o.data))[net.model.features]
-        history = _sgd(net, params, weights, data, width, on_step)
+        if net.train.optimizer == "fomaml":
+            _fomaml(net, params, mult, data, width, on_step)
+        else:
+            history = _sgd(net, params, weights, data, width, on_step)
     evaluate([o for o in net.outputs if o.phase == "trained"], history)
     if progress:
         progress(len(ids))
@@ -160,6 +167,68 @@ def _sgd(net: Network, params: dict[str, Tensor], weights: Callable[[], dict[str
     return torch.stack(history, dim=-1).detach().to("cpu", torch.float64).numpy()
 
 
+def _task_grad(net: Network, w: dict[str, Tensor], mult: dict[str, float], pool: Tensor, rows: np.ndarray,
+               labels: np.ndarray) -> tuple[Tensor, ...]:
+    """dL/dw of one task's rows of the pool (every seed's loss summed: seeds are independent)."""
+    weights = {k: mult[k] * v for k, v in w.items()}
+    F = forward(net, weights, pool[torch.as_tensor(rows, device=pool.device)])[-1]  # noqa: N806
+    value = loss_value(net.task_loss(), F, {"<y>": labels}, np.arange(len(rows)))
+    return torch.autograd.grad(value.sum(), list(w.values()))
+
+
+def adapt(net: Network, w: dict[str, Tensor], mult: dict[str, float], width: int, pool: Tensor,
+          rows: np.ndarray, labels: np.ndarray) -> dict[str, Tensor]:
+    """fomaml's inner loop: SGD from w on one task's support, at lr inner_lr n^-c."""
+    rate = net.train.inner_lr * width ** (-net.abc.c)
+    for _ in range(net.train.inner_steps):
+        grads = _task_grad(net, w, mult, pool, rows, labels)
+        w = {k: (v - rate * g).detach().requires_grad_(True) for (k, v), g in zip(w.items(), grads, strict=True)}
+    return w
+
+
+def _adapted(net: Network, o: Output, params: dict[str, Tensor], mult: dict[str, float], width: int,
+             data: Callable[[str], Tensor]) -> np.ndarray:
+    """Each task's query predictions after fomaml's inner steps on its support: (S, T, Q[, k])."""
+    tasks = o.tasks
+    pool = data(tasks.pool)
+    out = []
+    for task in range(tasks.count(net.data)):
+        w = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        w = adapt(net, w, mult, width, pool, net.data[tasks.support][task].astype(int),
+                  net.data[tasks.support_y][task])
+        with torch.no_grad():
+            query = torch.as_tensor(net.data[tasks.query][task].astype(int), device=pool.device)
+            out.append(forward(net, {k: mult[k] * v for k, v in w.items()}, pool[query])[-1])
+    F = torch.stack(out, dim=1)  # noqa: N806
+    return (F[..., 0] if F.shape[-1] == 1 else F).detach().to("cpu", torch.float64).numpy()
+
+
+def _fomaml(net: Network, params: dict[str, Tensor], mult: dict[str, float], data: Callable[[str], Tensor],
+            width: int, on_step: Callable[[int, int], None] | None) -> None:
+    """First-order MAML: for each task of a step, adapt on its support, take the query loss's
+    gradient at the adapted weights, and move the meta-weights by the mean over the step's tasks."""
+    train, tasks = net.train, net.train.tasks
+    pool = data(tasks.pool)
+    count = tasks.count(net.data)
+    rate = train.lr * width ** (-net.abc.c)
+    for t in range(train.steps):
+        total = [torch.zeros_like(v) for v in params.values()]
+        for task in batch_rows(t, train.batch, count):
+            support = net.data[tasks.support][task].astype(int)
+            adapted = adapt(net, params, mult, width, pool, support, net.data[tasks.support_y][task])
+            grads = _task_grad(net, adapted, mult, pool, net.data[tasks.query][task].astype(int),
+                               net.data[tasks.query_y][task])
+            for acc, g in zip(total, grads, strict=True):
+                acc += g
+        with torch.no_grad():
+            for w, g in zip(params.values(), total, strict=True):
+                w -= rate / train.batch * g
+            if not all(torch.isfinite(w).all() for w in params.values()):
+                raise NumericalError(f"meta-training diverged at step {t + 1} (lower the learning rates)")
+        if on_step:
+            on_step(t + 1, train.steps)
+
+
 def _output(net: Network, o: Output, w: dict[str, Tensor], data: Callable[[str], Tensor],
             init_features: dict[str, Tensor], history: np.ndarray | None) -> np.ndarray:
     def numpy(t: Tensor) -> np.ndarray:
@@ -167,6 +236,7 @@ def _output(net: Network, o: Output, w: dict[str, Tensor], data: Callable[[str],
 
     if o.kind == "history":
         return history
+
     if o.kind == "loss":
         loss = net.losses[o.loss]
         F = forward(net, w, data(loss.data))[-1]  # noqa: N806

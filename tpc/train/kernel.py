@@ -150,7 +150,10 @@ def kernel_limit(net: Network, samples: int = 2**14, seed: int = 0) -> dict[str,
     K = kernels(net)  # noqa: N806
     k = net.output_dim()
     P = K.theta.shape[0]  # noqa: N806
-    mse = not net.train or net.losses[net.train.loss].kind == "mse"
+    fomaml = bool(net.train and net.train.optimizer == "fomaml")
+    if fomaml:
+        samples = min(samples, 512)  # fomaml's outputs are kept per sample (accuracies need them)
+    mse = not fomaml and (not net.train or net.losses[net.train.loss].kind == "mse")
     exact_losses = all(net.losses[o.loss].kind == "mse" for o in net.outputs if o.kind in ("loss", "history"))
     # f_t = A_t f_0 + b_t (mse) or f_t on samples of f_0 (other losses)
     if mse and exact_losses:
@@ -178,7 +181,7 @@ def kernel_limit(net: Network, samples: int = 2**14, seed: int = 0) -> dict[str,
         return np.asarray(vals.mean()), np.asarray(vals.std(ddof=1) / np.sqrt(len(vals)))
 
     results: dict[str, LimitOutput] = {}
-    method = K.method if sample is None else K.method + "+monte-carlo"
+    method = K.method if sample is None or "monte-carlo" in K.method else K.method + "+monte-carlo"
 
     def evaluate(phase: str) -> None:
         for o in net.outputs:
@@ -196,12 +199,16 @@ def kernel_limit(net: Network, samples: int = 2**14, seed: int = 0) -> dict[str,
                 results[o.name] = LimitOutput(K.features[r, r], K.method)
             elif o.kind == "feature_change":  # the features do not move in the kernel regime
                 results[o.name] = LimitOutput(np.zeros(net.data[o.data].shape[0]), "exact")
+            elif o.kind == "adapted":
+                results[o.name] = _adapted_samples(net, o, K, sample, method)
             else:
                 results[o.name] = _prediction(K.points[o.data], k, A if sample is None else None, b, sample, K,
                                               method)
 
     evaluate("init")
-    if net.train:
+    if fomaml:
+        sample = _fomaml(net, K, sample)
+    elif net.train:
         t = net.train
         loss = net.losses[t.loss]
         tr = K.points[loss.data]
@@ -223,6 +230,60 @@ def kernel_limit(net: Network, samples: int = 2**14, seed: int = 0) -> dict[str,
                 sample = sample - np.einsum("pb,sbk->spk", K.theta[:, idx], chi.numpy())
     evaluate("trained")
     return results
+
+
+def _adapt(net: Network, K: Kernels, f: np.ndarray, pool: str, support: np.ndarray, labels: np.ndarray,  # noqa: N803
+           query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """fomaml's inner steps on one task in function space: (f on the support, f on the query)."""
+    import torch
+
+    start = K.points[pool].start
+    s, q = start + support, start + query
+    inner = K.theta * (net.train.inner_lr / net.train.lr)
+    fs, fq = f[:, s], f[:, q]
+    for _ in range(net.train.inner_steps):
+        F = torch.as_tensor(fs).requires_grad_(True)  # noqa: N806
+        value = loss_value(net.task_loss(), F, {"<y>": labels}, np.arange(len(support)))
+        (chi,) = torch.autograd.grad(value.sum(), F)
+        chi = chi.numpy()
+        fs = fs - np.einsum("ab,sbk->sak", inner[np.ix_(s, s)], chi)
+        fq = fq - np.einsum("ab,sbk->sak", inner[np.ix_(q, s)], chi)
+    return fs, fq
+
+
+def _fomaml(net: Network, K: Kernels, f: np.ndarray) -> np.ndarray:  # noqa: N803
+    """First-order MAML with a fixed kernel: each meta-step moves f everywhere by the kernel
+    against the mean over tasks of the query gradients at the adapted functions."""
+    import torch
+
+    t, tasks = net.train, net.train.tasks
+    start = K.points[tasks.pool].start
+    for step in range(t.steps):
+        total = np.zeros_like(f)
+        for task in batch_rows(step, t.batch, tasks.count(net.data)):
+            query = net.data[tasks.query][task].astype(int)
+            _, fq = _adapt(net, K, f, tasks.pool, net.data[tasks.support][task].astype(int),
+                           net.data[tasks.support_y][task], query)
+            F = torch.as_tensor(fq).requires_grad_(True)  # noqa: N806
+            value = loss_value(net.task_loss(), F, {"<y>": net.data[tasks.query_y][task]}, np.arange(len(query)))
+            (chi,) = torch.autograd.grad(value.sum(), F)
+            total += np.einsum("pb,sbk->spk", K.theta[:, start + query], chi.numpy())
+        f = f - total / t.batch
+    return f
+
+
+def _adapted_samples(net: Network, o: object, K: Kernels, f: np.ndarray, method: str) -> LimitOutput:  # noqa: N803
+    tasks = o.tasks
+    out = []
+    for task in range(tasks.count(net.data)):
+        _, fq = _adapt(net, K, f, tasks.pool, net.data[tasks.support][task].astype(int),
+                       net.data[tasks.support_y][task], net.data[tasks.query][task].astype(int))
+        out.append(fq)
+    s = np.stack(out, axis=1)  # (samples, T, Q, k)
+    if s.shape[-1] == 1:
+        s = s[..., 0]
+    err = s.std(0, ddof=1) / np.sqrt(s.shape[0])
+    return LimitOutput(s.mean(0), method, err, random=True, samples=s)
 
 
 def _prediction(rows: slice, k: int, A: np.ndarray | None, b: np.ndarray, sample: np.ndarray | None,  # noqa: N803

@@ -27,7 +27,7 @@ from tpc.parametrization import ABC, Classification, classify, preset
 
 ROLES = ("input", "hidden", "readout", "bias")
 LOSSES = ("mse", "xent", "logistic")
-OUTPUT_FUNCTIONS = ("history", "features", "feature_change")
+OUTPUT_FUNCTIONS = ("history", "features", "feature_change", "adapted")
 NETWORK_STATEMENTS = (ast.ParamDecl, ast.LayerDecl, ast.ModelDecl, ast.LossDecl, ast.TrainDecl)
 
 
@@ -88,22 +88,42 @@ class Loss:
 
 
 @dataclass
+class Tasks:
+    """Few-shot tasks drawn from a pool of inputs: task t's support is pool rows support[t] with
+    labels support_y[t], its query pool rows query[t] with labels query_y[t]."""
+
+    pool: str
+    support: str
+    support_y: str
+    query: str
+    query_y: str
+
+    def count(self, data: dict[str, np.ndarray]) -> int:
+        return int(data[self.support].shape[0])
+
+
+@dataclass
 class Train:
     lr: float
     steps: int
-    batch: int  # rows per step; the full training set unless `batch = ...`
-    loss: str
+    batch: int  # rows per step (sgd; the full training set unless `batch = ...`) or tasks per step (fomaml)
+    loss: str  # a loss name (sgd) or a loss kind (fomaml: mse, xent, logistic)
     span: Span
+    optimizer: str = "sgd"  # sgd | fomaml (first-order MAML: inner SGD on each task's support)
+    tasks: Tasks | None = None
+    inner_lr: float = 0.0
+    inner_steps: int = 0
 
 
 @dataclass
 class Output:
     name: str
-    kind: str  # predict | loss | history | features | feature_change
+    kind: str  # predict | loss | history | features | feature_change | adapted
     phase: str  # init | trained
     span: Span
     data: str | None = None
     loss: str | None = None
+    tasks: Tasks | None = None  # adapted: predictions on each task's query after inner SGD on its support
 
 
 @dataclass
@@ -151,12 +171,19 @@ class Network:
     def point_sets(self) -> list[str]:
         """Every data set the model is evaluated on, training data first."""
         names: list[str] = []
-        if self.train:
+        if self.train and self.train.tasks:
+            names.append(self.train.tasks.pool)
+        elif self.train:
             names.append(self.losses[self.train.loss].data)
         for loss in self.losses.values():
             names.append(loss.data)
         names += [o.data for o in self.outputs if o.data]
+        names += [o.tasks.pool for o in self.outputs if o.tasks]
         return list(dict.fromkeys(names))
+
+    def task_loss(self) -> Loss:
+        """The loss of one task's rows: targets in the data entry '<y>' (see losses.py)."""
+        return Loss(self.train.loss, self.train.loss, "<x>", "<y>", self.train.span)
 
 
 # ---------------------------------------------------------------------------- building
@@ -176,6 +203,7 @@ class _Builder:
     losses: dict[str, Loss] = field(default_factory=dict)
     train: Train | None = None
     outputs: list[Output] = field(default_factory=list)
+    adapted: list[tuple[Output, list[tuple[str, Span]], Span]] = field(default_factory=list)
 
     def declare(self, name: str, span: Span) -> None:
         if name in self.defined:
@@ -436,8 +464,13 @@ class _Builder:
     def train_stmt(self, s: ast.TrainDecl) -> None:
         if self.train is not None:
             raise TpcError("a network program has one train statement", s.span)
+        if s.optimizer == "fomaml":
+            self.train = self.fomaml(s)
+            return
         if s.optimizer != "sgd":
-            raise TpcError(f"unknown optimizer '{s.optimizer}'; tpc trains with sgd", s.optimizer_span)
+            raise TpcError(f"unknown optimizer '{s.optimizer}'; tpc trains with sgd or fomaml", s.optimizer_span)
+        if s.on:
+            raise TpcError("sgd minimizes a declared loss, which names its data: drop `on ...`", s.on[0][1])
         if s.loss not in self.losses:
             raise self.unknown(s.loss, s.loss_span)
         kw = self.kwargs(s.kwargs, ("lr", "steps", "batch"), "sgd")
@@ -454,6 +487,69 @@ class _Builder:
         if lr is not None and not lr > 0:
             raise TpcError("the learning rate must be positive", kw["lr"].value.span)
         self.train = Train(lr if lr is not None else np.nan, int(steps), int(batch), s.loss, s.span)
+
+    def fomaml(self, s: ast.TrainDecl) -> Train:
+        """`train fomaml(lr, inner_lr, inner_steps, tasks, steps) minimize KIND on P, S, SY, Q, QY`."""
+        if s.loss not in LOSSES:
+            raise TpcError(f"fomaml minimizes a loss kind ({', '.join(LOSSES)}) on each task", s.loss_span)
+        if len(s.on) != 5:
+            raise TpcError("fomaml trains on P, S, SY, Q, QY: a pool of inputs, each task's support rows and "
+                           "labels, and its query rows and labels", s.span)
+        tasks = self.tasks(s.on, s.loss, s.span)
+        kw = self.kwargs(s.kwargs, ("lr", "inner_lr", "inner_steps", "tasks", "steps"), "fomaml")
+        for need in ("inner_lr", "steps"):
+            if need not in kw:
+                raise TpcError(f"fomaml needs {need}", s.span)
+
+        def whole(name: str, default: int, top: int) -> int:
+            v = self.const(kw[name].value) if name in kw else default
+            if v != int(v) or not 1 <= v <= top:
+                raise TpcError(f"{name} is a whole number from 1 to {top}", kw[name].value.span)
+            return int(v)
+
+        count = tasks.count(self.data)
+        inner = self.const(kw["inner_lr"].value)
+        lr = self.const(kw["lr"].value) if "lr" in kw else None
+        for name, v in (("inner_lr", inner), ("lr", lr)):
+            if v is not None and not v > 0:
+                raise TpcError("a learning rate must be positive", kw[name].value.span)
+        return Train(lr if lr is not None else np.nan, whole("steps", 1, 10**9), whole("tasks", 1, count), s.loss,
+                     s.span, "fomaml", tasks, inner, whole("inner_steps", 1, 1000))
+
+    def adapted_tasks(self, names: list[tuple[str, Span]], span: Span) -> Tasks:
+        """adapted(f, P, S, SY, Q): checked like fomaml's tasks, without query labels."""
+        (p, psp), (su, ssp), (sy, sysp), (q, qsp) = names
+        tasks = self.tasks(((p, psp), (su, ssp), (sy, sysp), (su, ssp), (sy, sysp)), self.train.loss, span)
+        if q not in self.data:
+            raise self.unknown(q, qsp)
+        r = self.data[q]
+        if r.ndim != 2 or r.shape[0] != self.data[su].shape[0] or not np.all(
+                (r >= 0) & (r < len(self.data[p])) & (r == np.round(r))):
+            raise TpcError(f"'{q}' holds, per task, whole row numbers of the pool", qsp)
+        return Tasks(tasks.pool, su, sy, q, "")
+
+    def tasks(self, names: tuple[tuple[str, Span], ...], kind: str, span: Span) -> Tasks:
+        for name, sp in names:
+            if name not in self.data:
+                raise self.unknown(name, sp)
+        (p, psp), (su, ssp), (sy, sysp), (q, qsp), (qy, qysp) = names
+        pool = self.data[p]
+        d = self.input_dim()
+        if pool.ndim != 2 or pool.shape[1] != d:
+            raise TpcError(f"the pool '{p}' has rows of dimension {d}, one input per row", psp)
+        k = self.output_dim()
+        for rows, rsp, labels, lsp in ((su, ssp, sy, sysp), (q, qsp, qy, qysp)):
+            r, y = self.data[rows], self.data[labels]
+            if r.ndim != 2 or not np.all((r >= 0) & (r < len(pool)) & (r == np.round(r))):
+                raise TpcError(f"'{rows}' holds, per task, whole row numbers of the pool (0..{len(pool) - 1})", rsp)
+            if y.shape[:2] != r.shape:
+                raise TpcError(f"'{labels}' has the shape of '{rows}' ({r.shape[0]} x {r.shape[1]})"
+                               + (" plus the outputs" if kind == "mse" else ""), lsp)
+            if kind == "xent" and not np.all((y >= 0) & (y < k) & (y == np.round(y))):
+                raise TpcError(f"xent labels are classes 0..{k - 1}", lsp)
+        if self.data[su].shape[0] != self.data[q].shape[0]:
+            raise TpcError(f"'{su}' and '{q}' have one row per task: the same number of rows", qsp)
+        return Tasks(p, su, sy, q, qy)
 
     def output(self, s: ast.OutputDecl) -> None:
         if any(o.name == s.name for o in self.outputs):
@@ -476,6 +572,15 @@ class _Builder:
                                e.span)
             self.outputs.append(Output(s.name, "history", phase, s.span, loss=e.args[0].id))
             return
+        if isinstance(e, ast.Call) and e.fn == "adapted":
+            names = [(a.id, a.span) if isinstance(a, ast.Name) else ("", a.span) for a in e.args[1:]]
+            if len(e.args) != 5 or not isinstance(e.args[0], ast.Name) or e.args[0].id != self.model.name:
+                raise TpcError("adapted(f, P, S, SY, Q): the model, a pool, each task's support rows and labels, "
+                               "and its query rows", e.span)
+            out = Output(s.name, "adapted", phase, s.span)
+            self.adapted.append((out, names, e.span))  # checked once the train statement is known
+            self.outputs.append(out)
+            return
         if isinstance(e, ast.Call) and e.fn in ("features", "feature_change"):
             ok = len(e.args) == 2 and isinstance(e.args[0], ast.Name) and e.args[0].id == self.model.name
             x = self.f_call(ast.Call(e.span, self.model.name, e.args[1:], e.fn_span)) if ok else None
@@ -486,8 +591,8 @@ class _Builder:
                                "initialisation: put it after the train statement", e.span)
             self.outputs.append(Output(s.name, e.fn, phase, s.span, data=x))
             return
-        raise TpcError(f"a network program outputs {self.model.name}(X), a loss, history(L), features(f, X) or "
-                       "feature_change(f, X)", e.span)
+        raise TpcError(f"a network program outputs {self.model.name}(X), a loss, history(L), features(f, X), "
+                       "feature_change(f, X) or adapted(f, P, S, SY, Q)", e.span)
 
     def finish(self, filename: str, source: str) -> Network:
         if self.width is None:
@@ -503,6 +608,11 @@ class _Builder:
         for la in self.layers.values():
             if la.name not in used:
                 raise TpcError(f"layer '{la.name}' is not used by the model", la.span)
+        for out, names, span in self.adapted:
+            if self.train is None or self.train.optimizer != "fomaml":
+                raise TpcError("adapted(f, P, S, SY, Q) adapts with fomaml's inner steps: the program needs a "
+                               "`train fomaml(...)` statement", span)
+            out.tasks = self.adapted_tasks(names, span)
         abc, lr = self.parametrization(self.param)
         if self.train:
             if np.isnan(self.train.lr) and lr is None:

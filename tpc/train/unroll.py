@@ -33,7 +33,7 @@ from tpc.ops import expr as ex
 from tpc.passes.autodiff import derivative
 from tpc.train.finite import init_std, standard_normals
 from tpc.train.losses import _tree, batch_rows, loss_gradient, loss_value
-from tpc.train.network import Layer, Network, Output
+from tpc.train.network import Layer, Loss, Network, Output
 
 Tensor = torch.Tensor
 # the update exponent of each role under muP: n^(target - (2a + c)) multiplies its update
@@ -165,7 +165,19 @@ def plan(net: Network) -> Plan:
     fwd = bwd = 0
     for phase in ("init", "trained"):
         fwd += sum(net.data[d].shape[0] for d in _forward_sets(net, phase))
-    if net.train:
+    for o in net.outputs:
+        if o.kind == "adapted":
+            per = _task_rows(net, o.tasks)
+            fwd += per[0]
+            bwd += per[1]
+    if net.train and net.train.tasks:
+        t = net.train
+        count = t.tasks.count(net.data)
+        s, q = net.data[t.tasks.support].shape[1], net.data[t.tasks.query].shape[1]
+        fwd += t.steps * t.batch * (t.inner_steps * s + q)
+        bwd += t.steps * t.batch * (t.inner_steps * s + q)
+        del count
+    elif net.train:
         t = net.train
         m = net.data[net.losses[t.loss].data].shape[0]
         fwd += t.steps * t.batch
@@ -173,7 +185,15 @@ def plan(net: Network) -> Plan:
         if t.batch < m and any(o.kind == "history" for o in net.outputs):
             fwd += t.steps * m
     finite = sum({"input": la.cols, "readout": la.rows, "bias": 1}.get(la.role, 0) for la in net.layers.values())
-    return Plan(fwd, bwd, hidden, finite + hidden * (fwd + bwd), hidden * bwd)
+    return Plan(fwd, bwd, hidden, int(finite + hidden * (fwd + bwd)), hidden * bwd)
+
+
+def _task_rows(net: Network, tasks: object) -> tuple[int, int]:
+    """(forward, backward) rows of adapting to every task of `adapted(...)` and predicting its query."""
+    count = tasks.count(net.data)
+    s, q = net.data[tasks.support].shape[1], net.data[tasks.query].shape[1]
+    k = net.train.inner_steps
+    return count * (k * s + q), count * k * s
 
 
 def _forward_sets(net: Network, phase: str) -> list[str]:
@@ -260,31 +280,78 @@ class Unrolled:
                     add(j, self.space.fn(ex.Apply("mul", (d, ex.Arg(len(args)))), args + [g]))
         return grads
 
-    def sgd_step(self, x: Tensor, rows: np.ndarray) -> Tensor:
-        """One step on the rows `rows` of the training set; returns the loss before it."""
-        loss = self.net.losses[self.net.train.loss]
+    def copy(self) -> Unrolled:
+        """An independent state from this one (fomaml adapts a copy per task); tensors are never
+        written in place, so sharing them is safe."""
+        new = Unrolled.__new__(Unrolled)
+        new.net, new.space, new.rate = self.net, self.space, self.rate
+        new.state, new.history = dict(self.state), dict(self.history)
+        return new
+
+    def gradient(self, x: Tensor, loss: Loss, data: dict[str, np.ndarray], rows: np.ndarray) -> tuple[Tensor, list]:
+        """(the loss, the update directions): for each trained layer, what SGD adds to it times its
+        rate: input columns x.T dh, readout rows chi.T x, bias sum dh, hidden rows (x, dh)."""
         vals = self.forward(x)
-        value, chi = loss_gradient(loss, vals[-1], self.net.data, rows)
+        value, chi = loss_gradient(loss, vals[-1], data, rows)
         grads = self.backward(vals, chi)
-        updates: list[tuple[str, Tensor, Tensor]] = []
+        parts: list[tuple[str, Tensor, Tensor | None]] = []
         for i, step in enumerate(self.net.model.steps):
             if step.op == "bias":
-                self.state[step.layer] = self.state[step.layer] + self.rate[step.layer] * grads[i].sum(-2)
+                parts.append((step.layer, grads[i].sum(-2), None))
             if step.op != "matmul":
                 continue
             la, y = self.net.layers[step.layer], vals[step.args[0]]
             if la.role == "input":
-                self.state[la.name] = self.state[la.name] + self.rate[la.name] * (y.transpose(-1, -2) @ grads[i])
+                parts.append((la.name, y.transpose(-1, -2) @ grads[i], None))
             elif la.role == "readout":
-                self.state[la.name] = self.state[la.name] + self.rate[la.name] * (chi.transpose(-1, -2) @ y)
+                parts.append((la.name, chi.transpose(-1, -2) @ y, None))
             else:
-                updates.append((la.name, y, self.rate[la.name] * grads[i]))
-        for name, y, d in updates:  # after every gradient of this step is taken
+                parts.append((la.name, y, grads[i]))
+        return value, parts
+
+    def apply(self, parts: list, scale: float) -> None:
+        """Add `scale` times each layer's rate times the update directions."""
+        for name, a, b in parts:
+            c = scale * self.rate[name]
+            if b is None:
+                self.state[name] = self.state[name] + c * a
+                continue
+            y, d = a, c * b
             if name in self.history:
                 xs, ds = self.history[name]
                 y, d = torch.cat([xs, y], dim=-2), torch.cat([ds, d], dim=-2)
             self.history[name] = (y, d)
+
+    def sgd_step(self, x: Tensor, rows: np.ndarray) -> Tensor:
+        """One step on the rows `rows` of the training set; returns the loss before it."""
+        value, parts = self.gradient(x, self.net.losses[self.net.train.loss], self.net.data, rows)
+        self.apply(parts, 1.0)
         return value
+
+    def adapt(self, pool: np.ndarray, rows: np.ndarray, labels: np.ndarray) -> Unrolled:
+        """fomaml's inner loop on one task's support, on a copy of this state."""
+        state = self.copy()
+        scale = self.net.train.inner_lr / self.net.train.lr
+        x = self.space.data(pool[rows])
+        for _ in range(self.net.train.inner_steps):
+            _, parts = state.gradient(x, self.net.task_loss(), {"<y>": labels}, np.arange(len(rows)))
+            state.apply(parts, scale)
+        return state
+
+    def fomaml_step(self, step: int) -> None:
+        """One meta-step: the mean over the step's tasks of the query gradient at the adapted state."""
+        t = self.net.train
+        tasks = t.tasks
+        pool = self.net.data[tasks.pool]
+        everything: list = []
+        for task in batch_rows(step, t.batch, tasks.count(self.net.data)):
+            adapted = self.adapt(pool, self.net.data[tasks.support][task].astype(int),
+                                 self.net.data[tasks.support_y][task])
+            query = self.net.data[tasks.query][task].astype(int)
+            _, parts = adapted.gradient(self.space.data(pool[query]), self.net.task_loss(),
+                                        {"<y>": self.net.data[tasks.query_y][task]}, np.arange(len(query)))
+            everything += parts
+        self.apply(everything, 1.0 / t.batch)
 
 
 def run(net: Network, space: Space, progress: Callable[[int, int], None] | None = None) -> dict[str, Tensor]:
@@ -300,11 +367,16 @@ def run(net: Network, space: Space, progress: Callable[[int, int], None] | None 
                 init_features[o.data] = cache[o.data][net.model.features]
             if o.phase != phase:
                 continue
-            results[o.name] = _output(net, space, o, cache, init_features, history)
+            results[o.name] = _output(net, space, o, cache, init_features, history, state)
 
     evaluate("init", None)
     history = None
-    if net.train:
+    if net.train and net.train.optimizer == "fomaml":
+        for s in range(net.train.steps):
+            state.fomaml_step(s)
+            if progress:
+                progress(s + 1, net.train.steps)
+    elif net.train:
         t = net.train
         loss = net.losses[t.loss]
         X = net.data[loss.data]  # noqa: N806
@@ -327,10 +399,24 @@ def run(net: Network, space: Space, progress: Callable[[int, int], None] | None 
     return results
 
 
+def _adapted(state: Unrolled, o: Output) -> Tensor:
+    """Each task's query predictions after the inner steps on its support: (..., T, Q[, k])."""
+    net, tasks = state.net, o.tasks
+    pool = net.data[tasks.pool]
+    out = []
+    for task in range(tasks.count(net.data)):
+        adapted = state.adapt(pool, net.data[tasks.support][task].astype(int), net.data[tasks.support_y][task])
+        out.append(adapted.forward(state.space.data(pool[net.data[tasks.query][task].astype(int)]))[-1])
+    F = torch.stack(out, dim=-3)  # noqa: N806
+    return F[..., 0] if F.shape[-1] == 1 else F
+
+
 def _output(net: Network, space: Space, o: Output, cache: dict[str, list[Tensor]],
-            init_features: dict[str, Tensor], history: Tensor | None) -> Tensor:
+            init_features: dict[str, Tensor], history: Tensor | None, state: Unrolled) -> Tensor:
     if o.kind == "history":
         return history
+    if o.kind == "adapted":
+        return _adapted(state, o)
     if o.kind == "loss":
         loss = net.losses[o.loss]
         F = cache[loss.data][-1]  # noqa: N806

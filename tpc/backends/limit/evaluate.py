@@ -416,6 +416,7 @@ class LimitOutput:
     stderr: np.ndarray | None = None
     cov: np.ndarray | None = None
     random: bool = False  # random in the limit (value is its mean): a Gaussian readout, a kernel-regime output
+    samples: np.ndarray | None = None  # draws of a random output, where it was sampled (not in JSON)
 
     def to_json(self) -> dict:
         out: dict = {"value": _tolist(self.value), "method": self.method}
