@@ -164,7 +164,7 @@ def kernel_limit(net: Network, samples: int = 2**14, seed: int = 0) -> dict[str,
         rng = np.random.default_rng(seed)
         w, v = np.linalg.eigh(K.nngp)
         root = v * np.sqrt(np.clip(w, 0, None))
-        sample = np.einsum("pq,sqk->spk", root, rng.standard_normal((samples, P, k)))  # (S, P, k)
+        sample = root @ rng.standard_normal((samples, P, k))  # (S, P, k)
     history: list = []
 
     def loss_stats(loss_name: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -227,7 +227,7 @@ def kernel_limit(net: Network, samples: int = 2**14, seed: int = 0) -> dict[str,
                 F = torch.as_tensor(sample[:, idx]).requires_grad_(True)  # noqa: N806
                 value = loss_value(loss, F, net.data, rows)
                 (chi,) = torch.autograd.grad(value.sum(), F)
-                sample = sample - np.einsum("pb,sbk->spk", K.theta[:, idx], chi.numpy())
+                sample = sample - K.theta[:, idx] @ chi.numpy()
     evaluate("trained")
     return results
 
@@ -239,15 +239,15 @@ def _adapt(net: Network, K: Kernels, f: np.ndarray, pool: str, support: np.ndarr
 
     start = K.points[pool].start
     s, q = start + support, start + query
-    inner = K.theta * (net.train.inner_lr / net.train.lr)
+    ratio = net.train.inner_lr / net.train.lr
     fs, fq = f[:, s], f[:, q]
     for _ in range(net.train.inner_steps):
         F = torch.as_tensor(fs).requires_grad_(True)  # noqa: N806
         value = loss_value(net.task_loss(), F, {"<y>": labels}, np.arange(len(support)))
         (chi,) = torch.autograd.grad(value.sum(), F)
         chi = chi.numpy()
-        fs = fs - np.einsum("ab,sbk->sak", inner[np.ix_(s, s)], chi)
-        fq = fq - np.einsum("ab,sbk->sak", inner[np.ix_(q, s)], chi)
+        fs = fs - ratio * K.theta[np.ix_(s, s)] @ chi
+        fq = fq - ratio * K.theta[np.ix_(q, s)] @ chi
     return fs, fq
 
 
@@ -267,7 +267,7 @@ def _fomaml(net: Network, K: Kernels, f: np.ndarray) -> np.ndarray:  # noqa: N80
             F = torch.as_tensor(fq).requires_grad_(True)  # noqa: N806
             value = loss_value(net.task_loss(), F, {"<y>": net.data[tasks.query_y][task]}, np.arange(len(query)))
             (chi,) = torch.autograd.grad(value.sum(), F)
-            total += np.einsum("pb,sbk->spk", K.theta[:, start + query], chi.numpy())
+            total += K.theta[:, start + query] @ chi.numpy()
         f = f - total / t.batch
     return f
 
