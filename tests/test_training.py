@@ -76,6 +76,26 @@ output p = f(Xt)
 }
 
 
+MAML = """width n
+parametrization mup
+data P = [[1, 0.5, -0.2], [-0.3, 0.8, 0.4], [0.2, -1, 0.9], [0.9, 0.1, -0.7], [-0.5, -0.5, 0.3], [0.4, 0.6, 0.8]]
+data S = [[0, 1], [2, 3], [4, 5], [1, 3]]
+data SY = [[0, 1], [1, 0], [0, 1], [1, 0]]
+data Q = [[2, 3, 4], [0, 1, 5], [1, 2, 3], [0, 4, 5]]
+data QY = [[1, 0, 0], [1, 1, 0], [0, 1, 1], [0, 0, 1]]
+layer U : input n x 3
+layer V : readout 2 x n
+model f(x) = V @ (U @ x)
+output a0 = adapted(f, P, S, SY, Q)
+train fomaml(lr = 0.7, inner_lr = 1.5, inner_steps = 2, tasks = 2, steps = 3) minimize xent on P, S, SY, Q, QY
+output a = adapted(f, P, S, SY, Q)
+output p = f(P)
+"""
+VARIANTS["fomaml_linear"] = MAML.split("\n", 1)[1]
+VARIANTS["fomaml_relu_bias"] = MAML.split("\n", 1)[1].replace("model f(x) = V @ (U @ x)", "layer b : bias n\nlayer W : hidden n x n\nmodel f(x) = V @ relu(W @ tanh(U @ x + b))")
+VARIANTS["fomaml_ntk"] = VARIANTS["fomaml_relu_bias"].replace("parametrization mup", "parametrization ntk")
+
+
 def _variant(name: str) -> tpc.Network:
     return tpc.loads(HEADER + VARIANTS[name], f"<{name}>")
 
@@ -131,6 +151,56 @@ def test_exact_linear_mup_limit_against_a_direct_computation() -> None:
     np.testing.assert_allclose(lim["kernel"].value, H @ H.T, atol=1e-12)
     np.testing.assert_allclose(lim["move"].value, np.linalg.norm(H - h0, axis=1), atol=1e-12)
     assert lim["move"].value.min() > 0.1  # muP: features move by order one
+
+
+def test_exact_fomaml_limit_against_a_direct_computation() -> None:
+    """First-order MAML of a linear network in muP: the limit written out on the coefficients of
+    U's columns and V's rows over their 3 + 2 Gaussians, independently of tpc."""
+    net = tpc.loads(MAML)
+    lim = tpc.limit(net)
+    P, S, SY, Q, QY = (net.data[k] for k in ("P", "S", "SY", "Q", "QY"))  # noqa: N806
+    S, Q = S.astype(int), Q.astype(int)  # noqa: N806
+    d, k = 3, 2
+    U = np.hstack([np.eye(d) / np.sqrt(d), np.zeros((d, k))])  # noqa: N806
+    V = np.hstack([np.zeros((k, d)), np.eye(k)])  # noqa: N806
+
+    def grads(U, V, x, y):  # noqa: ANN001, ANN202, N803
+        h = x @ U
+        f = h @ V.T
+        p = np.exp(f - f.max(1, keepdims=True))
+        chi = (p / p.sum(1, keepdims=True) - np.eye(k)[y.astype(int)]) / len(x)
+        return x.T @ (chi @ V), chi.T @ h  # directions of U and V (n dL/dh = chi V)
+
+    def adapt(U, V, t):  # noqa: ANN001, ANN202, N803
+        for _ in range(2):
+            gu, gv = grads(U, V, P[S[t]], SY[t])
+            U, V = U - 1.5 * gu, V - 1.5 * gv  # noqa: N806
+        return U, V
+
+    def predictions(U, V):  # noqa: ANN001, ANN202, N803
+        return np.stack([(lambda a: (P[Q[t]] @ a[0]) @ a[1].T)(adapt(U, V, t)) for t in range(4)])
+
+    np.testing.assert_allclose(lim["a0"].value, predictions(U, V), atol=1e-12)
+    for step in range(3):
+        tu, tv = np.zeros_like(U), np.zeros_like(V)
+        for t in ((2 * step) % 4, (2 * step + 1) % 4):
+            au, av = adapt(U, V, t)
+            gu, gv = grads(au, av, P[Q[t]], QY[t])
+            tu, tv = tu + gu, tv + gv
+        U, V = U - 0.7 * tu / 2, V - 0.7 * tv / 2  # noqa: N806
+    assert lim["a"].method == "exact"
+    np.testing.assert_allclose(lim["a"].value, predictions(U, V), atol=1e-12)
+    np.testing.assert_allclose(lim["p"].value, (P @ U) @ V.T, atol=1e-12)
+    assert np.abs(lim["a"].value - lim["a0"].value).max() > 0.1  # meta-training changed something
+
+
+def test_fomaml_finite_width_converges_to_the_exact_limit() -> None:
+    net = tpc.loads(MAML)
+    lim = tpc.limit(net)["a"].value
+    widths = [64, 256, 1024, 4096]
+    errors = [np.sqrt(np.mean((tpc.run(net, w, 8)["a"].values - lim) ** 2)) for w in widths]
+    slope = fit_slope(widths, errors)
+    assert -0.75 <= slope <= -0.25, (errors, slope)
 
 
 def _relu_kernels(s11: np.ndarray, var: float) -> tuple[np.ndarray, np.ndarray]:
