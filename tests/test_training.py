@@ -92,7 +92,8 @@ output a = adapted(f, P, S, SY, Q)
 output p = f(P)
 """
 VARIANTS["fomaml_linear"] = MAML.split("\n", 1)[1]
-VARIANTS["fomaml_relu_bias"] = MAML.split("\n", 1)[1].replace("model f(x) = V @ (U @ x)", "layer b : bias n\nlayer W : hidden n x n\nmodel f(x) = V @ relu(W @ tanh(U @ x + b))")
+VARIANTS["fomaml_relu_bias"] = MAML.split("\n", 1)[1].replace(
+    "model f(x) = V @ (U @ x)", "layer b : bias n\nlayer W : hidden n x n\nmodel f(x) = V @ relu(W @ tanh(U @ x + b))")
 VARIANTS["fomaml_ntk"] = VARIANTS["fomaml_relu_bias"].replace("parametrization mup", "parametrization ntk")
 
 

@@ -40,7 +40,8 @@ def make_tasks(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(args.data_seed)
     out = HERE / "data"
     out.mkdir(exist_ok=True)
-    for split, classes, count in (("train", range(0, 5), args.steps * args.tasks), ("test", range(5, 10), args.test_tasks)):
+    splits = (("train", range(0, 5), args.steps * args.tasks), ("test", range(5, 10), args.test_tasks))
+    for split, classes, count in splits:
         idx = np.flatnonzero(np.isin(digits.target, list(classes)))
         pool, target = x[idx], digits.target[idx]
         by_class = {c: np.flatnonzero(target == c) for c in classes}
