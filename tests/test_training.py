@@ -91,6 +91,16 @@ train fomaml(lr = 0.7, inner_lr = 1.5, inner_steps = 2, tasks = 2, steps = 3) mi
 output a = adapted(f, P, S, SY, Q)
 output p = f(P)
 """
+VARIANTS["step_ntk"] = """parametrization ntk(lr = 0.5)
+data Y = [1, -1, 1, 1, -1]
+layer U : input n x 2
+layer W : hidden n x n
+layer V : readout 1 x n
+model f(x) = V @ step(W @ relu(U @ x))
+loss L = mse(f(X), Y)
+train sgd(steps = 2) minimize L
+output p = f(Xt)
+"""
 VARIANTS["fomaml_linear"] = MAML.split("\n", 1)[1]
 VARIANTS["fomaml_relu_bias"] = MAML.split("\n", 1)[1].replace(
     "model f(x) = V @ (U @ x)", "layer b : bias n\nlayer W : hidden n x n\nmodel f(x) = V @ relu(W @ tanh(U @ x + b))")
@@ -303,6 +313,33 @@ output p = f(Xt)
 """
     with pytest.raises(tpc.TpcError, match="unstable.*a_2 \\+ b_2 >= 1/2"):
         tpc.limit(tpc.loads(src))
+
+
+def test_step_function_model_trains_only_its_readout() -> None:
+    """step has a zero derivative: U and W get no gradient, and the kernel regime keeps only the
+    readout's term (the lowering drops the unreachable layers' terms instead of failing)."""
+    net = _variant("step_ntk")
+    lim = tpc.limit(net)
+    res = tpc.run(net, 2048, 64)
+    z = np.abs(res["p"].mean - lim["p"].value) / res["p"].stderr
+    assert np.all(z < 5), z
+
+
+def test_overflow_in_the_limit_names_the_layer() -> None:
+    src = HEADER + """parametrization mup
+data Y = [1, -1, 1, 1, -1]
+layer U : input n x 2
+layer W : hidden n x n, var = 1e300
+layer V : readout 1 x n
+model f(x) = V @ relu(W @ relu(U @ x))
+loss L = mse(f(X), Y)
+train sgd(lr = 0.5, steps = 2) minimize L
+output p = f(Xt)
+"""
+    with pytest.raises(tpc.NumericalError, match="layer W .*overflow"):
+        tpc.limit(tpc.loads(src))
+    with pytest.raises(tpc.NumericalError, match=":11:1: error: training diverged at step 2"):
+        tpc.run(tpc.loads(src), 64, 1)
 
 
 def test_cli_limit_prints_its_plan_and_classify_reads_a_program(capsys: pytest.CaptureFixture[str]) -> None:

@@ -157,8 +157,8 @@ def _sgd(net: Network, params: dict[str, Tensor], weights: Callable[[], dict[str
                 history.append(loss_value(loss, forward(net, weights(), X)[-1], net.data, np.arange(m)))
         if not torch.isfinite(value).all():
             raise NumericalError(f"training diverged at step {t + 1}: the loss is not finite (lower the "
-                                 "learning rate)")
-        grads = torch.autograd.grad(value.sum(), list(params.values()))
+                                 "learning rate)", train.span).locate(net.filename, net.source)
+        grads = _grads(value, params)
         with torch.no_grad():
             for (k, w), g in zip(params.items(), grads, strict=True):
                 w -= rate[k] * g
@@ -173,7 +173,13 @@ def _task_grad(net: Network, w: dict[str, Tensor], mult: dict[str, float], pool:
     weights = {k: mult[k] * v for k, v in w.items()}
     F = forward(net, weights, pool[torch.as_tensor(rows, device=pool.device)])[-1]  # noqa: N806
     value = loss_value(net.task_loss(), F, {"<y>": labels}, np.arange(len(rows)))
-    return torch.autograd.grad(value.sum(), list(w.values()))
+    return _grads(value, w)
+
+
+def _grads(value: Tensor, params: dict[str, Tensor]) -> tuple[Tensor, ...]:
+    """dL/dw for every layer; zero for a layer the loss does not reach (behind a step function)."""
+    grads = torch.autograd.grad(value.sum(), list(params.values()), allow_unused=True)
+    return tuple(torch.zeros_like(w) if g is None else g for w, g in zip(params.values(), grads, strict=True))
 
 
 def adapt(net: Network, w: dict[str, Tensor], mult: dict[str, float], width: int, pool: Tensor,
@@ -224,7 +230,8 @@ def _fomaml(net: Network, params: dict[str, Tensor], mult: dict[str, float], dat
             for w, g in zip(params.values(), total, strict=True):
                 w -= rate / train.batch * g
             if not all(torch.isfinite(w).all() for w in params.values()):
-                raise NumericalError(f"meta-training diverged at step {t + 1} (lower the learning rates)")
+                raise NumericalError(f"meta-training diverged at step {t + 1} (lower the learning rates)",
+                                     train.span).locate(net.filename, net.source)
         if on_step:
             on_step(t + 1, train.steps)
 

@@ -441,8 +441,9 @@ class _Builder:
 
     def check_targets(self, kind: str, x: np.ndarray, y: np.ndarray, span: Span) -> None:
         m, k = x.shape[0], self.output_dim()
-        if y.shape[0] != m:
-            raise TpcError(f"the targets have {y.shape[0]} rows but the inputs have {m}", span)
+        if y.ndim == 0 or y.shape[0] != m:
+            rows = y.shape[0] if y.ndim else "no"
+            raise TpcError(f"the targets have {rows} rows but the inputs have {m}", span)
         if kind == "mse" and not (y.shape == (m, k) or (k == 1 and y.shape in ((m,), (m, 1)))):
             raise TpcError(f"mse targets are {m} x {k}", span)
         if kind == "xent":

@@ -391,7 +391,7 @@ def run(net: Network, space: Space, progress: Callable[[int, int], None] | None 
             values.append(full if want_history and t.batch < m else value)
             if not torch.isfinite(value).all():
                 raise NumericalError(f"training diverged at step {s + 1}: the loss is not finite (lower the "
-                                     "learning rate)")
+                                     "learning rate)", t.span).locate(net.filename, net.source)
             if progress:
                 progress(s + 1, t.steps)
         history = torch.stack(values, dim=-1)

@@ -141,7 +141,11 @@ class GaussianSpace:
     def new_zhat(self, fam: Family, rows: Tensor, s2: float, where: str) -> Tensor:
         """Zhat for new inputs `rows` (b, space): extends the family's Cholesky factor."""
         b = rows.shape[0]
+        if not torch.isfinite(rows).all():
+            raise NumericalError(f"{where}: a vector this matrix multiplies is not finite (overflow or NaN)")
         c_new = s2 * self.gram(rows, rows)  # (b, b)
+        if not torch.isfinite(c_new).all():
+            raise NumericalError(f"{where}: the covariance of this MatMul's Gaussians overflows")
         if fam.inputs:
             prev = torch.stack(fam.inputs)
             c_cross = s2 * self.gram(rows, prev)  # (b, k)
