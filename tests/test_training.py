@@ -91,6 +91,17 @@ train fomaml(lr = 0.7, inner_lr = 1.5, inner_steps = 2, tasks = 2, steps = 3) mi
 output a = adapted(f, P, S, SY, Q)
 output p = f(P)
 """
+VARIANTS["bias_into_hidden"] = """parametrization mup
+data Y = [1, -1, 1, 1, -1]
+layer U : input n x 2
+layer b : bias n
+layer W : hidden n x n
+layer V : readout 1 x n
+model f(x) = V @ relu(W @ b + U @ x)
+loss L = mse(f(X), Y)
+train sgd(lr = 0.5, steps = 2) minimize L
+output p = f(Xt)
+"""
 VARIANTS["step_ntk"] = """parametrization ntk(lr = 0.5)
 data Y = [1, -1, 1, 1, -1]
 layer U : input n x 2

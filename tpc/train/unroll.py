@@ -256,6 +256,8 @@ class Unrolled:
         grads: list[Tensor | None] = [None] * len(steps)
 
         def add(i: int, g: Tensor) -> None:
+            if vals[i].shape[-2] == 1 and g.shape[-2] > 1:  # an unbatched vector (a bias) used by every row
+                g = g.sum(-2, keepdim=True)
             grads[i] = g if grads[i] is None else grads[i] + g
 
         out = steps[-1]
@@ -296,6 +298,8 @@ class Unrolled:
         grads = self.backward(vals, chi)
         parts: list[tuple[str, Tensor, Tensor | None]] = []
         for i, step in enumerate(self.net.model.steps):
+            if grads[i] is None and step.kind == "vector":
+                continue  # not reached by the loss
             if step.op == "bias":
                 parts.append((step.layer, grads[i].sum(-2), None))
             if step.op != "matmul":
