@@ -97,7 +97,13 @@ def _check_network(path: str, net) -> int:  # noqa: ANN001
         print("  losses     " + ", ".join(f"{lo.name} = {lo.kind} on {lo.data}" for lo in net.losses.values()))
     if net.train:
         t = net.train
-        print(f"  training   sgd, lr {t.lr:g} (times n^-c), {t.steps} steps, batch {t.batch}, minimize {t.loss}")
+        if t.cbow:
+            c = t.cbow
+            print(f"  training   cbow on {c.tokens}, lr {t.lr:g} -> {c.min_lr:g} (times n^-c), window {c.window}, "
+                  f"{c.negatives} negatives, sample {c.sample:g}, {c.epochs} epoch(s), batch {t.batch}, seed {c.seed}")
+        else:
+            print(f"  training   {t.optimizer}, lr {t.lr:g} (times n^-c), {t.steps} steps, batch {t.batch}, "
+                  f"minimize {t.loss}")
     print("  outputs    " + ", ".join(f"{o.name} ({o.kind}, {'after training' if o.phase == 'trained' else 'at init'})"
                                       for o in net.outputs))
     if cls.stable:
@@ -169,6 +175,9 @@ def _lowered(net):  # noqa: ANN001, ANN202
 
     from tpc.train.kernel import lowered_program
 
+    if net.train and net.train.optimizer == "cbow":
+        raise TpcError("a cbow program has no forward Tensor Program to show: its word vectors are tables updated "
+                       "by index (tpc/train/cbow.py); use tpc check, run, limit or compare")
     X = np.concatenate([net.data[d] for d in net.point_sets()])  # noqa: N806
     prog, _ = lowered_program(net, X)
     return prog

@@ -10,6 +10,7 @@ import torch
 
 from tpc.backends.limit.evaluate import LimitOutput
 from tpc.errors import TpcError
+from tpc.train import cbow
 from tpc.train.kernel import kernel_limit
 from tpc.train.network import Network
 from tpc.train.unroll import LimitSpace, Plan, is_linear_model, plan, run
@@ -20,6 +21,8 @@ DEFAULT_MEMORY_GB = 8.0
 def describe(net: Network, method: str = "auto", particles: int = 2**16, replicates: int = 4) -> str:
     """What the limit will compute and how, before it runs."""
     cls = net.classification()
+    if net.train and net.train.optimizer == "cbow":
+        return cbow.describe(net)
     head = f"{net.param_name}: r = {cls.r:g}, {cls.regime}"
     if cls.regime == "feature learning":
         p = plan(net)
@@ -52,6 +55,14 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
     if not cls.stable:
         raise TpcError(f"the parametrization is unstable (its limit blows up): {'; '.join(cls.failed)}",
                        net.param_span).locate(net.filename, net.source)
+    if net.train and net.train.optimizer == "cbow":
+        m = cbow.basis_size(net)
+        need = cbow.memory_bytes(net, m) / 2**30
+        if cls.regime == "feature learning" and need > memory_gb and not force:
+            raise TpcError(f"the word2vec limit needs about {need:.3g} GB (two tables over {m} basis vectors), "
+                           f"more than {memory_gb:g} GB; use --force", net.train.span).locate(net.filename,
+                                                                                            net.source)
+        return cbow.cbow_limit(net, progress=progress)
     if cls.regime != "feature learning":
         return kernel_limit(net, seed=seed)
     p: Plan = plan(net)

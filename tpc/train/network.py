@@ -25,16 +25,16 @@ from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS
 from tpc.parametrization import ABC, Classification, classify, preset
 
-ROLES = ("input", "hidden", "readout", "bias")
+ROLES = ("input", "embedding", "hidden", "readout", "bias")
 LOSSES = ("mse", "xent", "logistic")
-OUTPUT_FUNCTIONS = ("history", "features", "feature_change", "adapted")
+OUTPUT_FUNCTIONS = ("history", "features", "feature_change", "adapted", "embeddings")
 NETWORK_STATEMENTS = (ast.ParamDecl, ast.LayerDecl, ast.ModelDecl, ast.LossDecl, ast.TrainDecl)
 
 
 @dataclass
 class Layer:
     name: str
-    role: str  # input | hidden | readout | bias
+    role: str  # input | embedding | hidden | readout | bias
     rows: int | None  # None: the width n
     cols: int | None
     var: float  # sigma_l^2
@@ -43,7 +43,12 @@ class Layer:
 
     @property
     def fan_in(self) -> int:
+        # an embedding's input counts words (one-hot rows), so its columns are unit-variance n-vectors
         return int(self.cols) if self.role == "input" else 1
+
+    @property
+    def takes_data(self) -> bool:
+        return self.role in ("input", "embedding")
 
 
 @dataclass
@@ -103,27 +108,44 @@ class Tasks:
 
 
 @dataclass
+class Cbow:
+    """word2vec's CBOW with negative sampling over a token stream (see cbow.py)."""
+
+    tokens: str  # the data set of word ids
+    window: int
+    negatives: int
+    sample: float  # word2vec's subsampling threshold of frequent words (0: none)
+    epochs: int
+    min_lr: float  # the learning rate decays linearly from lr to min_lr, as in word2vec
+    seed: int  # the data stream's seed (windows, subsampling, negatives), the same at every width
+    embedding: str = ""  # the input embedding layer U and the output embedding layer V of V @ (U @ x)
+    output: str = ""
+
+
+@dataclass
 class Train:
     lr: float
     steps: int
     batch: int  # rows per step (sgd; the full training set unless `batch = ...`) or tasks per step (fomaml)
     loss: str  # a loss name (sgd) or a loss kind (fomaml: mse, xent, logistic)
     span: Span
-    optimizer: str = "sgd"  # sgd | fomaml (first-order MAML: inner SGD on each task's support)
+    optimizer: str = "sgd"  # sgd | fomaml (first-order MAML: inner SGD on each task's support) | cbow
     tasks: Tasks | None = None
     inner_lr: float = 0.0
     inner_steps: int = 0
+    cbow: Cbow | None = None
 
 
 @dataclass
 class Output:
     name: str
-    kind: str  # predict | loss | history | features | feature_change | adapted
+    kind: str  # predict | loss | history | features | feature_change | adapted | embeddings
     phase: str  # init | trained
     span: Span
     data: str | None = None
     loss: str | None = None
     tasks: Tasks | None = None  # adapted: predictions on each task's query after inner SGD on its support
+    layer: str | None = None  # embeddings: the layer whose columns (or rows) are the words' vectors
 
 
 @dataclass
@@ -324,12 +346,14 @@ class _Builder:
             raise TpcError("declare the width before any layer: `width n`", s.span)
         if s.role not in ROLES:
             near = nearest(s.role, list(ROLES))
-            raise TpcError(f"unknown layer role '{s.role}'; a layer is input, hidden, readout or bias", s.role_span,
+            raise TpcError(f"unknown layer role '{s.role}'; a layer is input, embedding, hidden, readout or bias",
+                           s.role_span,
                            f"did you mean '{near}'?" if near else None)
         dims = [self.dim(d, sp) for d, sp in s.dims]
-        want = {"input": "n x d", "hidden": "n x n", "readout": "k x n", "bias": "n"}[s.role]
+        want = {"input": "n x d", "embedding": "n x d", "hidden": "n x n", "readout": "k x n", "bias": "n"}[s.role]
         ok = {
             "input": len(dims) == 2 and dims[0] is None and dims[1] is not None,
+            "embedding": len(dims) == 2 and dims[0] is None and dims[1] is not None,
             "hidden": len(dims) == 2 and dims[0] is None and dims[1] is None,
             "readout": len(dims) == 2 and dims[0] is not None and dims[1] is None,
             "bias": len(dims) == 1 and dims[0] is None,
@@ -339,8 +363,9 @@ class _Builder:
                            s.span)
         kw = self.kwargs(s.kwargs, ("var",), "a layer")
         var = self.const(kw["var"].value) if "var" in kw else 1.0
-        if not var > 0 or not np.isfinite(var):
-            raise TpcError("a layer's variance must be positive", kw["var"].value.span)
+        # a readout may start at zero (word2vec's output embeddings do); every other layer is random
+        if not (var > 0 or var == 0 and s.role == "readout") or not np.isfinite(var):
+            raise TpcError("a layer's variance must be positive (a readout's may be 0)", kw["var"].value.span)
         rows, cols = (dims + [1])[:2] if s.role == "bias" else dims
         self.layers[s.name] = Layer(s.name, s.role, rows, cols, var, s.span)
 
@@ -359,7 +384,7 @@ class _Builder:
         return None
 
     def input_dim(self) -> int:
-        return int(next(la.cols for la in self.layers.values() if la.role == "input"))
+        return int(next(la.cols for la in self.layers.values() if la.takes_data))
 
     def output_dim(self) -> int:
         return int(next(la.rows for la in self.layers.values() if la.role == "readout"))
@@ -468,8 +493,12 @@ class _Builder:
         if s.optimizer == "fomaml":
             self.train = self.fomaml(s)
             return
+        if s.optimizer == "cbow":
+            self.train = self.cbow(s)
+            return
         if s.optimizer != "sgd":
-            raise TpcError(f"unknown optimizer '{s.optimizer}'; tpc trains with sgd or fomaml", s.optimizer_span)
+            raise TpcError(f"unknown optimizer '{s.optimizer}'; tpc trains with sgd, fomaml or cbow",
+                           s.optimizer_span)
         if s.on:
             raise TpcError("sgd minimizes a declared loss, which names its data: drop `on ...`", s.on[0][1])
         if s.loss not in self.losses:
@@ -516,6 +545,49 @@ class _Builder:
                 raise TpcError("a learning rate must be positive", kw[name].value.span)
         return Train(lr if lr is not None else np.nan, whole("steps", 1, 10**9), whole("tasks", 1, count), s.loss,
                      s.span, "fomaml", tasks, inner, whole("inner_steps", 1, 1000))
+
+    def cbow(self, s: ast.TrainDecl) -> Train:
+        """`train cbow(lr, window, negatives, sample, epochs, batch, min_lr, seed) minimize logistic on T`:
+        word2vec's CBOW with negative sampling over the token stream T, for `model f(x) = V @ (U @ x)`."""
+        if s.loss != "logistic":
+            raise TpcError("cbow minimizes the logistic loss of word2vec's negative sampling: `minimize logistic`",
+                           s.loss_span)
+        if self.model is None:
+            raise TpcError("define the model before the train statement", s.span)
+        if len(s.on) != 1:
+            raise TpcError("cbow trains on one token stream: `minimize logistic on T`", s.span)
+        tokens, tsp = s.on[0]
+        if tokens not in self.data:
+            raise self.unknown(tokens, tsp)
+        steps = self.model.steps
+        shape = [(st.op, st.layer and self.layers[st.layer].role) for st in steps]
+        if shape != [("input", None), ("matmul", "embedding"), ("matmul", "readout")]:
+            raise TpcError("cbow trains word2vec's linear model f(x) = V @ (U @ x): U an embedding layer (one "
+                           "column per word), V a readout (one row per word)", self.model.span)
+        emb, out = self.layers[steps[1].layer], self.layers[steps[2].layer]
+        if emb.cols != out.rows:
+            raise TpcError(f"the embedding has {emb.cols} words but the readout {out.rows}: one vocabulary",
+                           out.span)
+        t = self.data[tokens]
+        if t.ndim != 1 and not (t.ndim == 2 and 1 in t.shape) or t.size < 2 or not np.all(
+                (t >= 0) & (t < emb.cols) & (t == np.round(t))):
+            raise TpcError(f"'{tokens}' is a stream of word ids 0..{emb.cols - 1} (one column or row)", tsp)
+        kw = self.kwargs(s.kwargs, ("lr", "window", "negatives", "sample", "epochs", "batch", "min_lr", "seed"),
+                         "cbow")
+
+        def number(name: str, default: float, low: float, high: float, whole: bool) -> float:
+            v = self.const(kw[name].value) if name in kw else default
+            if not low <= v <= high or whole and v != int(v):
+                what = "a whole number" if whole else "a number"
+                raise TpcError(f"{name} is {what} from {low:g} to {high:g}", kw[name].value.span)
+            return int(v) if whole else float(v)
+
+        lr = number("lr", np.nan, 1e-12, 1e6, False) if "lr" in kw else np.nan
+        cfg = Cbow(tokens, number("window", 5, 1, 100, True), number("negatives", 5, 0, 100, True),
+                   number("sample", 1e-3, 0, 1, False), number("epochs", 1, 1, 10**4, True),
+                   number("min_lr", 1e-4 if np.isnan(lr) else min(1e-4, lr), 0, 1e6, False),
+                   number("seed", 0, 0, 2**31, True), emb.name, out.name)
+        return Train(lr, 0, number("batch", 256, 1, 10**6, True), "logistic", s.span, "cbow", cbow=cfg)
 
     def adapted_tasks(self, names: list[tuple[str, Span]], span: Span) -> Tasks:
         """adapted(f, P, S, SY, Q): checked like fomaml's tasks, without query labels."""
@@ -573,6 +645,18 @@ class _Builder:
                                e.span)
             self.outputs.append(Output(s.name, "history", phase, s.span, loss=e.args[0].id))
             return
+        if isinstance(e, ast.Call) and e.fn == "embeddings":
+            if len(e.args) != 1 or not isinstance(e.args[0], ast.Name) or e.args[0].id not in self.layers \
+                    or self.layers[e.args[0].id].role not in ("embedding", "readout"):
+                raise TpcError("embeddings(U) is the Gram matrix of the words' vectors of an embedding layer U "
+                               "(its columns) or of a readout (its rows)", e.span)
+            if self.train is None or self.train.optimizer != "cbow":
+                raise TpcError("embeddings(U) is an output of word2vec programs, after `train cbow(...)`", e.span)
+            self.outputs.append(Output(s.name, "embeddings", phase, s.span, layer=e.args[0].id))
+            return
+        if self.train and self.train.optimizer == "cbow":
+            raise TpcError("a cbow program outputs embeddings(U): the Gram matrix of the trained word vectors",
+                           e.span)
         if isinstance(e, ast.Call) and e.fn == "adapted":
             names = [(a.id, a.span) if isinstance(a, ast.Name) else ("", a.span) for a in e.args[1:]]
             if len(e.args) != 5 or not isinstance(e.args[0], ast.Name) or e.args[0].id != self.model.name:
@@ -593,7 +677,7 @@ class _Builder:
             self.outputs.append(Output(s.name, e.fn, phase, s.span, data=x))
             return
         raise TpcError(f"a network program outputs {self.model.name}(X), a loss, history(L), features(f, X), "
-                       "feature_change(f, X) or adapted(f, P, S, SY, Q)", e.span)
+                       "feature_change(f, X), adapted(f, P, S, SY, Q) or embeddings(U)", e.span)
 
     def finish(self, filename: str, source: str) -> Network:
         if self.width is None:
@@ -614,6 +698,16 @@ class _Builder:
                 raise TpcError("adapted(f, P, S, SY, Q) adapts with fomaml's inner steps: the program needs a "
                                "`train fomaml(...)` statement", span)
             out.tasks = self.adapted_tasks(names, span)
+        cbow = self.train is not None and self.train.optimizer == "cbow"
+        for la in self.layers.values():
+            if la.role == "embedding" and not cbow:
+                raise TpcError("an embedding layer is trained by `train cbow(...)`; other models take an input "
+                               "layer", la.span)
+            if la.var == 0 and not cbow:
+                raise TpcError("a readout that starts at zero is supported in cbow programs only", la.span)
+        if cbow and any(o.phase == "init" for o in self.outputs):
+            raise TpcError("a cbow program's outputs come after its train statement",
+                           next(o.span for o in self.outputs if o.phase == "init"))
         abc, lr = self.parametrization(self.param)
         if self.train:
             if np.isnan(self.train.lr) and lr is None:
@@ -664,7 +758,7 @@ class ModelBuilder:
         self.order: list[str] = []  # layers in the order of first use
 
     def build(self) -> Model:
-        if not any(la.role == "input" for la in self.b.layers.values()):
+        if not any(la.takes_data for la in self.b.layers.values()):
             raise TpcError("the model needs an input layer: `layer W1 : input n x d`", self.decl.span)
         out = self.value(self.decl.body)
         if not isinstance(out, int) or self.steps[out].kind != "out":
@@ -672,12 +766,12 @@ class ModelBuilder:
         if out != len(self.steps) - 1:  # pragma: no cover - the readout is applied last by construction
             raise TpcError("the model's readout must be its last operation", self.decl.body.span)
         roles = [self.b.layers[n].role for n in self.order]
-        if roles.count("input") != 1 or roles.count("readout") != 1:
+        if roles.count("input") + roles.count("embedding") != 1 or roles.count("readout") != 1:
             raise TpcError("a model has one input layer and one readout layer", self.decl.body.span)
         index = 1
         for name in self.order:  # TP4's layer numbers, in the order of application
             la = self.b.layers[name]
-            la.index = {"input": 0, "bias": 0, "readout": -1}.get(la.role, -2)
+            la.index = {"input": 0, "embedding": 0, "bias": 0, "readout": -1}.get(la.role, -2)
             if la.role == "hidden":
                 la.index = index
                 index += 1
@@ -744,10 +838,11 @@ class ModelBuilder:
             raise TpcError(f"'{la.name}' is a bias: add it (W @ x + {la.name})", e.left.span)
         x = self.value(e.right)
         kind = self.steps[x].kind if isinstance(x, int) else "constant"
-        want = "data" if la.role == "input" else "vector"
+        want = "data" if la.takes_data else "vector"
         if kind != want:
             what = {"data": f"the model's input {self.decl.arg}", "vector": "an n-vector"}[want]
-            raise TpcError(f"a{'n' if la.role == 'input' else ''} {la.role} layer multiplies {what}", e.right.span)
+            article = "an" if la.role[0] in "aeiou" else "a"
+            raise TpcError(f"{article} {la.role} layer multiplies {what}", e.right.span)
         if self.steps[x].kind == "out":  # pragma: no cover - guarded by the kind check
             raise TpcError("the readout's output is finite", e.span)
         if la.role == "readout" and self.scope:

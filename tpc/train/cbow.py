@@ -1,0 +1,272 @@
+"""word2vec's CBOW with negative sampling (Mikolov et al. 2013), at finite width and in its exact
+infinite-width limit (TP4: Yang & Hu 2021, Section 9).
+
+The model is `f(x) = V @ (U @ x)` with `x` the counts of a position's context words, so the columns
+u_w of the embedding U and the rows v_w of the readout V are the words' n-vectors, and a step only
+touches the rows of the words in its batch. Everything is linear in the initial Gaussians, so both
+backends are tables of rows whose dot products are the program's inner products u.v/n:
+- at width n, row w is the natural-scale vector u_w / sqrt(n);
+- in the limit, row w is its coefficient vector over the initial Gaussian vectors (one per word of
+  each table with nonzero variance), an orthonormal basis since E[Z^{u_a} Z^{u_b}] = var delta_ab.
+One step is the same code on either table, so the limit costs what a finite run at width equal to
+its basis size costs, and its state (two vocab x basis tables) is known before it starts.
+
+With W^l = n^-a_l w^l and SGD on w^l (network.py), natural-scale vectors (entries O(1) at init) move as
+    logit_j = n^p v_j.h,   v_j -= lr n^q g_j h,   u_w -= lr n^s sum_j g_j v_j  (w in the context),
+h = sum of the context's u_w, g_j = dL/dlogit_j, p = 1 - a2 - b2, q = b2 - a2 - c, s = -c - 2 a1 - a2 - b2
+(muP: p = q = s = 0). In the limit n^e -> 1 (e = 0) or 0 (e < 0); in the kernel regime the word vectors
+stay at their initial values (they move by O(n^-1/2)), so their Gram matrix is var * I.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tpc.backends.limit.evaluate import LimitOutput
+from tpc.backends.torch.run import DTYPES, FiniteResult
+from tpc.errors import NumericalError, TpcError
+from tpc.train.network import Cbow, Network
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Batch:
+    """Positions of the (subsampled) stream: their centre words, their context words as pairs
+    (batch row `pos[i]` has context word `ctx[i]`), K negative words each, and the step's rate."""
+
+    center: np.ndarray  # (B,)
+    pos: np.ndarray  # (P,)
+    ctx: np.ndarray  # (P,)
+    neg: np.ndarray  # (B, K)
+    lr: float
+
+
+@dataclass
+class Stream:
+    """word2vec's data pipeline over a token stream, seeded by the program so that every width and
+    the limit see the same batches: subsampling of frequent words, a reduced window drawn per
+    position, negatives from the unigram distribution to the 3/4, and a linearly decaying rate."""
+
+    tokens: np.ndarray
+    vocab: int
+    cfg: Cbow
+    batch: int
+    lr: float
+
+    def __post_init__(self) -> None:
+        counts = np.bincount(self.tokens, minlength=self.vocab).astype(np.float64)
+        self.counts = counts
+        rng = np.random.default_rng(self.cfg.seed)
+        if self.cfg.sample > 0:  # word2vec.c: keep w with probability (sqrt(f / t) + 1) t / f, t = sample * total
+            t = self.cfg.sample * counts.sum()
+            keep = np.minimum(1.0, (np.sqrt(counts / t) + 1) * t / np.maximum(counts, 1))
+            self.masks = [rng.random(len(self.tokens)) < keep[self.tokens] for _ in range(self.cfg.epochs)]
+        else:
+            self.masks = [np.ones(len(self.tokens), bool)] * self.cfg.epochs
+        noise = counts**0.75
+        self.noise_cdf = np.cumsum(noise) / noise.sum()
+        self.rng = rng
+        self.positions = int(sum(m.sum() for m in self.masks))
+
+    @property
+    def steps(self) -> int:
+        return int(sum(-(-int(m.sum()) // self.batch) for m in self.masks))
+
+    def __iter__(self) -> Iterator[Batch]:
+        w, k, rng = self.cfg.window, self.cfg.negatives, self.rng
+        offsets = np.concatenate([np.arange(-w, 0), np.arange(1, w + 1)])
+        done = 0
+        for mask in self.masks:
+            s = self.tokens[mask]
+            for start in range(0, len(s), self.batch):
+                p = np.arange(start, min(start + self.batch, len(s)))
+                reach = rng.integers(1, w + 1, size=len(p))  # word2vec's reduced window
+                idx = p[:, None] + offsets
+                valid = (np.abs(offsets) <= reach[:, None]) & (idx >= 0) & (idx < len(s))
+                rows, cols = np.nonzero(valid)
+                neg = np.minimum(np.searchsorted(self.noise_cdf, rng.random((len(p), k))), self.vocab - 1)
+                lr = self.lr - (self.lr - self.cfg.min_lr) * done / self.positions
+                done += len(p)
+                yield Batch(s[p], rows, s[idx[rows, cols]], neg, lr)
+
+
+@dataclass
+class Factors:
+    """The powers of n of the logits and of the two tables' updates (see the module docstring)."""
+
+    p: float
+    q: float
+    s: float
+
+    @staticmethod
+    def exponents(net: Network) -> tuple[float, float, float]:
+        a1, _ = net.ab(net.layers[net.train.cbow.embedding])
+        a2, b2 = net.ab(net.layers[net.train.cbow.output])
+        c = net.abc.c
+        return 1 - a2 - b2, b2 - a2 - c, -c - 2 * a1 - a2 - b2
+
+    @classmethod
+    def finite(cls, net: Network, width: int) -> Factors:
+        return cls(*(float(width**e) for e in cls.exponents(net)))
+
+    @classmethod
+    def limit(cls, net: Network) -> Factors:
+        exps = cls.exponents(net)
+        if max(exps) > 1e-12:  # pragma: no cover - excluded by the stability conditions when r = 0
+            raise TpcError(f"this parametrization's word2vec limit has growing terms (powers {exps})")
+        return cls(*(1.0 if abs(e) <= 1e-12 else 0.0 for e in exps))
+
+
+def tokens_of(net: Network) -> np.ndarray:
+    return net.data[net.train.cbow.tokens].reshape(-1).astype(np.int64)
+
+
+def stream(net: Network) -> Stream:
+    vocab = int(net.layers[net.train.cbow.embedding].cols)
+    return Stream(tokens_of(net), vocab, net.train.cbow, net.train.batch, net.train.lr)
+
+
+def step(u: Tensor, v: Tensor, b: Batch, f: Factors) -> float:
+    """One SGD step on the batch's summed loss; returns that loss (before the step)."""
+    dev = u.device
+    pos, ctx = torch.as_tensor(b.pos, device=dev), torch.as_tensor(b.ctx, device=dev)
+    words = torch.as_tensor(np.concatenate([b.center[:, None], b.neg], axis=1), device=dev)  # (B, 1 + K)
+    h = torch.zeros(len(b.center), u.shape[1], dtype=u.dtype, device=dev).index_add_(0, pos, u[ctx])
+    vw = v[words]  # (B, 1 + K, m), a copy: the updates below use the values before the step
+    z = f.p * torch.einsum("bkm,bm->bk", vw, h)
+    label = torch.zeros_like(z)
+    label[:, 0] = 1
+    live = torch.ones_like(z)
+    live[:, 1:] = words[:, 1:] != words[:, :1]  # word2vec skips a negative equal to the centre word
+    g = (torch.sigmoid(z) - label) * live
+    loss = float((torch.nn.functional.softplus(torch.where(label > 0, -z, z)) * live).sum())
+    if f.q:
+        v.index_add_(0, words.reshape(-1), (g[..., None] * h[:, None, :]).reshape(-1, u.shape[1]), alpha=-b.lr * f.q)
+    if f.s:
+        u.index_add_(0, ctx, torch.einsum("bk,bkm->bm", g, vw)[pos], alpha=-b.lr * f.s)
+    return loss
+
+
+def train(net: Network, u: Tensor, v: Tensor, f: Factors,
+          on_step: Callable[[int, int, float], None] | None = None) -> list[float]:
+    """Runs the program's cbow training on the tables in place; returns the mean loss per position
+    of each epoch (computed on the fly, before each step, as word2vec reports it)."""
+    data = stream(net)
+    total, per_epoch = data.steps, [-(-int(m.sum()) // data.batch) for m in data.masks]
+    losses: list[float] = []
+    epoch_loss, epoch_pos, epoch = 0.0, 0, 0
+    for i, b in enumerate(data):
+        loss = step(u, v, b, f)
+        if not np.isfinite(loss):
+            raise NumericalError(f"the cbow training diverged at step {i + 1} (a non-finite loss); lower lr",
+                                 net.train.span).locate(net.filename, net.source)
+        epoch_loss, epoch_pos = epoch_loss + loss, epoch_pos + len(b.center)
+        if i + 1 == sum(per_epoch[: epoch + 1]):
+            losses.append(epoch_loss / max(epoch_pos, 1))
+            epoch_loss, epoch_pos, epoch = 0.0, 0, epoch + 1
+        if on_step:
+            on_step(i + 1, total, loss / max(len(b.center), 1))
+    return losses
+
+
+def finite_tables(net: Network, width: int, seed: int, dtype: torch.dtype = torch.float64,
+                  device: str = "cpu") -> tuple[Tensor, Tensor]:
+    """The initial tables at width n for a seed: rows u_w / sqrt(n), u_w ~ N(0, var I_n)."""
+    gen = torch.Generator(device=device).manual_seed(int(seed))
+    cfg = net.train.cbow
+    tables = []
+    for name in (cfg.embedding, cfg.output):
+        la = net.layers[name]
+        words = int(la.cols if la.role == "embedding" else la.rows)
+        z = torch.randn(words, width, generator=gen, dtype=dtype, device=device)
+        tables.append(z * float(np.sqrt(la.var / width)))
+    return tables[0], tables[1]
+
+
+def basis_size(net: Network) -> int:
+    """One basis vector per word of each table that starts random."""
+    cfg = net.train.cbow
+    return sum(int(la.cols if la.role == "embedding" else la.rows)
+               for la in (net.layers[cfg.embedding], net.layers[cfg.output]) if la.var > 0)
+
+
+def limit_tables(net: Network, dtype: torch.dtype = torch.float64, device: str = "cpu") -> tuple[Tensor, Tensor]:
+    """The initial tables in the limit: sqrt(var) times distinct standard basis vectors."""
+    cfg = net.train.cbow
+    m = basis_size(net)
+    tables, used = [], 0
+    for name in (cfg.embedding, cfg.output):
+        la = net.layers[name]
+        words = int(la.cols if la.role == "embedding" else la.rows)
+        t = torch.zeros(words, m, dtype=dtype, device=device)
+        if la.var > 0:
+            t[:, used:used + words] = float(np.sqrt(la.var)) * torch.eye(words, dtype=dtype, device=device)
+            used += words
+        tables.append(t)
+    return tables[0], tables[1]
+
+
+def grams(net: Network, u: Tensor, v: Tensor) -> dict[str, np.ndarray]:
+    """Each `embeddings(L)` output: the Gram matrix of the layer's word vectors, u_a.u_b / n."""
+    cfg = net.train.cbow
+    table = {cfg.embedding: u, cfg.output: v}
+    return {o.name: (table[o.layer] @ table[o.layer].T).double().cpu().numpy() for o in net.outputs}
+
+
+def memory_bytes(net: Network, m: int, itemsize: int = 8) -> int:
+    """Two vocab x m tables, a batch's gathered rows and its updates, and one vocab x vocab Gram."""
+    vocab = int(net.layers[net.train.cbow.embedding].cols)
+    batch = net.train.batch * (2 * net.train.cbow.window + 2 * (1 + net.train.cbow.negatives))
+    return itemsize * (2 * vocab * m + batch * m + vocab * vocab)
+
+
+def describe(net: Network) -> str:
+    cls = net.classification()
+    data = stream(net)
+    vocab = int(net.layers[net.train.cbow.embedding].cols)
+    head = (f"{net.param_name}: r = {cls.r:g}, {cls.regime}; cbow over {len(data.tokens)} tokens x "
+            f"{net.train.cbow.epochs} epoch(s), {data.positions} positions after subsampling, {data.steps} steps "
+            f"of {net.train.batch}")
+    if cls.regime == "feature learning":
+        m = basis_size(net)
+        return (f"{head}; exact: each word vector is a coefficient vector over {m} initial Gaussian vectors "
+                f"(a finite run at width {m} costs the same); about {memory_bytes(net, m) / 2**30:.2g} GB")
+    return f"{head}; the word vectors stay at initialisation (Gram = var * I over the {vocab} words)"
+
+
+def cbow_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
+                first_seed: int = 0, progress: Callable[[int], None] | None = None,
+                on_step: Callable[[int, int], None] | None = None) -> dict[str, FiniteResult]:
+    """Every output at width `width`, one seed after another (the tables are the memory)."""
+    parts: dict[str, list[np.ndarray]] = {o.name: [] for o in net.outputs}
+    for i in range(seeds):
+        u, v = finite_tables(net, width, first_seed + i, DTYPES[dtype], device)
+        with torch.no_grad():
+            train(net, u, v, Factors.finite(net, width), (lambda d, t, _l: on_step(d, t)) if on_step else None)
+        for k, g in grams(net, u, v).items():
+            parts[k].append(g[None])
+        if progress:
+            progress(1)
+    return {k: FiniteResult(k, np.concatenate(p), width) for k, p in parts.items()}
+
+
+def cbow_limit(net: Network, dtype: str = "float64", device: str = "cpu",
+               progress: Callable[[int, int], None] | None = None) -> dict[str, LimitOutput]:
+    """The exact limit: trained coefficient tables (feature learning) or the initial Gram matrices."""
+    if net.classification().regime != "feature learning":
+        cfg = net.train.cbow
+        out = {}
+        for o in net.outputs:
+            la = net.layers[o.layer]
+            words = int(la.cols if o.layer == cfg.embedding else la.rows)
+            out[o.name] = LimitOutput(la.var * np.eye(words), "exact")
+        return out
+    u, v = limit_tables(net, DTYPES[dtype], device)
+    with torch.no_grad():
+        train(net, u, v, Factors.limit(net), (lambda d, t, _l: progress(d, t)) if progress else None)
+    return {k: LimitOutput(g, "exact") for k, g in grams(net, u, v).items()}
