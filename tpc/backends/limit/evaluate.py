@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var
+from tpc.backends.limit.expect import ArcCosine, Expectation, Result, TensorLeaf, Var
 from tpc.errors import NumericalError, TpcError
 from tpc.ir import Node, Program, readout_weights
 from tpc.ops import expr as ex
@@ -81,6 +81,7 @@ class LimitEvaluator:
     block_data: dict[int, Tensor] = field(default_factory=dict)  # input-layer block -> its data
     block_tree: dict[int, tuple[object, int]] = field(default_factory=dict)  # MatMul block -> (Z^x, x)
     cache: dict[tuple, Result] = field(default_factory=dict)  # kernels asked for twice
+    arccos: ArcCosine = field(default_factory=ArcCosine)  # relu and step kernels sharing one arccos
     mc_used: bool = False
 
     def __post_init__(self) -> None:
@@ -161,7 +162,7 @@ class LimitEvaluator:
         covs = [[self.placed_cov(vi, vj, rank) for vj in variables] for vi in variables]
         where = f"instruction {node.name}" + (f" (line {node.span.line})" if node.span else "")
         result = Expectation(shape, means, covs, self.dtype, where, method or self.method, self.particles,
-                             self.generator)(tree)
+                             self.generator, self.arccos)(tree)
         if "monte-carlo" in result.methods:
             self.mc_used = True
         return result
@@ -233,8 +234,8 @@ class LimitEvaluator:
             self.block_data[bid] = data
             for other in self.family_blocks[family]:
                 od = self.block_data[other]
-                c = s2 * torch.tensordot(od, data, dims=([-1], [-1]))
-                self.cov[other, bid] = c
+                c = torch.tensordot(od, data, dims=([-1], [-1]))
+                self.cov[other, bid] = c.mul_(s2) if s2 != 1.0 else c  # a new tensor: scaled in place
             methods |= {"exact"}
         else:
             tree = self.trees[x]
@@ -276,7 +277,7 @@ class LimitEvaluator:
                 # "auto" whatever the user's method: this decides structure (is it exactly zero?)
                 res = self.expect([(Block(b), 0 if rb else None), (tree, self.axis_for(x, rb))], "mul",
                                   self.blocks[b].shape + xshape, node, method="auto")
-                if not bool((res.value == 0).all()):
+                if not _all_zero(res.value):
                     raise NeedsParticles()
                 methods |= res.methods
             return None, methods
@@ -361,6 +362,11 @@ class LimitEvaluator:
 
 
 
+def _all_zero(t: Tensor) -> bool:
+    """Every entry is 0, looking only once at entries that a broadcast view repeats."""
+    return bool((t[tuple(0 if st == 0 else slice(None) for st in t.stride())] == 0).all())
+
+
 _IN_PLACE = {"add": "add_", "sub": "sub_", "mul": "mul_", "div": "div_"}
 
 
@@ -395,7 +401,15 @@ def _evaluate_owned(tree: ex.Tree, args: list[Tensor]) -> tuple[Tensor, bool]:
         return args[tree.index], False
     if isinstance(tree, ex.Const):
         return torch.tensor(tree.value, dtype=torch.float64), False
-    parts = [_evaluate_owned(a, args) for a in tree.args]
+    if tree.fn in ("add", "sub") and (product := _scaled_product(tree.args[1])) is not None:
+        # acc +- s x y (an NTK's sum of kernel products) in one pass, without a temporary product
+        acc, own = _evaluate_owned(tree.args[0], args)
+        scale, (x, y) = product[0], (args[i] for i in product[1])
+        if own and acc.shape == torch.broadcast_shapes(acc.shape, x.shape, y.shape) and acc.dtype == x.dtype == y.dtype:
+            return acc.addcmul_(x, y, value=scale if tree.fn == "add" else -scale), True
+        parts = [(acc, own), _evaluate_owned(tree.args[1], args)]  # leaves only: nothing is evaluated twice
+    else:
+        parts = [_evaluate_owned(a, args) for a in tree.args]
     if tree.fn in _IN_PLACE and len(parts) == 2:
         (a, own_a), (b, own_b) = parts
         shape = torch.broadcast_shapes(a.shape, b.shape)
@@ -407,6 +421,22 @@ def _evaluate_owned(tree: ex.Tree, args: list[Tensor]) -> tuple[Tensor, bool]:
     inputs = [p[0] for p in parts]
     out = FUNCTIONS[tree.fn].torch(*inputs)
     return out, not any(out is x for x in inputs)  # identity returns its input: not ours to write
+
+
+def _scaled_product(tree: ex.Tree) -> tuple[float, tuple[int, int]] | None:
+    """tree as s * Arg(i) * Arg(j), with the constant s anywhere in nested products, or None."""
+    scale, leaves, stack = 1.0, [], [tree]
+    while stack:
+        t = stack.pop()
+        if isinstance(t, ex.Apply) and t.fn == "mul":
+            stack += reversed(t.args)
+        elif isinstance(t, ex.Const):
+            scale *= float(t.value)
+        elif isinstance(t, ex.Arg):
+            leaves.append(t.index)
+        else:
+            return None
+    return (scale, (leaves[0], leaves[1])) if len(leaves) == 2 else None
 
 
 @dataclass
