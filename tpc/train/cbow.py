@@ -136,9 +136,11 @@ def step(u: Tensor, v: Tensor, b: Batch, f: Factors) -> float:
     dev = u.device
     pos, ctx = torch.as_tensor(b.pos, device=dev), torch.as_tensor(b.ctx, device=dev)
     words = torch.as_tensor(np.concatenate([b.center[:, None], b.neg], axis=1), device=dev)  # (B, 1 + K)
-    h = torch.zeros(len(b.center), u.shape[1], dtype=u.dtype, device=dev).index_add_(0, pos, u[ctx])
+    # h_b = sum of the context's rows; `pos` is sorted, so each position is one bag
+    starts = torch.as_tensor(np.searchsorted(b.pos, np.arange(len(b.center))), device=dev)
+    h = torch.nn.functional.embedding_bag(ctx, u, starts, mode="sum")
     vw = v[words]  # (B, 1 + K, m), a copy: the updates below use the values before the step
-    z = f.p * torch.einsum("bkm,bm->bk", vw, h)
+    z = f.p * torch.bmm(vw, h[:, :, None])[..., 0]
     label = torch.zeros_like(z)
     label[:, 0] = 1
     live = torch.ones_like(z)
@@ -148,7 +150,7 @@ def step(u: Tensor, v: Tensor, b: Batch, f: Factors) -> float:
     if f.q:
         v.index_add_(0, words.reshape(-1), (g[..., None] * h[:, None, :]).reshape(-1, u.shape[1]), alpha=-b.lr * f.q)
     if f.s:
-        u.index_add_(0, ctx, torch.einsum("bk,bkm->bm", g, vw)[pos], alpha=-b.lr * f.s)
+        u.index_add_(0, ctx, torch.bmm(g[:, None, :], vw)[:, 0][pos], alpha=-b.lr * f.s)
     return loss
 
 

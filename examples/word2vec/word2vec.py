@@ -1,0 +1,282 @@
+"""TP4's Word2Vec experiment at laptop scale: CBOW word vectors at finite widths against their exact
+muP limit and the kernel-regime (NTK, SP) limits, with gensim's Word2Vec as the anchor.
+
+    pip install ".[examples]"        # gensim (its wheel ships the corpus and the benchmarks), matplotlib
+    python examples/word2vec/word2vec.py [--corpus text8] [--widths 16,64,256,1024] [--seeds 2]
+
+Data: by default the Wikipedia excerpt in gensim's test data (markup stripped by gensim's
+WikiCorpus, about 450k words); `--corpus FILE` takes any whitespace-separated text (text8 is TP4's
+setting). The vocabulary is the program's: its embedding layer has V columns, so the V most frequent
+words are kept and every other word is dropped from the stream, as gensim drops rare words. The
+script writes data/tokens.npy (read by the .tp programs) and data/vocab.txt, then trains:
+- tpc at each width and seed (word2vec_mup.tp), float32, the same data stream at every width;
+- tpc's exact muP limit (each word vector a coefficient vector over the V initial embeddings);
+- the NTK and SP limits (word2vec_ntk.tp, word2vec_sp.tp: the word vectors do not move);
+- gensim's Word2Vec with the same settings (CBOW with summed context, cbow_mean=0, which is SGD on
+  the same loss; window, negatives, subsampling, epochs, the same vocabulary) at each width.
+Metrics, from each run's Gram matrix of word vectors: analogy accuracy on questions-words.txt
+(3CosAdd; a question counts only when the answer's score is strictly the highest, so the limits'
+ties count as wrong), Spearman correlation on wordsim353 and simlex999. Writes results.json,
+results.md (the table) and docs/word2vec.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from tqdm import tqdm
+
+import tpc
+from tpc.syntax import parse
+from tpc.train import cbow
+from tpc.train.limit import network_limit
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+PROGRAMS = {p: HERE / f"word2vec_{p}.tp" for p in ("mup", "ntk", "sp")}
+
+
+def gensim_data() -> Path:
+    try:
+        import gensim
+    except ImportError:
+        sys.exit("this example needs gensim: pip install '.[examples]'")
+    return Path(gensim.__file__).parent / "test" / "test_data"
+
+
+def corpus(path: str | None) -> list[list[str]]:
+    """Documents as lists of lowercase words."""
+    if path:
+        return [line.lower().split() for line in Path(path).read_text(errors="replace").splitlines() if line.strip()]
+    from gensim.corpora.wikicorpus import WikiCorpus
+
+    dump = gensim_data() / "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+    logging.getLogger("gensim").setLevel(logging.WARNING)
+    return list(WikiCorpus(str(dump), dictionary={}, processes=1).get_texts())
+
+
+def vocabulary_size(program: Path) -> int:
+    """The columns of the program's embedding layer, read from its syntax (its data may not exist yet)."""
+    for s in parse(program.read_text(), str(program)).statements:
+        if getattr(s, "role", None) == "embedding":
+            return int(s.dims[1][0])
+    raise SystemExit(f"{program}: no embedding layer")
+
+
+def write_data(docs: list[list[str]], size: int) -> list[str]:
+    counts = collections.Counter(w for d in docs for w in d)
+    if len(counts) < size:
+        raise SystemExit(f"the corpus has {len(counts)} distinct words; the programs need {size}")
+    vocab = [w for w, _ in counts.most_common(size)]
+    index = {w: i for i, w in enumerate(vocab)}
+    tokens = np.array([index[w] for d in docs for w in d if w in index], dtype=np.int32)
+    (HERE / "data").mkdir(exist_ok=True)
+    np.save(HERE / "data" / "tokens.npy", tokens)
+    (HERE / "data" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return vocab
+
+
+# ---------------------------------------------------------------------------- evaluation
+
+
+class Benchmarks:
+    """The analogy questions and similarity pairs whose words are all in the vocabulary."""
+
+    def __init__(self, vocab: list[str]) -> None:
+        d = gensim_data()
+        index = {w: i for i, w in enumerate(vocab)}
+        rows, self.questions_total = [], 0
+        for line in (d / "questions-words.txt").read_text().splitlines():
+            if line.startswith(":") or not line.strip():
+                continue
+            self.questions_total += 1
+            words = line.lower().split()
+            if all(w in index for w in words):
+                rows.append([index[w] for w in words])
+        self.questions = np.array(rows, dtype=np.int64).reshape(-1, 4)
+        self.pairs = {}
+        for name, file in (("wordsim353", "wordsim353.tsv"), ("simlex999", "simlex999.txt")):
+            pairs, total = [], 0
+            for line in (d / file).read_text().splitlines():
+                if line.startswith("#") or not line.strip():
+                    continue
+                a, b, score = line.lower().split("\t")[:3]
+                total += 1
+                if a in index and b in index:
+                    pairs.append((index[a], index[b], float(score)))
+            self.pairs[name] = (np.array(pairs), total)
+
+    def coverage(self) -> str:
+        return (f"{len(self.questions)} of {self.questions_total} analogy questions, "
+                + ", ".join(f"{len(p)} of {t} {k} pairs" for k, (p, t) in self.pairs.items()))
+
+    def evaluate(self, gram: np.ndarray) -> dict[str, float]:
+        g = torch.as_tensor(gram, dtype=torch.float64)
+        norm = g.diagonal().clamp_min(1e-300).sqrt()
+        cos = g / norm[:, None] / norm[None, :]
+        correct = 0
+        for chunk in torch.as_tensor(self.questions).split(512):
+            a, b, c, d = chunk.T
+            score = cos[:, b] - cos[:, a] + cos[:, c]  # 3CosAdd over unit vectors: (V, questions)
+            cols = torch.arange(len(chunk))
+            answer = score[d, cols].clone()
+            for w in (a, b, c, d):
+                score[w, cols] = -torch.inf
+            correct += int((answer > score.max(0).values).sum())  # strictly best: ties are wrong
+        out = {"analogy": correct / max(len(self.questions), 1)}
+        for name, (pairs, _) in self.pairs.items():
+            sims = cos[pairs[:, 0].astype(int), pairs[:, 1].astype(int)].numpy()
+            rho = spearmanr(sims, pairs[:, 2]).statistic if np.ptp(sims) > 1e-9 else 0.0
+            out[name] = float(rho)
+        return out
+
+
+# ---------------------------------------------------------------------------- runs
+
+
+def run_tables(net: object, u: torch.Tensor, v: torch.Tensor, factors: cbow.Factors, label: str) -> np.ndarray:
+    data = cbow.stream(net)
+    with tqdm(total=data.steps, desc=label, unit="step", leave=False) as bar, torch.no_grad():
+        def tick(_done: int, _total: int, loss: float) -> None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+
+        cbow.train(net, u, v, factors, tick)
+    return (u @ u.T).double().numpy()
+
+
+def run_gensim(net: object, vocab: list[str], width: int, seed: int) -> np.ndarray:
+    from gensim.models import Word2Vec
+
+    cfg, tokens = net.train.cbow, cbow.tokens_of(net)
+    words = np.array(vocab)[tokens].tolist()
+    sentences = [words[i:i + 10000] for i in range(0, len(words), 10000)]  # gensim's longest sentence
+    model = Word2Vec(vector_size=width, window=cfg.window, negative=cfg.negatives, sample=cfg.sample,
+                     alpha=0.025, min_alpha=cfg.min_lr, sg=0, cbow_mean=0, hs=0, min_count=1, workers=2, seed=seed)
+    model.build_vocab(sentences)
+    model.train(sentences, total_examples=len(sentences), epochs=cfg.epochs)
+    x = model.wv[vocab]
+    return x @ x.T
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--corpus", help="a whitespace-separated text file (e.g. text8) instead of gensim's excerpt")
+    ap.add_argument("--widths", default="16,64,256,1024")
+    ap.add_argument("--seeds", type=int, default=2)
+    ap.add_argument("--no-gensim", action="store_true")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (default 1: a step is small gathers and scatters, which two threads "
+                         "slow down on a 2-core machine; see benchmarks/word2vec.py)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "word2vec.png"))
+    args = ap.parse_args()
+    widths = [int(w) for w in args.widths.split(",")]
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+
+    size = vocabulary_size(PROGRAMS["mup"])
+    vocab = write_data(corpus(args.corpus), size)
+    bench = Benchmarks(vocab)
+    nets = {p: tpc.load(path) for p, path in PROGRAMS.items()}
+    mup = nets["mup"]
+    print(f"corpus: {len(cbow.tokens_of(mup))} tokens over the {size} most frequent words; {bench.coverage()}")
+    print(f"limit: {cbow.describe(mup)}")
+
+    results: dict = {"vocabulary": size, "tokens": int(len(cbow.tokens_of(mup))), "coverage": bench.coverage(),
+                     "widths": widths, "seeds": args.seeds, "finite": {}, "gensim": {}, "limit": {}}
+    for p in ("ntk", "sp"):
+        results["limit"][p] = bench.evaluate(network_limit(nets[p])["words"].value)
+    t = time.time()
+    u, v = cbow.limit_tables(mup, torch.float32)
+    results["limit"]["mup"] = bench.evaluate(run_tables(mup, u, v, cbow.Factors.limit(mup), "muP limit"))
+    results["limit_seconds"] = time.time() - t
+    print(f"muP limit ({time.time() - t:.0f} s): {results['limit']['mup']}")
+    for width in widths:
+        runs, anchors = [], []
+        t = time.time()
+        for seed in range(args.seeds):
+            u, v = cbow.finite_tables(mup, width, seed, torch.float32)
+            gram = run_tables(mup, u, v, cbow.Factors.finite(mup, width), f"n={width} seed {seed}")
+            runs.append(bench.evaluate(gram))
+            if not args.no_gensim:
+                anchors.append(bench.evaluate(run_gensim(mup, vocab, width, seed + 1)))
+        results["finite"][width] = runs
+        results["gensim"][width] = anchors
+        print(f"width {width} ({time.time() - t:.0f} s): tpc {summary(runs)}" + (f"; gensim {summary(anchors)}"
+                                                                                  if anchors else ""))
+    results["seconds"] = time.time() - t0
+    (HERE / "results.json").write_text(json.dumps(results, indent=1))
+    table = markdown(results)
+    (HERE / "results.md").write_text(table)
+    print(table)
+    plot(results, Path(args.out))
+    print(f"wrote {HERE / 'results.json'}, {HERE / 'results.md'} and {args.out} in {results['seconds']:.0f} s")
+
+
+METRICS = (("analogy", "analogy accuracy (%)", 100.0), ("wordsim353", "wordsim353 Spearman", 1.0),
+           ("simlex999", "simlex999 Spearman", 1.0))
+
+
+def mean_ci(runs: list[dict], key: str) -> tuple[float, float]:
+    x = np.array([r[key] for r in runs])
+    return float(x.mean()), float(1.96 * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def summary(runs: list[dict]) -> str:
+    return ", ".join(f"{k} {mean_ci(runs, k)[0] * s:.3g}" for k, _, s in METRICS)
+
+
+def markdown(r: dict) -> str:
+    head = "| run | " + " | ".join(label for _, label, _ in METRICS) + " |\n|---|" + "---|" * len(METRICS) + "\n"
+    rows = []
+    for width in r["widths"]:
+        for who, runs in (("tpc muP", r["finite"][width]), ("gensim", r["gensim"][width])):
+            if runs:
+                cells = []
+                for k, _, s in METRICS:
+                    m, ci = mean_ci(runs, k)
+                    cells.append(f"{m * s:.2f} ± {ci * s:.2f}" if s > 1 else f"{m:.3f} ± {ci:.3f}")
+                rows.append(f"| {who}, width {width} | " + " | ".join(cells) + " |")
+    for p, name in (("mup", "muP limit (exact)"), ("ntk", "NTK limit"), ("sp", "SP limit")):
+        cells = [f"{r['limit'][p][k] * s:.2f}" if s > 1 else f"{r['limit'][p][k]:.3f}" for k, _, s in METRICS]
+        rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(r: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    widths = r["widths"]
+    for ax, (k, label, s) in zip(axes, METRICS, strict=True):
+        m = np.array([mean_ci(r["finite"][w], k) for w in widths]) * s
+        ax.errorbar(widths, m[:, 0], yerr=m[:, 1], marker="o", capsize=3, label="tpc, muP (finite width)")
+        if r["gensim"][widths[0]]:
+            g = np.array([mean_ci(r["gensim"][w], k) for w in widths]) * s
+            ax.errorbar(widths, g[:, 0], yerr=g[:, 1], marker="s", capsize=3, ls="--", label="gensim Word2Vec")
+        ax.axhline(r["limit"]["mup"][k] * s, color="C3", label="muP limit (exact)")
+        ax.axhline(r["limit"]["ntk"][k] * s, color="k", ls=":", label="NTK and SP limits")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("width n")
+        ax.set_title(label)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"CBOW word2vec, {r['tokens']} tokens, {r['vocabulary']} words", fontsize=10)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
