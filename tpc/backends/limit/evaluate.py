@@ -55,6 +55,7 @@ class BlockInfo:
     shape: tuple[int, ...]
     mean: Tensor  # broadcastable to shape
     source: int  # the node that created it
+    scale: float = 1.0  # its family's covariances are stored divided by this (a hidden layer's s^2)
 
 
 @dataclass
@@ -93,14 +94,21 @@ class LimitEvaluator:
         return interpret(self.prog, self, self.scalars)
 
     # ------------------------------------------------------------------ Gaussian blocks
-    def new_block(self, family: object, shape: tuple[int, ...], mean: Tensor, source: int) -> int:
+    def new_block(self, family: object, shape: tuple[int, ...], mean: Tensor, source: int,
+                  scale: float = 1.0) -> int:
         bid = len(self.blocks)
-        self.blocks.append(BlockInfo(family, shape, mean, source))
+        self.blocks.append(BlockInfo(family, shape, mean, source, scale))
         self.family_blocks.setdefault(family, []).append(bid)
         return bid
 
     def block_cov(self, a: int, b: int) -> Tensor:
         """Cov(block a, block b), shape a.shape + b.shape; zero across families."""
+        c = self.stored_cov(a, b)
+        scale = self.blocks[a].scale  # the same for both blocks of a family
+        return c if scale == 1.0 or c.dim() == 0 and float(c) == 0.0 else scale * c
+
+    def stored_cov(self, a: int, b: int) -> Tensor:
+        """Cov(block a, block b) divided by the family's scale (a view, never a copy)."""
         if (a, b) in self.cov:
             return self.cov[a, b]
         if (b, a) in self.cov:
@@ -161,15 +169,16 @@ class LimitEvaluator:
             means.append(place_tensor(m, axis) if m.dim() else m)
         covs = [[self.placed_cov(vi, vj, rank) for vj in variables] for vi in variables]
         where = f"instruction {node.name}" + (f" (line {node.span.line})" if node.span else "")
+        scales = [self.blocks[bid].scale for bid, _ in variables]
         result = Expectation(shape, means, covs, self.dtype, where, method or self.method, self.particles,
-                             self.generator, self.arccos)(tree)
+                             self.generator, self.arccos, scales)(tree)
         if "monte-carlo" in result.methods:
             self.mc_used = True
         return result
 
     def placed_cov(self, vi: tuple[int, int | None], vj: tuple[int, int | None], rank: int) -> Tensor:
         (bi, ai), (bj, aj) = vi, vj
-        c = self.block_cov(bi, bj)
+        c = self.stored_cov(bi, bj)
         if (ai is None and aj is None) or c.dim() == 0:
             return c
         view = [1] * rank
@@ -239,7 +248,9 @@ class LimitEvaluator:
             methods |= {"exact"}
         else:
             tree = self.trees[x]
-            bid = self.new_block(family, node.shape, zero, node.id)
+            # Cov = s2 E[Z^x Z^y]: E stored as it is (often a cached kernel), s2 kept as the block's scale
+            scale = s2 if s2 > 0 else 1.0
+            bid = self.new_block(family, node.shape, zero, node.id, scale)
             self.block_tree[bid] = (tree, x)
             for other in self.family_blocks[family]:
                 otree, ox = self.block_tree[other]
@@ -248,7 +259,7 @@ class LimitEvaluator:
                     [(otree, self.axis_for(ox)), (tree, self.axis_for(x, len(self.blocks[other].shape)))],
                     "mul", shape, node,
                 )
-                self.cov[other, bid] = s2 * res.value if s2 != 1.0 else res.value
+                self.cov[other, bid] = res.value if s2 == scale else s2 * res.value
                 methods |= res.methods | self.methods_of((ox,))
             zdot, zdot_methods = self.zdot(("matrix", mat.id, not transposed), tree, x, s2, node)
             methods |= zdot_methods

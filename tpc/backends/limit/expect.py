@@ -48,12 +48,14 @@ class ArcCosine:
     def __init__(self) -> None:
         self.entries: dict[tuple, dict[str, Tensor | tuple[Tensor, ...]]] = {}
 
-    def __call__(self, f: str, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-        """J1 (f = 'relu') or J0 (f = 'step'); CorrelationError where |c| > sqrt(ab) beyond round-off."""
+    def __call__(self, f: str, a: Tensor, b: Tensor, c: Tensor, scale: float = 1.0) -> Tensor:
+        """scale * J1 (f = 'relu') or J0 (f = 'step'), which is the same for every scale > 0;
+        CorrelationError where |c| > sqrt(ab) beyond round-off."""
         key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t._version, t.dtype) for t in (a, b, c))
         entry = self.entries.get(key, {})
-        if f in entry:
-            return entry[f]  # type: ignore[return-value]
+        name = f"relu*{scale!r}" if f == "relu" else f
+        if name in entry:
+            return entry[name]  # type: ignore[return-value]
         cos = _correlation(a, b, c)
         if "step" in entry:
             j0 = entry["step"]
@@ -64,14 +66,14 @@ class ArcCosine:
         assert isinstance(j0, Tensor)
         entry["step"] = j0
         if f == "relu":
-            entry["relu"] = _relu_from(cos, j0, a, b, c)
+            entry[name] = _relu_from(cos, j0, a, b, c, scale)
         if c.numel() >= 2**16:  # only worth keeping for large kernels
             entry["inputs"] = (a, b, c)
             self.entries.pop(key, None)
             self.entries[key] = entry
             while len(self.entries) > self.KEEP:
                 self.entries.pop(next(iter(self.entries)))
-        return entry[f]  # type: ignore[return-value]
+        return entry[name]  # type: ignore[return-value]
 
 
 ARCCOS_PAIRS = {("relu", "relu"), ("step", "step")}
@@ -109,11 +111,11 @@ def _step_from_angle(theta: Tensor) -> Tensor:
     return torch.sub(torch.tensor(0.5, dtype=theta.dtype), theta, alpha=1 / (2 * math.pi), out=theta)
 
 
-def _relu_from(cos: Tensor, j0: Tensor, a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    """J1 = sqrt(ab) sqrt(1 - cos^2) / (2 pi) + J0 c, in place over cos."""
+def _relu_from(cos: Tensor, j0: Tensor, a: Tensor, b: Tensor, c: Tensor, scale: float) -> Tensor:
+    """scale * J1 = scale (sqrt(ab) sqrt(1 - cos^2) / (2 pi) + J0 c), in place over cos."""
     torch.addcmul(torch.tensor(1.0, dtype=cos.dtype), cos, cos, value=-1.0, out=cos)
-    cos.sqrt_().mul_(_sd(a) / (2 * math.pi)).mul_(_sd(b))
-    return cos.addcmul_(j0, c)
+    cos.sqrt_().mul_(_sd(a) * (scale / (2 * math.pi))).mul_(_sd(b))
+    return cos.addcmul_(j0, c, value=scale)
 
 
 @dataclass(frozen=True)
@@ -153,15 +155,20 @@ class Result:
 class Expectation:
     """E[tree] over Gaussians with the given per-entry means and covariances.
 
-    `mean[i]` and `cov[i][j]` are tensors broadcastable to `shape`.
+    `mean[i]` and `cov[i][j]` are tensors broadcastable to `shape`. `scales[i]` > 0 (default 1)
+    multiplies the variance of Gaussian i: Cov(i, j) = sqrt(scales[i] scales[j]) cov[i][j]. A hidden
+    layer's covariance is s^2 E[x y]; kept apart, the scalar s^2 reaches the kernels that are
+    positively homogeneous (relu, step, identity) as a number, not as a full-size copy.
     """
 
     def __init__(self, shape: tuple[int, ...], mean: list[Tensor], cov: list[list[Tensor]],
                  dtype: torch.dtype, where: str, method: str = "auto", particles: int = 2**16,
-                 generator: torch.Generator | None = None, arccos: ArcCosine | None = None) -> None:
+                 generator: torch.Generator | None = None, arccos: ArcCosine | None = None,
+                 scales: list[float] | None = None) -> None:
         self.shape = shape
         self.mean = mean
         self.cov = cov
+        self.scales = scales or [1.0] * len(mean)
         self.k = len(mean)
         self.dtype = dtype
         self.where = where
@@ -286,20 +293,30 @@ class Expectation:
             return [(1.0, [(fn, arg)])]
         return None
 
+    def pair_scale(self, i: int, j: int) -> float:
+        si, sj = self.scales[i], self.scales[j]
+        return si if si == sj else math.sqrt(si * sj)
+
     def moments(self, a: Linear, b: Linear | None = None) -> tuple[Tensor, Tensor]:
         """(mean of a, Cov(a, b)) where b defaults to a."""
+        mean, cov, scale = self.scaled_moments(a, b)
+        return mean, _times(scale, cov)
+
+    def scaled_moments(self, a: Linear, b: Linear | None = None) -> tuple[Tensor, Tensor, float]:
+        """(mean of a, C, s) with Cov(a, b) = s C: for single Gaussians C is the stored kernel."""
         b = a if b is None else b
         if _is_unit(a) and _is_unit(b):  # the common case: no arithmetic on full kernels
             i, j = next(iter(a.coef)), next(iter(b.coef))
-            return torch.as_tensor(self.mean[i], dtype=self.dtype), torch.as_tensor(self.cov[i][j])
+            return (torch.as_tensor(self.mean[i], dtype=self.dtype), torch.as_tensor(self.cov[i][j]),
+                    self.pair_scale(i, j))
         mean = torch.as_tensor(a.const, dtype=self.dtype)
         for i, c in a.coef.items():
             mean = mean + c * self.mean[i]
         cov = torch.zeros((), dtype=self.dtype)
         for i, ci in a.coef.items():
             for j, cj in b.coef.items():
-                cov = cov + ci * cj * self.cov[i][j]
-        return mean, cov
+                cov = cov + ci * cj * self.pair_scale(i, j) * self.cov[i][j]
+        return mean, cov, 1.0
 
     def analytic(self, tree: ex.Tree) -> Result | None:
         terms = self.terms(tree)
@@ -314,23 +331,28 @@ class Expectation:
                 continue
             # factors over independent Gaussians factorise: E[prod] = prod of group expectations
             value: Tensor | None = None
+            owned = False  # value is a new tensor of this term's own, free to scale in place
             # smallest groups first: a centred Gaussian alone makes the whole term exactly 0
             for group in sorted(self.independent_groups(factors), key=len):
                 got = self.group_expectation(group)
                 if got is None and self.method == "auto" and len(factors) > 1:
-                    got = self.group_numeric(group)  # quadrature on this group's few Gaussians
+                    got = (*self.group_numeric(group), 1.0)  # quadrature on this group's few Gaussians
                 if got is None:
                     return None
-                g_value, method = got
+                g_value, method, g_scale = got
                 methods.add(method)
+                coef = coef * g_scale
                 if value is None or _is_one(value):
-                    value = g_value
+                    value, owned = g_value, False
                 elif not _is_one(g_value):
-                    value = value * g_value
+                    value, owned = value * g_value, True
                 if _is_zero(value):
                     break
             assert value is not None
-            parts.append(_scaled(coef, value))
+            if owned and isinstance(coef, float) and value.is_floating_point():
+                parts.append(value if coef == 1.0 else value.mul_(coef))
+            else:
+                parts.append(_scaled(coef, value))
         total = parts[0]
         for p in parts[1:]:
             total = total + p
@@ -384,7 +406,7 @@ class Expectation:
         """The same expectation over only the Gaussians `used`."""
         return Expectation(self.shape, [self.mean[i] for i in used],
                            [[self.cov[i][j] for j in used] for i in used], self.dtype, self.where,
-                           "auto", self.particles, self.generator, self.arccos)
+                           "auto", self.particles, self.generator, self.arccos, [self.scales[i] for i in used])
 
     def stein_numeric(self, factors: list[tuple[str, Linear]]) -> tuple[Tensor, str] | None:
         """E[u f(v)] = Cov(u, v) E[f'(v)] for centred u, v and a smooth f: a quadrature in the
@@ -402,8 +424,9 @@ class Expectation:
         res = self.restricted(used).numeric(tree)
         return c * res.value, next(iter(res.methods))
 
-    def group_expectation(self, factors: list[tuple[str, Linear]]) -> tuple[Tensor, str] | None:
-        """E of a product of one or two functions of linear forms, or None."""
+    def group_expectation(self, factors: list[tuple[str, Linear]]) -> tuple[Tensor, str, float] | None:
+        """E of a product of one or two functions of linear forms as (value, method, s) with
+        E = s * value, or None."""
         if len(factors) == 1:
             f, lin = factors[0]
             mean_rule = FUNCTIONS[f].mean
@@ -411,30 +434,31 @@ class Expectation:
                 return None
             mu, var = self.moments(lin)
             self.check_var(var)
-            return mean_rule(mu, torch.clamp(var, min=0.0)), "exact" if f == "identity" else "closed-form"
+            return mean_rule(mu, torch.clamp(var, min=0.0)), "exact" if f == "identity" else "closed-form", 1.0
         if len(factors) != 2:
             return None
         (f, la), (g, lb) = factors
-        ma, va = self.moments(la)
-        mb, vb = self.moments(lb)
-        _, c = self.moments(la, lb)
+        ma, va, sa = self.scaled_moments(la)
+        mb, vb, sb = self.scaled_moments(lb)
+        _, c, sc = self.scaled_moments(la, lb)
         self.check_var(va)
         self.check_var(vb)
         if f == "identity" and g == "identity":
             if not (_is_unit(la) and _is_unit(lb)):  # cancellation in linear combinations
                 self.check_corr(va, vb, c)
             if _is_zero(ma) or _is_zero(mb):
-                return c, "exact"  # results are never written in place, so no copy is needed
-            return c + ma * mb, "exact"
+                return c, "exact", sc  # results are never written in place, so no copy is needed
+            return _times(sc, c) + ma * mb, "exact", 1.0
         if not (_is_zero(ma) and _is_zero(mb)):
             return None
         rule = pair_rule(f, g)
         if rule is None:
             return None
         try:
-            if (f, g) in ARCCOS_PAIRS:
-                return self.arccos(f, _nonneg(va), _nonneg(vb), c), "closed-form"
-            return rule(_nonneg(va), _nonneg(vb), c), "closed-form"
+            if (f, g) in ARCCOS_PAIRS and sa == sb == sc:
+                # positively homogeneous: J1 (relu) of s times a covariance is s J1, J0 (step) is unchanged
+                return self.arccos(f, _nonneg(va), _nonneg(vb), c, sc), "closed-form", 1.0
+            return rule(_nonneg(_times(sa, va)), _nonneg(_times(sb, vb)), _times(sc, c)), "closed-form", 1.0
         except CorrelationError as err:
             raise NumericalError(
                 f"{self.where}: the covariance of the Gaussians is not positive semidefinite ({err})"
@@ -459,8 +483,9 @@ class Expectation:
         entries = int(np.prod(shape, dtype=np.int64)) if shape else 1
         mean = torch.stack([torch.as_tensor(m, dtype=self.dtype).expand(shape) for m in self.mean], -1)
         cov = torch.stack(
-            [torch.stack([torch.as_tensor(c, dtype=self.dtype).expand(shape) for c in row], -1)
-             for row in self.cov], -2
+            [torch.stack([_times(self.pair_scale(i, j), torch.as_tensor(c, dtype=self.dtype)).expand(shape)
+                          for j, c in enumerate(row)], -1)
+             for i, row in enumerate(self.cov)], -2
         )
         mean = mean.reshape(entries, k)
         cov = cov.reshape(entries, k, k)
@@ -535,6 +560,10 @@ def _is_unit(lin: Linear) -> bool:
         return False
     c = next(iter(lin.coef.values()))
     return isinstance(c, float) and c == 1.0
+
+
+def _times(s: float, t: Tensor) -> Tensor:
+    return t if s == 1.0 else s * t
 
 
 def _scaled(coef: Tensor | float, value: Tensor) -> Tensor:
