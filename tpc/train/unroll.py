@@ -146,6 +146,7 @@ class Plan:
     hidden_uses: int  # hidden-layer applications per forward
     gaussians: int  # independent Gaussian vectors the limit needs
     stored_rows: int  # vectors kept for the updates of hidden matrices
+    peak_rows: int = 0  # the most rows one pass pushes through the model (what is alive at once)
 
     def describe(self, exact: bool, particles: int, replicates: int) -> str:
         how = ("exactly: every vector is a coefficient vector over the Gaussians (a linear model)" if exact else
@@ -156,36 +157,40 @@ class Plan:
                 f"{self.hidden_uses} hidden-matrix use(s) each); expectations {how}{zdot}")
 
     def memory_bytes(self, size: int) -> int:
-        return 8 * size * (4 * self.gaussians + 2 * self.stored_rows + 8 * self.forward_rows)
+        return 8 * size * (4 * self.gaussians + 2 * self.stored_rows + 8 * self.peak_rows)
 
 
 def plan(net: Network) -> Plan:
     """Count the rows of every forward and backward pass of `run` without running it."""
     hidden = sum(1 for s in net.model.steps if s.op == "matmul" and net.layers[s.layer].role == "hidden")
-    fwd = bwd = 0
+    fwd = bwd = peak = 0
     for phase in ("init", "trained"):
-        fwd += sum(net.data[d].shape[0] for d in _forward_sets(net, phase))
+        sizes = [net.data[d].shape[0] for d in _forward_sets(net, phase)]
+        fwd += sum(sizes)
+        peak = max([peak, *sizes])
     for o in net.outputs:
         if o.kind == "adapted":
             per = _task_rows(net, o.tasks)
             fwd += per[0]
             bwd += per[1]
+            peak = max(peak, per[0] // max(1, o.tasks.count(net.data)))
     if net.train and net.train.tasks:
         t = net.train
-        count = t.tasks.count(net.data)
         s, q = net.data[t.tasks.support].shape[1], net.data[t.tasks.query].shape[1]
         fwd += t.steps * t.batch * (t.inner_steps * s + q)
         bwd += t.steps * t.batch * (t.inner_steps * s + q)
-        del count
+        peak = max(peak, t.batch * (s + q))
     elif net.train:
         t = net.train
         m = net.data[net.losses[t.loss].data].shape[0]
         fwd += t.steps * t.batch
         bwd += t.steps * t.batch
+        peak = max(peak, t.batch)
         if t.batch < m and any(o.kind == "history" for o in net.outputs):
             fwd += t.steps * m
+            peak = max(peak, m)
     finite = sum({"input": la.cols, "readout": la.rows, "bias": 1}.get(la.role, 0) for la in net.layers.values())
-    return Plan(fwd, bwd, hidden, int(finite + hidden * (fwd + bwd)), hidden * bwd)
+    return Plan(fwd, bwd, hidden, int(finite + hidden * (fwd + bwd)), hidden * bwd, peak)
 
 
 def _task_rows(net: Network, tasks: object) -> tuple[int, int]:
