@@ -363,3 +363,18 @@ def test_cli_limit_prints_its_plan_and_classify_reads_a_program(capsys: pytest.C
 
     res = json.loads(capsys.readouterr().out)
     assert res["regime"] == "feature learning" and res["r"] == 0 and res["stable"]
+
+
+def test_fomaml_relu_mup_particle_limit_against_finite_widths() -> None:
+    """Beyond TP4: MAML of a ReLU network in muP has no exact limit; its particle limit (with
+    standard errors) is what finite widths converge to."""
+    net = tpc.loads(MAML.replace("model f(x) = V @ (U @ x)", "model f(x) = V @ relu(U @ x)"))
+    lim = tpc.limit(net)["a"]
+    assert lim.method == "monte-carlo" and lim.stderr.max() < 0.01
+    widths = [64, 256, 1024]
+    runs = [tpc.run(net, w, 8)["a"] for w in widths]
+    errors = [np.sqrt(np.mean((r.values - lim.value) ** 2)) for r in runs]
+    slope = fit_slope(widths, errors)
+    assert -0.75 <= slope <= -0.25, (errors, slope)
+    gap = np.abs(runs[-1].mean - lim.value)
+    assert np.all(gap < 5 * np.sqrt(runs[-1].stderr ** 2 + lim.stderr ** 2) + 0.01), gap.max()

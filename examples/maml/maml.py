@@ -5,7 +5,9 @@ Split: meta-training on classes 0-4, meta-testing on classes 5-9. A task draws o
 per class and `--query` query images per class, with the 5 classes in a random order (its labels).
 Models (examples/maml/*.tp): TP4's 1-hidden-layer linear network in muP (finite widths and its
 exact limit), and the kernel baselines, a 1-hidden-layer ReLU network in NTK parametrization and
-in SP with lr n^-1 (only the readout trains: the GP/NNGP kernel), by their kernel-regime limits.
+in SP with lr n^-1 (only the readout trains: the GP/NNGP kernel), by their kernel-regime limits;
+beyond TP4, the same ReLU network in muP (finite widths, and its limit by particles: Monte Carlo
+over the 69 Gaussians of the input layer and the readout, with standard errors across replicates).
 
     pip install ".[examples]"
     python examples/maml/maml.py [--widths 2,8,32,128,512,2048] [--seeds 4] [--steps 100]
@@ -107,12 +109,14 @@ def main() -> None:
     print(f"5-way 1-shot first-order MAML on digits: {args.steps} meta-steps x {args.tasks} tasks, "
           f"{args.test_tasks} test tasks, {args.seeds} seeds per width")
     print(f"{'model':>22}  {'width':>6}  test accuracy (95% interval over tasks)")
-    net = load("linear_mup", args)
-    for w in [int(x) for x in args.widths.split(",")]:
-        t0 = time.perf_counter()
-        res = tpc.run(net, w, args.seeds)
-        report("linear muP", w, accuracy(res["test"].values, labels), time.perf_counter() - t0)
-    for name, what in (("linear_mup", "linear muP"), ("relu_ntk", "ReLU NTK"), ("relu_gp", "ReLU GP (SP)")):
+    for name, what in (("linear_mup", "linear muP"), ("relu_mup", "ReLU muP")):
+        net = load(name, args)
+        for w in [int(x) for x in args.widths.split(",")]:
+            t0 = time.perf_counter()
+            res = tpc.run(net, w, args.seeds)
+            report(what, w, accuracy(res["test"].values, labels), time.perf_counter() - t0)
+    for name, what in (("linear_mup", "linear muP"), ("relu_mup", "ReLU muP"), ("relu_ntk", "ReLU NTK"),
+                       ("relu_gp", "ReLU GP (SP)")):
         t0 = time.perf_counter()
         lim = tpc.limit(load(name, args))["test"]
         pred = lim.samples if lim.samples is not None else lim.value
@@ -129,10 +133,13 @@ def plot(rows: list[dict], args: argparse.Namespace) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    fin = [r for r in rows if r["width"] != "inf"]
-    ax.errorbar([r["width"] for r in fin], [100 * r["accuracy"] for r in fin], yerr=[100 * r["ci95"] for r in fin],
-                fmt="o-", color="tab:green", label="linear muP, finite width")
-    styles = {"linear muP": ("tab:green", "--"), "ReLU NTK": ("tab:orange", ":"), "ReLU GP": ("tab:blue", "-.")}
+    styles = {"linear muP": ("tab:green", "--"), "ReLU muP": ("tab:red", "--"), "ReLU NTK": ("tab:orange", ":"),
+              "ReLU GP": ("tab:blue", "-.")}
+    for model, marker in (("linear muP", "o-"), ("ReLU muP", "s-")):
+        fin = [r for r in rows if r["width"] != "inf" and r["model"] == model]
+        ax.errorbar([r["width"] for r in fin], [100 * r["accuracy"] for r in fin],
+                    yerr=[100 * r["ci95"] for r in fin], fmt=marker, color=styles[model][0],
+                    label=f"{model}, finite width")
     for r in rows:
         if r["width"] == "inf":
             key = next(k for k in styles if r["model"].startswith(k))
