@@ -12,7 +12,9 @@ import pytest
 import tpc
 from tpc.cli import main
 from tpc.compare import fit_slope
+from tpc.errors import TpcError
 from tpc.train.kernel import kernels
+from tpc.train.listing import unrolled_listing
 from tpc.train.unroll import plan, run_unrolled_finite
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -378,3 +380,23 @@ def test_fomaml_relu_mup_particle_limit_against_finite_widths() -> None:
     assert -0.75 <= slope <= -0.25, (errors, slope)
     gap = np.abs(runs[-1].mean - lim.value)
     assert np.all(gap < 5 * np.sqrt(runs[-1].stderr ** 2 + lim.stderr ** 2) + 0.01), gap.max()
+
+
+def test_graph_unrolled_lists_the_netsor_transpose_program(capsys: pytest.CaptureFixture[str]) -> None:
+    """Hidden matrices appear only as W_0 and W_0.T plus the stored updates; finite layers update in place."""
+    assert main(["graph", "--unrolled", str(ROOT / "programs" / "train" / "relu2_mup.tp")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n# step ") == 3
+    assert "h3_0 = W_0 @ h2_0\n" in out
+    assert "h3_2 = W_0 @ h2_2 + sum_(r<2) c_W Wdh_r (xW_r . h2_2 / n)" in out
+    assert "dh2_1 = W_0.T @ dh3_1 + sum_(r<1) c_W xW_r (Wdh_r . dh3_1 / n)" in out
+    assert "W_1 @" not in out and "W_2 @" not in out
+    assert "U_3 = U_2 + c_U X[rows].T dh1_2" in out and "c_W = -0.5 n^0" in out
+    for program in ("word2vec/cbow_mup.tp", "train/relu2_sp.tp"):
+        status = main(["graph", "--unrolled", str(ROOT / "programs" / program)])
+        assert status == (2 if "cbow" in program else 0)
+    assert "kernel gradient descent" in capsys.readouterr().out
+    net = tpc.load(ROOT / "programs" / "train" / "linear_mup.tp")
+    net.train.steps = 50
+    with pytest.raises(TpcError, match="short runs"):
+        unrolled_listing(net)

@@ -157,6 +157,13 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from tpc.ir import dumps_json, print_program, to_dot
 
     prog = _load(args.file)
+    if args.unrolled:
+        if not _is_network(prog):
+            raise TpcError("--unrolled shows a network program's SGD training; this program has no train statement")
+        from tpc.train.listing import unrolled_listing
+
+        print(unrolled_listing(prog), end="")
+        return 0
     if _is_network(prog):
         prog = _lowered(prog)
     if args.format == "text":
@@ -400,6 +407,8 @@ def parser() -> argparse.ArgumentParser:
     g = add("graph", "Print the program as numbered Netsor instructions (MatMul / Nonlin / Moment / "
             "initial), or export it as Graphviz DOT or JSON.", cmd_graph)
     g.add_argument("--format", choices=["text", "dot", "json"], default="text")
+    g.add_argument("--unrolled", action="store_true",
+                   help="a network program's SGD training as the unrolled Netsor-transpose program (short runs)")
     g.add_argument("--backward", action="store_true",
                    help="also show the backward instructions that autodiff derived (grad, tangent_kernel)")
     add("emit-torch", "Print the generated PyTorch module (Python source).", cmd_emit)
