@@ -400,3 +400,15 @@ def test_graph_unrolled_lists_the_netsor_transpose_program(capsys: pytest.Captur
     net.train.steps = 50
     with pytest.raises(TpcError, match="short runs"):
         unrolled_listing(net)
+    listing = unrolled_listing(tpc.loads(HEADER + """parametrization mup
+data Y = [1, -1, 1, 1, -1]
+layer U : input n x 2
+layer W : hidden n x n
+layer V : readout 1 x n
+model f(x) = V @ relu(W @ tanh(W @ relu(U @ x)) + U @ x)
+loss L = mse(f(X), Y)
+train sgd(lr = 0.3, steps = 2, batch = 2) minimize L
+output p = f(Xt)
+"""))
+    assert "xW_0, Wdh_0 = [h2_0, h4_0], [dh3_0, dh5_0]   # stored (one pair per use)" in listing
+    assert "U_1 = U_0 + c_U (X[rows].T dh1_0 + X[rows].T dh6_0)" in listing

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from tpc.build import load_source
+from tpc.errors import TpcError
 from tpc.train import cbow
 from tpc.train.finite import train_finite
 from tpc.train.limit import network_limit
@@ -28,7 +29,8 @@ def program(param: str = "mup", readout_var: str = "0", train: str = "lr = 0.05,
     return load_source(src, str(PROGRAM), PROGRAM.parent)
 
 
-@pytest.mark.parametrize("param", ["mup", "ntk", "sp", "abc(a = [-0.3, 0.4], b = [0.3, 0.2], c = 0.1, lr = 0.05)"])
+@pytest.mark.parametrize("param", ["mup", "ntk", "sp", "abc(a = [-0.3, 0.4], b = [0.3, 0.2], c = 0.1, lr = 0.05)",
+                                   "abc(a = [0, 0.5], b = [0.5, 0.5], c = 0, lr = 0.05)"])
 def test_one_step_matches_autograd_on_the_parametrized_loss(param: str) -> None:
     """W^l = n^-a_l w^l, SGD on w^l at lr n^-c: the tables after one step equal torch autograd's."""
     train = "window = 2, negatives = 3, sample = 0.01, batch = 16" + ("" if "lr" in param else ", lr = 0.05")
@@ -37,11 +39,11 @@ def test_one_step_matches_autograd_on_the_parametrized_loss(param: str) -> None:
     u, v = cbow.finite_tables(net, n, seed=3)
     batch = next(iter(cbow.stream(net)))
     a1, _ = net.ab(net.layers["U"])
-    a2, b2 = net.ab(net.layers["V"])
+    a2, _ = net.ab(net.layers["V"])
     c = net.abc.c
-    # the trained parameters: U's columns are u_w, V's rows are n^-(a2+b2) v_w (natural scale: rows * sqrt(n))
+    # the trained parameters: U's columns are u_w, V's rows are v_w / n (the tables hold them over sqrt(n))
     w_u = (u.T * np.sqrt(n) * n**a1).clone().requires_grad_(True)
-    w_v = (v * np.sqrt(n) * n ** (-(a2 + b2)) * n**a2).clone().requires_grad_(True)
+    w_v = (v * np.sqrt(n) / n * n**a2).clone().requires_grad_(True)
     counts = torch.zeros(len(batch.center), 12, dtype=torch.float64)
     counts.index_put_((torch.as_tensor(batch.pos), torch.as_tensor(batch.ctx)), torch.tensor(1.0, dtype=torch.float64),
                       accumulate=True)
@@ -56,7 +58,7 @@ def test_one_step_matches_autograd_on_the_parametrized_loss(param: str) -> None:
     gu, gv = torch.autograd.grad(loss, (w_u, w_v))
     rate = batch.lr * n ** (-c)
     new_u = (w_u - rate * gu) * n**-a1  # U = n^-a1 w_U
-    new_v = (w_v - rate * gv) * n**-a2 * n ** (a2 + b2)  # natural-scale rows
+    new_v = (w_v - rate * gv) * n**-a2 * n  # v = n W
     with torch.no_grad():
         cbow.step(u, v, batch, cbow.Factors.finite(net, n))
     assert torch.allclose(u, new_u.T / np.sqrt(n), rtol=0, atol=1e-12)
@@ -165,3 +167,26 @@ def test_subsampling_drops_frequent_words() -> None:
     after = np.bincount(kept, minlength=12) / len(kept)
     top = int(np.argmax(before))
     assert len(kept) < len(s.tokens) and after[top] < before[top]
+
+
+def test_a_small_readout_initialisation_keeps_the_embedding_limit() -> None:
+    """abc with a2 + b2 = 2 (a readout smaller than muP's at init) is stable and feature learning: the
+    readout's initial rows vanish in the limit, so embeddings(U) is the zero-readout muP limit, and
+    embeddings(V) at its initial scale grows with n, which is refused at the train statement."""
+    train = "lr = 0.05, window = 2, negatives = 3, sample = 0, batch = 16"
+    small = program("abc(a = [-0.5, 0.5], b = [0.5, 1.5], c = 0)", readout_var="1", train=train)
+    small.outputs = [o for o in small.outputs if o.name == "words"]
+    mup = program("mup", readout_var="0", train=train)
+    assert np.abs(network_limit(small)["words"].value - network_limit(mup)["words"].value).max() < 1e-12
+    with pytest.raises(TpcError, match="grows like n"):
+        network_limit(program("abc(a = [-0.5, 0.5], b = [0.5, 1.5], c = 0)", readout_var="1", train=train))
+
+
+def test_min_lr_defaults_below_the_parametrization_rate() -> None:
+    src = PROGRAM.read_text().replace("parametrization mup", "parametrization mup(lr = 0.00001)").replace(
+        "lr = 0.05, ", "")
+    net = load_source(src, str(PROGRAM), PROGRAM.parent)
+    rates = [b.lr for b in cbow.stream(net)]
+    assert rates[0] == pytest.approx(1e-5) and max(rates) <= 1e-5 and rates[-1] >= 1e-5 * 1e-4
+    with pytest.raises(TpcError, match="min_lr"):
+        load_source(PROGRAM.read_text().replace("batch = 16", "batch = 16, min_lr = 1"), str(PROGRAM), PROGRAM.parent)

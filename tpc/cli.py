@@ -184,7 +184,8 @@ def _lowered(net):  # noqa: ANN001, ANN202
 
     if net.train and net.train.optimizer == "cbow":
         raise TpcError("a cbow program has no forward Tensor Program to show: its word vectors are tables updated "
-                       "by index (tpc/train/cbow.py); use tpc check, run, limit or compare")
+                       "by index (tpc/train/cbow.py); use tpc check, run, limit or compare",
+                       net.train.span).locate(net.filename, net.source)
     X = np.concatenate([net.data[d] for d in net.point_sets()])  # noqa: N806
     prog, _ = lowered_program(net, X)
     return prog

@@ -11,11 +11,15 @@ backends are tables of rows whose dot products are the program's inner products 
 One step is the same code on either table, so the limit costs what a finite run at width equal to
 its basis size costs, and its state (two vocab x basis tables) is known before it starts.
 
-With W^l = n^-a_l w^l and SGD on w^l (network.py), natural-scale vectors (entries O(1) at init) move as
-    logit_j = n^p v_j.h,   v_j -= lr n^q g_j h,   u_w -= lr n^s sum_j g_j v_j  (w in the context),
-h = sum of the context's u_w, g_j = dL/dlogit_j, p = 1 - a2 - b2, q = b2 - a2 - c, s = -c - 2 a1 - a2 - b2
-(muP: p = q = s = 0). In the limit n^e -> 1 (e = 0) or 0 (e < 0); in the kernel regime the word vectors
-stay at their initial values (they move by O(n^-1/2)), so their Gram matrix is var * I.
+With W^l = n^-a_l w^l and SGD on w^l (network.py), the tables hold the input vectors u_w (columns
+of W^1, entries of size n^-(a1+b1)) and the readout rows at the scale of their updates, v_w = n W^2_w
+(as in unroll.py; entries n^(1-a2-b2) at init), and move exactly as
+    logit_j = v_j.h / n,   v_j -= lr n^q g_j h,   u_w -= lr n^s sum_j g_j v_j  (w in the context),
+h = sum of the context's u_w, g_j = dL/dlogit_j, q = 1 - c - 2 a2, s = -1 - c - 2 a1 (muP: q = s = 0). In
+the limit each n^e is 1 (e = 0) or 0 (e < 0), and so are the initial scales. `embeddings(V)` reports
+the readout rows at their initial scale, n^(a2+b2) W^2 (entries sqrt(var) at init), like `embeddings(U)`.
+In the kernel regime the word vectors stay at their initial values (they move by O(n^-1/2)), so both
+Gram matrices are var * I.
 """
 
 from __future__ import annotations
@@ -95,20 +99,30 @@ class Stream:
                 yield Batch(s[p], rows, s[idx[rows, cols]], neg, lr)
 
 
+TOL = 1e-12
+
+
+def _limit_of(e: float, what: str, net: Network) -> float:
+    """n^e as n -> oo for e <= 0; a located error where the program's quantity grows with n."""
+    if e > TOL:
+        raise TpcError(f"{what} grows like n^{e:g} in this parametrization: it has no infinite-width limit",
+                       net.train.span).locate(net.filename, net.source)
+    return 1.0 if e > -TOL else 0.0
+
+
 @dataclass
 class Factors:
-    """The powers of n of the logits and of the two tables' updates (see the module docstring)."""
+    """The powers of n of the two tables' updates (see the module docstring)."""
 
-    p: float
     q: float
     s: float
 
     @staticmethod
-    def exponents(net: Network) -> tuple[float, float, float]:
+    def exponents(net: Network) -> tuple[float, float]:
         a1, _ = net.ab(net.layers[net.train.cbow.embedding])
-        a2, b2 = net.ab(net.layers[net.train.cbow.output])
+        a2, _ = net.ab(net.layers[net.train.cbow.output])
         c = net.abc.c
-        return 1 - a2 - b2, b2 - a2 - c, -c - 2 * a1 - a2 - b2
+        return 1 - c - 2 * a2, -1 - c - 2 * a1
 
     @classmethod
     def finite(cls, net: Network, width: int) -> Factors:
@@ -116,10 +130,19 @@ class Factors:
 
     @classmethod
     def limit(cls, net: Network) -> Factors:
-        exps = cls.exponents(net)
-        if max(exps) > 1e-12:  # pragma: no cover - excluded by the stability conditions when r = 0
-            raise TpcError(f"this parametrization's word2vec limit has growing terms (powers {exps})")
-        return cls(*(1.0 if abs(e) <= 1e-12 else 0.0 for e in exps))
+        q, s = cls.exponents(net)
+        return cls(_limit_of(q, "the readout's update", net), _limit_of(s, "the embedding's update", net))
+
+
+def init_exponents(net: Network) -> tuple[float, float]:
+    """Initial entries of the tables: u ~ n^-(a1+b1), v = n W^2 ~ n^(1-a2-b2) (times sqrt(var))."""
+    cfg = net.train.cbow
+    return -net.init_exponent(net.layers[cfg.embedding]), 1 - net.init_exponent(net.layers[cfg.output])
+
+
+def output_exponent(net: Network, layer: str) -> float:
+    """embeddings(L) reports v at its initial scale: n^(a2+b2-1) v, so its Gram carries twice that."""
+    return 0.0 if layer == net.train.cbow.embedding else 2 * (net.init_exponent(net.layers[layer]) - 1)
 
 
 def tokens_of(net: Network) -> np.ndarray:
@@ -140,7 +163,7 @@ def step(u: Tensor, v: Tensor, b: Batch, f: Factors) -> float:
     starts = torch.as_tensor(np.searchsorted(b.pos, np.arange(len(b.center))), device=dev)
     h = torch.nn.functional.embedding_bag(ctx, u, starts, mode="sum")
     vw = v[words]  # (B, 1 + K, m), a copy: the updates below use the values before the step
-    z = f.p * torch.bmm(vw, h[:, :, None])[..., 0]
+    z = torch.bmm(vw, h[:, :, None])[..., 0]  # the rows are scaled by 1/sqrt(n): this is v.h/n
     label = torch.zeros_like(z)
     label[:, 0] = 1
     live = torch.ones_like(z)
@@ -159,6 +182,9 @@ def train(net: Network, u: Tensor, v: Tensor, f: Factors,
     """Runs the program's cbow training on the tables in place; returns the mean loss per position
     of each epoch (computed on the fly, before each step, as word2vec reports it)."""
     data = stream(net)
+    if data.positions == 0:
+        raise TpcError("subsampling leaves no position to train on: raise sample (or set sample = 0)",
+                       net.train.span).locate(net.filename, net.source)
     total, per_epoch = data.steps, [-(-int(m.sum()) // data.batch) for m in data.masks]
     losses: list[float] = []
     epoch_loss, epoch_pos, epoch = 0.0, 0, 0
@@ -178,46 +204,61 @@ def train(net: Network, u: Tensor, v: Tensor, f: Factors,
 
 def finite_tables(net: Network, width: int, seed: int, dtype: torch.dtype = torch.float64,
                   device: str = "cpu") -> tuple[Tensor, Tensor]:
-    """The initial tables at width n for a seed: rows u_w / sqrt(n), u_w ~ N(0, var I_n)."""
+    """The initial tables at width n for a seed: rows u_w / sqrt(n) and v_w / sqrt(n)."""
     gen = torch.Generator(device=device).manual_seed(int(seed))
     cfg = net.train.cbow
     tables = []
-    for name in (cfg.embedding, cfg.output):
+    for name, e in zip((cfg.embedding, cfg.output), init_exponents(net), strict=True):
         la = net.layers[name]
-        words = int(la.cols if la.role == "embedding" else la.rows)
-        z = torch.randn(words, width, generator=gen, dtype=dtype, device=device)
-        tables.append(z * float(np.sqrt(la.var / width)))
+        z = torch.randn(_words(la), width, generator=gen, dtype=dtype, device=device)
+        tables.append(z * float(np.sqrt(la.var / width) * width**e))
     return tables[0], tables[1]
 
 
-def basis_size(net: Network) -> int:
-    """One basis vector per word of each table that starts random."""
+def _words(la: object) -> int:
+    return int(la.cols if la.role == "embedding" else la.rows)
+
+
+def _random_tables(net: Network) -> list[tuple[object, float]]:
+    """(layer, initial scale in the limit) of each table; a basis vector per word where it is random."""
     cfg = net.train.cbow
-    return sum(int(la.cols if la.role == "embedding" else la.rows)
-               for la in (net.layers[cfg.embedding], net.layers[cfg.output]) if la.var > 0)
+    out = []
+    for name, e in zip((cfg.embedding, cfg.output), init_exponents(net), strict=True):
+        la = net.layers[name]
+        out.append((la, _limit_of(e, f"layer {name}'s initial vectors", net) * float(np.sqrt(la.var))))
+    return out
+
+
+def basis_size(net: Network) -> int:
+    """One basis vector per word of each table that starts random in the limit."""
+    return sum(_words(la) for la, scale in _random_tables(net) if scale > 0)
 
 
 def limit_tables(net: Network, dtype: torch.dtype = torch.float64, device: str = "cpu") -> tuple[Tensor, Tensor]:
-    """The initial tables in the limit: sqrt(var) times distinct standard basis vectors."""
-    cfg = net.train.cbow
+    """The initial tables in the limit: their scales times distinct standard basis vectors."""
     m = basis_size(net)
     tables, used = [], 0
-    for name in (cfg.embedding, cfg.output):
-        la = net.layers[name]
-        words = int(la.cols if la.role == "embedding" else la.rows)
+    for la, scale in _random_tables(net):
+        words = _words(la)
         t = torch.zeros(words, m, dtype=dtype, device=device)
-        if la.var > 0:
-            t[:, used:used + words] = float(np.sqrt(la.var)) * torch.eye(words, dtype=dtype, device=device)
+        if scale > 0:
+            t[:, used:used + words] = scale * torch.eye(words, dtype=dtype, device=device)
             used += words
         tables.append(t)
     return tables[0], tables[1]
 
 
-def grams(net: Network, u: Tensor, v: Tensor) -> dict[str, np.ndarray]:
-    """Each `embeddings(L)` output: the Gram matrix of the layer's word vectors, u_a.u_b / n."""
+def grams(net: Network, u: Tensor, v: Tensor, width: int | None) -> dict[str, np.ndarray]:
+    """Each `embeddings(L)` output: the Gram matrix of the layer's word vectors at their initial
+    scale, u_a.u_b / n (width None: the limit, where the scale factor is its limit)."""
     cfg = net.train.cbow
     table = {cfg.embedding: u, cfg.output: v}
-    return {o.name: (table[o.layer] @ table[o.layer].T).double().cpu().numpy() for o in net.outputs}
+    out = {}
+    for o in net.outputs:
+        e = output_exponent(net, o.layer)
+        scale = float(width**e) if width else _limit_of(e, f"embeddings({o.layer})", net)
+        out[o.name] = scale * (table[o.layer] @ table[o.layer].T).double().cpu().numpy()
+    return out
 
 
 def memory_bytes(net: Network, m: int, itemsize: int = 8) -> int:
@@ -234,6 +275,8 @@ def describe(net: Network) -> str:
     head = (f"{net.param_name}: r = {cls.r:g}, {cls.regime}; cbow over {len(data.tokens)} tokens x "
             f"{net.train.cbow.epochs} epoch(s), {data.positions} positions after subsampling, {data.steps} steps "
             f"of {net.train.batch}")
+    if not cls.stable:
+        return f"{head}; unstable ({'; '.join(cls.failed)}): tpc refuses its limit"
     if cls.regime == "feature learning":
         m = basis_size(net)
         return (f"{head}; exact: each word vector is a coefficient vector over {m} initial Gaussian vectors "
@@ -250,7 +293,7 @@ def cbow_finite(net: Network, width: int, seeds: int, dtype: str = "float64", de
         u, v = finite_tables(net, width, first_seed + i, DTYPES[dtype], device)
         with torch.no_grad():
             train(net, u, v, Factors.finite(net, width), (lambda d, t, _l: on_step(d, t)) if on_step else None)
-        for k, g in grams(net, u, v).items():
+        for k, g in grams(net, u, v, width).items():
             parts[k].append(g[None])
         if progress:
             progress(1)
@@ -261,14 +304,12 @@ def cbow_limit(net: Network, dtype: str = "float64", device: str = "cpu",
                progress: Callable[[int, int], None] | None = None) -> dict[str, LimitOutput]:
     """The exact limit: trained coefficient tables (feature learning) or the initial Gram matrices."""
     if net.classification().regime != "feature learning":
-        cfg = net.train.cbow
         out = {}
         for o in net.outputs:
             la = net.layers[o.layer]
-            words = int(la.cols if o.layer == cfg.embedding else la.rows)
-            out[o.name] = LimitOutput(la.var * np.eye(words), "exact")
+            out[o.name] = LimitOutput(la.var * np.eye(_words(la)), "exact")
         return out
     u, v = limit_tables(net, DTYPES[dtype], device)
     with torch.no_grad():
         train(net, u, v, Factors.limit(net), (lambda d, t, _l: progress(d, t)) if progress else None)
-    return {k: LimitOutput(g, "exact") for k, g in grams(net, u, v).items()}
+    return {k: LimitOutput(g, "exact") for k, g in grams(net, u, v, None).items()}

@@ -56,9 +56,9 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
         raise TpcError(f"the parametrization is unstable (its limit blows up): {'; '.join(cls.failed)}",
                        net.param_span).locate(net.filename, net.source)
     if net.train and net.train.optimizer == "cbow":
-        m = cbow.basis_size(net)
+        m = cbow.basis_size(net) if cls.regime == "feature learning" else 0
         need = cbow.memory_bytes(net, m) / 2**30
-        if cls.regime == "feature learning" and need > memory_gb and not force:
+        if m and need > memory_gb and not force:
             raise TpcError(f"the word2vec limit needs about {need:.3g} GB (two tables over {m} basis vectors), "
                            f"more than {memory_gb:g} GB; use --force", net.train.span).locate(net.filename,
                                                                                             net.source)

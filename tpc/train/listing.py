@@ -21,22 +21,27 @@ MAX_STEPS = 20
 
 def unrolled_listing(net: Network, max_steps: int = MAX_STEPS) -> str:
     t = net.train
-    if t is None or t.optimizer != "sgd":
-        what = "no train statement" if t is None else f"`train {t.optimizer}`"
-        raise TpcError(f"--unrolled lists SGD training; this program has {what} (fomaml adapts a copy per task, "
-                       "cbow updates tables of word vectors by index: see README)")
+    if t is None:
+        raise TpcError("--unrolled lists SGD training; this program has no train statement")
+    if t.optimizer != "sgd":
+        raise TpcError(f"--unrolled lists SGD training, not `train {t.optimizer}` (fomaml adapts a copy per task, "
+                       "cbow updates tables of word vectors by index: see README)", t.span).locate(net.filename,
+                                                                                                  net.source)
     if t.steps > max_steps:
         raise TpcError(f"--unrolled is for short runs: {t.steps} SGD steps, more than {max_steps}; lower steps "
-                       "to read the program")
+                       "to read the program", t.span).locate(net.filename, net.source)
     steps = net.model.steps
     loss = net.losses[t.loss]
     m = net.data[loss.data].shape[0]
     name = [_value_name(i, s.op) for i, s in enumerate(steps)]
     lines = [f"# {net.filename}: {t.steps} SGD step(s) on {t.loss}, unrolled into a Netsor-transpose program",
              f"# parametrization {net.param_name}: a = {list(net.abc.a)}, b = {list(net.abc.b)}, c = {net.abc.c:g}"]
-    if net.classification().regime != "feature learning":
-        lines.append(f"# {net.classification().regime} regime: tpc's limit of this program is kernel gradient descent "
-                     "(README), not this program with n -> oo")
+    regime = net.classification().regime
+    if regime == "unstable":
+        lines.append("# unstable: tpc refuses this program's limit")
+    elif regime != "feature learning":
+        lines.append(f"# {regime} regime: tpc's limit of this program is kernel gradient descent (README), not this "
+                     "program with n -> oo")
     for la in net.layers.values():
         e = MAXIMAL_LR_EXPONENT[la.role] - net.lr_exponent(la)
         limit = "1" if abs(e) < 1e-12 else "0" if e < 0 else "oo"
@@ -116,20 +121,29 @@ def _backward(net: Network, name: list[str], s: int) -> list[str]:
 
 
 def _updates(net: Network, name: list[str], s: int, data: str) -> list[str]:
-    lines = []
+    """One line per layer; a layer used several times sums its uses (hidden: stores one pair per use)."""
+    terms: dict[str, list[str]] = {}
     for i, step in enumerate(net.model.steps):
-        if step.op not in ("matmul", "bias"):
+        if step.op in ("matmul", "bias"):
+            la = net.layers[step.layer]
+            if la.role == "bias":
+                terms.setdefault(la.name, []).append(f"sum_rows d{name[i]}_{s}")
+            elif la.role == "input":
+                terms.setdefault(la.name, []).append(f"{data}[rows].T d{name[i]}_{s}")
+            elif la.role == "readout":
+                terms.setdefault(la.name, []).append(f"chi_{s}.T {name[step.args[0]]}_{s}")
+            else:
+                terms.setdefault(la.name, []).append(f"{name[step.args[0]]}_{s}|d{name[i]}_{s}")
+    lines = []
+    for layer, parts in terms.items():
+        la = net.layers[layer]
+        if la.role == "hidden":
+            xs, ds = [p.split("|")[0] for p in parts], [p.split("|")[1] for p in parts]
+            pair = (xs[0], ds[0]) if len(parts) == 1 else (f"[{', '.join(xs)}]", f"[{', '.join(ds)}]")
+            lines.append(f"x{layer}_{s}, {layer}dh_{s} = {pair[0]}, {pair[1]}   # stored"
+                         f"{' (one pair per use)' if len(parts) > 1 else ''}; {layer}_{s + 1} is never formed")
             continue
-        la = net.layers[step.layer]
-        if la.role == "bias":
-            lines.append(f"{la.name}_{s + 1} = {la.name}_{s} + c_{la.name} sum_rows d{name[i]}_{s}")
-            continue
-        arg = f"{data}[rows]" if la.role == "input" else f"{name[step.args[0]]}_{s}"
-        if la.role == "input":
-            lines.append(f"{la.name}_{s + 1} = {la.name}_{s} + c_{la.name} {arg}.T d{name[i]}_{s}   # d columns")
-        elif la.role == "readout":
-            lines.append(f"{la.name}_{s + 1} = {la.name}_{s} + c_{la.name} chi_{s}.T {arg}   # rows v: finite k x n")
-        else:
-            lines.append(f"x{la.name}_{s}, {la.name}dh_{s} = {arg}, d{name[i]}_{s}   # stored; {la.name}_{s + 1} is "
-                         "never formed")
+        total = parts[0] if len(parts) == 1 else "(" + " + ".join(parts) + ")"
+        note = {"input": "   # d columns", "readout": "   # rows v: finite k x n"}.get(la.role, "")
+        lines.append(f"{layer}_{s + 1} = {layer}_{s} + c_{layer} {total}{note}")
     return lines

@@ -585,7 +585,7 @@ class _Builder:
         lr = number("lr", np.nan, 1e-12, 1e6, False) if "lr" in kw else np.nan
         cfg = Cbow(tokens, number("window", 5, 1, 100, True), number("negatives", 5, 0, 100, True),
                    number("sample", 1e-3, 0, 1, False), number("epochs", 1, 1, 10**4, True),
-                   number("min_lr", 1e-4 if np.isnan(lr) else min(1e-4, lr), 0, 1e6, False),
+                   number("min_lr", np.nan, 0, 1e6, False) if "min_lr" in kw else np.nan,  # default: finish()
                    number("seed", 0, 0, 2**31, True), emb.name, out.name)
         return Train(lr, 0, number("batch", 256, 1, 10**6, True), "logistic", s.span, "cbow", cbow=cfg)
 
@@ -631,6 +631,10 @@ class _Builder:
         e = s.value
         if self.model is None:
             raise TpcError("define the model before the outputs", s.span)
+        is_embeddings = isinstance(e, ast.Call) and e.fn == "embeddings"
+        if self.train and self.train.optimizer == "cbow" and not is_embeddings:
+            raise TpcError("a cbow program outputs embeddings(U): the Gram matrix of the trained word vectors",
+                           e.span)
         x = self.f_call(e)
         if x is not None:
             self.outputs.append(Output(s.name, "predict", phase, s.span, data=x))
@@ -654,9 +658,6 @@ class _Builder:
                 raise TpcError("embeddings(U) is an output of word2vec programs, after `train cbow(...)`", e.span)
             self.outputs.append(Output(s.name, "embeddings", phase, s.span, layer=e.args[0].id))
             return
-        if self.train and self.train.optimizer == "cbow":
-            raise TpcError("a cbow program outputs embeddings(U): the Gram matrix of the trained word vectors",
-                           e.span)
         if isinstance(e, ast.Call) and e.fn == "adapted":
             names = [(a.id, a.span) if isinstance(a, ast.Name) else ("", a.span) for a in e.args[1:]]
             if len(e.args) != 5 or not isinstance(e.args[0], ast.Name) or e.args[0].id != self.model.name:
@@ -718,6 +719,12 @@ class _Builder:
                                self.train.span)
             if np.isnan(self.train.lr):
                 self.train.lr = float(lr)
+            cfg = self.train.cbow
+            if cfg and np.isnan(cfg.min_lr):
+                cfg.min_lr = min(1e-4, self.train.lr)  # word2vec's floor, below the rate it decays from
+            if cfg and cfg.min_lr > self.train.lr:
+                raise TpcError(f"min_lr ({cfg.min_lr:g}) is above lr ({self.train.lr:g}): the rate decays from lr "
+                               "to min_lr", self.train.span)
         return Network(filename, source, self.width, self.param.name, abc, lr, self.layers, self.model,
                        self.data, self.losses, self.train, self.outputs, self.param.span)
 
