@@ -202,12 +202,12 @@ def _adapted(net: Network, o: Output, params: dict[str, Tensor], mult: dict[str,
     tasks = o.tasks
     pool = data(tasks.pool)
     out = []
-    for task in range(tasks.count(net.data)):
+    for t in range(tasks.count(net.data)):
+        task = tasks.task(net.data, t)
         w = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        w = adapt(net, w, mult, width, pool, net.data[tasks.support][task].astype(int),
-                  net.data[tasks.support_y][task])
+        w = adapt(net, w, mult, width, pool, task.support, task.support_y)
         with torch.no_grad():
-            query = torch.as_tensor(net.data[tasks.query][task].astype(int), device=pool.device)
+            query = torch.as_tensor(task.query, device=pool.device)
             out.append(forward(net, {k: mult[k] * v for k, v in w.items()}, pool[query])[-1])
     F = torch.stack(out, dim=1)  # noqa: N806
     return (F[..., 0] if F.shape[-1] == 1 else F).detach().to("cpu", torch.float64).numpy()
@@ -223,11 +223,10 @@ def _fomaml(net: Network, params: dict[str, Tensor], mult: dict[str, float], dat
     rate = train.lr * width ** (-net.abc.c)
     for t in range(train.steps):
         total = [torch.zeros_like(v) for v in params.values()]
-        for task in batch_rows(t, train.batch, count):
-            support = net.data[tasks.support][task].astype(int)
-            adapted = adapt(net, params, mult, width, pool, support, net.data[tasks.support_y][task])
-            grads = _task_grad(net, adapted, mult, pool, net.data[tasks.query][task].astype(int),
-                               net.data[tasks.query_y][task])
+        for i in batch_rows(t, train.batch, count):
+            task = tasks.task(net.data, i)
+            adapted = adapt(net, params, mult, width, pool, task.support, task.support_y)
+            grads = _task_grad(net, adapted, mult, pool, task.query, task.query_y)
             for acc, g in zip(total, grads, strict=True):
                 acc += g
         with torch.no_grad():
@@ -247,7 +246,6 @@ def _output(net: Network, o: Output, w: dict[str, Tensor], data: Callable[[str],
 
     if o.kind == "history":
         return history
-
     if o.kind == "loss":
         loss = net.losses[o.loss]
         F = forward(net, w, data(loss.data))[-1]  # noqa: N806

@@ -24,13 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tpc.backends.limit.evaluate import LimitOutput, evaluate_limit
-from tpc.errors import Span
+from tpc.errors import Span, TpcError
 from tpc.ir import Program
 from tpc.ops import expr as ex
-from tpc.train.losses import batch_rows, loss_value
-from tpc.train.network import Network
+from tpc.train.losses import batch_rows, loss_gradient, loss_value
+from tpc.train.network import Network, TaskRows
 
 TOL = 1e-12
 
@@ -117,7 +118,6 @@ def lowered_program(net: Network, X: np.ndarray) -> tuple[Program, list[tuple[st
     for name, value in (("X", X), ("XX", X @ X.T)):
         b.names[name] = prog.add("data", (), "scalar", value.shape, name, None, value=value, source=None).id
         b.defined_at[name] = Span(1, 1, 1, 1)
-    from tpc.errors import TpcError
     from tpc.syntax import OutputDecl
 
     for stmt in parse(source, prog.filename).statements:
@@ -154,8 +154,6 @@ def kernels(net: Network) -> Kernels:
 
 def kernel_limit(net: Network, samples: int = 2**14, seed: int = 0) -> dict[str, LimitOutput]:
     """Every output of a kernel-regime network program in the limit."""
-    import torch
-
     K = kernels(net)  # noqa: N806
     k = net.output_dim()
     P = K.theta.shape[0]  # noqa: N806
@@ -233,62 +231,50 @@ def kernel_limit(net: Network, samples: int = 2**14, seed: int = 0) -> dict[str,
                 A, b = A - theta @ A[idx] / len(rows), b - theta @ (b[idx] - y) / len(rows)  # noqa: N806
             else:
                 history.append(loss_stats(t.loss))
-                F = torch.as_tensor(sample[:, idx]).requires_grad_(True)  # noqa: N806
-                value = loss_value(loss, F, net.data, rows)
-                (chi,) = torch.autograd.grad(value.sum(), F)
+                _, chi = loss_gradient(loss, torch.as_tensor(sample[:, idx]), net.data, rows)
                 sample = sample - K.theta[:, idx] @ chi.numpy()
     evaluate("trained")
     return results
 
 
-def _adapt(net: Network, K: Kernels, f: np.ndarray, pool: str, support: np.ndarray, labels: np.ndarray,  # noqa: N803
-           query: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """fomaml's inner steps on one task in function space: (f on the support, f on the query)."""
-    import torch
+def _chi(net: Network, f: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """dL/df of one task's rows for every sample of f (..., rows, k)."""
+    _, chi = loss_gradient(net.task_loss(), torch.as_tensor(f), {"<y>": labels}, np.arange(f.shape[-2]))
+    return chi.numpy()
 
+
+def _adapt(net: Network, K: Kernels, f: np.ndarray, pool: str, task: TaskRows) -> np.ndarray:  # noqa: N803
+    """fomaml's inner steps on one task in function space: f on the query after adapting."""
     start = K.points[pool].start
-    s, q = start + support, start + query
+    s, q = start + task.support, start + task.query
     ratio = net.train.inner_lr / net.train.lr
     fs, fq = f[:, s], f[:, q]
     for _ in range(net.train.inner_steps):
-        F = torch.as_tensor(fs).requires_grad_(True)  # noqa: N806
-        value = loss_value(net.task_loss(), F, {"<y>": labels}, np.arange(len(support)))
-        (chi,) = torch.autograd.grad(value.sum(), F)
-        chi = chi.numpy()
+        chi = _chi(net, fs, task.support_y)
         fs = fs - ratio * K.theta[np.ix_(s, s)] @ chi
         fq = fq - ratio * K.theta[np.ix_(q, s)] @ chi
-    return fs, fq
+    return fq
 
 
 def _fomaml(net: Network, K: Kernels, f: np.ndarray) -> np.ndarray:  # noqa: N803
     """First-order MAML with a fixed kernel: each meta-step moves f everywhere by the kernel
     against the mean over tasks of the query gradients at the adapted functions."""
-    import torch
-
     t, tasks = net.train, net.train.tasks
     start = K.points[tasks.pool].start
     for step in range(t.steps):
         total = np.zeros_like(f)
-        for task in batch_rows(step, t.batch, tasks.count(net.data)):
-            query = net.data[tasks.query][task].astype(int)
-            _, fq = _adapt(net, K, f, tasks.pool, net.data[tasks.support][task].astype(int),
-                           net.data[tasks.support_y][task], query)
-            F = torch.as_tensor(fq).requires_grad_(True)  # noqa: N806
-            value = loss_value(net.task_loss(), F, {"<y>": net.data[tasks.query_y][task]}, np.arange(len(query)))
-            (chi,) = torch.autograd.grad(value.sum(), F)
-            total += K.theta[:, start + query] @ chi.numpy()
+        for i in batch_rows(step, t.batch, tasks.count(net.data)):
+            task = tasks.task(net.data, i)
+            fq = _adapt(net, K, f, tasks.pool, task)
+            total += K.theta[:, start + task.query] @ _chi(net, fq, task.query_y)
         f = f - total / t.batch
     return f
 
 
 def _adapted_samples(net: Network, o: object, K: Kernels, f: np.ndarray, method: str) -> LimitOutput:  # noqa: N803
     tasks = o.tasks
-    out = []
-    for task in range(tasks.count(net.data)):
-        _, fq = _adapt(net, K, f, tasks.pool, net.data[tasks.support][task].astype(int),
-                       net.data[tasks.support_y][task], net.data[tasks.query][task].astype(int))
-        out.append(fq)
-    s = np.stack(out, axis=1)  # (samples, T, Q, k)
+    s = np.stack([_adapt(net, K, f, tasks.pool, tasks.task(net.data, t)) for t in range(tasks.count(net.data))],
+                 axis=1)  # (samples, T, Q, k)
     if s.shape[-1] == 1:
         s = s[..., 0]
     err = s.std(0, ddof=1) / np.sqrt(s.shape[0])

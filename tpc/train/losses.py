@@ -39,7 +39,7 @@ def loss_value(loss: Loss, F: Tensor, data: dict[str, np.ndarray], rows: np.ndar
     """The loss on the data rows `rows` given the model's outputs F (..., B, k) on them."""
     def arr(name: str) -> Tensor:
         a = np.asarray(data[name], dtype=np.float64)
-        if a.ndim and name != "<y>":  # '<y>': the targets of one task's rows, already selected
+        if a.ndim:
             a = a[rows]
         return torch.as_tensor(a, dtype=F.dtype, device=F.device)
 

@@ -106,6 +106,19 @@ class Tasks:
     def count(self, data: dict[str, np.ndarray]) -> int:
         return int(data[self.support].shape[0])
 
+    def task(self, data: dict[str, np.ndarray], t: int) -> TaskRows:
+        """Task t's pool rows and labels (no query labels for `adapted(...)`'s tasks)."""
+        return TaskRows(data[self.support][t].astype(int), data[self.support_y][t],
+                        data[self.query][t].astype(int), data[self.query_y][t] if self.query_y else None)
+
+
+@dataclass
+class TaskRows:
+    support: np.ndarray
+    support_y: np.ndarray
+    query: np.ndarray
+    query_y: np.ndarray | None
+
 
 @dataclass
 class Cbow:

@@ -353,12 +353,11 @@ class Unrolled:
         tasks = t.tasks
         pool = self.net.data[tasks.pool]
         everything: list = []
-        for task in batch_rows(step, t.batch, tasks.count(self.net.data)):
-            adapted = self.adapt(pool, self.net.data[tasks.support][task].astype(int),
-                                 self.net.data[tasks.support_y][task])
-            query = self.net.data[tasks.query][task].astype(int)
-            _, parts = adapted.gradient(self.space.data(pool[query]), self.net.task_loss(),
-                                        {"<y>": self.net.data[tasks.query_y][task]}, np.arange(len(query)))
+        for i in batch_rows(step, t.batch, tasks.count(self.net.data)):
+            task = tasks.task(self.net.data, i)
+            adapted = self.adapt(pool, task.support, task.support_y)
+            _, parts = adapted.gradient(self.space.data(pool[task.query]), self.net.task_loss(),
+                                        {"<y>": task.query_y}, np.arange(len(task.query)))
             everything += parts
         self.apply(everything, 1.0 / t.batch)
 
@@ -413,9 +412,10 @@ def _adapted(state: Unrolled, o: Output) -> Tensor:
     net, tasks = state.net, o.tasks
     pool = net.data[tasks.pool]
     out = []
-    for task in range(tasks.count(net.data)):
-        adapted = state.adapt(pool, net.data[tasks.support][task].astype(int), net.data[tasks.support_y][task])
-        out.append(adapted.forward(state.space.data(pool[net.data[tasks.query][task].astype(int)]))[-1])
+    for t in range(tasks.count(net.data)):
+        task = tasks.task(net.data, t)
+        adapted = state.adapt(pool, task.support, task.support_y)
+        out.append(adapted.forward(state.space.data(pool[task.query]))[-1])
     F = torch.stack(out, dim=-3)  # noqa: N806
     return F[..., 0] if F.shape[-1] == 1 else F
 
