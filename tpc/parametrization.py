@@ -41,6 +41,13 @@ class Classification:
                 "failed": self.failed}
 
 
+def limit_of_power(exponent: float) -> float | None:
+    """n^exponent as n -> oo: 1 (exponent 0), 0 (negative), None where it grows."""
+    if exponent > TOL:
+        return None
+    return 1.0 if exponent > -TOL else 0.0
+
+
 def preset(name: str, hidden_layers: int) -> ABC:
     """The presets of TP4 (Table 1 and Section 3) for L hidden layers."""
     L = hidden_layers  # noqa: N806 - the paper's name

@@ -33,7 +33,8 @@ import torch
 from tpc.backends.limit.evaluate import LimitOutput
 from tpc.backends.torch.run import DTYPES, FiniteResult
 from tpc.errors import NumericalError, TpcError
-from tpc.train.network import Cbow, Network
+from tpc.parametrization import limit_of_power
+from tpc.train.network import Cbow, Layer, Network
 
 Tensor = torch.Tensor
 
@@ -41,13 +42,16 @@ Tensor = torch.Tensor
 @dataclass
 class Batch:
     """Positions of the (subsampled) stream: their centre words, their context words as pairs
-    (batch row `pos[i]` has context word `ctx[i]`), K negative words each, and the step's rate."""
+    (batch row `pos[i]` has context word `ctx[i]`, sorted by row: row b's pairs start at
+    `starts[b]`), K negative words each, and the step's rate."""
 
     center: np.ndarray  # (B,)
     pos: np.ndarray  # (P,)
     ctx: np.ndarray  # (P,)
+    starts: np.ndarray  # (B,)
     neg: np.ndarray  # (B, K)
     lr: float
+    epoch: int
 
 
 @dataclass
@@ -64,7 +68,6 @@ class Stream:
 
     def __post_init__(self) -> None:
         counts = np.bincount(self.tokens, minlength=self.vocab).astype(np.float64)
-        self.counts = counts
         rng = np.random.default_rng(self.cfg.seed)
         if self.cfg.sample > 0:  # word2vec.c: keep w with probability (sqrt(f / t) + 1) t / f, t = sample * total
             t = self.cfg.sample * counts.sum()
@@ -79,13 +82,13 @@ class Stream:
 
     @property
     def steps(self) -> int:
-        return int(sum(-(-int(m.sum()) // self.batch) for m in self.masks))
+        return sum(-(-int(m.sum()) // self.batch) for m in self.masks)
 
     def __iter__(self) -> Iterator[Batch]:
         w, k, rng = self.cfg.window, self.cfg.negatives, self.rng
         offsets = np.concatenate([np.arange(-w, 0), np.arange(1, w + 1)])
         done = 0
-        for mask in self.masks:
+        for epoch, mask in enumerate(self.masks):
             s = self.tokens[mask]
             for start in range(0, len(s), self.batch):
                 p = np.arange(start, min(start + self.batch, len(s)))
@@ -96,18 +99,17 @@ class Stream:
                 neg = np.minimum(np.searchsorted(self.noise_cdf, rng.random((len(p), k))), self.vocab - 1)
                 lr = self.lr - (self.lr - self.cfg.min_lr) * done / self.positions
                 done += len(p)
-                yield Batch(s[p], rows, s[idx[rows, cols]], neg, lr)
-
-
-TOL = 1e-12
+                starts = np.searchsorted(rows, np.arange(len(p)))
+                yield Batch(s[p], rows, s[idx[rows, cols]], starts, neg, lr, epoch)
 
 
 def _limit_of(e: float, what: str, net: Network) -> float:
-    """n^e as n -> oo for e <= 0; a located error where the program's quantity grows with n."""
-    if e > TOL:
+    """n^e as n -> oo; a located error where the program's quantity grows with n."""
+    value = limit_of_power(e)
+    if value is None:
         raise TpcError(f"{what} grows like n^{e:g} in this parametrization: it has no infinite-width limit",
                        net.train.span).locate(net.filename, net.source)
-    return 1.0 if e > -TOL else 0.0
+    return value
 
 
 @dataclass
@@ -134,10 +136,14 @@ class Factors:
         return cls(_limit_of(q, "the readout's update", net), _limit_of(s, "the embedding's update", net))
 
 
-def init_exponents(net: Network) -> tuple[float, float]:
-    """Initial entries of the tables: u ~ n^-(a1+b1), v = n W^2 ~ n^(1-a2-b2) (times sqrt(var))."""
-    cfg = net.train.cbow
-    return -net.init_exponent(net.layers[cfg.embedding]), 1 - net.init_exponent(net.layers[cfg.output])
+def tables(net: Network) -> list[tuple[Layer, float]]:
+    """(layer, initial exponent) of the two tables: u ~ n^-(a1+b1), v = n W^2 ~ n^(1-a2-b2) (times sqrt(var))."""
+    emb, out = net.layers[net.train.cbow.embedding], net.layers[net.train.cbow.output]
+    return [(emb, -net.init_exponent(emb)), (out, 1 - net.init_exponent(out))]
+
+
+def vocabulary(net: Network) -> int:
+    return int(net.layers[net.train.cbow.embedding].cols)
 
 
 def output_exponent(net: Network, layer: str) -> float:
@@ -150,8 +156,7 @@ def tokens_of(net: Network) -> np.ndarray:
 
 
 def stream(net: Network) -> Stream:
-    vocab = int(net.layers[net.train.cbow.embedding].cols)
-    return Stream(tokens_of(net), vocab, net.train.cbow, net.train.batch, net.train.lr)
+    return Stream(tokens_of(net), vocabulary(net), net.train.cbow, net.train.batch, net.train.lr)
 
 
 def step(u: Tensor, v: Tensor, b: Batch, f: Factors) -> float:
@@ -159,9 +164,8 @@ def step(u: Tensor, v: Tensor, b: Batch, f: Factors) -> float:
     dev = u.device
     pos, ctx = torch.as_tensor(b.pos, device=dev), torch.as_tensor(b.ctx, device=dev)
     words = torch.as_tensor(np.concatenate([b.center[:, None], b.neg], axis=1), device=dev)  # (B, 1 + K)
-    # h_b = sum of the context's rows; `pos` is sorted, so each position is one bag
-    starts = torch.as_tensor(np.searchsorted(b.pos, np.arange(len(b.center))), device=dev)
-    h = torch.nn.functional.embedding_bag(ctx, u, starts, mode="sum")
+    # h_b = sum of the context's rows: each position is one bag
+    h = torch.nn.functional.embedding_bag(ctx, u, torch.as_tensor(b.starts, device=dev), mode="sum")
     vw = v[words]  # (B, 1 + K, m), a copy: the updates below use the values before the step
     z = torch.bmm(vw, h[:, :, None])[..., 0]  # the rows are scaled by 1/sqrt(n): this is v.h/n
     label = torch.zeros_like(z)
@@ -185,67 +189,50 @@ def train(net: Network, u: Tensor, v: Tensor, f: Factors,
     if data.positions == 0:
         raise TpcError("subsampling leaves no position to train on: raise sample (or set sample = 0)",
                        net.train.span).locate(net.filename, net.source)
-    total, per_epoch = data.steps, [-(-int(m.sum()) // data.batch) for m in data.masks]
-    losses: list[float] = []
-    epoch_loss, epoch_pos, epoch = 0.0, 0, 0
+    total = data.steps
+    loss_sum, positions = np.zeros(len(data.masks)), np.zeros(len(data.masks))
     for i, b in enumerate(data):
         loss = step(u, v, b, f)
         if not np.isfinite(loss):
             raise NumericalError(f"the cbow training diverged at step {i + 1} (a non-finite loss); lower lr",
                                  net.train.span).locate(net.filename, net.source)
-        epoch_loss, epoch_pos = epoch_loss + loss, epoch_pos + len(b.center)
-        if i + 1 == sum(per_epoch[: epoch + 1]):
-            losses.append(epoch_loss / max(epoch_pos, 1))
-            epoch_loss, epoch_pos, epoch = 0.0, 0, epoch + 1
+        loss_sum[b.epoch] += loss
+        positions[b.epoch] += len(b.center)
         if on_step:
-            on_step(i + 1, total, loss / max(len(b.center), 1))
-    return losses
+            on_step(i + 1, total, loss / len(b.center))
+    return [float(x) for x in loss_sum / np.maximum(positions, 1)]
 
 
 def finite_tables(net: Network, width: int, seed: int, dtype: torch.dtype = torch.float64,
                   device: str = "cpu") -> tuple[Tensor, Tensor]:
     """The initial tables at width n for a seed: rows u_w / sqrt(n) and v_w / sqrt(n)."""
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    cfg = net.train.cbow
-    tables = []
-    for name, e in zip((cfg.embedding, cfg.output), init_exponents(net), strict=True):
-        la = net.layers[name]
-        z = torch.randn(_words(la), width, generator=gen, dtype=dtype, device=device)
-        tables.append(z * float(np.sqrt(la.var / width) * width**e))
-    return tables[0], tables[1]
+    u, v = (torch.randn(vocabulary(net), width, generator=gen, dtype=dtype, device=device)
+            * float(np.sqrt(la.var / width) * width**e) for la, e in tables(net))
+    return u, v
 
 
-def _words(la: object) -> int:
-    return int(la.cols if la.role == "embedding" else la.rows)
-
-
-def _random_tables(net: Network) -> list[tuple[object, float]]:
-    """(layer, initial scale in the limit) of each table; a basis vector per word where it is random."""
-    cfg = net.train.cbow
-    out = []
-    for name, e in zip((cfg.embedding, cfg.output), init_exponents(net), strict=True):
-        la = net.layers[name]
-        out.append((la, _limit_of(e, f"layer {name}'s initial vectors", net) * float(np.sqrt(la.var))))
-    return out
+def _limit_scales(net: Network) -> list[float]:
+    """Each table's initial scale in the limit; a table with scale 0 needs no basis vectors."""
+    return [_limit_of(e, f"layer {la.name}'s initial vectors", net) * float(np.sqrt(la.var)) for la, e in tables(net)]
 
 
 def basis_size(net: Network) -> int:
     """One basis vector per word of each table that starts random in the limit."""
-    return sum(_words(la) for la, scale in _random_tables(net) if scale > 0)
+    return vocabulary(net) * sum(scale > 0 for scale in _limit_scales(net))
 
 
 def limit_tables(net: Network, dtype: torch.dtype = torch.float64, device: str = "cpu") -> tuple[Tensor, Tensor]:
     """The initial tables in the limit: their scales times distinct standard basis vectors."""
-    m = basis_size(net)
-    tables, used = [], 0
-    for la, scale in _random_tables(net):
-        words = _words(la)
+    words, m = vocabulary(net), basis_size(net)
+    out, used = [], 0
+    for scale in _limit_scales(net):
         t = torch.zeros(words, m, dtype=dtype, device=device)
         if scale > 0:
             t[:, used:used + words] = scale * torch.eye(words, dtype=dtype, device=device)
             used += words
-        tables.append(t)
-    return tables[0], tables[1]
+        out.append(t)
+    return out[0], out[1]
 
 
 def grams(net: Network, u: Tensor, v: Tensor, width: int | None) -> dict[str, np.ndarray]:
@@ -263,7 +250,7 @@ def grams(net: Network, u: Tensor, v: Tensor, width: int | None) -> dict[str, np
 
 def memory_bytes(net: Network, m: int, itemsize: int = 8) -> int:
     """Two vocab x m tables, a batch's gathered rows and its updates, and one vocab x vocab Gram."""
-    vocab = int(net.layers[net.train.cbow.embedding].cols)
+    vocab = vocabulary(net)
     batch = net.train.batch * (2 * net.train.cbow.window + 2 * (1 + net.train.cbow.negatives))
     return itemsize * (2 * vocab * m + batch * m + vocab * vocab)
 
@@ -271,7 +258,6 @@ def memory_bytes(net: Network, m: int, itemsize: int = 8) -> int:
 def describe(net: Network) -> str:
     cls = net.classification()
     data = stream(net)
-    vocab = int(net.layers[net.train.cbow.embedding].cols)
     head = (f"{net.param_name}: r = {cls.r:g}, {cls.regime}; cbow over {len(data.tokens)} tokens x "
             f"{net.train.cbow.epochs} epoch(s), {data.positions} positions after subsampling, {data.steps} steps "
             f"of {net.train.batch}")
@@ -281,7 +267,7 @@ def describe(net: Network) -> str:
         m = basis_size(net)
         return (f"{head}; exact: each word vector is a coefficient vector over {m} initial Gaussian vectors "
                 f"(a finite run at width {m} costs the same); about {memory_bytes(net, m) / 2**30:.2g} GB")
-    return f"{head}; the word vectors stay at initialisation (Gram = var * I over the {vocab} words)"
+    return f"{head}; the word vectors stay at initialisation (Gram = var * I over the {vocabulary(net)} words)"
 
 
 def cbow_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
@@ -304,11 +290,7 @@ def cbow_limit(net: Network, dtype: str = "float64", device: str = "cpu",
                progress: Callable[[int, int], None] | None = None) -> dict[str, LimitOutput]:
     """The exact limit: trained coefficient tables (feature learning) or the initial Gram matrices."""
     if net.classification().regime != "feature learning":
-        out = {}
-        for o in net.outputs:
-            la = net.layers[o.layer]
-            out[o.name] = LimitOutput(la.var * np.eye(_words(la)), "exact")
-        return out
+        return {o.name: LimitOutput(net.layers[o.layer].var * np.eye(vocabulary(net)), "exact") for o in net.outputs}
     u, v = limit_tables(net, DTYPES[dtype], device)
     with torch.no_grad():
         train(net, u, v, Factors.limit(net), (lambda d, t, _l: progress(d, t)) if progress else None)

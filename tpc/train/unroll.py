@@ -30,6 +30,7 @@ from tpc.backends.limit.evaluate import evaluate_tree
 from tpc.backends.limit.particles import LINEAR_FNS, GaussianSpace, _evaluate_linear
 from tpc.errors import NumericalError, TpcError
 from tpc.ops import expr as ex
+from tpc.parametrization import limit_of_power
 from tpc.passes.autodiff import derivative
 from tpc.train.finite import init_std, standard_normals
 from tpc.train.losses import _tree, batch_rows, loss_gradient, loss_value
@@ -38,7 +39,6 @@ from tpc.train.network import Layer, Loss, Network, Output
 Tensor = torch.Tensor
 # the update exponent of each role under muP: n^(target - (2a + c)) multiplies its update
 MAXIMAL_LR_EXPONENT = {"input": -1.0, "bias": -1.0, "hidden": 0.0, "readout": 1.0}
-TOL = 1e-12
 
 
 class FiniteSpace:
@@ -87,9 +87,10 @@ class LimitSpace:
         self.space = GaussianSpace(exact, size, self.dtype, seed)
 
     def factor(self, exponent: float) -> float:
-        if exponent > TOL:  # pragma: no cover - unstable parametrizations are refused before
+        value = limit_of_power(exponent)
+        if value is None:  # pragma: no cover - unstable parametrizations are refused before
             raise TpcError(f"internal: a factor n^{exponent:g} has no limit")
-        return 1.0 if exponent > -TOL else 0.0
+        return value
 
     def initial(self, layer: Layer) -> Tensor:
         e = -self.net.init_exponent(layer)
