@@ -12,7 +12,9 @@ from __future__ import annotations
 
 from tpc.errors import TpcError
 from tpc.ops import expr as ex
+from tpc.parametrization import limit_of_power
 from tpc.passes.autodiff import derivative
+from tpc.train.losses import batch_rows
 from tpc.train.network import Network
 from tpc.train.unroll import MAXIMAL_LR_EXPONENT
 
@@ -33,7 +35,8 @@ def unrolled_listing(net: Network, max_steps: int = MAX_STEPS) -> str:
     steps = net.model.steps
     loss = net.losses[t.loss]
     m = net.data[loss.data].shape[0]
-    name = [_value_name(i, s.op) for i, s in enumerate(steps)]
+    name = ["x" if s.op == "input" else f"h{i}" for i, s in enumerate(steps)]
+    name[-1] = "f"  # the readout, applied last
     lines = [f"# {net.filename}: {t.steps} SGD step(s) on {t.loss}, unrolled into a Netsor-transpose program",
              f"# parametrization {net.param_name}: a = {list(net.abc.a)}, b = {list(net.abc.b)}, c = {net.abc.c:g}"]
     regime = net.classification().regime
@@ -44,24 +47,19 @@ def unrolled_listing(net: Network, max_steps: int = MAX_STEPS) -> str:
                      "program with n -> oo")
     for la in net.layers.values():
         e = MAXIMAL_LR_EXPONENT[la.role] - net.lr_exponent(la)
-        limit = "1" if abs(e) < 1e-12 else "0" if e < 0 else "oo"
+        value = limit_of_power(e)
+        limit = "oo" if value is None else f"{value:g}"
         lines.append(f"#   c_{la.name} = -{t.lr:g} n^{e:g}   (-> -{t.lr:g} x {limit} in the limit)")
     for s in range(t.steps):
-        rows = [(s * t.batch + j) % m for j in range(t.batch)]
-        lines.append(f"\n# step {s}: rows {_rows(rows)} of {loss.data}")
-        vals = [_forward(net, i, step, name, s, loss.data) for i, step in enumerate(steps)]
-        for i, v in enumerate(vals):
-            if v:
-                lines.append(f"{name[i]}_{s} = {v}")
+        lines.append(f"\n# step {s}: rows {_rows(batch_rows(s, t.batch, m).tolist())} of {loss.data}")
+        for i, step in enumerate(steps):
+            if step.op != "input":
+                lines.append(f"{name[i]}_{s} = {_forward(net, step, name, s, loss.data)}")
         lines.append(f"chi_{s} = d{t.loss}/df(f_{s}{', ' + loss.target if loss.target else ''})")
         lines += _backward(net, name, s)
         lines += _updates(net, name, s, loss.data)
     lines.append(f"\n# after training: every output evaluates the model at step {t.steps}'s weights")
     return "\n".join(lines) + "\n"
-
-
-def _value_name(i: int, op: str) -> str:
-    return "x" if op == "input" else f"h{i}"
 
 
 def _rows(rows: list[int]) -> str:
@@ -77,9 +75,7 @@ def _hidden(layer: str, arg: str, s: int, transposed: bool) -> str:
     return f"{w} @ {arg} + sum_(r<{s}) c_{layer} {layer}dh_r (x{layer}_r . {arg} / n)"
 
 
-def _forward(net: Network, i: int, step: object, name: list[str], s: int, data: str) -> str:
-    if step.op == "input":
-        return ""
+def _forward(net: Network, step: object, name: list[str], s: int, data: str) -> str:
     if step.op == "bias":
         return f"{step.layer}_{s}"
     if step.op == "fn":
@@ -89,7 +85,6 @@ def _forward(net: Network, i: int, step: object, name: list[str], s: int, data: 
     if la.role == "input":
         return f"{la.name}_{s} @ {arg}"
     if la.role == "readout":
-        name[i] = "f"
         return f"({la.name}_{s} . {arg}) / n   # the readout rows v = n {la.name}"
     return _hidden(la.name, arg, s, False)
 
@@ -122,28 +117,26 @@ def _backward(net: Network, name: list[str], s: int) -> list[str]:
 
 def _updates(net: Network, name: list[str], s: int, data: str) -> list[str]:
     """One line per layer; a layer used several times sums its uses (hidden: stores one pair per use)."""
-    terms: dict[str, list[str]] = {}
+    terms: dict[str, list[str]] = {}  # finite layers' update terms
+    pairs: dict[str, list[tuple[str, str]]] = {}  # hidden layers' stored (x, dh)
     for i, step in enumerate(net.model.steps):
-        if step.op in ("matmul", "bias"):
-            la = net.layers[step.layer]
-            if la.role == "bias":
-                terms.setdefault(la.name, []).append(f"sum_rows d{name[i]}_{s}")
-            elif la.role == "input":
-                terms.setdefault(la.name, []).append(f"{data}[rows].T d{name[i]}_{s}")
-            elif la.role == "readout":
-                terms.setdefault(la.name, []).append(f"chi_{s}.T {name[step.args[0]]}_{s}")
-            else:
-                terms.setdefault(la.name, []).append(f"{name[step.args[0]]}_{s}|d{name[i]}_{s}")
+        if step.op not in ("matmul", "bias"):
+            continue
+        la, dh = net.layers[step.layer], f"d{name[i]}_{s}"
+        x = f"{data}[rows]" if la.role == "input" else f"{name[step.args[0]]}_{s}" if step.args else ""
+        if la.role == "hidden":
+            pairs.setdefault(la.name, []).append((x, dh))
+        else:
+            term = {"bias": f"sum_rows {dh}", "input": f"{x}.T {dh}", "readout": f"chi_{s}.T {x}"}[la.role]
+            terms.setdefault(la.name, []).append(term)
     lines = []
     for layer, parts in terms.items():
-        la = net.layers[layer]
-        if la.role == "hidden":
-            xs, ds = [p.split("|")[0] for p in parts], [p.split("|")[1] for p in parts]
-            pair = (xs[0], ds[0]) if len(parts) == 1 else (f"[{', '.join(xs)}]", f"[{', '.join(ds)}]")
-            lines.append(f"x{layer}_{s}, {layer}dh_{s} = {pair[0]}, {pair[1]}   # stored"
-                         f"{' (one pair per use)' if len(parts) > 1 else ''}; {layer}_{s + 1} is never formed")
-            continue
         total = parts[0] if len(parts) == 1 else "(" + " + ".join(parts) + ")"
-        note = {"input": "   # d columns", "readout": "   # rows v: finite k x n"}.get(la.role, "")
+        note = {"input": "   # d columns", "readout": "   # rows v: finite k x n"}.get(net.layers[layer].role, "")
         lines.append(f"{layer}_{s + 1} = {layer}_{s} + c_{layer} {total}{note}")
+    for layer, used in pairs.items():
+        xs, ds = (used[0][0], used[0][1]) if len(used) == 1 else \
+            (f"[{', '.join(x for x, _ in used)}]", f"[{', '.join(d for _, d in used)}]")
+        per_use = " (one pair per use)" if len(used) > 1 else ""
+        lines.append(f"x{layer}_{s}, {layer}dh_{s} = {xs}, {ds}   # stored{per_use}; {layer}_{s + 1} is never formed")
     return lines
