@@ -42,6 +42,10 @@ class Function:
     user_visible: bool = True  # callable by name in a program
     jumps: bool = False  # discontinuous: its a.e. derivative is not its Stein derivative
     smooth: bool = True  # False for kinks, jumps and singularities: Gauss-Hermite is unreliable there
+    # positive homogeneity degree p, f(t x) = t^p f(x) for t > 0: E f(u) g(v) over a covariance scaled
+    # by s is s^((p+q)/2) times the unscaled one. A pair rule of nonzero total degree returns a new
+    # tensor (its caller scales it in place); only degree-0 results may be shared.
+    homogeneous: float | None = None
 
 
 FUNCTIONS: dict[str, Function] = {}
@@ -68,47 +72,56 @@ class CorrelationError(ValueError):
     """|Cov(u, v)| > sd(u) sd(v): the covariance handed to a kernel is not PSD."""
 
 
-def _cos_angle(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    """c / sqrt(a b) as a new tensor, checked to lie in [-1, 1] up to round-off, then clamped."""
-    cos = torch.div(c, _sd(a))
-    if cos.shape != torch.broadcast_shapes(cos.shape, b.shape):
-        cos = cos.expand(torch.broadcast_shapes(cos.shape, b.shape)).clone()
+_STRETCH = {dt: 1 + 4 * torch.finfo(dt).eps for dt in (torch.float32, torch.float64)}
+
+
+def _correlation(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
+    """c / sqrt(ab) as a new tensor, checked to lie in [-1, 1] up to round-off, then clamped.
+
+    A correlation within rounding of +-1 is +-1: the same Gaussian on both sides (a kernel's diagonal)
+    must give arccos = 0 exactly, not sqrt(rounding) (1e-8 in float64, 3e-4 in float32). Stretching by
+    4 ulps (folded into the small factor 1/sqrt(a)), then clamping, snaps those and moves every other
+    angle by ~1e-15.
+    """
+    stretch = _STRETCH.get(c.dtype, 1.0)
+    cos = torch.div(c, _sd(a) / stretch)
+    shape = torch.broadcast_shapes(cos.shape, b.shape)
+    if cos.shape != shape:
+        cos = cos.expand(shape).clone()
     cos.div_(_sd(b))
-    worst = 0.0
     if cos.numel():
         lo, hi = torch.aminmax(cos)
-        worst = max(-float(lo), float(hi))
+        worst = max(-float(lo), float(hi)) / stretch
         if worst > 1 + 1e-6:
             raise CorrelationError(f"a correlation of {worst:.6g} (beyond 1)")
-    # a correlation within rounding of +-1 is +-1: the same Gaussian on both sides (a kernel's
-    # diagonal) must give arccos = 0 exactly, not sqrt(rounding) (1e-8 in float64, 3e-4 in float32).
-    # Stretching by 4 ulps, then clamping, snaps those and moves every other angle by ~1e-15:
-    # two passes in place, no temporaries.
-    return cos.mul_(1 + 4 * torch.finfo(cos.dtype).eps).clamp_(-1.0, 1.0)
+    return cos.clamp_(-1.0, 1.0)
 
 
-# the last few arccos(c / sqrt(ab)) of large kernels, with a, b, c themselves: holding them keeps
-# their storage alive, so no other tensor can reuse the addresses in the key
-_ANGLES: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}
+# the step kernels J0 of the last few large covariances, with a, b, c themselves: an NTK asks for
+# the relu and step kernels of each covariance, and J0 is part of both; holding a, b, c keeps their
+# storage alive, so no other tensor can reuse the addresses in the key
+_STEP_KERNELS: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}
 
 
-def clear_angle_cache() -> None:
-    """Drop the shared angles (the limit evaluator calls this when it is done)."""
-    _ANGLES.clear()
+def clear_kernel_cache() -> None:
+    """Drop the shared step kernels (the limit evaluator calls this when it is done)."""
+    _STEP_KERNELS.clear()
 
 
-def _angle(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    """arccos(c / sqrt(ab)), shared between the relu and step kernels of one covariance (an NTK
-    needs both): callers must not modify it. Keyed by storage, layout and version of a, b, c."""
+def _step_kernel(a: Tensor, b: Tensor, c: Tensor, cos: Tensor | None = None) -> Tensor:
+    """J0 = (pi - t) / (2 pi) = 1/2 - t / (2 pi), t = arccos(c / sqrt(ab)), formed in place over t;
+    `cos` (kept intact) saves recomputing the correlation. Shared: callers must not modify it.
+    Keyed by storage, layout and version of a, b, c."""
     key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t._version, t.dtype) for t in (a, b, c))
-    if key in _ANGLES:
-        return _ANGLES[key][0]
-    theta = torch.arccos_(_cos_angle(a, b, c))
-    if theta.numel() >= 2**16:  # only worth keeping for large kernels; keep the last three
-        while len(_ANGLES) >= 3:
-            _ANGLES.pop(next(iter(_ANGLES)))
-        _ANGLES[key] = (theta, (a, b, c))
-    return theta
+    if key in _STEP_KERNELS:
+        return _STEP_KERNELS[key][0]
+    theta = torch.arccos_(_correlation(a, b, c)) if cos is None else torch.arccos(cos)
+    j0 = torch.sub(torch.tensor(0.5, dtype=theta.dtype), theta, alpha=1 / (2 * math.pi), out=theta)
+    if j0.numel() >= 2**16:  # only worth keeping for large kernels; keep the last three
+        while len(_STEP_KERNELS) >= 3:
+            _STEP_KERNELS.pop(next(iter(_STEP_KERNELS)))
+        _STEP_KERNELS[key] = (j0, (a, b, c))
+    return j0
 
 
 def A(fn: str, *args: Tree) -> Apply:  # noqa: N802 - short, for derivative rules
@@ -140,24 +153,24 @@ def _relu_mean(m: Tensor, v: Tensor) -> Tensor:
 
 
 def _relu_relu(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    # sqrt(ab)/(2 pi) (sin t + (pi - t) cos t) = (sqrt(ab) sin t + (pi - t) c) / (2 pi),
-    # t = arccos(c / sqrt(ab)). Two full-size temporaries, the rest in place: over a large
-    # batch this kernel is bound by memory traffic, not arithmetic.
-    theta = _angle(a, b, c)
-    out = torch.sin(theta)
-    out.mul_(_sd(a)).mul_(_sd(b))
-    out.add_(c, alpha=math.pi).addcmul_(theta, c, value=-1.0)  # + (pi - t) c, theta left intact
-    return out.div_(2 * math.pi)
+    # sqrt(ab)/(2 pi) (sin t + (pi - t) cos t) = sqrt(ab) sin(t) / (2 pi) + J0 c, t = arccos(c / sqrt(ab)),
+    # with sin t = sqrt(1 - cos^2 t) (one sqrt instead of a float64 sin; near cos = +-1, 1 - fl(cos^2)
+    # is exact to a few ulps of sin^2), in place over the correlation: over a large batch this kernel
+    # is bound by memory traffic, so every full-size pass and allocation counts.
+    cos = _correlation(a, b, c)
+    j0 = _step_kernel(a, b, c, cos)
+    torch.addcmul(torch.tensor(1.0, dtype=cos.dtype), cos, cos, value=-1.0, out=cos)
+    cos.sqrt_().mul_(_sd(a) / (2 * math.pi)).mul_(_sd(b))
+    return cos.addcmul_(j0, c)
 
 
 def _step_step(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    # (pi - t) / (2 pi) = 1/2 - t / (2 pi)
-    return torch.mul(_angle(a, b, c), -1.0 / (2 * math.pi)).add_(0.5)
+    return _step_kernel(a, b, c)
 
 
 def _relu_step(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     # E[u 1(u>0) 1(v>0)] = sqrt(a) (1 + rho) / (2 sqrt(2 pi))
-    return _sd(a) * (1.0 + _cos_angle(a, b, c)) / (2 * _SQRT2PI)
+    return _sd(a) * (1.0 + _correlation(a, b, c)) / (2 * _SQRT2PI)
 
 
 def _erf_erf(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
@@ -172,7 +185,7 @@ def _derf_derf(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
 
 
 def _abs_abs(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    rho = _cos_angle(a, b, c)
+    rho = _correlation(a, b, c)
     return (2 / math.pi) * torch.sqrt(a * b) * (torch.sqrt(1 - rho * rho) + rho * torch.arcsin(rho))
 
 
@@ -214,20 +227,21 @@ def _step(x: Tensor) -> Tensor:
 register(
     Function(
         "identity", 1, lambda x: x, "{0}", mean=lambda m, v: m,
-        pairs={"identity": _id_id}, deriv=lambda x: Const(1.0),
+        pairs={"identity": _id_id}, deriv=lambda x: Const(1.0), homogeneous=1.0,
     )
 )
 register(
     Function(
         "relu", 1, torch.relu, "torch.relu({0})", mean=_relu_mean,
         pairs={"relu": _relu_relu, "step": _relu_step}, smooth=False, deriv=lambda x: A("step", x),
+        homogeneous=1.0,
     )
 )
 register(
     Function(
         "step", 1, _step, "({0} > 0).to({0}.dtype)", mean=lambda m, v: _Phi(m / _sd(v)),
         pairs={"step": _step_step, "identity": lambda a, b, c: c / torch.sqrt(2 * math.pi * a)},
-        smooth=False, deriv=lambda x: Const(0.0), jumps=True,
+        smooth=False, deriv=lambda x: Const(0.0), jumps=True, homogeneous=0.0,
     )
 )
 register(
@@ -333,6 +347,12 @@ register(
 
 # `id` is accepted as a short name for identity in programs
 ALIASES = {"id": "identity"}
+
+
+def pair_degree(f: str, g: str) -> float | None:
+    """The homogeneity degree (p + q) / 2 of E f(u) g(v) in the covariance, or None."""
+    p, q = FUNCTIONS[f].homogeneous, FUNCTIONS[g].homogeneous
+    return None if p is None or q is None else (p + q) / 2
 
 
 def pair_rule(f: str, g: str) -> Callable[[Tensor, Tensor, Tensor], Tensor] | None:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from tpc.backends.limit.expect import ArcCosine, Expectation, Result, TensorLeaf, Var
+from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var
 from tpc.errors import NumericalError, TpcError
 from tpc.ir import Node, Program, readout_weights
 from tpc.ops import expr as ex
-from tpc.ops.functions import FUNCTIONS, clear_angle_cache
+from tpc.ops.functions import FUNCTIONS, clear_kernel_cache
 
 Tensor = torch.Tensor
 METHODS = ("auto", "exact", "closed-form", "quadrature", "monte-carlo")
@@ -82,7 +82,6 @@ class LimitEvaluator:
     block_data: dict[int, Tensor] = field(default_factory=dict)  # input-layer block -> its data
     block_tree: dict[int, tuple[object, int]] = field(default_factory=dict)  # MatMul block -> (Z^x, x)
     cache: dict[tuple, Result] = field(default_factory=dict)  # kernels asked for twice
-    arccos: ArcCosine = field(default_factory=ArcCosine)  # relu and step kernels sharing one arccos
     mc_used: bool = False
 
     def __post_init__(self) -> None:
@@ -171,7 +170,7 @@ class LimitEvaluator:
         where = f"instruction {node.name}" + (f" (line {node.span.line})" if node.span else "")
         scales = [self.blocks[bid].scale for bid, _ in variables]
         result = Expectation(shape, means, covs, self.dtype, where, method or self.method, self.particles,
-                             self.generator, self.arccos, scales)(tree)
+                             self.generator, scales)(tree)
         if "monte-carlo" in result.methods:
             self.mc_used = True
         return result
@@ -506,7 +505,7 @@ def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
                 for r in range(1, max(2, replicates)):
                     runs.append(run_once(seed + r)[0])
         finally:
-            clear_angle_cache()
+            clear_kernel_cache()
     out = {}
     for name in prog.outputs:
         vals = [r[name] for r in runs]

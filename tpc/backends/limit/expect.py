@@ -21,101 +21,13 @@ import torch
 
 from tpc.errors import NumericalError
 from tpc.ops import expr as ex
-from tpc.ops.functions import FUNCTIONS, CorrelationError, pair_rule
+from tpc.ops.functions import FUNCTIONS, CorrelationError, pair_degree, pair_rule
 
 Tensor = torch.Tensor
 QUADRATURE_NODES = {1: 200, 2: 40, 3: 20, 4: 12}
 QUADRATURE_RTOL, QUADRATURE_ATOL = 1e-4, 1e-8  # fine and coarse rules must agree this well
 QUADRATURE_BUDGET = 2**27  # entries x nodes; beyond it, auto switches to Monte Carlo
 MAX_CHUNK = 2**23  # entries x nodes evaluated at once
-
-
-class ArcCosine:
-    """E[relu(u) relu(v)] and E[step(u) step(v)] for centred u, v with Var a, b and Cov c (Cho & Saul's
-    arc-cosine kernels J1 and J0), as one computation: an NTK needs both of each covariance, and over a
-    large batch they are bound by memory traffic, so every full-size pass and allocation counts.
-
-    With t = arccos(c / sqrt(ab)): J0 = (pi - t) / (2 pi) is computed in place over t, and
-    J1 = sqrt(ab) sin(t) / (2 pi) + J0 c in place over the correlation, with sin t = sqrt(1 - cos^2 t)
-    (one sqrt instead of a float64 sin; near cos = +-1, 1 - fl(cos^2) is exact to a few ulps of sin^2).
-    Results are shared between callers and never modified in place. One per limit evaluation: the
-    last few large results are kept, keyed by storage, layout and version of a, b, c (held, so that
-    no other tensor can reuse the addresses in a key).
-    """
-
-    KEEP = 3  # covariances remembered: an NTK asks for J0 of each layer after the forward pass
-
-    def __init__(self) -> None:
-        self.entries: dict[tuple, dict[str, Tensor | tuple[Tensor, ...]]] = {}
-
-    def __call__(self, f: str, a: Tensor, b: Tensor, c: Tensor, scale: float = 1.0) -> Tensor:
-        """scale * J1 (f = 'relu') or J0 (f = 'step'), which is the same for every scale > 0;
-        CorrelationError where |c| > sqrt(ab) beyond round-off."""
-        key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t._version, t.dtype) for t in (a, b, c))
-        entry = self.entries.get(key, {})
-        name = f"relu*{scale!r}" if f == "relu" else f
-        if name in entry:
-            return entry[name]  # type: ignore[return-value]
-        cos = _correlation(a, b, c)
-        if "step" in entry:
-            j0 = entry["step"]
-        elif f == "step":
-            j0 = _step_from_angle(torch.arccos_(cos))
-        else:
-            j0 = _step_from_angle(torch.arccos(cos))
-        assert isinstance(j0, Tensor)
-        entry["step"] = j0
-        if f == "relu":
-            entry[name] = _relu_from(cos, j0, a, b, c, scale)
-        if c.numel() >= 2**16:  # only worth keeping for large kernels
-            entry["inputs"] = (a, b, c)
-            self.entries.pop(key, None)
-            self.entries[key] = entry
-            while len(self.entries) > self.KEEP:
-                self.entries.pop(next(iter(self.entries)))
-        return entry[name]  # type: ignore[return-value]
-
-
-ARCCOS_PAIRS = {("relu", "relu"), ("step", "step")}
-_STRETCH = {dt: 1 + 4 * torch.finfo(dt).eps for dt in (torch.float32, torch.float64)}
-
-
-def _sd(var: Tensor) -> Tensor:
-    return torch.sqrt(torch.clamp(var, min=1e-300))
-
-
-def _correlation(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
-    """c / sqrt(ab) as a new tensor, checked to lie in [-1, 1] up to round-off, then clamped.
-
-    A correlation within rounding of +-1 is +-1: the same Gaussian on both sides (a kernel's diagonal)
-    must give arccos = 0 exactly, not sqrt(rounding) (1e-8 in float64, 3e-4 in float32). Stretching by
-    4 ulps (folded into the small factor 1/sqrt(a)), then clamping, snaps those and moves every other
-    angle by ~1e-15.
-    """
-    stretch = _STRETCH.get(c.dtype, 1.0)
-    cos = torch.div(c, _sd(a) / stretch)
-    shape = torch.broadcast_shapes(cos.shape, b.shape)
-    if cos.shape != shape:
-        cos = cos.expand(shape).clone()
-    cos.div_(_sd(b))
-    if cos.numel():
-        lo, hi = torch.aminmax(cos)
-        worst = max(-float(lo), float(hi)) / stretch
-        if worst > 1 + 1e-6:
-            raise CorrelationError(f"a correlation of {worst:.6g} (beyond 1)")
-    return cos.clamp_(-1.0, 1.0)
-
-
-def _step_from_angle(theta: Tensor) -> Tensor:
-    """J0 = (pi - t) / (2 pi) = 1/2 - t / (2 pi), in place over t."""
-    return torch.sub(torch.tensor(0.5, dtype=theta.dtype), theta, alpha=1 / (2 * math.pi), out=theta)
-
-
-def _relu_from(cos: Tensor, j0: Tensor, a: Tensor, b: Tensor, c: Tensor, scale: float) -> Tensor:
-    """scale * J1 = scale (sqrt(ab) sqrt(1 - cos^2) / (2 pi) + J0 c), in place over cos."""
-    torch.addcmul(torch.tensor(1.0, dtype=cos.dtype), cos, cos, value=-1.0, out=cos)
-    cos.sqrt_().mul_(_sd(a) * (scale / (2 * math.pi))).mul_(_sd(b))
-    return cos.addcmul_(j0, c, value=scale)
 
 
 @dataclass(frozen=True)
@@ -157,14 +69,14 @@ class Expectation:
 
     `mean[i]` and `cov[i][j]` are tensors broadcastable to `shape`. `scales[i]` > 0 (default 1)
     multiplies the variance of Gaussian i: Cov(i, j) = sqrt(scales[i] scales[j]) cov[i][j]. A hidden
-    layer's covariance is s^2 E[x y]; kept apart, the scalar s^2 reaches the kernels that are
-    positively homogeneous (relu, step, identity) as a number, not as a full-size copy.
+    layer's covariance is s^2 E[x y]; kept apart, the scalar s^2 reaches the kernels of positively
+    homogeneous functions (the registry's `homogeneous`: relu, step, identity) as a number, not as a
+    full-size copy.
     """
 
     def __init__(self, shape: tuple[int, ...], mean: list[Tensor], cov: list[list[Tensor]],
                  dtype: torch.dtype, where: str, method: str = "auto", particles: int = 2**16,
-                 generator: torch.Generator | None = None, arccos: ArcCosine | None = None,
-                 scales: list[float] | None = None) -> None:
+                 generator: torch.Generator | None = None, scales: list[float] | None = None) -> None:
         self.shape = shape
         self.mean = mean
         self.cov = cov
@@ -175,7 +87,6 @@ class Expectation:
         self.method = method
         self.particles = particles
         self.generator = generator
-        self.arccos = arccos or ArcCosine()
 
     # ------------------------------------------------------------------ entry point
     def __call__(self, tree: ex.Tree) -> Result:
@@ -406,7 +317,7 @@ class Expectation:
         """The same expectation over only the Gaussians `used`."""
         return Expectation(self.shape, [self.mean[i] for i in used],
                            [[self.cov[i][j] for j in used] for i in used], self.dtype, self.where,
-                           "auto", self.particles, self.generator, self.arccos, [self.scales[i] for i in used])
+                           "auto", self.particles, self.generator, [self.scales[i] for i in used])
 
     def stein_numeric(self, factors: list[tuple[str, Linear]]) -> tuple[Tensor, str] | None:
         """E[u f(v)] = Cov(u, v) E[f'(v)] for centred u, v and a smooth f: a quadrature in the
@@ -455,9 +366,10 @@ class Expectation:
         if rule is None:
             return None
         try:
-            if (f, g) in ARCCOS_PAIRS and sa == sb == sc:
-                # positively homogeneous: J1 (relu) of s times a covariance is s J1, J0 (step) is unchanged
-                return self.arccos(f, _nonneg(va), _nonneg(vb), c, sc), "closed-form", 1.0
+            degree = pair_degree(f, g)
+            if degree is not None and sa == sb == sc:  # the stored kernel as it is, then s^degree
+                value = rule(_nonneg(va), _nonneg(vb), c)
+                return (value if degree == 0 or sc == 1.0 else value.mul_(sc**degree)), "closed-form", 1.0
             return rule(_nonneg(_times(sa, va)), _nonneg(_times(sb, vb)), _times(sc, c)), "closed-form", 1.0
         except CorrelationError as err:
             raise NumericalError(
