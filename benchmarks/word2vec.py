@@ -42,14 +42,10 @@ def one(kind: str, width: int, threads: int, dtype: str) -> dict:
     base = peak_rss_mb()
     t0 = time.perf_counter()
     if kind == "gensim":
-        from gensim.models import Word2Vec
+        sys.path.insert(0, str(EXAMPLE))
+        from word2vec import gensim_model  # the example's anchor, same settings
 
-        cfg = net.train.cbow
-        words = [str(t) for t in cbow.tokens_of(net)]
-        sentences = [words[i:i + 10000] for i in range(0, len(words), 10000)]
-        model = Word2Vec(vector_size=width, window=cfg.window, negative=cfg.negatives, sample=cfg.sample,
-                         sg=0, cbow_mean=0, min_count=1, workers=threads, seed=1)
-        model.build_vocab(sentences)
+        model, sentences = gensim_model(net, [str(t) for t in cbow.tokens_of(net)], width, 1, workers=threads)
         t0 = time.perf_counter()  # time the epoch, not the vocabulary
         model.train(sentences, total_examples=len(sentences), epochs=1)
         steps = 0

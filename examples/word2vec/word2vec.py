@@ -143,27 +143,39 @@ class Benchmarks:
 # ---------------------------------------------------------------------------- runs
 
 
-def run_tables(net: object, u: torch.Tensor, v: torch.Tensor, factors: cbow.Factors, label: str) -> np.ndarray:
-    data = cbow.stream(net)
-    with tqdm(total=data.steps, desc=label, unit="step", leave=False) as bar, torch.no_grad():
+def run_tables(net: object, width: int | None, seed: int, label: str) -> np.ndarray:
+    """The Gram matrix of `words` after training the program's tables at `width` for `seed`, or in
+    the exact limit (width None), in float32."""
+    if width is None:
+        (u, v), factors = cbow.limit_tables(net, torch.float32), cbow.Factors.limit(net)
+    else:
+        (u, v), factors = cbow.finite_tables(net, width, seed, torch.float32), cbow.Factors.finite(net, width)
+    with tqdm(total=cbow.stream(net).steps, desc=label, unit="step", leave=False) as bar, torch.no_grad():
         def tick(_done: int, _total: int, loss: float) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
 
         cbow.train(net, u, v, factors, tick)
-    return (u @ u.T).double().numpy()
+    return cbow.grams(net, u, v, width)["words"]
+
+
+def gensim_model(net: object, words: list[str], width: int, seed: int, workers: int = 2) -> tuple[object, list]:
+    """gensim's Word2Vec with the program's settings (CBOW, summed context), its vocabulary built
+    from `words` (the token stream as strings) cut into gensim's longest sentences; and those."""
+    from gensim.models import Word2Vec
+
+    cfg = net.train.cbow
+    sentences = [words[i:i + 10000] for i in range(0, len(words), 10000)]
+    model = Word2Vec(vector_size=width, window=cfg.window, negative=cfg.negatives, sample=cfg.sample,
+                     alpha=0.025, min_alpha=cfg.min_lr, sg=0, cbow_mean=0, hs=0, min_count=1, workers=workers,
+                     seed=seed)
+    model.build_vocab(sentences)
+    return model, sentences
 
 
 def run_gensim(net: object, vocab: list[str], width: int, seed: int) -> np.ndarray:
-    from gensim.models import Word2Vec
-
-    cfg, tokens = net.train.cbow, cbow.tokens_of(net)
-    words = np.array(vocab)[tokens].tolist()
-    sentences = [words[i:i + 10000] for i in range(0, len(words), 10000)]  # gensim's longest sentence
-    model = Word2Vec(vector_size=width, window=cfg.window, negative=cfg.negatives, sample=cfg.sample,
-                     alpha=0.025, min_alpha=cfg.min_lr, sg=0, cbow_mean=0, hs=0, min_count=1, workers=2, seed=seed)
-    model.build_vocab(sentences)
-    model.train(sentences, total_examples=len(sentences), epochs=cfg.epochs)
+    model, sentences = gensim_model(net, np.array(vocab)[cbow.tokens_of(net)].tolist(), width, seed)
+    model.train(sentences, total_examples=len(sentences), epochs=net.train.cbow.epochs)
     x = model.wv[vocab]
     return x @ x.T
 
@@ -174,10 +186,13 @@ def main() -> None:
     ap.add_argument("--widths", default="16,64,256,1024")
     ap.add_argument("--seeds", type=int, default=2)
     ap.add_argument("--no-gensim", action="store_true")
+    ap.add_argument("--no-limits", action="store_true", help="finite widths (and gensim) only")
+    ap.add_argument("--lr", type=float, help="tpc's learning rate instead of the programs' (a rate sweep)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: a step is small gathers and scatters, which two threads "
                          "slow down on a 2-core machine; see benchmarks/word2vec.py)")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "word2vec.png"))
+    ap.add_argument("--out", default=str(ROOT / "docs" / "word2vec.png"),
+                    help="the plot; with a non-default path, results.json and .md are written beside it")
     args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     torch.set_num_threads(args.threads)
@@ -187,26 +202,27 @@ def main() -> None:
     vocab = write_data(corpus(args.corpus), size)
     bench = Benchmarks(vocab)
     nets = {p: tpc.load(path) for p, path in PROGRAMS.items()}
+    if args.lr:
+        for net in nets.values():
+            net.train.lr = args.lr
     mup = nets["mup"]
     print(f"corpus: {len(cbow.tokens_of(mup))} tokens over the {size} most frequent words; {bench.coverage()}")
     print(f"limit: {cbow.describe(mup)}")
 
     results: dict = {"vocabulary": size, "tokens": int(len(cbow.tokens_of(mup))), "coverage": bench.coverage(),
                      "widths": widths, "seeds": args.seeds, "finite": {}, "gensim": {}, "limit": {}}
-    for p in ("ntk", "sp"):
-        results["limit"][p] = bench.evaluate(network_limit(nets[p])["words"].value)
-    t = time.time()
-    u, v = cbow.limit_tables(mup, torch.float32)
-    results["limit"]["mup"] = bench.evaluate(run_tables(mup, u, v, cbow.Factors.limit(mup), "muP limit"))
-    results["limit_seconds"] = time.time() - t
-    print(f"muP limit ({time.time() - t:.0f} s): {results['limit']['mup']}")
+    if not args.no_limits:
+        for p in ("ntk", "sp"):
+            results["limit"][p] = bench.evaluate(network_limit(nets[p])["words"].value)
+        t = time.time()
+        results["limit"]["mup"] = bench.evaluate(run_tables(mup, None, 0, "muP limit"))
+        results["limit_seconds"] = time.time() - t
+        print(f"muP limit ({results['limit_seconds']:.0f} s): {results['limit']['mup']}")
     for width in widths:
         runs, anchors = [], []
         t = time.time()
         for seed in range(args.seeds):
-            u, v = cbow.finite_tables(mup, width, seed, torch.float32)
-            gram = run_tables(mup, u, v, cbow.Factors.finite(mup, width), f"n={width} seed {seed}")
-            runs.append(bench.evaluate(gram))
+            runs.append(bench.evaluate(run_tables(mup, width, seed, f"n={width} seed {seed}")))
             if not args.no_gensim:
                 anchors.append(bench.evaluate(run_gensim(mup, vocab, width, seed + 1)))
         results["finite"][width] = runs
@@ -214,12 +230,14 @@ def main() -> None:
         print(f"width {width} ({time.time() - t:.0f} s): tpc {summary(runs)}" + (f"; gensim {summary(anchors)}"
                                                                                   if anchors else ""))
     results["seconds"] = time.time() - t0
-    (HERE / "results.json").write_text(json.dumps(results, indent=1))
+    out = Path(args.out)
+    stem = HERE / "results" if args.out == ap.get_default("out") else out.with_suffix("")
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
-    (HERE / "results.md").write_text(table)
+    stem.with_suffix(".md").write_text(table)
     print(table)
-    plot(results, Path(args.out))
-    print(f"wrote {HERE / 'results.json'}, {HERE / 'results.md'} and {args.out} in {results['seconds']:.0f} s")
+    plot(results, out)
+    print(f"wrote {stem}.json, {stem}.md and {out} in {results['seconds']:.0f} s")
 
 
 METRICS = (("analogy", "analogy accuracy (%)", 100.0), ("wordsim353", "wordsim353 Spearman", 1.0),
@@ -247,6 +265,8 @@ def markdown(r: dict) -> str:
                     cells.append(f"{m * s:.2f} ± {ci * s:.2f}" if s > 1 else f"{m:.3f} ± {ci:.3f}")
                 rows.append(f"| {who}, width {width} | " + " | ".join(cells) + " |")
     for p, name in (("mup", "muP limit (exact)"), ("ntk", "NTK limit"), ("sp", "SP limit")):
+        if p not in r["limit"]:
+            continue
         cells = [f"{r['limit'][p][k] * s:.2f}" if s > 1 else f"{r['limit'][p][k]:.3f}" for k, _, s in METRICS]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     return head + "\n".join(rows) + "\n"
@@ -266,8 +286,9 @@ def plot(r: dict, out: Path) -> None:
         if r["gensim"][widths[0]]:
             g = np.array([mean_ci(r["gensim"][w], k) for w in widths]) * s
             ax.errorbar(widths, g[:, 0], yerr=g[:, 1], marker="s", capsize=3, ls="--", label="gensim Word2Vec")
-        ax.axhline(r["limit"]["mup"][k] * s, color="C3", label="muP limit (exact)")
-        ax.axhline(r["limit"]["ntk"][k] * s, color="k", ls=":", label="NTK and SP limits")
+        if r["limit"]:
+            ax.axhline(r["limit"]["mup"][k] * s, color="C3", label="muP limit (exact)")
+            ax.axhline(r["limit"]["ntk"][k] * s, color="k", ls=":", label="NTK and SP limits")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("width n")
         ax.set_title(label)
