@@ -1,6 +1,7 @@
 """Benchmark tpc's infinite-width NNGP and NTK limits of a 3-hidden-layer ReLU MLP against plain NumPy.
 
     python benchmarks/kernels.py [--sizes 1000,4000] [--repeats 3] [--json PATH]
+    python benchmarks/kernels.py --cold [--sizes 4000]   # one NNGP+NTK float64 in a fresh process each
 
 For each N, N random inputs of dimension 100 are written to a temporary .npy file; tpc parses,
 checks and builds the program (`tpc.loads`) and takes its limit (`tpc.limit`), once for the
@@ -18,6 +19,9 @@ import json
 import os
 import pathlib
 import platform
+import resource
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -177,6 +181,20 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (  # header, key, format
 )
 
 
+def cold(n: int) -> dict[str, float]:
+    """One loads + limit of NNGP+NTK in float64 in this (fresh) process: its wall and CPU time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        base = pathlib.Path(tmp)
+        np.save(base / "X.npy", inputs(n))
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.perf_counter()
+        tpc_kernels(base, SOURCE_NTK, "float64")
+        seconds = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"N": n, "seconds": seconds, "cpu_seconds": cpu}
+
+
 def yes_no(flag: bool | None) -> str:
     return "n/a" if flag is None else "yes" if flag else "no"
 
@@ -186,8 +204,22 @@ def main() -> None:
     parser.add_argument("--sizes", default="1000,4000", help="comma-separated numbers of inputs N")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best kept)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the figures to this JSON file")
+    parser.add_argument("--cold", action="store_true",
+                        help="time one NNGP+NTK float64 (loads + limit) in a fresh process per N, no warm-up")
+    parser.add_argument("--cold-one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if args.cold_one:
+        print(json.dumps(cold(args.cold_one)))
+        return
+    if args.cold:
+        for n in sizes:
+            out = subprocess.run([sys.executable, __file__, "--cold-one", str(n)], capture_output=True, text=True,
+                                 check=True).stdout
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"N = {n}: first NNGP+NTK float64 in a fresh process {r['seconds']:.2f} s wall, "
+                  f"{r['cpu_seconds']:.2f} s CPU (user + system)")
+        return
 
     np_threads = _numpy_threads()
     print(f"tpc {tpc.__version__} | numpy {np.__version__} (BLAS threads: {np_threads}) | "

@@ -3,6 +3,7 @@ muP limit and the kernel-regime (NTK, SP) limits, with gensim's Word2Vec as the 
 
     pip install ".[examples]"        # gensim (its wheel ships the corpus and the benchmarks), matplotlib
     python examples/word2vec/word2vec.py [--corpus text8] [--widths 16,64,256,1024] [--seeds 2]
+        [--no-gensim] [--no-limits] [--lr RATE] [--threads 1] [--out docs/word2vec.png]
 
 Data: by default the Wikipedia excerpt in gensim's test data (markup stripped by gensim's
 WikiCorpus, about 450k words); `--corpus FILE` takes any whitespace-separated text (text8 is TP4's
