@@ -208,3 +208,25 @@ def test_scalar_arithmetic_never_writes_into_its_inputs() -> None:
     out = tpc.limit(tpc.loads(src))
     np.testing.assert_array_equal(out["k1"].value, out["k3"].value)
     np.testing.assert_allclose(out["k2"].value, 2 * out["k1"].value + out["k1"].value ** 2, rtol=1e-15)
+
+
+def test_an_evaluation_frees_its_kernels_without_the_garbage_collector() -> None:
+    """A program and the limit evaluator hold every kernel of an evaluation (N x N each). Reference
+    cycles among them (a recursive closure, networkx's cached edge views) kept them all alive until
+    Python's cyclic collector happened to run: a loop over evaluations grew by a whole evaluation's
+    kernels per step. Plain reference counting must free them."""
+    import gc
+
+    from tpc.backends.limit.evaluate import LimitEvaluator
+    from tpc.ir import Program
+
+    gc.collect()
+    gc.disable()
+    try:
+        out = limit("kernels/relu_mlp.tp")  # NNGP + NTK: autodiff, kernels, the step-kernel cache
+        assert out["ntk"].value.shape == (8, 8)
+        del out
+        left = [o for o in gc.get_objects() if type(o) in (LimitEvaluator, Program)]
+    finally:
+        gc.enable()
+    assert left == []

@@ -747,16 +747,18 @@ class Builder:
             ids.append(node.id)
         self.prog.groups.append(VectorGroup(tuple(ids), mean, cov))
 
-    def const_array(self, e: ast.Expr, shape: tuple[int, ...], what: str) -> np.ndarray:
-        def value(x: ast.Expr) -> object:
-            if isinstance(x, ast.ListExpr):
-                return [value(i) for i in x.items]
-            m = self.mono(x)
-            if m.p != 0:
-                raise TpcError(f"an initial vector's {what} cannot depend on the width", x.span)
-            return m.c
+    def const_value(self, x: ast.Expr, what: str) -> object:
+        """A (nested) list of width-independent constants. A method, not a recursive closure:
+        that would be a reference cycle keeping the builder and its program alive."""
+        if isinstance(x, ast.ListExpr):
+            return [self.const_value(i, what) for i in x.items]
+        m = self.mono(x)
+        if m.p != 0:
+            raise TpcError(f"an initial vector's {what} cannot depend on the width", x.span)
+        return m.c
 
-        raw = value(e)
+    def const_array(self, e: ast.Expr, shape: tuple[int, ...], what: str) -> np.ndarray:
+        raw = self.const_value(e, what)
         try:
             arr = np.array(raw, dtype=np.float64)
         except ValueError:

@@ -66,7 +66,7 @@ class Program:
         for pos, src in enumerate(inputs):
             # an input used twice (cov(f, f)) is one edge listing both positions
             if self.graph.has_edge(src, nid):
-                self.graph.edges[src, nid]["pos"] += (pos,)
+                self.graph[src][nid]["pos"] += (pos,)
             else:
                 self.graph.add_edge(src, nid, pos=(pos,))
         return node
@@ -100,8 +100,12 @@ class Program:
         for node in self.nodes():
             for pos, src in enumerate(node.inputs):
                 assert src < node.id, f"node {node.id} uses later node {src}"
-                assert pos in self.graph.edges[src, node.id]["pos"]
-            assert nx.is_directed_acyclic_graph(self.graph)
+                assert pos in self.graph[src][node.id]["pos"]
+        # ids in creation order are a topological order: every edge runs forward, so the graph is
+        # acyclic. (Edges are read through the adjacency: networkx's cached edge and degree views
+        # point back at the graph, a reference cycle that would hold the program's data until the
+        # garbage collector runs.)
+        assert all(src < dst for src, succ in self.graph.adjacency() for dst in succ), "an edge runs backward"
 
 
 def readout_weights(prog: Program, f: Node, g: Node) -> tuple[float, int | None] | None:
@@ -238,7 +242,7 @@ def to_dot(prog: Program) -> str:
         label = label.replace('"', '\\"')
         style = ', peripheries=2' if node.id in outs else ""
         lines.append(f'  n{node.id} [label="{label}", style=filled, fillcolor={colors.get(node.op, "white")}{style}];')
-    for src, dst, data in sorted(prog.graph.edges(data=True)):
+    for src, dst, data in sorted((s, d, a) for s, succ in prog.graph.adjacency() for d, a in succ.items()):
         label = ",".join(str(p) for p in data["pos"])
         lines.append(f'  n{src} -> n{dst} [label="{label}"];')
     lines.append("}")

@@ -133,39 +133,13 @@ class LimitEvaluator:
     def _expect(self, parts: list[tuple[object, int | None]], combine: str | None,
                 shape: tuple[int, ...], node: Node, method: str | None = None) -> Result:
         rank = len(shape)
-        variables: list[tuple[int, int | None]] = []
-
-        def place_tensor(t: Tensor, axis: int | None) -> Tensor:
-            if t.dim() == 0:
-                return t
-            if axis is None:  # a tensor over a batch that this side does not have
-                raise AssertionError("batched leaf on an unbatched side")
-            view = [1] * rank
-            view[axis] = t.shape[0]
-            return t.reshape(view)
-
-        def place(tree: object, axis: int | None) -> object:
-            if isinstance(tree, Block):
-                info = self.blocks[tree.bid]
-                key = (tree.bid, axis if info.shape else None)
-                if key not in variables:
-                    variables.append(key)
-                return Var(variables.index(key))
-            if isinstance(tree, ScalarRef):
-                val = self.scalars[tree.nid].value
-                return TensorLeaf(place_tensor(val, axis if val.dim() else None))
-            if isinstance(tree, Coef):
-                return TensorLeaf(place_tensor(tree.value, axis if tree.value.dim() else None))
-            if isinstance(tree, ex.Apply):
-                return ex.Apply(tree.fn, tuple(place(a, axis) for a in tree.args))
-            return tree
-
-        placed = [place(t, ax) for t, ax in parts]
+        variables: list[tuple[int, int | None]] = []  # (block, output axis) -> Var(index)
+        placed = [self.place(t, ax, variables, rank) for t, ax in parts]
         tree = placed[0] if combine is None else ex.Apply(combine, tuple(placed))
         means = []
         for bid, axis in variables:
             m = self.blocks[bid].mean
-            means.append(place_tensor(m, axis) if m.dim() else m)
+            means.append(_place_tensor(m, axis, rank) if m.dim() else m)
         covs = [[self.placed_cov(vi, vj, rank) for vj in variables] for vi in variables]
         where = f"instruction {node.name}" + (f" (line {node.span.line})" if node.span else "")
         scales = [self.blocks[bid].scale for bid, _ in variables]
@@ -174,6 +148,26 @@ class LimitEvaluator:
         if "monte-carlo" in result.methods:
             self.mc_used = True
         return result
+
+    def place(self, tree: object, axis: int | None, variables: list[tuple[int, int | None]], rank: int) -> object:
+        """A vector's expression with its batch on output axis `axis`: blocks become Vars
+        (numbered in `variables`), scalars and coefficients tensors shaped for broadcasting.
+        (A method, not a closure: a recursive closure is a reference cycle that would keep the
+        evaluator and its kernels alive until the garbage collector runs.)"""
+        if isinstance(tree, Block):
+            info = self.blocks[tree.bid]
+            key = (tree.bid, axis if info.shape else None)
+            if key not in variables:
+                variables.append(key)
+            return Var(variables.index(key))
+        if isinstance(tree, ScalarRef):
+            val = self.scalars[tree.nid].value
+            return TensorLeaf(_place_tensor(val, axis if val.dim() else None, rank))
+        if isinstance(tree, Coef):
+            return TensorLeaf(_place_tensor(tree.value, axis if tree.value.dim() else None, rank))
+        if isinstance(tree, ex.Apply):
+            return ex.Apply(tree.fn, tuple(self.place(a, axis, variables, rank) for a in tree.args))
+        return tree
 
     def placed_cov(self, vi: tuple[int, int | None], vj: tuple[int, int | None], rank: int) -> Tensor:
         (bi, ai), (bj, aj) = vi, vj
@@ -370,6 +364,17 @@ class LimitEvaluator:
             value = value.reshape(*sx, 1, *sy, 1) * eye.reshape([1] * len(sx) + [rows] + [1] * len(sy) + [rows])
         return Result(value, res.methods | self.methods_of((x, y)))
 
+
+
+def _place_tensor(t: Tensor, axis: int | None, rank: int) -> Tensor:
+    """A tensor over one batch, viewed along output axis `axis` of a rank-`rank` result."""
+    if t.dim() == 0:
+        return t
+    if axis is None:  # a tensor over a batch that this side does not have
+        raise AssertionError("batched leaf on an unbatched side")
+    view = [1] * rank
+    view[axis] = t.shape[0]
+    return t.reshape(view)
 
 
 def _all_zero(t: Tensor) -> bool:
