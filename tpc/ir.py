@@ -22,6 +22,7 @@ from typing import Any
 
 import networkx as nx
 import numpy as np
+import torch
 
 from tpc.errors import Span
 from tpc.ops import expr as ex
@@ -106,6 +107,18 @@ class Program:
         # point back at the graph, a reference cycle that would hold the program's data until the
         # garbage collector runs.)
         assert all(src < dst for src, succ in self.graph.adjacency() for dst in succ), "an edge runs backward"
+
+
+def data_value(prog: Program, node: Node) -> np.ndarray:
+    """A data node's array. The Gram `A B^T` of two data arrays (`gram_of`: autodiff's term for an
+    input layer in the NTK, N x N) is not stored in the program but formed here, when a backend
+    asks; the limit instead shares the covariance of `U x`, the same product."""
+    if "gram_of" in node.params:
+        a, b = (torch.from_numpy(np.ascontiguousarray(data_value(prog, prog.node(i)), dtype=np.float64))
+                for i in node.params["gram_of"])
+        # torch's matmul: numpy's BLAS threads contend with torch's on a small machine (0.2-1 s at N = 4000)
+        return torch.tensordot(a, b, dims=([-1], [-1])).numpy()
+    return node.params["value"]
 
 
 def readout_weights(prog: Program, f: Node, g: Node) -> tuple[float, int | None] | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from tpc.errors import Span, TpcError
 from tpc.ir import Node, Program
@@ -234,12 +233,12 @@ def tangent_kernel(prog: Program, f: int, grads: dict[int, int], span: Span | No
                     raise TpcError("tangent_kernel: a matrix applied to an unbatched vector inside a batched "
                                    "network is not supported yet", span)
                 if mat.params["role"] != "hidden":  # U x or V.T c: a matrix times finite data
-                    da = np.asarray(prog.node(xu).params["value"], dtype=np.float64)
-                    db = np.asarray(prog.node(xw).params["value"], dtype=np.float64)
-                    # torch's matmul: numpy's BLAS threads contend with torch's on a small machine (0.2-1 s at N = 4000)
-                    value = torch.tensordot(torch.from_numpy(da), torch.from_numpy(db), dims=([-1], [-1])).numpy()
-                    dot = prog.add("data", (), "scalar", da.shape[:-1] + db.shape[:-1], None, span, derived=True,
-                                   value=value, source=None)
+                    # the data's Gram, formed where it is used (ir.data_value): the limit shares it with the
+                    # covariance of U x, which is the same product, and a program stays light
+                    shape = prog.node(xu).shape[:-1] + prog.node(xw).shape[:-1]
+                    names = f"{prog.node(xu).name} {prog.node(xw).name}^T"
+                    dot = prog.add("data", (), "scalar", shape, None, span, derived=True, gram_of=(xu, xw),
+                                   text=f"data {'x'.join(map(str, shape))} = {names}", source=None)
                     terms.append((s2, [gram(gu, gw), dot.id]))
                     continue
                 tu, tw = bool(u.params.get("transposed")), bool(w.params.get("transposed"))

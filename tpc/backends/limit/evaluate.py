@@ -16,7 +16,7 @@ import torch
 
 from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var
 from tpc.errors import NumericalError, TpcError
-from tpc.ir import Node, Program, readout_weights
+from tpc.ir import Node, Program, data_value, readout_weights
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS, clear_kernel_cache
 
@@ -79,7 +79,8 @@ class LimitEvaluator:
     trees: dict[int, object] = field(default_factory=dict)  # vector node -> expression
     scalars: dict[int, LimitValue] = field(default_factory=dict)
     vec_methods: dict[int, set[str]] = field(default_factory=dict)
-    block_data: dict[int, Tensor] = field(default_factory=dict)  # input-layer block -> its data
+    block_data: dict[int, int] = field(default_factory=dict)  # input-layer block -> its data node
+    data_grams: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # (data, data) -> A B^T
     block_tree: dict[int, tuple[object, int]] = field(default_factory=dict)  # MatMul block -> (Z^x, x)
     cache: dict[tuple, Result] = field(default_factory=dict)  # kernels asked for twice
     mc_used: bool = False
@@ -202,9 +203,20 @@ class LimitEvaluator:
 
     # ------------------------------------------------------------------ one rule per instruction
     def rule_data(self, node: Node) -> None:
+        if "gram_of" in node.params:  # the NTK's input-layer term: the covariance of U x shares it
+            self.scalars[node.id] = LimitValue(self.data_gram(*node.params["gram_of"]), {"exact"})
+            return
         # a view of the program's own array (no copy in float64); nothing writes to data values
-        value = torch.from_numpy(np.ascontiguousarray(node.params["value"], dtype=np.float64)).to(self.dtype)
+        value = torch.from_numpy(np.ascontiguousarray(data_value(self.prog, node), dtype=np.float64)).to(self.dtype)
         self.scalars[node.id] = LimitValue(value, {"exact"})
+
+    def data_gram(self, a: int, b: int) -> Tensor:
+        """A B^T for data nodes a, b (rows against rows), formed once per evaluation: the covariance
+        of an input layer's U x and U y is s^2 X Y^T, and the NTK's term for U is the same product."""
+        if (a, b) not in self.data_grams:
+            da, db = (self.scalars[i].value for i in (a, b))
+            self.data_grams[a, b] = torch.tensordot(da, db, dims=([-1], [-1]))
+        return self.data_grams[a, b]
 
     def rule_matrix(self, node: Node) -> None:
         pass  # a matrix enters the limit through the families of its MatMuls
@@ -231,13 +243,13 @@ class LimitEvaluator:
         methods = self.methods_of((x,))
         if mat.params["role"] == "input" or (mat.params["role"] == "readout" and transposed):
             # U x or V.T c for finite x, c: a combination of U's columns (V's rows), exact
-            data = self.scalars[x].value
-            bid = self.new_block(family, node.shape, zero, node.id)
-            self.block_data[bid] = data
+            # Cov = s2 X Y^T: the Gram stored as it is (the NTK shares it), s2 kept as the block's scale
+            scale = s2 if s2 > 0 else 1.0
+            bid = self.new_block(family, node.shape, zero, node.id, scale)
+            self.block_data[bid] = x
             for other in self.family_blocks[family]:
-                od = self.block_data[other]
-                c = torch.tensordot(od, data, dims=([-1], [-1]))
-                self.cov[other, bid] = c.mul_(s2) if s2 != 1.0 else c  # a new tensor: scaled in place
+                gram = self.data_gram(self.block_data[other], x)
+                self.cov[other, bid] = gram if s2 == scale else s2 * gram
             methods |= {"exact"}
         else:
             tree = self.trees[x]

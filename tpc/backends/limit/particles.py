@@ -24,7 +24,7 @@ import torch
 
 from tpc.backends.limit.evaluate import LimitValue, evaluate_tree, interpret
 from tpc.errors import NumericalError, TpcError
-from tpc.ir import Node, Program, readout_weights
+from tpc.ir import Node, Program, data_value, readout_weights
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS
 
@@ -237,7 +237,7 @@ class ParticleEvaluator:
 
     # ------------------------------------------------------------------ rules
     def rule_data(self, node: Node) -> None:
-        value = torch.tensor(np.asarray(node.params["value"], dtype=np.float64), dtype=self.dtype)
+        value = torch.tensor(np.asarray(data_value(self.prog, node), dtype=np.float64), dtype=self.dtype)
         self.scalars[node.id] = LimitValue(value, {"exact"})
 
     def rule_matrix(self, node: Node) -> None:

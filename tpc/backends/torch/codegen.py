@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tpc.ir import Program, describe, readout_weights
+from tpc.ir import Program, data_value, describe, readout_weights
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS
 
@@ -204,7 +204,7 @@ def constants(prog: Program, dtype: torch.dtype, device: str) -> dict[str, torch
     consts: dict[str, torch.Tensor] = {}
     for node in em.nodes:
         if node.op == "data":
-            arr = np.asarray(node.params["value"], dtype=np.float64)
+            arr = np.asarray(data_value(prog, node), dtype=np.float64)
             consts[_attr(em.names[node.id])] = torch.tensor(arr, dtype=dtype, device=device)[None]
     for gi, group in enumerate(prog.groups):
         w, v = np.linalg.eigh(group.cov)
