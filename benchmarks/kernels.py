@@ -1,7 +1,7 @@
 """Benchmark tpc's infinite-width NNGP and NTK limits of a 3-hidden-layer ReLU MLP against plain NumPy.
 
     python benchmarks/kernels.py [--sizes 1000,4000] [--repeats 3] [--json PATH]
-    python benchmarks/kernels.py --cold [--sizes 4000]   # one NNGP+NTK float64 in a fresh process each
+    python benchmarks/kernels.py --cold [--sizes 4000] [--repeats 3]   # first evaluations in fresh processes
 
 For each N, N random inputs of dimension 100 are written to a temporary .npy file; tpc parses,
 checks and builds the program (`tpc.loads`) and takes its limit (`tpc.limit`), once for the
@@ -181,18 +181,47 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (  # header, key, format
 )
 
 
-def cold(n: int) -> dict[str, float]:
-    """One loads + limit of NNGP+NTK in float64 in this (fresh) process: its wall and CPU time."""
+def cold(n: int, what: str) -> dict[str, float]:
+    """One NNGP+NTK float64 in this (fresh) process, by tpc (loads + limit) or by the NumPy recursion:
+    wall and CPU seconds, and how far the process's peak memory rose above its size before."""
+    x = inputs(n)
     with tempfile.TemporaryDirectory() as tmp:
         base = pathlib.Path(tmp)
-        np.save(base / "X.npy", inputs(n))
+        np.save(base / "X.npy", x)
+        before_mb = _resident_mb()
         before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
-        tpc_kernels(base, SOURCE_NTK, "float64")
+        if what == "tpc":
+            tpc_kernels(base, SOURCE_NTK, "float64")
+        else:
+            numpy_kernels(x, ntk=True)
         seconds = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return {"N": n, "seconds": seconds, "cpu_seconds": cpu}
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_mb": after.ru_maxrss / 1024 - before_mb}
+
+
+def _resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def cold_runs(n: int, rounds: int) -> None:
+    """`rounds` fresh processes each for tpc and for NumPy, alternating; median and range."""
+    runs: dict[str, list[dict[str, float]]] = {"tpc": [], "numpy": []}
+    for _ in range(rounds):
+        for what in runs:
+            out = subprocess.run([sys.executable, __file__, "--cold-one", f"{what}:{n}"], capture_output=True,
+                                 text=True, check=True).stdout
+            runs[what].append(json.loads(out.strip().splitlines()[-1]))
+    print(f"N = {n}, first NNGP+NTK float64 in a fresh process, {rounds} processes each "
+          f"(THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', '-')}): median (range)")
+    for what, rs in runs.items():
+        cols = []
+        for key, unit, fmt in (("seconds", "s wall", ".2f"), ("cpu_seconds", "s CPU", ".2f"), ("peak_mb", "MB", ".0f")):
+            v = sorted(r[key] for r in rs)
+            cols.append(f"{format(float(np.median(v)), fmt)} {unit} ({format(v[0], fmt)}-{format(v[-1], fmt)})")
+        print(f"  {'tpc' if what == 'tpc' else 'NumPy recursion'}: " + ", ".join(cols))
 
 
 def yes_no(flag: bool | None) -> str:
@@ -205,20 +234,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (best kept)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the figures to this JSON file")
     parser.add_argument("--cold", action="store_true",
-                        help="time one NNGP+NTK float64 (loads + limit) in a fresh process per N, no warm-up")
-    parser.add_argument("--cold-one", type=int, help=argparse.SUPPRESS)
+                        help="time one NNGP+NTK float64 in fresh processes (tpc and NumPy), no warm-up")
+    parser.add_argument("--cold-one", help=argparse.SUPPRESS)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     if args.cold_one:
-        print(json.dumps(cold(args.cold_one)))
+        what, n = args.cold_one.split(":")
+        print(json.dumps(cold(int(n), what)))
         return
     if args.cold:
         for n in sizes:
-            out = subprocess.run([sys.executable, __file__, "--cold-one", str(n)], capture_output=True, text=True,
-                                 check=True).stdout
-            r = json.loads(out.strip().splitlines()[-1])
-            print(f"N = {n}: first NNGP+NTK float64 in a fresh process {r['seconds']:.2f} s wall, "
-                  f"{r['cpu_seconds']:.2f} s CPU (user + system)")
+            cold_runs(n, args.repeats)
         return
 
     np_threads = _numpy_threads()

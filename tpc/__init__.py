@@ -18,13 +18,6 @@ limit (Master Theorem), and a check that the first converges to the second.
 
 from __future__ import annotations
 
-import os
-
-# Large kernels are memory-bound and every full-size temporary is a fresh allocation; transparent
-# huge pages cut the page-fault cost of those (about 1.4-2x on the NNGP/NTK benchmark). A
-# documented PyTorch switch, read at the first large allocation; a user's own setting wins.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
 from tpc.backends.limit import LimitOutput, evaluate_limit
 from tpc.backends.torch import compile_module, emit_source, run_finite
 from tpc.backends.torch.run import FiniteResult

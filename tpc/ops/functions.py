@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tpc.ops.expr import Apply, Arg, Const, Tree
+from tpc.ops.shapes import broadcast_shapes
 
 Tensor = torch.Tensor
 _SQRT2 = math.sqrt(2.0)
@@ -85,7 +86,7 @@ def _correlation(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     """
     stretch = _STRETCH.get(c.dtype, 1.0)
     cos = torch.div(c, _sd(a) / stretch)
-    shape = torch.broadcast_shapes(cos.shape, b.shape)
+    shape = broadcast_shapes(cos.shape, b.shape)
     if cos.shape != shape:
         cos = cos.expand(shape).clone()
     cos.div_(_sd(b))

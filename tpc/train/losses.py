@@ -16,6 +16,7 @@ import torch
 
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS
+from tpc.ops.shapes import broadcast_shapes
 from tpc.train.network import Loss
 
 Tensor = torch.Tensor
@@ -30,7 +31,7 @@ def _tree(tree: ex.Tree, args: list[Tensor], reduce_dims: tuple[int, ...] = ()) 
         return torch.tensor(tree.value, dtype=args[0].dtype, device=args[0].device)
     if tree.fn in ("mean_all", "sum_all"):
         inner = _tree(tree.args[0], args)
-        inner = inner.expand(torch.broadcast_shapes(inner.shape, args[0].shape))
+        inner = inner.expand(broadcast_shapes(inner.shape, args[0].shape))
         return inner.mean(reduce_dims) if tree.fn == "mean_all" else inner.sum(reduce_dims)
     return FUNCTIONS[tree.fn].torch(*[_tree(a, args, reduce_dims) for a in tree.args])
 

@@ -19,6 +19,7 @@ from tpc.errors import NumericalError, TpcError
 from tpc.ir import Node, Program, data_value, readout_weights
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS, clear_kernel_cache
+from tpc.ops.shapes import broadcast_shapes
 
 Tensor = torch.Tensor
 METHODS = ("auto", "exact", "closed-form", "quadrature", "monte-carlo")
@@ -432,14 +433,14 @@ def _evaluate_owned(tree: ex.Tree, args: list[Tensor]) -> tuple[Tensor, bool]:
         # acc +- s x y (an NTK's sum of kernel products) in one pass, without a temporary product
         acc, own = _evaluate_owned(tree.args[0], args)
         scale, (x, y) = product[0], (args[i] for i in product[1])
-        if own and acc.shape == torch.broadcast_shapes(acc.shape, x.shape, y.shape) and acc.dtype == x.dtype == y.dtype:
+        if own and acc.shape == broadcast_shapes(acc.shape, x.shape, y.shape) and acc.dtype == x.dtype == y.dtype:
             return acc.addcmul_(x, y, value=scale if tree.fn == "add" else -scale), True
         parts = [(acc, own), _evaluate_owned(tree.args[1], args)]  # leaves only: nothing is evaluated twice
     else:
         parts = [_evaluate_owned(a, args) for a in tree.args]
     if tree.fn in _IN_PLACE and len(parts) == 2:
         (a, own_a), (b, own_b) = parts
-        shape = torch.broadcast_shapes(a.shape, b.shape)
+        shape = broadcast_shapes(a.shape, b.shape)
         if own_a and a.shape == shape and a.dtype == torch.promote_types(a.dtype, b.dtype):
             return getattr(a, _IN_PLACE[tree.fn])(b), True
         commutes = tree.fn in ("add", "mul")
