@@ -230,3 +230,23 @@ def test_an_evaluation_frees_its_kernels_without_the_garbage_collector() -> None
     finally:
         gc.enable()
     assert left == []
+
+
+def test_a_step_kernel_handed_out_is_never_written_by_a_later_product(tmp_path: Path) -> None:
+    """The step kernel J0 of a covariance is cached for its next request, which may form a product in
+    place over it (an NTK's backward kernels). A J0 that a program output already holds must stay
+    intact: here gram(step(h)) is an output and then a factor of gram(y * step(h))."""
+    rng = np.random.default_rng(3)
+    x, x2 = rng.standard_normal((300, 3)), rng.standard_normal((300, 3))  # 300^2 entries: cached
+    np.save(tmp_path / "X.npy", x)
+    np.save(tmp_path / "X2.npy", x2)
+    src = ("width n\ndata X = load(\"X.npy\")\ndata X2 = load(\"X2.npy\")\nmatrix U : n x 3 ~ N(0, 1)\n"
+           "matrix V : n x 3 ~ N(0, 1)\nmatrix W : n x n ~ N(0, 1/n)\n"
+           "h = U @ X\nk0 = gram(step(h))\ny = W @ relu(V @ X2)\nk1 = gram(y * step(h))\n"
+           "output a = k0\noutput b = k1\n")
+    out = tpc.limit(tpc.loads(src, base_dir=tmp_path))
+    k = x @ x.T
+    d = np.sqrt(np.diag(k))
+    j0 = (np.pi - np.arccos(np.clip(k / np.outer(d, d), -1, 1))) / (2 * np.pi)
+    np.testing.assert_allclose(out["a"].value, j0, atol=1e-7)  # arccos near +-1: sqrt(rounding)
+    np.testing.assert_allclose(out["b"].value, arccos1(x2 @ x2.T) * j0, atol=1e-7)

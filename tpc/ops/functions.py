@@ -16,6 +16,7 @@ Williams 1997 (arcsine kernel of erf).
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -100,24 +101,45 @@ def _correlation(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
 
 # the step kernels J0 of the last few large covariances, with a, b, c themselves: an NTK asks for
 # the relu and step kernels of each covariance, and J0 is part of both; holding a, b, c keeps their
-# storage alive, so no other tensor can reuse the addresses in the key
+# storage alive, so no other tensor can reuse the addresses in the key. The second request takes
+# the kernel out (an NTK asks twice): if the relu kernel made it, for its own use, the step
+# kernel's caller then owns it and may form a product in place; a J0 that was once handed to a
+# caller stays shared (in _HANDED_OUT) for as long as it lives.
 _STEP_KERNELS: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}
+_HANDED_OUT: dict[int, weakref.ref] = {}  # by id: a WeakSet would compare tensors with ==
+
+
+def _hand_out(t: Tensor) -> None:
+    key = id(t)
+    _HANDED_OUT[key] = weakref.ref(t, lambda _ref: _HANDED_OUT.pop(key, None))
+
+
+def kernel_is_shared(t: Tensor) -> bool:
+    """t is a step kernel that the cache holds for a later request or that a caller already has:
+    it must not be written."""
+    ref = _HANDED_OUT.get(id(t))
+    return (ref is not None and ref() is t) or any(j0 is t for j0, _ in _STEP_KERNELS.values())
 
 
 def clear_kernel_cache() -> None:
     """Drop the shared step kernels (the limit evaluator calls this when it is done)."""
     _STEP_KERNELS.clear()
+    _HANDED_OUT.clear()
 
 
 def _step_kernel(a: Tensor, b: Tensor, c: Tensor, cos: Tensor | None = None) -> Tensor:
     """J0 = (pi - t) / (2 pi) = 1/2 - t / (2 pi), t = arccos(c / sqrt(ab)), formed in place over t;
-    `cos` (kept intact) saves recomputing the correlation. Shared: callers must not modify it.
-    Keyed by storage, layout and version of a, b, c."""
+    `cos` (kept intact) saves recomputing the correlation; given only by the relu kernel, which
+    uses J0 itself and hands it to nobody. A new J0 is kept for the next request of the same a, b, c
+    (keyed by storage, layout and version), which takes it out of the cache: callers must not modify
+    a result that `kernel_is_shared` reports."""
     key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t._version, t.dtype) for t in (a, b, c))
     if key in _STEP_KERNELS:
-        return _STEP_KERNELS[key][0]
+        return _STEP_KERNELS.pop(key)[0]
     theta = torch.arccos_(_correlation(a, b, c)) if cos is None else torch.arccos(cos)
     j0 = torch.sub(torch.tensor(0.5, dtype=theta.dtype), theta, alpha=1 / (2 * math.pi), out=theta)
+    if cos is None:
+        _hand_out(j0)
     if j0.numel() >= 2**16:  # only worth keeping for large kernels; keep the last three
         while len(_STEP_KERNELS) >= 3:
             _STEP_KERNELS.pop(next(iter(_STEP_KERNELS)))

@@ -21,7 +21,8 @@ import torch
 
 from tpc.errors import NumericalError
 from tpc.ops import expr as ex
-from tpc.ops.functions import FUNCTIONS, CorrelationError, pair_degree, pair_rule
+from tpc.ops.functions import FUNCTIONS, CorrelationError, kernel_is_shared, pair_degree, pair_rule
+from tpc.ops.shapes import broadcast_shapes
 
 Tensor = torch.Tensor
 QUADRATURE_NODES = {1: 200, 2: 40, 3: 20, 4: 12}
@@ -247,16 +248,24 @@ class Expectation:
             for group in sorted(self.independent_groups(factors), key=len):
                 got = self.group_expectation(group)
                 if got is None and self.method == "auto" and len(factors) > 1:
-                    got = (*self.group_numeric(group), 1.0)  # quadrature on this group's few Gaussians
+                    got = (*self.group_numeric(group), 1.0, False)  # quadrature on this group's few Gaussians
                 if got is None:
                     return None
-                g_value, method, g_scale = got
+                g_value, method, g_scale, g_owned = got
                 methods.add(method)
                 coef = coef * g_scale
                 if value is None or _is_one(value):
-                    value, owned = g_value, False
+                    value, owned = g_value, g_owned
                 elif not _is_one(g_value):
-                    value, owned = value * g_value, True
+                    # a product of kernels (an NTK's backward kernel): into a factor of our own if one is
+                    # full-size, else a new tensor
+                    if owned and _holds(value, g_value):
+                        value.mul_(g_value)
+                    elif g_owned and _holds(g_value, value):
+                        value = g_value.mul_(value)
+                    else:
+                        value = value * g_value
+                    owned = True
                 if _is_zero(value):
                     break
             assert value is not None
@@ -335,9 +344,10 @@ class Expectation:
         res = self.restricted(used).numeric(tree)
         return c * res.value, next(iter(res.methods))
 
-    def group_expectation(self, factors: list[tuple[str, Linear]]) -> tuple[Tensor, str, float] | None:
-        """E of a product of one or two functions of linear forms as (value, method, s) with
-        E = s * value, or None."""
+    def group_expectation(self, factors: list[tuple[str, Linear]]) -> tuple[Tensor, str, float, bool] | None:
+        """E of a product of one or two functions of linear forms as (value, method, s, owned) with
+        E = s * value, or None; `owned`: value is a new tensor that nothing else holds (a product
+        may be formed in it)."""
         if len(factors) == 1:
             f, lin = factors[0]
             mean_rule = FUNCTIONS[f].mean
@@ -345,7 +355,7 @@ class Expectation:
                 return None
             mu, var = self.moments(lin)
             self.check_var(var)
-            return mean_rule(mu, torch.clamp(var, min=0.0)), "exact" if f == "identity" else "closed-form", 1.0
+            return mean_rule(mu, torch.clamp(var, min=0.0)), "exact" if f == "identity" else "closed-form", 1.0, False
         if len(factors) != 2:
             return None
         (f, la), (g, lb) = factors
@@ -358,8 +368,8 @@ class Expectation:
             if not (_is_unit(la) and _is_unit(lb)):  # cancellation in linear combinations
                 self.check_corr(va, vb, c)
             if _is_zero(ma) or _is_zero(mb):
-                return c, "exact", sc  # results are never written in place, so no copy is needed
-            return _times(sc, c) + ma * mb, "exact", 1.0
+                return c, "exact", sc, False  # the stored kernel itself: never written in place
+            return _times(sc, c) + ma * mb, "exact", 1.0, False
         if not (_is_zero(ma) and _is_zero(mb)):
             return None
         rule = pair_rule(f, g)
@@ -368,9 +378,13 @@ class Expectation:
         try:
             degree = pair_degree(f, g)
             if degree is not None and sa == sb == sc:  # the stored kernel as it is, then s^degree
-                value = rule(_nonneg(va), _nonneg(vb), c)
-                return (value if degree == 0 or sc == 1.0 else value.mul_(sc**degree)), "closed-form", 1.0
-            return rule(_nonneg(_times(sa, va)), _nonneg(_times(sb, vb)), _times(sc, c)), "closed-form", 1.0
+                args = (_nonneg(va), _nonneg(vb), c)
+                value = rule(*args)
+                value = value if degree == 0 or sc == 1.0 else value.mul_(sc**degree)
+            else:
+                args = (_nonneg(_times(sa, va)), _nonneg(_times(sb, vb)), _times(sc, c))
+                value = rule(*args)
+            return value, "closed-form", 1.0, _fresh(value, args)
         except CorrelationError as err:
             raise NumericalError(
                 f"{self.where}: the covariance of the Gaussians is not positive semidefinite ({err})"
@@ -464,6 +478,20 @@ def gauss_hermite(k: int, m: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     nodes = np.stack([g.ravel() for g in grids], -1)
     weights = np.prod(np.stack([g.ravel() for g in wgrid], -1), -1)
     return torch.tensor(nodes, dtype=dtype), torch.tensor(weights, dtype=dtype)
+
+
+def _fresh(value: Tensor, inputs: tuple[Tensor, ...]) -> bool:
+    """A rule's result is the caller's own: it shares no storage with the rule's inputs (some rules
+    return one, like E[u v] = c) and the step-kernel cache does not hold it for a later request."""
+    ptr = value.untyped_storage().data_ptr()
+    return not kernel_is_shared(value) and all(
+        torch.as_tensor(t).untyped_storage().data_ptr() != ptr for t in inputs)
+
+
+def _holds(acc: Tensor, other: Tensor) -> bool:
+    """acc *= other can be done in place: acc has the product's shape and dtype."""
+    return (acc.is_contiguous() and acc.dtype == torch.promote_types(acc.dtype, other.dtype)
+            and tuple(acc.shape) == broadcast_shapes(acc.shape, other.shape))
 
 
 def _is_unit(lin: Linear) -> bool:
