@@ -128,7 +128,7 @@ def clear_kernel_cache() -> None:
 
 
 def _step_kernel(a: Tensor, b: Tensor, c: Tensor, cos: Tensor | None = None) -> Tensor:
-    """J0 = (pi - t) / (2 pi) = 1/2 - t / (2 pi), t = arccos(c / sqrt(ab)), formed in place over t;
+    """J0 = (pi - t) / (2 pi), t = arccos(c / sqrt(ab)), formed in place over the angle;
     `cos` (kept intact) saves recomputing the correlation; given only by the relu kernel, which
     uses J0 itself and hands it to nobody. A new J0 is kept for the next request of the same a, b, c
     (keyed by storage, layout and version), which takes it out of the cache: callers must not modify
@@ -136,8 +136,10 @@ def _step_kernel(a: Tensor, b: Tensor, c: Tensor, cos: Tensor | None = None) -> 
     key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t._version, t.dtype) for t in (a, b, c))
     if key in _STEP_KERNELS:
         return _STEP_KERNELS.pop(key)[0]
-    theta = torch.arccos_(_correlation(a, b, c)) if cos is None else torch.arccos(cos)
-    j0 = torch.sub(torch.tensor(0.5, dtype=theta.dtype), theta, alpha=1 / (2 * math.pi), out=theta)
+    # (pi - arccos x) / (2 pi) = 1/4 + arcsin(x) / (2 pi): float64 arcsin is about a quarter faster
+    # than arccos in torch, and J0 is accurate to an ulp of 1/2 either way
+    angle = torch.asin_(_correlation(a, b, c)) if cos is None else torch.asin(cos)
+    j0 = torch.add(torch.tensor(0.25, dtype=angle.dtype), angle, alpha=1 / (2 * math.pi), out=angle)
     if cos is None:
         _hand_out(j0)
     if j0.numel() >= 2**16:  # only worth keeping for large kernels; keep the last three

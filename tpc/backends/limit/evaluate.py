@@ -401,6 +401,7 @@ _IN_PLACE = {"add": "add_", "sub": "sub_", "mul": "mul_", "div": "div_"}
 def interpret(prog: Program, evaluator: object, scalars: dict[int, LimitValue]) -> dict[str, LimitValue]:
     """The loop both limit evaluators share: each instruction in order through the evaluator's
     `rule_<op>`; numerical trouble is reported at the instruction that caused it."""
+    finite: set[int] = set()  # ids of values already checked (a kernel asked for twice is one tensor)
     for node in prog.needed():
         try:
             getattr(evaluator, f"rule_{node.op}")(node)
@@ -409,10 +410,13 @@ def interpret(prog: Program, evaluator: object, scalars: dict[int, LimitValue]) 
                 err.span = node.span
             raise err.locate(prog.filename, prog.source) from None
         value = scalars[node.id].value if node.id in scalars else None
+        if value is None or id(value) in finite:  # scalars keeps every value alive: ids stay unique
+            continue
         # a NaN or infinity anywhere makes the sum non-finite; look closer only then
-        if value is not None and not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
+        if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
             raise NumericalError(f"the limit of '{node.name}' is not finite (NaN or overflow)",
                                  node.span).locate(prog.filename, prog.source)
+        finite.add(id(value))
     return {name: scalars[nid] for name, nid in prog.outputs.items()}
 
 
