@@ -137,9 +137,10 @@ def _step_kernel(a: Tensor, b: Tensor, c: Tensor, cos: Tensor | None = None) -> 
     if key in _STEP_KERNELS:
         return _STEP_KERNELS.pop(key)[0]
     # (pi - arccos x) / (2 pi) = 1/4 + arcsin(x) / (2 pi): float64 arcsin is about a quarter faster
-    # than arccos in torch, and J0 is accurate to an ulp of 1/2 either way
+    # than arccos in torch, and J0 is accurate to an ulp of 1/2 either way; clamped, as rounding at
+    # x = -1 would leave -6e-18 where the kernel is 0
     angle = torch.asin_(_correlation(a, b, c)) if cos is None else torch.asin(cos)
-    j0 = torch.add(torch.tensor(0.25, dtype=angle.dtype), angle, alpha=1 / (2 * math.pi), out=angle)
+    j0 = torch.add(torch.tensor(0.25, dtype=angle.dtype), angle, alpha=1 / (2 * math.pi), out=angle).clamp_(0.0, 0.5)
     if cos is None:
         _hand_out(j0)
     if j0.numel() >= 2**16:  # only worth keeping for large kernels; keep the last three

@@ -504,6 +504,7 @@ def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
     is repeated with independent particles and the standard error is taken across replicates."""
     tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     def run_once(s: int) -> tuple[dict[str, LimitValue], bool]:
+        clear_kernel_cache()  # a replicate's step kernels are of no use to the next one
         ev = LimitEvaluator(prog, method, tdtype, particles, s)
         try:
             return ev.run(), ev.mc_used
