@@ -110,15 +110,20 @@ class Program:
 
 
 def data_value(prog: Program, node: Node) -> np.ndarray:
-    """A data node's array. The Gram `A B^T` of two data arrays (`gram_of`: autodiff's term for an
+    """A data node's array. The Gram `A B^T` of its two data inputs (`gram`: autodiff's term for an
     input layer in the NTK, N x N) is not stored in the program but formed here, when a backend
     asks; the limit instead shares the covariance of `U x`, the same product."""
-    if "gram_of" in node.params:
+    if node.params.get("gram"):
         a, b = (torch.from_numpy(np.ascontiguousarray(data_value(prog, prog.node(i)), dtype=np.float64))
-                for i in node.params["gram_of"])
-        # torch's matmul: numpy's BLAS threads contend with torch's on a small machine (0.2-1 s at N = 4000)
-        return torch.tensordot(a, b, dims=([-1], [-1])).numpy()
+                for i in node.inputs)
+        return rows_gram(a, b).numpy()
     return node.params["value"]
+
+
+def rows_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A B^T over the last axis, rows against rows. By torch: numpy's BLAS threads contend with
+    torch's on a small machine (0.2-1 s at N = 4000)."""
+    return torch.tensordot(a, b, dims=([-1], [-1]))
 
 
 def readout_weights(prog: Program, f: Node, g: Node) -> tuple[float, int | None] | None:

@@ -16,7 +16,6 @@ Williams 1997 (arcsine kernel of erf).
 from __future__ import annotations
 
 import math
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,8 +44,7 @@ class Function:
     jumps: bool = False  # discontinuous: its a.e. derivative is not its Stein derivative
     smooth: bool = True  # False for kinks, jumps and singularities: Gauss-Hermite is unreliable there
     # positive homogeneity degree p, f(t x) = t^p f(x) for t > 0: E f(u) g(v) over a covariance scaled
-    # by s is s^((p+q)/2) times the unscaled one. A pair rule of nonzero total degree returns a new
-    # tensor (its caller scales it in place); only degree-0 results may be shared.
+    # by s is s^((p+q)/2) times the unscaled one
     homogeneous: float | None = None
 
 
@@ -99,54 +97,44 @@ def _correlation(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     return cos.clamp_(-1.0, 1.0)
 
 
-# the step kernels J0 of the last few large covariances, with a, b, c themselves: an NTK asks for
-# the relu and step kernels of each covariance, and J0 is part of both; holding a, b, c keeps their
-# storage alive, so no other tensor can reuse the addresses in the key. The second request takes
-# the kernel out (an NTK asks twice): if the relu kernel made it, for its own use, the step
-# kernel's caller then owns it and may form a product in place; a J0 that was once handed to a
-# caller stays shared (in _HANDED_OUT) for as long as it lives.
-_STEP_KERNELS: dict[tuple, tuple[Tensor, tuple[Tensor, ...]]] = {}
-_HANDED_OUT: dict[int, weakref.ref] = {}  # by id: a WeakSet would compare tensors with ==
-
-
-def _hand_out(t: Tensor) -> None:
-    key = id(t)
-    _HANDED_OUT[key] = weakref.ref(t, lambda _ref: _HANDED_OUT.pop(key, None))
+# the step kernels J0 of the last few large covariances, with a, b, c themselves (holding them keeps
+# their storage alive, so no other tensor can reuse the addresses in a key) and whether the J0 is
+# private: an NTK asks for the relu and step kernels of each covariance, and J0 is part of both. A J0
+# that only the relu kernel has used is handed over on the next request (its caller owns it and may
+# form a product in place); one that a caller already has stays here, shared.
+_STEP_KERNELS: dict[tuple, tuple[Tensor, bool, tuple[Tensor, ...]]] = {}
 
 
 def kernel_is_shared(t: Tensor) -> bool:
-    """t is a step kernel that the cache holds for a later request or that a caller already has:
-    it must not be written."""
-    ref = _HANDED_OUT.get(id(t))
-    return (ref is not None and ref() is t) or any(j0 is t for j0, _ in _STEP_KERNELS.values())
+    """t is a step kernel that the cache holds (a caller may have it too): it must not be written."""
+    return any(j0 is t for j0, _, _ in _STEP_KERNELS.values())
 
 
 def clear_kernel_cache() -> None:
     """Drop the shared step kernels (the limit evaluator calls this when it is done)."""
     _STEP_KERNELS.clear()
-    _HANDED_OUT.clear()
 
 
 def _step_kernel(a: Tensor, b: Tensor, c: Tensor, cos: Tensor | None = None) -> Tensor:
-    """J0 = (pi - t) / (2 pi), t = arccos(c / sqrt(ab)), formed in place over the angle;
-    `cos` (kept intact) saves recomputing the correlation; given only by the relu kernel, which
-    uses J0 itself and hands it to nobody. A new J0 is kept for the next request of the same a, b, c
-    (keyed by storage, layout and version), which takes it out of the cache: callers must not modify
+    """J0 = (pi - t) / (2 pi), t = arccos(c / sqrt(ab)), formed in place over the angle. `cos` (kept
+    intact) saves recomputing the correlation; only the relu kernel gives it, and it uses J0 itself
+    and hands it to nobody. Keyed by storage, layout and version of a, b, c; callers must not modify
     a result that `kernel_is_shared` reports."""
     key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t._version, t.dtype) for t in (a, b, c))
     if key in _STEP_KERNELS:
-        return _STEP_KERNELS.pop(key)[0]
+        j0, private, _ = _STEP_KERNELS[key]
+        if private:
+            del _STEP_KERNELS[key]
+        return j0
     # (pi - arccos x) / (2 pi) = 1/4 + arcsin(x) / (2 pi): float64 arcsin is about a quarter faster
     # than arccos in torch, and J0 is accurate to an ulp of 1/2 either way; clamped, as rounding at
     # x = -1 would leave -6e-18 where the kernel is 0
     angle = torch.asin_(_correlation(a, b, c)) if cos is None else torch.asin(cos)
     j0 = torch.add(torch.tensor(0.25, dtype=angle.dtype), angle, alpha=1 / (2 * math.pi), out=angle).clamp_(0.0, 0.5)
-    if cos is None:
-        _hand_out(j0)
     if j0.numel() >= 2**16:  # only worth keeping for large kernels; keep the last three
         while len(_STEP_KERNELS) >= 3:
             _STEP_KERNELS.pop(next(iter(_STEP_KERNELS)))
-        _STEP_KERNELS[key] = (j0, (a, b, c))
+        _STEP_KERNELS[key] = (j0, cos is not None, (a, b, c))
     return j0
 
 

@@ -237,7 +237,7 @@ def tangent_kernel(prog: Program, f: int, grads: dict[int, int], span: Span | No
                     # covariance of U x, which is the same product, and a program stays light
                     shape = prog.node(xu).shape[:-1] + prog.node(xw).shape[:-1]
                     names = f"{prog.node(xu).name} {prog.node(xw).name}^T"
-                    dot = prog.add("data", (), "scalar", shape, None, span, derived=True, gram_of=(xu, xw),
+                    dot = prog.add("data", (xu, xw), "scalar", shape, None, span, derived=True, gram=True,
                                    text=f"data {'x'.join(map(str, shape))} = {names}", source=None)
                     terms.append((s2, [gram(gu, gw), dot.id]))
                     continue

@@ -16,7 +16,7 @@ import torch
 
 from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var
 from tpc.errors import NumericalError, TpcError
-from tpc.ir import Node, Program, data_value, readout_weights
+from tpc.ir import Node, Program, data_value, readout_weights, rows_gram
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS, clear_kernel_cache
 from tpc.ops.shapes import broadcast_shapes
@@ -204,8 +204,8 @@ class LimitEvaluator:
 
     # ------------------------------------------------------------------ one rule per instruction
     def rule_data(self, node: Node) -> None:
-        if "gram_of" in node.params:  # the NTK's input-layer term: the covariance of U x shares it
-            self.scalars[node.id] = LimitValue(self.data_gram(*node.params["gram_of"]), {"exact"})
+        if node.params.get("gram"):  # the NTK's input-layer term: the covariance of U x shares it
+            self.scalars[node.id] = LimitValue(self.data_gram(*node.inputs), {"exact"})
             return
         # a view of the program's own array (no copy in float64); nothing writes to data values
         value = torch.from_numpy(np.ascontiguousarray(data_value(self.prog, node), dtype=np.float64)).to(self.dtype)
@@ -215,8 +215,7 @@ class LimitEvaluator:
         """A B^T for data nodes a, b (rows against rows), formed once per evaluation: the covariance
         of an input layer's U x and U y is s^2 X Y^T, and the NTK's term for U is the same product."""
         if (a, b) not in self.data_grams:
-            da, db = (self.scalars[i].value for i in (a, b))
-            self.data_grams[a, b] = torch.tensordot(da, db, dims=([-1], [-1]))
+            self.data_grams[a, b] = rows_gram(self.scalars[a].value, self.scalars[b].value)
         return self.data_grams[a, b]
 
     def rule_matrix(self, node: Node) -> None:
@@ -245,18 +244,15 @@ class LimitEvaluator:
         if mat.params["role"] == "input" or (mat.params["role"] == "readout" and transposed):
             # U x or V.T c for finite x, c: a combination of U's columns (V's rows), exact
             # Cov = s2 X Y^T: the Gram stored as it is (the NTK shares it), s2 kept as the block's scale
-            scale = s2 if s2 > 0 else 1.0
-            bid = self.new_block(family, node.shape, zero, node.id, scale)
+            bid = self.new_block(family, node.shape, zero, node.id, s2)
             self.block_data[bid] = x
             for other in self.family_blocks[family]:
-                gram = self.data_gram(self.block_data[other], x)
-                self.cov[other, bid] = gram if s2 == scale else s2 * gram
+                self.cov[other, bid] = self.data_gram(self.block_data[other], x)
             methods |= {"exact"}
         else:
             tree = self.trees[x]
             # Cov = s2 E[Z^x Z^y]: E stored as it is (often a cached kernel), s2 kept as the block's scale
-            scale = s2 if s2 > 0 else 1.0
-            bid = self.new_block(family, node.shape, zero, node.id, scale)
+            bid = self.new_block(family, node.shape, zero, node.id, s2)
             self.block_tree[bid] = (tree, x)
             for other in self.family_blocks[family]:
                 otree, ox = self.block_tree[other]
@@ -265,7 +261,7 @@ class LimitEvaluator:
                     [(otree, self.axis_for(ox)), (tree, self.axis_for(x, len(self.blocks[other].shape)))],
                     "mul", shape, node,
                 )
-                self.cov[other, bid] = res.value if s2 == scale else s2 * res.value
+                self.cov[other, bid] = res.value
                 methods |= res.methods | self.methods_of((ox,))
             zdot, zdot_methods = self.zdot(("matrix", mat.id, not transposed), tree, x, s2, node)
             methods |= zdot_methods

@@ -212,7 +212,7 @@ class Expectation:
     def moments(self, a: Linear, b: Linear | None = None) -> tuple[Tensor, Tensor]:
         """(mean of a, Cov(a, b)) where b defaults to a."""
         mean, cov, scale = self.scaled_moments(a, b)
-        return mean, _times(scale, cov)
+        return mean, _scaled(scale, cov)
 
     def scaled_moments(self, a: Linear, b: Linear | None = None) -> tuple[Tensor, Tensor, float]:
         """(mean of a, C, s) with Cov(a, b) = s C: for single Gaussians C is the stored kernel."""
@@ -369,7 +369,7 @@ class Expectation:
                 self.check_corr(va, vb, c)
             if _is_zero(ma) or _is_zero(mb):
                 return c, "exact", sc, False  # the stored kernel itself: never written in place
-            return _times(sc, c) + ma * mb, "exact", 1.0, False
+            return _scaled(sc, c) + ma * mb, "exact", 1.0, False
         if not (_is_zero(ma) and _is_zero(mb)):
             return None
         rule = pair_rule(f, g)
@@ -378,13 +378,14 @@ class Expectation:
         try:
             degree = pair_degree(f, g)
             if degree is not None and sa == sb == sc:  # the stored kernel as it is, then s^degree
-                args = (_nonneg(va), _nonneg(vb), c)
-                value = rule(*args)
-                value = value if degree == 0 or sc == 1.0 else value.mul_(sc**degree)
+                args, scale = (_nonneg(va), _nonneg(vb), c), sc**degree
             else:
-                args = (_nonneg(_times(sa, va)), _nonneg(_times(sb, vb)), _times(sc, c))
-                value = rule(*args)
-            return value, "closed-form", 1.0, _fresh(value, args)
+                args, scale = (_nonneg(_scaled(sa, va)), _nonneg(_scaled(sb, vb)), _scaled(sc, c)), 1.0
+            value = rule(*args)
+            owned = _fresh(value, args)
+            if scale != 1.0:
+                value, owned = (value.mul_(scale) if owned else scale * value), True
+            return value, "closed-form", 1.0, owned
         except CorrelationError as err:
             raise NumericalError(
                 f"{self.where}: the covariance of the Gaussians is not positive semidefinite ({err})"
@@ -409,7 +410,7 @@ class Expectation:
         entries = int(np.prod(shape, dtype=np.int64)) if shape else 1
         mean = torch.stack([torch.as_tensor(m, dtype=self.dtype).expand(shape) for m in self.mean], -1)
         cov = torch.stack(
-            [torch.stack([_times(self.pair_scale(i, j), torch.as_tensor(c, dtype=self.dtype)).expand(shape)
+            [torch.stack([_scaled(self.pair_scale(i, j), torch.as_tensor(c, dtype=self.dtype)).expand(shape)
                           for j, c in enumerate(row)], -1)
              for i, row in enumerate(self.cov)], -2
         )
@@ -500,10 +501,6 @@ def _is_unit(lin: Linear) -> bool:
         return False
     c = next(iter(lin.coef.values()))
     return isinstance(c, float) and c == 1.0
-
-
-def _times(s: float, t: Tensor) -> Tensor:
-    return t if s == 1.0 else s * t
 
 
 def _scaled(coef: Tensor | float, value: Tensor) -> Tensor:
