@@ -101,13 +101,16 @@ def _correlation(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
 # their storage alive, so no other tensor can reuse the addresses in a key) and whether the J0 is
 # private: an NTK asks for the relu and step kernels of each covariance, and J0 is part of both. A J0
 # that only the relu kernel has used is handed over on the next request (its caller owns it and may
-# form a product in place); one that a caller already has stays here, shared.
-_STEP_KERNELS: dict[tuple, tuple[Tensor, bool, tuple[Tensor, ...]]] = {}
+# form a product in place); one that a caller already has stays here, shared. Grouped by covariance
+# (the storage of the variances a, which the blocks of a kernel kept by blocks share): one entry per
+# block.
+_STEP_KERNELS: dict[int, dict[tuple, tuple[Tensor, bool, tuple[Tensor, ...]]]] = {}
+_KEPT_COVARIANCES = 3
 
 
 def kernel_is_shared(t: Tensor) -> bool:
     """t is a step kernel that the cache holds (a caller may have it too): it must not be written."""
-    return any(j0 is t for j0, _, _ in _STEP_KERNELS.values())
+    return any(j0 is t for group in _STEP_KERNELS.values() for j0, _, _ in group.values())
 
 
 def clear_kernel_cache() -> None:
@@ -121,20 +124,24 @@ def _step_kernel(a: Tensor, b: Tensor, c: Tensor, cos: Tensor | None = None) -> 
     and hands it to nobody. Keyed by storage, layout and version of a, b, c; callers must not modify
     a result that `kernel_is_shared` reports."""
     key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t._version, t.dtype) for t in (a, b, c))
-    if key in _STEP_KERNELS:
-        j0, private, _ = _STEP_KERNELS[key]
+    storage = a.untyped_storage().data_ptr()
+    group = _STEP_KERNELS.get(storage, {})
+    if key in group:
+        j0, private, _ = group[key]
         if private:
-            del _STEP_KERNELS[key]
+            del group[key]
         return j0
     # (pi - arccos x) / (2 pi) = 1/4 + arcsin(x) / (2 pi): float64 arcsin is about a quarter faster
     # than arccos in torch, and J0 is accurate to an ulp of 1/2 either way; clamped, as rounding at
     # x = -1 would leave -6e-18 where the kernel is 0
     angle = torch.asin_(_correlation(a, b, c)) if cos is None else torch.asin(cos)
     j0 = torch.add(torch.tensor(0.25, dtype=angle.dtype), angle, alpha=1 / (2 * math.pi), out=angle).clamp_(0.0, 0.5)
-    if j0.numel() >= 2**16:  # only worth keeping for large kernels; keep the last three
-        while len(_STEP_KERNELS) >= 3:
-            _STEP_KERNELS.pop(next(iter(_STEP_KERNELS)))
-        _STEP_KERNELS[key] = (j0, cos is not None, (a, b, c))
+    if j0.numel() >= 2**14:  # only worth keeping for large kernels; keep those of the last three
+        if storage not in _STEP_KERNELS:
+            while len(_STEP_KERNELS) >= _KEPT_COVARIANCES:
+                _STEP_KERNELS.pop(next(iter(_STEP_KERNELS)))
+            _STEP_KERNELS[storage] = group
+        group[key] = (j0, cos is not None, (a, b, c))
     return j0
 
 

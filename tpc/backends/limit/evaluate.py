@@ -9,12 +9,14 @@ instructions in order, an environment from node to limit value (as JAX's eval_ja
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var
+from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var, is_zero
+from tpc.backends.limit.symmetric import BlockKernel, cut, row_blocks, splits, whole
 from tpc.errors import NumericalError, TpcError
 from tpc.ir import Node, Program, data_value, readout_weights, rows_gram
 from tpc.ops import expr as ex
@@ -61,10 +63,10 @@ class BlockInfo:
 
 @dataclass
 class LimitValue:
-    value: Tensor
+    value: Tensor | BlockKernel  # a block kernel only inside the evaluator
     methods: set[str]
     stderr: Tensor | None = None
-    cov: Tensor | None = None  # for readouts: Gaussian in the limit with this covariance
+    cov: Tensor | BlockKernel | None = None  # for readouts: Gaussian in the limit with this covariance
 
 
 @dataclass
@@ -92,7 +94,9 @@ class LimitEvaluator:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def run(self) -> dict[str, LimitValue]:
-        return interpret(self.prog, self, self.scalars)
+        outputs = interpret(self.prog, self, self.scalars)
+        return {name: LimitValue(whole(out.value), out.methods, out.stderr, None if out.cov is None else whole(out.cov))
+                for name, out in outputs.items()}  # what leaves the evaluator is whole
 
     # ------------------------------------------------------------------ Gaussian blocks
     def new_block(self, family: object, shape: tuple[int, ...], mean: Tensor, source: int,
@@ -104,16 +108,19 @@ class LimitEvaluator:
 
     def block_cov(self, a: int, b: int) -> Tensor:
         """Cov(block a, block b), shape a.shape + b.shape; zero across families."""
-        c = self.stored_cov(a, b)
+        c = whole(self.stored_cov(a, b))
         scale = self.blocks[a].scale  # the same for both blocks of a family
         return c if scale == 1.0 or c.dim() == 0 and float(c) == 0.0 else scale * c
 
-    def stored_cov(self, a: int, b: int) -> Tensor:
-        """Cov(block a, block b) divided by the family's scale (a view, never a copy)."""
+    def stored_cov(self, a: int, b: int) -> Tensor | BlockKernel:
+        """Cov(block a, block b) divided by the family's scale (a view, never a copy), or a symmetric
+        kernel kept by blocks."""
         if (a, b) in self.cov:
             return self.cov[a, b]
         if (b, a) in self.cov:
             c = self.cov[b, a]
+            if isinstance(c, BlockKernel):  # symmetric: its own transpose
+                return c
             ra = len(self.blocks[b].shape)
             return c.permute(tuple(range(ra, c.dim())) + tuple(range(ra)))
         return torch.zeros((), dtype=self.dtype)  # independent families: broadcasts, costs nothing
@@ -142,14 +149,44 @@ class LimitEvaluator:
         for bid, axis in variables:
             m = self.blocks[bid].mean
             means.append(_place_tensor(m, axis, rank) if m.dim() else m)
-        covs = [[self.placed_cov(vi, vj, rank) for vj in variables] for vi in variables]
         where = f"instruction {node.name}" + (f" (line {node.span.line})" if node.span else "")
         scales = [self.blocks[bid].scale for bid, _ in variables]
-        result = Expectation(shape, means, covs, self.dtype, where, method or self.method, self.particles,
-                             self.generator, scales)(tree)
+
+        def expectation(shape: tuple[int, ...], means: list[Tensor], covs: Sequence[Sequence[Tensor]],
+                        zero: Callable[[int, int], bool] | None = None) -> Expectation:
+            return Expectation(shape, means, covs, self.dtype, where, method or self.method, self.particles,
+                               self.generator, scales, zero)
+
+        result = None
+        if _symmetric(parts, combine, shape):
+            covs = [[self.placed_cov(vi, vj, rank, upper=True) for vj in variables] for vi in variables]
+            result = self.by_upper_blocks(tree, means, covs, shape[0], expectation)
+        if result is None:
+            lazy = PlacedCovs(self, variables, rank)
+            result = expectation(shape, means, lazy, lazy.is_zero)(tree)
         if "monte-carlo" in result.methods:
             self.mc_used = True
         return result
+
+    def by_upper_blocks(self, tree: object, means: list[Tensor], covs: list[list[Tensor | BlockKernel]], n: int,
+                        expectation: Callable[..., Expectation]) -> Result | None:
+        """A kernel of a batch against itself, E[T(Z_i) T(Z_j)], block by block of its upper part;
+        None where sampling served any block: Monte Carlo's particles must be the same for every
+        entry (a kernel estimated from different particles in different blocks need not be PSD),
+        so the caller evaluates it whole, from the same random state."""
+        state = self.generator.get_state()
+        rows = row_blocks(n)
+        blocks: list[Tensor] = []
+        methods: set[str] = set()
+        for r0, r1 in rows:
+            block = expectation((r1 - r0, n - r0), [cut(m, r0, r1) for m in means],
+                                [[cut(c, r0, r1) for c in row] for row in covs])(_cut_leaves(tree, r0, r1))
+            if "monte-carlo" in block.methods:
+                self.generator.set_state(state)
+                return None
+            blocks.append(block.value)
+            methods |= block.methods
+        return Result(BlockKernel(blocks, rows), methods)
 
     def place(self, tree: object, axis: int | None, variables: list[tuple[int, int | None]], rank: int) -> object:
         """A vector's expression with its batch on output axis `axis`: blocks become Vars
@@ -163,7 +200,7 @@ class LimitEvaluator:
                 variables.append(key)
             return Var(variables.index(key))
         if isinstance(tree, ScalarRef):
-            val = self.scalars[tree.nid].value
+            val = whole(self.scalars[tree.nid].value)
             return TensorLeaf(_place_tensor(val, axis if val.dim() else None, rank))
         if isinstance(tree, Coef):
             return TensorLeaf(_place_tensor(tree.value, axis if tree.value.dim() else None, rank))
@@ -171,9 +208,21 @@ class LimitEvaluator:
             return ex.Apply(tree.fn, tuple(self.place(a, axis, variables, rank) for a in tree.args))
         return tree
 
-    def placed_cov(self, vi: tuple[int, int | None], vj: tuple[int, int | None], rank: int) -> Tensor:
+    def placed_cov(self, vi: tuple[int, int | None], vj: tuple[int, int | None], rank: int,
+                   upper: bool = False) -> Tensor | BlockKernel:
+        """Cov of two variables, viewed for broadcasting over the output axes. `upper`: the caller
+        reads it by upper blocks only (`by_upper_blocks`), so a block kernel is handed over as it
+        is; else it is made whole."""
         (bi, ai), (bj, aj) = vi, vj
         c = self.stored_cov(bi, bj)
+        if isinstance(c, BlockKernel):
+            if ai is not None and ai == aj:
+                view = [1] * rank
+                view[ai] = c.n
+                return c.diagonal().reshape(view)
+            if upper and ai is not None and aj is not None:
+                return c  # symmetric: the same placed either way round
+            c = c.whole()
         if (ai is None and aj is None) or c.dim() == 0:
             return c
         view = [1] * rank
@@ -215,7 +264,12 @@ class LimitEvaluator:
         """A B^T for data nodes a, b (rows against rows), formed once per evaluation: the covariance
         of an input layer's U x and U y is s^2 X Y^T, and the NTK's term for U is the same product."""
         if (a, b) not in self.data_grams:
-            self.data_grams[a, b] = rows_gram(self.scalars[a].value, self.scalars[b].value)
+            x, y = self.scalars[a].value, self.scalars[b].value
+            if a == b and x.dim() == 2 and splits(x.shape[0]):  # X X^T by upper blocks
+                rows = row_blocks(x.shape[0])
+                self.data_grams[a, b] = BlockKernel([x[r0:r1] @ x[r0:].T for r0, r1 in rows], rows)
+            else:
+                self.data_grams[a, b] = rows_gram(x, y)
         return self.data_grams[a, b]
 
     def rule_matrix(self, node: Node) -> None:
@@ -316,7 +370,7 @@ class LimitEvaluator:
     def rule_nonlin(self, node: Node) -> None:
         if node.kind == "scalar":
             args = [self.scalars[i].value for i in node.inputs]
-            value = evaluate_tree(node.params["tree"], args)
+            value = self.scalar_tree(node.params["tree"], args)
             self.scalars[node.id] = LimitValue(value, self.methods_of(node.inputs) | {"exact"})
             return
         mapping = {}
@@ -324,6 +378,15 @@ class LimitEvaluator:
             mapping[i] = self.trees[nid] if nid in self.trees else ScalarRef(nid)
         self.trees[node.id] = ex.substitute(node.params["tree"], mapping)
         self.vec_methods[node.id] = self.methods_of(node.inputs)
+
+    def scalar_tree(self, tree: ex.Tree, args: list[Tensor | BlockKernel]) -> Tensor | BlockKernel:
+        """A coordinatewise expression of scalars. Of block kernels (an NTK's sum of products) and
+        numbers it is a symmetric kernel too, computed and kept by the same blocks."""
+        kernels = [a for a in args if isinstance(a, BlockKernel)]
+        if kernels and all(a.rows == kernels[0].rows if isinstance(a, BlockKernel) else a.dim() == 0 for a in args):
+            rows = kernels[0].rows
+            return BlockKernel([evaluate_tree(tree, [cut(a, r0, r1) for a in args]) for r0, r1 in rows], rows)
+        return evaluate_tree(tree, [whole(a) for a in args])
 
     def rule_moment(self, node: Node) -> None:
         mapping = {}
@@ -367,12 +430,58 @@ class LimitEvaluator:
         sx, sy = self.prog.node(x).shape, self.prog.node(y).shape
         res = self.expect([(self.trees[x], self.axis_for(x)), (self.trees[y], self.axis_for(y, len(sx)))],
                           "mul", sx + sy, node)
-        value = scale * res.value if scale != 1.0 else res.value
+        value = res.value
+        if scale != 1.0:
+            value = value.scaled(scale) if isinstance(value, BlockKernel) else scale * value
         if rows is not None:
+            value = whole(value)
             eye = torch.eye(rows, dtype=self.dtype)
             value = value.reshape(*sx, 1, *sy, 1) * eye.reshape([1] * len(sx) + [rows] + [1] * len(sy) + [rows])
         return Result(value, res.methods | self.methods_of((x, y)))
 
+
+
+class PlacedCovs(Sequence[Sequence[Tensor]]):
+    """The covariances of an expectation's variables as `cov[i][j]`, each placed (`placed_cov`) when
+    first read. Deciding which variables are independent (`is_zero`) reads no kernel kept by upper
+    blocks: a check of structure (is a Zdot zero?) costs nothing over a large batch."""
+
+    def __init__(self, ev: LimitEvaluator, variables: list[tuple[int, int | None]], rank: int) -> None:
+        self.ev, self.variables, self.rank = ev, variables, rank
+        self.placed: dict[tuple[int, int], Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.variables)
+
+    def __getitem__(self, i: int) -> Sequence[Tensor]:  # type: ignore[override]
+        if not 0 <= i < len(self.variables):
+            raise IndexError(i)
+        return _PlacedRow(self, i)
+
+    def entry(self, i: int, j: int) -> Tensor:
+        if (i, j) not in self.placed:
+            self.placed[i, j] = self.ev.placed_cov(self.variables[i], self.variables[j], self.rank)
+        return self.placed[i, j]
+
+    def is_zero(self, i: int, j: int) -> bool:
+        (bi, ai), (bj, aj) = self.variables[i], self.variables[j]
+        c = self.ev.stored_cov(bi, bj)
+        if isinstance(c, BlockKernel) and ai is not None and aj is not None and ai != aj and c.first() != 0:
+            return False  # a kernel with a nonzero entry, decided without making it whole
+        return is_zero(self.entry(i, j))
+
+
+class _PlacedRow(Sequence[Tensor]):
+    def __init__(self, covs: PlacedCovs, i: int) -> None:
+        self.covs, self.i = covs, i
+
+    def __len__(self) -> int:
+        return len(self.covs)
+
+    def __getitem__(self, j: int) -> Tensor:  # type: ignore[override]
+        if not 0 <= j < len(self.covs):
+            raise IndexError(j)
+        return self.covs.entry(self.i, j)
 
 
 def _place_tensor(t: Tensor, axis: int | None, rank: int) -> Tensor:
@@ -384,6 +493,22 @@ def _place_tensor(t: Tensor, axis: int | None, rank: int) -> Tensor:
     view = [1] * rank
     view[axis] = t.shape[0]
     return t.reshape(view)
+
+
+def _symmetric(parts: list[tuple[object, int | None]], combine: str | None, shape: tuple[int, ...]) -> bool:
+    """E[T(Z_i) T(Z_j)] over one batch against itself (the same expression on both axes), large
+    enough to be computed by upper blocks."""
+    return (combine == "mul" and len(parts) == 2 and len(shape) == 2 and shape[0] == shape[1]
+            and splits(shape[0]) and parts[0][1] == 0 and parts[1][1] == 1 and parts[0][0] == parts[1][0])
+
+
+def _cut_leaves(tree: object, r0: int, r1: int) -> object:
+    """The expression for the block [r0:r1, r0:] of the result: its tensor leaves cut likewise."""
+    if isinstance(tree, TensorLeaf):
+        return TensorLeaf(cut(tree.value, r0, r1))
+    if isinstance(tree, ex.Apply):
+        return ex.Apply(tree.fn, tuple(_cut_leaves(a, r0, r1) for a in tree.args))
+    return tree
 
 
 def _all_zero(t: Tensor) -> bool:
@@ -409,7 +534,11 @@ def interpret(prog: Program, evaluator: object, scalars: dict[int, LimitValue]) 
         if value is None or id(value) in finite:  # scalars keeps every value alive: ids stay unique
             continue
         # a NaN or infinity anywhere makes the sum non-finite; look closer only then
-        if not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
+        if isinstance(value, BlockKernel):
+            finite_value = value.all_finite()
+        else:
+            finite_value = bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
+        if not finite_value:
             raise NumericalError(f"the limit of '{node.name}' is not finite (NaN or overflow)",
                                  node.span).locate(prog.filename, prog.source)
         finite.add(id(value))

@@ -14,7 +14,9 @@ constants already broadcast to the output shape, and `Const`. It takes the expec
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -23,6 +25,9 @@ from tpc.errors import NumericalError
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS, CorrelationError, kernel_is_shared, pair_degree, pair_rule
 from tpc.ops.shapes import broadcast_shapes
+
+if TYPE_CHECKING:
+    from tpc.backends.limit.symmetric import BlockKernel
 
 Tensor = torch.Tensor
 QUADRATURE_NODES = {1: 200, 2: 40, 3: 20, 4: 12}
@@ -60,7 +65,7 @@ class Linear:
 
 @dataclass
 class Result:
-    value: Tensor
+    value: Tensor | BlockKernel  # a block kernel only from the limit evaluator's symmetric kernels
     methods: set[str]
     stderr: Tensor | None = None
 
@@ -68,19 +73,22 @@ class Result:
 class Expectation:
     """E[tree] over Gaussians with the given per-entry means and covariances.
 
-    `mean[i]` and `cov[i][j]` are tensors broadcastable to `shape`. `scales[i]` > 0 (default 1)
+    `mean[i]` and `cov[i][j]` are tensors broadcastable to `shape` (`cov` may place them only when
+    read; `zero(i, j)` then says cheaply whether cov[i][j] is zero). `scales[i]` > 0 (default 1)
     multiplies the variance of Gaussian i: Cov(i, j) = sqrt(scales[i] scales[j]) cov[i][j]. A hidden
     layer's covariance is s^2 E[x y]; kept apart, the scalar s^2 reaches the kernels of positively
     homogeneous functions (the registry's `homogeneous`: relu, step, identity) as a number, not as a
     full-size copy.
     """
 
-    def __init__(self, shape: tuple[int, ...], mean: list[Tensor], cov: list[list[Tensor]],
+    def __init__(self, shape: tuple[int, ...], mean: list[Tensor], cov: Sequence[Sequence[Tensor]],
                  dtype: torch.dtype, where: str, method: str = "auto", particles: int = 2**16,
-                 generator: torch.Generator | None = None, scales: list[float] | None = None) -> None:
+                 generator: torch.Generator | None = None, scales: list[float] | None = None,
+                 zero: Callable[[int, int], bool] | None = None) -> None:
         self.shape = shape
         self.mean = mean
         self.cov = cov
+        self.zero = zero
         self.scales = scales or [1.0] * len(mean)
         self.k = len(mean)
         self.dtype = dtype
@@ -170,7 +178,7 @@ class Expectation:
             if not lin.coef:
                 return [(lin.const, [])]
             out: list = [(1.0, [("identity", Linear(lin.coef))])]
-            if not _is_zero(lin.const):
+            if not is_zero(lin.const):
                 out.append((lin.const, []))
             return out
         if not isinstance(tree, ex.Apply):
@@ -266,7 +274,7 @@ class Expectation:
                     else:
                         value = value * g_value
                     owned = True
-                if _is_zero(value):
+                if is_zero(value):
                     break
             assert value is not None
             if owned and isinstance(coef, float) and value.is_floating_point():
@@ -280,6 +288,9 @@ class Expectation:
             total = total.expand(self.shape)  # a broadcast view: results are never modified in place
         return Result(total, methods)
 
+    def cov_is_zero(self, i: int, j: int) -> bool:
+        return self.zero(i, j) if self.zero is not None else is_zero(self.cov[i][j])
+
     def independent_groups(self, factors: list[tuple[str, Linear]]) -> list[list[tuple[str, Linear]]]:
         """Split factors into groups whose Gaussians are independent of the other groups'."""
         parent = list(range(len(factors)))
@@ -292,7 +303,7 @@ class Expectation:
         for i, (_, li) in enumerate(factors):
             for j in range(i):
                 lj = factors[j][1]
-                if any(not _is_zero(self.cov[a][b]) for a in li.coef for b in lj.coef):
+                if any(not self.cov_is_zero(a, b) for a in li.coef for b in lj.coef):
                     parent[find(i)] = find(j)
         groups: dict[int, list[tuple[str, Linear]]] = {}
         for i, f in enumerate(factors):
@@ -336,7 +347,7 @@ class Expectation:
         fn = FUNCTIONS[g]
         mu, _ = self.moments(lu)
         mv, _ = self.moments(lv)
-        if fn.deriv is None or fn.jumps or fn.arity != 1 or not (_is_zero(mu) and _is_zero(mv)):
+        if fn.deriv is None or fn.jumps or fn.arity != 1 or not (is_zero(mu) and is_zero(mv)):
             return None
         _, c = self.moments(lu, lv)
         used = sorted(lv.coef)
@@ -367,10 +378,10 @@ class Expectation:
         if f == "identity" and g == "identity":
             if not (_is_unit(la) and _is_unit(lb)):  # cancellation in linear combinations
                 self.check_corr(va, vb, c)
-            if _is_zero(ma) or _is_zero(mb):
+            if is_zero(ma) or is_zero(mb):
                 return c, "exact", sc, False  # the stored kernel itself: never written in place
             return _scaled(sc, c) + ma * mb, "exact", 1.0, False
-        if not (_is_zero(ma) and _is_zero(mb)):
+        if not (is_zero(ma) and is_zero(mb)):
             return None
         rule = pair_rule(f, g)
         if rule is None:
@@ -497,7 +508,7 @@ def _holds(acc: Tensor, other: Tensor) -> bool:
 
 def _is_unit(lin: Linear) -> bool:
     """A single Gaussian with coefficient 1 and no constant."""
-    if len(lin.coef) != 1 or not _is_zero(lin.const):
+    if len(lin.coef) != 1 or not is_zero(lin.const):
         return False
     c = next(iter(lin.coef.values()))
     return isinstance(c, float) and c == 1.0
@@ -541,7 +552,7 @@ def _is_one(x: Tensor) -> bool:
     return x.dim() == 0 and float(x) == 1.0
 
 
-def _is_zero(x: Tensor | float) -> bool:
+def is_zero(x: Tensor | float) -> bool:
     t = torch.as_tensor(x)
     if t.numel() > 1 and t[(0,) * t.dim()] != 0:  # a dense kernel: decided by its first entry
         return False
