@@ -72,3 +72,24 @@ def test_python_keywords_as_names_compile(tmp_path: Path) -> None:
     )
     res = tpc.run(prog, 64, 2)
     assert res["import"].values.shape == (2,)
+
+
+def test_the_grammar_cache_is_private_and_a_broken_one_is_rebuilt(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Lark's analysis of the grammar is kept between runs in the user's cache directory (a pickle:
+    never in a shared place). A damaged file costs a rebuild, never a failure."""
+    from tpc import syntax
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    source = "width n\nvector v ~ N(0, 1)\noutput m = mean(v * v)\n"
+    syntax._parser.cache_clear()
+    try:
+        want = syntax.parse(source)
+        (cache,) = (tmp_path / "tpc").iterdir()
+        assert (tmp_path / "tpc").stat().st_mode & 0o077 == 0  # only the user can write there
+        cache.write_bytes(b"not a pickle\n" + cache.read_bytes()[:100])
+        syntax._parser.cache_clear()
+        assert syntax.parse(source) == want
+        assert len(cache.read_bytes().split(b"\n")[0]) == 64  # rewritten: a sha256 of the grammar first
+    finally:
+        syntax._parser.cache_clear()
