@@ -93,3 +93,18 @@ def test_the_grammar_cache_is_private_and_a_broken_one_is_rebuilt(tmp_path: Path
         assert len(cache.read_bytes().split(b"\n")[0]) == 64  # rewritten: a sha256 of the grammar first
     finally:
         syntax._parser.cache_clear()
+
+
+def test_no_grammar_cache_where_others_could_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cache is a pickle: not in a directory that others may write to, and not under a
+    relative XDG_CACHE_HOME (which the XDG rules say to ignore: the home directory's is used)."""
+    from tpc import syntax
+
+    shared = tmp_path / "tpc"
+    shared.mkdir()
+    shared.chmod(0o777)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert syntax._grammar_cache() is False
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert str(syntax._grammar_cache()).startswith(str(tmp_path / "home" / ".cache" / "tpc") + os.sep)

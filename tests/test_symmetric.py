@@ -129,3 +129,34 @@ def test_a_block_kernel_is_its_upper_blocks() -> None:
     bad.blocks[2][1, 0] = float("nan")
     assert not bad.all_finite()
     assert row_blocks(8) == [(0, 8)] if symmetric.BLOCK_ROWS >= 8 else True
+
+
+def test_transposes_sampled_kernels_and_the_quadrature_budget_agree(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The review's cases. A Zdot check over a batch whose expression is the block itself is a
+    kernel by blocks (W.T @ (W @ h)); a Monte Carlo kernel is symmetrised, so the kernel after it
+    reads the same values by blocks as whole; and whether a kernel is affordable by quadrature is
+    decided by the whole kernel's size, not a block's."""
+    from tpc.backends.limit import expect
+
+    np.save(tmp_path / "X.npy", np.loadtxt(ROOT / "programs" / "data" / "inputs8x3.csv", delimiter=","))
+    src = """width n
+data X = load("X.npy")
+matrix U : n x 3 ~ N(0, 1/3)
+matrix W : n x n ~ N(0, 1/n)
+h = U @ X
+output back = gram(h, W.T @ (W @ h))
+output forth = gram(W @ (W.T @ h))
+output sampled = gram(tanh(h))
+output after = gram(tanh(W @ tanh(h)))
+output smooth = gram(gelu(h))
+"""
+    prog = tpc.loads(src, base_dir=tmp_path)
+    monkeypatch.setattr(expect, "QUADRATURE_BUDGET", 40000)  # 64 entries x 40^2 nodes: Monte Carlo
+    want = tpc.limit(prog, particles=4096)
+    made, _ = made_by_blocks(monkeypatch)
+    got = tpc.limit(prog, particles=4096)
+    assert_same_limits(got, want)
+    assert made
+    assert "monte-carlo" in got["smooth"].method and "quadrature" not in got["smooth"].method
+    assert np.array_equal(got["sampled"].value, got["sampled"].value.T)

@@ -425,11 +425,15 @@ def _grammar_cache() -> str | bool:
     checks a hash of the grammar, its options and the versions on loading and rebuilds a stale file.
     The file is a pickle, so it lives in the user's own cache directory, never a shared one; where
     there is none, no cache."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
     try:
-        base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tpc"
+        base = (Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".cache") / "tpc"  # XDG: relative is ignored
         base.mkdir(mode=0o700, parents=True, exist_ok=True)
+        mode, owner = base.stat().st_mode, base.stat().st_uid
     except (OSError, RuntimeError):  # no home directory, or not writable
         return False
+    if mode & 0o022 or (hasattr(os, "getuid") and owner != os.getuid()):
+        return False  # others could write there
     return str(base / f"grammar-lark{lark.__version__}-py{sys.version_info[0]}.{sys.version_info[1]}.cache")
 
 

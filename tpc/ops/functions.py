@@ -130,6 +130,8 @@ def _step_kernel(a: Tensor, b: Tensor, c: Tensor, cos: Tensor | None = None) -> 
         j0, private, _ = group[key]
         if private:
             del group[key]
+            if not group:  # an empty group would count against the covariances kept
+                del _STEP_KERNELS[storage]
         return j0
     # (pi - arccos x) / (2 pi) = 1/4 + arcsin(x) / (2 pi): float64 arcsin is about a quarter faster
     # than arccos in torch, and J0 is accurate to an ulp of 1/2 either way; clamped, as rounding at

@@ -152,13 +152,15 @@ class LimitEvaluator:
         where = f"instruction {node.name}" + (f" (line {node.span.line})" if node.span else "")
         scales = [self.blocks[bid].scale for bid, _ in variables]
 
-        def expectation(shape: tuple[int, ...], means: list[Tensor], covs: Sequence[Sequence[Tensor]],
+        def expectation(block: tuple[int, ...], means: list[Tensor], covs: Sequence[Sequence[Tensor]],
                         zero: Callable[[int, int], bool] | None = None) -> Expectation:
-            return Expectation(shape, means, covs, self.dtype, where, method or self.method, self.particles,
-                               self.generator, scales, zero)
+            # quadrature or Monte Carlo is chosen by the size of the whole result, not of a block
+            return Expectation(block, means, covs, self.dtype, where, method or self.method, self.particles,
+                               self.generator, scales, zero, whole_shape=shape)
 
+        symmetric = _symmetric(parts, combine, shape)
         result = None
-        if _symmetric(parts, combine, shape):
+        if symmetric and splits(shape[0]):
             covs = [[self.placed_cov(vi, vj, rank, upper=True) for vj in variables] for vi in variables]
             result = self.by_upper_blocks(tree, means, covs, shape[0], expectation)
         if result is None:
@@ -166,6 +168,8 @@ class LimitEvaluator:
             result = expectation(shape, means, lazy, lazy.is_zero)(tree)
         if "monte-carlo" in result.methods:
             self.mc_used = True
+            if symmetric:  # entries (i, j) and (j, i) are sampled apart: their mean, symmetric like the kernel
+                result = _symmetrised(result)
         return result
 
     def by_upper_blocks(self, tree: object, means: list[Tensor], covs: list[list[Tensor | BlockKernel]], n: int,
@@ -496,10 +500,19 @@ def _place_tensor(t: Tensor, axis: int | None, rank: int) -> Tensor:
 
 
 def _symmetric(parts: list[tuple[object, int | None]], combine: str | None, shape: tuple[int, ...]) -> bool:
-    """E[T(Z_i) T(Z_j)] over one batch against itself (the same expression on both axes), large
-    enough to be computed by upper blocks."""
+    """E[T(Z_i) T(Z_j)] over one batch against itself: the same expression on both axes."""
     return (combine == "mul" and len(parts) == 2 and len(shape) == 2 and shape[0] == shape[1]
-            and splits(shape[0]) and parts[0][1] == 0 and parts[1][1] == 1 and parts[0][0] == parts[1][0])
+            and parts[0][1] == 0 and parts[1][1] == 1 and parts[0][0] == parts[1][0])
+
+
+def _symmetrised(result: Result) -> Result:
+    """A kernel estimated by Monte Carlo as the mean of itself and its transpose (entry (i, j) draws its
+    pair of Gaussians through another factor than (j, i)): still unbiased, and symmetric like the
+    true kernel, so that a later kernel reading only its upper blocks reads all of it. The standard
+    error of the mean is at most the mean of the two."""
+    value = whole(result.value)
+    stderr = None if result.stderr is None else (result.stderr + result.stderr.T) / 2
+    return Result((value + value.T) / 2, result.methods, stderr)
 
 
 def _cut_leaves(tree: object, r0: int, r1: int) -> object:
@@ -511,8 +524,10 @@ def _cut_leaves(tree: object, r0: int, r1: int) -> object:
     return tree
 
 
-def _all_zero(t: Tensor) -> bool:
+def _all_zero(t: Tensor | BlockKernel) -> bool:
     """Every entry is 0, looking only once at entries that a broadcast view repeats."""
+    if isinstance(t, BlockKernel):
+        return all(_all_zero(b) for b in t.blocks)
     return bool((t[tuple(0 if st == 0 else slice(None) for st in t.stride())] == 0).all())
 
 

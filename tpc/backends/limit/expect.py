@@ -84,8 +84,9 @@ class Expectation:
     def __init__(self, shape: tuple[int, ...], mean: list[Tensor], cov: Sequence[Sequence[Tensor]],
                  dtype: torch.dtype, where: str, method: str = "auto", particles: int = 2**16,
                  generator: torch.Generator | None = None, scales: list[float] | None = None,
-                 zero: Callable[[int, int], bool] | None = None) -> None:
+                 zero: Callable[[int, int], bool] | None = None, whole_shape: tuple[int, ...] | None = None) -> None:
         self.shape = shape
+        self.whole_shape = shape if whole_shape is None else whole_shape  # when this is a block of a larger result
         self.mean = mean
         self.cov = cov
         self.zero = zero
@@ -116,7 +117,7 @@ class Expectation:
 
     def numeric(self, tree: ex.Tree) -> Result:
         """Quadrature where the number of Gaussians and the output size allow, else Monte Carlo."""
-        entries = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        entries = int(np.prod(self.whole_shape, dtype=np.int64)) if self.whole_shape else 1
         if self.method == "auto" and not _smooth(tree):
             # a kink, jump or singularity: Gauss-Hermite converges slowly or to the wrong value
             # without warning; Monte Carlo is unbiased and says how uncertain it is
@@ -337,7 +338,8 @@ class Expectation:
         """The same expectation over only the Gaussians `used`."""
         return Expectation(self.shape, [self.mean[i] for i in used],
                            [[self.cov[i][j] for j in used] for i in used], self.dtype, self.where,
-                           "auto", self.particles, self.generator, [self.scales[i] for i in used])
+                           "auto", self.particles, self.generator, [self.scales[i] for i in used],
+                           whole_shape=self.whole_shape)
 
     def stein_numeric(self, factors: list[tuple[str, Linear]]) -> tuple[Tensor, str] | None:
         """E[u f(v)] = Cov(u, v) E[f'(v)] for centred u, v and a smooth f: a quadrature in the
