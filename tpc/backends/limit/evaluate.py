@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var, is_zero
-from tpc.backends.limit.symmetric import BlockKernel, cut, row_blocks, splits, whole
+from tpc.backends.limit.symmetric import BlockKernel, all_finite, cut, row_blocks, splits, whole
 from tpc.errors import NumericalError, TpcError
 from tpc.ir import Node, Program, data_value, readout_weights, rows_gram
 from tpc.ops import expr as ex
@@ -271,7 +271,7 @@ class LimitEvaluator:
             x, y = self.scalars[a].value, self.scalars[b].value
             if a == b and x.dim() == 2 and splits(x.shape[0]):  # X X^T by upper blocks
                 rows = row_blocks(x.shape[0])
-                self.data_grams[a, b] = BlockKernel([x[r0:r1] @ x[r0:].T for r0, r1 in rows], rows)
+                self.data_grams[a, b] = BlockKernel([rows_gram(x[r0:r1], x[r0:]) for r0, r1 in rows], rows)
             else:
                 self.data_grams[a, b] = rows_gram(x, y)
         return self.data_grams[a, b]
@@ -470,8 +470,8 @@ class PlacedCovs(Sequence[Sequence[Tensor]]):
     def is_zero(self, i: int, j: int) -> bool:
         (bi, ai), (bj, aj) = self.variables[i], self.variables[j]
         c = self.ev.stored_cov(bi, bj)
-        if isinstance(c, BlockKernel) and ai is not None and aj is not None and ai != aj and c.first() != 0:
-            return False  # a kernel with a nonzero entry, decided without making it whole
+        if isinstance(c, BlockKernel) and ai is not None and aj is not None and ai != aj:
+            return all(is_zero(b) for b in c.blocks)  # decided without making it whole
         return is_zero(self.entry(i, j))
 
 
@@ -510,7 +510,8 @@ def _symmetrised(result: Result) -> Result:
     pair of Gaussians through another factor than (j, i)): still unbiased, and symmetric like the
     true kernel, so that a later kernel reading only its upper blocks reads all of it. The standard
     error of the mean is at most the mean of the two."""
-    value = whole(result.value)
+    value = result.value  # a tensor: a kernel sampled by blocks is taken whole instead (by_upper_blocks)
+    assert isinstance(value, Tensor)
     stderr = None if result.stderr is None else (result.stderr + result.stderr.T) / 2
     return Result((value + value.T) / 2, result.methods, stderr)
 
@@ -548,12 +549,7 @@ def interpret(prog: Program, evaluator: object, scalars: dict[int, LimitValue]) 
         value = scalars[node.id].value if node.id in scalars else None
         if value is None or id(value) in finite:  # scalars keeps every value alive: ids stay unique
             continue
-        # a NaN or infinity anywhere makes the sum non-finite; look closer only then
-        if isinstance(value, BlockKernel):
-            finite_value = value.all_finite()
-        else:
-            finite_value = bool(torch.isfinite(value.sum())) or bool(torch.isfinite(value).all())
-        if not finite_value:
+        if not all_finite(value):
             raise NumericalError(f"the limit of '{node.name}' is not finite (NaN or overflow)",
                                  node.span).locate(prog.filename, prog.source)
         finite.add(id(value))

@@ -71,15 +71,15 @@ class BlockKernel:
             self.blocks = [out[r0:r1, r0:] for r0, r1 in self.rows]
         return self._whole
 
-    def first(self) -> float:
-        return float(self.blocks[0][0, 0])
-
     def scaled(self, s: float) -> BlockKernel:
         return BlockKernel([s * b for b in self.blocks], self.rows)
 
-    def all_finite(self) -> bool:
-        """No NaN or infinity in K (a NaN or infinity makes a sum non-finite; look closer only then)."""
-        return all(bool(torch.isfinite(b.sum())) or bool(torch.isfinite(b).all()) for b in self.blocks)
+
+
+def all_finite(t: Tensor | BlockKernel) -> bool:
+    """No NaN or infinity in t (one makes a sum non-finite: look closer only then), block by block."""
+    blocks = t.blocks if isinstance(t, BlockKernel) else [t]
+    return all(bool(torch.isfinite(b.sum())) or bool(torch.isfinite(b).all()) for b in blocks)
 
 
 def whole(t: Tensor | BlockKernel) -> Tensor:
