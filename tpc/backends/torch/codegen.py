@@ -2,12 +2,15 @@
 
 The source is generated from the checked instruction graph only: names are identifiers
 the grammar admits (mangled away from Python keywords), numbers are printed floats, and
-data arrive as tensors, so nothing a `.tp` file contains is ever executed as code.
+data arrive as tensors, so nothing a `.tp` file contains is ever executed as code. User text
+that is only shown (the file name, a variance as written, in comments) goes through `_comment`,
+which escapes everything but printable ASCII, so it can never end a comment line.
 """
 
 from __future__ import annotations
 
 import keyword
+import math
 from typing import Any
 
 import numpy as np
@@ -30,24 +33,52 @@ def _attr(name: str) -> str:
 
 
 def _num(x: float) -> str:
-    return repr(float(x))
+    x = float(x)
+    if math.isfinite(x):
+        return repr(x)
+    # repr gives 'inf' / 'nan', which are not Python literals
+    return "math.nan" if math.isnan(x) else ("math.inf" if x > 0 else "-math.inf")
 
 
-def _tree_code(tree: ex.Tree, args: list[str]) -> str:
+def _comment(text: str) -> str:
+    """User text made safe for a `#` comment: printable ASCII stays; anything else (a newline,
+    U+2028, a form feed) is written as its escape, so it cannot end the comment's line."""
+    return "".join(c if " " <= c <= "~" else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+# Python's parser refuses deeply nested parentheses (about 200 levels); a Nonlin's tree deeper than
+# this is split into named partial results
+_MAX_INLINE_DEPTH = 40
+
+
+def _tree_code(tree: ex.Tree, args: list[str], hoisted: list[str] | None = None) -> str:
+    """Python source of an expression tree. Subtrees nested deeper than `_MAX_INLINE_DEPTH` are
+    appended to `hoisted` as `__e<k> = ...` lines and referred to by name (names starting with
+    two underscores are never a program's: `_local` mangles those)."""
+    code, _ = _tree_code_depth(tree, args, [] if hoisted is None else hoisted)
+    return code
+
+
+def _tree_code_depth(tree: ex.Tree, args: list[str], hoisted: list[str]) -> tuple[str, int]:
     if isinstance(tree, ex.Arg):
-        return args[tree.index]
+        return args[tree.index], 0
     if isinstance(tree, ex.Const):
-        return _num(tree.value)
+        return _num(tree.value), 0
     fn = FUNCTIONS[tree.fn]
     parts = []
+    depth = 0
     for a in tree.args:
-        code = _tree_code(a, args)
+        code, d = _tree_code_depth(a, args, hoisted)
+        if d >= _MAX_INLINE_DEPTH:
+            hoisted.append(f"__e{len(hoisted)} = {code}")
+            code, d = f"__e{len(hoisted) - 1}", 0
         if isinstance(a, ex.Apply) and (FUNCTIONS[a.fn].infix or a.fn in ("neg", "square")):
             code = f"({code})"
         elif isinstance(a, ex.Const) and a.value < 0:
             code = f"({code})"
         parts.append(code)
-    return fn.code.format(*parts)
+        depth = max(depth, d)
+    return fn.code.format(*parts), depth + 1
 
 
 class _Emitter:
@@ -93,7 +124,7 @@ class _Emitter:
             attr = _attr(self.names[node.id])
             p = node.params
             if node.op == "data":
-                lines.append(f"self.register_buffer({attr!r}, constants[{attr!r}])")
+                lines.append(f"self.register_buffer({attr!r}, constants[{'data:' + attr!r}])")
             elif node.op == "matrix":
                 rows = "n" if p["rows"] == "n" else str(p["rows"])
                 cols = "n" if p["cols"] == "n" else str(p["cols"])
@@ -102,7 +133,7 @@ class _Emitter:
                     var = f"{_num(p['var'])} * n ** {_num(2 * p['exponent_shift'])}"
                 lines.append(
                     f"self.{attr} = torch.nn.Parameter(rt.normal(gens, ({rows}, {cols}), dtype, device) "
-                    f"* math.sqrt({var}))  # {describe(self.prog, node)}"
+                    f"* math.sqrt({var}))  # {_comment(describe(self.prog, node))}"
                 )
         for gi, group in enumerate(self.prog.groups):
             members = [m for m in group.members if m in self.names]
@@ -126,16 +157,17 @@ class _Emitter:
             name = self.names[node.id]
             p = node.params
             where = f"{node.name} (line {node.span.line})" if node.span else node.name
+            hoisted: list[str] = []
             if node.op == "matmul":
                 w = self.ref(node.inputs[0]) + (".mT" if p.get("transposed") else "")
                 code = f"rt.matmul({w}, {self.ref(node.inputs[1])})"
             elif node.op == "nonlin":
                 vector = node.kind == "vector"
                 args = [self.lifted(i, len(node.shape), vector) for i in node.inputs]
-                code = f"rt.check({_tree_code(p['tree'], args)}, {where!r})"
+                code = f"rt.check({_tree_code(p['tree'], args, hoisted)}, {where!r})"
             elif node.op == "moment":
                 args = [self.lifted(i, len(node.shape), True) for i in node.inputs]
-                code = f"rt.check(({_tree_code(p['tree'], args)}).mean(-1), {where!r})"
+                code = f"rt.check(({_tree_code(p['tree'], args, hoisted)}).mean(-1), {where!r})"
             elif node.op == "gram":
                 x, y = (self.ref(i) for i in node.inputs)
                 code = f"rt.gram({x}, {y}, {tuple(node.shape)})"
@@ -148,7 +180,8 @@ class _Emitter:
                 code = self.cov_code(node)
             else:  # pragma: no cover - every op is handled above
                 raise NotImplementedError(node.op)
-            comment = f"  # {describe(self.prog, node)}" if node.op != "nonlin" else ""
+            comment = f"  # {_comment(describe(self.prog, node))}" if node.op != "nonlin" else ""
+            lines += hoisted
             lines.append(f"{name} = {code}{comment}")
         outs = ", ".join(f"{k!r}: {self.names[v] if self.prog.node(v).op not in ('data',) else self.ref(v)}"
                          for k, v in self.prog.outputs.items())
@@ -170,7 +203,7 @@ def emit_source(prog: Program, class_name: str = "TensorProgram") -> str:
     """The generated PyTorch module as Python source."""
     em = _Emitter(prog)
     out = [
-        f"# Generated by tpc from {prog.filename}",
+        f"# Generated by tpc from {_comment(prog.filename)}",
         "import math",
         "",
         "import torch",
@@ -179,7 +212,7 @@ def emit_source(prog: Program, class_name: str = "TensorProgram") -> str:
         "",
         "",
         f"class {class_name}(torch.nn.Module):",
-        f'    """{prog.filename} at width n for a batch of seeds: every tensor has a leading',
+        '    """The program at width n for a batch of seeds: every tensor has a leading',
         '    seeds axis (1 for data); vectors have a trailing width axis."""',
         "",
         "    def __init__(self, width: int, seeds: list[int], constants: dict[str, torch.Tensor],",
@@ -205,7 +238,8 @@ def constants(prog: Program, dtype: torch.dtype, device: str) -> dict[str, torch
     for node in em.nodes:
         if node.op == "data":
             arr = np.asarray(data_value(prog, node), dtype=np.float64)
-            consts[_attr(em.names[node.id])] = torch.tensor(arr, dtype=dtype, device=device)[None]
+            # keyed apart from the groups' constants, whatever the program names its data
+            consts["data:" + _attr(em.names[node.id])] = torch.tensor(arr, dtype=dtype, device=device)[None]
     for gi, group in enumerate(prog.groups):
         w, v = np.linalg.eigh(group.cov)
         factor = v * np.sqrt(np.clip(w, 0, None))
