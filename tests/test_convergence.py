@@ -42,7 +42,7 @@ def test_finite_width_converges_to_the_limit(path: Path) -> None:
 def test_seed_results_do_not_depend_on_chunking() -> None:
     prog = tpc.load(ROOT / "programs" / "kernels" / "relu_mlp.tp")
     whole = tpc.run(prog, 128, 6)["nngp"].values
-    chunked = tpc.run(prog, 128, 6, memory_gb=1e-6)["nngp"].values  # one seed per chunk
+    chunked = tpc.run(prog, 128, 6, memory_gb=1e-6, force=True)["nngp"].values  # one seed per chunk
     np.testing.assert_array_equal(whole, chunked)
     later = tpc.run(prog, 128, 3, first_seed=3)["nngp"].values
     np.testing.assert_array_equal(whole[3:], later)

@@ -69,6 +69,69 @@ def _step_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Callabl
     return update, bar.close
 
 
+def _strict(obj: object) -> object:
+    """JSON without NaN or Infinity tokens: a value that does not exist (the standard error of one
+    seed, the slope of one width) is null."""
+    if isinstance(obj, float):
+        return obj if np.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_strict(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _strict(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _strict(obj.item())
+    return obj
+
+
+def dumps(obj: object) -> str:
+    """The one JSON writer of the CLI: strict JSON (see `_strict`)."""
+    return json.dumps(_strict(obj), indent=1, allow_nan=False)
+
+
+def _count(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not (value > 0 and np.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got '{text}'")
+    return value
+
+
+def _device(text: str) -> str:
+    """cpu, cuda or cuda:K (whether CUDA is there is checked when it is used)."""
+    kind, _, index = text.partition(":")
+    if kind == "cpu" and not index or kind == "cuda" and (not index or index.isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:K, got '{text}'")
+
+
+def _memory_opts(sp: argparse.ArgumentParser, what: str) -> None:
+    from tpc.memory import default_gb
+
+    sp.add_argument("--memory-gb", type=_positive_float, default=None,
+                    help=f"refuse {what} that needs more memory than this (default: half of this machine's, "
+                    f"{default_gb():g} GB here); the figure is stated before anything is allocated")
+    sp.add_argument("--force", action="store_true", help="run even above --memory-gb")
+
+
 # ---------------------------------------------------------------------------- commands
 
 
@@ -202,6 +265,19 @@ def cmd_emit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finite_need(prog, width: int, dtype: str) -> str:  # noqa: ANN001
+    from tpc import memory
+
+    itemsize = 4 if dtype == "float32" else 8
+    if _is_network(prog):
+        from tpc.train.finite import bytes_per_seed
+
+        return memory.gb(bytes_per_seed(prog, width, itemsize))
+    from tpc.backends.torch.run import bytes_per_seed as program_bytes
+
+    return memory.gb(program_bytes(prog, width, itemsize))
+
+
 def _check_device(device: str) -> None:
     if device.startswith("cuda"):
         import torch
@@ -217,23 +293,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     prog = _load(args.file)
     _check_device(args.device)
     show = not args.json and not args.quiet
+    print(f"{args.file}: width {args.width}, {args.seeds} seeds, {args.dtype} on {args.device}; "
+          f"{_finite_need(prog, args.width, args.dtype)} per seed", file=sys.stderr if args.json else sys.stdout,
+          flush=True)
     update, close = _progress(args.seeds, f"width {args.width}", show)
     try:
         if _is_network(prog):
             steps, close_steps = _step_bar(show and prog.train is not None)
             try:
                 res = train_finite(prog, args.width, args.seeds, dtype=args.dtype, device=args.device,
-                                   first_seed=args.first_seed, progress=update, on_step=steps)
+                                   first_seed=args.first_seed, memory_gb=args.memory_gb, force=args.force,
+                                   progress=update, on_step=steps)
             finally:
                 close_steps()
         else:
             res = run_finite(prog, args.width, args.seeds, dtype=args.dtype, device=args.device,
-                             first_seed=args.first_seed, progress=update)
+                             first_seed=args.first_seed, memory_gb=args.memory_gb, force=args.force,
+                             progress=update)
     finally:
         close()
     if args.json:
         return _print_outputs_json(res)
-    print(f"{args.file}: width {args.width}, {args.seeds} seeds, {args.dtype} on {args.device}")
     for name, r in res.items():
         print(f"  {name} = {_fmt_array(r.mean, r.stderr)}")
     return 0
@@ -246,11 +326,18 @@ def cmd_limit(args: argparse.Namespace) -> int:
     if _is_network(prog):
         res = _network_limit(args, prog)
     else:
+        from tpc import memory
+
+        itemsize = 4 if args.dtype == "float32" else 8
+        print(f"{args.file}: infinite-width limit; about {memory.gb(memory.gaussian_bytes(prog, itemsize))} for "
+              f"its kernels (by particles, if it needs them: "
+              f"{memory.gb(memory.particle_bytes(prog, itemsize, args.particles))} more)",
+              file=sys.stderr if args.json else sys.stdout, flush=True)
         res = evaluate_limit(prog, method=args.method, dtype=args.dtype, particles=args.particles,
-                             replicates=args.replicates or 8, seed=args.seed)
+                             replicates=args.replicates or 8, seed=args.seed, memory_gb=args.memory_gb,
+                             force=args.force)
     if args.json:
         return _print_outputs_json(res)
-    print(f"{args.file}: infinite-width limit")
     for name, r in res.items():
         print(f"  {name} [{r.method}] = {_fmt_array(r.value, r.stderr)}")
         if r.cov is not None:
@@ -266,7 +353,7 @@ def _network_limit(args: argparse.Namespace, net) -> dict:  # noqa: ANN001
     print(f"{args.file}: {describe(net, args.method, args.particles, replicates)}",
           file=sys.stderr if args.json else sys.stdout, flush=True)
     bar = None
-    if not args.json and net.train and net.classification().regime == "feature learning":
+    if not args.json and not args.quiet and net.train and net.classification().regime == "feature learning":
         from tqdm import tqdm
 
         bar = tqdm(desc="SGD steps (limit, all replicates)", unit="step", file=sys.stderr, leave=False)
@@ -291,17 +378,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     prog = _load(args.file)
     _check_device(args.device)
     widths = _widths(args.widths)
+    if args.plot:
+        _check_writable(args.plot)  # before the runs, not after them
     update, close = _progress(args.seeds * len(widths), "finite widths", not args.json and not args.quiet)
     try:
         results = compare(prog, widths, args.seeds, method=args.method, dtype=args.dtype,
-                          device=args.device, progress=update)
+                          device=args.device, memory_gb=args.memory_gb, force=args.force, progress=update)
     finally:
         close()
     if args.plot:
         plot(results, args.plot, f"{args.file}: finite width vs limit ({args.seeds} seeds)")
     if args.json:
-        print(json.dumps({"outputs": {k: v.to_json() for k, v in results.items()},
-                          "widths": widths, "seeds": args.seeds}, indent=1))
+        print(dumps({"outputs": {k: v.to_json() for k, v in results.items()}, "widths": widths,
+                     "seeds": args.seeds}))
         return 0
     print(f"{args.file}: {args.seeds} seeds per width; errors against the limit, root-mean-square over "
           "entries (rms error: of single seeds; |mean - limit|: of the mean over seeds)")
@@ -318,7 +407,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         for r in comp.rows:
             se = float(np.sqrt(np.mean(np.asarray(r.stderr) ** 2)))
             print(f"    {r.width:>7}  {r.mean_error:>15.4g}  {se:>13.3g}  {r.rms_error:>11.4g}")
-        if not comp.random:
+        if not comp.random and len(widths) < 2:
+            print("    (a slope needs two widths or more)")
+        elif not comp.random:
             print(f"    fitted slope of log(rms error) vs log(n): {comp.slope:+.3f}  (n^-1/2 is -0.5); "
                   f"of log|mean - limit|: {comp.mean_slope:+.3f}")
     if args.plot:
@@ -336,14 +427,15 @@ def cmd_classify(args: argparse.Namespace) -> int:
                            "give --preset / --a --b --c").locate(args.file, "")
         abc = net.abc
     elif args.preset:
-        abc = preset(args.preset, args.layers)
+        # mean field is defined for one hidden layer; the others default to two
+        abc = preset(args.preset, args.layers if args.layers is not None else (1 if args.preset == "mf" else 2))
     else:
         if args.a is None or args.b is None or args.c is None:
             raise TpcError("give --preset NAME (with --layers L), or all of --a, --b and --c")
         abc = ABC(_floats(args.a, "--a"), _floats(args.b, "--b"), _floats(args.c, "--c")[0])
     res = classify(abc)
     if args.json:
-        print(json.dumps(res.to_json(), indent=1))
+        print(dumps(res.to_json()))
         return 0
     layers = f"{abc.hidden_layers} hidden layer" + ("s" if abc.hidden_layers != 1 else "")
     print(f"a = {list(abc.a)}, b = {list(abc.b)}, c = {abc.c:g}  ({layers})")
@@ -358,20 +450,39 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:
     try:
-        return tuple(float(eval_fraction(t)) for t in text.split(",") if t.strip())
+        values = tuple(float(eval_fraction(t)) for t in text.split(",") if t.strip())
     except ValueError:
         raise TpcError(f"{flag} expects comma-separated numbers (fractions like 1/2 allowed), got '{text}'") from None
+    if not values:
+        raise TpcError(f"{flag} expects comma-separated numbers, got '{text}'")
+    return values
 
 
 def eval_fraction(text: str) -> float:
+    """A number or a fraction `p/q`, finite; ValueError otherwise."""
     num, _, den = text.strip().partition("/")
-    return float(num) / float(den) if den else float(num)
+    value = float(num)
+    if den:
+        value = value / float(den) if float(den) != 0 else float("nan")
+    if not np.isfinite(value):
+        raise ValueError(text)
+    return value
 
 
 def _print_outputs_json(results: dict) -> int:
     """The `--json` object of run and limit: {"outputs": {name: ...}}."""
-    print(json.dumps({"outputs": {k: v.to_json() for k, v in results.items()}}, indent=1))
+    print(dumps({"outputs": {k: v.to_json() for k, v in results.items()}}))
     return 0
+
+
+def _check_writable(path: str) -> None:
+    import os
+
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise TpcError(f"--plot {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise TpcError(f"--plot {path}: the folder {folder} is not writable")
 
 
 def _widths(text: str) -> list[int]:
@@ -415,16 +526,17 @@ def parser() -> argparse.ArgumentParser:
     add("emit-torch", "Print the generated PyTorch module (Python source).", cmd_emit)
 
     def finite_opts(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--seeds", type=int, default=8, help="independent initialisations (default 8)")
-        sp.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+        sp.add_argument("--seeds", type=_count(1), default=8, help="independent initialisations (default 8)")
+        sp.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:K (default cpu)")
         sp.add_argument("--dtype", choices=["float32", "float64"], default="float64")
         sp.add_argument("--json", action="store_true", help="print one JSON object")
         sp.add_argument("--quiet", action="store_true", help="no progress bar")
+        _memory_opts(sp, "a run")
 
     r = add("run", "Run the program at finite width for several seeds (vectorised across seeds); "
             "print each output's mean and standard error.", cmd_run)
-    r.add_argument("--width", type=int, required=True, help="the width n")
-    r.add_argument("--first-seed", type=int, default=0)
+    r.add_argument("--width", type=_count(1), required=True, help="the width n")
+    r.add_argument("--first-seed", type=_count(0), default=0)
     finite_opts(r)
 
     lim = add("limit", "Compute the infinite-width limit (Master Theorem) of every output, and say "
@@ -434,14 +546,13 @@ def parser() -> argparse.ArgumentParser:
                      help="auto: exact where linear, closed forms where known, Gauss-Hermite "
                      "quadrature otherwise, Monte Carlo in high dimension")
     lim.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    lim.add_argument("--particles", type=int, default=2**16, help="Monte Carlo particles")
-    lim.add_argument("--replicates", type=int, default=None,
+    lim.add_argument("--particles", type=_count(2), default=2**16, help="Monte Carlo particles")
+    lim.add_argument("--replicates", type=_count(2), default=None,
                      help="independent Monte Carlo runs, for the standard error (default 8; 4 for training)")
-    lim.add_argument("--seed", type=int, default=0)
-    lim.add_argument("--memory-gb", type=float, default=8.0,
-                     help="refuse a training limit that needs more memory than this (default 8)")
-    lim.add_argument("--force", action="store_true", help="run a training limit even above --memory-gb")
+    lim.add_argument("--seed", type=_count(0), default=0)
+    _memory_opts(lim, "a limit")
     lim.add_argument("--json", action="store_true", help="print one JSON object")
+    lim.add_argument("--quiet", action="store_true", help="no progress bar")
 
     c = add("compare", "Run finite widths and the limit; print each output's error per width and "
             "the fitted log-log slope (about -0.5 when the Master Theorem holds).", cmd_compare)
@@ -458,7 +569,8 @@ def parser() -> argparse.ArgumentParser:
                         "1 (input) .. L (hidden), L+1 (readout).")
     cl.add_argument("file", metavar="FILE", nargs="?", help="a network program (its parametrization and layers)")
     cl.add_argument("--preset", choices=["sp", "ntk", "mup", "mf"], help="a named parametrization")
-    cl.add_argument("--layers", type=int, default=2, help="hidden layers L for a preset (default 2)")
+    cl.add_argument("--layers", type=_count(1), default=None,
+                    help="hidden layers L for a preset (default 2; 1 for mf, which is defined for one)")
     cl.add_argument("--a", help="a_1,...,a_{L+1} (comma-separated; fractions like -1/2 allowed)")
     cl.add_argument("--b", help="b_1,...,b_{L+1}")
     cl.add_argument("--c", help="c")
@@ -467,8 +579,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _join_signed_values(argv: list[str]) -> list[str]:
+    """`--a -1/2,0,1/2`: argparse takes a value that starts with '-' for an option, so the three
+    list options are joined with their value (`--a=-1/2,0,1/2`), as the user meant."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--a", "--b", "--c") and i + 1 < len(argv) and argv[i + 1][:1] == "-" \
+                and argv[i + 1][1:2] in tuple("0123456789."):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parser().parse_args(_join_signed_values(sys.argv[1:] if argv is None else list(argv)))
     try:
         return args.fn(args)
     except TpcError as err:

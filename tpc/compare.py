@@ -72,14 +72,15 @@ def fit_slope(widths: list[int], errors: list[float]) -> float:
 
 
 def compare(prog: Program | Network, widths: list[int], seeds: int, method: str = "auto",
-            dtype: str = "float64", device: str = "cpu",
+            dtype: str = "float64", device: str = "cpu", memory_gb: float | None = None, force: bool = False,
             progress: Callable[[int], None] | None = None) -> dict[str, OutputComparison]:
     network = isinstance(prog, Network)
-    limit = network_limit(prog, method=method) if network else evaluate_limit(prog, method=method)
+    budget = {"memory_gb": memory_gb, "force": force}
+    limit = (network_limit if network else evaluate_limit)(prog, method=method, **budget)
     out = {k: OutputComparison(k, v) for k, v in limit.items()}
     for width in widths:
         run = train_finite if network else run_finite
-        finite = run(prog, width, seeds, dtype=dtype, device=device, progress=progress)
+        finite = run(prog, width, seeds, dtype=dtype, device=device, progress=progress, **budget)
         for name, res in finite.items():
             lim = limit[name].value
             diff = res.values - lim[None]

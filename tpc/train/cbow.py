@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tpc import memory
 from tpc.backends.limit.evaluate import LimitOutput
 from tpc.backends.torch.run import DTYPES, FiniteResult
 from tpc.errors import NumericalError, TpcError
@@ -272,8 +273,11 @@ def describe(net: Network) -> str:
 
 def cbow_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
                 first_seed: int = 0, progress: Callable[[int], None] | None = None,
-                on_step: Callable[[int, int], None] | None = None) -> dict[str, FiniteResult]:
+                on_step: Callable[[int, int], None] | None = None, memory_gb: float | None = None,
+                force: bool = False) -> dict[str, FiniteResult]:
     """Every output at width `width`, one seed after another (the tables are the memory)."""
+    memory.seeds_at_once(memory_bytes(net, width, torch.finfo(DTYPES[dtype]).bits // 8), 1,
+                         f"a word2vec run at width {width}", memory_gb, force, net.filename, net.source)
     parts: dict[str, list[np.ndarray]] = {o.name: [] for o in net.outputs}
     for i in range(seeds):
         u, v = finite_tables(net, width, first_seed + i, DTYPES[dtype], device)

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from tpc import memory
 from tpc.backends.torch.run import DTYPES, FiniteResult
 from tpc.errors import NumericalError
 from tpc.train.losses import batch_rows, loss_value
@@ -66,8 +67,20 @@ def _step(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor)
     return _tree(step.tree, [vals[i] for i in step.args])
 
 
+def bytes_per_seed(net: Network, width: int, itemsize: int) -> int:
+    """A generous estimate of one seed's memory: the weights, their gradients and SGD's temporaries
+    (x4), and every model value on every input (x4: forward, backward, autograd's saved tensors)."""
+    if net.train and net.train.optimizer == "cbow":
+        from tpc.train.cbow import memory_bytes
+
+        return memory_bytes(net, width, itemsize)
+    weights = sum(int(np.prod(shape_of(la, width))) for la in net.layers.values())
+    rows = max(net.data[d].shape[0] for d in net.point_sets())
+    return itemsize * 4 * (weights + rows * width * len(net.model.steps))
+
+
 def train_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
-                 first_seed: int = 0, memory_gb: float = 4.0,
+                 first_seed: int = 0, memory_gb: float | None = None, force: bool = False,
                  progress: Callable[[int], None] | None = None,
                  on_step: Callable[[int, int], None] | None = None) -> dict[str, FiniteResult]:
     """Every output of the network program at width `width` for seeds first_seed...; training runs
@@ -76,12 +89,10 @@ def train_finite(net: Network, width: int, seeds: int, dtype: str = "float64", d
     if net.train and net.train.optimizer == "cbow":  # word2vec: tables of word vectors, not dense layers
         from tpc.train.cbow import cbow_finite
 
-        return cbow_finite(net, width, seeds, dtype, device, first_seed, progress, on_step)
+        return cbow_finite(net, width, seeds, dtype, device, first_seed, progress, on_step, memory_gb, force)
     tdtype = DTYPES[dtype]
-    per_seed = 4 * sum(int(np.prod(shape_of(la, width))) for la in net.layers.values())
-    rows = max(net.data[d].shape[0] for d in net.point_sets())
-    per_seed += 4 * rows * width * len(net.model.steps)
-    chunk = max(1, min(seeds, int(memory_gb * 2**30 // (per_seed * torch.finfo(tdtype).bits // 8))))
+    chunk = memory.seeds_at_once(bytes_per_seed(net, width, torch.finfo(tdtype).bits // 8), seeds,
+                                 f"one seed at width {width}", memory_gb, force, net.filename, net.source)
     parts: dict[str, list[np.ndarray]] = {o.name: [] for o in net.outputs}
     done = 0
     while done < seeds:

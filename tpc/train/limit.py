@@ -8,14 +8,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from tpc import memory
 from tpc.backends.limit.evaluate import LimitOutput
 from tpc.errors import TpcError
 from tpc.train import cbow
 from tpc.train.kernel import kernel_limit
 from tpc.train.network import Network
 from tpc.train.unroll import LimitSpace, Plan, is_linear_model, plan, run
-
-DEFAULT_MEMORY_GB = 8.0
 
 
 def describe(net: Network, method: str = "auto", particles: int = 2**16, replicates: int = 4) -> str:
@@ -49,7 +48,7 @@ def _exact(net: Network, method: str) -> bool:
 
 
 def network_limit(net: Network, method: str = "auto", particles: int = 2**16, replicates: int = 4,
-                  seed: int = 0, memory_gb: float = DEFAULT_MEMORY_GB, force: bool = False,
+                  seed: int = 0, memory_gb: float | None = None, force: bool = False,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, LimitOutput]:
     cls = net.classification()
     if not cls.stable:
@@ -57,23 +56,31 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
                        net.param_span).locate(net.filename, net.source)
     if net.train and net.train.optimizer == "cbow":
         m = cbow.basis_size(net) if cls.regime == "feature learning" else 0
-        need = cbow.memory_bytes(net, m) / 2**30
-        if m and need > memory_gb and not force:
-            raise TpcError(f"the word2vec limit needs about {need:.3g} GB (two tables over {m} basis vectors), "
-                           f"more than {memory_gb:g} GB; use --force", net.train.span).locate(net.filename,
-                                                                                            net.source)
+        if m:
+            try:
+                memory.require(cbow.memory_bytes(net, m), f"the word2vec limit (two tables over {m} basis vectors)",
+                               memory_gb, force, net.train.span)
+            except TpcError as err:
+                raise err.locate(net.filename, net.source) from None
         return cbow.cbow_limit(net, progress=progress)
     if cls.regime != "feature learning":
+        points = sum(net.data[d].shape[0] for d in net.point_sets())
+        # the NNGP, the NTK, the layers' kernels and f_t's affine map (P x P each), and samples of f_0
+        need = 8 * (8 * points**2 + 2**14 * points * net.output_dim())
+        try:
+            memory.require(need, f"the kernel-regime limit over {points} inputs", memory_gb, force)
+        except TpcError as err:
+            raise err.locate(net.filename, net.source) from None
         return kernel_limit(net, seed=seed)
     p: Plan = plan(net)
     exact = _exact(net, method)
     size = p.gaussians + 1 if exact else particles
-    need = p.memory_bytes(size) / 2**30
-    if need > memory_gb and not force:
-        raise TpcError(f"the unrolled limit needs about {need:.3g} GB ({p.gaussians} Gaussian vectors over "
-                       f"{size} {'basis elements' if exact else 'particles'}), more than {memory_gb:g} GB; "
-                       "use fewer particles or steps, or --force",
-                       net.train.span if net.train else None).locate(net.filename, net.source)
+    try:
+        memory.require(p.memory_bytes(size), f"the unrolled limit ({p.gaussians} Gaussian vectors over {size} "
+                       f"{'basis elements' if exact else 'particles'})", memory_gb, force,
+                       net.train.span if net.train else None, hint="fewer particles or steps")
+    except TpcError as err:
+        raise err.locate(net.filename, net.source) from None
     runs = []
     count = 1 if exact else max(2, replicates)
     steps = net.train.steps if net.train else 0

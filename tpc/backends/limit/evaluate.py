@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tpc import memory
 from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var, is_zero
 from tpc.backends.limit.symmetric import BlockKernel, all_finite, cut, row_blocks, splits, whole
 from tpc.errors import NumericalError, TpcError
@@ -635,10 +636,17 @@ ORDER = ("exact", "closed-form", "quadrature", "monte-carlo")
 
 
 def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
-                   particles: int = 2**16, replicates: int = 8, seed: int = 0) -> dict[str, LimitOutput]:
+                   particles: int = 2**16, replicates: int = 8, seed: int = 0,
+                   memory_gb: float | None = None, force: bool = False) -> dict[str, LimitOutput]:
     """The limit of every output. Where Monte Carlo served any expectation, the whole evaluation
-    is repeated with independent particles and the standard error is taken across replicates."""
+    is repeated with independent particles and the standard error is taken across replicates.
+    Refuses (before allocating) what would need more than `memory_gb` (see tpc.memory)."""
     tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
+    itemsize = torch.finfo(tdtype).bits // 8
+    try:
+        memory.require(memory.gaussian_bytes(prog, itemsize), "the limit's kernels", memory_gb, force)
+    except TpcError as err:
+        raise err.locate(prog.filename, prog.source) from None
     def run_once(s: int) -> tuple[dict[str, LimitValue], bool]:
         clear_kernel_cache()  # a replicate's step kernels are of no use to the next one
         ev = LimitEvaluator(prog, method, tdtype, particles, s)
@@ -653,6 +661,12 @@ def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
                     f"--method {method}: this program applies W.T to a batch, which tpc evaluates by "
                     "particles: exactly when linear, else by Monte Carlo; use --method auto or monte-carlo"
                 ).locate(prog.filename, prog.source) from None
+            need = memory.gaussian_bytes(prog, itemsize) + memory.particle_bytes(prog, itemsize, particles)
+            try:
+                memory.require(need, f"the limit by particles ({particles} per Gaussian)", memory_gb, force,
+                               hint="fewer --particles")
+            except TpcError as err:
+                raise err.locate(prog.filename, prog.source) from None
             pev = ParticleEvaluator(prog, exact, tdtype, particles, s)
             return pev.run(), pev.mc_used
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tpc import memory
 from tpc.backends.torch.codegen import constants, module_class
 from tpc.ir import Program
 
@@ -53,12 +54,14 @@ def bytes_per_seed(prog: Program, width: int, itemsize: int) -> int:
 
 
 def run_finite(prog: Program, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
-               first_seed: int = 0, memory_gb: float = 4.0,
+               first_seed: int = 0, memory_gb: float | None = None, force: bool = False,
                progress: Callable[[int], None] | None = None) -> dict[str, FiniteResult]:
-    """Outputs at width `width` for seeds first_seed .. first_seed+seeds-1."""
+    """Outputs at width `width` for seeds first_seed .. first_seed+seeds-1, as many seeds at once
+    as fit in `memory_gb`; one seed that does not fit is refused before anything is allocated."""
     tdtype = DTYPES[dtype]
     per_seed = bytes_per_seed(prog, width, torch.finfo(tdtype).bits // 8)
-    chunk = max(1, min(seeds, int(memory_gb * 2**30 // max(per_seed, 1))))
+    chunk = memory.seeds_at_once(per_seed, seeds, f"one seed at width {width}", memory_gb, force,
+                                 prog.filename, prog.source)
     cls = module_class(prog)
     consts = constants(prog, tdtype, device)
     parts: dict[str, list[np.ndarray]] = {k: [] for k in prog.outputs}

@@ -1,0 +1,126 @@
+"""Command-line options are validated by the parser, JSON output is strict, memory is stated
+and bounded before anything is allocated, and non-finite results are errors naming the
+instruction."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tpc
+from tpc.cli import dumps, main
+from tpc.errors import NumericalError, TpcError
+
+RELU = "programs/kernels/relu_mlp.tp"
+TRAIN = "programs/train/relu2_mup.tp"
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", RELU, "--width", "0"],
+    ["run", RELU, "--width", "-3"],
+    ["run", RELU, "--width", "8", "--seeds", "0"],
+    ["run", RELU, "--width", "8", "--device", "bogus"],
+    ["run", RELU, "--width", "8", "--memory-gb", "0"],
+    ["run", RELU, "--width", "8", "--memory-gb", "nan"],
+    ["limit", RELU, "--particles", "0"],
+    ["limit", RELU, "--replicates", "1"],
+    ["compare", RELU, "--seeds", "-1"],
+    ["classify", "--preset", "mup", "--layers", "0"],
+])
+def test_bad_options_are_refused_by_the_parser(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: argument" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("argv", [
+    ["classify", "--a", "1/0", "--b", "1,1,1", "--c", "1"],
+    ["classify", "--a", "inf,0,0", "--b", "1,1,1", "--c", "1"],
+    ["classify", "--a", ",", "--b", "1,1,1", "--c", "1"],
+])
+def test_bad_numbers_in_classify_are_clean_errors(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    assert "expects comma-separated numbers" in capsys.readouterr().err
+
+
+def test_negative_fractions_read_as_values(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["classify", "--a", "-1/2,0,1/2", "--b", "1/2,1/2,1/2", "--c", "0", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["a"] == [-0.5, 0.0, 0.5] and res["regime"] == "feature learning"
+
+
+def test_mean_field_preset_has_one_hidden_layer(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["classify", "--preset", "mf", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["regime"] == "feature learning"
+
+
+def test_plot_to_a_missing_folder_fails_before_running(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib
+
+    compare_module = importlib.import_module("tpc.compare")  # `tpc.compare` is the function
+
+    def never(*_args: object, **_kw: object) -> None:
+        raise AssertionError("compare ran before the plot's folder was checked")
+
+    monkeypatch.setattr(compare_module, "compare", never)
+    assert main(["compare", RELU, "--widths", "16", "--plot", str(tmp_path / "missing" / "x.png")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_json_is_strict_with_one_seed_and_one_width(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", RELU, "--widths", "16", "--seeds", "1", "--json", "--quiet"]) == 0
+    text = capsys.readouterr().out
+    assert "NaN" not in text and "Infinity" not in text
+    res = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
+    nngp = res["outputs"]["nngp"]
+    assert nngp["slope"] is None  # one width: no slope
+    assert all(v is None for v in np.ravel(nngp["widths"][0]["stderr"]))  # one seed: no standard error
+
+
+def test_one_width_prints_no_slope(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compare", RELU, "--widths", "16", "--seeds", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "a slope needs two widths" in out and "nan" not in out
+
+
+def test_dumps_replaces_non_finite_values() -> None:
+    text = dumps({"a": float("nan"), "b": [1.0, float("inf")], "c": np.array([np.nan, 2.0]), "d": np.float64(-np.inf)})
+    assert json.loads(text) == {"a": None, "b": [1.0, None], "c": [None, 2.0], "d": None}
+
+
+def test_a_run_too_large_is_refused_before_allocating(capsys: pytest.CaptureFixture[str]) -> None:
+    # one seed at width 200000 holds two 200000 x 200000 matrices: about 600 GB
+    assert main(["run", RELU, "--width", "200000", "--seeds", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "would take about" in err and "GB" in err and "--force" in err
+
+
+def test_a_limit_too_large_is_refused_with_its_figure(tmp_path: Path) -> None:
+    np.save(tmp_path / "X.npy", np.ones((3000, 2)))
+    (tmp_path / "big.tp").write_text(
+        "width n\ndata X = load(\"X.npy\")\nmatrix U : n x 2 ~ N(0, 1)\nvector v ~ N(0, 1)\n"
+        "f = v @ relu(U @ X) / sqrt(n)\noutput k = cov(f)\n")
+    prog = tpc.load(str(tmp_path / "big.tp"))
+    with pytest.raises(TpcError, match=r"the limit.s kernels would take about 0.2.* GB, more than the 0.01 GB"):
+        tpc.limit(prog, memory_gb=0.01)
+    assert tpc.limit(prog, memory_gb=0.01, force=True)["k"].value.shape == (3000, 3000)
+
+
+def test_a_training_run_too_large_is_refused() -> None:
+    net = tpc.load(TRAIN)
+    with pytest.raises(TpcError, match="one seed at width 100000 would take about"):
+        tpc.run(net, 100000, 1)
+
+
+def test_float32_overflow_at_finite_width_names_the_instruction() -> None:
+    prog = tpc.loads("width n\ndata X = [[1e30, 0], [0, 1]]\nmatrix U : n x 2 ~ N(0, 1)\nh = U @ X\n"
+                     "output g = gram(h)\n")
+    with pytest.raises(NumericalError, match=r"instruction .*line 5.* produced infinite values"):
+        tpc.run(prog, 64, 2, dtype="float32")
+    assert np.isfinite(tpc.run(prog, 64, 2)["g"].mean).all()  # float64 holds it

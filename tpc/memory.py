@@ -1,0 +1,84 @@
+"""Memory budgets: every command that allocates states what it needs before it allocates, and
+refuses beyond a budget (`--memory-gb`, by default half of this machine's memory) unless forced.
+
+The estimates are deliberately generous (every kernel and vector the evaluation may hold at
+once, plus temporaries): refusing a run that would have fitted costs a flag, running one that
+does not fit costs the machine."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from tpc.errors import Span, TpcError
+from tpc.ir import Program
+
+FALLBACK_GB = 8.0
+
+
+def machine_gb() -> float | None:
+    """Physical memory in GiB, where the platform says."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def default_gb() -> float:
+    """The default budget: half of the machine's memory (the rest is the system's and torch's own)."""
+    total = machine_gb()
+    return round(total / 2, 1) if total else FALLBACK_GB
+
+
+def gb(nbytes: float) -> str:
+    """A size in readable units."""
+    value = nbytes / 2**30
+    return f"{value:.3g} GB" if value >= 0.1 else f"{nbytes / 2**20:.3g} MB"
+
+
+def require(nbytes: float, what: str, memory_gb: float | None, force: bool = False,
+            span: Span | None = None, hint: str = "") -> None:
+    """Refuse `what` if it needs more than the budget (unless forced), naming both figures."""
+    budget = default_gb() if memory_gb is None else memory_gb
+    if nbytes > budget * 2**30 and not force:
+        raise TpcError(f"{what} would take about {gb(nbytes)}, more than the {budget:g} GB allowed "
+                       f"(--memory-gb{', or ' + hint if hint else ''}; --force runs it anyway)", span)
+
+
+def seeds_at_once(per_seed: int, seeds: int, what: str, memory_gb: float | None, force: bool,
+                  filename: str, source: str) -> int:
+    """How many seeds a finite run takes at once within the budget (at least one, if it fits)."""
+    budget = default_gb() if memory_gb is None else memory_gb
+    try:
+        require(per_seed, what, budget, force, hint="a smaller --width")
+    except TpcError as err:
+        raise err.locate(filename, source) from None
+    return max(1, min(seeds, int(budget * 2**30 // max(per_seed, 1))))
+
+
+def _size(shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) if shape else 1
+
+
+def gaussian_bytes(prog: Program, itemsize: int) -> int:
+    """What Gaussian propagation of a Netsor program may hold at once: for the vectors multiplied
+    by one matrix (a family), their joint covariance (the square of their batch sizes summed),
+    every scalar's value (a B x B' kernel for a Gram), and two more of the largest kernel for an
+    expectation's temporaries."""
+    families: dict[tuple[int, bool], int] = {}
+    scalars = 0
+    for node in prog.needed():
+        if node.op == "matmul":
+            key = (node.inputs[0], bool(node.params.get("transposed")))
+            families[key] = families.get(key, 0) + _size(node.shape)
+        elif node.kind != "vector" and node.op != "data":
+            scalars += _size(node.shape)
+    largest = max([b * b for b in families.values()] + [0])
+    return itemsize * (sum(b * b for b in families.values()) + scalars + 2 * largest)
+
+
+def particle_bytes(prog: Program, itemsize: int, particles: int) -> int:
+    """What the particle evaluator holds on top: every vector as M samples per batch element."""
+    samples = sum(_size(n.shape) for n in prog.needed() if n.kind == "vector")
+    return itemsize * particles * samples
