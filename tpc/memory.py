@@ -33,8 +33,10 @@ def default_gb() -> float:
 
 def gb(nbytes: float) -> str:
     """A size in readable units."""
-    value = nbytes / 2**30
-    return f"{value:.3g} GB" if value >= 0.1 else f"{nbytes / 2**20:.3g} MB"
+    for unit, size in (("GB", 2**30), ("MB", 2**20)):
+        if nbytes >= 0.1 * size:
+            return f"{nbytes / size:.3g} {unit}"
+    return f"{max(nbytes / 2**10, 0.01):.3g} KB"
 
 
 def require(nbytes: float, what: str, memory_gb: float | None, force: bool = False,

@@ -181,7 +181,11 @@ class Backward:
                 src = prog.node(a)
                 if src.op in ("data", "matrix"):
                     continue
-                d = derivative(tree, i)
+                try:
+                    d = derivative(tree, i)
+                except TpcError as err:  # name the instruction whose derivative is missing
+                    raise TpcError(f"{err.message} (in '{node.name}', needed by grad or tangent_kernel)",
+                                   node.span or self.span) from None
                 if _is(d, 0.0):
                     continue
                 # d_src += d_node * dphi/dsrc  (as a coordinatewise expression in g and phi's inputs)

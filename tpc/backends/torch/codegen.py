@@ -160,24 +160,24 @@ class _Emitter:
             hoisted: list[str] = []
             if node.op == "matmul":
                 w = self.ref(node.inputs[0]) + (".mT" if p.get("transposed") else "")
-                code = f"rt.check(rt.matmul({w}, {self.ref(node.inputs[1])}), {where!r})"
+                code = f"rt.check(rt.matmul({w}, {self.ref(node.inputs[1])}), {where!r}, {node.id})"
             elif node.op == "nonlin":
                 vector = node.kind == "vector"
                 args = [self.lifted(i, len(node.shape), vector) for i in node.inputs]
-                code = f"rt.check({_tree_code(p['tree'], args, hoisted)}, {where!r})"
+                code = f"rt.check({_tree_code(p['tree'], args, hoisted)}, {where!r}, {node.id})"
             elif node.op == "moment":
                 args = [self.lifted(i, len(node.shape), True) for i in node.inputs]
-                code = f"rt.check(({_tree_code(p['tree'], args, hoisted)}).mean(-1), {where!r})"
+                code = f"rt.check(({_tree_code(p['tree'], args, hoisted)}).mean(-1), {where!r}, {node.id})"
             elif node.op == "gram":
                 x, y = (self.ref(i) for i in node.inputs)
-                code = f"rt.check(rt.gram({x}, {y}, {tuple(node.shape)}), {where!r})"
+                code = f"rt.check(rt.gram({x}, {y}, {tuple(node.shape)}), {where!r}, {node.id})"
             elif node.op == "readout":
                 v, x = (self.ref(i) for i in node.inputs)
                 scale = {-0.5: " / math.sqrt(n)", 0.0: ""}.get(
                     p["multiplier_exponent"], f" * n ** {_num(p['multiplier_exponent'])}")
-                code = f"rt.check(rt.readout({v}, {x}) * ({_num(p['coef'])}{scale}), {where!r})"
+                code = f"rt.check(rt.readout({v}, {x}) * ({_num(p['coef'])}{scale}), {where!r}, {node.id})"
             elif node.op == "cov":
-                code = f"rt.check({self.cov_code(node)}, {where!r})"
+                code = f"rt.check({self.cov_code(node)}, {where!r}, {node.id})"
             else:  # pragma: no cover - every op is handled above
                 raise NotImplementedError(node.op)
             comment = f"  # {_comment(describe(self.prog, node))}" if node.op != "nonlin" else ""

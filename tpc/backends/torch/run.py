@@ -11,6 +11,8 @@ import torch
 
 from tpc import memory
 from tpc.backends.torch.codegen import constants, module_class
+from tpc.backends.torch.runtime import InstructionError
+from tpc.errors import NumericalError
 from tpc.ir import Program
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -70,7 +72,11 @@ def run_finite(prog: Program, width: int, seeds: int, dtype: str = "float64", de
         while done < seeds:
             ids = list(range(first_seed + done, first_seed + min(seeds, done + chunk)))
             module = cls(width, ids, consts, dtype=tdtype, device=device)
-            out = module()
+            try:
+                out = module()
+            except InstructionError as err:
+                span = prog.node(err.node).span if err.node is not None else None
+                raise NumericalError(err.message, span).locate(prog.filename, prog.source) from None
             for k, v in out.items():
                 v = v.expand(len(ids), *v.shape[1:]) if v.shape[0] == 1 else v
                 parts[k].append(v.detach().to("cpu", torch.float64).numpy())

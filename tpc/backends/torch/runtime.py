@@ -66,10 +66,18 @@ def readout_cov(x: Tensor, y: Tensor, shape_x: tuple[int, ...], shape_y: tuple[i
     return out * eye.reshape(eye_shape)
 
 
-def check(x: Tensor, what: str) -> Tensor:
+class InstructionError(NumericalError):
+    """NaN or infinity from the instruction with id `node` (the caller adds its source location)."""
+
+    def __init__(self, message: str, node: int | None) -> None:
+        super().__init__(message)
+        self.node = node
+
+
+def check(x: Tensor, what: str, node: int | None = None) -> Tensor:
     """Stop at the first instruction that produces NaN or infinity, and name it."""
     if not torch.isfinite(x).all():
         bad = "NaN" if torch.isnan(x).any() else "infinite values"
-        raise NumericalError(f"finite width: instruction {what} produced {bad}")
+        raise InstructionError(f"finite width: instruction {what} produced {bad}", node)
     return x
 
