@@ -262,7 +262,9 @@ class LimitEvaluator:
             self.scalars[node.id] = LimitValue(self.data_gram(*node.inputs), {"exact"})
             return
         # a view of the program's own array (no copy in float64); nothing writes to data values
-        value = torch.from_numpy(np.ascontiguousarray(data_value(self.prog, node), dtype=np.float64)).to(self.dtype)
+        # (np.ascontiguousarray makes a 0-d array 1-d: a named scalar keeps its shape ())
+        array = np.ascontiguousarray(data_value(self.prog, node), dtype=np.float64).reshape(node.shape)
+        value = torch.from_numpy(array).to(self.dtype)
         self.scalars[node.id] = LimitValue(value, {"exact"})
 
     def data_gram(self, a: int, b: int) -> Tensor:
