@@ -9,6 +9,7 @@ which escapes everything but printable ASCII, so it can never end a comment line
 
 from __future__ import annotations
 
+import inspect
 import keyword
 import math
 from typing import Any
@@ -16,11 +17,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from tpc.ir import Program, data_value, describe, readout_weights
+from tpc.backends.torch import runtime
+from tpc.ir import Node, Program, data_value, describe, readout_weights
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS
 
-_TAKEN = {"torch", "math", "rt", "self", "n", "S", "gens", "dtype", "device", "constants", "out"}
+_RUNTIME_MARKER = "# ---- runtime (copied into emitted files from here on)"
+# names the emitted source defines or uses itself: a program's names are mangled away from them
+_TAKEN = {"torch", "math", "self", "n", "S", "gens", "dtype", "device", "data", "z", "annotations"} | {
+    name for name, value in vars(runtime).items() if getattr(value, "__module__", None) == runtime.__name__
+} | {"Tensor"}
 _MODULE_ATTRS = set(dir(torch.nn.Module))
 
 
@@ -99,9 +105,14 @@ class _Emitter:
 
     def ref(self, nid: int) -> str:
         node = self.prog.node(nid)
-        if node.op in ("matrix", "vector", "data"):
+        if node.op in ("matrix", "vector"):
             return f"self.{_attr(self.names[nid])}"
         return self.names[nid]
+
+    def inputs(self) -> list[Node]:
+        """The program's own data, in order: forward()'s arguments (autodiff's data Grams are
+        formed from them inside forward)."""
+        return [n for n in self.nodes if n.op == "data" and not n.params.get("gram")]
 
     def lifted(self, nid: int, rank: int, vector: bool) -> str:
         """The reference to input `nid`, indexed so it broadcasts inside an expression whose
@@ -123,142 +134,172 @@ class _Emitter:
         for node in self.nodes:
             attr = _attr(self.names[node.id])
             p = node.params
-            if node.op == "data":
-                lines.append(f"self.register_buffer({attr!r}, constants[{'data:' + attr!r}])")
-            elif node.op == "matrix":
+            if node.op == "matrix":
                 rows = "n" if p["rows"] == "n" else str(p["rows"])
                 cols = "n" if p["cols"] == "n" else str(p["cols"])
                 var = f"{_num(p['var'])} / n" if p["role"] == "hidden" else _num(p["var"])
                 if p["role"] == "readout" and p.get("exponent_shift"):
                     var = f"{_num(p['var'])} * n ** {_num(2 * p['exponent_shift'])}"
                 lines.append(
-                    f"self.{attr} = torch.nn.Parameter(rt.normal(gens, ({rows}, {cols}), dtype, device) "
+                    f"self.{attr} = torch.nn.Parameter(normal(gens, ({rows}, {cols}), dtype, device) "
                     f"* math.sqrt({var}))  # {_comment(describe(self.prog, node))}"
                 )
-        for gi, group in enumerate(self.prog.groups):
+        for group in self.prog.groups:
             members = [m for m in group.members if m in self.names]
             if not members:
                 continue
             k = len(group.members)
+            w, v = np.linalg.eigh(group.cov)
+            factor = v * np.sqrt(np.clip(w, 0, None))  # the group was checked PSD when it was declared
             lines.append(
-                f"z = rt.vector_group(rt.normal(gens, ({k}, n), dtype, device), "
-                f"constants['_group{gi}_mean'], constants['_group{gi}_factor'])"
+                f"z = vector_group(normal(gens, ({k}, n), dtype, device), "
+                f"torch.tensor({_nums(group.mean)}, dtype=dtype, device=device), "
+                f"torch.tensor({_nums(factor)}, dtype=dtype, device=device))"
             )
             for m in members:
                 j = group.members.index(m)
                 lines.append(f"self.{_attr(self.names[m])} = torch.nn.Parameter(z[:, {j}])")
+        for node in self.inputs():
+            name = self.names[node.id]
+            lines.append(f"if {name!r} in data:  # forward()'s default for {name}")
+            lines.append(f"    self.register_buffer({'__data_' + name!r}, "
+                         f"torch.as_tensor(data[{name!r}], dtype=dtype, device=device)[None])")
         return lines
 
     def forward_lines(self) -> list[str]:
         lines = []
+        for node in self.inputs():
+            name = self.names[node.id]
+            lines.append(f"{name} = as_data({name}, getattr(self, {'__data_' + name!r}, None), {name!r}, "
+                         f"{len(node.shape)}, dtype, device)")
         for node in self.nodes:
-            if node.op in ("data", "matrix", "vector"):
+            if node.op in ("data", "matrix", "vector") and not node.params.get("gram"):
                 continue
             name = self.names[node.id]
             p = node.params
             where = f"{node.name} (line {node.span.line})" if node.span else node.name
             hoisted: list[str] = []
-            if node.op == "matmul":
+            if node.op == "data":  # autodiff's A B^T of two data arrays (an NTK's input-layer term)
+                a, b = (self.ref(i) for i in node.inputs)
+                code = f"data_gram({a}, {b})"
+            elif node.op == "matmul":
                 w = self.ref(node.inputs[0]) + (".mT" if p.get("transposed") else "")
-                code = f"rt.check(rt.matmul({w}, {self.ref(node.inputs[1])}), {where!r}, {node.id})"
+                code = f"check(matmul({w}, {self.ref(node.inputs[1])}), {where!r}, {node.id})"
             elif node.op == "nonlin":
                 vector = node.kind == "vector"
                 args = [self.lifted(i, len(node.shape), vector) for i in node.inputs]
-                code = f"rt.check({_tree_code(p['tree'], args, hoisted)}, {where!r}, {node.id})"
+                code = f"check({_tree_code(p['tree'], args, hoisted)}, {where!r}, {node.id})"
             elif node.op == "moment":
                 args = [self.lifted(i, len(node.shape), True) for i in node.inputs]
-                code = f"rt.check(({_tree_code(p['tree'], args, hoisted)}).mean(-1), {where!r}, {node.id})"
+                code = f"check(({_tree_code(p['tree'], args, hoisted)}).mean(-1), {where!r}, {node.id})"
             elif node.op == "gram":
                 x, y = (self.ref(i) for i in node.inputs)
-                code = f"rt.check(rt.gram({x}, {y}, {tuple(node.shape)}), {where!r}, {node.id})"
+                code = f"check(gram({x}, {y}), {where!r}, {node.id})"
             elif node.op == "readout":
                 v, x = (self.ref(i) for i in node.inputs)
                 scale = {-0.5: " / math.sqrt(n)", 0.0: ""}.get(
                     p["multiplier_exponent"], f" * n ** {_num(p['multiplier_exponent'])}")
-                code = f"rt.check(rt.readout({v}, {x}) * ({_num(p['coef'])}{scale}), {where!r}, {node.id})"
+                code = f"check(readout({v}, {x}) * ({_num(p['coef'])}{scale}), {where!r}, {node.id})"
             elif node.op == "cov":
-                code = f"rt.check({self.cov_code(node)}, {where!r}, {node.id})"
+                code = f"check({self.cov_code(node)}, {where!r}, {node.id})"
             else:  # pragma: no cover - every op is handled above
                 raise NotImplementedError(node.op)
-            comment = f"  # {_comment(describe(self.prog, node))}" if node.op != "nonlin" else ""
+            comment = f"  # {_comment(describe(self.prog, node))}" if node.op not in ("nonlin", "data") else ""
             lines += hoisted
             lines.append(f"{name} = {code}{comment}")
-        outs = ", ".join(f"{k!r}: {self.names[v] if self.prog.node(v).op not in ('data',) else self.ref(v)}"
-                         for k, v in self.prog.outputs.items())
+        outs = ", ".join(f"{k!r}: {self.ref(v)}" for k, v in self.prog.outputs.items())
         lines.append(f"return {{{outs}}}")
         return lines
 
-    def cov_code(self, node: Any) -> str:
+    def cov_code(self, node: Node) -> str:
         f, g = (self.prog.node(i) for i in node.inputs)
         x, y = self.ref(f.inputs[1]), self.ref(g.inputs[1])
-        sx, sy = self.prog.node(f.inputs[1]).shape, self.prog.node(g.inputs[1]).shape
         weights = readout_weights(self.prog, f, g)
         if weights is None:  # independent readout weights
-            return f"torch.zeros((S, *{tuple(node.shape)}), dtype=dtype, device=device)"
+            return f"torch.zeros((S, *{x}.shape[1:-1], *{y}.shape[1:-1]), dtype=dtype, device=device)"
         scale, rows = weights
-        return f"rt.readout_cov({x}, {y}, {tuple(sx)}, {tuple(sy)}, {_num(scale)}, {rows})"
+        return f"readout_cov({x}, {y}, {_num(scale)}, {rows})"
+
+
+def _nums(a: np.ndarray) -> str:
+    """A float array as a Python literal (nested lists of printed floats)."""
+    if np.ndim(a) == 0:
+        return _num(float(a))
+    return "[" + ", ".join(_nums(x) for x in a) + "]"
+
+
+def runtime_source() -> str:
+    """The helpers every emitted module calls (tpc/backends/torch/runtime.py below its marker)."""
+    text = inspect.getsource(runtime)
+    return text[text.index(_RUNTIME_MARKER) + len(_RUNTIME_MARKER):].strip("\n") + "\n"
 
 
 def emit_source(prog: Program, class_name: str = "TensorProgram") -> str:
-    """The generated PyTorch module as Python source."""
+    """A standalone Python file (imports torch only): the program as a torch.nn.Module whose
+    forward() takes the program's data as arguments."""
     em = _Emitter(prog)
+    params = "".join(f", {em.names[n.id]}: torch.Tensor | None = None" for n in em.inputs())
+    signature = f"    def forward(self{params}) -> dict[str, torch.Tensor]:"
+    data_doc = ", ".join(f"{em.names[n.id]} ({'x'.join(map(str, n.shape)) or 'scalar'})" for n in em.inputs())
     out = [
-        f"# Generated by tpc from {_comment(prog.filename)}",
+        f"# Generated by tpc from {_comment(prog.filename)}: a standalone module (it needs only torch).",
+        "#",
+        f"#     module = {class_name}(width=1024, seeds=[0, 1, 2])",
+        "#     outputs = module(" + ", ".join(em.names[n.id] for n in em.inputs()) + ")"
+        + "   # {output name: tensor with a leading seeds axis}",
+        "from __future__ import annotations",
+        "",
         "import math",
         "",
         "import torch",
         "",
-        "from tpc.backends.torch import runtime as rt",
-        "",
+        runtime_source(),
         "",
         f"class {class_name}(torch.nn.Module):",
-        '    """The program at width n for a batch of seeds: every tensor has a leading',
-        '    seeds axis (1 for data); vectors have a trailing width axis."""',
+        '    """The program at width n for a batch of seeds: every tensor has a leading seeds axis',
+        "    (1 for data), vectors a trailing width axis. Seed s samples the same network whatever",
+        "    the other seeds. forward() takes the program's data"
+        + (f": {data_doc}" if data_doc else " (it has none)") + ";",
+        "    the batch sizes may differ from the program's (the number of axes may not). `data` gives",
+        '    defaults for them."""',
         "",
-        "    def __init__(self, width: int, seeds: list[int], constants: dict[str, torch.Tensor],",
-        "                 dtype: torch.dtype = torch.float64, device: str = 'cpu') -> None:",
+        "    def __init__(self, width: int, seeds: list[int] | tuple[int, ...] = (0,),",
+        "                 data: dict[str, torch.Tensor] | None = None, dtype: torch.dtype = torch.float64,",
+        "                 device: str | torch.device = 'cpu') -> None:",
         "        super().__init__()",
         "        n = self.width = width",
         "        self.dtype, self.device, self.seeds = dtype, device, list(seeds)",
-        "        gens = rt.generators(seeds, device)",
+        "        data = data or {}",
+        "        gens = generators(self.seeds, device)",
     ]
     out += ["        " + line for line in em.init_lines()]
     out += [
         "",
-        "    def forward(self) -> dict[str, torch.Tensor]:",
+        signature,
         "        n, S, dtype, device = self.width, len(self.seeds), self.dtype, self.device",
     ]
     out += ["        " + line for line in em.forward_lines()]
     return "\n".join(out) + "\n"
 
 
-def constants(prog: Program, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+def program_data(prog: Program) -> dict[str, np.ndarray]:
+    """The program's data, keyed by forward()'s argument names."""
     em = _Emitter(prog)
-    consts: dict[str, torch.Tensor] = {}
-    for node in em.nodes:
-        if node.op == "data":
-            arr = np.asarray(data_value(prog, node), dtype=np.float64)
-            # keyed apart from the groups' constants, whatever the program names its data
-            consts["data:" + _attr(em.names[node.id])] = torch.tensor(arr, dtype=dtype, device=device)[None]
-    for gi, group in enumerate(prog.groups):
-        w, v = np.linalg.eigh(group.cov)
-        factor = v * np.sqrt(np.clip(w, 0, None))
-        consts[f"_group{gi}_mean"] = torch.tensor(group.mean, dtype=dtype, device=device)
-        consts[f"_group{gi}_factor"] = torch.tensor(factor, dtype=dtype, device=device)
-    return consts
+    return {em.names[n.id]: np.asarray(data_value(prog, n), dtype=np.float64) for n in em.inputs()}
 
 
 def module_class(prog: Program) -> type[torch.nn.Module]:
     source = emit_source(prog)
     namespace: dict[str, Any] = {}
-    code = compile(source, f"<tpc generated from {prog.filename}>", "exec")
+    code = compile(source, "<tpc generated module>", "exec")
     exec(code, namespace)  # noqa: S102 - source generated from the checked graph, see module doc
     return namespace["TensorProgram"]
 
 
 def compile_module(prog: Program, width: int, seeds: list[int] | int = 1,
                    dtype: torch.dtype = torch.float64, device: str = "cpu") -> torch.nn.Module:
-    """A torch.nn.Module of the program at width `width`, sampled for the given seeds."""
+    """The emitted module of the program at width `width`, sampled for the given seeds, with the
+    program's data as forward()'s defaults: `module()` gives every output."""
     seed_list = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    cls = module_class(prog)
-    return cls(width, seed_list, constants(prog, dtype, device), dtype=dtype, device=device)
+    data = {k: torch.as_tensor(v) for k, v in program_data(prog).items()}
+    return module_class(prog)(width, seed_list, data, dtype=dtype, device=device)

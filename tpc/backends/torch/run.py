@@ -10,8 +10,7 @@ import numpy as np
 import torch
 
 from tpc import memory
-from tpc.backends.torch.codegen import constants, module_class
-from tpc.backends.torch.runtime import InstructionError
+from tpc.backends.torch.codegen import module_class, program_data
 from tpc.errors import NumericalError
 from tpc.ir import Program
 
@@ -65,16 +64,19 @@ def run_finite(prog: Program, width: int, seeds: int, dtype: str = "float64", de
     chunk = memory.seeds_at_once(per_seed, seeds, f"one seed at width {width}", memory_gb, force,
                                  prog.filename, prog.source)
     cls = module_class(prog)
-    consts = constants(prog, tdtype, device)
+    data = {k: torch.as_tensor(v) for k, v in program_data(prog).items()}
     parts: dict[str, list[np.ndarray]] = {k: [] for k in prog.outputs}
     done = 0
     with torch.no_grad():
         while done < seeds:
             ids = list(range(first_seed + done, first_seed + min(seeds, done + chunk)))
-            module = cls(width, ids, consts, dtype=tdtype, device=device)
+            module = cls(width, ids, data, dtype=tdtype, device=device)
             try:
                 out = module()
-            except InstructionError as err:
+            except ArithmeticError as err:
+                # the module's own NonFiniteError (each generated module defines its runtime)
+                if not hasattr(err, "node"):
+                    raise
                 span = prog.node(err.node).span if err.node is not None else None
                 raise NumericalError(err.message, span).locate(prog.filename, prog.source) from None
             for k, v in out.items():
