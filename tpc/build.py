@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tpc import syntax as ast
-from tpc.data import literal_array, load_array
-from tpc.errors import Span, TpcError, nearest
+from tpc.data import MAX_ARRAY_BYTES, literal_array, load_array
+from tpc.errors import Span, TpcError, clip, format_bytes, nearest
 from tpc.ir import Program, VectorGroup
 from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS
@@ -25,6 +25,10 @@ if TYPE_CHECKING:
 
 BUILTINS = ("mean", "gram", "cov", "sqrt", "grad", "tangent_kernel")
 RESERVED = {"load", "N", *BUILTINS}
+# User nonlins are inlined where they are called, so one statement can expand far beyond its text
+# (`f2(x) = f1(x) + f1(x)` doubles at each level). Bound the work and the depth of the expansion.
+MAX_EXPANDED = 20_000  # expression nodes visited for one statement, nonlin bodies included
+MAX_DIM = 2**31 - 1  # a dimension must index a tensor (torch counts elements in 64 bits, rows in 32)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,10 @@ class Pending:
     kind: str  # 'vector' or 'scalar'
     shape: tuple[int, ...]
     span: Span
+    # nodes and depth of `tree` written out: an argument used twice in a nonlin's body is shared here but
+    # copied by everything downstream (code generation, the limit), so `g(g(g(x)))` multiplies them
+    size: int = 1
+    depth: int = 1
 
 
 @dataclass
@@ -87,6 +95,10 @@ class Builder:
     width: str | None = None
     scope: list[dict[str, Pending]] = field(default_factory=list)
     backward_of: dict[int, dict[int, int]] = field(default_factory=dict)  # readout -> gradients
+    allow_data_outside: bool = False  # load(...) may read files outside the allowed folders
+    depth: int = 0  # nesting of expr() calls now, nonlin bodies included
+    visits: int = 0  # expression nodes visited for the current statement
+    calls: list[Span] = field(default_factory=list)  # the user nonlin calls being expanded, outermost first
 
     # ------------------------------------------------------------------ helpers
     def node(self, nid: int):  # noqa: ANN201
@@ -114,7 +126,7 @@ class Builder:
         self.defined_at[name] = span
 
     def source_text(self, span: Span) -> str:
-        lines = self.prog.source.splitlines()
+        lines = self.prog.source.split("\n")  # as Lark counts lines: not at form feeds or U+2028
         if span.line == span.end_line:
             return lines[span.line - 1][span.column - 1 : span.end_column - 1]
         return lines[span.line - 1][span.column - 1 :]
@@ -165,7 +177,9 @@ class Builder:
                 if nid not in args:
                     args.append(nid)
                 mapping[i] = ex.Arg(args.index(nid))
-            trees.append(ex.substitute(p.tree, mapping))
+            # renumbering Arg(i) to itself copies the tree for nothing: a chain `a + b + ...` would be quadratic
+            same = all(m.index == i for i, m in mapping.items())
+            trees.append(p.tree if same else ex.substitute(p.tree, mapping))
         if fn == "div" and isinstance(trees[1], ex.Const) and trees[1].value == 0:
             raise TpcError("division by zero", span)
         # constant folding keeps `2 * 3` and `-1` out of the graph
@@ -181,7 +195,14 @@ class Builder:
         tree: ex.Tree = ex.Apply(fn, tuple(trees))
         if fn == "pow" and isinstance(trees[1], ex.Const) and trees[1].value == 2.0:
             tree = ex.Apply("square", (trees[0],))
-        return Pending(tree, args, kind, shape, span)
+        size, depth = 1 + sum(p.size for p in parts), 1 + max(p.depth for p in parts)
+        if size > MAX_EXPANDED or depth > ast.MAX_DEPTH:
+            what = (f"more than {MAX_EXPANDED} operations" if size > MAX_EXPANDED
+                    else f"an expression nested deeper than {ast.MAX_DEPTH} levels")
+            raise TpcError(f"written out, this coordinatewise expression is {what} (each use of a nonlin's argument "
+                           "copies it); compute intermediate vectors in separate instructions",
+                           self.calls[0] if self.calls else span)
+        return Pending(tree, args, kind, shape, span, size, depth)
 
     def broadcast(self, parts: list[Pending], kind: str, span: Span) -> tuple[int, ...]:
         if kind == "scalar":
@@ -275,6 +296,23 @@ class Builder:
 
     # ------------------------------------------------------------------ expressions
     def expr(self, e: ast.Expr) -> Value:
+        """Every expression goes through here: bounds the expansion of user nonlins before it can
+        take exponential time or exhaust the Python stack."""
+        self.visits += 1
+        self.depth += 1
+        try:
+            if self.visits > MAX_EXPANDED or self.depth > ast.MAX_DEPTH:
+                what = (f"more than {MAX_EXPANDED} operations" if self.visits > MAX_EXPANDED
+                        else f"an expression nested deeper than {ast.MAX_DEPTH} levels")
+                if self.calls:
+                    raise TpcError(f"expanding the nonlinearities called here gives {what}; compute intermediate "
+                                   "values in separate instructions", self.calls[0])
+                raise TpcError(f"this statement gives {what}; split it into several instructions", e.span)
+            return self._expr(e)
+        finally:
+            self.depth -= 1
+
+    def _expr(self, e: ast.Expr) -> Value:
         if isinstance(e, ast.Num):
             return Mono(e.value)
         if isinstance(e, ast.Name):
@@ -326,9 +364,15 @@ class Builder:
         hint = f"did you mean '{sugg}'?" if sugg else None
         if self.width is None and len(e.id) == 1:
             hint = (hint + " " if hint else "") + "(declare the width first: `width n`)"
-        raise TpcError(f"unknown name '{e.id}'", e.span, hint)
+        raise TpcError(f"unknown name '{clip(e.id)}'", e.span, hint)
 
     def binop(self, e: ast.BinOp) -> Value:
+        v = self._binop(e)
+        if isinstance(v, Mono) and not math.isfinite(v.c):  # 1e300 * 1e300: no inf in generated code
+            raise TpcError("this constant overflows", e.span)
+        return v
+
+    def _binop(self, e: ast.BinOp) -> Value:
         a = self.expr(e.left)
         b = self.expr(e.right)
         op = e.op
@@ -451,6 +495,10 @@ class Builder:
             raise TpcError(f"'{mat.name}.T' multiplies an {self.width}-vector", e.right.span)
         x = self.materialize(pb, None, e.right.span)
         d = mat.params["cols"]
+        need = d * d * 8
+        if need > MAX_ARRAY_BYTES:  # the columns are U @ identity: d x d float64 numbers, made at check time
+            raise TpcError(f"'{mat.name}.T @ x' needs the {d} x {d} identity ({format_bytes(need)}); tpc builds "
+                           f"at most {format_bytes(MAX_ARRAY_BYTES)} at a time", e.span)
         eye = self.prog.add("data", (), "scalar", (d, d), None, e.span, value=np.eye(d), source=None)
         cols = self.prog.add("matmul", (mat.id, eye.id), "vector", (d,), f"{mat.name}_columns", e.span)
         return RawReadout(cols.id, x, e.span, gram=True)
@@ -514,7 +562,7 @@ class Builder:
             parts = [self.pending(self.expr(a), a.span) for a in e.args]
             return self.combine(fn, parts, e.span)
         sugg = nearest(e.fn, self.known_names())
-        raise TpcError(f"unknown function '{e.fn}'", e.fn_span,
+        raise TpcError(f"unknown function '{clip(e.fn)}'", e.fn_span,
                        f"did you mean '{sugg}'?" if sugg else None)
 
     def autodiff(self, e: ast.Call, fn: str) -> Value:
@@ -568,10 +616,12 @@ class Builder:
                 raise TpcError(f"parameter '{name}' of '{e.fn}' must be a scalar", a.span)
             local[name] = p
         self.scope.append(local)
+        self.calls.append(e.span)
         try:
             return self.expr(f.body)
         finally:
             self.scope.pop()
+            self.calls.pop()
 
     def arity(self, e: ast.Call, *counts: int) -> None:
         if len(e.args) not in counts:
@@ -589,13 +639,12 @@ class Builder:
             self.prog.width_name = s.name
         elif isinstance(s, ast.DimDecl):
             self.declare(s.name, s.span)
-            if s.value <= 0:
-                raise TpcError("a dimension must be positive", s.span)
+            check_dim(s.value, s.span)
             self.dims[s.name] = s.value
         elif isinstance(s, ast.DataDecl):
             self.declare(s.name, s.span)
             if s.path is not None:
-                arr = load_array(s.path, self.base_dir, s.source_span)
+                arr = load_array(s.path, self.base_dir, s.source_span, allow_outside=self.allow_data_outside)
             else:
                 arr = literal_array(s.literal, s.span)
             self.names[s.name] = self.prog.add("data", (), "scalar", arr.shape, s.name, s.span,
@@ -710,8 +759,7 @@ class Builder:
 
     def dim(self, d: str | int, span: Span) -> str | int:
         if isinstance(d, int):
-            if d <= 0:
-                raise TpcError("a dimension must be positive", span)
+            check_dim(d, span)
             return d
         if self.width is not None and d == self.width:
             return "n"
@@ -719,7 +767,7 @@ class Builder:
             return self.dims[d]
         sugg = nearest(d, list(self.dims) + ([self.width] if self.width else []))
         hint = f"did you mean '{sugg}'?" if sugg else "declare it: `dim d = 3` (or `width n` first)"
-        raise TpcError(f"unknown dimension '{d}'", span, hint)
+        raise TpcError(f"unknown dimension '{clip(d)}'", span, hint)
 
     def vectors(self, s: ast.VectorDecl) -> None:
         k = len(s.names)
@@ -776,6 +824,19 @@ class Builder:
         return arr
 
 
+def check_dim(value: int, span: Span) -> None:
+    """A dimension is a positive whole number that a tensor can have."""
+    if value <= 0:
+        raise TpcError("a dimension must be positive", span)
+    if value > MAX_DIM:
+        raise TpcError(f"a dimension must be at most {MAX_DIM}, got {_clip_int(value)}", span)
+
+
+def _clip_int(value: int) -> str:
+    text = str(value)
+    return text if len(text) <= 30 else f"{text[:12]}... ({len(text)} digits)"
+
+
 def _shape(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape) if shape else "a single value"
 
@@ -786,25 +847,29 @@ def _dims(node, width: str | None) -> str:  # noqa: ANN001
     return f"{r} x {c}"
 
 
-def build(module: ast.Module, filename: str, source: str, base_dir: Path) -> Program:
-    """Check a parsed module and build its Program; errors carry file, line and column."""
+def build(module: ast.Module, filename: str, source: str, base_dir: Path, *,
+          allow_data_outside: bool = False) -> Program:
+    """Check a parsed module and build its Program; errors carry file, line and column.
+    `allow_data_outside`: see `load_program`."""
     prog = Program(filename=filename, source=source)
-    b = Builder(prog, base_dir)
+    b = Builder(prog, base_dir, allow_data_outside=allow_data_outside)
     try:
-        for stmt in module.statements:
-            if b.width is None and not isinstance(stmt, (ast.WidthDecl, ast.DimDecl, ast.DataDecl,
-                                                         ast.NonlinDecl)):
-                if isinstance(stmt, (ast.MatrixDecl, ast.VectorDecl)):
-                    raise TpcError("declare the width before any matrix or vector: `width n`", stmt.span)
-            b.statement(stmt)
-        if b.width is None:
-            raise TpcError("the program declares no width: start it with `width n`")
-        if not prog.outputs:
-            raise TpcError("the program has no outputs: add `output NAME = ...`")
-        _check_readouts(prog)
+        with ast.stack_room():
+            for stmt in module.statements:
+                if b.width is None and not isinstance(stmt, (ast.WidthDecl, ast.DimDecl, ast.DataDecl,
+                                                             ast.NonlinDecl)):
+                    if isinstance(stmt, (ast.MatrixDecl, ast.VectorDecl)):
+                        raise TpcError("declare the width before any matrix or vector: `width n`", stmt.span)
+                b.visits = 0  # the expansion budget is per statement
+                b.statement(stmt)
+            if b.width is None:
+                raise TpcError("the program declares no width: start it with `width n`")
+            if not prog.outputs:
+                raise TpcError("the program has no outputs: add `output NAME = ...`")
+            _check_readouts(prog)
+            prog.verify()
     except TpcError as err:
         raise err.locate(filename, source) from None
-    prog.verify()
     return prog
 
 
@@ -827,9 +892,10 @@ def _check_readouts(prog: Program) -> None:
                 )
 
 
-def load_program(path: str | Path) -> Program | Network:
+def load_program(path: str | Path, *, allow_data_outside: bool = False) -> Program | Network:
     """Read, parse and build a `.tp` file: a Program, or a Network for programs with layers,
-    a model and training."""
+    a model and training. `load(...)` in the program reads files under the program's folder or the
+    current working directory (symbolic links resolved); `allow_data_outside=True` lifts that."""
     from tpc.syntax import parse
 
     p = Path(path)
@@ -837,20 +903,35 @@ def load_program(path: str | Path) -> Program | Network:
         source = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise TpcError("no such file").locate(str(path), "") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(p, exc).locate(str(path), p.read_bytes().decode("utf-8", "replace")) from None
+    except (OSError, ValueError) as exc:
         raise TpcError(f"cannot read the program: {exc}").locate(str(path), "") from None
-    return _build_any(parse(source, str(path)), str(path), source, p.resolve().parent)
+    return _build_any(parse(source, str(path)), str(path), source, p.resolve().parent, allow_data_outside)
 
 
-def load_source(source: str, filename: str = "<program>", base_dir: Path | None = None) -> Program | Network:
+def _not_utf8(path: Path, exc: UnicodeDecodeError) -> TpcError:
+    """Where the first byte that is not UTF-8 sits, as a line and a column (of characters)."""
+    before = exc.object[: exc.start]
+    line = before.count(b"\n") + 1
+    column = len(before[before.rfind(b"\n") + 1 :].decode("utf-8", "replace")) + 1
+    return TpcError(f"the program is not UTF-8 text ({exc.reason}: byte 0x{exc.object[exc.start]:02x})",
+                    Span(line, column, line, column + 1))
+
+
+def load_source(source: str, filename: str = "<program>", base_dir: Path | None = None, *,
+                allow_data_outside: bool = False) -> Program | Network:
+    """Parse and build program text; `load(...)` paths are relative to `base_dir` (default: the
+    current folder) and limited as in `load_program`."""
     from tpc.syntax import parse
 
-    return _build_any(parse(source, filename), filename, source, base_dir or Path.cwd())
+    return _build_any(parse(source, filename), filename, source, base_dir or Path.cwd(), allow_data_outside)
 
 
-def _build_any(module: ast.Module, filename: str, source: str, base_dir: Path) -> Program | Network:
+def _build_any(module: ast.Module, filename: str, source: str, base_dir: Path,
+               allow_data_outside: bool = False) -> Program | Network:
     from tpc.train.network import build_network, is_network
 
     if is_network(module):
-        return build_network(module, filename, source, base_dir)
-    return build(module, filename, source, base_dir)
+        return build_network(module, filename, source, base_dir, allow_data_outside=allow_data_outside)
+    return build(module, filename, source, base_dir, allow_data_outside=allow_data_outside)

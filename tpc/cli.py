@@ -24,10 +24,10 @@ from tpc.errors import TpcError
 EXIT_USER_ERROR = 2
 
 
-def _load(path: str):  # noqa: ANN202
+def _load(args: argparse.Namespace):  # noqa: ANN202
     from tpc.build import load_program
 
-    return load_program(path)
+    return load_program(args.file, allow_data_outside=getattr(args, "allow_data_outside", False))
 
 
 def _fmt_array(a: np.ndarray, err: np.ndarray | None = None) -> str:
@@ -123,6 +123,11 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:K, got '{text}'")
 
 
+def _data_opt(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--allow-data-outside", action="store_true",
+                    help="let load(...) read files outside the program's folder and the current folder")
+
+
 def _memory_opts(sp: argparse.ArgumentParser, what: str) -> None:
     from tpc.memory import default_gb
 
@@ -180,7 +185,7 @@ def _layer_dims(la, width: str) -> str:  # noqa: ANN001
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    prog = _load(args.file)
+    prog = _load(args)
     if _is_network(prog):
         return _check_network(args.file, prog)
     counts: dict[str, int] = {}
@@ -219,7 +224,7 @@ def _dim(d: object, prog) -> str:  # noqa: ANN001
 def cmd_graph(args: argparse.Namespace) -> int:
     from tpc.ir import dumps_json, print_program, to_dot
 
-    prog = _load(args.file)
+    prog = _load(args)
     if args.unrolled:
         if not _is_network(prog):
             raise TpcError("--unrolled shows a network program's SGD training; this program has no train statement")
@@ -257,7 +262,7 @@ def _lowered(net):  # noqa: ANN001, ANN202
 def cmd_emit(args: argparse.Namespace) -> int:
     from tpc.backends.torch import emit_source
 
-    prog = _load(args.file)
+    prog = _load(args)
     if _is_network(prog):
         print("# the network at initialisation (training runs in tpc.train.finite with autograd)")
         prog = _lowered(prog)
@@ -290,7 +295,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from tpc.backends.torch import run_finite
     from tpc.train.finite import train_finite
 
-    prog = _load(args.file)
+    prog = _load(args)
     _check_device(args.device)
     show = not args.json and not args.quiet
     print(f"{args.file}: width {args.width}, {args.seeds} seeds, {args.dtype} on {args.device}; "
@@ -322,7 +327,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_limit(args: argparse.Namespace) -> int:
     from tpc.backends.limit import evaluate_limit
 
-    prog = _load(args.file)
+    prog = _load(args)
     if _is_network(prog):
         res = _network_limit(args, prog)
     else:
@@ -375,7 +380,7 @@ def _network_limit(args: argparse.Namespace, net) -> dict:  # noqa: ANN001
 def cmd_compare(args: argparse.Namespace) -> int:
     from tpc.compare import compare, plot
 
-    prog = _load(args.file)
+    prog = _load(args)
     _check_device(args.device)
     widths = _widths(args.widths)
     if args.plot:
@@ -421,7 +426,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from tpc.parametrization import ABC, classify, preset
 
     if args.file:
-        net = _load(args.file)
+        net = _load(args)
         if not _is_network(net):
             raise TpcError("this program has no parametrization (no layers): classify a network program, or "
                            "give --preset / --a --b --c").locate(args.file, "")
@@ -511,6 +516,7 @@ def parser() -> argparse.ArgumentParser:
     def add(name: str, help_text: str, fn: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
         sp.add_argument("file", metavar="FILE", help="a .tp program")
+        _data_opt(sp)
         sp.set_defaults(fn=fn)
         return sp
 
@@ -575,6 +581,7 @@ def parser() -> argparse.ArgumentParser:
     cl.add_argument("--b", help="b_1,...,b_{L+1}")
     cl.add_argument("--c", help="c")
     cl.add_argument("--json", action="store_true", help="print one JSON object")
+    _data_opt(cl)
     cl.set_defaults(fn=cmd_classify)
     return p
 

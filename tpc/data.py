@@ -1,57 +1,161 @@
-"""Finite data: `load("file.csv" | "file.npy")` relative to the program file, and literals."""
+"""Finite data: `load("file.csv" | "file.npy")` relative to the program file, and literals.
+
+Where `load` may read: files in the program's folder and its subfolders, or in the current working
+directory and its subfolders, after resolving symbolic links. Anything else needs an explicit opt-in
+(`allow_data_outside=True` in the API, `--allow-data-outside` on the command line): a program
+downloaded from somewhere cannot read arbitrary files of the user who runs it.
+"""
 
 from __future__ import annotations
 
+import errno
+import math
+import os
+import re
+import stat
 from pathlib import Path
 
 import numpy as np
+from numpy.lib import format as npy_format
 
-from tpc.errors import Span, TpcError
+from tpc.errors import Span, TpcError, clip, format_bytes
+
+MAX_ARRAY_BYTES = 2 * 10**9  # the most one data array (or an array made at check time) may take
+MAX_CSV_BYTES = 250 * 10**6  # a CSV is parsed in Python, about 50 bytes of memory per number
 
 
-def load_array(path_text: str, base_dir: Path, span: Span) -> np.ndarray:
-    path = (base_dir / path_text).resolve()
-    if not path.is_file():
-        raise TpcError(f"data file not found: {path_text} (paths are relative to the program's folder)", span)
+def load_array(path_text: str, base_dir: Path, span: Span, *, allow_outside: bool = False) -> np.ndarray:
+    """The array in `path_text` (relative to `base_dir`, the program's folder); every problem with the
+    path or the file is a TpcError at `span`, and nothing is read before it is known to fit."""
+    shown = clip(path_text, 60)
+    if "\x00" in path_text:
+        raise TpcError("a data file name cannot contain a NUL character", span)
+    try:
+        path = (base_dir / path_text).resolve()
+    except RuntimeError:  # Python < 3.13 reports a symlink loop so
+        raise TpcError(f"cannot open {shown}: a loop of symbolic links", span) from None
+    except (OSError, ValueError) as exc:
+        raise TpcError(f"cannot open {shown}: {_reason(exc)}", span) from None
+    if not allow_outside and not _inside_allowed(path, base_dir):
+        raise TpcError(f"data file {shown} is outside the program's folder and the current folder",
+                       span, "load reads files under either; to read it anyway, allow data outside "
+                       "(tpc --allow-data-outside, or allow_data_outside=True)")
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise TpcError(f"data file not found: {shown} (paths are relative to the program's folder)", span) from None
+    except (OSError, ValueError) as exc:
+        raise TpcError(f"cannot open {shown}: {_reason(exc)}", span) from None
+    _check_regular(info.st_mode, shown, span)
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        arr = _load_csv(path, path_text, span)
-    elif suffix == ".npy":
-        try:
-            # allow_pickle=False: a data file can never run code
-            arr = np.load(path, allow_pickle=False)
-        except ValueError as exc:
-            raise TpcError(f"cannot read {path_text}: {exc}", span) from None
-        if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
-            raise TpcError(f"{path_text} holds {arr.dtype} values, not numbers", span)
-        arr = arr.astype(np.float64)
-    else:
-        raise TpcError(f"cannot load '{path_text}': tpc reads .csv and .npy files", span)
+    if suffix not in (".csv", ".npy"):
+        raise TpcError(f"cannot load '{shown}': tpc reads .csv and .npy files", span)
+    try:
+        # O_NONBLOCK: should the file have become a FIFO since the stat above, opening it cannot hang
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise TpcError(f"cannot open {shown}: {_reason(exc)}", span) from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        _check_regular(info.st_mode, shown, span)
+        if info.st_size == 0:
+            raise TpcError(f"{shown} is empty (0 bytes)", span)
+        if suffix == ".csv":
+            if info.st_size > MAX_CSV_BYTES:
+                raise TpcError(f"{shown} is {format_bytes(info.st_size)}; tpc reads CSV files up to "
+                               f"{format_bytes(MAX_CSV_BYTES)} (store large data as .npy)", span)
+            arr = _load_csv(f.read(), shown, span)
+        else:
+            arr = _load_npy(f, info.st_size, shown, span)
     if arr.size == 0:
-        raise TpcError(f"{path_text} is empty", span)
+        raise TpcError(f"{shown} is empty", span)
     if not np.all(np.isfinite(arr)):
-        raise TpcError(f"{path_text} contains NaN or infinite values", span)
+        raise TpcError(f"{shown} contains NaN or infinite values", span)
     return arr
 
 
-def _load_csv(path: Path, path_text: str, span: Span) -> np.ndarray:
+def _inside_allowed(path: Path, base_dir: Path) -> bool:
+    """Is the resolved `path` under the program's folder or the current working directory?"""
+    roots = []
+    for root in (base_dir, Path.cwd()):
+        try:
+            roots.append(root.resolve())
+        except (OSError, RuntimeError):
+            continue
+    return any(path == root or path.is_relative_to(root) for root in roots)
+
+
+def _check_regular(mode: int, shown: str, span: Span) -> None:
+    if stat.S_ISDIR(mode):
+        raise TpcError(f"{shown} is a directory, not a data file", span)
+    if not stat.S_ISREG(mode):
+        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a character device" if stat.S_ISCHR(mode)
+                else "a block device" if stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else "special")
+        raise TpcError(f"{shown} is not a regular file ({kind})", span)
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ELOOP:
+        return "a loop of symbolic links"
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        return "the file name is too long"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror[0].lower() + exc.strerror[1:]
+    return str(exc)
+
+
+def _load_npy(f, size: int, shown: str, span: Span) -> np.ndarray:  # noqa: ANN001 - a binary file
+    """Read the header first: refuse a shape that would not fit, or a file shorter than its header
+    says, before allocating anything."""
+    try:
+        version = npy_format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = npy_format.read_array_header_1_0(f)
+        else:
+            shape, fortran, dtype = npy_format.read_array_header_2_0(f)  # 3.0 has the same layout
+    except (ValueError, OSError, SyntaxError, TypeError) as exc:
+        raise TpcError(f"{shown} is not a .npy file ({exc})", span) from None
+    if dtype.hasobject or not np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.complexfloating):
+        raise TpcError(f"{shown} holds {dtype} values, not numbers", span)
+    count = math.prod(shape)
+    need = count * max(dtype.itemsize, 8)  # the values as float64
+    dims = " x ".join(str(d) for d in shape) or "a single value"
+    if need > MAX_ARRAY_BYTES:
+        raise TpcError(f"{shown} holds {dims} numbers: it would need {format_bytes(need)}; tpc loads at most "
+                       f"{format_bytes(MAX_ARRAY_BYTES)} per data file", span)
+    stored = f.tell() + count * dtype.itemsize
+    if stored > size:
+        raise TpcError(f"{shown} is shorter than its header says: {dims} numbers need {format_bytes(stored)}, "
+                       f"the file has {format_bytes(size)}", span)
+    f.seek(0)
+    try:
+        arr = npy_format.read_array(f, allow_pickle=False)  # never pickles: a data file can never run code
+    except (ValueError, OSError) as exc:
+        raise TpcError(f"cannot read {shown}: {exc}", span) from None
+    return np.asarray(arr, dtype=np.float64)
+
+
+def _load_csv(raw: bytes, shown: str, span: Span) -> np.ndarray:
     rows: list[list[float]] = []
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark (Excel) is not data
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark (Excel) is not data
     except UnicodeDecodeError as exc:
-        raise TpcError(f"{path_text} is not UTF-8 text ({exc.reason} at byte {exc.start})", span) from None
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
+        raise TpcError(f"{shown} is not UTF-8 text ({exc.reason} at byte {exc.start})", span) from None
+    # line ends only (not str.splitlines, which also splits at form feeds): line numbers match editors
+    for lineno, line_text in enumerate(re.split(r"\r\n|\r|\n", text), 1):
+        line = line_text.strip()
         if not line or line.startswith("#"):
             continue
         row = []
         for col, cell in enumerate(line.split(","), 1):
             try:
-                row.append(float(cell))
+                value = float(cell)
             except ValueError:
-                raise TpcError(f"{path_text}:{lineno}: field {col} is not a number: {cell.strip()!r}", span) from None
+                raise TpcError(f"{shown}:{lineno}: field {col} is not a number: {clip(cell.strip())!r}",
+                               span) from None
+            row.append(value)
         if rows and len(row) != len(rows[0]):
-            raise TpcError(f"{path_text}:{lineno}: {len(row)} fields, but the first row has {len(rows[0])}", span)
+            raise TpcError(f"{shown}:{lineno}: {len(row)} fields, but the first row has {len(rows[0])}", span)
         rows.append(row)
     arr = np.array(rows, dtype=np.float64)
     if arr.ndim == 2 and arr.shape[1] == 1:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u2028\u2029]")  # not \t, not \n
 
 
 @dataclass(frozen=True)
@@ -43,9 +46,11 @@ class TpcError(Exception):
         else:
             text = f"{self.filename}:{self.span.line}:{self.span.column}: error: {self.message}"
             if self.source is not None:
-                lines = self.source.splitlines()
+                # "\n" only: Lark counts lines so, while str.splitlines also splits at form feeds,
+                # U+2028, \x1c, \x85 and \v (which a comment may hold) and would show the wrong line
+                lines = self.source.split("\n")
                 if 1 <= self.span.line <= len(lines):
-                    line = lines[self.span.line - 1]
+                    line = lines[self.span.line - 1].rstrip("\r")
                     width = 1
                     if self.span.end_line == self.span.line:
                         width = max(1, self.span.end_column - self.span.column)
@@ -53,7 +58,9 @@ class TpcError(Exception):
                     text += f"\n    {line}\n    {caret}"
         if self.hint:
             text += f"\n  hint: {self.hint}"
-        return text
+        # a hostile file could hold terminal escapes (ESC [ ...) or line separators: one visible mark
+        # each, so that the caret stays under its column
+        return _CONTROL.sub("\ufffd", text)
 
     def __str__(self) -> str:
         return self.render()
@@ -63,23 +70,53 @@ class NumericalError(TpcError):
     """Numerical trouble (NaN, overflow, a covariance that is not PSD) tied to one instruction."""
 
 
+MAX_HINT_LENGTH = 64  # longer names get no "did you mean": nobody misspells those by a letter or two
+
+
 def nearest(name: str, candidates: list[str]) -> str | None:
-    """The candidate closest to `name` in edit distance, if it is close enough to suggest."""
+    """The candidate closest to `name` in edit distance, if it is close enough to suggest.
+
+    Fast on any input: a candidate whose length differs by more than the allowed distance is
+    skipped, the dynamic programme runs in a band of that width, and long names are not compared."""
+    if len(name) > MAX_HINT_LENGTH:
+        return None
+    limit = max(1, len(name) // 2)
     best, best_d = None, None
     for cand in candidates:
-        d = _edit_distance(name, cand)
+        if abs(len(cand) - len(name)) > limit:
+            continue
+        d = _edit_distance(name, cand, limit)
+        if d > limit:
+            continue
         if best_d is None or d < best_d or (d == best_d and cand < str(best)):
             best, best_d = cand, d
-    if best is None or best_d is None or best_d > max(1, len(name) // 2):
-        return None
     return best
 
 
-def _edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
+def _edit_distance(a: str, b: str, limit: int) -> int:
+    """Levenshtein distance of a and b, or some number above `limit` when it exceeds it: only the
+    cells within `limit` of the diagonal are computed."""
+    big = limit + 1
+    prev = [j if j <= limit else big for j in range(len(b) + 1)]
     for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        lo, hi = max(1, i - limit), min(len(b), i + limit)
+        cur = [big] * (len(b) + 1)
+        cur[0] = i if i <= limit else big
+        for j in range(lo, hi + 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != b[j - 1]), big)
         prev = cur
     return prev[-1]
+
+
+def format_bytes(n: float) -> str:
+    """1.2 GB, 3.4 TB: the size of memory a mistake would need."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} PB"  # pragma: no cover - the loop returns
+
+
+def clip(text: str, limit: int = 40) -> str:
+    """A long name shortened for a message (the source line under it shows it whole)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

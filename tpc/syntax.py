@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
@@ -12,7 +15,7 @@ from pathlib import Path
 import lark
 from lark import Lark, Token, Transformer, v_args
 
-from tpc.errors import Span, TpcError
+from tpc.errors import Span, TpcError, clip
 
 # ---------------------------------------------------------------------------- expressions
 
@@ -209,7 +212,11 @@ class _ToAst(Transformer):
     # --- expressions
     @v_args(meta=True)
     def number(self, meta, children):
-        return Num(_span(meta), float(children[0]))
+        value = float(children[0])
+        if not math.isfinite(value):  # 1e400 is inf in float64: refuse it here, not in generated code
+            raise TpcError(f"the number {clip(str(children[0]))} is too large (a float64 ends near 1.8e308)",
+                           _span(meta))
+        return Num(_span(meta), value)
 
     @v_args(meta=True)
     def name(self, meta, children):
@@ -441,6 +448,60 @@ _KEYWORD_STARTS = {"width", "dim", "data", "scalar", "matrix", "vector", "nonlin
                    "parametrization", "layer", "model", "loss", "train"}
 
 
+# Limits on one expression, checked on Lark's tree without recursion before anything recursive (the
+# tree -> AST transform, the builder, code generation) walks it: a deeper tree would exhaust the
+# Python stack. A chain `a + b + ... ` of k terms is k - 1 levels deep, so MAX_DEPTH exceeds MAX_TERMS.
+MAX_TERMS = 256  # names and numbers in one expression (list literals excepted: they are data)
+MAX_DEPTH = 300  # levels of operators, calls, signs and brackets
+_EXPR_RULES = {"add", "sub", "mul", "div", "matmul", "pow", "neg", "attr", "number", "name", "call", "list_expr",
+               "list", "unary"}
+
+
+@contextmanager
+def stack_room(frames: int = 4000) -> Iterator[None]:
+    """Room on the Python stack for recursion over an expression within the limits above, whatever
+    the caller's own depth (a test runner, a notebook); restored after."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(old, frames))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(old)
+
+
+def _check_limits(tree: lark.Tree) -> None:
+    """Refuse an expression with more than MAX_TERMS terms or nested deeper than MAX_DEPTH levels.
+    Iterative: this runs before any recursion over the tree."""
+    # (node, depth within its expression, the root of its expression, inside a list literal)
+    todo: list[tuple[lark.Tree, int, lark.Tree | None, bool]] = [(tree, 0, None, False)]
+    terms: dict[int, int] = {}
+    while todo:
+        node, depth, root, in_list = todo.pop()
+        is_expr = node.data in _EXPR_RULES
+        if is_expr and root is None:
+            root, depth = node, 0
+        elif not is_expr:
+            root, depth, in_list = None, 0, False
+        if depth > MAX_DEPTH:
+            raise TpcError(f"expression nested deeper than {MAX_DEPTH} levels; name its parts in separate "
+                           "instructions", _span(node.meta))
+        in_list = in_list or node.data in ("list", "list_expr")
+        if root is not None and node.data in ("name", "number") and not in_list:
+            count = terms[id(root)] = terms.get(id(root), 0) + 1
+            if count > MAX_TERMS:
+                raise TpcError(f"expression has more than {MAX_TERMS} terms; split it into several instructions",
+                               _span(root.meta))
+        for child in node.children:
+            if isinstance(child, lark.Tree):
+                todo.append((child, depth + 1, root, in_list))
+
+
+def _end_span(source: str) -> Span:
+    """The position just after the last token; lines split on "\n" only, as Lark counts them."""
+    lines = source.rstrip().split("\n")
+    return Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+
+
 def parse(source: str, filename: str = "<program>") -> Module:
     """Parse `.tp` source text into a Module; a syntax error raises TpcError with its location."""
     try:
@@ -455,12 +516,11 @@ def parse(source: str, filename: str = "<program>") -> Module:
         tok: Token = exc.token
         expected = sorted({_describe(t) for t in exc.expected})
         if tok.type == "$END":
-            lines = source.rstrip().splitlines() or [""]
-            span = Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
+            span = _end_span(source)
             what = "the end of the program"
         else:
             span = _span(tok)
-            what = f"'{tok}'"
+            what = f"'{clip(str(tok))}'"
         msg = f"syntax error: unexpected {what}"
         if expected:
             msg += "; expected " + (
@@ -470,14 +530,19 @@ def parse(source: str, filename: str = "<program>") -> Module:
         if "RPAR" in exc.expected and tok.type != "RPAR":
             hint = "is a ')' missing?"
         if tok.type == "NAME" and str(tok) not in _KEYWORD_STARTS and "EQUAL" in exc.expected:
-            hint = f"a statement is a declaration or `NAME = expression`; is an operator missing before '{tok}'?"
+            hint = ("a statement is a declaration or `NAME = expression`; is an operator missing before "
+                    f"'{clip(str(tok))}'?")
         raise TpcError(msg, span, hint).locate(filename, source) from None
     except lark.UnexpectedEOF as exc:  # pragma: no cover - LALR reports UnexpectedToken($END)
         raise TpcError(f"syntax error: unexpected end of program, expected {exc.expected}").locate(
             filename, source
         ) from None
     try:
-        module = _ToAst().transform(tree)
+        _check_limits(tree)
+        with stack_room():
+            module = _ToAst().transform(tree)
+    except TpcError as exc:
+        raise exc.locate(filename, source) from None
     except lark.exceptions.VisitError as exc:
         if isinstance(exc.orig_exc, TpcError):
             raise exc.orig_exc.locate(filename, source) from None

@@ -57,7 +57,9 @@ def loss_value(loss: Loss, F: Tensor, data: dict[str, np.ndarray], rows: np.ndar
         s = torch.where(arr(loss.target).reshape(-1) > 0, 1.0, -1.0).to(F.dtype)
         return torch.nn.functional.softplus(-s * F[..., 0]).mean(-1)
     f = F[..., 0] if k == 1 else F
-    args = [f] + [arr(name) for name in loss.args[1:]]
+    # with one output f(X) is a vector of B numbers: data of B x 1 (checked in network.py) is read as B
+    args = [f] + [arr(name).reshape(len(rows)) if k == 1 and data[name].ndim == 2 else arr(name)
+                  for name in loss.args[1:]]
     return _tree(loss.tree, args, tuple(range(-(1 if k == 1 else 2), 0)))
 
 

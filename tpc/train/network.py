@@ -19,11 +19,14 @@ from pathlib import Path
 import numpy as np
 
 from tpc import syntax as ast
+from tpc.build import check_dim
 from tpc.data import literal_array, load_array
-from tpc.errors import Span, TpcError, nearest
+from tpc.errors import Span, TpcError, clip, nearest
 from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS
 from tpc.parametrization import ABC, Classification, classify, preset
+
+MAX_EXPANDED = 20_000  # expression nodes visited while building the model, nonlin bodies included
 
 ROLES = ("input", "embedding", "hidden", "readout", "bias")
 LOSSES = ("mse", "xent", "logistic")
@@ -227,6 +230,7 @@ class Network:
 @dataclass
 class _Builder:
     base_dir: Path
+    allow_data_outside: bool = False  # load(...) may read files outside the program's and the current folder
     width: str | None = None
     dims: dict[str, int] = field(default_factory=dict)
     data: dict[str, np.ndarray] = field(default_factory=dict)
@@ -253,7 +257,7 @@ class _Builder:
 
     def unknown(self, name: str, span: Span) -> TpcError:
         near = nearest(name, self.known())
-        return TpcError(f"unknown name '{name}'", span, f"did you mean '{near}'?" if near else None)
+        return TpcError(f"unknown name '{clip(name)}'", span, f"did you mean '{near}'?" if near else None)
 
     # --- constants (numbers and dimensions; the width never appears in a network's statements)
     def const(self, e: ast.Expr) -> float:
@@ -270,9 +274,14 @@ class _Builder:
             if e.op == "/" and b == 0:
                 raise TpcError("division by zero", e.span)
             try:
-                return {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else 0.0, "^": a**b}[e.op]
+                value = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else 0.0, "^": a**b}[e.op]
             except (OverflowError, ZeroDivisionError):
                 raise TpcError("this constant overflows", e.span) from None
+            if isinstance(value, complex):
+                raise TpcError("a negative number to a fractional power", e.span)
+            if not np.isfinite(value):  # 1e300 * 1e300 is inf without an exception
+                raise TpcError("this constant overflows", e.span)
+            return value
         if isinstance(e, ast.Call) and e.fn == "sqrt" and len(e.args) == 1:
             v = self.const(e.args[0])
             if v < 0:
@@ -306,13 +315,12 @@ class _Builder:
             self.width = s.name
         elif isinstance(s, ast.DimDecl):
             self.declare(s.name, s.span)
-            if s.value <= 0:
-                raise TpcError("a dimension must be positive", s.span)
+            check_dim(s.value, s.span)
             self.dims[s.name] = s.value
         elif isinstance(s, ast.DataDecl):
             self.declare(s.name, s.span)
-            arr = load_array(s.path, self.base_dir, s.source_span) if s.path is not None \
-                else literal_array(s.literal, s.span)
+            arr = load_array(s.path, self.base_dir, s.source_span, allow_outside=self.allow_data_outside) \
+                if s.path is not None else literal_array(s.literal, s.span)
             self.data[s.name] = np.asarray(arr, dtype=np.float64)
         elif isinstance(s, ast.NonlinDecl):
             self.declare(s.name, s.span)
@@ -346,8 +354,7 @@ class _Builder:
         if d == self.width:
             return None
         if isinstance(d, int):
-            if d <= 0:
-                raise TpcError("a dimension must be positive", span)
+            check_dim(d, span)
             return d
         if d in self.dims:
             return self.dims[d]
@@ -424,10 +431,18 @@ class _Builder:
         if not xs:
             raise TpcError(f"a loss depends on the model: use {self.model.name}(X)", e.span)
         m = self.data[xs[0]].shape[0]
+        k = self.output_dim()
         for name in names:
             arr = self.data[name]
             if arr.ndim and arr.shape[0] != m:
                 raise TpcError(f"'{name}' has {arr.shape[0]} rows but {xs[0]} has {m}", e.span)
+            # data meets f(X) coordinatewise: it must broadcast to f(X)'s m x k, not beyond (a vector
+            # of m numbers against m x k would pair rows with outputs); losses.py reads m x 1 as m when k = 1
+            if not (arr.ndim == 0 or arr.shape in ((m, 1), (m, k)) or k == 1 and arr.shape == (m,)):
+                got = f"a vector of {m}" if arr.ndim == 1 else " x ".join(map(str, arr.shape))
+                fits = f"{m} numbers (or {m} x 1)" if k == 1 else f"{m} x {k}, {m} x 1 (a number per row)"
+                raise TpcError(f"'{name}' is {got}, but {self.model.name}({xs[0]}) is {m} x {k}: data in a loss "
+                               f"is {fits} or a single number", e.span)
         return Loss(s.name, "user", xs[0], None, s.span, tree, tuple(["<f>"] + names))
 
     def loss_tree(self, e: ast.Expr, names: list[str], xs: list[str], inside: bool) -> ex.Tree:
@@ -520,8 +535,8 @@ class _Builder:
         if "steps" not in kw:
             raise TpcError("sgd needs the number of steps: sgd(steps = 10)", s.span)
         steps = self.const(kw["steps"].value)
-        if steps != int(steps) or steps < 1:
-            raise TpcError("steps is a positive whole number", kw["steps"].value.span)
+        if steps != int(steps) or not 1 <= steps <= 10**9:  # the bound of fomaml's steps
+            raise TpcError("steps is a whole number from 1 to 1000000000", kw["steps"].value.span)
         m = self.data[self.losses[s.loss].data].shape[0]
         batch = self.const(kw["batch"].value) if "batch" in kw else m
         if batch != int(batch) or not 1 <= batch <= m:
@@ -776,6 +791,9 @@ class ModelBuilder:
         self.steps: list[Step] = []
         self.scope: list[dict[str, int | float]] = []
         self.order: list[str] = []  # layers in the order of first use
+        self.visits = 0  # expression nodes visited, nonlin bodies included: nonlins are inlined
+        self.depth = 0
+        self.calls: list[Span] = []  # the user nonlin calls being expanded, outermost first
 
     def build(self) -> Model:
         if not any(la.takes_data for la in self.b.layers.values()):
@@ -807,7 +825,24 @@ class ModelBuilder:
         return len(self.steps) - 1
 
     def value(self, e: ast.Expr) -> int | float:
-        """A step index, or a float for constants."""
+        """A step index, or a float for constants. Bounds the expansion of user nonlins (each call is
+        inlined: `f2(x) = f1(x) + f1(x)` doubles at every level) before it takes exponential time or
+        exhausts the Python stack."""
+        self.visits += 1
+        self.depth += 1
+        try:
+            if self.visits > MAX_EXPANDED or self.depth > ast.MAX_DEPTH:
+                what = (f"more than {MAX_EXPANDED} operations" if self.visits > MAX_EXPANDED
+                        else f"an expression nested deeper than {ast.MAX_DEPTH} levels")
+                if self.calls:
+                    raise TpcError(f"expanding the nonlinearities called here gives {what}; simplify them",
+                                   self.calls[0])
+                raise TpcError(f"the model gives {what}", e.span)
+            return self._value(e)
+        finally:
+            self.depth -= 1
+
+    def _value(self, e: ast.Expr) -> int | float:
         if isinstance(e, ast.Num):
             return e.value
         if isinstance(e, ast.Name):
@@ -879,10 +914,12 @@ class ModelBuilder:
             if len(self.scope) > 16:
                 raise TpcError(f"'{e.fn}' is nested too deeply", e.span)
             self.scope.append({n: self.value(a) for n, a in zip(names, e.args, strict=True)})
+            self.calls.append(e.span)
             try:
                 return self.value(d.body)
             finally:
                 self.scope.pop()
+                self.calls.pop()
         fn = ALIASES.get(e.fn, e.fn)
         if fn == "sqrt" and len(e.args) == 1:
             return self.fn("pow", [self.value(e.args[0]), 0.5], e)
@@ -926,11 +963,13 @@ def is_network(module: ast.Module) -> bool:
     return any(isinstance(s, NETWORK_STATEMENTS) for s in module.statements)
 
 
-def build_network(module: ast.Module, filename: str, source: str, base_dir: Path) -> Network:
-    b = _Builder(base_dir)
+def build_network(module: ast.Module, filename: str, source: str, base_dir: Path, *,
+                  allow_data_outside: bool = False) -> Network:
+    b = _Builder(base_dir, allow_data_outside)
     try:
-        for s in module.statements:
-            b.statement(s)
-        return b.finish(filename, source)
+        with ast.stack_room():
+            for s in module.statements:
+                b.statement(s)
+            return b.finish(filename, source)
     except TpcError as err:
         raise err.locate(filename, source) from None
