@@ -45,8 +45,25 @@ def run(prog: Program | Network, width: int, seeds: int, **options: object) -> d
     return (train_finite if isinstance(prog, Network) else run_finite)(prog, width, seeds, **options)
 
 
-torch_module = compile_module
-torch_source = emit_source
+def torch_module(prog: Program | Network, width: int, seeds: int | list[int] = 1, **options: object) -> object:
+    """The emitted PyTorch module at width `width` (what `tpc emit-torch` writes, instantiated): a
+    Netsor program's for a batch of seeds (`module()` gives every output), a network program's
+    model for one seed (a ModuleList for several)."""
+    if isinstance(prog, Network):
+        from tpc.backends.torch.emit_network import network_module
+
+        return network_module(prog, width, seeds, **options)
+    return compile_module(prog, width, seeds, **options)
+
+
+def torch_source(prog: Program | Network) -> str:
+    """The standalone PyTorch source that `tpc emit-torch` prints."""
+    if isinstance(prog, Network):
+        from tpc.backends.torch.emit_network import emit_network_source
+
+        return emit_network_source(prog)
+    return emit_source(prog)
+
 
 __all__ = [
     "FiniteResult", "LimitOutput", "Network", "NumericalError", "Program", "TpcError", "compare", "limit",

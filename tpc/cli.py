@@ -264,8 +264,13 @@ def cmd_emit(args: argparse.Namespace) -> int:
 
     prog = _load(args)
     if _is_network(prog):
-        print("# the network at initialisation (training runs in tpc.train.finite with autograd)")
-        prog = _lowered(prog)
+        from tpc.backends.torch.emit_network import emit_network_source
+
+        if prog.train and prog.train.optimizer == "cbow":
+            raise TpcError("a cbow program's word vectors are tables updated by index (tpc/train/cbow.py); it has "
+                           "no dense PyTorch module to emit", prog.train.span).locate(prog.filename, prog.source)
+        print(emit_network_source(prog), end="")
+        return 0
     print(emit_source(prog), end="")
     return 0
 
@@ -529,7 +534,10 @@ def parser() -> argparse.ArgumentParser:
                    help="a network program's SGD training as the unrolled Netsor-transpose program (short runs)")
     g.add_argument("--backward", action="store_true",
                    help="also show the backward instructions that autodiff derived (grad, tangent_kernel)")
-    add("emit-torch", "Print the generated PyTorch module (Python source).", cmd_emit)
+    add("emit-torch", "Print a standalone PyTorch file (it imports only torch): a Netsor program as an nn.Module "
+        "whose forward() takes the program's data; a network program as its model (an nn.Module initialised by "
+        "the parametrization), an SGD builder with the per-layer learning rates, its losses and its training "
+        "loop.", cmd_emit)
 
     def finite_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--seeds", type=_count(1), default=8, help="independent initialisations (default 8)")

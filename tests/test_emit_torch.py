@@ -1,0 +1,110 @@
+"""`tpc emit-torch` writes a file that stands alone: imported in a fresh process where tpc cannot
+be imported, it reproduces `tpc run` at the same seeds to round-off (Netsor programs: forward()
+on the program's data; network programs: the model, its optimizer and its training loop)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tpc
+from tpc.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# run in a fresh interpreter: tpc is made unimportable before the emitted file is loaded
+NETSOR_SCRIPT = """
+import sys, json, importlib.util
+sys.modules["tpc"] = None
+import numpy as np, torch
+spec = importlib.util.spec_from_file_location("emitted", sys.argv[1])
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+data = {k: torch.tensor(v) for k, v in np.load(sys.argv[2]).items()}
+module = mod.TensorProgram(width=int(sys.argv[3]), seeds=[0, 1, 2])
+with torch.no_grad():
+    out = module(**data)
+np.savez(sys.argv[4], **{k: v.numpy() for k, v in out.items()})
+"""
+
+NETWORK_SCRIPT = """
+import sys, importlib.util
+sys.modules["tpc"] = None
+import numpy as np, torch
+spec = importlib.util.spec_from_file_location("emitted", sys.argv[1])
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+data = {k: torch.tensor(v) for k, v in np.load(sys.argv[2]).items()}
+curves, preds = [], []
+for seed in (0, 1):
+    model = mod.Network(width=int(sys.argv[3]), seed=seed)
+    curves.append(mod.train(model, data["X"], data["Y"]))
+    with torch.no_grad():
+        preds.append(model(data["Xt"]).numpy()[:, 0])
+np.savez(sys.argv[4], curve=np.array(curves), pred=np.array(preds))
+"""
+
+
+def _run_isolated(script: str, source: str, data: dict[str, np.ndarray], width: int, tmp: Path) -> dict:
+    (tmp / "emitted.py").write_text(source)
+    np.savez(tmp / "data.npz", **data)
+    subprocess.run([sys.executable, "-c", script, str(tmp / "emitted.py"), str(tmp / "data.npz"), str(width),
+                    str(tmp / "out.npz")], check=True, cwd=tmp, timeout=300)
+    return dict(np.load(tmp / "out.npz"))
+
+
+@pytest.mark.parametrize("program", ["kernels/relu_mlp.tp", "kernels/rnn_tanh.tp", "netsor/transpose_tanh.tp",
+                                     "netsor/normalized.tp"])
+def test_emitted_netsor_module_stands_alone(program: str, tmp_path: Path) -> None:
+    prog = tpc.load(ROOT / "programs" / program)
+    from tpc.backends.torch.codegen import program_data
+
+    out = _run_isolated(NETSOR_SCRIPT, tpc.torch_source(prog), program_data(prog), 64, tmp_path)
+    ref = tpc.run(prog, 64, 3)
+    assert set(out) == set(ref)
+    for name, res in ref.items():
+        np.testing.assert_allclose(out[name], res.values, rtol=1e-12, atol=1e-12)
+
+
+def test_emitted_netsor_module_takes_other_inputs() -> None:
+    prog = tpc.load(ROOT / "programs" / "kernels" / "relu_mlp.tp")
+    module = tpc.torch_module(prog, width=32, seeds=[0])
+    full = module()["nngp"]
+    X = torch.tensor(np.loadtxt(ROOT / "programs" / "data" / "inputs8x3.csv", delimiter=","))  # noqa: N806
+    few = module(X=X[:3])["nngp"]  # a smaller batch: the first rows of the same kernel
+    assert few.shape == (1, 3, 3)
+    torch.testing.assert_close(few, full[:, :3, :3])
+    with pytest.raises(ValueError, match="has 1 axes"):
+        module(X=X[0])
+
+
+@pytest.mark.parametrize("program", ["relu2_mup.tp", "tanh_mup.tp", "relu2_sp.tp"])
+def test_emitted_network_trains_like_tpc_run(program: str, tmp_path: Path) -> None:
+    net = tpc.load(ROOT / "programs" / "train" / program)
+    data = {k: net.data[k] for k in ("X", "Y", "Xt")}
+    out = _run_isolated(NETWORK_SCRIPT, tpc.torch_source(net), data, 128, tmp_path)
+    ref = tpc.run(net, 128, 2)
+    np.testing.assert_allclose(out["curve"], ref["curve"].values, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(out["pred"], ref["pred"].values, rtol=1e-10, atol=1e-12)
+
+
+def test_torch_module_of_a_network_is_the_emitted_model() -> None:
+    net = tpc.load(ROOT / "programs" / "train" / "relu2_mup.tp")
+    model = tpc.torch_module(net, width=64, seeds=1)
+    assert type(model).__name__ == "Network" and isinstance(model, torch.nn.Module)
+    assert {name for name, _ in model.named_parameters()} == {"U", "W", "V"}
+    assert model(torch.tensor(net.data["Xt"])).shape == (3, 1)
+    assert len(tpc.torch_module(net, width=64, seeds=[0, 1])) == 2
+
+
+def test_emit_torch_command_prints_the_file(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["emit-torch", str(ROOT / "programs" / "train" / "relu2_mup.tp")]) == 0
+    src = capsys.readouterr().out
+    compile(src, "<emitted>", "exec")
+    assert "class Network(torch.nn.Module):" in src and "def train(" in src and "def optimizer(" in src
+    assert "import tpc" not in src and "from tpc" not in src
+    json.dumps(src)  # plain text
