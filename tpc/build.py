@@ -84,6 +84,12 @@ class UserNonlin:
     span: Span
 
 
+def transpose_by_caret(e: ast.BinOp) -> bool:
+    """`W^T` or `W^T @ x` (which parses as `W ^ (T @ x)`): a transpose written the maths way."""
+    right = e.right.left if isinstance(e.right, ast.BinOp) and e.right.op == "@" else e.right
+    return e.op == "^" and isinstance(right, ast.Name) and right.id == "T"
+
+
 @dataclass
 class Builder:
     prog: Program
@@ -373,6 +379,10 @@ class Builder:
         return v
 
     def _binop(self, e: ast.BinOp) -> Value:
+        if transpose_by_caret(e) and "T" not in self.names:
+            left = e.left.id if isinstance(e.left, ast.Name) else "W"
+            raise TpcError(f"'{clip(left)}^T': the transpose of a matrix is written {clip(left)}.T", e.span,
+                           f"write {clip(left)}.T @ ...")
         a = self.expr(e.left)
         b = self.expr(e.right)
         op = e.op

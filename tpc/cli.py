@@ -230,14 +230,18 @@ def cmd_graph(args: argparse.Namespace) -> int:
             raise TpcError("--unrolled shows a network program's SGD training; this program has no train statement")
         from tpc.train.listing import unrolled_listing
 
-        print(unrolled_listing(prog), end="")
+        listing = unrolled_listing(prog)
+        if args.format == "dot":
+            raise TpcError("--unrolled lists the unrolled program as text (or --format json); it has no DOT form")
+        print(dumps({"file": args.file, "unrolled": listing.splitlines()}) if args.format == "json" else listing,
+              end="\n" if args.format == "json" else "")
         return 0
     if _is_network(prog):
         prog = _lowered(prog)
     if args.format == "text":
         print(print_program(prog, backward=args.backward))
     elif args.format == "dot":
-        print(to_dot(prog))
+        print(to_dot(prog, backward=args.backward))
     else:
         print(dumps_json(prog))
     return 0
@@ -408,6 +412,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
         lim = comp.limit
         shape = "x".join(map(str, np.shape(lim.value))) or "scalar"
         value = _fmt_array(lim.value) if np.ndim(lim.value) == 0 else ""
+        if lim.stderr is not None and np.size(lim.stderr):
+            value += f" (the limit's own standard error: {float(np.max(lim.stderr)):.2g}" + \
+                (" at most)" if np.ndim(lim.stderr) else ")")
         print(f"\n  {name} [{shape}], limit by {lim.method}: {value}")
         if comp.random:
             print("    random in the limit (a Gaussian readout, or f_0 in the kernel regime): single seeds do not "

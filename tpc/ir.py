@@ -250,17 +250,23 @@ def to_json(prog: Program) -> dict[str, Any]:
     return {"file": prog.filename, "width": prog.width_name, "nodes": nodes, "outputs": prog.outputs}
 
 
-def to_dot(prog: Program) -> str:
+def to_dot(prog: Program, backward: bool = False) -> str:
+    """Graphviz DOT; like the text listing, the backward instructions only with `backward`."""
     colors = {"matrix": "lightblue", "vector": "palegreen", "data": "lightgrey", "matmul": "khaki",
               "nonlin": "white", "moment": "pink", "gram": "pink", "readout": "orange", "cov": "pink"}
     lines = ["digraph tpc {", "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
     outs = set(prog.outputs.values())
+    shown = {n.id for n in prog.nodes() if backward or not n.params.get("derived")}
     for node in prog.nodes():
+        if node.id not in shown:
+            continue
         label = f"{node.name} = {describe(prog, node)}\\n{INSTRUCTION.get(node.op, node.op)}"
         label = label.replace('"', '\\"')
         style = ', peripheries=2' if node.id in outs else ""
         lines.append(f'  n{node.id} [label="{label}", style=filled, fillcolor={colors.get(node.op, "white")}{style}];')
     for src, dst, data in sorted((s, d, a) for s, succ in prog.graph.adjacency() for d, a in succ.items()):
+        if src not in shown or dst not in shown:
+            continue
         label = ",".join(str(p) for p in data["pos"])
         lines.append(f'  n{src} -> n{dst} [label="{label}"];')
     lines.append("}")

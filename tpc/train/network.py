@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from tpc import syntax as ast
-from tpc.build import check_dim
+from tpc.build import check_dim, transpose_by_caret
 from tpc.data import literal_array, load_array
 from tpc.errors import Span, TpcError, clip, nearest
 from tpc.ops import expr as ex
@@ -856,7 +856,7 @@ class ModelBuilder:
             return self.fn("neg", [self.value(e.operand)], e)
         if isinstance(e, ast.Call):
             return self.call(e)
-        if isinstance(e, ast.Attr):
+        if isinstance(e, ast.Attr) or isinstance(e, ast.BinOp) and transpose_by_caret(e):
             raise TpcError("a model applies its layers forward (W @ x); the backward pass is derived by tpc",
                            e.span)
         raise TpcError("not part of a model: layers, coordinatewise functions and numbers", e.span)
