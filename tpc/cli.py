@@ -379,7 +379,7 @@ def _network_limit(args: argparse.Namespace, net) -> dict:  # noqa: ANN001
             bar.refresh()
 
     try:
-        return network_limit(net, method=args.method, particles=args.particles, replicates=replicates,
+        return network_limit(net, method=args.method, particles=args.particles, replicates=args.replicates,
                              seed=args.seed, memory_gb=args.memory_gb, force=args.force, progress=progress)
     finally:
         if bar is not None:

@@ -132,7 +132,7 @@ def lowered_program(net: Network, X: np.ndarray) -> tuple[Program, list[tuple[st
     return prog, [t for t in terms if t[0] in prog.outputs]
 
 
-def kernels(net: Network) -> Kernels:
+def kernels(net: Network, **limit_options: object) -> Kernels:
     sets = net.point_sets()
     points, start = {}, 0
     for d in sets:
@@ -140,7 +140,7 @@ def kernels(net: Network) -> Kernels:
         start += net.data[d].shape[0]
     X = np.concatenate([net.data[d] for d in sets])  # noqa: N806
     prog, terms = lowered_program(net, X)
-    lim = evaluate_limit(prog)
+    lim = evaluate_limit(prog, **limit_options)
     lr = net.train.lr if net.train else 0.0
     theta = np.zeros((len(X), len(X)))
     for out, _layer, exponent in terms:
@@ -152,9 +152,10 @@ def kernels(net: Network) -> Kernels:
     return Kernels(points, theta, nngp, lim["features"].value, "+".join(m for m in order if m in methods))
 
 
-def kernel_limit(net: Network, samples: int = 2**14, seed: int = 0) -> dict[str, LimitOutput]:
-    """Every output of a kernel-regime network program in the limit."""
-    K = kernels(net)  # noqa: N806
+def kernel_limit(net: Network, samples: int = 2**14, seed: int = 0, **limit_options: object) -> dict[str, LimitOutput]:
+    """Every output of a kernel-regime network program in the limit; `limit_options` go to the
+    evaluation of its kernels (particles, replicates, memory_gb, force)."""
+    K = kernels(net, **limit_options)  # noqa: N806
     k = net.output_dim()
     P = K.theta.shape[0]  # noqa: N806
     fomaml = bool(net.train and net.train.optimizer == "fomaml")

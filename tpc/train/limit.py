@@ -47,7 +47,7 @@ def _exact(net: Network, method: str) -> bool:
     return linear and method in ("auto", "exact")
 
 
-def network_limit(net: Network, method: str = "auto", particles: int = 2**16, replicates: int = 4,
+def network_limit(net: Network, method: str = "auto", particles: int = 2**16, replicates: int | None = None,
                   seed: int = 0, memory_gb: float | None = None, force: bool = False,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, LimitOutput]:
     cls = net.classification()
@@ -71,7 +71,9 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
             memory.require(need, f"the kernel-regime limit over {points} inputs", memory_gb, force)
         except TpcError as err:
             raise err.locate(net.filename, net.source) from None
-        return kernel_limit(net, seed=seed)
+        # the kernels' own Monte Carlo, where one is needed, keeps evaluate_limit's 8 replicates by default
+        return kernel_limit(net, seed=seed, particles=particles, replicates=replicates or 8,
+                            memory_gb=memory_gb, force=force)
     p: Plan = plan(net)
     exact = _exact(net, method)
     size = p.gaussians + 1 if exact else particles
@@ -82,7 +84,7 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
     except TpcError as err:
         raise err.locate(net.filename, net.source) from None
     runs = []
-    count = 1 if exact else max(2, replicates)
+    count = 1 if exact else max(2, replicates or 4)
     steps = net.train.steps if net.train else 0
     with torch.no_grad():
         for r in range(count):

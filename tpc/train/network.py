@@ -28,6 +28,7 @@ from tpc.parametrization import ABC, Classification, classify, preset
 
 MAX_EXPANDED = 20_000  # expression nodes visited while building the model, nonlin bodies included
 
+MAX_EXPONENT = 16.0  # the largest |a|, |b| or |c| an abc(...) may give
 ROLES = ("input", "embedding", "hidden", "readout", "bias")
 LOSSES = ("mse", "xent", "logistic")
 OUTPUT_FUNCTIONS = ("history", "features", "feature_change", "adapted", "embeddings")
@@ -769,7 +770,13 @@ class _Builder:
                 if len(vals) != L + 1:
                     raise TpcError(f"{key} has {len(vals)} entries; this network has {L + 1} layers "
                                    f"(the input layer, {L - 1} hidden, the readout)", kw[key].value.span)
-            abc = ABC(a, b, self.const(kw["c"].value))
+            c = self.const(kw["c"].value)
+            for key, vals in (("a", a), ("b", b), ("c", (c,))):
+                # exponents of the width: beyond this, n^e over- or underflows at any useful width
+                if not all(abs(v) <= MAX_EXPONENT for v in vals):
+                    raise TpcError(f"{key} holds an exponent of the width beyond +-{MAX_EXPONENT:g}; "
+                                   "parametrizations use small ones (TP4's are within [-1, 2])", kw[key].value.span)
+            abc = ABC(a, b, c)
         else:
             kw = self.kwargs(p.kwargs, ("lr",), p.name)
             try:
