@@ -18,50 +18,103 @@ limit (Master Theorem), and a check that the first converges to the second.
 
 from __future__ import annotations
 
-from tpc.backends.limit import LimitOutput, evaluate_limit
-from tpc.backends.torch import compile_module, emit_source, run_finite
-from tpc.backends.torch.run import FiniteResult
-from tpc.build import load_program, load_source
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# bound here, not lazily: importing the submodule tpc.compare later would rebind the name to it
 from tpc.compare import compare
-from tpc.errors import NumericalError, TpcError
-from tpc.ir import Program, print_program
-from tpc.train.finite import train_finite
-from tpc.train.limit import network_limit
-from tpc.train.network import Network
+
+if TYPE_CHECKING:  # the names below are imported on first use: `tpc --help` needs no torch
+    from tpc.backends.limit import LimitOutput
+    from tpc.backends.torch.run import FiniteResult
+    from tpc.errors import NumericalError, TpcError
+    from tpc.ir import Program, print_program
+    from tpc.train.network import Network
 
 __version__ = "0.1.0"
 
-load = load_program
-loads = load_source
+_LAZY = {
+    "LimitOutput": "tpc.backends.limit",
+    "FiniteResult": "tpc.backends.torch.run",
+    "NumericalError": "tpc.errors",
+    "TpcError": "tpc.errors",
+    "Program": "tpc.ir",
+    "print_program": "tpc.ir",
+    "Network": "tpc.train.network",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # once imported, a plain attribute
+        return value
+    raise AttributeError(f"module 'tpc' has no attribute {name!r}")
+
+
+def load(path: object, **options: object) -> Program | Network:
+    """Parse, check and build a .tp file (see tpc.build.load_program)."""
+    from tpc.build import load_program
+
+    return load_program(path, **options)
+
+
+def loads(source: str, *args: object, **options: object) -> Program | Network:
+    """Parse, check and build program text (see tpc.build.load_source)."""
+    from tpc.build import load_source
+
+    return load_source(source, *args, **options)
+
+
+def _is_network(prog: object) -> bool:
+    from tpc.train.network import Network
+
+    return isinstance(prog, Network)
 
 
 def limit(prog: Program | Network, **options: object) -> dict[str, LimitOutput]:
     """The infinite-width limit of every output (a network program's after its training)."""
-    return network_limit(prog, **options) if isinstance(prog, Network) else evaluate_limit(prog, **options)
+    if _is_network(prog):
+        from tpc.train.limit import network_limit
+
+        return network_limit(prog, **options)
+    from tpc.backends.limit import evaluate_limit
+
+    return evaluate_limit(prog, **options)
 
 
 def run(prog: Program | Network, width: int, seeds: int, **options: object) -> dict[str, FiniteResult]:
     """Every output at width `width` for `seeds` seeds (a network program is trained in torch)."""
-    return (train_finite if isinstance(prog, Network) else run_finite)(prog, width, seeds, **options)
+    if _is_network(prog):
+        from tpc.train.finite import train_finite
+
+        return train_finite(prog, width, seeds, **options)
+    from tpc.backends.torch import run_finite
+
+    return run_finite(prog, width, seeds, **options)
 
 
 def torch_module(prog: Program | Network, width: int, seeds: int | list[int] = 1, **options: object) -> object:
     """The emitted PyTorch module at width `width` (what `tpc emit-torch` writes, instantiated): a
     Netsor program's for a batch of seeds (`module()` gives every output), a network program's
     model for one seed (a ModuleList for several)."""
-    if isinstance(prog, Network):
+    if _is_network(prog):
         from tpc.backends.torch.emit_network import network_module
 
         return network_module(prog, width, seeds, **options)
+    from tpc.backends.torch import compile_module
+
     return compile_module(prog, width, seeds, **options)
 
 
 def torch_source(prog: Program | Network) -> str:
     """The standalone PyTorch source that `tpc emit-torch` prints."""
-    if isinstance(prog, Network):
+    if _is_network(prog):
         from tpc.backends.torch.emit_network import emit_network_source
 
         return emit_network_source(prog)
+    from tpc.backends.torch import emit_source
+
     return emit_source(prog)
 
 

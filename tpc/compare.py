@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from tpc.backends.limit import LimitOutput, evaluate_limit
-from tpc.backends.torch import run_finite
-from tpc.ir import Program
-from tpc.train.finite import train_finite
-from tpc.train.limit import network_limit
-from tpc.train.network import Network
+if TYPE_CHECKING:  # imported where used: `import tpc` stays light (no torch until a backend runs)
+    from tpc.backends.limit import LimitOutput
+    from tpc.ir import Program
+    from tpc.train.network import Network
 
 
 @dataclass
@@ -74,6 +73,12 @@ def fit_slope(widths: list[int], errors: list[float]) -> float:
 def compare(prog: Program | Network, widths: list[int], seeds: int, method: str = "auto",
             dtype: str = "float64", device: str = "cpu", memory_gb: float | None = None, force: bool = False,
             progress: Callable[[int], None] | None = None) -> dict[str, OutputComparison]:
+    from tpc.backends.limit import evaluate_limit
+    from tpc.backends.torch import run_finite
+    from tpc.train.finite import train_finite
+    from tpc.train.limit import network_limit
+    from tpc.train.network import Network
+
     network = isinstance(prog, Network)
     budget = {"memory_gb": memory_gb, "force": force}
     limit = (network_limit if network else evaluate_limit)(prog, method=method, **budget)

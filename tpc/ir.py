@@ -18,14 +18,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 import numpy as np
-import torch
 
 from tpc.errors import Span
 from tpc.ops import expr as ex
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass
@@ -114,6 +116,8 @@ def data_value(prog: Program, node: Node) -> np.ndarray:
     input layer in the NTK, N x N) is not stored in the program but formed here, when a backend
     asks; the limit instead shares the covariance of `U x`, the same product."""
     if node.params.get("gram"):
+        import torch
+
         a, b = (torch.from_numpy(np.ascontiguousarray(data_value(prog, prog.node(i)), dtype=np.float64))
                 for i in node.inputs)
         return rows_gram(a, b).numpy()
@@ -123,6 +127,8 @@ def data_value(prog: Program, node: Node) -> np.ndarray:
 def rows_gram(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """A B^T over the last axis, rows against rows. By torch: numpy's BLAS threads contend with
     torch's on a small machine (0.2-1 s at N = 4000)."""
+    import torch
+
     return torch.tensordot(a, b, dims=([-1], [-1]))
 
 

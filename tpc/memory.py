@@ -8,11 +8,14 @@ does not fit costs the machine."""
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from tpc.errors import Span, TpcError
-from tpc.ir import Program
+
+if TYPE_CHECKING:
+    from tpc.ir import Program
 
 FALLBACK_GB = 8.0
 
