@@ -394,6 +394,9 @@ def cmd_compare(args: argparse.Namespace) -> int:
     widths = _widths(args.widths)
     if args.plot:
         _check_writable(args.plot)  # before the runs, not after them
+    print(f"{args.file}: widths {', '.join(map(str, widths))}, {args.seeds} seeds each; "
+          f"{_finite_need(prog, max(widths), args.dtype)} per seed at width {max(widths)}",
+          file=sys.stderr if args.json else sys.stdout, flush=True)
     update, close = _progress(args.seeds * len(widths), "finite widths", not args.json and not args.quiet)
     try:
         results = compare(prog, widths, args.seeds, method=args.method, dtype=args.dtype,
@@ -406,8 +409,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print(dumps({"outputs": {k: v.to_json() for k, v in results.items()}, "widths": widths,
                      "seeds": args.seeds}))
         return 0
-    print(f"{args.file}: {args.seeds} seeds per width; errors against the limit, root-mean-square over "
-          "entries (rms error: of single seeds; |mean - limit|: of the mean over seeds)")
+    print("errors against the limit, root-mean-square over entries (rms error: of single seeds; "
+          "|mean - limit|: of the mean over seeds)")
     for name, comp in results.items():
         lim = comp.limit
         shape = "x".join(map(str, np.shape(lim.value))) or "scalar"
