@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from tpc import memory
-from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var, is_zero
+from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var, is_zero, psd_pinv
 from tpc.backends.limit.symmetric import BlockKernel, all_finite, cut, row_blocks, splits, whole
 from tpc.errors import NumericalError, TpcError
 from tpc.ir import Node, Program, data_value, readout_weights, rows_gram
@@ -87,6 +87,9 @@ class LimitEvaluator:
     data_grams: dict[tuple[int, int], Tensor] = field(default_factory=dict)  # (data, data) -> A B^T
     block_tree: dict[int, tuple[object, int]] = field(default_factory=dict)  # MatMul block -> (Z^x, x)
     cache: dict[tuple, Result] = field(default_factory=dict)  # kernels asked for twice
+    # a family's covariances estimated by Monte Carlo: their standard error relative to the variances
+    # (its PSD check must allow for it: separately sampled entries need not form a PSD matrix)
+    noise: dict[object, float] = field(default_factory=dict)
     mc_used: bool = False
 
     def __post_init__(self) -> None:
@@ -152,12 +155,13 @@ class LimitEvaluator:
             means.append(_place_tensor(m, axis, rank) if m.dim() else m)
         where = f"instruction {node.name}" + (f" (line {node.span.line})" if node.span else "")
         scales = [self.blocks[bid].scale for bid, _ in variables]
+        noise = max((self.noise.get(self.blocks[bid].family, 0.0) for bid, _ in variables), default=0.0)
 
         def expectation(block: tuple[int, ...], means: list[Tensor], covs: Sequence[Sequence[Tensor]],
                         zero: Callable[[int, int], bool] | None = None) -> Expectation:
             # quadrature or Monte Carlo is chosen by the size of the whole result, not of a block
             return Expectation(block, means, covs, self.dtype, where, method or self.method, self.particles,
-                               self.generator, scales, zero, whole_shape=shape)
+                               self.generator, scales, zero, whole_shape=shape, noise=noise)
 
         symmetric = _symmetric(parts, combine, shape)
         result = None
@@ -315,6 +319,7 @@ class LimitEvaluator:
             # Cov = s2 E[Z^x Z^y]: E stored as it is (often a cached kernel), s2 kept as the block's scale
             bid = self.new_block(family, node.shape, zero, node.id, s2)
             self.block_tree[bid] = (tree, x)
+            stderr = 0.0
             for other in self.family_blocks[family]:
                 otree, ox = self.block_tree[other]
                 shape = self.blocks[other].shape + node.shape
@@ -324,6 +329,12 @@ class LimitEvaluator:
                 )
                 self.cov[other, bid] = res.value
                 methods |= res.methods | self.methods_of((ox,))
+                if res.stderr is not None:
+                    stderr = max(stderr, float(res.stderr.max()))
+            if stderr > 0:  # relative to the new block's own variance E[x^2] (the loop's last entry)
+                var = float(whole(res.value).abs().max())
+                rel = stderr / var if var > 0 else float("inf")
+                self.noise[family] = max(self.noise.get(family, 0.0), rel)
             zdot, zdot_methods = self.zdot(("matrix", mat.id, not transposed), tree, x, s2, node)
             methods |= zdot_methods
             if zdot is not None:
@@ -363,7 +374,7 @@ class LimitEvaluator:
             stein.append(res.value)
             methods |= res.methods
         eg = torch.stack(stein)  # (k, *batch)
-        grad = torch.tensordot(torch.linalg.pinv(cov, hermitian=True, rtol=1e-10), eg, dims=1)
+        grad = torch.tensordot(psd_pinv(cov), eg, dims=1)  # drops only round-off-level directions
         terms = []
         for i, b in enumerate(blocks):
             ytree, y = self.block_tree[b]

@@ -31,7 +31,9 @@ if TYPE_CHECKING:
 
 Tensor = torch.Tensor
 QUADRATURE_NODES = {1: 200, 2: 40, 3: 20, 4: 12}
-QUADRATURE_RTOL, QUADRATURE_ATOL = 1e-4, 1e-8  # fine and coarse rules must agree this well
+QUADRATURE_RTOL, QUADRATURE_ATOL = 1e-4, 1e-8  # fine and coarse rules must agree this well (relative)
+PSD_ULPS = 16  # round-off allowed per entry of a correlation matrix, in ulps, times its dimension
+PSD_NOISE_SIGMAS = 4  # sampled covariances: an eigenvalue may fall this many standard errors below 0
 QUADRATURE_BUDGET = 2**27  # entries x nodes; beyond it, auto switches to Monte Carlo
 MAX_CHUNK = 2**23  # entries x nodes evaluated at once
 
@@ -68,6 +70,7 @@ class Result:
     value: Tensor | BlockKernel  # a block kernel only from the limit evaluator's symmetric kernels
     methods: set[str]
     stderr: Tensor | None = None
+    magnitude: Tensor | None = None  # E|integrand| per entry, from quadrature: the scale of its error
 
 
 class Expectation:
@@ -84,7 +87,8 @@ class Expectation:
     def __init__(self, shape: tuple[int, ...], mean: list[Tensor], cov: Sequence[Sequence[Tensor]],
                  dtype: torch.dtype, where: str, method: str = "auto", particles: int = 2**16,
                  generator: torch.Generator | None = None, scales: list[float] | None = None,
-                 zero: Callable[[int, int], bool] | None = None, whole_shape: tuple[int, ...] | None = None) -> None:
+                 zero: Callable[[int, int], bool] | None = None, whole_shape: tuple[int, ...] | None = None,
+                 noise: float = 0.0) -> None:
         self.shape = shape
         self.whole_shape = shape if whole_shape is None else whole_shape  # when this is a block of a larger result
         self.mean = mean
@@ -97,6 +101,9 @@ class Expectation:
         self.method = method
         self.particles = particles
         self.generator = generator
+        # the relative standard error of covariances that were estimated by Monte Carlo (0 when every
+        # one was computed): the PSD check allows for it
+        self.noise = noise
 
     # ------------------------------------------------------------------ entry point
     def __call__(self, tree: ex.Tree) -> Result:
@@ -135,9 +142,13 @@ class Expectation:
             return fine
         # a second, coarser rule estimates the quadrature error: where the two disagree (a steep
         # or heavy-tailed integrand) the number would be wrong without warning; take Monte Carlo
-        coarse = self.sampled(tree, quadrature=True, nodes=max(2, (3 * QUADRATURE_NODES[self.k]) // 4))
+        coarse = self.sampled(tree, quadrature=True, coarse=True)
+        # relative to each entry's value, with a floor relative to E|integrand| (an integrand that
+        # cancels to ~0, an odd one, is judged by its size, not by its mean): both scale with the
+        # integrand, so scaling the data changes no decision
         gap = (fine.value - coarse.value).abs()
-        if bool((gap > QUADRATURE_RTOL * fine.value.abs() + QUADRATURE_ATOL).any()):
+        assert fine.magnitude is not None
+        if bool((gap > QUADRATURE_RTOL * fine.value.abs() + QUADRATURE_ATOL * fine.magnitude).any()):
             return self.sampled(tree, quadrature=False)
         return fine
 
@@ -151,6 +162,8 @@ class Expectation:
             return Linear({}, tree.value)
         if not isinstance(tree, ex.Apply):
             return None
+        if not _has_var(tree):  # a deterministic part (sqrt of a moment): one number per entry
+            return Linear({}, _constant(tree, self.dtype))
         fn = tree.fn
         if fn == "identity":
             return self.linear(tree.args[0])
@@ -339,7 +352,7 @@ class Expectation:
         return Expectation(self.shape, [self.mean[i] for i in used],
                            [[self.cov[i][j] for j in used] for i in used], self.dtype, self.where,
                            "auto", self.particles, self.generator, [self.scales[i] for i in used],
-                           whole_shape=self.whole_shape)
+                           whole_shape=self.whole_shape, noise=self.noise)
 
     def stein_numeric(self, factors: list[tuple[str, Linear]]) -> tuple[Tensor, str] | None:
         """E[u f(v)] = Cov(u, v) E[f'(v)] for centred u, v and a smooth f: a quadrature in the
@@ -367,7 +380,7 @@ class Expectation:
             if mean_rule is None:
                 return None
             mu, var = self.moments(lin)
-            self.check_var(var)
+            self.check_var(var, self.magnitude(lin))
             return mean_rule(mu, torch.clamp(var, min=0.0)), "exact" if f == "identity" else "closed-form", 1.0, False
         if len(factors) != 2:
             return None
@@ -375,11 +388,12 @@ class Expectation:
         ma, va, sa = self.scaled_moments(la)
         mb, vb, sb = self.scaled_moments(lb)
         _, c, sc = self.scaled_moments(la, lb)
-        self.check_var(va)
-        self.check_var(vb)
+        pa, pb = self.magnitude(la), self.magnitude(lb)
+        self.check_var(va, pa)
+        self.check_var(vb, pb)
         if f == "identity" and g == "identity":
             if not (_is_unit(la) and _is_unit(lb)):  # cancellation in linear combinations
-                self.check_corr(va, vb, c)
+                self.check_corr(va, vb, c, pa, pb)
             if is_zero(ma) or is_zero(mb):
                 return c, "exact", sc, False  # the stored kernel itself: never written in place
             return _scaled(sc, c) + ma * mb, "exact", 1.0, False
@@ -404,21 +418,47 @@ class Expectation:
                 f"{self.where}: the covariance of the Gaussians is not positive semidefinite ({err})"
             ) from None
 
-    def check_var(self, var: Tensor) -> None:
-        if torch.as_tensor(var).min() < -1e-9 * max(1.0, float(torch.as_tensor(var).abs().max())):
-            worst = float(torch.as_tensor(var).min())
+    def check_var(self, var: Tensor, parts: Tensor | None = None) -> None:
+        """A variance below 0 beyond round-off stops the evaluation. Round-off is relative to the
+        variance's own scale: `parts`, the size of the terms it was summed from where it is a
+        linear combination (cancellation), else the largest variance itself; never an absolute floor."""
+        var = torch.as_tensor(var)
+        scale = torch.as_tensor(parts) if parts is not None else var.abs().amax()
+        tol = psd_tolerance(1, var.dtype, self.noise)
+        if bool((var < -tol * scale).any()):
+            worst = float(var.min())
             raise NumericalError(f"{self.where}: a variance came out negative ({worst:.3g})")
 
-    def check_corr(self, va: Tensor, vb: Tensor, c: Tensor) -> None:
+    def magnitude(self, lin: Linear) -> Tensor | None:
+        """For a combination a = sum_i c_i G_i, (sum_i |c_i| sd(G_i))^2: a bound on every term of
+        Var(a), hence the scale of its round-off (cancellation may leave Var(a) itself far smaller).
+        None for a single Gaussian, whose variance is its own scale."""
+        if _is_unit(lin):
+            return None
+        total = torch.zeros((), dtype=self.dtype)
+        for i, c in lin.coef.items():
+            var = torch.clamp(torch.as_tensor(self.cov[i][i], dtype=self.dtype), min=0.0)
+            total = total + torch.as_tensor(c, dtype=self.dtype).abs() * torch.sqrt(self.scales[i] * var)
+        return total * total
+
+    def check_corr(self, va: Tensor, vb: Tensor, c: Tensor, pa: Tensor | None = None,
+                   pb: Tensor | None = None) -> None:
+        """|Cov(a, b)| <= sd(a) sd(b), to round-off relative to the terms a and b were formed from."""
         excess = torch.as_tensor(c).abs() - torch.sqrt(torch.clamp(va * vb, min=0.0))
-        if excess.max() > 1e-7 * max(1.0, float(torch.as_tensor(va).abs().max())):
+        scale = torch.sqrt(torch.as_tensor(pa if pa is not None else va).abs()
+                           * torch.as_tensor(pb if pb is not None else vb).abs())
+        tol = psd_tolerance(2, excess.dtype, self.noise)
+        if bool((excess > tol * scale).any()):
             raise NumericalError(
                 f"{self.where}: the covariance of the Gaussians is not positive semidefinite "
                 f"(|Cov| exceeds the product of standard deviations by {float(excess.max()):.3g})"
             )
 
     # ------------------------------------------------------------------ quadrature and Monte Carlo
-    def sampled(self, tree: ex.Tree, quadrature: bool, nodes: int | None = None) -> Result:
+    def sampled(self, tree: ex.Tree, quadrature: bool, coarse: bool = False) -> Result:
+        """E[tree] by Gauss-Hermite (`coarse`: 3/4 of the nodes) or Monte Carlo. The rule has one axis
+        per direction the covariance spans: perfectly correlated Gaussians share one, so their
+        expectation is a lower-dimensional quadrature with more nodes per axis."""
         k, shape = self.k, self.shape
         entries = int(np.prod(shape, dtype=np.int64)) if shape else 1
         mean = torch.stack([torch.as_tensor(m, dtype=self.dtype).expand(shape) for m in self.mean], -1)
@@ -430,11 +470,16 @@ class Expectation:
         mean = mean.reshape(entries, k)
         cov = cov.reshape(entries, k, k)
         factor = self.factor(cov)
+        spanned = factor.abs().amax(dim=(0, 1)) > 0  # columns that no entry uses are dropped
+        if bool(spanned.any()) and not bool(spanned.all()):
+            factor = factor[..., spanned]
+        rank = factor.shape[-1]
         if quadrature:
-            z, w = gauss_hermite(k, nodes or QUADRATURE_NODES[k], self.dtype)
+            nodes = QUADRATURE_NODES.get(rank, 2)
+            z, w = gauss_hermite(rank, max(2, (3 * nodes) // 4) if coarse else nodes, self.dtype)
             method = "quadrature"
         else:
-            z = torch.randn((self.particles, k), generator=self.generator, dtype=self.dtype)
+            z = torch.randn((self.particles, rank), generator=self.generator, dtype=self.dtype)
             w = torch.full((self.particles,), 1.0 / self.particles, dtype=self.dtype)
             method = "monte-carlo"
         leaves = _tensor_leaves(tree)
@@ -442,6 +487,7 @@ class Expectation:
                 for t in leaves}
         out = torch.empty(entries, dtype=self.dtype)
         second = torch.empty(entries, dtype=self.dtype)
+        size = torch.empty(entries, dtype=self.dtype)
         step = max(1, MAX_CHUNK // z.shape[0])
         for lo in range(0, entries, step):
             hi = min(entries, lo + step)
@@ -451,36 +497,94 @@ class Expectation:
             out[lo:hi] = vals @ w
             if not quadrature:
                 second[lo:hi] = (vals * vals) @ w
+            else:
+                size[lo:hi] = vals.abs() @ w
         stderr = None
         if not quadrature:
             var = torch.clamp(second - out * out, min=0.0)
             stderr = torch.sqrt(var / (self.particles - 1)).reshape(shape)
         if not torch.isfinite(out).all():
             raise NumericalError(f"{self.where}: the expectation is not finite ({method})")
-        return Result(out.reshape(shape), {method}, stderr)
+        return Result(out.reshape(shape), {method}, stderr, size.reshape(shape) if quadrature else None)
 
     def factor(self, cov: Tensor) -> Tensor:
-        """L with L L^T = cov for every entry. Cholesky where it succeeds (it aligns the first
-        Gaussian with a quadrature axis, which helps functions with a kink); an eigenvalue
-        factor for singular (PSD) entries, such as the diagonal of a kernel."""
-        evals = torch.linalg.eigvalsh(cov)
-        scale = torch.clamp(evals.abs().amax(-1), min=1.0)
-        if (evals.amin(-1) < -1e-8 * scale).any():
-            worst = float(evals.amin())
-            raise NumericalError(
-                f"{self.where}: the covariance of the Gaussians is not positive semidefinite "
-                f"(smallest eigenvalue {worst:.3g})"
-            )
-        # a relative 1e-12 on the diagonal lets Cholesky factor singular entries too (equal
-        # Gaussians on a kernel's diagonal); it moves the result by about 1e-12, far below the
-        # quadrature error, and PSD-ness was checked above on the matrix itself
-        eye = torch.eye(cov.shape[-1], dtype=cov.dtype)
-        chol, info = torch.linalg.cholesky_ex(cov + 1e-12 * scale[:, None, None] * eye)
-        bad = info != 0
-        if bad.any():
-            e, v = torch.linalg.eigh(cov[bad])
-            chol[bad] = v * torch.sqrt(torch.clamp(e, min=0.0)).unsqueeze(-2)
-        return chol
+        """L with L L^T = cov for every entry, to round-off, singular entries included (see
+        `psd_factor`); an indefinite entry stops the evaluation."""
+        try:
+            return psd_factor(cov, self.noise)
+        except NotPSDError as err:
+            raise NumericalError(f"{self.where}: the covariance of the Gaussians is not positive semidefinite "
+                                 f"({err})") from None
+
+
+class NotPSDError(ValueError):
+    """A covariance is indefinite beyond the accuracy it was computed to."""
+
+
+def psd_tolerance(k: int, dtype: torch.dtype, noise: float = 0.0) -> float:
+    """How far below 0 an eigenvalue of a k x k correlation matrix (unit diagonal) may fall and the
+    matrix still count as PSD: the round-off of forming it (a few ulps per entry, summed over a row),
+    plus `noise`, the relative error of entries that were estimated (Monte Carlo), a few times over.
+    In correlation units, so it is the same whatever the scale of each variable."""
+    return PSD_ULPS * k * torch.finfo(dtype).eps + PSD_NOISE_SIGMAS * k * noise
+
+
+def psd_factor(cov: Tensor, noise: float = 0.0) -> Tensor:
+    """L with L L^T = cov for a batch of covariances (..., k, k), exact to round-off for singular ones.
+
+    Scale-free: each variable is measured in its own standard deviation first (cov = D R D with R a
+    correlation matrix), so a variance of 1e12 next to one of 1 is as easy as two of 1. R is
+    factored by Cholesky where that succeeds (it keeps the first Gaussian on an axis, which helps
+    quadrature across a kink) and else by its eigenvectors, with the eigenvalues that round-off left
+    below 0 set to 0: perfectly correlated Gaussians get one shared direction, no jitter is added.
+    A zero variance makes a zero row. Raises NotPSDError where an eigenvalue of R is below
+    -psd_tolerance, or a zero-variance variable has a nonzero covariance."""
+    cov = (cov + cov.transpose(-1, -2)) / 2
+    k = cov.shape[-1]
+    tol = psd_tolerance(k, cov.dtype, noise)
+    var = torch.diagonal(cov, dim1=-2, dim2=-1)
+    top = var.abs().amax(-1, keepdim=True)  # the scale of each entry's variances
+    if bool((var < -tol * top).any()):
+        worst = float((var / torch.where(top > 0, top, 1.0)).min())
+        raise NotPSDError(f"a variance is negative: {worst:.3g} times the largest")
+    sd = torch.sqrt(torch.clamp(var, min=0.0))
+    inv = torch.where(sd > 0, 1.0 / torch.where(sd > 0, sd, 1.0), 0.0)
+    corr = cov * inv[..., :, None] * inv[..., None, :]
+    # a variable with variance 0 (to round-off) is the constant 0: its covariances must vanish too
+    dead = (sd == 0)[..., :, None] | (sd == 0)[..., None, :]
+    if bool((dead & (cov.abs() > tol * top[..., None])).any()):
+        raise NotPSDError("a Gaussian of variance 0 has a nonzero covariance")
+    corr = torch.where(dead, 0.0, corr)
+    corr = corr + torch.diag_embed((sd == 0).to(cov.dtype))  # unit diagonal throughout
+    chol, info = torch.linalg.cholesky_ex(corr)
+    bad = info != 0
+    if bool(bad.any()):
+        e, v = torch.linalg.eigh(corr[bad])
+        low = e.amin(-1)
+        if bool((low < -tol).any()):
+            raise NotPSDError(f"smallest eigenvalue {float(low.min()):.3g} of the correlation matrix, "
+                              f"beyond its accuracy {tol:.2g}")
+        # eigenvalues within round-off of 0 are 0 (moving R by at most tol): their directions are
+        # dropped exactly, largest first so that the columns left are a prefix (fewer quadrature axes)
+        e = torch.where(e > tol, e, 0.0)
+        chol[bad] = (v * torch.sqrt(e).unsqueeze(-2)).flip(-1)
+    return chol * sd[..., :, None]
+
+
+def psd_pinv(cov: Tensor) -> Tensor:
+    """The pseudo-inverse of one PSD matrix (k, k), scale-free: measured in each variable's standard
+    deviation (D R D), only the directions of R with eigenvalues at round-off level are dropped, so an
+    ill-conditioned but regular covariance keeps all of its directions, and a multiple of an earlier
+    vector (a singular one) loses exactly one."""
+    cov = (cov + cov.T) / 2
+    var = torch.diagonal(cov)
+    sd = torch.sqrt(torch.clamp(var, min=0.0))
+    inv = torch.where(sd > 0, 1.0 / torch.where(sd > 0, sd, 1.0), 0.0)
+    e, v = torch.linalg.eigh(cov * inv[:, None] * inv[None, :])
+    keep = e > psd_tolerance(cov.shape[-1], cov.dtype) * max(1.0, float(e.max()) if e.numel() else 1.0)
+    e_inv = torch.where(keep, 1.0 / torch.where(keep, e, 1.0), 0.0)
+    r_inv = (v * e_inv) @ v.T
+    return r_inv * inv[:, None] * inv[None, :]
 
 
 def gauss_hermite(k: int, m: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -525,7 +629,7 @@ def _scaled(coef: Tensor | float, value: Tensor) -> Tensor:
 def _smooth(tree: object) -> bool:
     """No kink, jump or singularity in the integrand: functions flagged smooth, no division by
     a Gaussian, powers by non-negative integers only."""
-    if not isinstance(tree, ex.Apply):
+    if not isinstance(tree, ex.Apply) or not _has_var(tree):  # a constant is smooth in the Gaussians
         return True
     if not FUNCTIONS[tree.fn].smooth:
         return False
@@ -536,6 +640,16 @@ def _smooth(tree: object) -> bool:
         if not (isinstance(e, ex.Const) and e.value >= 0 and float(e.value).is_integer()):
             return False
     return all(_smooth(a) for a in tree.args)
+
+
+def _constant(tree: object, dtype: torch.dtype) -> Tensor:
+    """The value of an expression without Gaussians (tensor leaves and constants)."""
+    if isinstance(tree, TensorLeaf):
+        return torch.as_tensor(tree.value, dtype=dtype)
+    if isinstance(tree, ex.Const):
+        return torch.tensor(tree.value, dtype=dtype)
+    assert isinstance(tree, ex.Apply)
+    return FUNCTIONS[tree.fn].torch(*[_constant(a, dtype) for a in tree.args])
 
 
 def _has_var(tree: object) -> bool:

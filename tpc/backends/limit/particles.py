@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from tpc.backends.limit.evaluate import LimitValue, evaluate_tree, interpret
+from tpc.backends.limit.expect import psd_pinv, psd_tolerance
 from tpc.errors import NumericalError, TpcError
 from tpc.ir import Node, Program, data_value, readout_weights
 from tpc.ops import expr as ex
@@ -150,20 +151,30 @@ class GaussianSpace:
             prev = torch.stack(fam.inputs)
             c_cross = s2 * self.gram(rows, prev)  # (b, k)
             # l21 L11^T = C_cross; L11 may be singular when a vector repeats, hence pinv
-            l21 = c_cross @ torch.linalg.pinv(fam.chol.T, rtol=1e-12)
+            # l21 L11^T = C_cross; L11 has zero columns where a vector repeated: the pseudo-inverse,
+            # cut at round-off relative to L11's own largest singular value (scale-free)
+            rtol = psd_tolerance(len(fam.inputs), self.dtype)
+            l21 = c_cross @ torch.linalg.pinv(fam.chol.T, rtol=rtol)
             schur = c_new - l21 @ l21.T
         else:
             l21 = torch.zeros((b, 0), dtype=self.dtype)
             schur = c_new
         schur = (schur + schur.T) / 2
-        evals, evecs = torch.linalg.eigh(schur)
-        scale = max(1.0, float(evals.abs().max())) if evals.numel() else 1.0
-        if evals.numel() and float(evals.min()) < -1e-7 * scale:
+        # PSD-ness in each new Gaussian's own units: the Schur complement divided by the standard
+        # deviations of c_new (round-off in it is relative to those), never by an absolute floor
+        sd = torch.sqrt(torch.clamp(torch.diagonal(c_new), min=0.0))
+        inv = torch.where(sd > 0, 1.0 / torch.where(sd > 0, sd, 1.0), 0.0)
+        evals, evecs = torch.linalg.eigh(schur * inv[:, None] * inv[None, :])
+        tol = psd_tolerance(len(fam.inputs) + b, self.dtype)
+        if evals.numel() and float(evals.min()) < -tol:
             raise NumericalError(
                 f"{where}: the covariance of this MatMul's Gaussians is not positive "
-                f"semidefinite (smallest eigenvalue {float(evals.min()):.3g})"
+                f"semidefinite (smallest eigenvalue {float(evals.min()):.3g} in units of the variances)"
             )
-        l22 = evecs * torch.sqrt(torch.clamp(evals, min=0.0))  # zero columns where a vector repeats
+        # eigenvalues at round-off level are 0: a vector that is a combination of earlier ones adds
+        # no new direction (an exactly zero column, which the pseudo-inverses above then ignore)
+        evals = torch.where(evals > tol, evals, 0.0)
+        l22 = sd[:, None] * evecs * torch.sqrt(evals)
         new = self.normals(b)
         zhat = l22 @ new
         if fam.inputs:
@@ -186,7 +197,7 @@ class GaussianSpace:
         y = torch.stack(other.inputs)  # (k, space): the vectors they multiplied
         cov = s2 * self.gram(y, y)  # C = s^2 E[y y']
         eg = self.gram(g, rows)  # (k, b): E[G Z^x]
-        grad = torch.linalg.pinv(cov, hermitian=True, rtol=1e-10) @ eg  # (k, b)
+        grad = psd_pinv(cov) @ eg  # (k, b): only round-off-level directions dropped
         return s2 * grad.T @ y
 
 
