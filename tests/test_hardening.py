@@ -26,3 +26,26 @@ def test_autodiff_errors_name_the_instruction() -> None:
                   "output g = gram(grad(f, y))\n", "pow.tp")
     assert exc.value.span is not None and exc.value.span.line == 4
     assert "in 'x'" in exc.value.render() and exc.value.render().startswith("pow.tp:4:1: error:")
+
+
+def test_a_gram_of_an_unbatched_backward_vector_by_particles() -> None:
+    # found by the fuzzer: autodiff's d_x6 = r9 * -0.11 is one vector for the whole batch, and the
+    # particle evaluator's gram could not reshape it (RuntimeError)
+    prog = tpc.loads("""width n
+data X = [[0.8, -0.3], [0.7, 0.5], [0.2, 0.6]]
+scalar a1 = 1.5
+matrix U : n x 2 ~ N(0, 1.28/2)
+h2 = abs(U @ X)
+matrix W3 : n x n ~ N(0, 0.95/n)
+matrix W4 : n x n ~ N(0, 1.82/n)
+x5 = W3.T @ (W3 @ h2)
+x6 = W4.T @ (a1 * x5)
+x7 = h2 - 0.11 * x6
+vector r9 ~ N(0, 1.7)
+f10 = r9 @ x7 / sqrt(n)
+output ntk = tangent_kernel(f10, X)
+""")
+    lim = tpc.limit(prog, particles=4096, replicates=4)["ntk"]
+    fin = tpc.run(prog, width=512, seeds=8)["ntk"]
+    assert lim.value.shape == (3, 3)
+    assert np.all(np.abs(lim.value - fin.mean) < 4 * (lim.stderr + fin.stderr) + 0.05)

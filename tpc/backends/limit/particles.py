@@ -297,11 +297,18 @@ class ParticleEvaluator:
         self.scalars[node.id] = LimitValue(value, {self.method} | self.methods(node.inputs))
 
     def rule_gram(self, node: Node) -> None:
-        x, y = (self.values[i] for i in node.inputs)
-        xs = x if x.dim() == 2 else x[None]
-        ys = y if y.dim() == 2 else y[None]
+        # a vector can be one value for its whole batch (autodiff's `r * c` for a readout r):
+        # it is expanded to the batch its node declares
+        xs, ys = (self.batched(i) for i in node.inputs)
         value = self.inner(xs[:, None, :], ys[None, :, :]).reshape(node.shape)
         self.scalars[node.id] = LimitValue(value, {self.method} | self.methods(node.inputs))
+
+    def batched(self, nid: int) -> Tensor:
+        """A vector's values as (batch, samples or coefficients); one row when it has no batch."""
+        v = self.values[nid]
+        v = v if v.dim() == 2 else v[None]
+        rows = int(np.prod(self.prog.node(nid).shape, dtype=np.int64))
+        return v.expand(rows, -1) if v.shape[0] == 1 and rows > 1 else v
 
     def rule_readout(self, node: Node) -> None:
         cov = self.readout_cov(node, node, node)
