@@ -49,3 +49,22 @@ output ntk = tangent_kernel(f10, X)
     fin = tpc.run(prog, width=512, seeds=8)["ntk"]
     assert lim.value.shape == (3, 3)
     assert np.all(np.abs(lim.value - fin.mean) < 4 * (lim.stderr + fin.stderr) + 0.05)
+
+
+@pytest.mark.parametrize("fn", sorted(name for name, f in __import__("tpc.ops.functions", fromlist=["FUNCTIONS"])
+                                      .FUNCTIONS.items() if f.user_visible and f.arity == 1 and f.deriv is not None
+                                      and name not in ("log", "sqrt")))  # not defined on all of R
+def test_backprop_from_an_independent_readout_needs_no_particles(fn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the Zdot of W.T after W is E[G v phi'(g)] = 0 (v independent and centred) for every phi: found
+    # exactly, so the NTK stays on Gaussian propagation (it went to particles for tanh)
+    import tpc.backends.limit.particles as particles
+
+    def refuse(*_args: object, **_kw: object) -> None:
+        raise AssertionError(f"{fn}: the NTK took the particle path")
+
+    monkeypatch.setattr(particles, "ParticleEvaluator", refuse)
+    prog = tpc.loads(f"width n\ndata X = [[1, 0.5], [-0.3, 0.8], [0.2, -0.4]]\nmatrix U : n x 2 ~ N(0, 0.5)\n"
+                     f"matrix W : n x n ~ N(0, 1/n)\nvector v ~ N(0, 1)\nx1 = {fn}(U @ X)\nx2 = {fn}(W @ x1)\n"
+                     "f = v @ x2 / sqrt(n)\noutput ntk = tangent_kernel(f, X)\n")
+    out = tpc.limit(prog, particles=512, replicates=2)["ntk"]
+    assert out.value.shape == (3, 3) and np.all(np.isfinite(out.value))

@@ -109,6 +109,8 @@ class Expectation:
     def __call__(self, tree: ex.Tree) -> Result:
         if self.method in ("auto", "exact", "closed-form"):
             res = self.analytic(tree)
+            if res is None:
+                res = self.zero_by_structure(tree)
             if res is not None:
                 if self.method == "exact" and res.methods != {"exact"}:
                     raise NumericalError(
@@ -301,6 +303,26 @@ class Expectation:
         if tuple(total.shape) != self.shape:
             total = total.expand(self.shape)  # a broadcast view: results are never modified in place
         return Result(total, methods)
+
+    def zero_by_structure(self, tree: object) -> Result | None:
+        """Exactly zero when one factor of the product is a centred Gaussian independent of all the
+        others (backprop from an independent readout: E[G v phi'(g)] = E[v] E[G phi'(g)] = 0), what-
+        ever the other factors are: `terms` has no form for phi' of a nonlinear argument (tanh's
+        1 - tanh^2), and quadrature over all the Gaussians would give round-off, not 0."""
+        factors = _product_factors(tree)
+        if len(factors) < 2:
+            return None
+        used = [_vars_of(f) for f in factors]
+        for i, f in enumerate(factors):
+            lin = self.linear(f)
+            if lin is None or not lin.coef or not is_zero(torch.as_tensor(lin.const)):
+                continue
+            mean = sum(c * self.mean[v] for v, c in lin.coef.items())
+            if not is_zero(torch.as_tensor(mean)):
+                continue
+            if all(self.cov_is_zero(a, b) for j in range(len(factors)) if j != i for a in used[i] for b in used[j]):
+                return Result(torch.zeros(self.shape, dtype=self.dtype), {"exact"})
+        return None
 
     def cov_is_zero(self, i: int, j: int) -> bool:
         return self.zero(i, j) if self.zero is not None else is_zero(self.cov[i][j])
@@ -585,6 +607,22 @@ def psd_pinv(cov: Tensor) -> Tensor:
     e_inv = torch.where(keep, 1.0 / torch.where(keep, e, 1.0), 0.0)
     r_inv = (v * e_inv) @ v.T
     return r_inv * inv[:, None] * inv[None, :]
+
+
+def _product_factors(tree: object) -> list[object]:
+    """The factors of a product tree (nested `mul`), in order."""
+    if isinstance(tree, ex.Apply) and tree.fn == "mul":
+        return [f for a in tree.args for f in _product_factors(a)]
+    return [tree]
+
+
+def _vars_of(tree: object) -> set[int]:
+    """The Gaussians (Var indices) a tree uses."""
+    if isinstance(tree, Var):
+        return {tree.index}
+    if isinstance(tree, ex.Apply):
+        return set().union(*(_vars_of(a) for a in tree.args))
+    return set()
 
 
 def gauss_hermite(k: int, m: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
