@@ -18,13 +18,40 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tpc.ops.expr import Apply, Arg, Const, Tree
 from tpc.ops.shapes import broadcast_shapes
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    import torch
+    from torch import Tensor
+
+
+class _LazyTorch:
+    """torch, imported on first use: checking a program needs the registry's names, arities and
+    derivatives, not torch (whose import is most of a fresh `tpc check`'s time)."""
+
+    def __getattr__(self, name: str) -> Any:
+        import torch as real
+
+        globals()["torch"] = real  # later lookups find the module itself
+        return getattr(real, name)
+
+
+torch = _LazyTorch()  # noqa: F811 - replaced by the real module on first use
+
+
+def _lazy(path: str) -> Callable[..., Tensor]:
+    """torch's function `path` (e.g. "nn.functional.softplus"), looked up when first called."""
+    def call(*args: Tensor) -> Tensor:
+        fn: Any = torch
+        for part in path.split("."):
+            fn = getattr(fn, part)
+        return fn(*args)
+
+    call.__name__ = path.rsplit(".", 1)[-1]
+    return call
 _SQRT2 = math.sqrt(2.0)
 _SQRT2PI = math.sqrt(2.0 * math.pi)
 
@@ -72,7 +99,7 @@ class CorrelationError(ValueError):
     """|Cov(u, v)| > sd(u) sd(v): the covariance handed to a kernel is not PSD."""
 
 
-_STRETCH = {dt: 1 + 4 * torch.finfo(dt).eps for dt in (torch.float32, torch.float64)}
+_STRETCH: dict[Any, float] = {}  # dtype -> 1 + 4 eps, filled on first use
 
 
 def _correlation(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
@@ -83,7 +110,9 @@ def _correlation(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
     4 ulps (folded into the small factor 1/sqrt(a)), then clamping, snaps those and moves every other
     angle by ~1e-15.
     """
-    stretch = _STRETCH.get(c.dtype, 1.0)
+    if c.dtype not in _STRETCH:
+        _STRETCH[c.dtype] = 1 + 4 * torch.finfo(c.dtype).eps if c.dtype.is_floating_point else 1.0
+    stretch = _STRETCH[c.dtype]
     cos = torch.div(c, _sd(a) / stretch)
     shape = broadcast_shapes(cos.shape, b.shape)
     if cos.shape != shape:
@@ -155,14 +184,14 @@ X = Arg(0)
 
 # ---------------------------------------------------------------------------- arithmetic
 
-register(Function("add", 2, torch.add, "{0} + {1}", infix="+", linear=True, user_visible=False))
-register(Function("sub", 2, torch.sub, "{0} - {1}", infix="-", linear=True, user_visible=False))
-register(Function("mul", 2, torch.mul, "{0} * {1}", infix="*", user_visible=False))
-register(Function("div", 2, torch.div, "{0} / {1}", infix="/", user_visible=False))
-register(Function("pow", 2, torch.pow, "{0} ** {1}", infix="^", user_visible=False))
+register(Function("add", 2, _lazy("add"), "{0} + {1}", infix="+", linear=True, user_visible=False))
+register(Function("sub", 2, _lazy("sub"), "{0} - {1}", infix="-", linear=True, user_visible=False))
+register(Function("mul", 2, _lazy("mul"), "{0} * {1}", infix="*", user_visible=False))
+register(Function("div", 2, _lazy("div"), "{0} / {1}", infix="/", user_visible=False))
+register(Function("pow", 2, _lazy("pow"), "{0} ** {1}", infix="^", user_visible=False))
 register(
     Function(
-        "neg", 1, torch.neg, "-{0}", mean=lambda m, v: -m, linear=True, user_visible=False,
+        "neg", 1, _lazy("neg"), "-{0}", mean=lambda m, v: -m, linear=True, user_visible=False,
         deriv=lambda x: Const(-1.0),
     )
 )
@@ -255,7 +284,7 @@ register(
 )
 register(
     Function(
-        "relu", 1, torch.relu, "torch.relu({0})", mean=_relu_mean,
+        "relu", 1, _lazy("relu"), "torch.relu({0})", mean=_relu_mean,
         pairs={"relu": _relu_relu, "step": _relu_step}, smooth=False, deriv=lambda x: A("step", x),
         homogeneous=1.0,
     )
@@ -269,26 +298,26 @@ register(
 )
 register(
     Function(
-        "sign", 1, torch.sign, "torch.sign({0})",
+        "sign", 1, _lazy("sign"), "torch.sign({0})",
         mean=lambda m, v: 2 * _Phi(m / _sd(v)) - 1, smooth=False, deriv=lambda x: Const(0.0), jumps=True,
         pairs={"identity": lambda a, b, c: 2 * c / torch.sqrt(2 * math.pi * a)},
     )
 )
 register(
     Function(
-        "abs", 1, torch.abs, "torch.abs({0})", mean=_abs_mean,
+        "abs", 1, _lazy("abs"), "torch.abs({0})", mean=_abs_mean,
         pairs={"abs": _abs_abs}, smooth=False, deriv=lambda x: A("sign", x),
     )
 )
 register(
     Function(
-        "tanh", 1, torch.tanh, "torch.tanh({0})",
+        "tanh", 1, _lazy("tanh"), "torch.tanh({0})",
         deriv=lambda x: A("sub", Const(1.0), A("square", A("tanh", x))),
     )
 )
 register(
     Function(
-        "erf", 1, torch.erf, "torch.erf({0})",
+        "erf", 1, _lazy("erf"), "torch.erf({0})",
         mean=lambda m, v: torch.erf(m / torch.sqrt(1 + 2 * v)),
         pairs={"erf": _erf_erf}, deriv=lambda x: A("derf", x),
     )
@@ -304,7 +333,7 @@ register(
 )
 register(
     Function(
-        "sigmoid", 1, torch.sigmoid, "torch.sigmoid({0})",
+        "sigmoid", 1, _lazy("sigmoid"), "torch.sigmoid({0})",
         deriv=lambda x: A("mul", A("sigmoid", x), A("sub", Const(1.0), A("sigmoid", x))),
     )
 )
@@ -324,13 +353,13 @@ register(
 )
 register(
     Function(
-        "softplus", 1, torch.nn.functional.softplus, "torch.nn.functional.softplus({0})",
+        "softplus", 1, _lazy("nn.functional.softplus"), "torch.nn.functional.softplus({0})",
         deriv=lambda x: A("sigmoid", x),
     )
 )
 register(
     Function(
-        "sin", 1, torch.sin, "torch.sin({0})", mean=lambda m, v: torch.sin(m) * torch.exp(-v / 2),
+        "sin", 1, _lazy("sin"), "torch.sin({0})", mean=lambda m, v: torch.sin(m) * torch.exp(-v / 2),
         pairs={
             "sin": lambda a, b, c: torch.exp(-(a + b) / 2) * torch.sinh(c),
             "cos": lambda a, b, c: torch.zeros_like(c),
@@ -340,32 +369,32 @@ register(
 )
 register(
     Function(
-        "cos", 1, torch.cos, "torch.cos({0})", mean=lambda m, v: torch.cos(m) * torch.exp(-v / 2),
+        "cos", 1, _lazy("cos"), "torch.cos({0})", mean=lambda m, v: torch.cos(m) * torch.exp(-v / 2),
         pairs={"cos": lambda a, b, c: torch.exp(-(a + b) / 2) * torch.cosh(c)},
         deriv=lambda x: A("neg", A("sin", x)),
     )
 )
 register(
     Function(
-        "exp", 1, torch.exp, "torch.exp({0})", mean=lambda m, v: torch.exp(m + v / 2),
+        "exp", 1, _lazy("exp"), "torch.exp({0})", mean=lambda m, v: torch.exp(m + v / 2),
         pairs={"exp": lambda a, b, c: torch.exp((a + b) / 2 + c)},
         deriv=lambda x: A("exp", x),
     )
 )
 register(
     Function(
-        "square", 1, torch.square, "{0} ** 2", mean=lambda m, v: m * m + v,
+        "square", 1, _lazy("square"), "{0} ** 2", mean=lambda m, v: m * m + v,
         pairs={"square": _square_square}, deriv=lambda x: A("mul", Const(2.0), x),
     )
 )
 register(
     Function(
-        "sqrt", 1, torch.sqrt, "torch.sqrt({0})",
+        "sqrt", 1, _lazy("sqrt"), "torch.sqrt({0})",
         smooth=False, deriv=lambda x: A("div", Const(0.5), A("sqrt", x)),
     )
 )
 register(
-    Function("log", 1, torch.log, "torch.log({0})", smooth=False, deriv=lambda x: A("div", Const(1.0), x))
+    Function("log", 1, _lazy("log"), "torch.log({0})", smooth=False, deriv=lambda x: A("div", Const(1.0), x))
 )
 
 # `id` is accepted as a short name for identity in programs
