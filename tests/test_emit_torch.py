@@ -108,3 +108,30 @@ def test_emit_torch_command_prints_the_file(capsys: pytest.CaptureFixture[str]) 
     assert "class Network(torch.nn.Module):" in src and "def train(" in src and "def optimizer(" in src
     assert "import tpc" not in src and "from tpc" not in src
     json.dumps(src)  # plain text
+
+
+FOMAML_SCRIPT = """
+import sys, importlib.util
+sys.modules["tpc"] = None
+import numpy as np, torch
+spec = importlib.util.spec_from_file_location("emitted", sys.argv[1])
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+d = {k: torch.tensor(v) for k, v in np.load(sys.argv[2]).items()}
+preds = []
+for seed in (0, 1):
+    model = mod.Network(width=int(sys.argv[3]), seed=seed)
+    mod.train(model, d["P"], d["S"], d["SY"], d["Q"], d["QY"])
+    with torch.no_grad():
+        preds.append(model(d["P"]).numpy())
+np.savez(sys.argv[4], p=np.array(preds))
+"""
+
+
+def test_emitted_fomaml_trains_like_tpc_run(tmp_path: Path) -> None:
+    from tests.test_training import MAML
+
+    net = tpc.loads(MAML.replace("model f(x) = V @ (U @ x)", "layer W : hidden n x n\nmodel f(x) = V @ tanh(W @ "
+                                 "relu(U @ x))"), "<maml>")
+    data = {k: net.data[k] for k in ("P", "S", "SY", "Q", "QY")}
+    out = _run_isolated(FOMAML_SCRIPT, tpc.torch_source(net), data, 64, tmp_path)
+    np.testing.assert_allclose(out["p"], tpc.run(net, 64, 2)["p"].values, rtol=1e-10, atol=1e-12)

@@ -179,8 +179,10 @@ def _train_lines(net: Network) -> list[str]:
     t = net.train
     if t is None:
         return ["", "", "# the program has no training statement"]
+    if t.optimizer == "fomaml":
+        return _fomaml_lines(net)
     if t.optimizer != "sgd":
-        return ["", "", f"# the program trains by `{t.optimizer}`: its loop is not emitted (tpc emits SGD loops);",
+        return ["", "", f"# the program trains by `{t.optimizer}`: its loop is not emitted",
                 "# Network, optimizer() and the losses above are the pieces it uses"]
     loss = net.losses[t.loss]
     x = _name(loss.data)
@@ -211,6 +213,63 @@ def _train_lines(net: Network) -> list[str]:
         "        value.backward()",
         "        opt.step()",
         "    return history",
+    ]
+
+
+def _fomaml_lines(net: Network) -> list[str]:
+    """First-order MAML as tpc runs it (tpc/train/finite.py): per task, `inner_steps` SGD steps on a
+    copy of the weights on its support, then the query loss's gradient at the adapted weights;
+    the meta-weights move by the mean over the step's tasks, at lr n^-c."""
+    t = net.train
+    task = Loss("task", t.loss, "<x>", "y", t.span)
+    c = net.abc.c
+    return [
+        "", "",
+        "def loss_task(F: torch.Tensor, y: torch.Tensor) -> torch.Tensor:",
+        f'    """A task\'s loss ({t.loss}) on outputs F (B, k) against its labels y."""',
+        *["    " + line for line in _loss_code(net, task)],
+        "", "",
+        "def _task_loss(model: Network, params: dict[str, torch.Tensor], P: torch.Tensor, rows: torch.Tensor,",
+        "               labels: torch.Tensor) -> torch.Tensor:",
+        "    return loss_task(torch.func.functional_call(model, params, (P[rows.long()],)), labels)",
+        "", "",
+        "def adapt(model: Network, P: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor,",
+        f"          inner_lr: float = {_num(t.inner_lr)},",
+        f"          inner_steps: int = {t.inner_steps}) -> dict[str, torch.Tensor]:",
+        '    """fomaml\'s inner loop: SGD from the model\'s weights on one task\'s rows of the pool P, at',
+        f'    inner_lr n^-c (c = {c:g}). Returns the adapted parameters (use them with',
+        '    torch.func.functional_call(model, params, (x,)))."""',
+        f"    rate = inner_lr * model.width ** {_num(-c)}",
+        "    params = {k: v.detach().requires_grad_(True) for k, v in model.named_parameters()}",
+        "    for _ in range(inner_steps):",
+        "        grads = torch.autograd.grad(_task_loss(model, params, P, rows, labels), list(params.values()),",
+        "                                    allow_unused=True)",
+        "        params = {k: (v - rate * (0 if g is None else g)).detach().requires_grad_(True)",
+        "                  for (k, v), g in zip(params.items(), grads)}",
+        "    return params",
+        "", "",
+        "def train(model: Network, P: torch.Tensor, S: torch.Tensor, SY: torch.Tensor, Q: torch.Tensor,",
+        f"          QY: torch.Tensor, steps: int = {t.steps}, tasks: int = {t.batch}, lr: float = LR) -> None:",
+        '    """The program\'s `train fomaml(...)`: row t of S / SY (Q / QY) lists task t\'s support (query) rows',
+        "    of the pool P and their labels; meta-step t takes tasks tB .. tB + B - 1 (mod their number),",
+        '    B = tasks."""',
+        "    opt = optimizer(model, lr)",
+        "    count = S.shape[0]",
+        "    for t in range(steps):",
+        "        total = {k: torch.zeros_like(v) for k, v in model.named_parameters()}",
+        "        for i in ((torch.arange(tasks) + t * tasks) % count).tolist():",
+        "            adapted = adapt(model, P, S[i], SY[i])",
+        "            grads = torch.autograd.grad(_task_loss(model, adapted, P, Q[i], QY[i]), list(adapted.values()),",
+        "                                        allow_unused=True)",
+        "            for k, g in zip(adapted, grads):",
+        "                if g is not None:",
+        "                    total[k] += g",
+        "        opt.zero_grad()",
+        "        for k, p in model.named_parameters():",
+        "            p.grad = total[k] / tasks",
+        "        opt.step()",
+        "        if not all(torch.isfinite(p).all() for p in model.parameters()):",
+        "            raise FloatingPointError(f'meta-training diverged at step {t + 1}')",
     ]
 
 
