@@ -76,6 +76,8 @@ class Function:
 
 
 FUNCTIONS: dict[str, Function] = {}
+# the functions that keep a linear combination of Gaussians linear (particles' exact path, plans)
+LINEAR_FNS = frozenset({"add", "sub", "neg", "identity"})
 
 
 def register(fn: Function) -> Function:

@@ -4,23 +4,25 @@ Netsor-transpose program, the kernel regime (r > 0) by kernel gradient descent."
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from tpc import memory
-from tpc.backends.limit.evaluate import LimitOutput
 from tpc.errors import TpcError
-from tpc.train import cbow
-from tpc.train.kernel import kernel_limit
 from tpc.train.network import Network
-from tpc.train.unroll import LimitSpace, Plan, is_linear_model, plan, run
+from tpc.train.plan import Plan, is_linear_model, plan
+
+if TYPE_CHECKING:  # the backends (and torch) are imported where the limit runs: `tpc check` needs none
+    from tpc.backends.limit.evaluate import LimitOutput
 
 
 def describe(net: Network, method: str = "auto", particles: int = 2**16, replicates: int = 4) -> str:
     """What the limit will compute and how, before it runs."""
     cls = net.classification()
     if net.train and net.train.optimizer == "cbow":
+        from tpc.train import cbow
+
         return cbow.describe(net)
     head = f"{net.param_name}: r = {cls.r:g}, {cls.regime}"
     if cls.regime == "feature learning":
@@ -50,6 +52,13 @@ def _exact(net: Network, method: str) -> bool:
 def network_limit(net: Network, method: str = "auto", particles: int = 2**16, replicates: int | None = None,
                   seed: int = 0, memory_gb: float | None = None, force: bool = False,
                   progress: Callable[[int, int], None] | None = None) -> dict[str, LimitOutput]:
+    import torch
+
+    from tpc.backends.limit.evaluate import LimitOutput
+    from tpc.train import cbow
+    from tpc.train.kernel import kernel_limit
+    from tpc.train.unroll import LimitSpace, run
+
     cls = net.classification()
     if not cls.stable:
         raise TpcError(f"the parametrization is unstable (its limit blows up): {'; '.join(cls.failed)}",

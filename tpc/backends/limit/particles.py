@@ -27,10 +27,9 @@ from tpc.backends.limit.expect import psd_pinv, psd_tolerance
 from tpc.errors import NumericalError, TpcError
 from tpc.ir import Node, Program, data_value, readout_weights
 from tpc.ops import expr as ex
-from tpc.ops.functions import FUNCTIONS
+from tpc.ops.functions import FUNCTIONS, LINEAR_FNS
 
 Tensor = torch.Tensor
-LINEAR_FNS = {"add", "sub", "neg", "identity"}
 
 
 def is_linear_program(prog: Program) -> bool:
