@@ -1,5 +1,6 @@
 """TP4's Dynamical Dichotomy at laptop scale: the same 2-hidden-layer ReLU network and SGD run
-(programs/train/relu2_{sp,ntk,mup}.tp) in the standard, NTK and maximal-update parametrizations.
+(programs/train/relu2_{sp,ntk,mup}.tp) in the standard, NTK and maximal-update parametrizations,
+at finite widths and in tpc's infinite-width limits.
 
 - Feature movement (rms change of a last-hidden-layer coordinate over training) against width:
   it shrinks like n^-1/2 in SP and NTK (limit 0: the kernel regime) and stays order one in muP.
@@ -7,23 +8,33 @@
   limits, nonzero in the muP limit (the features are learned).
 - muP test predictions approach tpc's muP limit as the width grows.
 
-    python examples/dichotomy.py [--widths 64,256,1024,4096] [--seeds 8] [--out docs/dichotomy.png]
+    python examples/dichotomy.py                  # widths 64-4096, 8 seeds: about a minute; out/dichotomy/
+    python examples/dichotomy.py --quick          # widths 64-1024, 4 seeds: a few seconds
+    python examples/dichotomy.py --update-docs    # rewrites docs/dichotomy.png (the README's plot)
+
+Writes dichotomy.png and results.json to --out (default out/dichotomy/, which git ignores).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 import tpc
 
 ROOT = Path(__file__).resolve().parent.parent
 PARAMS = ("sp", "ntk", "mup")
 COLORS = {"sp": "tab:blue", "ntk": "tab:orange", "mup": "tab:green"}
+# the README's scale, and --quick's (every value can still be set by its option)
+FULL = {"widths": "64,256,1024,4096", "seeds": 8, "particles": 2**16, "replicates": 4}
+QUICK = {"widths": "64,256,1024", "seeds": 4, "particles": 2**14, "replicates": 2}
+QUICK_NOTE = "quick run (--quick): a small-scale check of the pipeline; its numbers are not the README's"
 
 
 def kernel_change(k0: np.ndarray, kt: np.ndarray) -> np.ndarray:
@@ -32,29 +43,95 @@ def kernel_change(k0: np.ndarray, kt: np.ndarray) -> np.ndarray:
 
 
 def stderr(x: np.ndarray) -> float:
-    return float(x.std(ddof=1) / np.sqrt(len(x)))
+    return float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="Without --update-docs nothing tracked by git is written.")
+    ap.add_argument("--widths", help=f"comma-separated widths (default {FULL['widths']}; --quick: {QUICK['widths']})")
+    ap.add_argument("--seeds", type=int, help=f"seeds per width (default {FULL['seeds']}; --quick: {QUICK['seeds']})")
+    ap.add_argument("--particles", type=int, help="particles of the muP limit's Monte Carlo (default "
+                    f"{FULL['particles']}; --quick: {QUICK['particles']})")
+    ap.add_argument("--replicates", type=int, help="independent Monte Carlo replicates of the muP limit (default "
+                    f"{FULL['replicates']}; --quick: {QUICK['replicates']})")
+    ap.add_argument("--quick", action="store_true",
+                    help="the same pipeline at a small scale (a few seconds); its numbers are not the README's")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="PATH",
+                       help="folder for dichotomy.png and results.json (default out/dichotomy/ in the repository); "
+                            "a path ending in .png names the plot itself")
+    where.add_argument("--update-docs", action="store_true",
+                       help="write the plot to docs/dichotomy.png, the README's figure (not with --quick)")
+    ap.add_argument("--json", metavar="FILE", help="also write the numbers to this file")
+    return ap
+
+
+def resolve(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the scale from --quick or the README's defaults; the plot's and results' paths."""
+    if args.quick and args.update_docs:
+        ap.error("--update-docs rewrites the README's figure: run it at full scale, without --quick")
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    try:
+        args.width_list = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        ap.error(f"--widths {args.widths}: expected comma-separated integers")
+    if args.seeds < 1 or args.particles < 2 or args.replicates < 2 or min(args.width_list) < 1:
+        ap.error("--seeds, --particles, --replicates and every width must be positive (the last two at least 2)")
+    if args.update_docs:
+        args.plot, args.results = ROOT / "docs" / "dichotomy.png", None
+    elif args.out and args.out.endswith(".png"):
+        args.plot, args.results = Path(args.out), Path(args.out).with_suffix(".json")
+    else:
+        folder = Path(args.out) if args.out else ROOT / "out" / "dichotomy"
+        args.plot, args.results = folder / "dichotomy.png", folder / "results.json"
+    return args
+
+
+def run_width(net: tpc.Network, width: int, seeds: int, desc: str) -> dict:
+    """tpc.run with a bar over seeds on stderr (its postfix: the SGD step of the current chunk)."""
+    with tqdm(total=seeds, desc=desc, unit="seed", leave=False, file=sys.stderr) as bar:
+        def step(done: int, total: int) -> None:
+            bar.set_postfix_str(f"step {done}/{total}")
+
+        return tpc.run(net, width, seeds, progress=bar.update, on_step=step)
+
+
+def limit(net: tpc.Network, args: argparse.Namespace, desc: str) -> dict:
+    """tpc.limit with a bar over its SGD steps (all replicates) on stderr."""
+    learning = net.classification().regime == "feature learning"  # kernel-regime limits take no time
+    with tqdm(desc=desc, unit="step", leave=False, file=sys.stderr, disable=not learning) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        return tpc.limit(net, particles=args.particles, replicates=args.replicates, progress=progress)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--widths", default="64,256,1024,4096")
-    ap.add_argument("--seeds", type=int, default=8)
-    ap.add_argument("--out", default=str(ROOT / "docs" / "dichotomy.png"))
-    ap.add_argument("--json", help="also write the numbers to this file")
-    args = ap.parse_args()
-    widths = [int(w) for w in args.widths.split(",")]
+    ap = parser()
+    args = resolve(ap, ap.parse_args())
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    widths = args.width_list
+    if args.quick:
+        print(QUICK_NOTE, flush=True)
+    print(f"widths {', '.join(map(str, widths))}, {args.seeds} seeds each; muP limit by {args.particles} particles "
+          f"x {args.replicates} replicates", flush=True)
+    t_start = time.perf_counter()
     table: dict[str, dict] = {}
     for p in PARAMS:
         net = tpc.load(ROOT / "programs" / "train" / f"relu2_{p}.tp")
         cls = net.classification()
         t0 = time.perf_counter()
-        lim = tpc.limit(net)
+        lim = limit(net, args, f"{p} limit")
         row = {"r": cls.r, "regime": cls.regime, "limit_seconds": time.perf_counter() - t0,
                "limit_move": float(lim["move"].value.mean()),
                "limit_kernel_change": float(kernel_change(lim["kernel0"].value, lim["kernel"].value)),
                "limit_pred": np.asarray(lim["pred"].value).tolist(), "widths": []}
         for w in widths:
-            res = tpc.run(net, w, args.seeds)
+            res = run_width(net, w, args.seeds, f"{p} n = {w}")
             move = res["move"].values.mean(axis=1)  # per seed: mean over the training inputs
             kc = kernel_change(res["kernel0"].values, res["kernel"].values)
             pred_err = np.sqrt(np.mean((res["pred"].values - np.asarray(lim["pred"].value)) ** 2, axis=1))
@@ -66,13 +143,19 @@ def main() -> None:
         print(f"{p:>4}  limit ({cls.regime}, r = {cls.r:g}): feature movement {row['limit_move']:.4f}, "
               f"kernel change {row['limit_kernel_change']:.4f}  [{lim['move'].method}]", flush=True)
         table[p] = row
-    if args.json:
-        Path(args.json).write_text(json.dumps(table, indent=1))
-    plot(table, widths, args.out, args.seeds)
-    print(f"plot written to {args.out}")
+    numbers = json.dumps({"quick": args.quick, "seeds": args.seeds, "particles": args.particles,
+                          "replicates": args.replicates, "seconds": time.perf_counter() - t_start, **table}, indent=1)
+    for path in (args.results, args.json):
+        if path:
+            Path(path).write_text(numbers)
+    plot(table, widths, args.plot, args.seeds, args.quick)
+    print(f"plot written to {args.plot}" + (f", numbers to {args.results}" if args.results else "")
+          + f" ({time.perf_counter() - t_start:.0f} s)")
+    if args.quick:
+        print(QUICK_NOTE)
 
 
-def plot(table: dict, widths: list[int], out: str, seeds: int) -> None:
+def plot(table: dict, widths: list[int], out: Path, seeds: int, quick: bool = False) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,7 +191,8 @@ def plot(table: dict, widths: list[int], out: str, seeds: int) -> None:
     axes[2].set_title("muP test predictions: distance to the muP limit", fontsize=10)
     axes[2].legend(fontsize=7)
     axes[2].grid(True, which="both", alpha=0.3)
-    fig.suptitle(f"relu2 network, 3 SGD steps, {seeds} seeds per width: SP and NTK freeze features, muP learns them")
+    fig.suptitle(f"relu2 network, 3 SGD steps, {seeds} seeds per width: SP and NTK freeze features, muP learns them"
+                 + (" (--quick: not the README's numbers)" if quick else ""))
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)

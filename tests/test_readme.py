@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -68,7 +70,20 @@ def _params(commands: list[str]) -> list:
     return [pytest.param(c, marks=pytest.mark.slow, id=c) if _slow(c) else pytest.param(c, id=c) for c in commands]
 
 
+# an example's programs load data that its script writes (`--data-only`), from a package it needs
+EXAMPLE_DATA = {"examples/maml/": "sklearn", "examples/word2vec/": "gensim"}
+
+
+def _example_data(cmd: str) -> None:
+    for folder, package in EXAMPLE_DATA.items():
+        if folder in cmd and not (ROOT / folder / "data").is_dir():
+            pytest.importorskip(package)
+            script = ROOT / folder / f"{folder.strip('/').split('/')[-1]}.py"
+            subprocess.run([sys.executable, str(script), "--data-only"], cwd=ROOT, check=True, timeout=600)
+
+
 def _run(cmd: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    _example_data(cmd)
     argv = shlex.split(cmd)[1:]
     if "--plot" in argv:
         argv[argv.index("--plot") + 1] = str(tmp_path / "plot.png")

@@ -3,7 +3,9 @@ muP limit and the kernel-regime (NTK, SP) limits, with gensim's Word2Vec as the 
 
     pip install ".[examples]"        # gensim (its wheel ships the corpus and the benchmarks), matplotlib
     python examples/word2vec/word2vec.py [--corpus text8] [--widths 16,64,256,1024] [--seeds 2]
-        [--no-gensim] [--no-limits] [--lr RATE] [--threads 1] [--out docs/word2vec.png]
+        [--no-gensim] [--no-limits] [--lr RATE] [--threads 1] [--out DIR] [--update-docs]
+    python examples/word2vec/word2vec.py --quick        # 1000 words, 1 epoch: the same pipeline in under a minute
+    python examples/word2vec/word2vec.py --data-only    # only data/tokens.npy and data/vocab.txt, for `tpc check`
 
 Data: by default the Wikipedia excerpt in gensim's test data (markup stripped by gensim's
 WikiCorpus, about 450k words); `--corpus FILE` takes any whitespace-separated text (text8 is TP4's
@@ -17,8 +19,10 @@ script writes data/tokens.npy (read by the .tp programs) and data/vocab.txt, the
   the same loss; window, negatives, subsampling, epochs, the same vocabulary) at each width.
 Metrics, from each run's Gram matrix of word vectors: analogy accuracy on questions-words.txt
 (3CosAdd; a question counts only when the answer's score is strictly the highest, so the limits'
-ties count as wrong), Spearman correlation on wordsim353 and simlex999. Writes results.json,
-results.md (the table) and docs/word2vec.png.
+ties count as wrong), Spearman correlation on wordsim353 and simlex999. Writes word2vec.png,
+results.json and results.md (the table) to --out (default out/word2vec/, which git ignores), or
+with --update-docs docs/word2vec.png and examples/word2vec/results.{json,md} (the README's).
+--quick (or --vocabulary other than the programs' V) keeps its data under --out, not in data/.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import collections
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -44,6 +49,10 @@ from tpc.train.limit import network_limit
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 PROGRAMS = {p: HERE / f"word2vec_{p}.tp" for p in ("mup", "ntk", "sp")}
+# the README's scale, and --quick's (every value can still be set by its option; None: the programs')
+FULL = {"widths": "16,64,256,1024", "seeds": 2, "vocabulary": None, "epochs": None}
+QUICK = {"widths": "16,64,256", "seeds": 2, "vocabulary": 1000, "epochs": 1}
+QUICK_NOTE = "quick run (--quick): a small-scale check of the pipeline; its numbers are not the README's"
 
 
 def gensim_data() -> Path:
@@ -73,17 +82,36 @@ def vocabulary_size(program: Path) -> int:
     raise SystemExit(f"{program}: no embedding layer")
 
 
-def write_data(docs: list[list[str]], size: int) -> list[str]:
+def write_data(docs: list[list[str]], size: int, base: Path = HERE) -> list[str]:
+    """base/data/tokens.npy (the stream over the `size` most frequent words) and base/data/vocab.txt."""
     counts = collections.Counter(w for d in docs for w in d)
     if len(counts) < size:
         raise SystemExit(f"the corpus has {len(counts)} distinct words; the programs need {size}")
     vocab = [w for w, _ in counts.most_common(size)]
     index = {w: i for i, w in enumerate(vocab)}
     tokens = np.array([index[w] for d in docs for w in d if w in index], dtype=np.int32)
-    (HERE / "data").mkdir(exist_ok=True)
-    np.save(HERE / "data" / "tokens.npy", tokens)
-    (HERE / "data" / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    (base / "data").mkdir(parents=True, exist_ok=True)
+    np.save(base / "data" / "tokens.npy", tokens)
+    (base / "data" / "vocab.txt").write_text("\n".join(vocab) + "\n")
     return vocab
+
+
+def load_programs(args: argparse.Namespace, size: int) -> dict[str, tpc.Network]:
+    """The three programs, reading base/data/; a vocabulary other than their `size` (--quick) is
+    put into their text, and --epochs / --lr into their training."""
+    nets = {}
+    for p, path in PROGRAMS.items():
+        if args.vocabulary == size:
+            net = tpc.load(path)
+        else:  # every `size` in the program is the vocabulary's (the embedding's and readout's V, comments)
+            text = re.sub(rf"\b{size}\b", str(args.vocabulary), path.read_text())
+            net = tpc.loads(text, str(path), base_dir=args.base)
+        if args.epochs:
+            net.train.cbow.epochs = args.epochs
+        if args.lr:
+            net.train.lr = args.lr
+        nets[p] = net
+    return nets
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -151,7 +179,8 @@ def run_tables(net: object, width: int | None, seed: int, label: str) -> np.ndar
         (u, v), factors = cbow.limit_tables(net, torch.float32), cbow.Factors.limit(net)
     else:
         (u, v), factors = cbow.finite_tables(net, width, seed, torch.float32), cbow.Factors.finite(net, width)
-    with tqdm(total=cbow.stream(net).steps, desc=label, unit="step", leave=False) as bar, torch.no_grad():
+    with tqdm(total=cbow.stream(net).steps, desc=label, unit="step", leave=False, file=sys.stderr) as bar, \
+            torch.no_grad():
         def tick(_done: int, _total: int, loss: float) -> None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
@@ -174,43 +203,110 @@ def gensim_model(net: object, words: list[str], width: int, seed: int, workers: 
     return model, sentences
 
 
-def run_gensim(net: object, vocab: list[str], width: int, seed: int) -> np.ndarray:
+def run_gensim(net: object, vocab: list[str], width: int, seed: int, label: str = "gensim") -> np.ndarray:
+    from gensim.models.callbacks import CallbackAny2Vec
+
+    class Bar(CallbackAny2Vec):
+        """gensim's epochs on a progress bar."""
+
+        def __init__(self, bar: tqdm) -> None:
+            self.bar = bar
+
+        def on_epoch_end(self, _model: object) -> None:
+            self.bar.update(1)
+
     model, sentences = gensim_model(net, np.array(vocab)[cbow.tokens_of(net)].tolist(), width, seed)
-    model.train(sentences, total_examples=len(sentences), epochs=net.train.cbow.epochs)
+    with tqdm(total=net.train.cbow.epochs, desc=label, unit="epoch", leave=False, file=sys.stderr) as bar:
+        model.train(sentences, total_examples=len(sentences), epochs=net.train.cbow.epochs, callbacks=[Bar(bar)])
     x = model.wv[vocab]
     return x @ x.T
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="Without --update-docs nothing tracked by git is written.")
     ap.add_argument("--corpus", help="a whitespace-separated text file (e.g. text8) instead of gensim's excerpt")
-    ap.add_argument("--widths", default="16,64,256,1024")
-    ap.add_argument("--seeds", type=int, default=2)
-    ap.add_argument("--no-gensim", action="store_true")
+    ap.add_argument("--widths", help=f"comma-separated widths (default {FULL['widths']}; --quick: {QUICK['widths']})")
+    ap.add_argument("--seeds", type=int, help=f"seeds per width (default {FULL['seeds']}; --quick: {QUICK['seeds']})")
+    ap.add_argument("--vocabulary", type=int, help="words kept (default the programs' V, 5000; --quick: "
+                    f"{QUICK['vocabulary']}); another V writes its data under --out, not data/")
+    ap.add_argument("--epochs", type=int,
+                    help=f"training epochs (default the programs', 10; --quick: {QUICK['epochs']})")
+    ap.add_argument("--no-gensim", action="store_true", help="skip gensim's Word2Vec anchor")
     ap.add_argument("--no-limits", action="store_true", help="finite widths (and gensim) only")
     ap.add_argument("--lr", type=float, help="tpc's learning rate instead of the programs' (a rate sweep)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads (default 1: a step is small gathers and scatters, which two threads "
                          "slow down on a 2-core machine; see benchmarks/word2vec.py)")
-    ap.add_argument("--out", default=str(ROOT / "docs" / "word2vec.png"),
-                    help="the plot; with a non-default path, results.json and .md are written beside it")
-    args = ap.parse_args()
-    widths = [int(w) for w in args.widths.split(",")]
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="the same pipeline at a small scale (under a minute: "
+                      "1000 words, 1 epoch, widths 16-256); its numbers are not the README's")
+    mode.add_argument("--data-only", action="store_true",
+                      help="write data/tokens.npy and data/vocab.txt (what the .tp programs load) and exit")
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="PATH",
+                       help="folder for word2vec.png, results.json and results.md (default out/word2vec/ in the "
+                            "repository); a path ending in .png names the plot, with the .json and .md beside it")
+    where.add_argument("--update-docs", action="store_true",
+                       help="write docs/word2vec.png and examples/word2vec/results.{json,md}, the README's "
+                            "(not with --quick)")
+    return ap
+
+
+def resolve(ap: argparse.ArgumentParser, args: argparse.Namespace, size: int) -> argparse.Namespace:
+    """Fill the scale from --quick or the README's defaults; the data folder and the output paths."""
+    if args.quick and args.update_docs:
+        ap.error("--update-docs rewrites the README's figure and table: run it at full scale, without --quick")
+    if args.data_only and args.vocabulary not in (None, size):
+        ap.error(f"--data-only writes the programs' data: their vocabulary is {size} words")
+    for key, value in (QUICK if args.quick else FULL).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.vocabulary = args.vocabulary or size
+    try:
+        args.width_list = [int(w) for w in args.widths.split(",")]
+    except ValueError:
+        ap.error(f"--widths {args.widths}: expected comma-separated integers")
+    if min(args.seeds, args.vocabulary, args.epochs or 1, args.threads, *args.width_list) < 1:
+        ap.error("widths, --seeds, --vocabulary, --epochs and --threads must be positive")
+    if args.update_docs:
+        args.plot, args.stem = ROOT / "docs" / "word2vec.png", HERE / "results"
+    elif args.out and args.out.endswith(".png"):
+        args.plot, args.stem = Path(args.out), Path(args.out).with_suffix("")
+    else:
+        folder = Path(args.out) if args.out else ROOT / "out" / "word2vec"
+        args.plot, args.stem = folder / "word2vec.png", folder / "results"
+    # the programs' data lives in data/; another vocabulary's beside the results (the programs load it from there)
+    args.base = HERE if args.vocabulary == size else args.plot.parent.resolve()
+    return args
+
+
+def main() -> None:
+    ap = parser()
+    size = vocabulary_size(PROGRAMS["mup"])
+    args = resolve(ap, ap.parse_args(), size)
     torch.set_num_threads(args.threads)
     t0 = time.time()
-
-    size = vocabulary_size(PROGRAMS["mup"])
-    vocab = write_data(corpus(args.corpus), size)
+    if args.quick:
+        print(QUICK_NOTE, flush=True)
+    source = args.corpus or "gensim's Wikipedia excerpt"
+    print(f"reading the corpus ({source}) ...", file=sys.stderr, flush=True)
+    vocab = write_data(corpus(args.corpus), args.vocabulary, args.base)
+    if args.data_only:
+        print(f"wrote {args.base / 'data'}/tokens.npy and vocab.txt ({args.vocabulary} words) in "
+              f"{time.time() - t0:.1f} s; now e.g. `tpc check examples/word2vec/word2vec_mup.tp`")
+        return
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    widths = args.width_list
     bench = Benchmarks(vocab)
-    nets = {p: tpc.load(path) for p, path in PROGRAMS.items()}
-    if args.lr:
-        for net in nets.values():
-            net.train.lr = args.lr
+    nets = load_programs(args, size)
     mup = nets["mup"]
-    print(f"corpus: {len(cbow.tokens_of(mup))} tokens over the {size} most frequent words; {bench.coverage()}")
+    print(f"corpus: {len(cbow.tokens_of(mup))} tokens over the {args.vocabulary} most frequent words; "
+          f"{bench.coverage()}")
     print(f"limit: {cbow.describe(mup)}")
 
-    results: dict = {"vocabulary": size, "tokens": int(len(cbow.tokens_of(mup))), "coverage": bench.coverage(),
+    results: dict = {"quick": args.quick, "vocabulary": args.vocabulary, "epochs": mup.train.cbow.epochs,
+                     "tokens": int(len(cbow.tokens_of(mup))), "coverage": bench.coverage(),
                      "widths": widths, "seeds": args.seeds, "finite": {}, "gensim": {}, "limit": {}}
     if not args.no_limits:
         for p in ("ntk", "sp"):
@@ -218,27 +314,28 @@ def main() -> None:
         t = time.time()
         results["limit"]["mup"] = bench.evaluate(run_tables(mup, None, 0, "muP limit"))
         results["limit_seconds"] = time.time() - t
-        print(f"muP limit ({results['limit_seconds']:.0f} s): {results['limit']['mup']}")
+        print(f"muP limit ({results['limit_seconds']:.0f} s): {results['limit']['mup']}", flush=True)
     for width in widths:
         runs, anchors = [], []
         t = time.time()
         for seed in range(args.seeds):
             runs.append(bench.evaluate(run_tables(mup, width, seed, f"n={width} seed {seed}")))
             if not args.no_gensim:
-                anchors.append(bench.evaluate(run_gensim(mup, vocab, width, seed + 1)))
+                anchors.append(bench.evaluate(run_gensim(mup, vocab, width, seed + 1, f"gensim n={width} seed {seed}")))
         results["finite"][width] = runs
         results["gensim"][width] = anchors
         print(f"width {width} ({time.time() - t:.0f} s): tpc {summary(runs)}" + (f"; gensim {summary(anchors)}"
-                                                                                  if anchors else ""))
+                                                                                  if anchors else ""), flush=True)
     results["seconds"] = time.time() - t0
-    out = Path(args.out)
-    stem = HERE / "results" if args.out == ap.get_default("out") else out.with_suffix("")
-    stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
+    args.stem.parent.mkdir(parents=True, exist_ok=True)
+    args.stem.with_suffix(".json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
-    stem.with_suffix(".md").write_text(table)
+    args.stem.with_suffix(".md").write_text((f"{QUICK_NOTE}\n\n" if args.quick else "") + table)
     print(table)
-    plot(results, out)
-    print(f"wrote {stem}.json, {stem}.md and {out} in {results['seconds']:.0f} s")
+    plot(results, args.plot)
+    print(f"wrote {args.stem}.json, {args.stem}.md and {args.plot} in {results['seconds']:.0f} s")
+    if args.quick:
+        print(QUICK_NOTE)
 
 
 METRICS = (("analogy", "analogy accuracy (%)", 100.0), ("wordsim353", "wordsim353 Spearman", 1.0),
@@ -294,10 +391,12 @@ def plot(r: dict, out: Path) -> None:
         ax.set_xlabel("width n")
         ax.set_title(label)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"CBOW word2vec, {r['tokens']} tokens, {r['vocabulary']} words", fontsize=10)
+    quick = " (--quick: not the README's numbers)" if r.get("quick") else ""
+    fig.suptitle(f"CBOW word2vec, {r['tokens']} tokens, {r['vocabulary']} words{quick}", fontsize=10)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
