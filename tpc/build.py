@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from tpc import syntax as ast
-from tpc.data import MAX_ARRAY_BYTES, literal_array, load_array
-from tpc.errors import Span, TpcError, clip, format_bytes, nearest
+from tpc.data import DEFAULT_POLICY, DataPolicy, literal_array, load_array
+from tpc.errors import Span, TpcError, clip, nearest
 from tpc.ir import Program, VectorGroup
 from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS
@@ -101,7 +101,7 @@ class Builder:
     width: str | None = None
     scope: list[dict[str, Pending]] = field(default_factory=list)
     backward_of: dict[int, dict[int, int]] = field(default_factory=dict)  # readout -> gradients
-    allow_data_outside: bool = False  # load(...) may read files outside the allowed folders
+    data_policy: DataPolicy = field(default_factory=DataPolicy)  # where load(...) reads, how much it may take
     depth: int = 0  # nesting of expr() calls now, nonlin bodies included
     visits: int = 0  # expression nodes visited for the current statement
     calls: list[Span] = field(default_factory=list)  # the user nonlin calls being expanded, outermost first
@@ -505,10 +505,8 @@ class Builder:
             raise TpcError(f"'{mat.name}.T' multiplies an {self.width}-vector", e.right.span)
         x = self.materialize(pb, None, e.right.span)
         d = mat.params["cols"]
-        need = d * d * 8
-        if need > MAX_ARRAY_BYTES:  # the columns are U @ identity: d x d float64 numbers, made at check time
-            raise TpcError(f"'{mat.name}.T @ x' needs the {d} x {d} identity ({format_bytes(need)}); tpc builds "
-                           f"at most {format_bytes(MAX_ARRAY_BYTES)} at a time", e.span)
+        # the columns are U @ identity: d x d float64 numbers, made at check time
+        self.data_policy.require(d * d * 8, f"'{mat.name}.T @ x' (the {d} x {d} identity)", e.span)
         eye = self.prog.add("data", (), "scalar", (d, d), None, e.span, value=np.eye(d), source=None)
         cols = self.prog.add("matmul", (mat.id, eye.id), "vector", (d,), f"{mat.name}_columns", e.span)
         return RawReadout(cols.id, x, e.span, gram=True)
@@ -654,7 +652,7 @@ class Builder:
         elif isinstance(s, ast.DataDecl):
             self.declare(s.name, s.span)
             if s.path is not None:
-                arr = load_array(s.path, self.base_dir, s.source_span, allow_outside=self.allow_data_outside)
+                arr = load_array(s.path, self.base_dir, s.source_span, self.data_policy)
             else:
                 arr = literal_array(s.literal, s.span)
             self.names[s.name] = self.prog.add("data", (), "scalar", arr.shape, s.name, s.span,
@@ -857,12 +855,12 @@ def _dims(node, width: str | None) -> str:  # noqa: ANN001
     return f"{r} x {c}"
 
 
-def build(module: ast.Module, filename: str, source: str, base_dir: Path, *,
-          allow_data_outside: bool = False) -> Program:
+def build(module: ast.Module, filename: str, source: str, base_dir: Path,
+          policy: DataPolicy = DEFAULT_POLICY) -> Program:
     """Check a parsed module and build its Program; errors carry file, line and column.
-    `allow_data_outside`: see `load_program`."""
+    `policy`: see `load_program`."""
     prog = Program(filename=filename, source=source)
-    b = Builder(prog, base_dir, allow_data_outside=allow_data_outside)
+    b = Builder(prog, base_dir, data_policy=policy)
     try:
         with ast.stack_room():
             for stmt in module.statements:
@@ -902,10 +900,14 @@ def _check_readouts(prog: Program) -> None:
                 )
 
 
-def load_program(path: str | Path, *, allow_data_outside: bool = False) -> Program | Network:
+def load_program(path: str | Path, *, allow_data_outside: bool = False, memory_gb: float | None = None,
+                 force: bool = False) -> Program | Network:
     """Read, parse and build a `.tp` file: a Program, or a Network for programs with layers,
     a model and training. `load(...)` in the program reads files under the program's folder or the
-    current working directory (symbolic links resolved); `allow_data_outside=True` lifts that."""
+    current working directory (symbolic links resolved); `allow_data_outside=True` lifts that. Data
+    (and arrays made while building) beyond `memory_gb` (default: half the machine's) are refused
+    before they are read, unless `force`."""
+    policy = DataPolicy(allow_data_outside, memory_gb, force)
     from tpc.syntax import parse
 
     p = Path(path)
@@ -917,7 +919,7 @@ def load_program(path: str | Path, *, allow_data_outside: bool = False) -> Progr
         raise _not_utf8(p, exc).locate(str(path), p.read_bytes().decode("utf-8", "replace")) from None
     except (OSError, ValueError) as exc:
         raise TpcError(f"cannot read the program: {exc}").locate(str(path), "") from None
-    return _build_any(parse(source, str(path)), str(path), source, p.resolve().parent, allow_data_outside)
+    return _build_any(parse(source, str(path)), str(path), source, p.resolve().parent, policy)
 
 
 def _not_utf8(path: Path, exc: UnicodeDecodeError) -> TpcError:
@@ -930,18 +932,20 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> TpcError:
 
 
 def load_source(source: str, filename: str = "<program>", base_dir: Path | None = None, *,
-                allow_data_outside: bool = False) -> Program | Network:
+                allow_data_outside: bool = False, memory_gb: float | None = None,
+                force: bool = False) -> Program | Network:
     """Parse and build program text; `load(...)` paths are relative to `base_dir` (default: the
     current folder) and limited as in `load_program`."""
     from tpc.syntax import parse
 
-    return _build_any(parse(source, filename), filename, source, base_dir or Path.cwd(), allow_data_outside)
+    policy = DataPolicy(allow_data_outside, memory_gb, force)
+    return _build_any(parse(source, filename), filename, source, base_dir or Path.cwd(), policy)
 
 
 def _build_any(module: ast.Module, filename: str, source: str, base_dir: Path,
-               allow_data_outside: bool = False) -> Program | Network:
+               policy: DataPolicy) -> Program | Network:
     from tpc.train.network import build_network, is_network
 
     if is_network(module):
-        return build_network(module, filename, source, base_dir, allow_data_outside=allow_data_outside)
-    return build(module, filename, source, base_dir, allow_data_outside=allow_data_outside)
+        return build_network(module, filename, source, base_dir, policy)
+    return build(module, filename, source, base_dir, policy)

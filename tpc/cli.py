@@ -27,7 +27,8 @@ EXIT_USER_ERROR = 2
 def _load(args: argparse.Namespace):  # noqa: ANN202
     from tpc.build import load_program
 
-    return load_program(args.file, allow_data_outside=getattr(args, "allow_data_outside", False))
+    return load_program(args.file, allow_data_outside=getattr(args, "allow_data_outside", False),
+                        memory_gb=getattr(args, "memory_gb", None), force=getattr(args, "force", False))
 
 
 def _fmt_array(a: np.ndarray, err: np.ndarray | None = None) -> str:
@@ -535,19 +536,22 @@ def parser() -> argparse.ArgumentParser:
         sp.set_defaults(fn=fn)
         return sp
 
-    add("check", "Parse and check a program; print a summary (width, initial objects, "
-        "instruction counts, outputs) or the errors.", cmd_check)
+    ch = add("check", "Parse and check a program; print a summary (width, initial objects, "
+             "instruction counts, outputs) or the errors.", cmd_check)
+    _memory_opts(ch, "data")
     g = add("graph", "Print the program as numbered Netsor instructions (MatMul / Nonlin / Moment / "
             "initial), or export it as Graphviz DOT or JSON.", cmd_graph)
     g.add_argument("--format", choices=["text", "dot", "json"], default="text")
+    _memory_opts(g, "data")
     g.add_argument("--unrolled", action="store_true",
                    help="a network program's SGD training as the unrolled Netsor-transpose program (short runs)")
     g.add_argument("--backward", action="store_true",
                    help="also show the backward instructions that autodiff derived (grad, tangent_kernel)")
-    add("emit-torch", "Print a standalone PyTorch file (it imports only torch): a Netsor program as an nn.Module "
+    em = add("emit-torch", "Print a standalone PyTorch file (it imports only torch): a Netsor program as an nn.Module "
         "whose forward() takes the program's data; a network program as its model (an nn.Module initialised by "
         "the parametrization), an SGD builder with the per-layer learning rates, its losses and its training "
         "loop.", cmd_emit)
+    _memory_opts(em, "data")
 
     def finite_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--seeds", type=_count(1), default=8, help="independent initialisations (default 8)")

@@ -13,18 +13,35 @@ import math
 import os
 import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from numpy.lib import format as npy_format
 
+from tpc import memory
 from tpc.errors import Span, TpcError, clip, format_bytes
 
-MAX_ARRAY_BYTES = 2 * 10**9  # the most one data array (or an array made at check time) may take
-MAX_CSV_BYTES = 250 * 10**6  # a CSV is parsed in Python, about 50 bytes of memory per number
+CSV_BYTES_PER_BYTE = 40  # a CSV is parsed in Python: about 40 bytes of memory per byte of text
 
 
-def load_array(path_text: str, base_dir: Path, span: Span, *, allow_outside: bool = False) -> np.ndarray:
+@dataclass(frozen=True)
+class DataPolicy:
+    """What building a program may read and allocate: `load` outside the allowed folders only with
+    `allow_outside`; data (and arrays made at check time) within the memory budget (tpc.memory)."""
+
+    allow_outside: bool = False
+    memory_gb: float | None = None
+    force: bool = False
+
+    def require(self, nbytes: float, what: str, span: Span | None) -> None:
+        memory.require(nbytes, what, self.memory_gb, self.force, span)
+
+
+DEFAULT_POLICY = DataPolicy()
+
+
+def load_array(path_text: str, base_dir: Path, span: Span, policy: DataPolicy = DEFAULT_POLICY) -> np.ndarray:
     """The array in `path_text` (relative to `base_dir`, the program's folder); every problem with the
     path or the file is a TpcError at `span`, and nothing is read before it is known to fit."""
     shown = clip(path_text, 60)
@@ -36,7 +53,7 @@ def load_array(path_text: str, base_dir: Path, span: Span, *, allow_outside: boo
         raise TpcError(f"cannot open {shown}: a loop of symbolic links", span) from None
     except (OSError, ValueError) as exc:
         raise TpcError(f"cannot open {shown}: {_reason(exc)}", span) from None
-    if not allow_outside and not _inside_allowed(path, base_dir):
+    if not policy.allow_outside and not _inside_allowed(path, base_dir):
         raise TpcError(f"data file {shown} is outside the program's folder and the current folder",
                        span, "load reads files under either; to read it anyway, allow data outside "
                        "(tpc --allow-data-outside, or allow_data_outside=True)")
@@ -61,12 +78,11 @@ def load_array(path_text: str, base_dir: Path, span: Span, *, allow_outside: boo
         if info.st_size == 0:
             raise TpcError(f"{shown} is empty (0 bytes)", span)
         if suffix == ".csv":
-            if info.st_size > MAX_CSV_BYTES:
-                raise TpcError(f"{shown} is {format_bytes(info.st_size)}; tpc reads CSV files up to "
-                               f"{format_bytes(MAX_CSV_BYTES)} (store large data as .npy)", span)
+            policy.require(CSV_BYTES_PER_BYTE * info.st_size, f"reading {shown} ({format_bytes(info.st_size)} of CSV; "
+                           "store large data as .npy)", span)
             arr = _load_csv(f.read(), shown, span)
         else:
-            arr = _load_npy(f, info.st_size, shown, span)
+            arr = _load_npy(f, info.st_size, shown, span, policy)
     if arr.size == 0:
         raise TpcError(f"{shown} is empty", span)
     if not np.all(np.isfinite(arr)):
@@ -104,7 +120,7 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
-def _load_npy(f, size: int, shown: str, span: Span) -> np.ndarray:  # noqa: ANN001 - a binary file
+def _load_npy(f, size: int, shown: str, span: Span, policy: DataPolicy) -> np.ndarray:  # noqa: ANN001
     """Read the header first: refuse a shape that would not fit, or a file shorter than its header
     says, before allocating anything."""
     try:
@@ -120,9 +136,7 @@ def _load_npy(f, size: int, shown: str, span: Span) -> np.ndarray:  # noqa: ANN0
     count = math.prod(shape)
     need = count * max(dtype.itemsize, 8)  # the values as float64
     dims = " x ".join(str(d) for d in shape) or "a single value"
-    if need > MAX_ARRAY_BYTES:
-        raise TpcError(f"{shown} holds {dims} numbers: it would need {format_bytes(need)}; tpc loads at most "
-                       f"{format_bytes(MAX_ARRAY_BYTES)} per data file", span)
+    policy.require(need, f"{shown} ({dims} numbers)", span)
     stored = f.tell() + count * dtype.itemsize
     if stored > size:
         raise TpcError(f"{shown} is shorter than its header says: {dims} numbers need {format_bytes(stored)}, "

@@ -7,6 +7,7 @@ does not fit costs the machine."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -29,14 +30,21 @@ def machine_gb() -> float | None:
 
 
 def default_gb() -> float:
-    """The default budget: half of the machine's memory (the rest is the system's and torch's own)."""
+    """The default budget: $TPC_MEMORY_GB if set, else half of the machine's memory (the rest is
+    the system's and torch's own)."""
+    try:
+        env = float(os.environ.get("TPC_MEMORY_GB", "nan"))
+    except ValueError:
+        env = math.nan
+    if env > 0 and math.isfinite(env):
+        return env
     total = machine_gb()
     return round(total / 2, 1) if total else FALLBACK_GB
 
 
 def gb(nbytes: float) -> str:
     """A size in readable units."""
-    for unit, size in (("GB", 2**30), ("MB", 2**20)):
+    for unit, size in (("TB", 2**40), ("GB", 2**30), ("MB", 2**20)):
         if nbytes >= 0.1 * size:
             return f"{nbytes / size:.3g} {unit}"
     return f"{max(nbytes / 2**10, 0.01):.3g} KB"

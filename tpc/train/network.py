@@ -20,7 +20,7 @@ import numpy as np
 
 from tpc import syntax as ast
 from tpc.build import check_dim, transpose_by_caret
-from tpc.data import literal_array, load_array
+from tpc.data import DEFAULT_POLICY, DataPolicy, literal_array, load_array
 from tpc.errors import Span, TpcError, clip, nearest
 from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS
@@ -231,7 +231,7 @@ class Network:
 @dataclass
 class _Builder:
     base_dir: Path
-    allow_data_outside: bool = False  # load(...) may read files outside the program's and the current folder
+    data_policy: DataPolicy = field(default_factory=DataPolicy)  # where load(...) reads, how much it may take
     width: str | None = None
     dims: dict[str, int] = field(default_factory=dict)
     data: dict[str, np.ndarray] = field(default_factory=dict)
@@ -320,7 +320,7 @@ class _Builder:
             self.dims[s.name] = s.value
         elif isinstance(s, ast.DataDecl):
             self.declare(s.name, s.span)
-            arr = load_array(s.path, self.base_dir, s.source_span, allow_outside=self.allow_data_outside) \
+            arr = load_array(s.path, self.base_dir, s.source_span, self.data_policy) \
                 if s.path is not None else literal_array(s.literal, s.span)
             self.data[s.name] = np.asarray(arr, dtype=np.float64)
         elif isinstance(s, ast.NonlinDecl):
@@ -970,9 +970,9 @@ def is_network(module: ast.Module) -> bool:
     return any(isinstance(s, NETWORK_STATEMENTS) for s in module.statements)
 
 
-def build_network(module: ast.Module, filename: str, source: str, base_dir: Path, *,
-                  allow_data_outside: bool = False) -> Network:
-    b = _Builder(base_dir, allow_data_outside)
+def build_network(module: ast.Module, filename: str, source: str, base_dir: Path,
+                  policy: DataPolicy = DEFAULT_POLICY) -> Network:
+    b = _Builder(base_dir, policy)
     try:
         with ast.stack_room():
             for s in module.statements:
