@@ -19,6 +19,7 @@ from tpc.cli import main
 from tpc.ops import expr as ex
 
 HOSTILE_NAMES = [
+    'a\nimport os; os.system("touch PWNED")\n#.tp',  # ran the command before generated source was escaped
     'a\nimport os\nos.system("touch PWNED")\n.tp',
     'b"""\nraise SystemExit(7)\n""".tp',
     "c\u2028raise SystemExit(8)\u2029.tp",
