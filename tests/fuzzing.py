@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT / "programs" / "data"
+# the data the generated programs load, gathered from the bundled programs' folders
+DATA_FILES = [ROOT / "programs" / "kernels" / "data" / "inputs8x3.csv",
+              *(ROOT / "programs" / "train" / "data" / f for f in ("test3x3.csv", "train4x3.csv"))]
 TPC_DIR = str(ROOT / "tpc")
 
 T = TypeVar("T")
@@ -618,13 +620,15 @@ def stages(case: Case) -> list[list[str]]:
 class Harness:
     """Runs programs in-process through tpc's commands (`tpc.cli`), with stdout and stderr captured.
 
-    A program is written to `<tmp>/prog/prog.tp` with `<tmp>/prog/data` a copy of programs/data, so
+    A program is written to `<tmp>/prog/prog.tp` with `<tmp>/prog/data` the bundled programs' data, so
     that `load("data/inputs8x3.csv")` works."""
 
     def __init__(self, timeout: float = 20.0) -> None:
         self.timeout = timeout
         self.tmp = Path(tempfile.mkdtemp(prefix="tpc-fuzz-"))
-        shutil.copytree(DATA, self.tmp / "prog" / "data")
+        (self.tmp / "prog" / "data").mkdir(parents=True)
+        for f in DATA_FILES:
+            shutil.copy(f, self.tmp / "prog" / "data" / f.name)
         self.path = self.tmp / "prog" / "prog.tp"
 
     def close(self) -> None:

@@ -16,7 +16,7 @@ from tpc.passes.autodiff import derivative
 
 ROOT = Path(__file__).resolve().parent.parent
 KERNELS = ROOT / "programs" / "kernels"
-X8 = np.loadtxt(ROOT / "programs" / "data" / "inputs8x3.csv", delimiter=",")
+X8 = np.loadtxt(ROOT / "programs" / "kernels" / "data" / "inputs8x3.csv", delimiter=",")
 WITH_NTK = ["relu_mlp", "erf_mlp", "gelu_mlp", "rnn_erf"]
 
 

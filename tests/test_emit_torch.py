@@ -74,7 +74,7 @@ def test_emitted_netsor_module_takes_other_inputs() -> None:
     prog = tpc.load(ROOT / "programs" / "kernels" / "relu_mlp.tp")
     module = tpc.torch_module(prog, width=32, seeds=[0])
     full = module()["nngp"]
-    X = torch.tensor(np.loadtxt(ROOT / "programs" / "data" / "inputs8x3.csv", delimiter=","))  # noqa: N806
+    X = torch.tensor(np.loadtxt(ROOT / "programs" / "kernels" / "data" / "inputs8x3.csv", delimiter=","))  # noqa: N806
     few = module(X=X[:3])["nngp"]  # a smaller batch: the first rows of the same kernel
     assert few.shape == (1, 3, 3)
     torch.testing.assert_close(few, full[:, :3, :3])

@@ -13,7 +13,7 @@ import pytest
 import tpc
 
 ROOT = Path(__file__).resolve().parent.parent
-X8 = np.loadtxt(ROOT / "programs" / "data" / "inputs8x3.csv", delimiter=",")
+X8 = np.loadtxt(ROOT / "programs" / "kernels" / "data" / "inputs8x3.csv", delimiter=",")
 
 
 def limit(rel: str, **kw):  # noqa: ANN003, ANN201

@@ -140,7 +140,7 @@ def test_transposes_sampled_kernels_and_the_quadrature_budget_agree(tmp_path: Pa
     decided by the whole kernel's size, not a block's."""
     from tpc.backends.limit import expect
 
-    np.save(tmp_path / "X.npy", np.loadtxt(ROOT / "programs" / "data" / "inputs8x3.csv", delimiter=","))
+    np.save(tmp_path / "X.npy", np.loadtxt(ROOT / "programs" / "kernels" / "data" / "inputs8x3.csv", delimiter=","))
     src = """width n
 data X = load("X.npy")
 matrix U : n x 3 ~ N(0, 1/3)
