@@ -135,3 +135,43 @@ def test_emitted_fomaml_trains_like_tpc_run(tmp_path: Path) -> None:
     data = {k: net.data[k] for k in ("P", "S", "SY", "Q", "QY")}
     out = _run_isolated(FOMAML_SCRIPT, tpc.torch_source(net), data, 64, tmp_path)
     np.testing.assert_allclose(out["p"], tpc.run(net, 64, 2)["p"].values, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["getattr", "len", "dtype", "training", "seeds", "forward", "check",
+                                  "matmul", "z", "S", "__e0", "torch_"])
+def test_emitted_netsor_module_with_awkward_names(name: str) -> None:
+    # a program name shadowed a builtin that forward() calls, or an attribute nn.Module sets
+    prog = tpc.loads(f"width n\ndata X = [[1, 0], [0, 1]]\nmatrix U : n x 2 ~ N(0, 1)\nvector u ~ N(0, 1)\n"
+                     f"{name} = U @ X\nf = u @ tanh({name}) / sqrt(n)\noutput a = gram({name})\noutput k = cov(f)\n")
+    out = tpc.run(prog, 64, 2)
+    np.testing.assert_allclose(out["a"].values, tpc.torch_module(prog, 64, [0, 1]).eval()()["a"].detach().numpy())
+
+
+NETWORK_NAMES = """width n
+parametrization mup
+data {x} = [[1, 0.5], [-0.3, 0.8], [0.2, -0.4]]
+data {y} = [1, -1, 0.5]
+layer {u} : input n x 2
+layer {w} : hidden n x n
+layer {v} : readout 1 x n
+model f(x) = {v} @ tanh({w} @ tanh({u} @ x))
+loss L = mean({deep}(f({x}) - {y}){close} ^ 2)
+train sgd(lr = 0.5, steps = 2) minimize L
+output p = f({x})
+"""
+
+
+@pytest.mark.parametrize("names", [
+    {"x": "range", "y": "loss_L", "u": "forward", "w": "multiplier", "v": "parameters"},
+    {"x": "float", "y": "train", "u": "torch", "w": "torch_", "v": "to"},
+])
+@pytest.mark.parametrize("depth", [0, 45])  # a user loss deeper than the code's inline limit
+def test_emitted_network_with_awkward_names(names: dict[str, str], depth: int) -> None:
+    net = tpc.loads(NETWORK_NAMES.format(**names, deep="tanh(" * depth, close=")" * depth))
+    namespace: dict = {}
+    exec(compile(tpc.torch_source(net), "<emitted>", "exec"), namespace)  # noqa: S102 - our own output
+    model = namespace["Network"](64, seed=1)
+    namespace["train"](model, torch.tensor(net.data[names["x"]]), torch.tensor(net.data[names["y"]]))
+    with torch.no_grad():
+        pred = model(torch.tensor(net.data[names["x"]]))[:, 0].numpy()
+    np.testing.assert_allclose(pred, tpc.run(net, 64, 2)["p"].values[1], rtol=1e-10, atol=1e-12)

@@ -9,6 +9,7 @@ which escapes everything but printable ASCII, so it can never end a comment line
 
 from __future__ import annotations
 
+import builtins
 import inspect
 import keyword
 import math
@@ -23,19 +24,30 @@ from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS
 
 _RUNTIME_MARKER = "# ---- runtime (copied into emitted files from here on)"
-# names the emitted source defines or uses itself: a program's names are mangled away from them
-_TAKEN = {"torch", "math", "self", "n", "S", "gens", "dtype", "device", "data", "z", "annotations"} | {
+# Names an emitted module uses itself. A program's name is used both as a local and as a module
+# attribute (`self.W`), so it must shadow no Python builtin the code calls (getattr, len, ...), no
+# name of the module's own, and no attribute of torch.nn.Module, class or instance (`training`).
+PYTHON_NAMES = set(keyword.kwlist) | set(dir(builtins)) | {"torch", "math", "annotations", "Tensor", "self"}
+MODULE_NAMES = set(dir(torch.nn.Module)) | set(vars(torch.nn.Module()))
+_TAKEN = PYTHON_NAMES | MODULE_NAMES | {"n", "S", "gens", "dtype", "device", "data", "z", "width", "seeds"} | {
     name for name, value in vars(runtime).items() if getattr(value, "__module__", None) == runtime.__name__
-} | {"Tensor"}
-_MODULE_ATTRS = set(dir(torch.nn.Module))
+}
 
 
-def _local(name: str) -> str:
-    return name + "_" if keyword.iskeyword(name) or name in _TAKEN or name.startswith("__") else name
-
-
-def _attr(name: str) -> str:
-    return name + "_" if name in _MODULE_ATTRS or keyword.iskeyword(name) else name
+def safe_names(names: list[str], taken: set[str]) -> list[str]:
+    """Python identifiers for a program's names, in order: each kept where it is free, else given
+    a trailing `_` (names starting with `__`, which Python mangles in a class, too), and every result
+    distinct from the others and from `taken`."""
+    used = set(taken)
+    out = []
+    for name in names:
+        base = name + "_" if name in taken or name.startswith("__") else name
+        safe, k = base, 2
+        while safe in used:
+            safe, k = f"{base}_{k}", k + 1
+        used.add(safe)
+        out.append(safe)
+    return out
 
 
 def _num(x: float) -> str:
@@ -60,7 +72,7 @@ _MAX_INLINE_DEPTH = 40
 def _tree_code(tree: ex.Tree, args: list[str], hoisted: list[str] | None = None) -> str:
     """Python source of an expression tree. Subtrees nested deeper than `_MAX_INLINE_DEPTH` are
     appended to `hoisted` as `__e<k> = ...` lines and referred to by name (names starting with
-    two underscores are never a program's: `_local` mangles those)."""
+    two underscores are never a program's: `safe_names` mangles those)."""
     code, _ = _tree_code_depth(tree, args, [] if hoisted is None else hoisted)
     return code
 
@@ -91,22 +103,15 @@ class _Emitter:
     def __init__(self, prog: Program) -> None:
         self.prog = prog
         self.nodes = prog.needed()
-        self.names: dict[int, str] = {}
-        used: set[str] = set()
-        for node in self.nodes:
-            base = _local(node.name.lstrip("_") if node.name.startswith("_t") else node.name)
-            name = base
-            k = 2
-            while name in used:
-                name = f"{base}_{k}"
-                k += 1
-            used.add(name)
-            self.names[node.id] = name
+        # one name per node, safe both as a local and as an attribute
+        wanted = [node.name.lstrip("_") if node.name.startswith("_t") else node.name for node in self.nodes]
+        self.names: dict[int, str] = dict(zip((n.id for n in self.nodes), safe_names(wanted, _TAKEN),
+                                              strict=True))
 
     def ref(self, nid: int) -> str:
         node = self.prog.node(nid)
         if node.op in ("matrix", "vector"):
-            return f"self.{_attr(self.names[nid])}"
+            return f"self.{self.names[nid]}"
         return self.names[nid]
 
     def inputs(self) -> list[Node]:
@@ -132,7 +137,7 @@ class _Emitter:
     def init_lines(self) -> list[str]:
         lines = []
         for node in self.nodes:
-            attr = _attr(self.names[node.id])
+            attr = self.names[node.id]
             p = node.params
             if node.op == "matrix":
                 rows = "n" if p["rows"] == "n" else str(p["rows"])
@@ -158,7 +163,7 @@ class _Emitter:
             )
             for m in members:
                 j = group.members.index(m)
-                lines.append(f"self.{_attr(self.names[m])} = torch.nn.Parameter(z[:, {j}])")
+                lines.append(f"self.{self.names[m]} = torch.nn.Parameter(z[:, {j}])")
         for node in self.inputs():
             name = self.names[node.id]
             lines.append(f"if {name!r} in data:  # forward()'s default for {name}")
