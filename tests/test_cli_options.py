@@ -124,3 +124,21 @@ def test_float32_overflow_at_finite_width_names_the_instruction() -> None:
     with pytest.raises(NumericalError, match=r"instruction .*line 5.* produced infinite values"):
         tpc.run(prog, 64, 2, dtype="float32")
     assert np.isfinite(tpc.run(prog, 64, 2)["g"].mean).all()  # float64 holds it
+
+
+@pytest.mark.parametrize("call", [
+    lambda p: tpc.run(p, 0, 2), lambda p: tpc.run(p, 2.5, 2), lambda p: tpc.run(p, 16, 0),
+    lambda p: tpc.run(p, 16, 2, dtype="float16"), lambda p: tpc.run(p, 16, 2, device="bogus"),
+    lambda p: tpc.limit(p, particles=0), lambda p: tpc.torch_module(p, 0),
+    lambda p: tpc.run(p, 16, 2, memory_gb=float("inf")), lambda p: tpc.limit(p, memory_gb=float("nan")),
+    lambda p: tpc.compare(p, [0, 16], 2), lambda p: tpc.loads(b"width n"),
+])
+def test_the_api_checks_what_the_parser_checks(call: object) -> None:
+    # each of these once ended in a ZeroDivisionError, KeyError, RuntimeError or ValueError
+    with pytest.raises(TpcError):
+        call(tpc.load(RELU))  # type: ignore[operator]
+
+
+def test_no_progress_bar_before_a_memory_refusal(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", RELU, "--width", "200000", "--seeds", "1"]) == 2
+    assert "seed/s" not in capsys.readouterr().err

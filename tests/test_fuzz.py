@@ -34,17 +34,22 @@ def _summary(failures: list[tuple[Case, Outcome]]) -> str:
 def test_no_tracebacks_and_no_hangs() -> None:
     """Random programs, half of them mutated, through check, graph, emit-torch, classify, run and limit."""
     failures: list[tuple[Case, Outcome]] = []
+    ran = 0
     start = time.monotonic()
     with Harness(STAGE_TIMEOUT) as h:
         @FUZZ
         @given(cases_strategy(mutate_p=0.5))
         def one(case: Case) -> None:
+            nonlocal ran
             if time.monotonic() - start > WALL_CAP:
                 return
+            ran += 1
             failures.extend((case, o) for o in h.run_case(case).outcomes if o.status in ("traceback", "hang"))
 
         one()
     assert not failures, _summary(failures)
+    # the wall-clock cap must not turn the test into one that checks nothing
+    assert ran >= EXAMPLES // 4, f"only {ran} of {EXAMPLES} programs ran within {WALL_CAP:g} s"
 
 
 def test_generator_makes_mostly_valid_programs() -> None:

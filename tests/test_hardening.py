@@ -68,3 +68,7 @@ def test_backprop_from_an_independent_readout_needs_no_particles(fn: str, monkey
                      "f = v @ x2 / sqrt(n)\noutput ntk = tangent_kernel(f, X)\n")
     out = tpc.limit(prog, particles=512, replicates=2)["ntk"]
     assert out.value.shape == (3, 3) and np.all(np.isfinite(out.value))
+    # and the value is right: finite width agrees (a wrong zero would show here)
+    fin = tpc.run(prog, width=1024, seeds=4)["ntk"]
+    stderr = 0.0 if out.stderr is None else out.stderr
+    assert np.all(np.abs(out.value - fin.mean) <= 5 * (fin.stderr + stderr) + 0.05 * np.abs(out.value).max())

@@ -49,7 +49,32 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value  # once imported, a plain attribute
         return value
-    raise AttributeError(f"module 'tpc' has no attribute {name!r}")
+    try:  # a submodule (tpc.errors, tpc.ir, ...), as before the names above were made lazy
+        return importlib.import_module(f"tpc.{name}")
+    except ModuleNotFoundError:
+        raise AttributeError(f"module 'tpc' has no attribute {name!r}") from None
+
+
+def _count(value: object, what: str, minimum: int = 1) -> None:
+    """The API checks what the CLI's parser checks: whole numbers, at least `minimum`."""
+    from tpc.errors import TpcError
+
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise TpcError(f"{what} must be a whole number of at least {minimum}, got {value!r}")
+
+
+def _options(options: dict[str, object]) -> None:
+    from tpc.errors import TpcError
+
+    if "dtype" in options and options["dtype"] not in ("float32", "float64"):
+        raise TpcError(f"dtype is 'float32' or 'float64', got {options['dtype']!r}")
+    device = options.get("device", "cpu")
+    kind, _, index = str(device).partition(":") if isinstance(device, str) else ("", "", "")
+    if not (kind == "cpu" and not index or kind == "cuda" and (not index or index.isdigit())):
+        raise TpcError(f"device is 'cpu', 'cuda' or 'cuda:K', got {device!r}")
+    for key, minimum in (("particles", 2), ("replicates", 2), ("first_seed", 0), ("seed", 0)):
+        if options.get(key) is not None:
+            _count(options[key], key, minimum)
 
 
 def load(path: object, **options: object) -> Program | Network:
@@ -62,7 +87,10 @@ def load(path: object, **options: object) -> Program | Network:
 def loads(source: str, *args: object, **options: object) -> Program | Network:
     """Parse, check and build program text (see tpc.build.load_source)."""
     from tpc.build import load_source
+    from tpc.errors import TpcError
 
+    if not isinstance(source, str):
+        raise TpcError(f"loads takes the program's text as a str, got {type(source).__name__}")
     return load_source(source, *args, **options)
 
 
@@ -74,6 +102,7 @@ def _is_network(prog: object) -> bool:
 
 def limit(prog: Program | Network, **options: object) -> dict[str, LimitOutput]:
     """The infinite-width limit of every output (a network program's after its training)."""
+    _options(options)
     if _is_network(prog):
         from tpc.train.limit import network_limit
 
@@ -85,6 +114,9 @@ def limit(prog: Program | Network, **options: object) -> dict[str, LimitOutput]:
 
 def run(prog: Program | Network, width: int, seeds: int, **options: object) -> dict[str, FiniteResult]:
     """Every output at width `width` for `seeds` seeds (a network program is trained in torch)."""
+    _count(width, "width")
+    _count(seeds, "seeds")
+    _options(options)
     if _is_network(prog):
         from tpc.train.finite import train_finite
 
@@ -98,6 +130,9 @@ def torch_module(prog: Program | Network, width: int, seeds: int | list[int] = 1
     """The emitted PyTorch module at width `width` (what `tpc emit-torch` writes, instantiated): a
     Netsor program's for a batch of seeds (`module()` gives every output), a network program's
     model for one seed (a ModuleList for several)."""
+    _count(width, "width")
+    if isinstance(seeds, int):
+        _count(seeds, "seeds")
     if _is_network(prog):
         from tpc.backends.torch.emit_network import network_module
 

@@ -280,17 +280,22 @@ def cmd_emit(args: argparse.Namespace) -> int:
     return 0
 
 
-def _finite_need(prog, width: int, dtype: str) -> str:  # noqa: ANN001
+def _finite_need(prog, width: int, args: argparse.Namespace) -> str:  # noqa: ANN001
+    """The memory one seed needs at `width`, as text; refused here, before any progress bar, when it
+    exceeds the budget."""
     from tpc import memory
 
-    itemsize = 4 if dtype == "float32" else 8
+    itemsize = 4 if args.dtype == "float32" else 8
     if _is_network(prog):
         from tpc.train.finite import bytes_per_seed
-
-        return memory.gb(bytes_per_seed(prog, width, itemsize))
-    from tpc.backends.torch.run import bytes_per_seed as program_bytes
-
-    return memory.gb(program_bytes(prog, width, itemsize))
+    else:
+        from tpc.backends.torch.run import bytes_per_seed
+    need = bytes_per_seed(prog, width, itemsize)
+    try:
+        memory.require(need, f"one seed at width {width}", args.memory_gb, args.force, hint="a smaller --width")
+    except TpcError as err:
+        raise err.locate(prog.filename, prog.source) from None
+    return memory.gb(need)
 
 
 def _check_device(device: str) -> None:
@@ -309,7 +314,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     _check_device(args.device)
     show = not args.json and not args.quiet
     print(f"{args.file}: width {args.width}, {args.seeds} seeds, {args.dtype} on {args.device}; "
-          f"{_finite_need(prog, args.width, args.dtype)} per seed", file=sys.stderr if args.json else sys.stdout,
+          f"{_finite_need(prog, args.width, args)} per seed", file=sys.stderr if args.json else sys.stdout,
           flush=True)
     update, close = _progress(args.seeds, f"width {args.width}", show)
     try:
@@ -396,7 +401,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.plot:
         _check_writable(args.plot)  # before the runs, not after them
     print(f"{args.file}: widths {', '.join(map(str, widths))}, {args.seeds} seeds each; "
-          f"{_finite_need(prog, max(widths), args.dtype)} per seed at width {max(widths)}",
+          f"{_finite_need(prog, max(widths), args)} per seed at width {max(widths)}",
           file=sys.stderr if args.json else sys.stdout, flush=True)
     update, close = _progress(args.seeds * len(widths), "finite widths", not args.json and not args.quiet)
     try:

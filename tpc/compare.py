@@ -73,12 +73,17 @@ def fit_slope(widths: list[int], errors: list[float]) -> float:
 def compare(prog: Program | Network, widths: list[int], seeds: int, method: str = "auto",
             dtype: str = "float64", device: str = "cpu", memory_gb: float | None = None, force: bool = False,
             progress: Callable[[int], None] | None = None) -> dict[str, OutputComparison]:
+    from tpc import _count, _options
     from tpc.backends.limit import evaluate_limit
     from tpc.backends.torch import run_finite
     from tpc.train.finite import train_finite
     from tpc.train.limit import network_limit
     from tpc.train.network import Network
 
+    for w in widths:
+        _count(w, "a width")
+    _count(seeds, "seeds")
+    _options({"dtype": dtype, "device": device})
     network = isinstance(prog, Network)
     budget = {"memory_gb": memory_gb, "force": force}
     limit = (network_limit if network else evaluate_limit)(prog, method=method, **budget)

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from tpc import memory
-from tpc.errors import Span, TpcError, clip, format_bytes
+from tpc.errors import Span, TpcError, clip
 
 CSV_BYTES_PER_BYTE = 40  # a CSV is parsed in Python: about 40 bytes of memory per byte of text
 
@@ -45,6 +45,8 @@ def load_array(path_text: str, base_dir: Path, span: Span, policy: DataPolicy = 
     """The array in `path_text` (relative to `base_dir`, the program's folder); every problem with the
     path or the file is a TpcError at `span`, and nothing is read before it is known to fit."""
     shown = clip(path_text, 60)
+    if not path_text.strip():
+        raise TpcError("load(\"\") names no file", span)
     if "\x00" in path_text:
         raise TpcError("a data file name cannot contain a NUL character", span)
     try:
@@ -78,7 +80,7 @@ def load_array(path_text: str, base_dir: Path, span: Span, policy: DataPolicy = 
         if info.st_size == 0:
             raise TpcError(f"{shown} is empty (0 bytes)", span)
         if suffix == ".csv":
-            policy.require(CSV_BYTES_PER_BYTE * info.st_size, f"reading {shown} ({format_bytes(info.st_size)} of CSV; "
+            policy.require(CSV_BYTES_PER_BYTE * info.st_size, f"reading {shown} ({memory.gb(info.st_size)} of CSV; "
                            "store large data as .npy)", span)
             arr = _load_csv(f.read(), shown, span)
         else:
@@ -139,8 +141,8 @@ def _load_npy(f, size: int, shown: str, span: Span, policy: DataPolicy) -> np.nd
     policy.require(need, f"{shown} ({dims} numbers)", span)
     stored = f.tell() + count * dtype.itemsize
     if stored > size:
-        raise TpcError(f"{shown} is shorter than its header says: {dims} numbers need {format_bytes(stored)}, "
-                       f"the file has {format_bytes(size)}", span)
+        raise TpcError(f"{shown} is shorter than its header says: {dims} numbers need {memory.gb(stored)}, "
+                       f"the file has {memory.gb(size)}", span)
     f.seek(0)
     try:
         arr = npy_format.read_array(f, allow_pickle=False)  # never pickles: a data file can never run code

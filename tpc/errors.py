@@ -108,15 +108,6 @@ def _edit_distance(a: str, b: str, limit: int) -> int:
     return prev[-1]
 
 
-def format_bytes(n: float) -> str:
-    """1.2 GB, 3.4 TB: the size of memory a mistake would need."""
-    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"  # pragma: no cover - the loop returns
-
-
 def clip(text: str, limit: int = 40) -> str:
     """A long name shortened for a message (the source line under it shows it whole)."""
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -50,10 +50,19 @@ def gb(nbytes: float) -> str:
     return f"{max(nbytes / 2**10, 0.01):.3g} KB"
 
 
+def budget_gb(memory_gb: float | None) -> float:
+    """The budget in GB: the default where none is given; a given one must be a positive number."""
+    if memory_gb is None:
+        return default_gb()
+    if isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)) or not 0 < memory_gb < math.inf:
+        raise TpcError(f"the memory budget must be a positive number of GB, got {memory_gb!r}")
+    return float(memory_gb)
+
+
 def require(nbytes: float, what: str, memory_gb: float | None, force: bool = False,
             span: Span | None = None, hint: str = "") -> None:
     """Refuse `what` if it needs more than the budget (unless forced), naming both figures."""
-    budget = default_gb() if memory_gb is None else memory_gb
+    budget = budget_gb(memory_gb)
     if nbytes > budget * 2**30 and not force:
         raise TpcError(f"{what} would take about {gb(nbytes)}, more than the {budget:g} GB allowed "
                        f"(--memory-gb{', or ' + hint if hint else ''}; --force runs it anyway)", span)
@@ -62,12 +71,12 @@ def require(nbytes: float, what: str, memory_gb: float | None, force: bool = Fal
 def seeds_at_once(per_seed: int, seeds: int, what: str, memory_gb: float | None, force: bool,
                   filename: str, source: str) -> int:
     """How many seeds a finite run takes at once within the budget (at least one, if it fits)."""
-    budget = default_gb() if memory_gb is None else memory_gb
     try:
+        budget = budget_gb(memory_gb)
         require(per_seed, what, budget, force, hint="a smaller --width")
     except TpcError as err:
         raise err.locate(filename, source) from None
-    return max(1, min(seeds, int(budget * 2**30 // max(per_seed, 1))))
+    return max(1, min(seeds, int(min(budget * 2**30 / max(per_seed, 1), seeds))))
 
 
 def _size(shape: tuple[int, ...]) -> int:
