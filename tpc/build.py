@@ -888,7 +888,7 @@ def _check_readouts(prog: Program) -> None:
         if node.op != "readout":
             continue
         left = prog.node(node.inputs[0])
-        for user in prog.graph.successors(left.id):
+        for user in prog.successors(left.id):
             u = prog.node(user)
             # the backward program of f uses v by construction (d_x = c v): that is fine
             if u.op != "readout" and not u.params.get("derived") and u.id in needed:

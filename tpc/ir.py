@@ -1,4 +1,5 @@
-"""The Program: a networkx DiGraph of Netsor instructions, its verifier and its printers.
+"""The Program: Netsor instructions and their edges (as a networkx DiGraph: `Program.graph`), its
+verifier and its printers.
 
 Node ids are consecutive integers in creation order, which is a topological order, so every
 printout and export is deterministic. Each node carries:
@@ -20,13 +21,13 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 import numpy as np
 
 from tpc.errors import Span
 from tpc.ops import expr as ex
 
 if TYPE_CHECKING:
+    import networkx as nx
     import torch
 
 
@@ -53,44 +54,80 @@ class VectorGroup:
 
 @dataclass
 class Program:
+    """The instructions in creation order (ids 0, 1, ...: a topological order) with their edges.
+    `graph` is the same program as a networkx DiGraph (node attribute `node`, edge attribute `pos`),
+    built when first asked for: building and checking a program needs no networkx (its import is a
+    third of a fresh `tpc check`)."""
+
     filename: str
     source: str
     width_name: str = "n"
-    graph: nx.DiGraph = field(default_factory=nx.DiGraph)
     outputs: dict[str, int] = field(default_factory=dict)
     groups: list[VectorGroup] = field(default_factory=list)
+    _nodes: list[Node] = field(default_factory=list, repr=False)
+    # src -> {dst: positions of src among dst's inputs}; an input used twice (cov(f, f)) is one edge
+    _succ: dict[int, dict[int, tuple[int, ...]]] = field(default_factory=dict, repr=False)
+    _graph: Any = field(default=None, repr=False)
 
     # --- construction
     def add(self, op: str, inputs: tuple[int, ...], kind: str, shape: tuple[int, ...],
             name: str | None, span: Span | None, **params: Any) -> Node:
-        nid = self.graph.number_of_nodes()
+        nid = len(self._nodes)
         node = Node(nid, op, tuple(inputs), kind, tuple(shape), name or f"_t{nid}", span, params)
-        self.graph.add_node(nid, node=node)
+        self._nodes.append(node)
+        self._succ[nid] = {}
         for pos, src in enumerate(inputs):
-            # an input used twice (cov(f, f)) is one edge listing both positions
-            if self.graph.has_edge(src, nid):
-                self.graph[src][nid]["pos"] += (pos,)
-            else:
-                self.graph.add_edge(src, nid, pos=(pos,))
+            self._succ[src][nid] = self._succ[src].get(nid, ()) + (pos,)
+        self._graph = None  # a view built earlier is out of date
         return node
 
     # --- access
+    @property
+    def graph(self) -> nx.DiGraph:
+        """The program as a networkx DiGraph (built on first use, then kept until the next add)."""
+        if self._graph is None:
+            import networkx as nx
+
+            g = nx.DiGraph()
+            for node in self._nodes:
+                g.add_node(node.id, node=node)
+            for src, succ in self._succ.items():
+                for dst, pos in succ.items():
+                    g.add_edge(src, dst, pos=pos)
+            self._graph = g
+        return self._graph
+
     def node(self, nid: int) -> Node:
-        return self.graph.nodes[nid]["node"]
+        return self._nodes[nid]
 
     def nodes(self) -> list[Node]:
-        return [self.graph.nodes[i]["node"] for i in sorted(self.graph.nodes)]
+        return list(self._nodes)
+
+    def successors(self, nid: int) -> list[int]:
+        """The instructions that use `nid`, in order."""
+        return sorted(self._succ[nid])
+
+    def edges(self) -> list[tuple[int, int, tuple[int, ...]]]:
+        """(src, dst, positions of src among dst's inputs), in order."""
+        return sorted((src, dst, pos) for src, succ in self._succ.items() for dst, pos in succ.items())
 
     def needed(self) -> list[Node]:
         """Nodes the outputs depend on, in order (dead code removed)."""
         keep: set[int] = set()
         for nid in self.outputs.values():
-            keep |= nx.ancestors(self.graph, nid) | {nid}
-        return [n for n in self.nodes() if n.id in keep]
+            keep |= self.ancestors(nid) | {nid}
+        return [n for n in self._nodes if n.id in keep]
 
     def ancestors(self, nid: int) -> set[int]:
         """Every node that `nid` depends on."""
-        return set(nx.ancestors(self.graph, nid))
+        seen: set[int] = set()
+        stack = list(self._nodes[nid].inputs)
+        while stack:
+            i = stack.pop()
+            if i not in seen:
+                seen.add(i)
+                stack.extend(self._nodes[i].inputs)
+        return seen
 
     def group_of(self, nid: int) -> tuple[int, VectorGroup]:
         for gi, group in enumerate(self.groups):
@@ -99,16 +136,14 @@ class Program:
         raise KeyError(nid)
 
     def verify(self) -> None:
-        """Internal consistency: inputs precede their users and edges match inputs."""
-        for node in self.nodes():
+        """Internal consistency: ids are positions, inputs precede their users (so creation order is
+        a topological order and the graph is acyclic) and edges match inputs."""
+        for i, node in enumerate(self._nodes):
+            assert node.id == i, f"node {node.id} at position {i}"
             for pos, src in enumerate(node.inputs):
                 assert src < node.id, f"node {node.id} uses later node {src}"
-                assert pos in self.graph[src][node.id]["pos"]
-        # ids in creation order are a topological order: every edge runs forward, so the graph is
-        # acyclic. (Edges are read through the adjacency: networkx's cached edge and degree views
-        # point back at the graph, a reference cycle that would hold the program's data until the
-        # garbage collector runs.)
-        assert all(src < dst for src, succ in self.graph.adjacency() for dst in succ), "an edge runs backward"
+                assert pos in self._succ[src][node.id]
+        assert all(src < dst for src, dst, _ in self.edges()), "an edge runs backward"
 
 
 def data_value(prog: Program, node: Node) -> np.ndarray:
@@ -270,10 +305,10 @@ def to_dot(prog: Program, backward: bool = False) -> str:
         label = label.replace('"', '\\"')
         style = ', peripheries=2' if node.id in outs else ""
         lines.append(f'  n{node.id} [label="{label}", style=filled, fillcolor={colors.get(node.op, "white")}{style}];')
-    for src, dst, data in sorted((s, d, a) for s, succ in prog.graph.adjacency() for d, a in succ.items()):
+    for src, dst, pos in prog.edges():
         if src not in shown or dst not in shown:
             continue
-        label = ",".join(str(p) for p in data["pos"])
+        label = ",".join(str(p) for p in pos)
         lines.append(f'  n{src} -> n{dst} [label="{label}"];')
     lines.append("}")
     return "\n".join(lines)
