@@ -190,3 +190,12 @@ def test_min_lr_defaults_below_the_parametrization_rate() -> None:
     assert rates[0] == pytest.approx(1e-5) and max(rates) <= 1e-5 and rates[-1] >= 1e-5 * 1e-4
     with pytest.raises(TpcError, match="min_lr"):
         load_source(PROGRAM.read_text().replace("batch = 16", "batch = 16, min_lr = 1"), str(PROGRAM), PROGRAM.parent)
+
+
+def test_seeds_at_once_equal_seeds_one_by_one() -> None:
+    # the finite run trains every seed of a chunk in one set of (S, V, m) tables
+    net = load_source(PROGRAM.read_text(), str(PROGRAM), PROGRAM.parent)
+    together = cbow.cbow_finite(net, 32, 3)
+    for name, res in together.items():
+        alone = np.concatenate([cbow.cbow_finite(net, 32, 1, first_seed=s)[name].values for s in range(3)])
+        np.testing.assert_allclose(res.values, alone, rtol=1e-10, atol=1e-12)

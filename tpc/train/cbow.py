@@ -160,48 +160,62 @@ def stream(net: Network) -> Stream:
     return Stream(tokens_of(net), vocabulary(net), net.train.cbow, net.train.batch, net.train.lr)
 
 
-def step(u: Tensor, v: Tensor, b: Batch, f: Factors) -> float:
-    """One SGD step on the batch's summed loss; returns that loss (before the step)."""
+def step(u: Tensor, v: Tensor, b: Batch, f: Factors) -> float | np.ndarray:
+    """One SGD step on the batch's summed loss; returns that loss (before the step). The tables are
+    (V, m), or (S, V, m) for S seeds at once (then the loss is one per seed)."""
+    one = u.dim() == 2
+    if one:  # views: the in-place updates below reach the caller's tables
+        u, v = u[None], v[None]
     dev = u.device
     pos, ctx = torch.as_tensor(b.pos, device=dev), torch.as_tensor(b.ctx, device=dev)
     words = torch.as_tensor(np.concatenate([b.center[:, None], b.neg], axis=1), device=dev)  # (B, 1 + K)
+    seeds, m = u.shape[0], u.shape[2]
     # h_b = sum of the context's rows: each position is one bag
-    h = torch.nn.functional.embedding_bag(ctx, u, torch.as_tensor(b.starts, device=dev), mode="sum")
-    vw = v[words]  # (B, 1 + K, m), a copy: the updates below use the values before the step
-    z = torch.bmm(vw, h[:, :, None])[..., 0]  # the rows are scaled by 1/sqrt(n): this is v.h/n
-    label = torch.zeros_like(z)
+    if seeds == 1:
+        h = torch.nn.functional.embedding_bag(ctx, u[0], torch.as_tensor(b.starts, device=dev), mode="sum")[None]
+    else:
+        h = torch.zeros((seeds, len(b.center), m), dtype=u.dtype, device=dev).index_add_(1, pos, u[:, ctx])
+    vw = v[:, words]  # (S, B, 1 + K, m), a copy: the updates below use the values before the step
+    z = torch.einsum("sbkm,sbm->sbk", vw, h)  # the rows are scaled by 1/sqrt(n): this is v.h/n
+    label = torch.zeros_like(z[0])
     label[:, 0] = 1
-    live = torch.ones_like(z)
+    live = torch.ones_like(label)
     live[:, 1:] = words[:, 1:] != words[:, :1]  # word2vec skips a negative equal to the centre word
     g = (torch.sigmoid(z) - label) * live
-    loss = float((torch.nn.functional.softplus(torch.where(label > 0, -z, z)) * live).sum())
+    loss = (torch.nn.functional.softplus(torch.where(label > 0, -z, z)) * live).sum((1, 2)).cpu().numpy()
     if f.q:
-        v.index_add_(0, words.reshape(-1), (g[..., None] * h[:, None, :]).reshape(-1, u.shape[1]), alpha=-b.lr * f.q)
+        v.index_add_(1, words.reshape(-1), (g[..., None] * h[:, :, None, :]).reshape(seeds, -1, m),
+                     alpha=-b.lr * f.q)
     if f.s:
-        u.index_add_(0, ctx, torch.bmm(g[:, None, :], vw)[:, 0][pos], alpha=-b.lr * f.s)
-    return loss
+        u.index_add_(1, ctx, torch.einsum("sbk,sbkm->sbm", g, vw)[:, pos], alpha=-b.lr * f.s)
+    return float(loss[0]) if one else loss
 
 
 def train(net: Network, u: Tensor, v: Tensor, f: Factors,
-          on_step: Callable[[int, int, float], None] | None = None) -> list[float]:
-    """Runs the program's cbow training on the tables in place; returns the mean loss per position
-    of each epoch (computed on the fly, before each step, as word2vec reports it)."""
+          on_step: Callable[[int, int, float], None] | None = None) -> list:
+    """Runs the program's cbow training on the tables in place ((V, m), or (S, V, m) for S seeds at
+    once); returns the mean loss per position of each epoch (per seed for S seeds), computed on the
+    fly, before each step, as word2vec reports it."""
     data = stream(net)
     if data.positions == 0:
         raise TpcError("subsampling leaves no position to train on: raise sample (or set sample = 0)",
                        net.train.span).locate(net.filename, net.source)
     total = data.steps
-    loss_sum, positions = np.zeros(len(data.masks)), np.zeros(len(data.masks))
+    loss_sum: np.ndarray | None = None
+    positions = np.zeros(len(data.masks))
     for i, b in enumerate(data):
         loss = step(u, v, b, f)
-        if not np.isfinite(loss):
+        if not np.all(np.isfinite(loss)):
             raise NumericalError(f"the cbow training diverged at step {i + 1} (a non-finite loss); lower lr",
                                  net.train.span).locate(net.filename, net.source)
+        if loss_sum is None:
+            loss_sum = np.zeros((len(data.masks), *np.shape(loss)))
         loss_sum[b.epoch] += loss
         positions[b.epoch] += len(b.center)
         if on_step:
-            on_step(i + 1, total, loss / len(b.center))
-    return [float(x) for x in loss_sum / np.maximum(positions, 1)]
+            on_step(i + 1, total, float(np.mean(loss)) / len(b.center))
+    means = loss_sum / np.maximum(positions, 1).reshape(-1, *[1] * (loss_sum.ndim - 1))
+    return [float(x) if np.ndim(x) == 0 else x for x in means]
 
 
 def finite_tables(net: Network, width: int, seed: int, dtype: torch.dtype = torch.float64,
@@ -245,7 +259,8 @@ def grams(net: Network, u: Tensor, v: Tensor, width: int | None) -> dict[str, np
     for o in net.outputs:
         e = output_exponent(net, o.layer)
         scale = float(width**e) if width else _limit_of(e, f"embeddings({o.layer})", net)
-        out[o.name] = scale * (table[o.layer] @ table[o.layer].T).double().cpu().numpy()
+        t = table[o.layer]
+        out[o.name] = scale * (t @ t.transpose(-1, -2)).double().cpu().numpy()  # per seed for (S, V, m)
     return out
 
 
@@ -275,18 +290,22 @@ def cbow_finite(net: Network, width: int, seeds: int, dtype: str = "float64", de
                 first_seed: int = 0, progress: Callable[[int], None] | None = None,
                 on_step: Callable[[int, int], None] | None = None, memory_gb: float | None = None,
                 force: bool = False) -> dict[str, FiniteResult]:
-    """Every output at width `width`, one seed after another (the tables are the memory)."""
-    memory.seeds_at_once(memory_bytes(net, width, torch.finfo(DTYPES[dtype]).bits // 8), 1,
-                         f"a word2vec run at width {width}", memory_gb, force, net.filename, net.source)
+    """Every output at width `width`: as many seeds at once as the memory budget holds (each seed's
+    tables are drawn as for a run of that seed alone, and every seed sees the same batches)."""
+    chunk = memory.seeds_at_once(memory_bytes(net, width, torch.finfo(DTYPES[dtype]).bits // 8), seeds,
+                                 f"a word2vec run at width {width}", memory_gb, force, net.filename, net.source)
     parts: dict[str, list[np.ndarray]] = {o.name: [] for o in net.outputs}
-    for i in range(seeds):
-        u, v = finite_tables(net, width, first_seed + i, DTYPES[dtype], device)
+    for start in range(0, seeds, chunk):
+        ids = range(first_seed + start, first_seed + min(seeds, start + chunk))
+        tables = [finite_tables(net, width, s, DTYPES[dtype], device) for s in ids]
+        u, v = torch.stack([t[0] for t in tables]), torch.stack([t[1] for t in tables])
+        del tables
         with torch.no_grad():
             train(net, u, v, Factors.finite(net, width), (lambda d, t, _l: on_step(d, t)) if on_step else None)
         for k, g in grams(net, u, v, width).items():
-            parts[k].append(g[None])
+            parts[k].append(g)
         if progress:
-            progress(1)
+            progress(len(ids))
     return {k: FiniteResult(k, np.concatenate(p), width) for k, p in parts.items()}
 
 
