@@ -7,6 +7,8 @@ only in variances and in the scaling of readouts; everything else is finite.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -84,6 +86,45 @@ class UserNonlin:
     span: Span
 
 
+@dataclass
+class ExpansionBudget:
+    """What one statement expands to: user nonlinearities are inlined (`f2(x) = f1(x) + f1(x)` doubles
+    at every level), so each visit of an expression counts, with the nesting depth, and a statement
+    past either bound is refused before it takes exponential time or exhausts Python's stack. Both
+    builders (Netsor programs and models) keep one."""
+
+    visits: int = 0  # expressions visited for the current statement, nonlin bodies included
+    depth: int = 0  # nesting of visits now
+    calls: list[Span] = field(default_factory=list)  # the user nonlin calls being expanded, outermost first
+
+    @contextmanager
+    def visit(self, span: Span, inside: str, whole: str) -> Iterator[None]:
+        """One expression's visit; past a bound, an error at the outermost nonlin call ("expanding
+        the nonlinearities called here gives ...; {inside}") or at the expression (`whole`, with
+        `{what}` in it)."""
+        self.visits += 1
+        self.depth += 1
+        try:
+            if self.visits > MAX_EXPANDED or self.depth > ast.MAX_DEPTH:
+                what = (f"more than {MAX_EXPANDED} operations" if self.visits > MAX_EXPANDED
+                        else f"an expression nested deeper than {ast.MAX_DEPTH} levels")
+                if self.calls:
+                    raise TpcError(f"expanding the nonlinearities called here gives {what}; {inside}", self.calls[0])
+                raise TpcError(whole.format(what=what), span)
+            yield
+        finally:
+            self.depth -= 1
+
+    @contextmanager
+    def call(self, span: Span) -> Iterator[None]:
+        """Inside the expansion of the user nonlin called at `span`."""
+        self.calls.append(span)
+        try:
+            yield
+        finally:
+            self.calls.pop()
+
+
 def transpose_by_caret(e: ast.BinOp) -> bool:
     """`W^T` or `W^T @ x` (which parses as `W ^ (T @ x)`): a transpose written the maths way."""
     right = e.right.left if isinstance(e.right, ast.BinOp) and e.right.op == "@" else e.right
@@ -102,9 +143,7 @@ class Builder:
     scope: list[dict[str, Pending]] = field(default_factory=list)
     backward_of: dict[int, dict[int, int]] = field(default_factory=dict)  # readout -> gradients
     data_policy: DataPolicy = field(default_factory=DataPolicy)  # where load(...) reads, how much it may take
-    depth: int = 0  # nesting of expr() calls now, nonlin bodies included
-    visits: int = 0  # expression nodes visited for the current statement
-    calls: list[Span] = field(default_factory=list)  # the user nonlin calls being expanded, outermost first
+    budget: ExpansionBudget = field(default_factory=ExpansionBudget)  # per statement
 
     # ------------------------------------------------------------------ helpers
     def node(self, nid: int):  # noqa: ANN201
@@ -207,7 +246,7 @@ class Builder:
                     else f"an expression nested deeper than {ast.MAX_DEPTH} levels")
             raise TpcError(f"written out, this coordinatewise expression is {what} (each use of a nonlin's argument "
                            "copies it); compute intermediate vectors in separate instructions",
-                           self.calls[0] if self.calls else span)
+                           self.budget.calls[0] if self.budget.calls else span)
         return Pending(tree, args, kind, shape, span, size, depth)
 
     def broadcast(self, parts: list[Pending], kind: str, span: Span) -> tuple[int, ...]:
@@ -304,19 +343,10 @@ class Builder:
     def expr(self, e: ast.Expr) -> Value:
         """Every expression goes through here: bounds the expansion of user nonlins before it can
         take exponential time or exhaust the Python stack."""
-        self.visits += 1
-        self.depth += 1
-        try:
-            if self.visits > MAX_EXPANDED or self.depth > ast.MAX_DEPTH:
-                what = (f"more than {MAX_EXPANDED} operations" if self.visits > MAX_EXPANDED
-                        else f"an expression nested deeper than {ast.MAX_DEPTH} levels")
-                if self.calls:
-                    raise TpcError(f"expanding the nonlinearities called here gives {what}; compute intermediate "
-                                   "values in separate instructions", self.calls[0])
-                raise TpcError(f"this statement gives {what}; split it into several instructions", e.span)
-            return self._expr(e)
-        finally:
-            self.depth -= 1
+        with self.budget.visit(e.span, "compute intermediate values in separate instructions",
+                               "this statement gives {what}; split it into several instructions"):
+            v = self._expr(e)
+        return v
 
     def _expr(self, e: ast.Expr) -> Value:
         if isinstance(e, ast.Num):
@@ -624,12 +654,11 @@ class Builder:
                 raise TpcError(f"parameter '{name}' of '{e.fn}' must be a scalar", a.span)
             local[name] = p
         self.scope.append(local)
-        self.calls.append(e.span)
         try:
-            return self.expr(f.body)
+            with self.budget.call(e.span):
+                return self.expr(f.body)
         finally:
             self.scope.pop()
-            self.calls.pop()
 
     def arity(self, e: ast.Call, *counts: int) -> None:
         if len(e.args) not in counts:
@@ -868,7 +897,7 @@ def build(module: ast.Module, filename: str, source: str, base_dir: Path,
                                                              ast.NonlinDecl)):
                     if isinstance(stmt, (ast.MatrixDecl, ast.VectorDecl)):
                         raise TpcError("declare the width before any matrix or vector: `width n`", stmt.span)
-                b.visits = 0  # the expansion budget is per statement
+                b.budget = ExpansionBudget()  # the expansion budget is per statement
                 b.statement(stmt)
             if b.width is None:
                 raise TpcError("the program declares no width: start it with `width n`")

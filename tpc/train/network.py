@@ -19,14 +19,12 @@ from pathlib import Path
 import numpy as np
 
 from tpc import syntax as ast
-from tpc.build import check_dim, transpose_by_caret
+from tpc.build import ExpansionBudget, check_dim, transpose_by_caret
 from tpc.data import DEFAULT_POLICY, DataPolicy, literal_array, load_array
 from tpc.errors import Span, TpcError, clip, nearest
 from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS
 from tpc.parametrization import ABC, Classification, classify, preset
-
-MAX_EXPANDED = 20_000  # expression nodes visited while building the model, nonlin bodies included
 
 MAX_EXPONENT = 16.0  # the largest |a|, |b| or |c| an abc(...) may give
 ROLES = ("input", "embedding", "hidden", "readout", "bias")
@@ -798,9 +796,7 @@ class ModelBuilder:
         self.steps: list[Step] = []
         self.scope: list[dict[str, int | float]] = []
         self.order: list[str] = []  # layers in the order of first use
-        self.visits = 0  # expression nodes visited, nonlin bodies included: nonlins are inlined
-        self.depth = 0
-        self.calls: list[Span] = []  # the user nonlin calls being expanded, outermost first
+        self.budget = ExpansionBudget()  # nonlins are inlined: the model's expansion is bounded
 
     def build(self) -> Model:
         if not any(la.takes_data for la in self.b.layers.values()):
@@ -835,19 +831,9 @@ class ModelBuilder:
         """A step index, or a float for constants. Bounds the expansion of user nonlins (each call is
         inlined: `f2(x) = f1(x) + f1(x)` doubles at every level) before it takes exponential time or
         exhausts the Python stack."""
-        self.visits += 1
-        self.depth += 1
-        try:
-            if self.visits > MAX_EXPANDED or self.depth > ast.MAX_DEPTH:
-                what = (f"more than {MAX_EXPANDED} operations" if self.visits > MAX_EXPANDED
-                        else f"an expression nested deeper than {ast.MAX_DEPTH} levels")
-                if self.calls:
-                    raise TpcError(f"expanding the nonlinearities called here gives {what}; simplify them",
-                                   self.calls[0])
-                raise TpcError(f"the model gives {what}", e.span)
-            return self._value(e)
-        finally:
-            self.depth -= 1
+        with self.budget.visit(e.span, "simplify them", "the model gives {what}"):
+            v = self._value(e)
+        return v
 
     def _value(self, e: ast.Expr) -> int | float:
         if isinstance(e, ast.Num):
@@ -921,12 +907,11 @@ class ModelBuilder:
             if len(self.scope) > 16:
                 raise TpcError(f"'{e.fn}' is nested too deeply", e.span)
             self.scope.append({n: self.value(a) for n, a in zip(names, e.args, strict=True)})
-            self.calls.append(e.span)
             try:
-                return self.value(d.body)
+                with self.budget.call(e.span):
+                    return self.value(d.body)
             finally:
                 self.scope.pop()
-                self.calls.pop()
         fn = ALIASES.get(e.fn, e.fn)
         if fn == "sqrt" and len(e.args) == 1:
             return self.fn("pow", [self.value(e.args[0]), 0.5], e)
