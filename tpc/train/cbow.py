@@ -176,7 +176,8 @@ def step(u: Tensor, v: Tensor, b: Batch, f: Factors) -> float | np.ndarray:
     else:
         h = torch.zeros((seeds, len(b.center), m), dtype=u.dtype, device=dev).index_add_(1, pos, u[:, ctx])
     vw = v[:, words]  # (S, B, 1 + K, m), a copy: the updates below use the values before the step
-    z = torch.einsum("sbkm,sbm->sbk", vw, h)  # the rows are scaled by 1/sqrt(n): this is v.h/n
+    # the rows are scaled by 1/sqrt(n): this is v.h/n (one seed: bmm, the operations of a run alone)
+    z = torch.bmm(vw[0], h[0, :, :, None])[None, ..., 0] if seeds == 1 else torch.einsum("sbkm,sbm->sbk", vw, h)
     label = torch.zeros_like(z[0])
     label[:, 0] = 1
     live = torch.ones_like(label)
@@ -187,7 +188,8 @@ def step(u: Tensor, v: Tensor, b: Batch, f: Factors) -> float | np.ndarray:
         v.index_add_(1, words.reshape(-1), (g[..., None] * h[:, :, None, :]).reshape(seeds, -1, m),
                      alpha=-b.lr * f.q)
     if f.s:
-        u.index_add_(1, ctx, torch.einsum("sbk,sbkm->sbm", g, vw)[:, pos], alpha=-b.lr * f.s)
+        back = torch.bmm(g[0, :, None, :], vw[0])[None, :, 0] if seeds == 1 else torch.einsum("sbk,sbkm->sbm", g, vw)
+        u.index_add_(1, ctx, back[:, pos], alpha=-b.lr * f.s)
     return float(loss[0]) if one else loss
 
 
