@@ -167,3 +167,13 @@ def test_limit_is_positively_homogeneous(case: tuple[str, np.ndarray, int], log_
     want = s**degree * base.value
     top = float(np.abs(want).max())
     assert float(np.abs(scaled.value - want).max()) <= 1e-9 * top
+
+
+def test_a_long_wishart_chain_is_exact() -> None:
+    # (1/n) y^T (W^T W)^10 y -> Catalan(10) = 16796: linear, so "exact"; Stein's lemma through the
+    # ill-conditioned covariance of the chain's vectors gave 16795.85 (and 16796.40 before that)
+    lines = ["width n", "matrix W : n x n ~ N(0, 1/n)", "vector y ~ N(0, 1)", "x0 = y"]
+    lines += [f"x{i} = W.T @ (W @ x{i - 1})" for i in range(1, 11)]
+    out = tpc.limit(tpc.loads("\n".join([*lines, "output m = mean(x10 * y)", "output h = mean(x5 * x5)"]) + "\n"))
+    assert out["m"].method == "exact" and out["m"].value == pytest.approx(16796, rel=1e-12)
+    assert out["h"].value == pytest.approx(16796, rel=1e-12)  # mean(x5 * x5) is the same moment

@@ -366,15 +366,28 @@ class LimitEvaluator:
                     raise NeedsParticles()
                 methods |= res.methods
             return None, methods
-        cov = torch.stack([torch.stack([self.block_cov(i, j) for j in blocks]) for i in blocks])
         methods: set[str] = set()
-        stein = []
-        for b in blocks:
-            res = self.expect([(Block(b), None), (tree, self.axis_for(x))], "mul", self.prog.node(x).shape, node)
-            stein.append(res.value)
-            methods |= res.methods
-        eg = torch.stack(stein)  # (k, *batch)
-        grad = torch.tensordot(psd_pinv(cov), eg, dims=1)  # drops only round-off-level directions
+        grad = None
+        partials = self.linear_partials(tree)
+        if partials is not None:
+            # Z^x is linear in the blocks: E[dZ^x / dG_i] is its coefficient, exactly, with no
+            # covariance to invert (a long W.T W chain's family is too ill-conditioned for that)
+            zero = torch.zeros(xshape, dtype=self.dtype)
+            try:
+                grad = torch.stack([torch.as_tensor(partials.get(b, zero), dtype=self.dtype).expand(xshape)
+                                    for b in blocks])
+                methods.add("exact")
+            except RuntimeError:  # a coefficient over another batch than x's: Stein below places it
+                grad = None
+        if grad is None:
+            cov = torch.stack([torch.stack([self.block_cov(i, j) for j in blocks]) for i in blocks])
+            stein = []
+            for b in blocks:
+                res = self.expect([(Block(b), None), (tree, self.axis_for(x))], "mul", xshape, node)
+                stein.append(res.value)
+                methods |= res.methods
+            eg = torch.stack(stein)  # (k, *batch)
+            grad = torch.tensordot(psd_pinv(cov), eg, dims=1)  # drops only round-off-level directions
         terms = []
         for i, b in enumerate(blocks):
             ytree, y = self.block_tree[b]
@@ -384,6 +397,47 @@ class LimitEvaluator:
         for t in terms[1:]:
             total = ex.Apply("add", (total, t))
         return total, methods
+
+    def linear_partials(self, tree: object) -> dict[int, Tensor] | None:
+        """d tree / d Block(b) for every block, where the tree is linear in its blocks (sums, and
+        products or quotients with factors free of blocks); None otherwise."""
+        if isinstance(tree, Block):
+            return {tree.bid: torch.ones((), dtype=self.dtype)}
+        if not _has_block(tree):
+            return {}
+        if not isinstance(tree, ex.Apply):  # pragma: no cover - leaves are blocks or free of them
+            return None
+        fn, args = tree.fn, tree.args
+        if fn in ("add", "sub"):
+            a, b = (self.linear_partials(t) for t in args)
+            if a is None or b is None:
+                return None
+            sign = 1.0 if fn == "add" else -1.0
+            out = dict(a)
+            for k, v in b.items():
+                out[k] = out[k] + sign * v if k in out else sign * v
+            return out
+        if fn in ("neg", "identity"):
+            a = self.linear_partials(args[0])
+            return None if a is None else {k: -v if fn == "neg" else v for k, v in a.items()}
+        if fn == "mul" and not _has_block(args[0]) or fn in ("mul", "div") and not _has_block(args[1]):
+            free, lin = (args[0], args[1]) if fn == "mul" and not _has_block(args[0]) else (args[1], args[0])
+            a = self.linear_partials(lin)
+            if a is None:
+                return None
+            c = self.free_value(free)
+            return {k: v * c if fn == "mul" else v / c for k, v in a.items()}
+        return None
+
+    def free_value(self, tree: object) -> Tensor:
+        """The value of a tree without Gaussian blocks (constants, coefficients and limit scalars)."""
+        if isinstance(tree, ex.Const):
+            return torch.tensor(tree.value, dtype=self.dtype)
+        if isinstance(tree, Coef):
+            return tree.value
+        if isinstance(tree, ScalarRef):
+            return whole(self.scalars[tree.nid].value)
+        return FUNCTIONS[tree.fn].torch(*[self.free_value(a) for a in tree.args])
 
     def rule_nonlin(self, node: Node) -> None:
         if node.kind == "scalar":
@@ -500,6 +554,12 @@ class _PlacedRow(Sequence[Tensor]):
         if not 0 <= j < len(self.covs):
             raise IndexError(j)
         return self.covs.entry(self.i, j)
+
+
+def _has_block(tree: object) -> bool:
+    if isinstance(tree, Block):
+        return True
+    return isinstance(tree, ex.Apply) and any(_has_block(a) for a in tree.args)
 
 
 def _place_tensor(t: Tensor, axis: int | None, rank: int) -> Tensor:
