@@ -29,6 +29,9 @@ from tqdm import tqdm
 import tpc
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))  # examples/options.py, also when imported from elsewhere
+from options import fill_scale, output_paths  # noqa: E402 - found through the line above
+
 PARAMS = ("sp", "ntk", "mup")
 COLORS = {"sp": "tab:blue", "ntk": "tab:orange", "mup": "tab:green"}
 # the README's scale, and --quick's (every value can still be set by its option)
@@ -69,24 +72,11 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Fill the scale from --quick or the README's defaults; the plot's and results' paths."""
-    if args.quick and args.update_docs:
-        ap.error("--update-docs rewrites the README's figure: run it at full scale, without --quick")
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    try:
-        args.width_list = [int(w) for w in args.widths.split(",")]
-    except ValueError:
-        ap.error(f"--widths {args.widths}: expected comma-separated integers")
+    fill_scale(ap, args, QUICK, FULL)
     if args.seeds < 1 or args.particles < 2 or args.replicates < 2 or min(args.width_list) < 1:
         ap.error("--seeds, --particles, --replicates and every width must be positive (the last two at least 2)")
-    if args.update_docs:
-        args.plot, args.results = ROOT / "docs" / "dichotomy.png", None
-    elif args.out and args.out.endswith(".png"):
-        args.plot, args.results = Path(args.out), Path(args.out).with_suffix(".json")
-    else:
-        folder = Path(args.out) if args.out else ROOT / "out" / "dichotomy"
-        args.plot, args.results = folder / "dichotomy.png", folder / "results.json"
+    args.plot, stem = output_paths(args, "dichotomy", None)
+    args.results = stem.with_suffix(".json") if stem else None
     return args
 
 

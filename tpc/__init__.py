@@ -63,14 +63,21 @@ def _count(value: object, what: str, minimum: int = 1) -> None:
         raise TpcError(f"{what} must be a whole number of at least {minimum}, got {value!r}")
 
 
+def is_device(device: object) -> bool:
+    """cpu, cuda or cuda:K (whether CUDA is there is checked when it is used); the CLI's parser too."""
+    if not isinstance(device, str):
+        return False
+    kind, _, index = device.partition(":")
+    return kind == "cpu" and not index or kind == "cuda" and (not index or index.isdigit())
+
+
 def _options(options: dict[str, object]) -> None:
     from tpc.errors import TpcError
 
     if "dtype" in options and options["dtype"] not in ("float32", "float64"):
         raise TpcError(f"dtype is 'float32' or 'float64', got {options['dtype']!r}")
     device = options.get("device", "cpu")
-    kind, _, index = str(device).partition(":") if isinstance(device, str) else ("", "", "")
-    if not (kind == "cpu" and not index or kind == "cuda" and (not index or index.isdigit())):
+    if not is_device(device):
         raise TpcError(f"device is 'cpu', 'cuda' or 'cuda:K', got {device!r}")
     for key, minimum in (("particles", 2), ("replicates", 2), ("first_seed", 0), ("seed", 0)):
         if options.get(key) is not None:

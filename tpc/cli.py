@@ -117,9 +117,10 @@ def _positive_float(text: str) -> float:
 
 
 def _device(text: str) -> str:
-    """cpu, cuda or cuda:K (whether CUDA is there is checked when it is used)."""
-    kind, _, index = text.partition(":")
-    if kind == "cpu" and not index or kind == "cuda" and (not index or index.isdigit()):
+    """An argparse type: tpc.is_device."""
+    from tpc import is_device
+
+    if is_device(text):
         return text
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:K, got '{text}'")
 

@@ -41,7 +41,9 @@ from tqdm import tqdm
 import tpc
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))  # examples/options.py
+from options import fill_scale, output_paths  # noqa: E402 - found through the line above
+
 WAYS = 5
 # the README's scale, and --quick's (every value can still be set by its option)
 FULL = {"widths": "2,8,32,128,512,2048", "seeds": 4, "steps": 100, "test_tasks": 200, "pool": None,
@@ -193,15 +195,7 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Fill the scale from --quick or the README's defaults; the data folder and the output paths."""
-    if args.quick and args.update_docs:
-        ap.error("--update-docs rewrites the README's figure: run it at full scale, without --quick")
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    try:
-        args.width_list = [int(w) for w in args.widths.split(",")]
-    except ValueError:
-        ap.error(f"--widths {args.widths}: expected comma-separated integers")
+    fill_scale(ap, args, QUICK, FULL)
     counts = (args.seeds, args.steps, args.tasks, args.test_tasks, args.query, *args.width_list)
     if args.threads < 0:
         ap.error("--threads must be 0 (torch's default) or positive")
@@ -210,13 +204,8 @@ def resolve(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
                  "--replicates at least 2")
     if args.pool is not None and args.pool < 1 + args.query:
         ap.error(f"--pool {args.pool}: a task needs {1 + args.query} images of each class (1 support, --query)")
-    if args.update_docs:
-        args.plot, args.results = ROOT / "docs" / "maml.png", HERE / "results.json"
-    elif args.out and args.out.endswith(".png"):
-        args.plot, args.results = Path(args.out), Path(args.out).with_suffix(".json")
-    else:
-        folder = Path(args.out) if args.out else ROOT / "out" / "maml"
-        args.plot, args.results = folder / "maml.png", folder / "results.json"
+    args.plot, stem = output_paths(args, "maml", HERE / "results")
+    args.results = stem.with_suffix(".json")
     # the full run's data is the programs' (examples/maml/data); --quick's smaller data stays beside its results
     args.base = args.plot.parent.resolve() if args.quick else HERE
     return args

@@ -47,7 +47,9 @@ from tpc.train import cbow
 from tpc.train.limit import network_limit
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent.parent
+sys.path.insert(0, str(HERE.parent))  # examples/options.py
+from options import fill_scale, output_paths  # noqa: E402 - found through the line above
+
 PROGRAMS = {p: HERE / f"word2vec_{p}.tp" for p in ("mup", "ntk", "sp")}
 # the README's scale, and --quick's (every value can still be set by its option; None: the programs')
 FULL = {"widths": "16,64,256,1024", "seeds": 2, "vocabulary": None, "epochs": None}
@@ -255,27 +257,13 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve(ap: argparse.ArgumentParser, args: argparse.Namespace, size: int) -> argparse.Namespace:
     """Fill the scale from --quick or the README's defaults; the data folder and the output paths."""
-    if args.quick and args.update_docs:
-        ap.error("--update-docs rewrites the README's figure and table: run it at full scale, without --quick")
     if args.data_only and args.vocabulary not in (None, size):
         ap.error(f"--data-only writes the programs' data: their vocabulary is {size} words")
-    for key, value in (QUICK if args.quick else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_scale(ap, args, QUICK, FULL, "figure and table")
     args.vocabulary = args.vocabulary or size
-    try:
-        args.width_list = [int(w) for w in args.widths.split(",")]
-    except ValueError:
-        ap.error(f"--widths {args.widths}: expected comma-separated integers")
     if min(args.seeds, args.vocabulary, args.epochs or 1, args.threads, *args.width_list) < 1:
         ap.error("widths, --seeds, --vocabulary, --epochs and --threads must be positive")
-    if args.update_docs:
-        args.plot, args.stem = ROOT / "docs" / "word2vec.png", HERE / "results"
-    elif args.out and args.out.endswith(".png"):
-        args.plot, args.stem = Path(args.out), Path(args.out).with_suffix("")
-    else:
-        folder = Path(args.out) if args.out else ROOT / "out" / "word2vec"
-        args.plot, args.stem = folder / "word2vec.png", folder / "results"
+    args.plot, args.stem = output_paths(args, "word2vec", HERE / "results")
     # the programs' data lives in data/; another vocabulary's beside the results (the programs load it from there)
     args.base = HERE if args.vocabulary == size else args.plot.parent.resolve()
     return args

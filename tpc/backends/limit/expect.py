@@ -551,6 +551,13 @@ def psd_tolerance(k: int, dtype: torch.dtype, noise: float = 0.0) -> float:
     return PSD_ULPS * k * torch.finfo(dtype).eps + PSD_NOISE_SIGMAS * k * noise
 
 
+def standard_deviations(var: Tensor) -> tuple[Tensor, Tensor]:
+    """(sd, 1/sd) of variances, 1/sd = 0 where sd = 0: the scaling into correlation units that every
+    scale-free decision here uses (cov * inv[:, None] * inv[None, :] has a unit diagonal)."""
+    sd = torch.sqrt(torch.clamp(var, min=0.0))
+    return sd, torch.where(sd > 0, 1.0 / torch.where(sd > 0, sd, 1.0), 0.0)
+
+
 def psd_factor(cov: Tensor, noise: float = 0.0) -> Tensor:
     """L with L L^T = cov for a batch of covariances (..., k, k), exact to round-off for singular ones.
 
@@ -569,8 +576,7 @@ def psd_factor(cov: Tensor, noise: float = 0.0) -> Tensor:
     if bool((var < -tol * top).any()):
         worst = float((var / torch.where(top > 0, top, 1.0)).min())
         raise NotPSDError(f"a variance is negative: {worst:.3g} times the largest")
-    sd = torch.sqrt(torch.clamp(var, min=0.0))
-    inv = torch.where(sd > 0, 1.0 / torch.where(sd > 0, sd, 1.0), 0.0)
+    sd, inv = standard_deviations(var)
     corr = cov * inv[..., :, None] * inv[..., None, :]
     # a variable with variance 0 (to round-off) is the constant 0: its covariances must vanish too
     dead = (sd == 0)[..., :, None] | (sd == 0)[..., None, :]
@@ -599,9 +605,7 @@ def psd_pinv(cov: Tensor) -> Tensor:
     ill-conditioned but regular covariance keeps all of its directions, and a multiple of an earlier
     vector (a singular one) loses exactly one."""
     cov = (cov + cov.T) / 2
-    var = torch.diagonal(cov)
-    sd = torch.sqrt(torch.clamp(var, min=0.0))
-    inv = torch.where(sd > 0, 1.0 / torch.where(sd > 0, sd, 1.0), 0.0)
+    _, inv = standard_deviations(torch.diagonal(cov))
     e, v = torch.linalg.eigh(cov * inv[:, None] * inv[None, :])
     keep = e > psd_tolerance(cov.shape[-1], cov.dtype) * max(1.0, float(e.max()) if e.numel() else 1.0)
     e_inv = torch.where(keep, 1.0 / torch.where(keep, e, 1.0), 0.0)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from tpc.backends.limit.evaluate import LimitValue, evaluate_tree, interpret
-from tpc.backends.limit.expect import psd_pinv, psd_tolerance
+from tpc.backends.limit.expect import psd_pinv, psd_tolerance, standard_deviations
 from tpc.errors import NumericalError, TpcError
 from tpc.ir import Node, Program, data_value, readout_weights
 from tpc.ops import expr as ex
@@ -149,7 +149,6 @@ class GaussianSpace:
         if fam.inputs:
             prev = torch.stack(fam.inputs)
             c_cross = s2 * self.gram(rows, prev)  # (b, k)
-            # l21 L11^T = C_cross; L11 may be singular when a vector repeats, hence pinv
             # l21 L11^T = C_cross; L11 has zero columns where a vector repeated: the pseudo-inverse,
             # cut at round-off relative to L11's own largest singular value (scale-free)
             rtol = psd_tolerance(len(fam.inputs), self.dtype)
@@ -161,8 +160,7 @@ class GaussianSpace:
         schur = (schur + schur.T) / 2
         # PSD-ness in each new Gaussian's own units: the Schur complement divided by the standard
         # deviations of c_new (round-off in it is relative to those), never by an absolute floor
-        sd = torch.sqrt(torch.clamp(torch.diagonal(c_new), min=0.0))
-        inv = torch.where(sd > 0, 1.0 / torch.where(sd > 0, sd, 1.0), 0.0)
+        sd, inv = standard_deviations(torch.diagonal(c_new))
         evals, evecs = torch.linalg.eigh(schur * inv[:, None] * inv[None, :])
         tol = psd_tolerance(len(fam.inputs) + b, self.dtype)
         if evals.numel() and float(evals.min()) < -tol:
