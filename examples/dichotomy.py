@@ -30,7 +30,7 @@ import tpc
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))  # examples/options.py, also when imported from elsewhere
-from options import fill_scale, output_paths  # noqa: E402 - found through the line above
+from options import add_output_options, fill_scale, output_paths  # noqa: E402 - found through the line above
 
 PARAMS = ("sp", "ntk", "mup")
 COLORS = {"sp": "tab:blue", "ntk": "tab:orange", "mup": "tab:green"}
@@ -60,12 +60,8 @@ def parser() -> argparse.ArgumentParser:
                     f"{FULL['replicates']}; --quick: {QUICK['replicates']})")
     ap.add_argument("--quick", action="store_true",
                     help="the same pipeline at a small scale (a few seconds); its numbers are not the README's")
-    where = ap.add_mutually_exclusive_group()
-    where.add_argument("--out", metavar="PATH",
-                       help="folder for dichotomy.png and results.json (default out/dichotomy/ in the repository); "
-                            "a path ending in .png names the plot itself")
-    where.add_argument("--update-docs", action="store_true",
-                       help="write the plot to docs/dichotomy.png, the README's figure (not with --quick)")
+    add_output_options(ap, "dichotomy", "dichotomy.png and results.json",
+                       "the plot to docs/dichotomy.png")
     ap.add_argument("--json", metavar="FILE", help="also write the numbers to this file")
     return ap
 

@@ -9,6 +9,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def add_output_options(ap: argparse.ArgumentParser, name: str, outputs: str, docs: str) -> None:
+    """--out (where the plot and results go) or --update-docs (the README's own files, `docs`)."""
+    where = ap.add_mutually_exclusive_group()
+    where.add_argument("--out", metavar="PATH",
+                       help=f"folder for {outputs} (default out/{name}/ in the repository); a path ending in "
+                            ".png names the plot itself, with the results beside it")
+    where.add_argument("--update-docs", action="store_true",
+                       help=f"write {docs}, the README's (not with --quick)")
+
+
 def fill_scale(ap: argparse.ArgumentParser, args: argparse.Namespace, quick: dict, full: dict,
                what: str = "figure") -> None:
     """Options left unset take the --quick or the README's value; `args.width_list` from --widths."""

@@ -42,7 +42,7 @@ import tpc
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # examples/options.py
-from options import fill_scale, output_paths  # noqa: E402 - found through the line above
+from options import add_output_options, fill_scale, output_paths  # noqa: E402 - found through the line above
 
 WAYS = 5
 # the README's scale, and --quick's (every value can still be set by its option)
@@ -183,13 +183,8 @@ def parser() -> argparse.ArgumentParser:
                       help="the same pipeline at a small scale (under a minute); its numbers are not the README's")
     mode.add_argument("--data-only", action="store_true",
                       help="write examples/maml/data/*.npy (what the .tp programs load) and exit")
-    where = ap.add_mutually_exclusive_group()
-    where.add_argument("--out", metavar="PATH",
-                       help="folder for maml.png and results.json (default out/maml/ in the repository); a path "
-                            "ending in .png names the plot itself (results.json beside it)")
-    where.add_argument("--update-docs", action="store_true",
-                       help="write the plot to docs/maml.png, the README's figure, and the numbers to "
-                            "examples/maml/results.json (not with --quick)")
+    add_output_options(ap, "maml", "maml.png and results.json",
+                       "the plot to docs/maml.png and the numbers to examples/maml/results.json")
     return ap
 
 

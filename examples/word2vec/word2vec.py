@@ -48,7 +48,7 @@ from tpc.train.limit import network_limit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # examples/options.py
-from options import fill_scale, output_paths  # noqa: E402 - found through the line above
+from options import add_output_options, fill_scale, output_paths  # noqa: E402 - found through the line above
 
 PROGRAMS = {p: HERE / f"word2vec_{p}.tp" for p in ("mup", "ntk", "sp")}
 # the README's scale, and --quick's (every value can still be set by its option; None: the programs')
@@ -245,13 +245,8 @@ def parser() -> argparse.ArgumentParser:
                       "1000 words, 1 epoch, widths 16-256); its numbers are not the README's")
     mode.add_argument("--data-only", action="store_true",
                       help="write data/tokens.npy and data/vocab.txt (what the .tp programs load) and exit")
-    where = ap.add_mutually_exclusive_group()
-    where.add_argument("--out", metavar="PATH",
-                       help="folder for word2vec.png, results.json and results.md (default out/word2vec/ in the "
-                            "repository); a path ending in .png names the plot, with the .json and .md beside it")
-    where.add_argument("--update-docs", action="store_true",
-                       help="write docs/word2vec.png and examples/word2vec/results.{json,md}, the README's "
-                            "(not with --quick)")
+    add_output_options(ap, "word2vec", "word2vec.png, results.json and results.md",
+                       "docs/word2vec.png and examples/word2vec/results.{json,md}")
     return ap
 
 
