@@ -65,6 +65,14 @@ class ListExpr(Expr):
     items: tuple[Expr, ...]
 
 
+@dataclass(frozen=True)
+class Index(Expr):
+    """`X[i]`: row(s) of data at a whole-number index (a loop counter expression)."""
+
+    operand: Expr
+    index: Expr
+
+
 # ---------------------------------------------------------------------------- statements
 
 
@@ -193,6 +201,51 @@ class TrainDecl(Stmt):
     on: tuple[tuple[str, Span], ...] = ()  # `on P, S, SY, Q, QY` (fomaml's task data)
 
 
+@dataclass(frozen=True)
+class ForLoop(Stmt):
+    """`for t in range(T) { body }`."""
+
+    counter: str
+    counter_span: Span
+    trip: Expr
+    body: tuple[Stmt, ...]
+
+
+@dataclass(frozen=True)
+class StateDecl(Stmt):
+    """`state M = zeros(f)`: a buffer that updates can change (an optimizer's state)."""
+
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True)
+class RecordStmt(Stmt):
+    """`record loss = L`: one value per iteration of the enclosing loop."""
+
+    name: str
+    value: Expr
+
+
+@dataclass(frozen=True)
+class CopyDecl(Stmt):
+    """`copy g = f`: a model with f's architecture whose layers start at f's current values."""
+
+    name: str
+    source: str
+    source_span: Span
+
+
+@dataclass(frozen=True)
+class Update(Stmt):
+    """`P -= expr` or `P += expr` on a layer, a model, a copy or a state."""
+
+    target: str
+    target_span: Span
+    op: str  # "-=" | "+="
+    value: Expr
+
+
 @dataclass
 class Module:
     statements: list[Stmt] = field(default_factory=list)
@@ -249,6 +302,10 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def attr(self, meta, children):
         return Attr(_span(meta), children[0], str(children[1]))
+
+    @v_args(meta=True)
+    def index(self, meta, children):
+        return Index(_span(meta), children[0], children[1])
 
     @v_args(meta=True)
     def list_expr(self, meta, children):
@@ -374,6 +431,31 @@ class _ToAst(Transformer):
         data = tuple((str(n), _span(n)) for n in names if n is not None)
         return TrainDecl(_span(meta), str(opt), _span(opt), kwargs or (), str(loss), _span(loss), data)
 
+    @v_args(meta=True)
+    def loop_stmt(self, meta, children):
+        counter, rng, trip, *body = children
+        if str(rng) != "range":
+            raise TpcError(f"expected 'range' after 'in', got '{clip(str(rng))}'", _span(rng),
+                           hint=f"write: for {counter} in range(10) {{ ... }}")
+        return ForLoop(_span(meta), str(counter), _span(counter), trip, tuple(body))
+
+    @v_args(meta=True)
+    def state_decl(self, meta, children):
+        return StateDecl(_span(meta), str(children[0]), children[1])
+
+    @v_args(meta=True)
+    def record_stmt(self, meta, children):
+        return RecordStmt(_span(meta), str(children[0]), children[1])
+
+    @v_args(meta=True)
+    def copy_decl(self, meta, children):
+        return CopyDecl(_span(meta), str(children[0]), str(children[1]), _span(children[1]))
+
+    @v_args(meta=True)
+    def update(self, meta, children):
+        target, op, value = children
+        return Update(_span(meta), str(target), _span(target), str(op), value)
+
     def start(self, children):
         return Module(list(children))
 
@@ -401,6 +483,9 @@ _TOKEN_NAMES = {
     "AT": "'@'",
     "CIRCUMFLEX": "'^'",
     "DOT": "'.'",
+    "LBRACE": "'{'",
+    "RBRACE": "'}'",
+    "UPDATE_OP": "'-=' or '+='",
     "$END": "the end of the program",
 }
 
@@ -445,7 +530,7 @@ def _grammar_cache() -> str | bool:
 
 
 _KEYWORD_STARTS = {"width", "dim", "data", "scalar", "matrix", "vector", "nonlin", "output",
-                   "parametrization", "layer", "model", "loss", "train"}
+                   "parametrization", "layer", "model", "loss", "train", "for", "state", "record", "copy"}
 
 
 # Limits on one expression, checked on Lark's tree without recursion before anything recursive (the
@@ -454,7 +539,7 @@ _KEYWORD_STARTS = {"width", "dim", "data", "scalar", "matrix", "vector", "nonlin
 MAX_TERMS = 256  # names and numbers in one expression (list literals excepted: they are data)
 MAX_DEPTH = 300  # levels of operators, calls, signs and brackets
 _EXPR_RULES = {"add", "sub", "mul", "div", "matmul", "pow", "neg", "attr", "number", "name", "call", "list_expr",
-               "list", "unary"}
+               "list", "unary", "index"}
 
 
 @contextmanager
@@ -517,7 +602,7 @@ def parse(source: str, filename: str = "<program>") -> Module:
         expected = sorted({_describe(t) for t in exc.expected})
         if tok.type == "$END":
             span = _end_span(source)
-            what = "the end of the program"
+            what = "end of the program"
         else:
             span = _span(tok)
             what = f"'{clip(str(tok))}'"
@@ -529,6 +614,8 @@ def parse(source: str, filename: str = "<program>") -> Module:
         hint = None
         if "RPAR" in exc.expected and tok.type != "RPAR":
             hint = "is a ')' missing?"
+        if "RBRACE" in exc.expected and tok.type == "$END":
+            hint = "is a '}' missing? a loop's body ends with '}'"
         if tok.type == "NAME" and str(tok) not in _KEYWORD_STARTS and "EQUAL" in exc.expected:
             hint = ("a statement is a declaration or `NAME = expression`; is an operator missing before "
                     f"'{clip(str(tok))}'?")

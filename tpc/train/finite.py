@@ -86,6 +86,10 @@ def train_finite(net: Network, width: int, seeds: int, dtype: str = "float64", d
     """Every output of the network program at width `width` for seeds first_seed...; training runs
     SGD on the trained parameters w^l (W^l = n^-a_l w^l) with learning rate lr n^-c. `progress`
     counts finished seeds, `on_step(done, steps)` the SGD steps of the current chunk of seeds."""
+    if net.program is not None:  # training written as loops
+        from tpc.train.dense import loops_finite
+
+        return loops_finite(net, width, seeds, dtype, device, first_seed, memory_gb, force, progress, on_step)
     if net.train and net.train.optimizer == "cbow":  # word2vec: tables of word vectors, not dense layers
         from tpc.train.cbow import cbow_finite
 

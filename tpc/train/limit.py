@@ -25,6 +25,11 @@ def describe(net: Network, method: str = "auto", particles: int = 2**16, replica
 
         return cbow.describe(net)
     head = f"{net.param_name}: r = {cls.r:g}, {cls.regime}"
+    if net.program is not None:
+        from tpc.train.pooled import check_regime, describe_limit
+
+        check_regime(net)
+        return f"{head}: {describe_limit(net, _exact(net, method), particles, replicates)}"
     if cls.regime == "feature learning":
         p = plan(net)
         exact = _exact(net, method)
@@ -63,6 +68,10 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
     if not cls.stable:
         raise TpcError(f"the parametrization is unstable (its limit blows up): {'; '.join(cls.failed)}",
                        net.param_span).locate(net.filename, net.source)
+    if net.program is not None:
+        from tpc.train.pooled import loops_limit
+
+        return loops_limit(net, _exact(net, method), particles, replicates, seed, memory_gb, force, progress)
     if net.train and net.train.optimizer == "cbow":
         m = cbow.basis_size(net) if cls.regime == "feature learning" else 0
         if m:

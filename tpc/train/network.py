@@ -25,12 +25,15 @@ from tpc.errors import Span, TpcError, clip, nearest
 from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS
 from tpc.parametrization import ABC, Classification, classify, preset
+from tpc.train.loops import LoopBuilder, TrainProgram
 
 MAX_EXPONENT = 16.0  # the largest |a|, |b| or |c| an abc(...) may give
 ROLES = ("input", "embedding", "hidden", "readout", "bias")
 LOSSES = ("mse", "xent", "logistic")
 OUTPUT_FUNCTIONS = ("history", "features", "feature_change", "adapted", "embeddings")
-NETWORK_STATEMENTS = (ast.ParamDecl, ast.LayerDecl, ast.ModelDecl, ast.LossDecl, ast.TrainDecl)
+NETWORK_STATEMENTS = (ast.ParamDecl, ast.LayerDecl, ast.ModelDecl, ast.LossDecl, ast.TrainDecl, ast.ForLoop,
+                      ast.StateDecl, ast.CopyDecl)
+LOOP_STATEMENTS = (ast.ForLoop, ast.StateDecl, ast.CopyDecl, ast.Update, ast.RecordStmt)
 
 
 @dataclass
@@ -161,6 +164,7 @@ class Output:
     loss: str | None = None
     tasks: Tasks | None = None  # adapted: predictions on each task's query after inner SGD on its support
     layer: str | None = None  # embeddings: the layer whose columns (or rows) are the words' vectors
+    position: int = -1  # programs with loops: how many top-level training instructions run before it
 
 
 @dataclass
@@ -178,6 +182,7 @@ class Network:
     train: Train | None = None
     outputs: list[Output] = field(default_factory=list)
     param_span: Span | None = None
+    program: TrainProgram | None = None  # training written as loops (loops.py), instead of `train`
 
     @property
     def hidden_layers(self) -> int:
@@ -242,6 +247,7 @@ class _Builder:
     train: Train | None = None
     outputs: list[Output] = field(default_factory=list)
     adapted: list[tuple[Output, list[tuple[str, Span]], Span]] = field(default_factory=list)
+    loops: LoopBuilder | None = None
 
     def declare(self, name: str, span: Span) -> None:
         if name in self.defined:
@@ -339,15 +345,30 @@ class _Builder:
             self.declare(s.name, s.span)
             self.losses[s.name] = self.loss(s)
         elif isinstance(s, ast.TrainDecl):
+            if self.loops is not None:
+                raise TpcError("this program trains with loops: write the optimizer as a loop too, not `train`",
+                               s.span)
             self.train_stmt(s)
+        elif isinstance(s, LOOP_STATEMENTS):
+            if self.train is not None:
+                raise TpcError("this program already trains with `train ...`: write its training as loops "
+                               "instead", s.span)
+            if self.model is None:
+                raise TpcError("define the model before training it", s.span)
+            if self.param is None:
+                raise TpcError("declare the parametrization before training: `parametrization mup` (or sp, "
+                               "ntk, mf, abc(...))", s.span)
+            if self.loops is None:
+                self.loops = LoopBuilder(self)
+            self.loops.statement(s)
         elif isinstance(s, ast.OutputDecl):
             self.output(s)
         elif isinstance(s, (ast.MatrixDecl, ast.VectorDecl)):
             raise TpcError("a network program declares its weights with `layer`, not `matrix` or `vector`", s.span,
                            "write: layer W : hidden n x n")
         else:
-            raise TpcError("a network program has no assignments: name values in the model, the losses and "
-                           "the outputs", s.span)
+            raise TpcError("a network program has no top-level assignments: name values in the model, the losses, "
+                           "the outputs or inside a loop's body", s.span)
 
     def dim(self, d: str | int, span: Span) -> int | None:
         if d == self.width:
@@ -658,6 +679,31 @@ class _Builder:
         e = s.value
         if self.model is None:
             raise TpcError("define the model before the outputs", s.span)
+        position = -1
+        if self.loops is not None:
+            top = self.loops.prog.top
+            position = len(top)
+            phase = "trained" if any(self.loops.prog.instrs[i].op == "loop" for i in top) else "init"
+            if isinstance(e, ast.Name) and e.id in self.loops.prog.records:
+                self.outputs.append(Output(s.name, "record", phase, s.span, loss=e.id, position=position))
+                return
+            if isinstance(e, ast.Name) and e.id in self.loops.gone:
+                raise TpcError(f"'{e.id}' is named inside the loop at line {self.loops.gone[e.id].line} and lives "
+                               f"only there: `record` it in the loop and output the record", e.span)
+            if isinstance(e, ast.Name) and e.id not in self.losses and e.id not in self.defined:
+                raise self.unknown(e.id, e.span)
+            if isinstance(e, ast.Call) and e.fn in ("history", "adapted", "embeddings"):
+                raise TpcError(f"{e.fn}(...) belongs to `train` statements; in a loop, `record` what you need "
+                               "and output it", e.span)
+            if isinstance(e, ast.Call) and e.fn == "feature_change" and phase == "init":
+                raise TpcError("feature_change(f, X) compares the features after training with those at "
+                               "initialisation: put it after a loop", e.span)
+        before = len(self.outputs)
+        self._output(s, e, phase)
+        for o in self.outputs[before:]:
+            o.position = position
+
+    def _output(self, s: ast.OutputDecl, e: ast.Expr, phase: str) -> None:
         is_embeddings = isinstance(e, ast.Call) and e.fn == "embeddings"
         if self.train and self.train.optimizer == "cbow" and not is_embeddings:
             raise TpcError("a cbow program outputs embeddings(U): the Gram matrix of the trained word vectors",
@@ -699,7 +745,7 @@ class _Builder:
             x = self.f_call(ast.Call(e.span, self.model.name, e.args[1:], e.fn_span)) if ok else None
             if x is None:
                 raise TpcError(f"{e.fn}(f, X) takes the model and a data set", e.span)
-            if e.fn == "feature_change" and self.train is None:
+            if e.fn == "feature_change" and self.train is None and self.loops is None:
                 raise TpcError("feature_change(f, X) compares the features after training with those at "
                                "initialisation: put it after the train statement", e.span)
             self.outputs.append(Output(s.name, e.fn, phase, s.span, data=x))
@@ -752,8 +798,13 @@ class _Builder:
             if cfg and cfg.min_lr > self.train.lr:
                 raise TpcError(f"min_lr ({cfg.min_lr:g}) is above lr ({self.train.lr:g}): the rate decays from lr "
                                "to min_lr", self.train.span)
+        if self.loops is not None:
+            for o in self.outputs:
+                if o.position < 0:  # written before the first loop
+                    o.position = 0
         return Network(filename, source, self.width, self.param.name, abc, lr, self.layers, self.model,
-                       self.data, self.losses, self.train, self.outputs, self.param.span)
+                       self.data, self.losses, self.train, self.outputs, self.param.span,
+                       self.loops.finish() if self.loops else None)
 
     def parametrization(self, p: ast.ParamDecl) -> tuple[ABC, float | None]:
         hidden = sum(1 for la in self.layers.values() if la.role == "hidden")

@@ -354,6 +354,11 @@ def run_unrolled_finite(net: Network, width: int, seeds: int, dtype: str = "floa
     """The unrolled program in torch at width n: the same numbers as `train_finite`, to round-off."""
     from tpc.backends.torch.run import DTYPES
 
+    if net.program is not None:
+        from tpc.train.pooled import loops_unrolled_finite
+
+        return loops_unrolled_finite(net, width, seeds, dtype, device, first_seed)
+
     space = FiniteSpace(net, width, list(range(first_seed, first_seed + seeds)), DTYPES[dtype], device)
     with torch.no_grad():
         out = run(net, space)

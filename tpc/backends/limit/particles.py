@@ -154,16 +154,22 @@ class GaussianSpace:
             rtol = psd_tolerance(len(fam.inputs), self.dtype)
             l21 = c_cross @ torch.linalg.pinv(fam.chol.T, rtol=rtol)
             schur = c_new - l21 @ l21.T
+            # l21 carries the round-off of inverting L11, cond(L11) times eps: so does the Schur complement
+            _, inv = standard_deviations(torch.diagonal(fam.chol @ fam.chol.T))
+            sv = torch.linalg.svdvals(fam.chol * inv[:, None])
+            kept = sv[sv > rtol * sv.max()] if sv.numel() else sv
+            cond = float(kept.max() / kept.min()) if kept.numel() else 1.0
         else:
             l21 = torch.zeros((b, 0), dtype=self.dtype)
             schur = c_new
+            cond = 1.0
         schur = (schur + schur.T) / 2
         # PSD-ness in each new Gaussian's own units: the Schur complement divided by the standard
         # deviations of c_new (round-off in it is relative to those), never by an absolute floor
         sd, inv = standard_deviations(torch.diagonal(c_new))
         evals, evecs = torch.linalg.eigh(schur * inv[:, None] * inv[None, :])
         tol = psd_tolerance(len(fam.inputs) + b, self.dtype)
-        if evals.numel() and float(evals.min()) < -tol:
+        if evals.numel() and float(evals.min()) < -tol * cond:
             raise NumericalError(
                 f"{where}: the covariance of this MatMul's Gaussians is not positive "
                 f"semidefinite (smallest eigenvalue {float(evals.min()):.3g} in units of the variances)"

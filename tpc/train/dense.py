@@ -1,0 +1,117 @@
+"""Finite width for training programs with loops: real weights in torch, gradients by autograd.
+
+Values are the trained parameters w^l (W^l = n^-a_l w^l) with a leading seed axis, as in
+`finite.py`; an update `P -= e` is literally w <- w - n^-c e, and a buffer holds what the program
+says (dL/dw, w, sums of them). Nothing here knows an optimizer: this is the direct computation
+that the unrolled program (`pooled.py`) must equal at the same width and seeds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from tpc import memory
+from tpc.backends.torch.run import DTYPES, FiniteResult
+from tpc.train.finite import forward, shape_of, standard_normals
+from tpc.train.interp import Applied, Bundle, Interpreter
+from tpc.train.network import Network
+
+Tensor = torch.Tensor
+
+
+class DenseBackend:
+    lead = 1
+
+    def __init__(self, net: Network, width: int, seeds: list[int], dtype: torch.dtype, device: str) -> None:
+        self.net, self.n, self.dtype, self.device = net, width, dtype, device
+        self.seeds = seeds
+        self.lead_shape = (len(seeds),)
+        self.mult = {name: float(width ** (-net.ab(la)[0])) for name, la in net.layers.items()}
+        self.decay = float(width ** (-net.abc.c))
+
+    def initial(self) -> dict[str, Tensor]:
+        normals = standard_normals(self.net, self.n, self.seeds, self.dtype, self.device)
+        out = {}
+        for name, la in self.net.layers.items():
+            _, b = self.net.ab(la)
+            out[name] = (normals[name] * float(np.sqrt(la.var / la.fan_in) * self.n ** (-b))).requires_grad_(True)
+        return out
+
+    def data(self, value: np.ndarray) -> Tensor:
+        return torch.as_tensor(value, dtype=self.dtype, device=self.device)
+
+    def apply(self, params: dict[str, Tensor], x: Tensor) -> Applied:
+        vals = forward(self.net, {k: self.mult[k] * w for k, w in params.items()}, x)
+        return Applied(vals[-1], vals, params)
+
+    def grad(self, loss: Tensor, applied: list[Applied], layers: tuple[str, ...]) -> dict[str, Tensor]:
+        params = applied[0].params  # one version of the parameters (loops.py checks it)
+        leaves = [params[la] for la in layers]
+        grads = torch.autograd.grad(loss.sum(), leaves, allow_unused=True, retain_graph=True)
+        return {la: torch.zeros_like(w) if g is None else g.detach()
+                for la, w, g in zip(layers, leaves, grads, strict=True)}
+
+    def scale(self, value: Tensor, c: Tensor | float) -> Tensor:
+        if isinstance(c, Tensor):
+            c = c.to(value.dtype).to(value.device)
+            c = c.reshape(c.shape + (1,) * (value.dim() - c.dim()))
+        return value.detach() * c
+
+    def add(self, a: Tensor, b: Tensor) -> Tensor:
+        return a + b
+
+    def update(self, params: dict[str, Tensor], delta: Bundle, layers: tuple[str, ...], sign: float,
+               scaled: bool) -> dict[str, Tensor]:
+        new = dict(params)
+        factor = self.decay if scaled else 1.0
+        with torch.no_grad():
+            for la in layers:
+                step = None
+                for part in (delta.weight, delta.grad):
+                    if la in part:
+                        step = part[la] if step is None else step + part[la]
+                if sign == 0.0:  # P = e
+                    value = step if step is not None else torch.zeros_like(params[la])
+                elif step is None:
+                    continue
+                else:
+                    value = params[la].detach() + (sign * factor) * step
+                new[la] = value.detach().clone().requires_grad_(True)
+        return new
+
+    def gram(self, a: Tensor, b: Tensor) -> Tensor:
+        return a @ b.transpose(-1, -2) / self.n
+
+
+def bytes_per_seed(net: Network, width: int, itemsize: int) -> int:
+    """The weights, each state's and copy's values, their gradients and temporaries, and every model
+    value on the largest data set (forward, backward and autograd's saved tensors)."""
+    weights = sum(int(np.prod(shape_of(la, width))) for la in net.layers.values())
+    buffers = sum(1 for ins in net.program.walk() if ins.op in ("state", "copy"))
+    rows = max(net.data[d].shape[0] for d in net.point_sets())
+    return itemsize * ((4 + 2 * buffers) * weights + 4 * rows * width * len(net.model.steps))
+
+
+def loops_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
+                 first_seed: int = 0, memory_gb: float | None = None, force: bool = False,
+                 progress: Callable[[int], None] | None = None,
+                 on_step: Callable[[int, int], None] | None = None) -> dict[str, FiniteResult]:
+    """Every output of a program with loops at width `width`, for seeds first_seed, ...."""
+    tdtype = DTYPES[dtype]
+    chunk = memory.seeds_at_once(bytes_per_seed(net, width, torch.finfo(tdtype).bits // 8), seeds,
+                                 f"one seed at width {width}", memory_gb, force, net.filename, net.source)
+    parts: dict[str, list[np.ndarray]] = {o.name: [] for o in net.outputs}
+    done = 0
+    while done < seeds:
+        ids = list(range(first_seed + done, first_seed + min(seeds, done + chunk)))
+        out = Interpreter(net, DenseBackend(net, width, ids, tdtype, device)).run(on_step)
+        for k, v in out.items():
+            arr = v.detach().to("cpu", torch.float64).numpy()
+            parts[k].append(arr)
+        done += len(ids)
+        if progress:
+            progress(len(ids))
+    return {k: FiniteResult(k, np.concatenate(v), width) for k, v in parts.items()}

@@ -1,0 +1,343 @@
+"""One interpreter for training programs written as loops (loops.py), on any backend.
+
+An environment from instruction ids to values and one loop over the instructions, with a rule
+per instruction in `RULES` (as JAX's `eval_jaxpr`). A `loop` runs its body `trip` times. What a
+backend supplies is the algebra of parameters: their initial values, the forward pass, `grad`,
+linear combinations and scaled updates. Two backends implement it:
+- `dense.DenseBackend`: finite width, real weights in torch, gradients by autograd (w-space);
+- `pooled.PooledBackend`: the unrolled Netsor-transpose program, at width n (`FiniteSpace`) or in
+  the limit (`LimitSpace`): an n x n layer is its initial matrix times a number plus a linear
+  combination of stored outer products.
+Numbers, data rows, losses and records are the same in both: finite torch tensors, with the
+backend's leading axes (seeds at finite width, none in the limit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from tpc.errors import NumericalError, TpcError
+from tpc.ops.functions import FUNCTIONS
+from tpc.train.loops import Instr, TrainProgram
+from tpc.train.losses import batch_rows, loss_value
+from tpc.train.network import Loss, Network, Output
+
+Tensor = torch.Tensor
+
+
+@dataclass
+class Bundle:
+    """Values for some layers of a model: `weight` terms (parameters) and `grad` terms (gradients),
+    kept apart because the parametrization scales them differently."""
+
+    weight: dict[str, Any] = field(default_factory=dict)
+    grad: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Applied:
+    """The model on data rows: its outputs F (..., B, k) and every step's value (for `grad`)."""
+
+    F: Tensor
+    vals: list[Any]
+    params: dict[str, Any]
+
+
+class Backend(Protocol):
+    lead: int  # leading axes of every model-dependent value (1: seeds; 0: the limit)
+    lead_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def initial(self) -> dict[str, Any]: ...
+    def data(self, value: np.ndarray) -> Tensor: ...
+    def apply(self, params: dict[str, Any], x: Tensor) -> Applied: ...
+    def grad(self, loss: Tensor, applied: list[Applied], layers: tuple[str, ...]) -> dict[str, Any]: ...
+    def scale(self, value: Any, c: Tensor | float) -> Any: ...
+    def add(self, a: Any, b: Any) -> Any: ...
+    def update(self, params: dict[str, Any], delta: Bundle, layers: tuple[str, ...], sign: float,
+               scaled: bool) -> dict[str, Any]: ...
+    def gram(self, a: Tensor, b: Tensor) -> Tensor: ...
+
+
+class Interpreter:
+    def __init__(self, net: Network, backend: Backend) -> None:
+        assert net.program is not None
+        self.net, self.prog, self.be = net, net.program, backend
+        self.env: dict[int, Any] = {}
+        self.params: dict[str, dict[str, Any]] = {}  # the model's and each copy's parameters
+        self.states: dict[str, Bundle] = {}
+        self.recording: list[dict[str, list[Tensor]]] = []
+        self.records: dict[str, Tensor] = {}
+        self.progress: Callable[[int, int], None] | None = None
+        self.done = 0
+
+    # --- running
+    def run(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Tensor]:
+        """Every output of the program, each evaluated where it stands among the loops."""
+        self.progress = progress
+        self.params[self.net.model.name] = self.be.initial()
+        results: dict[str, Tensor] = {}
+        init_features: dict[str, Tensor] = {}
+        top = self.prog.top
+        for position in range(len(top) + 1):
+            outs = [o for o in self.net.outputs if o.position == position]
+            if position == 0:
+                outs += [o for o in self.net.outputs if o.kind == "feature_change"]
+            cache: dict[str, Applied] = {}
+            for o in outs:
+                if position == 0 and o.kind == "feature_change":
+                    init_features[o.data] = self.forward(o.data, cache).vals[self.net.model.features]
+                    continue
+                results[o.name] = self.output(o, cache, init_features)
+            if position < len(top):
+                self.execute(self.prog.instrs[top[position]])
+        return results
+
+    def total_steps(self) -> int:
+        return sum(self.prog.instrs[i].attrs["trip"] for i in self.prog.top if self.prog.instrs[i].op == "loop")
+
+    def execute(self, ins: Instr) -> None:
+        try:
+            RULES[ins.op](self, ins)
+        except TpcError as err:
+            if err.span is None:
+                err.span = ins.span
+            raise err.locate(self.net.filename, self.net.source) from None
+
+    def body(self, ins: Instr) -> None:
+        for i in ins.attrs["body"]:
+            self.execute(self.prog.instrs[i])
+
+    def finite(self, i: int) -> Tensor:
+        v = self.env[i]
+        if isinstance(v, Applied):
+            return v.F
+        if isinstance(v, np.ndarray):
+            return torch.as_tensor(v, dtype=self.be.dtype)
+        return v
+
+    def combine(self, terms: list[tuple[float, tuple[int, ...], int]]) -> Bundle:
+        """sum_i k_i c_i P_i, part by part and layer by layer."""
+        out = Bundle()
+        with torch.no_grad():
+            for k, coefs, p in terms:
+                c: Tensor | float = k
+                for ci in coefs:
+                    c = c * self.finite(ci).detach()
+                b: Bundle = self.env[p]
+                for part, acc in ((b.weight, out.weight), (b.grad, out.grad)):
+                    for layer, value in part.items():
+                        term = self.be.scale(value, c)
+                        acc[layer] = term if layer not in acc else self.be.add(acc[layer], term)
+        return out
+
+    def check_finite(self, value: Tensor, ins: Instr, what: str) -> None:
+        if not torch.isfinite(value).all():
+            raise NumericalError(f"{what} is not finite at step {self.done + 1} of training (lower the learning "
+                                 "rate)", ins.span).locate(self.net.filename, self.net.source)
+
+    # --- outputs
+    def forward(self, data: str, cache: dict[str, Applied]) -> Applied:
+        if data not in cache:
+            with torch.no_grad():
+                cache[data] = self.be.apply(self.params[self.net.model.name], self.be.data(self.net.data[data]))
+        return cache[data]
+
+    def output(self, o: Output, cache: dict[str, Applied], init_features: dict[str, Tensor]) -> Tensor:
+        if o.kind == "record":
+            return self.records[o.loss]
+        if o.kind == "loss":
+            loss = self.net.losses[o.loss]
+            F = self.forward(loss.data, cache).F.detach()  # noqa: N806
+            return loss_value(loss, F, self.net.data, np.arange(F.shape[-2]))
+        applied = self.forward(o.data, cache)
+        if o.kind == "predict":
+            F = applied.F.detach()  # noqa: N806
+            return F[..., 0] if F.shape[-1] == 1 else F
+        feats = applied.vals[self.net.model.features]
+        if o.kind == "features":
+            return self.be.gram(feats, feats)
+        diff = feats - init_features[o.data]
+        return torch.sqrt(torch.clamp(self.be.gram(diff[..., None, :], diff[..., None, :])[..., 0, 0], min=0.0))
+
+
+# --- the rules, one per instruction
+
+
+def _const(it: Interpreter, ins: Instr) -> None:
+    it.env[ins.id] = torch.tensor(ins.attrs["value"], dtype=torch.float64)
+
+
+def _data(it: Interpreter, ins: Instr) -> None:
+    it.env[ins.id] = it.net.data[ins.attrs["name"]]
+
+
+def _whole(it: Interpreter, ins: Instr, value: Tensor | np.ndarray) -> np.ndarray:
+    arr = np.asarray(value.detach().numpy() if isinstance(value, Tensor) else value, dtype=np.float64)
+    if not np.all(arr == np.round(arr)):
+        raise TpcError(f"an index must be a whole number, got {arr.ravel()[0]:g}", ins.span)
+    return arr.astype(np.int64)
+
+
+def _rows(it: Interpreter, ins: Instr) -> None:
+    x = it.env[ins.args[0]]
+    t = int(_whole(it, ins, it.env[ins.args[1]]))
+    it.env[ins.id] = x[batch_rows(t, ins.attrs["size"], x.shape[0])]
+
+
+def _index(it: Interpreter, ins: Instr) -> None:
+    x = it.env[ins.args[0]]
+    i = _whole(it, ins, it.env[ins.args[1]])
+    if np.any(i < 0) or np.any(i >= x.shape[0]):
+        raise TpcError(f"index {int(i.ravel()[0]) if i.size == 1 else 'out of range'} is outside the "
+                       f"{x.shape[0]} rows", ins.span)
+    it.env[ins.id] = x[i]
+
+
+def _fn(it: Interpreter, ins: Instr) -> None:
+    args = [it.finite(i) for i in ins.args]
+    fn = ins.attrs["fn"]
+    if fn == "min":
+        it.env[ins.id] = torch.minimum(*args)
+    elif fn == "max":
+        it.env[ins.id] = torch.maximum(*args)
+    else:
+        it.env[ins.id] = FUNCTIONS[fn].torch(*args)
+
+
+def _reduce(it: Interpreter, ins: Instr) -> None:
+    v = it.finite(ins.args[0])
+    lead = 0 if it.prog.instrs[ins.args[0]].static else it.be.lead
+    dims = tuple(range(lead, v.dim()))
+    it.env[ins.id] = (v.mean(dims) if ins.attrs["fn"] == "mean" else v.sum(dims)) if dims else v
+
+
+def _apply(it: Interpreter, ins: Instr) -> None:
+    x = it.be.data(np.asarray(it.env[ins.args[0]], dtype=np.float64))
+    it.env[ins.id] = it.be.apply(it.params[ins.attrs["root"]], x)
+
+
+def _loss(it: Interpreter, ins: Instr) -> None:
+    F = it.env[ins.args[0]].F  # noqa: N806
+    y = np.asarray(it.env[ins.args[1]], dtype=np.float64)
+    loss = Loss("<loss>", ins.attrs["loss"], "<x>", "<y>", ins.span)
+    value = loss_value(loss, F, {"<y>": y}, np.arange(F.shape[-2]))
+    it.check_finite(value, ins, "the loss")
+    it.env[ins.id] = value
+
+
+def _named_loss(it: Interpreter, ins: Instr) -> None:
+    F = it.env[ins.args[0]].F  # noqa: N806
+    value = loss_value(it.net.losses[ins.attrs["loss"]], F, it.net.data, np.arange(F.shape[-2]))
+    it.check_finite(value, ins, f"the loss {ins.attrs['loss']}")
+    it.env[ins.id] = value
+
+
+def _grad(it: Interpreter, ins: Instr) -> None:
+    loss = it.finite(ins.args[0])
+    applied = [it.env[i] for i in ins.args[1:]]
+    it.env[ins.id] = Bundle(grad=it.be.grad(loss, applied, ins.attrs["layers"]))
+
+
+def _read(it: Interpreter, ins: Instr) -> None:
+    if ins.attrs["what"] == "state":
+        it.env[ins.id] = it.states[ins.attrs["name"]]
+        return
+    params = it.params[ins.attrs["root"]]
+    it.env[ins.id] = Bundle(weight={la: params[la] for la in ins.attrs["layers"]})
+
+
+def _zeros(it: Interpreter, ins: Instr) -> None:
+    it.env[ins.id] = Bundle()
+
+
+def _lincomb(it: Interpreter, ins: Instr) -> None:
+    it.env[ins.id] = it.combine(ins.attrs["terms"])
+
+
+def _state(it: Interpreter, ins: Instr) -> None:
+    it.states[ins.attrs["name"]] = it.combine(ins.attrs["terms"])
+
+
+def _copy(it: Interpreter, ins: Instr) -> None:
+    it.params[ins.attrs["name"]] = dict(it.params[ins.attrs["source"]])  # values are never changed in place
+
+
+def _update(it: Interpreter, ins: Instr) -> None:
+    delta = it.combine(ins.attrs["terms"])
+    op, name = ins.attrs["mode"], ins.attrs["target"]
+    if ins.attrs["what"] == "state":
+        old = it.states[name]
+        if op == "=":
+            it.states[name] = delta
+            return
+        sign = -1.0 if op == "-=" else 1.0
+        new = Bundle(dict(old.weight), dict(old.grad))
+        for part, acc in ((delta.weight, new.weight), (delta.grad, new.grad)):
+            for layer, value in part.items():
+                term = it.be.scale(value, sign)
+                acc[layer] = term if layer not in acc else it.be.add(acc[layer], term)
+        it.states[name] = new
+        return
+    root = ins.attrs["root"]
+    sign = {"-=": -1.0, "+=": 1.0, "=": 0.0}[op]
+    it.params[root] = it.be.update(it.params[root], delta, ins.attrs["layers"], sign, ins.attrs["scaled"])
+
+
+def _record(it: Interpreter, ins: Instr) -> None:
+    v = it.finite(ins.args[0]).detach()
+    if it.prog.instrs[ins.args[0]].static:  # the same for every seed: give it the seed axes all the same
+        v = v.to(it.be.dtype).expand(*it.be.lead_shape, *v.shape) if it.be.lead_shape else v
+    it.recording[-1].setdefault(ins.attrs["name"], []).append(v)
+
+
+def _counter(it: Interpreter, ins: Instr) -> None:  # pragma: no cover - set by its loop
+    pass
+
+
+def _loop(it: Interpreter, ins: Instr) -> None:
+    counter = next(i for i in ins.attrs["body"] if it.prog.instrs[i].op == "counter")
+    it.recording.append({})
+    top = len(it.recording) == 1
+    for t in range(ins.attrs["trip"]):
+        it.env[counter] = torch.tensor(float(t), dtype=torch.float64)
+        it.body(ins)
+        if top:
+            it.done += 1
+            if it.progress:
+                it.progress(it.done, it.total_steps())
+    kept = it.recording.pop()
+    names = [it.prog.instrs[i].attrs["name"] for i in _records_of(it.prog, ins)]
+    for name in names:
+        values = kept.get(name, [])
+        stacked = _stack(values, it.be.lead) if values else torch.zeros((0,), dtype=torch.float64)
+        if it.recording:
+            it.recording[-1].setdefault(name, []).append(stacked)
+        else:
+            it.records[name] = stacked
+
+
+def _records_of(prog: TrainProgram, loop: Instr) -> list[int]:
+    """The record instructions of this loop's own body (a nested loop stacks its own first)."""
+    return [i for i in loop.attrs["body"] if prog.instrs[i].op == "record"] + \
+        [j for i in loop.attrs["body"] if prog.instrs[i].op == "loop" for j in _records_of(prog, prog.instrs[i])]
+
+
+def _stack(values: list[Tensor], lead: int) -> Tensor:
+    """Stack one value per step along a new axis after the leading (seed) axes."""
+    shape = torch.broadcast_shapes(*[v.shape for v in values])
+    lead = min(lead, len(shape))
+    return torch.stack([v.expand(shape) for v in values], dim=lead)
+
+
+RULES: dict[str, Callable[[Interpreter, Instr], None]] = {
+    "const": _const, "data": _data, "rows": _rows, "index": _index, "fn": _fn, "reduce": _reduce,
+    "apply": _apply, "loss": _loss, "named_loss": _named_loss, "grad": _grad, "read": _read, "zeros": _zeros,
+    "lincomb": _lincomb, "state": _state, "copy": _copy, "update": _update, "record": _record,
+    "counter": _counter, "loop": _loop,
+}

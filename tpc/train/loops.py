@@ -1,0 +1,681 @@
+"""Training loops written in the language: their instructions and the checks made when building them.
+
+A network program's training is a list of instructions. `for t in range(T) { ... }` is one
+instruction, `loop`, whose body is a list of instructions run T times (as JAX's `scan` carries a
+body): the counter, data rows chosen by it, forward passes `f(X)`, losses, `grad`, linear
+combinations of parameters and gradients, and updates of layers, copies and optimizer states.
+Every instruction is checked here, before anything runs: a body that is not a Tensor Program (a
+trip count or an index computed at width n, an update whose power of n grows, an update of data,
+a gradient with respect to something that is not a parameter) is refused with its position.
+
+Values have one of these kinds:
+- `finite`: a number or a finite array (a loss, a schedule, f(X) - Y); `static` ones depend only
+  on the counters, numbers and data (they may choose rows), the others on the model;
+- `data`: rows of a data set (`X`, `batch(X, t, B)`, `P[S[i]]`), known before training;
+- `outputs`: the model's outputs f(X) on data rows (finite, and differentiable by `grad`);
+- `params`: a value for some of the model's layers: the parameters of `f`, of a layer or of a
+  copy (`weight` terms), gradients (`grad` terms), or a linear combination of both.
+
+Updates follow TP4's convention (Yang & Hu 2021): `P -= e` changes the trained parameter
+w <- w - n^-c e, with `grad(L, P)` the gradient dL/dw; the parametrization's `c` and the layers'
+`a` turn this into the natural-scale update (see `pooled.py`). Buffers (`state`) and plain
+assignments are not scaled. The user never writes a power of the width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tpc import syntax as ast
+from tpc.errors import Span, TpcError, clip
+from tpc.ops.functions import ALIASES, FUNCTIONS
+
+if TYPE_CHECKING:
+    from tpc.train.network import _Builder
+
+LOSSES = ("mse", "xent", "logistic")
+SCALAR_FUNCTIONS = ("min", "max")  # of two finite values; schedules use them (warm-up)
+MAX_TRIP = 10**7  # iterations of one loop
+# the natural-scale power of n on the gradient update of each role under muP (TP4 Table 3); an update
+# of layer l by lr n^-c dL/dw^l carries n^(MAXIMAL_LR_EXPONENT[role] - 2 a_l - c)
+MAXIMAL_LR_EXPONENT = {"input": -1.0, "bias": -1.0, "hidden": 0.0, "readout": 1.0}
+TOL = 1e-12
+NONLINEAR = ("parameters and gradients combine linearly: sums, and products with numbers (an entrywise "
+             "function of them is outside Netsor-transpose; Adam and sign-SGD need Tensor Programs IVb)")
+
+
+@dataclass
+class Instr:
+    """One instruction: `args` are ids of earlier instructions (of this body or an enclosing one)."""
+
+    id: int
+    op: str
+    args: tuple[int, ...]
+    kind: str  # finite | data | outputs | params | none
+    span: Span
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def static(self) -> bool:
+        return bool(self.attrs.get("static", False))
+
+
+@dataclass
+class Mutable:
+    """A name that updates change: the model (`root` is itself), one of its layers, a copy, a state."""
+
+    name: str
+    what: str  # model | layer | copy | state
+    root: str  # the parameters it is part of (model or copy name), or the state's own name
+    layers: tuple[str, ...]
+    span: Span
+    types: set[str] = field(default_factory=set)  # a state's terms so far: weight and/or grad
+
+
+@dataclass
+class Lin:
+    """A linear combination under construction: terms (number, finite coefficient ids, params id)."""
+
+    terms: list[tuple[float, tuple[int, ...], int]]
+
+    def scaled(self, c: float, ids: tuple[int, ...] = ()) -> Lin:
+        return Lin([(k * c, cs + ids, p) for k, cs, p in self.terms])
+
+
+@dataclass
+class TrainProgram:
+    """Every instruction, in order; `top` are the top-level ones (loops, states, copies)."""
+
+    instrs: list[Instr] = field(default_factory=list)
+    top: list[int] = field(default_factory=list)
+    records: dict[str, tuple[int, Span]] = field(default_factory=dict)  # name -> (loop id, where)
+
+    def body(self, loop: Instr) -> list[Instr]:
+        return [self.instrs[i] for i in loop.attrs["body"]]
+
+    def walk(self, ids: list[int] | None = None) -> Iterator[Instr]:
+        """Every instruction, bodies after their loop."""
+        for i in self.top if ids is None else ids:
+            ins = self.instrs[i]
+            yield ins
+            if ins.op == "loop":
+                yield from self.walk(ins.attrs["body"])
+
+    def trained_layers(self) -> set[str]:
+        return {la for ins in self.walk() if ins.op == "update" and ins.attrs["scaled"]
+                for la in ins.attrs["layers"]}
+
+
+class LoopBuilder:
+    """Builds the training instructions of a network program from its top-level statements."""
+
+    def __init__(self, b: _Builder) -> None:
+        self.b = b
+        self.prog = TrainProgram()
+        self.scopes: list[dict[str, int]] = []  # the names of each open body: locals and counters
+        self.mutables: dict[str, Mutable] = {}
+        self.body: list[int] | None = None  # the ids of the body being built (None: top level)
+        self.loops: list[Instr] = []
+        self.applied: dict[tuple[str, object], int] = {}  # f(X) already computed since f last changed
+        self.declared_here: list[list[str]] = []  # names declared in each open body (they die with it)
+        self.gone: dict[str, Span] = {}  # names that lived in a body that has closed
+
+    # --- building blocks
+    def add(self, op: str, args: tuple[int, ...], kind: str, span: Span, **attrs: object) -> int:
+        ins = Instr(len(self.prog.instrs), op, args, kind, span, dict(attrs))
+        self.prog.instrs.append(ins)
+        (self.prog.top if self.body is None else self.body).append(ins.id)
+        return ins.id
+
+    def ins(self, i: int) -> Instr:
+        return self.prog.instrs[i]
+
+    def model_mutable(self) -> None:
+        b = self.b
+        if b.model is None:
+            raise TpcError("define the model before training it")
+        if b.model.name not in self.mutables:
+            layers = tuple(la for la in b.layers)
+            self.mutables[b.model.name] = Mutable(b.model.name, "model", b.model.name, layers, b.model.span)
+            for la in layers:
+                self.mutables[la] = Mutable(la, "layer", b.model.name, (la,), b.layers[la].span)
+
+    def local(self, name: str) -> int | None:
+        for scope in reversed(self.scopes):
+            if name in scope:
+                return scope[name]
+        return None
+
+    def bind(self, name: str, value: int, span: Span) -> None:
+        if self.local(name) is not None or name in self.mutables:
+            raise self.reassigned(name, span)
+        self.b.declare(name, span)
+        self.scopes[-1][name] = value
+        self.declared_here[-1].append(name)
+
+    def reassigned(self, name: str, span: Span) -> TpcError:
+        i = self.local(name)
+        if i is not None and self.ins(i).op == "counter":
+            return TpcError(f"'{name}' is the loop counter: it takes the values 0, 1, ... by itself", span)
+        if i is not None and self.ins(i).kind == "params":
+            return TpcError(f"'{name}' is assigned once in a loop; declare 'state {name} = ...' before the loop to "
+                            "change it from step to step", span)
+        return TpcError(f"'{name}' is assigned once in a loop: give the new value another name (a number that "
+                        "changes from step to step is computed from the loop counter)", span)
+
+    def forget(self, parts: tuple[str, ...]) -> None:
+        """f(X) must be recomputed after any update of these parameters."""
+        self.applied = {k: v for k, v in self.applied.items() if k[0] not in parts}
+
+    # --- statements
+    def statement(self, s: ast.Stmt) -> None:
+        self.model_mutable()
+        if isinstance(s, ast.ForLoop):
+            self.loop(s)
+        elif isinstance(s, ast.StateDecl):
+            self.state(s)
+        elif isinstance(s, ast.CopyDecl):
+            self.copy(s)
+        elif isinstance(s, ast.Update):
+            if self.body is None:
+                raise TpcError("an update runs in a loop: for t in range(1) { ... }", s.span)
+            self.update(s.target, s.target_span, s.op, s.value, s.span)
+        elif isinstance(s, ast.Assign):
+            if self.body is None:  # pragma: no cover - network.py sends top-level assignments elsewhere
+                raise TpcError("a network program names values inside loops only", s.span)
+            if s.name in self.mutables:
+                self.update(s.name, Span(s.span.line, s.span.column, s.span.line, s.span.column + len(s.name)),
+                            "=", s.value, s.span)
+                return
+            v = self.value(s.value)
+            if isinstance(v, Lin):
+                v = self.materialize(v, s.value.span)
+            self.bind(s.name, v, s.span)
+        elif isinstance(s, ast.RecordStmt):
+            if self.body is None:
+                raise TpcError("record keeps one value per step of a loop: put it inside the loop", s.span)
+            v = self.value(s.value)
+            if isinstance(v, Lin) or self.ins(v).kind not in ("finite", "outputs"):
+                raise TpcError("record keeps finite values (a loss, f(X), a number)", s.value.span)
+            if s.name in self.prog.records:
+                raise TpcError(f"'{s.name}' is recorded twice (first at line {self.prog.records[s.name][1].line})",
+                               s.span)
+            self.b.declare(s.name, s.span)
+            self.prog.records[s.name] = (self.loops[-1].id, s.span)
+            self.add("record", (v,), "none", s.span, name=s.name)
+        else:
+            raise TpcError("a loop body holds assignments `x = ...`, `record`, `state`, `copy`, updates "
+                           "(`P -= ...`) and loops", s.span)
+
+    def loop(self, s: ast.ForLoop) -> None:
+        trip = self.trip_count(s.trip)
+        ins_id = self.add("loop", (), "none", s.span, counter=s.counter, trip=trip, body=[])
+        loop = self.ins(ins_id)
+        outer = self.body
+        self.body = loop.attrs["body"]
+        self.loops.append(loop)
+        self.scopes.append({})
+        self.declared_here.append([])
+        saved = dict(self.applied)
+        self.applied = {}
+        try:
+            self.b.declare(s.counter, s.counter_span)
+            self.scopes[-1][s.counter] = self.add("counter", (), "finite", s.counter_span, static=True,
+                                                  scalar=True, loop=ins_id, name=s.counter)
+            for stmt in s.body:
+                self.statement(stmt)
+        finally:
+            for name in self.declared_here.pop():
+                self.gone[name] = self.b.defined.pop(name, s.span)
+                if name in self.mutables and self.mutables[name].what in ("copy", "state"):
+                    del self.mutables[name]
+            self.b.defined.pop(s.counter, None)
+            self.scopes.pop()
+            self.loops.pop()
+            self.body = outer
+        updated = {self.mutables[m].root for i in loop.attrs["body"] for m in self._updated(self.ins(i))
+                   if m in self.mutables}
+        self.applied = {k: v for k, v in saved.items() if k[0] not in updated}
+
+    def _updated(self, ins: Instr) -> list[str]:
+        if ins.op in ("update",):
+            return [ins.attrs["target"]]
+        if ins.op == "loop":
+            return [m for i in ins.attrs["body"] for m in self._updated(self.ins(i))]
+        return []
+
+    def trip_count(self, e: ast.Expr) -> int:
+        if isinstance(e, ast.Name) and e.id == self.b.width:
+            raise TpcError("a loop can't run n times: the trip count is a number that does not depend on the "
+                           "width", e.span)
+        try:
+            value = self.b.const(self.rows_of(e))
+        except TpcError:
+            raise TpcError("the trip count must be a constant whole number (numbers, dims or rows(D)); a value "
+                           "computed during training can't decide how often a loop runs", e.span) from None
+        if value != int(value) or not 0 <= value <= MAX_TRIP:
+            raise TpcError(f"the trip count must be a whole number in 0..{MAX_TRIP}, got {value:g}", e.span)
+        return int(value)
+
+    def rows_of(self, e: ast.Expr) -> ast.Expr:
+        """`rows(D)` -> its number, anywhere in a constant expression."""
+        if isinstance(e, ast.Call) and e.fn == "rows":
+            if len(e.args) != 1 or not isinstance(e.args[0], ast.Name) or e.args[0].id not in self.b.data:
+                raise TpcError("rows(D) is the number of rows of a data set D", e.span)
+            arr = self.b.data[e.args[0].id]
+            return ast.Num(e.span, float(arr.shape[0] if arr.ndim else 1))
+        if isinstance(e, ast.BinOp):
+            return ast.BinOp(e.span, e.op, self.rows_of(e.left), self.rows_of(e.right))
+        if isinstance(e, ast.Neg):
+            return ast.Neg(e.span, self.rows_of(e.operand))
+        return e
+
+    def state(self, s: ast.StateDecl) -> None:
+        if s.name in self.mutables:
+            raise TpcError(f"'{s.name}' is already defined", s.span)
+        v = self.value(s.value)
+        if not isinstance(v, Lin) and self.ins(v).kind != "params":
+            raise TpcError("a state holds values for layers: zeros(f), zeros(W), copy of parameters f, or a "
+                           "combination of gradients", s.value.span)
+        lin = v if isinstance(v, Lin) else Lin([(1.0, (), v)])
+        layers, types = self.lin_layers(lin, s.value.span)
+        self.b.declare(s.name, s.span)
+        if self.declared_here:
+            self.declared_here[-1].append(s.name)
+        self.mutables[s.name] = Mutable(s.name, "state", s.name, layers, s.span, set(types))
+        args, terms = self.lin_args(lin)
+        self.add("state", args, "none", s.span, name=s.name, terms=terms, layers=layers)
+
+    def copy(self, s: ast.CopyDecl) -> None:
+        src = self.mutables.get(s.source)
+        if src is None or src.what not in ("model", "copy"):
+            raise TpcError(f"copy g = {s.source}: a copy is taken of the model or of another copy",
+                           s.source_span)
+        if s.name in self.mutables:
+            raise TpcError(f"'{s.name}' is already defined", s.span)
+        self.b.declare(s.name, s.span)
+        if self.declared_here:
+            self.declared_here[-1].append(s.name)
+        self.mutables[s.name] = Mutable(s.name, "copy", s.name, src.layers, s.span)
+        self.add("copy", (), "none", s.span, name=s.name, source=src.root, layers=src.layers)
+        self.forget((s.name,))
+
+    def update(self, target: str, tspan: Span, op: str, e: ast.Expr, span: Span) -> None:
+        m = self.mutables.get(target)
+        if m is None:
+            if target in self.b.data:
+                raise TpcError(f"'{target}' is data: only layers, models, copies and states can be updated", tspan)
+            if self.local(target) is not None:
+                raise self.reassigned(target, tspan)
+            raise self.b.unknown(target, tspan)
+        v = self.value(e)
+        if not isinstance(v, Lin) and self.ins(v).kind != "params":
+            raise TpcError(f"'{target}' holds values for layers; the right side must be too (grad(L, {target}), "
+                           f"a state, {target} itself)", e.span)
+        lin = v if isinstance(v, Lin) else Lin([(1.0, (), v)])
+        layers, types = self.lin_layers(lin, e.span)
+        extra = [la for la in layers if la not in m.layers]
+        if extra:
+            raise TpcError(f"the right side has layer(s) {', '.join(extra)} that '{target}' does not: "
+                           f"use grad(L, {target})", e.span)
+        scaled = m.what != "state" and op != "="
+        if m.what != "state":
+            if op == "=" and "grad" in types:
+                raise TpcError(f"write '{target} -= ...' to move parameters along a gradient: the "
+                               "parametrization scales it", span)
+            if scaled:
+                self.check_growth(layers, types, span)
+        else:
+            new = m.types | types
+            if {"weight", "grad"} <= new:
+                raise TpcError(f"state '{target}' would mix parameters and gradients (they scale differently "
+                               "with the width); keep them in two states", span)
+            m.types = new
+        args, terms = self.lin_args(lin)
+        self.add("update", args, "none", span, target=target, root=m.root, what=m.what, mode=op, terms=terms,
+                 layers=layers, scaled=scaled)
+        self.forget((m.root,))
+
+    def check_growth(self, layers: tuple[str, ...], types: set[str], span: Span) -> None:
+        """Refuse an update whose natural-scale coefficient grows with n: its limit does not exist."""
+        b = self.b
+        abc, _ = b.parametrization(b.param) if b.param else (None, None)
+        if abc is None:
+            raise TpcError("training needs a parametrization: `parametrization mup` (or sp, ntk, mf, abc(...))",
+                           span)
+        for name in layers:
+            la = b.layers[name]
+            a = abc.a[la.index]
+            if "grad" in types:
+                e = MAXIMAL_LR_EXPONENT[la.role] - (2 * a + abc.c)
+                if e > TOL:
+                    raise TpcError(f"this update of {name} grows like n^{e:g} under {b.param.name} (2a + c = "
+                                   f"{2 * a + abc.c:g} for the {la.role} layer; it needs >= "
+                                   f"{MAXIMAL_LR_EXPONENT[la.role]:g})", span)
+            if "weight" in types and abc.c < -TOL:
+                raise TpcError(f"a decay term grows like n^{-abc.c:g} under {b.param.name} (c < 0)", span)
+
+    # --- expressions
+    def value(self, e: ast.Expr) -> int | Lin:
+        if isinstance(e, ast.Num):
+            return self.add("const", (), "finite", e.span, value=e.value, static=True, scalar=True)
+        if isinstance(e, ast.Name):
+            return self.name(e)
+        if isinstance(e, ast.Neg):
+            v = self.value(e.operand)
+            if isinstance(v, Lin):
+                return v.scaled(-1.0)
+            return self.fn("neg", [v], e.span)
+        if isinstance(e, ast.BinOp):
+            return self.binop(e)
+        if isinstance(e, ast.Call):
+            return self.call(e)
+        if isinstance(e, ast.Index):
+            return self.index(e)
+        raise TpcError("not part of a loop: numbers, data, f(X), losses, grad(L, f) and their combinations",
+                       e.span)
+
+    def name(self, e: ast.Name) -> int | Lin:
+        i = self.local(e.id)
+        if i is not None:
+            return i
+        b = self.b
+        if e.id in self.mutables:
+            m = self.mutables[e.id]
+            return self.add("read", (), "params", e.span, name=e.id, root=m.root, what=m.what, layers=m.layers)
+        if e.id == "pi":
+            return self.add("const", (), "finite", e.span, value=float(np.pi), static=True, scalar=True)
+        if e.id in b.dims:
+            return self.add("const", (), "finite", e.span, value=float(b.dims[e.id]), static=True, scalar=True)
+        if e.id in b.data:
+            return self.add("data", (), "data", e.span, name=e.id, static=True, shape=b.data[e.id].shape)
+        if e.id in b.losses:
+            loss = b.losses[e.id]
+            x = self.add("data", (), "data", e.span, name=loss.data, static=True, shape=b.data[loss.data].shape)
+            f = self.apply(b.model.name, x, e.span)
+            return self.add("named_loss", (f,), "finite", e.span, loss=e.id, scalar=True)
+        if e.id == b.width:
+            raise TpcError(f"the width can't appear in a loop: the parametrization scales updates with "
+                           f"powers of {e.id}", e.span)
+        raise b.unknown(e.id, e.span)
+
+    def binop(self, e: ast.BinOp) -> int | Lin:
+        if e.op == "@":
+            raise TpcError("a loop applies the model to data, f(X); the layers' products are the model's",
+                           e.span)
+        left, right = self.value(e.left), self.value(e.right)
+        if not isinstance(left, Lin) and not isinstance(right, Lin) \
+                and self.ins(left).kind != "params" and self.ins(right).kind != "params":
+            fn = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow"}[e.op]
+            return self.fn(fn, [left, right], e.span)
+        lin_l, lin_r = self.as_lin(left), self.as_lin(right)
+        if e.op in "+-" and lin_l is not None and lin_r is not None:
+            return Lin(lin_l.terms + (lin_r.terms if e.op == "+" else lin_r.scaled(-1.0).terms))
+        if e.op == "*" and (lin_l is None) != (lin_r is None):
+            coef, lin = (left, lin_r) if lin_l is None else (right, lin_l)
+            return self.times(lin, coef, e.span)
+        if e.op == "/" and lin_l is not None and lin_r is None:
+            inv = self.fn("div", [self.add("const", (), "finite", e.span, value=1.0, static=True, scalar=True),
+                                  right], e.span)
+            return self.times(lin_l, inv, e.span)
+        raise TpcError(NONLINEAR, e.span)
+
+    def as_lin(self, v: int | Lin) -> Lin | None:
+        if isinstance(v, Lin):
+            return v
+        return Lin([(1.0, (), v)]) if self.ins(v).kind == "params" else None
+
+    def times(self, lin: Lin, coef: int, span: Span) -> Lin:
+        c = self.ins(coef)
+        if c.kind != "finite" or not c.attrs.get("scalar"):
+            raise TpcError("parameters and gradients are multiplied by numbers (scalars) only", span)
+        if c.op == "const":
+            return lin.scaled(c.attrs["value"])
+        return lin.scaled(1.0, (coef,))
+
+    def fn(self, fn: str, vals: list[int], span: Span) -> int:
+        for v in vals:
+            k = self.ins(v).kind
+            if k == "params":
+                raise TpcError(NONLINEAR, span)
+        static = all(self.ins(v).static for v in vals)
+        scalar = all(self.ins(v).attrs.get("scalar") for v in vals)
+        consts = [self.ins(v) for v in vals]
+        if all(c.op == "const" for c in consts) and fn in FUNCTIONS:  # fold numbers now
+            import torch
+
+            try:
+                value = float(FUNCTIONS[fn].torch(*[torch.tensor(c.attrs["value"], dtype=torch.float64)
+                                                    for c in consts]))
+            except (RuntimeError, OverflowError):  # pragma: no cover - torch returns inf/nan instead
+                value = float("nan")
+            if not np.isfinite(value):
+                raise TpcError("this constant is not finite", span)
+            return self.add("const", (), "finite", span, value=value, static=True, scalar=True)
+        return self.add("fn", tuple(vals), "finite", span, fn=fn, static=static, scalar=scalar)
+
+    def call(self, e: ast.Call) -> int | Lin:
+        b = self.b
+        name = e.fn
+        if name in self.mutables and self.mutables[name].what in ("model", "copy"):
+            if len(e.args) != 1:
+                raise TpcError(f"{name}(X) takes one data set", e.span)
+            x = self.value(e.args[0])
+            if isinstance(x, Lin) or self.ins(x).kind != "data":
+                raise TpcError(f"{name}(X) takes data: a data set, batch(X, t, B) or X[i]", e.args[0].span)
+            return self.apply(name, x, e.span)
+        if name in LOSSES:
+            return self.builtin_loss(e)
+        if name == "grad":
+            return self.grad(e)
+        if name == "zeros":
+            if len(e.args) != 1 or not isinstance(e.args[0], ast.Name) or e.args[0].id not in self.mutables:
+                raise TpcError("zeros(P) is zero for the layers of P (a model, a layer, a copy or a state)", e.span)
+            m = self.mutables[e.args[0].id]
+            return self.add("zeros", (), "params", e.span, layers=m.layers)
+        if name == "batch":
+            return self.batch(e)
+        if name == "rows":
+            return self.add("const", (), "finite", e.span, value=self.b.const(self.rows_of(e)), static=True,
+                            scalar=True)
+        if name in ("mean", "sum"):
+            if len(e.args) != 1:
+                raise TpcError(f"{name}(x) takes one argument", e.span)
+            v = self.value(e.args[0])
+            if isinstance(v, Lin) or self.ins(v).kind == "params":
+                raise TpcError(f"{name}(...) of parameters: a loop reduces finite values only", e.span)
+            return self.add("reduce", (v,), "finite", e.span, fn=name, static=self.ins(v).static, scalar=True)
+        if name in SCALAR_FUNCTIONS:
+            if len(e.args) != 2:
+                raise TpcError(f"{name}(a, b) takes two numbers", e.span)
+            return self.fn(name, [self.finite(a) for a in e.args], e.span)
+        if name in ("features", "feature_change", "history", "adapted", "embeddings"):
+            raise TpcError(f"{name}(...) is an output: write it at the top level, after the loop", e.span)
+        fn = ALIASES.get(name, name)
+        if fn not in FUNCTIONS or not FUNCTIONS[fn].user_visible:
+            raise b.unknown(name, e.fn_span)
+        if len(e.args) != FUNCTIONS[fn].arity:
+            raise TpcError(f"'{name}' takes {FUNCTIONS[fn].arity} argument(s)", e.span)
+        args = [self.value(a) for a in e.args]
+        if any(isinstance(a, Lin) for a in args):
+            raise TpcError(NONLINEAR, e.span)
+        return self.fn(fn, args, e.span)
+
+    def finite(self, e: ast.Expr) -> int:
+        v = self.value(e)
+        if isinstance(v, Lin) or self.ins(v).kind == "params":
+            raise TpcError(NONLINEAR, e.span)
+        return v
+
+    def apply(self, root: str, x: int, span: Span) -> int:
+        ins = self.ins(x)
+        key: tuple[str, object] = (root, x)
+        if ins.op == "data":  # the same data set: one forward pass until the parameters change
+            key = (root, ins.attrs["name"])
+            if key in self.applied:
+                return self.applied[key]
+        d = self.b.input_dim()
+        shape = ins.attrs.get("shape")
+        if shape is not None and (len(shape) != 2 or shape[1] != d):
+            raise TpcError(f"this data is {' x '.join(map(str, shape))}; the model takes rows of dimension {d}",
+                           span)
+        out = self.add("apply", (x,), "outputs", span, root=root)
+        self.applied[key] = out
+        return out
+
+    def builtin_loss(self, e: ast.Call) -> int:
+        if len(e.args) != 2:
+            raise TpcError(f"{e.fn}(f(X), Y) takes the model's outputs and the targets", e.span)
+        f = self.value(e.args[0])
+        if isinstance(f, Lin) or self.ins(f).op != "apply":
+            raise TpcError(f"the first argument of {e.fn} is the model on data, e.g. {self.b.model.name}(X)",
+                           e.args[0].span)
+        y = self.value(e.args[1])
+        if isinstance(y, Lin) or self.ins(y).kind != "data":
+            raise TpcError("the targets are data", e.args[1].span)
+        xs, ys = self.ins(self.ins(f).args[0]).attrs.get("shape"), self.ins(y).attrs.get("shape")
+        if xs is not None and ys is not None:
+            x_arr = np.zeros((xs[0], 1))
+            self.b.check_targets(e.fn, x_arr, np.zeros(ys) if e.fn != "xent" else self.data_sample(y),
+                                 e.args[1].span)
+        return self.add("loss", (f, y), "finite", e.span, loss=e.fn, scalar=True)
+
+    def data_sample(self, y: int) -> np.ndarray:
+        """The data of a static data instruction when it is a whole data set, for label checks."""
+        ins = self.ins(y)
+        if ins.op == "data":
+            return self.b.data[ins.attrs["name"]]
+        return np.zeros(ins.attrs["shape"])
+
+    def grad(self, e: ast.Call) -> int:
+        if len(e.args) != 2:
+            raise TpcError("grad(L, P) takes a loss and parameters (the model, a layer or a copy)", e.span)
+        loss = self.finite(e.args[0])
+        target = e.args[1]
+        m = self.mutables.get(target.id) if isinstance(target, ast.Name) else None
+        if m is None or m.what == "state":
+            what = clip(target.id) if isinstance(target, ast.Name) else "..."
+            raise TpcError(f"grad(L, {what}): not a parameter (the model, a layer, or a copy of the model)",
+                           target.span)
+        if not self.ins(loss).attrs.get("scalar"):
+            raise TpcError("grad(L, P) needs a number L (a loss, or mean(...) of f(X))", e.args[0].span)
+        applies = self.applies_of(loss)
+        mine = [a for a in applies if self.ins(a).attrs["root"] == m.root]
+        if not mine:
+            others = sorted({self.ins(a).attrs["root"] for a in applies})
+            if others:
+                raise TpcError(f"the loss depends on {target.id} only through the copy {others[0]}: use "
+                               f"grad(L, {others[0]}) (first-order MAML); differentiating through updates is "
+                               "not supported", e.span)
+            raise TpcError(f"the loss does not depend on {target.id}: it has no {self.b.model.name}(X) in it",
+                           e.args[0].span)
+        return self.add("grad", (loss, *mine), "params", e.span, layers=m.layers, root=m.root)
+
+    def applies_of(self, i: int) -> list[int]:
+        seen: set[int] = set()
+        out: list[int] = []
+        todo = [i]
+        while todo:
+            j = todo.pop()
+            if j in seen:
+                continue
+            seen.add(j)
+            ins = self.ins(j)
+            if ins.op == "apply":
+                out.append(j)
+            elif ins.op == "named_loss" or ins.kind in ("finite", "outputs"):
+                todo.extend(ins.args)
+        return sorted(out)
+
+    def batch(self, e: ast.Call) -> int:
+        if len(e.args) != 3:
+            raise TpcError("batch(X, t, B) is rows tB .. tB+B-1 of X (wrapping around)", e.span)
+        x = self.value(e.args[0])
+        if isinstance(x, Lin) or self.ins(x).op != "data":
+            raise TpcError("batch(X, t, B) takes a data set X", e.args[0].span)
+        t = self.static_index(e.args[1])
+        size = self.b.const(e.args[2])
+        rows = self.b.data[self.ins(x).attrs["name"]]
+        m = rows.shape[0] if rows.ndim else 1
+        if size != int(size) or not 1 <= size <= m:
+            raise TpcError(f"the batch size must be a whole number in 1..{m} (the rows of the data)", e.args[2].span)
+        shape = (int(size), *rows.shape[1:])
+        return self.add("rows", (x, t), "data", e.span, size=int(size), static=True, shape=shape)
+
+    def static_index(self, e: ast.Expr) -> int:
+        i = self.finite(e)
+        if not self.ins(i).static:
+            raise TpcError("an index or a step can't depend on a value computed at width n (use a loop counter, "
+                           "numbers or data)", e.span)
+        return i
+
+    def index(self, e: ast.Index) -> int:
+        x = self.value(e.operand)
+        if isinstance(x, Lin) or self.ins(x).kind != "data":
+            raise TpcError("X[i] picks rows of data", e.operand.span)
+        i = self.value(e.index)
+        if isinstance(i, Lin) or not self.ins(i).static:
+            raise TpcError("an index or a step can't depend on a value computed at width n (use a loop counter, "
+                           "numbers or data)", e.index.span)
+        shape = self.ins(x).attrs.get("shape") or self.b.data[self.ins(x).attrs["name"]].shape
+        if not shape:
+            raise TpcError("a single number has no rows to index", e.operand.span)
+        ishape = self.ins(i).attrs.get("shape") if self.ins(i).kind == "data" else ()
+        out_shape = (*ishape, *shape[1:]) if ishape is not None else None
+        return self.add("index", (x, i), "data", e.span, static=True, shape=out_shape)
+
+    # --- linear combinations
+    def lin_layers(self, lin: Lin, span: Span) -> tuple[tuple[str, ...], set[str]]:
+        layers: list[str] = []
+        types: set[str] = set()
+        weight_layers: tuple[str, ...] | None = None
+        for _, _, p in lin.terms:
+            ins = self.ins(p)
+            t = self.params_type(ins)
+            types |= t
+            for la in ins.attrs["layers"]:
+                if la not in layers:
+                    layers.append(la)
+            if "weight" in t:
+                if weight_layers is not None and weight_layers != ins.attrs["layers"]:
+                    raise TpcError("parameters of different layers can't be added: each term must cover the same "
+                                   "layers", span)
+                weight_layers = ins.attrs["layers"]
+        return tuple(layers), types
+
+    def params_type(self, ins: Instr) -> set[str]:
+        if ins.op == "grad":
+            return {"grad"}
+        if ins.op == "zeros":
+            return set()
+        if ins.op == "read":
+            m = self.mutables.get(ins.attrs["name"])
+            if ins.attrs["what"] == "state":
+                return set(m.types) if m else set()
+            return {"weight"}
+        if ins.op == "lincomb":
+            return set(ins.attrs["types"])
+        return set()  # pragma: no cover
+
+    def lin_args(self, lin: Lin) -> tuple[tuple[int, ...], list[tuple[float, tuple[int, ...], int]]]:
+        args: list[int] = []
+        for _, cs, p in lin.terms:
+            for i in (*cs, p):
+                if i not in args:
+                    args.append(i)
+        return tuple(args), list(lin.terms)
+
+    def materialize(self, lin: Lin, span: Span) -> int:
+        layers, types = self.lin_layers(lin, span)
+        if {"weight", "grad"} <= types:
+            raise TpcError("this mixes parameters and gradients (they scale differently with the width); use it "
+                           "directly in an update 'f -= ...'", span)
+        args, terms = self.lin_args(lin)
+        return self.add("lincomb", args, "params", span, terms=terms, layers=layers, types=sorted(types))
+
+    def finish(self) -> TrainProgram:
+        return self.prog

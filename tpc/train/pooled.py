@@ -1,0 +1,321 @@
+"""The unrolled Netsor-transpose program of a training program with loops, at width n or in the limit.
+
+A value of an n x n layer W, whatever made it (the layer itself, a momentum buffer, a copy, a
+decayed or scheduled combination), is `Pooled(a0, coef)`:
+    W y = a0 W_0 y + sum_p coef_p dh_p (x_p . y / n),
+over a pool of stored rows (x_p, dh_p) that every value of that layer shares: a `grad` appends
+its rows (the layer's inputs x and dh = n dL/dh) with coefficient 1, and linear combinations only
+combine the numbers a0 and coef. The program therefore multiplies only by W_0 and W_0.T, so the
+Master Theorem applies (TP4): in the limit `W_0 y` is Zhat + Zdot (`LimitSpace`). Input columns,
+readout rows and biases have a finite side and are kept as vectors.
+
+Natural scale (TP4's convention, as in `unroll.py`): vectors have O(1) coordinates, the readout is
+`v = n W`, and the powers of n that the parametrization puts on updates are explicit factors: a
+gradient term of `P -= e` on layer l carries n^(MAXIMAL_LR_EXPONENT[role] - 2 a_l - c), a term
+with the parameters themselves (weight decay) n^-c. In the limit each is 1 or 0 (loops.py refuses
+a growing one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tpc.backends.torch.run import DTYPES
+from tpc.errors import TpcError
+from tpc.ops import expr as ex
+from tpc.passes.autodiff import derivative
+from tpc.train.interp import Applied, Bundle, Interpreter
+from tpc.train.loops import MAXIMAL_LR_EXPONENT
+from tpc.train.network import Network
+from tpc.train.unroll import FiniteSpace, LimitSpace
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class Pooled:
+    a0: Tensor | float  # the coefficient of the initial matrix W_0
+    coef: Tensor  # (*lead, P): the coefficients of the first P rows of the layer's pool
+
+
+class PooledBackend:
+    def __init__(self, net: Network, space: FiniteSpace | LimitSpace) -> None:
+        self.net, self.space = net, space
+        self.dtype = space.dtype
+        finite = isinstance(space, FiniteSpace)
+        self.lead = 1 if finite else 0
+        self.lead_shape: tuple[int, ...] = (space.normals[next(iter(net.layers))].shape[0],) if finite else ()
+        self.pool: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (inputs x, dh), each (*lead, P, n)
+        self.rate = {name: MAXIMAL_LR_EXPONENT[la.role] - net.lr_exponent(la) for name, la in net.layers.items()}
+        # W_0 y for rows y met before (a frozen layer's inputs, the same data at every step): the same
+        # Gaussians, not new ones; a vector that repeats exactly adds no direction to the limit
+        self.seen: dict[tuple[str, bool, bytes], Tensor] = {}
+
+    # --- parameters
+    def initial(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        for name, la in self.net.layers.items():
+            if la.role == "hidden":
+                out[name] = Pooled(1.0, torch.zeros((*self.lead_shape, 0), dtype=self.dtype))
+            else:
+                out[name] = self.space.initial(la)
+        return out
+
+    def data(self, value: np.ndarray) -> Tensor:
+        return self.space.data(value)
+
+    def scale(self, value: object, c: Tensor | float) -> object:
+        if isinstance(value, Pooled):
+            a0 = value.a0 * c
+            cc = c.to(self.dtype)[..., None] if isinstance(c, Tensor) and c.dim() else c
+            return Pooled(a0, value.coef * cc)
+        if isinstance(c, Tensor):
+            c = c.to(value.dtype)
+            c = c.reshape(c.shape + (1,) * (value.dim() - c.dim()))
+        return value * c
+
+    def add(self, a: object, b: object) -> object:
+        if isinstance(a, Pooled):
+            p = max(a.coef.shape[-1], b.coef.shape[-1])
+            ca = torch.nn.functional.pad(a.coef, (0, p - a.coef.shape[-1]))
+            cb = torch.nn.functional.pad(b.coef, (0, p - b.coef.shape[-1]))
+            return Pooled(a.a0 + b.a0, ca + cb)
+        return a + b
+
+    def update(self, params: dict[str, object], delta: Bundle, layers: tuple[str, ...], sign: float,
+               scaled: bool) -> dict[str, object]:
+        new = dict(params)
+        for la in layers:
+            if sign == 0.0:  # P = e: parameters only (loops.py refuses gradients here)
+                new[la] = delta.weight[la] if la in delta.weight else self.scale(params[la], 0.0)
+                continue
+            value = params[la]
+            for part, exponent in ((delta.weight, -self.net.abc.c), (delta.grad, self.rate[la])):
+                if la in part:
+                    factor = self.space.factor(exponent) if scaled else 1.0
+                    if factor != 0.0:
+                        value = self.add(value, self.scale(part[la], sign * factor))
+            new[la] = value
+        return new
+
+    # --- the model at a value of its parameters
+    def hidden(self, name: str, w: Pooled, y: Tensor, transposed: bool) -> Tensor:
+        out = None
+        if not (isinstance(w.a0, float) and w.a0 == 0.0):
+            key = (name, transposed, y.detach().cpu().numpy().tobytes())
+            if key not in self.seen:
+                self.seen[key] = self.space.matmul(self.net.layers[name], y, transposed)
+            out = self.scale(self.seen[key], w.a0)
+        p = w.coef.shape[-1]
+        if p:
+            xs, ds = self.pool[name]
+            left, right = (ds, xs) if transposed else (xs, ds)
+            extra = (self.space.gram(y, left[..., :p, :]) * w.coef[..., None, :]) @ right[..., :p, :]
+            out = extra if out is None else out + extra
+        if out is None:
+            out = torch.zeros_like(y)
+        return out
+
+    def apply(self, params: dict[str, object], x: Tensor) -> Applied:
+        vals: list[Tensor] = []
+        for step in self.net.model.steps:
+            if step.op == "input":
+                vals.append(x)
+            elif step.op == "bias":
+                vals.append(params[step.layer][..., None, :])
+            elif step.op == "fn":
+                vals.append(self.space.fn(step.tree, [vals[i] for i in step.args]))
+            else:
+                la = self.net.layers[step.layer]
+                y = vals[step.args[0]]
+                if la.role == "input":
+                    vals.append(y @ params[la.name])
+                elif la.role == "readout":
+                    vals.append(self.space.gram(y, params[la.name]))  # f = W x = (v . x) / n
+                else:
+                    vals.append(self.hidden(la.name, params[la.name], y, False))
+        return Applied(vals[-1].detach().requires_grad_(True), vals, params)
+
+    def backward(self, applied: Applied, chi: Tensor) -> list[Tensor | None]:
+        """n dL/d(value) for every vector step, from chi = dL/df (..., B, k)."""
+        steps, vals, params = self.net.model.steps, applied.vals, applied.params
+        grads: list[Tensor | None] = [None] * len(steps)
+
+        def add(i: int, g: Tensor) -> None:
+            if vals[i].shape[-2] == 1 and g.shape[-2] > 1:  # an unbatched vector (a bias) used by every row
+                g = g.sum(-2, keepdim=True)
+            grads[i] = g if grads[i] is None else grads[i] + g
+
+        out = steps[-1]
+        add(out.args[0], chi @ params[out.layer])  # n dL/dx = sum_i chi_i v_i
+        for i in range(len(steps) - 2, -1, -1):
+            step, g = steps[i], grads[i]
+            if g is None or step.op in ("input", "bias"):
+                continue
+            if step.op == "matmul":
+                la = self.net.layers[step.layer]
+                if la.role == "hidden":
+                    add(step.args[0], self.hidden(la.name, params[la.name], g, True))
+                continue
+            from tpc.backends.limit.evaluate import evaluate_tree
+
+            args = [vals[j] for j in step.args]
+            for k, j in enumerate(step.args):
+                if steps[j].kind != "vector":
+                    continue
+                d = derivative(step.tree, k)
+                if not ex.args_used(d):
+                    add(j, float(evaluate_tree(d, [torch.zeros(())] * len(args))) * g)
+                else:
+                    add(j, self.space.fn(ex.Apply("mul", (d, ex.Arg(len(args)))), args + [g]))
+        return grads
+
+    def grad(self, loss: Tensor, applied: list[Applied], layers: tuple[str, ...]) -> dict[str, object]:
+        chis = torch.autograd.grad(loss.sum(), [a.F for a in applied], allow_unused=True, retain_graph=True)
+        out: dict[str, object] = {}
+
+        def put(name: str, value: object) -> None:
+            out[name] = value if name not in out else self.add(out[name], value)
+
+        for a, chi in zip(applied, chis, strict=True):
+            if chi is None:
+                continue
+            chi = chi.detach()
+            grads = self.backward(a, chi)
+            for i, step in enumerate(self.net.model.steps):
+                if step.layer not in layers or grads[i] is None and step.kind == "vector":
+                    continue
+                if step.op == "bias":
+                    put(step.layer, grads[i].sum(-2))
+                if step.op != "matmul":
+                    continue
+                la, y = self.net.layers[step.layer], a.vals[step.args[0]]
+                if la.role == "input":
+                    put(la.name, y.transpose(-1, -2) @ grads[i])
+                elif la.role == "readout":
+                    put(la.name, chi.transpose(-1, -2) @ y)
+                else:
+                    put(la.name, self.stored(la.name, y, grads[i]))
+        for name in layers:  # a layer the loss does not reach (behind a step function) has gradient zero
+            if name not in out:
+                out[name] = self.scale(applied[0].params[name], 0.0)
+        return out
+
+    def stored(self, name: str, x: Tensor, dh: Tensor) -> Pooled:
+        """Append rows (x, dh) to the layer's pool: the direction sum_b dh_b x_b^T / n."""
+        old = self.pool.get(name)
+        xs, ds = (x, dh) if old is None else (torch.cat([old[0], x], dim=-2), torch.cat([old[1], dh], dim=-2))
+        self.pool[name] = (xs, ds)
+        p, b = xs.shape[-2], x.shape[-2]
+        coef = torch.zeros((*self.lead_shape, p), dtype=self.dtype)
+        coef[..., p - b:] = 1.0
+        return Pooled(0.0, coef)
+
+    def gram(self, a: Tensor, b: Tensor) -> Tensor:
+        return self.space.gram(a, b)
+
+
+def run_pooled(net: Network, space: FiniteSpace | LimitSpace,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, Tensor]:
+    backend = PooledBackend(net, space)
+    with torch.enable_grad():  # losses are differentiated with respect to the finite outputs only
+        return Interpreter(net, backend).run(progress)
+
+
+def loops_unrolled_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
+                          first_seed: int = 0) -> dict[str, np.ndarray]:
+    """The unrolled program at width n: equal to `dense.loops_finite` up to round-off."""
+    space = FiniteSpace(net, width, list(range(first_seed, first_seed + seeds)), DTYPES[dtype], device)
+    out = run_pooled(net, space)
+    return {k: v.detach().to("cpu", torch.float64).numpy() for k, v in out.items()}
+
+
+@dataclass
+class Count:
+    """What the unrolled limit of a program with loops will do, counted by running it at width 2."""
+
+    gaussians: int  # independent Gaussian vectors (initial columns and rows, and one per row of W_0 y)
+    stored_rows: int  # rows kept in the pools
+    peak_rows: int  # the most rows of one forward pass
+
+    def memory_bytes(self, size: int) -> int:
+        return 8 * size * (4 * self.gaussians + 2 * self.stored_rows + 8 * self.peak_rows)
+
+
+class _CountingSpace(FiniteSpace):
+    def __init__(self, net: Network) -> None:
+        super().__init__(net, 2, [0], torch.float64, "cpu")
+        self.rows = 0
+        self.peak = 0
+
+    def matmul(self, layer, rows: Tensor, transposed: bool) -> Tensor:  # noqa: ANN001
+        self.rows += int(np.prod(rows.shape[1:-1]))
+        self.peak = max(self.peak, int(np.prod(rows.shape[1:-1])))
+        return super().matmul(layer, rows, transposed)
+
+
+def count(net: Network) -> Count:
+    space = _CountingSpace(net)
+    backend = PooledBackend(net, space)
+    with torch.enable_grad():
+        Interpreter(net, backend).run()
+    initial = sum(int(la.cols if la.role == "input" else la.rows if la.role == "readout" else 1)
+                  for la in net.layers.values() if la.role != "hidden")
+    stored = sum(int(x.shape[-2]) for x, _ in backend.pool.values())
+    return Count(initial + space.rows, stored, space.peak)
+
+
+def describe_limit(net: Network, exact: bool, particles: int, replicates: int) -> str:
+    c = count(net)
+    how = ("exactly: every vector is a coefficient vector over the Gaussians (a linear model)" if exact else
+           f"by Monte Carlo: {particles} particles x {replicates} replicates (standard errors across them)")
+    size = c.gaussians + 1 if exact else particles
+    return (f"the loops unrolled into a Netsor-transpose program: {c.gaussians} Gaussian vectors, "
+            f"{c.stored_rows} stored rows; expectations {how}; about {c.memory_bytes(size) / 2**30:.2g} GB")
+
+
+def check_regime(net: Network) -> None:
+    cls = net.classification()
+    if cls.regime != "feature learning":
+        raise TpcError(f"{net.param_name} is in the {cls.regime} regime (r = {cls.r:g}); the limit of a program "
+                       "with written loops is built for feature learning (r = 0, e.g. muP) so far; the kernel "
+                       "regime's limit runs for `train sgd` programs", net.param_span).locate(net.filename,
+                                                                                              net.source)
+
+
+def loops_limit(net: Network, exact: bool, particles: int, replicates: int | None, seed: int,
+                memory_gb: float | None, force: bool, progress: Callable[[int, int], None] | None) -> dict:
+    """Every output of a program with loops in the feature-learning limit: exact for linear models,
+    else Monte Carlo replicates (independent particle sets) with standard errors across them."""
+    from tpc import memory
+    from tpc.backends.limit.evaluate import LimitOutput
+
+    check_regime(net)
+    c = count(net)
+    size = c.gaussians + 1 if exact else particles
+    try:
+        memory.require(c.memory_bytes(size), f"the unrolled limit ({c.gaussians} Gaussian vectors over {size} "
+                       f"{'basis elements' if exact else 'particles'})", memory_gb, force, None,
+                       hint="fewer particles or steps")
+    except TpcError as err:
+        raise err.locate(net.filename, net.source) from None
+    runs = []
+    reps = 1 if exact else max(2, replicates or 4)
+    steps = sum(net.program.instrs[i].attrs["trip"] for i in net.program.top if net.program.instrs[i].op == "loop")
+    for r in range(reps):
+        def step_done(done: int, _total: int, r: int = r) -> None:
+            if progress:
+                progress(r * steps + done, reps * steps)
+        runs.append(run_pooled(net, LimitSpace(net, exact, size, seed + r), step_done))
+    out = {}
+    for o in net.outputs:
+        stack = np.stack([r[o.name].detach().double().numpy() for r in runs])
+        if exact:
+            out[o.name] = LimitOutput(stack[0], "exact")
+        else:
+            out[o.name] = LimitOutput(stack.mean(0), "monte-carlo", stack.std(0, ddof=1) / np.sqrt(len(runs)))
+    return out
