@@ -55,12 +55,12 @@ def _progress(total: int, desc: str, enabled: bool) -> tuple[Callable[[int], Non
 
 
 def _step_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
-    """A bar over SGD steps: `update(done, total)`."""
+    """A bar over training steps: `update(done, total)`."""
     if not enabled:
         return None, lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(desc="SGD steps", unit="step", file=sys.stderr, leave=False, position=1)
+    bar = tqdm(desc="training steps", unit="step", file=sys.stderr, leave=False, position=1)
 
     def update(done: int, total: int) -> None:
         bar.total = total
@@ -174,6 +174,13 @@ def _check_network(path: str, net) -> int:  # noqa: ANN001
         else:
             print(f"  training   {t.optimizer}, lr {t.lr:g} (times n^-c), {t.steps} steps, batch {t.batch}, "
                   f"minimize {t.loss}")
+    if net.program is not None and not net.train:
+        loops = [i for i in net.program.walk() if i.op == "loop"]
+        steps = sum(net.program.instrs[i].attrs["trip"] for i in net.program.top
+                    if net.program.instrs[i].op == "loop")
+        trained = sorted(net.program.trained_layers(), key=lambda n: net.layers[n].index)
+        print(f"  training   written as loops: {len(loops)} loop(s), {steps} top-level step(s); updates layers "
+              f"{', '.join(trained) if trained else '(none)'}")
     print("  outputs    " + ", ".join(f"{o.name} ({o.kind}, {'after training' if o.phase == 'trained' else 'at init'})"
                                       for o in net.outputs))
     if cls.stable:
@@ -214,6 +221,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     if derived:
         print("  backward   " + ", ".join(f"{label} {derived[op]}" for label, op in inst if op in derived)
               + " (derived by autodiff; tpc graph --backward)")
+    if net.program is not None and not net.train:
+        loops = [i for i in net.program.walk() if i.op == "loop"]
+        steps = sum(net.program.instrs[i].attrs["trip"] for i in net.program.top
+                    if net.program.instrs[i].op == "loop")
+        trained = sorted(net.program.trained_layers(), key=lambda n: net.layers[n].index)
+        print(f"  training   written as loops: {len(loops)} loop(s), {steps} top-level step(s); updates layers "
+              f"{', '.join(trained) if trained else '(none)'}")
     print("  outputs    " + ", ".join(
         f"{k} [{'x'.join(map(str, prog.node(v).shape)) or 'scalar'}]" for k, v in prog.outputs.items()))
     return 0
@@ -374,10 +388,11 @@ def _network_limit(args: argparse.Namespace, net) -> dict:  # noqa: ANN001
     print(f"{args.file}: {describe(net, args.method, args.particles, replicates)}",
           file=sys.stderr if args.json else sys.stdout, flush=True)
     bar = None
-    if not args.json and not args.quiet and net.train and net.classification().regime == "feature learning":
+    if not args.json and not args.quiet and (net.train or net.program) \
+            and net.classification().regime == "feature learning":
         from tqdm import tqdm
 
-        bar = tqdm(desc="SGD steps (limit, all replicates)", unit="step", file=sys.stderr, leave=False)
+        bar = tqdm(desc="training steps (limit, all replicates)", unit="step", file=sys.stderr, leave=False)
 
     def progress(done: int, total: int) -> None:
         if bar is not None:

@@ -16,7 +16,7 @@ import torch
 from tpc import memory
 from tpc.backends.torch.run import DTYPES, FiniteResult
 from tpc.train.finite import forward, shape_of, standard_normals
-from tpc.train.interp import Applied, Bundle, Interpreter
+from tpc.train.interp import Applied, Bundle, Interpreter, Rows
 from tpc.train.network import Network
 
 Tensor = torch.Tensor
@@ -40,10 +40,8 @@ class DenseBackend:
             out[name] = (normals[name] * float(np.sqrt(la.var / la.fan_in) * self.n ** (-b))).requires_grad_(True)
         return out
 
-    def data(self, value: np.ndarray) -> Tensor:
-        return torch.as_tensor(value, dtype=self.dtype, device=self.device)
-
-    def apply(self, params: dict[str, Tensor], x: Tensor) -> Applied:
+    def apply(self, params: dict[str, Tensor], rows: Rows) -> Applied:
+        x = torch.as_tensor(rows.values, dtype=self.dtype, device=self.device)
         vals = forward(self.net, {k: self.mult[k] * w for k, w in params.items()}, x)
         return Applied(vals[-1], vals, params)
 
@@ -82,8 +80,13 @@ class DenseBackend:
                 new[la] = value.detach().clone().requires_grad_(True)
         return new
 
-    def gram(self, a: Tensor, b: Tensor) -> Tensor:
-        return a @ b.transpose(-1, -2) / self.n
+    def feature_gram(self, applied: Applied) -> Tensor:
+        feats = applied.vals[self.net.model.features]
+        return feats @ feats.transpose(-1, -2) / self.n
+
+    def feature_change(self, applied: Applied, before: Applied) -> Tensor:
+        diff = applied.vals[self.net.model.features] - before.vals[self.net.model.features]
+        return torch.sqrt((diff * diff).mean(-1))
 
 
 def bytes_per_seed(net: Network, width: int, itemsize: int) -> int:

@@ -40,6 +40,16 @@ class Bundle:
 
 
 @dataclass
+class Rows:
+    """Rows of a data set: their values, and which rows of which set they are (the kernel regime
+    evaluates the model on the union of every set's rows)."""
+
+    values: np.ndarray
+    source: str
+    idx: np.ndarray
+
+
+@dataclass
 class Applied:
     """The model on data rows: its outputs F (..., B, k) and every step's value (for `grad`)."""
 
@@ -54,14 +64,14 @@ class Backend(Protocol):
     dtype: torch.dtype
 
     def initial(self) -> dict[str, Any]: ...
-    def data(self, value: np.ndarray) -> Tensor: ...
-    def apply(self, params: dict[str, Any], x: Tensor) -> Applied: ...
+    def apply(self, params: dict[str, Any], x: Rows) -> Applied: ...
     def grad(self, loss: Tensor, applied: list[Applied], layers: tuple[str, ...]) -> dict[str, Any]: ...
     def scale(self, value: Any, c: Tensor | float) -> Any: ...
     def add(self, a: Any, b: Any) -> Any: ...
     def update(self, params: dict[str, Any], delta: Bundle, layers: tuple[str, ...], sign: float,
                scaled: bool) -> dict[str, Any]: ...
-    def gram(self, a: Tensor, b: Tensor) -> Tensor: ...
+    def feature_gram(self, applied: Applied) -> Tensor: ...
+    def feature_change(self, applied: Applied, before: Applied) -> Tensor: ...
 
 
 class Interpreter:
@@ -75,6 +85,7 @@ class Interpreter:
         self.records: dict[str, Tensor] = {}
         self.progress: Callable[[int, int], None] | None = None
         self.done = 0
+        self.checks = True  # off for a dry run that only counts (pooled.count)
 
     # --- running
     def run(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Tensor]:
@@ -82,7 +93,7 @@ class Interpreter:
         self.progress = progress
         self.params[self.net.model.name] = self.be.initial()
         results: dict[str, Tensor] = {}
-        init_features: dict[str, Tensor] = {}
+        init_features: dict[str, Applied] = {}
         top = self.prog.top
         for position in range(len(top) + 1):
             outs = [o for o in self.net.outputs if o.position == position]
@@ -91,7 +102,7 @@ class Interpreter:
             cache: dict[str, Applied] = {}
             for o in outs:
                 if position == 0 and o.kind == "feature_change":
-                    init_features[o.data] = self.forward(o.data, cache).vals[self.net.model.features]
+                    init_features[o.data] = self.forward(o.data, cache)
                     continue
                 results[o.name] = self.output(o, cache, init_features)
             if position < len(top):
@@ -117,8 +128,8 @@ class Interpreter:
         v = self.env[i]
         if isinstance(v, Applied):
             return v.F
-        if isinstance(v, np.ndarray):
-            return torch.as_tensor(v, dtype=self.be.dtype)
+        if isinstance(v, Rows):
+            return torch.as_tensor(v.values, dtype=self.be.dtype)
         return v
 
     def combine(self, terms: list[tuple[float, tuple[int, ...], int]]) -> Bundle:
@@ -137,18 +148,19 @@ class Interpreter:
         return out
 
     def check_finite(self, value: Tensor, ins: Instr, what: str) -> None:
-        if not torch.isfinite(value).all():
-            raise NumericalError(f"{what} is not finite at step {self.done + 1} of training (lower the learning "
-                                 "rate)", ins.span).locate(self.net.filename, self.net.source)
+        if self.checks and not torch.isfinite(value).all():
+            raise NumericalError(f"training diverged at step {self.done + 1}: {what} is not finite (lower the "
+                                 "learning rate)", ins.span).locate(self.net.filename, self.net.source)
 
     # --- outputs
     def forward(self, data: str, cache: dict[str, Applied]) -> Applied:
         if data not in cache:
+            arr = self.net.data[data]
             with torch.no_grad():
-                cache[data] = self.be.apply(self.params[self.net.model.name], self.be.data(self.net.data[data]))
+                cache[data] = self.be.apply(self.params[self.net.model.name], Rows(arr, data, np.arange(len(arr))))
         return cache[data]
 
-    def output(self, o: Output, cache: dict[str, Applied], init_features: dict[str, Tensor]) -> Tensor:
+    def output(self, o: Output, cache: dict[str, Applied], init_features: dict[str, Applied]) -> Tensor:
         if o.kind == "record":
             return self.records[o.loss]
         if o.kind == "loss":
@@ -159,11 +171,9 @@ class Interpreter:
         if o.kind == "predict":
             F = applied.F.detach()  # noqa: N806
             return F[..., 0] if F.shape[-1] == 1 else F
-        feats = applied.vals[self.net.model.features]
         if o.kind == "features":
-            return self.be.gram(feats, feats)
-        diff = feats - init_features[o.data]
-        return torch.sqrt(torch.clamp(self.be.gram(diff[..., None, :], diff[..., None, :])[..., 0, 0], min=0.0))
+            return self.be.feature_gram(applied)
+        return self.be.feature_change(applied, init_features[o.data])
 
 
 # --- the rules, one per instruction
@@ -174,29 +184,32 @@ def _const(it: Interpreter, ins: Instr) -> None:
 
 
 def _data(it: Interpreter, ins: Instr) -> None:
-    it.env[ins.id] = it.net.data[ins.attrs["name"]]
+    arr = it.net.data[ins.attrs["name"]]
+    it.env[ins.id] = Rows(arr, ins.attrs["name"], np.arange(arr.shape[0] if arr.ndim else 1))
 
 
-def _whole(it: Interpreter, ins: Instr, value: Tensor | np.ndarray) -> np.ndarray:
-    arr = np.asarray(value.detach().numpy() if isinstance(value, Tensor) else value, dtype=np.float64)
+def _whole(it: Interpreter, ins: Instr, value: Tensor | Rows) -> np.ndarray:
+    arr = np.asarray(value.detach().numpy() if isinstance(value, Tensor) else value.values, dtype=np.float64)
     if not np.all(arr == np.round(arr)):
         raise TpcError(f"an index must be a whole number, got {arr.ravel()[0]:g}", ins.span)
     return arr.astype(np.int64)
 
 
 def _rows(it: Interpreter, ins: Instr) -> None:
-    x = it.env[ins.args[0]]
+    x: Rows = it.env[ins.args[0]]
     t = int(_whole(it, ins, it.env[ins.args[1]]))
-    it.env[ins.id] = x[batch_rows(t, ins.attrs["size"], x.shape[0])]
+    rows = batch_rows(t, ins.attrs["size"], x.values.shape[0])
+    it.env[ins.id] = Rows(x.values[rows], x.source, x.idx[rows])
 
 
 def _index(it: Interpreter, ins: Instr) -> None:
-    x = it.env[ins.args[0]]
+    x: Rows = it.env[ins.args[0]]
     i = _whole(it, ins, it.env[ins.args[1]])
-    if np.any(i < 0) or np.any(i >= x.shape[0]):
-        raise TpcError(f"index {int(i.ravel()[0]) if i.size == 1 else 'out of range'} is outside the "
-                       f"{x.shape[0]} rows", ins.span)
-    it.env[ins.id] = x[i]
+    m = x.values.shape[0]
+    if np.any(i < 0) or np.any(i >= m):
+        bad = int(i.ravel()[np.argmax((i.ravel() < 0) | (i.ravel() >= m))])
+        raise TpcError(f"index {bad} is outside the {m} rows of {x.source}", ins.span)
+    it.env[ins.id] = Rows(x.values[i], x.source, x.idx[i])
 
 
 def _fn(it: Interpreter, ins: Instr) -> None:
@@ -206,6 +219,8 @@ def _fn(it: Interpreter, ins: Instr) -> None:
         it.env[ins.id] = torch.minimum(*args)
     elif fn == "max":
         it.env[ins.id] = torch.maximum(*args)
+    elif fn == "mod":
+        it.env[ins.id] = torch.remainder(*args)
     else:
         it.env[ins.id] = FUNCTIONS[fn].torch(*args)
 
@@ -218,13 +233,12 @@ def _reduce(it: Interpreter, ins: Instr) -> None:
 
 
 def _apply(it: Interpreter, ins: Instr) -> None:
-    x = it.be.data(np.asarray(it.env[ins.args[0]], dtype=np.float64))
-    it.env[ins.id] = it.be.apply(it.params[ins.attrs["root"]], x)
+    it.env[ins.id] = it.be.apply(it.params[ins.attrs["root"]], it.env[ins.args[0]])
 
 
 def _loss(it: Interpreter, ins: Instr) -> None:
     F = it.env[ins.args[0]].F  # noqa: N806
-    y = np.asarray(it.env[ins.args[1]], dtype=np.float64)
+    y = np.asarray(it.env[ins.args[1]].values, dtype=np.float64)
     loss = Loss("<loss>", ins.attrs["loss"], "<x>", "<y>", ins.span)
     value = loss_value(loss, F, {"<y>": y}, np.arange(F.shape[-2]))
     it.check_finite(value, ins, "the loss")
@@ -233,7 +247,8 @@ def _loss(it: Interpreter, ins: Instr) -> None:
 
 def _named_loss(it: Interpreter, ins: Instr) -> None:
     F = it.env[ins.args[0]].F  # noqa: N806
-    value = loss_value(it.net.losses[ins.attrs["loss"]], F, it.net.data, np.arange(F.shape[-2]))
+    rows = it.env[ins.args[1]].idx if len(ins.args) > 1 else np.arange(F.shape[-2])
+    value = loss_value(it.net.losses[ins.attrs["loss"]], F, it.net.data, rows)
     it.check_finite(value, ins, f"the loss {ins.attrs['loss']}")
     it.env[ins.id] = value
 

@@ -132,8 +132,20 @@ def lowered_program(net: Network, X: np.ndarray) -> tuple[Program, list[tuple[st
     return prog, [t for t in terms if t[0] in prog.outputs]
 
 
-def kernels(net: Network, **limit_options: object) -> Kernels:
-    sets = net.point_sets()
+@dataclass
+class LayerKernels:
+    """The limit kernels of the network at initialisation on stacked points: per trained layer, the
+    function-space effect of a unit-rate gradient step on it (its NTK term with the power of n that
+    the parametrization's update carries, 1 or 0); f_0's covariance; the features' Gram matrix."""
+
+    points: dict[str, slice]
+    theta: dict[str, np.ndarray]  # layer -> (P, P), times the identity over the k outputs
+    nngp: np.ndarray
+    features: np.ndarray
+    method: str
+
+
+def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> LayerKernels:
     points, start = {}, 0
     for d in sets:
         points[d] = slice(start, start + net.data[d].shape[0])
@@ -141,15 +153,21 @@ def kernels(net: Network, **limit_options: object) -> Kernels:
     X = np.concatenate([net.data[d] for d in sets])  # noqa: N806
     prog, terms = lowered_program(net, X)
     lim = evaluate_limit(prog, **limit_options)
-    lr = net.train.lr if net.train else 0.0
-    theta = np.zeros((len(X), len(X)))
-    for out, _layer, exponent in terms:
-        theta += lr * limit_factor(exponent) * lim[out].value
+    theta = {name: np.zeros((len(X), len(X))) for name in net.layers}
+    for out, layer, exponent in terms:
+        theta[layer] = theta[layer] + limit_factor(exponent) * lim[out].value
     beta = net.init_exponent(net.readout())
     nngp = limit_factor(1 - 2 * beta) * lim["nngp"].value
     methods = {m for v in lim.values() for m in v.method.split("+")}
     order = ("exact", "closed-form", "quadrature", "monte-carlo")
-    return Kernels(points, theta, nngp, lim["features"].value, "+".join(m for m in order if m in methods))
+    return LayerKernels(points, theta, nngp, lim["features"].value, "+".join(m for m in order if m in methods))
+
+
+def kernels(net: Network, **limit_options: object) -> Kernels:
+    K = layer_kernels(net, net.point_sets(), **limit_options)  # noqa: N806
+    lr = net.train.lr if net.train else 0.0
+    theta = lr * sum(K.theta.values())
+    return Kernels(K.points, theta, K.nngp, K.features, K.method)
 
 
 def kernel_limit(net: Network, samples: int = 2**14, seed: int = 0, **limit_options: object) -> dict[str, LimitOutput]:

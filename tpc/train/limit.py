@@ -25,11 +25,18 @@ def describe(net: Network, method: str = "auto", particles: int = 2**16, replica
 
         return cbow.describe(net)
     head = f"{net.param_name}: r = {cls.r:g}, {cls.regime}"
-    if net.program is not None:
-        from tpc.train.pooled import check_regime, describe_limit
+    if net.program is not None and cls.regime == "feature learning":
+        from tpc.train.pooled import describe_limit
 
-        check_regime(net)
         return f"{head}: {describe_limit(net, _exact(net, method), particles, replicates)}"
+    if net.program is not None and cls.regime in ("kernel", "trivial"):
+        from tpc.train.kernel_loops import affine_in_f0, check_kernel_program
+
+        check_kernel_program(net)
+        how = ("f_t is affine in f_0 (squared error): exact means and covariances by a degree-3 cubature of f_0"
+               if affine_in_f0(net) else "f_0 sampled (Monte Carlo)")
+        return (f"{head}: the features stay at initialisation; the loops run in function space with each "
+                f"layer's limit kernel (closed forms or quadrature); {how}")
     if cls.regime == "feature learning":
         p = plan(net)
         exact = _exact(net, method)
@@ -68,10 +75,22 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
     if not cls.stable:
         raise TpcError(f"the parametrization is unstable (its limit blows up): {'; '.join(cls.failed)}",
                        net.param_span).locate(net.filename, net.source)
-    if net.program is not None:
+    if net.program is not None and cls.regime == "feature learning":
         from tpc.train.pooled import loops_limit
 
         return loops_limit(net, _exact(net, method), particles, replicates, seed, memory_gb, force, progress)
+    if net.program is not None:
+        from tpc.train.kernel_loops import loops_kernel_limit
+
+        points = sum(net.data[d].shape[0] for d in net.point_sets())
+        # per layer and per state a (samples, P, k) array; the cubature takes 2 P k samples
+        need = 8 * (8 * points**2 + 2**14 * points * net.output_dim() * (len(net.layers) + 4))
+        try:
+            memory.require(need, f"the kernel-regime limit over {points} inputs", memory_gb, force)
+        except TpcError as err:
+            raise err.locate(net.filename, net.source) from None
+        return loops_kernel_limit(net, seed=seed, particles=particles, replicates=replicates or 8,
+                                  memory_gb=memory_gb, force=force)
     if net.train and net.train.optimizer == "cbow":
         m = cbow.basis_size(net) if cls.regime == "feature learning" else 0
         if m:

@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from tpc.train.network import _Builder
 
 LOSSES = ("mse", "xent", "logistic")
-SCALAR_FUNCTIONS = ("min", "max")  # of two finite values; schedules use them (warm-up)
-MAX_TRIP = 10**7  # iterations of one loop
+SCALAR_FUNCTIONS = ("min", "max", "mod")  # of two finite values: warm-up schedules, cycling through tasks
+MAX_TRIP = 10**9  # iterations of one loop (as `train sgd`'s steps)
 # the natural-scale power of n on the gradient update of each role under muP (TP4 Table 3); an update
 # of layer l by lr n^-c dL/dw^l carries n^(MAXIMAL_LR_EXPONENT[role] - 2 a_l - c)
 MAXIMAL_LR_EXPONENT = {"input": -1.0, "bias": -1.0, "hidden": 0.0, "readout": 1.0}
@@ -105,6 +105,17 @@ class TrainProgram:
             if ins.op == "loop":
                 yield from self.walk(ins.attrs["body"])
 
+    def applied_sets(self) -> list[str]:
+        """The data sets whose rows the model is applied to, in order of first use."""
+        names: list[str] = []
+        for ins in self.walk():
+            if ins.op == "apply":
+                j = ins.args[0]
+                while self.instrs[j].op in ("rows", "index"):
+                    j = self.instrs[j].args[0]
+                names.append(self.instrs[j].attrs["name"])
+        return list(dict.fromkeys(names))
+
     def trained_layers(self) -> set[str]:
         return {la for ins in self.walk() if ins.op == "update" and ins.attrs["scaled"]
                 for la in ins.attrs["layers"]}
@@ -113,8 +124,11 @@ class TrainProgram:
 class LoopBuilder:
     """Builds the training instructions of a network program from its top-level statements."""
 
-    def __init__(self, b: _Builder) -> None:
+    def __init__(self, b: _Builder, refuse_growth: bool = True) -> None:
         self.b = b
+        # a growing update has no limit; `train sgd` sugar keeps its finite runs and leaves the refusal
+        # to the limit (the parametrization's classification), as before loops existed
+        self.refuse_growth = refuse_growth
         self.prog = TrainProgram()
         self.scopes: list[dict[str, int]] = []  # the names of each open body: locals and counters
         self.mutables: dict[str, Mutable] = {}
@@ -327,7 +341,7 @@ class LoopBuilder:
             if op == "=" and "grad" in types:
                 raise TpcError(f"write '{target} -= ...' to move parameters along a gradient: the "
                                "parametrization scales it", span)
-            if scaled:
+            if scaled and self.refuse_growth:
                 self.check_growth(layers, types, span)
         else:
             new = m.types | types
@@ -337,7 +351,7 @@ class LoopBuilder:
             m.types = new
         args, terms = self.lin_args(lin)
         self.add("update", args, "none", span, target=target, root=m.root, what=m.what, mode=op, terms=terms,
-                 layers=layers, scaled=scaled)
+                 layers=layers, scaled=scaled, types=sorted(types))
         self.forget((m.root,))
 
     def check_growth(self, layers: tuple[str, ...], types: set[str], span: Span) -> None:
@@ -479,6 +493,14 @@ class LoopBuilder:
             return self.add("zeros", (), "params", e.span, layers=m.layers)
         if name == "batch":
             return self.batch(e)
+        if name == "<loss on rows>":  # desugared `train sgd(batch = B)`: loss L on rows tB .. tB+B-1
+            loss = b.losses[e.args[0].id]
+            x = self.add("data", (), "data", e.span, name=loss.data, static=True, shape=b.data[loss.data].shape)
+            size = int(e.args[2].value)
+            rows = self.add("rows", (x, self.static_index(e.args[1])), "data", e.span, size=size, static=True,
+                            shape=(size, *b.data[loss.data].shape[1:]))
+            f = self.apply(b.model.name, rows, e.span)
+            return self.add("named_loss", (f, rows), "finite", e.span, loss=loss.name, scalar=True)
         if name == "rows":
             return self.add("const", (), "finite", e.span, value=self.b.const(self.rows_of(e)), static=True,
                             scalar=True)

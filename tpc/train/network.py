@@ -212,7 +212,7 @@ class Network:
 
     def point_sets(self) -> list[str]:
         """Every data set the model is evaluated on, training data first."""
-        names: list[str] = []
+        names: list[str] = self.program.applied_sets() if self.program else []
         if self.train and self.train.tasks:
             names.append(self.train.tasks.pool)
         elif self.train:
@@ -798,13 +798,19 @@ class _Builder:
             if cfg and cfg.min_lr > self.train.lr:
                 raise TpcError(f"min_lr ({cfg.min_lr:g}) is above lr ({self.train.lr:g}): the rate decays from lr "
                                "to min_lr", self.train.span)
+        program = None
         if self.loops is not None:
+            program = self.loops.finish()
             for o in self.outputs:
                 if o.position < 0:  # written before the first loop
                     o.position = 0
+        elif self.train is not None and self.train.optimizer in ("sgd", "fomaml"):
+            from tpc.train.desugar import desugar
+
+            program = desugar(self)
         return Network(filename, source, self.width, self.param.name, abc, lr, self.layers, self.model,
                        self.data, self.losses, self.train, self.outputs, self.param.span,
-                       self.loops.finish() if self.loops else None)
+                       program)
 
     def parametrization(self, p: ast.ParamDecl) -> tuple[ABC, float | None]:
         hidden = sum(1 for la in self.layers.values() if la.role == "hidden")

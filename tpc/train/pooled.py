@@ -28,7 +28,7 @@ from tpc.backends.torch.run import DTYPES
 from tpc.errors import TpcError
 from tpc.ops import expr as ex
 from tpc.passes.autodiff import derivative
-from tpc.train.interp import Applied, Bundle, Interpreter
+from tpc.train.interp import Applied, Bundle, Interpreter, Rows
 from tpc.train.loops import MAXIMAL_LR_EXPONENT
 from tpc.train.network import Network
 from tpc.train.unroll import FiniteSpace, LimitSpace
@@ -51,9 +51,6 @@ class PooledBackend:
         self.lead_shape: tuple[int, ...] = (space.normals[next(iter(net.layers))].shape[0],) if finite else ()
         self.pool: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (inputs x, dh), each (*lead, P, n)
         self.rate = {name: MAXIMAL_LR_EXPONENT[la.role] - net.lr_exponent(la) for name, la in net.layers.items()}
-        # W_0 y for rows y met before (a frozen layer's inputs, the same data at every step): the same
-        # Gaussians, not new ones; a vector that repeats exactly adds no direction to the limit
-        self.seen: dict[tuple[str, bool, bytes], Tensor] = {}
 
     # --- parameters
     def initial(self) -> dict[str, object]:
@@ -64,9 +61,6 @@ class PooledBackend:
             else:
                 out[name] = self.space.initial(la)
         return out
-
-    def data(self, value: np.ndarray) -> Tensor:
-        return self.space.data(value)
 
     def scale(self, value: object, c: Tensor | float) -> object:
         if isinstance(value, Pooled):
@@ -106,10 +100,7 @@ class PooledBackend:
     def hidden(self, name: str, w: Pooled, y: Tensor, transposed: bool) -> Tensor:
         out = None
         if not (isinstance(w.a0, float) and w.a0 == 0.0):
-            key = (name, transposed, y.detach().cpu().numpy().tobytes())
-            if key not in self.seen:
-                self.seen[key] = self.space.matmul(self.net.layers[name], y, transposed)
-            out = self.scale(self.seen[key], w.a0)
+            out = self.scale(self.space.matmul(self.net.layers[name], y, transposed), w.a0)
         p = w.coef.shape[-1]
         if p:
             xs, ds = self.pool[name]
@@ -120,7 +111,8 @@ class PooledBackend:
             out = torch.zeros_like(y)
         return out
 
-    def apply(self, params: dict[str, object], x: Tensor) -> Applied:
+    def apply(self, params: dict[str, object], rows: Rows) -> Applied:
+        x = self.space.data(rows.values)
         vals: list[Tensor] = []
         for step in self.net.model.steps:
             if step.op == "input":
@@ -215,8 +207,13 @@ class PooledBackend:
         coef[..., p - b:] = 1.0
         return Pooled(0.0, coef)
 
-    def gram(self, a: Tensor, b: Tensor) -> Tensor:
-        return self.space.gram(a, b)
+    def feature_gram(self, applied: Applied) -> Tensor:
+        feats = applied.vals[self.net.model.features]
+        return self.space.gram(feats, feats)
+
+    def feature_change(self, applied: Applied, before: Applied) -> Tensor:
+        diff = applied.vals[self.net.model.features] - before.vals[self.net.model.features]
+        return torch.sqrt(torch.clamp(self.space.gram(diff[..., None, :], diff[..., None, :])[..., 0, 0], min=0.0))
 
 
 def run_pooled(net: Network, space: FiniteSpace | LimitSpace,
@@ -241,6 +238,8 @@ class Count:
     gaussians: int  # independent Gaussian vectors (initial columns and rows, and one per row of W_0 y)
     stored_rows: int  # rows kept in the pools
     peak_rows: int  # the most rows of one forward pass
+    forward_rows: int = 0  # rows multiplied by an initial n x n matrix, forward and backward (by its transpose)
+    backward_rows: int = 0
 
     def memory_bytes(self, size: int) -> int:
         return 8 * size * (4 * self.gaussians + 2 * self.stored_rows + 8 * self.peak_rows)
@@ -249,11 +248,11 @@ class Count:
 class _CountingSpace(FiniteSpace):
     def __init__(self, net: Network) -> None:
         super().__init__(net, 2, [0], torch.float64, "cpu")
-        self.rows = 0
+        self.rows = {False: 0, True: 0}
         self.peak = 0
 
     def matmul(self, layer, rows: Tensor, transposed: bool) -> Tensor:  # noqa: ANN001
-        self.rows += int(np.prod(rows.shape[1:-1]))
+        self.rows[transposed] += int(np.prod(rows.shape[1:-1]))
         self.peak = max(self.peak, int(np.prod(rows.shape[1:-1])))
         return super().matmul(layer, rows, transposed)
 
@@ -261,30 +260,30 @@ class _CountingSpace(FiniteSpace):
 def count(net: Network) -> Count:
     space = _CountingSpace(net)
     backend = PooledBackend(net, space)
+    dry = Interpreter(net, backend)
+    dry.checks = False
     with torch.enable_grad():
-        Interpreter(net, backend).run()
+        dry.run()
     initial = sum(int(la.cols if la.role == "input" else la.rows if la.role == "readout" else 1)
                   for la in net.layers.values() if la.role != "hidden")
     stored = sum(int(x.shape[-2]) for x, _ in backend.pool.values())
-    return Count(initial + space.rows, stored, space.peak)
+    return Count(initial + space.rows[False] + space.rows[True], stored, space.peak, space.rows[False],
+                 space.rows[True])
 
 
 def describe_limit(net: Network, exact: bool, particles: int, replicates: int) -> str:
     c = count(net)
     how = ("exactly: every vector is a coefficient vector over the Gaussians (a linear model)" if exact else
            f"by Monte Carlo: {particles} particles x {replicates} replicates (standard errors across them)")
+    zdot = ("; W.T after W (and W after W.T) gets its Zdot by Stein's lemma" if c.backward_rows else
+            "; no n x n matrix is multiplied by its transpose, so no Zdot" if c.forward_rows else
+            "; no n x n matrix, so no Zdot")
     size = c.gaussians + 1 if exact else particles
-    return (f"the loops unrolled into a Netsor-transpose program: {c.gaussians} Gaussian vectors, "
-            f"{c.stored_rows} stored rows; expectations {how}; about {c.memory_bytes(size) / 2**30:.2g} GB")
+    return (f"the loops unrolled into a Netsor-transpose program: {c.gaussians} Gaussian vectors "
+            f"({c.forward_rows} rows through initial n x n matrices forward, {c.backward_rows} backward), "
+            f"{c.stored_rows} stored rows; expectations {how}{zdot}; about {c.memory_bytes(size) / 2**30:.2g} GB")
 
 
-def check_regime(net: Network) -> None:
-    cls = net.classification()
-    if cls.regime != "feature learning":
-        raise TpcError(f"{net.param_name} is in the {cls.regime} regime (r = {cls.r:g}); the limit of a program "
-                       "with written loops is built for feature learning (r = 0, e.g. muP) so far; the kernel "
-                       "regime's limit runs for `train sgd` programs", net.param_span).locate(net.filename,
-                                                                                              net.source)
 
 
 def loops_limit(net: Network, exact: bool, particles: int, replicates: int | None, seed: int,
@@ -294,7 +293,6 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
     from tpc import memory
     from tpc.backends.limit.evaluate import LimitOutput
 
-    check_regime(net)
     c = count(net)
     size = c.gaussians + 1 if exact else particles
     try:

@@ -1,0 +1,143 @@
+"""`train sgd(...)` and `train fomaml(...)` as loops: the statements a user would write, built as
+syntax trees (with the train statement's position) and checked and lowered by `loops.py` like any
+other loop. `tpc graph` prints the result. Names the user cannot write (`<step>`, `<g>`) keep
+them apart from the program's own.
+
+    train sgd(lr, steps, batch) minimize L    ->  for <step> in range(steps) {
+                                                    record <history of L> = L        (history(L) wanted)
+                                                    f -= lr * grad(L on rows <step> B .., f)
+                                                  }
+    train fomaml(lr, inner_lr, inner_steps, tasks = B, steps) minimize kind on P, S, SY, Q, QY
+                                              ->  for <step> in range(steps) {
+                                                    state <G> = zeros(f)
+                                                    for <task> in range(B) {
+                                                      <i> = mod(<step> * B + <task>, rows(S))
+                                                      copy <g> = f
+                                                      for <inner> in range(inner_steps) {
+                                                        <g> -= inner_lr * grad(kind(<g>(P[S[<i>]]), SY[<i>]), <g>)
+                                                      }
+                                                      <G> += grad(kind(<g>(P[Q[<i>]]), QY[<i>]), <g>)
+                                                    }
+                                                    f -= lr / B * <G>
+                                                  }
+    output a = adapted(f, P, S, SY, Q)        ->  the inner loop on each task's support, recording
+                                                  <g>(P[Q[<i>]]) per task
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tpc import syntax as ast
+from tpc.errors import Span
+from tpc.train.loops import LoopBuilder, TrainProgram
+
+if TYPE_CHECKING:
+    from tpc.train.network import Output, Tasks, _Builder
+
+BATCH_LOSS = "<loss on rows>"  # L on rows tB .. tB+B-1 of its data (see loops.py)
+
+
+def history_name(loss: str) -> str:
+    return f"<history of {loss}>"
+
+
+class _Sugar:
+    def __init__(self, b: _Builder, span: Span) -> None:
+        self.b, self.span = b, span
+        self.model = b.model.name
+
+    def name(self, s: str) -> ast.Name:
+        return ast.Name(self.span, s)
+
+    def num(self, v: float) -> ast.Num:
+        return ast.Num(self.span, float(v))
+
+    def call(self, fn: str, *args: ast.Expr) -> ast.Call:
+        return ast.Call(self.span, fn, tuple(args), self.span)
+
+    def op(self, op: str, left: ast.Expr, right: ast.Expr) -> ast.BinOp:
+        return ast.BinOp(self.span, op, left, right)
+
+    def loop(self, counter: str, trip: ast.Expr, body: list[ast.Stmt]) -> ast.ForLoop:
+        return ast.ForLoop(self.span, counter, self.span, trip, tuple(body))
+
+    def update(self, target: str, op: str, value: ast.Expr) -> ast.Update:
+        return ast.Update(self.span, target, self.span, op, value)
+
+    def rows(self, data: str, i: str) -> ast.Index:
+        return ast.Index(self.span, self.name(data), self.name(i))
+
+    def adapt(self, tasks: Tasks, i: str, kind: str, inner_lr: float, inner_steps: int) -> list[ast.Stmt]:
+        """copy <g> = f, then inner_steps SGD steps of <g> on task i's support."""
+        g = "<g>"
+        support = self.call(g, ast.Index(self.span, self.name(tasks.pool), self.rows(tasks.support, i)))
+        loss = self.call(kind, support, self.rows(tasks.support_y, i))
+        step = self.update(g, "-=", self.op("*", self.num(inner_lr), self.call("grad", loss, self.name(g))))
+        return [ast.CopyDecl(self.span, g, self.model, self.span), self.loop("<inner>", self.num(inner_steps), [step])]
+
+    def query(self, tasks: Tasks, i: str) -> ast.Call:
+        return self.call("<g>", ast.Index(self.span, self.name(tasks.pool), self.rows(tasks.query, i)))
+
+
+def sgd(b: _Builder, history: bool) -> list[ast.Stmt]:
+    t = b.train
+    s = _Sugar(b, t.span)
+    m = b.data[b.losses[t.loss].data].shape[0]
+    body: list[ast.Stmt] = []
+    if history:
+        body.append(ast.RecordStmt(t.span, history_name(t.loss), s.name(t.loss)))
+    loss = s.name(t.loss) if t.batch == m else s.call(BATCH_LOSS, s.name(t.loss), s.name("<step>"), s.num(t.batch))
+    body.append(s.update(s.model, "-=", s.op("*", s.num(t.lr), s.call("grad", loss, s.name(s.model)))))
+    return [s.loop("<step>", s.num(t.steps), body)]
+
+
+def fomaml(b: _Builder) -> list[ast.Stmt]:
+    t = b.train
+    s = _Sugar(b, t.span)
+    tasks = t.tasks
+    count = tasks.count(b.data)
+    i = s.call("mod", s.op("+", s.op("*", s.name("<step>"), s.num(t.batch)), s.name("<task>")), s.num(count))
+    query_loss = s.call(t.loss, s.query(tasks, "<i>"), s.rows(tasks.query_y, "<i>"))
+    task_body = [ast.Assign(t.span, "<i>", i), *s.adapt(tasks, "<i>", t.loss, t.inner_lr, t.inner_steps),
+                 s.update("<G>", "+=", s.call("grad", query_loss, s.name("<g>")))]
+    body = [ast.StateDecl(t.span, "<G>", s.call("zeros", s.name(s.model))),
+            s.loop("<task>", s.num(t.batch), task_body),
+            s.update(s.model, "-=", s.op("*", s.num(t.lr / t.batch), s.name("<G>")))]
+    return [s.loop("<step>", s.num(t.steps), body)]
+
+
+def adapted(b: _Builder, o: Output) -> list[ast.Stmt]:
+    t = b.train
+    s = _Sugar(b, o.span)
+    tasks = o.tasks
+    body = [*s.adapt(tasks, "<i>", t.loss, t.inner_lr, t.inner_steps),
+            ast.RecordStmt(o.span, f"<adapted {o.name}>", s.query(tasks, "<i>"))]
+    return [s.loop("<i>", s.num(tasks.count(b.data)), body)]
+
+
+def desugar(b: _Builder) -> TrainProgram:
+    """The program's `train` statement and its `history`/`adapted` outputs as loops; each output
+    keeps its place before or after training."""
+    lb = LoopBuilder(b, refuse_growth=False)
+    lb.model_mutable()
+    want = any(o.kind == "history" for o in b.outputs)
+
+    def place(o: Output) -> None:
+        if o.kind == "adapted":
+            for stmt in adapted(b, o):
+                lb.statement(stmt)
+            o.kind, o.loss = "record", f"<adapted {o.name}>"
+        elif o.kind == "history":
+            o.kind, o.loss = "record", history_name(o.loss)
+        o.position = len(lb.prog.top)
+
+    for o in b.outputs:
+        if o.phase == "init":
+            place(o)
+    for stmt in fomaml(b) if b.train.optimizer == "fomaml" else sgd(b, want):
+        lb.statement(stmt)
+    for o in b.outputs:
+        if o.phase != "init":
+            place(o)
+    return lb.finish()
