@@ -221,13 +221,6 @@ def cmd_check(args: argparse.Namespace) -> int:
     if derived:
         print("  backward   " + ", ".join(f"{label} {derived[op]}" for label, op in inst if op in derived)
               + " (derived by autodiff; tpc graph --backward)")
-    if net.program is not None and not net.train:
-        loops = [i for i in net.program.walk() if i.op == "loop"]
-        steps = sum(net.program.instrs[i].attrs["trip"] for i in net.program.top
-                    if net.program.instrs[i].op == "loop")
-        trained = sorted(net.program.trained_layers(), key=lambda n: net.layers[n].index)
-        print(f"  training   written as loops: {len(loops)} loop(s), {steps} top-level step(s); updates layers "
-              f"{', '.join(trained) if trained else '(none)'}")
     print("  outputs    " + ", ".join(
         f"{k} [{'x'.join(map(str, prog.node(v).shape)) or 'scalar'}]" for k, v in prog.outputs.items()))
     return 0
