@@ -245,14 +245,26 @@ def cmd_graph(args: argparse.Namespace) -> int:
         print(dumps({"file": args.file, "unrolled": listing.splitlines()}) if args.format == "json" else listing,
               end="\n" if args.format == "json" else "")
         return 0
+    net = prog if _is_network(prog) and prog.program is not None else None
     if _is_network(prog):
         prog = _lowered(prog)
+    if net is not None:
+        from tpc.train.show import training_dot, training_json, training_text
     if args.format == "text":
         print(print_program(prog, backward=args.backward))
+        if net is not None:
+            print("\n" + training_text(net))
     elif args.format == "dot":
         print(to_dot(prog, backward=args.backward))
+        if net is not None:
+            print(training_dot(net))
     else:
-        print(dumps_json(prog))
+        import json
+
+        doc = json.loads(dumps_json(prog))
+        if net is not None:
+            doc["training"] = training_json(net)
+        print(dumps(doc))
     return 0
 
 

@@ -170,6 +170,8 @@ class LoopBuilder:
         self.b.declare(name, span)
         self.scopes[-1][name] = value
         self.declared_here[-1].append(name)
+        if self.ins(value).op not in ("const", "counter", "data", "read"):
+            self.ins(value).attrs.setdefault("label", name)
 
     def reassigned(self, name: str, span: Span) -> TpcError:
         i = self.local(name)
