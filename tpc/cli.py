@@ -237,9 +237,14 @@ def cmd_graph(args: argparse.Namespace) -> int:
     if args.unrolled:
         if not _is_network(prog):
             raise TpcError("--unrolled shows a network program's SGD training; this program has no train statement")
-        from tpc.train.listing import unrolled_listing
+        if prog.program is not None and (prog.train is None or prog.train.optimizer == "fomaml"):
+            from tpc.train.unrolled import unrolled_loops
 
-        listing = unrolled_listing(prog)
+            listing = unrolled_loops(prog)
+        else:
+            from tpc.train.listing import unrolled_listing
+
+            listing = unrolled_listing(prog)
         if args.format == "dot":
             raise TpcError("--unrolled lists the unrolled program as text (or --format json); it has no DOT form")
         print(dumps({"file": args.file, "unrolled": listing.splitlines()}) if args.format == "json" else listing,

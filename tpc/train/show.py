@@ -36,6 +36,14 @@ def _terms(prog: TrainProgram, terms: list) -> str:
     return " + ".join(parts).replace("+ -", "- ") if parts else "0"
 
 
+def _update(prog: TrainProgram, ins: Instr) -> str:
+    text = _terms(prog, ins.attrs["terms"])
+    if len(ins.attrs["terms"]) > 1 and ins.attrs["mode"] != "=":
+        text = f"({text})"
+    note = "   (scaled per layer by the parametrization)" if ins.attrs["scaled"] else ""
+    return f"{ins.attrs['target']} {ins.attrs['mode']} {text}{note}"
+
+
 def _args(prog: TrainProgram, ins: Instr) -> list[str]:
     return [ref(prog, i) for i in ins.args]
 
@@ -54,8 +62,7 @@ TEXT: dict[str, Callable[[TrainProgram, Instr], str]] = {
     "lincomb": lambda p, i: _terms(p, i.attrs["terms"]),
     "state": lambda p, i: f"state {i.attrs['name']} = {_terms(p, i.attrs['terms'])}",
     "copy": lambda p, i: f"copy {i.attrs['name']} = {i.attrs['source']}",
-    "update": lambda p, i: (f"{i.attrs['target']} {i.attrs['mode']} {_terms(p, i.attrs['terms'])}"
-                            + ("   (scaled per layer by the parametrization)" if i.attrs["scaled"] else "")),
+    "update": lambda p, i: _update(p, i),
     "record": lambda p, i: f"record {i.attrs['name']} = {_args(p, i)[0]}",
     "loop": lambda p, i: f"for {i.attrs['counter']} in range({i.attrs['trip']}):",
 }

@@ -1,0 +1,302 @@
+"""`tpc graph --unrolled` for programs with loops: the loop instructions expanded step by step into
+the straight-line Netsor-transpose program that `pooled.py` executes (for short runs).
+
+Every value is named by the step it belongs to (`L.t2` in step t = 2; `.t1.k0` inside a nested
+loop). A parameter is named by its version: `W@f3` is f's layer W after its 3rd update. Each
+model application is expanded into its forward pass, each `grad` into its backward pass, and the
+rows that `grad` stores for an n x n layer are listed; no version of an n x n layer is ever formed
+as a matrix: `W@f3 y = a W_0 y + sum_p k_p dh_p (x_p . y / n)` over W's stored rows (x_p, dh_p),
+with numbers a and k_p that the updates' linear combinations give.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tpc.errors import TpcError
+from tpc.ops import expr as ex
+from tpc.passes.autodiff import derivative
+from tpc.train.loops import MAXIMAL_LR_EXPONENT, Instr
+from tpc.train.losses import batch_rows
+from tpc.train.network import Network
+from tpc.train.show import INFIX, INLINE
+
+MAX_STEPS = 200  # loop iterations listed in all
+
+
+class _Lister:
+    def __init__(self, net: Network) -> None:
+        self.net, self.prog = net, net.program
+        self.lines: list[str] = []
+        self.tag: list[str] = []  # the counters' values of the enclosing loops
+        self.counters: dict[int, int] = {}
+        self.version: dict[tuple[str, str], int] = {}  # (root, layer) -> updates so far
+        self.stored: dict[str, int] = {}  # n x n layer -> rows stored so far
+        self.names: dict[int, str] = {}  # instruction id -> its value's name in this step
+        self.values: dict[int, object] = {}  # static values (counters, numbers, rows)
+        self.iterations = 0
+
+    def say(self, text: str) -> None:
+        self.lines.append("  " * len(self.tag) + text)
+
+    def suffix(self) -> str:
+        return "".join(f".{t}" for t in self.tag)
+
+    def ref(self, i: int) -> str:
+        ins = self.prog.instrs[i]
+        if ins.op == "const":
+            return f"{ins.attrs['value']:g}"
+        if ins.op == "counter":
+            return str(self.counters[i])
+        if ins.op == "data":
+            return ins.attrs["name"]
+        if ins.op == "read":
+            return self.params(ins.attrs["root"], ins.attrs["layers"], ins.attrs["what"], ins.attrs["name"])
+        return self.names.get(i, f"%{i}")
+
+    def params(self, root: str, layers: tuple[str, ...], what: str, name: str) -> str:
+        if what == "state":
+            return f"{name}@{self.version.get((name, ''), 0)}"
+        vs = [self.version.get((root, la), 0) for la in layers]
+        if what == "layer" or len(set(vs)) > 1:
+            return "(" + ", ".join(f"{la}@{root}{v}" for la, v in zip(layers, vs, strict=True)) + ")"
+        return f"{root}@{vs[0]}"
+
+    def layer(self, root: str, name: str) -> str:
+        return f"{name}@{root}{self.version.get((root, name), 0)}"
+
+    # --- the walk
+    def run(self) -> str:
+        net = self.net
+        self.lines += [f"# {net.filename}: the loops unrolled into a Netsor-transpose program",
+                       f"# parametrization {net.param_name}: a = {list(net.abc.a)}, b = {list(net.abc.b)}, "
+                       f"c = {net.abc.c:g}",
+                       "# an update `P -= e` moves layer l by e times n^(e_l - 2 a_l - c) for gradient terms and n^-c "
+                       "for parameter terms:"]
+        for la in net.layers.values():
+            e = MAXIMAL_LR_EXPONENT[la.role] - net.lr_exponent(la)
+            decay = 0.0 - net.abc.c
+            self.lines.append(f"#   {la.name} ({la.role}): gradient terms n^{e:g}, parameter terms n^{decay:g}")
+        if any(la.role == "hidden" for la in net.layers.values()):
+            self.lines.append("# W@fk y = a W_0 y + sum_p k_p dh_p (x_p . y / n) over W's stored rows: only W_0 and "
+                              "W_0.T multiply")
+        self.block(self.prog.top)
+        return "\n".join(self.lines) + "\n"
+
+    def block(self, ids: list[int]) -> None:
+        for i in ids:
+            ins = self.prog.instrs[i]
+            if ins.op in INLINE:
+                if ins.op == "const":
+                    self.values[i] = ins.attrs["value"]
+                continue
+            getattr(self, f"do_{ins.op}", self.do_other)(ins)
+
+    def do_loop(self, ins: Instr) -> None:
+        counter = next(i for i in ins.attrs["body"] if self.prog.instrs[i].op == "counter")
+        for t in range(ins.attrs["trip"]):
+            self.iterations += 1
+            if self.iterations > MAX_STEPS:
+                raise TpcError(f"--unrolled is for short runs: more than {MAX_STEPS} loop iterations in all; lower "
+                               "the trip counts to read the program", ins.span
+                               ).locate(self.net.filename, self.net.source)
+            self.counters[counter] = t
+            self.values[counter] = t
+            self.say(f"# {ins.attrs['counter']} = {t}")
+            self.tag.append(f"{ins.attrs['counter']}{t}")
+            self.block(ins.attrs["body"])
+            self.tag.pop()
+
+    def name(self, ins: Instr) -> str:
+        base = ins.attrs.get("label") or f"v{ins.id}"
+        self.names[ins.id] = base + self.suffix()
+        return self.names[ins.id]
+
+    def static(self, i: int) -> np.ndarray:
+        return np.asarray(self.values[i])
+
+    def do_rows(self, ins: Instr) -> None:
+        x = self.prog.instrs[ins.args[0]].attrs["name"]
+        t = int(self.static(ins.args[1]))
+        m = self.net.data[x].shape[0]
+        rows = batch_rows(t, ins.attrs["size"], m).tolist()
+        self.values[ins.id] = np.asarray(rows)
+        self.names[ins.id] = f"{x}[{_ranges(rows)}]"
+
+    def do_index(self, ins: Instr) -> None:
+        base = self.prog.instrs[ins.args[0]]
+        i = self.static(ins.args[1]).astype(int)
+        if base.op == "data":
+            self.values[ins.id] = self.net.data[base.attrs["name"]][i]
+            self.names[ins.id] = f"{base.attrs['name']}[{_ranges(np.atleast_1d(i).tolist())}]"
+        else:
+            inner = self.values[ins.args[0]]
+            self.values[ins.id] = np.asarray(inner)[i]
+            self.names[ins.id] = f"{self.names[ins.args[0]]}[{int(i) if i.ndim == 0 else _ranges(i.tolist())}]"
+
+    def do_fn(self, ins: Instr) -> None:
+        args = [self.ref(a) for a in ins.args]
+        if ins.static and all(a in self.values for a in ins.args):
+            import torch
+
+            from tpc.ops.functions import FUNCTIONS
+
+            vals = [torch.as_tensor(np.asarray(self.values[a], dtype=np.float64)) for a in ins.args]
+            fn = ins.attrs["fn"]
+            v = {"min": torch.minimum, "max": torch.maximum, "mod": torch.remainder}.get(fn, None)
+            value = (v(*vals) if v else FUNCTIONS[fn].torch(*vals)).numpy()
+            self.values[ins.id] = value
+            self.names[ins.id] = f"{float(value):g}" if value.ndim == 0 else self.name(ins)
+            return
+        text = f"{args[0]} {INFIX[ins.attrs['fn']]} {args[1]}" if ins.attrs["fn"] in INFIX else \
+            f"{ins.attrs['fn']}({', '.join(args)})"
+        self.say(f"{self.name(ins)} = {text}")
+
+    def do_reduce(self, ins: Instr) -> None:
+        self.say(f"{self.name(ins)} = {ins.attrs['fn']}({self.ref(ins.args[0])})   # finite")
+
+    def do_apply(self, ins: Instr) -> None:
+        root, x = ins.attrs["root"], self.ref(ins.args[0])
+        out = self.name(ins)
+        steps = self.net.model.steps
+        h = [x if s.op == "input" else f"h{k}{self.suffix()}" for k, s in enumerate(steps)]
+        h[-1] = out
+        self.say(f"# {out} = {root}({x}), forward:")
+        for k, step in enumerate(steps):
+            if step.op == "input":
+                continue
+            if step.op == "bias":
+                text = self.layer(root, step.layer)
+            elif step.op == "fn":
+                text = ex.render(step.tree, [h[j] for j in step.args])
+            else:
+                la = self.net.layers[step.layer]
+                arg = h[step.args[0]]
+                if la.role == "input":
+                    text = f"{self.layer(root, la.name)} @ {arg}"
+                elif la.role == "readout":
+                    text = f"({self.layer(root, la.name)} . {arg}) / n   # finite: the readout rows v = n {la.name}"
+                else:
+                    text = self.hidden(root, la.name, arg, False)
+            self.say(f"  {h[k]} = {text}")
+        self.values.pop(ins.id, None)
+        self.applied = getattr(self, "applied", {})
+        self.applied[ins.id] = (root, h)
+
+    def hidden(self, root: str, layer: str, arg: str, transposed: bool) -> str:
+        w = f"{layer}_0.T" if transposed else f"{layer}_0"
+        v = self.version.get((root, layer), 0)
+        p = self.stored.get(layer, 0)
+        if v == 0 or p == 0:
+            return f"{w} @ {arg}" + ("" if v == 0 else f"   # {layer}@{root}{v} = a {layer}_0")
+        left, right = ("x", "dh") if transposed else ("dh", "x")
+        return (f"a {w} @ {arg} + sum_(p<{p}) k_p {layer}{left}_p ({layer}{right}_p . {arg} / n)   "
+                f"# a, k of {layer}@{root}{v}")
+
+    def do_loss(self, ins: Instr) -> None:
+        self.say(f"{self.name(ins)} = {ins.attrs['loss']}({self.ref(ins.args[0])}, {self.ref(ins.args[1])})   "
+                 "# finite")
+
+    def do_named_loss(self, ins: Instr) -> None:
+        on = f" on {self.ref(ins.args[1])}" if len(ins.args) > 1 else ""
+        self.say(f"{self.name(ins)} = {ins.attrs['loss']}({self.ref(ins.args[0])}){on}   # finite")
+
+    def do_grad(self, ins: Instr) -> None:
+        out = self.name(ins)
+        loss = self.ref(ins.args[0])
+        for a in ins.args[1:]:
+            root, h = self.applied[a]
+            self.backward(root, h, loss, ins.attrs["layers"], out)
+
+    def backward(self, root: str, h: list[str], loss: str, layers: tuple[str, ...], out: str) -> None:
+        steps = self.net.model.steps
+        self.say(f"# {out} = grad({loss}, {'/'.join(layers)} of {root}), backward through {h[-1]}:")
+        chi = f"chi{self.suffix()}"
+        self.say(f"  {chi} = d{loss}/d{h[-1]}   # finite")
+        readout = steps[-1]
+        grads: dict[int, list[str]] = {readout.args[0]: [f"{self.layer(root, readout.layer)}.T @ {chi}"]}
+        for k in range(len(steps) - 2, -1, -1):
+            step = steps[k]
+            if k not in grads or step.op == "input":
+                continue
+            g = f"d{h[k]}"
+            self.say(f"  {g} = {' + '.join(grads[k])}")
+            if step.op == "matmul":
+                la = self.net.layers[step.layer]
+                if la.role == "hidden":
+                    grads.setdefault(step.args[0], []).append(self.hidden(root, la.name, g, True).split("   #")[0])
+            elif step.op == "fn":
+                for j_arg, j in enumerate(step.args):
+                    if steps[j].kind == "vector":
+                        d = derivative(step.tree, j_arg)
+                        grads.setdefault(j, []).append(f"({ex.render(d, [h[a] for a in step.args])}) * {g}")
+        for k, step in enumerate(steps):
+            if step.op not in ("matmul", "bias") or step.layer not in layers:
+                continue
+            la = self.net.layers[step.layer]
+            if la.role == "hidden":
+                first = self.stored.get(la.name, 0)
+                self.stored[la.name] = first + 1
+                self.say(f"  {la.name}x_{first}, {la.name}dh_{first} = {h[step.args[0]]}, d{h[k]}   # stored: "
+                         f"a block of rows of {la.name}")
+            else:
+                what = {"input": f"{h[step.args[0]]}.T d{h[k]}", "readout": f"{chi}.T {h[step.args[0]]}",
+                        "bias": f"sum_rows d{h[k]}"}[la.role]
+                self.say(f"  {out}.{la.name} = {what}")
+
+    def terms(self, terms: list) -> str:
+        parts = []
+        for k, coefs, p in terms:
+            factors = ([] if k == 1.0 else [f"{k:g}"]) + [self.ref(c) for c in coefs] + [self.ref(p)]
+            parts.append(" * ".join(factors))
+        return (" + ".join(parts) or "0").replace("+ -", "- ")
+
+    def do_update(self, ins: Instr) -> None:
+        text = self.terms(ins.attrs["terms"])
+        root, what = ins.attrs["root"], ins.attrs["what"]
+        old = self.params(root, ins.attrs["layers"], what, ins.attrs["target"])
+        if what == "state":
+            self.version[(root, "")] = self.version.get((root, ""), 0) + 1
+        else:
+            for la in ins.attrs["layers"]:
+                self.version[(root, la)] = self.version.get((root, la), 0) + 1
+        new = self.params(root, ins.attrs["layers"], what, ins.attrs["target"])
+        op = ins.attrs["mode"]
+        if op != "=" and len(ins.attrs["terms"]) > 1:
+            text = f"({text})"
+        rhs = text if op == "=" else f"{old} {op[0]} {text}"
+        note = "   # scaled per layer (header)" if ins.attrs["scaled"] else ""
+        self.say(f"{new} = {rhs}{note}")
+
+    def do_state(self, ins: Instr) -> None:
+        name = ins.attrs["name"]
+        self.version[(name, "")] = 0
+        self.say(f"{name}@0 = {self.terms(ins.attrs['terms'])}")
+
+    def do_copy(self, ins: Instr) -> None:
+        name, src = ins.attrs["name"], ins.attrs["source"]
+        for la in ins.attrs["layers"]:
+            self.version[(name, la)] = 0
+        self.say(f"{name}@0 = {self.params(src, ins.attrs['layers'], 'model', src)}   # a copy: the same numbers a, k")
+
+    def do_zeros(self, ins: Instr) -> None:
+        self.names[ins.id] = f"zeros({', '.join(ins.attrs['layers'])})"
+
+    def do_lincomb(self, ins: Instr) -> None:
+        self.say(f"{self.name(ins)} = {self.terms(ins.attrs['terms'])}")
+
+    def do_record(self, ins: Instr) -> None:
+        self.say(f"record {ins.attrs['name']}[{', '.join(self.tag)}] = {self.ref(ins.args[0])}")
+
+    def do_other(self, ins: Instr) -> None:  # pragma: no cover - every op has a rule above
+        self.say(f"{self.name(ins)} = {ins.op}")
+
+
+def _ranges(rows: list[int]) -> str:
+    if len(rows) > 1 and rows == list(range(rows[0], rows[-1] + 1)):
+        return f"{rows[0]}..{rows[-1]}"
+    return ", ".join(map(str, rows))
+
+
+def unrolled_loops(net: Network) -> str:
+    return _Lister(net).run()
