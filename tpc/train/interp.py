@@ -306,6 +306,8 @@ def _update(it: Interpreter, ins: Instr) -> None:
 
 def _record(it: Interpreter, ins: Instr) -> None:
     v = it.finite(ins.args[0]).detach()
+    if it.prog.instrs[ins.args[0]].op == "apply" and v.shape[-1] == 1:  # one output: a number per row, as f(X)
+        v = v[..., 0]
     if it.prog.instrs[ins.args[0]].static:  # the same for every seed: give it the seed axes all the same
         v = v.to(it.be.dtype).expand(*it.be.lead_shape, *v.shape) if it.be.lead_shape else v
     it.recording[-1].setdefault(ins.attrs["name"], []).append(v)

@@ -1,0 +1,273 @@
+"""Training loops written in the language: direct torch training (autograd on the weights) against
+the unrolled Netsor-transpose program at the same width and seeds (round-off), in every
+parametrization; exact limits of linear loops against computations written out here; the kernel
+regime of a loop against the NTK recursion; `train sgd` through its loop against the numbers of
+the executor it replaced; printing; and refusals before anything runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tpc
+from tpc.cli import main
+from tpc.errors import TpcError
+from tpc.train.dense import loops_finite
+from tpc.train.pooled import loops_unrolled_finite
+
+ROOT = Path(__file__).resolve().parent.parent
+LOOPS = [ROOT / "programs" / "train" / f for f in
+         ("momentum_relu2_mup.tp", "wd_cosine_tanh_mup.tp", "two_phase_linear_mup.tp", "relu2_ntk_loop.tp")]
+
+HEADER = """width n
+data X = [[1, 0.5], [-0.3, 0.8], [0.2, -1], [0.9, 0.1], [-0.5, -0.5]]
+data Y = [1, -1, 1, 1, -1]
+data Xt = [[0.4, 0.4], [-1, 0.2]]
+"""
+MODEL = """layer U : input n x 2, var = 2
+layer b : bias n
+layer W : hidden n x n, var = 2
+layer V : readout 1 x n
+model f(x) = V @ tanh(W @ relu(U @ x + b) + 0.5 * b)
+"""
+# every construct at once: momentum, a schedule, decay, a frozen phase, mini-batches, a copy
+BODY = """state M = zeros(f)
+output p0 = f(Xt)
+for t in range(3) {
+  eta = 0.4 * (1 + cos(pi * t / 3)) / 2
+  L = mse(f(batch(X, t, 2)), batch(Y, t, 2)) + 0.1 * mean(f(X) ^ 2)
+  record loss = L
+  M = 0.8 * M + grad(L, f)
+  f -= eta * (M + 0.05 * f)
+}
+for t in range(2) {
+  copy g = f
+  g -= 0.3 * grad(mse(g(X), Y), g)
+  V -= 0.2 * grad(mse(g(Xt), [0.5, -0.5]) + mse(f(X), Y), V)
+  record q = g(Xt)
+}
+output p = f(Xt)
+output curve = loss
+output q = q
+output k = features(f, X)
+output move = feature_change(f, X)
+"""
+PARAMS = ["mup", "sp", "ntk", "abc(a = [0, 0, 0.5], b = [0, 0.5, 0.5], c = 0.5)",
+          "abc(a = [0, 0.5, 1], b = [0, 0, 0], c = 1)"]
+
+
+@pytest.mark.parametrize("path", LOOPS, ids=[p.stem for p in LOOPS])
+def test_bundled_loops_direct_equals_unrolled(path: Path) -> None:
+    net = tpc.load(path)
+    direct = loops_finite(net, 48, 2)
+    unrolled = loops_unrolled_finite(net, 48, 2)
+    for name, res in direct.items():
+        np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("param", PARAMS)
+def test_every_construct_direct_equals_unrolled(param: str) -> None:
+    body = BODY.replace("[0.5, -0.5]", "Y2").replace("output p0", "data Y2 = [0.5, -0.5]\noutput p0")
+    net = tpc.loads(HEADER + f"parametrization {param}\n" + MODEL + body)
+    direct = loops_finite(net, 40, 2)
+    unrolled = loops_unrolled_finite(net, 40, 2)
+    assert direct["curve"].values.shape == (2, 3) and direct["q"].values.shape == (2, 2, 2)
+    for name, res in direct.items():
+        np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)
+    assert np.abs(direct["p"].values - direct["p0"].values).max() > 1e-5  # training moved the outputs
+
+
+def test_train_sgd_through_its_loop_keeps_the_numbers_of_the_old_executor() -> None:
+    """relu2_mup.tp and relu2_ntk.tp: values printed by tpc 94b8884 (unroll.Unrolled, finite._sgd and
+    kernel.kernel_limit) at the same seeds; the loop draws the limit's Gaussians in the same order."""
+    net = tpc.load(ROOT / "programs" / "train" / "relu2_mup.tp")
+    lim = tpc.limit(net, particles=2**12, replicates=2)
+    np.testing.assert_allclose(lim["pred"].value, [0.06957802764351924, -0.20509067331830522, 0.14878512109322029],
+                               rtol=1e-9)
+    np.testing.assert_allclose(lim["curve"].value, [0.3160997447251002, 0.24043307783522333, 0.1852696219441038],
+                               rtol=1e-9)
+    np.testing.assert_allclose(lim["move"].stderr, [0.00282163578291056, 0.00912848289087337, 0.01283938877752619,
+                                                    0.00091619034973567], rtol=1e-7)
+    fin = tpc.run(net, 64, 2)
+    np.testing.assert_allclose(fin["curve"].values, [[0.35067292089469626, 0.2739880125172507, 0.22721186046746594],
+                                                     [0.32797274988901376, 0.26185931531646145, 0.22005309738768636]],
+                               rtol=1e-12)
+    np.testing.assert_allclose(fin["pred"].values[1], [0.02385167606707747, -0.21185591540812015, 0.0699390684799667],
+                               rtol=1e-12)
+    ntk = tpc.limit(tpc.load(ROOT / "programs" / "train" / "relu2_ntk.tp"))["pred"]
+    np.testing.assert_allclose(ntk.value, [0.05930528338768344, -0.17173596406869568, 0.14039933462075066],
+                               rtol=1e-12)
+    np.testing.assert_allclose(np.diag(ntk.cov), [0.16406952808697872, 0.17300091823771896, 0.21509087552901704],
+                               rtol=1e-12)
+
+
+def test_written_sgd_equals_the_train_statement() -> None:
+    """The loop a user writes for SGD and the one `train sgd` desugars to compute the same numbers."""
+    sugar = tpc.loads(HEADER + "parametrization mup\n" + MODEL + """loss L = mse(f(X), Y)
+train sgd(lr = 0.3, steps = 3, batch = 2) minimize L
+output p = f(Xt)
+output h = history(L)
+""")
+    written = tpc.loads(HEADER + "parametrization mup\n" + MODEL + """loss L = mse(f(X), Y)
+for t in range(3) {
+  record h = L
+  f -= 0.3 * grad(mse(f(batch(X, t, 2)), batch(Y, t, 2)), f)
+}
+output p = f(Xt)
+output h = h
+""")
+    for a, b in ((tpc.run(sugar, 32, 2), tpc.run(written, 32, 2)),):
+        for k in ("p", "h"):
+            np.testing.assert_array_equal(a[k].values, b[k].values)
+    la, lb = tpc.limit(sugar, particles=2**10), tpc.limit(written, particles=2**10)
+    for k in ("p", "h"):
+        np.testing.assert_allclose(la[k].value, lb[k].value, rtol=1e-12, atol=1e-14)
+
+
+def _linear_direct(phases: list[tuple[int, float, list[str], float, float, float]]) -> dict:
+    """f(x) = V (U x) / n in muP, in the limit, written on coefficients over the Gaussians of U's 3
+    columns and of v (see test_training.test_exact_linear_mup_limit_against_a_direct_computation).
+    Each phase: (steps, lr, trained layers, momentum beta, decay, output penalty)."""
+    X = np.loadtxt(ROOT / "programs" / "train" / "data" / "train4x3.csv", delimiter=",")  # noqa: N806
+    Xt = np.loadtxt(ROOT / "programs" / "train" / "data" / "test3x3.csv", delimiter=",")  # noqa: N806
+    y = np.loadtxt(ROOT / "programs" / "train" / "data" / "targets4.csv", delimiter=",").reshape(-1)
+    d = 3
+    U = np.hstack([np.eye(d) / np.sqrt(d), np.zeros((d, 1))])  # noqa: N806
+    v = np.eye(d + 1)[d]
+    mu, mv = np.zeros_like(U), np.zeros_like(v)
+    curves = []
+    for steps, lr, layers, beta, decay, penalty in phases:
+        for _ in range(steps):
+            H = X @ U  # noqa: N806
+            f = H @ v
+            curves.append(0.5 * np.mean((f - y) ** 2) + penalty * np.mean(f**2))
+            chi = (f - y) / len(X) + 2 * penalty * f / len(X)
+            gu, gv = X.T @ np.outer(chi, v), chi @ H
+            mu, mv = beta * mu + gu, beta * mv + gv
+            if "U" in layers:
+                U = U - lr * (mu + decay * U)  # noqa: N806
+            if "V" in layers:
+                v = v - lr * (mv + decay * v)
+    return {"pred": (Xt @ U) @ v, "curve": np.array(curves)}
+
+
+def test_linear_loops_exact_against_a_direct_computation() -> None:
+    """Momentum, decoupled phases (readout first), decay and a penalty in the loss: the exact limit
+    of a linear muP network equals linear algebra on its Gaussians' coefficients, to 1e-10."""
+    head = """width n
+parametrization mup
+data X  = load("data/train4x3.csv")
+data Y  = load("data/targets4.csv")
+data Xt = load("data/test3x3.csv")
+layer U : input n x 3
+layer V : readout 1 x n
+model f(x) = V @ (U @ x)
+"""
+    cases = {
+        "momentum": ("""state M = zeros(f)
+for t in range(5) { L = mse(f(X), Y)  record c = L  M = 0.9 * M + grad(L, f)  f -= 0.3 * M }
+""", [(5, 0.3, ["U", "V"], 0.9, 0.0, 0.0)]),
+        "phases": ("""for t in range(3) { L = mse(f(X), Y)  record c = L  V -= 0.5 * grad(L, V) }
+for s in range(3) { L = mse(f(X), Y) + 0.1 * mean(f(X) ^ 2)  record c2 = L  f -= 0.5 * grad(L, f) }
+""", [(3, 0.5, ["V"], 0.0, 0.0, 0.0), (3, 0.5, ["U", "V"], 0.0, 0.0, 0.1)]),
+        "decay": ("""for t in range(4) { L = mse(f(X), Y)  record c = L  f -= 0.5 * (grad(L, f) + 0.2 * f) }
+""", [(4, 0.5, ["U", "V"], 0.0, 0.2, 0.0)]),
+    }
+    for name, (loops, phases) in cases.items():
+        path = ROOT / "programs" / "train" / f"_loop_test_{name}.tp"
+        records = "output c = c\n" + ("output c2 = c2\n" if "c2" in loops else "")
+        path.write_text(head + loops + "output pred = f(Xt)\n" + records)
+        try:
+            lim = tpc.limit(tpc.load(path))
+        finally:
+            path.unlink()
+        want = _linear_direct(phases)
+        assert lim["pred"].method == "exact"
+        curve = np.concatenate([lim["c"].value] + ([lim["c2"].value] if "c2" in lim else []))
+        np.testing.assert_allclose(lim["pred"].value, want["pred"], atol=1e-10, err_msg=name)
+        np.testing.assert_allclose(curve, want["curve"], atol=1e-10, err_msg=name)
+
+
+def test_two_phase_program_exact_limit_is_a_deep_linear_network_limit() -> None:
+    """two_phase_linear_mup.tp (an n x n layer, so Zdot terms): exact, and phase 1 moves only the
+    readout, so its middle predictions are the readout-only regression on fixed features."""
+    lim = tpc.limit(tpc.load(ROOT / "programs" / "train" / "two_phase_linear_mup.tp"))
+    assert all(v.method == "exact" for v in lim.values())
+    assert np.all(np.diff(lim["phase1"].value) < 0) and np.all(np.diff(lim["phase2"].value) < 0)
+    assert lim["move"].value.min() > 0.05  # phase 2 moves the features (muP)
+
+
+def test_ntk_loop_against_the_ntk_recursion_and_kernel_descent() -> None:
+    """relu2_ntk_loop.tp: the limit is kernel gradient descent with the NTK (Jacot et al.; TP4's
+    Dichotomy) at each step's warm-up rate; NTK and NNGP from the ReLU arc-cosine recursion."""
+    from tests.test_training import _relu_kernels
+
+    net = tpc.load(ROOT / "programs" / "train" / "relu2_ntk_loop.tp")
+    lim = tpc.limit(net)
+    X, Xt, y = net.data["X"], net.data["Xt"], net.data["Y"].reshape(-1)  # noqa: N806
+    P = np.vstack([X, Xt])  # noqa: N806
+    s1 = 2.0 * P @ P.T / 3  # input layer, var 2, fan-in 3
+    x1, d1 = _relu_kernels(s1, 1.0)
+    x2, d2 = _relu_kernels(2.0 * x1, 1.0)  # hidden layer, var 2
+    nngp = x2  # readout var 1
+    g2 = d2  # <dh2, dh2'> / n: v times step(h2)
+    g1 = 2.0 * g2 * d1  # back through W (var 2) and step(h1)
+    ntk = x2 + g2 * x1 + g1 * (P @ P.T)  # readout, hidden and input layers' terms
+    m = len(X)
+    mean, A = np.zeros(len(P)), np.eye(len(P))  # noqa: N806 - f_t = A f_0 + mean
+    curve = []
+    for t in range(4):
+        curve.append(0.5 * np.mean((mean[:m] - y) ** 2 + np.diag(A[:m] @ nngp @ A[:m].T)))
+        rate = 0.5 * min(1, (t + 1) / 2)
+        mean = mean - rate * ntk[:, :m] @ (mean[:m] - y) / m
+        A = A - rate * ntk[:, :m] @ A[:m] / m  # noqa: N806
+    np.testing.assert_allclose(lim["pred"].value, mean[m:], atol=1e-10)
+    np.testing.assert_allclose(lim["pred"].cov, A[m:] @ nngp @ A[m:].T, atol=1e-10)
+    np.testing.assert_allclose(lim["curve"].value, curve, atol=1e-10)
+    assert lim["pred"].method == "exact+closed-form"
+
+
+def test_kernel_regime_refuses_order_one_weight_decay() -> None:
+    net = tpc.loads(HEADER + "parametrization ntk\n" + MODEL + """for t in range(2) {
+  f -= 0.5 * (grad(mse(f(X), Y), f) + 0.1 * f)
+}
+output p = f(Xt)
+""")
+    with pytest.raises(TpcError, match=r"<program>:\d+:\d+: error: in the kernel regime .*weight decay"):
+        tpc.limit(net)
+
+
+def test_graph_prints_the_loop_and_its_body(capsys: pytest.CaptureFixture[str]) -> None:
+    path = str(ROOT / "programs" / "train" / "momentum_relu2_mup.tp")
+    assert main(["graph", path]) == 0
+    out = capsys.readouterr().out
+    assert "for t in range(6):" in out and "Loop (carries M, f; records loss)" in out
+    assert "      M = 0.9 * M + %" in out and "f -= 0.2 * M" in out
+    assert main(["graph", path, "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    loop = next(n for n in doc["training"]["top"] if n["op"] == "loop")
+    assert loop["trip"] == 6 and any(b["op"] == "grad" for b in loop["body"])
+    assert main(["graph", path, "--format", "dot"]) == 0
+    assert "subgraph cluster_loop_" in capsys.readouterr().out
+    assert main(["graph", "--unrolled", path]) == 0
+    out = capsys.readouterr().out
+    assert out.count("\n# t = ") == 6 and "dh2.t1 = a W_0.T @ dh3.t1 + sum_(p<1)" in out
+    assert "W@f1 @" not in out  # only W_0 multiplies
+
+
+def test_a_bad_loop_is_refused_before_anything_runs(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.tp"
+    bad.write_text(HEADER + "parametrization mup\n" + MODEL + """for t in range(3) {
+  record loss = mse(f(X), Y)
+  f -= 0.1 * grad(mse(f(X), Y), f)
+}
+for s in range(loss) { }
+output p = f(Xt)
+""")
+    for cmd in (["run", str(bad), "--width", "16"], ["limit", str(bad)], ["compare", str(bad), "--widths", "8,16"]):
+        assert main(cmd) == 2
+        err = capsys.readouterr()
+        assert "bad.tp:15:16: error: the trip count must be a constant" in err.err and err.out == ""
