@@ -16,7 +16,7 @@ import tpc
 from tpc.cli import main
 from tpc.errors import TpcError
 from tpc.train.dense import loops_finite
-from tpc.train.pooled import loops_unrolled_finite
+from tpc.train.pooled import run_unrolled_finite
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPS = [ROOT / "programs" / "train" / f for f in
@@ -63,7 +63,7 @@ PARAMS = ["mup", "sp", "ntk", "abc(a = [0, 0, 0.5], b = [0, 0.5, 0.5], c = 0.5)"
 def test_bundled_loops_direct_equals_unrolled(path: Path) -> None:
     net = tpc.load(path)
     direct = loops_finite(net, 48, 2)
-    unrolled = loops_unrolled_finite(net, 48, 2)
+    unrolled = run_unrolled_finite(net, 48, 2)
     for name, res in direct.items():
         np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)
 
@@ -73,7 +73,7 @@ def test_every_construct_direct_equals_unrolled(param: str) -> None:
     body = BODY.replace("[0.5, -0.5]", "Y2").replace("output p0", "data Y2 = [0.5, -0.5]\noutput p0")
     net = tpc.loads(HEADER + f"parametrization {param}\n" + MODEL + body)
     direct = loops_finite(net, 40, 2)
-    unrolled = loops_unrolled_finite(net, 40, 2)
+    unrolled = run_unrolled_finite(net, 40, 2)
     assert direct["curve"].values.shape == (2, 3) and direct["q"].values.shape == (2, 2, 2)
     for name, res in direct.items():
         np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)

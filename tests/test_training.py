@@ -14,8 +14,8 @@ from tpc.cli import main
 from tpc.compare import fit_slope
 from tpc.errors import TpcError
 from tpc.train.kernel import kernels
-from tpc.train.listing import unrolled_listing
-from tpc.train.unroll import plan, run_unrolled_finite
+from tpc.train.pooled import count, run_unrolled_finite
+from tpc.train.unrolled import unrolled_loops
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = sorted((ROOT / "programs" / "train").glob("*.tp"))
@@ -303,11 +303,12 @@ def test_kernel_regime_non_mse_loss_samples_f0() -> None:
 
 def test_plan_counts_gaussians() -> None:
     net = tpc.load(ROOT / "programs" / "train" / "relu2_mup.tp")
-    p = plan(net)
+    p = count(net)
     # init forward on X (kernel0, feature_change), 3 steps x (4 forward + 4 backward), trained forward
     # on X and Xt: one hidden matrix, so one Gaussian per row; plus U's 3 columns and V's row
     assert (p.forward_rows, p.backward_rows) == (4 + 12 + 4 + 3, 12)
     assert p.gaussians == 3 + 1 + p.forward_rows + p.backward_rows
+    assert p.stored_rows == 12
 
 
 def test_limit_refuses_what_would_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
@@ -383,24 +384,32 @@ def test_fomaml_relu_mup_particle_limit_against_finite_widths() -> None:
 
 
 def test_graph_unrolled_lists_the_netsor_transpose_program(capsys: pytest.CaptureFixture[str]) -> None:
-    """Hidden matrices appear only as W_0 and W_0.T plus the stored updates; finite layers update in place."""
+    """Hidden matrices appear only as W_0 and W_0.T plus the stored rows; finite layers are updated.
+    (The listing is derived from the loop that `train sgd` desugars to; its format changed with it.)"""
     assert main(["graph", "--unrolled", str(ROOT / "programs" / "train" / "relu2_mup.tp")]) == 0
     out = capsys.readouterr().out
-    assert out.count("\n# step ") == 3
-    assert "h3_0 = W_0 @ h2_0\n" in out
-    assert "h3_2 = W_0 @ h2_2 + sum_(r<2) c_W Wdh_r (xW_r . h2_2 / n)" in out
-    assert "dh2_1 = W_0.T @ dh3_1 + sum_(r<1) c_W xW_r (Wdh_r . dh3_1 / n)" in out
-    assert "W_1 @" not in out and "W_2 @" not in out
-    assert "U_3 = U_2 + c_U X[rows].T dh1_2" in out and "c_W = -0.5 n^0" in out
+    assert out.count("\n# step = ") == 3
+    assert "h3.step0 = W_0 @ h2.step0\n" in out
+    assert "h3.step2 = a W_0 @ h2.step2 + sum_(p<2) k_p Wdh_p (Wx_p . h2.step2 / n)" in out
+    assert "dh2.step1 = a W_0.T @ dh3.step1 + sum_(p<1) k_p Wx_p (Wdh_p . dh3.step1 / n)" in out
+    assert "W@f1 @" not in out and "W@f2 @" not in out
+    assert "f@3 = f@2 - 0.5 * " in out and "W (hidden): gradient terms n^0" in out
     for program in ("word2vec/cbow_mup.tp", "train/relu2_sp.tp"):
         status = main(["graph", "--unrolled", str(ROOT / "programs" / program)])
         assert status == (2 if "cbow" in program else 0)
     assert "kernel gradient descent" in capsys.readouterr().out
-    net = tpc.load(ROOT / "programs" / "train" / "linear_mup.tp")
-    net.train.steps = 50
+    long = HEADER + """parametrization mup
+data Y = [1, -1, 1, 1, -1]
+layer U : input n x 2
+layer V : readout 1 x n
+model f(x) = V @ (U @ x)
+loss L = mse(f(X), Y)
+train sgd(lr = 0.1, steps = 250) minimize L
+output p = f(Xt)
+"""
     with pytest.raises(TpcError, match="short runs"):
-        unrolled_listing(net)
-    listing = unrolled_listing(tpc.loads(HEADER + """parametrization mup
+        unrolled_loops(tpc.loads(long))
+    listing = unrolled_loops(tpc.loads(HEADER + """parametrization mup
 data Y = [1, -1, 1, 1, -1]
 layer U : input n x 2
 layer W : hidden n x n
@@ -410,5 +419,5 @@ loss L = mse(f(X), Y)
 train sgd(lr = 0.3, steps = 2, batch = 2) minimize L
 output p = f(Xt)
 """))
-    assert "xW_0, Wdh_0 = [h2_0, h4_0], [dh3_0, dh5_0]   # stored (one pair per use)" in listing
-    assert "U_1 = U_0 + c_U (X[rows].T dh1_0 + X[rows].T dh6_0)" in listing
+    assert "Wx_0, Wdh_0 = h2.step0, dh3.step0" in listing and "Wx_1, Wdh_1 = h4.step0, dh5.step0" in listing
+    assert "U = X[0..1].T dh1.step0 + X[0..1].T dh6.step0   # d columns" in listing

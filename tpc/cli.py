@@ -236,15 +236,15 @@ def cmd_graph(args: argparse.Namespace) -> int:
     prog = _load(args)
     if args.unrolled:
         if not _is_network(prog):
-            raise TpcError("--unrolled shows a network program's SGD training; this program has no train statement")
-        if prog.program is not None and (prog.train is None or prog.train.optimizer == "fomaml"):
-            from tpc.train.unrolled import unrolled_loops
+            raise TpcError("--unrolled shows a network program's training; this program has none")
+        if prog.program is None or not prog.program.top:
+            raise TpcError("--unrolled lists a program's training; this program does not train"
+                           if prog.program is not None else
+                           "--unrolled lists a program's loops; a cbow program trains tables of word vectors by index "
+                           "(see README)", getattr(prog.train, "span", None)).locate(prog.filename, prog.source)
+        from tpc.train.unrolled import unrolled_loops
 
-            listing = unrolled_loops(prog)
-        else:
-            from tpc.train.listing import unrolled_listing
-
-            listing = unrolled_listing(prog)
+        listing = unrolled_loops(prog)
         if args.format == "dot":
             raise TpcError("--unrolled lists the unrolled program as text (or --format json); it has no DOT form")
         print(dumps({"file": args.file, "unrolled": listing.splitlines()}) if args.format == "json" else listing,

@@ -1,3 +1,6 @@
-"""Network programs: layers with roles, abc-parametrizations, losses and SGD, at finite width
-(`finite.py`), unrolled into a Netsor-transpose program (`unroll.py`), and in the limit
-(`limit.py`: feature learning by the unrolled program, the kernel regime by `kernel.py`)."""
+"""Network programs and their training: layers with roles, abc-parametrizations, losses, and
+training written as loops (`loops.py`; `train sgd`/`train fomaml` desugar to loops in
+`desugar.py`), run by one interpreter (`interp.py`) at finite width (`dense.py`), as the unrolled
+Netsor-transpose program at width n or in the feature-learning limit (`pooled.py` on
+`spaces.py`), and in the kernel regime (`kernel_loops.py` with `kernel.py`'s kernels). word2vec's
+CBOW has its own tables (`cbow.py`)."""

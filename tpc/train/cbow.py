@@ -13,7 +13,7 @@ its basis size costs, and its state (two vocab x basis tables) is known before i
 
 With W^l = n^-a_l w^l and SGD on w^l (network.py), the tables hold the input vectors u_w (columns
 of W^1, entries of size n^-(a1+b1)) and the readout rows at the scale of their updates, v_w = n W^2_w
-(as in unroll.py; entries n^(1-a2-b2) at init), and move exactly as
+(as in spaces.py; entries n^(1-a2-b2) at init), and move exactly as
     logit_j = v_j.h / n,   v_j -= lr n^q g_j h,   u_w -= lr n^s sum_j g_j v_j  (w in the context),
 h = sum of the context's u_w, g_j = dL/dlogit_j, q = 1 - c - 2 a2, s = -1 - c - 2 a1 (muP: q = s = 0). In
 the limit each n^e is 1 (e = 0) or 0 (e < 0), and so are the initial scales. `embeddings(V)` reports

@@ -1,4 +1,5 @@
-"""The kernel regime (r > 0): training in the limit is kernel gradient descent.
+"""The kernel regime (r > 0): the limit kernels that training in function space uses
+(`kernel_loops.py` runs the program's loops with them).
 
 By TP4's Dynamical Dichotomy (Yang & Hu 2021, Theorem 3.11 and Corollary 3.9), a stable
 parametrization with r > 0 freezes the features: the limit of f_t is
@@ -14,8 +15,6 @@ and f_0 has covariance n^(1 - 2 beta) var_{L+1} <x^L, x^L'> / n: each power of n
 lowers it to a forward Tensor Program with its backward (`grad`) and evaluates that program's
 limit (closed forms, quadrature).
 
-Squared error makes f_t affine in f_0, so its mean and covariance are exact; other losses
-sample f_0 and report standard errors.
 """
 
 from __future__ import annotations
@@ -24,14 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from tpc.backends.limit.evaluate import LimitOutput, evaluate_limit
+from tpc.backends.limit.evaluate import evaluate_limit
 from tpc.errors import Span, TpcError
 from tpc.ir import Program
 from tpc.ops import expr as ex
-from tpc.train.losses import batch_rows, loss_gradient, loss_value
-from tpc.train.network import Network, TaskRows
+from tpc.train.network import Network
 
 TOL = 1e-12
 
@@ -168,153 +165,3 @@ def kernels(net: Network, **limit_options: object) -> Kernels:
     lr = net.train.lr if net.train else 0.0
     theta = lr * sum(K.theta.values())
     return Kernels(K.points, theta, K.nngp, K.features, K.method)
-
-
-def kernel_limit(net: Network, samples: int = 2**14, seed: int = 0, **limit_options: object) -> dict[str, LimitOutput]:
-    """Every output of a kernel-regime network program in the limit; `limit_options` go to the
-    evaluation of its kernels (particles, replicates, memory_gb, force)."""
-    K = kernels(net, **limit_options)  # noqa: N806
-    k = net.output_dim()
-    P = K.theta.shape[0]  # noqa: N806
-    fomaml = bool(net.train and net.train.optimizer == "fomaml")
-    if fomaml:
-        samples = min(samples, 512)  # fomaml's outputs are kept per sample (accuracies need them)
-    mse = not fomaml and (not net.train or net.losses[net.train.loss].kind == "mse")
-    exact_losses = all(net.losses[o.loss].kind == "mse" for o in net.outputs if o.kind in ("loss", "history"))
-    # f_t = A_t f_0 + b_t (mse) or f_t on samples of f_0 (other losses)
-    if mse and exact_losses:
-        A, b = np.eye(P), np.zeros((P, k))  # noqa: N806
-        sample = None
-    else:
-        A = b = None  # noqa: N806
-        rng = np.random.default_rng(seed)
-        w, v = np.linalg.eigh(K.nngp)
-        root = v * np.sqrt(np.clip(w, 0, None))
-        sample = root @ rng.standard_normal((samples, P, k))  # (S, P, k)
-    history: list = []
-
-    def loss_stats(loss_name: str) -> tuple[np.ndarray, np.ndarray | None]:
-        loss = net.losses[loss_name]
-        rows = K.points[loss.data]
-        m = rows.stop - rows.start
-        if sample is None:
-            y = net.data[loss.target].reshape(m, k)
-            cov = A[rows] @ K.nngp @ A[rows].T
-            value = 0.5 * np.mean(((b[rows] - y) ** 2).sum(-1) + k * np.diag(cov))
-            return np.asarray(value), None
-        F = torch.as_tensor(sample[:, rows])  # noqa: N806
-        vals = loss_value(loss, F, net.data, np.arange(m)).numpy()
-        return np.asarray(vals.mean()), np.asarray(vals.std(ddof=1) / np.sqrt(len(vals)))
-
-    results: dict[str, LimitOutput] = {}
-    method = K.method if sample is None or "monte-carlo" in K.method else K.method + "+monte-carlo"
-
-    def evaluate(phase: str) -> None:
-        for o in net.outputs:
-            if o.phase != phase:
-                continue
-            if o.kind == "history":
-                vals = np.array([h[0] for h in history])
-                errs = None if history[0][1] is None else np.array([h[1] for h in history])
-                results[o.name] = LimitOutput(vals, method, errs, random=True)
-            elif o.kind == "loss":
-                value, err = loss_stats(o.loss)
-                results[o.name] = LimitOutput(value, method, err, random=True)
-            elif o.kind == "features":
-                r = K.points[o.data]
-                results[o.name] = LimitOutput(K.features[r, r], K.method)
-            elif o.kind == "feature_change":  # the features do not move in the kernel regime
-                results[o.name] = LimitOutput(np.zeros(net.data[o.data].shape[0]), "exact")
-            elif o.kind == "adapted":
-                results[o.name] = _adapted_samples(net, o, K, sample, method)
-            else:
-                results[o.name] = _prediction(K.points[o.data], k, A if sample is None else None, b, sample, K,
-                                              method)
-
-    evaluate("init")
-    if fomaml:
-        sample = _fomaml(net, K, sample)
-    elif net.train:
-        t = net.train
-        loss = net.losses[t.loss]
-        tr = K.points[loss.data]
-        m = tr.stop - tr.start
-        for step in range(t.steps):
-            rows = batch_rows(step, t.batch, m)
-            idx = tr.start + rows
-            if sample is None:
-                history.append(loss_stats(t.loss))
-                y = net.data[loss.target].reshape(m, k)[rows]
-                # chi = (f(X_t) - y) / B, linear in f_0
-                theta = K.theta[:, idx]
-                A, b = A - theta @ A[idx] / len(rows), b - theta @ (b[idx] - y) / len(rows)  # noqa: N806
-            else:
-                history.append(loss_stats(t.loss))
-                _, chi = loss_gradient(loss, torch.as_tensor(sample[:, idx]), net.data, rows)
-                sample = sample - K.theta[:, idx] @ chi.numpy()
-    evaluate("trained")
-    return results
-
-
-def _chi(net: Network, f: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """dL/df of one task's rows for every sample of f (..., rows, k)."""
-    _, chi = loss_gradient(net.task_loss(), torch.as_tensor(f), {"<y>": labels}, np.arange(f.shape[-2]))
-    return chi.numpy()
-
-
-def _adapt(net: Network, K: Kernels, f: np.ndarray, pool: str, task: TaskRows) -> np.ndarray:  # noqa: N803
-    """fomaml's inner steps on one task in function space: f on the query after adapting."""
-    start = K.points[pool].start
-    s, q = start + task.support, start + task.query
-    ratio = net.train.inner_lr / net.train.lr
-    fs, fq = f[:, s], f[:, q]
-    for _ in range(net.train.inner_steps):
-        chi = _chi(net, fs, task.support_y)
-        fs = fs - ratio * K.theta[np.ix_(s, s)] @ chi
-        fq = fq - ratio * K.theta[np.ix_(q, s)] @ chi
-    return fq
-
-
-def _fomaml(net: Network, K: Kernels, f: np.ndarray) -> np.ndarray:  # noqa: N803
-    """First-order MAML with a fixed kernel: each meta-step moves f everywhere by the kernel
-    against the mean over tasks of the query gradients at the adapted functions."""
-    t, tasks = net.train, net.train.tasks
-    start = K.points[tasks.pool].start
-    for step in range(t.steps):
-        total = np.zeros_like(f)
-        for i in batch_rows(step, t.batch, tasks.count(net.data)):
-            task = tasks.task(net.data, i)
-            fq = _adapt(net, K, f, tasks.pool, task)
-            total += K.theta[:, start + task.query] @ _chi(net, fq, task.query_y)
-        f = f - total / t.batch
-    return f
-
-
-def _adapted_samples(net: Network, o: object, K: Kernels, f: np.ndarray, method: str) -> LimitOutput:  # noqa: N803
-    tasks = o.tasks
-    s = np.stack([_adapt(net, K, f, tasks.pool, tasks.task(net.data, t)) for t in range(tasks.count(net.data))],
-                 axis=1)  # (samples, T, Q, k)
-    if s.shape[-1] == 1:
-        s = s[..., 0]
-    err = s.std(0, ddof=1) / np.sqrt(s.shape[0])
-    return LimitOutput(s.mean(0), method, err, random=True, samples=s)
-
-
-def _prediction(rows: slice, k: int, A: np.ndarray | None, b: np.ndarray, sample: np.ndarray | None,  # noqa: N803
-                K: Kernels, method: str) -> LimitOutput:  # noqa: N803
-    if A is not None:
-        mean = b[rows]
-        cov = A[rows] @ K.nngp @ A[rows].T  # (m, m), times the identity over outputs
-        if k == 1:
-            return LimitOutput(mean[:, 0], method, None, cov, random=True)
-        m = cov.shape[0]
-        full = np.einsum("pq,ij->piqj", cov, np.eye(k)).reshape(m, k, m, k)
-        return LimitOutput(mean, method, None, full, random=True)
-    s = sample[:, rows]  # (S, m, k)
-    mean = s.mean(0)
-    err = s.std(0, ddof=1) / np.sqrt(s.shape[0])
-    flat = s.reshape(s.shape[0], -1)
-    cov = np.cov(flat, rowvar=False).reshape(*mean.shape, *mean.shape)
-    if k == 1:
-        return LimitOutput(mean[:, 0], method, err[:, 0], cov.reshape(mean.shape[0], mean.shape[0]), random=True)
-    return LimitOutput(mean, method, err, cov, random=True)

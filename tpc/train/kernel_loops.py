@@ -123,15 +123,19 @@ def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
     K = layer_kernels(net, net.point_sets(), **limit_options)  # noqa: N806
     k = net.output_dim()
     P = K.nngp.shape[0]  # noqa: N806
-    root = psd_factor(torch.as_tensor(K.nngp))  # (P, P)
     exact = affine_in_f0(net)
-    if exact:  # the degree-3 cubature points +-sqrt(D) e_i of N(0, I_D), D = P k
+    if exact:
+        # the degree-3 cubature points +-sqrt(D) e_i of N(0, I_D), D = P k
+        root = psd_factor(torch.as_tensor(K.nngp))  # (P, P)
         D = P * k  # noqa: N806
         basis = np.sqrt(D) * torch.einsum("pi,oj->iopj", root, torch.eye(k, dtype=torch.float64)).reshape(D, P, k)
         f0 = torch.cat([basis, -basis])
     else:
-        gen = torch.Generator().manual_seed(seed)
-        f0 = torch.einsum("pi,sik->spk", root, torch.randn((samples, P, k), generator=gen, dtype=torch.float64))
+        if any(ins.op == "copy" for ins in net.program.walk()):
+            samples = min(samples, 512)  # per-task records (MAML) are kept per sample, for accuracies
+        rng = np.random.default_rng(seed)
+        w, v = np.linalg.eigh(K.nngp)
+        f0 = torch.as_tensor((v * np.sqrt(np.clip(w, 0, None))) @ rng.standard_normal((samples, P, k)))
     with torch.enable_grad():
         out = Interpreter(net, KernelBackend(net, K, f0)).run()
     method = K.method if exact or "monte-carlo" in K.method else K.method + "+monte-carlo"
@@ -150,5 +154,6 @@ def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
         if o.kind == "predict":
             flat = (v - mean).reshape(v.shape[0], -1)
             cov = (flat.T @ flat / (v.shape[0] - (0 if exact else 1))).reshape(*mean.shape, *mean.shape)
-        results[o.name] = LimitOutput(mean, method, err, cov, random=True)
+        kept = v if o.kind == "record" and not exact else None  # draws of f_0's outcomes (accuracies need them)
+        results[o.name] = LimitOutput(mean, method, err, cov, random=True, samples=kept)
     return results

@@ -1,8 +1,8 @@
-"""Network programs: layers with roles, a parametrization, a model, losses, SGD and outputs.
+"""Network programs: layers with roles, a parametrization, a model, losses, training and outputs.
 
-A `.tp` program with a `layer`, `model` or `train` statement is a network program. It is
-checked here into a `Network`: plain data that the finite-width trainer (`finite.py`), the
-unrolled Netsor-transpose program (`unroll.py`) and the kernel-regime limit (`kernel.py`) read.
+A `.tp` program with a `layer`, `model`, `train` or `for` statement is a network program. It is
+checked here into a `Network`: plain data, with its training as a `TrainProgram` of loops
+(`loops.py`; a `train` statement desugars to one, `desugar.py`) that every backend interprets.
 
 Conventions (TP4, Yang & Hu 2021, Definition 3.1): layer l has `W^l = n^-a_l w^l` with
 `w^l ~ N(0, var_l n^-2b_l / d)` (the finite fan-in `d` divides the input layer's variance
@@ -23,7 +23,7 @@ from tpc.build import ExpansionBudget, check_dim, transpose_by_caret
 from tpc.data import DEFAULT_POLICY, DataPolicy, literal_array, load_array
 from tpc.errors import Span, TpcError, clip, nearest
 from tpc.ops import expr as ex
-from tpc.ops.functions import ALIASES, FUNCTIONS
+from tpc.ops.functions import ALIASES, FUNCTIONS, LINEAR_FNS
 from tpc.parametrization import ABC, Classification, classify, preset
 from tpc.train.loops import LoopBuilder, TrainProgram
 
@@ -204,6 +204,10 @@ class Network:
         a, _ = self.ab(layer)
         return 2 * a + self.abc.c
 
+    def is_linear(self) -> bool:
+        """Every coordinatewise step of the model is linear in its vectors: the limit is exact."""
+        return all(_linear(s.tree) for s in self.model.steps if s.op == "fn")
+
     def readout(self) -> Layer:
         return next(la for la in self.layers.values() if la.role == "readout")
 
@@ -226,6 +230,19 @@ class Network:
     def task_loss(self) -> Loss:
         """The loss of one task's rows: targets in the data entry '<y>' (see losses.py)."""
         return Loss(self.train.loss, self.train.loss, "<x>", "<y>", self.train.span)
+
+
+def _linear(t: ex.Tree) -> bool:
+    if not isinstance(t, ex.Apply):
+        return True
+    if t.fn in LINEAR_FNS:
+        return all(_linear(a) for a in t.args)
+    if t.fn == "mul":
+        a, b = t.args
+        return (not ex.args_used(a) and _linear(b)) or (not ex.args_used(b) and _linear(a))
+    if t.fn == "div":
+        return _linear(t.args[0]) and not ex.args_used(t.args[1])
+    return not ex.args_used(t)
 
 
 # ---------------------------------------------------------------------------- building
@@ -808,6 +825,10 @@ class _Builder:
             from tpc.train.desugar import desugar
 
             program = desugar(self)
+        elif self.train is None:  # no training: every output is at initialisation
+            program = TrainProgram()
+            for o in self.outputs:
+                o.position = 0
         return Network(filename, source, self.width, self.param.name, abc, lr, self.layers, self.model,
                        self.data, self.losses, self.train, self.outputs, self.param.span,
                        program)

@@ -9,7 +9,7 @@ combine the numbers a0 and coef. The program therefore multiplies only by W_0 an
 Master Theorem applies (TP4): in the limit `W_0 y` is Zhat + Zdot (`LimitSpace`). Input columns,
 readout rows and biases have a finite side and are kept as vectors.
 
-Natural scale (TP4's convention, as in `unroll.py`): vectors have O(1) coordinates, the readout is
+Natural scale (TP4's convention, see `spaces.py`): vectors have O(1) coordinates, the readout is
 `v = n W`, and the powers of n that the parametrization puts on updates are explicit factors: a
 gradient term of `P -= e` on layer l carries n^(MAXIMAL_LR_EXPONENT[role] - 2 a_l - c), a term
 with the parameters themselves (weight decay) n^-c. In the limit each is 1 or 0 (loops.py refuses
@@ -31,7 +31,7 @@ from tpc.passes.autodiff import derivative
 from tpc.train.interp import Applied, Bundle, Interpreter, Rows
 from tpc.train.loops import MAXIMAL_LR_EXPONENT
 from tpc.train.network import Network
-from tpc.train.unroll import FiniteSpace, LimitSpace
+from tpc.train.spaces import FiniteSpace, LimitSpace
 
 Tensor = torch.Tensor
 
@@ -223,8 +223,8 @@ def run_pooled(net: Network, space: FiniteSpace | LimitSpace,
         return Interpreter(net, backend).run(progress)
 
 
-def loops_unrolled_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
-                          first_seed: int = 0) -> dict[str, np.ndarray]:
+def run_unrolled_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
+                        first_seed: int = 0) -> dict[str, np.ndarray]:
     """The unrolled program at width n: equal to `dense.loops_finite` up to round-off."""
     space = FiniteSpace(net, width, list(range(first_seed, first_seed + seeds)), DTYPES[dtype], device)
     out = run_pooled(net, space)

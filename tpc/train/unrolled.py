@@ -71,6 +71,7 @@ class _Lister:
         self.lines += [f"# {net.filename}: the loops unrolled into a Netsor-transpose program",
                        f"# parametrization {net.param_name}: a = {list(net.abc.a)}, b = {list(net.abc.b)}, "
                        f"c = {net.abc.c:g}",
+                       *self.regime(),
                        "# an update `P -= e` moves layer l by e times n^(e_l - 2 a_l - c) for gradient terms and n^-c "
                        "for parameter terms:"]
         for la in net.layers.values():
@@ -82,6 +83,15 @@ class _Lister:
                               "W_0.T multiply")
         self.block(self.prog.top)
         return "\n".join(self.lines) + "\n"
+
+    def regime(self) -> list[str]:
+        regime = self.net.classification().regime
+        if regime == "unstable":
+            return ["# unstable: tpc refuses this program's limit"]
+        if regime != "feature learning":
+            return [f"# {regime} regime: tpc's limit of this program is kernel gradient descent in function space "
+                    "(README), not this program with n -> oo"]
+        return []
 
     def block(self, ids: list[int]) -> None:
         for i in ids:
@@ -102,8 +112,8 @@ class _Lister:
                                ).locate(self.net.filename, self.net.source)
             self.counters[counter] = t
             self.values[counter] = t
-            self.say(f"# {ins.attrs['counter']} = {t}")
-            self.tag.append(f"{ins.attrs['counter']}{t}")
+            self.say(f"# {ins.attrs['counter'].strip('<>')} = {t}")
+            self.tag.append(f"{ins.attrs['counter'].strip('<>')}{t}")
             self.block(ins.attrs["body"])
             self.tag.pop()
 
@@ -230,6 +240,7 @@ class _Lister:
                     if steps[j].kind == "vector":
                         d = derivative(step.tree, j_arg)
                         grads.setdefault(j, []).append(f"({ex.render(d, [h[a] for a in step.args])}) * {g}")
+        finite: dict[str, list[str]] = {}
         for k, step in enumerate(steps):
             if step.op not in ("matmul", "bias") or step.layer not in layers:
                 continue
@@ -239,10 +250,15 @@ class _Lister:
                 self.stored[la.name] = first + 1
                 self.say(f"  {la.name}x_{first}, {la.name}dh_{first} = {h[step.args[0]]}, d{h[k]}   # stored: "
                          f"a block of rows of {la.name}")
+            elif la.role == "bias":
+                finite.setdefault(la.name, []).append(f"sum_rows d{h[k]}")
+            elif la.role == "input":
+                finite.setdefault(la.name, []).append(f"{h[step.args[0]]}.T d{h[k]}")
             else:
-                what = {"input": f"{h[step.args[0]]}.T d{h[k]}", "readout": f"{chi}.T {h[step.args[0]]}",
-                        "bias": f"sum_rows d{h[k]}"}[la.role]
-                self.say(f"  {out}.{la.name} = {what}")
+                finite.setdefault(la.name, []).append(f"{chi}.T {h[step.args[0]]}")
+        for name, parts in finite.items():
+            note = {"input": "   # d columns", "readout": "   # k rows"}.get(self.net.layers[name].role, "")
+            self.say(f"  {out}.{name} = {' + '.join(parts)}{note}")
 
     def terms(self, terms: list) -> str:
         parts = []

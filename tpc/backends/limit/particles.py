@@ -85,7 +85,7 @@ class Family:
 class GaussianSpace:
     """Random variables as arrays over the last axis (coefficients or particles), and the two
     Gaussian families (W and W.T) of each matrix with their Zhat and Zdot rules. Shared by the
-    particle evaluator of programs and by the unrolled training loop (tpc.train.unroll)."""
+    particle evaluator of programs and by the unrolled training loops (tpc.train.pooled)."""
 
     exact: bool
     size: int  # basis size (exact) or number of particles

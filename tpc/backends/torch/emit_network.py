@@ -28,6 +28,10 @@ _NET_TAKEN = PYTHON_NAMES | MODULE_NAMES | {
     "F", "f", "s", "y", "onehot", "model", "lr", "steps", "batch", "history", "rows", "value", "opt", "gen",
     "seed", "dtype", "device", "data", "m", "k", "t", "i", "g", "p", "grads", "params", "rate", "total",
     "count", "adapted", "tasks", "inner_lr", "inner_steps", "labels", "P", "S", "SY", "Q", "QY"}
+# those only `train sgd`'s and `train fomaml`'s functions use: free in a program written as loops
+_SUGAR_NAMES = {"adapt", "loss_task", "_task_loss", "steps", "batch", "history", "rows", "value", "opt", "k", "t",
+                "i", "g", "p", "grads", "params", "rate", "total", "count", "adapted", "tasks", "inner_lr",
+                "inner_steps", "labels", "P", "S", "SY", "Q", "QY"}
 
 
 def program_names(net: Network) -> dict[str, str]:
@@ -35,6 +39,13 @@ def program_names(net: Network) -> dict[str, str]:
     train and the losses), apart from each other and from every name the file uses itself."""
     taken = _NET_TAKEN | {f"s{i}" for i in range(len(net.model.steps))} | {f"loss_{lo}" for lo in net.losses}
     keys = list(dict.fromkeys([*net.layers, *net.data]))
+    if net.train is None and net.program is not None:  # training written as loops: train()'s names (emit_loops)
+        from tpc.backends.torch import emit_loops
+
+        taken = (taken - _SUGAR_NAMES) | emit_loops.reserved(net)
+        names = dict(zip(keys, safe_names(keys, taken), strict=True))
+        local = [k for k in dict.fromkeys(emit_loops.user_names(net)) if k not in names]
+        return names | dict(zip(local, safe_names(local, emit_loops.reserved(net) | set(names.values())), strict=True))
     return dict(zip(keys, safe_names(keys, taken), strict=True))
 
 
@@ -87,7 +98,9 @@ def emit_network_source(net: Network) -> str:
         f"# parametrization ({_comment(net.param_name)}) and its training, as a standalone file (it needs only torch).",
         "#",
         "#     model = Network(width=1024, seed=0)",
-        "#     history = train(model, ...)    # the program's data, as tensors (see train's docstring)",
+        ("#     records = train(model, ...)    # the program's data, as tensors (see train's docstring)"
+         if net.train is None and net.program is not None and net.program.top else
+         "#     history = train(model, ...)    # the program's data, as tensors (see train's docstring)"),
         "#     predictions = model(inputs)   # (B, d) -> (B, k)",
         "from __future__ import annotations",
         "",
@@ -185,6 +198,10 @@ def _loss_lines(net: Network, names: dict[str, str]) -> list[str]:
 
 def _train_lines(net: Network, names: dict[str, str]) -> list[str]:
     t = net.train
+    if t is None and net.program is not None:
+        from tpc.backends.torch.emit_loops import loop_lines
+
+        return loop_lines(net, names)
     if t is None:
         return ["", "", "# the program has no training statement"]
     if t.optimizer == "fomaml":

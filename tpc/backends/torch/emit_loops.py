@@ -1,0 +1,656 @@
+"""A network program's training loops (tpc/train/loops.py) as the emitted file's `train()`.
+
+The program's instructions become straight PyTorch, a few lines each, with the semantics of the
+reference interpreter (tpc/train/interp.py on the dense backend): the model's parameters are the
+`w^l` of the emitted `Network` (W^l = n^-a_l w^l), `P -= e` on parameters is w <- w - n^-c e (the
+per-layer scaling that `optimizer()` gives SGD), updates of states and plain `=` are not scaled,
+`grad(L, P)` is dL/dw by autograd, and a copy clones the model's w. Loops are Python `for` loops;
+states and copies are dicts of tensors keyed by the module's parameter names (a layer a dict lacks
+counts as zero, as a `zeros(f)` state holds no layer until it is first set); records are lists with
+one value per step. The model is trained in place; copies and states are never changed in place.
+
+Every name in the emitted code is either the file's own (reserved by `reserved`) or a program
+name made safe by `codegen.safe_names` (emit_network.program_names); user text reaches the file
+only through `_comment` (comments) or `repr` (dict keys).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from tpc.backends.torch.codegen import PYTHON_NAMES, _comment, _num, _tree_code
+from tpc.errors import TpcError
+from tpc.ops.functions import FUNCTIONS
+from tpc.train.loops import Instr, TrainProgram
+from tpc.train.network import Loss, Network
+
+# the emitted file's helper functions (module level) and train()'s own locals
+HELPERS = ("num", "whole", "pick", "batch_rows", "checked", "combine", "weights", "copied", "shifted", "replaced",
+           "assign", "grad", "stacked", "features", "mse_loss", "xent_loss", "logistic_loss")
+LOCALS = ("records", "outputs", "initial", "scale", "n", "model")
+FILE_NAMES = {"Network", "optimizer", "train", "LR", "math", "torch"}  # the emitted file's other globals
+# ops written where they are used (never a line of their own)
+INLINE = ("const", "counter", "zeros")
+DATA = ("data", "rows", "index")
+# ops inlined into their only use, when nothing that changes parameters runs in between
+SMALL = ("fn", "reduce", "apply")
+BARRIERS = ("update", "copy", "state")
+PAREN_FNS = ("neg", "square")
+
+
+def reserved(net: Network) -> set[str]:
+    """Names train() uses itself (its locals, the file's functions, builtins): no program name that
+    becomes one of its locals or arguments may take them."""
+    prog = net.program
+    ids = range(len(prog.instrs))
+    return PYTHON_NAMES | FILE_NAMES | {f"loss_{lo}" for lo in net.losses} | {
+        *HELPERS, *LOCALS, *(f"v{i}" for i in ids), *(f"p{i}" for i in ids),
+        *(f"inner{d}" for d in range(2, _depth(prog, prog.top) + 1))}
+
+
+def user_names(net: Network) -> list[str]:
+    """The program's names that become locals of train(): counters, named values, states, copies."""
+    out: list[str] = []
+    for ins in net.program.walk():
+        if ins.op == "loop":
+            out.append(ins.attrs["counter"])
+        elif ins.op in ("state", "copy"):
+            out.append(ins.attrs["name"])
+        elif ins.attrs.get("label"):
+            out.append(ins.attrs["label"])
+    return out
+
+
+def train_data(net: Network) -> list[str]:
+    """The data sets train() takes (the program's names), in order of declaration: those the loops
+    read and those of the outputs."""
+    used: set[str] = set()
+
+    def loss_data(name: str) -> None:
+        loss = net.losses[name]
+        used.update([loss.data, *([loss.target] if loss.target else loss.args[1:])])
+
+    for ins in net.program.walk():
+        if ins.op == "data":
+            used.add(ins.attrs["name"])
+        elif ins.op == "named_loss":
+            loss_data(ins.attrs["loss"])
+    for o in net.outputs:
+        if o.data:
+            used.add(o.data)
+        if o.kind == "loss":
+            loss_data(o.loss)
+    return [d for d in net.data if d in used]
+
+
+def _depth(prog: TrainProgram, ids: list[int]) -> int:
+    loops = [prog.instrs[i] for i in ids if prog.instrs[i].op == "loop"]
+    return max((1 + _depth(prog, lo.attrs["body"]) for lo in loops), default=0)
+
+
+def _records_of(prog: TrainProgram, loop: Instr) -> list[str]:
+    """The names recorded in a loop: its own body's first, then its nested loops' (as interp.py)."""
+    body = [prog.instrs[i] for i in loop.attrs["body"]]
+    return [i.attrs["name"] for i in body if i.op == "record"] + \
+        [n for i in body if i.op == "loop" for n in _records_of(prog, i)]
+
+
+@dataclass
+class _Code:
+    text: str
+    tensor: bool  # a tensor (else a Python number: a constant or a loop counter)
+    compound: bool = False  # needs parentheses as an operand
+
+
+@dataclass
+class _Emitter:
+    net: Network
+    names: dict[str, str]
+    lines: list[str] = field(default_factory=list)
+    helpers: set[str] = field(default_factory=set)
+    parent: dict[int, int | None] = field(default_factory=dict)  # the loop whose body holds an instruction
+    uses: dict[int, list[int]] = field(default_factory=dict)  # the instructions that read each one
+    inlined: set[int] = field(default_factory=set)
+    snapshot: dict[int, str] = field(default_factory=dict)  # apply id -> the name of the copy's values it used
+    grad_params: dict[int, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prog = self.net.program
+        self.instrs = self.prog.instrs
+        self.uses = {i: [] for i in range(len(self.instrs))}
+        for ins in self.prog.walk():
+            if ins.op == "loop":
+                for j in ins.attrs["body"]:
+                    self.parent[j] = ins.id
+            self.parent.setdefault(ins.id, None)
+            for j in self.operands(ins):
+                self.uses[j].append(ins.id)
+        for ins in self.prog.walk():
+            if ins.op == "grad":
+                self.plan_grad(ins)
+        for ins in self.prog.walk():
+            if self.is_inline(ins):
+                self.inlined.add(ins.id)
+
+    # --- analysis
+    def operands(self, ins: Instr) -> list[int]:
+        """The instructions whose values this one's code reads (a grad's applies only say which
+        parameters it differentiates)."""
+        if ins.op == "grad":
+            return [ins.args[0]]
+        if ins.op in ("lincomb", "state", "update"):
+            return [j for _, coefs, p in ins.attrs["terms"] for j in (*coefs, p)]
+        return list(ins.args)
+
+    def calm(self, i: int, j: int) -> bool:
+        """Nothing that changes parameters, copies or states runs between i and its use j, which is
+        in the same body."""
+        return self.parent[i] == self.parent[j] and \
+            not any(self.instrs[k].op in BARRIERS for k in range(i + 1, j))
+
+    def plan_grad(self, ins: Instr) -> None:
+        root = ins.attrs["root"]
+        if root == self.net.model.name:  # the module's own parameters, trained in place
+            self.grad_params[ins.id] = "weights(model)"
+            self.helpers.add("weights")
+            return
+        first = ins.args[1]
+        if all(self.parent[a] == self.parent[ins.id] and not any(
+                self.instrs[k].op in BARRIERS and self.instrs[k].attrs.get("root", self.instrs[k].attrs.get("name"))
+                == root for k in range(a + 1, ins.id)) for a in ins.args[1:]):
+            self.grad_params[ins.id] = self.local(root)
+            return
+        # the copy changed after its forward pass: differentiate the values that pass used
+        self.snapshot[first] = f"p{first}"
+        self.grad_params[ins.id] = f"p{first}"
+
+    def is_inline(self, ins: Instr) -> bool:
+        if ins.op in INLINE:
+            return True
+        if ins.attrs.get("label") or ins.id in self.snapshot:
+            return False
+        if ins.op in DATA:
+            return True
+        users = self.uses[ins.id]
+        if ins.op == "read":
+            return bool(users) and all(self.calm(ins.id, u) for u in users)
+        if ins.op in SMALL:
+            return len(users) == 1 and self.calm(ins.id, users[0]) and self.instrs[users[0]].op != "loop"
+        return False
+
+    # --- names and values
+    def local(self, name: str) -> str:
+        return self.names[name]
+
+    def var(self, i: int) -> str:
+        label = self.instrs[i].attrs.get("label")
+        return self.local(label) if label else f"v{i}"
+
+    def value(self, i: int) -> _Code:
+        if i not in self.inlined:
+            ins = self.instrs[i]
+            return _Code(self.var(i), ins.op not in ("read", "zeros", "grad", "lincomb"))
+        return self.inline(self.instrs[i])
+
+    def tensor(self, i: int) -> str:
+        c = self.value(i)
+        if c.tensor:
+            return c.text
+        self.helpers.add("num")
+        return f"num({c.text})"
+
+    def operand(self, c: _Code) -> str:
+        return f"({c.text})" if c.compound else c.text
+
+    def inline(self, ins: Instr) -> _Code:
+        op, a = ins.op, ins.attrs
+        if op == "const":
+            return _Code(_num(a["value"]), False, a["value"] < 0)
+        if op == "counter":
+            return _Code(self.local(a["name"]), False)
+        if op == "zeros":
+            return _Code("{}", False)
+        if op == "data":
+            return _Code(self.names[a["name"]], True)
+        if op == "rows":
+            x = self.value(ins.args[0]).text
+            self.helpers.add("batch_rows")
+            return _Code(f"{x}[batch_rows({self.value(ins.args[1]).text}, {a['size']}, {x}.shape[0])]", True)
+        if op == "index":
+            x, i = self.value(ins.args[0]).text, self.instrs[ins.args[1]]
+            if i.op == "counter":  # 0, 1, ...: Python's indexing refuses one past the rows
+                return _Code(f"{x}[{self.value(i.id).text}]", True)
+            self.helpers.add("pick")
+            return _Code(f"pick({x}, {self.value(i.id).text})", True)
+        if op == "fn":
+            return self.fn(ins)
+        if op == "reduce":
+            arg = self.value(ins.args[0])
+            text = self.operand(arg) if arg.tensor else self.tensor(ins.args[0])
+            return _Code(f"{text}.{a['fn']}()", True)
+        if op == "apply":
+            return _Code(self.apply(ins), True)
+        if op == "read":
+            return _Code(self.read(ins), False)
+        raise AssertionError(op)  # pragma: no cover - only the ops above are inlined
+
+    def fn(self, ins: Instr) -> _Code:
+        name = ins.attrs["fn"]
+        if name in ("min", "max", "mod"):
+            call = {"min": "torch.minimum", "max": "torch.maximum", "mod": "torch.remainder"}[name]
+            return _Code(f"{call}({', '.join(self.tensor(i) for i in ins.args)})", True)
+        f = FUNCTIONS[name]
+        if f.infix or name in PAREN_FNS:
+            # numbers only: the first becomes a tensor, as tpc computes with float64 tensors
+            first = not any(self.value(i).tensor for i in ins.args)
+            parts = [self.tensor(i) if first and k == 0 else self.operand(self.value(i))
+                     for k, i in enumerate(ins.args)]
+            return _Code(f.code.format(*parts), True, True)
+        # a call torch.f(x) takes its argument as it is; another template gets it parenthesised
+        call = re.fullmatch(r"[\w.]+\(\{0\}\)", f.code) is not None
+        parts = []
+        for i in ins.args:
+            c = self.value(i)
+            parts.append(self.tensor(i) if not c.tensor else c.text if call else self.operand(c))
+        return _Code(f.code.format(*parts), True, not call)
+
+    def apply(self, ins: Instr) -> str:
+        x = self.value(ins.args[0]).text
+        root = ins.attrs["root"]
+        if root == self.net.model.name:
+            return f"model({x})"
+        params = self.snapshot.get(ins.id, self.local(root))
+        return f"torch.func.functional_call(model, {params}, ({x},))"
+
+    def read(self, ins: Instr) -> str:
+        a = ins.attrs
+        if a["what"] == "state":
+            return self.local(a["name"])
+        if a["root"] != self.net.model.name:
+            return self.local(a["root"])
+        layers = [self.names[la] for la in a["layers"]]
+        if len(layers) == len(self.net.layers):
+            self.helpers.add("weights")
+            return "weights(model)"
+        return "{" + ", ".join(f"{la!r}: model.{la}" for la in layers) + "}"
+
+    def terms(self, terms: list[tuple[float, tuple[int, ...], int]], sign: float = 1.0) -> str:
+        """combine((c, P), ...): sum_i c_i P_i; zeros terms add nothing."""
+        parts = []
+        for k, coefs, p in terms:
+            if self.instrs[p].op == "zeros":
+                continue
+            k = sign * k
+            if k == 1.0 and len(coefs) == 1:  # one number: as it is
+                coef = self.value(coefs[0]).text
+            else:
+                factors = [self.operand(self.value(c)) for c in coefs]
+                coef = " * ".join(([] if k == 1.0 and factors else [_num(k)]) + factors)
+            parts.append(f"({coef}, {self.value(p).text})")
+        if not parts:
+            return "{}"
+        self.helpers.add("combine")
+        return f"combine({', '.join(parts)})"
+
+    # --- lines
+    def comment(self, ins: Instr) -> str:
+        s = ins.span
+        lines = self.net.source.splitlines()
+        if s is None or not 0 < s.line <= len(lines):
+            return ""
+        text = lines[s.line - 1][s.column - 1:s.end_column - 1 if s.end_line == s.line else None].strip()
+        if ins.op == "loop":  # its header
+            text = text.split("{")[0].strip()
+        elif s.end_line != s.line:
+            text += " ..."
+        if len(text) > 70:
+            text = text[:67] + "..."
+        return f"  # {_comment(text)}" if text else ""
+
+    def emit(self, ids: list[int], indent: str, depth: int) -> None:
+        start = len(self.lines)
+        for i in ids:
+            ins = self.instrs[i]
+            if i not in self.inlined and ins.op != "counter":
+                self.instruction(ins, indent, depth)
+        if len(self.lines) == start:
+            self.lines.append(indent + "pass")
+
+    def instruction(self, ins: Instr, indent: str, depth: int) -> None:
+        op, a, out = ins.op, ins.attrs, self.lines
+        note = self.comment(ins)
+        if op == "loop":
+            names = _records_of(self.prog, ins)
+            if depth >= 1 and names:
+                out.append(f"{indent}inner{depth + 1} = {{{', '.join(f'{n!r}: []' for n in names)}}}")
+            elif names:
+                out += [f"{indent}records[{n!r}] = []" for n in names]
+            out.append(f"{indent}for {self.local(a['counter'])} in range({a['trip']}):{note}")
+            self.emit(a["body"], indent + "    ", depth + 1)
+            if depth >= 1:
+                outer = "records" if depth == 1 else f"inner{depth}"
+                out += [f"{indent}{outer}[{n!r}].append(inner{depth + 1}[{n!r}])" for n in names]
+            return
+        if op == "record":
+            target = "records" if depth == 1 else f"inner{depth}"
+            v = self.value(ins.args[0])
+            if self.instrs[ins.args[0]].op == "apply" and self.net.output_dim() == 1:  # f(X): one number per row
+                value = f"{self.operand(v)}[:, 0].detach()"
+            elif not self.instrs[ins.args[0]].attrs.get("scalar"):
+                value = f"{self.operand(v)}.detach()"
+            else:
+                value = f"{self.operand(v)}.item()" if v.tensor else f"float({v.text})"
+            out.append(f"{indent}{target}[{a['name']!r}].append({value}){note}")
+            return
+        if op == "state":
+            out.append(f"{indent}{self.local(a['name'])} = {self.terms(a['terms'])}{note}")
+            return
+        if op == "copy":
+            if a["source"] == self.net.model.name:
+                self.helpers.update(("copied", "weights"))
+                out.append(f"{indent}{self.local(a['name'])} = copied(weights(model)){note}")
+            else:
+                out.append(f"{indent}{self.local(a['name'])} = dict({self.local(a['source'])}){note}")
+            return
+        if op == "update":
+            out.append(indent + self.update(ins) + note)
+            return
+        if ins.id in self.snapshot:
+            out.append(f"{indent}{self.snapshot[ins.id]} = {self.local(a['root'])}  # the values of "
+                       f"{_comment(a['root'])} that grad() differentiates")
+        out.append(f"{indent}{self.var(ins.id)} = {self.code(ins)}{note}")
+
+    def code(self, ins: Instr) -> str:
+        op, a = ins.op, ins.attrs
+        if op == "loss":
+            f, y = (self.value(i).text for i in ins.args)
+            helper = f"{a['loss']}_loss"
+            self.helpers.update((helper, "checked"))
+            return f"checked({helper}({f}, {y}))"
+        if op == "named_loss":
+            loss = self.net.losses[a["loss"]]
+            f = self.value(ins.args[0]).text
+            data = [self.names[loss.target]] if loss.target else [self.names[d] for d in loss.args[1:]]
+            if len(ins.args) > 1:
+                rows = self.rows_index(ins.args[1])
+                data = [f"{d}[{rows}] if {d}.dim() else {d}" for d in data]
+            self.helpers.add("checked")
+            return f"checked(loss_{loss.name}({', '.join([f, *data])}))"
+        if op == "grad":
+            self.helpers.add("grad")
+            layers = repr(tuple(self.names[la] for la in a["layers"]))
+            return f"grad({self.value(ins.args[0]).text}, {self.grad_params[ins.id]}, {layers})"
+        if op == "lincomb":
+            return self.terms(a["terms"])
+        if op == "read":  # used after its parameters may change: keep today's values
+            what = self.read(ins)
+            if a["what"] == "state" or a["root"] != self.net.model.name:
+                return what  # states and copies are never changed in place
+            return f"{{k: w.detach().clone() for k, w in {what}.items()}}"
+        return self.inline(ins).text
+
+    def rows_index(self, i: int) -> str:
+        """Which rows of their data set the rows instruction i are (for a named loss's targets)."""
+        ins = self.instrs[i]
+        if ins.op == "rows" and self.instrs[ins.args[0]].op == "data":
+            x = self.value(ins.args[0]).text
+            return f"batch_rows({self.value(ins.args[1]).text}, {ins.attrs['size']}, {x}.shape[0])"
+        raise TpcError("emit-torch: a named loss on these rows is not supported", ins.span)
+
+    def update(self, ins: Instr) -> str:
+        a = ins.attrs
+        mode, target = a["mode"], a["target"]
+        if a["what"] == "state":
+            name = self.local(target)
+            if mode == "=":
+                return f"{name} = {self.terms(a['terms'])}"
+            sign = -1.0 if mode == "-=" else 1.0
+            self.helpers.add("combine")
+            if len(a["terms"]) == 1:
+                delta = self.terms(a["terms"], sign)
+                return f"{name} = {delta}" if delta == "{}" else \
+                    f"{name} = combine((1.0, {name}), {delta[len('combine('):-1]})"
+            return f"{name} = combine((1.0, {name}), ({_num(sign)}, {self.terms(a['terms'])}))"
+        model = a["root"] == self.net.model.name
+        params = "weights(model)" if model else self.local(a["root"])
+        self.helpers.add("weights")
+        if mode == "=":
+            self.helpers.add("replaced")
+            layers = repr(tuple(self.names[la] for la in a["layers"]))
+            new = f"replaced({params}, {self.terms(a['terms'])}, {layers})"
+        else:
+            self.helpers.add("shifted")
+            alpha = ("-" if mode == "-=" else "") + ("scale" if a["scaled"] else "1.0")
+            new = f"shifted({params}, {self.terms(a['terms'])}, {alpha})"
+        if model:
+            self.helpers.add("assign")
+            return f"assign(model, {new})"
+        return f"{self.local(a['root'])} = {new}"
+
+    # --- outputs
+    def outputs(self, position: int, indent: str) -> None:
+        outs = [o for o in self.net.outputs if o.position == position]
+        if not outs:
+            return
+        out = self.lines
+        out += [f"{indent}if outputs is not None:  # the outputs written here", f"{indent}    with torch.no_grad():"]
+        k = self.net.output_dim()
+        for o in outs:
+            key = f"{indent}        outputs[{o.name!r}]"
+            if o.kind == "record":
+                self.helpers.add("stacked")
+                out.append(f"{key} = stacked(records[{o.loss!r}])")
+            elif o.kind == "predict":
+                out.append(f"{key} = model({self.names[o.data]}){'[:, 0]' if k == 1 else ''}")
+            elif o.kind == "loss":
+                loss = self.net.losses[o.loss]
+                data = [self.names[loss.target]] if loss.target else [self.names[d] for d in loss.args[1:]]
+                out.append(f"{key} = loss_{loss.name}({', '.join([f'model({self.names[loss.data]})', *data])})")
+            elif o.kind == "features":
+                self.helpers.add("features")
+                x = self.names[o.data]
+                out.append(f"{key} = features(model, {x}) @ features(model, {x}).T / n")
+            elif o.kind == "feature_change":
+                self.helpers.add("features")
+                x = self.names[o.data]
+                out.append(f"{key} = torch.sqrt(((features(model, {x}) - initial[{x!r}]) ** 2).mean(-1))")
+            else:  # pragma: no cover - network.py refuses other outputs in programs with loops
+                raise TpcError(f"emit-torch: the output {o.name} ({o.kind}) is not supported", o.span)
+
+
+def loop_lines(net: Network, names: dict[str, str]) -> list[str]:
+    """The emitted file's train() for a program whose training is written as loops, and its helpers."""
+    em = _Emitter(net, names)
+    data = [names[d] for d in train_data(net)]
+    top = net.program.top
+    changes = sorted({o.data for o in net.outputs if o.kind == "feature_change"})
+    body: list[str] = []
+    em.lines = body
+    if changes:
+        em.helpers.add("features")
+        body.append("    initial = {" + ", ".join(f"{names[x]!r}: features(model, {names[x]})" for x in changes)
+                    + "} if outputs is not None else {}")
+    for position, i in enumerate(top):
+        em.outputs(position, "    ")
+        if i not in em.inlined:
+            em.instruction(net.program.instrs[i], "    ", 0)
+    em.outputs(len(top), "    ")
+    body.append("    return records")
+    params = "".join(f", {d}: torch.Tensor" for d in data)
+    c = net.abc.c
+    recorded = list(net.program.records)
+    doc = [
+        '    """The program\'s training loops on `model`, which is left trained. Returns the records, one value per',
+        "    step (a float for a number, else a tensor; a list per run of a nested loop)"
+        + (f": {_comment(', '.join(recorded))}." if recorded else "; this program records nothing."),
+        "",
+        f"    Updates of parameters are scaled as optimizer() scales SGD: `P -= e` is w <- w - n^-c e (c = {c:g}),",
+        "    grad(L, P) is dL/dw; states and plain assignments are not scaled. If `outputs` is a dict, the",
+        "    program's outputs are put in it, each evaluated where the program writes it among the loops",
+        "    (as `tpc run` does for one seed).",
+        '    """',
+    ]
+    head = [
+        "", "",
+        f"def train(model: Network{params},",
+        "          outputs: dict[str, torch.Tensor] | None = None) -> dict[str, list]:",
+        *doc,
+        "    n = model.width",
+        f"    scale = n ** {_num(-c)}  # n^-c: the parametrization's factor on every update of parameters",
+        "    records: dict[str, list] = {}",
+    ]
+    return _helper_lines(net, names, em.helpers) + head + body
+
+
+# --- the helpers train() calls, emitted when used
+
+_HELPER_CODE: dict[str, list[str]] = {
+    "num": [
+        "def num(x: float) -> torch.Tensor:",
+        '    """A number as the loops compute with it: a float64 tensor."""',
+        "    return torch.as_tensor(x, dtype=torch.float64)",
+    ],
+    "whole": [
+        "def whole(i: torch.Tensor | float) -> torch.Tensor:",
+        '    """An index or a step: whole numbers, as a long tensor."""',
+        "    i = torch.as_tensor(i)",
+        "    if i.is_floating_point() and not torch.equal(i, torch.round(i)):",
+        "        raise ValueError(f'an index must be a whole number, got {i.flatten()[0]:g}')",
+        "    return i.long()",
+    ],
+    "pick": [
+        "def pick(x: torch.Tensor, i: torch.Tensor | float) -> torch.Tensor:",
+        '    """x[i]: the rows i of x (whole numbers in 0 .. rows - 1)."""',
+        "    i = whole(i)",
+        "    if ((i < 0) | (i >= x.shape[0])).any():",
+        "        raise IndexError(f'an index is outside the {x.shape[0]} rows')",
+        "    return x[i]",
+    ],
+    "batch_rows": [
+        "def batch_rows(t: torch.Tensor | int, size: int, m: int) -> torch.Tensor:",
+        '    """Step t\'s batch: rows tB .. tB + B - 1 (mod m) of a data set of m rows, B = size."""',
+        "    return (torch.arange(size) + int(whole(t)) * size) % m",
+    ],
+    "checked": [
+        "def checked(loss: torch.Tensor) -> torch.Tensor:",
+        '    """The loss, refused when it is not finite (training diverged: lower the learning rate)."""',
+        "    if not torch.isfinite(loss).all():",
+        "        raise FloatingPointError('training diverged: the loss is not finite')",
+        "    return loss",
+    ],
+    "combine": [
+        "def combine(*terms: tuple[torch.Tensor | float, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:",
+        '    """sum_i c_i P_i, layer by layer, for numbers c_i and values P_i of layers (a layer that P_i',
+        '    lacks counts as zero)."""',
+        "    out: dict[str, torch.Tensor] = {}",
+        "    with torch.no_grad():",
+        "        for c, part in terms:",
+        "            for k, v in part.items():",
+        "                out[k] = v.detach() * c if k not in out else out[k] + v.detach() * c",
+        "    return out",
+    ],
+    "weights": [
+        "def weights(model: Network) -> dict[str, torch.Tensor]:",
+        '    """The model\'s trained parameters w^l, by name."""',
+        "    return dict(model.named_parameters())",
+    ],
+    "copied": [
+        "def copied(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:",
+        '    """A copy of parameters (for a copy of the model: its layers, which grad() can differentiate)."""',
+        "    return {k: w.detach().clone().requires_grad_(True) for k, w in params.items()}",
+    ],
+    "shifted": [
+        "def shifted(params: dict[str, torch.Tensor], step: dict[str, torch.Tensor],",
+        "            alpha: float) -> dict[str, torch.Tensor]:",
+        '    """New values of parameters: w + alpha * step for the layers of step, the others as they were."""',
+        "    out = dict(params)",
+        "    for k, d in step.items():",
+        "        out[k] = (params[k].detach() + alpha * d).requires_grad_(True)",
+        "    return out",
+    ],
+    "replaced": [
+        "def replaced(params: dict[str, torch.Tensor], step: dict[str, torch.Tensor],",
+        "             layers: tuple[str, ...]) -> dict[str, torch.Tensor]:",
+        '    """New values of parameters: `P = step` for the given layers (zero where step has none)."""',
+        "    out = dict(params)",
+        "    for k in layers:",
+        "        value = step[k] if k in step else torch.zeros_like(params[k])",
+        "        out[k] = value.detach().clone().requires_grad_(True)",
+        "    return out",
+    ],
+    "assign": [
+        "def assign(model: Network, params: dict[str, torch.Tensor]) -> None:",
+        '    """The model\'s parameters take these values (in place)."""',
+        "    with torch.no_grad():",
+        "        for k, w in model.named_parameters():",
+        "            if params[k] is not w:",
+        "                w.copy_(params[k])",
+    ],
+    "grad": [
+        "def grad(loss: torch.Tensor, params: dict[str, torch.Tensor],",
+        "         layers: tuple[str, ...]) -> dict[str, torch.Tensor]:",
+        '    """dL/dw for the given layers of params (zero for a layer the loss does not depend on)."""',
+        "    leaves = [params[k] for k in layers]",
+        "    grads = torch.autograd.grad(loss, leaves, allow_unused=True, retain_graph=True)",
+        "    return {k: torch.zeros_like(w) if g is None else g for k, w, g in zip(layers, leaves, grads)}",
+    ],
+    "stacked": [
+        "def stacked(values: list) -> torch.Tensor:",
+        '    """A record as one tensor: the steps first (a nested loop\'s steps next)."""',
+        "    if not values:",
+        "        return torch.zeros((0,), dtype=torch.float64)",
+        "    return torch.stack([stacked(v) if isinstance(v, list) else torch.as_tensor(v, dtype=torch.float64)",
+        "                        if not isinstance(v, torch.Tensor) else v for v in values])",
+    ],
+}
+_NEEDS = {"pick": ("whole",), "batch_rows": ("whole",)}
+
+
+def _helper_lines(net: Network, names: dict[str, str], used: set[str]) -> list[str]:
+    from tpc.backends.torch.emit_network import _loss_code
+
+    for name in list(used):
+        used.update(_NEEDS.get(name, ()))
+    lines: list[str] = []
+    for name in HELPERS:
+        if name not in used:
+            continue
+        if name in _HELPER_CODE:
+            code = _HELPER_CODE[name]
+        elif name == "features":
+            code = _features_code(net, names)
+        else:  # mse_loss, xent_loss, logistic_loss: the loops' built-in losses
+            kind = name[: -len("_loss")]
+            code = [f"def {name}(F: torch.Tensor, y: torch.Tensor) -> torch.Tensor:",
+                    f'    """{kind}(F, y) on outputs F (B, k) against the targets y, averaged over the rows."""',
+                    *["    " + line for line in _loss_code(Loss(name, kind, "<x>", "y", None), {"y": "y"})]]
+        lines += ["", "", *code]
+    return lines
+
+
+def _features_code(net: Network, names: dict[str, str]) -> list[str]:
+    """The model's forward pass up to its features (the last hidden vector): what `features(f, X)` and
+    `feature_change(f, X)` compare."""
+    lines = ["def features(model: Network, x: torch.Tensor) -> torch.Tensor:",
+             '    """The model\'s features on the rows of x: (B, n), the vector its readout multiplies."""',
+             "    m = model.multiplier"]
+    values: list[str] = []
+    for i, step in enumerate(net.model.steps[:net.model.features + 1]):
+        v = f"s{i}"
+        values.append(v)
+        if step.op == "input":
+            code = "x"
+        elif step.op == "bias":
+            layer = names[step.layer]
+            code = f"m[{layer!r}] * model.{layer}"
+        elif step.op == "matmul":
+            layer = names[step.layer]
+            code = f"{values[step.args[0]]} @ (m[{layer!r}] * model.{layer}).T"
+        else:
+            hoisted: list[str] = []
+            code = _tree_code(step.tree, [values[j] for j in step.args], hoisted)
+            lines += ["    " + h for h in hoisted]
+        lines.append(f"    {v} = {code}")
+    lines.append(f"    return {values[-1]}")
+    return lines
