@@ -1,9 +1,11 @@
 """One interpreter for training programs written as loops (loops.py), on any backend.
 
 An environment from instruction ids to values and one loop over the instructions, with a rule
-per instruction in `RULES` (as JAX's `eval_jaxpr`). A `loop` runs its body `trip` times. What a
-backend supplies is the algebra of parameters: their initial values, the forward pass, `grad`,
-linear combinations and scaled updates. Two backends implement it:
+per instruction (as JAX's `eval_jaxpr`): the functions `_run_<op>` below, which the registry
+(tpc/train/instructions.py, the field `run`) lists beside each op's other rules and through which
+`Interpreter.execute` dispatches. A `loop` runs its body `trip` times. What a backend supplies
+is the algebra of parameters: their initial values, the forward pass, `grad`, linear
+combinations and scaled updates. Two backends implement it:
 - `dense.DenseBackend`: finite width, real weights in torch, gradients by autograd (w-space);
 - `pooled.PooledBackend`: the unrolled Netsor-transpose program, at width n (`FiniteSpace`) or in
   the limit (`LimitSpace`): an n x n layer is its initial matrix times a number plus a linear
@@ -23,6 +25,7 @@ import torch
 
 from tpc.errors import NumericalError, TpcError
 from tpc.ops.functions import FUNCTIONS
+from tpc.train.instructions import INSTRUCTIONS
 from tpc.train.loops import Instr, TrainProgram
 from tpc.train.losses import batch_rows, loss_value
 from tpc.train.network import Loss, Network, Output
@@ -114,7 +117,7 @@ class Interpreter:
 
     def execute(self, ins: Instr) -> None:
         try:
-            RULES[ins.op](self, ins)
+            INSTRUCTIONS[ins.op].run(self, ins)
         except TpcError as err:
             if err.span is None:
                 err.span = ins.span
@@ -176,14 +179,14 @@ class Interpreter:
         return self.be.feature_change(applied, init_features[o.data])
 
 
-# --- the rules, one per instruction
+# --- the rules, one per instruction (`run` in tpc/train/instructions.py)
 
 
-def _const(it: Interpreter, ins: Instr) -> None:
+def _run_const(it: Interpreter, ins: Instr) -> None:
     it.env[ins.id] = torch.tensor(ins.attrs["value"], dtype=torch.float64)
 
 
-def _data(it: Interpreter, ins: Instr) -> None:
+def _run_data(it: Interpreter, ins: Instr) -> None:
     arr = it.net.data[ins.attrs["name"]]
     it.env[ins.id] = Rows(arr, ins.attrs["name"], np.arange(arr.shape[0] if arr.ndim else 1))
 
@@ -195,14 +198,14 @@ def _whole(it: Interpreter, ins: Instr, value: Tensor | Rows) -> np.ndarray:
     return arr.astype(np.int64)
 
 
-def _rows(it: Interpreter, ins: Instr) -> None:
+def _run_rows(it: Interpreter, ins: Instr) -> None:
     x: Rows = it.env[ins.args[0]]
     t = int(_whole(it, ins, it.env[ins.args[1]]))
     rows = batch_rows(t, ins.attrs["size"], x.values.shape[0])
     it.env[ins.id] = Rows(x.values[rows], x.source, x.idx[rows])
 
 
-def _index(it: Interpreter, ins: Instr) -> None:
+def _run_index(it: Interpreter, ins: Instr) -> None:
     x: Rows = it.env[ins.args[0]]
     i = _whole(it, ins, it.env[ins.args[1]])
     m = x.values.shape[0]
@@ -212,7 +215,7 @@ def _index(it: Interpreter, ins: Instr) -> None:
     it.env[ins.id] = Rows(x.values[i], x.source, x.idx[i])
 
 
-def _fn(it: Interpreter, ins: Instr) -> None:
+def _run_fn(it: Interpreter, ins: Instr) -> None:
     args = [it.finite(i) for i in ins.args]
     fn = ins.attrs["fn"]
     if fn == "min":
@@ -225,18 +228,18 @@ def _fn(it: Interpreter, ins: Instr) -> None:
         it.env[ins.id] = FUNCTIONS[fn].torch(*args)
 
 
-def _reduce(it: Interpreter, ins: Instr) -> None:
+def _run_reduce(it: Interpreter, ins: Instr) -> None:
     v = it.finite(ins.args[0])
     lead = 0 if it.prog.instrs[ins.args[0]].static else it.be.lead
     dims = tuple(range(lead, v.dim()))
     it.env[ins.id] = (v.mean(dims) if ins.attrs["fn"] == "mean" else v.sum(dims)) if dims else v
 
 
-def _apply(it: Interpreter, ins: Instr) -> None:
+def _run_apply(it: Interpreter, ins: Instr) -> None:
     it.env[ins.id] = it.be.apply(it.params[ins.attrs["root"]], it.env[ins.args[0]])
 
 
-def _loss(it: Interpreter, ins: Instr) -> None:
+def _run_loss(it: Interpreter, ins: Instr) -> None:
     F = it.env[ins.args[0]].F  # noqa: N806
     y = np.asarray(it.env[ins.args[1]].values, dtype=np.float64)
     loss = Loss("<loss>", ins.attrs["loss"], "<x>", "<y>", ins.span)
@@ -245,7 +248,7 @@ def _loss(it: Interpreter, ins: Instr) -> None:
     it.env[ins.id] = value
 
 
-def _named_loss(it: Interpreter, ins: Instr) -> None:
+def _run_named_loss(it: Interpreter, ins: Instr) -> None:
     F = it.env[ins.args[0]].F  # noqa: N806
     rows = it.env[ins.args[1]].idx if len(ins.args) > 1 else np.arange(F.shape[-2])
     value = loss_value(it.net.losses[ins.attrs["loss"]], F, it.net.data, rows)
@@ -253,13 +256,13 @@ def _named_loss(it: Interpreter, ins: Instr) -> None:
     it.env[ins.id] = value
 
 
-def _grad(it: Interpreter, ins: Instr) -> None:
+def _run_grad(it: Interpreter, ins: Instr) -> None:
     loss = it.finite(ins.args[0])
     applied = [it.env[i] for i in ins.args[1:]]
     it.env[ins.id] = Bundle(grad=it.be.grad(loss, applied, ins.attrs["layers"]))
 
 
-def _read(it: Interpreter, ins: Instr) -> None:
+def _run_read(it: Interpreter, ins: Instr) -> None:
     if ins.attrs["what"] == "state":
         it.env[ins.id] = it.states[ins.attrs["name"]]
         return
@@ -267,23 +270,23 @@ def _read(it: Interpreter, ins: Instr) -> None:
     it.env[ins.id] = Bundle(weight={la: params[la] for la in ins.attrs["layers"]})
 
 
-def _zeros(it: Interpreter, ins: Instr) -> None:
+def _run_zeros(it: Interpreter, ins: Instr) -> None:
     it.env[ins.id] = Bundle()
 
 
-def _lincomb(it: Interpreter, ins: Instr) -> None:
+def _run_lincomb(it: Interpreter, ins: Instr) -> None:
     it.env[ins.id] = it.combine(ins.attrs["terms"])
 
 
-def _state(it: Interpreter, ins: Instr) -> None:
+def _run_state(it: Interpreter, ins: Instr) -> None:
     it.states[ins.attrs["name"]] = it.combine(ins.attrs["terms"])
 
 
-def _copy(it: Interpreter, ins: Instr) -> None:
+def _run_copy(it: Interpreter, ins: Instr) -> None:
     it.params[ins.attrs["name"]] = dict(it.params[ins.attrs["source"]])  # values are never changed in place
 
 
-def _update(it: Interpreter, ins: Instr) -> None:
+def _run_update(it: Interpreter, ins: Instr) -> None:
     delta = it.combine(ins.attrs["terms"])
     op, name = ins.attrs["mode"], ins.attrs["target"]
     if ins.attrs["what"] == "state":
@@ -304,7 +307,7 @@ def _update(it: Interpreter, ins: Instr) -> None:
     it.params[root] = it.be.update(it.params[root], delta, ins.attrs["layers"], sign, ins.attrs["scaled"])
 
 
-def _record(it: Interpreter, ins: Instr) -> None:
+def _run_record(it: Interpreter, ins: Instr) -> None:
     v = it.finite(ins.args[0]).detach()
     if it.prog.instrs[ins.args[0]].op == "apply" and v.shape[-1] == 1:  # one output: a number per row, as f(X)
         v = v[..., 0]
@@ -313,11 +316,11 @@ def _record(it: Interpreter, ins: Instr) -> None:
     it.recording[-1].setdefault(ins.attrs["name"], []).append(v)
 
 
-def _counter(it: Interpreter, ins: Instr) -> None:  # pragma: no cover - set by its loop
+def _run_counter(it: Interpreter, ins: Instr) -> None:  # pragma: no cover - set by its loop
     pass
 
 
-def _loop(it: Interpreter, ins: Instr) -> None:
+def _run_loop(it: Interpreter, ins: Instr) -> None:
     counter = next(i for i in ins.attrs["body"] if it.prog.instrs[i].op == "counter")
     it.recording.append({})
     top = len(it.recording) == 1
@@ -351,10 +354,3 @@ def _stack(values: list[Tensor], lead: int) -> Tensor:
     lead = min(lead, len(shape))
     return torch.stack([v.expand(shape) for v in values], dim=lead)
 
-
-RULES: dict[str, Callable[[Interpreter, Instr], None]] = {
-    "const": _const, "data": _data, "rows": _rows, "index": _index, "fn": _fn, "reduce": _reduce,
-    "apply": _apply, "loss": _loss, "named_loss": _named_loss, "grad": _grad, "read": _read, "zeros": _zeros,
-    "lincomb": _lincomb, "state": _state, "copy": _copy, "update": _update, "record": _record,
-    "counter": _counter, "loop": _loop,
-}

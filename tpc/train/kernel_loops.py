@@ -16,6 +16,7 @@ standard errors).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -32,6 +33,24 @@ from tpc.train.network import Network
 Tensor = torch.Tensor
 
 
+MAX_ROWS = 256  # an Effect keeps at most this many rows of gradients lazily before it is summed up
+
+
+@dataclass(frozen=True)
+class Effect:
+    """How a layer's value moves f at every point, kept lazily: a dense part (S, P, k) plus blocks
+    (coefficient, rows R, chi at R) each meaning `coefficient * Theta_l(., R) chi`. A gradient is one
+    block; a MAML task's copy adds a few to a shared dense part, so a step costs its rows, not P."""
+
+    layer: str
+    base: Tensor | None = None
+    blocks: tuple[tuple[Tensor | float, Tensor, Tensor], ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return sum(len(r) for _, r, _ in self.blocks)
+
+
 class KernelBackend:
     lead = 1  # the samples of f_0
 
@@ -41,43 +60,58 @@ class KernelBackend:
         self.lead_shape = (f0.shape[0],)
         self.theta = {name: torch.as_tensor(t) for name, t in K.theta.items()}
 
-    def points(self, rows: Rows) -> np.ndarray:
-        return self.K.points[rows.source].start + np.asarray(rows.idx)
+    def points(self, rows: Rows) -> Tensor:
+        return torch.as_tensor(self.K.points[rows.source].start + np.asarray(rows.idx))
 
-    def initial(self) -> dict[str, Tensor]:
-        return {name: torch.zeros_like(self.f0) for name in self.net.layers}
+    def initial(self) -> dict[str, Effect]:
+        return {name: Effect(name) for name in self.net.layers}
 
-    def apply(self, params: dict[str, Tensor], rows: Rows) -> Applied:
-        pts = torch.as_tensor(self.points(rows))
-        F = self.f0[:, pts]  # noqa: N806
-        for value in params.values():
-            F = F + value[:, pts]  # noqa: N806
-        return Applied(F.detach().requires_grad_(True), [pts], params)
-
-    def grad(self, loss: Tensor, applied: list[Applied], layers: tuple[str, ...]) -> dict[str, Tensor]:
-        chis = torch.autograd.grad(loss.sum(), [a.F for a in applied], allow_unused=True, retain_graph=True)
-        out = {name: torch.zeros_like(self.f0) for name in layers}
-        for a, chi in zip(applied, chis, strict=True):
-            if chi is None:
-                continue
-            for name in layers:  # the direction that a unit step on this layer moves f in
-                out[name] = out[name] + torch.einsum("pb,sbk->spk", self.theta[name][:, a.vals[0]], chi.detach())
+    def at(self, e: Effect, pts: Tensor | None) -> Tensor | None:
+        """The move of f at the points `pts` (all of them for None): (S, |pts|, k)."""
+        out = None if e.base is None else (e.base if pts is None else e.base[:, pts])
+        if e.blocks:  # one product over every block's rows
+            rows = torch.cat([r for _, r, _ in e.blocks])
+            chi = torch.cat([self.scale(chi, c) for c, _, chi in e.blocks], dim=1)  # (S, R, k)
+            theta = self.theta[e.layer][:, rows] if pts is None else self.theta[e.layer][pts][:, rows]
+            term = torch.matmul(theta, chi)
+            out = term if out is None else out + term
         return out
 
-    def scale(self, value: Tensor, c: Tensor | float) -> Tensor:
+    def apply(self, params: dict[str, Effect], rows: Rows) -> Applied:
+        pts = self.points(rows)
+        F = self.f0[:, pts]  # noqa: N806
+        for value in params.values():
+            move = self.at(value, pts)
+            if move is not None:
+                F = F + move  # noqa: N806
+        return Applied(F.detach().requires_grad_(True), [pts], params)
+
+    def grad(self, loss: Tensor, applied: list[Applied], layers: tuple[str, ...]) -> dict[str, Effect]:
+        chis = torch.autograd.grad(loss.sum(), [a.F for a in applied], allow_unused=True, retain_graph=True)
+        blocks = tuple((1.0, a.vals[0], chi.detach()) for a, chi in zip(applied, chis, strict=True) if chi is not None)
+        return {name: Effect(name, None, blocks) for name in layers}  # a unit step on a layer moves f by these
+
+    def scale(self, value: Any, c: Tensor | float) -> Any:
+        if isinstance(value, Effect):
+            return Effect(value.layer, None if value.base is None else self.scale(value.base, c),
+                          tuple((k * c, r, chi) for k, r, chi in value.blocks))
         if isinstance(c, Tensor):
             c = c.reshape(c.shape + (1,) * (value.dim() - c.dim()))
         return value * c
 
-    def add(self, a: Tensor, b: Tensor) -> Tensor:
-        return a + b
+    def add(self, a: Effect, b: Effect) -> Effect:
+        base = a.base if b.base is None else b.base if a.base is None else a.base + b.base
+        out = Effect(a.layer, base, a.blocks + b.blocks)
+        if out.rows > MAX_ROWS:  # sum the blocks into the dense part
+            out = Effect(a.layer, self.at(out, None))
+        return out
 
     def update(self, params: dict[str, Any], delta: Bundle, layers: tuple[str, ...], sign: float,
                scaled: bool) -> dict[str, Any]:
         new = dict(params)
         for la in layers:
             if la in delta.grad:
-                new[la] = new[la] + sign * delta.grad[la]
+                new[la] = self.add(new[la], self.scale(delta.grad[la], sign))
         return new  # parameter terms vanish in the limit here (refused before running otherwise)
 
     def feature_gram(self, applied: Applied) -> Tensor:

@@ -2,30 +2,38 @@
 
 Numbers, counters, data sets and parameter reads are written inline where they are used; every
 other instruction is one line `#id  name = text   Op`, a loop's body indented under it. A value
-the program named (`L = ...`) keeps its name, others are `%id`.
+the program named (`L = ...`) keeps its name, others are `%id`. Each op's text is its rule
+`_text_<op>` below, and its `Op` tag and whether it is inline are in the registry of
+instructions (tpc/train/instructions.py), which `text_of` dispatches through.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
+from tpc.train.instructions import INSTRUCTIONS
 from tpc.train.loops import Instr, TrainProgram
 from tpc.train.network import Network
 
-INLINE = ("const", "counter", "data", "read")
 INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "^"}
-TAG = {"rows": "Rows", "index": "Index", "fn": "Scalar", "reduce": "Reduce", "apply": "Apply", "loss": "Loss",
-       "named_loss": "Loss", "grad": "Grad", "zeros": "Zeros", "lincomb": "LinComb", "state": "State",
-       "copy": "Copy", "update": "Update", "record": "Record", "loop": "Loop"}
 
 
 def ref(prog: TrainProgram, i: int) -> str:
+    """How instruction i is written where it is used: an inline op by its own text, a value the
+    program named by its name, another by `%id`."""
     ins = prog.instrs[i]
-    if ins.op == "const":
-        return f"{ins.attrs['value']:g}"
-    if ins.op in ("counter", "data", "read"):
-        return ins.attrs["name"]
+    spec = INSTRUCTIONS[ins.op]
+    if spec.inline:
+        return spec.text(prog, ins)
     return ins.attrs.get("label") or f"%{i}"
+
+
+def text_of(prog: TrainProgram, ins: Instr) -> str:
+    """An instruction's text: `name = text` for a value, the statement itself for a statement, and
+    for an inline op what stands for it where it is used."""
+    spec = INSTRUCTIONS[ins.op]
+    body = spec.text(prog, ins)
+    if spec.kind == "none" or spec.inline:
+        return body
+    return f"{ref(prog, ins.id)} = {body}"
 
 
 def _terms(prog: TrainProgram, terms: list) -> str:
@@ -36,7 +44,71 @@ def _terms(prog: TrainProgram, terms: list) -> str:
     return " + ".join(parts).replace("+ -", "- ") if parts else "0"
 
 
-def _update(prog: TrainProgram, ins: Instr) -> str:
+def _args(prog: TrainProgram, ins: Instr) -> list[str]:
+    return [ref(prog, i) for i in ins.args]
+
+
+# --- the text of each instruction (`text` in tpc/train/instructions.py)
+
+
+def _text_const(prog: TrainProgram, ins: Instr) -> str:
+    return f"{ins.attrs['value']:g}"
+
+
+def _text_name(prog: TrainProgram, ins: Instr) -> str:  # counters, data sets, parameter reads
+    return ins.attrs["name"]
+
+
+def _text_rows(prog: TrainProgram, ins: Instr) -> str:
+    return f"batch({', '.join(_args(prog, ins))}, {ins.attrs['size']})"
+
+
+def _text_index(prog: TrainProgram, ins: Instr) -> str:
+    return "{}[{}]".format(*_args(prog, ins))
+
+
+def _text_fn(prog: TrainProgram, ins: Instr) -> str:
+    args, fn = _args(prog, ins), ins.attrs["fn"]
+    return f"({args[0]} {INFIX[fn]} {args[1]})" if fn in INFIX else f"{fn}({', '.join(args)})"
+
+
+def _text_reduce(prog: TrainProgram, ins: Instr) -> str:
+    return f"{ins.attrs['fn']}({_args(prog, ins)[0]})"
+
+
+def _text_apply(prog: TrainProgram, ins: Instr) -> str:
+    return f"{ins.attrs['root']}({_args(prog, ins)[0]})"
+
+
+def _text_loss(prog: TrainProgram, ins: Instr) -> str:
+    return f"{ins.attrs['loss']}({', '.join(_args(prog, ins))})"
+
+
+def _text_named_loss(prog: TrainProgram, ins: Instr) -> str:
+    return ins.attrs["loss"] + (f" on {_args(prog, ins)[1]}" if len(ins.args) > 1 else "")
+
+
+def _text_grad(prog: TrainProgram, ins: Instr) -> str:
+    return f"grad({_args(prog, ins)[0]}, {'/'.join(ins.attrs['layers'])} of {ins.attrs['root']})"
+
+
+def _text_zeros(prog: TrainProgram, ins: Instr) -> str:
+    return f"zeros({', '.join(ins.attrs['layers'])})"
+
+
+def _text_lincomb(prog: TrainProgram, ins: Instr) -> str:
+    return _terms(prog, ins.attrs["terms"])
+
+
+def _text_state(prog: TrainProgram, ins: Instr) -> str:
+    return f"state {ins.attrs['name']} = {_terms(prog, ins.attrs['terms'])}"
+
+
+def _text_copy(prog: TrainProgram, ins: Instr) -> str:
+    return f"copy {ins.attrs['name']} = {ins.attrs['source']}"
+
+
+def _text_update(prog: TrainProgram, ins: Instr) -> str:
     text = _terms(prog, ins.attrs["terms"])
     if len(ins.attrs["terms"]) > 1 and ins.attrs["mode"] != "=":
         text = f"({text})"
@@ -44,35 +116,15 @@ def _update(prog: TrainProgram, ins: Instr) -> str:
     return f"{ins.attrs['target']} {ins.attrs['mode']} {text}{note}"
 
 
-def _args(prog: TrainProgram, ins: Instr) -> list[str]:
-    return [ref(prog, i) for i in ins.args]
+def _text_record(prog: TrainProgram, ins: Instr) -> str:
+    return f"record {ins.attrs['name']} = {_args(prog, ins)[0]}"
 
 
-TEXT: dict[str, Callable[[TrainProgram, Instr], str]] = {
-    "rows": lambda p, i: f"batch({', '.join(_args(p, i))}, {i.attrs['size']})",
-    "index": lambda p, i: "{}[{}]".format(*_args(p, i)),
-    "fn": lambda p, i: (f"({_args(p, i)[0]} {INFIX[i.attrs['fn']]} {_args(p, i)[1]})" if i.attrs["fn"] in INFIX
-                        else f"{i.attrs['fn']}({', '.join(_args(p, i))})"),
-    "reduce": lambda p, i: f"{i.attrs['fn']}({_args(p, i)[0]})",
-    "apply": lambda p, i: f"{i.attrs['root']}({_args(p, i)[0]})",
-    "loss": lambda p, i: f"{i.attrs['loss']}({', '.join(_args(p, i))})",
-    "named_loss": lambda p, i: i.attrs["loss"] + (f" on {_args(p, i)[1]}" if len(i.args) > 1 else ""),
-    "grad": lambda p, i: f"grad({_args(p, i)[0]}, {'/'.join(i.attrs['layers'])} of {i.attrs['root']})",
-    "zeros": lambda p, i: f"zeros({', '.join(i.attrs['layers'])})",
-    "lincomb": lambda p, i: _terms(p, i.attrs["terms"]),
-    "state": lambda p, i: f"state {i.attrs['name']} = {_terms(p, i.attrs['terms'])}",
-    "copy": lambda p, i: f"copy {i.attrs['name']} = {i.attrs['source']}",
-    "update": lambda p, i: _update(p, i),
-    "record": lambda p, i: f"record {i.attrs['name']} = {_args(p, i)[0]}",
-    "loop": lambda p, i: f"for {i.attrs['counter']} in range({i.attrs['trip']}):",
-}
+def _text_loop(prog: TrainProgram, ins: Instr) -> str:
+    return f"for {ins.attrs['counter']} in range({ins.attrs['trip']}):"
 
 
-def text_of(prog: TrainProgram, ins: Instr) -> str:
-    body = TEXT[ins.op](prog, ins)
-    if ins.op in ("state", "copy", "update", "record", "loop"):
-        return body
-    return f"{ref(prog, ins.id)} = {body}"
+# --- whole programs
 
 
 def loop_summary(prog: TrainProgram, loop: Instr) -> str:
@@ -101,10 +153,11 @@ def training_text(net: Network) -> str:
     def emit(ids: list[int], depth: int) -> None:
         for i in ids:
             ins = prog.instrs[i]
-            if ins.op in INLINE:
+            spec = INSTRUCTIONS[ins.op]
+            if spec.inline:
                 continue
             text = "  " * depth + text_of(prog, ins)
-            tag = TAG[ins.op] + (f" ({loop_summary(prog, ins)})" if ins.op == "loop" else "")
+            tag = spec.tag + (f" ({loop_summary(prog, ins)})" if ins.op == "loop" else "")
             lines.append(f"{i:>4}  {text:<58} {tag}")
             if ins.op == "loop":
                 emit(ins.attrs["body"], depth + 1)
@@ -122,10 +175,7 @@ def training_json(net: Network) -> dict:
     def node(i: int) -> dict:
         ins = prog.instrs[i]
         out: dict = {"id": i, "op": ins.op, "line": ins.span.line, "column": ins.span.column, "args": list(ins.args)}
-        if ins.op not in INLINE:
-            out["text"] = text_of(prog, ins)
-        else:
-            out["text"] = ref(prog, i)
+        out["text"] = text_of(prog, ins)
         if ins.op == "loop":
             out["trip"] = ins.attrs["trip"]
             out["counter"] = ins.attrs["counter"]
@@ -143,7 +193,7 @@ def training_dot(net: Network) -> str:
     def emit(ids: list[int], depth: int) -> None:
         for i in ids:
             ins = prog.instrs[i]
-            label = (text_of(prog, ins) if ins.op not in INLINE else ref(prog, i)).replace("\\", "\\\\")
+            label = text_of(prog, ins).replace("\\", "\\\\")
             label = label.replace('"', '\\"')
             if ins.op == "loop":
                 lines.append(f"{'  ' * depth}subgraph cluster_loop_{i} {{")

@@ -7,6 +7,11 @@ model application is expanded into its forward pass, each `grad` into its backwa
 rows that `grad` stores for an n x n layer are listed; no version of an n x n layer is ever formed
 as a matrix: `W@f3 y = a W_0 y + sum_p k_p dh_p (x_p . y / n)` over W's stored rows (x_p, dh_p),
 with numbers a and k_p that the updates' linear combinations give.
+
+Each op's listing is its rule `_list_<op>` below, which the registry of instructions
+(tpc/train/instructions.py, the field `listing`) lists beside the op's other rules; the walk
+(`_Lister.block`) dispatches through it. Numbers, counters, data sets and parameter reads are
+written where they are used (`_Lister.ref`), with the versions of the parameters at that point.
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ import numpy as np
 from tpc.errors import TpcError
 from tpc.ops import expr as ex
 from tpc.passes.autodiff import derivative
+from tpc.train.instructions import INSTRUCTIONS
 from tpc.train.loops import MAXIMAL_LR_EXPONENT, Instr
 from tpc.train.losses import batch_rows
 from tpc.train.network import Network
-from tpc.train.show import INFIX, INLINE
+from tpc.train.show import INFIX
 
 MAX_STEPS = 200  # loop iterations listed in all
 
@@ -34,6 +40,7 @@ class _Lister:
         self.stored: dict[str, int] = {}  # n x n layer -> rows stored so far
         self.names: dict[int, str] = {}  # instruction id -> its value's name in this step
         self.values: dict[int, object] = {}  # static values (counters, numbers, rows)
+        self.applied: dict[int, tuple[str, list[str]]] = {}  # apply id -> (root, its forward pass's names)
         self.iterations = 0
 
     def say(self, text: str) -> None:
@@ -43,6 +50,8 @@ class _Lister:
         return "".join(f".{t}" for t in self.tag)
 
     def ref(self, i: int) -> str:
+        """How instruction i is written where it is used: an inline op (the registry's `inline`) by itself,
+        another by the name its listing gave it in this step."""
         ins = self.prog.instrs[i]
         if ins.op == "const":
             return f"{ins.attrs['value']:g}"
@@ -96,26 +105,7 @@ class _Lister:
     def block(self, ids: list[int]) -> None:
         for i in ids:
             ins = self.prog.instrs[i]
-            if ins.op in INLINE:
-                if ins.op == "const":
-                    self.values[i] = ins.attrs["value"]
-                continue
-            getattr(self, f"do_{ins.op}", self.do_other)(ins)
-
-    def do_loop(self, ins: Instr) -> None:
-        counter = next(i for i in ins.attrs["body"] if self.prog.instrs[i].op == "counter")
-        for t in range(ins.attrs["trip"]):
-            self.iterations += 1
-            if self.iterations > MAX_STEPS:
-                raise TpcError(f"--unrolled is for short runs: more than {MAX_STEPS} loop iterations in all; lower "
-                               "the trip counts to read the program", ins.span
-                               ).locate(self.net.filename, self.net.source)
-            self.counters[counter] = t
-            self.values[counter] = t
-            self.say(f"# {ins.attrs['counter'].strip('<>')} = {t}")
-            self.tag.append(f"{ins.attrs['counter'].strip('<>')}{t}")
-            self.block(ins.attrs["body"])
-            self.tag.pop()
+            INSTRUCTIONS[ins.op].listing(self, ins)
 
     def name(self, ins: Instr) -> str:
         base = ins.attrs.get("label") or f"v{ins.id}"
@@ -124,74 +114,6 @@ class _Lister:
 
     def static(self, i: int) -> np.ndarray:
         return np.asarray(self.values[i])
-
-    def do_rows(self, ins: Instr) -> None:
-        x = self.prog.instrs[ins.args[0]].attrs["name"]
-        t = int(self.static(ins.args[1]))
-        m = self.net.data[x].shape[0]
-        rows = batch_rows(t, ins.attrs["size"], m).tolist()
-        self.values[ins.id] = np.asarray(rows)
-        self.names[ins.id] = f"{x}[{_ranges(rows)}]"
-
-    def do_index(self, ins: Instr) -> None:
-        base = self.prog.instrs[ins.args[0]]
-        i = self.static(ins.args[1]).astype(int)
-        if base.op == "data":
-            self.values[ins.id] = self.net.data[base.attrs["name"]][i]
-            self.names[ins.id] = f"{base.attrs['name']}[{_ranges(np.atleast_1d(i).tolist())}]"
-        else:
-            inner = self.values[ins.args[0]]
-            self.values[ins.id] = np.asarray(inner)[i]
-            self.names[ins.id] = f"{self.names[ins.args[0]]}[{int(i) if i.ndim == 0 else _ranges(i.tolist())}]"
-
-    def do_fn(self, ins: Instr) -> None:
-        args = [self.ref(a) for a in ins.args]
-        if ins.static and all(a in self.values for a in ins.args):
-            import torch
-
-            from tpc.ops.functions import FUNCTIONS
-
-            vals = [torch.as_tensor(np.asarray(self.values[a], dtype=np.float64)) for a in ins.args]
-            fn = ins.attrs["fn"]
-            v = {"min": torch.minimum, "max": torch.maximum, "mod": torch.remainder}.get(fn, None)
-            value = (v(*vals) if v else FUNCTIONS[fn].torch(*vals)).numpy()
-            self.values[ins.id] = value
-            self.names[ins.id] = f"{float(value):g}" if value.ndim == 0 else self.name(ins)
-            return
-        text = f"{args[0]} {INFIX[ins.attrs['fn']]} {args[1]}" if ins.attrs["fn"] in INFIX else \
-            f"{ins.attrs['fn']}({', '.join(args)})"
-        self.say(f"{self.name(ins)} = {text}")
-
-    def do_reduce(self, ins: Instr) -> None:
-        self.say(f"{self.name(ins)} = {ins.attrs['fn']}({self.ref(ins.args[0])})   # finite")
-
-    def do_apply(self, ins: Instr) -> None:
-        root, x = ins.attrs["root"], self.ref(ins.args[0])
-        out = self.name(ins)
-        steps = self.net.model.steps
-        h = [x if s.op == "input" else f"h{k}{self.suffix()}" for k, s in enumerate(steps)]
-        h[-1] = out
-        self.say(f"# {out} = {root}({x}), forward:")
-        for k, step in enumerate(steps):
-            if step.op == "input":
-                continue
-            if step.op == "bias":
-                text = self.layer(root, step.layer)
-            elif step.op == "fn":
-                text = ex.render(step.tree, [h[j] for j in step.args])
-            else:
-                la = self.net.layers[step.layer]
-                arg = h[step.args[0]]
-                if la.role == "input":
-                    text = f"{self.layer(root, la.name)} @ {arg}"
-                elif la.role == "readout":
-                    text = f"({self.layer(root, la.name)} . {arg}) / n   # finite: the readout rows v = n {la.name}"
-                else:
-                    text = self.hidden(root, la.name, arg, False)
-            self.say(f"  {h[k]} = {text}")
-        self.values.pop(ins.id, None)
-        self.applied = getattr(self, "applied", {})
-        self.applied[ins.id] = (root, h)
 
     def hidden(self, root: str, layer: str, arg: str, transposed: bool) -> str:
         w = f"{layer}_0.T" if transposed else f"{layer}_0"
@@ -202,21 +124,6 @@ class _Lister:
         left, right = ("x", "dh") if transposed else ("dh", "x")
         return (f"a {w} @ {arg} + sum_(p<{p}) k_p {layer}{left}_p ({layer}{right}_p . {arg} / n)   "
                 f"# a, k of {layer}@{root}{v}")
-
-    def do_loss(self, ins: Instr) -> None:
-        self.say(f"{self.name(ins)} = {ins.attrs['loss']}({self.ref(ins.args[0])}, {self.ref(ins.args[1])})   "
-                 "# finite")
-
-    def do_named_loss(self, ins: Instr) -> None:
-        on = f" on {self.ref(ins.args[1])}" if len(ins.args) > 1 else ""
-        self.say(f"{self.name(ins)} = {ins.attrs['loss']}({self.ref(ins.args[0])}){on}   # finite")
-
-    def do_grad(self, ins: Instr) -> None:
-        out = self.name(ins)
-        loss = self.ref(ins.args[0])
-        for a in ins.args[1:]:
-            root, h = self.applied[a]
-            self.backward(root, h, loss, ins.attrs["layers"], out)
 
     def backward(self, root: str, h: list[str], loss: str, layers: tuple[str, ...], out: str) -> None:
         steps = self.net.model.steps
@@ -267,45 +174,166 @@ class _Lister:
             parts.append(" * ".join(factors))
         return (" + ".join(parts) or "0").replace("+ -", "- ")
 
-    def do_update(self, ins: Instr) -> None:
-        text = self.terms(ins.attrs["terms"])
-        root, what = ins.attrs["root"], ins.attrs["what"]
-        old = self.params(root, ins.attrs["layers"], what, ins.attrs["target"])
-        if what == "state":
-            self.version[(root, "")] = self.version.get((root, ""), 0) + 1
+
+# --- the listing of each instruction (`listing` in tpc/train/instructions.py)
+
+
+def _list_const(ls: _Lister, ins: Instr) -> None:
+    """A number is written where it is used (`_Lister.ref`); its value is kept, to fold static arithmetic."""
+    ls.values[ins.id] = ins.attrs["value"]
+
+
+def _list_inline(ls: _Lister, ins: Instr) -> None:
+    """Counters, data sets and parameter reads: nothing here, they are written where they are used
+    (`_Lister.ref`; a counter's value is set by its loop, a read's text names the versions of that point)."""
+
+
+def _list_loop(ls: _Lister, ins: Instr) -> None:
+    counter = next(i for i in ins.attrs["body"] if ls.prog.instrs[i].op == "counter")
+    for t in range(ins.attrs["trip"]):
+        ls.iterations += 1
+        if ls.iterations > MAX_STEPS:
+            raise TpcError(f"--unrolled is for short runs: more than {MAX_STEPS} loop iterations in all; lower "
+                           "the trip counts to read the program", ins.span
+                           ).locate(ls.net.filename, ls.net.source)
+        ls.counters[counter] = t
+        ls.values[counter] = t
+        ls.say(f"# {ins.attrs['counter'].strip('<>')} = {t}")
+        ls.tag.append(f"{ins.attrs['counter'].strip('<>')}{t}")
+        ls.block(ins.attrs["body"])
+        ls.tag.pop()
+
+
+def _list_rows(ls: _Lister, ins: Instr) -> None:
+    x = ls.prog.instrs[ins.args[0]].attrs["name"]
+    t = int(ls.static(ins.args[1]))
+    m = ls.net.data[x].shape[0]
+    rows = batch_rows(t, ins.attrs["size"], m).tolist()
+    ls.values[ins.id] = np.asarray(rows)
+    ls.names[ins.id] = f"{x}[{_ranges(rows)}]"
+
+
+def _list_index(ls: _Lister, ins: Instr) -> None:
+    base = ls.prog.instrs[ins.args[0]]
+    i = ls.static(ins.args[1]).astype(int)
+    if base.op == "data":
+        ls.values[ins.id] = ls.net.data[base.attrs["name"]][i]
+        ls.names[ins.id] = f"{base.attrs['name']}[{_ranges(np.atleast_1d(i).tolist())}]"
+    else:
+        inner = ls.values[ins.args[0]]
+        ls.values[ins.id] = np.asarray(inner)[i]
+        ls.names[ins.id] = f"{ls.names[ins.args[0]]}[{int(i) if i.ndim == 0 else _ranges(i.tolist())}]"
+
+
+def _list_fn(ls: _Lister, ins: Instr) -> None:
+    args = [ls.ref(a) for a in ins.args]
+    if ins.static and all(a in ls.values for a in ins.args):
+        import torch
+
+        from tpc.ops.functions import FUNCTIONS
+
+        vals = [torch.as_tensor(np.asarray(ls.values[a], dtype=np.float64)) for a in ins.args]
+        fn = ins.attrs["fn"]
+        v = {"min": torch.minimum, "max": torch.maximum, "mod": torch.remainder}.get(fn, None)
+        value = (v(*vals) if v else FUNCTIONS[fn].torch(*vals)).numpy()
+        ls.values[ins.id] = value
+        ls.names[ins.id] = f"{float(value):g}" if value.ndim == 0 else ls.name(ins)
+        return
+    text = f"{args[0]} {INFIX[ins.attrs['fn']]} {args[1]}" if ins.attrs["fn"] in INFIX else \
+        f"{ins.attrs['fn']}({', '.join(args)})"
+    ls.say(f"{ls.name(ins)} = {text}")
+
+
+def _list_reduce(ls: _Lister, ins: Instr) -> None:
+    ls.say(f"{ls.name(ins)} = {ins.attrs['fn']}({ls.ref(ins.args[0])})   # finite")
+
+
+def _list_apply(ls: _Lister, ins: Instr) -> None:
+    root, x = ins.attrs["root"], ls.ref(ins.args[0])
+    out = ls.name(ins)
+    steps = ls.net.model.steps
+    h = [x if s.op == "input" else f"h{k}{ls.suffix()}" for k, s in enumerate(steps)]
+    h[-1] = out
+    ls.say(f"# {out} = {root}({x}), forward:")
+    for k, step in enumerate(steps):
+        if step.op == "input":
+            continue
+        if step.op == "bias":
+            text = ls.layer(root, step.layer)
+        elif step.op == "fn":
+            text = ex.render(step.tree, [h[j] for j in step.args])
         else:
-            for la in ins.attrs["layers"]:
-                self.version[(root, la)] = self.version.get((root, la), 0) + 1
-        new = self.params(root, ins.attrs["layers"], what, ins.attrs["target"])
-        op = ins.attrs["mode"]
-        if op != "=" and len(ins.attrs["terms"]) > 1:
-            text = f"({text})"
-        rhs = text if op == "=" else f"{old} {op[0]} {text}"
-        note = "   # scaled per layer (header)" if ins.attrs["scaled"] else ""
-        self.say(f"{new} = {rhs}{note}")
+            la = ls.net.layers[step.layer]
+            arg = h[step.args[0]]
+            if la.role == "input":
+                text = f"{ls.layer(root, la.name)} @ {arg}"
+            elif la.role == "readout":
+                text = f"({ls.layer(root, la.name)} . {arg}) / n   # finite: the readout rows v = n {la.name}"
+            else:
+                text = ls.hidden(root, la.name, arg, False)
+        ls.say(f"  {h[k]} = {text}")
+    ls.values.pop(ins.id, None)
+    ls.applied[ins.id] = (root, h)
 
-    def do_state(self, ins: Instr) -> None:
-        name = ins.attrs["name"]
-        self.version[(name, "")] = 0
-        self.say(f"{name}@0 = {self.terms(ins.attrs['terms'])}")
 
-    def do_copy(self, ins: Instr) -> None:
-        name, src = ins.attrs["name"], ins.attrs["source"]
+def _list_loss(ls: _Lister, ins: Instr) -> None:
+    ls.say(f"{ls.name(ins)} = {ins.attrs['loss']}({ls.ref(ins.args[0])}, {ls.ref(ins.args[1])})   # finite")
+
+
+def _list_named_loss(ls: _Lister, ins: Instr) -> None:
+    on = f" on {ls.ref(ins.args[1])}" if len(ins.args) > 1 else ""
+    ls.say(f"{ls.name(ins)} = {ins.attrs['loss']}({ls.ref(ins.args[0])}){on}   # finite")
+
+
+def _list_grad(ls: _Lister, ins: Instr) -> None:
+    out = ls.name(ins)
+    loss = ls.ref(ins.args[0])
+    for a in ins.args[1:]:
+        root, h = ls.applied[a]
+        ls.backward(root, h, loss, ins.attrs["layers"], out)
+
+
+def _list_zeros(ls: _Lister, ins: Instr) -> None:
+    ls.names[ins.id] = f"zeros({', '.join(ins.attrs['layers'])})"
+
+
+def _list_lincomb(ls: _Lister, ins: Instr) -> None:
+    ls.say(f"{ls.name(ins)} = {ls.terms(ins.attrs['terms'])}")
+
+
+def _list_state(ls: _Lister, ins: Instr) -> None:
+    name = ins.attrs["name"]
+    ls.version[(name, "")] = 0
+    ls.say(f"{name}@0 = {ls.terms(ins.attrs['terms'])}")
+
+
+def _list_copy(ls: _Lister, ins: Instr) -> None:
+    name, src = ins.attrs["name"], ins.attrs["source"]
+    for la in ins.attrs["layers"]:
+        ls.version[(name, la)] = 0
+    ls.say(f"{name}@0 = {ls.params(src, ins.attrs['layers'], 'model', src)}   # a copy: the same numbers a, k")
+
+
+def _list_update(ls: _Lister, ins: Instr) -> None:
+    text = ls.terms(ins.attrs["terms"])
+    root, what = ins.attrs["root"], ins.attrs["what"]
+    old = ls.params(root, ins.attrs["layers"], what, ins.attrs["target"])
+    if what == "state":
+        ls.version[(root, "")] = ls.version.get((root, ""), 0) + 1
+    else:
         for la in ins.attrs["layers"]:
-            self.version[(name, la)] = 0
-        self.say(f"{name}@0 = {self.params(src, ins.attrs['layers'], 'model', src)}   # a copy: the same numbers a, k")
+            ls.version[(root, la)] = ls.version.get((root, la), 0) + 1
+    new = ls.params(root, ins.attrs["layers"], what, ins.attrs["target"])
+    op = ins.attrs["mode"]
+    if op != "=" and len(ins.attrs["terms"]) > 1:
+        text = f"({text})"
+    rhs = text if op == "=" else f"{old} {op[0]} {text}"
+    note = "   # scaled per layer (header)" if ins.attrs["scaled"] else ""
+    ls.say(f"{new} = {rhs}{note}")
 
-    def do_zeros(self, ins: Instr) -> None:
-        self.names[ins.id] = f"zeros({', '.join(ins.attrs['layers'])})"
 
-    def do_lincomb(self, ins: Instr) -> None:
-        self.say(f"{self.name(ins)} = {self.terms(ins.attrs['terms'])}")
-
-    def do_record(self, ins: Instr) -> None:
-        self.say(f"record {ins.attrs['name']}[{', '.join(self.tag)}] = {self.ref(ins.args[0])}")
-
-    def do_other(self, ins: Instr) -> None:  # pragma: no cover - every op has a rule above
-        self.say(f"{self.name(ins)} = {ins.op}")
+def _list_record(ls: _Lister, ins: Instr) -> None:
+    ls.say(f"record {ins.attrs['name']}[{', '.join(ls.tag)}] = {ls.ref(ins.args[0])}")
 
 
 def _ranges(rows: list[int]) -> str:

@@ -9,6 +9,11 @@ states and copies are dicts of tensors keyed by the module's parameter names (a 
 counts as zero, as a `zeros(f)` state holds no layer until it is first set); records are lists with
 one value per step. The model is trained in place; copies and states are never changed in place.
 
+Each op's code is its rule `_emit_<op>` below, which the registry of instructions
+(tpc/train/instructions.py, the field `emit`) lists beside the op's other rules: a value's rule
+gives its expression, which `_Emitter` writes where it is used (inlined) or on a line
+`v<id> = ...`; a statement's rule writes its lines. The emitter dispatches through the registry.
+
 Every name in the emitted code is either the file's own (reserved by `reserved`) or a program
 name made safe by `codegen.safe_names` (emit_network.program_names); user text reaches the file
 only through `_comment` (comments) or `repr` (dict keys).
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field
 from tpc.backends.torch.codegen import PYTHON_NAMES, _comment, _num, _tree_code
 from tpc.errors import TpcError
 from tpc.ops.functions import FUNCTIONS
+from tpc.train.instructions import INSTRUCTIONS
 from tpc.train.loops import Instr, TrainProgram
 from tpc.train.network import Loss, Network
 
@@ -30,9 +36,8 @@ HELPERS = ("num", "whole", "pick", "batch_rows", "checked", "combine", "weights"
            "assign", "grad", "stacked", "features", "mse_loss", "xent_loss", "logistic_loss")
 LOCALS = ("records", "outputs", "initial", "scale", "n", "model")
 FILE_NAMES = {"Network", "optimizer", "train", "LR", "math", "torch"}  # the emitted file's other globals
-# ops written where they are used (never a line of their own)
-INLINE = ("const", "counter", "zeros")
-DATA = ("data", "rows", "index")
+# ops written where they are used (never a line of their own); data rows (kind `data`) are too, unless named
+ALWAYS_INLINE = ("const", "counter", "zeros")
 # ops inlined into their only use, when nothing that changes parameters runs in between
 SMALL = ("fn", "reduce", "apply")
 BARRIERS = ("update", "copy", "state")
@@ -114,6 +119,8 @@ class _Emitter:
     inlined: set[int] = field(default_factory=set)
     snapshot: dict[int, str] = field(default_factory=dict)  # apply id -> the name of the copy's values it used
     grad_params: dict[int, str] = field(default_factory=dict)
+    indent: str = ""  # where instruction() writes: the indentation of its lines
+    depth: int = 0  # and how many loops enclose them
 
     def __post_init__(self) -> None:
         self.prog = self.net.program
@@ -166,11 +173,11 @@ class _Emitter:
         self.grad_params[ins.id] = f"p{first}"
 
     def is_inline(self, ins: Instr) -> bool:
-        if ins.op in INLINE:
+        if ins.op in ALWAYS_INLINE:
             return True
         if ins.attrs.get("label") or ins.id in self.snapshot:
             return False
-        if ins.op in DATA:
+        if INSTRUCTIONS[ins.op].kind == "data":
             return True
         users = self.uses[ins.id]
         if ins.op == "read":
@@ -188,10 +195,12 @@ class _Emitter:
         return self.local(label) if label else f"v{i}"
 
     def value(self, i: int) -> _Code:
+        """The code that stands for instruction i where it is used: its variable, or (inlined) its
+        expression; a tensor unless it is a number, a counter or a value for layers (a dict)."""
+        ins = self.instrs[i]
         if i not in self.inlined:
-            ins = self.instrs[i]
-            return _Code(self.var(i), ins.op not in ("read", "zeros", "grad", "lincomb"))
-        return self.inline(self.instrs[i])
+            return _Code(self.var(i), INSTRUCTIONS[ins.op].kind != "params")
+        return INSTRUCTIONS[ins.op].emit(self, ins)
 
     def tensor(self, i: int) -> str:
         c = self.value(i)
@@ -202,78 +211,6 @@ class _Emitter:
 
     def operand(self, c: _Code) -> str:
         return f"({c.text})" if c.compound else c.text
-
-    def inline(self, ins: Instr) -> _Code:
-        op, a = ins.op, ins.attrs
-        if op == "const":
-            return _Code(_num(a["value"]), False, a["value"] < 0)
-        if op == "counter":
-            return _Code(self.local(a["name"]), False)
-        if op == "zeros":
-            return _Code("{}", False)
-        if op == "data":
-            return _Code(self.names[a["name"]], True)
-        if op == "rows":
-            x = self.value(ins.args[0]).text
-            self.helpers.add("batch_rows")
-            return _Code(f"{x}[batch_rows({self.value(ins.args[1]).text}, {a['size']}, {x}.shape[0])]", True)
-        if op == "index":
-            x, i = self.value(ins.args[0]).text, self.instrs[ins.args[1]]
-            if i.op == "counter":  # 0, 1, ...: Python's indexing refuses one past the rows
-                return _Code(f"{x}[{self.value(i.id).text}]", True)
-            self.helpers.add("pick")
-            return _Code(f"pick({x}, {self.value(i.id).text})", True)
-        if op == "fn":
-            return self.fn(ins)
-        if op == "reduce":
-            arg = self.value(ins.args[0])
-            text = self.operand(arg) if arg.tensor else self.tensor(ins.args[0])
-            return _Code(f"{text}.{a['fn']}()", True)
-        if op == "apply":
-            return _Code(self.apply(ins), True)
-        if op == "read":
-            return _Code(self.read(ins), False)
-        raise AssertionError(op)  # pragma: no cover - only the ops above are inlined
-
-    def fn(self, ins: Instr) -> _Code:
-        name = ins.attrs["fn"]
-        if name in ("min", "max", "mod"):
-            call = {"min": "torch.minimum", "max": "torch.maximum", "mod": "torch.remainder"}[name]
-            return _Code(f"{call}({', '.join(self.tensor(i) for i in ins.args)})", True)
-        f = FUNCTIONS[name]
-        if f.infix or name in PAREN_FNS:
-            # numbers only: the first becomes a tensor, as tpc computes with float64 tensors
-            first = not any(self.value(i).tensor for i in ins.args)
-            parts = [self.tensor(i) if first and k == 0 else self.operand(self.value(i))
-                     for k, i in enumerate(ins.args)]
-            return _Code(f.code.format(*parts), True, True)
-        # a call torch.f(x) takes its argument as it is; another template gets it parenthesised
-        call = re.fullmatch(r"[\w.]+\(\{0\}\)", f.code) is not None
-        parts = []
-        for i in ins.args:
-            c = self.value(i)
-            parts.append(self.tensor(i) if not c.tensor else c.text if call else self.operand(c))
-        return _Code(f.code.format(*parts), True, not call)
-
-    def apply(self, ins: Instr) -> str:
-        x = self.value(ins.args[0]).text
-        root = ins.attrs["root"]
-        if root == self.net.model.name:
-            return f"model({x})"
-        params = self.snapshot.get(ins.id, self.local(root))
-        return f"torch.func.functional_call(model, {params}, ({x},))"
-
-    def read(self, ins: Instr) -> str:
-        a = ins.attrs
-        if a["what"] == "state":
-            return self.local(a["name"])
-        if a["root"] != self.net.model.name:
-            return self.local(a["root"])
-        layers = [self.names[la] for la in a["layers"]]
-        if len(layers) == len(self.net.layers):
-            self.helpers.add("weights")
-            return "weights(model)"
-        return "{" + ", ".join(f"{la!r}: model.{la}" for la in layers) + "}"
 
     def terms(self, terms: list[tuple[float, tuple[int, ...], int]], sign: float = 1.0) -> str:
         """combine((c, P), ...): sum_i c_i P_i; zeros terms add nothing."""
@@ -318,77 +255,19 @@ class _Emitter:
             self.lines.append(indent + "pass")
 
     def instruction(self, ins: Instr, indent: str, depth: int) -> None:
-        op, a, out = ins.op, ins.attrs, self.lines
+        """Instruction ins on lines of its own at this indentation, in loops nested `depth` deep: a
+        statement by its rule, a value as `v<id> = <its expression>`."""
+        self.indent, self.depth = indent, depth
+        spec = INSTRUCTIONS[ins.op]
+        if spec.kind == "none":
+            spec.emit(self, ins)
+            return
         note = self.comment(ins)
-        if op == "loop":
-            names = _records_of(self.prog, ins)
-            if depth >= 1 and names:
-                out.append(f"{indent}inner{depth + 1} = {{{', '.join(f'{n!r}: []' for n in names)}}}")
-            elif names:
-                out += [f"{indent}records[{n!r}] = []" for n in names]
-            out.append(f"{indent}for {self.local(a['counter'])} in range({a['trip']}):{note}")
-            self.emit(a["body"], indent + "    ", depth + 1)
-            if depth >= 1:
-                outer = "records" if depth == 1 else f"inner{depth}"
-                out += [f"{indent}{outer}[{n!r}].append(inner{depth + 1}[{n!r}])" for n in names]
-            return
-        if op == "record":
-            target = "records" if depth == 1 else f"inner{depth}"
-            v = self.value(ins.args[0])
-            if self.instrs[ins.args[0]].op == "apply" and self.net.output_dim() == 1:  # f(X): one number per row
-                value = f"{self.operand(v)}[:, 0].detach()"
-            elif not self.instrs[ins.args[0]].attrs.get("scalar"):
-                value = f"{self.operand(v)}.detach()"
-            else:
-                value = f"{self.operand(v)}.item()" if v.tensor else f"float({v.text})"
-            out.append(f"{indent}{target}[{a['name']!r}].append({value}){note}")
-            return
-        if op == "state":
-            out.append(f"{indent}{self.local(a['name'])} = {self.terms(a['terms'])}{note}")
-            return
-        if op == "copy":
-            if a["source"] == self.net.model.name:
-                self.helpers.update(("copied", "weights"))
-                out.append(f"{indent}{self.local(a['name'])} = copied(weights(model)){note}")
-            else:
-                out.append(f"{indent}{self.local(a['name'])} = dict({self.local(a['source'])}){note}")
-            return
-        if op == "update":
-            out.append(indent + self.update(ins) + note)
-            return
         if ins.id in self.snapshot:
-            out.append(f"{indent}{self.snapshot[ins.id]} = {self.local(a['root'])}  # the values of "
-                       f"{_comment(a['root'])} that grad() differentiates")
-        out.append(f"{indent}{self.var(ins.id)} = {self.code(ins)}{note}")
+            self.lines.append(f"{indent}{self.snapshot[ins.id]} = {self.local(ins.attrs['root'])}  # the values of "
+                              f"{_comment(ins.attrs['root'])} that grad() differentiates")
+        self.lines.append(f"{indent}{self.var(ins.id)} = {spec.emit(self, ins).text}{note}")
 
-    def code(self, ins: Instr) -> str:
-        op, a = ins.op, ins.attrs
-        if op == "loss":
-            f, y = (self.value(i).text for i in ins.args)
-            helper = f"{a['loss']}_loss"
-            self.helpers.update((helper, "checked"))
-            return f"checked({helper}({f}, {y}))"
-        if op == "named_loss":
-            loss = self.net.losses[a["loss"]]
-            f = self.value(ins.args[0]).text
-            data = [self.names[loss.target]] if loss.target else [self.names[d] for d in loss.args[1:]]
-            if len(ins.args) > 1:
-                rows = self.rows_index(ins.args[1])
-                data = [f"{d}[{rows}] if {d}.dim() else {d}" for d in data]
-            self.helpers.add("checked")
-            return f"checked(loss_{loss.name}({', '.join([f, *data])}))"
-        if op == "grad":
-            self.helpers.add("grad")
-            layers = repr(tuple(self.names[la] for la in a["layers"]))
-            return f"grad({self.value(ins.args[0]).text}, {self.grad_params[ins.id]}, {layers})"
-        if op == "lincomb":
-            return self.terms(a["terms"])
-        if op == "read":  # used after its parameters may change: keep today's values
-            what = self.read(ins)
-            if a["what"] == "state" or a["root"] != self.net.model.name:
-                return what  # states and copies are never changed in place
-            return f"{{k: w.detach().clone() for k, w in {what}.items()}}"
-        return self.inline(ins).text
 
     def rows_index(self, i: int) -> str:
         """Which rows of their data set the rows instruction i are (for a named loss's targets)."""
@@ -397,36 +276,6 @@ class _Emitter:
             x = self.value(ins.args[0]).text
             return f"batch_rows({self.value(ins.args[1]).text}, {ins.attrs['size']}, {x}.shape[0])"
         raise TpcError("emit-torch: a named loss on these rows is not supported", ins.span)
-
-    def update(self, ins: Instr) -> str:
-        a = ins.attrs
-        mode, target = a["mode"], a["target"]
-        if a["what"] == "state":
-            name = self.local(target)
-            if mode == "=":
-                return f"{name} = {self.terms(a['terms'])}"
-            sign = -1.0 if mode == "-=" else 1.0
-            self.helpers.add("combine")
-            if len(a["terms"]) == 1:
-                delta = self.terms(a["terms"], sign)
-                return f"{name} = {delta}" if delta == "{}" else \
-                    f"{name} = combine((1.0, {name}), {delta[len('combine('):-1]})"
-            return f"{name} = combine((1.0, {name}), ({_num(sign)}, {self.terms(a['terms'])}))"
-        model = a["root"] == self.net.model.name
-        params = "weights(model)" if model else self.local(a["root"])
-        self.helpers.add("weights")
-        if mode == "=":
-            self.helpers.add("replaced")
-            layers = repr(tuple(self.names[la] for la in a["layers"]))
-            new = f"replaced({params}, {self.terms(a['terms'])}, {layers})"
-        else:
-            self.helpers.add("shifted")
-            alpha = ("-" if mode == "-=" else "") + ("scale" if a["scaled"] else "1.0")
-            new = f"shifted({params}, {self.terms(a['terms'])}, {alpha})"
-        if model:
-            self.helpers.add("assign")
-            return f"assign(model, {new})"
-        return f"{self.local(a['root'])} = {new}"
 
     # --- outputs
     def outputs(self, position: int, indent: str) -> None:
@@ -457,6 +306,197 @@ class _Emitter:
                 out.append(f"{key} = torch.sqrt(((features(model, {x}) - initial[{x!r}]) ** 2).mean(-1))")
             else:  # pragma: no cover - network.py refuses other outputs in programs with loops
                 raise TpcError(f"emit-torch: the output {o.name} ({o.kind}) is not supported", o.span)
+
+
+# --- the code of each instruction (`emit` in tpc/train/instructions.py): a value's expression, or a
+# statement's lines at the emitter's indentation
+
+
+def _emit_const(em: _Emitter, ins: Instr) -> _Code:
+    value = ins.attrs["value"]
+    return _Code(_num(value), False, value < 0)
+
+
+def _emit_counter(em: _Emitter, ins: Instr) -> _Code:
+    return _Code(em.local(ins.attrs["name"]), False)
+
+
+def _emit_data(em: _Emitter, ins: Instr) -> _Code:
+    return _Code(em.names[ins.attrs["name"]], True)
+
+
+def _emit_rows(em: _Emitter, ins: Instr) -> _Code:
+    x = em.value(ins.args[0]).text
+    em.helpers.add("batch_rows")
+    return _Code(f"{x}[batch_rows({em.value(ins.args[1]).text}, {ins.attrs['size']}, {x}.shape[0])]", True)
+
+
+def _emit_index(em: _Emitter, ins: Instr) -> _Code:
+    x, i = em.value(ins.args[0]).text, em.instrs[ins.args[1]]
+    if i.op == "counter":  # 0, 1, ...: Python's indexing refuses one past the rows
+        return _Code(f"{x}[{em.value(i.id).text}]", True)
+    em.helpers.add("pick")
+    return _Code(f"pick({x}, {em.value(i.id).text})", True)
+
+
+def _emit_fn(em: _Emitter, ins: Instr) -> _Code:
+    name = ins.attrs["fn"]
+    if name in ("min", "max", "mod"):
+        call = {"min": "torch.minimum", "max": "torch.maximum", "mod": "torch.remainder"}[name]
+        return _Code(f"{call}({', '.join(em.tensor(i) for i in ins.args)})", True)
+    f = FUNCTIONS[name]
+    if f.infix or name in PAREN_FNS:
+        # numbers only: the first becomes a tensor, as tpc computes with float64 tensors
+        first = not any(em.value(i).tensor for i in ins.args)
+        parts = [em.tensor(i) if first and k == 0 else em.operand(em.value(i))
+                 for k, i in enumerate(ins.args)]
+        return _Code(f.code.format(*parts), True, True)
+    # a call torch.f(x) takes its argument as it is; another template gets it parenthesised
+    call = re.fullmatch(r"[\w.]+\(\{0\}\)", f.code) is not None
+    parts = []
+    for i in ins.args:
+        c = em.value(i)
+        parts.append(em.tensor(i) if not c.tensor else c.text if call else em.operand(c))
+    return _Code(f.code.format(*parts), True, not call)
+
+
+def _emit_reduce(em: _Emitter, ins: Instr) -> _Code:
+    arg = em.value(ins.args[0])
+    text = em.operand(arg) if arg.tensor else em.tensor(ins.args[0])
+    return _Code(f"{text}.{ins.attrs['fn']}()", True)
+
+
+def _emit_apply(em: _Emitter, ins: Instr) -> _Code:
+    x = em.value(ins.args[0]).text
+    root = ins.attrs["root"]
+    if root == em.net.model.name:
+        return _Code(f"model({x})", True)
+    params = em.snapshot.get(ins.id, em.local(root))
+    return _Code(f"torch.func.functional_call(model, {params}, ({x},))", True)
+
+
+def _emit_loss(em: _Emitter, ins: Instr) -> _Code:
+    f, y = (em.value(i).text for i in ins.args)
+    helper = f"{ins.attrs['loss']}_loss"
+    em.helpers.update((helper, "checked"))
+    return _Code(f"checked({helper}({f}, {y}))", True)
+
+
+def _emit_named_loss(em: _Emitter, ins: Instr) -> _Code:
+    loss = em.net.losses[ins.attrs["loss"]]
+    f = em.value(ins.args[0]).text
+    data = [em.names[loss.target]] if loss.target else [em.names[d] for d in loss.args[1:]]
+    if len(ins.args) > 1:
+        rows = em.rows_index(ins.args[1])
+        data = [f"{d}[{rows}] if {d}.dim() else {d}" for d in data]
+    em.helpers.add("checked")
+    return _Code(f"checked(loss_{loss.name}({', '.join([f, *data])}))", True)
+
+
+def _emit_grad(em: _Emitter, ins: Instr) -> _Code:
+    em.helpers.add("grad")
+    layers = repr(tuple(em.names[la] for la in ins.attrs["layers"]))
+    return _Code(f"grad({em.value(ins.args[0]).text}, {em.grad_params[ins.id]}, {layers})", False)
+
+
+def _emit_read(em: _Emitter, ins: Instr) -> _Code:
+    a = ins.attrs
+    if a["what"] == "state":
+        return _Code(em.local(a["name"]), False)
+    if a["root"] != em.net.model.name:  # states and copies are never changed in place
+        return _Code(em.local(a["root"]), False)
+    layers = [em.names[la] for la in a["layers"]]
+    if len(layers) == len(em.net.layers):
+        em.helpers.add("weights")
+        what = "weights(model)"
+    else:
+        what = "{" + ", ".join(f"{la!r}: model.{la}" for la in layers) + "}"
+    if ins.id in em.inlined:
+        return _Code(what, False)
+    # on a line of its own: used after its parameters may change, so keep today's values
+    return _Code(f"{{k: w.detach().clone() for k, w in {what}.items()}}", False)
+
+
+def _emit_zeros(em: _Emitter, ins: Instr) -> _Code:
+    return _Code("{}", False)
+
+
+def _emit_lincomb(em: _Emitter, ins: Instr) -> _Code:
+    return _Code(em.terms(ins.attrs["terms"]), False)
+
+
+def _emit_state(em: _Emitter, ins: Instr) -> None:
+    em.lines.append(f"{em.indent}{em.local(ins.attrs['name'])} = {em.terms(ins.attrs['terms'])}{em.comment(ins)}")
+
+
+def _emit_copy(em: _Emitter, ins: Instr) -> None:
+    a = ins.attrs
+    if a["source"] == em.net.model.name:
+        em.helpers.update(("copied", "weights"))
+        em.lines.append(f"{em.indent}{em.local(a['name'])} = copied(weights(model)){em.comment(ins)}")
+    else:
+        em.lines.append(f"{em.indent}{em.local(a['name'])} = dict({em.local(a['source'])}){em.comment(ins)}")
+
+
+def _emit_update(em: _Emitter, ins: Instr) -> None:
+    em.lines.append(em.indent + _update_code(em, ins) + em.comment(ins))
+
+
+def _update_code(em: _Emitter, ins: Instr) -> str:
+    a = ins.attrs
+    mode, target = a["mode"], a["target"]
+    if a["what"] == "state":
+        name = em.local(target)
+        if mode == "=":
+            return f"{name} = {em.terms(a['terms'])}"
+        sign = -1.0 if mode == "-=" else 1.0
+        em.helpers.add("combine")
+        if len(a["terms"]) == 1:
+            delta = em.terms(a["terms"], sign)
+            return f"{name} = {delta}" if delta == "{}" else \
+                f"{name} = combine((1.0, {name}), {delta[len('combine('):-1]})"
+        return f"{name} = combine((1.0, {name}), ({_num(sign)}, {em.terms(a['terms'])}))"
+    model = a["root"] == em.net.model.name
+    params = "weights(model)" if model else em.local(a["root"])
+    em.helpers.add("weights")
+    if mode == "=":
+        em.helpers.add("replaced")
+        layers = repr(tuple(em.names[la] for la in a["layers"]))
+        new = f"replaced({params}, {em.terms(a['terms'])}, {layers})"
+    else:
+        em.helpers.add("shifted")
+        alpha = ("-" if mode == "-=" else "") + ("scale" if a["scaled"] else "1.0")
+        new = f"shifted({params}, {em.terms(a['terms'])}, {alpha})"
+    if model:
+        em.helpers.add("assign")
+        return f"assign(model, {new})"
+    return f"{em.local(a['root'])} = {new}"
+
+
+def _emit_record(em: _Emitter, ins: Instr) -> None:
+    target = "records" if em.depth == 1 else f"inner{em.depth}"
+    v = em.value(ins.args[0])
+    if em.instrs[ins.args[0]].op == "apply" and em.net.output_dim() == 1:  # f(X): one number per row
+        value = f"{em.operand(v)}[:, 0].detach()"
+    elif not em.instrs[ins.args[0]].attrs.get("scalar"):
+        value = f"{em.operand(v)}.detach()"
+    else:
+        value = f"{em.operand(v)}.item()" if v.tensor else f"float({v.text})"
+    em.lines.append(f"{em.indent}{target}[{ins.attrs['name']!r}].append({value}){em.comment(ins)}")
+
+
+def _emit_loop(em: _Emitter, ins: Instr) -> None:
+    indent, depth, out = em.indent, em.depth, em.lines
+    names = _records_of(em.prog, ins)
+    if depth >= 1 and names:
+        out.append(f"{indent}inner{depth + 1} = {{{', '.join(f'{n!r}: []' for n in names)}}}")
+    elif names:
+        out += [f"{indent}records[{n!r}] = []" for n in names]
+    out.append(f"{indent}for {em.local(ins.attrs['counter'])} in range({ins.attrs['trip']}):{em.comment(ins)}")
+    em.emit(ins.attrs["body"], indent + "    ", depth + 1)
+    if depth >= 1:
+        outer = "records" if depth == 1 else f"inner{depth}"
+        out += [f"{indent}{outer}[{n!r}].append(inner{depth + 1}[{n!r}])" for n in names]
 
 
 def loop_lines(net: Network, names: dict[str, str]) -> list[str]:

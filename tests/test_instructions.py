@@ -1,0 +1,74 @@
+"""The registry of loop instructions (tpc/train/instructions.py): every op that LoopBuilder emits has
+an entry with all of its rules, of the kind LoopBuilder gives it; the backends dispatch through it
+and keep no op -> rule table of their own; and the registry costs no torch import."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tpc.train.instructions import INSTRUCTIONS, KINDS, Instruction, Rule
+
+ROOT = Path(__file__).resolve().parent.parent
+RULES = ("run", "text", "listing", "emit")
+
+
+def _emitted() -> dict[str, set[str]]:
+    """Each op that loops.py adds, with the kinds it gives it (`self.add("op", args, "kind", ...)`)."""
+    source = (ROOT / "tpc" / "train" / "loops.py").read_text()
+    ops: dict[str, set[str]] = {}
+    for m in re.finditer(r'self\.add\("(\w+)",', source):
+        kind = re.search(r'"(\w+)", (?:e\.|s\.)?\w*span', source[m.end():m.end() + 200])
+        ops.setdefault(m.group(1), set()).add(kind.group(1) if kind else "?")
+    return ops
+
+
+def test_every_op_loops_emit_is_registered_with_its_kind() -> None:
+    emitted = _emitted()
+    assert len(emitted) >= 19, emitted
+    assert set(emitted) == set(INSTRUCTIONS), (set(emitted) ^ set(INSTRUCTIONS))
+    for op, kinds in emitted.items():
+        assert kinds == {INSTRUCTIONS[op].kind}, (op, kinds)
+
+
+@pytest.mark.parametrize("op", sorted(INSTRUCTIONS))
+def test_every_rule_resolves_to_a_function(op: str) -> None:
+    spec = INSTRUCTIONS[op]
+    assert isinstance(spec, Instruction) and spec.op == op
+    assert spec.kind in KINDS and spec.meaning and "\n" not in spec.meaning
+    assert spec.inline or spec.tag, "an instruction on a line of its own has a tag"
+    for field in RULES:
+        rule = getattr(spec, field)
+        assert isinstance(rule, Rule) and callable(rule)
+        assert callable(rule.resolve()), (op, field, rule.path)
+
+
+def test_the_registry_is_frozen() -> None:
+    with pytest.raises(AttributeError):
+        INSTRUCTIONS["loop"].kind = "finite"  # type: ignore[misc]
+
+
+def test_no_backend_keeps_its_own_table_of_ops() -> None:
+    from tpc.backends.torch import emit_loops
+    from tpc.train import interp, show, unrolled
+
+    for module, names in ((interp, ("RULES",)), (show, ("TEXT", "TAG", "INLINE")), (emit_loops, ("INLINE", "DATA"))):
+        for name in names:
+            assert not hasattr(module, name), f"{module.__name__}.{name}"
+    assert not [m for m in vars(unrolled._Lister) if m.startswith("do_")]
+    assert not hasattr(emit_loops._Emitter, "code") and not hasattr(emit_loops._Emitter, "inline")
+    # every rule each backend defines is in the registry (none left over, reached some other way)
+    for module, field, prefix in ((interp, "run", "_run_"), (show, "text", "_text_"),
+                                  (unrolled, "listing", "_list_"), (emit_loops, "emit", "_emit_")):
+        defined = {f"{module.__name__}:{name}" for name in vars(module) if name.startswith(prefix)}
+        used = {getattr(spec, field).path for spec in INSTRUCTIONS.values()}
+        assert defined == used, (module.__name__, defined ^ used)
+
+
+def test_the_registry_and_graph_printing_import_no_torch() -> None:
+    code = "import tpc.train.instructions, tpc.train.show, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
