@@ -271,3 +271,22 @@ output p = f(Xt)
         assert main(cmd) == 2
         err = capsys.readouterr()
         assert "bad.tp:15:16: error: the trip count must be a constant" in err.err and err.out == ""
+
+
+def test_kernel_regime_names_apart_from_the_layers() -> None:
+    """The kernels' program is built as syntax trees with its own names kept apart from the layers':
+    a layer named `n` or `s1` (names the lowering uses) is an ordinary layer."""
+    src = """width m
+parametrization ntk
+data X = [[1, 0.5], [-0.3, 0.8]]
+data Y = [1, -1]
+layer n : input m x 2
+layer s1 : hidden m x m
+layer V : readout 1 x m
+model f(x) = V @ relu(s1 @ relu(n @ x))
+loss L = mse(f(X), Y)
+train sgd(lr = 0.1, steps = 2) minimize L
+output p = f(X)
+"""
+    renamed = src.replace("layer n ", "layer A ").replace("n @ x", "A @ x").replace("s1", "B")
+    np.testing.assert_array_equal(tpc.limit(tpc.loads(src))["p"].value, tpc.limit(tpc.loads(renamed))["p"].value)

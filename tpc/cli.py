@@ -285,7 +285,7 @@ def _lowered(net):  # noqa: ANN001, ANN202
                        "by index (tpc/train/cbow.py); use tpc check, run, limit or compare",
                        net.train.span).locate(net.filename, net.source)
     X = np.concatenate([net.data[d] for d in net.point_sets()])  # noqa: N806
-    prog, _ = lowered_program(net, X)
+    prog, _, _ = lowered_program(net, X)
     return prog
 
 

@@ -19,11 +19,12 @@ limit (closed forms, quadrature).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from tpc import syntax as ast
 from tpc.backends.limit.evaluate import evaluate_limit
 from tpc.errors import Span, TpcError
 from tpc.ir import Program
@@ -46,87 +47,144 @@ class Kernels:
     method: str
 
 
-def lowered_source(net: Network) -> tuple[str, list[tuple[str, str, float]]]:
-    """The network at initialisation as a forward Tensor Program on the stacked points `X`
-    (readout normalised to v @ x / sqrt(n), v a single row), with one output per kernel term.
-    Returns the source and the terms (output name, layer, exponent)."""
-    lines = ["width n"]
+def _fresh(base: str, taken: set[str]) -> str:
+    """`base`, or base_, base__, ... : a name apart from the program's layer names."""
+    name = base
+    while name in taken:
+        name += "_"
+    taken.add(name)
+    return name
+
+
+def _expr(tree: ex.Tree, names: list[str], span: Span) -> ast.Expr:
+    """A coordinatewise tree as a syntax tree over the named values."""
+    if isinstance(tree, ex.Arg):
+        return ast.Name(span, names[tree.index])
+    if isinstance(tree, ex.Const):
+        num = ast.Num(span, abs(tree.value))
+        return ast.Neg(span, num) if tree.value < 0 else num
+    args = [_expr(a, names, span) for a in tree.args]
+    infix = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "^"}
+    if tree.fn in infix:
+        return ast.BinOp(span, infix[tree.fn], args[0], args[1])
+    if tree.fn == "neg":
+        return ast.Neg(span, args[0])
+    return ast.Call(span, tree.fn, tuple(args), span)
+
+
+def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[tuple[str, str, float]]]:
+    """The network at initialisation as a forward Tensor Program on the stacked points (the readout
+    normalised to v @ x / sqrt(n), v a single row), with one output per kernel term, built as syntax
+    trees (no source text: a layer's name never meets a name of this program's own). Returns the
+    statements, the names of the program's own values (width, X, XX, f, features, nngp) and the terms
+    (output name, layer, exponent)."""
+    sp = Span(1, 1, 1, 1)
+    taken = set(net.layers)
+    own = {k: _fresh(k, taken) for k in ("n", "X", "XX", "f", "features", "nngp")}
+    n, f = own["n"], own["f"]
+
+    def name(v: str) -> ast.Name:
+        return ast.Name(sp, v)
+
+    def call(fn: str, *args: ast.Expr) -> ast.Call:
+        return ast.Call(sp, fn, tuple(args), sp)
+
+    def op(o: str, a: ast.Expr, b: ast.Expr) -> ast.BinOp:
+        return ast.BinOp(sp, o, a, b)
+
+    stmts: list[ast.Stmt] = [ast.WidthDecl(sp, n)]
+    shown: list[str] = []  # each variance as `tpc graph` shows it: the lowered program's only text
+
+    def variance(value: ast.Expr, text: str) -> ast.Normal:
+        shown.append(text)
+        at = Span(len(shown), 1, len(shown), len(text) + 1)
+        return ast.Normal(ast.Num(sp, 0.0), replace(value, span=at), sp)
+
     for la in net.layers.values():
         if la.role == "input":
-            lines.append(f"matrix {la.name} : n x {la.cols} ~ N(0, {la.var!r} / {la.cols})")
+            var = variance(op("/", ast.Num(sp, la.var), ast.Num(sp, float(la.cols))), f"{la.var!r} / {la.cols}")
+            stmts.append(ast.MatrixDecl(sp, la.name, n, int(la.cols), sp, sp, var))
         elif la.role == "hidden":
-            lines.append(f"matrix {la.name} : n x n ~ N(0, {la.var!r} / n)")
+            var = variance(op("/", ast.Num(sp, la.var), name(n)), f"{la.var!r} / n")
+            stmts.append(ast.MatrixDecl(sp, la.name, n, n, sp, sp, var))
         else:
-            lines.append(f"vector {la.name} ~ N(0, {la.var!r})")
+            stmts.append(ast.VectorDecl(sp, (la.name,), variance(ast.Num(sp, la.var), f"{la.var!r}")))
     names: list[str] = []
     steps = net.model.steps
     for i, s in enumerate(steps):
-        if s.op == "input":
-            names.append("X")
+        if s.op in ("input", "bias"):
+            names.append(own["X"] if s.op == "input" else s.layer)
             continue
-        if s.op == "bias":
-            names.append(s.layer)
-            continue
-        name = f"s{i}"
-        names.append(name)
+        value = _fresh(f"s{i}", taken) if net.layers.get(s.layer or "") is None or \
+            net.layers[s.layer].role != "readout" else f
+        names.append(value)
         if s.op == "fn":
-            lines.append(f"{name} = {ex.render(s.tree, [names[j] for j in s.args])}")
+            stmts.append(ast.Assign(sp, value, _expr(s.tree, [names[j] for j in s.args], sp)))
         elif net.layers[s.layer].role == "readout":
-            lines.append(f"f = {s.layer} @ {names[s.args[0]]} / sqrt(n)")
+            stmts.append(ast.Assign(sp, f, op("/", op("@", name(s.layer), name(names[s.args[0]])),
+                                              call("sqrt", name(n)))))
         else:
-            lines.append(f"{name} = {s.layer} @ {names[s.args[0]]}")
+            stmts.append(ast.Assign(sp, value, op("@", name(s.layer), name(names[s.args[0]]))))
     beta = net.init_exponent(net.readout())
     terms: list[tuple[str, str, float]] = []
-    feats = names[net.model.features]
-    lines.append(f"output features = gram({feats})")
-    lines.append("output nngp = cov(f)")
+    feats = name(names[net.model.features])
+    stmts.append(ast.OutputDecl(sp, own["features"], call("gram", feats)))
+    stmts.append(ast.OutputDecl(sp, own["nngp"], call("cov", name(f))))
     uses: dict[str, list[int]] = {}
     for i, s in enumerate(steps):
         if s.op == "matmul" and net.layers[s.layer].role in ("input", "hidden"):
             uses.setdefault(s.layer, []).append(i)
-    for name, la in net.layers.items():
+
+    def pair(u: int, w: int) -> ast.Expr:
+        return call("gram", call("grad", name(f), name(names[u])), call("grad", name(f), name(names[w])))
+
+    def total(parts: list[ast.Expr]) -> ast.Expr:
+        out = parts[0]
+        for p in parts[1:]:
+            out = op("+", out, p)
+        return out
+
+    for layer, la in net.layers.items():
         gamma = net.lr_exponent(la)
-        out = f"theta_{name}"
+        out = _fresh(f"theta_{layer}", taken)
         if la.role == "readout":
-            lines.append(f"output {out} = gram({feats})")
-            terms.append((out, name, 1 - gamma))
+            value, e = call("gram", feats), 1 - gamma
         elif la.role == "bias":
-            lines.append(f"output {out} = gram(grad(f, {name}))")
-            terms.append((out, name, 1 - 2 * beta - gamma))
+            g = call("grad", name(f), name(layer))
+            value, e = call("gram", g), 1 - 2 * beta - gamma
         elif la.role == "input":
-            parts = [f"gram(grad(f, {names[u]}), grad(f, {names[w]}))" for u in uses[name] for w in uses[name]]
-            lines.append(f"output {out} = ({' + '.join(parts)}) * XX")
-            terms.append((out, name, 1 - 2 * beta - gamma))
+            value = op("*", total([pair(u, w) for u in uses[layer] for w in uses[layer]]), name(own["XX"]))
+            e = 1 - 2 * beta - gamma
         else:
-            parts = [f"gram(grad(f, {names[u]}), grad(f, {names[w]})) * gram({names[steps[u].args[0]]}, "
-                     f"{names[steps[w].args[0]]})" for u in uses[name] for w in uses[name]]
-            lines.append(f"output {out} = {' + '.join(parts)}")
-            terms.append((out, name, 2 - 2 * beta - gamma))
-    return "\n".join(lines) + "\n", terms
+            value = total([op("*", pair(u, w), call("gram", name(names[steps[u].args[0]]),
+                                                      name(names[steps[w].args[0]])))
+                           for u in uses[layer] for w in uses[layer]])
+            e = 2 - 2 * beta - gamma
+        stmts.append(ast.OutputDecl(sp, out, value))
+        terms.append((out, layer, e))
+    own["<shown>"] = "\n".join(shown)
+    return stmts, own, terms
 
 
-def lowered_program(net: Network, X: np.ndarray) -> tuple[Program, list[tuple[str, str, float]]]:  # noqa: N803
+def lowered_program(net: Network, X: np.ndarray) -> tuple[Program, dict[str, str], list[tuple[str, str, float]]]:  # noqa: N803
     from tpc.build import Builder
-    from tpc.syntax import parse
 
-    source, terms = lowered_source(net)
-    prog = Program(filename=f"<{net.filename} at initialisation>", source=source)
+    stmts, own, terms = lowered_module(net)
+    prog = Program(filename=f"<{net.filename} at initialisation>", source=own.pop("<shown>"))
     b = Builder(prog, Path.cwd())
-    for name, value in (("X", X), ("XX", X @ X.T)):
-        b.names[name] = prog.add("data", (), "scalar", value.shape, name, None, value=value, source=None).id
-        b.defined_at[name] = Span(1, 1, 1, 1)
-    from tpc.syntax import OutputDecl
-
-    for stmt in parse(source, prog.filename).statements:
+    for key, value in (("X", X), ("XX", X @ X.T)):
+        b.names[own[key]] = prog.add("data", (), "scalar", value.shape, own[key], None, value=value, source=None).id
+        b.defined_at[own[key]] = Span(1, 1, 1, 1)
+    for stmt in stmts:
         try:
             b.statement(stmt)
         except TpcError:
             # a layer that f does not reach by a nonzero derivative (behind a step function):
             # its kernel term is zero
-            if not (isinstance(stmt, OutputDecl) and stmt.name.startswith("theta_")):
+            if not (isinstance(stmt, ast.OutputDecl) and any(stmt.name == t[0] for t in terms)):
                 raise
     prog.verify()
-    return prog, [t for t in terms if t[0] in prog.outputs]
+    return prog, own, [t for t in terms if t[0] in prog.outputs]
 
 
 @dataclass
@@ -148,16 +206,16 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
         points[d] = slice(start, start + net.data[d].shape[0])
         start += net.data[d].shape[0]
     X = np.concatenate([net.data[d] for d in sets])  # noqa: N806
-    prog, terms = lowered_program(net, X)
+    prog, own, terms = lowered_program(net, X)
     lim = evaluate_limit(prog, **limit_options)
     theta = {name: np.zeros((len(X), len(X))) for name in net.layers}
     for out, layer, exponent in terms:
         theta[layer] = theta[layer] + limit_factor(exponent) * lim[out].value
     beta = net.init_exponent(net.readout())
-    nngp = limit_factor(1 - 2 * beta) * lim["nngp"].value
+    nngp = limit_factor(1 - 2 * beta) * lim[own["nngp"]].value
     methods = {m for v in lim.values() for m in v.method.split("+")}
     order = ("exact", "closed-form", "quadrature", "monte-carlo")
-    return LayerKernels(points, theta, nngp, lim["features"].value, "+".join(m for m in order if m in methods))
+    return LayerKernels(points, theta, nngp, lim[own["features"]].value, "+".join(m for m in order if m in methods))
 
 
 def kernels(net: Network, **limit_options: object) -> Kernels:
