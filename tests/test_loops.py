@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import tpc
 from tpc.cli import main
@@ -290,3 +291,36 @@ output p = f(X)
 """
     renamed = src.replace("layer n ", "layer A ").replace("n @ x", "A @ x").replace("s1", "B")
     np.testing.assert_array_equal(tpc.limit(tpc.loads(src))["p"].value, tpc.limit(tpc.loads(renamed))["p"].value)
+
+
+def test_rows_of_dead_copies_are_dropped() -> None:
+    """First-order MAML with an n x n layer: each task's copy stores its inner steps' rows in W's pool
+    and dies at the end of the task; those rows are dropped, the query rows (in the meta-gradient)
+    kept, and the numbers are unchanged (direct = unrolled)."""
+    from tpc.train.interp import Interpreter
+    from tpc.train.pooled import PooledBackend
+    from tpc.train.spaces import FiniteSpace
+
+    net = tpc.loads(HEADER + """parametrization mup
+layer U : input n x 2
+layer W : hidden n x n
+layer V : readout 1 x n
+model f(x) = V @ tanh(W @ tanh(U @ x))
+for t in range(12) {
+  state G = zeros(f)
+  for k in range(2) {
+    copy g = f
+    for s in range(2) { g -= 0.3 * grad(mse(g(batch(X, t + k, 2)), batch(Y, t + k, 2)), g) }
+    G += grad(mse(g(batch(X, t + k + 2, 3)), batch(Y, t + k + 2, 3)), g)
+  }
+  f -= 0.2 * G
+}
+output p = f(Xt)
+""")
+    direct = loops_finite(net, 32, 2)["p"].values
+    backend = PooledBackend(net, FiniteSpace(net, 32, [0, 1], torch.float64, "cpu"))
+    with torch.enable_grad():
+        unrolled = Interpreter(net, backend).run()["p"].numpy()
+    np.testing.assert_allclose(direct, unrolled, rtol=1e-9, atol=1e-10)
+    appended = 12 * 2 * (2 * 2 + 3)  # per task: two inner steps on 2 rows, the query on 3
+    assert backend.pool["W"][0].shape[-2] <= 12 * 2 * 3 + 64 < appended  # the query rows stay

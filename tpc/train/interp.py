@@ -127,6 +127,35 @@ class Interpreter:
         for i in ins.attrs["body"]:
             self.execute(self.prog.instrs[i])
 
+    def collect(self, finished: list[int]) -> None:
+        """After an iteration: its values are dead (names are scoped to their body), and a backend
+        that keeps shared storage (pooled.py's rows) may drop what no live value uses."""
+        compact = getattr(self.be, "compact", None)
+        if compact is None:
+            return
+        for i in finished:
+            self.env.pop(i, None)
+        remap = compact(self.live())
+        if remap is None:
+            return
+        for root, params in self.params.items():
+            self.params[root] = {la: remap(la, v) for la, v in params.items()}
+        for name, b in self.states.items():
+            self.states[name] = _remap_bundle(b, remap)
+        for i, v in self.env.items():
+            if isinstance(v, Bundle):
+                self.env[i] = _remap_bundle(v, remap)
+            elif isinstance(v, Applied):
+                self.env[i] = Applied(v.F, v.vals, {la: remap(la, w) for la, w in v.params.items()})
+
+    def live(self) -> list[tuple[str, Any]]:
+        """(layer, value) of every parameter value that a later instruction can still read."""
+        out = [(la, v) for params in self.params.values() for la, v in params.items()]
+        bundles = list(self.states.values()) + [v for v in self.env.values() if isinstance(v, Bundle)]
+        out += [(la, v) for b in bundles for part in (b.weight, b.grad) for la, v in part.items()]
+        out += [(la, v) for v in self.env.values() if isinstance(v, Applied) for la, v in v.params.items()]
+        return out
+
     def finite(self, i: int) -> Tensor:
         v = self.env[i]
         if isinstance(v, Applied):
@@ -177,6 +206,10 @@ class Interpreter:
         if o.kind == "features":
             return self.be.feature_gram(applied)
         return self.be.feature_change(applied, init_features[o.data])
+
+
+def _remap_bundle(b: Bundle, remap: Callable[[str, Any], Any]) -> Bundle:
+    return Bundle({la: remap(la, v) for la, v in b.weight.items()}, {la: remap(la, v) for la, v in b.grad.items()})
 
 
 # --- the rules, one per instruction (`run` in tpc/train/instructions.py)
@@ -324,9 +357,11 @@ def _run_loop(it: Interpreter, ins: Instr) -> None:
     counter = next(i for i in ins.attrs["body"] if it.prog.instrs[i].op == "counter")
     it.recording.append({})
     top = len(it.recording) == 1
+    body = _body_ids(it.prog, ins)
     for t in range(ins.attrs["trip"]):
         it.env[counter] = torch.tensor(float(t), dtype=torch.float64)
         it.body(ins)
+        it.collect(body)
         if top:
             it.done += 1
             if it.progress:
@@ -340,6 +375,15 @@ def _run_loop(it: Interpreter, ins: Instr) -> None:
             it.recording[-1].setdefault(name, []).append(stacked)
         else:
             it.records[name] = stacked
+
+
+def _body_ids(prog: TrainProgram, loop: Instr) -> list[int]:
+    out = []
+    for i in loop.attrs["body"]:
+        out.append(i)
+        if prog.instrs[i].op == "loop":
+            out += _body_ids(prog, prog.instrs[i])
+    return out
 
 
 def _records_of(prog: TrainProgram, loop: Instr) -> list[int]:

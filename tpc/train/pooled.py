@@ -51,6 +51,7 @@ class PooledBackend:
         self.lead_shape: tuple[int, ...] = (space.normals[next(iter(net.layers))].shape[0],) if finite else ()
         self.pool: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (inputs x, dh), each (*lead, P, n)
         self.rate = {name: MAXIMAL_LR_EXPONENT[la.role] - net.lr_exponent(la) for name, la in net.layers.items()}
+        self.kept = 0  # pool rows after the last compaction
 
     # --- parameters
     def initial(self) -> dict[str, object]:
@@ -196,6 +197,29 @@ class PooledBackend:
             if name not in out:
                 out[name] = self.scale(applied[0].params[name], 0.0)
         return out
+
+    def compact(self, live: list[tuple[str, object]]) -> Callable[[str, object], object] | None:
+        """Drop the pool rows that no live value uses (a MAML task's copy dies with its inner steps'
+        rows); returns how to renumber a value's coefficients, or None when there is little to gain."""
+        total = sum(int(x.shape[-2]) for x, _ in self.pool.values())
+        if total < 2 * self.kept + 64:
+            return None
+        used = {name: torch.zeros(int(x.shape[-2]), dtype=torch.bool) for name, (x, _) in self.pool.items()}
+        for name, v in live:
+            if isinstance(v, Pooled) and v.coef.shape[-1]:
+                p = v.coef.shape[-1]
+                used[name][:p] |= (v.coef != 0).reshape(-1, p).any(0)
+        keep = {name: torch.nonzero(u).reshape(-1) for name, u in used.items()}
+        self.pool = {name: (x[..., keep[name], :], d[..., keep[name], :]) for name, (x, d) in self.pool.items()}
+        self.kept = sum(len(k) for k in keep.values())
+
+        def remap(name: str, v: object) -> object:
+            if not isinstance(v, Pooled) or name not in keep:
+                return v
+            k = keep[name]
+            return Pooled(v.a0, v.coef[..., k[k < v.coef.shape[-1]]])
+
+        return remap
 
     def stored(self, name: str, x: Tensor, dh: Tensor) -> Pooled:
         """Append rows (x, dh) to the layer's pool: the direction sum_b dh_b x_b^T / n."""
