@@ -42,7 +42,8 @@ class DenseBackend:
 
     def apply(self, params: dict[str, Tensor], rows: Rows) -> Applied:
         x = torch.as_tensor(rows.values, dtype=self.dtype, device=self.device)
-        vals = forward(self.net, {k: self.mult[k] * w for k, w in params.items()}, x)
+        weights = {k: w if self.mult[k] == 1.0 else self.mult[k] * w for k, w in params.items()}  # W = n^-a w
+        vals = forward(self.net, weights, x)
         return Applied(vals[-1], vals, params)
 
     def grad(self, loss: Tensor, applied: list[Applied], layers: tuple[str, ...]) -> dict[str, Tensor]:
@@ -56,6 +57,8 @@ class DenseBackend:
         if isinstance(c, Tensor):
             c = c.to(value.dtype).to(value.device)
             c = c.reshape(c.shape + (1,) * (value.dim() - c.dim()))
+        elif c == 1.0:  # values are never changed in place, so sharing one is safe
+            return value.detach()
         return value.detach() * c
 
     def add(self, a: Tensor, b: Tensor) -> Tensor:
@@ -72,12 +75,12 @@ class DenseBackend:
                     if la in part:
                         step = part[la] if step is None else step + part[la]
                 if sign == 0.0:  # P = e
-                    value = step if step is not None else torch.zeros_like(params[la])
+                    value = step.clone() if step is not None else torch.zeros_like(params[la])
                 elif step is None:
                     continue
-                else:
-                    value = params[la].detach() + (sign * factor) * step
-                new[la] = value.detach().clone().requires_grad_(True)
+                else:  # a new tensor: the old one may still be a copy's or a forward pass's
+                    value = torch.add(params[la].detach(), step, alpha=sign * factor)
+                new[la] = value.requires_grad_(True)
         return new
 
     def feature_gram(self, applied: Applied) -> Tensor:

@@ -130,11 +130,11 @@ class Interpreter:
     def collect(self, finished: list[int]) -> None:
         """After an iteration: its values are dead (names are scoped to their body), and a backend
         that keeps shared storage (pooled.py's rows) may drop what no live value uses."""
+        for i in finished:  # (this also frees their autograd graphs before the next forward pass)
+            self.env.pop(i, None)
         compact = getattr(self.be, "compact", None)
         if compact is None:
             return
-        for i in finished:
-            self.env.pop(i, None)
         remap = compact(self.live())
         if remap is None:
             return
