@@ -2,12 +2,16 @@
 
 Random programs (mostly well-formed, half of them mutated) go through every command in-process
 (check, graph in every format, emit-torch, classify, run, limit); any exception other than a
-clean TpcError, and any stage over the time limit, is a failure. Each distinct failure (exception
+clean TpcError, and any stage over the time limit, is a failure. The programs are Netsor programs,
+network programs trained by `train`, and network programs trained by loops written in the language
+(a mutated one of those is often broken on purpose: tests/fuzzing.py's LOOP_BREAKS; `--known-bugs`
+adds the breaks that reproduce bugs already reported, KNOWN_BUG_BREAKS). Each distinct failure (exception
 type and innermost tpc frame) is minimised by deleting lines while it persists, and written to
 the output folder with its command and traceback; a summary table ends the run.
 
     python benchmarks/fuzz.py --seconds 600 --out fuzz_failures/ [--seed 0] [--jobs 2]
-                              [--mutate 0.5] [--timeout 20]
+                              [--mutate 0.5] [--timeout 20] [--cases N] [--loops 0.12]
+                              [--known-bugs]
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ class Failure:
     outcome: Outcome
 
 
-def worker(seed: int, seconds: float, mutate_p: float, timeout: float) -> tuple[list[Failure], Counter, int]:
-    """Fuzz for `seconds` from `seed`: the failures, outcome counts and the number of programs."""
+def worker(seed: int, seconds: float, mutate_p: float, timeout: float, cases: int | None = None,
+           known_bugs: bool = False, loops_p: float = 0.12) -> tuple[list[Failure], Counter, int]:
+    """Fuzz for `seconds` (or `cases` programs, whichever comes first) from `seed`: the failures, outcome
+    counts and the number of programs."""
     import torch
 
     torch.set_num_threads(1)
@@ -45,11 +51,12 @@ def worker(seed: int, seconds: float, mutate_p: float, timeout: float) -> tuple[
     programs = 0
     deadline = time.monotonic() + seconds
     with Harness(timeout) as h:
-        while time.monotonic() < deadline:
-            c = case(chooser, mutate_p)
+        while time.monotonic() < deadline and (cases is None or programs < cases):
+            c = case(chooser, mutate_p, known_bugs, loops_p)
             report = h.run_case(c)
             programs += 1
             counts["loads" if report.outcomes[0].status == "ok" else "does not load"] += 1
+            counts[f"kind {c.kind}{' broken' if c.brk else ''}"] += 1
             argvs = {" ".join(a): a for a in stages(c)}
             for o in report.outcomes:
                 counts[o.status] += 1
@@ -71,10 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mutate", type=float, default=0.5, help="the fraction of programs mutated (default 0.5)")
     p.add_argument("--timeout", type=float, default=20, help="seconds per command before it counts as a hang")
     p.add_argument("--no-minimise", action="store_true", help="write the failing programs as found")
+    p.add_argument("--cases", type=int, default=None, help="stop each worker after this many programs")
+    p.add_argument("--loops", type=float, default=0.12,
+                   help="the fraction of programs trained by written loops (default 0.12)")
+    p.add_argument("--known-bugs", action="store_true",
+                   help="also break loop programs in the ways that reproduce bugs already reported")
     args = p.parse_args(argv)
 
     t0 = time.monotonic()
-    jobs = [(args.seed + i, args.seconds, args.mutate, args.timeout) for i in range(args.jobs)]
+    jobs = [(args.seed + i, args.seconds, args.mutate, args.timeout, args.cases, args.known_bugs, args.loops)
+            for i in range(args.jobs)]
     if args.jobs == 1:
         results = [worker(*jobs[0])]
     else:
@@ -103,7 +116,9 @@ def main(argv: list[str] | None = None) -> int:
             command = f"tpc {ex.argv[0]} {name}.tp {' '.join(ex.argv[1:])}".rstrip()
             (out / f"{name}.txt").write_text(
                 f"command: {command}\nexception: {exc}: {ex.outcome.message}\nwhere: {where}\n"
-                f"occurrences: {len(group)}\n\n--- minimised program ---\n{small}\n"
+                f"occurrences: {len(group)}\nprogram: {ex.case.kind}"
+                f"{f', broken on purpose ({ex.case.brk})' if ex.case.brk else ''}, {ex.case.mutations} mutation(s)\n"
+                f"\n--- minimised program ---\n{small}\n"
                 f"--- traceback (minimised program) ---\n{check.trace or check.message}\n"
                 f"--- original program ---\n{ex.case.source}\n--- original traceback ---\n{ex.outcome.trace}\n",
                 encoding="utf-8", errors="surrogateescape")

@@ -1,5 +1,7 @@
-"""A grammar-based fuzzer of tpc: random `.tp` programs (mostly well-formed), token-level mutations,
-and a harness that runs each program through every command and classifies the outcome.
+"""A grammar-based fuzzer of tpc: random `.tp` programs (mostly well-formed: Netsor programs, network
+programs trained by `train`, and network programs trained by loops written in the language), token-level
+mutations, loop programs broken on purpose (LOOP_BREAKS), and a harness that runs each program through
+every command and classifies the outcome.
 
 The rule under test: every command, on any input, ends with a result or a clean `TpcError`
 (`NumericalError` is one), never another exception and never a hang.
@@ -77,7 +79,9 @@ class RandomChooser:
 class HypothesisChooser:
     """Decisions drawn by hypothesis (`draw` of a composite strategy or `st.data()`). Choices and
     integers are hypothesis draws; coin flips come from a `Random` that hypothesis draws, because its
-    integers lean towards small values, which would skew every probability (mutated, network, ...)."""
+    integers lean towards small values, which would skew every probability (mutated, network, ...).
+    That `Random` leans too (use_true_random=False: random() < 0.05 about a third of the time), so rare
+    branches are not rare here; the loop generator puts its common cases at small integers."""
 
     def __init__(self, draw: Callable[[Any], Any]) -> None:
         from hypothesis import strategies as st
@@ -450,6 +454,460 @@ def cbow_program(c: Chooser) -> str:
             "output words = embeddings(U)\n" + ("output outs = embeddings(V)\n" if c.chance(0.5) else ""))
 
 
+# ---------------------------------------------------------------------------- training loops written in the language
+
+# Ways to break a loop program on purpose (`loop_program(c, brk)`): each names what tpc must refuse
+# cleanly (at check time or while running), never with a traceback or a hang.
+LOOP_BREAKS = ("trip_from_loss", "width_in_loop", "grad_of_data", "nonlinear_grad", "braces", "update_local",
+               "record_outside", "index_range", "index_negative", "index_fraction", "huge_trip", "deep_nesting",
+               "one_row", "deeper_nesting", "model_unused")
+# Breaks left out of tests/test_fuzz.py (on with `benchmarks/fuzz.py --known-bugs`). `huge_trip_runs`: a
+# loop of up to 10^9 steps with nothing that stops it: check and limit answer at once (the plan is not
+# counted beyond 5000 iterations, the limit refuses beyond 10^5), but a finite run takes that long.
+KNOWN_BUG_BREAKS = ("huge_trip_runs",)
+SCHEDULES = ("{lr}", "{lr} * min(1, ({t} + 1) / 2)", "{lr} * (1 + cos(pi * {t} / {T})) / 2",
+             "{lr} * max(0.1, 1 - {t} / {T})", "{lr} * (1 + mod({t}, 2)) / 2",
+             "{lr} * min(1, ({t} + 1) / 3) * (1 + cos(pi * {t} / 12)) / 2", "{lr} * exp(-{t})",
+             "{lr} / sqrt({t} + 1)", "{lr} * 0.9 ^ {t}", "{lr} * (1 + sin({t})) / 2", "max({lr} - 0.1 * {t}, 0.05)")
+# Stages that a reported bug fails on a kind of break: left out unless the known bugs are asked for.
+KNOWN_BUG_STAGES: dict[str, tuple[str, ...]] = {}
+MARK = "\x01"  # a line a break changed (tidied away before the program is returned)
+HUGE_TRIPS = ("1000000000", "1e9", "999999999", "rows(X) * 250000000", "10 ^ 9")
+TOO_HUGE_TRIPS = ("1000000001", "1e10", "2 ^ 31", "10 ^ 12", "99999999999999999999999", "1e400", "-1", "2.5",
+                  "0.5 * 3", "1e-320")
+
+
+@dataclass
+class _Loops:
+    """A network program trained by loops written in the language (README: *Training loops written in
+    the language*): momentum states, schedules of the counter, mini-batches, rows picked by counter
+    expressions, frozen layers, two loops in a row, nested loops with a copy and a state declared in
+    the body, records and their outputs between loops. Widths are the harness's, trip counts <= 3 and
+    at most a few steps in all, so every command stays fast."""
+
+    c: Chooser
+    brk: str | None = None
+    lines: list[str] = field(default_factory=list)
+    m: int = 3  # rows of X
+    r: int = 2  # rows of S (index rows into X)
+    k: int = 1  # outputs of the model
+    loss: str = "mse"
+    layers: list[str] = field(default_factory=list)
+    counters: int = 0
+    records: list[str] = field(default_factory=list)
+    budget: int = 4  # gradient evaluations left: each costs the limit forward and backward passes
+    top_loss: bool = False
+    top_state: bool = False
+    top_state_v: bool = False
+
+    def fresh_counter(self) -> str:
+        self.counters += 1
+        base = self.c.choice(["t", "s", "i", "epoch", "k_"])
+        return f"{base}{self.counters}" if self.counters > 1 or base == "k_" else base
+
+    def rec(self, what: str) -> str:
+        name = f"{what}{len(self.records) + 1}"
+        self.records.append(name)
+        return name
+
+    def trip(self, cap: int) -> tuple[str, int]:
+        """A trip count of at most `cap` iterations (or 1): 0, rows(S), the dim T, 1 + 1 or a number."""
+        c = self.c
+        k = c.integer(0, 12)  # hypothesis leans to small integers: they are the plain numbers
+        special = {12: ("0", 0), 11: ("rows(S)", self.r), 10: ("T", 2), 9: ("1 + 1", 2)}.get(k)
+        if special and special[1] <= cap:
+            return special
+        n = c.integer(1, max(1, min(3, cap)))
+        return str(n), n
+
+    def schedule(self, t: str, T: str) -> str:  # noqa: N803
+        lr = num(self.c, 0.05, 0.5)
+        T = "1" if T == "0" else f"({T})" if " " in T else T  # noqa: N806
+        return self.c.choice(SCHEDULES).format(lr=lr, t=t, T=T)
+
+    def rows(self, t: str, outer: str | None) -> tuple[str, str]:
+        """The data one step uses and its targets: all of X, a mini-batch, or rows picked by the counter."""
+        c = self.c
+        k = c.integer(0, 5)
+        if k <= 1:
+            return "X", "Y"
+        if k <= 3:
+            b = c.integer(1, self.m)
+            step = c.choice([t, t, f"{t} + 1", f"2 * {t}"] + ([f"{outer} * 2 + {t}"] if outer else []))
+            return f"batch(X, {step}, {b})", f"batch(Y, {step}, {b})"
+        i = c.choice([f"mod({t}, {self.r})", f"min({t}, {self.r - 1})", f"mod({t} + 1, {self.r})",
+                      f"mod(2 * {t} + 1, {self.r})", "0", f"rows(S) - 1 - mod({t}, rows(S))"]
+                     + ([f"mod({t} + {outer}, {self.r})"] if outer else []))
+        return f"X[S[{i}]]", f"Y[S[{i}]]"
+
+    def loss_of(self, model: str, rows: tuple[str, str]) -> str:
+        c = self.c
+        x, y = rows
+        if self.top_loss and x == "X" and model == "f" and c.chance(0.3):
+            return "L0"
+        if self.loss == "user" or (self.loss == "mse" and c.chance(0.2)):
+            text = c.choice([f"mean(({model}({x}) - {y}) ^ 2) / 2", f"mean(abs({model}({x}) - {y}))",
+                             f"sum(({model}({x}) - {y}) ^ 2) / 4"])
+        else:
+            text = f"{'mse' if self.loss == 'user' else self.loss}({model}({x}), {y})"
+        if c.chance(0.2):
+            text += c.choice([f" + 0.1 * mean({model}({x}) ^ 2)", f" + 0.01 * sum(abs({model}(Xt)))"])
+        return text
+
+    def update(self, L: str, eta: str, body: list[str], pad: str, state: str | None) -> None:  # noqa: N803
+        """The optimizer step: plain, momentum, decay, a frozen phase, a state for one layer."""
+        c = self.c
+        k = 2 if state and c.chance(0.6) else c.integer(0, 7)
+        if k <= 1 or (k == 2 and not state):
+            if c.chance(0.3):
+                body.append(f"{pad}G = grad({L}, f)")
+                body.append(f"{pad}f -= {eta} * G")
+            else:
+                body.append(f"{pad}f -= {eta} * grad({L}, f)" if c.chance(0.8)
+                            else f"{pad}f += -{eta} * grad({L}, f)")
+        elif k == 2:  # momentum
+            step = c.choice(["{s} = 0.9 * {s} + grad({L}, f)", "{s} += grad({L}, f)",
+                             "{s} = 0.5 * ({s} + grad({L}, f))"])
+            body.append(pad + step.format(s=state, L=L))
+            body.append(f"{pad}f -= {eta} * {state}")
+        elif k == 3:  # coupled decay
+            body.append(f"{pad}f -= {eta} * (grad({L}, f) + 0.01 * f)")
+        elif k == 4:  # decoupled decay
+            body.append(f"{pad}f -= {eta} * grad({L}, f)")
+            body.append(f"{pad}f -= 0.01 * f")
+        elif k == 5 and self.top_state_v:  # a state for the readout alone
+            body.append(f"{pad}MV = 0.8 * MV + grad({L}, V)")
+            body.append(f"{pad}V -= {eta} * MV")
+        else:  # a frozen phase: one layer trains
+            la = c.choice(self.layers)
+            body.append(f"{pad}{la} -= {eta} * grad({L}, {la})")
+
+    def body(self, depth: int, t: str, T: str, outer: str | None, pad: str) -> list[str]:  # noqa: N803
+        """One loop's body: a schedule, a loss on some rows, records, an update (or a nested loop)."""
+        c = self.c
+        body: list[str] = []
+        eta = num(c, 0.05, 0.5)
+        if c.chance(0.6):
+            body.append(f"{pad}eta = {self.schedule(t, T)}")
+            eta = "eta"
+        rows = self.rows(t, outer)
+        body.append(f"{pad}L = {self.loss_of('f', rows)}")
+        if c.chance(0.6):
+            body.append(f"{pad}record {self.rec('loss')} = L")
+        if c.chance(0.25):
+            body.append(f"{pad}record {self.rec('out')} = f({c.choice(['Xt', 'X', rows[0]])})")
+        if c.chance(0.1) and eta == "eta":
+            body.append(f"{pad}record {self.rec('lr')} = eta")
+        state = "M" if self.top_state else None
+        if depth == 0 and c.chance(0.15):
+            body.append(f"{pad}state D = zeros(f)")  # a state declared in the body: afresh each step
+            state = "D"
+        self.update("L", eta, body, pad, state)
+        return body
+
+    def nested(self, t: str, pad: str) -> tuple[list[str], int]:
+        """First-order MAML's shape: a state and a copy per outer step, inner steps on the copy. Returns
+        the body and the gradients one outer step takes."""
+        c = self.c
+        body: list[str] = []
+        i = self.fresh_counter()
+        updates = c.integer(1, 2)  # inner steps on the copy, then one gradient of the query loss
+        Ti, ni = self.trip(min(2, self.budget // (updates + 1)))  # noqa: N806
+        inner = pad + "  "
+        body.append(f"{pad}state G = zeros(f)")
+        outer_copy = c.chance(0.3)
+        if outer_copy:
+            body.append(f"{pad}copy g = f")
+        body.append(f"{pad}for {i} in range({Ti}) {{")
+        if not outer_copy:
+            body.append(f"{inner}copy g = f")
+        for _ in range(updates):
+            rows = self.rows(i, t)
+            body.append(f"{inner}g -= {num(c, 0.1, 0.8)} * grad({self.loss_of('g', rows)}, g)")
+        q = self.rows(i, t)
+        body.append(f"{inner}Lq = {self.loss_of('g', q)}")
+        body.append(f"{inner}G += grad(Lq, g)")
+        if c.chance(0.5):
+            body.append(f"{inner}record {self.rec('q')} = {c.choice(['Lq', 'g(Xt)', 'f(Xt)'])}")
+        body.append(f"{pad}}}")
+        body.append(f"{pad}f -= {num(c, 0.05, 0.5)} * G{f' / ({Ti})' if Ti != '0' and c.chance(0.5) else ''}")
+        if c.chance(0.4):
+            body.append(f"{pad}record {self.rec('o')} = f(Xt)")
+        return body, ni * (updates + 1)
+
+    def loop(self) -> list[str]:
+        """A top-level loop: plain steps, epochs of steps (nested), or MAML's nested shape; within the
+        gradient budget."""
+        c = self.c
+        t = self.fresh_counter()
+        shape = c.integer(0, 19)  # small (hypothesis's favourites): plain steps
+        if shape >= 15 and self.budget >= 2:
+            inner, per_step = self.nested(t, "  ")
+            T, n = self.trip(self.budget // max(per_step, 1))  # noqa: N806
+        elif shape >= 13:  # epochs of steps
+            T, n = self.trip(2)  # noqa: N806
+            s = self.fresh_counter()
+            Ts, per_step = self.trip(self.budget // max(n, 1))  # noqa: N806
+            inner = [f"  for {s} in range({Ts}) {{", *self.body(1, s, Ts, t, "    "), "  }"]
+        else:
+            T, n = self.trip(self.budget)  # noqa: N806
+            inner, per_step = self.body(0, t, T, None, "  "), 1
+        self.budget -= n * per_step
+        return [f"for {t} in range({T}) {{", *inner, "}"]
+
+    def build(self) -> str:
+        c, lines = self.c, self.lines
+        d = c.integer(1, 2)
+        self.m = m = c.integer(2, 4)
+        self.r = c.integer(1, 3)
+        hidden = c.choice([0, 0, 0, 1, 1, 2])
+        self.budget = (4, 2, 1)[hidden]  # the limit's Monte Carlo pays for every step through a hidden layer
+        self.loss = c.choice(["mse", "mse", "mse", "xent", "logistic", "user"])
+        self.k = c.integer(2, 3) if self.loss == "xent" else 1
+        lines += ["width n", _parametrization(c, hidden, False)]
+        lines.append(f"data X = {matrix_literal(c, m, d)}")
+        if self.loss == "xent":
+            lines.append(f"data Y = [{', '.join(str(c.integer(0, self.k - 1)) for _ in range(m))}]")
+        elif self.loss == "logistic":
+            lines.append(f"data Y = [{', '.join(c.choice(['0', '1']) for _ in range(m))}]")
+        else:
+            lines.append(f"data Y = [{', '.join(num(c, -1, 1, 1) for _ in range(m))}]")
+        lines.append(f"data Xt = {matrix_literal(c, c.integer(1, 2), d)}")
+        b = c.integer(1, 2)
+        lines.append("data S = [" + ", ".join("[" + ", ".join(str(c.integer(0, m - 1)) for _ in range(b)) + "]"
+                                            for _ in range(self.r)) + "]")
+        lines.append("dim T = 2")
+        lines.append(f"layer U : input n x {d}")
+        self.layers = ["U", "V"]
+        bias = c.chance(0.25)
+        if bias:
+            lines.append("layer b : bias n")
+            self.layers.append("b")
+        ws = [f"W{i + 1}" for i in range(hidden)]
+        for w in ws:
+            lines.append(f"layer {w} : hidden n x n")
+        self.layers += ws
+        lines.append(f"layer V : readout {self.k} x n")
+        acts = [c.choice(ACTIVATIONS) if c.chance(0.85) else "" for _ in range(hidden + 1)]
+        body = f"{acts[0]}(U @ x{' + b' if bias else ''})"
+        for w, act in zip(ws, acts[1:], strict=True):
+            body = f"{act}({w} @ {body})"
+        lines.append(f"model f(x) = V @ {body}")
+        self.top_loss = c.chance(0.3)
+        if self.top_loss:
+            lines.append(f"loss L0 = {'mse' if self.loss == 'user' else self.loss}(f(X), Y)")
+        self.top_state = c.chance(0.35)
+        if self.top_state:
+            lines.append("state M = zeros(f)")
+        self.top_state_v = c.chance(0.15)
+        if self.top_state_v:
+            lines.append("state MV = zeros(V)")
+        if c.chance(0.3):
+            lines.append("output p0 = f(Xt)")
+        done = 0
+        for j in range(1 if c.chance(0.5) else 2):
+            if j and self.budget < 1:
+                break
+            if j:  # outputs between the loops: the records so far, predictions at this point
+                lines += [f"output {name}_ = {name}" for name in self.records[done:] if c.chance(0.5)]
+                if c.chance(0.4):
+                    lines.append(c.choice(["output mid = f(Xt)", "output kmid = features(f, X)"]))
+            done = len(self.records)
+            lines += self.loop()
+        outs = ["output pred = f(Xt)", "output kernel = features(f, X)", "output move = feature_change(f, X)"]
+        if self.top_loss:
+            outs.append("output final = L0")
+        outs += [f"output {name} = {name}" for name in self.records]
+        lines += [o for o in outs if c.chance(0.5)] or [outs[0]]
+        if self.brk:
+            self.break_it(self.brk)
+            for j, line in enumerate(self.lines):  # `t` in what a break wrote: the counter of its loop
+                if line.startswith(MARK):
+                    heads = [q for q in range(j) if re.match(r"\s*for \w+ in", self.lines[q].lstrip(MARK))
+                             and len(self.lines[q].lstrip(MARK)) - len(self.lines[q].lstrip(MARK).lstrip())
+                             < len(line) - 1 - len(line[1:].lstrip())]
+                    name = re.match(r"\s*for (\w+)", self.lines[heads[-1]].lstrip(MARK))[1] if heads else "t"
+                    self.lines[j] = re.sub(r"\bt\b", name, line[1:])
+        return "\n".join(self.lines) + "\n"
+
+    # --- breaking the program on purpose
+    def loop_lines(self) -> list[int]:
+        return [j for j, line in enumerate(self.lines) if line.startswith(" ")]
+
+    def sub(self, pattern: str, repl: str | Callable[[re.Match[str]], str], fallback: str, count: int = 1) -> None:
+        """Replace the first match (`count` 0: every match) in the first loop line that has one, from a
+        random start; else add `fallback` to a loop."""
+        idx = self.loop_lines()
+        start = self.c.integer(0, len(idx) - 1) if idx else 0
+        for j in idx[start:] + idx[:start]:
+            new, count = re.subn(pattern, repl, self.lines[j], count=count)
+            if count:
+                self.lines[j] = MARK + new
+                return
+        self.insert(fallback)
+
+    def insert(self, stmt: str) -> None:
+        """A statement at a random place inside the first loop's body."""
+        first = next(j for j, line in enumerate(self.lines) if line.startswith("for "))
+        end = next(j for j in range(first + 1, len(self.lines)) if self.lines[j] == "}")
+        at = self.c.integer(first + 1, end)
+        self.lines.insert(at, MARK + "  " + stmt)
+
+    def break_it(self, brk: str) -> None:  # noqa: C901 - one branch per kind of mistake
+        c, lines = self.c, self.lines
+        loop_at = [j for j, line in enumerate(lines) if re.match(r"\s*for ", line)]
+        if brk == "trip_from_loss":
+            bad = c.choice(["L0", "mean(f(X))", "L", "eta", "f(X)", "mse(f(X), Y)", "t + 1", "Y", "rows(S) + L",
+                            "zz", "grad(L0, f)", "M"])
+            if bad == "L0" and not self.top_loss:
+                lines.insert(loop_at[0], "loss L0 = mse(f(X), Y)" if self.k == 1 else "loss L0 = mean(f(X) ^ 2)")
+                loop_at = [j + 1 for j in loop_at]
+            j = c.choice(loop_at)
+            lines[j] = re.sub(r"range\(.*\) \{", f"range({bad}) {{", lines[j])
+        elif brk == "width_in_loop":
+            k = c.integer(0, 5)
+            if k == 0:
+                j = c.choice(loop_at)
+                lines[j] = re.sub(r"range\(.*\) \{", f"range({c.choice(['n', 'n / 2', 'sqrt(n)', 'T * n'])}) {{",
+                                  lines[j])
+            elif k == 1:
+                self.sub(r"-= ", lambda mt: f"-= {c.choice(['n', 'sqrt(n)', '1 / n', 'n ^ -0.5'])} * ",
+                         "f -= n * grad(mse(f(X), Y), f)")
+            elif k == 2:
+                self.insert(c.choice(["eta_n = 0.1 / n", "record w_ = n", "q_ = f(X) * n", "L_ = mse(f(X), Y) * n"]))
+            elif k == 3:
+                self.sub(r"batch\((\w+), ([^,]+), \d+\)", lambda mt: f"batch({mt[1]}, {mt[2]}, n)",
+                         "L_ = mse(f(batch(X, 0, n)), Y)")
+            elif k == 4:
+                self.sub(r"S\[", lambda mt: "S[n + ", "L_ = mse(f(X[S[n]]), Y)")
+            else:
+                self.sub(r"grad\((\w+), (\w+)\)", lambda mt: f"grad({mt[1]} * n, {mt[2]})",
+                         "f -= grad(mse(f(X), Y) / n, f)")
+        elif brk == "grad_of_data":
+            wrt = c.choice(["X", "Y", "Xt", "S", "eta", "t", "L", "pi", "n", "zz", "f(X)", "2", "T", "M", "G",
+                            "L0", "g", "MV", "x"])
+            if c.chance(0.75):
+                self.sub(r"grad\(([^,]+), (\w+)\)", lambda mt: f"grad({mt[1]}, {wrt})", f"f -= grad(L, {wrt})")
+            else:  # not a number as the loss
+                what = c.choice(["f(X)", "eta", "grad(L, f)", "X", "f", "Y - 1", "t", "f(X) - Y", "0"])
+                self.sub(r"grad\(([^,]+), (\w+)\)", lambda mt: f"grad({what}, {mt[2]})", f"f -= grad({what}, f)")
+        elif brk == "nonlinear_grad":
+            k = c.integer(0, 3)
+            if k <= 1:
+                fn = c.choice(["sqrt", "abs", "sign", "relu", "exp", "tanh", "square", "log", "mean", "sum", "step"])
+                self.sub(r"grad\([^()]*(?:\([^()]*\)[^()]*)*\)", lambda mt: f"{fn}({mt[0]})",
+                         "f -= sqrt(grad(mse(f(X), Y), f))")
+            elif k == 2:
+                op = c.choice(["{g} * {g}", "{g} ^ 2", "1 / {g}", "min({g}, 1)", "max({g}, {g})", "{g} * f(X)",
+                               "{g} + 1", "{g} - Y", "{g} * f", "{g} / {g}", "{g} ^ 0.5", "f(X) * {g}"])
+                self.sub(r"grad\([^()]*(?:\([^()]*\)[^()]*)*\)", lambda mt: op.format(g=mt[0]),
+                         "f -= 0.1 * grad(L, f) * grad(L, f)")
+            else:
+                stmt = c.choice(["f -= f * f", "f -= 0.1 * exp(f)", "f -= 0.1 * f * f(X)", "f = relu(f)",
+                                 "f -= 0.1 * f / f"])
+                if self.top_state:
+                    stmt = c.choice([stmt, "M = M * M", "M = sqrt(M)", "M = M * M + grad(L, f)",
+                                     "f -= 0.1 * M / sqrt(M * M + 1)"])
+                self.insert(stmt)
+        elif brk == "braces":
+            idx = [j for j, line in enumerate(lines) if "{" in line or line.strip() == "}"]
+            j = c.choice(idx)
+            k = c.integer(0, 4)
+            if k <= 1:
+                lines[j] = lines[j].replace("{" if c.chance(0.5) and "{" in lines[j] else "}", "", 1)
+            elif k == 2:
+                lines.insert(j, "}")
+            elif k == 3:
+                lines[j] = lines[j].replace("{", "{ {", 1) if "{" in lines[j] else lines[j] + " }"
+            else:
+                lines[j] = lines[j].replace("{", c.choice(["(", "[", ":", ""]), 1).replace("}", c.choice([")", "]",
+                                                                                                          "end"]))
+        elif brk == "update_local":
+            stmt = c.choice(["L -= 0.1 * L", "eta -= 1", "eta += 0.1", "t = 1", "t += 1", "X -= 0.1 * grad(L, f)",
+                             "Xt = f(X)", "Y += 1", "pi = 3", "f = grad(L, f)", "n -= 1", "zz -= grad(L, f)",
+                             "S = 0", "T = 3", "L0 -= 0.1", "L -= grad(L, f)", "G2 = grad(L, f)\n  G2 -= 0.1 * G2",
+                             "eta = 2", "L = 1", "f(X) -= 1", "grad(L, f) -= f", "f += X", "U = V",
+                             "f -= 0.1 * grad(L, f)\n  L = 2"])
+            if self.records and c.chance(0.2):
+                stmt = f"{self.records[0]} -= 1"
+            self.insert(stmt)
+        elif brk == "record_outside":
+            k = c.integer(0, 6)
+            top = c.choice(["record r_ = L0", "record r_ = f(Xt)", "record r_ = 1", "record r_ = t",
+                            "record r_ = mse(f(X), Y)"])
+            if k == 0:
+                lines.insert(c.choice(loop_at + [len(lines)]), top)
+            elif k == 1:
+                self.insert(c.choice(["record r_ = grad(L, f)", "record r_ = X", "record r_ = f", "record r_ = S[0]",
+                                      "record r_ = Y", "record r_ = M", "record r_ = batch(X, 0, 1)"]))
+            elif k == 2 and self.records:
+                self.insert(f"record {c.choice(self.records)} = L")
+            elif k == 3 and self.records:
+                lines.insert(loop_at[0], f"output early = {self.records[-1]}")
+            elif k == 4:
+                lines.append(c.choice(["output p_ = L", "output p_ = eta", "output p_ = t", "output p_ = G",
+                                       "output p_ = g(Xt)", "output p_ = D", "output p_ = Lq"]))
+            elif k == 5:
+                self.insert(f"record {c.choice(['V', 'U', 'X', 'f', 'L', 't', 'pi', 'n', 'mse', 'T'])} = L")
+            else:
+                lines.append(f"record r_ = {c.choice(['L0', 'f(Xt)', '0'])}")
+        elif brk in ("index_range", "index_negative", "index_fraction"):
+            bad = {"index_range": [f"mod(t, {self.r}) + {self.r}", f"{self.r}", f"min(t + {self.r} - 1, {self.r})",
+                                   "rows(S)", "1000000000", "2 ^ 62", "1e300", "1e19"],
+                   "index_negative": ["-1", "t - 1", f"mod(t, {self.r}) - {self.r}", "max(t - 2, -1)", "-0",
+                                      "-(2 ^ 62)", "-1e300"],
+                   "index_fraction": ["t / 2", "0.5", "mod(t, 2) + 0.5", "pi", "t * 1.5", "1e-320", "0.1 + 0.2",
+                                      "(t + 1) / 3"]}[brk]
+            i = c.choice(bad)
+            k = c.integer(0, 3)
+            if k <= 1:  # the index of a row of S
+                self.sub(r"S\[[^\[\]]*(?:\([^()]*\)[^\[\]]*)*\]", lambda mt: f"S[{i}]", f"L_ = mean(f(X[S[{i}]]))")
+            elif k == 2:  # a row of X that S names
+                bad_row = {"index_range": str(self.m), "index_negative": "-1", "index_fraction": "0.5"}[brk]
+                j = next(j for j, line in enumerate(lines) if line.startswith("data S"))
+                lines[j] = re.sub(r"\d+\]", f"{bad_row}]", lines[j], count=1)
+                if not any("S[" in line for line in lines[j + 1:]):
+                    self.insert("L_ = mean(f(X[S[0]]))")
+            else:  # the step or size of a mini-batch
+                step = {"index_range": "t + 1000000", "index_negative": "t - 5", "index_fraction": "t / 2"}[brk]
+                size = {"index_range": str(self.m + 1), "index_negative": "-1", "index_fraction": "1.5"}[brk]
+                step, size = (step, "1") if c.chance(0.5) else ("t", size)
+                self.sub(r"batch\((\w+), ([^,]+), (\w+)\)", lambda mt: f"batch({mt[1]}, {step}, {size})",
+                         f"L_ = mean(f(batch(X, {step}, {size})))", count=0)
+        elif brk == "one_row":  # f(X[i]): one row (README lists X[i]; refused today, reported)
+            i = c.choice(["t", f"mod(t, {self.m})", "0", f"min(t, {self.m - 1})"])
+            self.sub(r"(\w+)\(X\), Y\)", lambda mt: f"{mt[1]}(X[{i}]), Y[{i}])", f"L_ = mean(f(X[{i}]))")
+        elif brk == "huge_trip":
+            j = loop_at[0]
+            if c.chance(0.5):  # more than a loop may run, or not a whole number: refused before running
+                lines[j] = re.sub(r"range\(.*\) \{", f"range({c.choice(TOO_HUGE_TRIPS)}) {{", lines[j])
+            else:  # within the limit, but a row index leaves S at step rows(S): a clean error, promptly
+                counter = re.match(r"for (\w+)", lines[j])[1]
+                lines[j] = re.sub(r"range\(.*\) \{", f"range({c.choice(HUGE_TRIPS)}) {{", lines[j])
+                lines.insert(j + 1, f"  record stop_ = mean(f(X[S[{counter}]]))")
+        elif brk == "huge_trip_runs":  # a known bug: up to 10^9 steps and nothing stops them
+            j = loop_at[0]
+            lines[j] = re.sub(r"range\(.*\) \{", f"range({c.choice(HUGE_TRIPS)}) {{", lines[j])
+        elif brk == "model_unused":  # a known bug: only a schedule, recorded; the model is never applied
+            first = next(j for j, line in enumerate(lines)
+                         if line.startswith(("for ", "loss ", "state ", "output ", "copy ")))
+            T = c.choice(["3", "T", "rows(S)", "0"])  # noqa: N806
+            lines[first:] = [f"for t in range({T}) {{", f"  eta = {self.schedule('t', T)}", "  record lr_ = eta",
+                             *(["  record t_ = t"] if c.chance(0.5) else []), "}", "output lr_ = lr_"]
+        elif brk in ("deep_nesting", "deeper_nesting"):
+            depth = c.integer(3, 40) if brk == "deep_nesting" else c.choice([64, 70, 150, 400, 1500])
+            j = c.choice(loop_at)
+            end = next(q for q in range(j + 1, len(lines))
+                       if lines[q].strip() == "}" and len(lines[q]) - 1 == len(lines[j]) - len(lines[j].lstrip()))
+            heads = " ".join(f"for lv{q} in range(1) {{" for q in range(depth))
+            lines[j + 1:end] = [heads, *lines[j + 1:end], "}" * depth]
+
+
+def loop_program(c: Chooser, brk: str | None = None) -> str:
+    """A network program trained by written loops; `brk` (one of LOOP_BREAKS) breaks it on purpose."""
+    return _Loops(c, brk).build()
+
+
 # ---------------------------------------------------------------------------- mutations
 
 TOKEN = re.compile(r'"[^"\n]*"|[A-Za-z_][A-Za-z0-9_]*|[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|\*\*|\s+|.', re.S)
@@ -501,25 +959,64 @@ def mutate(c: Chooser, source: str) -> str:
 @dataclass
 class Case:
     source: str
-    network: bool  # generated as a network program (before mutation)
-    mutations: int
+    network: bool  # generated as a network program (before mutation), written loops included
+    mutations: int  # token mutations, plus one for a loop program broken on purpose
     width: int = 8
     run_opts: tuple[str, ...] = ()  # extra options of `tpc run`
     limit_opts: tuple[str, ...] = ()  # extra options of `tpc limit`
+    kind: str = ""  # netsor | network (train sgd/fomaml/cbow) | loops (written training loops)
+    brk: str | None = None  # how a loop program was broken on purpose (LOOP_BREAKS), if it was
+    skip: tuple[str, ...] = ()  # stages left out: where a reported bug fails this kind of break (KNOWN_BUG_STAGES)
 
 
-def program(c: Chooser) -> tuple[str, bool]:
-    """An unmutated program: Netsor (60%) or a network (40%)."""
-    network = c.chance(0.4)
-    return (network_program(c) if network else netsor_program(c)), network
+def program(c: Chooser, broken: bool = False, known_bugs: bool = False,
+            loops_p: float = 0.12) -> tuple[str, str, str | None]:
+    """An unmutated program and its kind: Netsor (60%), a network trained by `train` (28%) or by loops
+    written in the language (`loops_p`, 12%). With `broken`, a loop program is broken on purpose three
+    times in four (the kind of break is returned); `known_bugs` adds the breaks of KNOWN_BUG_BREAKS.
+    (Under hypothesis, coin flips lean towards True: HypothesisChooser.)"""
+    network_p = max(0.4, loops_p)
+    if not c.chance(network_p):
+        return netsor_program(c), "netsor", None
+    if not c.chance(loops_p / network_p):
+        return network_program(c), "network", None
+    brk = None
+    if broken and c.chance(0.75):
+        brk = c.choice(LOOP_BREAKS + (KNOWN_BUG_BREAKS if known_bugs else ()))
+    return loop_program(c, brk), "loops", brk
 
 
-def case(c: Chooser, mutate_p: float = 0.5) -> Case:
-    """A program, mutated with probability `mutate_p` (1-3 mutations), and the commands' options."""
-    source, network = program(c)
-    count = c.integer(1, 3) if c.chance(mutate_p) else 0
-    for _ in range(count):
-        source = mutate(c, source)
+# A loop of 100 steps or more (`train`: 1000) can take `limit` minutes, and one of up to 10^9 (the most a loop
+# may run) takes `check` and `limit` minutes or more even with an empty body: they count the limit's plan by
+# a dry run of every step (a reported bug: tests/test_fuzz.py's xfail). A mutation that makes one (a trip
+# count replaced by 1e9) is drawn again unless the known bugs are asked for.
+_TRIPS = re.compile(r"(range\(|steps\s*=\s*)\s*([0-9.]+(?:[eE][-+]?[0-9]+)?)\s*[)},]")
+
+
+def too_many_steps(source: str) -> bool:
+    """A trip count (or `train`'s steps) that makes the commands slow, within what tpc accepts."""
+    for m in _TRIPS.finditer(source):
+        v = float(m[2])
+        if (100 if m[1] == "range(" else 1000) <= v <= 10**9:
+            return True
+    return False
+
+
+def case(c: Chooser, mutate_p: float = 0.5, known_bugs: bool = False, loops_p: float = 0.12) -> Case:
+    """A program, mutated with probability `mutate_p` (1-3 token mutations, or a loop program broken on
+    purpose and 0-1 token mutations), and the commands' options."""
+    mutated = c.chance(mutate_p)
+    original, kind, brk = program(c, mutated, known_bugs, loops_p)
+    # a huge trip count stops at the row index that leaves S: no token mutation may take that away
+    count = (c.integer(0, 1) if brk else c.integer(1, 3)) if mutated and brk not in ("huge_trip",) else 0
+    for _attempt in range(3):
+        source = original
+        for _ in range(count):
+            source = mutate(c, source)
+        if known_bugs or not too_many_steps(source) or too_many_steps(original):
+            break
+    else:
+        source, count = original, 0
     run_opts: list[str] = []
     limit_opts: list[str] = []
     if c.chance(0.3):
@@ -532,16 +1029,17 @@ def case(c: Chooser, mutate_p: float = 0.5) -> Case:
         limit_opts += ["--method", c.choice(["exact", "closed-form", "quadrature", "monte-carlo"])]
     if c.chance(0.1):
         limit_opts += ["--dtype", "float32"]
-    return Case(source, network, count, c.choice([4, 8, 8, 16]), tuple(run_opts), tuple(limit_opts))
+    return Case(source, kind != "netsor", count + (brk is not None), c.choice([4, 8, 8, 16]), tuple(run_opts),
+                tuple(limit_opts), kind, brk, () if known_bugs else KNOWN_BUG_STAGES.get(brk or "", ()))
 
 
-def cases_strategy(mutate_p: float = 0.5) -> Any:
+def cases_strategy(mutate_p: float = 0.5, known_bugs: bool = False, loops_p: float = 0.12) -> Any:
     """A hypothesis strategy of `Case`s."""
     from hypothesis import strategies as st
 
     @st.composite
     def build(draw: Callable[[Any], Any]) -> Case:
-        return case(HypothesisChooser(draw), mutate_p)
+        return case(HypothesisChooser(draw), mutate_p, known_bugs, loops_p)
 
     return build()
 
@@ -672,10 +1170,11 @@ class Harness:
         return Outcome(stage, "ok", time.perf_counter() - t0)
 
     def run_case(self, case: Case) -> Report:
-        """Every stage; after a clean error in `check` (the program does not load) only `classify`."""
+        """Every stage but `case.skip`; after a clean error in `check` (the program does not load) only
+        `classify`."""
         outcomes: list[Outcome] = []
         for argv in stages(case):
-            if outcomes and outcomes[0].status != "ok" and argv[0] != "classify":
+            if (outcomes and outcomes[0].status != "ok" and argv[0] != "classify") or " ".join(argv) in case.skip:
                 continue
             outcomes.append(self.run_stage(case.source, argv))
         return Report(case, outcomes)

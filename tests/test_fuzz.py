@@ -10,7 +10,16 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 
-from tests.fuzzing import Case, Harness, Outcome, cases_strategy  # noqa: E402
+from tests.fuzzing import (  # noqa: E402
+    KNOWN_BUG_STAGES,
+    LOOP_BREAKS,
+    Case,
+    Harness,
+    Outcome,
+    RandomChooser,
+    cases_strategy,
+    loop_program,
+)
 
 EXAMPLES = 700  # about 45 s on one core
 STAGE_TIMEOUT = 20.0  # seconds per command; the programs are tiny (most take milliseconds): longer is a hang
@@ -54,23 +63,130 @@ def test_no_tracebacks_and_no_hangs() -> None:
 
 def test_generator_makes_mostly_valid_programs() -> None:
     """Unmutated programs mostly load, so the fuzzer does not degrade into testing parse errors."""
-    loaded = {True: 0, False: 0}
-    total = {True: 0, False: 0}
+    kinds = ("netsor", "network", "loops")
+    loaded = dict.fromkeys(kinds, 0)
+    total = dict.fromkeys(kinds, 0)
     with Harness() as h:
         @settings(max_examples=150, deadline=None, derandomize=True, database=None,
                   phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
         @given(cases_strategy(mutate_p=0.0))
         def one(case: Case) -> None:
-            assert case.mutations == 0
-            total[case.network] += 1
+            assert case.mutations == 0 and case.brk is None
+            total[case.kind] += 1
             try:
                 h.load(case.source)
             except Exception:  # a clean error, or a traceback (test_no_tracebacks_and_no_hangs reports those)
                 return
-            loaded[case.network] += 1
+            loaded[case.kind] += 1
 
         one()
-    for network in (False, True):
-        assert total[network] >= 20, f"too few {'network' if network else 'Netsor'} programs: {total}"
-        assert loaded[network] >= 0.5 * total[network], (
-            f"only {loaded[network]} of {total[network]} {'network' if network else 'Netsor'} programs load")
+    for kind in kinds:
+        assert total[kind] >= 10, f"too few {kind} programs: {total}"
+        assert loaded[kind] >= 0.5 * total[kind], f"only {loaded[kind]} of {total[kind]} {kind} programs load"
+
+
+def test_every_way_of_breaking_a_loop_program() -> None:
+    """Each kind of break (tests/fuzzing.py's LOOP_BREAKS) on a few loop programs, through every command:
+    a result or a clean error, and mostly a clean error (the break is not lost on the way)."""
+    failures: list[tuple[Case, Outcome]] = []
+    refused = dict.fromkeys(LOOP_BREAKS, 0)
+    with Harness(STAGE_TIMEOUT) as h:
+        for brk in LOOP_BREAKS:
+            for seed in range(2):
+                case = Case(loop_program(RandomChooser(seed), brk), True, 1, 8, kind="loops", brk=brk,
+                            skip=KNOWN_BUG_STAGES.get(brk, ()))
+                outcomes = h.run_case(case).outcomes
+                failures.extend((case, o) for o in outcomes if o.status in ("traceback", "hang"))
+                refused[brk] += any(o.status == "error" for o in outcomes)
+    assert not failures, _summary(failures)
+    assert sum(refused.values()) >= 1.5 * len(refused), refused
+
+
+# ---------------------------------------------------------------------------- bugs found by the fuzzer
+# Each test below is the smallest program found for a bug the fuzzer reported (now fixed): it stays as a
+# regression test. A new bug goes here first as a strict xfail, with its break in tests/fuzzing.py's
+# KNOWN_BUG_BREAKS (or a stage in KNOWN_BUG_STAGES) until it is fixed.
+
+HEADER = """width n
+parametrization mup
+data X = [[1, 0.5], [-0.3, 0.8]]
+data Y = [1, -1]
+data S = [[0, 1], [1, 0]]
+layer U : input n x 2
+layer V : readout 1 x n
+model f(x) = V @ (U @ x)
+"""
+
+
+def _clean(source: str, argvs: list[list[str]], timeout: float = STAGE_TIMEOUT) -> list[Outcome]:
+    """The outcomes of these commands that are a traceback or a hang."""
+    with Harness(timeout) as h:
+        return [o for o in (h.run_stage(source, a) for a in argvs) if o.status in ("traceback", "hang")]
+
+
+def _nested(depth: int, record: bool) -> str:
+    return (HEADER + "".join(f"for t{i} in range(1) {{\n" for i in range(depth))
+            + ("record l = mse(f(X), Y)\n" if record else "") + "f -= 0.1 * grad(mse(f(X), Y), f)\n"
+            + "}\n" * depth + "output p = f(X)\n" + ("output l = l\n" if record else ""))
+
+
+def test_bug_unrolled_listing_of_a_row_index_out_of_range() -> None:
+    source = HEADER + "for t in range(2) { f -= 0.1 * grad(mse(f(X[S[2]]), Y), f) }\noutput p = f(X)\n"
+    assert not _clean(source, [["graph", "--unrolled"]])
+
+
+def test_bug_record_in_loops_nested_64_deep() -> None:
+    run = ["run", "--width", "4", "--seeds", "2", "--quiet"]
+    assert not _clean(_nested(64, True), [run, ["limit", "--particles", "256", "--replicates", "2"]])
+
+
+def test_bug_loops_nested_200_deep() -> None:
+    assert not _clean(_nested(200, False), [["check"], ["emit-torch"], ["run", "--width", "4", "--seeds", "1"]])
+
+
+def test_bug_check_of_a_loop_of_a_billion_steps() -> None:
+    source = HEADER + "for t in range(1000000000) { }\noutput p = f(X)\n"
+    assert not _clean(source, [["check"]], timeout=1.5)
+
+
+def test_bug_loops_that_never_apply_the_model() -> None:
+    source = HEADER + "for t in range(2) { record c = t }\noutput c = c\n"
+    assert not _clean(source, [["graph"], ["run", "--width", "4", "--seeds", "2"]])
+
+
+def test_bug_record_of_a_loop_that_runs_zero_times() -> None:
+    import numpy as np
+
+    import tpc
+
+    source = HEADER + "for t in range(0) { record c = mse(f(X), Y)  f -= 0.1 * grad(mse(f(X), Y), f) }\n" \
+        "output c = c\noutput p = f(X)\n"
+    values = tpc.run(tpc.loads(source), width=4, seeds=2)["c"]
+    assert values.values.shape == (2, 0) and np.asarray(values.mean).shape == (0,)
+
+
+def test_bug_float32_limit_of_a_degenerate_covariance() -> None:
+    source = """width n
+data X = [[0.1], [0]]
+matrix U : n x 1 ~ N(0, 1.5)
+h = step(U @ X)
+matrix W : n x n ~ N(0, 1.1/n)
+x = step(W @ h + sigmoid(W @ h + h))
+vector v ~ N(0, 1)
+f = v @ x / sqrt(n)
+output k = cov(f)
+"""
+    assert not _clean(source, [["limit", "--dtype", "float32"]])
+
+
+def test_bug_kernel_regime_limit_with_few_particles_not_psd() -> None:
+    source = """width n
+parametrization ntk
+data X = [[-1.2], [0.1], [1.2], [-0.2]]
+layer U : input n x 1
+layer b : bias n
+layer V : readout 1 x n
+model f(x) = V @ gelu(U @ x + b)
+output pred = f(X)
+"""
+    assert not _clean(source, [["limit", "--particles", "256", "--replicates", "2"]])

@@ -232,6 +232,7 @@ def _dim(d: object, prog) -> str:  # noqa: ANN001
 
 def cmd_graph(args: argparse.Namespace) -> int:
     from tpc.ir import dumps_json, print_program, to_dot
+    from tpc.train.show import training_dot, training_json, training_text
 
     prog = _load(args)
     if args.unrolled:
@@ -251,10 +252,12 @@ def cmd_graph(args: argparse.Namespace) -> int:
               end="\n" if args.format == "json" else "")
         return 0
     net = prog if _is_network(prog) and prog.program is not None else None
+    if net is not None and not net.point_sets():  # nothing applies the model: only the training to show
+        print(training_text(net) if args.format == "text" else training_dot(net) if args.format == "dot" else
+              dumps({"training": training_json(net)}))
+        return 0
     if _is_network(prog):
         prog = _lowered(prog)
-    if net is not None:
-        from tpc.train.show import training_dot, training_json, training_text
     if args.format == "text":
         print(print_program(prog, backward=args.backward))
         if net is not None:

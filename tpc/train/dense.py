@@ -97,7 +97,7 @@ def bytes_per_seed(net: Network, width: int, itemsize: int) -> int:
     value on the largest data set (forward, backward and autograd's saved tensors)."""
     weights = sum(int(np.prod(shape_of(la, width))) for la in net.layers.values())
     buffers = sum(1 for ins in net.program.walk() if ins.op in ("state", "copy"))
-    rows = max(net.data[d].shape[0] for d in net.point_sets())
+    rows = max((net.data[d].shape[0] for d in net.point_sets()), default=1)
     return itemsize * ((4 + 2 * buffers) * weights + 4 * rows * width * len(net.model.steps))
 
 

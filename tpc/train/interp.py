@@ -25,8 +25,9 @@ import torch
 
 from tpc.errors import NumericalError, TpcError
 from tpc.ops.functions import FUNCTIONS
+from tpc.ops.shapes import broadcast_shapes
 from tpc.train.instructions import INSTRUCTIONS
-from tpc.train.loops import Instr, TrainProgram
+from tpc.train.loops import Instr, TrainProgram, whole_index
 from tpc.train.losses import batch_rows, loss_value
 from tpc.train.network import Loss, Network, Output
 
@@ -224,11 +225,8 @@ def _run_data(it: Interpreter, ins: Instr) -> None:
     it.env[ins.id] = Rows(arr, ins.attrs["name"], np.arange(arr.shape[0] if arr.ndim else 1))
 
 
-def _whole(it: Interpreter, ins: Instr, value: Tensor | Rows) -> np.ndarray:
-    arr = np.asarray(value.detach().numpy() if isinstance(value, Tensor) else value.values, dtype=np.float64)
-    if not np.all(arr == np.round(arr)):
-        raise TpcError(f"an index must be a whole number, got {arr.ravel()[0]:g}", ins.span)
-    return arr.astype(np.int64)
+def _whole(it: Interpreter, ins: Instr, value: Tensor | Rows, rows: int | None = None, source: str = "") -> np.ndarray:
+    return whole_index(value.detach().numpy() if isinstance(value, Tensor) else value.values, ins.span, rows, source)
 
 
 def _run_rows(it: Interpreter, ins: Instr) -> None:
@@ -240,11 +238,7 @@ def _run_rows(it: Interpreter, ins: Instr) -> None:
 
 def _run_index(it: Interpreter, ins: Instr) -> None:
     x: Rows = it.env[ins.args[0]]
-    i = _whole(it, ins, it.env[ins.args[1]])
-    m = x.values.shape[0]
-    if np.any(i < 0) or np.any(i >= m):
-        bad = int(i.ravel()[np.argmax((i.ravel() < 0) | (i.ravel() >= m))])
-        raise TpcError(f"index {bad} is outside the {m} rows of {x.source}", ins.span)
+    i = _whole(it, ins, it.env[ins.args[1]], x.values.shape[0], x.source)
     it.env[ins.id] = Rows(x.values[i], x.source, x.idx[i])
 
 
@@ -269,7 +263,10 @@ def _run_reduce(it: Interpreter, ins: Instr) -> None:
 
 
 def _run_apply(it: Interpreter, ins: Instr) -> None:
-    it.env[ins.id] = it.be.apply(it.params[ins.attrs["root"]], it.env[ins.args[0]])
+    rows: Rows = it.env[ins.args[0]]
+    if rows.values.ndim == 1:  # one row, X[i]: a batch of one
+        rows = Rows(rows.values[None], rows.source, np.atleast_1d(rows.idx))
+    it.env[ins.id] = it.be.apply(it.params[ins.attrs["root"]], rows)
 
 
 def _run_loss(it: Interpreter, ins: Instr) -> None:
@@ -370,7 +367,7 @@ def _run_loop(it: Interpreter, ins: Instr) -> None:
     names = [it.prog.instrs[i].attrs["name"] for i in _records_of(it.prog, ins)]
     for name in names:
         values = kept.get(name, [])
-        stacked = _stack(values, it.be.lead) if values else torch.zeros((0,), dtype=torch.float64)
+        stacked = _stack(values, it.be.lead) if values else torch.zeros((*it.be.lead_shape, 0), dtype=it.be.dtype)
         if it.recording:
             it.recording[-1].setdefault(name, []).append(stacked)
         else:
@@ -394,7 +391,7 @@ def _records_of(prog: TrainProgram, loop: Instr) -> list[int]:
 
 def _stack(values: list[Tensor], lead: int) -> Tensor:
     """Stack one value per step along a new axis after the leading (seed) axes."""
-    shape = torch.broadcast_shapes(*[v.shape for v in values])
+    shape = broadcast_shapes(*[v.shape for v in values])  # numpy's rule (torch's imports sympy)
     lead = min(lead, len(shape))
     return torch.stack([v.expand(shape) for v in values], dim=lead)
 

@@ -205,6 +205,9 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
     for d in sets:
         points[d] = slice(start, start + net.data[d].shape[0])
         start += net.data[d].shape[0]
+    if not sets:  # the model is never applied: nothing to take kernels of
+        empty = np.zeros((0, 0))
+        return LayerKernels(points, {name: empty for name in net.layers}, empty, empty, "exact")
     X = np.concatenate([net.data[d] for d in sets])  # noqa: N806
     prog, own, terms = lowered_program(net, X)
     lim = evaluate_limit(prog, **limit_options)

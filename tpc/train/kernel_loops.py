@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from tpc.backends.limit.evaluate import LimitOutput
-from tpc.backends.limit.expect import psd_factor
 from tpc.errors import TpcError
 from tpc.parametrization import limit_of_power
 from tpc.train.interp import Applied, Bundle, Interpreter, Rows
@@ -159,11 +158,13 @@ def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
     P = K.nngp.shape[0]  # noqa: N806
     exact = affine_in_f0(net)
     if exact:
-        # the degree-3 cubature points +-sqrt(D) e_i of N(0, I_D), D = P k
-        root = psd_factor(torch.as_tensor(K.nngp))  # (P, P)
+        # the degree-3 cubature points +-sqrt(D) e_i of N(0, I_D), D = P k; a root of the NNGP that
+        # Monte Carlo kernels (few particles) left slightly indefinite is taken on its PSD part
+        w, v = np.linalg.eigh(K.nngp)
+        root = torch.as_tensor(v * np.sqrt(np.clip(w, 0, None)))  # (P, P)
         D = P * k  # noqa: N806
         basis = np.sqrt(D) * torch.einsum("pi,oj->iopj", root, torch.eye(k, dtype=torch.float64)).reshape(D, P, k)
-        f0 = torch.cat([basis, -basis])
+        f0 = torch.cat([basis, -basis]) if D else torch.zeros((1, P, k), dtype=torch.float64)  # no points: f_0 = {}
     else:
         if any(ins.op == "copy" for ins in net.program.walk()):
             samples = min(samples, 512)  # per-task records (MAML) are kept per sample, for accuracies

@@ -40,12 +40,28 @@ if TYPE_CHECKING:
 LOSSES = ("mse", "xent", "logistic")
 SCALAR_FUNCTIONS = ("min", "max", "mod")  # of two finite values: warm-up schedules, cycling through tasks
 MAX_TRIP = 10**9  # iterations of one loop (as `train sgd`'s steps)
+MAX_NESTING = 16  # loops inside loops (a record stacks one axis per level)
 # the natural-scale power of n on the gradient update of each role under muP (TP4 Table 3); an update
 # of layer l by lr n^-c dL/dw^l carries n^(MAXIMAL_LR_EXPONENT[role] - 2 a_l - c)
 MAXIMAL_LR_EXPONENT = {"input": -1.0, "bias": -1.0, "hidden": 0.0, "readout": 1.0}
 TOL = 1e-12
 NONLINEAR = ("parameters and gradients combine linearly: sums, and products with numbers (an entrywise "
              "function of them is outside Netsor-transpose; Adam and sign-SGD need Tensor Programs IVb)")
+
+
+def whole_index(value: object, span: Span, rows: int | None = None, source: str = "") -> np.ndarray:
+    """A step or a row index as whole numbers (and, given `rows`, within 0..rows-1): the one check that
+    every backend and the listing make."""
+    arr = np.asarray(value, dtype=np.float64)
+    bad = arr[~np.isfinite(arr) | (np.abs(arr) > 2.0**53) | (arr != np.round(arr))]
+    if bad.size:
+        raise TpcError(f"an index must be a whole number, got {bad.ravel()[0]:g}", span)
+    out = arr.astype(np.int64)
+    if rows is not None:
+        outside = out[(out < 0) | (out >= rows)]
+        if outside.size:
+            raise TpcError(f"index {int(outside.ravel()[0])} is outside the {rows} rows of {source}", span)
+    return out
 
 
 @dataclass
@@ -104,6 +120,15 @@ class TrainProgram:
             yield ins
             if ins.op == "loop":
                 yield from self.walk(ins.attrs["body"])
+
+    def iterations(self, ids: list[int] | None = None) -> int:
+        """How many loop iterations the program runs in all (nested ones included)."""
+        total = 0
+        for i in self.top if ids is None else ids:
+            ins = self.instrs[i]
+            if ins.op == "loop":
+                total += ins.attrs["trip"] * (1 + self.iterations(ins.attrs["body"]))
+        return total
 
     def applied_sets(self) -> list[str]:
         """The data sets whose rows the model is applied to, in order of first use."""
@@ -228,6 +253,8 @@ class LoopBuilder:
                            "(`P -= ...`) and loops", s.span)
 
     def loop(self, s: ast.ForLoop) -> None:
+        if len(self.loops) >= MAX_NESTING:
+            raise TpcError(f"loops nested deeper than {MAX_NESTING} levels", s.span)
         trip = self.trip_count(s.trip)
         ins_id = self.add("loop", (), "none", s.span, counter=s.counter, trip=trip, body=[])
         loop = self.ins(ins_id)
@@ -544,6 +571,8 @@ class LoopBuilder:
                 return self.applied[key]
         d = self.b.input_dim()
         shape = ins.attrs.get("shape")
+        if shape is not None and len(shape) == 1 and shape[0] == d:  # one row, X[i]: a batch of one
+            shape = (1, d)
         if shape is not None and (len(shape) != 2 or shape[1] != d):
             raise TpcError(f"this data is {' x '.join(map(str, shape))}; the model takes rows of dimension {d}",
                            span)

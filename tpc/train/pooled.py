@@ -295,7 +295,15 @@ def count(net: Network) -> Count:
                  space.rows[True])
 
 
+COUNTED = 5000  # loop iterations up to which `tpc check` counts the plan by a dry run
+MAX_ITERATIONS = 100_000  # the limit keeps rows of every step: beyond this it is refused
+
+
 def describe_limit(net: Network, exact: bool, particles: int, replicates: int) -> str:
+    steps = net.program.iterations()
+    if steps > COUNTED:
+        return (f"the loops unrolled into a Netsor-transpose program over {steps} iterations (the plan is counted "
+                f"when the limit runs, up to {MAX_ITERATIONS} iterations)")
     c = count(net)
     how = ("exactly: every vector is a coefficient vector over the Gaussians (a linear model)" if exact else
            f"by Monte Carlo: {particles} particles x {replicates} replicates (standard errors across them)")
@@ -317,6 +325,11 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
     from tpc import memory
     from tpc.backends.limit.evaluate import LimitOutput
 
+    steps = net.program.iterations()
+    if steps > MAX_ITERATIONS:
+        loop = next(i for i in net.program.walk() if i.op == "loop")
+        raise TpcError(f"the limit unrolls every step and keeps what each stores: {steps} loop iterations are more "
+                       f"than it takes ({MAX_ITERATIONS}); fewer steps", loop.span).locate(net.filename, net.source)
     c = count(net)
     size = c.gaussians + 1 if exact else particles
     try:

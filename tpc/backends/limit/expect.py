@@ -587,7 +587,11 @@ def psd_factor(cov: Tensor, noise: float = 0.0) -> Tensor:
     chol, info = torch.linalg.cholesky_ex(corr)
     bad = info != 0
     if bool(bad.any()):
-        e, v = torch.linalg.eigh(corr[bad])
+        try:
+            e, v = torch.linalg.eigh(corr[bad])
+        except torch.linalg.LinAlgError:  # float32 on a nearly singular matrix: no factor to be had
+            raise NotPSDError(f"its eigendecomposition did not converge in {str(cov.dtype)[6:]} (try float64)"
+                              ) from None
         low = e.amin(-1)
         if bool((low < -tol).any()):
             raise NotPSDError(f"smallest eigenvalue {float(low.min()):.3g} of the correlation matrix, "
