@@ -354,7 +354,7 @@ def _run_loop(it: Interpreter, ins: Instr) -> None:
     counter = next(i for i in ins.attrs["body"] if it.prog.instrs[i].op == "counter")
     it.recording.append({})
     top = len(it.recording) == 1
-    body = _body_ids(it.prog, ins)
+    body = it.prog.inside(ins)
     for t in range(ins.attrs["trip"]):
         it.env[counter] = torch.tensor(float(t), dtype=torch.float64)
         it.body(ins)
@@ -372,15 +372,6 @@ def _run_loop(it: Interpreter, ins: Instr) -> None:
             it.recording[-1].setdefault(name, []).append(stacked)
         else:
             it.records[name] = stacked
-
-
-def _body_ids(prog: TrainProgram, loop: Instr) -> list[int]:
-    out = []
-    for i in loop.attrs["body"]:
-        out.append(i)
-        if prog.instrs[i].op == "loop":
-            out += _body_ids(prog, prog.instrs[i])
-    return out
 
 
 def _records_of(prog: TrainProgram, loop: Instr) -> list[int]:

@@ -113,6 +113,10 @@ class TrainProgram:
     def body(self, loop: Instr) -> list[Instr]:
         return [self.instrs[i] for i in loop.attrs["body"]]
 
+    def inside(self, loop: Instr) -> list[int]:
+        """The ids of a loop's body, nested bodies included."""
+        return [ins.id for ins in self.walk(loop.attrs["body"])]
+
     def walk(self, ids: list[int] | None = None) -> Iterator[Instr]:
         """Every instruction, bodies after their loop."""
         for i in self.top if ids is None else ids:

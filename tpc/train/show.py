@@ -128,21 +128,12 @@ def _text_loop(prog: TrainProgram, ins: Instr) -> str:
 
 
 def loop_summary(prog: TrainProgram, loop: Instr) -> str:
-    updated = sorted({prog.instrs[i].attrs["target"] for i in _all(prog, loop) if prog.instrs[i].op == "update"})
-    records = [prog.instrs[i].attrs["name"] for i in _all(prog, loop) if prog.instrs[i].op == "record"]
+    updated = sorted({prog.instrs[i].attrs["target"] for i in prog.inside(loop) if prog.instrs[i].op == "update"})
+    records = [prog.instrs[i].attrs["name"] for i in prog.inside(loop) if prog.instrs[i].op == "record"]
     parts = [f"carries {', '.join(updated)}" if updated else "carries nothing"]
     if records:
         parts.append(f"records {', '.join(records)}")
     return "; ".join(parts)
-
-
-def _all(prog: TrainProgram, loop: Instr) -> list[int]:
-    out = []
-    for i in loop.attrs["body"]:
-        out.append(i)
-        if prog.instrs[i].op == "loop":
-            out += _all(prog, prog.instrs[i])
-    return out
 
 
 def training_text(net: Network) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from tpc.backends.torch.codegen import PYTHON_NAMES, _comment, _num, _tree_code
+from tpc.backends.torch.codegen import PYTHON_NAMES, _comment, _num
 from tpc.errors import TpcError
 from tpc.ops.functions import FUNCTIONS
 from tpc.train.instructions import INSTRUCTIONS
@@ -672,25 +672,10 @@ def _helper_lines(net: Network, names: dict[str, str], used: set[str]) -> list[s
 def _features_code(net: Network, names: dict[str, str]) -> list[str]:
     """The model's forward pass up to its features (the last hidden vector): what `features(f, X)` and
     `feature_change(f, X)` compare."""
+    from tpc.backends.torch.emit_network import forward_code
+
     lines = ["def features(model: Network, x: torch.Tensor) -> torch.Tensor:",
              '    """The model\'s features on the rows of x: (B, n), the vector its readout multiplies."""',
              "    m = model.multiplier"]
-    values: list[str] = []
-    for i, step in enumerate(net.model.steps[:net.model.features + 1]):
-        v = f"s{i}"
-        values.append(v)
-        if step.op == "input":
-            code = "x"
-        elif step.op == "bias":
-            layer = names[step.layer]
-            code = f"m[{layer!r}] * model.{layer}"
-        elif step.op == "matmul":
-            layer = names[step.layer]
-            code = f"{values[step.args[0]]} @ (m[{layer!r}] * model.{layer}).T"
-        else:
-            hoisted: list[str] = []
-            code = _tree_code(step.tree, [values[j] for j in step.args], hoisted)
-            lines += ["    " + h for h in hoisted]
-        lines.append(f"    {v} = {code}")
-    lines.append(f"    return {values[-1]}")
+    lines += ["    " + line for line in forward_code(net, names, "model", net.model.features + 1)]
     return lines

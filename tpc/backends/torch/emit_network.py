@@ -89,6 +89,31 @@ def _reduction_code(tree: ex.Tree, args: list[str], hoisted: list[str]) -> str:
     return args[tree.index]
 
 
+def forward_code(net: Network, names: dict[str, str], owner: str, count: int) -> list[str]:
+    """The model's first `count` steps on the rows of `x`, weights `owner.<layer>` times their
+    multipliers `m`, ending with `return` of the last value (unindented lines)."""
+    lines: list[str] = []
+    values: list[str] = []
+    for i, step in enumerate(net.model.steps[:count]):
+        v = f"s{i}"
+        values.append(v)
+        if step.op == "input":
+            code = "x"
+        elif step.op == "bias":
+            layer = names[step.layer]
+            code = f"m[{layer!r}] * {owner}.{layer}"
+        elif step.op == "matmul":
+            layer = names[step.layer]
+            code = f"{values[step.args[0]]} @ (m[{layer!r}] * {owner}.{layer}).T"
+        else:
+            hoisted: list[str] = []
+            code = _tree_code(step.tree, [values[j] for j in step.args], hoisted)
+            lines += hoisted
+        lines.append(f"{v} = {code}")
+    lines.append(f"return {values[-1]}")
+    return lines
+
+
 def emit_network_source(net: Network) -> str:
     """The network program as a standalone Python file."""
     names = program_names(net)
@@ -137,24 +162,7 @@ def emit_network_source(net: Network) -> str:
               f'        """x: (B, {net.layers[_input_layer(net)].cols}) inputs, one per row -> (B, {net.output_dim()}) '
               'outputs."""',
               "        m = self.multiplier"]
-    values: list[str] = []
-    for i, step in enumerate(net.model.steps):
-        v = f"s{i}"
-        values.append(v)
-        if step.op == "input":
-            code = "x"
-        elif step.op == "bias":
-            layer = names[step.layer]
-            code = f"m[{layer!r}] * self.{layer}"
-        elif step.op == "matmul":
-            layer = names[step.layer]
-            code = f"{values[step.args[0]]} @ (m[{layer!r}] * self.{layer}).T"
-        else:
-            hoisted: list[str] = []
-            code = _tree_code(step.tree, [values[j] for j in step.args], hoisted)
-            lines += ["        " + h for h in hoisted]
-        lines.append(f"        {v} = {code}")
-    lines.append(f"        return {values[-1]}")
+    lines += ["        " + line for line in forward_code(net, names, "self", len(net.model.steps))]
     lines += _optimizer_lines(net, names, c)
     lines += _loss_lines(net, names)
     lines += _train_lines(net, names)
