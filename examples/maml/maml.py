@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import threading
 import time
@@ -93,10 +94,13 @@ def make_tasks(args: argparse.Namespace, base: Path = HERE) -> None:
 def load(name: str, args: argparse.Namespace, base: Path = HERE) -> tpc.Network:
     """examples/maml/maml_<name>.tp with its data read from base/data/, trained as `args` say."""
     path = HERE / f"maml_{name}.tp"
-    net = tpc.load(path) if base == HERE else tpc.loads(path.read_text(), str(path), base_dir=base)
-    net.train.steps, net.train.batch = args.steps, args.tasks
-    net.train.lr, net.train.inner_lr = args.lr, args.inner_lr
-    return net
+    # the settings go into the train statement's text: it becomes loops when the program is built
+    source = path.read_text()
+    for key, value in (("steps", args.steps), ("tasks", args.tasks), ("lr", args.lr), ("inner_lr", args.inner_lr)):
+        source, found = re.subn(rf"\b{key} = [0-9.eE+-]+", f"{key} = {value!r}", source, count=1)
+        if not found:
+            raise SystemExit(f"{path}: no `{key} = ...` in its train statement")
+    return tpc.loads(source, str(path), base_dir=base)
 
 
 def accuracy(pred: np.ndarray, labels: np.ndarray) -> np.ndarray:
