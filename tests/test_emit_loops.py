@@ -15,22 +15,13 @@ import pytest
 import torch
 
 import tpc
+from tests.test_training import MAML  # its data and model; the loop below is written out
 from tpc.backends.torch.emit_network import program_arrays
 from tpc.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 
-MAML_LOOP = """width n
-parametrization mup
-data P = [[1, 0.5, -0.2], [-0.3, 0.8, 0.4], [0.2, -1, 0.9], [0.9, 0.1, -0.7], [-0.5, -0.5, 0.3], [0.4, 0.6, 0.8]]
-data S = [[0, 1], [2, 3], [4, 5], [1, 3]]
-data SY = [[0, 1], [1, 0], [0, 1], [1, 0]]
-data Q = [[2, 3, 4], [0, 1, 5], [1, 2, 3], [0, 4, 5]]
-data QY = [[1, 0, 0], [1, 1, 0], [0, 1, 1], [0, 0, 1]]
-layer U : input n x 3
-layer V : readout 2 x n
-model f(x) = V @ (U @ x)
-for i in range(rows(S)) {
+MAML_LOOP = MAML[:MAML.index("output a0")] + """for i in range(rows(S)) {
   copy g = f
   for k in range(2) { g -= 1.5 * grad(xent(g(P[S[i]]), SY[i]), g) }
   record a0 = g(P[Q[i]])

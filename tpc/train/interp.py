@@ -27,7 +27,7 @@ from tpc.errors import NumericalError, TpcError
 from tpc.ops.functions import FUNCTIONS
 from tpc.ops.shapes import broadcast_shapes
 from tpc.train.instructions import INSTRUCTIONS
-from tpc.train.loops import Instr, TrainProgram, whole_index
+from tpc.train.loops import Instr, whole_index
 from tpc.train.losses import batch_rows, loss_value
 from tpc.train.network import Loss, Network, Output
 
@@ -364,7 +364,7 @@ def _run_loop(it: Interpreter, ins: Instr) -> None:
             if it.progress:
                 it.progress(it.done, it.total_steps())
     kept = it.recording.pop()
-    names = [it.prog.instrs[i].attrs["name"] for i in _records_of(it.prog, ins)]
+    names = it.prog.recorded(ins)
     for name in names:
         values = kept.get(name, [])
         stacked = _stack(values, it.be.lead) if values else torch.zeros((*it.be.lead_shape, 0), dtype=it.be.dtype)
@@ -372,12 +372,6 @@ def _run_loop(it: Interpreter, ins: Instr) -> None:
             it.recording[-1].setdefault(name, []).append(stacked)
         else:
             it.records[name] = stacked
-
-
-def _records_of(prog: TrainProgram, loop: Instr) -> list[int]:
-    """The record instructions of this loop's own body (a nested loop stacks its own first)."""
-    return [i for i in loop.attrs["body"] if prog.instrs[i].op == "record"] + \
-        [j for i in loop.attrs["body"] if prog.instrs[i].op == "loop" for j in _records_of(prog, prog.instrs[i])]
 
 
 def _stack(values: list[Tensor], lead: int) -> Tensor:

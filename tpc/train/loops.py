@@ -113,6 +113,13 @@ class TrainProgram:
     def body(self, loop: Instr) -> list[Instr]:
         return [self.instrs[i] for i in loop.attrs["body"]]
 
+    def recorded(self, loop: Instr) -> list[str]:
+        """The names a loop records: its own body's first, then its nested loops' (in the order
+        their stacks are built)."""
+        body = [self.instrs[i] for i in loop.attrs["body"]]
+        return [i.attrs["name"] for i in body if i.op == "record"] + \
+            [n for i in body if i.op == "loop" for n in self.recorded(i)]
+
     def inside(self, loop: Instr) -> list[int]:
         """The ids of a loop's body, nested bodies included."""
         return [ins.id for ins in self.walk(loop.attrs["body"])]

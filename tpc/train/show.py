@@ -9,6 +9,8 @@ instructions (tpc/train/instructions.py), which `text_of` dispatches through.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tpc.train.instructions import INSTRUCTIONS
 from tpc.train.loops import Instr, TrainProgram
 from tpc.train.network import Network
@@ -36,12 +38,17 @@ def text_of(prog: TrainProgram, ins: Instr) -> str:
     return f"{ref(prog, ins.id)} = {body}"
 
 
-def _terms(prog: TrainProgram, terms: list) -> str:
+def terms_text(terms: list, name: Callable[[int], str]) -> str:
+    """`k * c * P + ...` of a linear combination, each operand written by `name`."""
     parts = []
     for k, coefs, p in terms:
-        factors = ([] if k == 1.0 else [f"{k:g}"]) + [ref(prog, c) for c in coefs] + [ref(prog, p)]
+        factors = ([] if k == 1.0 else [f"{k:g}"]) + [name(c) for c in coefs] + [name(p)]
         parts.append(" * ".join(factors))
     return " + ".join(parts).replace("+ -", "- ") if parts else "0"
+
+
+def _terms(prog: TrainProgram, terms: list) -> str:
+    return terms_text(terms, lambda i: ref(prog, i))
 
 
 def _args(prog: TrainProgram, ins: Instr) -> list[str]:

@@ -25,7 +25,7 @@ from tpc.train.instructions import INSTRUCTIONS
 from tpc.train.loops import MAXIMAL_LR_EXPONENT, Instr, whole_index
 from tpc.train.losses import batch_rows
 from tpc.train.network import Network
-from tpc.train.show import INFIX
+from tpc.train.show import INFIX, terms_text
 
 MAX_STEPS = 200  # loop iterations listed in all
 
@@ -168,11 +168,7 @@ class _Lister:
             self.say(f"  {out}.{name} = {' + '.join(parts)}{note}")
 
     def terms(self, terms: list) -> str:
-        parts = []
-        for k, coefs, p in terms:
-            factors = ([] if k == 1.0 else [f"{k:g}"]) + [self.ref(c) for c in coefs] + [self.ref(p)]
-            parts.append(" * ".join(factors))
-        return (" + ".join(parts) or "0").replace("+ -", "- ")
+        return terms_text(terms, self.ref)
 
 
 # --- the listing of each instruction (`listing` in tpc/train/instructions.py)

@@ -94,13 +94,6 @@ def _depth(prog: TrainProgram, ids: list[int]) -> int:
     return max((1 + _depth(prog, lo.attrs["body"]) for lo in loops), default=0)
 
 
-def _records_of(prog: TrainProgram, loop: Instr) -> list[str]:
-    """The names recorded in a loop: its own body's first, then its nested loops' (as interp.py)."""
-    body = [prog.instrs[i] for i in loop.attrs["body"]]
-    return [i.attrs["name"] for i in body if i.op == "record"] + \
-        [n for i in body if i.op == "loop" for n in _records_of(prog, i)]
-
-
 @dataclass
 class _Code:
     text: str
@@ -487,7 +480,7 @@ def _emit_record(em: _Emitter, ins: Instr) -> None:
 
 def _emit_loop(em: _Emitter, ins: Instr) -> None:
     indent, depth, out = em.indent, em.depth, em.lines
-    names = _records_of(em.prog, ins)
+    names = em.prog.recorded(ins)
     if depth >= 1 and names:
         out.append(f"{indent}inner{depth + 1} = {{{', '.join(f'{n!r}: []' for n in names)}}}")
     elif names:
