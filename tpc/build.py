@@ -289,7 +289,7 @@ class Builder:
             if r.exponent != -1.0:
                 raise TpcError(f"U.T @ x for an input layer U is supported as a moment, U.T @ x / {n}",
                                r.span)
-            g = self.prog.add("gram", (r.right, r.left), "scalar", right.shape + left.shape, None, r.span)
+            g = self.prog.instruction("gram", (r.right, r.left), None, r.span)
             tree: ex.Tree = ex.Arg(0) if r.coef == 1.0 else ex.Apply("mul", (ex.Const(r.coef), ex.Arg(0)))
             return Pending(tree, [g.id], "scalar", g.shape, r.span)
         if r.exponent == -1.0 and left.kind == "vector":
@@ -329,9 +329,8 @@ class Builder:
                         f"{left.name} @ x / sqrt({n}) grows like sqrt({n}); use / {n}",
                         r.span,
                     )
-            shape = right.shape + ((left.params["rows"],) if left.op == "matrix" else ())
-            node = self.prog.add("readout", (r.left, r.right), "gaussian", shape, name, r.span,
-                                 coef=r.coef, exponent=-0.5, multiplier_exponent=r.exponent)
+            node = self.prog.instruction("readout", (r.left, r.right), name, r.span,
+                                         coef=r.coef, exponent=-0.5, multiplier_exponent=r.exponent)
             return Ref(node.id)
         raise TpcError(
             f"'{left.name} @ {right.name}' sums {n} terms; scale it by 1/sqrt({n}) (a Gaussian in "
@@ -463,9 +462,9 @@ class Builder:
         node = self.node(ref.nid)
         if node.op != "readout":
             return self.pending(ref, span)
-        new = self.prog.add("readout", node.inputs, "gaussian", node.shape, None, span,
-                            coef=node.params["coef"] * factor, exponent=node.params["exponent"],
-                            multiplier_exponent=node.params["multiplier_exponent"])
+        new = self.prog.instruction("readout", node.inputs, None, span,
+                                    coef=node.params["coef"] * factor, exponent=node.params["exponent"],
+                                    multiplier_exponent=node.params["multiplier_exponent"])
         return Ref(new.id)
 
     def matmul(self, e: ast.BinOp) -> Value:
@@ -499,8 +498,7 @@ class Builder:
                         e.span,
                     )
                 x = self.materialize(pb, None, e.right.span)
-                node = self.prog.add("matmul", (mat.id, x), "vector", pb.shape[:-1], None, e.span,
-                                     transposed=transposed)
+                node = self.prog.instruction("matmul", (mat.id, x), None, e.span, transposed=transposed)
                 return Pending(ex.Arg(0), [node.id], "vector", node.shape, e.span)
             pb = self.pending(b, e.right.span)
             if pb.kind != "vector":
@@ -512,8 +510,7 @@ class Builder:
             x = self.materialize(pb, None, e.right.span)
             if role == "readout":
                 return RawReadout(mat.id, x, e.span)
-            node = self.prog.add("matmul", (mat.id, x), "vector", pb.shape, None, e.span,
-                                 transposed=transposed)
+            node = self.prog.instruction("matmul", (mat.id, x), None, e.span, transposed=transposed)
             return Pending(ex.Arg(0), [node.id], "vector", node.shape, e.span)
         pa = self.pending(a, e.left.span)
         pb = self.pending(self.expr(e.right), e.right.span)
@@ -538,7 +535,7 @@ class Builder:
         # the columns are U @ identity: d x d float64 numbers, made at check time
         self.data_policy.require(d * d * 8, f"'{mat.name}.T @ x' (the {d} x {d} identity)", e.span)
         eye = self.prog.add("data", (), "scalar", (d, d), None, e.span, value=np.eye(d), source=None)
-        cols = self.prog.add("matmul", (mat.id, eye.id), "vector", (d,), f"{mat.name}_columns", e.span)
+        cols = self.prog.instruction("matmul", (mat.id, eye.id), f"{mat.name}_columns", e.span)
         return RawReadout(cols.id, x, e.span, gram=True)
 
     def call(self, e: ast.Call) -> Value:
@@ -565,9 +562,8 @@ class Builder:
                 xs.append(self.materialize(p, None, a.span))
             if len(xs) == 1:
                 xs.append(xs[0])
-            shape = self.node(xs[0]).shape + self.node(xs[1]).shape
-            g = self.prog.add("gram", tuple(xs), "scalar", shape, None, e.span)
-            return Pending(ex.Arg(0), [g.id], "scalar", shape, e.span)
+            g = self.prog.instruction("gram", tuple(xs), None, e.span)
+            return Pending(ex.Arg(0), [g.id], "scalar", g.shape, e.span)
         if fn == "cov":
             self.arity(e, 1, 2)
             fs = []
@@ -581,9 +577,8 @@ class Builder:
                 fs.append(v.nid)
             if len(fs) == 1:
                 fs.append(fs[0])
-            shape = self.node(fs[0]).shape + self.node(fs[1]).shape
-            c = self.prog.add("cov", tuple(fs), "scalar", shape, None, e.span)
-            return Pending(ex.Arg(0), [c.id], "scalar", shape, e.span)
+            c = self.prog.instruction("cov", tuple(fs), None, e.span)
+            return Pending(ex.Arg(0), [c.id], "scalar", c.shape, e.span)
         if fn in ("grad", "tangent_kernel"):
             return self.autodiff(e, fn)
         if fn == "sqrt" and len(e.args) == 1:

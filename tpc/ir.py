@@ -25,6 +25,7 @@ import numpy as np
 
 from tpc.errors import Span
 from tpc.ops import expr as ex
+from tpc.ops.instructions import INSTRUCTIONS
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -80,6 +81,14 @@ class Program:
             self._succ[src][nid] = self._succ[src].get(nid, ()) + (pos,)
         self._graph = None  # a view built earlier is out of date
         return node
+
+    def instruction(self, op: str, inputs: tuple[int, ...], name: str | None, span: Span | None,
+                    **params: Any) -> Node:
+        """A node whose kind and shape are the ones its instruction's rules give (tpc.ops.instructions)."""
+        spec = INSTRUCTIONS[op]
+        inputs = tuple(inputs)
+        return self.add(op, inputs, spec.kind_of(self, inputs), spec.shape(self, inputs, params), name, span,
+                        **params)
 
     # --- access
     @property
@@ -137,12 +146,17 @@ class Program:
 
     def verify(self) -> None:
         """Internal consistency: ids are positions, inputs precede their users (so creation order is
-        a topological order and the graph is acyclic) and edges match inputs."""
+        a topological order and the graph is acyclic), edges match inputs, and each node has the kind
+        and shape that its instruction's rules give."""
         for i, node in enumerate(self._nodes):
             assert node.id == i, f"node {node.id} at position {i}"
             for pos, src in enumerate(node.inputs):
                 assert src < node.id, f"node {node.id} uses later node {src}"
                 assert pos in self._succ[src][node.id]
+            spec = INSTRUCTIONS[node.op]
+            assert node.kind == spec.kind_of(self, node.inputs), f"node {node.id} ({node.op}) is a {node.kind}"
+            shape = spec.shape(self, node.inputs, node.params)
+            assert node.shape == shape, f"node {node.id} ({node.op}) has shape {node.shape}, its rule {shape}"
         assert all(src < dst for src, dst, _ in self.edges()), "an edge runs backward"
 
 
@@ -184,19 +198,6 @@ def readout_weights(prog: Program, f: Node, g: Node) -> tuple[float, int | None]
 
 # ---------------------------------------------------------------------------- printing
 
-INSTRUCTION = {
-    "data": "Data",
-    "matrix": "A-var",
-    "vector": "G-var",
-    "matmul": "MatMul",
-    "nonlin": "Nonlin",
-    "moment": "Moment",
-    "gram": "Moment",
-    "readout": "Readout",
-    "cov": "Kernel",
-}
-
-
 def _shape_text(shape: tuple[int, ...]) -> str:
     return "x".join(str(s) for s in shape) if shape else "1"
 
@@ -206,39 +207,62 @@ def _fmt(x: float) -> str:
 
 
 def describe(prog: Program, node: Node) -> str:
-    """The right-hand side of an instruction, written the way the papers write it."""
-    names = [prog.node(i).name for i in node.inputs]
-    n = prog.width_name
-    p = node.params
-    if p.get("text"):
-        return p["text"]
-    if node.op == "data":
-        return f"data {_shape_text(node.shape)}" + (f" from {p['source']}" if p.get("source") else "")
-    if node.op == "matrix":
-        rows = n if p["rows"] == "n" else p["rows"]
-        cols = n if p["cols"] == "n" else p["cols"]
-        return f"{p['role']} matrix {rows} x {cols}, entries N(0, {p['var_text']})"
-    if node.op == "vector":
-        gi, group = prog.group_of(node.id)
-        k = group.members.index(node.id)
-        return f"initial vector, coordinates N({_fmt(group.mean[k])}, {_fmt(group.cov[k, k])})" + (
-            f", group {gi}" if len(group.members) > 1 else ""
-        )
-    if node.op == "matmul":
-        return f"{names[0]}{'.T' if p.get('transposed') else ''} {names[1]}"
-    if node.op == "nonlin":
-        return ex.render(p["tree"], names)
-    if node.op == "moment":
-        return f"mean({ex.render(p['tree'], names)})"
-    if node.op == "gram":
-        return f"gram({names[0]}, {names[1]})"
-    if node.op == "readout":
-        scale = {-0.5: f"/ sqrt({n})", -1.0: f"/ {n}"}.get(p["exponent"], f"* {n}^{p['exponent']}")
-        coef = "" if p["coef"] == 1.0 else f"{_fmt(p['coef'])} * "
-        return f"{coef}{names[0]} . {names[1]} {scale}"
-    if node.op == "cov":
-        return f"cov({names[0]}, {names[1]})"
-    return f"{node.op}({', '.join(names)})"
+    """The right-hand side of an instruction, written the way the papers write it (its `text` rule,
+    unless the node carries its own text)."""
+    return node.params.get("text") or INSTRUCTIONS[node.op].text(prog, node)
+
+
+# the text of each instruction (`text` in tpc/ops/instructions.py)
+def _names(prog: Program, node: Node) -> list[str]:
+    return [prog.node(i).name for i in node.inputs]
+
+
+def _text_data(prog: Program, node: Node) -> str:
+    source = node.params.get("source")
+    return f"data {_shape_text(node.shape)}" + (f" from {source}" if source else "")
+
+
+def _text_matrix(prog: Program, node: Node) -> str:
+    p, n = node.params, prog.width_name
+    rows = n if p["rows"] == "n" else p["rows"]
+    cols = n if p["cols"] == "n" else p["cols"]
+    return f"{p['role']} matrix {rows} x {cols}, entries N(0, {p['var_text']})"
+
+
+def _text_vector(prog: Program, node: Node) -> str:
+    gi, group = prog.group_of(node.id)
+    k = group.members.index(node.id)
+    return f"initial vector, coordinates N({_fmt(group.mean[k])}, {_fmt(group.cov[k, k])})" + (
+        f", group {gi}" if len(group.members) > 1 else ""
+    )
+
+
+def _text_matmul(prog: Program, node: Node) -> str:
+    names = _names(prog, node)
+    return f"{names[0]}{'.T' if node.params.get('transposed') else ''} {names[1]}"
+
+
+def _text_nonlin(prog: Program, node: Node) -> str:
+    return ex.render(node.params["tree"], _names(prog, node))
+
+
+def _text_moment(prog: Program, node: Node) -> str:
+    return f"mean({ex.render(node.params['tree'], _names(prog, node))})"
+
+
+def _text_gram(prog: Program, node: Node) -> str:
+    return "gram({}, {})".format(*_names(prog, node))
+
+
+def _text_readout(prog: Program, node: Node) -> str:
+    p, n, names = node.params, prog.width_name, _names(prog, node)
+    scale = {-0.5: f"/ sqrt({n})", -1.0: f"/ {n}"}.get(p["exponent"], f"* {n}^{p['exponent']}")
+    coef = "" if p["coef"] == 1.0 else f"{_fmt(p['coef'])} * "
+    return f"{coef}{names[0]} . {names[1]} {scale}"
+
+
+def _text_cov(prog: Program, node: Node) -> str:
+    return "cov({}, {})".format(*_names(prog, node))
 
 
 def print_program(prog: Program, backward: bool = False) -> str:
@@ -249,13 +273,13 @@ def print_program(prog: Program, backward: bool = False) -> str:
         if node.params.get("derived") and not backward:
             hidden += 1
             continue
-        tag = INSTRUCTION.get(node.op, node.op)
+        spec = INSTRUCTIONS[node.op]
         kind = {"scalar": "scalar", "vector": "vector", "matrix": "", "gaussian": "Gaussian scalar"}[
             node.kind
         ]
         shape = f"[{_shape_text(node.shape)}]" if node.shape else ""
-        sep = ":" if node.op in ("matrix", "vector", "data") else "="
-        rows.append((str(node.id), node.name, sep, describe(prog, node), tag, f"{kind} {shape}".strip()))
+        sep = ":" if spec.initial else "="  # given, not computed
+        rows.append((str(node.id), node.name, sep, describe(prog, node), spec.tag, f"{kind} {shape}".strip()))
     widths = [max(len(r[i]) for r in rows) for i in range(6)] if rows else [0] * 6
     lines = [f"# {prog.filename}: width {prog.width_name}, {len(rows)} instructions"
              + (" (forward and backward)" if backward and hidden == 0 and any(
@@ -276,7 +300,7 @@ def to_json(prog: Program) -> dict[str, Any]:
         item: dict[str, Any] = {
             "id": node.id,
             "op": node.op,
-            "instruction": INSTRUCTION.get(node.op, node.op),
+            "instruction": INSTRUCTIONS[node.op].tag,
             "name": node.name,
             "inputs": list(node.inputs),
             "kind": node.kind,
@@ -293,18 +317,17 @@ def to_json(prog: Program) -> dict[str, Any]:
 
 def to_dot(prog: Program, backward: bool = False) -> str:
     """Graphviz DOT; like the text listing, the backward instructions only with `backward`."""
-    colors = {"matrix": "lightblue", "vector": "palegreen", "data": "lightgrey", "matmul": "khaki",
-              "nonlin": "white", "moment": "pink", "gram": "pink", "readout": "orange", "cov": "pink"}
     lines = ["digraph tpc {", "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
     outs = set(prog.outputs.values())
     shown = {n.id for n in prog.nodes() if backward or not n.params.get("derived")}
     for node in prog.nodes():
         if node.id not in shown:
             continue
-        label = f"{node.name} = {describe(prog, node)}\\n{INSTRUCTION.get(node.op, node.op)}"
+        spec = INSTRUCTIONS[node.op]
+        label = f"{node.name} = {describe(prog, node)}\\n{spec.tag}"
         label = label.replace('"', '\\"')
         style = ', peripheries=2' if node.id in outs else ""
-        lines.append(f'  n{node.id} [label="{label}", style=filled, fillcolor={colors.get(node.op, "white")}{style}];')
+        lines.append(f'  n{node.id} [label="{label}", style=filled, fillcolor={spec.color}{style}];')
     for src, dst, pos in prog.edges():
         if src not in shown or dst not in shown:
             continue

@@ -1,13 +1,12 @@
-"""The op registry of coordinatewise functions.
+"""The op registries: the coordinatewise functions and the Netsor instructions.
 
 `functions` holds every coordinatewise function (relu, tanh, +, *, ...) with its rules side by
 side: its torch implementation and source template (finite width), its closed-form Gaussian
 expectations and smoothness (infinite width) and its derivative; `expr` is the expression tree
 those functions build.
 
-The Netsor instructions themselves (initial objects, MatMul, Nonlin, Moment, gram, readout,
-cov) are not registered here yet: each backend holds one rule per instruction (`rule_<op>` in
-`backends/limit/evaluate.py` and `particles.py`, the emitter in `backends/torch/codegen.py`,
-`Backward.propagate` in `passes/autodiff.py`, shapes in `build.py`). Gathering them into one
-table per instruction is open work.
+`instructions` holds every Netsor instruction (initial data, matrices and vectors, MatMul, Nonlin,
+Moment, gram, readout, cov) with its rules side by side: its kind and shape rule, its printer, its
+torch rule, its rules in the two limit evaluators and its derivative; the builder, the printers,
+the backends and autodiff dispatch through it.
 """

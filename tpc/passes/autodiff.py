@@ -4,7 +4,8 @@ run it unchanged.
 
 For a readout `f = c v.x / sqrt(n)` the gradients are scaled to O(1) coordinates:
 `d_z = sqrt(n) df/dz` for every vector z; for a moment `f = mean(psi)`, `d_z = n df/dz`.
-One rule per instruction (the rules are linear, so the scaling is set by the seed alone):
+One rule per instruction, its `derivative` in tpc/ops/instructions.py (the `_derive_<op>` functions
+below; the rules are linear, so the scaling is set by the seed alone):
   readout      d_x += c v,  d_v += c x
   h = W x      d_x += W.T d_h          (h = W.T x:  d_x += W d_h)
   z = phi(xs)  d_x_i += d_z * dphi/dx_i;  for a scalar parameter theta of phi (a moment),
@@ -25,6 +26,7 @@ from tpc.errors import Span, TpcError
 from tpc.ir import Node, Program
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS
+from tpc.ops.instructions import INSTRUCTIONS
 
 
 def derivative(tree: ex.Tree, i: int) -> ex.Tree:
@@ -120,10 +122,8 @@ class Backward:
     def run(self) -> dict[int, int]:
         f = self.f
         if f.op == "readout" and self.prog.node(f.inputs[0]).op == "vector":
+            self.propagate(f, None)  # d_f = 1
             v, x = f.inputs
-            c = float(f.params["coef"])
-            self.contribute(x, _mul(ex.Const(c), ex.Arg(0)), [v])
-            self.contribute(v, _mul(ex.Const(c), ex.Arg(0)), [x])
             cone = self.prog.ancestors(x) | {x, v}
         elif f.kind == "scalar" and f.op in ("moment", "nonlin") and len(f.shape) <= 1:
             # a moment (or a scalar function of moments): d_z = n df/dz, and d_f = 1 for each
@@ -166,40 +166,73 @@ class Backward:
         shape = self.batch(*args) if kind == "vector" else _broadcast(self.prog, args)
         return self.add("nonlin", tuple(args), kind, shape, f"d_{node.name.lstrip('_')}", tree=tree).id
 
-    def propagate(self, node: Node, g: int) -> None:
-        prog = self.prog
-        if node.op == "matmul":
-            mat = prog.node(node.inputs[0])
-            if mat.params["role"] != "hidden":
-                return  # input layers multiply data: nothing to propagate
-            back = self.add("matmul", (mat.id, g), "vector", self.batch(g), None,
-                            transposed=not node.params.get("transposed"))
-            self.contribute(node.inputs[1], ex.Arg(0), [back.id])
-        elif node.op in ("nonlin", "moment"):
-            tree = node.params["tree"]
-            for i, a in enumerate(node.inputs):
-                src = prog.node(a)
-                if src.op in ("data", "matrix"):
-                    continue
-                try:
-                    d = derivative(tree, i)
-                except TpcError as err:  # name the instruction whose derivative is missing
-                    raise TpcError(f"{err.message} (in '{node.name}', needed by grad or tangent_kernel)",
-                                   node.span or self.span) from None
-                if _is(d, 0.0):
-                    continue
-                # d_src += d_node * dphi/dsrc  (as a coordinatewise expression in g and phi's inputs)
-                shifted = ex.substitute(d, {k: ex.Arg(k + 1) for k in range(len(node.inputs))})
-                expr = _mul(ex.Arg(0), shifted)
-                args = [g, *node.inputs]
-                if src.kind == "scalar" and (node.kind == "vector" or node.op == "moment"):
-                    # a scalar parameter of a Nonlin: d_theta = mean(d_z * dphi/dtheta)
-                    m = self.add("moment", tuple(args), "scalar", self.batch(g, *node.inputs),
-                                 None, tree=expr)
-                    self.contribute(a, ex.Arg(0), [m.id])
-                else:
-                    self.contribute(a, expr, args)
-        # initial vectors, data and readouts end the recursion
+    def propagate(self, node: Node, g: int | None) -> None:
+        """What d_node (the gradient node g) contributes to its inputs' gradients: the instruction's
+        `derivative` rule (tpc/ops/instructions.py); none for initial vectors, data, grams and kernels."""
+        rule = INSTRUCTIONS[node.op].derivative
+        if rule is not None:
+            rule(self, node, g)
+
+
+# --- the derivative of each instruction (`derivative` in tpc/ops/instructions.py)
+def _derive_readout(bw: Backward, node: Node, g: int | None) -> None:
+    """f = c v.x / sqrt(n) as grad's f (d_f = 1, no gradient node): d_x = c v, d_v = c x. A readout
+    is never inside what grad differentiates: its one user, cov, passes no gradient back."""
+    if g is not None:
+        raise AssertionError(f"internal: a gradient flows into readout '{node.name}'")
+    v, x = node.inputs
+    c = float(node.params["coef"])
+    bw.contribute(x, _mul(ex.Const(c), ex.Arg(0)), [v])
+    bw.contribute(v, _mul(ex.Const(c), ex.Arg(0)), [x])
+
+
+def _derive_matmul(bw: Backward, node: Node, g: int | None) -> None:
+    """h = W x: d_x += W.T d_h (h = W.T x: d_x += W d_h)."""
+    mat = bw.prog.node(node.inputs[0])
+    if mat.params["role"] != "hidden":
+        return  # input layers multiply data: nothing to propagate
+    back = bw.add("matmul", (mat.id, g), "vector", bw.batch(g), None,
+                  transposed=not node.params.get("transposed"))
+    bw.contribute(node.inputs[1], ex.Arg(0), [back.id])
+
+
+def _derive_nonlin(bw: Backward, node: Node, g: int | None) -> None:
+    """z = phi(xs): d_x_i += d_z * dphi/dx_i; for a scalar parameter theta of a vector's phi (a
+    moment), d_theta = mean(d_z * dphi/dtheta)."""
+    _coordinatewise(bw, node, g, averaged=node.kind == "vector")
+
+
+def _derive_moment(bw: Backward, node: Node, g: int | None) -> None:
+    """t = mean(psi(xs)): d_x_i += d_t * dpsi/dx_i; d_theta = mean(d_t * dpsi/dtheta)."""
+    _coordinatewise(bw, node, g, averaged=True)
+
+
+def _coordinatewise(bw: Backward, node: Node, g: int | None, averaged: bool) -> None:
+    """The chain rule through a coordinatewise expression; `averaged`: the expression runs over the n
+    coordinates, so what it contributes to a scalar input is a moment."""
+    prog = bw.prog
+    tree = node.params["tree"]
+    for i, a in enumerate(node.inputs):
+        src = prog.node(a)
+        if src.op in ("data", "matrix"):
+            continue
+        try:
+            d = derivative(tree, i)
+        except TpcError as err:  # name the instruction whose derivative is missing
+            raise TpcError(f"{err.message} (in '{node.name}', needed by grad or tangent_kernel)",
+                           node.span or bw.span) from None
+        if _is(d, 0.0):
+            continue
+        # d_src += d_node * dphi/dsrc  (as a coordinatewise expression in g and phi's inputs)
+        shifted = ex.substitute(d, {k: ex.Arg(k + 1) for k in range(len(node.inputs))})
+        expr = _mul(ex.Arg(0), shifted)
+        args = [g, *node.inputs]
+        if src.kind == "scalar" and averaged:
+            # a scalar parameter of a Nonlin: d_theta = mean(d_z * dphi/dtheta)
+            m = bw.add("moment", tuple(args), "scalar", bw.batch(g, *node.inputs), None, tree=expr)
+            bw.contribute(a, ex.Arg(0), [m.id])
+        else:
+            bw.contribute(a, expr, args)
 
 
 def _broadcast(prog: Program, args: list[int]) -> tuple[int, ...]:
@@ -219,8 +252,7 @@ def tangent_kernel(prog: Program, f: int, grads: dict[int, int], span: Span | No
     fnode = prog.node(f)
     terms: list[tuple[float, list[int]]] = []  # coef * prod of scalar nodes
     def gram(a: int, b: int) -> int:
-        shape = prog.node(a).shape + prog.node(b).shape
-        return prog.add("gram", (a, b), "scalar", shape, None, span, derived=True).id
+        return prog.instruction("gram", (a, b), None, span, derived=True).id
 
     batched = bool(fnode.shape)
     uses: dict[int, list[Node]] = {}

@@ -23,6 +23,7 @@ from tpc.ir import Node, Program, data_value, readout_weights, rows_gram
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS, clear_kernel_cache
 from tpc.ops.shapes import broadcast_shapes
+from tpc.ops.instructions import INSTRUCTIONS, multiplies_data
 
 Tensor = torch.Tensor
 METHODS = ("auto", "exact", "closed-form", "quadrature", "monte-carlo")
@@ -98,7 +99,7 @@ class LimitEvaluator:
         self.generator = torch.Generator().manual_seed(self.seed)
 
     def run(self) -> dict[str, LimitValue]:
-        outputs = interpret(self.prog, self, self.scalars)
+        outputs = interpret(self.prog, self, self.scalars, "gaussian")
         return {name: LimitValue(whole(out.value), out.methods, out.stderr, None if out.cov is None else whole(out.cov))
                 for name, out in outputs.items()}  # what leaves the evaluator is whole
 
@@ -262,6 +263,7 @@ class LimitEvaluator:
 
     # ------------------------------------------------------------------ one rule per instruction
     def rule_data(self, node: Node) -> None:
+    # (`gaussian` in tpc/ops/instructions.py; a matrix has none: it enters through its MatMuls)
         if node.params.get("gram"):  # the NTK's input-layer term: the covariance of U x shares it
             self.scalars[node.id] = LimitValue(self.data_gram(*node.inputs), {"exact"})
             return
@@ -283,9 +285,6 @@ class LimitEvaluator:
                 self.data_grams[a, b] = rows_gram(x, y)
         return self.data_grams[a, b]
 
-    def rule_matrix(self, node: Node) -> None:
-        pass  # a matrix enters the limit through the families of its MatMuls
-
     def rule_vector(self, node: Node) -> None:
         gi, group = self.prog.group_of(node.id)
         family = ("group", gi)
@@ -306,7 +305,7 @@ class LimitEvaluator:
         family = ("matrix", mat.id, transposed)
         zero = torch.zeros((), dtype=self.dtype)
         methods = self.methods_of((x,))
-        if mat.params["role"] == "input" or (mat.params["role"] == "readout" and transposed):
+        if multiplies_data(mat.params, transposed):
             # U x or V.T c for finite x, c: a combination of U's columns (V's rows), exact
             # Cov = s2 X Y^T: the Gram stored as it is (the NTK shares it), s2 kept as the block's scale
             bid = self.new_block(family, node.shape, zero, node.id, s2)
@@ -609,13 +608,17 @@ def _all_zero(t: Tensor | BlockKernel) -> bool:
 _IN_PLACE = {"add": "add_", "sub": "sub_", "mul": "mul_", "div": "div_"}
 
 
-def interpret(prog: Program, evaluator: object, scalars: dict[int, LimitValue]) -> dict[str, LimitValue]:
-    """The loop both limit evaluators share: each instruction in order through the evaluator's
-    `rule_<op>`; numerical trouble is reported at the instruction that caused it."""
+def interpret(prog: Program, evaluator: object, scalars: dict[int, LimitValue],
+              rules: str) -> dict[str, LimitValue]:
+    """The loop both limit evaluators share: each instruction in order through its rule for this
+    evaluator in the registry of instructions (`rules`: "gaussian" or "particles", the field of
+    tpc.ops.instructions.Instruction); numerical trouble is reported at the instruction that caused it."""
     finite: set[int] = set()  # ids of values already checked (a kernel asked for twice is one tensor)
     for node in prog.needed():
         try:
-            getattr(evaluator, f"rule_{node.op}")(node)
+        rule = getattr(INSTRUCTIONS[node.op], rules)
+            if rule is not None:
+                rule(evaluator, node)
         except NumericalError as err:
             if err.span is None:
                 err.span = node.span

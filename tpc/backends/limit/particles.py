@@ -29,6 +29,7 @@ from tpc.ir import Node, Program, data_value, readout_weights
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS, LINEAR_FNS
 
+from tpc.ops.instructions import multiplies_data
 Tensor = torch.Tensor
 
 
@@ -244,18 +245,16 @@ class ParticleEvaluator:
         return self.space.inner(a, b)
 
     def run(self) -> dict[str, LimitValue]:
-        return interpret(self.prog, self, self.scalars)
+        return interpret(self.prog, self, self.scalars, "particles")
 
     def where(self, node: Node) -> str:
         return f"instruction {node.name}" + (f" (line {node.span.line})" if node.span else "")
 
-    # ------------------------------------------------------------------ rules
+    # ------------------------------------------------------------------ one rule per instruction
+    # (`particles` in tpc/ops/instructions.py; a matrix has none: it enters through its MatMuls)
     def rule_data(self, node: Node) -> None:
         value = torch.tensor(np.asarray(data_value(self.prog, node), dtype=np.float64), dtype=self.dtype)
         self.scalars[node.id] = LimitValue(value, {"exact"})
-
-    def rule_matrix(self, node: Node) -> None:
-        pass
 
     def rule_vector(self, node: Node) -> None:
         gi, group = self.prog.group_of(node.id)
@@ -349,7 +348,7 @@ class ParticleEvaluator:
     def rule_matmul(self, node: Node) -> None:
         mat = self.prog.node(node.inputs[0])
         s2 = mat.params["var"]
-        if mat.params["role"] == "input" or (mat.params["role"] == "readout" and node.params.get("transposed")):
+        if multiplies_data(mat.params, bool(node.params.get("transposed"))):
             data = self.scalars[node.inputs[1]].value  # (..., d)
             key = (mat.id, False)
             if key not in self.families:

@@ -22,6 +22,7 @@ from tpc.backends.torch import runtime
 from tpc.ir import Node, Program, data_value, describe, readout_weights
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS
+from tpc.ops.instructions import INSTRUCTIONS
 
 _RUNTIME_MARKER = "# ---- runtime (copied into emitted files from here on)"
 # Names an emitted module uses itself. A program's name is used both as a local and as a module
@@ -100,6 +101,11 @@ def _tree_code_depth(tree: ex.Tree, args: list[str], hoisted: list[str]) -> tupl
 
 
 class _Emitter:
+    """The module's source, from one walk over the needed instructions, each through its `torch` rule
+    (tpc/ops/instructions.py; the `_torch_<op>` functions below), which puts its code where it
+    belongs: an initial matrix sampled in __init__, a vector group sampled there once, data among
+    forward()'s arguments, and every other value on a line of forward()."""
+
     def __init__(self, prog: Program) -> None:
         self.prog = prog
         self.nodes = prog.needed()
@@ -107,17 +113,28 @@ class _Emitter:
         wanted = [node.name.lstrip("_") if node.name.startswith("_t") else node.name for node in self.nodes]
         self.names: dict[int, str] = dict(zip((n.id for n in self.nodes), safe_names(wanted, _TAKEN),
                                               strict=True))
+        self.attributes: set[int] = set()  # the module's parameters: initial matrices and vectors
+        self.matrices: list[str] = []  # __init__'s lines sampling them, in order
+        self.groups: set[int] = set()  # the vector groups it samples (after the matrices, in order)
+        self.arguments: list[Node] = []  # the program's own data: forward()'s arguments, in order
+        self.body: list[str] = []  # forward()'s lines computing the values
+        for node in self.nodes:
+            INSTRUCTIONS[node.op].torch(self, node)
 
     def ref(self, nid: int) -> str:
-        node = self.prog.node(nid)
-        if node.op in ("matrix", "vector"):
-            return f"self.{self.names[nid]}"
-        return self.names[nid]
+        return f"self.{self.names[nid]}" if nid in self.attributes else self.names[nid]
 
     def inputs(self) -> list[Node]:
         """The program's own data, in order: forward()'s arguments (autodiff's data Grams are
         formed from them inside forward)."""
-        return [n for n in self.nodes if n.op == "data" and not n.params.get("gram")]
+        return self.arguments
+
+    def compute(self, node: Node, code: str, hoisted: list[str] | None = None, comment: bool = True) -> None:
+        """forward()'s line for a value: `code`, checked for NaN and overflow where it is made."""
+        where = f"{node.name} (line {node.span.line})" if node.span else node.name
+        note = f"  # {_comment(describe(self.prog, node))}" if comment else ""
+        self.body += hoisted or []
+        self.body.append(f"{self.names[node.id]} = check({code}, {where!r}, {node.id}){note}")
 
     def lifted(self, nid: int, rank: int, vector: bool) -> str:
         """The reference to input `nid`, indexed so it broadcasts inside an expression whose
@@ -135,24 +152,11 @@ class _Emitter:
         return f"{code}[:, {', '.join(idx)}]"
 
     def init_lines(self) -> list[str]:
-        lines = []
-        for node in self.nodes:
-            attr = self.names[node.id]
-            p = node.params
-            if node.op == "matrix":
-                rows = "n" if p["rows"] == "n" else str(p["rows"])
-                cols = "n" if p["cols"] == "n" else str(p["cols"])
-                var = f"{_num(p['var'])} / n" if p["role"] == "hidden" else _num(p["var"])
-                if p["role"] == "readout" and p.get("exponent_shift"):
-                    var = f"{_num(p['var'])} * n ** {_num(2 * p['exponent_shift'])}"
-                lines.append(
-                    f"self.{attr} = torch.nn.Parameter(normal(gens, ({rows}, {cols}), dtype, device) "
-                    f"* math.sqrt({var}))  # {_comment(describe(self.prog, node))}"
-                )
-        for group in self.prog.groups:
-            members = [m for m in group.members if m in self.names]
-            if not members:
+        lines = list(self.matrices)
+        for gi, group in enumerate(self.prog.groups):
+            if gi not in self.groups:
                 continue
+            members = [m for m in group.members if m in self.names]
             k = len(group.members)
             w, v = np.linalg.eigh(group.cov)
             factor = v * np.sqrt(np.clip(w, 0, None))  # the group was checked PSD when it was declared
@@ -177,41 +181,7 @@ class _Emitter:
             name = self.names[node.id]
             lines.append(f"{name} = as_data({name}, getattr(self, {'__data_' + name!r}, None), {name!r}, "
                          f"{len(node.shape)}, dtype, device)")
-        for node in self.nodes:
-            if node.op in ("data", "matrix", "vector") and not node.params.get("gram"):
-                continue
-            name = self.names[node.id]
-            p = node.params
-            where = f"{node.name} (line {node.span.line})" if node.span else node.name
-            hoisted: list[str] = []
-            if node.op == "data":  # autodiff's A B^T of two data arrays (an NTK's input-layer term)
-                a, b = (self.ref(i) for i in node.inputs)
-                code = f"data_gram({a}, {b})"
-            elif node.op == "matmul":
-                w = self.ref(node.inputs[0]) + (".mT" if p.get("transposed") else "")
-                code = f"check(matmul({w}, {self.ref(node.inputs[1])}), {where!r}, {node.id})"
-            elif node.op == "nonlin":
-                vector = node.kind == "vector"
-                args = [self.lifted(i, len(node.shape), vector) for i in node.inputs]
-                code = f"check({_tree_code(p['tree'], args, hoisted)}, {where!r}, {node.id})"
-            elif node.op == "moment":
-                args = [self.lifted(i, len(node.shape), True) for i in node.inputs]
-                code = f"check(({_tree_code(p['tree'], args, hoisted)}).mean(-1), {where!r}, {node.id})"
-            elif node.op == "gram":
-                x, y = (self.ref(i) for i in node.inputs)
-                code = f"check(gram({x}, {y}), {where!r}, {node.id})"
-            elif node.op == "readout":
-                v, x = (self.ref(i) for i in node.inputs)
-                scale = {-0.5: " / math.sqrt(n)", 0.0: ""}.get(
-                    p["multiplier_exponent"], f" * n ** {_num(p['multiplier_exponent'])}")
-                code = f"check(readout({v}, {x}) * ({_num(p['coef'])}{scale}), {where!r}, {node.id})"
-            elif node.op == "cov":
-                code = f"check({self.cov_code(node)}, {where!r}, {node.id})"
-            else:  # pragma: no cover - every op is handled above
-                raise NotImplementedError(node.op)
-            comment = f"  # {_comment(describe(self.prog, node))}" if node.op not in ("nonlin", "data") else ""
-            lines += hoisted
-            lines.append(f"{name} = {code}{comment}")
+        lines += self.body
         outs = ", ".join(f"{k!r}: {self.ref(v)}" for k, v in self.prog.outputs.items())
         lines.append(f"return {{{outs}}}")
         return lines
@@ -224,6 +194,67 @@ class _Emitter:
             return f"torch.zeros((S, *{x}.shape[1:-1], *{y}.shape[1:-1]), dtype=dtype, device=device)"
         scale, rows = weights
         return f"readout_cov({x}, {y}, {_num(scale)}, {rows})"
+
+
+# --- the code of each instruction (`torch` in tpc/ops/instructions.py)
+def _torch_data(em: _Emitter, node: Node) -> None:
+    if node.params.get("gram"):  # autodiff's A B^T of two data arrays (an NTK's input-layer term)
+        a, b = (em.ref(i) for i in node.inputs)
+        em.body.append(f"{em.names[node.id]} = data_gram({a}, {b})")
+    else:
+        em.arguments.append(node)
+
+
+def _torch_matrix(em: _Emitter, node: Node) -> None:
+    p = node.params
+    rows = "n" if p["rows"] == "n" else str(p["rows"])
+    cols = "n" if p["cols"] == "n" else str(p["cols"])
+    var = f"{_num(p['var'])} / n" if p["role"] == "hidden" else _num(p["var"])
+    if p["role"] == "readout" and p.get("exponent_shift"):
+        var = f"{_num(p['var'])} * n ** {_num(2 * p['exponent_shift'])}"
+    em.attributes.add(node.id)
+    em.matrices.append(
+        f"self.{em.names[node.id]} = torch.nn.Parameter(normal(gens, ({rows}, {cols}), dtype, device) "
+        f"* math.sqrt({var}))  # {_comment(describe(em.prog, node))}"
+    )
+
+
+def _torch_vector(em: _Emitter, node: Node) -> None:
+    em.attributes.add(node.id)
+    em.groups.add(em.prog.group_of(node.id)[0])  # the whole group is sampled at once
+
+
+def _torch_matmul(em: _Emitter, node: Node) -> None:
+    w = em.ref(node.inputs[0]) + (".mT" if node.params.get("transposed") else "")
+    em.compute(node, f"matmul({w}, {em.ref(node.inputs[1])})")
+
+
+def _torch_nonlin(em: _Emitter, node: Node) -> None:
+    args = [em.lifted(i, len(node.shape), node.kind == "vector") for i in node.inputs]
+    hoisted: list[str] = []
+    em.compute(node, _tree_code(node.params["tree"], args, hoisted), hoisted, comment=False)
+
+
+def _torch_moment(em: _Emitter, node: Node) -> None:
+    args = [em.lifted(i, len(node.shape), True) for i in node.inputs]
+    hoisted: list[str] = []
+    em.compute(node, f"({_tree_code(node.params['tree'], args, hoisted)}).mean(-1)", hoisted)
+
+
+def _torch_gram(em: _Emitter, node: Node) -> None:
+    x, y = (em.ref(i) for i in node.inputs)
+    em.compute(node, f"gram({x}, {y})")
+
+
+def _torch_readout(em: _Emitter, node: Node) -> None:
+    v, x = (em.ref(i) for i in node.inputs)
+    exponent = node.params["multiplier_exponent"]
+    scale = {-0.5: " / math.sqrt(n)", 0.0: ""}.get(exponent, f" * n ** {_num(exponent)}")
+    em.compute(node, f"readout({v}, {x}) * ({_num(node.params['coef'])}{scale})")
+
+
+def _torch_cov(em: _Emitter, node: Node) -> None:
+    em.compute(node, em.cov_code(node))
 
 
 def _nums(a: np.ndarray) -> str:
