@@ -15,6 +15,7 @@ from tpc.errors import TpcError
 from tpc.train import cbow
 from tpc.train.finite import train_finite
 from tpc.train.limit import network_limit
+from tpc.train.tables import train_tables
 
 ROOT = Path(__file__).resolve().parent.parent
 PROGRAM = ROOT / "programs" / "word2vec" / "cbow_mup.tp"
@@ -59,8 +60,7 @@ def test_one_step_matches_autograd_on_the_parametrized_loss(param: str) -> None:
     rate = batch.lr * n ** (-c)
     new_u = (w_u - rate * gu) * n**-a1  # U = n^-a1 w_U
     new_v = (w_v - rate * gv) * n**-a2 * n  # v = n W
-    with torch.no_grad():
-        cbow.step(u, v, batch, cbow.Factors.finite(net, n))
+    train_tables(net, u, v, cbow.Factors.finite(net, n), steps=1)  # the program's loop, its first step
     assert torch.allclose(u, new_u.T / np.sqrt(n), rtol=0, atol=1e-12)
     assert torch.allclose(v, new_v / np.sqrt(n), rtol=0, atol=1e-12)
     assert not torch.allclose(u, (w_u * n**-a1).T / np.sqrt(n), atol=1e-6)  # the step moved U
@@ -195,7 +195,7 @@ def test_min_lr_defaults_below_the_parametrization_rate() -> None:
 def test_seeds_at_once_equal_seeds_one_by_one() -> None:
     # the finite run trains every seed of a chunk in one set of (S, V, m) tables
     net = load_source(PROGRAM.read_text(), str(PROGRAM), PROGRAM.parent)
-    together = cbow.cbow_finite(net, 32, 3)
+    together = train_finite(net, 32, 3)
     for name, res in together.items():
-        alone = np.concatenate([cbow.cbow_finite(net, 32, 1, first_seed=s)[name].values for s in range(3)])
+        alone = np.concatenate([train_finite(net, 32, 1, first_seed=s)[name].values for s in range(3)])
         np.testing.assert_allclose(res.values, alone, rtol=1e-10, atol=1e-12)

@@ -239,10 +239,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
         if not _is_network(prog):
             raise TpcError("--unrolled shows a network program's training; this program has none")
         if prog.program is None or not prog.program.top:
-            raise TpcError("--unrolled lists a program's training; this program does not train"
-                           if prog.program is not None else
-                           "--unrolled lists a program's loops; a cbow program trains tables of word vectors by index "
-                           "(see README)", getattr(prog.train, "span", None)).locate(prog.filename, prog.source)
+            raise TpcError("--unrolled lists a program's training; this program does not train",
+                           getattr(prog.train, "span", None)).locate(prog.filename, prog.source)
         from tpc.train.unrolled import unrolled_loops
 
         listing = unrolled_loops(prog)
@@ -283,10 +281,9 @@ def _lowered(net):  # noqa: ANN001, ANN202
 
     from tpc.train.kernel import lowered_program
 
-    if net.train and net.train.optimizer == "cbow":
-        raise TpcError("a cbow program has no forward Tensor Program to show: its word vectors are tables updated "
-                       "by index (tpc/train/cbow.py); use tpc check, run, limit or compare",
-                       net.train.span).locate(net.filename, net.source)
+    if net.has_tables:  # (not reached from cmd_graph: the model is applied to no data set, the loop is all)
+        raise TpcError("a cbow program applies its model to no data set, so it has no forward Tensor Program to "
+                       "show: `tpc graph` prints its training loop", net.train.span).locate(net.filename, net.source)
     X = np.concatenate([net.data[d] for d in net.point_sets()])  # noqa: N806
     prog, _, _ = lowered_program(net, X)
     return prog
@@ -299,9 +296,10 @@ def cmd_emit(args: argparse.Namespace) -> int:
     if _is_network(prog):
         from tpc.backends.torch.emit_network import emit_network_source
 
-        if prog.train and prog.train.optimizer == "cbow":
-            raise TpcError("a cbow program's word vectors are tables updated by index (tpc/train/cbow.py); it has "
-                           "no dense PyTorch module to emit", prog.train.span).locate(prog.filename, prog.source)
+        if prog.has_tables:
+            raise TpcError("a cbow program's word vectors are tables updated by index: emit-torch writes no PyTorch "
+                           "code for its loop's table instructions yet (tpc graph shows them); use tpc run, limit or "
+                           "compare", prog.train.span).locate(prog.filename, prog.source)
         print(emit_network_source(prog), end="")
         return 0
     print(emit_source(prog), end="")

@@ -45,6 +45,7 @@ import tpc
 from tpc.syntax import parse
 from tpc.train import cbow
 from tpc.train.limit import network_limit
+from tpc.train.tables import train_tables
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # examples/options.py
@@ -175,19 +176,14 @@ class Benchmarks:
 
 
 def run_tables(net: object, width: int | None, seed: int, label: str) -> np.ndarray:
-    """The Gram matrix of `words` after training the program's tables at `width` for `seed`, or in
-    the exact limit (width None), in float32."""
+    """The Gram matrix of `words` after the program's loop has trained its tables at `width` for
+    `seed`, or in the exact limit (width None), in float32 (tpc run / limit would keep float64)."""
     if width is None:
         (u, v), factors = cbow.limit_tables(net, torch.float32), cbow.Factors.limit(net)
     else:
         (u, v), factors = cbow.finite_tables(net, width, seed, torch.float32), cbow.Factors.finite(net, width)
-    with tqdm(total=cbow.stream(net).steps, desc=label, unit="step", leave=False, file=sys.stderr) as bar, \
-            torch.no_grad():
-        def tick(_done: int, _total: int, loss: float) -> None:
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-
-        cbow.train(net, u, v, factors, tick)
+    with tqdm(total=cbow.stream(net).steps, desc=label, unit="step", leave=False, file=sys.stderr) as bar:
+        train_tables(net, u, v, factors, lambda _done, _total: bar.update(1))
     return cbow.grams(net, u, v, width)["words"]
 
 

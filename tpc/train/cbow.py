@@ -1,5 +1,8 @@
 """word2vec's CBOW with negative sampling (Mikolov et al. 2013), at finite width and in its exact
-infinite-width limit (TP4: Yang & Hu 2021, Section 9).
+infinite-width limit (TP4: Yang & Hu 2021, Section 9): the data stream, the tables of word vectors
+and their scales, the memory estimate, `describe` and the Gram matrices. The training itself is a
+loop (`train cbow(...)` desugars to one, desugar.py) that the interpreter runs on the tables
+(tables.py): this module runs no step of its own.
 
 The model is `f(x) = V @ (U @ x)` with `x` the counts of a position's context words, so the columns
 u_w of the embedding U and the rows v_w of the readout V are the words' n-vectors, and a step only
@@ -8,8 +11,8 @@ backends are tables of rows whose dot products are the program's inner products 
 - at width n, row w is the natural-scale vector u_w / sqrt(n);
 - in the limit, row w is its coefficient vector over the initial Gaussian vectors (one per word of
   each table with nonzero variance), an orthonormal basis since E[Z^{u_a} Z^{u_b}] = var delta_ab.
-One step is the same code on either table, so the limit costs what a finite run at width equal to
-its basis size costs, and its state (two vocab x basis tables) is known before it starts.
+A step is the same instructions on either table, so the limit costs what a finite run at width equal
+to its basis size costs, and its state (two vocab x basis tables) is known before it starts.
 
 With W^l = n^-a_l w^l and SGD on w^l (network.py), the tables hold the input vectors u_w (columns
 of W^1, entries of size n^-(a1+b1)) and the readout rows at the scale of their updates, v_w = n W^2_w
@@ -30,10 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tpc import memory
-from tpc.backends.limit.evaluate import LimitOutput
-from tpc.backends.torch.run import DTYPES, FiniteResult
-from tpc.errors import NumericalError, TpcError
+from tpc.errors import TpcError
 from tpc.parametrization import limit_of_power
 from tpc.train.network import Cbow, Layer, Network
 
@@ -104,7 +104,7 @@ class Stream:
                 yield Batch(s[p], rows, s[idx[rows, cols]], starts, neg, lr, epoch)
 
 
-def _limit_of(e: float, what: str, net: Network) -> float:
+def limit_of_exponent(e: float, what: str, net: Network) -> float:
     """n^e as n -> oo; a located error where the program's quantity grows with n."""
     value = limit_of_power(e)
     if value is None:
@@ -134,7 +134,8 @@ class Factors:
     @classmethod
     def limit(cls, net: Network) -> Factors:
         q, s = cls.exponents(net)
-        return cls(_limit_of(q, "the readout's update", net), _limit_of(s, "the embedding's update", net))
+        return cls(limit_of_exponent(q, "the readout's update", net),
+                   limit_of_exponent(s, "the embedding's update", net))
 
 
 def tables(net: Network) -> list[tuple[Layer, float]]:
@@ -160,64 +161,23 @@ def stream(net: Network) -> Stream:
     return Stream(tokens_of(net), vocabulary(net), net.train.cbow, net.train.batch, net.train.lr)
 
 
-def step(u: Tensor, v: Tensor, b: Batch, f: Factors) -> float | np.ndarray:
-    """One SGD step on the batch's summed loss; returns that loss (before the step). The tables are
-    (V, m), or (S, V, m) for S seeds at once (then the loss is one per seed)."""
-    one = u.dim() == 2
-    if one:  # views: the in-place updates below reach the caller's tables
-        u, v = u[None], v[None]
-    dev = u.device
-    pos, ctx = torch.as_tensor(b.pos, device=dev), torch.as_tensor(b.ctx, device=dev)
-    words = torch.as_tensor(np.concatenate([b.center[:, None], b.neg], axis=1), device=dev)  # (B, 1 + K)
-    seeds, m = u.shape[0], u.shape[2]
-    # h_b = sum of the context's rows: each position is one bag
-    if seeds == 1:
-        h = torch.nn.functional.embedding_bag(ctx, u[0], torch.as_tensor(b.starts, device=dev), mode="sum")[None]
-    else:
-        h = torch.zeros((seeds, len(b.center), m), dtype=u.dtype, device=dev).index_add_(1, pos, u[:, ctx])
-    vw = v[:, words]  # (S, B, 1 + K, m), a copy: the updates below use the values before the step
-    # the rows are scaled by 1/sqrt(n): this is v.h/n (one seed: bmm, the operations of a run alone)
-    z = torch.bmm(vw[0], h[0, :, :, None])[None, ..., 0] if seeds == 1 else torch.einsum("sbkm,sbm->sbk", vw, h)
-    label = torch.zeros_like(z[0])
-    label[:, 0] = 1
-    live = torch.ones_like(label)
-    live[:, 1:] = words[:, 1:] != words[:, :1]  # word2vec skips a negative equal to the centre word
-    g = (torch.sigmoid(z) - label) * live
-    loss = (torch.nn.functional.softplus(torch.where(label > 0, -z, z)) * live).sum((1, 2)).cpu().numpy()
-    if f.q:
-        v.index_add_(1, words.reshape(-1), (g[..., None] * h[:, :, None, :]).reshape(seeds, -1, m),
-                     alpha=-b.lr * f.q)
-    if f.s:
-        back = torch.bmm(g[0, :, None, :], vw[0])[None, :, 0] if seeds == 1 else torch.einsum("sbk,sbkm->sbm", g, vw)
-        u.index_add_(1, ctx, back[:, pos], alpha=-b.lr * f.s)
-    return float(loss[0]) if one else loss
-
-
-def train(net: Network, u: Tensor, v: Tensor, f: Factors,
-          on_step: Callable[[int, int, float], None] | None = None) -> list:
-    """Runs the program's cbow training on the tables in place ((V, m), or (S, V, m) for S seeds at
-    once); returns the mean loss per position of each epoch (per seed for S seeds), computed on the
-    fly, before each step, as word2vec reports it."""
+def checked_stream(net: Network) -> Stream:
+    """The program's stream, refused (at the train statement) when subsampling leaves nothing to train on."""
     data = stream(net)
     if data.positions == 0:
         raise TpcError("subsampling leaves no position to train on: raise sample (or set sample = 0)",
                        net.train.span).locate(net.filename, net.source)
-    total = data.steps
-    loss_sum: np.ndarray | None = None
-    positions = np.zeros(len(data.masks))
-    for i, b in enumerate(data):
-        loss = step(u, v, b, f)
-        if not np.all(np.isfinite(loss)):
-            raise NumericalError(f"the cbow training diverged at step {i + 1} (a non-finite loss); lower lr",
-                                 net.train.span).locate(net.filename, net.source)
-        if loss_sum is None:
-            loss_sum = np.zeros((len(data.masks), *np.shape(loss)))
-        loss_sum[b.epoch] += loss
-        positions[b.epoch] += len(b.center)
-        if on_step:
-            on_step(i + 1, total, float(np.mean(loss)) / len(b.center))
-    means = loss_sum / np.maximum(positions, 1).reshape(-1, *[1] * (loss_sum.ndim - 1))
-    return [float(x) if np.ndim(x) == 0 else x for x in means]
+    return data
+
+
+def train(net: Network, u: Tensor, v: Tensor, f: Factors,
+          on_step: Callable[[int, int], None] | None = None, steps: int | None = None) -> None:
+    """Trains the tables u, v in place ((V, m) each, or (S, V, m) for S seeds) by the program's loop,
+    its first `steps` steps (None: all): `tables.train_tables`, under the name benchmarks/word2vec.py
+    calls."""
+    from tpc.train.tables import train_tables
+
+    train_tables(net, u, v, f, on_step, steps)
 
 
 def finite_tables(net: Network, width: int, seed: int, dtype: torch.dtype = torch.float64,
@@ -231,7 +191,8 @@ def finite_tables(net: Network, width: int, seed: int, dtype: torch.dtype = torc
 
 def _limit_scales(net: Network) -> list[float]:
     """Each table's initial scale in the limit; a table with scale 0 needs no basis vectors."""
-    return [_limit_of(e, f"layer {la.name}'s initial vectors", net) * float(np.sqrt(la.var)) for la, e in tables(net)]
+    return [limit_of_exponent(e, f"layer {la.name}'s initial vectors", net) * float(np.sqrt(la.var))
+            for la, e in tables(net)]
 
 
 def basis_size(net: Network) -> int:
@@ -252,18 +213,23 @@ def limit_tables(net: Network, dtype: torch.dtype = torch.float64, device: str =
     return out[0], out[1]
 
 
+def gram_scale(net: Network, layer: str, width: int | None) -> float:
+    """The factor of embeddings(L)'s Gram at width n (width None: its limit, refused where it grows)."""
+    e = output_exponent(net, layer)
+    return float(width**e) if width else limit_of_exponent(e, f"embeddings({layer})", net)
+
+
+def gram(net: Network, layer: str, t: Tensor, width: int | None) -> Tensor:
+    """The Gram matrix of a table's word vectors at their initial scale, u_a.u_b / n, in float64
+    ((V, m) -> (V, V); per seed for (S, V, m))."""
+    return gram_scale(net, layer, width) * (t @ t.transpose(-1, -2)).double()
+
+
 def grams(net: Network, u: Tensor, v: Tensor, width: int | None) -> dict[str, np.ndarray]:
-    """Each `embeddings(L)` output: the Gram matrix of the layer's word vectors at their initial
-    scale, u_a.u_b / n (width None: the limit, where the scale factor is its limit)."""
+    """Each `embeddings(L)` output of the tables u, v (width None: the limit)."""
     cfg = net.train.cbow
     table = {cfg.embedding: u, cfg.output: v}
-    out = {}
-    for o in net.outputs:
-        e = output_exponent(net, o.layer)
-        scale = float(width**e) if width else _limit_of(e, f"embeddings({o.layer})", net)
-        t = table[o.layer]
-        out[o.name] = scale * (t @ t.transpose(-1, -2)).double().cpu().numpy()  # per seed for (S, V, m)
-    return out
+    return {o.name: gram(net, o.layer, table[o.layer], width).cpu().numpy() for o in net.outputs}
 
 
 def memory_bytes(net: Network, m: int, itemsize: int = 8) -> int:
@@ -286,37 +252,3 @@ def describe(net: Network) -> str:
         return (f"{head}; exact: each word vector is a coefficient vector over {m} initial Gaussian vectors "
                 f"(a finite run at width {m} costs the same); about {memory_bytes(net, m) / 2**30:.2g} GB")
     return f"{head}; the word vectors stay at initialisation (Gram = var * I over the {vocabulary(net)} words)"
-
-
-def cbow_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
-                first_seed: int = 0, progress: Callable[[int], None] | None = None,
-                on_step: Callable[[int, int], None] | None = None, memory_gb: float | None = None,
-                force: bool = False) -> dict[str, FiniteResult]:
-    """Every output at width `width`: as many seeds at once as the memory budget holds (each seed's
-    tables are drawn as for a run of that seed alone, and every seed sees the same batches)."""
-    chunk = memory.seeds_at_once(memory_bytes(net, width, torch.finfo(DTYPES[dtype]).bits // 8), seeds,
-                                 f"a word2vec run at width {width}", memory_gb, force, net.filename, net.source)
-    parts: dict[str, list[np.ndarray]] = {o.name: [] for o in net.outputs}
-    for start in range(0, seeds, chunk):
-        ids = range(first_seed + start, first_seed + min(seeds, start + chunk))
-        tables = [finite_tables(net, width, s, DTYPES[dtype], device) for s in ids]
-        u, v = torch.stack([t[0] for t in tables]), torch.stack([t[1] for t in tables])
-        del tables
-        with torch.no_grad():
-            train(net, u, v, Factors.finite(net, width), (lambda d, t, _l: on_step(d, t)) if on_step else None)
-        for k, g in grams(net, u, v, width).items():
-            parts[k].append(g)
-        if progress:
-            progress(len(ids))
-    return {k: FiniteResult(k, np.concatenate(p), width) for k, p in parts.items()}
-
-
-def cbow_limit(net: Network, dtype: str = "float64", device: str = "cpu",
-               progress: Callable[[int, int], None] | None = None) -> dict[str, LimitOutput]:
-    """The exact limit: trained coefficient tables (feature learning) or the initial Gram matrices."""
-    if net.classification().regime != "feature learning":
-        return {o.name: LimitOutput(net.layers[o.layer].var * np.eye(vocabulary(net)), "exact") for o in net.outputs}
-    u, v = limit_tables(net, DTYPES[dtype], device)
-    with torch.no_grad():
-        train(net, u, v, Factors.limit(net), (lambda d, t, _l: progress(d, t)) if progress else None)
-    return {k: LimitOutput(g, "exact") for k, g in grams(net, u, v, None).items()}

@@ -1,6 +1,6 @@
 """Finite width: a network program's weights in torch, vectorised over seeds (every weight has a
 leading seed axis), on any device. The training itself is the program's loops, run by
-`interp.py` on `dense.py`'s backend (word2vec's tables: `cbow.py`).
+`interp.py` on `dense.py`'s backend (word2vec's tables: on `tables.py`'s).
 
 Seed s draws every layer's standard normals from its own generator, in declaration order, so
 the unrolled program (`pooled.py`) can rebuild the same initial network.
@@ -67,7 +67,7 @@ def _step(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor)
 
 def bytes_per_seed(net: Network, width: int, itemsize: int) -> int:
     """A generous estimate of one seed's memory at width `width`."""
-    if net.train and net.train.optimizer == "cbow":
+    if net.has_tables:
         from tpc.train.cbow import memory_bytes
 
         return memory_bytes(net, width, itemsize)
@@ -83,10 +83,14 @@ def train_finite(net: Network, width: int, seeds: int, dtype: str = "float64", d
     """Every output of the network program at width `width` for seeds first_seed...; training runs
     SGD on the trained parameters w^l (W^l = n^-a_l w^l) with learning rate lr n^-c. `progress`
     counts finished seeds, `on_step(done, steps)` the SGD steps of the current chunk of seeds."""
-    if net.train and net.train.optimizer == "cbow":  # word2vec: tables of word vectors, not dense layers
-        from tpc.train.cbow import cbow_finite
+    from tpc.backends import device as on_device
 
-        return cbow_finite(net, width, seeds, dtype, device, first_seed, progress, on_step, memory_gb, force)
+    on_device.check(device)
+    memory_gb = on_device.memory_gb(device, memory_gb)  # on CUDA: the device's memory, not the host's
+    if net.has_tables:  # word2vec: its loop runs on tables of word vectors, not dense layers
+        from tpc.train.tables import tables_finite
+
+        return tables_finite(net, width, seeds, dtype, device, first_seed, progress, on_step, memory_gb, force)
     from tpc.train.dense import loops_finite  # every other program's training is loops (train/loops.py)
 
     return loops_finite(net, width, seeds, dtype, device, first_seed, memory_gb, force, progress, on_step)

@@ -5,20 +5,24 @@ per instruction (as JAX's `eval_jaxpr`): the functions `_run_<op>` below, which 
 (tpc/train/instructions.py, the field `run`) lists beside each op's other rules and through which
 `Interpreter.execute` dispatches. A `loop` runs its body `trip` times. What a backend supplies
 is the algebra of parameters: their initial values, the forward pass, `grad`, linear
-combinations and scaled updates. Two backends implement it:
+combinations and scaled updates. Two backends implement it for dense layers:
 - `dense.DenseBackend`: finite width, real weights in torch, gradients by autograd (w-space);
 - `pooled.PooledBackend`: the unrolled Netsor-transpose program, at width n (`FiniteSpace`) or in
   the limit (`LimitSpace`): an n x n layer is its initial matrix times a number plus a linear
   combination of stored outer products.
 Numbers, data rows, losses and records are the same in both: finite torch tensors, with the
-backend's leading axes (seeds at finite width, none in the limit).
+backend's leading axes (seeds at finite width, none in the limit). (`kernel_loops.KernelBackend`
+runs the kernel regime in function space.) Word2vec's programs (desugared `train cbow`) keep their
+layers as tables of word vectors, `tables.TableBackend`, whose algebra is different: gathers of
+rows, the logits of a batch's words and indexed row updates, at width n or in the exact limit.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -30,6 +34,9 @@ from tpc.train.instructions import INSTRUCTIONS
 from tpc.train.loops import Instr, whole_index
 from tpc.train.losses import batch_rows, loss_value
 from tpc.train.network import Loss, Network, Output
+
+if TYPE_CHECKING:
+    from tpc.train.cbow import Stream
 
 Tensor = torch.Tensor
 
@@ -89,12 +96,16 @@ class Interpreter:
         self.records: dict[str, Tensor] = {}
         self.progress: Callable[[int, int], None] | None = None
         self.done = 0
+        self.stop: int | None = None  # run only this many top-level iterations (None: all)
         self.checks = True  # off for a dry run that only counts (pooled.count)
+        self.stream: _StreamState | None = None  # cbow's batches, read in order
+        self.rules: dict[int, list[tuple[Callable[[Interpreter, Instr], None], Instr]]] = {}  # per loop body
 
     # --- running
-    def run(self, progress: Callable[[int, int], None] | None = None) -> dict[str, Tensor]:
-        """Every output of the program, each evaluated where it stands among the loops."""
-        self.progress = progress
+    def run(self, progress: Callable[[int, int], None] | None = None, steps: int | None = None) -> dict[str, Tensor]:
+        """Every output of the program, each evaluated where it stands among the loops; `steps`: stop
+        the top-level loops after that many iterations in all (the outputs see the parameters then)."""
+        self.progress, self.stop = progress, steps
         self.params[self.net.model.name] = self.be.initial()
         results: dict[str, Tensor] = {}
         init_features: dict[str, Applied] = {}
@@ -114,19 +125,33 @@ class Interpreter:
         return results
 
     def total_steps(self) -> int:
-        return sum(self.prog.instrs[i].attrs["trip"] for i in self.prog.top if self.prog.instrs[i].op == "loop")
+        return sum(self.trip(self.prog.instrs[i]) for i in self.prog.top if self.prog.instrs[i].op == "loop")
+
+    def trip(self, loop: Instr) -> int:
+        """A loop's trip count. A loop over cbow's stream takes the stream's number of batches when it
+        runs: the stream is read then (like any data a loop reads), from the token data and the train
+        statement's settings."""
+        if "stream" in loop.attrs:
+            return _stream(self).stream.steps
+        return loop.attrs["trip"]
 
     def execute(self, ins: Instr) -> None:
+        self._apply(INSTRUCTIONS[ins.op].run.resolve(), ins)
+
+    def _apply(self, rule: Callable[[Interpreter, Instr], None], ins: Instr) -> None:
         try:
-            INSTRUCTIONS[ins.op].run(self, ins)
+            rule(self, ins)
         except TpcError as err:
             if err.span is None:
                 err.span = ins.span
             raise err.locate(self.net.filename, self.net.source) from None
 
     def body(self, ins: Instr) -> None:
-        for i in ins.attrs["body"]:
-            self.execute(self.prog.instrs[i])
+        steps = self.rules.get(ins.id)
+        if steps is None:  # each instruction's rule, looked up once per loop, not once per step
+            steps = self.rules[ins.id] = [(INSTRUCTIONS[b.op].run.resolve(), b) for b in self.prog.body(ins)]
+        for rule, b in steps:
+            self._apply(rule, b)
 
     def collect(self, finished: list[int]) -> None:
         """After an iteration: its values are dead (names are scoped to their body), and a backend
@@ -196,6 +221,8 @@ class Interpreter:
     def output(self, o: Output, cache: dict[str, Applied], init_features: dict[str, Applied]) -> Tensor:
         if o.kind == "record":
             return self.records[o.loss]
+        if o.kind == "embeddings":
+            return self.embeddings(o)
         if o.kind == "loss":
             loss = self.net.losses[o.loss]
             F = self.forward(loss.data, cache).F.detach()  # noqa: N806
@@ -207,6 +234,9 @@ class Interpreter:
         if o.kind == "features":
             return self.be.feature_gram(applied)
         return self.be.feature_change(applied, init_features[o.data])
+
+    def embeddings(self, o: Output) -> Tensor:
+        return self.be.embeddings(self.params[self.net.model.name][o.layer], o.layer)
 
 
 def _remap_bundle(b: Bundle, remap: Callable[[str, Any], Any]) -> Bundle:
@@ -355,7 +385,9 @@ def _run_loop(it: Interpreter, ins: Instr) -> None:
     it.recording.append({})
     top = len(it.recording) == 1
     body = it.prog.inside(ins)
-    for t in range(ins.attrs["trip"]):
+    for t in range(it.trip(ins)):
+        if top and it.stop is not None and it.done >= it.stop:
+            break
         it.env[counter] = torch.tensor(float(t), dtype=torch.float64)
         it.body(ins)
         it.collect(body)
@@ -380,3 +412,78 @@ def _stack(values: list[Tensor], lead: int) -> Tensor:
     lead = min(lead, len(shape))
     return torch.stack([v.expand(shape) for v in values], dim=lead)
 
+
+# --- word2vec's step on embedding tables (desugared `train cbow`; the backend is tables.TableBackend)
+
+
+@dataclass
+class _StreamState:
+    """cbow's stream as one run reads it: batch t follows from the draws of batches 0..t-1."""
+
+    stream: Stream
+    batches: Any  # an iterator over the stream's Batches
+    next: int = 0
+    last: Any = None  # the backend's form of batch next - 1
+
+
+def _stream(it: Interpreter, fresh: bool = False) -> _StreamState:
+    if it.stream is None or fresh:
+        from tpc.train.cbow import checked_stream
+
+        s = checked_stream(it.net)
+        it.stream = _StreamState(s, iter(s))
+    return it.stream
+
+
+def _batch(it: Interpreter, ins: Instr, t: int) -> Any:
+    """Batch t in the backend's form (tables.StepBatch); an earlier one than the last is drawn again
+    from the start of the stream."""
+    state = _stream(it, fresh=it.stream is not None and t < it.stream.next - 1)
+    if t == state.next - 1:
+        return state.last
+    b = None
+    while state.next <= t:
+        b = next(state.batches, None)
+        if b is None:
+            raise TpcError(f"the stream has {state.stream.steps} batches: step {t} is past its end", ins.span)
+        state.next += 1
+    state.last = it.be.batch(b)
+    return state.last
+
+
+def _run_stream(it: Interpreter, ins: Instr) -> None:
+    step = it.env[ins.args[0]]
+    counter = it.prog.instrs[ins.args[0]].op == "counter"  # whole by construction: no check (a step of 11164)
+    it.env[ins.id] = _batch(it, ins, int(step) if counter else int(_whole(it, ins, step)))
+
+
+def _run_gather(it: Interpreter, ins: Instr) -> None:
+    table = it.env[ins.args[0]].weight[ins.attrs["layer"]]
+    gather = it.be.bag if ins.attrs["form"] == "bag" else it.be.rows
+    it.env[ins.id] = gather(table, it.env[ins.args[1]])
+
+
+def _run_logits(it: Interpreter, ins: Instr) -> None:
+    it.env[ins.id] = it.be.logits(it.env[ins.args[0]], it.env[ins.args[1]])
+
+
+def _run_ns_loss(it: Interpreter, ins: Instr) -> None:
+    """-log s(z_centre) - sum_neg log s(-z_neg), summed over the batch (a negative equal to the centre
+    word is skipped, as word2vec does): one number per seed."""
+    z, b = it.env[ins.args[0]], it.env[ins.args[1]]
+    loss = (torch.nn.functional.softplus(torch.where(b.label > 0, -z, z)) * b.live).sum((-2, -1))
+    loss = loss if it.be.lead else loss[0]  # the tables keep a seeds axis, of length 1 in the limit
+    if not math.isfinite(float(loss.sum())):  # one number to look at (a step of 11164)
+        it.check_finite(loss, ins, "the loss")
+    it.env[ins.id] = loss
+
+
+def _run_ns_grad(it: Interpreter, ins: Instr) -> None:
+    z, b = it.env[ins.args[1]], it.env[ins.args[2]]
+    it.env[ins.id] = (torch.sigmoid(z) - b.label) * b.live
+
+
+def _run_scatter_add(it: Interpreter, ins: Instr) -> None:
+    table = it.params[ins.attrs["root"]][ins.attrs["layer"]]
+    b, g, rows = (it.env[i] for i in ins.args)
+    it.be.scatter_add(table, ins.attrs["layer"], ins.attrs["index"], b, g, rows)

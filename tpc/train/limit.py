@@ -1,6 +1,6 @@
 """The infinite-width limit of a network program: feature learning (r = 0) by the unrolled
 Netsor-transpose program of its loops (`pooled.py`), the kernel regime (r > 0) in function space
-(`kernel_loops.py`), word2vec's tables by `cbow.py`."""
+(`kernel_loops.py`), word2vec's loop on its tables by `tables.py`."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # the backends (and torch) are imported where the limit runs:
 def describe(net: Network, method: str = "auto", particles: int = 2**16, replicates: int = 4) -> str:
     """What the limit will compute and how, before it runs."""
     cls = net.classification()
-    if net.train and net.train.optimizer == "cbow":
+    if net.has_tables:
         from tpc.train import cbow
 
         return cbow.describe(net)
@@ -55,17 +55,10 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
     if not cls.stable:
         raise TpcError(f"the parametrization is unstable (its limit blows up): {'; '.join(cls.failed)}",
                        net.param_span).locate(net.filename, net.source)
-    if net.train and net.train.optimizer == "cbow":
-        from tpc.train import cbow
+    if net.has_tables:  # word2vec: its loop on coefficient tables
+        from tpc.train.tables import tables_limit
 
-        m = cbow.basis_size(net) if cls.regime == "feature learning" else 0
-        if m:
-            try:
-                memory.require(cbow.memory_bytes(net, m), f"the word2vec limit (two tables over {m} basis vectors)",
-                               memory_gb, force, net.train.span)
-            except TpcError as err:
-                raise err.locate(net.filename, net.source) from None
-        return cbow.cbow_limit(net, progress=progress)
+        return tables_limit(net, device=device, progress=progress, memory_gb=memory_gb, force=force)
     if cls.regime == "feature learning":
         from tpc.train.pooled import loops_limit
 

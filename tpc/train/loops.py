@@ -14,7 +14,14 @@ Values have one of these kinds:
 - `data`: rows of a data set (`X`, `batch(X, t, B)`, `P[S[i]]`), known before training;
 - `outputs`: the model's outputs f(X) on data rows (finite, and differentiable by `grad`);
 - `params`: a value for some of the model's layers: the parameters of `f`, of a layer or of a
-  copy (`weight` terms), gradients (`grad` terms), or a linear combination of both.
+  copy (`weight` terms), gradients (`grad` terms), or a linear combination of both;
+- `batch`: one step's batch of word2vec's stream (centre words, contexts, negatives, the rate),
+  known before training (desugared `train cbow`, see desugar.py);
+- `vectors`: rows of an embedding table (n-vectors, one per position or per word of a batch).
+
+Desugared `train cbow(...)` uses instructions that a program can't write (their names are `<...>`):
+the stream's batch, gathers of table rows, the logits of the batch's words, the negative-sampling
+loss and its gradient, and the indexed row updates of the tables (`RowUpdate`, op `scatter_add`).
 
 Updates follow TP4's convention (Yang & Hu 2021): `P -= e` changes the trained parameter
 w <- w - n^-c e, with `grad(L, P)` the gradient dL/dw; the parametrization's `c` and the layers'
@@ -43,8 +50,10 @@ MAX_TRIP = 10**9  # iterations of one loop (as `train sgd`'s steps)
 MAX_NESTING = 16  # loops inside loops (a record stacks one axis per level)
 # the natural-scale power of n on the gradient update of each role under muP (TP4 Table 3); an update
 # of layer l by lr n^-c dL/dw^l carries n^(MAXIMAL_LR_EXPONENT[role] - 2 a_l - c)
-MAXIMAL_LR_EXPONENT = {"input": -1.0, "bias": -1.0, "hidden": 0.0, "readout": 1.0}
+MAXIMAL_LR_EXPONENT = {"input": -1.0, "embedding": -1.0, "bias": -1.0, "hidden": 0.0, "readout": 1.0}
 TOL = 1e-12
+# word2vec's step on tables (desugar.py's cbow): the names desugared `train cbow` calls, with their arities
+TABLE_CALLS = {"<stream>": 2, "<bag>": 2, "<rows>": 2, "<logits>": 2, "<negative sampling>": 2, "<dlogits>": 3}
 NONLINEAR = ("parameters and gradients combine linearly: sums, and products with numbers (an entrywise "
              "function of them is outside Netsor-transpose; Adam and sign-SGD need Tensor Programs IVb)")
 
@@ -78,6 +87,23 @@ class Instr:
     @property
     def static(self) -> bool:
         return bool(self.attrs.get("static", False))
+
+
+@dataclass(frozen=True)
+class RowUpdate(ast.Stmt):
+    """`T[b.words] -= b.lr * outer(g, h)` (the readout's rows of each position's words) or
+    `T[b.context] -= b.lr * (g . v)` (the embedding's rows of each position's context): word2vec's
+    indexed row update of a table. Desugared `train cbow` makes it; the parser has no syntax for it."""
+
+    table: str
+    index: str  # words | context
+    batch: str
+    coef: str  # dL/dz, one number per (position, word)
+    rows: str  # the vectors it multiplies: each position's context sum h (words), its words' rows v (context)
+
+
+# the rows each row update reads: the readout's words take the context sums, the context the words' rows
+ROW_UPDATES = {"words": ("readout", "bag"), "context": ("embedding", "words")}
 
 
 @dataclass
@@ -154,7 +180,7 @@ class TrainProgram:
 
     def trained_layers(self) -> set[str]:
         return {la for ins in self.walk() if ins.op == "update" and ins.attrs["scaled"]
-                for la in ins.attrs["layers"]}
+                for la in ins.attrs["layers"]} | {ins.attrs["target"] for ins in self.walk() if ins.op == "scatter_add"}
 
 
 class LoopBuilder:
@@ -247,6 +273,8 @@ class LoopBuilder:
             if isinstance(v, Lin):
                 v = self.materialize(v, s.value.span)
             self.bind(s.name, v, s.span)
+        elif isinstance(s, RowUpdate):
+            self.row_update(s)
         elif isinstance(s, ast.RecordStmt):
             if self.body is None:
                 raise TpcError("record keeps one value per step of a loop: put it inside the loop", s.span)
@@ -269,6 +297,8 @@ class LoopBuilder:
         trip = self.trip_count(s.trip)
         ins_id = self.add("loop", (), "none", s.span, counter=s.counter, trip=trip, body=[])
         loop = self.ins(ins_id)
+        if isinstance(s.trip, ast.Call) and s.trip.fn == "<steps>":  # the interpreter counts them when it runs
+            loop.attrs["stream"] = s.trip.args[0].id
         outer = self.body
         self.body = loop.attrs["body"]
         self.loops.append(loop)
@@ -296,13 +326,15 @@ class LoopBuilder:
         self.applied = {k: v for k, v in saved.items() if k[0] not in updated}
 
     def _updated(self, ins: Instr) -> list[str]:
-        if ins.op in ("update",):
+        if ins.op in ("update", "scatter_add"):
             return [ins.attrs["target"]]
         if ins.op == "loop":
             return [m for i in ins.attrs["body"] for m in self._updated(self.ins(i))]
         return []
 
     def trip_count(self, e: ast.Expr) -> int:
+        if isinstance(e, ast.Call) and e.fn == "<steps>":  # desugared cbow: one step per batch of its stream
+            return self.stream_steps(e.span)
         if isinstance(e, ast.Name) and e.id == self.b.width:
             raise TpcError("a loop can't run n times: the trip count is a number that does not depend on the "
                            "width", e.span)
@@ -327,6 +359,18 @@ class LoopBuilder:
         if isinstance(e, ast.Neg):
             return ast.Neg(e.span, self.rows_of(e.operand))
         return e
+
+    def stream_steps(self, span: Span) -> int:
+        """The number of batches of the train statement's stream (it depends on the subsampling draws, not
+        on the width); the interpreter counts them again when it runs, from the data it has then."""
+        from tpc.train.cbow import Stream  # (imports torch: only cbow programs build one)
+
+        t = self.b.train
+        vocab = int(self.b.layers[t.cbow.embedding].cols)
+        stream = Stream(self.b.data[t.cbow.tokens].reshape(-1).astype(np.int64), vocab, t.cbow, t.batch, t.lr)
+        if stream.positions == 0:
+            raise TpcError("subsampling leaves no position to train on: raise sample (or set sample = 0)", span)
+        return stream.steps
 
     def state(self, s: ast.StateDecl) -> None:
         if s.name in self.mutables:
@@ -533,6 +577,8 @@ class LoopBuilder:
             return self.add("zeros", (), "params", e.span, layers=m.layers)
         if name == "batch":
             return self.batch(e)
+        if name in TABLE_CALLS:
+            return self.table_call(e)
         if name == "<loss on rows>":  # desugared `train sgd(batch = B)`: loss L on rows tB .. tB+B-1
             loss = b.losses[e.args[0].id]
             x = self.add("data", (), "data", e.span, name=loss.data, static=True, shape=b.data[loss.data].shape)
@@ -566,6 +612,78 @@ class LoopBuilder:
         if any(isinstance(a, Lin) for a in args):
             raise TpcError(NONLINEAR, e.span)
         return self.fn(fn, args, e.span)
+
+    # --- word2vec's step on embedding tables (desugared `train cbow`)
+    def table_call(self, e: ast.Call) -> int:
+        name, args = e.fn, e.args
+        if len(args) != TABLE_CALLS[name]:  # pragma: no cover - desugar.py writes them
+            raise TpcError(f"{name} takes {TABLE_CALLS[name]} arguments", e.span)
+        if name == "<stream>":
+            if not isinstance(args[0], ast.Name) or self.b.train is None or self.b.train.cbow is None \
+                    or args[0].id != self.b.train.cbow.tokens:
+                raise TpcError("the stream is the token data of the train statement", args[0].span)
+            t = self.static_index(args[1])
+            return self.add("stream", (t,), "batch", e.span, tokens=args[0].id, static=True)
+        if name in ("<bag>", "<rows>"):
+            table = self.table(args[0], "embedding" if name == "<bag>" else "readout")
+            b = self.of_kind(args[1], "batch")
+            read = self.ins(table)
+            return self.add("gather", (table, b), "vectors", e.span, form="bag" if name == "<bag>" else "words",
+                            layer=read.attrs["name"], root=read.attrs["root"])
+        if name == "<logits>":
+            rows, h = self.gathered(args[0], "words"), self.gathered(args[1], "bag")
+            return self.add("logits", (rows, h), "finite", e.span)
+        if name == "<negative sampling>":
+            z, b = self.logits_of(args[0]), self.of_kind(args[1], "batch")
+            return self.add("ns_loss", (z, b), "finite", e.span, scalar=True)
+        loss, z, b = self.of_kind(args[0], "finite"), self.logits_of(args[1]), self.of_kind(args[2], "batch")
+        if self.ins(loss).op != "ns_loss" or self.ins(loss).args[0] != z:
+            raise TpcError("the gradient of a negative-sampling loss with respect to its own logits", e.span)
+        return self.add("ns_grad", (loss, z, b), "finite", e.span)
+
+    def of_kind(self, e: ast.Expr, kind: str) -> int:
+        v = self.value(e)
+        if isinstance(v, Lin) or self.ins(v).kind != kind:
+            raise TpcError(f"this takes a value of kind {kind}", e.span)
+        return v
+
+    def table(self, e: ast.Expr, role: str) -> int:
+        """The current rows of an embedding table: the model's layer of this role."""
+        v = self.value(e)
+        ins = None if isinstance(v, Lin) else self.ins(v)
+        if ins is None or ins.op != "read" or ins.attrs["what"] != "layer" \
+                or self.b.layers[ins.attrs["name"]].role != role:
+            raise TpcError(f"this takes a table of word vectors: the model's {role} layer", e.span)
+        return v
+
+    def gathered(self, e: ast.Expr, form: str) -> int:
+        v = self.of_kind(e, "vectors")
+        if self.ins(v).attrs["form"] != form:
+            raise TpcError("the rows of the batch's words of the readout, or the bags of its contexts of the "
+                           "embedding", e.span)
+        return v
+
+    def logits_of(self, e: ast.Expr) -> int:
+        v = self.of_kind(e, "finite")
+        if self.ins(v).op != "logits":
+            raise TpcError("this takes the logits of a batch's words", e.span)
+        return v
+
+    def row_update(self, s: RowUpdate) -> None:
+        if self.body is None:  # pragma: no cover - desugar.py puts it in a loop
+            raise TpcError("a row update runs in a loop", s.span)
+        role, form = ROW_UPDATES[s.index]
+        m = self.mutables.get(s.table)
+        if m is None or m.what != "layer" or self.b.layers[s.table].role != role:
+            raise TpcError(f"{s.table}[... .{s.index}] updates the rows of the model's {role} layer", s.span)
+        b = self.of_kind(ast.Name(s.span, s.batch), "batch")
+        g = self.of_kind(ast.Name(s.span, s.coef), "finite")
+        if self.ins(g).op != "ns_grad":
+            raise TpcError("a row update moves the rows along the gradient of the logits", s.span)
+        rows = self.gathered(ast.Name(s.span, s.rows), form)
+        self.add("scatter_add", (b, g, rows), "none", s.span, target=s.table, root=m.root, layer=s.table,
+                 index=s.index, scaled=True)
+        self.forget((m.root,))
 
     def finite(self, e: ast.Expr) -> int:
         v = self.value(e)

@@ -204,6 +204,12 @@ class Network:
         a, _ = self.ab(layer)
         return 2 * a + self.abc.c
 
+    @property
+    def has_tables(self) -> bool:
+        """word2vec's programs: an embedding layer, so the layers are tables of word vectors updated by
+        index (tables.py), not dense weights."""
+        return any(la.role == "embedding" for la in self.layers.values())
+
     def is_linear(self) -> bool:
         """Every coordinatewise step of the model is linear in its vectors: the limit is exact."""
         return all(_linear(s.tree) for s in self.model.steps if s.op == "fn")
@@ -219,7 +225,7 @@ class Network:
         names: list[str] = self.program.applied_sets() if self.program else []
         if self.train and self.train.tasks:
             names.append(self.train.tasks.pool)
-        elif self.train:
+        elif self.train and not self.train.cbow:  # cbow's model takes counts of context words, not a data set
             names.append(self.losses[self.train.loss].data)
         for loss in self.losses.values():
             names.append(loss.data)
@@ -821,11 +827,11 @@ class _Builder:
             for o in self.outputs:
                 if o.position < 0:  # written before the first loop
                     o.position = 0
-        elif self.train is not None and self.train.optimizer in ("sgd", "fomaml"):
+        elif self.train is not None:
             from tpc.train.desugar import desugar
 
             program = desugar(self)
-        elif self.train is None:  # no training: every output is at initialisation
+        else:  # no training: every output is at initialisation
             program = TrainProgram()
             for o in self.outputs:
                 o.position = 0

@@ -128,14 +128,44 @@ def _text_record(prog: TrainProgram, ins: Instr) -> str:
 
 
 def _text_loop(prog: TrainProgram, ins: Instr) -> str:
-    return f"for {ins.attrs['counter']} in range({ins.attrs['trip']}):"
+    over = f" over stream({ins.attrs['stream']})" if "stream" in ins.attrs else ""  # counted again when it runs
+    return f"for {ins.attrs['counter']} in range({ins.attrs['trip']}){over}:"
+
+
+def _text_stream(prog: TrainProgram, ins: Instr) -> str:
+    return f"stream({ins.attrs['tokens']}, {ref(prog, ins.args[0])})"
+
+
+def _text_gather(prog: TrainProgram, ins: Instr) -> str:
+    table, b = _args(prog, ins)
+    return f"bag({table}, {b}.context)" if ins.attrs["form"] == "bag" else f"{table}[{b}.words]"
+
+
+def _text_logits(prog: TrainProgram, ins: Instr) -> str:
+    return "{} . {} / n".format(*_args(prog, ins))
+
+
+def _text_ns_loss(prog: TrainProgram, ins: Instr) -> str:
+    return "negative_sampling({}, {})".format(*_args(prog, ins))
+
+
+def _text_ns_grad(prog: TrainProgram, ins: Instr) -> str:
+    return "d{}/d{}".format(*_args(prog, ins)[:2])
+
+
+def _text_scatter_add(prog: TrainProgram, ins: Instr) -> str:
+    b, g, rows = _args(prog, ins)
+    step = f"outer({g}, {rows})" if ins.attrs["index"] == "words" else f"({g} . {rows})"
+    return f"{ins.attrs['target']}[{b}.{ins.attrs['index']}] -= {b}.lr * {step}   (scaled per layer by the " \
+           "parametrization)"
 
 
 # --- whole programs
 
 
 def loop_summary(prog: TrainProgram, loop: Instr) -> str:
-    updated = sorted({prog.instrs[i].attrs["target"] for i in prog.inside(loop) if prog.instrs[i].op == "update"})
+    updated = sorted({prog.instrs[i].attrs["target"] for i in prog.inside(loop)
+                      if prog.instrs[i].op in ("update", "scatter_add")})
     records = [prog.instrs[i].attrs["name"] for i in prog.inside(loop) if prog.instrs[i].op == "record"]
     parts = [f"carries {', '.join(updated)}" if updated else "carries nothing"]
     if records:

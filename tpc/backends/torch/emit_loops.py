@@ -478,6 +478,15 @@ def _emit_record(em: _Emitter, ins: Instr) -> None:
     em.lines.append(f"{em.indent}{target}[{ins.attrs['name']!r}].append({value}){em.comment(ins)}")
 
 
+def _emit_table_op(em: _Emitter, ins: Instr) -> _Code:
+    """word2vec's table instructions (stream, gather, logits, ns_loss, ns_grad, scatter_add) have no
+    PyTorch code here yet: the emitted file holds a dense Network, and a cbow program's layers are
+    tables of word vectors updated by index."""
+    raise TpcError(f"emit-torch writes no PyTorch code for word2vec's table instruction '{ins.op}' yet (its "
+                   "word vectors are tables updated by index); run the program with tpc run, limit or compare",
+                   ins.span)
+
+
 def _emit_loop(em: _Emitter, ins: Instr) -> None:
     indent, depth, out = em.indent, em.depth, em.lines
     names = em.prog.recorded(ins)

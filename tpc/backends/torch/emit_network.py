@@ -311,7 +311,7 @@ def network_module(net: Network, width: int, seeds: int | list[int] = 1, dtype: 
     """The emitted Network at width `width`: one module for one seed, a ModuleList for several."""
     import torch
 
-    if net.train and net.train.optimizer == "cbow":
+    if net.has_tables:
         raise TpcError("a cbow program's word vectors are tables updated by index; it has no dense module")
     namespace: dict[str, Any] = {}
     exec(compile(emit_network_source(net), "<tpc generated network>", "exec"), namespace)  # noqa: S102
