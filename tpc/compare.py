@@ -86,7 +86,7 @@ def compare(prog: Program | Network, widths: list[int], seeds: int, method: str 
     _options({"dtype": dtype, "device": device})
     network = isinstance(prog, Network)
     budget = {"memory_gb": memory_gb, "force": force}
-    limit = (network_limit if network else evaluate_limit)(prog, method=method, **budget)
+    limit = (network_limit if network else evaluate_limit)(prog, method=method, device=device, **budget)
     out = {k: OutputComparison(k, v) for k, v in limit.items()}
     for width in widths:
         run = train_finite if network else run_finite

@@ -29,14 +29,20 @@ def machine_gb() -> float | None:
         return None
 
 
-def default_gb() -> float:
-    """The default budget: $TPC_MEMORY_GB if set, else half of the machine's memory (the rest is
-    the system's and torch's own)."""
+def env_gb() -> float | None:
+    """$TPC_MEMORY_GB, where it is set to a positive number."""
     try:
         env = float(os.environ.get("TPC_MEMORY_GB", "nan"))
     except ValueError:
-        env = math.nan
-    if env > 0 and math.isfinite(env):
+        return None
+    return env if env > 0 and math.isfinite(env) else None
+
+
+def default_gb() -> float:
+    """The default budget: $TPC_MEMORY_GB if set, else half of the machine's memory (the rest is
+    the system's and torch's own)."""
+    env = env_gb()
+    if env is not None:
         return env
     total = machine_gb()
     return round(total / 2, 1) if total else FALLBACK_GB

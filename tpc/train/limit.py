@@ -50,7 +50,11 @@ def _exact(net: Network, method: str) -> bool:
 
 def network_limit(net: Network, method: str = "auto", particles: int = 2**16, replicates: int | None = None,
                   seed: int = 0, memory_gb: float | None = None, force: bool = False,
-                  progress: Callable[[int, int], None] | None = None) -> dict[str, LimitOutput]:
+                  progress: Callable[[int, int], None] | None = None, device: str = "cpu") -> dict[str, LimitOutput]:
+    from tpc.backends import device as on_device
+
+    on_device.check(device)
+    memory_gb = on_device.memory_gb(device, memory_gb)
     cls = net.classification()
     if not cls.stable:
         raise TpcError(f"the parametrization is unstable (its limit blows up): {'; '.join(cls.failed)}",
@@ -62,7 +66,7 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
     if cls.regime == "feature learning":
         from tpc.train.pooled import loops_limit
 
-        return loops_limit(net, _exact(net, method), particles, replicates, seed, memory_gb, force, progress)
+        return loops_limit(net, _exact(net, method), particles, replicates, seed, memory_gb, force, progress, device)
     from tpc.train.kernel_loops import loops_kernel_limit
 
     points = sum(net.data[d].shape[0] for d in net.point_sets())
@@ -74,4 +78,4 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
         raise err.locate(net.filename, net.source) from None
     # the kernels' own Monte Carlo, where one is needed, keeps evaluate_limit's 8 replicates by default
     return loops_kernel_limit(net, seed=seed, particles=particles, replicates=replicates or 8,
-                              memory_gb=memory_gb, force=force)
+                              memory_gb=memory_gb, force=force, device=device)

@@ -319,10 +319,12 @@ def describe_limit(net: Network, exact: bool, particles: int, replicates: int) -
 
 
 def loops_limit(net: Network, exact: bool, particles: int, replicates: int | None, seed: int,
-                memory_gb: float | None, force: bool, progress: Callable[[int, int], None] | None) -> dict:
+                memory_gb: float | None, force: bool, progress: Callable[[int, int], None] | None,
+                device: str = "cpu") -> dict:
     """Every output of a program with loops in the feature-learning limit: exact for linear models,
     else Monte Carlo replicates (independent particle sets) with standard errors across them."""
     from tpc import memory
+    from tpc.backends import device as on_device
     from tpc.backends.limit.evaluate import LimitOutput
 
     steps = net.program.iterations()
@@ -341,14 +343,15 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
     runs = []
     reps = 1 if exact else max(2, replicates or 4)
     steps = sum(net.program.instrs[i].attrs["trip"] for i in net.program.top if net.program.instrs[i].op == "loop")
-    for r in range(reps):
-        def step_done(done: int, _total: int, r: int = r) -> None:
-            if progress:
-                progress(r * steps + done, reps * steps)
-        runs.append(run_pooled(net, LimitSpace(net, exact, size, seed + r), step_done))
+    with on_device.on(device):
+        for r in range(reps):
+            def step_done(done: int, _total: int, r: int = r) -> None:
+                if progress:
+                    progress(r * steps + done, reps * steps)
+            runs.append(run_pooled(net, LimitSpace(net, exact, size, seed + r), step_done))
     out = {}
     for o in net.outputs:
-        stack = np.stack([r[o.name].detach().double().numpy() for r in runs])
+        stack = np.stack([r[o.name].detach().double().cpu().numpy() for r in runs])
         if exact:
             out[o.name] = LimitOutput(stack[0], "exact")
         else:

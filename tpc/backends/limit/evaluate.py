@@ -16,14 +16,15 @@ import numpy as np
 import torch
 
 from tpc import memory
+from tpc.backends import device as on_device
 from tpc.backends.limit.expect import Expectation, Result, TensorLeaf, Var, is_zero, psd_pinv
 from tpc.backends.limit.symmetric import BlockKernel, all_finite, cut, row_blocks, splits, whole
 from tpc.errors import NumericalError, TpcError
 from tpc.ir import Node, Program, data_value, readout_weights, rows_gram
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS, clear_kernel_cache
-from tpc.ops.shapes import broadcast_shapes
 from tpc.ops.instructions import INSTRUCTIONS, multiplies_data
+from tpc.ops.shapes import broadcast_shapes
 
 Tensor = torch.Tensor
 METHODS = ("auto", "exact", "closed-form", "quadrature", "monte-carlo")
@@ -262,15 +263,15 @@ class LimitEvaluator:
         return offset if self.prog.node(nid).shape else None
 
     # ------------------------------------------------------------------ one rule per instruction
-    def rule_data(self, node: Node) -> None:
     # (`gaussian` in tpc/ops/instructions.py; a matrix has none: it enters through its MatMuls)
+    def rule_data(self, node: Node) -> None:
         if node.params.get("gram"):  # the NTK's input-layer term: the covariance of U x shares it
             self.scalars[node.id] = LimitValue(self.data_gram(*node.inputs), {"exact"})
             return
         # a view of the program's own array (no copy in float64); nothing writes to data values
         # (np.ascontiguousarray makes a 0-d array 1-d: a named scalar keeps its shape ())
         array = np.ascontiguousarray(data_value(self.prog, node), dtype=np.float64).reshape(node.shape)
-        value = torch.from_numpy(array).to(self.dtype)
+        value = torch.from_numpy(array).to(torch.get_default_device(), self.dtype)
         self.scalars[node.id] = LimitValue(value, {"exact"})
 
     def data_gram(self, a: int, b: int) -> Tensor:
@@ -615,8 +616,8 @@ def interpret(prog: Program, evaluator: object, scalars: dict[int, LimitValue],
     tpc.ops.instructions.Instruction); numerical trouble is reported at the instruction that caused it."""
     finite: set[int] = set()  # ids of values already checked (a kernel asked for twice is one tensor)
     for node in prog.needed():
-        try:
         rule = getattr(INSTRUCTIONS[node.op], rules)
+        try:
             if rule is not None:
                 rule(evaluator, node)
         except NumericalError as err:
@@ -713,10 +714,13 @@ ORDER = ("exact", "closed-form", "quadrature", "monte-carlo")
 
 def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
                    particles: int = 2**16, replicates: int = 8, seed: int = 0,
-                   memory_gb: float | None = None, force: bool = False) -> dict[str, LimitOutput]:
+                   memory_gb: float | None = None, force: bool = False, device: str = "cpu") -> dict[str, LimitOutput]:
     """The limit of every output. Where Monte Carlo served any expectation, the whole evaluation
     is repeated with independent particles and the standard error is taken across replicates.
-    Refuses (before allocating) what would need more than `memory_gb` (see tpc.memory)."""
+    Refuses (before allocating) what would need more than `memory_gb` (see tpc.memory; on CUDA, by
+    default half of the device's memory). Runs on `device` (tpc.backends.device)."""
+    on_device.check(device)
+    memory_gb = on_device.memory_gb(device, memory_gb)
     tdtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     itemsize = torch.finfo(tdtype).bits // 8
     try:
@@ -746,7 +750,7 @@ def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
             pev = ParticleEvaluator(prog, exact, tdtype, particles, s)
             return pev.run(), pev.mc_used
 
-    with torch.no_grad():
+    with torch.no_grad(), on_device.on(device):
         try:
             result, mc_used = run_once(seed)
             runs = [result]
@@ -760,11 +764,12 @@ def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
         vals = [r[name] for r in runs]
         methods = set().union(*[v.methods for v in vals]) or {"exact"}
         label = "+".join(m for m in ORDER if m in methods)
-        stack = np.stack([v.value.double().numpy() for v in vals]) if len(vals) > 1 else \
-            vals[0].value.double().numpy()[None]
+        # one run: its array as it is (a copy of a large kernel costs seconds); replicates: stacked
+        stack = np.stack([on_device.to_host(v.value) for v in vals]) if len(vals) > 1 else \
+            on_device.to_host(vals[0].value)[None]
         cov = None
         if vals[0].cov is not None:
-            cov = np.mean([v.cov.double().numpy() for v in vals], axis=0)
+            cov = np.mean([on_device.to_host(v.cov) for v in vals], axis=0)
         stderr = None
         if len(vals) > 1 and "monte-carlo" in methods:
             stderr = stack.std(axis=0, ddof=1) / np.sqrt(len(vals))

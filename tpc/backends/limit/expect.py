@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from tpc.backends import device
 from tpc.errors import NumericalError
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS, CorrelationError, kernel_is_shared, pair_degree, pair_rule
@@ -501,7 +502,7 @@ class Expectation:
             z, w = gauss_hermite(rank, max(2, (3 * nodes) // 4) if coarse else nodes, self.dtype)
             method = "quadrature"
         else:
-            z = torch.randn((self.particles, rank), generator=self.generator, dtype=self.dtype)
+            z = device.normals((self.particles, rank), self.generator, self.dtype)
             w = torch.full((self.particles,), 1.0 / self.particles, dtype=self.dtype)
             method = "monte-carlo"
         leaves = _tensor_leaves(tree)
@@ -587,8 +588,8 @@ def psd_factor(cov: Tensor, noise: float = 0.0) -> Tensor:
     chol, info = torch.linalg.cholesky_ex(corr)
     bad = info != 0
     if bool(bad.any()):
-        try:
-            e, v = torch.linalg.eigh(corr[bad])
+        try:  # on the CPU: an eigenbasis is not unique, and the factor must not depend on the device
+            e, v = (t.to(corr.device) for t in torch.linalg.eigh(corr[bad].cpu()))
         except torch.linalg.LinAlgError:  # float32 on a nearly singular matrix: no factor to be had
             raise NotPSDError(f"its eigendecomposition did not converge in {str(cov.dtype)[6:]} (try float64)"
                               ) from None

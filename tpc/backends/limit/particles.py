@@ -22,14 +22,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from tpc.backends import device
 from tpc.backends.limit.evaluate import LimitValue, evaluate_tree, interpret
 from tpc.backends.limit.expect import psd_pinv, psd_tolerance, standard_deviations
 from tpc.errors import NumericalError, TpcError
 from tpc.ir import Node, Program, data_value, readout_weights
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS, LINEAR_FNS
-
 from tpc.ops.instructions import multiplies_data
+
 Tensor = torch.Tensor
 
 
@@ -108,7 +109,7 @@ class GaussianSpace:
             out[torch.arange(k), torch.arange(self.next_basis, self.next_basis + k)] = 1.0
             self.next_basis += k
             return out
-        return torch.randn((k, self.size), generator=self.generator, dtype=self.dtype)
+        return device.normals((k, self.size), self.generator, self.dtype)
 
     def constant(self, value: Tensor) -> Tensor:
         """A deterministic value as an element of the space, broadcast over its shape."""
@@ -168,7 +169,9 @@ class GaussianSpace:
         # PSD-ness in each new Gaussian's own units: the Schur complement divided by the standard
         # deviations of c_new (round-off in it is relative to those), never by an absolute floor
         sd, inv = standard_deviations(torch.diagonal(c_new))
-        evals, evecs = torch.linalg.eigh(schur * inv[:, None] * inv[None, :])
+        # on the CPU: an eigenbasis is not unique (LAPACK and cuSOLVER choose differently), and the
+        # factor l22 must be the same on every device for the same generators to give the same particles
+        evals, evecs = (t.to(schur.device) for t in torch.linalg.eigh((schur * inv[:, None] * inv[None, :]).cpu()))
         tol = psd_tolerance(len(fam.inputs) + b, self.dtype)
         if evals.numel() and float(evals.min()) < -tol * cond:
             raise NumericalError(

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from tpc import memory
+from tpc.backends import device as on_device
 from tpc.backends.torch.codegen import module_class, program_data
 from tpc.errors import NumericalError
 from tpc.ir import Program
@@ -59,6 +60,8 @@ def run_finite(prog: Program, width: int, seeds: int, dtype: str = "float64", de
                progress: Callable[[int], None] | None = None) -> dict[str, FiniteResult]:
     """Outputs at width `width` for seeds first_seed .. first_seed+seeds-1, as many seeds at once
     as fit in `memory_gb`; one seed that does not fit is refused before anything is allocated."""
+    on_device.check(device)
+    memory_gb = on_device.memory_gb(device, memory_gb)  # on CUDA: the device's memory, not the host's
     tdtype = DTYPES[dtype]
     per_seed = bytes_per_seed(prog, width, torch.finfo(tdtype).bits // 8)
     chunk = memory.seeds_at_once(per_seed, seeds, f"one seed at width {width}", memory_gb, force,
