@@ -969,7 +969,13 @@ def load_source(source: str, filename: str = "<program>", base_dir: Path | None 
 def _build_any(module: ast.Module, filename: str, source: str, base_dir: Path,
                policy: DataPolicy) -> Program | Network:
     from tpc.train.network import build_network, is_network
+    from tpc.train.raw import is_trained_raw, translate
 
+    if is_trained_raw(module):  # raw declarations trained by a loop: translated into a network program
+        try:
+            module = translate(module)
+        except TpcError as err:
+            raise err.locate(filename, source) from None
     if is_network(module):
         return build_network(module, filename, source, base_dir, policy)
     return build(module, filename, source, base_dir, policy)

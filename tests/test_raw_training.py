@@ -1,0 +1,114 @@
+"""A raw Netsor program trained by a loop (tpc/train/raw.py): its matrices are layers, its powers
+of n a parametrization, and it runs on the same backends as the network program it equals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import tpc
+from tests.conftest import PROGRAMS
+from tpc.cli import main
+
+RAW = PROGRAMS / "train" / "raw_relu2_mup.tp"
+
+LINEAR_RAW = """\
+width n
+data X = [[1, 0.5, -1], [0, 1, 2], [2, -1, 0.5]]
+data Y = [0.5, -1, 1]
+data Xt = [[1, 1, 1], [0.5, 0, -0.5]]
+matrix U : n x 3 ~ N(0, 2/3)
+matrix W : n x n ~ N(0, 1/n)
+vector v ~ N(0, 3)
+f = v @ (W @ (U @ X)) / n
+ft = v @ (W @ (U @ Xt)) / n
+loss L = mse(f, Y)
+for t in range(4) {
+  record loss = L
+  gU = grad(L, U)
+  gW = grad(L, W)
+  gv = grad(L, v)
+  U -= 0.3 * n * gU
+  W -= 0.3 * gW
+  v -= 0.3 * n * gv
+}
+output pred = ft
+output curve = loss
+"""
+
+LINEAR_NETWORK = """\
+width n
+parametrization mup
+data X = [[1, 0.5, -1], [0, 1, 2], [2, -1, 0.5]]
+data Y = [0.5, -1, 1]
+data Xt = [[1, 1, 1], [0.5, 0, -0.5]]
+layer U : input n x 3, var = 2
+layer W : hidden n x n, var = 1
+layer V : readout 1 x n, var = 3
+model f(x) = V @ (W @ (U @ x))
+loss L = mse(f(X), Y)
+for t in range(4) {
+  record loss = L
+  f -= 0.3 * grad(L, f)
+}
+output pred = f(Xt)
+output curve = loss
+"""
+
+
+def test_the_raw_program_reads_its_parametrization_off_its_powers_of_n() -> None:
+    net = tpc.load(RAW)
+    assert [la.role for la in net.layers.values()] == ["input", "hidden", "readout"]
+    assert tuple(net.abc.a) == (-0.5, 0.0, 0.5) and tuple(net.abc.b) == (0.5, 0.5, 0.5) and net.abc.c == 0  # muP (TP4)
+    assert net.classification().regime == "feature learning"
+
+
+def test_raw_training_equals_the_network_program_at_finite_width() -> None:
+    raw, net = tpc.load(RAW), tpc.load(PROGRAMS / "train" / "relu2_mup.tp")
+    a, b = tpc.run(raw, 96, 3), tpc.run(net, 96, 3)
+    for name in ("pred", "curve"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=0, atol=1e-12)
+    assert np.abs(a["curve"].values[:, 0] - a["curve"].values[:, -1]).min() > 1e-3  # it trained
+
+
+def test_raw_training_limit_agrees_with_the_network_programs() -> None:
+    """Monte Carlo on both sides (the raw loop evaluates L four times a step, so its particles are
+    drawn in another order): agreement within the standard errors."""
+    raw, net = tpc.load(RAW), tpc.load(PROGRAMS / "train" / "relu2_mup.tp")
+    a, b = tpc.limit(raw, particles=2**12), tpc.limit(net, particles=2**12)
+    for name in ("pred", "curve"):
+        se = np.sqrt(a[name].stderr ** 2 + b[name].stderr ** 2)
+        assert np.all(np.abs(a[name].value - b[name].value) <= 5 * se + 1e-9), name
+
+
+def test_linear_raw_program_equals_its_network_exactly() -> None:
+    raw, net = tpc.loads(LINEAR_RAW), tpc.loads(LINEAR_NETWORK)
+    la, lb = tpc.limit(raw), tpc.limit(net)
+    for name in ("pred", "curve"):
+        assert la[name].method == "exact"
+        np.testing.assert_allclose(la[name].value, lb[name].value, rtol=1e-10, atol=1e-12)
+    fa, fb = tpc.run(raw, 64, 2), tpc.run(net, 64, 2)
+    np.testing.assert_allclose(fa["pred"].values, fb["pred"].values, rtol=0, atol=1e-12)
+
+
+def test_linear_raw_program_finite_widths_approach_its_exact_limit() -> None:
+    """Width 1024, 8 seeds: within 5 standard errors of the exact limit (plus an O(1/n) allowance)."""
+    raw = tpc.loads(LINEAR_RAW)
+    lim = tpc.limit(raw)
+    fin = tpc.run(raw, 1024, 8)
+    for name in ("pred", "curve"):
+        gap = np.abs(fin[name].mean - lim[name].value)
+        assert np.all(gap <= 5 * fin[name].stderr + 5e-3), (name, gap)
+
+
+def test_an_unstable_raw_parametrization_is_refused(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # noqa: ANN001
+    """Plain SGD (no powers of n) on a raw network with a 1/sqrt(n) readout: the input layer and
+    the readout move the output by a growing amount; classify says so and the limit refuses."""
+    text = LINEAR_RAW.replace("(U @ X)) / n", "(U @ X)) / sqrt(n)").replace("(U @ Xt)) / n", "(U @ Xt)) / sqrt(n)")
+    text = text.replace("0.3 * n * gU", "0.3 * gU").replace("0.3 * n * gv", "0.3 * gv")
+    path = tmp_path / "raw_sp.tp"
+    path.write_text(text)
+    net = tpc.load(path)
+    assert not net.classification().stable
+    assert main(["limit", str(path)]) == 2
+    assert "unstable" in capsys.readouterr().err
