@@ -248,8 +248,18 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true",
                         help="time one NNGP+NTK float64 in fresh processes (tpc and NumPy), no warm-up")
     parser.add_argument("--cold-one", help=argparse.SUPPRESS)
+    parser.add_argument("--tiled", type=int, default=None, metavar="N",
+                        help="time the NNGP+NTK of N inputs by tiles on a local Dask cluster (tpc limit --out), "
+                        "with the peak resident memory of all its processes, at each of --workers")
+    parser.add_argument("--workers", default="1,2", help="with --tiled: comma-separated worker counts")
+    parser.add_argument("--tile", type=int, default=2000, help="with --tiled: rows per tile")
+    parser.add_argument("--check", type=int, default=4000,
+                        help="with --tiled: first check tiled = in memory at this N (0: skip)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
+    if args.tiled:
+        tiled_runs(args.tiled, [int(w) for w in args.workers.split(",")], args.tile, args.check, args.json)
+        return
     if args.cold_one:
         what, n = args.cold_one.split(":")
         print(json.dumps(cold(int(n), what)))
@@ -304,6 +314,68 @@ def main() -> None:
                    "tpc_no_slower_than_numpy_ntk": no_slower_ntk}
         payload = {"meta": meta, "verification": verification, "rows": rows, "targets": targets}
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def tiled_runs(n: int, workers: list[int], tile: int, check: int, out_json: pathlib.Path | None) -> None:
+    """`tpc limit --out` on N inputs, timed per worker count, with the peak resident memory of the
+    client and its workers together (sampled every 0.1 s); first, tiled = in memory where both fit."""
+    import threading
+
+    import psutil
+
+    from tpc.tiles import plan, tiled_limit
+
+    report: dict[str, Any] = {"N": n, "tile": tile, "runs": []}
+    with tempfile.TemporaryDirectory(dir=os.environ.get("TPC_TILE_DIR")) as tmp:
+        base = pathlib.Path(tmp)
+        if check:
+            np.save(base / "X.npy", inputs(check))
+            prog = tpc.loads(SOURCE_NTK, filename="bench.tp", base_dir=base)
+            paths = tiled_limit(prog, base / "check", tile=min(tile, check // 3), workers=2)
+            ref = numpy_kernels(inputs(check), ntk=True)
+            diff = max(max_abs_diff(np.load(paths[k]), ref[k]) / np.abs(ref[k]).max() for k in ("nngp", "ntk"))
+            report["check"] = {"N": check, "max_rel_diff_vs_numpy": diff}
+            print(f"N = {check}: tiled (2 workers) against the NumPy recursion, max |diff| / max = {diff:.1e}")
+            for p in paths.values():
+                p.unlink()
+        np.save(base / "X.npy", inputs(n))
+        prog = tpc.loads(SOURCE_NTK, filename="bench.tp", base_dir=base)
+        me = psutil.Process()
+        for w in workers:
+            p = plan(prog, tile)
+            print(f"N = {n}, {w} worker(s): {p.describe(w)}", flush=True)
+            peak = [0]
+            stop = threading.Event()
+
+            def sample(stop: threading.Event = stop, peak: list[int] = peak) -> None:
+                while not stop.is_set():
+                    total = 0
+                    for proc in [me, *me.children(recursive=True)]:
+                        try:
+                            total += proc.memory_info().rss
+                        except psutil.Error:
+                            pass
+                    peak[0] = max(peak[0], total)
+                    time.sleep(0.1)
+
+            thread = threading.Thread(target=sample, daemon=True)
+            thread.start()
+            start = time.perf_counter()
+            paths = tiled_limit(prog, base / f"out{w}", tile=tile, workers=w)
+            seconds = time.perf_counter() - start
+            stop.set()
+            thread.join()
+            k = np.load(paths["ntk"], mmap_mode="r")
+            finite = bool(np.isfinite(k[:: max(1, n // 97)]).all())
+            run = {"workers": w, "seconds": seconds, "peak_rss_gb": peak[0] / 2**30, "tasks": len(p.tasks),
+                   "disk_gb": p.out_bytes / 2**30, "sampled_rows_finite": finite}
+            report["runs"].append(run)
+            print(f"  {seconds:.1f} s, peak resident memory of all processes {peak[0] / 2**30:.2f} GB, "
+                  f"{p.out_bytes / 2**30:.1f} GB on disk", flush=True)
+            for path in paths.values():
+                path.unlink()
+    if out_json:
+        out_json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 def _numpy_threads() -> int | str:

@@ -325,11 +325,10 @@ def _finite_need(prog, width: int, args: argparse.Namespace) -> str:  # noqa: AN
 
 
 def _check_device(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
+    if device != "cpu":  # torch is imported only where CUDA is asked for
+        from tpc.backends.device import check
 
-        if not torch.cuda.is_available():
-            raise TpcError("--device cuda: no CUDA device is available here (use --device cpu)")
+        check(device)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -369,6 +368,9 @@ def cmd_limit(args: argparse.Namespace) -> int:
     from tpc.backends.limit import evaluate_limit
 
     prog = _load(args)
+    _check_device(args.device)
+    if args.out:
+        return _tiled_limit(args, prog)
     if _is_network(prog):
         res = _network_limit(args, prog)
     else:
@@ -381,13 +383,74 @@ def cmd_limit(args: argparse.Namespace) -> int:
               file=sys.stderr if args.json else sys.stdout, flush=True)
         res = evaluate_limit(prog, method=args.method, dtype=args.dtype, particles=args.particles,
                              replicates=args.replicates or 8, seed=args.seed, memory_gb=args.memory_gb,
-                             force=args.force)
+                             force=args.force, device=args.device)
     if args.json:
         return _print_outputs_json(res)
     for name, r in res.items():
         print(f"  {name} [{r.method}] = {_fmt_array(r.value, r.stderr)}")
         if r.cov is not None:
             print(f"    random in the limit (the value is its mean); covariance: {_fmt_array(r.cov)}")
+    return 0
+
+
+def _tiled_limit(args: argparse.Namespace, prog) -> int:  # noqa: ANN001
+    """`tpc limit FILE --out DIR`: the kernels by tiles on a Dask cluster, into DIR/<output>.npy."""
+    from tpc.tiles import DEFAULT_TILE, plan, tiled_limit
+
+    if _is_network(prog):
+        raise TpcError("--out computes the kernels of a raw program by tiles; a network program's limit is "
+                       "printed (drop --out)")
+    p = plan(prog, args.tile or DEFAULT_TILE)
+    where = f"the Dask cluster at {args.cluster}" if args.cluster else f"a local Dask cluster of {args.workers} workers"
+    print(f"{args.file}: {p.describe(args.workers)}; on {where}", flush=True)
+    bar = None
+    if not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(p.tasks), desc="tiles", unit="tile", file=sys.stderr, leave=False)
+    try:
+        paths = tiled_limit(prog, args.out, p.tile, args.workers, args.cluster, args.memory_gb, args.force,
+                            args.method, args.dtype, (lambda done, _t: bar.update(done - bar.n)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    for name, path in paths.items():
+        print(f"  {name}: {path} ({p.rows} x {p.rows} float64; numpy.load(path, mmap_mode='r'))")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """`tpc sweep FILE --grid ...`: every (width, seed, setting) a task on a Dask cluster; one table."""
+    from tpc.sweep import parse_grid, settings, sweep
+
+    prog = _load(args)
+    _check_device(args.device)
+    axes = parse_grid(args.grid)
+    total = len(settings(axes)) * len(axes["width"]) * len(axes.get("seed", ["0"]))
+    where = f"the Dask cluster at {args.cluster}" if args.cluster else f"a local Dask cluster of {args.workers} workers"
+    print(f"{args.file}: {total} runs (settings x widths x seeds) on {where}",
+          file=sys.stderr if args.json else sys.stdout, flush=True)
+    bar = None
+    if not args.json and not args.quiet:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc="runs", unit="run", file=sys.stderr, leave=False)
+    try:
+        res = sweep(prog, args.grid, args.workers, args.cluster, args.dtype, args.device, args.memory_gb, args.force,
+                    (lambda done, _t: bar.update(done - bar.n)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(dumps(res.to_json()))
+        return 0
+    print(f"mean ± standard error over seeds {', '.join(map(str, res.seeds))}")
+    for (si, width), outs in sorted(res.values.items()):
+        setting = " ".join(f"{k}={v}" for k, v in res.settings[si].items())
+        print(f"{setting + ' ' if setting else ''}width {width}:")
+        for name, v in outs.items():
+            err = v.std(0, ddof=1) / np.sqrt(v.shape[0]) if v.shape[0] > 1 else None
+            print(f"  {name} = {_fmt_array(v.mean(0), err)}")
     return 0
 
 
@@ -413,7 +476,8 @@ def _network_limit(args: argparse.Namespace, net) -> dict:  # noqa: ANN001
 
     try:
         return network_limit(net, method=args.method, particles=args.particles, replicates=args.replicates,
-                             seed=args.seed, memory_gb=args.memory_gb, force=args.force, progress=progress)
+                             seed=args.seed, memory_gb=args.memory_gb, force=args.force, progress=progress,
+                            device=args.device)
     finally:
         if bar is not None:
             bar.close()
@@ -433,7 +497,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     update, close = _progress(args.seeds * len(widths), "finite widths", not args.json and not args.quiet)
     try:
         results = compare(prog, widths, args.seeds, method=args.method, dtype=args.dtype,
-                          device=args.device, memory_gb=args.memory_gb, force=args.force, progress=update)
+                          device=args.device, memory_gb=args.memory_gb, force=args.force, progress=update,
+                          workers=args.workers, cluster=args.cluster)
     finally:
         close()
     if args.plot:
@@ -610,9 +675,31 @@ def parser() -> argparse.ArgumentParser:
     lim.add_argument("--replicates", type=_count(2), default=None,
                      help="independent Monte Carlo runs, for the standard error (default 8; 4 for training)")
     lim.add_argument("--seed", type=_count(0), default=0)
+    lim.add_argument("--device", type=_device, default="cpu",
+                     help="cpu, cuda or cuda:K: where the kernels and particles are computed (default cpu)")
+    lim.add_argument("--out", default=None, metavar="DIR",
+                     help="compute N x N kernels by tiles on a Dask cluster into DIR/<output>.npy (memory-mapped)")
+    lim.add_argument("--tile", type=_count(1), default=None, help="rows per tile with --out (default 2000)")
+    lim.add_argument("--workers", type=_count(1), default=2, help="local Dask workers with --out (default 2)")
+    lim.add_argument("--cluster", default=None, metavar="ADDRESS",
+                     help="with --out: an existing Dask scheduler (tcp://host:8786) instead of a local cluster")
     _memory_opts(lim, "a limit")
     lim.add_argument("--json", action="store_true", help="print one JSON object")
     lim.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    sw = add("sweep", "Run the program over a grid of widths, seeds and its own parameters, each run a task on a "
+             "Dask cluster (a local one, or --cluster); print one table (or --json).", cmd_sweep)
+    sw.add_argument("--grid", required=True,
+                    help="axes: 'width=64,256 seed=0..7 lr=0.1,0.3' (width and seed, any keyword of the train "
+                    "statement or parametrization, param=mup,sp, a dim or a scalar)")
+    sw.add_argument("--workers", type=_count(1), default=2, help="local Dask workers (default 2)")
+    sw.add_argument("--cluster", default=None, metavar="ADDRESS",
+                    help="an existing Dask scheduler (tcp://host:8786) instead of a local cluster")
+    sw.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:K (default cpu)")
+    sw.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    sw.add_argument("--json", action="store_true", help="print one JSON object")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar")
+    _memory_opts(sw, "the sweep")
 
     c = add("compare", "Run finite widths and the limit; print each output's error per width and "
             "the fitted log-log slope (about -0.5 when the Master Theorem holds).", cmd_compare)
@@ -620,6 +707,10 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="auto",
                    choices=["auto", "exact", "closed-form", "quadrature", "monte-carlo"])
     c.add_argument("--plot", metavar="PNG", help="write a log-log plot of error against width")
+    c.add_argument("--workers", type=_count(1), default=None,
+                   help="run each (width, seed) as a task on a local Dask cluster of this many workers")
+    c.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run each (width, seed) as a task on the Dask cluster at ADDRESS (tcp://host:8786)")
     finite_opts(c)
 
     cl = sub.add_parser("classify", help="Classify an abc-parametrization (TP4): r, stability, "

@@ -72,7 +72,10 @@ def fit_slope(widths: list[int], errors: list[float]) -> float:
 
 def compare(prog: Program | Network, widths: list[int], seeds: int, method: str = "auto",
             dtype: str = "float64", device: str = "cpu", memory_gb: float | None = None, force: bool = False,
-            progress: Callable[[int], None] | None = None) -> dict[str, OutputComparison]:
+            progress: Callable[[int], None] | None = None, workers: int | None = None,
+            cluster: str | None = None) -> dict[str, OutputComparison]:
+    """The limit, then every width's finite runs: in this process, or (`workers` or `cluster` given)
+    each (width, seed) a task on a Dask cluster (tpc.sweep), with the same numbers."""
     from tpc import _count, _options
     from tpc.backends.limit import evaluate_limit
     from tpc.backends.torch import run_finite
@@ -88,9 +91,25 @@ def compare(prog: Program | Network, widths: list[int], seeds: int, method: str 
     budget = {"memory_gb": memory_gb, "force": force}
     limit = (network_limit if network else evaluate_limit)(prog, method=method, device=device, **budget)
     out = {k: OutputComparison(k, v) for k, v in limit.items()}
+    spread = None
+    if workers or cluster:
+        from tpc.backends.torch.run import FiniteResult
+        from tpc.sweep import sweep
+
+        done = [0]
+
+        def tick(finished: int, _total: int) -> None:
+            if progress:
+                progress(finished - done[0])
+            done[0] = finished
+
+        res = sweep(prog, f"width={','.join(map(str, widths))} seed=0..{seeds - 1}", workers or 2, cluster, dtype,
+                    device, memory_gb, force, tick)
+        spread = {w: {k: FiniteResult(k, v, w) for k, v in res.values[0, w].items()} for w in widths}
     for width in widths:
         run = train_finite if network else run_finite
-        finite = run(prog, width, seeds, dtype=dtype, device=device, progress=progress, **budget)
+        finite = spread[width] if spread else run(prog, width, seeds, dtype=dtype, device=device, progress=progress,
+                                                  **budget)
         for name, res in finite.items():
             lim = limit[name].value
             diff = res.values - lim[None]

@@ -13,7 +13,7 @@ import math
 import os
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,9 @@ class DataPolicy:
     allow_outside: bool = False
     memory_gb: float | None = None
     force: bool = False
+    # arrays that stand for `load("...")` files, by the text in load(...): a tile of a large
+    # kernel builds the program on some rows of its data (tpc/tiles.py)
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)
 
     def require(self, nbytes: float, what: str, span: Span | None) -> None:
         memory.require(nbytes, what, self.memory_gb, self.force, span)
@@ -44,6 +47,8 @@ DEFAULT_POLICY = DataPolicy()
 def load_array(path_text: str, base_dir: Path, span: Span, policy: DataPolicy = DEFAULT_POLICY) -> np.ndarray:
     """The array in `path_text` (relative to `base_dir`, the program's folder); every problem with the
     path or the file is a TpcError at `span`, and nothing is read before it is known to fit."""
+    if path_text in policy.arrays:
+        return policy.arrays[path_text]
     shown = clip(path_text, 60)
     if not path_text.strip():
         raise TpcError("load(\"\") names no file", span)

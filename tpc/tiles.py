@@ -1,0 +1,218 @@
+"""Kernels larger than memory: a raw program's N x N outputs (NNGP, NTK) computed by tiles on a
+Dask cluster and streamed into .npy files on disk.
+
+Each entry of such a kernel depends only on its two inputs (no instruction mixes the elements of
+a batch), so the block of rows I and columns J is the program's limit on the rows I + J of its
+data set, cut out. A task takes a pair of row blocks I < J and returns the four blocks (I, I),
+(I, J), (J, J) it owns; its memory is the limit's at 2B inputs (B = `tile`), whatever N is, and
+it needs only the rows of its two blocks. The client writes the blocks into .npy files as tasks
+finish (in any order, by pwrite), so no process ever holds a kernel whole; read them back with
+`numpy.load(path, mmap_mode="r")`.
+
+The engine is Dask distributed (a local cluster by default, `cluster=ADDRESS` for an existing
+one): it places the tasks, reruns those of a worker that dies, and reports progress. It is
+imported only here, only when a tiled limit runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from tpc import memory
+from tpc.data import DataPolicy
+from tpc.errors import TpcError
+from tpc.ir import Program
+
+DEFAULT_TILE = 2000
+
+
+@dataclass
+class TilePlan:
+    """What a tiled limit will do, stated before it runs."""
+
+    data: str  # the load("...") text of the data set the kernels are over
+    rows: int  # N
+    tile: int  # B
+    outputs: list[str]
+    tasks: list[tuple[int, int]]  # pairs of block indices (i < j), or (0, 0) for a single block
+    task_bytes: int  # the memory one task may take (the limit at 2B inputs)
+    out_bytes: int  # the .npy files together
+    blocks: list[tuple[int, int]] = field(default_factory=list)  # row ranges
+
+    def describe(self, workers: int) -> str:
+        return (f"{len(self.outputs)} kernel(s) of {self.rows} x {self.rows} by tiles of {self.tile} rows: "
+                f"{len(self.tasks)} tasks, each about {memory.gb(self.task_bytes)} (the limit on "
+                f"{min(self.rows, 2 * self.tile)} inputs), {workers} at a time; "
+                f"{memory.gb(self.out_bytes)} written to disk")
+
+
+def plan(prog: Program, tile: int = DEFAULT_TILE) -> TilePlan:
+    """Checks that the program's outputs can be computed by tiles and plans them."""
+    data = [n for n in prog.needed() if n.op == "data" and not n.params.get("gram")]
+    batches = [n for n in data if len(n.shape) == 2]
+    if len(batches) != 1 or not batches[0].params.get("source"):
+        raise TpcError("a tiled limit needs one data set loaded from a file (`data X = load(\"X.npy\")`): the "
+                       "batch the kernels are over").locate(prog.filename, prog.source)
+    x = batches[0]
+    rows = x.shape[0]
+    _check_pairwise(prog, str(x.params["source"]), _data_rows(prog, str(x.params["source"]))[:4])
+    for name, nid in prog.outputs.items():
+        if prog.node(nid).shape != (rows, rows):
+            raise TpcError(f"output '{name}' is not an N x N kernel of the batch ({rows} x {rows}): a tiled limit "
+                           "computes kernels (cov, tangent_kernel)", prog.node(nid).span).locate(prog.filename,
+                                                                                                 prog.source)
+    tile = max(1, min(tile, rows))
+    blocks = [(r, min(rows, r + tile)) for r in range(0, rows, tile)]
+    tasks = [(i, j) for i in range(len(blocks)) for j in range(i + 1, len(blocks))] or [(0, 0)]
+    # the limit at 2B inputs: scale the estimate of the whole program by the squared batch sizes
+    whole = memory.gaussian_bytes(prog, 8)
+    task_rows = min(rows, 2 * tile)
+    task_bytes = int(whole * (task_rows / rows) ** 2) + 8 * len(prog.outputs) * task_rows**2 * 2
+    return TilePlan(str(x.params["source"]), rows, tile, list(prog.outputs), tasks, task_bytes,
+                    8 * len(prog.outputs) * rows * rows, blocks)
+
+
+def _build_on(prog: Program, data: str, rows: np.ndarray) -> Program:
+    """The program again, with `rows` standing for its data set."""
+    from tpc.build import _build_any
+    from tpc.syntax import parse
+
+    base = Path(prog.filename).resolve().parent if prog.filename else Path.cwd()
+    policy = DataPolicy(allow_outside=True, arrays={data: np.ascontiguousarray(rows)})
+    return _build_any(parse(prog.source, prog.filename), prog.filename, prog.source, base, policy)
+
+
+def _check_pairwise(prog: Program, data: str, rows: np.ndarray) -> None:
+    """Refuses a program whose limit mixes the elements of its batch (a Zdot across them, which the
+    particle evaluator takes): there a tile's entries would depend on the other rows of the tile.
+    Tried on a few rows: whether it mixes depends on the program, not on the batch's size."""
+    import torch
+
+    from tpc.backends.limit.evaluate import LimitEvaluator, NeedsParticles
+
+    try:
+        with torch.no_grad():
+            LimitEvaluator(_build_on(prog, data, rows)).run()
+    except NeedsParticles:
+        raise TpcError("a tiled limit needs kernels whose entries depend on two inputs only; this program's "
+                       "limit mixes the elements of its batch (a transpose applied after the batch)"
+                       ).locate(prog.filename, prog.source) from None
+
+
+def tile_task(source: str, filename: str, base_dir: str, data: str, x: np.ndarray, rows_i: tuple[int, int],
+              rows_j: tuple[int, int] | None, options: dict) -> dict[str, np.ndarray]:
+    """On a worker: the program's limit on rows I (+ J) of its data set."""
+    import torch
+
+    from tpc.backends.limit.evaluate import evaluate_limit
+    from tpc.build import _build_any
+    from tpc.syntax import parse
+
+    torch.set_num_threads(options.pop("threads", 1))
+    idx = np.arange(*rows_i) if rows_j is None else np.concatenate([np.arange(*rows_i), np.arange(*rows_j)])
+    policy = DataPolicy(allow_outside=True, arrays={data: np.ascontiguousarray(x[idx])})
+    prog = _build_any(parse(source, filename), filename, source, Path(base_dir), policy)
+    out = evaluate_limit(prog, force=True, **options)  # the plan checked the memory of every task
+    if any("monte-carlo" in o.method for o in out.values()):
+        raise TpcError("a tiled limit needs kernels without Monte Carlo (closed forms, quadrature): tiles of "
+                       "random estimates would not fit together")
+    return {name: o.value for name, o in out.items()}
+
+
+class NpyWriter:
+    """An N x N float64 .npy file written block by block with pwrite: a memory map would count
+    every page written as the client's resident memory (a 12.8 GB kernel would all be resident)."""
+
+    def __init__(self, path: Path, n: int) -> None:
+        np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(n, n)).flush()  # header, sparse body
+        self.n = n
+        self.offset = path.stat().st_size - 8 * n * n
+        self.fd = os.open(path, os.O_WRONLY)
+
+    def write(self, r0: int, c0: int, block: np.ndarray) -> None:
+        rows = np.ascontiguousarray(block, dtype=np.float64)
+        for r in range(rows.shape[0]):
+            os.pwrite(self.fd, rows[r].tobytes(), self.offset + 8 * ((r0 + r) * self.n + c0))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def tiled_limit(prog: Program, out_dir: str | Path, tile: int = DEFAULT_TILE, workers: int = 2,
+                cluster: str | None = None, memory_gb: float | None = None, force: bool = False,
+                method: str = "auto", dtype: str = "float64",
+                progress: Callable[[int, int], None] | None = None) -> dict[str, Path]:
+    """Every output of `prog` (N x N kernels) into out_dir/<output>.npy, by tiles on Dask workers."""
+    p = plan(prog, tile)
+    workers = max(1, workers)
+    need = p.task_bytes * workers
+    try:
+        memory.require(need, f"{workers} tile task(s) at once ({memory.gb(p.task_bytes)} each)", memory_gb, force,
+                       hint="a smaller --tile or fewer --workers")
+    except TpcError as err:
+        raise err.locate(prog.filename, prog.source) from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x = _data_rows(prog, p.data)
+    paths = {name: out / f"{name}.npy" for name in p.outputs}
+    files = {name: NpyWriter(path, p.rows) for name, path in paths.items()}
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    own = None
+    if cluster is None:
+        own = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                           memory_limit=max(p.task_bytes * 2, 2**30))
+    client = Client(cluster or own)
+    try:
+        threads = max(1, (os.cpu_count() or 1) // workers) if cluster is None else 1
+        options = {"method": method, "dtype": dtype, "threads": threads}
+        xf = client.scatter(x, broadcast=True)
+        base = str(Path(prog.filename).resolve().parent) if prog.filename else os.getcwd()
+        futures = {}
+        for i, j in p.tasks:
+            rows_j = None if i == j else p.blocks[j]
+            fut = client.submit(tile_task, prog.source, prog.filename, base, p.data, xf, p.blocks[i], rows_j,
+                                dict(options), pure=False, key=f"tpc-tile-{i}-{j}-{time.time_ns()}")
+            futures[fut] = (i, j)
+        done = 0
+        for fut in as_completed(list(futures)):
+            i, j = futures.pop(fut)
+            _write(files, fut.result(), p.blocks[i], None if i == j else p.blocks[j])
+            fut.release()
+            done += 1
+            if progress:
+                progress(done, len(p.tasks))
+    finally:
+        client.close()
+        if own is not None:
+            own.close()
+        for f in files.values():
+            f.close()
+    return paths
+
+
+def _write(files: dict[str, NpyWriter], values: dict[str, np.ndarray], rows_i: tuple[int, int],
+           rows_j: tuple[int, int] | None) -> None:
+    i0, i1 = rows_i
+    b = i1 - i0
+    for name, k in values.items():
+        f = files[name]
+        f.write(i0, i0, k[:b, :b])
+        if rows_j is not None:
+            j0 = rows_j[0]
+            f.write(j0, j0, k[b:, b:])
+            f.write(i0, j0, k[:b, b:])
+            f.write(j0, i0, k[b:, :b])
+
+
+def _data_rows(prog: Program, data: str) -> np.ndarray:
+    from tpc.ir import data_value
+
+    node = next(n for n in prog.needed() if n.op == "data" and n.params.get("source") == data)
+    return np.asarray(data_value(prog, node), dtype=np.float64)
