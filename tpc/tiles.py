@@ -106,8 +106,10 @@ def _check_pairwise(prog: Program, data: str, rows: np.ndarray) -> None:
 
 
 def tile_task(source: str, filename: str, base_dir: str, data: str, x: np.ndarray, rows_i: tuple[int, int],
-              rows_j: tuple[int, int] | None, options: dict) -> dict[str, np.ndarray]:
-    """On a worker: the program's limit on rows I (+ J) of its data set."""
+              rows_j: tuple[int, int] | None, options: dict, owns: tuple[bool, bool]) -> dict[str, dict]:
+    """On a worker: the program's limit on rows I (+ J) of its data set, cut into the blocks this task
+    owns: (I, J) always, (I, I) and (J, J) where `owns` says (one task owns each diagonal block, so
+    each entry is sent and written once; (J, I) is (I, J) transposed)."""
     import torch
 
     from tpc.backends.limit.evaluate import evaluate_limit
@@ -122,7 +124,19 @@ def tile_task(source: str, filename: str, base_dir: str, data: str, x: np.ndarra
     if any("monte-carlo" in o.method for o in out.values()):
         raise TpcError("a tiled limit needs kernels without Monte Carlo (closed forms, quadrature): tiles of "
                        "random estimates would not fit together")
-    return {name: o.value for name, o in out.items()}
+    b = rows_i[1] - rows_i[0]
+    blocks: dict[str, dict] = {}
+    for name, o in out.items():
+        k = o.value
+        parts = {}
+        if owns[0]:
+            parts["ii"] = np.ascontiguousarray(k[:b, :b])
+        if rows_j is not None:
+            parts["ij"] = np.ascontiguousarray(k[:b, b:])
+            if owns[1]:
+                parts["jj"] = np.ascontiguousarray(k[b:, b:])
+        blocks[name] = parts
+    return blocks
 
 
 class NpyWriter:
@@ -174,17 +188,33 @@ def tiled_limit(prog: Program, out_dir: str | Path, tile: int = DEFAULT_TILE, wo
         options = {"method": method, "dtype": dtype, "threads": threads}
         xf = client.scatter(x, broadcast=True)
         base = str(Path(prog.filename).resolve().parent) if prog.filename else os.getcwd()
+        owner: dict[int, tuple[int, int]] = {}  # the first task with block i writes (I, I)
+        for task in p.tasks:
+            for b in set(task):
+                owner.setdefault(b, task)
+        pending = iter(p.tasks)
         futures = {}
-        for i, j in p.tasks:
-            rows_j = None if i == j else p.blocks[j]
-            fut = client.submit(tile_task, prog.source, prog.filename, base, p.data, xf, p.blocks[i], rows_j,
-                                dict(options), pure=False, key=f"tpc-tile-{i}-{j}-{time.time_ns()}")
-            futures[fut] = (i, j)
+
+        def submit() -> None:
+            task = next(pending, None)
+            if task is not None:
+                i, j = task
+                owns = (owner[i] == task, owner[j] == task)
+                fut = client.submit(tile_task, prog.source, prog.filename, base, p.data, xf, p.blocks[i],
+                                    None if i == j else p.blocks[j], dict(options), owns, pure=False,
+                                    key=f"tpc-tile-{i}-{j}-{time.time_ns()}")
+                futures[fut] = task
+                queue.add(fut)
+
+        queue = as_completed()
+        for _ in range(2 * workers):  # at most two tasks a worker in flight: finished blocks wait for the client
+            submit()
         done = 0
-        for fut in as_completed(list(futures)):
+        for fut in queue:
             i, j = futures.pop(fut)
             _write(files, fut.result(), p.blocks[i], None if i == j else p.blocks[j])
             fut.release()
+            submit()
             done += 1
             if progress:
                 progress(done, len(p.tasks))
@@ -197,18 +227,19 @@ def tiled_limit(prog: Program, out_dir: str | Path, tile: int = DEFAULT_TILE, wo
     return paths
 
 
-def _write(files: dict[str, NpyWriter], values: dict[str, np.ndarray], rows_i: tuple[int, int],
+def _write(files: dict[str, NpyWriter], blocks: dict[str, dict], rows_i: tuple[int, int],
            rows_j: tuple[int, int] | None) -> None:
-    i0, i1 = rows_i
-    b = i1 - i0
-    for name, k in values.items():
+    i0 = rows_i[0]
+    for name, parts in blocks.items():
         f = files[name]
-        f.write(i0, i0, k[:b, :b])
+        if "ii" in parts:
+            f.write(i0, i0, parts["ii"])
         if rows_j is not None:
             j0 = rows_j[0]
-            f.write(j0, j0, k[b:, b:])
-            f.write(i0, j0, k[:b, b:])
-            f.write(j0, i0, k[b:, :b])
+            f.write(i0, j0, parts["ij"])
+            f.write(j0, i0, parts["ij"].T)
+            if "jj" in parts:
+                f.write(j0, j0, parts["jj"])
 
 
 def _data_rows(prog: Program, data: str) -> np.ndarray:

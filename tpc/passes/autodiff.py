@@ -172,6 +172,12 @@ class Backward:
         rule = INSTRUCTIONS[node.op].derivative
         if rule is not None:
             rule(self, node, g)
+        elif node.op in ("gram", "cov"):  # a gradient reached a kernel: dropping it would be wrong
+            what = "gram(x, y)" if node.op == "gram" else "cov(f, g)"
+            raise TpcError(f"grad and tangent_kernel do not differentiate through {what} yet ('{node.name}' is "
+                           "used on the way to f)" + ("; write a gram of one pair as mean(x * y), whose derivative "
+                                                       "tpc takes" if node.op == "gram" else ""),
+                           node.span or self.span)
 
 
 # --- the derivative of each instruction (`derivative` in tpc/ops/instructions.py)

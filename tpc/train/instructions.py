@@ -36,34 +36,11 @@ backends import the registry, and the registry imports them only when a rule is 
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+
+from tpc.ops.instructions import Rule  # the same lazily imported rule as the Netsor ops'
 
 KINDS = ("finite", "data", "outputs", "params", "batch", "vectors", "none")
-
-
-class Rule:
-    """A rule named by "module:function", imported on its first call and kept."""
-
-    __slots__ = ("path", "_fn")
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._fn: Callable[..., Any] | None = None
-
-    def resolve(self) -> Callable[..., Any]:
-        if self._fn is None:
-            module, name = self.path.split(":")
-            self._fn = getattr(importlib.import_module(module), name)
-        return self._fn
-
-    def __call__(self, *args: Any) -> Any:
-        return (self._fn or self.resolve())(*args)
-
-    def __repr__(self) -> str:
-        return f"Rule({self.path!r})"
 
 
 @dataclass(frozen=True)
