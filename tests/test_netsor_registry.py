@@ -64,7 +64,7 @@ def test_a_missing_rule_is_written_none_not_left_out() -> None:
         assert params[field].default is inspect.Parameter.empty, field
     assert {f.name for f in dataclasses.fields(Instruction)} >= set(RULES)
     # what has no rule says so in the table: a derivative of none, a matrix with no limit rule of its own
-    assert INSTRUCTIONS["gram"].derivative is None and INSTRUCTIONS["matmul"].derivative is not None
+    assert INSTRUCTIONS["data"].derivative is None and INSTRUCTIONS["matmul"].derivative is not None
     assert INSTRUCTIONS["matrix"].gaussian is None and INSTRUCTIONS["matrix"].particles is None
 
 

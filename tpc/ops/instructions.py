@@ -233,8 +233,7 @@ _TABLE = (
          meaning="gram(x, y): the B x B' matrix of moments mean(x_a * y_b)",
          shape="_shape_pair", text="_text_gram", torch="_torch_gram",
          gaussian="rule_gram", particles="rule_gram",
-         # no derivative: a gradient that reaches a gram is refused (autodiff.Backward.propagate)
-         derivative="none"),
+         derivative="_derive_gram"),  # not written yet: a gradient that reaches a gram is refused
     _ins("readout", "gaussian", tag="Readout", color="orange",
          meaning="c v . x / sqrt(n) for an initial vector (or readout matrix) v: Gaussian in the limit",
          shape="_shape_readout", text="_text_readout", torch="_torch_readout",
@@ -244,7 +243,7 @@ _TABLE = (
          meaning="cov(f, g): the covariance of two readouts over their batches (the NNGP kernel)",
          shape="_shape_pair", text="_text_cov", torch="_torch_cov",
          gaussian="rule_cov", particles="rule_cov",
-         derivative="none"),  # as for gram: a gradient that reaches a cov is refused
+         derivative="_derive_cov"),  # as for gram: a gradient that reaches a cov is refused
 )
 
 INSTRUCTIONS: dict[str, Instruction] = _Registry((ins.op, ins) for ins in _TABLE)

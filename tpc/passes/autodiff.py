@@ -172,15 +172,23 @@ class Backward:
         rule = INSTRUCTIONS[node.op].derivative
         if rule is not None:
             rule(self, node, g)
-        elif node.op in ("gram", "cov"):  # a gradient reached a kernel: dropping it would be wrong
-            what = "gram(x, y)" if node.op == "gram" else "cov(f, g)"
-            raise TpcError(f"grad and tangent_kernel do not differentiate through {what} yet ('{node.name}' is "
-                           "used on the way to f)" + ("; write a gram of one pair as mean(x * y), whose derivative "
-                                                       "tpc takes" if node.op == "gram" else ""),
-                           node.span or self.span)
 
 
 # --- the derivative of each instruction (`derivative` in tpc/ops/instructions.py)
+def _derive_gram(bw: Backward, node: Node, g: int | None) -> None:
+    """A gradient reached gram(x, y): its derivative (a sum over the other batch) is not written yet,
+    and dropping the gradient would give wrong numbers."""
+    raise TpcError(f"grad and tangent_kernel do not differentiate through gram(x, y) yet ('{node.name}' is used "
+                   "on the way to f); write a gram of one pair as mean(x * y), whose derivative tpc takes",
+                   node.span or bw.span)
+
+
+def _derive_cov(bw: Backward, node: Node, g: int | None) -> None:
+    """A gradient reached cov(f, g): refused, as for gram."""
+    raise TpcError(f"grad and tangent_kernel do not differentiate through cov(f, g) ('{node.name}' is used on the "
+                   "way to f)", node.span or bw.span)
+
+
 def _derive_readout(bw: Backward, node: Node, g: int | None) -> None:
     """f = c v.x / sqrt(n) as grad's f (d_f = 1, no gradient node): d_x = c v, d_v = c x. A readout
     is never inside what grad differentiates: its one user, cov, passes no gradient back."""
