@@ -168,7 +168,8 @@ class Backward:
 
     def propagate(self, node: Node, g: int | None) -> None:
         """What d_node (the gradient node g) contributes to its inputs' gradients: the instruction's
-        `derivative` rule (tpc/ops/instructions.py); none for initial vectors, data, grams and kernels."""
+        `derivative` rule (tpc/ops/instructions.py): none for initial vectors and data (the leaves); a
+        gram's and a cov's refuse."""
         rule = INSTRUCTIONS[node.op].derivative
         if rule is not None:
             rule(self, node, g)
