@@ -89,3 +89,14 @@ def test_compare_on_the_engine_equals_compare_in_process() -> None:
         for a, b in zip(here[name].rows, there[name].rows, strict=True):
             np.testing.assert_allclose(b.mean, a.mean, rtol=0, atol=1e-12)
             assert b.rms_error == pytest.approx(a.rms_error, abs=1e-12)
+
+
+def test_cli_run_on_the_engine_prints_what_run_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["run", str(PROGRAMS / "train" / "linear_mup.tp"), "--width", "32", "--seeds", "3", "--first-seed", "2",
+            "--json"]
+    assert main(args) == 0
+    here = json.loads(capsys.readouterr().out)
+    assert main([*args, "--workers", "2"]) == 0
+    there = json.loads(capsys.readouterr().out)
+    for name, o in here["outputs"].items():
+        np.testing.assert_allclose(there["outputs"][name]["mean"], o["mean"], rtol=0, atol=1e-12)

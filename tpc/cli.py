@@ -343,7 +343,22 @@ def cmd_run(args: argparse.Namespace) -> int:
           flush=True)
     update, close = _progress(args.seeds, f"width {args.width}", show)
     try:
-        if _is_network(prog):
+        if args.workers or args.cluster:  # each seed a task on a Dask cluster (tpc.sweep): the same numbers
+            from tpc.backends.torch.run import FiniteResult
+            from tpc.sweep import sweep
+
+            done = [0]
+
+            def tick(finished: int, _total: int) -> None:
+                if update:
+                    update(finished - done[0])
+                done[0] = finished
+
+            grid = f"width={args.width} seed={args.first_seed}..{args.first_seed + args.seeds - 1}"
+            spread = sweep(prog, grid, args.workers or 2, args.cluster, args.dtype, args.device, args.memory_gb,
+                           args.force, tick)
+            res = {k: FiniteResult(k, v, args.width) for k, v in spread.values[0, args.width].items()}
+        elif _is_network(prog):
             steps, close_steps = _step_bar(show and prog.train is not None)
             try:
                 res = train_finite(prog, args.width, args.seeds, dtype=args.dtype, device=args.device,
@@ -662,6 +677,10 @@ def parser() -> argparse.ArgumentParser:
             "print each output's mean and standard error.", cmd_run)
     r.add_argument("--width", type=_count(1), required=True, help="the width n")
     r.add_argument("--first-seed", type=_count(0), default=0)
+    r.add_argument("--workers", type=_count(1), default=None,
+                   help="run each seed as a task on a local Dask cluster of this many workers")
+    r.add_argument("--cluster", default=None, metavar="ADDRESS",
+                   help="run each seed as a task on the Dask cluster at ADDRESS (tcp://host:8786)")
     finite_opts(r)
 
     lim = add("limit", "Compute the infinite-width limit (Master Theorem) of every output, and say "
