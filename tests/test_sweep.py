@@ -100,3 +100,10 @@ def test_cli_run_on_the_engine_prints_what_run_prints(capsys: pytest.CaptureFixt
     there = json.loads(capsys.readouterr().out)
     for name, o in here["outputs"].items():
         np.testing.assert_allclose(there["outputs"][name]["mean"], o["mean"], rtol=0, atol=1e-12)
+
+
+def test_grid_refuses_empty_and_repeated_values() -> None:
+    for bad, msg in (("width=,", "no values"), ("width=8 seed=1,1", "repeats"),
+                     ("width=8 seed=0..10000000", "more than")):
+        with pytest.raises(TpcError, match=msg):
+            parse_grid(bad)

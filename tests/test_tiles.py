@@ -114,3 +114,34 @@ def test_the_engine_is_imported_only_where_it_is_used(program: Path) -> None:
             "print('dask' in sys.modules, 'distributed' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code, str(program)], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False False"
+
+
+ASYMMETRIC = """\
+width n
+data X = load("X.npy")
+matrix U : n x 5 ~ N(0, 1/5)
+h = relu(U @ X)
+output k = gram(h, h * h)
+output s = gram(h, h)
+"""
+
+
+def test_an_asymmetric_kernel_is_tiled_by_both_blocks_and_a_failed_run_leaves_no_file(
+        program: Path, tmp_path: Path) -> None:
+    """gram(h, h * h) is not its own transpose: block (J, I) is sent, not (I, J) transposed. Under
+    --method auto its 2-variable expectation is taken by Monte Carlo, which tiles refuse: the run
+    stops and leaves no .npy behind (the files are written as .npy.partial until every tile is in)."""
+    from tpc.tiles import plan, tiled_limit
+
+    path = program.parent / "asym.tp"
+    path.write_text(ASYMMETRIC)
+    prog = tpc.load(path)
+    assert plan(prog, 25).symmetric == {"s"}
+    ref = tpc.limit(prog, method="quadrature")
+    assert np.abs(ref["k"].value - ref["k"].value.T).max() > 1e-3
+    paths = tiled_limit(prog, tmp_path / "q", tile=25, workers=1, method="quadrature")
+    for name, p in paths.items():
+        np.testing.assert_allclose(np.load(p), ref[name].value, rtol=0, atol=1e-12)
+    with pytest.raises(TpcError, match="without Monte Carlo"):  # tiles of 2 rows: the first task fails fast
+        tiled_limit(prog, tmp_path / "mc", tile=2, workers=1)
+    assert list((tmp_path / "mc").iterdir()) == []

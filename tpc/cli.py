@@ -356,7 +356,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
             grid = f"width={args.width} seed={args.first_seed}..{args.first_seed + args.seeds - 1}"
             spread = sweep(prog, grid, args.workers or 2, args.cluster, args.dtype, args.device, args.memory_gb,
-                           args.force, tick)
+                           args.force, tick, allow_data_outside=args.allow_data_outside)
             res = {k: FiniteResult(k, v, args.width) for k, v in spread.values[0, args.width].items()}
         elif _is_network(prog):
             steps, close_steps = _step_bar(show and prog.train is not None)
@@ -452,7 +452,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         bar = tqdm(total=total, desc="runs", unit="run", file=sys.stderr, leave=False)
     try:
         res = sweep(prog, args.grid, args.workers, args.cluster, args.dtype, args.device, args.memory_gb, args.force,
-                    (lambda done, _t: bar.update(done - bar.n)) if bar else None)
+                    (lambda done, _t: bar.update(done - bar.n)) if bar else None,
+                    allow_data_outside=args.allow_data_outside)
     finally:
         if bar is not None:
             bar.close()

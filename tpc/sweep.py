@@ -46,9 +46,15 @@ def parse_grid(text: str) -> dict[str, list[str]]:
             if dots:
                 if not (lo.isdigit() and hi.isdigit()) or int(hi) < int(lo):
                     raise TpcError(f"--grid: '{v}' is not a range a..b of whole numbers with a <= b")
+                if int(hi) - int(lo) >= MAX_TASKS:
+                    raise TpcError(f"--grid: '{v}' has more than {MAX_TASKS} values")
                 items += [str(i) for i in range(int(lo), int(hi) + 1)]
             elif v:
                 items.append(v)
+        if not items:
+            raise TpcError(f"--grid: '{name}' has no values")
+        if len(set(items)) != len(items):  # a seed twice would count as two independent runs
+            raise TpcError(f"--grid: '{name}' repeats a value")
         axes[name] = items
     for name in RUN_AXES:
         for v in axes.get(name, []):
@@ -118,7 +124,8 @@ def with_setting(module: ast.Module, setting: dict[str, str]) -> ast.Module:
     return ast.Module(out)
 
 
-def build_with(source: str, filename: str, base_dir: Path, setting: dict[str, str]) -> object:
+def build_with(source: str, filename: str, base_dir: Path, setting: dict[str, str],
+               allow_data_outside: bool = False) -> object:
     """Parse, set the parameters, build (errors located in the program's file)."""
     from tpc.build import _build_any
     from tpc.data import DataPolicy
@@ -129,18 +136,20 @@ def build_with(source: str, filename: str, base_dir: Path, setting: dict[str, st
         module = with_setting(module, setting)
     except TpcError as err:
         raise err.locate(filename, source) from None
-    return _build_any(module, filename, source, base_dir, DataPolicy())
+    return _build_any(module, filename, source, base_dir, DataPolicy(allow_outside=allow_data_outside))
 
 
 def run_task(source: str, filename: str, base_dir: str, setting: dict[str, str], width: int, seed: int,
-             dtype: str, device: str, threads: int) -> dict[str, np.ndarray]:
-    """On a worker: one seed at one width (the serial run's numbers for that seed)."""
+             dtype: str, device: str, threads: int, allow_data_outside: bool = False) -> dict[str, np.ndarray]:
+    """On a worker: one seed at one width (the serial run's numbers for that seed). The program's
+    data files are read again here, from the same paths: a remote cluster needs them on a shared
+    filesystem."""
     import torch
 
     import tpc
 
     torch.set_num_threads(threads)
-    prog = build_with(source, filename, Path(base_dir), setting)
+    prog = build_with(source, filename, Path(base_dir), setting, allow_data_outside)
     res = tpc.run(prog, width, 1, first_seed=seed, dtype=dtype, device=device, force=True)
     return {name: r.values[0] for name, r in res.items()}
 
@@ -168,8 +177,12 @@ class SweepResult:
 def sweep(path_or_prog: object, grid: str, workers: int = 2, cluster: str | None = None, dtype: str = "float64",
           device: str = "cpu", memory_gb: float | None = None, force: bool = False,
           progress: Callable[[int, int], None] | None = None,
-          on_client: Callable[[object], None] | None = None) -> SweepResult:
+          on_client: Callable[[object], None] | None = None, allow_data_outside: bool = False) -> SweepResult:
     """Runs every (width, seed, setting) of the grid as a task; `progress(done, total)`."""
+    from tpc.backends import device as on_device
+
+    on_device.check(device)
+    memory_gb = on_device.memory_gb(device, memory_gb)  # on CUDA the workers share the device's memory
     from tpc import load
     from tpc.backends.torch.run import DTYPES
 
@@ -187,7 +200,7 @@ def sweep(path_or_prog: object, grid: str, workers: int = 2, cluster: str | None
     itemsize = torch_itemsize(DTYPES[dtype])
     need = {}
     for si, setting in enumerate(combos):
-        built = build_with(source, filename, Path(base), setting)
+        built = build_with(source, filename, Path(base), setting, allow_data_outside)
         for w in widths:
             need[si, w] = _bytes_per_seed(built, w, itemsize)
     workers = max(1, workers)
@@ -198,29 +211,33 @@ def sweep(path_or_prog: object, grid: str, workers: int = 2, cluster: str | None
         raise TpcError(f"the largest run would take about {memory.gb(biggest)}, more than a worker's share of the "
                        f"budget ({memory.gb(share)} = {memory.gb(budget)} / {workers} workers); --memory-gb, fewer "
                        "--workers or smaller widths (--force runs it anyway)")
-    from dask.distributed import Client, LocalCluster, as_completed
+    from tpc.tiles import engine
 
+    dist = engine()
     own = None
     if cluster is None:
-        own = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+        own = dist.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                            resources={"MEMORY": max(share, biggest)}, memory_limit=0)
-    client = Client(cluster or own)
+    client = dist.Client(cluster or own)
     result = SweepResult(axes, settings=combos, seeds=seeds)
     try:
         if on_client:
             on_client(client)
-        declared = all("MEMORY" in (w.get("resources") or {})
-                       for w in client.scheduler_info()["workers"].values())
+        advertised = [(w.get("resources") or {}).get("MEMORY") for w in client.scheduler_info()["workers"].values()]
+        declared = bool(advertised) and None not in advertised  # else Dask's own memory limits apply
+        if declared and max(advertised) < biggest and not force:  # no worker could ever take the largest run
+            raise TpcError(f"the largest run would take about {memory.gb(biggest)}; the cluster's workers offer at "
+                           f"most {memory.gb(max(advertised))} (their MEMORY resource)")
         threads = max(1, (os.cpu_count() or 1) // workers) if cluster is None else 1
         futures = {}
         for si, w, s in tasks:
             res = {"MEMORY": need[si, w]} if declared else None  # an existing cluster may not declare it
             fut = client.submit(run_task, source, filename, base, combos[si], w, s, dtype, device, threads,
-                                pure=False, resources=res)
+                                allow_data_outside, pure=False, resources=res)
             futures[fut] = (si, w, s)
         parts: dict[tuple[int, int], dict[int, dict[str, np.ndarray]]] = {}
         done = 0
-        for fut in as_completed(list(futures)):
+        for fut in dist.as_completed(list(futures)):
             si, w, s = futures.pop(fut)
             parts.setdefault((si, w), {})[s] = fut.result()
             fut.release()

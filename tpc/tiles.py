@@ -3,8 +3,9 @@ Dask cluster and streamed into .npy files on disk.
 
 Each entry of such a kernel depends only on its two inputs (no instruction mixes the elements of
 a batch), so the block of rows I and columns J is the program's limit on the rows I + J of its
-data set, cut out. A task takes a pair of row blocks I < J and returns the four blocks (I, I),
-(I, J), (J, J) it owns; its memory is the limit's at 2B inputs (B = `tile`), whatever N is, and
+data set, cut out. A task takes a pair of row blocks I < J and returns the blocks it owns: (I, J),
+(J, I) unless the output is symmetric, and (I, I) or (J, J) if it is the first task to hold that
+block; its memory is the limit's at 2B inputs (B = `tile`), whatever N is, and
 it needs only the rows of its two blocks. The client writes the blocks into .npy files as tasks
 finish (in any order, by pwrite), so no process ever holds a kernel whole; read them back with
 `numpy.load(path, mmap_mode="r")`.
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 
@@ -40,6 +42,7 @@ class TilePlan:
     rows: int  # N
     tile: int  # B
     outputs: list[str]
+    symmetric: set[str]  # outputs equal to their transpose (cov(f), tangent_kernel): (J, I) is (I, J).T
     tasks: list[tuple[int, int]]  # pairs of block indices (i < j), or (0, 0) for a single block
     task_bytes: int  # the memory one task may take (the limit at 2B inputs)
     out_bytes: int  # the .npy files together
@@ -61,7 +64,8 @@ def plan(prog: Program, tile: int = DEFAULT_TILE) -> TilePlan:
                        "batch the kernels are over").locate(prog.filename, prog.source)
     x = batches[0]
     rows = x.shape[0]
-    _check_pairwise(prog, str(x.params["source"]), _data_rows(prog, str(x.params["source"]))[:4])
+    trial = _check_pairwise(prog, str(x.params["source"]), _data_rows(prog, str(x.params["source"]))[:4])
+    symmetric = {name for name, k in trial.items() if np.allclose(k, k.T, rtol=1e-12, atol=0)}
     for name, nid in prog.outputs.items():
         if prog.node(nid).shape != (rows, rows):
             raise TpcError(f"output '{name}' is not an N x N kernel of the batch ({rows} x {rows}): a tiled limit "
@@ -74,7 +78,7 @@ def plan(prog: Program, tile: int = DEFAULT_TILE) -> TilePlan:
     whole = memory.gaussian_bytes(prog, 8)
     task_rows = min(rows, 2 * tile)
     task_bytes = int(whole * (task_rows / rows) ** 2) + 8 * len(prog.outputs) * task_rows**2 * 2
-    return TilePlan(str(x.params["source"]), rows, tile, list(prog.outputs), tasks, task_bytes,
+    return TilePlan(str(x.params["source"]), rows, tile, list(prog.outputs), symmetric, tasks, task_bytes,
                     8 * len(prog.outputs) * rows * rows, blocks)
 
 
@@ -88,7 +92,7 @@ def _build_on(prog: Program, data: str, rows: np.ndarray) -> Program:
     return _build_any(parse(prog.source, prog.filename), prog.filename, prog.source, base, policy)
 
 
-def _check_pairwise(prog: Program, data: str, rows: np.ndarray) -> None:
+def _check_pairwise(prog: Program, data: str, rows: np.ndarray) -> dict[str, np.ndarray]:
     """Refuses a program whose limit mixes the elements of its batch (a Zdot across them, which the
     particle evaluator takes): there a tile's entries would depend on the other rows of the tile.
     Tried on a few rows: whether it mixes depends on the program, not on the batch's size."""
@@ -98,15 +102,24 @@ def _check_pairwise(prog: Program, data: str, rows: np.ndarray) -> None:
 
     try:
         with torch.no_grad():
-            LimitEvaluator(_build_on(prog, data, rows)).run()
+            out = LimitEvaluator(_build_on(prog, data, rows)).run()
+        # with distinct rows, a kernel that is its own transpose by construction is so here
+        return {name: _whole(v.value).double().numpy() for name, v in out.items()}
     except NeedsParticles:
         raise TpcError("a tiled limit needs kernels whose entries depend on two inputs only; this program's "
                        "limit mixes the elements of its batch (a transpose applied after the batch)"
                        ).locate(prog.filename, prog.source) from None
 
 
+def _whole(value: object) -> object:
+    from tpc.backends.limit.symmetric import whole
+
+    return whole(value)  # type: ignore[arg-type]
+
+
 def tile_task(source: str, filename: str, base_dir: str, data: str, x: np.ndarray, rows_i: tuple[int, int],
-              rows_j: tuple[int, int] | None, options: dict, owns: tuple[bool, bool]) -> dict[str, dict]:
+              rows_j: tuple[int, int] | None, options: dict, owns: tuple[bool, bool],
+              symmetric: frozenset[str] = frozenset()) -> dict[str, dict]:
     """On a worker: the program's limit on rows I (+ J) of its data set, cut into the blocks this task
     owns: (I, J) always, (I, I) and (J, J) where `owns` says (one task owns each diagonal block, so
     each entry is sent and written once; (J, I) is (I, J) transposed)."""
@@ -133,6 +146,8 @@ def tile_task(source: str, filename: str, base_dir: str, data: str, x: np.ndarra
             parts["ii"] = np.ascontiguousarray(k[:b, :b])
         if rows_j is not None:
             parts["ij"] = np.ascontiguousarray(k[:b, b:])
+            if name not in symmetric:
+                parts["ji"] = np.ascontiguousarray(k[b:, :b])
             if owns[1]:
                 parts["jj"] = np.ascontiguousarray(k[b:, b:])
         blocks[name] = parts
@@ -145,6 +160,7 @@ class NpyWriter:
 
     def __init__(self, path: Path, n: int) -> None:
         np.lib.format.open_memmap(path, mode="w+", dtype=np.float64, shape=(n, n)).flush()  # header, sparse body
+        self.path = path
         self.n = n
         self.offset = path.stat().st_size - 8 * n * n
         self.fd = os.open(path, os.O_WRONLY)
@@ -152,7 +168,9 @@ class NpyWriter:
     def write(self, r0: int, c0: int, block: np.ndarray) -> None:
         rows = np.ascontiguousarray(block, dtype=np.float64)
         for r in range(rows.shape[0]):
-            os.pwrite(self.fd, rows[r].tobytes(), self.offset + 8 * ((r0 + r) * self.n + c0))
+            data = rows[r].tobytes()
+            if os.pwrite(self.fd, data, self.offset + 8 * ((r0 + r) * self.n + c0)) != len(data):
+                raise TpcError(f"writing {self.path} stopped short (is the disk full?)")
 
     def close(self) -> None:
         os.close(self.fd)
@@ -171,19 +189,21 @@ def tiled_limit(prog: Program, out_dir: str | Path, tile: int = DEFAULT_TILE, wo
                        hint="a smaller --tile or fewer --workers")
     except TpcError as err:
         raise err.locate(prog.filename, prog.source) from None
+    dist = engine()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     x = _data_rows(prog, p.data)
     paths = {name: out / f"{name}.npy" for name in p.outputs}
-    files = {name: NpyWriter(path, p.rows) for name, path in paths.items()}
-    from dask.distributed import Client, LocalCluster, as_completed
-
-    own = None
-    if cluster is None:
-        own = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                           memory_limit=max(p.task_bytes * 2, 2**30))
-    client = Client(cluster or own)
+    # written as NAME.npy.partial and renamed when every tile is in: a failed run leaves no file that
+    # looks like a kernel
+    files = {name: NpyWriter(path.with_suffix(".npy.partial"), p.rows) for name, path in paths.items()}
+    own = client = None
+    finished = False
     try:
+        if cluster is None:
+            own = dist.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                               memory_limit=max(p.task_bytes * 2, 2**30))
+        client = dist.Client(cluster or own)
         threads = max(1, (os.cpu_count() or 1) // workers) if cluster is None else 1
         options = {"method": method, "dtype": dtype, "threads": threads}
         xf = client.scatter(x, broadcast=True)
@@ -201,12 +221,13 @@ def tiled_limit(prog: Program, out_dir: str | Path, tile: int = DEFAULT_TILE, wo
                 i, j = task
                 owns = (owner[i] == task, owner[j] == task)
                 fut = client.submit(tile_task, prog.source, prog.filename, base, p.data, xf, p.blocks[i],
-                                    None if i == j else p.blocks[j], dict(options), owns, pure=False,
+                                    None if i == j else p.blocks[j], dict(options), owns,
+                                    frozenset(p.symmetric), pure=False,
                                     key=f"tpc-tile-{i}-{j}-{time.time_ns()}")
                 futures[fut] = task
                 queue.add(fut)
 
-        queue = as_completed()
+        queue = dist.as_completed()
         for _ in range(2 * workers):  # at most two tasks a worker in flight: finished blocks wait for the client
             submit()
         done = 0
@@ -218,13 +239,32 @@ def tiled_limit(prog: Program, out_dir: str | Path, tile: int = DEFAULT_TILE, wo
             done += 1
             if progress:
                 progress(done, len(p.tasks))
+        finished = True
     finally:
-        client.close()
+        if client is not None:
+            client.close()
         if own is not None:
             own.close()
-        for f in files.values():
+        for name, f in files.items():
             f.close()
+            if finished:
+                f.path.replace(paths[name])
+            else:
+                f.path.unlink(missing_ok=True)
     return paths
+
+
+def engine() -> ModuleType:
+    """The module dask.distributed (Client, LocalCluster, as_completed), or a clear error where it is not
+    installed. Its workers' own logs are kept to critical ones: a task's error reaches the user as
+    tpc's message, once."""
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "critical")
+    try:
+        import dask.distributed as dist
+    except ImportError:
+        raise TpcError("this needs Dask distributed, which is not installed: pip install \"tpc[distributed]\" "
+                       "(or pip install \"dask[distributed]\")") from None
+    return dist
 
 
 def _write(files: dict[str, NpyWriter], blocks: dict[str, dict], rows_i: tuple[int, int],
@@ -237,7 +277,7 @@ def _write(files: dict[str, NpyWriter], blocks: dict[str, dict], rows_i: tuple[i
         if rows_j is not None:
             j0 = rows_j[0]
             f.write(i0, j0, parts["ij"])
-            f.write(j0, i0, parts["ij"].T)
+            f.write(j0, i0, parts["ji"] if "ji" in parts else parts["ij"].T)
             if "jj" in parts:
                 f.write(j0, j0, parts["jj"])
 

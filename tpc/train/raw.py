@@ -67,7 +67,9 @@ class _Translator:
         self.order: list[str] = []  # layers in the order the model applies them
         self.scale: dict[str, float] = {}  # the readout's power s
         self.power: dict[str, tuple[float, Span]] = {}  # each object's update power p
-        self.terms: set[str] = set()  # loop values and states that hold gradients or parameters
+        # loop values and states that hold gradients ("grad") or parameters ("weight"): a term's power
+        # of n is the object's learning rate only for gradients; parameters (decay) must carry none
+        self.kinds: dict[str, set[str]] = {}
         self.chain: set[str] = set()  # vector statements that readouts use
 
     # ------------------------------------------------------------------ the model
@@ -105,8 +107,8 @@ class _Translator:
                 and isinstance(e.left.left, ast.Name) and e.left.left.id in self.objects):
             return None
         decl = self.objects[e.left.left.id][0]
-        if isinstance(decl, ast.MatrixDecl) and decl.cols != self.width:
-            return None
+        if isinstance(decl, ast.MatrixDecl) and (decl.cols != self.width or decl.rows == self.width):
+            return None  # a readout matrix is k x n; W @ x / sqrt(n) with an n x n W is a hidden layer
         coef, s = self.monomial(e.right)
         if coef != 1 or s not in (0.5, 1.0):
             raise TpcError("a readout divides by n (muP's scaling) or sqrt(n)", e.right.span)
@@ -220,7 +222,7 @@ class _Translator:
         if isinstance(s, ast.ForLoop):
             return replace(s, body=tuple(self.statement(b) for b in s.body))
         if isinstance(s, (ast.Assign, ast.StateDecl)) and self.has_term(s.value):
-            self.terms.add(s.name)  # a gradient, a buffer or a combination of parameters
+            self.kinds[s.name] = self.kinds.get(s.name, set()) | self.term_kinds(s.value)
         if isinstance(s, ast.Update):
             return self.update(s)
         value = getattr(s, "value", None)  # a loss, an output, a record, a loop value, a state
@@ -230,8 +232,11 @@ class _Translator:
         return s
 
     def update(self, s: ast.Update) -> ast.Update:
-        if s.target not in self.objects:
-            return replace(s, value=self.calls(s.value))  # a state: the network builder checks it
+        if s.target not in self.objects:  # a state: what it holds now, and no width in it
+            self.no_width(s.value)
+            if s.target in self.kinds:
+                self.kinds[s.target] |= self.term_kinds(s.value)
+            return replace(s, value=self.calls(s.value))
         powers = self.powers(s.value)
         grads = {p for p, weight in powers if not weight}
         if any(p != 0 for p, weight in powers if weight):
@@ -266,15 +271,24 @@ class _Translator:
             return self.powers(term, factor + (p if e.op == "*" else -p))
         if self.mentions_width(e):
             raise TpcError("the width appears in an update only as a factor n^p of its terms", e.span)
-        return [(factor, isinstance(e, ast.Name) and e.id in self.objects)]
+        # a value holding both gradients and parameters gives both kinds of term the same power
+        return [(factor, kind == "weight") for kind in sorted(self.term_kinds(e))]
+
+    def term_kinds(self, e: ast.Expr) -> set[str]:
+        """What e holds: "grad" (a gradient, or a loop value made of one), "weight" (a declared
+        object, or a loop value made of one); empty for a number."""
+        if isinstance(e, ast.Call) and e.fn == "grad":
+            return {"grad"}
+        if isinstance(e, ast.Name):
+            return {"weight"} if e.id in self.objects else set(self.kinds.get(e.id, ()))
+        out: set[str] = set()
+        for c in _children(e):
+            out |= self.term_kinds(c)
+        return out
 
     def has_term(self, e: ast.Expr) -> bool:
         """Whether e holds a gradient, a declared object or a loop value (a term, not a number)."""
-        if isinstance(e, ast.Call) and e.fn == "grad":
-            return True
-        if isinstance(e, ast.Name):
-            return e.id in self.objects or e.id in self.terms
-        return any(self.has_term(c) for c in _children(e))
+        return bool(self.term_kinds(e))
 
     # ------------------------------------------------------------------ expressions
     def monomial(self, e: ast.Expr, allow_other: bool = False) -> tuple[float, float]:
@@ -294,9 +308,12 @@ class _Translator:
             if e.op == "*":
                 return c1 * c2, p1 + p2
             return (c1 / c2 if c2 else math.inf), p1 - p2
-        if isinstance(e, ast.BinOp) and e.op == "^" and isinstance(e.right, ast.Num):
+        if isinstance(e, ast.BinOp) and e.op == "^":
+            k, kp = self.monomial(e.right)  # the exponent is a number: n^-1, n^(1/2)
+            if kp != 0:
+                raise TpcError("an exponent of the width is a number", e.right.span)
             c, p = self.monomial(e.left, allow_other)
-            return c**e.right.value, p * e.right.value
+            return c**k, p * k
         if isinstance(e, ast.Call) and e.fn == "sqrt" and len(e.args) == 1:
             c, p = self.monomial(e.args[0], allow_other)
             return math.sqrt(c) if c >= 0 else math.nan, p / 2
@@ -319,7 +336,12 @@ class _Translator:
         return _map_children(e, self.without_width)
 
     def calls(self, e: ast.Expr) -> ast.Expr:
-        """A readout's name becomes the model applied to its data: `f` -> `f(X)`."""
+        """A readout's name becomes the model applied to its data: `f` -> `f(X)`; as the model argument
+        of features(f, X) or feature_change(f, X), the model itself."""
+        if isinstance(e, ast.Call) and e.fn in ("features", "feature_change") and e.args \
+                and isinstance(e.args[0], ast.Name) and e.args[0].id in self.readouts:
+            model = ast.Name(e.args[0].span, self.model_name)
+            return replace(e, args=(model, *(self.calls(a) for a in e.args[1:])))
         if isinstance(e, ast.Name) and e.id in self.readouts:
             data = self.readouts[e.id][2]
             return ast.Call(e.span, self.model_name, (ast.Name(e.span, data),), e.span)
