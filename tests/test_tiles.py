@@ -145,3 +145,10 @@ def test_an_asymmetric_kernel_is_tiled_by_both_blocks_and_a_failed_run_leaves_no
     with pytest.raises(TpcError, match="without Monte Carlo"):  # tiles of 2 rows: the first task fails fast
         tiled_limit(prog, tmp_path / "mc", tile=2, workers=1)
     assert list((tmp_path / "mc").iterdir()) == []
+
+
+def test_cli_options_that_go_with_out(program: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["limit", str(program), "--tile", "10"]) == 2
+    assert "go with --out" in capsys.readouterr().err
+    assert main(["limit", str(program), "--out", str(tmp_path), "--json"]) == 2
+    assert "does not take --json" in capsys.readouterr().err

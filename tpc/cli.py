@@ -386,6 +386,8 @@ def cmd_limit(args: argparse.Namespace) -> int:
     _check_device(args.device)
     if args.out:
         return _tiled_limit(args, prog)
+    if args.tile or args.cluster or args.workers != 2:
+        raise TpcError("--tile, --workers and --cluster go with --out (kernels by tiles into files)")
     if _is_network(prog):
         res = _network_limit(args, prog)
     else:
@@ -415,6 +417,12 @@ def _tiled_limit(args: argparse.Namespace, prog) -> int:  # noqa: ANN001
     if _is_network(prog):
         raise TpcError("--out computes the kernels of a raw program by tiles; a network program's limit is "
                        "printed (drop --out)")
+    ignored = [flag for flag, on in (("--device", args.device != "cpu"), ("--json", args.json),
+                                     ("--particles", args.particles != 2**16), ("--replicates", args.replicates),
+                                     ("--seed", args.seed)) if on]
+    if ignored:  # tiles are deterministic kernels on the workers' CPUs, written to files
+        raise TpcError(f"--out does not take {', '.join(ignored)}: its kernels are exact or by quadrature, "
+                       "computed on the workers' CPUs and written to files")
     p = plan(prog, args.tile or DEFAULT_TILE)
     where = f"the Dask cluster at {args.cluster}" if args.cluster else f"a local Dask cluster of {args.workers} workers"
     print(f"{args.file}: {p.describe(args.workers)}; on {where}", flush=True)
