@@ -112,3 +112,13 @@ def test_an_unstable_raw_parametrization_is_refused(capsys: pytest.CaptureFixtur
     assert not net.classification().stable
     assert main(["limit", str(path)]) == 2
     assert "unstable" in capsys.readouterr().err
+
+
+def test_scalars_of_a_trained_raw_program_are_its_parameters() -> None:
+    """`scalar lr = ...` is substituted into the translation (and is what `tpc sweep --grid lr=...`
+    sets): the same numbers as the literal."""
+    named = LINEAR_RAW.replace("loss L", "scalar lr = 0.3\nloss L").replace("0.3 * n * gU", "lr * n * gU")
+    named = named.replace("0.3 * gW", "lr * gW").replace("0.3 * n * gv", "lr * n * gv")
+    assert "scalar lr" in named and "0.3 *" not in named
+    a, b = tpc.run(tpc.loads(named), 48, 2), tpc.run(tpc.loads(LINEAR_RAW), 48, 2)
+    np.testing.assert_allclose(a["pred"].values, b["pred"].values, rtol=0, atol=0)

@@ -27,6 +27,7 @@ from tpc import syntax as ast
 from tpc.errors import Span, TpcError
 
 RAW = (ast.MatrixDecl, ast.VectorDecl)
+MAX_EXPONENT = 16.0  # the network builder's bound on |a| and |b|
 NETWORK_ONLY = (ast.LayerDecl, ast.ModelDecl, ast.ParamDecl, ast.TrainDecl, ast.CopyDecl)
 TRAINING = (ast.ForLoop, ast.LossDecl, ast.StateDecl)
 
@@ -43,7 +44,7 @@ def translate(module: ast.Module) -> ast.Module:
 
 class _Translator:
     def __init__(self, module: ast.Module) -> None:
-        self.statements = module.statements
+        self.statements = _inline_scalars(module.statements)
         self.width = next((s.name for s in self.statements if isinstance(s, ast.WidthDecl)), None)
         if self.width is None:
             raise TpcError("the program declares no width: start it with `width n`")
@@ -193,6 +194,9 @@ class _Translator:
         out: list[ast.Stmt] = []
         for name, (decl, span) in self.objects.items():
             if name not in self.order:
+                if self.model_body is not None and _mentions(self.model_body, name):
+                    raise TpcError(f"'{name}' enters the network other than as a matrix applied to a vector or as "
+                                   "its readout (a bias?): a trained raw program does not translate that yet", span)
                 raise TpcError(f"'{name}' is declared but not used by the readout '{self.model_name}'", span)
             role = self.role(name)
             if isinstance(decl, ast.MatrixDecl):
@@ -213,6 +217,9 @@ class _Translator:
             _, total = self.init(name)
             a.append(s - p / 2)
             b.append(total - s + p / 2)
+            if max(abs(a[-1]), abs(b[-1])) > MAX_EXPONENT:  # as the network builder would, but here
+                raise TpcError(f"{name}'s variance and learning rate give the exponents a = {a[-1]:g}, "
+                               f"b = {b[-1]:g}, beyond +-{MAX_EXPONENT:g}", self.objects[name][1])
         lists = [ast.Kwarg(k, ast.ListExpr(span, tuple(ast.Num(span, v) for v in vals)), span)
                  for k, vals in (("a", a), ("b", b))]
         return ast.ParamDecl(span, "abc", span, (*lists, ast.Kwarg("c", ast.Num(span, 0.0), span)))
@@ -346,6 +353,40 @@ class _Translator:
             data = self.readouts[e.id][2]
             return ast.Call(e.span, self.model_name, (ast.Name(e.span, data),), e.span)
         return _map_children(e, self.calls)
+
+
+def _inline_scalars(statements: list[ast.Stmt]) -> list[ast.Stmt]:
+    """`scalar lr = 0.5` declarations substituted into every expression and dropped: a network
+    program has no such declarations, and `tpc sweep --grid lr=...` sets them before this runs."""
+    values: dict[str, ast.Expr] = {}
+
+    def expr(e: ast.Expr) -> ast.Expr:
+        if isinstance(e, ast.Name) and e.id in values:
+            return values[e.id]
+        return _map_children(e, expr)
+
+    def stmt(s: object) -> object:
+        if isinstance(s, ast.Expr):
+            return expr(s)
+        if isinstance(s, tuple):
+            return tuple(stmt(x) for x in s)
+        if not is_dataclass(s) or isinstance(s, ast.Expr):
+            return s
+        changes = {f.name: stmt(getattr(s, f.name)) for f in fields(s)
+                   if isinstance(getattr(s, f.name), (ast.Expr, ast.Normal, ast.Stmt, tuple))}
+        return replace(s, **changes) if changes else s
+
+    out: list[ast.Stmt] = []
+    for s in statements:
+        if isinstance(s, ast.ScalarDecl):
+            values[s.name] = expr(s.value)
+        else:
+            out.append(stmt(s))  # type: ignore[arg-type]
+    return out
+
+
+def _mentions(e: object, name: str) -> bool:
+    return isinstance(e, ast.Name) and e.id == name or any(_mentions(c, name) for c in _children(e))
 
 
 def _children(e: object) -> list[ast.Expr]:
