@@ -122,3 +122,34 @@ def test_scalars_of_a_trained_raw_program_are_its_parameters() -> None:
     assert "scalar lr" in named and "0.3 *" not in named
     a, b = tpc.run(tpc.loads(named), 48, 2), tpc.run(tpc.loads(LINEAR_RAW), 48, 2)
     np.testing.assert_allclose(a["pred"].values, b["pred"].values, rtol=0, atol=0)
+
+
+def test_a_momentum_buffer_in_a_raw_loop_equals_the_network_programs() -> None:
+    raw = tpc.loads(LINEAR_RAW.replace("""for t in range(4) {
+  record loss = L
+  gU = grad(L, U)
+  gW = grad(L, W)
+  gv = grad(L, v)
+  U -= 0.3 * n * gU
+  W -= 0.3 * gW
+  v -= 0.3 * n * gv
+}""", """state M = zeros(W)
+for t in range(4) {
+  record loss = L
+  M = 0.9 * M + grad(L, W)
+  W -= 0.2 * M
+}"""))
+    net = tpc.loads(LINEAR_NETWORK.replace("""for t in range(4) {
+  record loss = L
+  f -= 0.3 * grad(L, f)
+}""", """state M = zeros(W)
+for t in range(4) {
+  record loss = L
+  M = 0.9 * M + grad(L, W)
+  W -= 0.2 * M
+}"""))
+    a, b = tpc.run(raw, 48, 2), tpc.run(net, 48, 2)
+    for name in ("pred", "curve"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=0, atol=1e-12)
+    la, lb = tpc.limit(raw), tpc.limit(net)
+    np.testing.assert_allclose(la["pred"].value, lb["pred"].value, rtol=1e-10, atol=1e-12)
