@@ -344,20 +344,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     update, close = _progress(args.seeds, f"width {args.width}", show)
     try:
         if args.workers or args.cluster:  # each seed a task on a Dask cluster (tpc.sweep): the same numbers
-            from tpc.backends.torch.run import FiniteResult
-            from tpc.sweep import sweep
+            from tpc.sweep import finite_runs
 
-            done = [0]
-
-            def tick(finished: int, _total: int) -> None:
-                if update:
-                    update(finished - done[0])
-                done[0] = finished
-
-            grid = f"width={args.width} seed={args.first_seed}..{args.first_seed + args.seeds - 1}"
-            spread = sweep(prog, grid, args.workers or 2, args.cluster, args.dtype, args.device, args.memory_gb,
-                           args.force, tick, allow_data_outside=args.allow_data_outside)
-            res = {k: FiniteResult(k, v, args.width) for k, v in spread.values[0, args.width].items()}
+            res = finite_runs(prog, [args.width], args.seeds, args.first_seed, args.workers, args.cluster, args.dtype,
+                              args.device, args.memory_gb, args.force, update,
+                              allow_data_outside=args.allow_data_outside)[args.width]
         elif _is_network(prog):
             steps, close_steps = _step_bar(show and prog.train is not None)
             try:

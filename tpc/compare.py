@@ -93,19 +93,9 @@ def compare(prog: Program | Network, widths: list[int], seeds: int, method: str 
     out = {k: OutputComparison(k, v) for k, v in limit.items()}
     spread = None
     if workers or cluster:
-        from tpc.backends.torch.run import FiniteResult
-        from tpc.sweep import sweep
+        from tpc.sweep import finite_runs
 
-        done = [0]
-
-        def tick(finished: int, _total: int) -> None:
-            if progress:
-                progress(finished - done[0])
-            done[0] = finished
-
-        res = sweep(prog, f"width={','.join(map(str, widths))} seed=0..{seeds - 1}", workers or 2, cluster, dtype,
-                    device, memory_gb, force, tick)
-        spread = {w: {k: FiniteResult(k, v, w) for k, v in res.values[0, w].items()} for w in widths}
+        spread = finite_runs(prog, widths, seeds, 0, workers, cluster, dtype, device, memory_gb, force, progress)
     for width in widths:
         run = train_finite if network else run_finite
         finite = spread[width] if spread else run(prog, width, seeds, dtype=dtype, device=device, progress=progress,

@@ -270,3 +270,25 @@ def _bytes_per_seed(prog: object, width: int, itemsize: int) -> int:
     from tpc.backends.torch.run import bytes_per_seed as raw_bytes
 
     return raw_bytes(prog, width, itemsize)  # type: ignore[arg-type]
+
+
+def finite_runs(prog: object, widths: list[int], seeds: int, first_seed: int = 0, workers: int | None = None,
+                cluster: str | None = None, dtype: str = "float64", device: str = "cpu",
+                memory_gb: float | None = None, force: bool = False,
+                progress: Callable[[int], None] | None = None,
+                allow_data_outside: bool = False) -> dict[int, dict]:
+    """What `tpc run` (one width) and `tpc compare` compute in process, from the engine: for each
+    width, each output's FiniteResult over the seeds; `progress(k)` counts k more finished runs."""
+    from tpc.backends.torch.run import FiniteResult
+
+    done = [0]
+
+    def tick(finished: int, _total: int) -> None:
+        if progress:
+            progress(finished - done[0])
+        done[0] = finished
+
+    grid = f"width={','.join(map(str, widths))} seed={first_seed}..{first_seed + seeds - 1}"
+    res = sweep(prog, grid, workers or 2, cluster, dtype, device, memory_gb, force, tick,
+                allow_data_outside=allow_data_outside)
+    return {w: {k: FiniteResult(k, v, w) for k, v in res.values[0, w].items()} for w in widths}
