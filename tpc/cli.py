@@ -54,13 +54,14 @@ def _progress(total: int, desc: str, enabled: bool) -> tuple[Callable[[int], Non
     return bar.update, bar.close
 
 
-def _step_bar(enabled: bool) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
-    """A bar over training steps: `update(done, total)`."""
+def _step_bar(enabled: bool, desc: str = "training steps", unit: str = "step",
+              position: int = 1) -> tuple[Callable[[int, int], None] | None, Callable[[], None]]:
+    """A bar fed absolute counts, `update(done, total)`: training steps, tiles, a sweep's runs."""
     if not enabled:
         return None, lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(desc="training steps", unit="step", file=sys.stderr, leave=False, position=1)
+    bar = tqdm(desc=desc, unit=unit, file=sys.stderr, leave=False, position=position)
 
     def update(done: int, total: int) -> None:
         bar.total = total
@@ -311,12 +312,7 @@ def _finite_need(prog, width: int, args: argparse.Namespace) -> str:  # noqa: AN
     exceeds the budget."""
     from tpc import memory
 
-    itemsize = 4 if args.dtype == "float32" else 8
-    if _is_network(prog):
-        from tpc.train.finite import bytes_per_seed
-    else:
-        from tpc.backends.torch.run import bytes_per_seed
-    need = bytes_per_seed(prog, width, itemsize)
+    need = memory.finite_bytes_per_seed(prog, width, 4 if args.dtype == "float32" else 8)
     try:
         memory.require(need, f"one seed at width {width}", args.memory_gb, args.force, hint="a smaller --width")
     except TpcError as err:
@@ -417,17 +413,12 @@ def _tiled_limit(args: argparse.Namespace, prog) -> int:  # noqa: ANN001
     p = plan(prog, args.tile or DEFAULT_TILE)
     where = f"the Dask cluster at {args.cluster}" if args.cluster else f"a local Dask cluster of {args.workers} workers"
     print(f"{args.file}: {p.describe(args.workers)}; on {where}", flush=True)
-    bar = None
-    if not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(p.tasks), desc="tiles", unit="tile", file=sys.stderr, leave=False)
+    update, close = _step_bar(not args.quiet, "tiles", "tile", 0)
     try:
         paths = tiled_limit(prog, args.out, p.tile, args.workers, args.cluster, args.memory_gb, args.force,
-                            args.method, args.dtype, (lambda done, _t: bar.update(done - bar.n)) if bar else None)
+                            args.method, args.dtype, update, tile_plan=p)
     finally:
-        if bar is not None:
-            bar.close()
+        close()
     for name, path in paths.items():
         print(f"  {name}: {path} ({p.rows} x {p.rows} float64; numpy.load(path, mmap_mode='r'))")
     return 0
@@ -444,18 +435,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     where = f"the Dask cluster at {args.cluster}" if args.cluster else f"a local Dask cluster of {args.workers} workers"
     print(f"{args.file}: {total} runs (settings x widths x seeds) on {where}",
           file=sys.stderr if args.json else sys.stdout, flush=True)
-    bar = None
-    if not args.json and not args.quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="runs", unit="run", file=sys.stderr, leave=False)
+    update, close = _step_bar(not args.json and not args.quiet, "runs", "run", 0)
     try:
         res = sweep(prog, args.grid, args.workers, args.cluster, args.dtype, args.device, args.memory_gb, args.force,
-                    (lambda done, _t: bar.update(done - bar.n)) if bar else None,
-                    allow_data_outside=args.allow_data_outside)
+                    update, allow_data_outside=args.allow_data_outside)
     finally:
-        if bar is not None:
-            bar.close()
+        close()
     if args.json:
         print(dumps(res.to_json()))
         return 0

@@ -110,3 +110,17 @@ def particle_bytes(prog: Program, itemsize: int, particles: int) -> int:
     """What the particle evaluator holds on top: every vector as M samples per batch element."""
     samples = sum(_size(n.shape) for n in prog.needed() if n.kind == "vector")
     return itemsize * particles * samples
+
+
+def finite_bytes_per_seed(prog: object, width: int, itemsize: int) -> int:
+    """What one seed of a finite run needs at `width`: a network program's (training) or a raw
+    program's estimate (the backends hold the rules; imported here only when asked)."""
+    from tpc.train.network import Network
+
+    if isinstance(prog, Network):
+        from tpc.train.finite import bytes_per_seed
+
+        return bytes_per_seed(prog, width, itemsize)
+    from tpc.backends.torch.run import bytes_per_seed as raw_bytes
+
+    return raw_bytes(prog, width, itemsize)  # type: ignore[arg-type]

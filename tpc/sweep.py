@@ -176,16 +176,13 @@ class SweepResult:
 
 def sweep(path_or_prog: object, grid: str, workers: int = 2, cluster: str | None = None, dtype: str = "float64",
           device: str = "cpu", memory_gb: float | None = None, force: bool = False,
-          progress: Callable[[int, int], None] | None = None,
-          on_client: Callable[[object], None] | None = None, allow_data_outside: bool = False) -> SweepResult:
+          progress: Callable[[int, int], None] | None = None, allow_data_outside: bool = False) -> SweepResult:
     """Runs every (width, seed, setting) of the grid as a task; `progress(done, total)`."""
+    from tpc import load
     from tpc.backends import device as on_device
 
     on_device.check(device)
     memory_gb = on_device.memory_gb(device, memory_gb)  # on CUDA the workers share the device's memory
-    from tpc import load
-    from tpc.backends.torch.run import DTYPES
-
     prog = path_or_prog if hasattr(path_or_prog, "source") else load(path_or_prog)
     source, filename = prog.source, prog.filename  # type: ignore[attr-defined]
     base = str(Path(filename).resolve().parent) if filename and Path(filename).exists() else os.getcwd()
@@ -197,12 +194,12 @@ def sweep(path_or_prog: object, grid: str, workers: int = 2, cluster: str | None
     if len(tasks) > MAX_TASKS:
         raise TpcError(f"--grid makes {len(tasks)} runs, more than {MAX_TASKS}")
     # each setting is built here first: a bad value is an error before any task runs
-    itemsize = torch_itemsize(DTYPES[dtype])
+    itemsize = 4 if dtype == "float32" else 8
     need = {}
     for si, setting in enumerate(combos):
         built = build_with(source, filename, Path(base), setting, allow_data_outside)
         for w in widths:
-            need[si, w] = _bytes_per_seed(built, w, itemsize)
+            need[si, w] = memory.finite_bytes_per_seed(built, w, itemsize)
     workers = max(1, workers)
     budget = memory.budget_gb(memory_gb) * 2**30
     share = budget / workers
@@ -221,8 +218,6 @@ def sweep(path_or_prog: object, grid: str, workers: int = 2, cluster: str | None
     client = dist.Client(cluster or own)
     result = SweepResult(axes, settings=combos, seeds=seeds)
     try:
-        if on_client:
-            on_client(client)
         advertised = [(w.get("resources") or {}).get("MEMORY") for w in client.scheduler_info()["workers"].values()]
         declared = bool(advertised) and None not in advertised  # else Dask's own memory limits apply
         if declared and max(advertised) < biggest and not force:  # no worker could ever take the largest run
@@ -252,24 +247,6 @@ def sweep(path_or_prog: object, grid: str, workers: int = 2, cluster: str | None
         names = by_seed[seeds[0]].keys()
         result.values[key] = {n: np.stack([by_seed[s][n] for s in seeds]) for n in names}
     return result
-
-
-def torch_itemsize(dtype: object) -> int:
-    import torch
-
-    return torch.finfo(dtype).bits // 8  # type: ignore[arg-type]
-
-
-def _bytes_per_seed(prog: object, width: int, itemsize: int) -> int:
-    from tpc.train.network import Network
-
-    if isinstance(prog, Network):
-        from tpc.train.finite import bytes_per_seed
-
-        return bytes_per_seed(prog, width, itemsize)
-    from tpc.backends.torch.run import bytes_per_seed as raw_bytes
-
-    return raw_bytes(prog, width, itemsize)  # type: ignore[arg-type]
 
 
 def finite_runs(prog: object, widths: list[int], seeds: int, first_seed: int = 0, workers: int | None = None,

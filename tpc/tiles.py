@@ -82,14 +82,17 @@ def plan(prog: Program, tile: int = DEFAULT_TILE) -> TilePlan:
                     8 * len(prog.outputs) * rows * rows, blocks)
 
 
-def _build_on(prog: Program, data: str, rows: np.ndarray) -> Program:
-    """The program again, with `rows` standing for its data set."""
+def _base_dir(prog: Program) -> Path:
+    return Path(prog.filename).resolve().parent if prog.filename else Path.cwd()
+
+
+def _build_on(source: str, filename: str, base_dir: Path, data: str, rows: np.ndarray) -> Program:
+    """The program again, with `rows` standing for its data set (the trial here, a task on a worker)."""
     from tpc.build import _build_any
     from tpc.syntax import parse
 
-    base = Path(prog.filename).resolve().parent if prog.filename else Path.cwd()
     policy = DataPolicy(allow_outside=True, arrays={data: np.ascontiguousarray(rows)})
-    return _build_any(parse(prog.source, prog.filename), prog.filename, prog.source, base, policy)
+    return _build_any(parse(source, filename), filename, source, base_dir, policy)  # type: ignore[return-value]
 
 
 def _check_pairwise(prog: Program, data: str, rows: np.ndarray) -> dict[str, np.ndarray]:
@@ -102,7 +105,7 @@ def _check_pairwise(prog: Program, data: str, rows: np.ndarray) -> dict[str, np.
 
     try:
         with torch.no_grad():
-            out = LimitEvaluator(_build_on(prog, data, rows)).run()
+            out = LimitEvaluator(_build_on(prog.source, prog.filename, _base_dir(prog), data, rows)).run()
         # with distinct rows, a kernel that is its own transpose by construction is so here
         return {name: _whole(v.value).double().numpy() for name, v in out.items()}
     except NeedsParticles:
@@ -126,13 +129,10 @@ def tile_task(source: str, filename: str, base_dir: str, data: str, x: np.ndarra
     import torch
 
     from tpc.backends.limit.evaluate import evaluate_limit
-    from tpc.build import _build_any
-    from tpc.syntax import parse
 
     torch.set_num_threads(options.pop("threads", 1))
     idx = np.arange(*rows_i) if rows_j is None else np.concatenate([np.arange(*rows_i), np.arange(*rows_j)])
-    policy = DataPolicy(allow_outside=True, arrays={data: np.ascontiguousarray(x[idx])})
-    prog = _build_any(parse(source, filename), filename, source, Path(base_dir), policy)
+    prog = _build_on(source, filename, Path(base_dir), data, x[idx])
     out = evaluate_limit(prog, force=True, **options)  # the plan checked the memory of every task
     if any("monte-carlo" in o.method for o in out.values()):
         raise TpcError("a tiled limit needs kernels without Monte Carlo (closed forms, quadrature): tiles of "
@@ -179,9 +179,11 @@ class NpyWriter:
 def tiled_limit(prog: Program, out_dir: str | Path, tile: int = DEFAULT_TILE, workers: int = 2,
                 cluster: str | None = None, memory_gb: float | None = None, force: bool = False,
                 method: str = "auto", dtype: str = "float64",
-                progress: Callable[[int, int], None] | None = None) -> dict[str, Path]:
-    """Every output of `prog` (N x N kernels) into out_dir/<output>.npy, by tiles on Dask workers."""
-    p = plan(prog, tile)
+                progress: Callable[[int, int], None] | None = None,
+                tile_plan: TilePlan | None = None) -> dict[str, Path]:
+    """Every output of `prog` (N x N kernels) into out_dir/<output>.npy, by tiles on Dask workers;
+    `tile_plan`: the plan already made for this program and tile (the CLI prints it first)."""
+    p = tile_plan or plan(prog, tile)
     workers = max(1, workers)
     need = p.task_bytes * workers
     try:
@@ -207,7 +209,7 @@ def tiled_limit(prog: Program, out_dir: str | Path, tile: int = DEFAULT_TILE, wo
         threads = max(1, (os.cpu_count() or 1) // workers) if cluster is None else 1
         options = {"method": method, "dtype": dtype, "threads": threads}
         xf = client.scatter(x, broadcast=True)
-        base = str(Path(prog.filename).resolve().parent) if prog.filename else os.getcwd()
+        base = str(_base_dir(prog))
         owner: dict[int, tuple[int, int]] = {}  # the first task with block i writes (I, I)
         for task in p.tasks:
             for b in set(task):
