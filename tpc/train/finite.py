@@ -62,6 +62,8 @@ def _step(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor)
         if arg.dim() == 2:  # the data (B, d) times the input layer (S, n, d)
             return torch.einsum("bd,snd->sbn", arg, w)
         return arg @ w.transpose(-1, -2)
+    if step.op == "moment":
+        return vals[step.args[0]].mean(-1, keepdim=True)  # (S, B, 1): one number per input
     return _tree(step.tree, [vals[i] for i in step.args])
 
 

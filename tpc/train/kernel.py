@@ -120,6 +120,8 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
         names.append(value)
         if s.op == "fn":
             stmts.append(ast.Assign(sp, value, _expr(s.tree, [names[j] for j in s.args], sp)))
+        elif s.op == "moment":
+            stmts.append(ast.Assign(sp, value, call("mean", name(names[s.args[0]]))))
         elif net.layers[s.layer].role == "readout":
             stmts.append(ast.Assign(sp, f, op("/", op("@", name(s.layer), name(names[s.args[0]])),
                                               call("sqrt", name(n)))))

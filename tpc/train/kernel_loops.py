@@ -120,6 +120,12 @@ class KernelBackend:
     def feature_change(self, applied: Applied, before: Applied) -> Tensor:
         return torch.zeros(len(applied.vals[0]), dtype=torch.float64)  # the features do not move
 
+    def init_kernel(self, kind: str, data: str) -> Tensor:
+        """nngp(f, X) or ntk(f, X): the kernels this regime already has (without the rate)."""
+        pts = np.arange(self.K.points[data].start, self.K.points[data].stop)
+        value = self.K.nngp if kind == "nngp" else sum(self.K.theta.values(), np.zeros_like(self.K.nngp))
+        return torch.as_tensor(value[np.ix_(pts, pts)])
+
 
 def check_kernel_program(net: Network) -> None:
     """Refuse, before anything runs, what the kernel regime does not cover."""
@@ -177,7 +183,7 @@ def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
     results: dict[str, LimitOutput] = {}
     for o in net.outputs:
         v = out[o.name].detach().numpy()
-        if o.kind == "features":
+        if o.kind in ("features", "nngp", "ntk"):
             results[o.name] = LimitOutput(v, K.method)
             continue
         if o.kind == "feature_change":

@@ -30,7 +30,9 @@ from tpc.train.loops import LoopBuilder, TrainProgram
 MAX_EXPONENT = 16.0  # the largest |a|, |b| or |c| an abc(...) may give
 ROLES = ("input", "embedding", "hidden", "readout", "bias")
 LOSSES = ("mse", "xent", "logistic")
-OUTPUT_FUNCTIONS = ("history", "features", "feature_change", "adapted", "embeddings")
+NORMS = ("layernorm", "rmsnorm")  # a model's normalisations over the n coordinates, with eps (default below)
+NORM_EPS = 1e-5  # torch.nn.LayerNorm's default
+OUTPUT_FUNCTIONS = ("history", "features", "feature_change", "adapted", "embeddings", "nngp", "ntk")
 NETWORK_STATEMENTS = (ast.ParamDecl, ast.LayerDecl, ast.ModelDecl, ast.LossDecl, ast.TrainDecl, ast.ForLoop,
                       ast.StateDecl, ast.CopyDecl)
 LOOP_STATEMENTS = (ast.ForLoop, ast.StateDecl, ast.CopyDecl, ast.Update, ast.RecordStmt)
@@ -58,11 +60,13 @@ class Layer:
 
 @dataclass
 class Step:
-    """One value of the model: the input, a layer applied to a value, a bias, or a
-    coordinatewise function of earlier values (a tree over `Arg(i)` = the i-th of `args`)."""
+    """One value of the model: the input, a layer applied to a value, a bias, a coordinatewise
+    function of earlier values (a tree over `Arg(i)` = the i-th of `args`), or a moment: the mean
+    of a vector over its n coordinates, one number per input (a norm's scale, as `mean` in a raw
+    Netsor program)."""
 
-    op: str  # input | matmul | bias | fn
-    kind: str  # data | vector | out
+    op: str  # input | matmul | bias | fn | moment
+    kind: str  # data | vector | scalar (per input: a moment, or a function of moments) | out
     layer: str | None = None
     args: tuple[int, ...] = ()
     tree: ex.Tree | None = None
@@ -157,7 +161,7 @@ class Train:
 @dataclass
 class Output:
     name: str
-    kind: str  # predict | loss | history | features | feature_change | adapted | embeddings
+    kind: str  # predict | loss | history | features | feature_change | adapted | embeddings | nngp | ntk
     phase: str  # init | trained
     span: Span
     data: str | None = None
@@ -211,8 +215,9 @@ class Network:
         return any(la.role == "embedding" for la in self.layers.values())
 
     def is_linear(self) -> bool:
-        """Every coordinatewise step of the model is linear in its vectors: the limit is exact."""
-        return all(_linear(s.tree) for s in self.model.steps if s.op == "fn")
+        """Every coordinatewise step of the model is linear in its vectors, and no step takes a
+        moment (a norm divides by one): the limit is exact."""
+        return all(s.op != "moment" and (s.op != "fn" or _linear(s.tree)) for s in self.model.steps)
 
     def readout(self) -> Layer:
         return next(la for la in self.layers.values() if la.role == "readout")
@@ -276,7 +281,7 @@ class _Builder:
         if name in self.defined:
             raise TpcError(f"'{name}' is already defined (first defined at line {self.defined[name].line})", span)
         if name in FUNCTIONS and FUNCTIONS[name].user_visible or name in ALIASES or name in LOSSES \
-                or name in OUTPUT_FUNCTIONS or name in ("mean", "sum", "load", "N"):
+                or name in OUTPUT_FUNCTIONS or name in NORMS or name in ("mean", "sum", "load", "N"):
             raise TpcError(f"'{name}' is a built-in function; choose another name", span)
         self.defined[name] = span
 
@@ -426,9 +431,11 @@ class _Builder:
                            s.span)
         kw = self.kwargs(s.kwargs, ("var",), "a layer")
         var = self.const(kw["var"].value) if "var" in kw else 1.0
-        # a readout may start at zero (word2vec's output embeddings do); every other layer is random
-        if not (var > 0 or var == 0 and s.role == "readout") or not np.isfinite(var):
-            raise TpcError("a layer's variance must be positive (a readout's may be 0)", kw["var"].value.span)
+        # a readout may start at zero (word2vec's output embeddings do), and a bias (a norm's learned
+        # shift or gain, `(1 + g) * layernorm(h) + b`); every matrix with a side n is random
+        if not (var > 0 or var == 0 and s.role in ("readout", "bias")) or not np.isfinite(var):
+            raise TpcError("a layer's variance must be positive (a readout's or a bias's may be 0)",
+                           kw["var"].value.span)
         rows, cols = (dims + [1])[:2] if s.role == "bias" else dims
         self.layers[s.name] = Layer(s.name, s.role, rows, cols, var, s.span)
 
@@ -773,8 +780,19 @@ class _Builder:
                                "initialisation: put it after the train statement", e.span)
             self.outputs.append(Output(s.name, e.fn, phase, s.span, data=x))
             return
+        if isinstance(e, ast.Call) and e.fn in ("nngp", "ntk"):
+            ok = len(e.args) == 2 and isinstance(e.args[0], ast.Name) and e.args[0].id == self.model.name
+            x = self.f_call(ast.Call(e.span, self.model.name, e.args[1:], e.fn_span)) if ok else None
+            if x is None:
+                raise TpcError(f"{e.fn}(f, X) takes the model and a data set", e.span)
+            if phase != "init":
+                raise TpcError(f"{e.fn}(f, X) is the model's kernel at initialisation: write it before the "
+                               "training", e.span)
+            self.outputs.append(Output(s.name, e.fn, phase, s.span, data=x))
+            return
         raise TpcError(f"a network program outputs {self.model.name}(X), a loss, history(L), features(f, X), "
-                       "feature_change(f, X), adapted(f, P, S, SY, Q) or embeddings(U)", e.span)
+                       "feature_change(f, X), nngp(f, X), ntk(f, X), adapted(f, P, S, SY, Q) or embeddings(U)",
+                       e.span)
 
     def finish(self, filename: str, source: str) -> Network:
         if self.width is None:
@@ -800,7 +818,7 @@ class _Builder:
             if la.role == "embedding" and not cbow:
                 raise TpcError("an embedding layer is trained by `train cbow(...)`; other models take an input "
                                "layer", la.span)
-            if la.var == 0 and not cbow:
+            if la.var == 0 and la.role == "readout" and not cbow:
                 raise TpcError("a readout that starts at zero is supported in cbow programs only", la.span)
         if cbow and any(o.phase == "init" for o in self.outputs):
             raise TpcError("a cbow program's outputs come after its train statement",
@@ -999,6 +1017,12 @@ class ModelBuilder:
         fn = ALIASES.get(e.fn, e.fn)
         if fn == "sqrt" and len(e.args) == 1:
             return self.fn("pow", [self.value(e.args[0]), 0.5], e)
+        if fn == "mean":
+            if len(e.args) != 1:
+                raise TpcError(f"mean(h) takes one argument, got {len(e.args)}", e.span)
+            return self.moment(self.value(e.args[0]), e)
+        if fn in NORMS:
+            return self.norm(fn, e)
         if fn not in FUNCTIONS or not FUNCTIONS[fn].user_visible:
             if e.fn == self.decl.name:
                 raise TpcError("a model cannot call itself", e.fn_span)
@@ -1006,6 +1030,35 @@ class ModelBuilder:
         if len(e.args) != FUNCTIONS[fn].arity:
             raise TpcError(f"'{e.fn}' takes {FUNCTIONS[fn].arity} argument(s), got {len(e.args)}", e.span)
         return self.fn(fn, [self.value(a) for a in e.args], e)
+
+    def moment(self, v: int | float, e: ast.Expr) -> int:
+        """`mean(h)`: the average of an n-vector's coordinates, one number per input."""
+        if not isinstance(v, int) or self.steps[v].kind != "vector":
+            what = {"data": "the model's input (a finite vector)", "out": "the readout's output (finite)",
+                    "scalar": "a number per input"}.get(self.steps[v].kind, "") if isinstance(v, int) else "a number"
+            raise TpcError(f"mean(...) averages the n coordinates of a vector; this is {what}", e.span)
+        return self.add(Step("moment", "scalar", args=(v,), span=e.span))
+
+    def norm(self, fn: str, e: ast.Call) -> int | float:
+        """`layernorm(h[, eps])` = (h - mean(h)) / sqrt(mean((h - mean(h))^2) + eps) and
+        `rmsnorm(h[, eps])` = h / sqrt(mean(h^2) + eps), over the n coordinates of h (no gain: write
+        one with bias layers, `(1 + g) * layernorm(h) + b`)."""
+        if len(e.args) not in (1, 2):
+            raise TpcError(f"{fn}(h) or {fn}(h, eps) takes one or two arguments, got {len(e.args)}", e.span)
+        eps = self.value(e.args[1]) if len(e.args) == 2 else NORM_EPS
+        if not isinstance(eps, float) or not eps >= 0:
+            raise TpcError(f"{fn}'s eps is a number >= 0", e.args[1].span)
+        h = self.value(e.args[0])
+        if not isinstance(h, int) or self.steps[h].kind != "vector":
+            kind = self.steps[h].kind if isinstance(h, int) else "number"
+            what = {"data": "the model's input (a finite vector)", "out": "the readout's output (finite)",
+                    "scalar": "a number per input", "number": "a number"}[kind]
+            raise TpcError(f"{fn}(...) normalises the n coordinates of a vector; this is {what}", e.args[0].span)
+        if fn == "layernorm":
+            h = self.fn("sub", [h, self.moment(h, e)], e)
+        var = self.moment(self.fn("mul", [h, h], e), e)
+        scale = self.fn("pow", [self.fn("add", [var, eps], e) if eps else var, 0.5], e)
+        return self.fn("div", [h, scale], e)
 
     def fn(self, fn: str, vals: list[int | float], e: ast.Expr) -> int | float:
         steps = [v for v in vals if isinstance(v, int)]
@@ -1015,6 +1068,7 @@ class ModelBuilder:
                 raise TpcError(f"the model's input enters through its input layer: W @ {self.decl.arg}", e.span)
             if kind == "out":
                 raise TpcError("the model ends at its readout; put any function of the outputs in the loss", e.span)
+        kind = "vector" if any(self.steps[v].kind == "vector" for v in steps) else "scalar"
         args: list[int] = []
         trees: list[ex.Tree] = []
         for v in vals:
@@ -1032,7 +1086,7 @@ class ModelBuilder:
             if not np.isfinite(value):
                 raise TpcError("this constant is not finite", e.span)
             return value
-        return self.add(Step("fn", "vector", args=tuple(args), tree=tree, span=e.span))
+        return self.add(Step("fn", kind, args=tuple(args), tree=tree, span=e.span))
 
 
 def is_network(module: ast.Module) -> bool:

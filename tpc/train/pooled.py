@@ -122,6 +122,8 @@ class PooledBackend:
                 vals.append(params[step.layer][..., None, :])
             elif step.op == "fn":
                 vals.append(self.space.fn(step.tree, [vals[i] for i in step.args]))
+            elif step.op == "moment":
+                vals.append(self.space.mean(vals[step.args[0]]))
             else:
                 la = self.net.layers[step.layer]
                 y = vals[step.args[0]]
@@ -134,7 +136,11 @@ class PooledBackend:
         return Applied(vals[-1].detach().requires_grad_(True), vals, params)
 
     def backward(self, applied: Applied, chi: Tensor) -> list[Tensor | None]:
-        """n dL/d(value) for every vector step, from chi = dL/df (..., B, k)."""
+        """n dL/d(value) for every vector step and dL/d(value) for every scalar step (a moment, or a
+        function of moments: one number per input), from chi = dL/df (..., B, k). A step's tree T
+        then has dL/dT_i = H_i / n over the coordinates i, with H = n dL/dv for a vector and H = dL/dm
+        for a moment's mean of its argument, so a vector argument a gets n dL/da = H dT/da and a scalar
+        argument dL/da = mean_i(H dT/da)."""
         steps, vals, params = self.net.model.steps, applied.vals, applied.params
         grads: list[Tensor | None] = [None] * len(steps)
 
@@ -154,17 +160,23 @@ class PooledBackend:
                 if la.role == "hidden":
                     add(step.args[0], self.hidden(la.name, params[la.name], g, True))
                 continue
+            if step.op == "moment":
+                add(step.args[0], g.expand(vals[step.args[0]].shape))
+                continue
             from tpc.backends.limit.evaluate import evaluate_tree
 
             args = [vals[j] for j in step.args]
             for k, j in enumerate(step.args):
-                if steps[j].kind != "vector":
+                if steps[j].kind not in ("vector", "scalar"):
                     continue
                 d = derivative(step.tree, k)
                 if not ex.args_used(d):
-                    add(j, float(evaluate_tree(d, [torch.zeros(())] * len(args))) * g)
+                    dh = float(evaluate_tree(d, [torch.zeros(())] * len(args))) * g
                 else:
-                    add(j, self.space.fn(ex.Apply("mul", (d, ex.Arg(len(args)))), args + [g]))
+                    dh = self.space.fn(ex.Apply("mul", (d, ex.Arg(len(args)))), args + [g])
+                if steps[j].kind == "scalar" and step.kind == "vector":
+                    dh = self.space.mean(dh)
+                add(j, dh)
         return grads
 
     def grad(self, loss: Tensor, applied: list[Applied], layers: tuple[str, ...]) -> dict[str, object]:
@@ -234,6 +246,21 @@ class PooledBackend:
     def feature_gram(self, applied: Applied) -> Tensor:
         feats = applied.vals[self.net.model.features]
         return self.space.gram(feats, feats)
+
+    def init_kernel(self, kind: str, data: str) -> Tensor:
+        """nngp(f, X) or ntk(f, X) at initialisation: at width n the seeds' empirical kernels (the
+        dense network's, whose initial weights are this program's), in the limit the closed forms of
+        the model lowered to a Netsor program (init_kernels.py)."""
+        from tpc.train.init_kernels import limit_kernel
+
+        if isinstance(self.space, FiniteSpace):
+            from tpc.train.dense import DenseBackend
+
+            sp = self.space
+            return DenseBackend(self.net, sp.n, sp.seeds, sp.dtype, sp.device).init_kernel(kind, data)
+        known = self.space.kernels.get((kind, data))  # loops_limit takes each once, for all replicates
+        value, _ = known if known is not None else limit_kernel(self.net, kind, data)
+        return torch.as_tensor(value, dtype=self.dtype)
 
     def feature_change(self, applied: Applied, before: Applied) -> Tensor:
         diff = applied.vals[self.net.model.features] - before.vals[self.net.model.features]
@@ -340,6 +367,9 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
                        hint="fewer particles or steps")
     except TpcError as err:
         raise err.locate(net.filename, net.source) from None
+    from tpc.train.init_kernels import KERNEL_OUTPUTS, limit_kernel
+
+    kernels = {(o.kind, o.data): limit_kernel(net, o.kind, o.data) for o in net.outputs if o.kind in KERNEL_OUTPUTS}
     runs = []
     reps = 1 if exact else max(2, replicates or 4)
     steps = sum(net.program.instrs[i].attrs["trip"] for i in net.program.top if net.program.instrs[i].op == "loop")
@@ -348,11 +378,15 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
             def step_done(done: int, _total: int, r: int = r) -> None:
                 if progress:
                     progress(r * steps + done, reps * steps)
-            runs.append(run_pooled(net, LimitSpace(net, exact, size, seed + r), step_done))
+            space = LimitSpace(net, exact, size, seed + r)
+            space.kernels = kernels
+            runs.append(run_pooled(net, space, step_done))
     out = {}
     for o in net.outputs:
         stack = np.stack([r[o.name].detach().double().cpu().numpy() for r in runs])
-        if exact:
+        if (o.kind, o.data) in kernels:  # closed forms, the same in every replicate
+            out[o.name] = LimitOutput(stack[0], kernels[o.kind, o.data][1])
+        elif exact:
             out[o.name] = LimitOutput(stack[0], "exact")
         else:
             out[o.name] = LimitOutput(stack.mean(0), "monte-carlo", stack.std(0, ddof=1) / np.sqrt(len(runs)))

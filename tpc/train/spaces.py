@@ -36,6 +36,7 @@ class FiniteSpace:
 
     def __init__(self, net: Network, width: int, seeds: list[int], dtype: torch.dtype, device: str) -> None:
         self.net, self.n, self.dtype, self.device = net, width, dtype, device
+        self.seeds = seeds
         self.normals = standard_normals(net, width, seeds, dtype, device)
 
     def factor(self, exponent: float) -> float:
@@ -63,6 +64,10 @@ class FiniteSpace:
     def fn(self, tree: ex.Tree, args: list[Tensor]) -> Tensor:
         return _tree(tree, args)
 
+    def mean(self, v: Tensor) -> Tensor:
+        """A vector's average over its n coordinates, kept as a trailing axis of 1."""
+        return v.mean(-1, keepdim=True)
+
 
 class LimitSpace:
     """The limit: vectors (B, space) over coefficients (exact) or particles (Monte Carlo)."""
@@ -73,6 +78,7 @@ class LimitSpace:
         self.dtype = torch.float64
         self.device = "cpu"
         self.space = GaussianSpace(exact, size, self.dtype, seed)
+        self.kernels: dict[tuple[str, str], tuple[np.ndarray, str]] = {}  # nngp/ntk outputs, when known
 
     def factor(self, exponent: float) -> float:
         value = limit_of_power(exponent)
@@ -105,6 +111,13 @@ class LimitSpace:
         if self.exact:
             return _evaluate_linear(tree, args, set(range(len(args))), self.space)
         return evaluate_tree(tree, args)
+
+    def mean(self, v: Tensor) -> Tensor:
+        """E[Z^v] over the particles, kept as a trailing axis of 1 (a model with a moment is never
+        exact: `Network.is_linear`)."""
+        if self.exact:  # pragma: no cover - guarded by Network.is_linear
+            raise TpcError("internal: a moment in the exact limit")
+        return v.mean(-1, keepdim=True)
 
 
 Space = FiniteSpace | LimitSpace

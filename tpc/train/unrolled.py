@@ -142,11 +142,16 @@ class _Lister:
                 la = self.net.layers[step.layer]
                 if la.role == "hidden":
                     grads.setdefault(step.args[0], []).append(self.hidden(root, la.name, g, True).split("   #")[0])
+            elif step.op == "moment":  # dL/dm for m = mean(a): n dL/da = dL/dm in every coordinate
+                grads.setdefault(step.args[0], []).append(g)
             elif step.op == "fn":
                 for j_arg, j in enumerate(step.args):
-                    if steps[j].kind == "vector":
+                    if steps[j].kind in ("vector", "scalar"):
                         d = derivative(step.tree, j_arg)
-                        grads.setdefault(j, []).append(f"({ex.render(d, [h[a] for a in step.args])}) * {g}")
+                        term = f"({ex.render(d, [h[a] for a in step.args])}) * {g}"
+                        if steps[j].kind == "scalar" and step.kind == "vector":
+                            term = f"mean({term})"
+                        grads.setdefault(j, []).append(term)
         finite: dict[str, list[str]] = {}
         for k, step in enumerate(steps):
             if step.op not in ("matmul", "bias") or step.layer not in layers:
@@ -260,6 +265,8 @@ def _list_apply(ls: _Lister, ins: Instr) -> None:
             text = ls.layer(root, step.layer)
         elif step.op == "fn":
             text = ex.render(step.tree, [h[j] for j in step.args])
+        elif step.op == "moment":
+            text = f"mean({h[step.args[0]]})   # finite: one number per input"
         else:
             la = ls.net.layers[step.layer]
             arg = h[step.args[0]]

@@ -105,6 +105,8 @@ def forward_code(net: Network, names: dict[str, str], owner: str, count: int) ->
         elif step.op == "matmul":
             layer = names[step.layer]
             code = f"{values[step.args[0]]} @ (m[{layer!r}] * {owner}.{layer}).T"
+        elif step.op == "moment":
+            code = f"{values[step.args[0]]}.mean(-1, keepdim=True)"
         else:
             hoisted: list[str] = []
             code = _tree_code(step.tree, [values[j] for j in step.args], hoisted)

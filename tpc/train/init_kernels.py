@@ -1,0 +1,86 @@
+"""`nngp(f, X)` and `ntk(f, X)`: the kernels of a network program's model at initialisation.
+
+Both are per output (the limit kernels are the identity over the model's k outputs):
+    nngp(x, x') = E[f_j(x) f_j(x')] over the readout's initial weights given the features: as a raw
+                  program's cov(f), var_V n^-2(a+b) (x^L . x^L') for the readout layer V,
+    ntk(x, x')  = sum_l n^-c <df(x)/dw^l, df(x')/dw^l>, averaged over the k outputs,
+the tangent kernel in the program's own parametrization (TP4: W^l = n^-a_l w^l, and SGD moves w^l
+by lr n^-c dL/dw^l, so `ntk` is the function-space effect of one unit-rate step). At finite width
+they are one seed's empirical kernels; in the limit, `kernel.layer_kernels` (the model lowered to a
+Netsor program with its backward pass: closed forms or quadrature), whose terms carry the same
+powers of n, each 1 or 0.
+
+The empirical NTK never forms a Jacobian: a layer applied as h_u = W y_u at its uses u has
+<df(x)/dW, df(x')/dW> = sum_{u,w} (delta_u(x) . delta_w(x')) (y_u(x) . y_w(x')), delta = df/dh,
+and the deltas of every input come from one backward pass per output (inputs never mix: a
+model's moments are per input).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tpc.train.network import Network
+
+Tensor = torch.Tensor
+KERNEL_OUTPUTS = ("nngp", "ntk")
+
+
+def empirical(net: Network, weights: dict[str, Tensor], x: Tensor, kind: str, width: int) -> Tensor:
+    """One kernel per seed, (S, B, B); `weights` are the W^l = n^-a_l w^l, (S, *shape)."""
+    from tpc.train.finite import _step
+
+    with torch.enable_grad():
+        # the weights join the graph so that every layer's output is in it (their own gradients are
+        # never asked for)
+        w = {k: v.detach().requires_grad_(True) for k, v in weights.items()}
+        vals: list[Tensor] = []
+        rows = x.shape[0]
+        for step in net.model.steps:
+            v = _step(step, vals, w, x)
+            if step.op == "bias":  # one copy per input, so its gradient is per input
+                v = v.expand(v.shape[0], rows, v.shape[-1]).clone()
+            vals.append(v)
+        out = vals[-1]  # (S, B, k)
+        k = out.shape[-1]
+        feats = vals[net.model.features]
+        if kind == "nngp":
+            # the readout's weights integrated out (as a raw program's cov(f)): a seed's value converges
+            # to the limit, where f(X) f(X).T / k itself stays random
+            readout = net.readout()
+            scale = readout.var * float(width ** (-2 * net.init_exponent(readout)))
+            return (scale * (feats @ feats.transpose(-1, -2))).detach()
+        c = net.abc.c
+        factor = {name: float(width ** (-c - 2 * net.ab(la)[0])) for name, la in net.layers.items()}
+        total = factor[net.readout().name] * (feats @ feats.transpose(-1, -2))
+        uses = [i for i, s in enumerate(net.model.steps)
+                if s.op == "bias" or s.op == "matmul" and s.kind == "vector"]
+        for j in range(k):
+            deltas = torch.autograd.grad(out[..., j].sum(), [vals[i] for i in uses], retain_graph=True,
+                                         allow_unused=True)
+            by_layer: dict[str, list[tuple[Tensor, Tensor | None]]] = {}
+            for i, d in zip(uses, deltas, strict=True):
+                step = net.model.steps[i]
+                d = torch.zeros_like(vals[i]) if d is None else d
+                y = None if step.op == "bias" else vals[step.args[0]]
+                by_layer.setdefault(step.layer, []).append((d, y))
+            for layer, pairs in by_layer.items():
+                term = 0.0
+                for du, yu in pairs:
+                    for dw, yw in pairs:
+                        dd = du @ dw.transpose(-1, -2)
+                        term = term + (dd if yu is None else dd * (yu @ yw.transpose(-1, -2)))
+                total = total + factor[layer] * term / k
+        return total.detach()
+
+
+def limit_kernel(net: Network, kind: str, data: str, **limit_options: object) -> tuple[np.ndarray, str]:
+    """The limit of `kind` on data set `data`, and how it was computed."""
+    from tpc.train.kernel import layer_kernels
+
+    K = layer_kernels(net, [data], **limit_options)  # noqa: N806
+    if kind == "nngp":
+        return K.nngp, K.method
+    rows = net.data[data].shape[0]
+    return sum(K.theta.values(), np.zeros((rows, rows))), K.method
