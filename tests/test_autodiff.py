@@ -20,8 +20,9 @@ X8 = np.loadtxt(ROOT / "programs" / "kernels" / "data" / "inputs8x3.csv", delimi
 WITH_NTK = ["relu_mlp", "erf_mlp", "gelu_mlp", "rnn_erf"]
 
 
-# network programs (programs/train, programs/word2vec) are checked against autograd in test_training.py
-PROGRAMS = sorted(p for p in (ROOT / "programs").rglob("*.tp") if p.parent.name not in ("train", "word2vec"))
+# network programs (programs/train, programs/word2vec, programs/arch) are checked against autograd in
+# test_training.py, test_arch.py and test_model_moments.py
+PROGRAMS = sorted(p for p in (ROOT / "programs").rglob("*.tp") if p.parent.name not in ("train", "word2vec", "arch"))
 
 
 def differentiable_targets(prog: tpc.Program) -> list[int]:
