@@ -15,7 +15,15 @@ from tpc.backends.limit import symmetric
 from tpc.backends.limit.symmetric import BlockKernel, all_finite, cut, row_blocks
 
 ROOT = Path(__file__).resolve().parent.parent
-PROGRAMS = sorted((ROOT / "programs").glob("*/*.tp"))
+
+def _over_positions(path: Path) -> bool:
+    """A model over positions: its unrolled limit at the default 65536 particles takes minutes."""
+    prog = tpc.load(path)
+    return isinstance(prog, tpc.Network) and prog.model.positions > 1
+
+
+PROGRAMS = [pytest.param(p, marks=pytest.mark.slow) if _over_positions(p) else p
+            for p in sorted((ROOT / "programs").glob("*/*.tp"))]
 
 
 def made_by_blocks(monkeypatch: pytest.MonkeyPatch) -> tuple[list[int], list[int]]:

@@ -255,6 +255,15 @@ def cmd_graph(args: argparse.Namespace) -> int:
         print(training_text(net) if args.format == "text" else training_dot(net) if args.format == "dot" else
               dumps({"training": training_json(net)}))
         return 0
+    if net is not None and net.model.positions > 1:  # no Netsor program over positions yet: the model's steps
+        from tpc.train.show import model_lines
+
+        if args.format == "dot":
+            raise TpcError("a model over positions is shown as text or JSON (tpc graph FILE [--format json])")
+        lines = model_lines(net)
+        print("\n".join(lines) + "\n\n" + training_text(net) if args.format == "text" else
+              dumps({"model": lines, "training": training_json(net)}))
+        return 0
     if _is_network(prog):
         prog = _lowered(prog)
     if args.format == "text":

@@ -181,6 +181,8 @@ class ModelDecl(Stmt):
     name: str
     arg: str
     body: Expr
+    positions: int = 1  # `model f(x[P])`: each input is P positions
+    positions_span: Span | None = None
 
 
 @dataclass(frozen=True)
@@ -414,7 +416,13 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def model_decl(self, meta, children):
-        return ModelDecl(_span(meta), str(children[0]), str(children[1]), children[2])
+        name, arg, positions, body = children
+        if positions is None:
+            return ModelDecl(_span(meta), str(name), str(arg), body)
+        return ModelDecl(_span(meta), str(name), str(arg), body, int(positions), _span(positions))
+
+    def positions(self, children):
+        return children[0]
 
     @v_args(meta=True)
     def loss_decl(self, meta, children):

@@ -45,15 +45,17 @@ def forward(net: Network, weights: dict[str, Tensor], x: Tensor, keep: bool = Fa
     """Every step's value; `weights` are the W^l (S, *shape). Vectors are (S, B, n), the output (S, B, k)."""
     vals: list[Tensor] = []
     for step in net.model.steps:
-        vals.append(_step(step, vals, weights, x))
+        vals.append(_step(step, vals, weights, x, net.model.positions, net.attention))
     return vals
 
 
-def _step(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor) -> Tensor:
+def _step(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, positions: int = 1,
+          attention: float = 1.0) -> Tensor:
+    from tpc.train import positions as by_pos
     from tpc.train.losses import _tree
 
-    if step.op == "input":
-        return x
+    if step.op == "input":  # over positions: one row per (input, position), (B*P, d)
+        return x.reshape(x.shape[0] * positions, x.shape[-1] // positions) if step.pos else x
     if step.op == "bias":
         return weights[step.layer][:, None, :]
     if step.op == "matmul":
@@ -64,6 +66,16 @@ def _step(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor)
         return arg @ w.transpose(-1, -2)
     if step.op == "moment":
         return vals[step.args[0]].mean(-1, keepdim=True)  # (S, B, 1): one number per input
+    if step.op == "pool":
+        return by_pos.pool(vals[step.args[0]], positions)
+    if step.op == "attend":
+        q, k, v = (vals[i] for i in step.args)
+        n = q.shape[-1]
+
+        def gram(a: Tensor, b: Tensor) -> Tensor:
+            return a @ b.transpose(-1, -2) / n
+
+        return by_pos.attend(by_pos.weights(q, k, positions, gram, float(n ** (1 - attention))), v, positions)
     return _tree(step.tree, [vals[i] for i in step.args])
 
 

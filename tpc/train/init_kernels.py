@@ -37,10 +37,11 @@ def empirical(net: Network, weights: dict[str, Tensor], x: Tensor, kind: str, wi
         w = {k: v.detach().requires_grad_(True) for k, v in weights.items()}
         vals: list[Tensor] = []
         rows = x.shape[0]
+        P = net.model.positions  # noqa: N806
         for step in net.model.steps:
-            v = _step(step, vals, w, x)
-            if step.op == "bias":  # one copy per input, so its gradient is per input
-                v = v.expand(v.shape[0], rows, v.shape[-1]).clone()
+            v = _step(step, vals, w, x, P, net.attention)
+            if step.op == "bias":  # one copy per input (and position), so its gradient is per input
+                v = v.expand(v.shape[0], rows * (P if step.pos else 1), v.shape[-1]).clone()
             vals.append(v)
         out = vals[-1]  # (S, B, k)
         k = out.shape[-1]
@@ -62,15 +63,20 @@ def empirical(net: Network, weights: dict[str, Tensor], x: Tensor, kind: str, wi
             by_layer: dict[str, list[tuple[Tensor, Tensor | None]]] = {}
             for i, d in zip(uses, deltas, strict=True):
                 step = net.model.steps[i]
-                d = torch.zeros_like(vals[i]) if d is None else d
+                d = _per_input(torch.zeros_like(vals[i]) if d is None else d, rows)
                 y = None if step.op == "bias" else vals[step.args[0]]
+                if y is not None:
+                    y = _per_input(y.expand(d.shape[0], *y.shape[-2:]), rows)
                 by_layer.setdefault(step.layer, []).append((d, y))
             for layer, pairs in by_layer.items():
                 term = 0.0
                 for du, yu in pairs:
                     for dw, yw in pairs:
-                        dd = du @ dw.transpose(-1, -2)
-                        term = term + (dd if yu is None else dd * (yu @ yw.transpose(-1, -2)))
+                        # over the positions p, r of two inputs b, c (one position without `model f(x[P])`)
+                        dd = torch.einsum("sbpi,scri->sbcpr", du, dw)
+                        if yu is not None:
+                            dd = dd * torch.einsum("sbpi,scri->sbcpr", yu, yw)
+                        term = term + dd.sum((-1, -2))
                 total = total + factor[layer] * term / k
         return total.detach()
 
@@ -84,3 +90,8 @@ def limit_kernel(net: Network, kind: str, data: str, **limit_options: object) ->
         return K.nngp, K.method
     rows = net.data[data].shape[0]
     return sum(K.theta.values(), np.zeros((rows, rows))), K.method
+
+
+def _per_input(v: Tensor, inputs: int) -> Tensor:
+    """(S, B*P, m) -> (S, B, P, m): a value's rows grouped by input (P = 1 without positions)."""
+    return v.reshape(v.shape[0], inputs, v.shape[-2] // inputs, v.shape[-1])

@@ -23,6 +23,9 @@ def describe(net: Network, method: str = "auto", particles: int = 2**16, replica
 
         return cbow.describe(net)
     head = f"{net.param_name}: r = {cls.r:g}, {cls.regime}"
+    refusal = positions_refusal(net)
+    if refusal is not None:
+        return f"{head}: no limit here: {refusal.message}"
     if cls.regime == "feature learning":
         from tpc.train.pooled import describe_limit
 
@@ -38,6 +41,27 @@ def describe(net: Network, method: str = "auto", particles: int = 2**16, replica
         return (f"{head}: the features stay at initialisation; the loops run in function space with each "
                 f"layer's limit kernel (closed forms or quadrature); {how}")
     return head
+
+
+def positions_refusal(net: Network) -> TpcError | None:
+    """What the limit of a model over positions (`model f(x[P])`) does not cover yet: the unrolled
+    program takes attention and pooling through the feature-learning limit (logits q.k/n, finite at
+    the natural scale); the kernel regime and `nngp`/`ntk` lower the model to a Netsor program,
+    which has no instruction that mixes positions yet."""
+    if net.model.positions == 1:
+        return None
+    span = net.model.span
+    if net.classification().regime != "feature learning":
+        return TpcError("the kernel-regime limit of a model over positions (attend, pool) is not built yet; "
+                        "finite width runs (tpc run), and muP's feature-learning limit covers it", span)
+    kernels = [o for o in net.outputs if o.kind in ("nngp", "ntk")]
+    if kernels:
+        return TpcError(f"the limit of {kernels[0].kind}(f, X) over positions is not built yet (finite width runs)",
+                        kernels[0].span)
+    if net.attention != 1.0 and any(s.op == "attend" for s in net.model.steps):
+        return TpcError("attention logits q.k / sqrt(n) grow like sqrt(n) once q and k correlate, so this "
+                        "training has no limit; muP divides by n (`attention = 1`, the default)", net.param_span)
+    return None
 
 
 def _exact(net: Network, method: str) -> bool:
@@ -61,6 +85,9 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
     if not cls.stable:
         raise TpcError(f"the parametrization is unstable (its limit blows up): {'; '.join(cls.failed)}",
                        net.param_span).locate(net.filename, net.source)
+    refusal = positions_refusal(net)
+    if refusal is not None:
+        raise refusal.locate(net.filename, net.source)
     if net.has_tables:  # word2vec: its loop on coefficient tables
         from tpc.train.tables import tables_limit
 

@@ -441,7 +441,7 @@ class LoopBuilder:
     def check_growth(self, layers: tuple[str, ...], types: set[str], span: Span) -> None:
         """Refuse an update whose natural-scale coefficient grows with n: its limit does not exist."""
         b = self.b
-        abc, _ = b.parametrization(b.param) if b.param else (None, None)
+        abc = b.parametrization(b.param)[0] if b.param else None
         if abc is None:
             raise TpcError("training needs a parametrization: `parametrization mup` (or sp, ntk, mf, abc(...))",
                            span)

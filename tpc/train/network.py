@@ -31,6 +31,7 @@ MAX_EXPONENT = 16.0  # the largest |a|, |b| or |c| an abc(...) may give
 ROLES = ("input", "embedding", "hidden", "readout", "bias")
 LOSSES = ("mse", "xent", "logistic")
 NORMS = ("layernorm", "rmsnorm")  # a model's normalisations over the n coordinates, with eps (default below)
+POSITION_OPS = ("attend", "pool")  # over positions (`model f(x[P])`): attention, mean pooling
 NORM_EPS = 1e-5  # torch.nn.LayerNorm's default
 OUTPUT_FUNCTIONS = ("history", "features", "feature_change", "adapted", "embeddings", "nngp", "ntk")
 NETWORK_STATEMENTS = (ast.ParamDecl, ast.LayerDecl, ast.ModelDecl, ast.LossDecl, ast.TrainDecl, ast.ForLoop,
@@ -65,12 +66,13 @@ class Step:
     of a vector over its n coordinates, one number per input (a norm's scale, as `mean` in a raw
     Netsor program)."""
 
-    op: str  # input | matmul | bias | fn | moment
+    op: str  # input | matmul | bias | fn | moment | attend | pool
     kind: str  # data | vector | scalar (per input: a moment, or a function of moments) | out
     layer: str | None = None
     args: tuple[int, ...] = ()
     tree: ex.Tree | None = None
     span: Span | None = None
+    pos: bool = False  # one value per position of an input (`model f(x[P])`), until `pool`
 
 
 @dataclass
@@ -79,6 +81,7 @@ class Model:
     arg: str
     steps: list[Step]
     span: Span
+    positions: int = 1  # `model f(x[P])`: the steps with `pos` hold P rows per input
 
     @property
     def out(self) -> int:
@@ -187,6 +190,7 @@ class Network:
     outputs: list[Output] = field(default_factory=list)
     param_span: Span | None = None
     program: TrainProgram | None = None  # training written as loops (loops.py), instead of `train`
+    attention: float = 1.0  # attend(q, k, v) divides q.k by n^attention (the parametrization's)
 
     @property
     def hidden_layers(self) -> int:
@@ -281,7 +285,7 @@ class _Builder:
         if name in self.defined:
             raise TpcError(f"'{name}' is already defined (first defined at line {self.defined[name].line})", span)
         if name in FUNCTIONS and FUNCTIONS[name].user_visible or name in ALIASES or name in LOSSES \
-                or name in OUTPUT_FUNCTIONS or name in NORMS or name in ("mean", "sum", "load", "N"):
+                or name in OUTPUT_FUNCTIONS or name in NORMS + POSITION_OPS or name in ("mean", "sum", "load", "N"):
             raise TpcError(f"'{name}' is a built-in function; choose another name", span)
         self.defined[name] = span
 
@@ -448,13 +452,17 @@ class _Builder:
             d = self.input_dim()
             arr = self.data[x]
             if arr.ndim != 2 or arr.shape[1] != d:
-                raise TpcError(f"'{x}' is {' x '.join(map(str, arr.shape))}; the model takes rows of dimension {d}",
+                p = self.model.positions
+                what = f"{d} numbers ({p} positions of {d // p})" if p > 1 else f"dimension {d}"
+                raise TpcError(f"'{x}' is {' x '.join(map(str, arr.shape))}; the model takes rows of {what}",
                                e.args[0].span)
             return x
         return None
 
     def input_dim(self) -> int:
-        return int(next(la.cols for la in self.layers.values() if la.takes_data))
+        """The numbers in one data row: the input layer's d, times the model's positions."""
+        d = int(next(la.cols for la in self.layers.values() if la.takes_data))
+        return d * (self.model.positions if self.model else 1)
 
     def output_dim(self) -> int:
         return int(next(la.rows for la in self.layers.values() if la.role == "readout"))
@@ -823,7 +831,7 @@ class _Builder:
         if cbow and any(o.phase == "init" for o in self.outputs):
             raise TpcError("a cbow program's outputs come after its train statement",
                            next(o.span for o in self.outputs if o.phase == "init"))
-        abc, lr = self.parametrization(self.param)
+        abc, lr, attention = self.parametrization(self.param)
         if self.train:
             if np.isnan(self.train.lr) and lr is None:
                 raise TpcError("give the learning rate: sgd(lr = 0.1, ...) or parametrization mup(lr = 0.1)",
@@ -855,13 +863,16 @@ class _Builder:
                 o.position = 0
         return Network(filename, source, self.width, self.param.name, abc, lr, self.layers, self.model,
                        self.data, self.losses, self.train, self.outputs, self.param.span,
-                       program)
+                       program, attention)
 
-    def parametrization(self, p: ast.ParamDecl) -> tuple[ABC, float | None]:
+    def parametrization(self, p: ast.ParamDecl) -> tuple[ABC, float | None, float]:
+        """The abc exponents, the learning rate if given, and the power of n that divides attention
+        logits: 1 under muP (TP4/TP5: q.k/n, so logits stay O(1) as features learn) and wherever
+        the parametrization learns features, 1/2 (q.k/sqrt(n)) otherwise; `attention = ...` sets it."""
         hidden = sum(1 for la in self.layers.values() if la.role == "hidden")
         L = hidden + 1  # noqa: N806 - the paper's name: the input layer is hidden layer 1
         if p.name == "abc":
-            kw = self.kwargs(p.kwargs, ("a", "b", "c", "lr"), "abc")
+            kw = self.kwargs(p.kwargs, ("a", "b", "c", "lr", "attention"), "abc")
             for need in ("a", "b", "c"):
                 if need not in kw:
                     raise TpcError(f"abc(...) needs {need}", p.span)
@@ -878,7 +889,7 @@ class _Builder:
                                    "parametrizations use small ones (TP4's are within [-1, 2])", kw[key].value.span)
             abc = ABC(a, b, c)
         else:
-            kw = self.kwargs(p.kwargs, ("lr",), p.name)
+            kw = self.kwargs(p.kwargs, ("lr", "attention"), p.name)
             try:
                 abc = preset(p.name, L)
             except TpcError as err:
@@ -886,7 +897,13 @@ class _Builder:
         lr = self.const(kw["lr"].value) if "lr" in kw else None
         if lr is not None and not lr > 0:
             raise TpcError("the learning rate must be positive", kw["lr"].value.span)
-        return abc, lr
+        attention = 1.0 if classify(abc).regime == "feature learning" else 0.5
+        if "attention" in kw:
+            attention = self.const(kw["attention"].value)
+            if attention not in (0.5, 1.0):
+                raise TpcError("attention is the power of n that divides the logits q.k: 1 (muP's q.k/n) or 0.5 "
+                               "(q.k/sqrt(n))", kw["attention"].value.span)
+        return abc, lr, attention
 
 
 class ModelBuilder:
@@ -898,6 +915,7 @@ class ModelBuilder:
         self.steps: list[Step] = []
         self.scope: list[dict[str, int | float]] = []
         self.order: list[str] = []  # layers in the order of first use
+        self.bias_context: dict[int, bool] = {}  # bias step -> used at every position (True) or per input
         self.budget = ExpansionBudget()  # nonlins are inlined: the model's expansion is bounded
 
     def build(self) -> Model:
@@ -921,7 +939,9 @@ class ModelBuilder:
         for la in self.b.layers.values():
             if la.role == "readout":
                 la.index = index
-        return Model(self.decl.name, self.decl.arg, self.steps, self.decl.span)
+        if self.decl.positions < 1 or self.decl.positions > 4096:
+            raise TpcError("a model takes 1 to 4096 positions", self.decl.positions_span)
+        return Model(self.decl.name, self.decl.arg, self.steps, self.decl.span, self.decl.positions)
 
     def add(self, step: Step) -> int:
         self.steps.append(step)
@@ -964,7 +984,7 @@ class ModelBuilder:
             for i, s in enumerate(self.steps):
                 if s.op == "input":
                     return i
-            return self.add(Step("input", "data", span=e.span))
+            return self.add(Step("input", "data", span=e.span, pos=self.decl.positions > 1))
         if e.id in self.b.dims:
             return float(self.b.dims[e.id])
         if e.id in self.b.layers:
@@ -997,8 +1017,11 @@ class ModelBuilder:
             raise TpcError("the readout's output is finite", e.span)
         if la.role == "readout" and self.scope:
             raise TpcError("the readout is applied in the model's body, not inside a nonlin", e.span)
+        if la.role == "readout" and self.steps[x].pos:
+            raise TpcError("the readout takes one vector per input: average over the positions first, "
+                           "V @ pool(h)", e.right.span)
         return self.add(Step("matmul", "out" if la.role == "readout" else "vector", layer=la.name, args=(x,),
-                             span=e.span))
+                             span=e.span, pos=self.steps[x].pos))
 
     def call(self, e: ast.Call) -> int | float:
         if e.fn in self.b.nonlins:
@@ -1023,6 +1046,8 @@ class ModelBuilder:
             return self.moment(self.value(e.args[0]), e)
         if fn in NORMS:
             return self.norm(fn, e)
+        if fn in POSITION_OPS:
+            return self.positional(fn, e)
         if fn not in FUNCTIONS or not FUNCTIONS[fn].user_visible:
             if e.fn == self.decl.name:
                 raise TpcError("a model cannot call itself", e.fn_span)
@@ -1037,7 +1062,23 @@ class ModelBuilder:
             what = {"data": "the model's input (a finite vector)", "out": "the readout's output (finite)",
                     "scalar": "a number per input"}.get(self.steps[v].kind, "") if isinstance(v, int) else "a number"
             raise TpcError(f"mean(...) averages the n coordinates of a vector; this is {what}", e.span)
-        return self.add(Step("moment", "scalar", args=(v,), span=e.span))
+        return self.add(Step("moment", "scalar", args=(v,), span=e.span, pos=self.steps[v].pos))
+
+    def positional(self, fn: str, e: ast.Call) -> int:
+        """`attend(q, k, v)`: at each position p, sum_r softmax_r(q_p . k_r / n^e) v_r over the input's
+        positions r (e from the parametrization: `attention` below); `pool(h)`: the mean over them."""
+        arity = {"attend": 3, "pool": 1}[fn]
+        if len(e.args) != arity:
+            raise TpcError(f"{fn}(...) takes {arity} argument(s), got {len(e.args)}", e.span)
+        if self.decl.positions == 1:
+            raise TpcError(f"{fn}(...) mixes the positions of an input; declare them: model "
+                           f"{self.decl.name}({self.decl.arg}[8])", e.span)
+        args = [self.value(a) for a in e.args]
+        for a, v in zip(e.args, args, strict=True):
+            if not isinstance(v, int) or self.steps[v].kind != "vector" or not self.steps[v].pos:
+                what = "an n-vector at every position" + (", not pooled twice" if fn == "pool" else "")
+                raise TpcError(f"{fn}(...) takes {what}", a.span)
+        return self.add(Step(fn, "vector", args=tuple(args), span=e.span, pos=fn == "attend"))
 
     def norm(self, fn: str, e: ast.Call) -> int | float:
         """`layernorm(h[, eps])` = (h - mean(h)) / sqrt(mean((h - mean(h))^2) + eps) and
@@ -1069,6 +1110,17 @@ class ModelBuilder:
             if kind == "out":
                 raise TpcError("the model ends at its readout; put any function of the outputs in the loss", e.span)
         kind = "vector" if any(self.steps[v].kind == "vector" for v in steps) else "scalar"
+        pos = {self.steps[v].pos for v in steps if self.steps[v].op != "bias"}  # a bias is the same everywhere
+        if len(pos) > 1:
+            raise TpcError("this combines values at every position with values per input (after pool): "
+                           "keep them apart", e.span)
+        for v in steps:  # a bias takes the context it is added in (at every position, or per input)
+            if self.steps[v].op == "bias" and pos:
+                ctx = pos == {True}
+                if self.bias_context.setdefault(v, ctx) != ctx:
+                    raise TpcError(f"the bias '{self.steps[v].layer}' is used both at every position and after "
+                                   "pool: give each its own bias layer", e.span)
+                self.steps[v].pos = ctx
         args: list[int] = []
         trees: list[ex.Tree] = []
         for v in vals:
@@ -1086,7 +1138,7 @@ class ModelBuilder:
             if not np.isfinite(value):
                 raise TpcError("this constant is not finite", e.span)
             return value
-        return self.add(Step("fn", kind, args=tuple(args), tree=tree, span=e.span))
+        return self.add(Step("fn", kind, args=tuple(args), tree=tree, span=e.span, pos=True in pos))
 
 
 def is_network(module: ast.Module) -> bool:

@@ -28,6 +28,7 @@ from tpc.backends.torch.run import DTYPES
 from tpc.errors import TpcError
 from tpc.ops import expr as ex
 from tpc.passes.autodiff import derivative
+from tpc.train import positions as by_pos
 from tpc.train.interp import Applied, Bundle, Interpreter, Rows
 from tpc.train.loops import MAXIMAL_LR_EXPONENT
 from tpc.train.network import Network
@@ -52,6 +53,9 @@ class PooledBackend:
         self.pool: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (inputs x, dh), each (*lead, P, n)
         self.rate = {name: MAXIMAL_LR_EXPONENT[la.role] - net.lr_exponent(la) for name, la in net.layers.items()}
         self.kept = 0  # pool rows after the last compaction
+        # attend's logits q.k / n^e are n^(1-e) gram(q, k) at the natural scale (network_limit refuses
+        # e < 1 in the limit, where that factor grows)
+        self.logit_scale = space.factor(1.0 - net.attention) if net.model.positions > 1 else 1.0
 
     # --- parameters
     def initial(self) -> dict[str, object]:
@@ -115,15 +119,21 @@ class PooledBackend:
     def apply(self, params: dict[str, object], rows: Rows) -> Applied:
         x = self.space.data(rows.values)
         vals: list[Tensor] = []
+        P = self.net.model.positions  # noqa: N806
         for step in self.net.model.steps:
-            if step.op == "input":
-                vals.append(x)
+            if step.op == "input":  # over positions: one row per (input, position)
+                vals.append(x.reshape(x.shape[0] * P, x.shape[-1] // P) if step.pos else x)
             elif step.op == "bias":
                 vals.append(params[step.layer][..., None, :])
             elif step.op == "fn":
                 vals.append(self.space.fn(step.tree, [vals[i] for i in step.args]))
             elif step.op == "moment":
                 vals.append(self.space.mean(vals[step.args[0]]))
+            elif step.op == "pool":
+                vals.append(by_pos.pool(vals[step.args[0]], P))
+            elif step.op == "attend":
+                q, k, v = (vals[i] for i in step.args)
+                vals.append(by_pos.attend(by_pos.weights(q, k, P, self.space.gram, self.logit_scale), v, P))
             else:
                 la = self.net.layers[step.layer]
                 y = vals[step.args[0]]
@@ -162,6 +172,16 @@ class PooledBackend:
                 continue
             if step.op == "moment":
                 add(step.args[0], g.expand(vals[step.args[0]].shape))
+                continue
+            if step.op == "pool":
+                add(step.args[0], by_pos.pool_backward(g, self.net.model.positions))
+                continue
+            if step.op == "attend":
+                q, k, v = (vals[i] for i in step.args)
+                P, gram, scale = self.net.model.positions, self.space.gram, self.logit_scale  # noqa: N806
+                a = by_pos.weights(q, k, P, gram, scale)
+                for j, d in zip(step.args, by_pos.attend_backward(a, q, k, v, g, P, gram, scale), strict=True):
+                    add(j, d)
                 continue
             from tpc.backends.limit.evaluate import evaluate_tree
 

@@ -173,6 +173,33 @@ def loop_summary(prog: TrainProgram, loop: Instr) -> str:
     return "; ".join(parts)
 
 
+def model_lines(net: Network) -> list[str]:
+    """The model's steps, one per line: a model over positions (`model f(x[P])`) is shown this way,
+    since it has no Netsor program at initialisation to print yet."""
+    from tpc.ops import expr as ex
+
+    m = net.model
+    names = [m.arg if s.op == "input" else s.layer if s.op == "bias" else f"h{k}" for k, s in enumerate(m.steps)]
+    names[-1] = f"{m.name}({m.arg})"
+    lines = [f"model {m.name}({m.arg}{f'[{m.positions}]' if m.positions > 1 else ''}): {len(m.steps)} steps"]
+    for k, s in enumerate(m.steps):
+        args = [names[j] for j in s.args]
+        if s.op in ("input", "bias"):
+            continue
+        if s.op == "matmul":
+            text = f"{s.layer} @ {args[0]}"
+        elif s.op == "fn":
+            text = ex.render(s.tree, args)
+        else:  # moment (mean), pool, attend
+            text = f"{'mean' if s.op == 'moment' else s.op}({', '.join(args)})"
+        where = {"scalar": "a number per input", "out": "finite"}.get(s.kind, "an n-vector")
+        if s.pos:
+            where += " at every position"
+        note = f"softmax over positions of q.k / n^{net.attention:g}" if s.op == "attend" else where
+        lines.append(f"  {names[k]:<8} = {text:<48} # {note}")
+    return lines
+
+
 def training_text(net: Network) -> str:
     prog = net.program
     lines = [f"training: {sum(1 for i in prog.walk() if i.op == 'loop')} loop(s), each a body run `trip` times "

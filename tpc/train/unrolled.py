@@ -144,6 +144,15 @@ class _Lister:
                     grads.setdefault(step.args[0], []).append(self.hidden(root, la.name, g, True).split("   #")[0])
             elif step.op == "moment":  # dL/dm for m = mean(a): n dL/da = dL/dm in every coordinate
                 grads.setdefault(step.args[0], []).append(g)
+            elif step.op == "pool":
+                grads.setdefault(step.args[0], []).append(f"{g} / {self.net.model.positions}   # at every position")
+            elif step.op == "attend":  # a = softmax(s), s = q.k / n^e: see tpc/train/positions.py
+                hq, hk, hv = (h[j] for j in step.args)
+                ds = f"ds{h[k]}"
+                self.say(f"  {ds} = softmax'({hq}, {hk}) applied to ({g} . {hv} / n)   # finite: per input, P x P")
+                grads.setdefault(step.args[0], []).append(f"{ds} @ {hk}")
+                grads.setdefault(step.args[1], []).append(f"{ds}.T @ {hq}")
+                grads.setdefault(step.args[2], []).append(f"a({hq}, {hk}).T @ {g}")
             elif step.op == "fn":
                 for j_arg, j in enumerate(step.args):
                     if steps[j].kind in ("vector", "scalar"):
@@ -267,6 +276,12 @@ def _list_apply(ls: _Lister, ins: Instr) -> None:
             text = ex.render(step.tree, [h[j] for j in step.args])
         elif step.op == "moment":
             text = f"mean({h[step.args[0]]})   # finite: one number per input"
+        elif step.op == "pool":
+            text = f"pool({h[step.args[0]]})   # the mean over positions"
+        elif step.op == "attend":
+            hq, hk, hv = (h[j] for j in step.args)
+            text = (f"a({hq}, {hk}) @ {hv}   # a = softmax over positions of ({hq} . {hk} / n) "
+                    f"n^{1 - ls.net.attention:g}: finite, per input")
         else:
             la = ls.net.layers[step.layer]
             arg = h[step.args[0]]

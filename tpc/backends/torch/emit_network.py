@@ -37,7 +37,8 @@ _SUGAR_NAMES = {"adapt", "loss_task", "_task_loss", "steps", "batch", "history",
 def program_names(net: Network) -> dict[str, str]:
     """Python identifiers for the program's layers (attributes of Network) and data (arguments of
     train and the losses), apart from each other and from every name the file uses itself."""
-    taken = _NET_TAKEN | {f"s{i}" for i in range(len(net.model.steps))} | {f"loss_{lo}" for lo in net.losses}
+    taken = _NET_TAKEN | {f"{p}{i}" for i in range(len(net.model.steps)) for p in ("s", "a")} | \
+        {f"loss_{lo}" for lo in net.losses}
     keys = list(dict.fromkeys([*net.layers, *net.data]))
     if net.train is None and net.program is not None:  # training written as loops: train()'s names (emit_loops)
         from tpc.backends.torch import emit_loops
@@ -97,8 +98,9 @@ def forward_code(net: Network, names: dict[str, str], owner: str, count: int) ->
     for i, step in enumerate(net.model.steps[:count]):
         v = f"s{i}"
         values.append(v)
-        if step.op == "input":
-            code = "x"
+        P = net.model.positions  # noqa: N806
+        if step.op == "input":  # over positions: one row per (input, position)
+            code = f"x.reshape(x.shape[0] * {P}, x.shape[-1] // {P})" if step.pos else "x"
         elif step.op == "bias":
             layer = names[step.layer]
             code = f"m[{layer!r}] * {owner}.{layer}"
@@ -107,6 +109,15 @@ def forward_code(net: Network, names: dict[str, str], owner: str, count: int) ->
             code = f"{values[step.args[0]]} @ (m[{layer!r}] * {owner}.{layer}).T"
         elif step.op == "moment":
             code = f"{values[step.args[0]]}.mean(-1, keepdim=True)"
+        elif step.op == "pool":  # the mean over each input's P consecutive rows
+            h = values[step.args[0]]
+            code = f"{h}.reshape(*{h}.shape[:-2], -1, {P}, {h}.shape[-1]).mean(-2)"
+        elif step.op == "attend":  # softmax over an input's positions of q.k / n^e, applied to v
+            q, k, vv = (f"{values[j]}.reshape(*{values[j]}.shape[:-2], -1, {P}, {values[j]}.shape[-1])"
+                        for j in step.args)
+            lines.append(f"a{i} = torch.softmax({q} @ {k}.transpose(-1, -2) / "
+                         f"{values[step.args[0]]}.shape[-1] ** {_num(net.attention)}, dim=-1)")
+            code = f"(a{i} @ {vv}).reshape({values[step.args[2]]}.shape)"
         else:
             hoisted: list[str] = []
             code = _tree_code(step.tree, [values[j] for j in step.args], hoisted)
@@ -161,14 +172,19 @@ def emit_network_source(net: Network) -> str:
             f"        self.multiplier[{names[name]!r}] = n ** {_num(-a)}",
         ]
     lines += ["", "    def forward(self, x: torch.Tensor) -> torch.Tensor:",
-              f'        """x: (B, {net.layers[_input_layer(net)].cols}) inputs, one per row -> (B, {net.output_dim()}) '
-              'outputs."""',
+              f'        """x: (B, {_row(net)}) inputs, one per row -> (B, {net.output_dim()}) outputs."""',
               "        m = self.multiplier"]
     lines += ["        " + line for line in forward_code(net, names, "self", len(net.model.steps))]
     lines += _optimizer_lines(net, names, c)
     lines += _loss_lines(net, names)
     lines += _train_lines(net, names)
     return "\n".join(lines) + "\n"
+
+
+def _row(net: Network) -> str:
+    """What one input row holds: d numbers, or P positions of d numbers each."""
+    d = net.layers[_input_layer(net)].cols
+    return f"{net.model.positions} * {d}" if net.model.positions > 1 else f"{d}"
 
 
 def _input_layer(net: Network) -> str:

@@ -1,0 +1,193 @@
+"""Models over positions (`model f(x[P])`): attention, pooling and layers at every position, at
+finite width against torch's own attention, direct = unrolled, the empirical NTK against full
+Jacobians, the feature-learning limit, the emitted torch, and what the limit refuses."""
+
+from __future__ import annotations
+
+import inspect
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import tpc
+from tpc.cli import main
+from tpc.train.dense import loops_finite
+from tpc.train.finite import forward, init_std, standard_normals
+from tpc.train.pooled import run_unrolled_finite
+
+ROOT = Path(__file__).resolve().parent.parent
+TRANSFORMER = ROOT / "programs" / "arch" / "transformer_mup.tp"
+
+# 3 sequences of 4 positions with 3 numbers each
+SMALL = """width n
+parametrization {param}
+data X = [[1, 0, 0, 0.5, 0, 1, 1, 0, 0, 0.2, 0.1, -1], [0, 1, 0, -0.5, 1, 0, 0, 1, 1, 0.3, 0.9, 0.4],
+          [0.3, 0, 1, 1, 0, 0, 0.5, 0.5, 0, 0, 1, 0]]
+data Y = [1, -1, 0.5]
+layer E : input n x 3
+layer Q : hidden n x n
+layer K : hidden n x n
+layer Vv : hidden n x n
+layer b : bias n
+layer V : readout 1 x n
+nonlin block(h) = h + attend(Q @ layernorm(h), K @ layernorm(h), Vv @ layernorm(h))
+model f(x[4]) = V @ pool(relu(block(E @ x + b)))
+"""
+LOOP = """output before = f(X)
+for t in range(2) {
+  L = mse(f(X), Y)
+  record curve = L
+  f -= 0.3 * grad(L, f)
+}
+output losses = curve
+output pred = f(X)
+output move = feature_change(f, X)
+"""
+
+
+def _w(net: tpc.Network, width: int, seeds: list[int]) -> dict[str, torch.Tensor]:
+    normals = standard_normals(net, width, seeds, torch.float64, "cpu")
+    return {k: normals[k] * init_std(net, la, width) for k, la in net.layers.items()}  # the W^l
+
+
+@pytest.mark.parametrize(("param", "scale"), [("mup", 1.0), ("sp", 0.5)])
+def test_attention_equals_torchs_scaled_dot_product_attention(param: str, scale: float) -> None:
+    net = tpc.loads(SMALL.format(param=param) + "output p = f(X)\n")
+    assert net.attention == scale
+    width = 32
+    w = _weights = _w(net, width, [0, 1])
+    x = torch.as_tensor(net.data["X"]).reshape(3, 4, 3)  # (inputs, positions, d)
+    got = forward(net, w, torch.as_tensor(net.data["X"]))[-1]
+    for s in range(2):
+        h = x @ w["E"][s].T + w["b"][s]
+        z = torch.nn.functional.layer_norm(h, (width,), eps=1e-5)
+        q, k, v = z @ w["Q"][s].T, z @ w["K"][s].T, z @ w["Vv"][s].T
+        att = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=width ** -scale)
+        out = torch.relu(h + att).mean(1) @ w["V"][s].T
+        torch.testing.assert_close(got[s], out, rtol=1e-12, atol=1e-12)
+    assert _weights is w
+
+
+@pytest.mark.parametrize("param", ["mup", "sp", "ntk"])
+def test_direct_equals_unrolled(param: str) -> None:
+    net = tpc.loads(SMALL.format(param=param) + LOOP)
+    direct = loops_finite(net, 40, 2)
+    unrolled = run_unrolled_finite(net, 40, 2)
+    for name, res in direct.items():
+        np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)
+    assert np.abs(direct["pred"].values - direct["before"].values).max() > 1e-3  # it trained
+
+
+def test_transformer_direct_equals_unrolled() -> None:
+    net = tpc.load(TRANSFORMER)
+    direct = loops_finite(net, 24, 2)
+    unrolled = run_unrolled_finite(net, 24, 2)
+    for name, res in direct.items():
+        np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)
+
+
+def test_empirical_ntk_over_positions_equals_the_jacobians() -> None:
+    width = 16
+    net = tpc.loads(SMALL.format(param="ntk") + "output T = ntk(f, X)\noutput K = nngp(f, X)\n")
+    got = tpc.run(net, width, 1)
+    x = torch.as_tensor(net.data["X"])
+    mult = {k: width ** (-net.ab(la)[0]) for k, la in net.layers.items()}
+    w0 = {k: v / mult[k] for k, v in _w(net, width, [0]).items()}
+
+    def f(ws: dict[str, torch.Tensor]) -> torch.Tensor:
+        return forward(net, {k: mult[k] * v for k, v in ws.items()}, x)[-1][0, :, 0]
+
+    jac = torch.func.jacrev(f)(w0)
+    theta = sum(width ** (-net.abc.c) * (J.reshape(3, -1) @ J.reshape(3, -1).T) for J in jac.values())
+    np.testing.assert_allclose(got["T"].values[0], theta.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_feature_learning_limit_over_positions_and_convergence() -> None:
+    """The unrolled program on particles: finite widths approach it (the error shrinks about like
+    n^-1/2 from 128 to 2048 in the training curve and the predictions)."""
+    net = tpc.loads(SMALL.format(param="mup") + LOOP)
+    lim = tpc.limit(net, particles=2**14, replicates=4)
+    assert all(v.method == "monte-carlo" for v in lim.values())
+    assert lim["losses"].value[1] < lim["losses"].value[0]
+    errors = {}
+    for width in (128, 2048):
+        run = tpc.run(net, width, 6)
+        errors[width] = {k: float(np.sqrt(((run[k].values - lim[k].value) ** 2).mean())) for k in ("losses", "pred")}
+    for k in ("losses", "pred"):  # 16 times the width: 4 times smaller at the rate, allow 2
+        assert errors[2048][k] < errors[128][k] / 2, errors
+
+
+def test_transformer_limit_runs_by_particles() -> None:
+    net = tpc.load(TRANSFORMER)
+    lim = tpc.limit(net, particles=2**10, replicates=2)
+    assert set(lim) == {"curve", "pred", "move"}
+    assert all(v.method == "monte-carlo" and np.all(np.isfinite(v.value)) for v in lim.values())
+    assert lim["curve"].value[2] < lim["curve"].value[0]
+
+
+def test_emitted_torch_of_the_transformer_reproduces_tpc_run() -> None:
+    from tpc.backends.torch.emit_network import program_arrays
+
+    net = tpc.load(TRANSFORMER)
+    source = tpc.torch_source(net)
+    assert "attend" not in source.split("def forward")[1].split("return")[0]  # plain torch, no tpc op
+    namespace: dict = {}
+    exec(compile(source, "<emitted>", "exec"), namespace)  # noqa: S102 - tpc's own output
+    model = namespace["Network"](32, seed=0)
+    data = program_arrays(net)
+    names = list(inspect.signature(namespace["train"]).parameters)[1:-1]
+    outputs: dict = {}
+    namespace["train"](model, *[torch.tensor(data[k]) for k in names], outputs=outputs)
+    ref = tpc.run(net, 32, 1)
+    for k, res in ref.items():
+        np.testing.assert_allclose(outputs[k].detach().numpy(), res.values[0], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+@pytest.mark.parametrize(("edit", "says"), [
+    (("parametrization mup", "parametrization ntk"), "kernel-regime limit of a model over positions"),
+    (("output before = f(X)", "output before = ntk(f, X)"), "limit of ntk(f, X) over positions"),
+    (("parametrization mup", "parametrization mup(attention = 0.5)"), "q.k / sqrt(n) grow like sqrt(n)"),
+])
+def test_the_limit_refuses_what_it_does_not_cover(edit: tuple[str, str], says: str, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "p.tp"
+    path.write_text((SMALL.format(param="mup") + LOOP).replace(*edit))
+    assert main(["limit", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "Traceback" not in err and f"{path}:" in err
+    assert main(["run", str(path), "--width", "16", "--seeds", "1"]) == 0  # finite width runs
+
+
+def test_graph_prints_the_model_over_positions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["graph", str(TRANSFORMER)]) == 0
+    out = capsys.readouterr().out
+    assert "model f(x[8])" in out and "attend(" in out and "pool(" in out and "softmax over positions" in out
+    assert main(["graph", "--unrolled", str(TRANSFORMER)]) == 0
+    assert "a = softmax over positions" in capsys.readouterr().out
+    assert main(["graph", "--format", "dot", str(TRANSFORMER)]) == 2
+
+
+def test_limit_of_uniform_attention_is_the_mean_over_positions() -> None:
+    """At initialisation in muP q.k/n -> 0 (Q and K independent), so attend(q, k, v) is the mean of v
+    over the positions: the limit of attend(Q h, K h, h) equals that of h itself after pooling."""
+    src = SMALL.format(param="mup").replace(
+        "model f(x[4]) = V @ pool(relu(block(E @ x + b)))",
+        "model f(x[4]) = V @ (pool(attend(Q @ relu(E @ x), K @ relu(E @ x), relu(E @ x))) + pool(Vv @ relu(E @ x)))")
+    one = tpc.loads(src.replace("layer b : bias n\n", "") + "output F = features(f, X)\n")
+    lim = tpc.limit(one, particles=2**14, replicates=2)["F"]
+    x = one.data["X"].reshape(3, 4, 3)
+    # features: pool(relu(h)) + pool(Vv relu(h)), h = E x with E's columns N(0, 1/3): a Gaussian kernel
+    # K(a, b) = a.b / 3 at the positions; pool(relu h) has E[..] from the arc-cosine formula
+    k = np.einsum("ipd,jqd->ijpq", x, x) / 3
+
+    def relu2(kab: np.ndarray, kaa: np.ndarray, kbb: np.ndarray) -> np.ndarray:
+        c = np.clip(kab / np.sqrt(kaa * kbb), -1, 1)
+        return np.sqrt(kaa * kbb) * (np.sqrt(1 - c * c) + (math.pi - np.arccos(c)) * c) / (2 * math.pi)
+
+    diag = np.einsum("iipp->ip", k)
+    m = relu2(k, diag[:, None, :, None], diag[None, :, None, :])  # E[relu h_ip relu h_jq]
+    want = m.mean((2, 3)) + m.mean((2, 3))  # pool(relu h) . pool(relu h) plus Vv's: var 1 times the same
+    np.testing.assert_allclose(lim.value, want, atol=6 * float(lim.stderr.max()) + 2e-3)
