@@ -156,11 +156,13 @@ class GaussianSpace:
             rtol = psd_tolerance(len(fam.inputs), self.dtype)
             l21 = c_cross @ torch.linalg.pinv(fam.chol.T, rtol=rtol)
             schur = c_new - l21 @ l21.T
-            # l21 carries the round-off of inverting L11, cond(L11) times eps: so does the Schur complement
+            # l21 = C21 L11^-T carries eps cond(L11) |C21| |L11^-1| <= eps cond(L11)^2 |l21| of round-off,
+            # and so does the Schur complement C22 - l21 l21^T (the usual eps cond(C11) bound, C11 = L11 L11^T):
+            # near-duplicate inputs (attention that is nearly uniform at initialisation) make it large
             _, inv = standard_deviations(torch.diagonal(fam.chol @ fam.chol.T))
             sv = torch.linalg.svdvals(fam.chol * inv[:, None])
             kept = sv[sv > rtol * sv.max()] if sv.numel() else sv
-            cond = float(kept.max() / kept.min()) if kept.numel() else 1.0
+            cond = float(kept.max() / kept.min()) ** 2 if kept.numel() else 1.0
         else:
             l21 = torch.zeros((b, 0), dtype=self.dtype)
             schur = c_new
