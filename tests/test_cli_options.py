@@ -142,3 +142,15 @@ def test_the_api_checks_what_the_parser_checks(call: object) -> None:
 def test_no_progress_bar_before_a_memory_refusal(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", RELU, "--width", "200000", "--seeds", "1"]) == 2
     assert "seed/s" not in capsys.readouterr().err
+
+
+def test_compare_takes_the_limits_particles(capsys: pytest.CaptureFixture[str]) -> None:
+    """`--particles` and `--replicates` reach the limit that compare measures against."""
+    net = tpc.load(TRAIN)
+    want = tpc.limit(net, particles=2**10, replicates=2)["pred"]
+    got = tpc.compare(net, [32], 1, particles=2**10, replicates=2)["pred"].limit
+    np.testing.assert_array_equal(got.value, want.value)
+    assert main(["compare", TRAIN, "--widths", "32", "--seeds", "1",
+                 "--particles", "1024", "--replicates", "2", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    np.testing.assert_allclose(doc["outputs"]["pred"]["limit"]["value"], want.value, rtol=1e-12)

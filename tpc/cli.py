@@ -507,7 +507,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     try:
         results = compare(prog, widths, args.seeds, method=args.method, dtype=args.dtype,
                           device=args.device, memory_gb=args.memory_gb, force=args.force, progress=update,
-                          workers=args.workers, cluster=args.cluster)
+                          workers=args.workers, cluster=args.cluster, particles=args.particles,
+                          replicates=args.replicates)
     finally:
         close()
     if args.plot:
@@ -720,6 +721,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--method", default="auto",
                    choices=["auto", "exact", "closed-form", "quadrature", "monte-carlo"])
     c.add_argument("--plot", metavar="PNG", help="write a log-log plot of error against width")
+    c.add_argument("--particles", type=_count(2), default=None,
+                   help="Monte Carlo particles of the limit, where it needs them (default: as tpc limit)")
+    c.add_argument("--replicates", type=_count(2), default=None, help="independent particle sets of the limit")
     c.add_argument("--workers", type=_count(1), default=None,
                    help="run each (width, seed) as a task on a local Dask cluster of this many workers")
     c.add_argument("--cluster", default=None, metavar="ADDRESS",

@@ -73,9 +73,11 @@ def fit_slope(widths: list[int], errors: list[float]) -> float:
 def compare(prog: Program | Network, widths: list[int], seeds: int, method: str = "auto",
             dtype: str = "float64", device: str = "cpu", memory_gb: float | None = None, force: bool = False,
             progress: Callable[[int], None] | None = None, workers: int | None = None,
-            cluster: str | None = None) -> dict[str, OutputComparison]:
-    """The limit, then every width's finite runs: in this process, or (`workers` or `cluster` given)
-    each (width, seed) a task on a Dask cluster (tpc.sweep), with the same numbers."""
+            cluster: str | None = None, particles: int | None = None,
+            replicates: int | None = None) -> dict[str, OutputComparison]:
+    """The limit (`particles`, `replicates`: its Monte Carlo, where it needs one; the limit's own
+    defaults otherwise), then every width's finite runs: in this process, or (`workers` or `cluster`
+    given) each (width, seed) a task on a Dask cluster (tpc.sweep), with the same numbers."""
     from tpc import _count, _options
     from tpc.backends.limit import evaluate_limit
     from tpc.backends.torch import run_finite
@@ -89,7 +91,8 @@ def compare(prog: Program | Network, widths: list[int], seeds: int, method: str 
     _options({"dtype": dtype, "device": device})
     network = isinstance(prog, Network)
     budget = {"memory_gb": memory_gb, "force": force}
-    limit = (network_limit if network else evaluate_limit)(prog, method=method, device=device, **budget)
+    mc = {k: v for k, v in (("particles", particles), ("replicates", replicates)) if v is not None}
+    limit = (network_limit if network else evaluate_limit)(prog, method=method, device=device, **budget, **mc)
     out = {k: OutputComparison(k, v) for k, v in limit.items()}
     spread = None
     if workers or cluster:
