@@ -6,6 +6,7 @@
     tpc run FILE          finite width: means and standard errors over seeds
     tpc limit FILE        infinite width: the Master Theorem limit
     tpc compare FILE      finite widths against the limit, slopes and a plot
+    tpc coordcheck FILE   muP's coordinate check: each vector's size against the width, and its limit
     tpc classify [FILE]   an abc-parametrization: r, stability, regime (TP4)
 """
 
@@ -545,6 +546,52 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coordcheck(args: argparse.Namespace) -> int:
+    from tpc import coordcheck as cc
+    from tpc import memory
+
+    prog = _load(args)
+    _check_device(args.device)
+    widths = _widths(args.widths)
+    if args.plot:
+        _check_writable(args.plot)  # before the runs, not after them
+        _check_matplotlib()
+    steps, data = cc.check(prog, args.steps, args.data)
+    cls = prog.classification()
+    note, need = cc.limit_plan(prog, steps, args.particles, args.replicates, len(prog.data[data]))
+    print(f"{args.file}: {prog.param_name} (r = {cls.r:g}, {cls.regime}); {f'steps 0..{steps}' if steps else 'step 0'} "
+          f"on the {len(prog.data[data])} rows of {data}; widths {', '.join(map(str, widths))}, {args.seeds} "
+          f"seed{'s' if args.seeds != 1 else ''} each; "
+          f"{_finite_need(prog, max(widths), args)} per seed at width {max(widths)}"
+          f"{f', about {memory.gb(need)} for the limit' if need else ''}; {note}",
+          file=sys.stderr if args.json else sys.stdout, flush=True)
+    runs = args.seeds * len(widths) + (args.replicates if need else 0)
+    update, close = _step_bar(not args.json and not args.quiet, "coordcheck runs", "run", 0)
+    done = 0
+
+    def progress(k: int) -> None:
+        nonlocal done
+        done += k
+        if update:
+            update(done, runs)
+
+    try:
+        res = cc.coordcheck(prog, widths, args.seeds, steps, data, every=args.all, particles=args.particles,
+                            replicates=args.replicates, seed=args.seed, dtype=args.dtype, device=args.device,
+                            memory_gb=args.memory_gb, force=args.force, progress=progress)
+    finally:
+        close()
+    if args.plot:
+        cc.plot(res, args.plot, f"{args.file}: mean |coordinate| against width ({args.seeds} seeds)")
+    if args.json:
+        print(dumps(res.to_json()))
+        return 0
+    print(cc.text(res))
+    if args.plot:
+        print(f"\nplot written to {args.plot}")
+    return 0
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
     from tpc.parametrization import ABC, classify, preset
 
@@ -611,6 +658,13 @@ def _check_writable(path: str) -> None:
         raise TpcError(f"--plot {path}: the folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
         raise TpcError(f"--plot {path}: the folder {folder} is not writable")
+
+
+def _check_matplotlib() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise TpcError("--plot draws with matplotlib, which is not installed here (pip install matplotlib)")
 
 
 def _widths(text: str) -> list[int]:
@@ -729,6 +783,32 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--cluster", default=None, metavar="ADDRESS",
                    help="run each (width, seed) as a task on the Dask cluster at ADDRESS (tcp://host:8786)")
     finite_opts(c)
+
+    cc = add("coordcheck", "muP's coordinate check: the mean |coordinate| of each vector of the model (pre- and "
+             "post-activations) and of its output, before the first update and after each of the first steps, at "
+             "several widths and in the infinite-width limit; names the vectors that grow or vanish with the width.",
+             cmd_coordcheck)
+    cc.add_argument("--widths", default="64,128,256,512,1024,2048,4096", help="comma-separated widths")
+    cc.add_argument("--seeds", type=_count(1), default=4, help="independent initialisations per width (default 4)")
+    cc.add_argument("--steps", type=_count(0), default=None,
+                    help="steps 0..K: before the first update and after each of the first K top-level loop "
+                    "iterations (default 3, or fewer where the loops are shorter)")
+    cc.add_argument("--data", default=None, metavar="NAME",
+                    help="the data set whose rows are averaged over (default: the first the loop applies the model to)")
+    cc.add_argument("--all", action="store_true",
+                    help="every vector of the model (a norm's parts, residual sums), not only the pre-activations "
+                    "and what each layer reads")
+    cc.add_argument("--particles", type=_count(2), default=2**16, help="Monte Carlo particles of the limit")
+    cc.add_argument("--replicates", type=_count(2), default=4,
+                    help="independent particle sets of the limit, for its standard error (default 4)")
+    cc.add_argument("--seed", type=_count(0), default=0, help="the limit's first particle seed")
+    cc.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:K (default cpu)")
+    cc.add_argument("--dtype", choices=["float32", "float64"], default="float64", help="of the finite runs")
+    cc.add_argument("--plot", "--png", metavar="PNG", dest="plot",
+                    help="write a figure: a log-log panel per step, the limit dashed")
+    cc.add_argument("--json", action="store_true", help="print one JSON object (every number)")
+    cc.add_argument("--quiet", action="store_true", help="no progress bar")
+    _memory_opts(cc, "a run")
 
     cl = sub.add_parser("classify", help="Classify an abc-parametrization (TP4): r, stability, "
                         "nontriviality, and the regime, feature learning or kernel.",
