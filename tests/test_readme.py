@@ -26,7 +26,7 @@ from tpc.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-SUBCOMMANDS = ("check", "graph", "emit-torch", "run", "limit", "compare", "classify")
+SUBCOMMANDS = ("check", "graph", "emit-torch", "run", "limit", "compare", "classify", "coordcheck")
 PLACEHOLDER = re.compile(r"\b(FILE|N|S|F|A|B|C|L|K|PNG|NAME|ADDRESS)\b|\.\.\.|\\\||[|<>]")
 
 
@@ -90,7 +90,7 @@ def _run(cmd: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> tuple[
     cwd = os.getcwd()
     os.chdir(ROOT)
     try:
-        code = main([*argv, "--quiet"] if argv[0] in ("run", "compare", "limit") else argv)
+        code = main([*argv, "--quiet"] if argv[0] in ("run", "compare", "limit", "coordcheck") else argv)
     finally:
         os.chdir(cwd)
     captured = capsys.readouterr()
