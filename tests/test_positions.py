@@ -109,7 +109,7 @@ def test_feature_learning_limit_over_positions_and_convergence() -> None:
     """The unrolled program on particles: finite widths approach it (the error shrinks about like
     n^-1/2 from 128 to 2048 in the training curve and the predictions)."""
     net = tpc.loads(SMALL.format(param="mup") + LOOP)
-    lim = tpc.limit(net, particles=2**14, replicates=4)
+    lim = tpc.limit(net, particles=2**13, replicates=4)
     assert all(v.method == "monte-carlo" for v in lim.values())
     assert lim["losses"].value[1] < lim["losses"].value[0]
     errors = {}
@@ -147,8 +147,7 @@ def test_emitted_torch_of_the_transformer_reproduces_tpc_run() -> None:
 
 
 @pytest.mark.parametrize(("edit", "says"), [
-    (("parametrization mup", "parametrization ntk"), "kernel-regime limit of a model over positions"),
-    (("output before = f(X)", "output before = ntk(f, X)"), "limit of ntk(f, X) over positions"),
+    (("parametrization mup", "parametrization ntk"), "q.k / sqrt(n) stay random at initialisation"),
     (("parametrization mup", "parametrization mup(attention = 0.5)"), "q.k / sqrt(n) grow like sqrt(n)"),
 ])
 def test_the_limit_refuses_what_it_does_not_cover(edit: tuple[str, str], says: str, tmp_path: Path,
@@ -191,3 +190,81 @@ def test_limit_of_uniform_attention_is_the_mean_over_positions() -> None:
     m = relu2(k, diag[:, None, :, None], diag[None, :, None, :])  # E[relu h_ip relu h_jq]
     want = m.mean((2, 3)) + m.mean((2, 3))  # pool(relu h) . pool(relu h) plus Vv's: var 1 times the same
     np.testing.assert_allclose(lim.value, want, atol=6 * float(lim.stderr.max()) + 2e-3)
+
+
+ATTENTION_ONLY = """width n
+parametrization ntk(attention = 1)
+data X = [[1, 0, 0, 0.5, 0, 1, 1, 0, 0, 0.2, 0.1, -1], [0, 1, 0, -0.5, 1, 0, 0, 1, 1, 0.3, 0.9, 0.4],
+          [0.3, 0, 1, 1, 0, 0, 0.5, 0.5, 0, 0, 1, 0]]
+layer E : input n x 3
+layer Q : hidden n x n
+layer K : hidden n x n
+layer Vv : hidden n x n
+layer V : readout 1 x n
+model f(x[4]) = V @ pool(relu(E @ x + attend(Q @ (E @ x), K @ (E @ x), Vv @ (E @ x))))
+output K0 = nngp(f, X)
+output T = ntk(f, X)
+"""
+
+
+def _relu_moments(kab: np.ndarray, kaa: np.ndarray, kbb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """E[relu(u) relu(v)] and E[relu'(u) relu'(v)] of a centred Gaussian pair (arc-cosine formulas)."""
+    c = np.clip(kab / np.sqrt(kaa * kbb), -1, 1)
+    theta = np.arccos(c)
+    both = np.sqrt(kaa * kbb) * (np.sin(theta) + (math.pi - theta) * c) / (2 * math.pi)
+    return both, (math.pi - theta) / (2 * math.pi)
+
+
+def test_kernels_over_positions_equal_a_recursion_written_here() -> None:
+    """h_p = E x_p; at initialisation q.k/n -> 0, so attend is the mean of v = Vv h over the
+    positions: u_p = h_p + Vv hbar. NNGP = mean_{p,q} E[relu(u_p) relu(u'_q)]; NTK adds
+    mean_{p,q} E[relu' relu'] (Theta^h + Theta^a) with Theta^h = x_p . x'_q (TP4's input layer),
+    Theta^a = Kbar (Vv's own term) + Thetabar (through hbar); Q and K get no gradient in the limit
+    (dL/da pairs the backward vector with v through independent matrices)."""
+    net = tpc.loads(ATTENTION_ONLY)
+    lim = tpc.limit(net)
+    assert lim["T"].method == "exact+closed-form"
+    x = net.data["X"].reshape(3, 4, 3)
+    dots = np.einsum("ipd,jqd->ijpq", x, x)
+    kh = dots / 3  # E's columns N(0, 1/3)
+    kbar = kh.mean((2, 3))[:, :, None, None]
+    ku = kh + kbar
+    diag = np.einsum("iipp->ip", ku)
+    ee, dd = _relu_moments(ku, diag[:, None, :, None], diag[None, :, None, :])
+    nngp = ee.mean((2, 3))
+    theta_u = dots + kbar + dots.mean((2, 3))[:, :, None, None]
+    ntk = nngp + (dd * theta_u).mean((2, 3))
+    np.testing.assert_allclose(lim["K0"].value, nngp, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(lim["T"].value, ntk, rtol=1e-9, atol=1e-12)
+
+
+def test_the_transformers_kernels_converge() -> None:
+    net = tpc.load(ROOT / "programs" / "arch" / "transformer_kernels.tp")
+    lim = tpc.limit(net)
+    assert lim["ntk"].method == "exact+closed-form" and np.linalg.eigvalsh(lim["ntk"].value).min() > 0
+    errors = [float(np.sqrt(((tpc.run(net, w, 4)["ntk"].values - lim["ntk"].value) ** 2).mean())) for w in (64, 1024)]
+    assert errors[1] < errors[0] / 2, errors
+
+
+def test_ntk_regime_training_over_positions_follows_the_kernels() -> None:
+    """A loop in NTK parametrization over positions: the kernel regime's limit (kernel gradient
+    descent with the lowered program's kernels) and finite widths approaching it."""
+    src = ATTENTION_ONLY.replace("output K0 = nngp(f, X)\noutput T = ntk(f, X)\n", """data Y = [1, -1, 0.5]
+for t in range(3) {
+  L = mse(f(X), Y)
+  record curve = L
+  f -= 0.5 * grad(L, f)
+}
+output losses = curve
+output pred = f(X)
+""")
+    net = tpc.loads(src)
+    lim = tpc.limit(net)
+    assert lim["pred"].cov is not None  # random through f_0: mean and covariance
+    assert lim["losses"].value[2] < lim["losses"].value[0]
+    run = tpc.run(net, 512, 32)  # the mean over seeds of these random outputs, within its errors
+    for name in ("losses", "pred"):
+        off = np.abs(run[name].mean - lim[name].value)
+        assert np.all(off <= 4 * run[name].stderr + 0.02), (name, off, run[name].stderr)
+    spread = np.sqrt(np.diag(lim["pred"].cov))  # and the seeds' spread is the limit's covariance
+    np.testing.assert_allclose(run["pred"].values.std(0, ddof=1), spread, rtol=0.35)

@@ -82,6 +82,10 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
     taken = set(net.layers)
     own = {k: _fresh(k, taken) for k in ("n", "X", "XX", "f", "features", "nngp")}
     n, f = own["n"], own["f"]
+    P = net.model.positions  # noqa: N806 - over positions, each position's rows are data X<p>, its values s<i>_<p>
+    if P > 1:
+        own.update({f"X{p}": _fresh(f"X{p}", taken) for p in range(P)})
+        own.update({f"XX{p}_{q}": _fresh(f"XX{p}_{q}", taken) for p in range(P) for q in range(P)})
 
     def name(v: str) -> ast.Name:
         return ast.Name(sp, v)
@@ -109,42 +113,71 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
             stmts.append(ast.MatrixDecl(sp, la.name, n, n, sp, sp, var))
         else:
             stmts.append(ast.VectorDecl(sp, (la.name,), variance(ast.Num(sp, la.var), f"{la.var!r}")))
-    names: list[str] = []
+    names: list[list[str]] = []  # each step's value: one name, or one per position
     steps = net.model.steps
-    for i, s in enumerate(steps):
-        if s.op in ("input", "bias"):
-            names.append(own["X"] if s.op == "input" else s.layer)
-            continue
-        value = _fresh(f"s{i}", taken) if net.layers.get(s.layer or "") is None or \
-            net.layers[s.layer].role != "readout" else f
-        names.append(value)
-        if s.op == "fn":
-            stmts.append(ast.Assign(sp, value, _expr(s.tree, [names[j] for j in s.args], sp)))
-        elif s.op == "moment":
-            stmts.append(ast.Assign(sp, value, call("mean", name(names[s.args[0]]))))
-        elif net.layers[s.layer].role == "readout":
-            stmts.append(ast.Assign(sp, f, op("/", op("@", name(s.layer), name(names[s.args[0]])),
-                                              call("sqrt", name(n)))))
-        else:
-            stmts.append(ast.Assign(sp, value, op("@", name(s.layer), name(names[s.args[0]]))))
-    beta = net.init_exponent(net.readout())
-    terms: list[tuple[str, str, float]] = []
-    feats = name(names[net.model.features])
-    stmts.append(ast.OutputDecl(sp, own["features"], call("gram", feats)))
-    stmts.append(ast.OutputDecl(sp, own["nngp"], call("cov", name(f))))
-    uses: dict[str, list[int]] = {}
-    for i, s in enumerate(steps):
-        if s.op == "matmul" and net.layers[s.layer].role in ("input", "hidden"):
-            uses.setdefault(s.layer, []).append(i)
 
-    def pair(u: int, w: int) -> ast.Expr:
-        return call("gram", call("grad", name(f), name(names[u])), call("grad", name(f), name(names[w])))
+    def at(j: int, p: int) -> str:
+        return names[j][p] if len(names[j]) > 1 else names[j][0]
 
     def total(parts: list[ast.Expr]) -> ast.Expr:
-        out = parts[0]
-        for p in parts[1:]:
-            out = op("+", out, p)
-        return out
+        """The sum as a balanced tree: its depth (the builder's recursion) grows like log(len)."""
+        if len(parts) == 1:
+            return parts[0]
+        half = len(parts) // 2
+        return op("+", total(parts[:half]), total(parts[half:]))
+
+    for i, s in enumerate(steps):
+        if s.op in ("input", "bias"):
+            names.append([own[f"X{p}"] for p in range(P)] if s.op == "input" and s.pos else
+                         [own["X"] if s.op == "input" else s.layer])
+            continue
+        if s.op == "matmul" and net.layers[s.layer].role == "readout":
+            names.append([f])
+            stmts.append(ast.Assign(sp, f, op("/", op("@", name(s.layer), name(at(s.args[0], 0))),
+                                              call("sqrt", name(n)))))
+            continue
+        here = range(P) if s.pos else range(1)
+        names.append([_fresh(f"s{i}" + (f"_{p}" if s.pos else ""), taken) for p in here])
+        for p in here:
+            value = names[i][p]
+            if s.op == "fn":
+                stmts.append(ast.Assign(sp, value, _expr(s.tree, [at(j, p) for j in s.args], sp)))
+            elif s.op == "moment":
+                stmts.append(ast.Assign(sp, value, call("mean", name(at(s.args[0], p)))))
+            elif s.op == "matmul":
+                stmts.append(ast.Assign(sp, value, op("@", name(s.layer), name(at(s.args[0], p)))))
+            elif s.op == "pool":  # the mean over positions
+                parts: list[ast.Expr] = [name(at(s.args[0], r)) for r in range(P)]
+                stmts.append(ast.Assign(sp, value, op("/", total(parts), ast.Num(sp, float(P)))))
+            else:  # attend, logits q.k / n: moments (checked by positions_refusal: attention = 1)
+                q, k, v = s.args
+                weights = []
+                for r in range(P):
+                    logit = _fresh(f"s{i}_{p}_{r}", taken)
+                    stmts.append(ast.Assign(sp, logit, call("mean", op("*", name(at(q, p)), name(at(k, r))))))
+                    weights.append(call("exp", name(logit)))
+                norm = _fresh(f"s{i}_{p}_sum", taken)
+                stmts.append(ast.Assign(sp, norm, total(weights)))
+                mix = total([op("*", w, name(at(v, r))) for r, w in enumerate(weights)])
+                stmts.append(ast.Assign(sp, value, op("/", mix, name(norm))))
+    beta = net.init_exponent(net.readout())
+    terms: list[tuple[str, str, float]] = []
+    feats = name(names[net.model.features][0])
+    stmts.append(ast.OutputDecl(sp, own["features"], call("gram", feats)))
+    stmts.append(ast.OutputDecl(sp, own["nngp"], call("cov", name(f))))
+    # each application of a layer (at each position p): its output's and its input's names, and p
+    uses: dict[str, list[tuple[str, str, int]]] = {}
+    for i, s in enumerate(steps):
+        if s.op == "matmul" and net.layers[s.layer].role in ("input", "hidden"):
+            for p in range(P if s.pos else 1):
+                uses.setdefault(s.layer, []).append((names[i][p], at(s.args[0], p), p))
+
+    def pair(u: tuple[str, str, int], w: tuple[str, str, int]) -> ast.Expr:
+        return call("gram", call("grad", name(f), name(u[0])), call("grad", name(f), name(w[0])))
+
+    def inputs(u: tuple[str, str, int], w: tuple[str, str, int]) -> ast.Expr:
+        """x . x' of the data an input layer multiplies (at those positions)."""
+        return name(own["XX"] if P == 1 else own[f"XX{u[2]}_{w[2]}"])
 
     for layer, la in net.layers.items():
         gamma = net.lr_exponent(la)
@@ -155,11 +188,10 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
             g = call("grad", name(f), name(layer))
             value, e = call("gram", g), 1 - 2 * beta - gamma
         elif la.role == "input":
-            value = op("*", total([pair(u, w) for u in uses[layer] for w in uses[layer]]), name(own["XX"]))
+            value = total([op("*", pair(u, w), inputs(u, w)) for u in uses[layer] for w in uses[layer]])
             e = 1 - 2 * beta - gamma
         else:
-            value = total([op("*", pair(u, w), call("gram", name(names[steps[u].args[0]]),
-                                                      name(names[steps[w].args[0]])))
+            value = total([op("*", pair(u, w), call("gram", name(u[1]), name(w[1])))
                            for u in uses[layer] for w in uses[layer]])
             e = 2 - 2 * beta - gamma
         stmts.append(ast.OutputDecl(sp, out, value))
@@ -174,7 +206,13 @@ def lowered_program(net: Network, X: np.ndarray) -> tuple[Program, dict[str, str
     stmts, own, terms = lowered_module(net)
     prog = Program(filename=f"<{net.filename} at initialisation>", source=own.pop("<shown>"))
     b = Builder(prog, Path.cwd())
-    for key, value in (("X", X), ("XX", X @ X.T)):
+    arrays = {"X": X, "XX": X @ X.T}
+    P = net.model.positions  # noqa: N806
+    if P > 1:  # a row holds P positions of d numbers: each position's rows, and their cross products
+        at = X.reshape(X.shape[0], P, -1)
+        arrays.update({f"X{p}": at[:, p] for p in range(P)})
+        arrays.update({f"XX{p}_{q}": at[:, p] @ at[:, q].T for p in range(P) for q in range(P)})
+    for key, value in arrays.items():
         b.names[own[key]] = prog.add("data", (), "scalar", value.shape, own[key], None, value=value, source=None).id
         b.defined_at[own[key]] = Span(1, 1, 1, 1)
     for stmt in stmts:

@@ -44,24 +44,19 @@ def describe(net: Network, method: str = "auto", particles: int = 2**16, replica
 
 
 def positions_refusal(net: Network) -> TpcError | None:
-    """What the limit of a model over positions (`model f(x[P])`) does not cover yet: the unrolled
-    program takes attention and pooling through the feature-learning limit (logits q.k/n, finite at
-    the natural scale); the kernel regime and `nngp`/`ntk` lower the model to a Netsor program,
-    which has no instruction that mixes positions yet."""
-    if net.model.positions == 1:
+    """What the limit of a model over positions (`model f(x[P])`) does not cover: attention logits
+    q.k / sqrt(n). With q.k / n, the unrolled program takes attention and pooling through the
+    feature-learning limit (the logits are finite at the natural scale), and the kernel regime and
+    `nngp`/`ntk` lower the model to a Netsor program with one vector per position, the logits as
+    moments and the softmax as a nonlinearity of them (kernel.py)."""
+    if net.model.positions == 1 or net.attention == 1.0 or not any(s.op == "attend" for s in net.model.steps):
         return None
-    span = net.model.span
-    if net.classification().regime != "feature learning":
-        return TpcError("the kernel-regime limit of a model over positions (attend, pool) is not built yet; "
-                        "finite width runs (tpc run), and muP's feature-learning limit covers it", span)
-    kernels = [o for o in net.outputs if o.kind in ("nngp", "ntk")]
-    if kernels:
-        return TpcError(f"the limit of {kernels[0].kind}(f, X) over positions is not built yet (finite width runs)",
-                        kernels[0].span)
-    if net.attention != 1.0 and any(s.op == "attend" for s in net.model.steps):
+    if net.classification().regime == "feature learning":
         return TpcError("attention logits q.k / sqrt(n) grow like sqrt(n) once q and k correlate, so this "
                         "training has no limit; muP divides by n (`attention = 1`, the default)", net.param_span)
-    return None
+    return TpcError("attention logits q.k / sqrt(n) stay random at initialisation (a CLT sum, not a Tensor Program "
+                    "moment: Hron et al. 2020), so the kernels have no closed form here; with q.k / n they are "
+                    f"(`parametrization {net.param_name}(attention = 1)`); finite width runs", net.param_span)
 
 
 def _exact(net: Network, method: str) -> bool:
