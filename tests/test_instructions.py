@@ -72,3 +72,36 @@ def test_no_backend_keeps_its_own_table_of_ops() -> None:
 def test_the_registry_and_graph_printing_import_no_torch() -> None:
     code = "import tpc.train.instructions, tpc.train.show, sys; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ---------------------------------------------------------------- the model's steps (tpc/train/steps.py)
+
+STEP_RULES = ("finite", "forward", "backward", "lower", "code", "listing", "listing_backward", "text")
+
+
+def test_every_model_step_op_has_all_its_rules() -> None:
+    """Each op ModelBuilder makes (`Step("op", ...)` in network.py) has an entry, and each of its
+    rules resolves; every per-op rule a backend defines is the registry's (no if-chain left over)."""
+    import inspect
+
+    from tpc.backends.torch import emit_network
+    from tpc.train import finite, kernel, network, pooled, show, unrolled
+    from tpc.train.steps import STEPS
+
+    made = set(re.findall(r'Step\("(\w+)"', inspect.getsource(network))) | set(network.POSITION_OPS)  # Step(fn, ...)
+    assert made == set(STEPS), made ^ set(STEPS)
+    for op, spec in STEPS.items():
+        assert spec.op == op and spec.meaning and spec.makes
+        for field in STEP_RULES:
+            rule = getattr(spec, field)
+            assert rule is None and field in ("backward", "listing_backward") and op in ("input", "bias") \
+                or callable(rule.resolve()), (op, field)
+    for owner, field, prefix in ((finite, "finite", "_finite_"), (pooled.PooledBackend, "forward", "_forward_"),
+                                 (pooled.PooledBackend, "backward", "_backward_"),
+                                 (kernel._Lowering, "lower", "lower_"), (emit_network, "code", "_code_"),
+                                 (unrolled, "listing", "_listing_"), (show, "text", "_step_text_")):
+        defined = {name for name in vars(owner) if name.startswith(prefix) and
+                   not (prefix == "_listing_" and name.startswith("_listing_backward_"))}
+        used = {getattr(spec, field).path.split(":")[1].split(".")[-1] for spec in STEPS.values()
+                if getattr(spec, field) is not None}
+        assert defined == used, (field, defined ^ used)

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -46,12 +47,14 @@ def _fmt_array(a: np.ndarray, err: np.ndarray | None = None) -> str:
     return text
 
 
-def _progress(total: int, desc: str, enabled: bool) -> tuple[Callable[[int], None] | None, Callable[[], None]]:
+def _progress(total: int, desc: str, enabled: bool,
+              unit: str = "seed") -> tuple[Callable[[int], None] | None, Callable[[], None]]:
+    """A bar fed increments, `update(k)`: seeds finished, runs finished."""
     if not enabled:
         return None, lambda: None
     from tqdm import tqdm
 
-    bar = tqdm(total=total, desc=desc, unit="seed", file=sys.stderr, leave=False)
+    bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False)
     return bar.update, bar.close
 
 
@@ -493,14 +496,21 @@ def _network_limit(args: argparse.Namespace, net) -> dict:  # noqa: ANN001
             bar.close()
 
 
-def cmd_compare(args: argparse.Namespace) -> int:
-    from tpc.compare import compare, plot
-
+def _load_for_widths(args: argparse.Namespace) -> tuple[Any, list[int]]:
+    """compare's and coordcheck's start: the program, the device and the widths checked, and the
+    plot's folder writable, before any run."""
     prog = _load(args)
     _check_device(args.device)
     widths = _widths(args.widths)
     if args.plot:
-        _check_writable(args.plot)  # before the runs, not after them
+        _check_writable(args.plot)
+    return prog, widths
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tpc.compare import compare, plot
+
+    prog, widths = _load_for_widths(args)
     print(f"{args.file}: widths {', '.join(map(str, widths))}, {args.seeds} seeds each; "
           f"{_finite_need(prog, max(widths), args)} per seed at width {max(widths)}",
           file=sys.stderr if args.json else sys.stdout, flush=True)
@@ -550,11 +560,8 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
     from tpc import coordcheck as cc
     from tpc import memory
 
-    prog = _load(args)
-    _check_device(args.device)
-    widths = _widths(args.widths)
+    prog, widths = _load_for_widths(args)
     if args.plot:
-        _check_writable(args.plot)  # before the runs, not after them
         _check_matplotlib()
     steps, data = cc.check(prog, args.steps, args.data)
     cls = prog.classification()
@@ -566,15 +573,7 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
           f"{f', about {memory.gb(need)} for the limit' if need else ''}; {note}",
           file=sys.stderr if args.json else sys.stdout, flush=True)
     runs = args.seeds * len(widths) + (args.replicates if need else 0)
-    update, close = _step_bar(not args.json and not args.quiet, "coordcheck runs", "run", 0)
-    done = 0
-
-    def progress(k: int) -> None:
-        nonlocal done
-        done += k
-        if update:
-            update(done, runs)
-
+    progress, close = _progress(runs, "coordcheck runs", not args.json and not args.quiet, "run")
     try:
         res = cc.coordcheck(prog, widths, args.seeds, steps, data, every=args.all, particles=args.particles,
                             replicates=args.replicates, seed=args.seed, dtype=args.dtype, device=args.device,

@@ -91,11 +91,11 @@ class DenseBackend:
         diff = applied.vals[self.net.model.features] - before.vals[self.net.model.features]
         return torch.sqrt((diff * diff).mean(-1))
 
-    def init_kernel(self, kind: str, data: str) -> Tensor:
-        """Each seed's empirical nngp or ntk at initialisation (init_kernels.py)."""
+    def init_kernel(self, kind: str, data: str, params: dict[str, Tensor]) -> Tensor:
+        """Each seed's empirical nngp or ntk of the parameters `params` (init_kernels.py)."""
         from tpc.train.init_kernels import empirical
 
-        weights = {k: self.mult[k] * w for k, w in self.initial().items()}
+        weights = {k: self.mult[k] * w for k, w in params.items()}
         x = torch.as_tensor(self.net.data[data], dtype=self.dtype, device=self.device)
         return empirical(self.net, weights, x, kind, self.n)
 

@@ -42,41 +42,59 @@ def init_std(net: Network, layer: Layer, width: int) -> float:
 
 
 def forward(net: Network, weights: dict[str, Tensor], x: Tensor, keep: bool = False) -> list[Tensor]:
-    """Every step's value; `weights` are the W^l (S, *shape). Vectors are (S, B, n), the output (S, B, k)."""
+    """Every step's value; `weights` are the W^l (S, *shape). Vectors are (S, B, n) (B*P rows over
+    positions), the output (S, B, k). Each op's rule is `_finite_<op>` below (tpc/train/steps.py)."""
+    from tpc.train.steps import STEPS
+
     vals: list[Tensor] = []
     for step in net.model.steps:
-        vals.append(_step(step, vals, weights, x, net.model.positions, net.attention))
+        vals.append(STEPS[step.op].finite(step, vals, weights, x, net))
     return vals
 
 
-def _step(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, positions: int = 1,
-          attention: float = 1.0) -> Tensor:
-    from tpc.train import positions as by_pos
+def _finite_input(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
+    P = net.model.positions  # noqa: N806 - over positions: one row per (input, position), (B*P, d)
+    return x.reshape(x.shape[0] * P, x.shape[-1] // P) if step.pos else x
+
+
+def _finite_bias(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
+    return weights[step.layer][:, None, :]
+
+
+def _finite_matmul(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
+    w = weights[step.layer]
+    arg = vals[step.args[0]]
+    if arg.dim() == 2:  # the data (B, d) times the input layer (S, n, d)
+        return torch.einsum("bd,snd->sbn", arg, w)
+    return arg @ w.transpose(-1, -2)
+
+
+def _finite_fn(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
     from tpc.train.losses import _tree
 
-    if step.op == "input":  # over positions: one row per (input, position), (B*P, d)
-        return x.reshape(x.shape[0] * positions, x.shape[-1] // positions) if step.pos else x
-    if step.op == "bias":
-        return weights[step.layer][:, None, :]
-    if step.op == "matmul":
-        w = weights[step.layer]
-        arg = vals[step.args[0]]
-        if arg.dim() == 2:  # the data (B, d) times the input layer (S, n, d)
-            return torch.einsum("bd,snd->sbn", arg, w)
-        return arg @ w.transpose(-1, -2)
-    if step.op == "moment":
-        return vals[step.args[0]].mean(-1, keepdim=True)  # (S, B, 1): one number per input
-    if step.op == "pool":
-        return by_pos.pool(vals[step.args[0]], positions)
-    if step.op == "attend":
-        q, k, v = (vals[i] for i in step.args)
-        n = q.shape[-1]
-
-        def gram(a: Tensor, b: Tensor) -> Tensor:
-            return a @ b.transpose(-1, -2) / n
-
-        return by_pos.attend(by_pos.weights(q, k, positions, gram, float(n ** (1 - attention))), v, positions)
     return _tree(step.tree, [vals[i] for i in step.args])
+
+
+def _finite_moment(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
+    return vals[step.args[0]].mean(-1, keepdim=True)  # (S, B, 1): one number per input
+
+
+def _finite_pool(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
+    from tpc.train import positions
+
+    return positions.pool(vals[step.args[0]], net.model.positions)
+
+
+def _finite_attend(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
+    from tpc.train import positions
+
+    q, k, v = (vals[i] for i in step.args)
+    n, P = q.shape[-1], net.model.positions  # noqa: N806
+
+    def gram(a: Tensor, b: Tensor) -> Tensor:
+        return a @ b.transpose(-1, -2) / n
+
+    return positions.attend(positions.weights(q, k, P, gram, float(n ** (1 - net.attention))), v, P)
 
 
 def bytes_per_seed(net: Network, width: int, itemsize: int) -> int:

@@ -29,7 +29,7 @@ KERNEL_OUTPUTS = ("nngp", "ntk")
 
 def empirical(net: Network, weights: dict[str, Tensor], x: Tensor, kind: str, width: int) -> Tensor:
     """One kernel per seed, (S, B, B); `weights` are the W^l = n^-a_l w^l, (S, *shape)."""
-    from tpc.train.finite import _step
+    from tpc.train.steps import STEPS
 
     with torch.enable_grad():
         # the weights join the graph so that every layer's output is in it (their own gradients are
@@ -39,7 +39,7 @@ def empirical(net: Network, weights: dict[str, Tensor], x: Tensor, kind: str, wi
         rows = x.shape[0]
         P = net.model.positions  # noqa: N806
         for step in net.model.steps:
-            v = _step(step, vals, w, x, P, net.attention)
+            v = STEPS[step.op].finite(step, vals, w, x, net)
             if step.op == "bias":  # one copy per input (and position), so its gradient is per input
                 v = v.expand(v.shape[0], rows * (P if step.pos else 1), v.shape[-1]).clone()
             vals.append(v)
@@ -81,15 +81,16 @@ def empirical(net: Network, weights: dict[str, Tensor], x: Tensor, kind: str, wi
         return total.detach()
 
 
-def limit_kernel(net: Network, kind: str, data: str, **limit_options: object) -> tuple[np.ndarray, str]:
-    """The limit of `kind` on data set `data`, and how it was computed."""
+def limit_kernels(net: Network, sets: list[str]) -> dict[tuple[str, str], tuple[np.ndarray, str]]:
+    """(kind, data set) -> the limit of nngp or ntk on that data set, and how it was computed: the
+    lowered program is evaluated once per data set for both kernels."""
     from tpc.train.kernel import layer_kernels
 
-    K = layer_kernels(net, [data], **limit_options)  # noqa: N806
-    if kind == "nngp":
-        return K.nngp, K.method
-    rows = net.data[data].shape[0]
-    return sum(K.theta.values(), np.zeros((rows, rows))), K.method
+    out: dict[tuple[str, str], tuple[np.ndarray, str]] = {}
+    for data in dict.fromkeys(sets):
+        K = layer_kernels(net, [data])  # noqa: N806
+        out["nngp", data], out["ntk", data] = (K.nngp, K.method), (K.ntk, K.method)
+    return out
 
 
 def _per_input(v: Tensor, inputs: int) -> Tensor:

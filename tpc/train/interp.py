@@ -83,7 +83,7 @@ class Backend(Protocol):
                scaled: bool) -> dict[str, Any]: ...
     def feature_gram(self, applied: Applied) -> Tensor: ...
     def feature_change(self, applied: Applied, before: Applied) -> Tensor: ...
-    def init_kernel(self, kind: str, data: str) -> Tensor: ...
+    def init_kernel(self, kind: str, data: str, params: dict[str, Any]) -> Tensor: ...
 
 
 class Interpreter:
@@ -229,7 +229,7 @@ class Interpreter:
             F = self.forward(loss.data, cache).F.detach()  # noqa: N806
             return loss_value(loss, F, self.net.data, np.arange(F.shape[-2]))
         if o.kind in ("nngp", "ntk"):  # at initialisation (network.py): the backend's own kernels
-            return self.be.init_kernel(o.kind, o.data)
+            return self.be.init_kernel(o.kind, o.data, self.params[self.net.model.name])
         applied = self.forward(o.data, cache)
         if o.kind == "predict":
             F = applied.F.detach()  # noqa: N806

@@ -29,7 +29,7 @@ from tpc.backends.limit.evaluate import evaluate_limit
 from tpc.errors import Span, TpcError
 from tpc.ir import Program
 from tpc.ops import expr as ex
-from tpc.train.network import Network
+from tpc.train.network import Network, Step
 
 TOL = 1e-12
 
@@ -72,105 +72,145 @@ def _expr(tree: ex.Tree, names: list[str], span: Span) -> ast.Expr:
     return ast.Call(span, tree.fn, tuple(args), span)
 
 
+SPAN = Span(1, 1, 1, 1)
+
+
+class _Lowering:
+    """The statements of the lowered program as they are built: names, the syntax-tree makers, and
+    each model step's rule `lower_<op>` (tpc/train/steps.py). Over positions each position's rows
+    are data `X<p>` and a positional step's value is one vector per position, `s<i>_<p>`."""
+
+    def __init__(self, net: Network) -> None:
+        self.net = net
+        self.taken = set(net.layers)
+        self.own = {k: _fresh(k, self.taken) for k in ("n", "X", "XX", "f", "features", "nngp")}
+        self.P = P = net.model.positions  # noqa: N806
+        if P > 1:
+            self.own.update({f"X{p}": _fresh(f"X{p}", self.taken) for p in range(P)})
+            self.own.update({f"XX{p}_{q}": _fresh(f"XX{p}_{q}", self.taken) for p in range(P) for q in range(P)})
+        self.stmts: list[ast.Stmt] = [ast.WidthDecl(SPAN, self.own["n"])]
+        self.names: list[list[str]] = []  # each step's value: one name, or one per position
+
+    # --- syntax trees
+    @staticmethod
+    def name(v: str) -> ast.Name:
+        return ast.Name(SPAN, v)
+
+    @staticmethod
+    def call(fn: str, *args: ast.Expr) -> ast.Call:
+        return ast.Call(SPAN, fn, tuple(args), SPAN)
+
+    @staticmethod
+    def op(o: str, a: ast.Expr, b: ast.Expr) -> ast.BinOp:
+        return ast.BinOp(SPAN, o, a, b)
+
+    def total(self, parts: list[ast.Expr]) -> ast.Expr:
+        """The sum as a balanced tree: its depth (the builder's recursion) grows like log(len)."""
+        if len(parts) == 1:
+            return parts[0]
+        half = len(parts) // 2
+        return self.op("+", self.total(parts[:half]), self.total(parts[half:]))
+
+    def at(self, j: int, p: int) -> str:
+        """Step j's value at position p (the one value of a step without positions)."""
+        return self.names[j][p] if len(self.names[j]) > 1 else self.names[j][0]
+
+    def assign(self, value: str, e: ast.Expr) -> None:
+        self.stmts.append(ast.Assign(SPAN, value, e))
+
+    def values(self, i: int, step: Step) -> list[tuple[int, str]]:
+        """Fresh names for step i, (position, name) for each of its values."""
+        here = range(self.P) if step.pos else range(1)
+        self.names.append([_fresh(f"s{i}" + (f"_{p}" if step.pos else ""), self.taken) for p in here])
+        return list(enumerate(self.names[i]))
+
+    # --- each step op's rule
+    def lower_input(self, i: int, step: Step) -> None:
+        self.names.append([self.own[f"X{p}"] for p in range(self.P)] if step.pos else [self.own["X"]])
+
+    def lower_bias(self, i: int, step: Step) -> None:
+        self.names.append([step.layer])
+
+    def lower_matmul(self, i: int, step: Step) -> None:
+        if self.net.layers[step.layer].role == "readout":  # normalised: v @ x / sqrt(n), v one row
+            f = self.own["f"]
+            self.names.append([f])
+            self.assign(f, self.op("/", self.op("@", self.name(step.layer), self.name(self.at(step.args[0], 0))),
+                                   self.call("sqrt", self.name(self.own["n"]))))
+            return
+        for p, value in self.values(i, step):
+            self.assign(value, self.op("@", self.name(step.layer), self.name(self.at(step.args[0], p))))
+
+    def lower_fn(self, i: int, step: Step) -> None:
+        for p, value in self.values(i, step):
+            self.assign(value, _expr(step.tree, [self.at(j, p) for j in step.args], SPAN))
+
+    def lower_moment(self, i: int, step: Step) -> None:
+        for p, value in self.values(i, step):
+            self.assign(value, self.call("mean", self.name(self.at(step.args[0], p))))
+
+    def lower_pool(self, i: int, step: Step) -> None:
+        parts: list[ast.Expr] = [self.name(self.at(step.args[0], r)) for r in range(self.P)]
+        for _, value in self.values(i, step):
+            self.assign(value, self.op("/", self.total(parts), ast.Num(SPAN, float(self.P))))
+
+    def lower_attend(self, i: int, step: Step) -> None:
+        """Logits q.k / n are moments (limit.positions_refusal admits no other scale), the softmax
+        a nonlinearity of them."""
+        q, k, v = step.args
+        for p, value in self.values(i, step):
+            weights = []
+            for r in range(self.P):
+                logit = _fresh(f"s{i}_{p}_{r}", self.taken)
+                self.assign(logit, self.call("mean", self.op("*", self.name(self.at(q, p)), self.name(self.at(k, r)))))
+                weights.append(self.call("exp", self.name(logit)))
+            norm = _fresh(f"s{i}_{p}_sum", self.taken)
+            self.assign(norm, self.total(weights))
+            mix = self.total([self.op("*", w, self.name(self.at(v, r))) for r, w in enumerate(weights)])
+            self.assign(value, self.op("/", mix, self.name(norm)))
+
+
 def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[tuple[str, str, float]]]:
     """The network at initialisation as a forward Tensor Program on the stacked points (the readout
     normalised to v @ x / sqrt(n), v a single row), with one output per kernel term, built as syntax
     trees (no source text: a layer's name never meets a name of this program's own). Returns the
     statements, the names of the program's own values (width, X, XX, f, features, nngp) and the terms
     (output name, layer, exponent)."""
-    sp = Span(1, 1, 1, 1)
-    taken = set(net.layers)
-    own = {k: _fresh(k, taken) for k in ("n", "X", "XX", "f", "features", "nngp")}
-    n, f = own["n"], own["f"]
-    P = net.model.positions  # noqa: N806 - over positions, each position's rows are data X<p>, its values s<i>_<p>
-    if P > 1:
-        own.update({f"X{p}": _fresh(f"X{p}", taken) for p in range(P)})
-        own.update({f"XX{p}_{q}": _fresh(f"XX{p}_{q}", taken) for p in range(P) for q in range(P)})
+    from tpc.train.steps import STEPS
 
-    def name(v: str) -> ast.Name:
-        return ast.Name(sp, v)
-
-    def call(fn: str, *args: ast.Expr) -> ast.Call:
-        return ast.Call(sp, fn, tuple(args), sp)
-
-    def op(o: str, a: ast.Expr, b: ast.Expr) -> ast.BinOp:
-        return ast.BinOp(sp, o, a, b)
-
-    stmts: list[ast.Stmt] = [ast.WidthDecl(sp, n)]
+    low = _Lowering(net)
+    own, name, call, op, total = low.own, low.name, low.call, low.op, low.total
+    n, f, P = own["n"], own["f"], low.P  # noqa: N806
     shown: list[str] = []  # each variance as `tpc graph` shows it: the lowered program's only text
 
     def variance(value: ast.Expr, text: str) -> ast.Normal:
         shown.append(text)
         at = Span(len(shown), 1, len(shown), len(text) + 1)
-        return ast.Normal(ast.Num(sp, 0.0), replace(value, span=at), sp)
+        return ast.Normal(ast.Num(SPAN, 0.0), replace(value, span=at), SPAN)
 
     for la in net.layers.values():
         if la.role == "input":
-            var = variance(op("/", ast.Num(sp, la.var), ast.Num(sp, float(la.cols))), f"{la.var!r} / {la.cols}")
-            stmts.append(ast.MatrixDecl(sp, la.name, n, int(la.cols), sp, sp, var))
+            var = variance(op("/", ast.Num(SPAN, la.var), ast.Num(SPAN, float(la.cols))), f"{la.var!r} / {la.cols}")
+            low.stmts.append(ast.MatrixDecl(SPAN, la.name, n, int(la.cols), SPAN, SPAN, var))
         elif la.role == "hidden":
-            var = variance(op("/", ast.Num(sp, la.var), name(n)), f"{la.var!r} / n")
-            stmts.append(ast.MatrixDecl(sp, la.name, n, n, sp, sp, var))
+            var = variance(op("/", ast.Num(SPAN, la.var), name(n)), f"{la.var!r} / n")
+            low.stmts.append(ast.MatrixDecl(SPAN, la.name, n, n, SPAN, SPAN, var))
         else:
-            stmts.append(ast.VectorDecl(sp, (la.name,), variance(ast.Num(sp, la.var), f"{la.var!r}")))
-    names: list[list[str]] = []  # each step's value: one name, or one per position
+            low.stmts.append(ast.VectorDecl(SPAN, (la.name,), variance(ast.Num(SPAN, la.var), f"{la.var!r}")))
     steps = net.model.steps
-
-    def at(j: int, p: int) -> str:
-        return names[j][p] if len(names[j]) > 1 else names[j][0]
-
-    def total(parts: list[ast.Expr]) -> ast.Expr:
-        """The sum as a balanced tree: its depth (the builder's recursion) grows like log(len)."""
-        if len(parts) == 1:
-            return parts[0]
-        half = len(parts) // 2
-        return op("+", total(parts[:half]), total(parts[half:]))
-
-    for i, s in enumerate(steps):
-        if s.op in ("input", "bias"):
-            names.append([own[f"X{p}"] for p in range(P)] if s.op == "input" and s.pos else
-                         [own["X"] if s.op == "input" else s.layer])
-            continue
-        if s.op == "matmul" and net.layers[s.layer].role == "readout":
-            names.append([f])
-            stmts.append(ast.Assign(sp, f, op("/", op("@", name(s.layer), name(at(s.args[0], 0))),
-                                              call("sqrt", name(n)))))
-            continue
-        here = range(P) if s.pos else range(1)
-        names.append([_fresh(f"s{i}" + (f"_{p}" if s.pos else ""), taken) for p in here])
-        for p in here:
-            value = names[i][p]
-            if s.op == "fn":
-                stmts.append(ast.Assign(sp, value, _expr(s.tree, [at(j, p) for j in s.args], sp)))
-            elif s.op == "moment":
-                stmts.append(ast.Assign(sp, value, call("mean", name(at(s.args[0], p)))))
-            elif s.op == "matmul":
-                stmts.append(ast.Assign(sp, value, op("@", name(s.layer), name(at(s.args[0], p)))))
-            elif s.op == "pool":  # the mean over positions
-                parts: list[ast.Expr] = [name(at(s.args[0], r)) for r in range(P)]
-                stmts.append(ast.Assign(sp, value, op("/", total(parts), ast.Num(sp, float(P)))))
-            else:  # attend, logits q.k / n: moments (checked by positions_refusal: attention = 1)
-                q, k, v = s.args
-                weights = []
-                for r in range(P):
-                    logit = _fresh(f"s{i}_{p}_{r}", taken)
-                    stmts.append(ast.Assign(sp, logit, call("mean", op("*", name(at(q, p)), name(at(k, r))))))
-                    weights.append(call("exp", name(logit)))
-                norm = _fresh(f"s{i}_{p}_sum", taken)
-                stmts.append(ast.Assign(sp, norm, total(weights)))
-                mix = total([op("*", w, name(at(v, r))) for r, w in enumerate(weights)])
-                stmts.append(ast.Assign(sp, value, op("/", mix, name(norm))))
+    for i, step in enumerate(steps):
+        STEPS[step.op].lower(low, i, step)
     beta = net.init_exponent(net.readout())
     terms: list[tuple[str, str, float]] = []
-    feats = name(names[net.model.features][0])
-    stmts.append(ast.OutputDecl(sp, own["features"], call("gram", feats)))
-    stmts.append(ast.OutputDecl(sp, own["nngp"], call("cov", name(f))))
+    feats = name(low.names[net.model.features][0])
+    low.stmts.append(ast.OutputDecl(SPAN, own["features"], call("gram", feats)))
+    low.stmts.append(ast.OutputDecl(SPAN, own["nngp"], call("cov", name(f))))
     # each application of a layer (at each position p): its output's and its input's names, and p
     uses: dict[str, list[tuple[str, str, int]]] = {}
-    for i, s in enumerate(steps):
-        if s.op == "matmul" and net.layers[s.layer].role in ("input", "hidden"):
-            for p in range(P if s.pos else 1):
-                uses.setdefault(s.layer, []).append((names[i][p], at(s.args[0], p), p))
+    for i, step in enumerate(steps):
+        if step.op == "matmul" and net.layers[step.layer].role in ("input", "hidden"):
+            for p in range(P if step.pos else 1):
+                uses.setdefault(step.layer, []).append((low.names[i][p], low.at(step.args[0], p), p))
 
     def pair(u: tuple[str, str, int], w: tuple[str, str, int]) -> ast.Expr:
         return call("gram", call("grad", name(f), name(u[0])), call("grad", name(f), name(w[0])))
@@ -181,7 +221,7 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
 
     for layer, la in net.layers.items():
         gamma = net.lr_exponent(la)
-        out = _fresh(f"theta_{layer}", taken)
+        out = _fresh(f"theta_{layer}", low.taken)
         if la.role == "readout":
             value, e = call("gram", feats), 1 - gamma
         elif la.role == "bias":
@@ -194,10 +234,10 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
             value = total([op("*", pair(u, w), call("gram", name(u[1]), name(w[1])))
                            for u in uses[layer] for w in uses[layer]])
             e = 2 - 2 * beta - gamma
-        stmts.append(ast.OutputDecl(sp, out, value))
+        low.stmts.append(ast.OutputDecl(SPAN, out, value))
         terms.append((out, layer, e))
     own["<shown>"] = "\n".join(shown)
-    return stmts, own, terms
+    return low.stmts, own, terms
 
 
 def lowered_program(net: Network, X: np.ndarray) -> tuple[Program, dict[str, str], list[tuple[str, str, float]]]:  # noqa: N803
@@ -239,6 +279,11 @@ class LayerKernels:
     features: np.ndarray
     method: str
 
+    @property
+    def ntk(self) -> np.ndarray:
+        """The tangent kernel: every layer's term, at unit rate."""
+        return sum(self.theta.values(), np.zeros_like(self.nngp))
+
 
 def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> LayerKernels:
     points, start = {}, 0
@@ -264,5 +309,5 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
 def kernels(net: Network, **limit_options: object) -> Kernels:
     K = layer_kernels(net, net.point_sets(), **limit_options)  # noqa: N806
     lr = net.train.lr if net.train else 0.0
-    theta = lr * sum(K.theta.values())
+    theta = lr * K.ntk
     return Kernels(K.points, theta, K.nngp, K.features, K.method)

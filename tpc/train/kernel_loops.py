@@ -120,10 +120,10 @@ class KernelBackend:
     def feature_change(self, applied: Applied, before: Applied) -> Tensor:
         return torch.zeros(len(applied.vals[0]), dtype=torch.float64)  # the features do not move
 
-    def init_kernel(self, kind: str, data: str) -> Tensor:
+    def init_kernel(self, kind: str, data: str, params: dict[str, Effect]) -> Tensor:
         """nngp(f, X) or ntk(f, X): the kernels this regime already has (without the rate)."""
         pts = np.arange(self.K.points[data].start, self.K.points[data].stop)
-        value = self.K.nngp if kind == "nngp" else sum(self.K.theta.values(), np.zeros_like(self.K.nngp))
+        value = self.K.nngp if kind == "nngp" else self.K.ntk
         return torch.as_tensor(value[np.ix_(pts, pts)])
 
 

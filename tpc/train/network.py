@@ -1056,12 +1056,16 @@ class ModelBuilder:
             raise TpcError(f"'{e.fn}' takes {FUNCTIONS[fn].arity} argument(s), got {len(e.args)}", e.span)
         return self.fn(fn, [self.value(a) for a in e.args], e)
 
+    def what(self, v: int | float) -> str:
+        """What a value that is not an n-vector is, for a message."""
+        kind = self.steps[v].kind if isinstance(v, int) else "number"
+        return {"data": "the model's input (a finite vector)", "out": "the readout's output (finite)",
+                "scalar": "a number per input", "number": "a number"}[kind]
+
     def moment(self, v: int | float, e: ast.Expr) -> int:
         """`mean(h)`: the average of an n-vector's coordinates, one number per input."""
         if not isinstance(v, int) or self.steps[v].kind != "vector":
-            what = {"data": "the model's input (a finite vector)", "out": "the readout's output (finite)",
-                    "scalar": "a number per input"}.get(self.steps[v].kind, "") if isinstance(v, int) else "a number"
-            raise TpcError(f"mean(...) averages the n coordinates of a vector; this is {what}", e.span)
+            raise TpcError(f"mean(...) averages the n coordinates of a vector; this is {self.what(v)}", e.span)
         return self.add(Step("moment", "scalar", args=(v,), span=e.span, pos=self.steps[v].pos))
 
     def positional(self, fn: str, e: ast.Call) -> int:
@@ -1091,10 +1095,8 @@ class ModelBuilder:
             raise TpcError(f"{fn}'s eps is a number >= 0", e.args[1].span)
         h = self.value(e.args[0])
         if not isinstance(h, int) or self.steps[h].kind != "vector":
-            kind = self.steps[h].kind if isinstance(h, int) else "number"
-            what = {"data": "the model's input (a finite vector)", "out": "the readout's output (finite)",
-                    "scalar": "a number per input", "number": "a number"}[kind]
-            raise TpcError(f"{fn}(...) normalises the n coordinates of a vector; this is {what}", e.args[0].span)
+            raise TpcError(f"{fn}(...) normalises the n coordinates of a vector; this is {self.what(h)}",
+                           e.args[0].span)
         if fn == "layernorm":
             h = self.fn("sub", [h, self.moment(h, e)], e)
         var = self.moment(self.fn("mul", [h, h], e), e)

@@ -31,8 +31,9 @@ from tpc.passes.autodiff import derivative
 from tpc.train import positions as by_pos
 from tpc.train.interp import Applied, Bundle, Interpreter, Rows
 from tpc.train.loops import MAXIMAL_LR_EXPONENT
-from tpc.train.network import Network
+from tpc.train.network import Network, Step
 from tpc.train.spaces import FiniteSpace, LimitSpace
+from tpc.train.steps import STEPS
 
 Tensor = torch.Tensor
 
@@ -119,38 +120,44 @@ class PooledBackend:
     def apply(self, params: dict[str, object], rows: Rows) -> Applied:
         x = self.space.data(rows.values)
         vals: list[Tensor] = []
-        P = self.net.model.positions  # noqa: N806
-        for step in self.net.model.steps:
-            if step.op == "input":  # over positions: one row per (input, position)
-                vals.append(x.reshape(x.shape[0] * P, x.shape[-1] // P) if step.pos else x)
-            elif step.op == "bias":
-                vals.append(params[step.layer][..., None, :])
-            elif step.op == "fn":
-                vals.append(self.space.fn(step.tree, [vals[i] for i in step.args]))
-            elif step.op == "moment":
-                vals.append(self.space.mean(vals[step.args[0]]))
-            elif step.op == "pool":
-                vals.append(by_pos.pool(vals[step.args[0]], P))
-            elif step.op == "attend":
-                q, k, v = (vals[i] for i in step.args)
-                vals.append(by_pos.attend(by_pos.weights(q, k, P, self.space.gram, self.logit_scale), v, P))
-            else:
-                la = self.net.layers[step.layer]
-                y = vals[step.args[0]]
-                if la.role == "input":
-                    vals.append(y @ params[la.name])
-                elif la.role == "readout":
-                    vals.append(self.space.gram(y, params[la.name]))  # f = W x = (v . x) / n
-                else:
-                    vals.append(self.hidden(la.name, params[la.name], y, False))
+        for step in self.net.model.steps:  # each op's rule: `_forward_<op>` below (tpc/train/steps.py)
+            vals.append(STEPS[step.op].forward(self, step, vals, params, x))
         return Applied(vals[-1].detach().requires_grad_(True), vals, params)
+
+    def _forward_input(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
+        P = self.net.model.positions  # noqa: N806 - over positions: one row per (input, position)
+        return x.reshape(x.shape[0] * P, x.shape[-1] // P) if step.pos else x
+
+    def _forward_bias(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
+        return params[step.layer][..., None, :]
+
+    def _forward_fn(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
+        return self.space.fn(step.tree, [vals[i] for i in step.args])
+
+    def _forward_moment(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
+        return self.space.mean(vals[step.args[0]])
+
+    def _forward_pool(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
+        return by_pos.pool(vals[step.args[0]], self.net.model.positions)
+
+    def _forward_attend(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
+        q, k, v = (vals[i] for i in step.args)
+        P = self.net.model.positions  # noqa: N806
+        return by_pos.attend(by_pos.weights(q, k, P, self.space.gram, self.logit_scale), v, P)
+
+    def _forward_matmul(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
+        la = self.net.layers[step.layer]
+        y = vals[step.args[0]]
+        if la.role == "input":
+            return y @ params[la.name]
+        if la.role == "readout":
+            return self.space.gram(y, params[la.name])  # f = W x = (v . x) / n
+        return self.hidden(la.name, params[la.name], y, False)
 
     def backward(self, applied: Applied, chi: Tensor) -> list[Tensor | None]:
         """n dL/d(value) for every vector step and dL/d(value) for every scalar step (a moment, or a
-        function of moments: one number per input), from chi = dL/df (..., B, k). A step's tree T
-        then has dL/dT_i = H_i / n over the coordinates i, with H = n dL/dv for a vector and H = dL/dm
-        for a moment's mean of its argument, so a vector argument a gets n dL/da = H dT/da and a scalar
-        argument dL/da = mean_i(H dT/da)."""
+        function of moments: one number per input), from chi = dL/df (..., B, k); each op's rule is
+        `_backward_<op>` below (tpc/train/steps.py)."""
         steps, vals, params = self.net.model.steps, applied.vals, applied.params
         grads: list[Tensor | None] = [None] * len(steps)
 
@@ -162,42 +169,48 @@ class PooledBackend:
         out = steps[-1]
         add(out.args[0], chi @ params[out.layer])  # n dL/dx = sum_i chi_i v_i
         for i in range(len(steps) - 2, -1, -1):
-            step, g = steps[i], grads[i]
-            if g is None or step.op in ("input", "bias"):
-                continue
-            if step.op == "matmul":
-                la = self.net.layers[step.layer]
-                if la.role == "hidden":
-                    add(step.args[0], self.hidden(la.name, params[la.name], g, True))
-                continue
-            if step.op == "moment":
-                add(step.args[0], g.expand(vals[step.args[0]].shape))
-                continue
-            if step.op == "pool":
-                add(step.args[0], by_pos.pool_backward(g, self.net.model.positions))
-                continue
-            if step.op == "attend":
-                q, k, v = (vals[i] for i in step.args)
-                P, gram, scale = self.net.model.positions, self.space.gram, self.logit_scale  # noqa: N806
-                a = by_pos.weights(q, k, P, gram, scale)
-                for j, d in zip(step.args, by_pos.attend_backward(a, q, k, v, g, P, gram, scale), strict=True):
-                    add(j, d)
-                continue
-            from tpc.backends.limit.evaluate import evaluate_tree
-
-            args = [vals[j] for j in step.args]
-            for k, j in enumerate(step.args):
-                if steps[j].kind not in ("vector", "scalar"):
-                    continue
-                d = derivative(step.tree, k)
-                if not ex.args_used(d):
-                    dh = float(evaluate_tree(d, [torch.zeros(())] * len(args))) * g
-                else:
-                    dh = self.space.fn(ex.Apply("mul", (d, ex.Arg(len(args)))), args + [g])
-                if steps[j].kind == "scalar" and step.kind == "vector":
-                    dh = self.space.mean(dh)
-                add(j, dh)
+            rule = STEPS[steps[i].op].backward
+            if grads[i] is not None and rule is not None:
+                rule(self, steps[i], vals, params, grads[i], add)
         return grads
+
+    def _backward_matmul(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
+        la = self.net.layers[step.layer]
+        if la.role == "hidden":  # an input layer's argument is data, a readout's backward is chi's
+            add(step.args[0], self.hidden(la.name, params[la.name], g, True))
+
+    def _backward_moment(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
+        add(step.args[0], g.expand(vals[step.args[0]].shape))  # m = mean(a): n dL/da = dL/dm everywhere
+
+    def _backward_pool(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
+        add(step.args[0], by_pos.pool_backward(g, self.net.model.positions))
+
+    def _backward_attend(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
+        q, k, v = (vals[i] for i in step.args)
+        P, gram, scale = self.net.model.positions, self.space.gram, self.logit_scale  # noqa: N806
+        a = by_pos.weights(q, k, P, gram, scale)
+        for j, d in zip(step.args, by_pos.attend_backward(a, q, k, v, g, P, gram, scale), strict=True):
+            add(j, d)
+
+    def _backward_fn(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
+        """The tree T has dL/dT_i = H_i / n over the coordinates i, with H = g = n dL/dv for a vector
+        and H = dL/dm for a number per input, so a vector argument a gets n dL/da = H dT/da and a
+        number per input dL/da = mean_i(H dT/da)."""
+        from tpc.backends.limit.evaluate import evaluate_tree
+
+        steps = self.net.model.steps
+        args = [vals[j] for j in step.args]
+        for k, j in enumerate(step.args):
+            if steps[j].kind not in ("vector", "scalar"):
+                continue
+            d = derivative(step.tree, k)
+            if not ex.args_used(d):
+                dh = float(evaluate_tree(d, [torch.zeros(())] * len(args))) * g
+            else:
+                dh = self.space.fn(ex.Apply("mul", (d, ex.Arg(len(args)))), args + [g])
+            if steps[j].kind == "scalar" and step.kind == "vector":
+                dh = self.space.mean(dh)
+            add(j, dh)
 
     def grad(self, loss: Tensor, applied: list[Applied], layers: tuple[str, ...]) -> dict[str, object]:
         chis = torch.autograd.grad(loss.sum(), [a.F for a in applied], allow_unused=True, retain_graph=True)
@@ -267,19 +280,20 @@ class PooledBackend:
         feats = applied.vals[self.net.model.features]
         return self.space.gram(feats, feats)
 
-    def init_kernel(self, kind: str, data: str) -> Tensor:
+    def init_kernel(self, kind: str, data: str, params: dict[str, object]) -> Tensor:
         """nngp(f, X) or ntk(f, X) at initialisation: at width n the seeds' empirical kernels (the
         dense network's, whose initial weights are this program's), in the limit the closed forms of
         the model lowered to a Netsor program (init_kernels.py)."""
-        from tpc.train.init_kernels import limit_kernel
+        from tpc.train.init_kernels import limit_kernels
 
         if isinstance(self.space, FiniteSpace):
             from tpc.train.dense import DenseBackend
 
             sp = self.space
-            return DenseBackend(self.net, sp.n, sp.seeds, sp.dtype, sp.device).init_kernel(kind, data)
+            dense = DenseBackend(self.net, sp.n, sp.seeds, sp.dtype, sp.device)
+            return dense.init_kernel(kind, data, dense.initial())
         known = self.space.kernels.get((kind, data))  # loops_limit takes each once, for all replicates
-        value, _ = known if known is not None else limit_kernel(self.net, kind, data)
+        value, _ = known if known is not None else limit_kernels(self.net, [data])[kind, data]
         return torch.as_tensor(value, dtype=self.dtype)
 
     def feature_change(self, applied: Applied, before: Applied) -> Tensor:
@@ -387,9 +401,9 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
                        hint="fewer particles or steps")
     except TpcError as err:
         raise err.locate(net.filename, net.source) from None
-    from tpc.train.init_kernels import KERNEL_OUTPUTS, limit_kernel
+    from tpc.train.init_kernels import KERNEL_OUTPUTS, limit_kernels
 
-    kernels = {(o.kind, o.data): limit_kernel(net, o.kind, o.data) for o in net.outputs if o.kind in KERNEL_OUTPUTS}
+    kernels = limit_kernels(net, [o.data for o in net.outputs if o.kind in KERNEL_OUTPUTS])
     runs = []
     reps = 1 if exact else max(2, replicates or 4)
     steps = sum(net.program.instrs[i].attrs["trip"] for i in net.program.top if net.program.instrs[i].op == "loop")

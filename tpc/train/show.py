@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from tpc.train.instructions import INSTRUCTIONS
 from tpc.train.loops import Instr, TrainProgram
-from tpc.train.network import Network
+from tpc.train.network import Network, Step
 
 INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "pow": "^"}
 
@@ -176,7 +176,7 @@ def loop_summary(prog: TrainProgram, loop: Instr) -> str:
 def model_lines(net: Network) -> list[str]:
     """The model's steps, one per line: a model over positions (`model f(x[P])`) is shown this way,
     since it has no Netsor program at initialisation to print yet."""
-    from tpc.ops import expr as ex
+    from tpc.train.steps import STEPS
 
     m = net.model
     names = [m.arg if s.op == "input" else s.layer if s.op == "bias" else f"h{k}" for k, s in enumerate(m.steps)]
@@ -184,20 +184,45 @@ def model_lines(net: Network) -> list[str]:
     lines = [f"model {m.name}({m.arg}{f'[{m.positions}]' if m.positions > 1 else ''}): {len(m.steps)} steps"]
     for k, s in enumerate(m.steps):
         args = [names[j] for j in s.args]
-        if s.op in ("input", "bias"):
+        if s.op in ("input", "bias"):  # named where they are used
             continue
-        if s.op == "matmul":
-            text = f"{s.layer} @ {args[0]}"
-        elif s.op == "fn":
-            text = ex.render(s.tree, args)
-        else:  # moment (mean), pool, attend
-            text = f"{'mean' if s.op == 'moment' else s.op}({', '.join(args)})"
+        text = STEPS[s.op].text(s, args, net)  # `_step_text_<op>` below (tpc/train/steps.py)
         where = {"scalar": "a number per input", "out": "finite"}.get(s.kind, "an n-vector")
         if s.pos:
             where += " at every position"
         note = f"softmax over positions of q.k / n^{net.attention:g}" if s.op == "attend" else where
         lines.append(f"  {names[k]:<8} = {text:<48} # {note}")
     return lines
+
+
+def _step_text_input(step: Step, args: list[str], net: Network) -> str:  # pragma: no cover - not shown
+    return net.model.arg
+
+
+def _step_text_bias(step: Step, args: list[str], net: Network) -> str:  # pragma: no cover - not shown
+    return step.layer
+
+
+def _step_text_matmul(step: Step, args: list[str], net: Network) -> str:
+    return f"{step.layer} @ {args[0]}"
+
+
+def _step_text_fn(step: Step, args: list[str], net: Network) -> str:
+    from tpc.ops import expr as ex
+
+    return ex.render(step.tree, args)
+
+
+def _step_text_moment(step: Step, args: list[str], net: Network) -> str:
+    return f"mean({args[0]})"
+
+
+def _step_text_pool(step: Step, args: list[str], net: Network) -> str:
+    return f"pool({args[0]})"
+
+
+def _step_text_attend(step: Step, args: list[str], net: Network) -> str:
+    return f"attend({', '.join(args)})"
 
 
 def training_text(net: Network) -> str:

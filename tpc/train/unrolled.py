@@ -24,8 +24,9 @@ from tpc.passes.autodiff import derivative
 from tpc.train.instructions import INSTRUCTIONS
 from tpc.train.loops import MAXIMAL_LR_EXPONENT, Instr, whole_index
 from tpc.train.losses import batch_rows
-from tpc.train.network import Network
+from tpc.train.network import Network, Step
 from tpc.train.show import INFIX, terms_text
+from tpc.train.steps import STEPS
 
 MAX_STEPS = 200  # loop iterations listed in all
 
@@ -134,33 +135,13 @@ class _Lister:
         grads: dict[int, list[str]] = {readout.args[0]: [f"{self.layer(root, readout.layer)}.T @ {chi}"]}
         for k in range(len(steps) - 2, -1, -1):
             step = steps[k]
-            if k not in grads or step.op == "input":
+            if k not in grads or step.kind == "data":
                 continue
             g = f"d{h[k]}"
             self.say(f"  {g} = {' + '.join(grads[k])}")
-            if step.op == "matmul":
-                la = self.net.layers[step.layer]
-                if la.role == "hidden":
-                    grads.setdefault(step.args[0], []).append(self.hidden(root, la.name, g, True).split("   #")[0])
-            elif step.op == "moment":  # dL/dm for m = mean(a): n dL/da = dL/dm in every coordinate
-                grads.setdefault(step.args[0], []).append(g)
-            elif step.op == "pool":
-                grads.setdefault(step.args[0], []).append(f"{g} / {self.net.model.positions}   # at every position")
-            elif step.op == "attend":  # a = softmax(s), s = q.k / n^e: see tpc/train/positions.py
-                hq, hk, hv = (h[j] for j in step.args)
-                ds = f"ds{h[k]}"
-                self.say(f"  {ds} = softmax'({hq}, {hk}) applied to ({g} . {hv} / n)   # finite: per input, P x P")
-                grads.setdefault(step.args[0], []).append(f"{ds} @ {hk}")
-                grads.setdefault(step.args[1], []).append(f"{ds}.T @ {hq}")
-                grads.setdefault(step.args[2], []).append(f"a({hq}, {hk}).T @ {g}")
-            elif step.op == "fn":
-                for j_arg, j in enumerate(step.args):
-                    if steps[j].kind in ("vector", "scalar"):
-                        d = derivative(step.tree, j_arg)
-                        term = f"({ex.render(d, [h[a] for a in step.args])}) * {g}"
-                        if steps[j].kind == "scalar" and step.kind == "vector":
-                            term = f"mean({term})"
-                        grads.setdefault(j, []).append(term)
+            rule = STEPS[step.op].listing_backward  # `_listing_backward_<op>` below (tpc/train/steps.py)
+            if rule is not None:
+                rule(self, root, k, step, h, g, grads)
         finite: dict[str, list[str]] = {}
         for k, step in enumerate(steps):
             if step.op not in ("matmul", "bias") or step.layer not in layers:
@@ -267,33 +248,86 @@ def _list_apply(ls: _Lister, ins: Instr) -> None:
     h = [x if s.op == "input" else f"h{k}{ls.suffix()}" for k, s in enumerate(steps)]
     h[-1] = out
     ls.say(f"# {out} = {root}({x}), forward:")
-    for k, step in enumerate(steps):
-        if step.op == "input":
-            continue
-        if step.op == "bias":
-            text = ls.layer(root, step.layer)
-        elif step.op == "fn":
-            text = ex.render(step.tree, [h[j] for j in step.args])
-        elif step.op == "moment":
-            text = f"mean({h[step.args[0]]})   # finite: one number per input"
-        elif step.op == "pool":
-            text = f"pool({h[step.args[0]]})   # the mean over positions"
-        elif step.op == "attend":
-            hq, hk, hv = (h[j] for j in step.args)
-            text = (f"a({hq}, {hk}) @ {hv}   # a = softmax over positions of ({hq} . {hk} / n) "
-                    f"n^{1 - ls.net.attention:g}: finite, per input")
-        else:
-            la = ls.net.layers[step.layer]
-            arg = h[step.args[0]]
-            if la.role == "input":
-                text = f"{ls.layer(root, la.name)} @ {arg}"
-            elif la.role == "readout":
-                text = f"({ls.layer(root, la.name)} . {arg}) / n   # finite: the readout rows v = n {la.name}"
-            else:
-                text = ls.hidden(root, la.name, arg, False)
-        ls.say(f"  {h[k]} = {text}")
+    for k, step in enumerate(steps):  # each op's text: `_listing_<op>` below (tpc/train/steps.py)
+        if step.op != "input":
+            ls.say(f"  {h[k]} = {STEPS[step.op].listing(ls, root, step, h)}")
     ls.values.pop(ins.id, None)
     ls.applied[ins.id] = (root, h)
+
+
+def _listing_input(ls: _Lister, root: str, step: Step, h: list[str]) -> str:  # pragma: no cover - not listed
+    return h[0]
+
+
+def _listing_bias(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
+    return ls.layer(root, step.layer)
+
+
+def _listing_fn(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
+    return ex.render(step.tree, [h[j] for j in step.args])
+
+
+def _listing_moment(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
+    return f"mean({h[step.args[0]]})   # finite: one number per input"
+
+
+def _listing_pool(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
+    return f"pool({h[step.args[0]]})   # the mean over positions"
+
+
+def _listing_attend(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
+    hq, hk, hv = (h[j] for j in step.args)
+    return (f"a({hq}, {hk}) @ {hv}   # a = softmax over positions of ({hq} . {hk} / n) "
+            f"n^{1 - ls.net.attention:g}: finite, per input")
+
+
+def _listing_matmul(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
+    la = ls.net.layers[step.layer]
+    arg = h[step.args[0]]
+    if la.role == "input":
+        return f"{ls.layer(root, la.name)} @ {arg}"
+    if la.role == "readout":
+        return f"({ls.layer(root, la.name)} . {arg}) / n   # finite: the readout rows v = n {la.name}"
+    return ls.hidden(root, la.name, arg, False)
+
+
+def _listing_backward_matmul(ls: _Lister, root: str, k: int, step: Step, h: list[str], g: str,
+                             grads: dict[int, list[str]]) -> None:
+    la = ls.net.layers[step.layer]
+    if la.role == "hidden":
+        grads.setdefault(step.args[0], []).append(ls.hidden(root, la.name, g, True).split("   #")[0])
+
+
+def _listing_backward_moment(ls: _Lister, root: str, k: int, step: Step, h: list[str], g: str,
+                             grads: dict[int, list[str]]) -> None:
+    grads.setdefault(step.args[0], []).append(g)  # m = mean(a): n dL/da = dL/dm in every coordinate
+
+
+def _listing_backward_pool(ls: _Lister, root: str, k: int, step: Step, h: list[str], g: str,
+                           grads: dict[int, list[str]]) -> None:
+    grads.setdefault(step.args[0], []).append(f"{g} / {ls.net.model.positions}   # at every position")
+
+
+def _listing_backward_attend(ls: _Lister, root: str, k: int, step: Step, h: list[str], g: str,
+                             grads: dict[int, list[str]]) -> None:
+    hq, hk, hv = (h[j] for j in step.args)  # a = softmax(s), s = q.k / n^e: see tpc/train/positions.py
+    ds = f"ds{h[k]}"
+    ls.say(f"  {ds} = softmax'({hq}, {hk}) applied to ({g} . {hv} / n)   # finite: per input, P x P")
+    grads.setdefault(step.args[0], []).append(f"{ds} @ {hk}")
+    grads.setdefault(step.args[1], []).append(f"{ds}.T @ {hq}")
+    grads.setdefault(step.args[2], []).append(f"a({hq}, {hk}).T @ {g}")
+
+
+def _listing_backward_fn(ls: _Lister, root: str, k: int, step: Step, h: list[str], g: str,
+                         grads: dict[int, list[str]]) -> None:
+    steps = ls.net.model.steps
+    for j_arg, j in enumerate(step.args):
+        if steps[j].kind in ("vector", "scalar"):
+            d = derivative(step.tree, j_arg)
+            term = f"({ex.render(d, [h[a] for a in step.args])}) * {g}"
+            if steps[j].kind == "scalar" and step.kind == "vector":
+                term = f"mean({term})"
+            grads.setdefault(j, []).append(term)
 
 
 def _list_loss(ls: _Lister, ins: Instr) -> None:

@@ -20,7 +20,7 @@ import numpy as np
 from tpc.backends.torch.codegen import MODULE_NAMES, PYTHON_NAMES, _comment, _num, _tree_code, safe_names
 from tpc.errors import TpcError
 from tpc.ops import expr as ex
-from tpc.train.network import Loss, Network
+from tpc.train.network import Loss, Network, Step
 
 # names the emitted file defines or uses itself (functions, their locals and parameters)
 _NET_TAKEN = PYTHON_NAMES | MODULE_NAMES | {
@@ -92,39 +92,63 @@ def _reduction_code(tree: ex.Tree, args: list[str], hoisted: list[str]) -> str:
 
 def forward_code(net: Network, names: dict[str, str], owner: str, count: int) -> list[str]:
     """The model's first `count` steps on the rows of `x`, weights `owner.<layer>` times their
-    multipliers `m`, ending with `return` of the last value (unindented lines)."""
+    multipliers `m`, ending with `return` of the last value (unindented lines). Each op's code is
+    `_code_<op>` below (tpc/train/steps.py)."""
+    from tpc.train.steps import STEPS
+
     lines: list[str] = []
     values: list[str] = []
     for i, step in enumerate(net.model.steps[:count]):
-        v = f"s{i}"
-        values.append(v)
-        P = net.model.positions  # noqa: N806
-        if step.op == "input":  # over positions: one row per (input, position)
-            code = f"x.reshape(x.shape[0] * {P}, x.shape[-1] // {P})" if step.pos else "x"
-        elif step.op == "bias":
-            layer = names[step.layer]
-            code = f"m[{layer!r}] * {owner}.{layer}"
-        elif step.op == "matmul":
-            layer = names[step.layer]
-            code = f"{values[step.args[0]]} @ (m[{layer!r}] * {owner}.{layer}).T"
-        elif step.op == "moment":
-            code = f"{values[step.args[0]]}.mean(-1, keepdim=True)"
-        elif step.op == "pool":  # the mean over each input's P consecutive rows
-            h = values[step.args[0]]
-            code = f"{h}.reshape(*{h}.shape[:-2], -1, {P}, {h}.shape[-1]).mean(-2)"
-        elif step.op == "attend":  # softmax over an input's positions of q.k / n^e, applied to v
-            q, k, vv = (f"{values[j]}.reshape(*{values[j]}.shape[:-2], -1, {P}, {values[j]}.shape[-1])"
-                        for j in step.args)
-            lines.append(f"a{i} = torch.softmax({q} @ {k}.transpose(-1, -2) / "
-                         f"{values[step.args[0]]}.shape[-1] ** {_num(net.attention)}, dim=-1)")
-            code = f"(a{i} @ {vv}).reshape({values[step.args[2]]}.shape)"
-        else:
-            hoisted: list[str] = []
-            code = _tree_code(step.tree, [values[j] for j in step.args], hoisted)
-            lines += hoisted
-        lines.append(f"{v} = {code}")
+        values.append(f"s{i}")
+        lines.append(f"s{i} = {STEPS[step.op].code(i, step, values, names, owner, net, lines)}")
     lines.append(f"return {values[-1]}")
     return lines
+
+
+def _code_input(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
+                lines: list[str]) -> str:
+    P = net.model.positions  # noqa: N806 - over positions: one row per (input, position)
+    return f"x.reshape(x.shape[0] * {P}, x.shape[-1] // {P})" if step.pos else "x"
+
+
+def _code_bias(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
+               lines: list[str]) -> str:
+    layer = names[step.layer]
+    return f"m[{layer!r}] * {owner}.{layer}"
+
+
+def _code_matmul(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
+                 lines: list[str]) -> str:
+    layer = names[step.layer]
+    return f"{values[step.args[0]]} @ (m[{layer!r}] * {owner}.{layer}).T"
+
+
+def _code_fn(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
+             lines: list[str]) -> str:
+    return _tree_code(step.tree, [values[j] for j in step.args], lines)  # deep trees' parts go before it
+
+
+def _code_moment(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
+                 lines: list[str]) -> str:
+    return f"{values[step.args[0]]}.mean(-1, keepdim=True)"
+
+
+def _by_input(v: str, net: Network) -> str:
+    """A positional value's rows grouped by input: (..., B, P, n)."""
+    return f"{v}.reshape(*{v}.shape[:-2], -1, {net.model.positions}, {v}.shape[-1])"
+
+
+def _code_pool(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
+               lines: list[str]) -> str:
+    return f"{_by_input(values[step.args[0]], net)}.mean(-2)"  # the mean over each input's P rows
+
+
+def _code_attend(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
+                 lines: list[str]) -> str:
+    q, k, v = (values[j] for j in step.args)  # softmax over an input's positions of q.k / n^e, applied to v
+    lines.append(f"a{i} = torch.softmax({_by_input(q, net)} @ {_by_input(k, net)}.transpose(-1, -2) / "
+                 f"{q}.shape[-1] ** {_num(net.attention)}, dim=-1)")
+    return f"(a{i} @ {_by_input(v, net)}).reshape({v}.shape)"
 
 
 def emit_network_source(net: Network) -> str:
