@@ -1,7 +1,8 @@
 """Normalised and residual architectures (programs/arch): `layernorm`, `rmsnorm` and residual
 blocks in network programs, with the `nngp(f, X)` and `ntk(f, X)` outputs.
 
-- the limit kernels against an independent NumPy recursion written here (arc-cosine closed forms;
+- the limit kernels against an independent NumPy recursion written here (arc-cosine closed forms
+  from tests/helpers.py;
   in the limit a norm divides h by sqrt(K(x, x) + eps), and its NTK term by the same factor at x and
   at x'), to 1e-9;
 - tpc's finite width against a hand-written torch module of resnet_ln.tp on the same weights (the
@@ -21,6 +22,8 @@ import pytest
 import torch
 
 import tpc
+from tests.helpers import arccos_matrix as relu_pair
+from tests.helpers import emitted_train_outputs
 from tpc.compare import fit_slope
 from tpc.train.dense import loops_finite
 from tpc.train.pooled import run_unrolled_finite
@@ -29,16 +32,6 @@ ARCH = Path(__file__).resolve().parent.parent / "programs" / "arch"
 
 
 # ---------------------------------------------------------------- the limit, by a recursion
-
-def relu_pair(K: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
-    """E[relu(u) relu(u')] and E[step(u) step(u')] for (u, u') ~ N(0, K) (Cho & Saul 2009)."""
-    d = np.sqrt(np.diag(K))
-    dd = np.outer(d, d)
-    cos = np.clip(K / dd, -1.0, 1.0)
-    np.fill_diagonal(cos, 1.0)  # exactly: arccos(1 - ulp) would be 1e-8
-    th = np.arccos(cos)
-    return dd / (2 * np.pi) * (np.sin(th) + (np.pi - th) * cos), (np.pi - th) / (2 * np.pi)
-
 
 def normalised(K: np.ndarray, T: np.ndarray, eps: float) -> tuple[np.ndarray, np.ndarray]:  # noqa: N803
     """layernorm / rmsnorm in the limit: h / sqrt(K(x, x) + eps), per input (mean(h) -> 0,
@@ -218,20 +211,8 @@ def test_mup_limit_by_particles() -> None:
 def test_mup_emitted_torch_reproduces_tpc_run() -> None:
     """`tpc emit-torch` writes layernorm's moments as plain torch; its train() gives tpc run's
     numbers (width 64, seed 0) to round-off."""
-    import inspect
-
-    from tpc.backends.torch.emit_network import program_arrays
-
     net = tpc.load(ARCH / "resnet_ln_mup.tp")
-    source = tpc.torch_source(net)
-    assert "import tpc" not in source and "from tpc" not in source
-    namespace: dict = {}
-    exec(compile(source, "<emitted>", "exec"), namespace)  # noqa: S102 - tpc's own output
-    model = namespace["Network"](64, seed=0)
-    data = program_arrays(net)
-    names = list(inspect.signature(namespace["train"]).parameters)[1:-1]
-    outputs: dict = {}
-    namespace["train"](model, *[torch.tensor(data[k]) for k in names], outputs=outputs)
+    outputs = emitted_train_outputs(net, 64)
     ref = tpc.run(net, 64, 1)
     assert set(outputs) == set(ref)
     for k, res in ref.items():

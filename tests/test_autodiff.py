@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import tpc
+from tests.helpers import arccos_matrix
 from tpc.ops import expr as ex
 from tpc.passes.autodiff import derivative
 
@@ -118,13 +119,7 @@ def k_derf(k: np.ndarray) -> np.ndarray:
 
 
 def arccos(k: np.ndarray, degree: int) -> np.ndarray:
-    d = np.sqrt(np.diag(k))
-    cos = np.clip(k / np.outer(d, d), -1, 1)
-    cos = np.where(np.abs(cos) > 1 - 4e-15, np.sign(cos), cos)  # the diagonal is exactly 1
-    t = np.arccos(cos)
-    if degree == 0:
-        return (np.pi - t) / (2 * np.pi)
-    return np.outer(d, d) / (2 * np.pi) * (np.sin(t) + (np.pi - t) * cos)
+    return arccos_matrix(k)[1 - degree]  # degree 1: E[relu relu], degree 0: E[relu' relu']
 
 
 def test_relu_ntk_is_the_standard_recursion() -> None:

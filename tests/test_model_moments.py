@@ -8,8 +8,9 @@ import pytest
 import torch
 
 import tpc
+from tests.helpers import initial_weights, jacobian_ntk
 from tpc.train.dense import loops_finite
-from tpc.train.finite import forward, init_std, standard_normals
+from tpc.train.finite import forward
 from tpc.train.pooled import run_unrolled_finite
 
 HEAD = """width n
@@ -35,16 +36,10 @@ output move = feature_change(f, X)
 """
 
 
-def _weights(net: tpc.Network, width: int, seeds: list[int]) -> dict[str, torch.Tensor]:
-    """W^l = n^-a w^l for each seed, as the finite backends draw them (init_std is W's)."""
-    normals = standard_normals(net, width, seeds, torch.float64, "cpu")
-    return {k: normals[k] * init_std(net, la, width) for k, la in net.layers.items()}
-
-
 def test_layernorm_and_rmsnorm_equal_torchs_own() -> None:
     model = "model f(x) = V @ (layernorm(U @ x + b) + (1 + g) * rmsnorm(W @ relu(U @ x)))\n"
     net = tpc.loads(HEAD.format(param="ntk") + model + KERNELS)
-    w = _weights(net, 64, [3])
+    w = initial_weights(net, 64, [3])
     x = torch.as_tensor(net.data["X"])
     vals = forward(net, w, x)
     h = torch.einsum("bd,snd->sbn", x, w["U"])
@@ -62,23 +57,10 @@ def test_empirical_ntk_equals_the_jacobians_inner_products(param: str) -> None:
     net = tpc.loads(HEAD.format(param=param) + MODEL + KERNELS)
     got = tpc.run(net, width, len(seeds))
     x = torch.as_tensor(net.data["X"])
-    normals = standard_normals(net, width, seeds, torch.float64, "cpu")
-    for s in range(len(seeds)):
-        mult = {k: width ** (-net.ab(la)[0]) for k, la in net.layers.items()}
-        w0 = {k: normals[k][s:s + 1] * init_std(net, la, width) / mult[k] for k, la in net.layers.items()}  # w
-
-        def f(ws: dict[str, torch.Tensor]) -> torch.Tensor:
-            return forward(net, {k: mult[k] * v for k, v in ws.items()}, x)[-1][0]  # (B, k)  # noqa: B023
-
-        jac = torch.func.jacrev(f)(w0)
-        B, k = 4, 2  # noqa: N806
-        theta = np.zeros((B, B))
-        for J in jac.values():  # noqa: N806
-            J = J.reshape(B, k, -1).numpy()  # noqa: N806
-            theta += width ** (-net.abc.c) * np.einsum("bjp,cjp->bc", J, J) / k
-        np.testing.assert_allclose(got["T"].values[s], theta, rtol=1e-10, atol=1e-12)
+    for s in seeds:
+        np.testing.assert_allclose(got["T"].values[s], jacobian_ntk(net, width, s), rtol=1e-10, atol=1e-12)
         readout = net.layers["V"]
-        feats = forward(net, {k: mult[k] * v for k, v in w0.items()}, x)[net.model.features][0]
+        feats = forward(net, initial_weights(net, width, [s]), x)[net.model.features][0]
         nngp = readout.var * width ** (-2 * net.init_exponent(readout)) * (feats @ feats.T).numpy()
         np.testing.assert_allclose(got["K"].values[s], nngp, rtol=1e-12)
 
@@ -113,7 +95,7 @@ def test_kernels_in_the_feature_learning_limit_are_closed_forms() -> None:
     net = tpc.loads(HEAD.format(param="mup") + MODEL + KERNELS + LOOP)
     lim = tpc.limit(net, particles=2**11, replicates=2)
     assert np.abs(lim["K"].value).max() == 0.0
-    assert lim["T"].stderr is None and "monte-carlo" not in lim["pred"].method.replace("monte-carlo", "", 1)
+    assert lim["T"].method == "exact+closed-form" and lim["T"].stderr is None and lim["pred"].method == "monte-carlo"
     ntk = tpc.limit(tpc.loads(HEAD.format(param="mup") + MODEL + KERNELS))["T"].value
     np.testing.assert_allclose(lim["T"].value, ntk, rtol=1e-12)
     assert np.linalg.eigvalsh(ntk).min() > 0

@@ -4,8 +4,6 @@ Jacobians, the feature-learning limit, the emitted torch, and what the limit ref
 
 from __future__ import annotations
 
-import inspect
-import math
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +11,10 @@ import pytest
 import torch
 
 import tpc
+from tests.helpers import arccos_pair, emitted_train_outputs, initial_weights, jacobian_ntk
 from tpc.cli import main
 from tpc.train.dense import loops_finite
-from tpc.train.finite import forward, init_std, standard_normals
+from tpc.train.finite import forward
 from tpc.train.pooled import run_unrolled_finite
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,17 +47,12 @@ output move = feature_change(f, X)
 """
 
 
-def _w(net: tpc.Network, width: int, seeds: list[int]) -> dict[str, torch.Tensor]:
-    normals = standard_normals(net, width, seeds, torch.float64, "cpu")
-    return {k: normals[k] * init_std(net, la, width) for k, la in net.layers.items()}  # the W^l
-
-
 @pytest.mark.parametrize(("param", "scale"), [("mup", 1.0), ("sp", 0.5)])
 def test_attention_equals_torchs_scaled_dot_product_attention(param: str, scale: float) -> None:
     net = tpc.loads(SMALL.format(param=param) + "output p = f(X)\n")
     assert net.attention == scale
     width = 32
-    w = _weights = _w(net, width, [0, 1])
+    w = initial_weights(net, width, [0, 1])
     x = torch.as_tensor(net.data["X"]).reshape(3, 4, 3)  # (inputs, positions, d)
     got = forward(net, w, torch.as_tensor(net.data["X"]))[-1]
     for s in range(2):
@@ -68,7 +62,6 @@ def test_attention_equals_torchs_scaled_dot_product_attention(param: str, scale:
         att = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=width ** -scale)
         out = torch.relu(h + att).mean(1) @ w["V"][s].T
         torch.testing.assert_close(got[s], out, rtol=1e-12, atol=1e-12)
-    assert _weights is w
 
 
 @pytest.mark.parametrize("param", ["mup", "sp", "ntk"])
@@ -93,18 +86,10 @@ def test_empirical_ntk_over_positions_equals_the_jacobians() -> None:
     width = 16
     net = tpc.loads(SMALL.format(param="ntk") + "output T = ntk(f, X)\noutput K = nngp(f, X)\n")
     got = tpc.run(net, width, 1)
-    x = torch.as_tensor(net.data["X"])
-    mult = {k: width ** (-net.ab(la)[0]) for k, la in net.layers.items()}
-    w0 = {k: v / mult[k] for k, v in _w(net, width, [0]).items()}
-
-    def f(ws: dict[str, torch.Tensor]) -> torch.Tensor:
-        return forward(net, {k: mult[k] * v for k, v in ws.items()}, x)[-1][0, :, 0]
-
-    jac = torch.func.jacrev(f)(w0)
-    theta = sum(width ** (-net.abc.c) * (J.reshape(3, -1) @ J.reshape(3, -1).T) for J in jac.values())
-    np.testing.assert_allclose(got["T"].values[0], theta.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got["T"].values[0], jacobian_ntk(net, width, 0), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow  # 7 s: widths 128 and 2048 (at 64 and 1024 the error is not yet halved)
 def test_feature_learning_limit_over_positions_and_convergence() -> None:
     """The unrolled program on particles: finite widths approach it (the error shrinks about like
     n^-1/2 from 128 to 2048 in the training curve and the predictions)."""
@@ -129,18 +114,9 @@ def test_transformer_limit_runs_by_particles() -> None:
 
 
 def test_emitted_torch_of_the_transformer_reproduces_tpc_run() -> None:
-    from tpc.backends.torch.emit_network import program_arrays
-
     net = tpc.load(TRANSFORMER)
-    source = tpc.torch_source(net)
-    assert "attend" not in source.split("def forward")[1].split("return")[0]  # plain torch, no tpc op
-    namespace: dict = {}
-    exec(compile(source, "<emitted>", "exec"), namespace)  # noqa: S102 - tpc's own output
-    model = namespace["Network"](32, seed=0)
-    data = program_arrays(net)
-    names = list(inspect.signature(namespace["train"]).parameters)[1:-1]
-    outputs: dict = {}
-    namespace["train"](model, *[torch.tensor(data[k]) for k in names], outputs=outputs)
+    assert "attend" not in tpc.torch_source(net).split("def forward")[1].split("return")[0]  # plain torch
+    outputs = emitted_train_outputs(net, 32)
     ref = tpc.run(net, 32, 1)
     for k, res in ref.items():
         np.testing.assert_allclose(outputs[k].detach().numpy(), res.values[0], rtol=1e-10, atol=1e-12, err_msg=k)
@@ -181,13 +157,8 @@ def test_limit_of_uniform_attention_is_the_mean_over_positions() -> None:
     # features: pool(relu(h)) + pool(Vv relu(h)), h = E x with E's columns N(0, 1/3): a Gaussian kernel
     # K(a, b) = a.b / 3 at the positions; pool(relu h) has E[..] from the arc-cosine formula
     k = np.einsum("ipd,jqd->ijpq", x, x) / 3
-
-    def relu2(kab: np.ndarray, kaa: np.ndarray, kbb: np.ndarray) -> np.ndarray:
-        c = np.clip(kab / np.sqrt(kaa * kbb), -1, 1)
-        return np.sqrt(kaa * kbb) * (np.sqrt(1 - c * c) + (math.pi - np.arccos(c)) * c) / (2 * math.pi)
-
     diag = np.einsum("iipp->ip", k)
-    m = relu2(k, diag[:, None, :, None], diag[None, :, None, :])  # E[relu h_ip relu h_jq]
+    m, _ = arccos_pair(k, diag[:, None, :, None], diag[None, :, None, :])  # E[relu h_ip relu h_jq]
     want = m.mean((2, 3)) + m.mean((2, 3))  # pool(relu h) . pool(relu h) plus Vv's: var 1 times the same
     np.testing.assert_allclose(lim.value, want, atol=6 * float(lim.stderr.max()) + 2e-3)
 
@@ -207,14 +178,6 @@ output T = ntk(f, X)
 """
 
 
-def _relu_moments(kab: np.ndarray, kaa: np.ndarray, kbb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """E[relu(u) relu(v)] and E[relu'(u) relu'(v)] of a centred Gaussian pair (arc-cosine formulas)."""
-    c = np.clip(kab / np.sqrt(kaa * kbb), -1, 1)
-    theta = np.arccos(c)
-    both = np.sqrt(kaa * kbb) * (np.sin(theta) + (math.pi - theta) * c) / (2 * math.pi)
-    return both, (math.pi - theta) / (2 * math.pi)
-
-
 def test_kernels_over_positions_equal_a_recursion_written_here() -> None:
     """h_p = E x_p; at initialisation q.k/n -> 0, so attend is the mean of v = Vv h over the
     positions: u_p = h_p + Vv hbar. NNGP = mean_{p,q} E[relu(u_p) relu(u'_q)]; NTK adds
@@ -230,7 +193,7 @@ def test_kernels_over_positions_equal_a_recursion_written_here() -> None:
     kbar = kh.mean((2, 3))[:, :, None, None]
     ku = kh + kbar
     diag = np.einsum("iipp->ip", ku)
-    ee, dd = _relu_moments(ku, diag[:, None, :, None], diag[None, :, None, :])
+    ee, dd = arccos_pair(ku, diag[:, None, :, None], diag[None, :, None, :])
     nngp = ee.mean((2, 3))
     theta_u = dots + kbar + dots.mean((2, 3))[:, :, None, None]
     ntk = nngp + (dd * theta_u).mean((2, 3))
