@@ -201,6 +201,7 @@ def test_kernels_over_positions_equal_a_recursion_written_here() -> None:
     np.testing.assert_allclose(lim["T"].value, ntk, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.slow  # 3 s: the default run stays under 5 minutes here
 def test_the_transformers_kernels_converge() -> None:
     net = tpc.load(ROOT / "programs" / "arch" / "transformer_kernels.tp")
     lim = tpc.limit(net)
@@ -209,6 +210,7 @@ def test_the_transformers_kernels_converge() -> None:
     assert errors[1] < errors[0] / 2, errors
 
 
+@pytest.mark.slow  # 3 s: the default run stays under 5 minutes here
 def test_ntk_regime_training_over_positions_follows_the_kernels() -> None:
     """A loop in NTK parametrization over positions: the kernel regime's limit (kernel gradient
     descent with the lowered program's kernels) and finite widths approaching it."""

@@ -329,6 +329,7 @@ output p = f(Xt)
         tpc.limit(tpc.loads(src))
 
 
+@pytest.mark.slow  # 28 s (64 seeds at width 2048): the default run stays under 5 minutes here
 def test_step_function_model_trains_only_its_readout() -> None:
     """step has a zero derivative: U and W get no gradient, and the kernel regime keeps only the
     readout's term (the lowering drops the unreachable layers' terms instead of failing)."""
