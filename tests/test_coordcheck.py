@@ -119,6 +119,27 @@ def test_sp_with_a_fixed_learning_rate_grows(capsys: pytest.CaptureFixture[str],
     assert "h2 = W @ x1 grows like n^" in report and "no limit: the parametrization is unstable" in report
 
 
+def test_attention_logits_over_sqrt_n_have_no_limit_column() -> None:
+    """NTK parametrization's q.k / sqrt(n): the finite widths run, and the limit is left out with
+    the reason (it once stopped the run with an internal error)."""
+    program = """width n
+parametrization ntk
+data X = [[1, 0, 0.5, 0, 1, 0], [0, 1, 0, 0.5, -1, 0.2]]
+data Y = [1.0, -1.0]
+layer E : input n x 2
+layer V : readout 1 x n
+model f(x[3]) = V @ pool(attend(E @ x, E @ x, E @ x))
+for t in range(1) {
+  f -= 0.1 * grad(mse(f(X), Y), f)
+}
+output p = f(X)
+"""
+    res = coordcheck(tpc.loads(program), [16, 32], seeds=2)
+    assert res.limit is None and "q.k / sqrt(n)" in res.limit_note
+    assert np.isfinite(res.values).all()
+    assert "no limit: attention logits q.k / sqrt(n)" in text(res)
+
+
 def test_a_trend_needs_a_slope_beyond_the_standard_errors() -> None:
     assert trend([64, 256], np.array([1.0, 2.0]), np.array([0.01, 0.02])).verdict == "grows"
     assert trend([64, 256], np.array([1.0, 0.5]), np.array([0.01, 0.01])).verdict == "vanishes"

@@ -107,3 +107,34 @@ def test_graph_and_unrolled_listing_show_the_moments(capsys: pytest.CaptureFixtu
     net = tpc.loads(HEAD.format(param="mup") + MODEL + LOOP)
     text = unrolled_loops(net)
     assert "mean(" in text and "# finite: one number per input" in text
+
+
+def test_a_bias_reached_only_through_its_mean() -> None:
+    """`U @ x + mean(b)`: f reaches b only through a moment, so n df/db is the same number at every
+    coordinate (autodiff once returned that scalar as b's gradient, and the kernel limit failed). In
+    the limit mean(b) -> 0 and b's NTK term ((df/dmean)^2 / n) vanishes: the kernels are those of the
+    model without it; at finite width the NTK is still the Jacobians' inner product."""
+    model = "model f(x) = V @ relu(W @ relu(U @ x) + mean(b) + g)\n"
+    net = tpc.loads(HEAD.format(param="ntk") + model + KERNELS)
+    head = HEAD.format(param="ntk").replace("layer b : bias n, var = 0.5\n", "")
+    plain = tpc.limit(tpc.loads(head + "model f(x) = V @ relu(W @ relu(U @ x) + g)\n" + KERNELS))
+    lim = tpc.limit(net)
+    for k in ("K", "T"):
+        np.testing.assert_allclose(lim[k].value, plain[k].value, rtol=1e-12, atol=1e-14)
+    got = tpc.run(net, 24, 1)
+    np.testing.assert_allclose(got["T"].values[0], jacobian_ntk(net, 24, 0), rtol=1e-10, atol=1e-12)
+
+
+def test_kernels_that_need_monte_carlo_carry_a_standard_error() -> None:
+    """relu(h) * tanh(W relu(h)): the nngp is quadrature, one NTK term a four-dimensional expectation
+    (Monte Carlo). The NTK's standard error is carried out (it was dropped) and is honest: two
+    evaluations on independent particles differ by a few of it; the nngp stays without one."""
+    model = "model f(x) = V @ (relu(U @ x) * tanh(W @ relu(U @ x)))\n"
+    head = HEAD.format(param="ntk").replace("layer b : bias n, var = 0.5\nlayer g : bias n, var = 0\n", "")
+    net = tpc.loads(head + model + KERNELS)
+    a, b = (tpc.limit(net, particles=2**12, seed=s) for s in (0, 1))
+    assert a["K"].stderr is None and "monte-carlo" not in a["K"].method
+    assert "monte-carlo" in a["T"].method and a["T"].stderr is not None and (a["T"].stderr > 0).all()
+    spread = np.sqrt(a["T"].stderr ** 2 + b["T"].stderr ** 2)
+    assert np.abs(a["T"].value - b["T"].value).max() < 5 * spread.max()
+    assert np.abs(a["T"].value - b["T"].value).max() > 0  # independent particles

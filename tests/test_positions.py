@@ -74,6 +74,21 @@ def test_direct_equals_unrolled(param: str) -> None:
     assert np.abs(direct["pred"].values - direct["before"].values).max() > 1e-3  # it trained
 
 
+def test_a_mean_of_a_bias_is_the_same_at_every_position() -> None:
+    """mean(b) added at every position (it was refused as a value per input): direct equals unrolled,
+    and the limit takes it (mean(b) -> 0 in muP: the model without it)."""
+    model = "model f(x[4]) = V @ pool(relu(block(E @ x + b) + mean(b)))\n"
+    net = tpc.loads(SMALL.format(param="mup").replace("model f(x[4]) = V @ pool(relu(block(E @ x + b)))\n", model)
+                    + LOOP)
+    assert net.model.steps[-1].op == "matmul" and any(s.op == "moment" and s.pos for s in net.model.steps)
+    direct = loops_finite(net, 40, 2)
+    unrolled = run_unrolled_finite(net, 40, 2)
+    for name, res in direct.items():
+        np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)
+    lim = tpc.limit(net, particles=2**10, replicates=2)
+    assert np.isfinite(lim["pred"].value).all()
+
+
 def test_transformer_direct_equals_unrolled() -> None:
     net = tpc.load(TRANSFORMER)
     direct = loops_finite(net, 24, 2)

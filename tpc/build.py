@@ -599,7 +599,7 @@ class Builder:
                        f"did you mean '{sugg}'?" if sugg else None)
 
     def autodiff(self, e: ast.Call, fn: str) -> Value:
-        from tpc.passes.autodiff import backward, tangent_kernel
+        from tpc.passes.autodiff import as_vector, backward, tangent_kernel
 
         self.arity(e, 1, 2) if fn == "tangent_kernel" else self.arity(e, 2)
         v = self.expr(e.args[0])
@@ -634,7 +634,7 @@ class Builder:
         x = target.args[0]
         if x not in grads:
             raise TpcError(f"f does not depend on '{self.node(x).name}'", e.args[1].span)
-        g = self.node(grads[x])
+        g = self.node(as_vector(self.prog, x, grads[x], e.span))
         return Pending(ex.Arg(0), [g.id], "vector", g.shape, e.span)
 
     def call_user(self, e: ast.Call, f: UserNonlin) -> Value:

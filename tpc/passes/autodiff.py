@@ -254,6 +254,19 @@ def _broadcast(prog: Program, args: list[int]) -> tuple[int, ...]:
     return tuple(np.broadcast_shapes(*[prog.node(a).shape for a in args]))
 
 
+def as_vector(prog: Program, x: int, g: int, span: Span | None) -> int:
+    """The gradient g of vector x as a vector. Backward keeps the gradient of a vector that f reaches
+    only through moments (`mean(b)`) as the scalar it is at every coordinate; where it is exposed as
+    a vector, it becomes a Nonlin of x itself (which it ignores)."""
+    node = prog.node(g)
+    if node.kind == "vector":
+        return g
+    tree = ex.Apply("add", (ex.Arg(0), ex.Apply("mul", (ex.Const(0.0), ex.Arg(1)))))
+    shape = node.shape or prog.node(x).shape
+    return prog.add("nonlin", (g, x), "vector", shape, f"d_{prog.node(x).name.lstrip('_')}", span,
+                    derived=True, tree=tree).id
+
+
 def backward(prog: Program, f: int, span: Span | None) -> dict[int, int]:
     """Append the backward program of readout `f`; returns forward node -> gradient node."""
     return Backward(prog, prog.node(f), span).run()
@@ -301,7 +314,8 @@ def tangent_kernel(prog: Program, f: int, grads: dict[int, int], span: Span | No
         for j, a in enumerate(group.members):
             for k, b in enumerate(group.members):
                 if a in grads and b in grads and group.cov[j, k] != 0:
-                    terms.append((float(group.cov[j, k]), [gram(grads[a], grads[b])]))
+                    ga, gb = as_vector(prog, a, grads[a], span), as_vector(prog, b, grads[b], span)
+                    terms.append((float(group.cov[j, k]), [gram(ga, gb)]))
     if not terms:
         raise TpcError("tangent_kernel: f depends on no initial matrix or vector", span)
     args: list[int] = []

@@ -102,11 +102,15 @@ class DenseBackend:
 
 def bytes_per_seed(net: Network, width: int, itemsize: int) -> int:
     """The weights, each state's and copy's values, their gradients and temporaries, and every model
-    value on the largest data set (forward, backward and autograd's saved tensors)."""
+    value on the largest data set (forward, backward and autograd's saved tensors): a value at every
+    position (`model f(x[P])`) has P rows per input, and attention holds its P x P logits and weights."""
     weights = sum(int(np.prod(shape_of(la, width))) for la in net.layers.values())
     buffers = sum(1 for ins in net.program.walk() if ins.op in ("state", "copy"))
     rows = max((net.data[d].shape[0] for d in net.point_sets()), default=1)
-    return itemsize * ((4 + 2 * buffers) * weights + 4 * rows * width * len(net.model.steps))
+    P = net.model.positions  # noqa: N806
+    values = sum((P if s.pos or s.op == "attend" else 1) * width + (2 * P * P if s.op == "attend" else 0)
+                 for s in net.model.steps)
+    return itemsize * ((4 + 2 * buffers) * weights + 4 * rows * values)
 
 
 def loops_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",

@@ -7,8 +7,8 @@ Both are per output (the limit kernels are the identity over the model's k outpu
 the tangent kernel in the program's own parametrization (TP4: W^l = n^-a_l w^l, and SGD moves w^l
 by lr n^-c dL/dw^l, so `ntk` is the function-space effect of one unit-rate step). At finite width
 they are one seed's empirical kernels; in the limit, `kernel.layer_kernels` (the model lowered to a
-Netsor program with its backward pass: closed forms or quadrature), whose terms carry the same
-powers of n, each 1 or 0.
+Netsor program with its backward pass: closed forms, quadrature, or Monte Carlo with standard
+errors where neither serves), whose terms carry the same powers of n, each 1 or 0.
 
 The empirical NTK never forms a Jacobian: a layer applied as h_u = W y_u at its uses u has
 <df(x)/dW, df(x')/dW> = sum_{u,w} (delta_u(x) . delta_w(x')) (y_u(x) . y_w(x')), delta = df/dh,
@@ -81,15 +81,18 @@ def empirical(net: Network, weights: dict[str, Tensor], x: Tensor, kind: str, wi
         return total.detach()
 
 
-def limit_kernels(net: Network, sets: list[str]) -> dict[tuple[str, str], tuple[np.ndarray, str]]:
-    """(kind, data set) -> the limit of nngp or ntk on that data set, and how it was computed: the
-    lowered program is evaluated once per data set for both kernels."""
+def limit_kernels(net: Network, sets: list[str],
+                  **limit_options: object) -> dict[tuple[str, str], tuple[np.ndarray, str, np.ndarray | None]]:
+    """(kind, data set) -> the limit of nngp or ntk on that data set, how it was computed and its
+    standard error (None without Monte Carlo): the lowered program is evaluated once per data set
+    for both kernels, with `limit_options` (particles, replicates, seed) where it needs particles."""
     from tpc.train.kernel import layer_kernels
 
-    out: dict[tuple[str, str], tuple[np.ndarray, str]] = {}
+    out: dict[tuple[str, str], tuple[np.ndarray, str, np.ndarray | None]] = {}
     for data in dict.fromkeys(sets):
-        K = layer_kernels(net, [data])  # noqa: N806
-        out["nngp", data], out["ntk", data] = (K.nngp, K.method), (K.ntk, K.method)
+        K = layer_kernels(net, [data], **limit_options)  # noqa: N806
+        for kind, value in (("nngp", K.nngp), ("ntk", K.ntk)):
+            out[kind, data] = (value, K.methods.get(kind, K.method), K.stderr(kind, data))
     return out
 
 

@@ -19,7 +19,7 @@ limit (closed forms, quadrature).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -278,11 +278,23 @@ class LayerKernels:
     nngp: np.ndarray
     features: np.ndarray
     method: str
+    # standard errors where Monte Carlo served an expectation (None: none did): the nngp's, the
+    # features', and the NTK's as the sum of its terms' (they share particles, so a bound)
+    errors: dict[str, np.ndarray] = field(default_factory=dict)
+    methods: dict[str, str] = field(default_factory=dict)  # nngp, ntk, features -> how each was computed
 
     @property
     def ntk(self) -> np.ndarray:
         """The tangent kernel: every layer's term, at unit rate."""
         return sum(self.theta.values(), np.zeros_like(self.nngp))
+
+    def stderr(self, kind: str, data: str) -> np.ndarray | None:
+        """The standard error of kernel `kind` (nngp, ntk, features) on data set `data`."""
+        err = self.errors.get(kind)
+        if err is None:
+            return None
+        pts = np.arange(self.points[data].start, self.points[data].stop)
+        return err[np.ix_(pts, pts)]
 
 
 def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> LayerKernels:
@@ -297,13 +309,24 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
     prog, own, terms = lowered_program(net, X)
     lim = evaluate_limit(prog, **limit_options)
     theta = {name: np.zeros((len(X), len(X))) for name in net.layers}
+    errors: dict[str, np.ndarray] = {}
     for out, layer, exponent in terms:
         theta[layer] = theta[layer] + limit_factor(exponent) * lim[out].value
+        if lim[out].stderr is not None:
+            errors["ntk"] = errors.get("ntk", 0.0) + abs(limit_factor(exponent)) * np.asarray(lim[out].stderr)
     beta = net.init_exponent(net.readout())
     nngp = limit_factor(1 - 2 * beta) * lim[own["nngp"]].value
-    methods = {m for v in lim.values() for m in v.method.split("+")}
+    for kind, out, factor in (("nngp", own["nngp"], limit_factor(1 - 2 * beta)), ("features", own["features"], 1.0)):
+        if lim[out].stderr is not None:
+            errors[kind] = abs(factor) * np.asarray(lim[out].stderr)
     order = ("exact", "closed-form", "quadrature", "monte-carlo")
-    return LayerKernels(points, theta, nngp, lim[own["features"]].value, "+".join(m for m in order if m in methods))
+
+    def how(outs: list[str]) -> str:
+        methods = {m for out in outs for m in lim[out].method.split("+")}
+        return "+".join(m for m in order if m in methods)
+
+    methods = {"nngp": how([own["nngp"]]), "features": how([own["features"]]), "ntk": how([t[0] for t in terms])}
+    return LayerKernels(points, theta, nngp, lim[own["features"]].value, how(list(lim)), errors, methods)
 
 
 def kernels(net: Network, **limit_options: object) -> Kernels:

@@ -159,7 +159,7 @@ def affine_in_f0(net: Network) -> bool:
 def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
                        **limit_options: object) -> dict[str, LimitOutput]:
     check_kernel_program(net)
-    K = layer_kernels(net, net.point_sets(), **limit_options)  # noqa: N806
+    K = layer_kernels(net, net.point_sets(), seed=seed, **limit_options)  # noqa: N806
     k = net.output_dim()
     P = K.nngp.shape[0]  # noqa: N806
     exact = affine_in_f0(net)
@@ -184,7 +184,8 @@ def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
     for o in net.outputs:
         v = out[o.name].detach().numpy()
         if o.kind in ("features", "nngp", "ntk"):
-            results[o.name] = LimitOutput(v, K.method)
+            results[o.name] = LimitOutput(v, K.methods.get(o.kind, K.method),
+                                          K.stderr(o.kind, o.data) if o.data else None)
             continue
         if o.kind == "feature_change":
             results[o.name] = LimitOutput(v, "exact")

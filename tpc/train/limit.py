@@ -35,11 +35,13 @@ def describe(net: Network, method: str = "auto", particles: int = 2**16, replica
 
         check_kernel_program(net)
         if not net.program.iterations():
-            return f"{head}: the model's kernels at initialisation (closed forms or quadrature); nothing trains"
+            return (f"{head}: the model's kernels at initialisation (closed forms, quadrature, or Monte Carlo with "
+                    "standard errors where neither serves); nothing trains")
         how = ("f_t is affine in f_0 (squared error): exact means and covariances by a degree-3 cubature of f_0"
                if affine_in_f0(net) else "f_0 sampled (Monte Carlo)")
         return (f"{head}: the features stay at initialisation; the loops run in function space with each "
-                f"layer's limit kernel (closed forms or quadrature); {how}")
+                f"layer's limit kernel (closed forms, quadrature, or Monte Carlo with standard errors where neither "
+                f"serves); {how}")
     return head
 
 

@@ -921,6 +921,9 @@ class ModelBuilder:
     def build(self) -> Model:
         if not any(la.takes_data for la in self.b.layers.values()):
             raise TpcError("the model needs an input layer: `layer W1 : input n x d`", self.decl.span)
+        if self.decl.positions_span is not None and not 2 <= self.decl.positions <= 4096:
+            raise TpcError(f"{self.decl.arg}[P] declares P = 2 to 4096 positions per input (one position: "
+                           f"write {self.decl.name}({self.decl.arg}))", self.decl.positions_span)
         out = self.value(self.decl.body)
         if not isinstance(out, int) or self.steps[out].kind != "out":
             raise TpcError("a model ends with its readout layer: model f(x) = V @ ...", self.decl.body.span)
@@ -939,8 +942,6 @@ class ModelBuilder:
         for la in self.b.layers.values():
             if la.role == "readout":
                 la.index = index
-        if self.decl.positions < 1 or self.decl.positions > 4096:
-            raise TpcError("a model takes 1 to 4096 positions", self.decl.positions_span)
         return Model(self.decl.name, self.decl.arg, self.steps, self.decl.span, self.decl.positions)
 
     def add(self, step: Step) -> int:
@@ -1068,6 +1069,21 @@ class ModelBuilder:
             raise TpcError(f"mean(...) averages the n coordinates of a vector; this is {self.what(v)}", e.span)
         return self.add(Step("moment", "scalar", args=(v,), span=e.span, pos=self.steps[v].pos))
 
+    def position_free(self, v: int) -> bool:
+        """A bias, or a value computed from biases alone (mean(b)): the same at every position."""
+        step = self.steps[v]
+        return step.op == "bias" or step.op in ("moment", "fn") and all(self.position_free(a) for a in step.args)
+
+    def take_context(self, v: int, ctx: bool, e: ast.Expr) -> None:
+        """A position-free value used at every position (ctx True) or per input, and its biases."""
+        step = self.steps[v]
+        if step.op == "bias" and self.bias_context.setdefault(v, ctx) != ctx:
+            raise TpcError(f"the bias '{step.layer}' is used both at every position and after "
+                           "pool: give each its own bias layer", e.span)
+        step.pos = ctx
+        for a in step.args:
+            self.take_context(a, ctx, e)
+
     def positional(self, fn: str, e: ast.Call) -> int:
         """`attend(q, k, v)`: at each position p, sum_r softmax_r(q_p . k_r / n^e) v_r over the input's
         positions r (e from the parametrization: `attention` below); `pool(h)`: the mean over them."""
@@ -1079,6 +1095,9 @@ class ModelBuilder:
                            f"{self.decl.name}({self.decl.arg}[8])", e.span)
         args = [self.value(a) for a in e.args]
         for a, v in zip(e.args, args, strict=True):
+            if isinstance(v, int) and self.steps[v].kind == "vector" and self.position_free(v):
+                raise TpcError(f"{fn}(...) takes an n-vector at every position; a bias is the same vector at "
+                               "every position: add it to one (E @ x + b)", a.span)
             if not isinstance(v, int) or self.steps[v].kind != "vector" or not self.steps[v].pos:
                 what = "an n-vector at every position" + (", not pooled twice" if fn == "pool" else "")
                 raise TpcError(f"{fn}(...) takes {what}", a.span)
@@ -1112,17 +1131,13 @@ class ModelBuilder:
             if kind == "out":
                 raise TpcError("the model ends at its readout; put any function of the outputs in the loss", e.span)
         kind = "vector" if any(self.steps[v].kind == "vector" for v in steps) else "scalar"
-        pos = {self.steps[v].pos for v in steps if self.steps[v].op != "bias"}  # a bias is the same everywhere
+        pos = {self.steps[v].pos for v in steps if not self.position_free(v)}  # a bias is the same everywhere
         if len(pos) > 1:
             raise TpcError("this combines values at every position with values per input (after pool): "
                            "keep them apart", e.span)
         for v in steps:  # a bias takes the context it is added in (at every position, or per input)
-            if self.steps[v].op == "bias" and pos:
-                ctx = pos == {True}
-                if self.bias_context.setdefault(v, ctx) != ctx:
-                    raise TpcError(f"the bias '{self.steps[v].layer}' is used both at every position and after "
-                                   "pool: give each its own bias layer", e.span)
-                self.steps[v].pos = ctx
+            if self.position_free(v) and pos:
+                self.take_context(v, pos == {True}, e)
         args: list[int] = []
         trees: list[ex.Tree] = []
         for v in vals:

@@ -293,7 +293,7 @@ class PooledBackend:
             dense = DenseBackend(self.net, sp.n, sp.seeds, sp.dtype, sp.device)
             return dense.init_kernel(kind, data, dense.initial())
         known = self.space.kernels.get((kind, data))  # loops_limit takes each once, for all replicates
-        value, _ = known if known is not None else limit_kernels(self.net, [data])[kind, data]
+        value = (known if known is not None else limit_kernels(self.net, [data])[kind, data])[0]
         return torch.as_tensor(value, dtype=self.dtype)
 
     def feature_change(self, applied: Applied, before: Applied) -> Tensor:
@@ -418,8 +418,9 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
     out = {}
     for o in net.outputs:
         stack = np.stack([r[o.name].detach().double().cpu().numpy() for r in runs])
-        if (o.kind, o.data) in kernels:  # closed forms, the same in every replicate
-            out[o.name] = LimitOutput(stack[0], kernels[o.kind, o.data][1])
+        if (o.kind, o.data) in kernels:  # the lowered program's, the same in every replicate
+            _, how, err = kernels[o.kind, o.data]
+            out[o.name] = LimitOutput(stack[0], how, err)
         elif exact:
             out[o.name] = LimitOutput(stack[0], "exact")
         else:

@@ -313,8 +313,10 @@ def _listing_backward_attend(ls: _Lister, root: str, k: int, step: Step, h: list
     hq, hk, hv = (h[j] for j in step.args)  # a = softmax(s), s = q.k / n^e: see tpc/train/positions.py
     ds = f"ds{h[k]}"
     ls.say(f"  {ds} = softmax'({hq}, {hk}) applied to ({g} . {hv} / n)   # finite: per input, P x P")
-    grads.setdefault(step.args[0], []).append(f"{ds} @ {hk}")
-    grads.setdefault(step.args[1], []).append(f"{ds}.T @ {hq}")
+    # n dL/dq_p = n^(1-e) sum_r ds_pr k_r: the logits' scale n^-e, against the gradient's n
+    power = "" if ls.net.attention == 1 else f"n^{1 - ls.net.attention:g} "
+    grads.setdefault(step.args[0], []).append(f"{power}{ds} @ {hk}")
+    grads.setdefault(step.args[1], []).append(f"{power}{ds}.T @ {hq}")
     grads.setdefault(step.args[2], []).append(f"a({hq}, {hk}).T @ {g}")
 
 
