@@ -167,7 +167,7 @@ def _check_network(path: str, net) -> int:  # noqa: ANN001
     print("  layers     " + ", ".join(
         f"{la.name} ({la.role} {_layer_dims(la, net.width_name)}, layer {la.index + 1}, var {la.var:g})"
         for la in order))
-    at = f"[{net.model.positions}]" if net.model.positions > 1 else ""
+    at = f"[{', '.join(map(str, net.model.grid))}]" if net.model.positions > 1 else ""
     print(f"  model      {net.model.name}({net.model.arg}{at}): {len(net.model.steps)} steps")
     if net.losses:
         print("  losses     " + ", ".join(f"{lo.name} = {lo.kind} on {lo.data}" for lo in net.losses.values()))

@@ -197,7 +197,7 @@ def probes(net: Network, every: bool = False) -> list[Probe]:
         if s.op == "matmul":
             return f"{s.layer} @ {text(s.args[0])}"
         if s.tree is None:  # another operation of the model (attention, pooling): by its name
-            return f"{s.op}({', '.join(text(a) for a in s.args)})"
+            return f"{s.op}({', '.join([text(a) for a in s.args] + [str(k) for k in s.offset])})"
         leaves: list[str] = []
         return ex.render(tree(j, leaves), leaves)
 

@@ -183,6 +183,7 @@ class ModelDecl(Stmt):
     body: Expr
     positions: int = 1  # `model f(x[P])`: each input is P positions
     positions_span: Span | None = None
+    grid: tuple[int, ...] = ()  # the positions' shape: (P,), or (H, W) for `model f(x[H, W])`
 
 
 @dataclass(frozen=True)
@@ -419,10 +420,13 @@ class _ToAst(Transformer):
         name, arg, positions, body = children
         if positions is None:
             return ModelDecl(_span(meta), str(name), str(arg), body)
-        return ModelDecl(_span(meta), str(name), str(arg), body, int(positions), _span(positions))
+        toks = [t for t in positions if t is not None]
+        grid = tuple(int(t) for t in toks)
+        span = Span(toks[0].line, toks[0].column, toks[-1].end_line, toks[-1].end_column)
+        return ModelDecl(_span(meta), str(name), str(arg), body, math.prod(grid), span, grid)
 
     def positions(self, children):
-        return children[0]
+        return children
 
     @v_args(meta=True)
     def loss_decl(self, meta, children):

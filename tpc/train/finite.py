@@ -85,6 +85,12 @@ def _finite_pool(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: 
     return positions.pool(vals[step.args[0]], net.model.positions)
 
 
+def _finite_shift(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
+    from tpc.train import positions
+
+    return positions.shift(vals[step.args[0]], step.offset, net.model.grid)
+
+
 def _finite_attend(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
     from tpc.train import positions
 

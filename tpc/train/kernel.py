@@ -24,11 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
+from tpc import memory
 from tpc import syntax as ast
-from tpc.backends.limit.evaluate import evaluate_limit
+from tpc.backends.limit.evaluate import evaluate_limit, evaluate_tree
 from tpc.errors import Span, TpcError
 from tpc.ir import Program
 from tpc.ops import expr as ex
+from tpc.train import position_kernels
 from tpc.train.network import Network, Step
 
 TOL = 1e-12
@@ -89,7 +91,10 @@ class _Lowering:
             self.own.update({f"X{p}": _fresh(f"X{p}", self.taken) for p in range(P)})
             self.own.update({f"XX{p}_{q}": _fresh(f"XX{p}_{q}", self.taken) for p in range(P) for q in range(P)})
         self.stmts: list[ast.Stmt] = [ast.WidthDecl(SPAN, self.own["n"])]
-        self.names: list[list[str]] = []  # each step's value: one name, or one per position
+        # each step's value: one name, or one per position; None is a zero vector (a shift beyond the
+        # edge), which no statement holds: a layer applied to it is zero too
+        self.names: list[list[str | None]] = []
+        self.carrier: dict[int, str] = {}  # a vector at each position that a constant vector can ride on
 
     # --- syntax trees
     @staticmethod
@@ -111,8 +116,19 @@ class _Lowering:
         half = len(parts) // 2
         return self.op("+", self.total(parts[:half]), self.total(parts[half:]))
 
-    def at(self, j: int, p: int) -> str:
-        """Step j's value at position p (the one value of a step without positions)."""
+    def partial_sums(self, parts: list[ast.Expr], stem: str, size: int = 512) -> ast.Expr:
+        """The sum of many kernel terms (a convolution's position pairs) as named partial sums of
+        `size` terms each: one statement stays within the builder's bound on operations."""
+        while len(parts) > size:
+            names = []
+            for start in range(0, len(parts), size):
+                names.append(_fresh(f"{stem}_part", self.taken))
+                self.assign(names[-1], self.total(parts[start:start + size]))
+            parts = [self.name(v) for v in names]
+        return self.total(parts)
+
+    def at(self, j: int, p: int) -> str | None:
+        """Step j's value at position p (the one value of a step without positions); None: zero."""
         return self.names[j][p] if len(self.names[j]) > 1 else self.names[j][0]
 
     def assign(self, value: str, e: ast.Expr) -> None:
@@ -139,35 +155,104 @@ class _Lowering:
                                    self.call("sqrt", self.name(self.own["n"]))))
             return
         for p, value in self.values(i, step):
-            self.assign(value, self.op("@", self.name(step.layer), self.name(self.at(step.args[0], p))))
+            arg = self.at(step.args[0], p)
+            if arg is None:
+                self.names[i][p] = None
+                continue
+            self.assign(value, self.op("@", self.name(step.layer), self.name(arg)))
+            if self.net.layers[step.layer].role == "input":
+                self.carrier.setdefault(p, value)
 
     def lower_fn(self, i: int, step: Step) -> None:
         for p, value in self.values(i, step):
-            self.assign(value, _expr(step.tree, [self.at(j, p) for j in step.args], SPAN))
+            names = [self.at(j, p) for j in step.args]
+            tree = ex.substitute(step.tree, {k: ex.Const(0.0) if v is None else ex.Arg(k) for k, v in enumerate(names)})
+            if not ex.args_used(tree):  # every argument is zero here: a constant
+                const = float(evaluate_tree(tree, []))
+                if const == 0.0:
+                    self.names[i][p] = None
+                    continue
+                if step.kind == "vector":  # c at every coordinate, as a function of a vector it ignores
+                    names.append(self.carrier[p])
+                    tree = ex.Apply("add", (tree, ex.Apply("mul", (ex.Const(0.0), ex.Arg(len(names) - 1)))))
+            self.assign(value, _expr(tree, [v or "" for v in names], SPAN))
 
     def lower_moment(self, i: int, step: Step) -> None:
         for p, value in self.values(i, step):
-            self.assign(value, self.call("mean", self.name(self.at(step.args[0], p))))
+            arg = self.at(step.args[0], p)
+            if arg is None:
+                self.names[i][p] = None
+                continue
+            self.assign(value, self.call("mean", self.name(arg)))
 
     def lower_pool(self, i: int, step: Step) -> None:
-        parts: list[ast.Expr] = [self.name(self.at(step.args[0], r)) for r in range(self.P)]
+        parts: list[ast.Expr] = [self.name(v) for r in range(self.P) if (v := self.at(step.args[0], r)) is not None]
         for _, value in self.values(i, step):
             self.assign(value, self.op("/", self.total(parts), ast.Num(SPAN, float(self.P))))
+
+    def lower_shift(self, i: int, step: Step) -> None:
+        """Names only: position p takes the argument's value at p + offset, or zero (None) beyond the edge."""
+        grid = self.net.model.grid
+        here: list[str | None] = []
+        for p in range(self.P):
+            at = [c + s for c, s in zip(np.unravel_index(p, grid), step.offset, strict=True)]
+            inside = all(0 <= c < size for c, size in zip(at, grid, strict=True))
+            here.append(self.at(step.args[0], int(np.ravel_multi_index(at, grid))) if inside else None)
+        self.names.append(here)
 
     def lower_attend(self, i: int, step: Step) -> None:
         """Logits q.k / n are moments (limit.positions_refusal admits no other scale), the softmax
         a nonlinearity of them."""
         q, k, v = step.args
         for p, value in self.values(i, step):
-            weights = []
+            weights: list[ast.Expr] = []
             for r in range(self.P):
+                qp, kr = self.at(q, p), self.at(k, r)
+                if qp is None or kr is None:  # a zero query or key: logit 0
+                    weights.append(ast.Num(SPAN, 1.0))
+                    continue
                 logit = _fresh(f"s{i}_{p}_{r}", self.taken)
-                self.assign(logit, self.call("mean", self.op("*", self.name(self.at(q, p)), self.name(self.at(k, r)))))
+                self.assign(logit, self.call("mean", self.op("*", self.name(qp), self.name(kr))))
                 weights.append(self.call("exp", self.name(logit)))
             norm = _fresh(f"s{i}_{p}_sum", self.taken)
             self.assign(norm, self.total(weights))
-            mix = self.total([self.op("*", w, self.name(self.at(v, r))) for r, w in enumerate(weights)])
-            self.assign(value, self.op("/", mix, self.name(norm)))
+            terms = [self.op("*", w, self.name(vr)) for r, w in enumerate(weights) if (vr := self.at(v, r)) is not None]
+            if not terms:
+                self.names[i][p] = None
+                continue
+            self.assign(value, self.op("/", self.total(terms), self.name(norm)))
+
+
+def _names_in(e: object) -> set[str]:
+    """The names an expression reads."""
+    if isinstance(e, ast.Name):
+        return {e.id}
+    if isinstance(e, ast.Call):
+        return set().union(*(_names_in(a) for a in e.args))
+    if isinstance(e, ast.BinOp):
+        return _names_in(e.left) | _names_in(e.right)
+    if isinstance(e, ast.Neg):
+        return _names_in(e.operand)
+    return set()
+
+
+def _reaching(stmts: list[ast.Stmt], target: str) -> set[str]:
+    """The names whose values `target` depends on, through the assignments in stmts."""
+    reads = {s.name: _names_in(s.value) for s in stmts if isinstance(s, ast.Assign)}
+    seen, todo = {target}, [target]
+    while todo:
+        for v in reads.get(todo.pop(), ()):
+            if v not in seen:
+                seen.add(v)
+                todo.append(v)
+    return seen
+
+
+def term_exponent(net: Network, layer: str) -> float:
+    """The power of n on layer's NTK term (the module docstring's table)."""
+    la = net.layers[layer]
+    beta, gamma = net.init_exponent(net.readout()), net.lr_exponent(la)
+    return {"readout": 1.0, "hidden": 2 - 2 * beta}.get(la.role, 1 - 2 * beta) - gamma
 
 
 def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[tuple[str, str, float]]]:
@@ -179,7 +264,7 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
     from tpc.train.steps import STEPS
 
     low = _Lowering(net)
-    own, name, call, op, total = low.own, low.name, low.call, low.op, low.total
+    own, name, call, op = low.own, low.name, low.call, low.op
     n, f, P = own["n"], own["f"], low.P  # noqa: N806
     shown: list[str] = []  # each variance as `tpc graph` shows it: the lowered program's only text
 
@@ -200,17 +285,19 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
     steps = net.model.steps
     for i, step in enumerate(steps):
         STEPS[step.op].lower(low, i, step)
-    beta = net.init_exponent(net.readout())
     terms: list[tuple[str, str, float]] = []
     feats = name(low.names[net.model.features][0])
     low.stmts.append(ast.OutputDecl(SPAN, own["features"], call("gram", feats)))
     low.stmts.append(ast.OutputDecl(SPAN, own["nngp"], call("cov", name(f))))
-    # each application of a layer (at each position p): its output's and its input's names, and p
+    # each application of a layer (at each position p) that f depends on: its output's and its
+    # input's names, and p (a value a shift moves past the edge, or a zero, adds nothing)
+    reaches = _reaching(low.stmts, f)
     uses: dict[str, list[tuple[str, str, int]]] = {}
     for i, step in enumerate(steps):
         if step.op == "matmul" and net.layers[step.layer].role in ("input", "hidden"):
             for p in range(P if step.pos else 1):
-                uses.setdefault(step.layer, []).append((low.names[i][p], low.at(step.args[0], p), p))
+                if low.names[i][p] in reaches:
+                    uses.setdefault(step.layer, []).append((low.names[i][p], low.at(step.args[0], p), p))
 
     def pair(u: tuple[str, str, int], w: tuple[str, str, int]) -> ast.Expr:
         return call("gram", call("grad", name(f), name(u[0])), call("grad", name(f), name(w[0])))
@@ -220,28 +307,25 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
         return name(own["XX"] if P == 1 else own[f"XX{u[2]}_{w[2]}"])
 
     for layer, la in net.layers.items():
-        gamma = net.lr_exponent(la)
         out = _fresh(f"theta_{layer}", low.taken)
         if la.role == "readout":
-            value, e = call("gram", feats), 1 - gamma
+            value = call("gram", feats)
         elif la.role == "bias":
-            g = call("grad", name(f), name(layer))
-            value, e = call("gram", g), 1 - 2 * beta - gamma
+            value = call("gram", call("grad", name(f), name(layer)))
         elif la.role == "input":
-            value = total([op("*", pair(u, w), inputs(u, w)) for u in uses[layer] for w in uses[layer]])
-            e = 1 - 2 * beta - gamma
+            value = low.partial_sums([op("*", pair(u, w), inputs(u, w)) for u in uses[layer] for w in uses[layer]],
+                                     out)
         else:
-            value = total([op("*", pair(u, w), call("gram", name(u[1]), name(w[1])))
-                           for u in uses[layer] for w in uses[layer]])
-            e = 2 - 2 * beta - gamma
+            value = low.partial_sums([op("*", pair(u, w), call("gram", name(u[1]), name(w[1])))
+                                      for u in uses[layer] for w in uses[layer]], out)
         low.stmts.append(ast.OutputDecl(SPAN, out, value))
-        terms.append((out, layer, e))
+        terms.append((out, layer, term_exponent(net, layer)))
     own["<shown>"] = "\n".join(shown)
     return low.stmts, own, terms
 
 
 def lowered_program(net: Network, X: np.ndarray) -> tuple[Program, dict[str, str], list[tuple[str, str, float]]]:  # noqa: N803
-    from tpc.build import Builder
+    from tpc.build import Builder, ExpansionBudget
 
     stmts, own, terms = lowered_module(net)
     prog = Program(filename=f"<{net.filename} at initialisation>", source=own.pop("<shown>"))
@@ -256,12 +340,15 @@ def lowered_program(net: Network, X: np.ndarray) -> tuple[Program, dict[str, str
         b.names[own[key]] = prog.add("data", (), "scalar", value.shape, own[key], None, value=value, source=None).id
         b.defined_at[own[key]] = Span(1, 1, 1, 1)
     for stmt in stmts:
+        b.budget = ExpansionBudget()  # per statement, as for a written program
         try:
             b.statement(stmt)
-        except TpcError:
+        except TpcError as err:
             # a layer that f does not reach by a nonzero derivative (behind a step function):
             # its kernel term is zero
-            if not (isinstance(stmt, ast.OutputDecl) and any(stmt.name == t[0] for t in terms)):
+            if "does not depend on" not in err.message:
+                raise
+            if not (isinstance(stmt, (ast.OutputDecl, ast.Assign)) and stmt.name.startswith("theta_")):
                 raise
     prog.verify()
     return prog, own, [t for t in terms if t[0] in prog.outputs]
@@ -306,6 +393,20 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
         empty = np.zeros((0, 0))
         return LayerKernels(points, {name: empty for name in net.layers}, empty, empty, "exact")
     X = np.concatenate([net.data[d] for d in sets])  # noqa: N806
+    fast = position_kernels.covered(net, X)
+    if fast is not None:  # a model over positions that the per-position recursion may cover
+        memory.require(position_kernels.memory_bytes(net, len(X)), f"the kernels over {len(X)} inputs of "
+                       f"{net.model.positions} positions", limit_options.get("memory_gb"),  # type: ignore[arg-type]
+                       bool(limit_options.get("force", False)), hint="fewer inputs")
+        try:
+            feats, f0, raw = fast.kernels()
+        except position_kernels.NotCoveredError:  # an expectation without a closed form: the lowered program
+            fast = None
+    if fast is not None:
+        theta = {layer: limit_factor(term_exponent(net, layer)) * raw[layer] for layer in net.layers}
+        nngp = limit_factor(1 - 2 * net.init_exponent(net.readout())) * f0
+        methods = dict.fromkeys(("nngp", "ntk", "features"), "exact+closed-form")
+        return LayerKernels(points, theta, nngp, feats, "exact+closed-form", {}, methods)
     prog, own, terms = lowered_program(net, X)
     lim = evaluate_limit(prog, **limit_options)
     theta = {name: np.zeros((len(X), len(X))) for name in net.layers}

@@ -34,6 +34,8 @@ def describe(net: Network, method: str = "auto", particles: int = 2**16, replica
         from tpc.train.kernel_loops import affine_in_f0, check_kernel_program
 
         check_kernel_program(net)
+        if net.model.positions > 1:
+            head += f"; {_positions_plan(net)}"
         if not net.program.iterations():
             return (f"{head}: the model's kernels at initialisation (closed forms, quadrature, or Monte Carlo with "
                     "standard errors where neither serves); nothing trains")
@@ -43,6 +45,24 @@ def describe(net: Network, method: str = "auto", particles: int = 2**16, replica
                 f"layer's limit kernel (closed forms, quadrature, or Monte Carlo with standard errors where neither "
                 f"serves); {how}")
     return head
+
+
+def _positions_plan(net: Network) -> str:
+    """How the kernels of a model over positions are taken, and the memory it needs."""
+    import numpy as np
+
+    from tpc import memory
+    from tpc.train import position_kernels
+
+    sets = net.point_sets()
+    if not sets:
+        return "no data"
+    X = np.concatenate([net.data[d] for d in sets])  # noqa: N806
+    if position_kernels.covered(net, X) is None:
+        return "kernels by the model lowered to a Netsor program with one vector per position"
+    need = position_kernels.memory_bytes(net, len(X))
+    return (f"kernels by the per-position recursion over {len(X)}^2 input pairs x {net.model.positions}^2 "
+            f"position pairs, about {memory.gb(need)}")
 
 
 def positions_refusal(net: Network) -> TpcError | None:

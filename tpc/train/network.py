@@ -13,7 +13,7 @@ L+1; a bias takes the input layer's `a` and `b` (a weight on a constant input 1)
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +31,7 @@ MAX_EXPONENT = 16.0  # the largest |a|, |b| or |c| an abc(...) may give
 ROLES = ("input", "embedding", "hidden", "readout", "bias")
 LOSSES = ("mse", "xent", "logistic")
 NORMS = ("layernorm", "rmsnorm")  # a model's normalisations over the n coordinates, with eps (default below)
-POSITION_OPS = ("attend", "pool")  # over positions (`model f(x[P])`): attention, mean pooling
+POSITION_OPS = ("attend", "pool", "shift")  # over positions (`model f(x[P])`): attention, mean pooling, shifts
 NORM_EPS = 1e-5  # torch.nn.LayerNorm's default
 OUTPUT_FUNCTIONS = ("history", "features", "feature_change", "adapted", "embeddings", "nngp", "ntk")
 NETWORK_STATEMENTS = (ast.ParamDecl, ast.LayerDecl, ast.ModelDecl, ast.LossDecl, ast.TrainDecl, ast.ForLoop,
@@ -66,13 +66,14 @@ class Step:
     of a vector over its n coordinates, one number per input (a norm's scale, as `mean` in a raw
     Netsor program)."""
 
-    op: str  # input | matmul | bias | fn | moment | attend | pool
+    op: str  # input | matmul | bias | fn | moment | attend | pool | shift
     kind: str  # data | vector | scalar (per input: a moment, or a function of moments) | out
     layer: str | None = None
     args: tuple[int, ...] = ()
     tree: ex.Tree | None = None
     span: Span | None = None
     pos: bool = False  # one value per position of an input (`model f(x[P])`), until `pool`
+    offset: tuple[int, ...] = ()  # shift: the value at position p is its argument's at p + offset
 
 
 @dataclass
@@ -82,6 +83,7 @@ class Model:
     steps: list[Step]
     span: Span
     positions: int = 1  # `model f(x[P])`: the steps with `pos` hold P rows per input
+    grid: tuple[int, ...] = ()  # the positions' shape, row by row: (P,) or (H, W); () without positions
 
     @property
     def out(self) -> int:
@@ -921,9 +923,10 @@ class ModelBuilder:
     def build(self) -> Model:
         if not any(la.takes_data for la in self.b.layers.values()):
             raise TpcError("the model needs an input layer: `layer W1 : input n x d`", self.decl.span)
-        if self.decl.positions_span is not None and not 2 <= self.decl.positions <= 4096:
-            raise TpcError(f"{self.decl.arg}[P] declares P = 2 to 4096 positions per input (one position: "
-                           f"write {self.decl.name}({self.decl.arg}))", self.decl.positions_span)
+        if self.decl.positions_span is not None and not 2 <= self.decl.positions <= 4096 \
+                or any(g < 1 for g in self.decl.grid):
+            raise TpcError(f"{self.decl.arg}[P] or {self.decl.arg}[H, W] declares 2 to 4096 positions per input "
+                           f"(one position: write {self.decl.name}({self.decl.arg}))", self.decl.positions_span)
         out = self.value(self.decl.body)
         if not isinstance(out, int) or self.steps[out].kind != "out":
             raise TpcError("a model ends with its readout layer: model f(x) = V @ ...", self.decl.body.span)
@@ -942,7 +945,7 @@ class ModelBuilder:
         for la in self.b.layers.values():
             if la.role == "readout":
                 la.index = index
-        return Model(self.decl.name, self.decl.arg, self.steps, self.decl.span, self.decl.positions)
+        return Model(self.decl.name, self.decl.arg, self.steps, self.decl.span, self.decl.positions, self.decl.grid)
 
     def add(self, step: Step) -> int:
         self.steps.append(step)
@@ -1086,13 +1089,25 @@ class ModelBuilder:
 
     def positional(self, fn: str, e: ast.Call) -> int:
         """`attend(q, k, v)`: at each position p, sum_r softmax_r(q_p . k_r / n^e) v_r over the input's
-        positions r (e from the parametrization: `attention` below); `pool(h)`: the mean over them."""
-        arity = {"attend": 3, "pool": 1}[fn]
-        if len(e.args) != arity:
-            raise TpcError(f"{fn}(...) takes {arity} argument(s), got {len(e.args)}", e.span)
+        positions r (e from the parametrization: `attention` below); `pool(h)`: the mean over them;
+        `shift(h, s)` (`shift(h, dy, dx)` on a grid): h at position p + s, zero beyond the edges."""
         if self.decl.positions == 1:
             raise TpcError(f"{fn}(...) mixes the positions of an input; declare them: model "
                            f"{self.decl.name}({self.decl.arg}[8])", e.span)
+        grid = self.decl.grid
+        arity = {"attend": 3, "pool": 1, "shift": 1 + len(grid)}[fn]
+        if len(e.args) != arity:
+            what = "shift(h, s)" if len(grid) == 1 else "shift(h, dy, dx) on a grid of positions"
+            raise TpcError(f"{what if fn == 'shift' else fn + '(...)'} takes {arity} argument(s), got {len(e.args)}",
+                           e.span)
+        offset: tuple[int, ...] = ()
+        if fn == "shift":
+            for a, size in zip(e.args[1:], grid, strict=True):
+                s = self.value(a)
+                if not isinstance(s, float) or s != round(s) or abs(s) >= size:
+                    raise TpcError(f"a shift is a whole number of positions, -{size - 1} to {size - 1} here", a.span)
+                offset += (int(s),)
+            e = replace(e, args=e.args[:1])
         args = [self.value(a) for a in e.args]
         for a, v in zip(e.args, args, strict=True):
             if isinstance(v, int) and self.steps[v].kind == "vector" and self.position_free(v):
@@ -1101,7 +1116,7 @@ class ModelBuilder:
             if not isinstance(v, int) or self.steps[v].kind != "vector" or not self.steps[v].pos:
                 what = "an n-vector at every position" + (", not pooled twice" if fn == "pool" else "")
                 raise TpcError(f"{fn}(...) takes {what}", a.span)
-        return self.add(Step(fn, "vector", args=tuple(args), span=e.span, pos=fn == "attend"))
+        return self.add(Step(fn, "vector", args=tuple(args), span=e.span, pos=fn != "pool", offset=offset))
 
     def norm(self, fn: str, e: ast.Call) -> int | float:
         """`layernorm(h[, eps])` = (h - mean(h)) / sqrt(mean((h - mean(h))^2) + eps) and

@@ -140,6 +140,9 @@ class PooledBackend:
     def _forward_pool(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
         return by_pos.pool(vals[step.args[0]], self.net.model.positions)
 
+    def _forward_shift(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
+        return by_pos.shift(vals[step.args[0]], step.offset, self.net.model.grid)
+
     def _forward_attend(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
         q, k, v = (vals[i] for i in step.args)
         P = self.net.model.positions  # noqa: N806
@@ -184,6 +187,9 @@ class PooledBackend:
 
     def _backward_pool(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
         add(step.args[0], by_pos.pool_backward(g, self.net.model.positions))
+
+    def _backward_shift(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
+        add(step.args[0], by_pos.shift_backward(g, step.offset, self.net.model.grid))
 
     def _backward_attend(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
         q, k, v = (vals[i] for i in step.args)

@@ -6,6 +6,7 @@ given the space's inner product `gram(a, b) = a . b / n` (or E[a b])."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -56,3 +57,23 @@ def pool(h: Tensor, positions: int) -> Tensor:
 def pool_backward(g: Tensor, positions: int) -> Tensor:
     """n dL/dh at every position from n dL/d(pool(h)): g / P, repeated over the positions."""
     return flat((g / positions).unsqueeze(-2).expand(*g.shape[:-1], positions, g.shape[-1]))
+
+
+def shift(v: Tensor, offset: tuple[int, ...], grid: tuple[int, ...]) -> Tensor:
+    """The value at position p is v's at p + offset on the grid of positions (row by row), zero where
+    p + offset falls beyond an edge (zero padding): (..., B*P, m) -> (..., B*P, m)."""
+    if not any(offset):
+        return v
+    at = v.reshape(*v.shape[:-2], v.shape[-2] // math.prod(grid), *grid, v.shape[-1])
+    pad: list[int] = [0, 0]  # torch's pad lists the last axis first: m, then the grid's axes backwards
+    for axis, (s, size) in enumerate(zip(offset, grid, strict=True)):
+        dim = at.dim() - 1 - len(grid) + axis
+        at = at.narrow(dim, max(s, 0), size - abs(s))
+    for s in reversed(offset):
+        pad += [max(-s, 0), max(s, 0)]
+    return torch.nn.functional.pad(at, pad).reshape(v.shape)
+
+
+def shift_backward(g: Tensor, offset: tuple[int, ...], grid: tuple[int, ...]) -> Tensor:
+    """The adjoint of `shift`: n dL/dv from g = n dL/d(shift(v)) is g shifted back."""
+    return shift(g, tuple(-s for s in offset), grid)

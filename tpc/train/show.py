@@ -181,7 +181,8 @@ def model_lines(net: Network) -> list[str]:
     m = net.model
     names = [m.arg if s.op == "input" else s.layer if s.op == "bias" else f"h{k}" for k, s in enumerate(m.steps)]
     names[-1] = f"{m.name}({m.arg})"
-    lines = [f"model {m.name}({m.arg}{f'[{m.positions}]' if m.positions > 1 else ''}): {len(m.steps)} steps"]
+    at = f"[{', '.join(map(str, m.grid))}]" if m.positions > 1 else ""
+    lines = [f"model {m.name}({m.arg}{at}): {len(m.steps)} steps"]
     for k, s in enumerate(m.steps):
         args = [names[j] for j in s.args]
         if s.op in ("input", "bias"):  # named where they are used
@@ -219,6 +220,10 @@ def _step_text_moment(step: Step, args: list[str], net: Network) -> str:
 
 def _step_text_pool(step: Step, args: list[str], net: Network) -> str:
     return f"pool({args[0]})"
+
+
+def _step_text_shift(step: Step, args: list[str], net: Network) -> str:
+    return f"shift({args[0]}, {', '.join(map(str, step.offset))})"
 
 
 def _step_text_attend(step: Step, args: list[str], net: Network) -> str:

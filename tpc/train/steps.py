@@ -68,6 +68,8 @@ _TABLE = (
         meaning="mean(h): the average of a vector's n coordinates"),
     _op("pool", makes="a vector per input, without positions",
         meaning="pool(h): the mean over an input's positions"),
+    _op("shift", makes="a vector at every position",
+        meaning="shift(h, s) / shift(h, dy, dx): h at position p + s, zero beyond the edges (a convolution's tap)"),
     _op("attend", makes="a vector at every position",
         meaning="attend(q, k, v): sum_r softmax_r(q_p . k_r / n^e) v_r over an input's positions"),
 )

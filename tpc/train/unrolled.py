@@ -275,6 +275,15 @@ def _listing_pool(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
     return f"pool({h[step.args[0]]})   # the mean over positions"
 
 
+def _listing_shift(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
+    return f"shift({h[step.args[0]]}, {', '.join(map(str, step.offset))})   # zero beyond the edges"
+
+
+def _listing_backward_shift(ls: _Lister, root: str, k: int, step: Step, h: list[str], g: str,
+                            grads: dict[int, list[str]]) -> None:
+    grads.setdefault(step.args[0], []).append(f"shift({g}, {', '.join(str(-s) for s in step.offset)})")
+
+
 def _listing_attend(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
     hq, hk, hv = (h[j] for j in step.args)
     return (f"a({hq}, {hk}) @ {hv}   # a = softmax over positions of ({hq} . {hk} / n) "

@@ -143,6 +143,18 @@ def _code_pool(i: int, step: Step, values: list[str], names: dict[str, str], own
     return f"{_by_input(values[step.args[0]], net)}.mean(-2)"  # the mean over each input's P rows
 
 
+def _code_shift(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
+                lines: list[str]) -> str:
+    """h at position p + offset, zero beyond the edges: the rows that stay, padded with zeros."""
+    v, grid = values[step.args[0]], net.model.grid
+    if not any(step.offset):
+        return v
+    keep = ", ".join(f"{max(s, 0)}:{size - max(-s, 0)}" for s, size in zip(step.offset, grid, strict=True))
+    pad = [0, 0] + [k for s in reversed(step.offset) for k in (max(-s, 0), max(s, 0))]
+    at = f"{v}.reshape(*{v}.shape[:-2], -1, {', '.join(map(str, grid))}, {v}.shape[-1])"
+    return f"torch.nn.functional.pad({at}[..., {keep}, :], {pad}).reshape({v}.shape)"
+
+
 def _code_attend(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
                  lines: list[str]) -> str:
     q, k, v = (values[j] for j in step.args)  # softmax over an input's positions of q.k / n^e, applied to v

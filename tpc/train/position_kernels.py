@@ -1,0 +1,355 @@
+"""The NNGP and the per-layer NTK terms of a model over positions at initialisation, by the
+per-position kernel recursion (Novak et al. 2019, "Bayesian deep convolutional networks with
+many channels are Gaussian processes"; Arora et al. 2019 for the CNTK), on tensors
+(N, N, P, P): one entry per pair of inputs and pair of positions.
+
+`kernel.layer_kernels` lowers a model to a Netsor program with one vector per position; its cost
+grows with the number of position pairs times the statements, minutes for two 3 x 3 convolutions
+on 8 x 8 images. This recursion computes the same numbers (a test checks them against the lowered
+program to 1e-9) with one tensor operation per pair of values, where the model is made of what
+it covers: layers, biases, linear combinations, one closed-form coordinatewise function of a
+Gaussian value (`relu(A @ h + B @ shift(h, 1))`), `shift` and `pool`. Anything else (moments,
+attention, products of vectors, a function without a closed form, a layer applied at two steps)
+returns None, and the lowered program serves.
+
+A value is a linear combination of atoms; an atom is a base (a layer's output, a bias, or a
+function of a Gaussian value) seen through a position operator (a P' x P matrix: a shift with
+zero fill, the mean over positions, or their product). Expectations of products of bases are
+taken once and the operators applied on the position axes:
+    E[(M a)(M' b)] = M E[a b] M'^T.
+Gaussian bases: two applications of one layer W to a and b have covariance var_W E[a b]; the
+input layer's var / d (x_p . x'_q); a bias var. Functions: the closed forms of E[phi(u) psi(v)]
+(`tpc/ops/functions.py`), Stein's lemma against a Gaussian. NTK terms per layer l, in TP4's
+convention at the natural scale (a layer's own term without its variance):
+    Theta_l(W a, W b) = [W = l] E[a b] + var_W Theta_l(a, b),
+    Theta_l(phi(u), psi(v)) = E[phi'(u) psi'(v)] Theta_l(u, v).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tpc.ops import expr as ex
+from tpc.ops.functions import FUNCTIONS, pair_rule
+from tpc.train.network import Network
+
+Tensor = torch.Tensor
+Value = list[tuple[float, "Atom"]]
+
+
+class NotCoveredError(Exception):
+    """The model holds something this recursion does not cover."""
+
+
+@dataclass(frozen=True)
+class Atom:
+    base: int
+    op: Tensor | None = None  # the position operator (P' x P of the base), None: the identity
+
+
+@dataclass
+class Base:
+    kind: str  # input | hidden | bias | fn
+    positions: int  # 1 or P
+    layer: str | None = None
+    arg: Value | None = None  # hidden: the value the layer multiplies; fn: its Gaussian argument
+    fn: str | None = None
+    upstream: frozenset[str] = frozenset()  # the layers it depends on
+
+
+def _linear(tree: ex.Tree) -> list[tuple[float, ex.Tree]]:
+    """tree as sum_k c_k t_k, each t_k an argument or a unary function of a linear combination of
+    arguments; NotCoveredError otherwise (a product of two values, a constant vector)."""
+    if isinstance(tree, ex.Arg):
+        return [(1.0, tree)]
+    if isinstance(tree, ex.Const):
+        if tree.value == 0.0:
+            return []
+        raise NotCoveredError("a constant vector")
+    fn, args = tree.fn, tree.args
+    if fn in ("add", "sub"):
+        right = _linear(args[1])
+        return _linear(args[0]) + [(-c if fn == "sub" else c, t) for c, t in right]
+    if fn == "neg":
+        return [(-c, t) for c, t in _linear(args[0])]
+    if fn in ("mul", "div"):
+        a, b = args
+        if fn == "mul" and isinstance(a, ex.Const):
+            a, b = b, a
+        if isinstance(b, ex.Const):
+            s = b.value if fn == "mul" else 1.0 / b.value
+            return [(s * c, t) for c, t in _linear(a)]
+        raise NotCoveredError("a product of two values")
+    if fn == "identity":
+        return _linear(args[0])
+    if FUNCTIONS[fn].arity == 1:
+        return [(1.0, tree)]
+    raise NotCoveredError(f"'{fn}'")
+
+
+class Recursion:
+    def __init__(self, net: Network, X: np.ndarray) -> None:  # noqa: N803
+        self.net = net
+        self.P = P = net.model.positions  # noqa: N806
+        x = torch.as_tensor(X, dtype=torch.float64).reshape(X.shape[0], P, -1)
+        self.dots = torch.einsum("apd,bqd->abpq", x, x)  # (N, N, P, P)
+        self.N = X.shape[0]
+        self.bases: list[Base] = []
+        self.cov_memo: dict[tuple[int, int], Tensor] = {}
+        self.theta_memo: dict[tuple[str, int, int], Tensor] = {}
+        self.values: list[Value | None] = []
+        self.build()
+
+    # --- the model as values over bases
+    def base(self, b: Base) -> Value:
+        self.bases.append(b)
+        return [(1.0, Atom(len(self.bases) - 1))]
+
+    def build(self) -> None:
+        net, P = self.net, self.P  # noqa: N806
+        used: dict[tuple[str, tuple[int, ...]], Value | None] = {}
+        for step in net.model.steps:
+            n_pos = P if step.pos else 1
+            if step.op == "input":
+                self.values.append(None)
+            elif step.op == "bias":
+                self.values.append(self.base(Base("bias", n_pos, step.layer, upstream=frozenset({step.layer}))))
+            elif step.op == "matmul":
+                la = net.layers[step.layer]
+                if (step.layer, step.args) in used:  # the same product written twice: one value
+                    self.values.append(used[step.layer, step.args])
+                    continue
+                if any(layer == step.layer for layer, _ in used):
+                    raise NotCoveredError("a layer applied to two values (weights shared)")
+                if la.role == "readout":
+                    self.out = self.values[step.args[0]]
+                    self.values.append(None)
+                elif la.role == "input":
+                    self.values.append(self.base(Base("input", n_pos, step.layer, upstream=frozenset({step.layer}))))
+                else:
+                    arg = self.values[step.args[0]]
+                    up = self.upstream(arg) | {step.layer}
+                    self.values.append(self.base(Base("hidden", n_pos, step.layer, arg, upstream=up)))
+                used[step.layer, step.args] = self.values[-1]
+            elif step.op == "fn":
+                if step.kind != "vector":
+                    raise NotCoveredError("a number per input")
+                value: Value = []
+                for c, t in _linear(step.tree):
+                    if isinstance(t, ex.Arg):
+                        value += self.scaled(self.values[step.args[t.index]], c)
+                        continue
+                    inner: Value = []
+                    for ci, ti in _linear(t.args[0]):
+                        if not isinstance(ti, ex.Arg):
+                            raise NotCoveredError("a function of a function")
+                        inner += self.scaled(self.values[step.args[ti.index]], ci)
+                    if any(self.bases[a.base].kind == "fn" for _, a in inner):
+                        raise NotCoveredError("a function of a non-Gaussian value")
+                    self.derivative(t.fn)  # refuse early what has no closed form
+                    up = self.upstream(inner)
+                    value += self.scaled(self.base(Base("fn", n_pos, arg=inner, fn=t.fn, upstream=up)), c)
+                self.values.append(value)
+            elif step.op == "shift":
+                self.values.append(self.operated(self.values[step.args[0]], self.shift_matrix(step.offset)))
+            elif step.op == "pool":
+                self.values.append(self.operated(self.values[step.args[0]], torch.full((1, P), 1.0 / P,
+                                                                                      dtype=torch.float64)))
+            else:
+                raise NotCoveredError(step.op)
+
+    def upstream(self, value: Value) -> frozenset[str]:
+        return frozenset().union(*(self.bases[a.base].upstream for _, a in value))
+
+    @staticmethod
+    def scaled(value: Value | None, c: float) -> Value:
+        if value is None:
+            raise NotCoveredError("the input outside its layer")
+        return [(c * ci, a) for ci, a in value]
+
+    @staticmethod
+    def operated(value: Value | None, m: Tensor) -> Value:
+        assert value is not None
+        return [(c, Atom(a.base, m if a.op is None else m @ a.op)) for c, a in value]
+
+    def shift_matrix(self, offset: tuple[int, ...]) -> Tensor:
+        """S[p, r] = 1 where r = p + offset on the grid (row by row), else 0."""
+        grid = self.net.model.grid
+        m = torch.zeros(self.P, self.P, dtype=torch.float64)
+        for p in range(self.P):
+            at = [c + s for c, s in zip(np.unravel_index(p, grid), offset, strict=True)]
+            if all(0 <= c < size for c, size in zip(at, grid, strict=True)):
+                m[p, int(np.ravel_multi_index(at, grid))] = 1.0
+        return m
+
+    # --- expectations
+    def derivative(self, fn: str) -> tuple[str | None, float]:
+        """phi' as (function name, 1) or (None, constant)."""
+        d = FUNCTIONS[fn].deriv
+        if d is None or FUNCTIONS[fn].jumps:
+            raise NotCoveredError(f"'{fn}' has no derivative rule here")
+        tree = d(ex.Arg(0))
+        if isinstance(tree, ex.Const):
+            return None, tree.value
+        if isinstance(tree, ex.Apply) and tree.args == (ex.Arg(0),):
+            return tree.fn, 1.0
+        raise NotCoveredError(f"the derivative of '{fn}'")
+
+    def pair(self, f: str | None, g: str | None, va: Tensor, vb: Tensor, c: Tensor) -> Tensor:
+        """E[f(u) g(v)] for centred (u, v), Var u = va, Var v = vb, Cov = c; None: the constant 1."""
+        if f is None and g is None:
+            return torch.ones_like(c)
+        if f is None or g is None:
+            h, v = (g, vb) if f is None else (f, va)
+            mean = FUNCTIONS[h].mean
+            if mean is None:
+                raise NotCoveredError(f"no closed form of E {h}(u)")
+            return mean(torch.zeros_like(v), v) * torch.ones_like(c)
+        rule = pair_rule(f, g)
+        if rule is None:
+            raise NotCoveredError(f"no closed form of E {f}(u) {g}(v)")
+        return rule(va, vb, c)
+
+    def diag(self, value: Value) -> Tensor:
+        """E[Z^2] at each input and position: (N, P')."""
+        return torch.einsum("aapp->ap", self.expect(value, value))
+
+    def expect(self, u: Value, v: Value) -> Tensor:
+        return self.combine(u, v, self.cov)
+
+    def combine(self, u: Value, v: Value, rule: Callable[[int, int], Tensor | None]) -> Tensor:
+        """sum_{k,l} c_k c_l M_k rule(base_k, base_l) M_l^T over the atoms of u and v."""
+        total: Tensor | None = None
+        for cu, a in u:
+            for cv, b in v:
+                k = rule(a.base, b.base)
+                if k is None:
+                    continue
+                if a.op is not None:
+                    k = torch.einsum("ip,abpq->abiq", a.op, k)
+                if b.op is not None:
+                    k = torch.einsum("jq,abpq->abpj", b.op, k)
+                total = cu * cv * k if total is None else total + cu * cv * k
+        if total is None:
+            pu = self.positions_of(u)
+            pv = self.positions_of(v)
+            return torch.zeros(self.N, self.N, pu, pv, dtype=torch.float64)
+        return total
+
+    def positions_of(self, value: Value) -> int:
+        if not value:
+            raise NotCoveredError("a value that is zero")
+        _, a = value[0]
+        return a.op.shape[0] if a.op is not None else self.bases[a.base].positions
+
+    def cov(self, i: int, j: int) -> Tensor | None:
+        """E[Z_i Z_j] of two bases: (N, N, P_i, P_j), None where it is zero. Only pairs with a
+        function are kept: a layer's pair is its variance times its arguments' (cheap again)."""
+        if self.bases[i].kind != "fn" and self.bases[j].kind != "fn":
+            return self._cov(i, j)
+        if (j, i) in self.cov_memo and (i, j) not in self.cov_memo:
+            other = self.cov_memo[j, i]
+            return None if other is None else other.transpose(0, 1).transpose(2, 3)
+        if (i, j) not in self.cov_memo:
+            self.cov_memo[i, j] = self._cov(i, j)
+        return self.cov_memo[i, j]
+
+    def _cov(self, i: int, j: int) -> Tensor | None:
+        a, b = self.bases[i], self.bases[j]
+        net = self.net
+        if a.kind == "fn" or b.kind == "fn":
+            if a.kind != "fn":
+                other = self.cov(j, i)
+                return None if other is None else other.transpose(0, 1).transpose(2, 3)
+            va = self.diag(a.arg)[:, None, :, None]
+            if b.kind == "fn":
+                vb = self.diag(b.arg)[None, :, None, :]
+                return self.pair(a.fn, b.fn, va, vb, self.expect(a.arg, b.arg))
+            c = self.expect(a.arg, [(1.0, Atom(j))])
+            vb = self.diag([(1.0, Atom(j))])[None, :, None, :]
+            return self.pair(a.fn, "identity", va, vb, c)
+        if a.layer != b.layer:
+            return None
+        var = net.layers[a.layer].var
+        if a.kind == "input":
+            return var / net.layers[a.layer].cols * self.dots
+        if a.kind == "bias":
+            return var * torch.ones(self.N, self.N, a.positions, b.positions, dtype=torch.float64)
+        return var * self.expect(a.arg, b.arg)
+
+    def theta(self, layer: str, u: Value, v: Value) -> Tensor:
+        return self.combine(u, v, lambda i, j: self.theta_base(layer, i, j))
+
+    def theta_base(self, layer: str, i: int, j: int) -> Tensor | None:
+        a, b = self.bases[i], self.bases[j]
+        if layer not in a.upstream or layer not in b.upstream:
+            return None
+        key = (layer, i, j)
+        if key not in self.theta_memo:
+            self.theta_memo[key] = self._theta(layer, i, j)
+        return self.theta_memo[key]
+
+    def _theta(self, layer: str, i: int, j: int) -> Tensor | None:
+        a, b = self.bases[i], self.bases[j]
+        if a.kind == "fn" or b.kind == "fn":
+            ua = a.arg if a.kind == "fn" else [(1.0, Atom(i))]
+            ub = b.arg if b.kind == "fn" else [(1.0, Atom(j))]
+            fa, sa = self.derivative(a.fn) if a.kind == "fn" else (None, 1.0)
+            fb, sb = self.derivative(b.fn) if b.kind == "fn" else (None, 1.0)
+            va = self.diag(ua)[:, None, :, None]
+            vb = self.diag(ub)[None, :, None, :]
+            weight = sa * sb * self.pair(fa, fb, va, vb, self.expect(ua, ub))
+            return weight * self.theta(layer, ua, ub)
+        if a.layer != b.layer:
+            return None
+        if a.kind == "input":
+            return self.dots  # TP4's input term: x . x'
+        if a.kind == "bias":
+            return torch.ones(self.N, self.N, a.positions, b.positions, dtype=torch.float64)
+        own = self.expect(a.arg, b.arg) if a.layer == layer else 0.0
+        return own + self.net.layers[a.layer].var * self.theta(layer, a.arg, b.arg)
+
+    # --- the model's kernels
+    def kernels(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(E[g g'] of the features g, the NNGP, each layer's NTK term before its power of n)."""
+        readout = self.net.layers[self.net.model.steps[-1].layer]
+        g = self.out
+        if self.positions_of(g) != 1:
+            raise NotCoveredError("the readout of positions")
+        feats = self.expect(g, g)[:, :, 0, 0]
+        terms = {}
+        for name, la in self.net.layers.items():
+            if la.role == "readout":
+                terms[name] = feats
+            else:
+                terms[name] = readout.var * self.theta(name, g, g)[:, :, 0, 0]
+                self.theta_memo.clear()  # one layer's terms at a time
+        return feats.numpy(), (readout.var * feats).numpy(), {k: np.asarray(v) for k, v in terms.items()}
+
+
+def covered(net: Network, X: np.ndarray) -> Recursion | None:  # noqa: N803
+    """The recursion for this model, or None where it does not cover the model."""
+    if net.model.positions == 1:
+        return None
+    try:
+        return Recursion(net, X)
+    except NotCoveredError:
+        return None
+
+
+def memory_bytes(net: Network, rows: int) -> int:
+    """What the recursion holds at most, in (N, N, P, P) tensors: the pairs of functions of Gaussian
+    values (kept), one layer's NTK terms of them, and a few temporaries."""
+    per = 8 * rows**2 * net.model.positions**2
+    functions = sum(1 for s in net.model.steps if s.op == "fn" and s.tree is not None
+                    and any(isinstance(t, ex.Apply) and t.fn not in ("add", "sub", "neg", "mul", "div")
+                            for t in _subtrees(s.tree)))
+    return per * (2 * functions**2 + 8)
+
+
+def _subtrees(tree: ex.Tree) -> list[ex.Tree]:
+    return [tree] + [t for a in getattr(tree, "args", ()) for t in _subtrees(a)]
