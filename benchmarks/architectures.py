@@ -1,5 +1,6 @@
 """Time and memory of the architectures in programs/arch: the NNGP and NTK of a pre-LayerNorm residual
-MLP, and finite width and the feature-learning limit of a one-block transformer trained in muP.
+MLP, finite width and the feature-learning limit of a one-block transformer trained in muP, and the
+NNGP and NTK of a small convolutional network.
 
 1. kernels: `tpc.limit` of programs/arch/resnet_ln.tp (4 blocks, NTK parametrization) on N random
    3-dimensional inputs (seed 0, written to a temporary .npy that the program's text loads), beside
@@ -10,19 +11,28 @@ MLP, and finite width and the feature-learning limit of a one-block transformer 
    and trained by the same SGD; the max |difference| of their final `pred` (must be below 1e-8).
 3. limit: `tpc.limit(net, particles=P, replicates=R)` of the same transformer, with the memory the
    plan states before it runs (`tpc.train.limit.describe`) beside the measured peak.
+4. cnn: `tpc.limit` of programs/arch/cnn_digits.tp (U, relu, two 3 x 3 'same' convolutions of 9
+   taps each with relu, global average pooling, readout; NTK parametrization) on the first N of
+   scikit-learn's 8 x 8 digits (`load_digits`, pixels / 16, standardised by the mean and standard
+   deviation of those N images' pixels; N = 8 gives programs/arch/data/digits8x64.csv), written to
+   a temporary .npy that the program's text loads, with the memory tpc states before it runs
+   (`tpc.train.position_kernels.memory_bytes`), beside a direct NumPy per-position recursion of the
+   same kernels (re-implemented here); the max |tpc - NumPy| of each kernel (must be below 1e-9).
+   Once per run: N = 1000 is refused before anything runs under `memory_gb=2.0`, with its message.
 
 Each measurement runs in its own process, so that its memory is its own: "peak MB" is the process's
 peak resident size during the measured call (Linux: VmHWM, restarted just before the call through
 /proc/self/clear_refs; elsewhere ru_maxrss), "(+X)" that peak less the resident size just before
 the call (imports, data). Kernels and predictions travel between the processes as .npy files in a
 temporary directory. Times are of the first call after a warm-up on a tiny problem (width 16, 8
-inputs, 64 particles), so they exclude one-time imports; with --repeats R > 1 the kernels' times
-are the best of R. The processes run torch and BLAS on --threads threads (default 1: on a busy
-two-core machine a second thread made the transformer's small operations 30 to 100 times slower).
+inputs, 64 particles, 4 digits), so they exclude one-time imports; with --repeats R > 1 the times
+of kernels and cnn are the best of R. The processes run torch and BLAS on --threads threads (default
+1: on a busy two-core machine a second thread made the transformer's small operations 30 to 100
+times slower).
 
     python benchmarks/architectures.py [--sizes 200,1000] [--widths 256,1024,4096]
-        [--particles 1024,4096,16384] [--replicates 2] [--repeats 1] [--threads 1]
-        [--skip kernels,finite,limit] [--json out.json]
+        [--particles 1024,4096,16384] [--replicates 2] [--cnn-sizes 8,64,128] [--repeats 1]
+        [--threads 1] [--skip kernels,finite,limit,cnn] [--json out.json]
 """
 
 from __future__ import annotations
@@ -46,9 +56,13 @@ ROOT = Path(__file__).resolve().parent.parent
 ARCH = ROOT / "programs" / "arch"
 RESNET = ARCH / "resnet_ln.tp"
 TRANSFORMER = ARCH / "transformer_mup.tp"
-PARTS = ("kernels", "finite", "limit")
+CNN = ARCH / "cnn_digits.tp"
+PARTS = ("kernels", "finite", "limit", "cnn")
 D = 3  # resnet_ln.tp's input dimension
 PRED_TOL = 1e-8  # tpc.run against the hand-written module
+CNN_TOL = 1e-9  # cnn_digits.tp's kernels: tpc.limit against the direct recursion
+CNN_REFUSED = 1000  # images whose kernels are refused under CNN_BUDGET_GB before anything runs
+CNN_BUDGET_GB = 2.0
 
 
 _PEAK = {"restarted": False}
@@ -119,10 +133,15 @@ def resnet_ln_numpy(x: np.ndarray, blocks: int = 4, alpha: float = 0.5, var_u: f
     return {"nngp": var_v * kz, "ntk": kz + var_v * tz}
 
 
-def resnet_source(data: str) -> str:
-    source, found = re.subn(r'load\("[^"]*"\)', f'load("{data}")', RESNET.read_text(), count=1)
-    assert found, f"no load(...) in {RESNET}"
+def program_source(program: Path, data: str) -> str:
+    """The program's text with its (first) `load("...")` reading `data` instead."""
+    source, found = re.subn(r'load\("[^"]*"\)', f'load("{data}")', program.read_text(), count=1)
+    assert found, f"no load(...) in {program}"
     return source
+
+
+def resnet_source(data: str) -> str:
+    return program_source(RESNET, data)
 
 
 def kernels_tpc(n: int, out: Path, repeats: int) -> dict[str, Any]:
@@ -258,13 +277,143 @@ def limit_one(particles: int, replicates: int, out: Path) -> dict[str, Any]:
             "pred_stderr": float(np.max(lim["pred"].stderr)), "method": lim["pred"].method}
 
 
+# ---------------------------------------------------------------- 4. cnn_digits.tp's kernels
+
+GRID = 8  # cnn_digits.tp's images: 8 x 8 pixels, one number each, positions row by row (p = 8 row + col)
+
+
+def digits(n: int, first: int = 0) -> np.ndarray:
+    """Images first .. first + n - 1 of scikit-learn's digits (N x 64), pixels / 16, standardised
+    by the mean and standard deviation (ddof 0) of their pixels; the first 8 are one of each class
+    0..7, programs/arch/data/digits8x64.csv."""
+    from sklearn.datasets import load_digits
+
+    pixels = load_digits().data[first:first + n] / 16
+    assert len(pixels) == n, f"scikit-learn's digits hold {first + len(pixels)} images, not {first + n}"
+    return (pixels - pixels.mean()) / pixels.std()
+
+
+def taps_sum(m: np.ndarray, n: int) -> np.ndarray:
+    """sum over the 9 taps s of a 3 x 3 'same' convolution of S_s[M]: M at positions (p + s, q + s)
+    for the pair (p, q), zero where p + s or q + s leaves the grid. m: (N P) x (N P), the entry of
+    images (a, b) at positions (p, q) in row a P + p, column b P + q."""
+    grid = m.reshape(n, GRID, GRID, n, GRID, GRID)
+    out = np.zeros_like(grid)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            dst_r, src_r = slice(max(0, -dy), GRID - max(0, dy)), slice(max(0, dy), GRID - max(0, -dy))
+            dst_c, src_c = slice(max(0, -dx), GRID - max(0, dx)), slice(max(0, dx), GRID - max(0, -dx))
+            out[:, dst_r, dst_c, :, dst_r, dst_c] += grid[:, src_r, src_c, :, src_r, src_c]
+    return out.reshape(m.shape)
+
+
+def cnn_numpy(x: np.ndarray, var_u: float = 2.0, var_conv: float = 0.2222, convs: int = 2,
+              var_v: float = 1.0) -> dict[str, np.ndarray]:
+    """cnn_digits.tp's NNGP and NTK by the per-position recursion (Novak et al. 2019, Arora et al.
+    2019), NTK parametrization, TP4's NTK (a layer's own term without its variance), on (N P) x
+    (N P) matrices (the tensors (N, N, P, P) with their axes ordered a, p, b, q, so that relu_pair's
+    diagonal is each image's variance at each position). Input layer (d = 1): K = var_U x_p x'_q,
+    Theta = x_p x'_q; relu: E = E[relu relu], D = E[step step] (arc-cosine closed forms); a 3 x 3
+    'same' convolution with var v per tap: K = sum_s v S_s[E], Theta = sum_s (S_s[E] + v S_s[D
+    Theta]); pooling and the readout: nngp = var_V mean_pq E, ntk = mean_pq E + var_V mean_pq(D Theta)."""
+    n, positions = x.shape
+    flat = x.reshape(-1)
+    t = np.outer(flat, flat)
+    k = var_u * t  # / d, d = 1
+    for _ in range(convs):
+        e, dstep = relu_pair(k)
+        dstep *= t
+        del t, k
+        s_e = taps_sum(e, n)
+        del e
+        t = taps_sum(dstep, n)
+        del dstep
+        t *= var_conv
+        t += s_e
+        k = s_e
+        k *= var_conv
+    e, dstep = relu_pair(k)
+    dstep *= t
+
+    def pooled(m: np.ndarray) -> np.ndarray:
+        return m.reshape(n, positions, n, positions).mean(axis=(1, 3))
+
+    return {"nngp": var_v * pooled(e), "ntk": pooled(e) + var_v * pooled(dstep)}
+
+
+def cnn_net(images: np.ndarray, out: Path, tag: str) -> Any:
+    """cnn_digits.tp reading `images` from an .npy in `out` (by its absolute path)."""
+    import tpc
+
+    data = (out / f"digits_{tag}.npy").resolve()
+    np.save(data, images)
+    return tpc.loads(program_source(CNN, str(data)), str(CNN), base_dir=data.parent)
+
+
+def cnn_tpc(n: int, out: Path, repeats: int) -> dict[str, Any]:
+    import tpc
+    from tpc.train.position_kernels import memory_bytes
+
+    tpc.limit(cnn_net(digits(4, first=1000), out, "warmup"))  # warm-up: imports
+    t0 = time.perf_counter()
+    net = cnn_net(digits(n), out, str(n))
+    load_s = time.perf_counter() - t0
+    stated = memory_bytes(net, n)
+    before = start_peak()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        lim = tpc.limit(net)
+        best = min(best, time.perf_counter() - t0)
+    for key in ("nngp", "ntk"):
+        np.save(out / f"cnn_tpc_{key}_{n}.npy", lim[key].value)
+    return {"seconds": best, "load_seconds": load_s, "peak_mb": peak_mb(), "before_mb": before,
+            "stated_mb": stated / 2**20, "method": {key: lim[key].method for key in ("nngp", "ntk")}}
+
+
+def cnn_direct(n: int, out: Path, repeats: int) -> dict[str, Any]:
+    cnn_numpy(digits(4, first=1000))
+    x = digits(n)
+    before = start_peak()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        ref = cnn_numpy(x)
+        best = min(best, time.perf_counter() - t0)
+    for key, value in ref.items():
+        np.save(out / f"cnn_numpy_{key}_{n}.npy", value)
+    return {"seconds": best, "peak_mb": peak_mb(), "before_mb": before}
+
+
+def cnn_refused(n: int, out: Path) -> dict[str, Any]:
+    """`tpc.limit` of n images under CNN_BUDGET_GB: refused before it runs, with the memory it needs."""
+    import tpc
+    from tpc.errors import TpcError
+    from tpc.train.position_kernels import memory_bytes
+
+    net = cnn_net(digits(n), out, str(n))
+    t0 = time.perf_counter()
+    try:
+        tpc.limit(net, memory_gb=CNN_BUDGET_GB)
+    except TpcError as err:
+        message = err.message + (f" ({err.hint})" if err.hint else "")
+        return {"refused": True, "message": message, "seconds": time.perf_counter() - t0,
+                "stated_mb": memory_bytes(net, n) / 2**20}
+    return {"refused": False, "message": None, "seconds": time.perf_counter() - t0,
+            "stated_mb": memory_bytes(net, n) / 2**20}
+
+
 # ---------------------------------------------------------------- the driver
 
 ONE = {"kernels-tpc": lambda v, out, a: kernels_tpc(v, out, a.repeats),
        "kernels-numpy": lambda v, out, a: kernels_numpy(v, out, a.repeats),
        "finite-tpc": lambda v, out, a: finite_tpc(v, out),
        "finite-torch": lambda v, out, a: finite_torch(v, out),
-       "limit": lambda v, out, a: limit_one(v, a.replicates, out)}
+       "limit": lambda v, out, a: limit_one(v, a.replicates, out),
+       "cnn-tpc": lambda v, out, a: cnn_tpc(v, out, a.repeats),
+       "cnn-direct": lambda v, out, a: cnn_direct(v, out, a.repeats),
+       "cnn-refused": lambda v, out, a: cnn_refused(v, out)}
+NUMPY_ONLY = ("kernels-numpy", "cnn-direct")  # measurements that never import torch
 
 
 def measure(kind: str, value: int, out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -348,13 +497,47 @@ def part_limit(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def part_cnn(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    print(f"\n### 4. NNGP + NTK of {CNN.relative_to(ROOT)} (float64), the first N of scikit-learn's 8 x 8 digits\n")
+    cols = ["N", "tpc.limit s", "tpc peak MB (above)", "tpc states MB", "direct s", "direct peak MB (above)",
+            "max |diff| NNGP", "max |diff| NTK", "tpc method (nngp; ntk)"]
+    header(cols)
+    rows, bad = [], []
+    for n in ints(args.cnn_sizes):
+        t, p = measure("cnn-tpc", n, out, args), measure("cnn-direct", n, out, args)
+        diff = {k: float(np.abs(np.load(out / f"cnn_tpc_{k}_{n}.npy") - np.load(out / f"cnn_numpy_{k}_{n}.npy")).max())
+                for k in ("nngp", "ntk")}
+        rows.append({"N": n, "tpc": t, "direct": p, "max_abs_diff": diff})
+        if not max(diff.values()) <= CNN_TOL:
+            bad.append(n)
+        print(f"| {n} | {t['seconds']:.2f} | {mem(t)} | {t['stated_mb']:.0f} | {p['seconds']:.2f} | {mem(p)} | "
+              f"{diff['nngp']:.1e} | {diff['ntk']:.1e} | {t['method']['nngp']}; {t['method']['ntk']} |", flush=True)
+    if rows:
+        print(f"\ntpc.limit alone (the text's tpc.loads, with its data, took {rows[-1]['tpc']['load_seconds']:.2f} s "
+              f"at N = {rows[-1]['N']}); best of {args.repeats} after a warm-up on 4 digits; 'tpc states' = "
+              "tpc.train.position_kernels.memory_bytes(net, N), the memory tpc requires before it runs; the direct "
+              "recursion is NumPy's, written here")
+    if bad:
+        print(f"MISMATCH: tpc's kernels differ from the direct recursion's by more than {CNN_TOL:g} at N = {bad}")
+    elif rows:
+        print(f"tpc's NNGP and NTK equal the direct recursion's to {CNN_TOL:g} at every N")
+    r = measure("cnn-refused", CNN_REFUSED, out, args)
+    if r["refused"]:
+        print(f"\nN = {CNN_REFUSED} under memory_gb={CNN_BUDGET_GB:g}: refused after {r['seconds']:.3f} s, before "
+              f"anything runs (tpc states {r['stated_mb'] / 1024:.0f} GB): {r['message']}")
+    else:
+        print(f"\nNOT REFUSED: N = {CNN_REFUSED} ran under memory_gb={CNN_BUDGET_GB:g} in {r['seconds']:.1f} s")
+    return {"sizes": rows, "refused": {"N": CNN_REFUSED, "memory_gb": CNN_BUDGET_GB, **r}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="200,1000", help="kernels: numbers of inputs N")
     ap.add_argument("--widths", default="256,1024,4096", help="finite: widths of the transformer")
     ap.add_argument("--particles", default="1024,4096,16384", help="limit: particle counts")
     ap.add_argument("--replicates", type=int, default=2, help="limit: independent replicates")
-    ap.add_argument("--repeats", type=int, default=1, help="kernels: timed calls per process (best kept)")
+    ap.add_argument("--cnn-sizes", default="8,64,128", help="cnn: numbers of digits N")
+    ap.add_argument("--repeats", type=int, default=1, help="kernels, cnn: timed calls per process (best kept)")
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads in each measuring process")
     ap.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {','.join(PARTS)}")
     ap.add_argument("--json", type=Path, help="also write every figure to this file")
@@ -363,7 +546,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.one:
         kind, value = args.one.split(":")
-        if kind != "kernels-numpy":  # NumPy's BLAS takes its threads from the environment (measure())
+        if kind not in NUMPY_ONLY:  # NumPy's BLAS takes its threads from the environment (measure())
             import torch
 
             torch.set_num_threads(args.threads)
@@ -379,7 +562,8 @@ def main() -> None:
     report: dict[str, Any] = {}
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        for name, part in (("kernels", part_kernels), ("finite", part_finite), ("limit", part_limit)):
+        for name, part in (("kernels", part_kernels), ("finite", part_finite), ("limit", part_limit),
+                           ("cnn", part_cnn)):
             if name not in skip:
                 report[name] = part(args, Path(tmp))
     print(f"\ntotal {time.perf_counter() - start:.0f} s (load average now {os.getloadavg()[0]:.1f})")

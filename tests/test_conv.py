@@ -178,10 +178,12 @@ def test_the_recursion_equals_the_lowered_program(program: str, param: str,
     fast = kernel.layer_kernels(net, ["X"])
     monkeypatch.setattr(position_kernels, "covered", lambda net, x: None)
     slow = kernel.layer_kernels(net, ["X"])
-    for name in ("nngp", "features"):
+    for name in ("nngp", "features", "ntk"):  # the NTK in one pass (nothing trains)
         np.testing.assert_allclose(getattr(fast, name), getattr(slow, name), rtol=1e-10, atol=1e-13, err_msg=name)
+    factors = {layer: kernel.limit_factor(kernel.term_exponent(net, layer)) for layer in net.layers}
+    _, _, per_layer = position_kernels.Recursion(net, net.data["X"]).kernels(factors, per_layer=True)
     for layer in net.layers:
-        np.testing.assert_allclose(fast.theta[layer], slow.theta[layer], rtol=1e-10, atol=1e-13, err_msg=layer)
+        np.testing.assert_allclose(per_layer[layer], slow.theta[layer], rtol=1e-10, atol=1e-13, err_msg=layer)
     assert np.abs(fast.ntk).max() > 0.1
 
 

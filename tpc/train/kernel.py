@@ -398,12 +398,13 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
         memory.require(position_kernels.memory_bytes(net, len(X)), f"the kernels over {len(X)} inputs of "
                        f"{net.model.positions} positions", limit_options.get("memory_gb"),  # type: ignore[arg-type]
                        bool(limit_options.get("force", False)), hint="fewer inputs")
+        factors = {layer: limit_factor(term_exponent(net, layer)) for layer in net.layers}
+        trains = net.program is not None and net.program.iterations() > 0 or net.train is not None
         try:
-            feats, f0, raw = fast.kernels()
+            feats, f0, theta = fast.kernels(factors, per_layer=trains)
         except position_kernels.NotCoveredError:  # an expectation without a closed form: the lowered program
             fast = None
     if fast is not None:
-        theta = {layer: limit_factor(term_exponent(net, layer)) * raw[layer] for layer in net.layers}
         nngp = limit_factor(1 - 2 * net.init_exponent(net.readout())) * f0
         methods = dict.fromkeys(("nngp", "ntk", "features"), "exact+closed-form")
         return LayerKernels(points, theta, nngp, feats, "exact+closed-form", {}, methods)

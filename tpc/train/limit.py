@@ -118,6 +118,10 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
     points = sum(net.data[d].shape[0] for d in net.point_sets())
     # the kernels (P x P each), and per layer and per state a (samples, P, k) array of f's moves
     need = 8 * (8 * points**2 + 2**14 * points * net.output_dim() * (len(net.layers) + 4))
+    if net.model.positions > 1:  # the kernels over pairs of positions (position_kernels.py)
+        from tpc.train import position_kernels
+
+        need += position_kernels.memory_bytes(net, points)
     try:
         memory.require(need, f"the kernel-regime limit over {points} inputs", memory_gb, force)
     except TpcError as err:

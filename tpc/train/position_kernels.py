@@ -95,12 +95,14 @@ class Recursion:
     def __init__(self, net: Network, X: np.ndarray) -> None:  # noqa: N803
         self.net = net
         self.P = P = net.model.positions  # noqa: N806
-        x = torch.as_tensor(X, dtype=torch.float64).reshape(X.shape[0], P, -1)
-        self.dots = torch.einsum("apd,bqd->abpq", x, x)  # (N, N, P, P)
+        self.x = torch.as_tensor(X, dtype=torch.float64).reshape(X.shape[0], P, -1)
+        self._dots: Tensor | None = None  # made when first needed: `covered` allocates nothing
+        self.expect_memo: dict[tuple[int, int], Tensor] = {}  # by the values' ids (bases hold them)
         self.N = X.shape[0]
         self.bases: list[Base] = []
         self.cov_memo: dict[tuple[int, int], Tensor] = {}
-        self.theta_memo: dict[tuple[str, int, int], Tensor] = {}
+        self.theta_memo: dict[tuple[str | None, int, int], Tensor] = {}
+        self.own_weight: dict[str, float] = {}
         self.values: list[Value | None] = []
         self.build()
 
@@ -214,12 +216,23 @@ class Recursion:
             raise NotCoveredError(f"no closed form of E {f}(u) {g}(v)")
         return rule(va, vb, c)
 
+    @property
+    def dots(self) -> Tensor:
+        """x_p . x'_q: (N, N, P, P)."""
+        if self._dots is None:
+            self._dots = torch.einsum("apd,bqd->abpq", self.x, self.x)
+        return self._dots
+
     def diag(self, value: Value) -> Tensor:
         """E[Z^2] at each input and position: (N, P')."""
         return torch.einsum("aapp->ap", self.expect(value, value))
 
     def expect(self, u: Value, v: Value) -> Tensor:
-        return self.combine(u, v, self.cov)
+        """E[u v]; a function's argument is asked for several times (its variances and its pairs)."""
+        key = (id(u), id(v))
+        if key not in self.expect_memo:
+            self.expect_memo[key] = self.combine(u, v, self.cov)
+        return self.expect_memo[key]
 
     def combine(self, u: Value, v: Value, rule: Callable[[int, int], Tensor | None]) -> Tensor:
         """sum_{k,l} c_k c_l M_k rule(base_k, base_l) M_l^T over the atoms of u and v."""
@@ -230,10 +243,13 @@ class Recursion:
                 if k is None:
                     continue
                 if a.op is not None:
-                    k = torch.einsum("ip,abpq->abiq", a.op, k)
+                    k = _operate(a.op, k, 2)
                 if b.op is not None:
-                    k = torch.einsum("jq,abpq->abpj", b.op, k)
-                total = cu * cv * k if total is None else total + cu * cv * k
+                    k = _operate(b.op, k, 3)
+                if total is None:
+                    total = cu * cv * k  # a new tensor, this sum's own: later terms are added in place
+                else:
+                    total.add_(k, alpha=cu * cv)
         if total is None:
             pu = self.positions_of(u)
             pv = self.positions_of(v)
@@ -281,12 +297,14 @@ class Recursion:
             return var * torch.ones(self.N, self.N, a.positions, b.positions, dtype=torch.float64)
         return var * self.expect(a.arg, b.arg)
 
-    def theta(self, layer: str, u: Value, v: Value) -> Tensor:
+    def theta(self, layer: str | None, u: Value, v: Value) -> Tensor:
+        """Layer's NTK term of u and v; layer None: every layer's, each own term times its weight
+        in `self.own_weight` (one pass, where no layer's term is needed alone)."""
         return self.combine(u, v, lambda i, j: self.theta_base(layer, i, j))
 
-    def theta_base(self, layer: str, i: int, j: int) -> Tensor | None:
+    def theta_base(self, layer: str | None, i: int, j: int) -> Tensor | None:
         a, b = self.bases[i], self.bases[j]
-        if layer not in a.upstream or layer not in b.upstream:
+        if layer is not None and (layer not in a.upstream or layer not in b.upstream):
             return None
         key = (layer, i, j)
         if key not in self.theta_memo:
@@ -306,29 +324,50 @@ class Recursion:
             return weight * self.theta(layer, ua, ub)
         if a.layer != b.layer:
             return None
+        w = (1.0 if a.layer == layer else 0.0) if layer is not None else self.own_weight.get(a.layer, 1.0)
         if a.kind == "input":
-            return self.dots  # TP4's input term: x . x'
+            return w * self.dots  # TP4's input term: x . x'
         if a.kind == "bias":
-            return torch.ones(self.N, self.N, a.positions, b.positions, dtype=torch.float64)
-        own = self.expect(a.arg, b.arg) if a.layer == layer else 0.0
-        return own + self.net.layers[a.layer].var * self.theta(layer, a.arg, b.arg)
+            return torch.full((self.N, self.N, a.positions, b.positions), w, dtype=torch.float64)
+        upstream = self.net.layers[a.layer].var * self.theta(layer, a.arg, b.arg)
+        return upstream.add_(self.expect(a.arg, b.arg), alpha=w) if w else upstream
 
     # --- the model's kernels
-    def kernels(self) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
-        """(E[g g'] of the features g, the NNGP, each layer's NTK term before its power of n)."""
-        readout = self.net.layers[self.net.model.steps[-1].layer]
+    def kernels(self, factors: dict[str, float], per_layer: bool = True
+                ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """(E[g g'] of the features g, the NNGP, each layer's NTK term times its factor (its power
+        of n in the limit)). per_layer False: one pass for the whole NTK, which is put under the
+        readout's name (the other layers' entries zero): for the `ntk` output, where no training
+        needs a layer's term alone."""
+        readout_name = self.net.model.steps[-1].layer
+        readout = self.net.layers[readout_name]
         g = self.out
         if self.positions_of(g) != 1:
             raise NotCoveredError("the readout of positions")
         feats = self.expect(g, g)[:, :, 0, 0]
-        terms = {}
-        for name, la in self.net.layers.items():
-            if la.role == "readout":
-                terms[name] = feats
-            else:
-                terms[name] = readout.var * self.theta(name, g, g)[:, :, 0, 0]
-                self.theta_memo.clear()  # one layer's terms at a time
+        terms = {name: torch.zeros_like(feats) for name in self.net.layers}
+        terms[readout_name] = factors[readout_name] * feats
+        if per_layer:
+            for name, la in self.net.layers.items():
+                if la.role != "readout" and factors[name]:
+                    terms[name] = factors[name] * readout.var * self.theta(name, g, g)[:, :, 0, 0]
+                    self.theta_memo.clear()  # one layer's terms at a time
+        else:
+            self.own_weight = factors
+            terms[readout_name] = terms[readout_name] + readout.var * self.theta(None, g, g)[:, :, 0, 0]
         return feats.numpy(), (readout.var * feats).numpy(), {k: np.asarray(v) for k, v in terms.items()}
+
+
+def _operate(m: Tensor, k: Tensor, axis: int) -> Tensor:
+    """M applied to a position axis of k. A shift (each row of M one 1 or none) picks entries and
+    zeros the rest, in O(N^2 P^2); other operators (pooling's one row) multiply."""
+    if m.shape[0] == m.shape[1] and bool(((m == 0) | (m == 1)).all()) and bool((m.sum(1) <= 1).all()):
+        keep = m.sum(1)
+        picked = k.index_select(axis, m.argmax(1))
+        shape = [1] * k.dim()
+        shape[axis] = -1
+        return picked * keep.reshape(shape)
+    return torch.movedim(torch.tensordot(k, m, dims=([axis], [1])), -1, axis)
 
 
 def covered(net: Network, X: np.ndarray) -> Recursion | None:  # noqa: N803
@@ -348,7 +387,7 @@ def memory_bytes(net: Network, rows: int) -> int:
     functions = sum(1 for s in net.model.steps if s.op == "fn" and s.tree is not None
                     and any(isinstance(t, ex.Apply) and t.fn not in ("add", "sub", "neg", "mul", "div")
                             for t in _subtrees(s.tree)))
-    return per * (2 * functions**2 + 8)
+    return per * (3 * functions**2 + 12)  # measured peaks: about 1.5 times the tensors kept
 
 
 def _subtrees(tree: ex.Tree) -> list[ex.Tree]:
