@@ -167,18 +167,24 @@ def kernels_tpc(n: int, out: Path, repeats: int) -> dict[str, Any]:
             "method": "; ".join(sorted({o.method for o in lim.values()}))}
 
 
-def kernels_numpy(n: int, out: Path, repeats: int) -> dict[str, Any]:
-    resnet_ln_numpy(inputs(8, seed=1))
-    x = inputs(n)
+def timed_direct(recursion: Any, warm: np.ndarray, x: np.ndarray, out: Path, prefix: str, n: int,
+                 repeats: int) -> dict[str, Any]:
+    """A direct recursion's best time of `repeats` after a warm-up, its peak memory, and its kernels
+    saved as <prefix>_<key>_<n>.npy."""
+    recursion(warm)
     before = start_peak()
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        ref = resnet_ln_numpy(x)
+        ref = recursion(x)
         best = min(best, time.perf_counter() - t0)
     for key, value in ref.items():
-        np.save(out / f"numpy_{key}_{n}.npy", value)
+        np.save(out / f"{prefix}_{key}_{n}.npy", value)
     return {"seconds": best, "peak_mb": peak_mb(), "before_mb": before}
+
+
+def kernels_numpy(n: int, out: Path, repeats: int) -> dict[str, Any]:
+    return timed_direct(resnet_ln_numpy, inputs(8, seed=1), inputs(n), out, "numpy", n, repeats)
 
 
 # ---------------------------------------------------------------- 2. transformer_mup.tp at finite width
@@ -372,17 +378,7 @@ def cnn_tpc(n: int, out: Path, repeats: int) -> dict[str, Any]:
 
 
 def cnn_direct(n: int, out: Path, repeats: int) -> dict[str, Any]:
-    cnn_numpy(digits(4, first=1000))
-    x = digits(n)
-    before = start_peak()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        ref = cnn_numpy(x)
-        best = min(best, time.perf_counter() - t0)
-    for key, value in ref.items():
-        np.save(out / f"cnn_numpy_{key}_{n}.npy", value)
-    return {"seconds": best, "peak_mb": peak_mb(), "before_mb": before}
+    return timed_direct(cnn_numpy, digits(4, first=1000), digits(n), out, "cnn_numpy", n, repeats)
 
 
 def cnn_refused(n: int, out: Path) -> dict[str, Any]:

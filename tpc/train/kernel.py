@@ -192,12 +192,12 @@ class _Lowering:
 
     def lower_shift(self, i: int, step: Step) -> None:
         """Names only: position p takes the argument's value at p + offset, or zero (None) beyond the edge."""
-        grid = self.net.model.grid
+        from tpc.train.positions import source_position
+
         here: list[str | None] = []
         for p in range(self.P):
-            at = [c + s for c, s in zip(np.unravel_index(p, grid), step.offset, strict=True)]
-            inside = all(0 <= c < size for c, size in zip(at, grid, strict=True))
-            here.append(self.at(step.args[0], int(np.ravel_multi_index(at, grid))) if inside else None)
+            r = source_position(p, step.offset, self.net.model.grid)
+            here.append(None if r is None else self.at(step.args[0], r))
         self.names.append(here)
 
     def lower_attend(self, i: int, step: Step) -> None:

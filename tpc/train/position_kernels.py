@@ -36,6 +36,7 @@ import torch
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS, pair_rule
 from tpc.train.network import Network
+from tpc.train.positions import source_position
 
 Tensor = torch.Tensor
 Value = list[tuple[float, "Atom"]]
@@ -180,12 +181,11 @@ class Recursion:
 
     def shift_matrix(self, offset: tuple[int, ...]) -> Tensor:
         """S[p, r] = 1 where r = p + offset on the grid (row by row), else 0."""
-        grid = self.net.model.grid
         m = torch.zeros(self.P, self.P, dtype=torch.float64)
         for p in range(self.P):
-            at = [c + s for c, s in zip(np.unravel_index(p, grid), offset, strict=True)]
-            if all(0 <= c < size for c, size in zip(at, grid, strict=True)):
-                m[p, int(np.ravel_multi_index(at, grid))] = 1.0
+            r = source_position(p, offset, self.net.model.grid)
+            if r is not None:
+                m[p, r] = 1.0
         return m
 
     # --- expectations

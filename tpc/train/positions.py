@@ -59,6 +59,15 @@ def pool_backward(g: Tensor, positions: int) -> Tensor:
     return flat((g / positions).unsqueeze(-2).expand(*g.shape[:-1], positions, g.shape[-1]))
 
 
+def source_position(p: int, offset: tuple[int, ...], grid: tuple[int, ...]) -> int | None:
+    """The position that `shift` reads for position p (p + offset on the grid, row by row), or None
+    beyond an edge: the rule that the kernels' lowering and recursion share with `shift` itself."""
+    at = [c + s for c, s in zip(divmod(p, grid[1]) if len(grid) == 2 else (p,), offset, strict=True)]
+    if not all(0 <= c < size for c, size in zip(at, grid, strict=True)):
+        return None
+    return at[0] * grid[1] + at[1] if len(grid) == 2 else at[0]
+
+
 def shift(v: Tensor, offset: tuple[int, ...], grid: tuple[int, ...]) -> Tensor:
     """The value at position p is v's at p + offset on the grid of positions (row by row), zero where
     p + offset falls beyond an edge (zero padding): (..., B*P, m) -> (..., B*P, m)."""
