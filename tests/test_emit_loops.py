@@ -111,7 +111,10 @@ for k, path in enumerate(sys.argv[1:]):
 def _programs() -> list[tuple[str, tpc.Network]]:
     nets = [(name, tpc.load(ROOT / "programs" / "train" / name)) for name in
             ("momentum_relu2_mup.tp", "wd_cosine_tanh_mup.tp", "two_phase_linear_mup.tp")]
-    return [*nets, ("maml_loop", tpc.loads(MAML_LOOP, "<maml loop>"))]
+    from tests.test_adam import ADAM, HEADER
+
+    adamw = tpc.loads(HEADER + "parametrization mup\n" + ADAM.replace("DECAY", " + 0.1 * f"), "<adamw loop>")
+    return [*nets, ("maml_loop", tpc.loads(MAML_LOOP, "<maml loop>")), ("adamw_loop", adamw)]
 
 
 def _imports(source: str) -> set[str]:

@@ -178,8 +178,11 @@ def _check_network(path: str, net) -> int:  # noqa: ANN001
             print(f"  training   cbow on {c.tokens}, lr {t.lr:g} -> {c.min_lr:g} (times n^-c), window {c.window}, "
                   f"{c.negatives} negatives, sample {c.sample:g}, {c.epochs} epoch(s), batch {t.batch}, seed {c.seed}")
         else:
-            print(f"  training   {t.optimizer}, lr {t.lr:g} (times n^-c), {t.steps} steps, batch {t.batch}, "
-                  f"minimize {t.loss}")
+            scale = "n^-c'_l, each layer's" if t.optimizer in ("adam", "adamw", "signsgd") else "n^-c"
+            extra = (f", betas ({t.betas[0]:g}, {t.betas[1]:g}), eps {t.eps:g}, weight_decay {t.weight_decay:g}"
+                     if t.optimizer in ("adam", "adamw") else "")
+            print(f"  training   {t.optimizer}, lr {t.lr:g} (times {scale}), {t.steps} steps, batch {t.batch}"
+                  f"{extra}, minimize {t.loss}")
     if net.program is not None and not net.train:
         loops = [i for i in net.program.walk() if i.op == "loop"]
         steps = sum(net.program.instrs[i].attrs["trip"] for i in net.program.top

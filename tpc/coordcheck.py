@@ -334,12 +334,12 @@ def finite_bytes(net: Network, width: int, dtype: str) -> int:
 
 def limit_plan(net: Network, steps: int, particles: int, replicates: int, rows: int) -> tuple[str, int]:
     """What the limit will do, in words, and the memory it needs (0: none is taken)."""
-    from tpc.train.limit import positions_refusal
+    from tpc.train.limit import limit_refusal
 
     cls = net.classification()
     if not cls.stable:
         return f"no limit: the parametrization is unstable ({'; '.join(cls.failed)})", 0
-    refusal = positions_refusal(net)
+    refusal = limit_refusal(net)
     if refusal is not None:
         return f"no limit: {refusal.message}", 0
     from tpc.train.pooled import Count, count
@@ -390,12 +390,12 @@ def limit_values(net: Network, tracked: list[Probe], rows: Rows, steps: int, par
     import torch
 
     from tpc.backends import device as on_device
-    from tpc.train.limit import positions_refusal
+    from tpc.train.limit import limit_refusal
     from tpc.train.pooled import PooledBackend
     from tpc.train.spaces import LimitSpace
 
     cls = net.classification()
-    if not cls.stable or positions_refusal(net) is not None:
+    if not cls.stable or limit_refusal(net) is not None:
         return None
     out = []
     with on_device.on(device):

@@ -3,6 +3,14 @@ Infinite-Width Neural Networks", Definition 3.1, Theorem 3.3 and Corollary 3.9).
 
 An L-hidden-layer network has layers l = 1 (input), 2..L (hidden) and L+1 (readout), with
 `W^l = n^-a_l w^l`, `w^l ~ N(0, n^-2b_l)` and learning rate `eta n^-c`.
+
+Entrywise (adaptive) updates, Adam's `m / (sqrt(v) + eps)` or sign-SGD's `sign(g)`, have O(1)
+entries whatever the gradient's size, so their learning rate has exponents of its own: layer l
+moves by `eta n^-c'_l Q`, `W^l` by `eta n^-(a_l + c'_l) Q` (Yang & Littwin 2023, "Tensor Programs
+IVb"; Yang et al. 2022, "Tensor Programs V", Table 3 for muP). With `f_l` the width exponent of
+layer l's fan-in (0 for the input layer and biases, 1 for hidden layers and the readout), the
+update moves the features of layer l <= L by `n^-r_l`, `r_l = a_l + c'_l - f_l`, and the output
+through the readout by `n^-r_{L+1}`; the conditions mirror TP4's (`classify_adaptive`).
 """
 
 from __future__ import annotations
@@ -20,6 +28,10 @@ class ABC:
     a: tuple[float, ...]  # a_1 .. a_{L+1}
     b: tuple[float, ...]
     c: float
+    adaptive: tuple[float, ...] | None = None  # c'_1 .. c'_{L+1} of entrywise updates; None: c for each
+
+    def adaptive_exponents(self) -> tuple[float, ...]:
+        return self.adaptive if self.adaptive is not None else (self.c,) * len(self.a)
 
     @property
     def hidden_layers(self) -> int:
@@ -57,13 +69,46 @@ def preset(name: str, hidden_layers: int) -> ABC:
         return ABC((0.0,) * (L + 1), (0.0,) + (0.5,) * L, 1.0)
     if name == "ntk":
         return ABC((0.0,) + (0.5,) * L, (0.0,) * (L + 1), 0.0)
-    if name == "mup":
-        return ABC((-0.5,) + (0.0,) * (L - 1) + (0.5,), (0.5,) * (L + 1), 0.0)
+    if name == "mup":  # and muP's exponents of entrywise updates, c'_l = f_l - a_l (TP5 Table 3)
+        a = (-0.5,) + (0.0,) * (L - 1) + (0.5,)
+        return ABC(a, (0.5,) * (L + 1), 0.0, tuple(fan_in_exponent(k, L) - a[k] for k in range(L + 1)))
     if name == "mf":
         if L != 1:
             raise TpcError("the mean-field parametrization is defined for one hidden layer")
         return ABC((0.0, 1.0), (0.0, 0.0), -1.0)
     raise TpcError(f"unknown parametrization '{name}'; choose one of {', '.join(PRESETS)} or abc(...)")
+
+
+def fan_in_exponent(k: int, L: int) -> float:  # noqa: N803
+    """The power of n in layer k's fan-in (k = 0 the input layer, L the readout)."""
+    return 0.0 if k == 0 else 1.0
+
+
+def classify_adaptive(p: ABC) -> Classification:
+    """The Dynamical Dichotomy for entrywise updates: the features of layer l <= L move by n^-r_l,
+    r_l = a_l + c'_l - f_l, r = min_l r_l; the readout's own update moves f by n^-r_{L+1}.
+    Stable: TP4's initialisation conditions, r >= 0, r_{L+1} >= 0 and a_{L+1} + b_{L+1} + r >= 1
+    (the features' move times the readout); nontrivial: f moves by O(1) (r_{L+1} = 0 or
+    a_{L+1} + b_{L+1} + r = 1); feature learning: r = 0."""
+    a, b, cp = p.a, p.b, p.adaptive_exponents()
+    L = len(a) - 1  # noqa: N806
+    init = [f for f in classify(p).failed if f.startswith("initialization")]
+    rs = [a[k] + cp[k] - fan_in_exponent(k, L) for k in range(L + 1)]
+    r, out_ab = min(rs[:L]), a[L] + b[L]
+    failed = list(init)
+    for k in range(L):
+        if rs[k] < -TOL:
+            failed.append(f"training (entrywise updates): a_{k + 1} + c'_{k + 1} >= {fan_in_exponent(k, L):g} "
+                          f"(here {a[k] + cp[k]:g})")
+    if rs[L] < -TOL:
+        failed.append(f"training (entrywise updates): a_{L + 1} + c'_{L + 1} >= 1 (here {a[L] + cp[L]:g})")
+    if not failed and out_ab + r < 1 - TOL:
+        failed.append(f"training: a_{L + 1} + b_{L + 1} + r >= 1 (here {out_ab + r:g})")
+    stable = not failed
+    nontrivial = abs(rs[L]) <= TOL or abs(out_ab + r - 1) <= TOL
+    regime = ("unstable" if not stable else "trivial" if not nontrivial
+              else "feature learning" if abs(r) <= TOL else "kernel")
+    return Classification(p, r, stable, nontrivial, regime, failed)
 
 
 def classify(p: ABC) -> Classification:

@@ -15,8 +15,10 @@ import torch
 
 from tpc import memory
 from tpc.backends.torch.run import DTYPES, FiniteResult
+from tpc.ops import expr as ex
 from tpc.train.finite import forward, shape_of, standard_normals
 from tpc.train.interp import Applied, Bundle, Interpreter, Rows
+from tpc.train.losses import _tree
 from tpc.train.network import Network
 
 Tensor = torch.Tensor
@@ -31,6 +33,9 @@ class DenseBackend:
         self.lead_shape = (len(seeds),)
         self.mult = {name: float(width ** (-net.ab(la)[0])) for name, la in net.layers.items()}
         self.decay = float(width ** (-net.abc.c))
+        # an entrywise (adaptive) update moves w^l by n^-c'_l (parametrization.py)
+        self.adaptive = {name: float(width ** (-net.abc.adaptive_exponents()[la.index]))
+                         for name, la in net.layers.items()}
 
     def initial(self) -> dict[str, Tensor]:
         normals = standard_normals(self.net, self.n, self.seeds, self.dtype, self.device)
@@ -67,21 +72,35 @@ class DenseBackend:
     def update(self, params: dict[str, Tensor], delta: Bundle, layers: tuple[str, ...], sign: float,
                scaled: bool) -> dict[str, Tensor]:
         new = dict(params)
-        factor = self.decay if scaled else 1.0
         with torch.no_grad():
             for la in layers:
                 step = None
-                for part in (delta.weight, delta.grad):
+                factors = (self.decay, self.decay, self.adaptive[la]) if scaled else (1.0, 1.0, 1.0)
+                for part, factor in zip(delta.parts(), factors, strict=True):
                     if la in part:
-                        step = part[la] if step is None else step + part[la]
+                        term = part[la] if factor == 1.0 or sign == 0.0 else part[la] * factor
+                        step = term if step is None else step + term
                 if sign == 0.0:  # P = e
                     value = step.clone() if step is not None else torch.zeros_like(params[la])
                 elif step is None:
                     continue
                 else:  # a new tensor: the old one may still be a copy's or a forward pass's
-                    value = torch.add(params[la].detach(), step, alpha=sign * factor)
+                    value = torch.add(params[la].detach(), step, alpha=sign)
                 new[la] = value.requires_grad_(True)
         return new
+
+    def entrywise(self, tree: ex.Tree, args: list[Tensor | None], layer: str) -> Tensor:
+        """An entrywise function of values of `layer` (None: zero) and numbers (one per seed or one)."""
+        shape = (len(self.seeds), *shape_of(self.net.layers[layer], self.n))
+        vals = []
+        for a in args:
+            if a is None:
+                a = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            elif a.shape != shape:  # a number, or one per seed
+                a = a.to(self.dtype).to(self.device)
+                a = a.reshape(a.shape + (1,) * (len(shape) - a.dim()))
+            vals.append(a)
+        return _tree(tree, vals)
 
     def feature_gram(self, applied: Applied) -> Tensor:
         feats = applied.vals[self.net.model.features]

@@ -1,13 +1,25 @@
-"""`train sgd(...)`, `train fomaml(...)` and `train cbow(...)` as loops: the statements a user would
-write (cbow's table instructions have no syntax yet), built as syntax trees (with the train
-statement's position) and checked and lowered by `loops.py` like any other loop. `tpc graph`
-prints the result. Names the user cannot write (`<step>`, `<g>`) keep them apart from the
-program's own.
+"""`train sgd(...)`, `train adam(...)` (adamw, signsgd), `train fomaml(...)` and
+`train cbow(...)` as loops: the statements a user would write (cbow's table instructions have no
+syntax yet), built as syntax trees (with the train statement's position) and checked and lowered
+by `loops.py` like any other loop. `tpc graph` prints the result. Names the user cannot write
+(`<step>`, `<g>`) keep them apart from the program's own.
 
     train sgd(lr, steps, batch) minimize L    ->  for <step> in range(steps) {
                                                     record <history of L> = L        (history(L) wanted)
                                                     f -= lr * grad(L on rows <step> B .., f)
                                                   }
+    train adam(lr, steps, batch, beta1, beta2, eps, weight_decay) minimize L   (adamw: weight_decay 0.01)
+                                              ->  state <m> = zeros(f)
+                                                  state <v> = zeros(f)
+                                                  for <step> in range(steps) {
+                                                    <g> = grad(L on rows <step> B .., f)
+                                                    <m> = beta1 * <m> + (1 - beta1) * <g>
+                                                    <v> = beta2 * <v> + (1 - beta2) * <g> * <g>
+                                                    f -= lr * ((<m> / (1 - beta1 ^ (<step> + 1)))
+                                                               / (sqrt(<v> / (1 - beta2 ^ (<step> + 1))) + eps)
+                                                               + weight_decay * f)
+                                                  }
+    train signsgd(lr, steps, batch) minimize L  ->  for <step> in range(steps) { f -= lr * sign(grad(L.., f)) }
     train fomaml(lr, inner_lr, inner_steps, tasks = B, steps) minimize kind on P, S, SY, Q, QY
                                               ->  for <step> in range(steps) {
                                                     state <G> = zeros(f)
@@ -109,6 +121,41 @@ def sgd(b: _Builder, history: bool) -> list[ast.Stmt]:
     return [s.loop("<step>", s.num(t.steps), body)]
 
 
+def adam(b: _Builder, history: bool) -> list[ast.Stmt]:
+    """Adam with bias correction (Kingma & Ba 2015), AdamW's decoupled decay (Loshchilov & Hutter
+    2019), sign-SGD: the loop a user would write (README, "Adaptive optimizers")."""
+    t = b.train
+    s = _Sugar(b, t.span)
+    m = b.data[b.losses[t.loss].data].shape[0]
+    f = s.name(s.model)
+    body: list[ast.Stmt] = []
+    if history:
+        body.append(ast.RecordStmt(t.span, history_name(t.loss), s.name(t.loss)))
+    loss = s.name(t.loss) if t.batch == m else s.call(BATCH_LOSS, s.name(t.loss), s.name("<step>"), s.num(t.batch))
+    g = s.call("grad", loss, f)
+    if t.optimizer == "signsgd":
+        body.append(s.update(s.model, "-=", s.op("*", s.num(t.lr), s.call("sign", g))))
+        return [s.loop("<step>", s.num(t.steps), body)]
+    (b1, b2), step = t.betas, s.op("+", s.name("<step>"), s.num(1))
+
+    def average(state: str, rate: float, value: ast.Expr) -> ast.Update:  # state = rate state + (1 - rate) value
+        return s.update(state, "=", s.op("+", s.op("*", s.num(rate), s.name(state)), s.op("*", s.num(1 - rate), value)))
+
+    def corrected(state: str, rate: float) -> ast.Expr:  # state / (1 - rate^(t+1))
+        return s.op("/", s.name(state), s.op("-", s.num(1), s.op("^", s.num(rate), step)))
+
+    body += [ast.Assign(t.span, "<g>", g),
+             average("<m>", b1, s.name("<g>")),
+             average("<v>", b2, s.op("*", s.name("<g>"), s.name("<g>")))]
+    direction: ast.Expr = s.op("/", corrected("<m>", b1),
+                               s.op("+", s.call("sqrt", corrected("<v>", b2)), s.num(t.eps)))
+    if t.weight_decay:
+        direction = s.op("+", direction, s.op("*", s.num(t.weight_decay), f))
+    body.append(s.update(s.model, "-=", s.op("*", s.num(t.lr), direction)))
+    states = [ast.StateDecl(t.span, name, s.call("zeros", f)) for name in ("<m>", "<v>")]
+    return [*states, s.loop("<step>", s.num(t.steps), body)]
+
+
 def fomaml(b: _Builder) -> list[ast.Stmt]:
     t = b.train
     s = _Sugar(b, t.span)
@@ -171,7 +218,9 @@ def desugar(b: _Builder) -> TrainProgram:
     for o in b.outputs:
         if o.phase == "init":
             place(o)
-    sugar = {"fomaml": lambda: fomaml(b), "cbow": lambda: cbow(b)}.get(b.train.optimizer, lambda: sgd(b, want))
+    adaptive = lambda: adam(b, want)  # noqa: E731
+    sugar = {"fomaml": lambda: fomaml(b), "cbow": lambda: cbow(b), "adam": adaptive, "adamw": adaptive,
+             "signsgd": adaptive}.get(b.train.optimizer, lambda: sgd(b, want))
     for stmt in sugar():
         lb.statement(stmt)
     for o in b.outputs:

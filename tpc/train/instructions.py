@@ -114,6 +114,10 @@ _TABLE = (
     _ins("lincomb", "params", tag="LinComb",
          meaning="sum_i k_i c_i P_i: numbers times finite coefficients times params values",
          run="_run_lincomb", text="_text_lincomb", listing="_list_lincomb", emit="_emit_lincomb"),
+    _ins("ewise", "params", tag="Entrywise",
+         meaning="an entrywise function of gradients and states made of them, layer by layer (Adam's "
+                 "m / (sqrt(v) + eps), sign-SGD's sign(g)): an adaptive value, scaled by its own exponents c'",
+         run="_run_ewise", text="_text_ewise", listing="_list_ewise", emit="_emit_ewise"),
     _ins("state", "none", tag="State",
          meaning="state M = ...: an optimizer buffer, set afresh",
          run="_run_state", text="_text_state", listing="_list_state", emit="_emit_state"),

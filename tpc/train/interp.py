@@ -43,11 +43,16 @@ Tensor = torch.Tensor
 
 @dataclass
 class Bundle:
-    """Values for some layers of a model: `weight` terms (parameters) and `grad` terms (gradients),
-    kept apart because the parametrization scales them differently."""
+    """Values for some layers of a model: `weight` terms (parameters), `grad` terms (gradients) and
+    `adaptive` terms (entrywise functions of gradients: Adam's, sign-SGD's), kept apart because the
+    parametrization scales each differently."""
 
     weight: dict[str, Any] = field(default_factory=dict)
     grad: dict[str, Any] = field(default_factory=dict)
+    adaptive: dict[str, Any] = field(default_factory=dict)
+
+    def parts(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        return self.weight, self.grad, self.adaptive
 
 
 @dataclass
@@ -179,7 +184,7 @@ class Interpreter:
         """(layer, value) of every parameter value that a later instruction can still read."""
         out = [(la, v) for params in self.params.values() for la, v in params.items()]
         bundles = list(self.states.values()) + [v for v in self.env.values() if isinstance(v, Bundle)]
-        out += [(la, v) for b in bundles for part in (b.weight, b.grad) for la, v in part.items()]
+        out += [(la, v) for b in bundles for part in b.parts() for la, v in part.items()]
         out += [(la, v) for v in self.env.values() if isinstance(v, Applied) for la, v in v.params.items()]
         return out
 
@@ -200,7 +205,7 @@ class Interpreter:
                 for ci in coefs:
                     c = c * self.finite(ci).detach()
                 b: Bundle = self.env[p]
-                for part, acc in ((b.weight, out.weight), (b.grad, out.grad)):
+                for part, acc in zip(b.parts(), out.parts(), strict=True):
                     for layer, value in part.items():
                         term = self.be.scale(value, c)
                         acc[layer] = term if layer not in acc else self.be.add(acc[layer], term)
@@ -243,7 +248,7 @@ class Interpreter:
 
 
 def _remap_bundle(b: Bundle, remap: Callable[[str, Any], Any]) -> Bundle:
-    return Bundle({la: remap(la, v) for la, v in b.weight.items()}, {la: remap(la, v) for la, v in b.grad.items()})
+    return Bundle(*({la: remap(la, v) for la, v in part.items()} for part in b.parts()))
 
 
 # --- the rules, one per instruction (`run` in tpc/train/instructions.py)
@@ -341,6 +346,32 @@ def _run_lincomb(it: Interpreter, ins: Instr) -> None:
     it.env[ins.id] = it.combine(ins.attrs["terms"])
 
 
+def _run_ewise(it: Interpreter, ins: Instr) -> None:
+    """An entrywise function of gradients and states made of them, layer by layer: its arguments are
+    values of layers (a layer a value lacks is zero there) and numbers."""
+    entrywise = getattr(it.be, "entrywise", None)
+    if entrywise is None:  # pragma: no cover - limit.py and unrolled refuse such programs first
+        raise TpcError("this backend has no entrywise updates", ins.span)
+    args = [it.env[i] for i in ins.args]
+    out = {}
+    with torch.no_grad():
+        for la in ins.attrs["layers"]:
+            vals = [_layer_value(a, la) if isinstance(a, Bundle) else it.finite(i)
+                    for i, a in zip(ins.args, args, strict=True)]
+            out[la] = entrywise(ins.attrs["tree"], vals, la)
+            it.check_finite(out[la], ins, f"this entrywise function of layer {la}")
+    it.env[ins.id] = Bundle(adaptive=out)
+
+
+def _layer_value(b: Bundle, layer: str) -> Any:
+    """A layer's value in a Bundle (the sum of its parts; None: zero, the layer has no term yet)."""
+    out = None
+    for part in b.parts():
+        if layer in part:
+            out = part[layer] if out is None else out + part[layer]
+    return out
+
+
 def _run_state(it: Interpreter, ins: Instr) -> None:
     it.states[ins.attrs["name"]] = it.combine(ins.attrs["terms"])
 
@@ -358,8 +389,8 @@ def _run_update(it: Interpreter, ins: Instr) -> None:
             it.states[name] = delta
             return
         sign = -1.0 if op == "-=" else 1.0
-        new = Bundle(dict(old.weight), dict(old.grad))
-        for part, acc in ((delta.weight, new.weight), (delta.grad, new.grad)):
+        new = Bundle(*(dict(part) for part in old.parts()))
+        for part, acc in zip(delta.parts(), new.parts(), strict=True):
             for layer, value in part.items():
                 term = it.be.scale(value, sign)
                 acc[layer] = term if layer not in acc else it.be.add(acc[layer], term)

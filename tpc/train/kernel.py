@@ -201,7 +201,7 @@ class _Lowering:
         self.names.append(here)
 
     def lower_attend(self, i: int, step: Step) -> None:
-        """Logits q.k / n are moments (limit.positions_refusal admits no other scale), the softmax
+        """Logits q.k / n are moments (limit.limit_refusal admits no other scale), the softmax
         a nonlinearity of them."""
         q, k, v = step.args
         for p, value in self.values(i, step):

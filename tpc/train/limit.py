@@ -23,7 +23,7 @@ def describe(net: Network, method: str = "auto", particles: int = 2**16, replica
 
         return cbow.describe(net)
     head = f"{net.param_name}: r = {cls.r:g}, {cls.regime}"
-    refusal = positions_refusal(net)
+    refusal = limit_refusal(net)
     if refusal is not None:
         return f"{head}: no limit here: {refusal.message}"
     if cls.regime == "feature learning":
@@ -65,7 +65,22 @@ def _positions_plan(net: Network) -> str:
             f"position pairs, about {memory.gb(need)}")
 
 
-def positions_refusal(net: Network) -> TpcError | None:
+def limit_refusal(net: Network) -> TpcError | None:
+    """What tpc's limits do not cover: entrywise updates (Adam, sign-SGD), and attention logits
+    q.k / sqrt(n) of a model over positions (`model f(x[P])`)."""
+    return entrywise_refusal(net) or _positions_refusal(net)
+
+
+def entrywise_refusal(net: Network) -> TpcError | None:
+    ewise = next((ins for ins in net.program.walk() if ins.op == "ewise"), None) if net.program else None
+    if ewise is None:
+        return None
+    return TpcError("the limit of entrywise updates (Adam, sign-SGD) is not built yet: they are entrywise "
+                    "functions of sums of outer products (Tensor Programs IVb), outside the stored pairs of "
+                    "Netsor-transpose; finite width runs (tpc run)", ewise.span)
+
+
+def _positions_refusal(net: Network) -> TpcError | None:
     """What the limit of a model over positions (`model f(x[P])`) does not cover: attention logits
     q.k / sqrt(n). With q.k / n, the unrolled program takes attention and pooling through the
     feature-learning limit (the logits are finite at the natural scale), and the kernel regime and
@@ -102,7 +117,7 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
     if not cls.stable:
         raise TpcError(f"the parametrization is unstable (its limit blows up): {'; '.join(cls.failed)}",
                        net.param_span).locate(net.filename, net.source)
-    refusal = positions_refusal(net)
+    refusal = limit_refusal(net)
     if refusal is not None:
         raise refusal.locate(net.filename, net.source)
     if net.has_tables:  # word2vec: its loop on coefficient tables

@@ -39,6 +39,7 @@ import numpy as np
 
 from tpc import syntax as ast
 from tpc.errors import Span, TpcError, clip
+from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS
 
 if TYPE_CHECKING:
@@ -54,8 +55,13 @@ MAXIMAL_LR_EXPONENT = {"input": -1.0, "embedding": -1.0, "bias": -1.0, "hidden":
 TOL = 1e-12
 # word2vec's step on tables (desugar.py's cbow): the names desugared `train cbow` calls, with their arities
 TABLE_CALLS = {"<stream>": 2, "<bag>": 2, "<rows>": 2, "<logits>": 2, "<negative sampling>": 2, "<dlogits>": 3}
-NONLINEAR = ("parameters and gradients combine linearly: sums, and products with numbers (an entrywise "
-             "function of them is outside Netsor-transpose; Adam and sign-SGD need Tensor Programs IVb)")
+NONLINEAR = ("a number is expected here; values of layers (parameters, gradients, states) combine by sums, "
+             "products with numbers and entrywise functions")
+TERM_NAMES = {"weight": "parameters", "grad": "gradients", "adaptive": "entrywise functions of gradients"}
+# entrywise (adaptive) updates: the width exponent of each role's fan-in (parametrization.fan_in_exponent)
+FAN_IN_EXPONENT = {"input": 0.0, "embedding": 0.0, "bias": 0.0, "hidden": 1.0, "readout": 1.0}
+ENTRYWISE_OF_WEIGHTS = ("an entrywise function of the parameters themselves is not a Tensor Program: take "
+                        "entrywise functions of gradients and of states made of them (Adam's m / (sqrt(v) + eps))")
 
 
 def whole_index(value: object, span: Span, rows: int | None = None, source: str = "") -> np.ndarray:
@@ -429,13 +435,16 @@ class LoopBuilder:
                 self.check_growth(layers, types, span)
         else:
             new = m.types | types
-            if {"weight", "grad"} <= new:
-                raise TpcError(f"state '{target}' would mix parameters and gradients (they scale differently "
-                               "with the width); keep them in two states", span)
+            if len(new & {"weight", "grad", "adaptive"}) > 1:
+                kinds = [TERM_NAMES[t] for t in ("weight", "grad", "adaptive") if t in new]
+                raise TpcError(f"state '{target}' would mix {' and '.join(kinds)} (they scale differently with the "
+                               "width); keep them in separate states", span)
             m.types = new
         args, terms = self.lin_args(lin)
         self.add("update", args, "none", span, target=target, root=m.root, what=m.what, mode=op, terms=terms,
-                 layers=layers, scaled=scaled, types=sorted(types))
+                 layers=layers, scaled=scaled, types=sorted(types),
+                 adaptive=[ins_p.op != "zeros" and "adaptive" in self.params_type(ins_p)
+                           for ins_p in (self.ins(p) for _, _, p in terms)])
         self.forget((m.root,))
 
     def check_growth(self, layers: tuple[str, ...], types: set[str], span: Span) -> None:
@@ -456,6 +465,14 @@ class LoopBuilder:
                                    f"{MAXIMAL_LR_EXPONENT[la.role]:g})", span)
             if "weight" in types and abc.c < -TOL:
                 raise TpcError(f"a decay term grows like n^{-abc.c:g} under {b.param.name} (c < 0)", span)
+            if "adaptive" in types:
+                cp = abc.adaptive_exponents()[la.index]
+                e = FAN_IN_EXPONENT[la.role] - (a + cp)
+                if e > TOL:
+                    raise TpcError(f"this entrywise update of {name} grows like n^{e:g} under {b.param.name} "
+                                   f"(a + c' = {a + cp:g} for the {la.role} layer; it needs >= "
+                                   f"{FAN_IN_EXPONENT[la.role]:g}: parametrization mup, or abc(..., adaptive = "
+                                   "[...]))", span)
 
     # --- expressions
     def value(self, e: ast.Expr) -> int | Lin:
@@ -465,8 +482,8 @@ class LoopBuilder:
             return self.name(e)
         if isinstance(e, ast.Neg):
             v = self.value(e.operand)
-            if isinstance(v, Lin):
-                return v.scaled(-1.0)
+            if isinstance(v, Lin) or self.ins(v).kind == "params":
+                return self.as_lin(v).scaled(-1.0)  # type: ignore[union-attr]
             return self.fn("neg", [v], e.span)
         if isinstance(e, ast.BinOp):
             return self.binop(e)
@@ -520,7 +537,36 @@ class LoopBuilder:
             inv = self.fn("div", [self.add("const", (), "finite", e.span, value=1.0, static=True, scalar=True),
                                   right], e.span)
             return self.times(lin_l, inv, e.span)
-        raise TpcError(NONLINEAR, e.span)
+        # anything else is an entrywise function: Adam's g * g and m / (sqrt(v) + eps)
+        return self.entrywise({"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow"}[e.op], [left, right],
+                              e.span)
+
+    def entrywise(self, fn: str, vals: list[int | Lin], span: Span) -> int:
+        """`ewise`: a coordinatewise function, entry by entry of each layer's values, of gradients
+        and states made of them (and numbers): an adaptive update's value, which the
+        parametrization scales by its own exponents (parametrization.py)."""
+        args: list[int] = []
+        layers: list[str] = []
+        for v in vals:
+            lin = self.as_lin(v)
+            if lin is None:
+                c = self.ins(v)  # type: ignore[arg-type]
+                if c.kind != "finite" or not c.attrs.get("scalar"):
+                    raise TpcError("an entrywise function takes gradients, states made of them and numbers", span)
+                args.append(v)  # type: ignore[arg-type]
+                continue
+            lin_layers, types = self.lin_layers(lin, span)
+            if "weight" in types:
+                raise TpcError(ENTRYWISE_OF_WEIGHTS, span)
+            if {"grad", "adaptive"} <= types:
+                raise TpcError("this adds gradients to an entrywise function of them (they scale differently "
+                               "with the width)", span)
+            p = lin.terms[0][2] if len(lin.terms) == 1 and lin.terms[0][:2] == (1.0, ()) else \
+                self.materialize(lin, span)
+            args.append(p)
+            layers += [la for la in lin_layers if la not in layers]
+        tree = ex.Apply(fn, tuple(ex.Arg(k) for k in range(len(args))))
+        return self.add("ewise", tuple(args), "params", span, tree=tree, layers=tuple(layers), types=["adaptive"])
 
     def as_lin(self, v: int | Lin) -> Lin | None:
         if isinstance(v, Lin):
@@ -609,8 +655,8 @@ class LoopBuilder:
         if len(e.args) != FUNCTIONS[fn].arity:
             raise TpcError(f"'{name}' takes {FUNCTIONS[fn].arity} argument(s)", e.span)
         args = [self.value(a) for a in e.args]
-        if any(isinstance(a, Lin) for a in args):
-            raise TpcError(NONLINEAR, e.span)
+        if any(isinstance(a, Lin) or self.ins(a).kind == "params" for a in args):
+            return self.entrywise(fn, args, e.span)
         return self.fn(fn, args, e.span)
 
     # --- word2vec's step on embedding tables (desugared `train cbow`)
@@ -839,7 +885,7 @@ class LoopBuilder:
             if ins.attrs["what"] == "state":
                 return set(m.types) if m else set()
             return {"weight"}
-        if ins.op == "lincomb":
+        if ins.op in ("lincomb", "ewise"):
             return set(ins.attrs["types"])
         return set()  # pragma: no cover
 
@@ -853,9 +899,12 @@ class LoopBuilder:
 
     def materialize(self, lin: Lin, span: Span) -> int:
         layers, types = self.lin_layers(lin, span)
-        if {"weight", "grad"} <= types:
+        if {"weight", "grad"} <= types or {"weight", "adaptive"} <= types:
             raise TpcError("this mixes parameters and gradients (they scale differently with the width); use it "
                            "directly in an update 'f -= ...'", span)
+        if {"grad", "adaptive"} <= types:
+            raise TpcError("this adds gradients to an entrywise function of them (they scale differently "
+                           "with the width)", span)
         args, terms = self.lin_args(lin)
         return self.add("lincomb", args, "params", span, terms=terms, layers=layers, types=sorted(types))
 

@@ -24,9 +24,16 @@ from tpc.data import DEFAULT_POLICY, DataPolicy, literal_array, load_array
 from tpc.errors import Span, TpcError, clip, nearest
 from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS, LINEAR_FNS
-from tpc.parametrization import ABC, Classification, classify, preset
+from tpc.parametrization import ABC, Classification, classify, classify_adaptive, preset
 from tpc.train.loops import LoopBuilder, TrainProgram
 
+# `train OPT(...) minimize L` with a gradient optimizer, and the settings each takes (desugar.py writes the loop)
+GRADIENT_OPTIMIZERS = {
+    "sgd": ("lr", "steps", "batch"),
+    "adam": ("lr", "steps", "batch", "beta1", "beta2", "eps", "weight_decay"),
+    "adamw": ("lr", "steps", "batch", "beta1", "beta2", "eps", "weight_decay"),
+    "signsgd": ("lr", "steps", "batch"),
+}
 MAX_EXPONENT = 16.0  # the largest |a|, |b| or |c| an abc(...) may give
 ROLES = ("input", "embedding", "hidden", "readout", "bias")
 LOSSES = ("mse", "xent", "logistic")
@@ -156,11 +163,14 @@ class Train:
     batch: int  # rows per step (sgd; the full training set unless `batch = ...`) or tasks per step (fomaml)
     loss: str  # a loss name (sgd) or a loss kind (fomaml: mse, xent, logistic)
     span: Span
-    optimizer: str = "sgd"  # sgd | fomaml (first-order MAML: inner SGD on each task's support) | cbow
+    optimizer: str = "sgd"  # sgd | adam | adamw | signsgd | fomaml (first-order MAML) | cbow
     tasks: Tasks | None = None
     inner_lr: float = 0.0
     inner_steps: int = 0
     cbow: Cbow | None = None
+    betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw: the moving averages' rates
+    eps: float = 1e-8  # adam, adamw
+    weight_decay: float = 0.0  # adam, adamw: decoupled, w <- w - lr n^-c weight_decay w
 
 
 @dataclass
@@ -198,8 +208,13 @@ class Network:
     def hidden_layers(self) -> int:
         return self.abc.hidden_layers
 
+    @property
+    def entrywise(self) -> bool:
+        """The training has entrywise (adaptive) updates: Adam, sign-SGD (loops.py's `ewise`)."""
+        return self.program is not None and any(ins.op == "ewise" for ins in self.program.walk())
+
     def classification(self) -> Classification:
-        return classify(self.abc)
+        return classify_adaptive(self.abc) if self.entrywise else classify(self.abc)
 
     def ab(self, layer: Layer) -> tuple[float, float]:
         return self.abc.a[layer.index], self.abc.b[layer.index]
@@ -282,6 +297,7 @@ class _Builder:
     outputs: list[Output] = field(default_factory=list)
     adapted: list[tuple[Output, list[tuple[str, Span]], Span]] = field(default_factory=list)
     loops: LoopBuilder | None = None
+    later: dict[str, Span] = field(default_factory=dict)  # states and copies, where the program declares them
 
     def declare(self, name: str, span: Span) -> None:
         if name in self.defined:
@@ -295,6 +311,9 @@ class _Builder:
         return list(self.defined) + [k for k, f in FUNCTIONS.items() if f.user_visible]
 
     def unknown(self, name: str, span: Span) -> TpcError:
+        if name in self.later and name not in self.defined:
+            return TpcError(f"'{clip(name)}' is used before it is defined (line {self.later[name].line}): declare a "
+                            "state or copy before the statements that read it", span)
         near = nearest(name, self.known())
         return TpcError(f"unknown name '{clip(name)}'", span, f"did you mean '{near}'?" if near else None)
 
@@ -584,16 +603,17 @@ class _Builder:
         if s.optimizer == "cbow":
             self.train = self.cbow(s)
             return
-        if s.optimizer != "sgd":
-            raise TpcError(f"unknown optimizer '{s.optimizer}'; tpc trains with sgd, fomaml or cbow",
-                           s.optimizer_span)
+        if s.optimizer not in GRADIENT_OPTIMIZERS:
+            raise TpcError(f"unknown optimizer '{s.optimizer}'; tpc trains with {', '.join(GRADIENT_OPTIMIZERS)}, "
+                           "fomaml or cbow (or a loop you write)", s.optimizer_span)
+        opt = s.optimizer
         if s.on:
-            raise TpcError("sgd minimizes a declared loss, which names its data: drop `on ...`", s.on[0][1])
+            raise TpcError(f"{opt} minimizes a declared loss, which names its data: drop `on ...`", s.on[0][1])
         if s.loss not in self.losses:
             raise self.unknown(s.loss, s.loss_span)
-        kw = self.kwargs(s.kwargs, ("lr", "steps", "batch"), "sgd")
+        kw = self.kwargs(s.kwargs, GRADIENT_OPTIMIZERS[opt], opt)
         if "steps" not in kw:
-            raise TpcError("sgd needs the number of steps: sgd(steps = 10)", s.span)
+            raise TpcError(f"{opt} needs the number of steps: {opt}(steps = 10)", s.span)
         steps = self.const(kw["steps"].value)
         if steps != int(steps) or not 1 <= steps <= 10**9:  # the bound of fomaml's steps
             raise TpcError("steps is a whole number from 1 to 1000000000", kw["steps"].value.span)
@@ -604,7 +624,27 @@ class _Builder:
         lr = self.const(kw["lr"].value) if "lr" in kw else None
         if lr is not None and not lr > 0:
             raise TpcError("the learning rate must be positive", kw["lr"].value.span)
-        self.train = Train(lr if lr is not None else np.nan, int(steps), int(batch), s.loss, s.span)
+        self.train = Train(lr if lr is not None else np.nan, int(steps), int(batch), s.loss, s.span, opt)
+        if opt in ("adam", "adamw"):
+            self.adam_settings(self.train, kw)
+
+    def adam_settings(self, t: Train, kw: dict) -> None:
+        """beta1, beta2 in [0, 1), eps > 0, weight_decay >= 0 (AdamW's default 0.01, as torch's)."""
+        def get(key: str, default: float) -> float:
+            return self.const(kw[key].value) if key in kw else default
+
+        b1, b2 = get("beta1", 0.9), get("beta2", 0.999)
+        for key, v in (("beta1", b1), ("beta2", b2)):
+            if not 0 <= v < 1:
+                raise TpcError(f"{key} is a moving average's rate, in [0, 1) (here {v:g})", kw[key].value.span)
+        eps = get("eps", 1e-8)
+        if not eps > 0:
+            raise TpcError(f"eps must be positive (here {eps:g}): it keeps Adam's denominator away from zero",
+                           kw["eps"].value.span)
+        decay = get("weight_decay", 0.01 if t.optimizer == "adamw" else 0.0)
+        if not decay >= 0:
+            raise TpcError(f"weight_decay must be >= 0 (here {decay:g})", kw["weight_decay"].value.span)
+        t.betas, t.eps, t.weight_decay = (b1, b2), eps, decay
 
     def fomaml(self, s: ast.TrainDecl) -> Train:
         """`train fomaml(lr, inner_lr, inner_steps, tasks, steps) minimize KIND on P, S, SY, Q, QY`."""
@@ -839,8 +879,8 @@ class _Builder:
                 raise TpcError("give the learning rate: sgd(lr = 0.1, ...) or parametrization mup(lr = 0.1)",
                                self.train.span)
             if not np.isnan(self.train.lr) and lr is not None:
-                raise TpcError("the learning rate is given twice (in the parametrization and in sgd)",
-                               self.train.span)
+                raise TpcError("the learning rate is given twice (in the parametrization and in "
+                               f"{self.train.optimizer})", self.train.span)
             if np.isnan(self.train.lr):
                 self.train.lr = float(lr)
             cfg = self.train.cbow
@@ -874,7 +914,7 @@ class _Builder:
         hidden = sum(1 for la in self.layers.values() if la.role == "hidden")
         L = hidden + 1  # noqa: N806 - the paper's name: the input layer is hidden layer 1
         if p.name == "abc":
-            kw = self.kwargs(p.kwargs, ("a", "b", "c", "lr", "attention"), "abc")
+            kw = self.kwargs(p.kwargs, ("a", "b", "c", "lr", "attention", "adaptive"), "abc")
             for need in ("a", "b", "c"):
                 if need not in kw:
                     raise TpcError(f"abc(...) needs {need}", p.span)
@@ -884,12 +924,16 @@ class _Builder:
                     raise TpcError(f"{key} has {len(vals)} entries; this network has {L + 1} layers "
                                    f"(the input layer, {L - 1} hidden, the readout)", kw[key].value.span)
             c = self.const(kw["c"].value)
-            for key, vals in (("a", a), ("b", b), ("c", (c,))):
+            adaptive = self.const_list(kw["adaptive"].value) if "adaptive" in kw else None
+            if adaptive is not None and len(adaptive) != L + 1:
+                raise TpcError(f"adaptive has {len(adaptive)} entries; this network has {L + 1} layers "
+                               f"(the input layer, {L - 1} hidden, the readout)", kw["adaptive"].value.span)
+            for key, vals in (("a", a), ("b", b), ("c", (c,)), ("adaptive", adaptive or ())):
                 # exponents of the width: beyond this, n^e over- or underflows at any useful width
                 if not all(abs(v) <= MAX_EXPONENT for v in vals):
                     raise TpcError(f"{key} holds an exponent of the width beyond +-{MAX_EXPONENT:g}; "
                                    "parametrizations use small ones (TP4's are within [-1, 2])", kw[key].value.span)
-            abc = ABC(a, b, c)
+            abc = ABC(a, b, c, None if adaptive is None else tuple(adaptive))
         else:
             kw = self.kwargs(p.kwargs, ("lr", "attention"), p.name)
             try:
@@ -1177,9 +1221,23 @@ def is_network(module: ast.Module) -> bool:
     return any(isinstance(s, NETWORK_STATEMENTS) for s in module.statements)
 
 
+def _declared(stmts: tuple[ast.Stmt, ...]) -> dict[str, Span]:
+    """Every state and copy the program declares, in loops too (for the error of a use before it)."""
+    out: dict[str, Span] = {}
+    todo = list(reversed(stmts))  # a stack, not recursion: loops may nest deeply before they are checked
+    while todo:
+        s = todo.pop()
+        if isinstance(s, (ast.StateDecl, ast.CopyDecl)):
+            out.setdefault(s.name, s.span)
+        elif isinstance(s, ast.ForLoop):
+            todo += reversed(s.body)
+    return out
+
+
 def build_network(module: ast.Module, filename: str, source: str, base_dir: Path,
                   policy: DataPolicy = DEFAULT_POLICY) -> Network:
     b = _Builder(base_dir, policy)
+    b.later = _declared(module.statements)
     try:
         with ast.stack_room():
             for s in module.statements:

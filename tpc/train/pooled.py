@@ -46,6 +46,11 @@ class Pooled:
 
 class PooledBackend:
     def __init__(self, net: Network, space: FiniteSpace | LimitSpace) -> None:
+        from tpc.train.limit import entrywise_refusal
+
+        refusal = entrywise_refusal(net)
+        if refusal is not None:  # entrywise updates have no stored-pairs form (callers check first)
+            raise refusal.locate(net.filename, net.source)
         self.net, self.space = net, space
         self.dtype = space.dtype
         finite = isinstance(space, FiniteSpace)

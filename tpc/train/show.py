@@ -107,6 +107,12 @@ def _text_lincomb(prog: TrainProgram, ins: Instr) -> str:
     return _terms(prog, ins.attrs["terms"])
 
 
+def _text_ewise(prog: TrainProgram, ins: Instr) -> str:
+    from tpc.ops import expr as ex
+
+    return ex.render(ins.attrs["tree"], _args(prog, ins))
+
+
 def _text_state(prog: TrainProgram, ins: Instr) -> str:
     return f"state {ins.attrs['name']} = {_terms(prog, ins.attrs['terms'])}"
 

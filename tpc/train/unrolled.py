@@ -366,6 +366,13 @@ def _list_lincomb(ls: _Lister, ins: Instr) -> None:
     ls.say(f"{ls.name(ins)} = {ls.terms(ins.attrs['terms'])}")
 
 
+def _list_ewise(ls: _Lister, ins: Instr) -> None:
+    raise TpcError("an entrywise function of gradients (Adam, sign-SGD) has no unrolled Netsor-transpose program: "
+                   "its updates are entrywise functions of sums of outer products (Tensor Programs IVb's "
+                   "NE-OR-T programs), which tpc does not unroll yet; `tpc graph` shows the loop",
+                   ins.span).locate(ls.net.filename, ls.net.source)
+
+
 def _list_state(ls: _Lister, ins: Instr) -> None:
     name = ins.attrs["name"]
     ls.version[(name, "")] = 0
@@ -445,4 +452,7 @@ def _ranges(rows: list[int]) -> str:
 
 
 def unrolled_loops(net: Network) -> str:
+    ewise = next((ins for ins in net.program.walk() if ins.op == "ewise"), None)
+    if ewise is not None:
+        _list_ewise(_Lister(net), ewise)
     return _Lister(net).run()

@@ -32,9 +32,9 @@ from tpc.train.loops import Instr, TrainProgram
 from tpc.train.network import Loss, Network
 
 # the emitted file's helper functions (module level) and train()'s own locals
-HELPERS = ("num", "whole", "pick", "batch_rows", "checked", "combine", "weights", "copied", "shifted", "replaced",
+HELPERS = ("num", "whole", "pick", "batch_rows", "checked", "combine", "at", "weights", "copied", "shifted", "replaced",
            "assign", "grad", "stacked", "features", "mse_loss", "xent_loss", "logistic_loss")
-LOCALS = ("records", "outputs", "initial", "scale", "n", "model")
+LOCALS = ("records", "outputs", "initial", "scale", "adaptive", "n", "model")
 FILE_NAMES = {"Network", "optimizer", "train", "LR", "math", "torch"}  # the emitted file's other globals
 # ops written where they are used (never a line of their own); data rows (kind `data`) are too, unless named
 ALWAYS_INLINE = ("const", "counter", "zeros")
@@ -418,6 +418,21 @@ def _emit_lincomb(em: _Emitter, ins: Instr) -> _Code:
     return _Code(em.terms(ins.attrs["terms"]), False)
 
 
+def _emit_ewise(em: _Emitter, ins: Instr) -> _Code:
+    """{k: f(M[k], S[k], ...) for k in layers}: the function layer by layer, entry by entry."""
+    from tpc.backends.torch.codegen import _tree_code
+
+    args = []
+    for i in ins.args:
+        if INSTRUCTIONS[em.instrs[i].op].kind == "params":
+            em.helpers.add("at")
+            args.append(f"at({em.value(i).text}, k)")
+        else:
+            args.append(em.tensor(i))
+    layers = repr(tuple(em.names[la] for la in ins.attrs["layers"]))
+    return _Code(f"{{k: {_tree_code(ins.attrs['tree'], args)} for k in {layers}}}", False)
+
+
 def _emit_state(em: _Emitter, ins: Instr) -> None:
     em.lines.append(f"{em.indent}{em.local(ins.attrs['name'])} = {em.terms(ins.attrs['terms'])}{em.comment(ins)}")
 
@@ -458,8 +473,15 @@ def _update_code(em: _Emitter, ins: Instr) -> str:
         new = f"replaced({params}, {em.terms(a['terms'])}, {layers})"
     else:
         em.helpers.add("shifted")
-        alpha = ("-" if mode == "-=" else "") + ("scale" if a["scaled"] else "1.0")
-        new = f"shifted({params}, {em.terms(a['terms'])}, {alpha})"
+        sign = "-" if mode == "-=" else ""
+        alpha = sign + ("scale" if a["scaled"] else "1.0")
+        flags = a.get("adaptive") or [False] * len(a["terms"])
+        plain = [t for t, f in zip(a["terms"], flags, strict=True) if not f]
+        entrywise = [t for t, f in zip(a["terms"], flags, strict=True) if f]
+        new = f"shifted({params}, {em.terms(plain)}, {alpha})" if plain or not entrywise else params
+        if entrywise:  # entrywise (adaptive) terms: each layer's own factor n^-c'_l
+            factor = "adaptive" if a["scaled"] else "None"
+            new = f"shifted({new}, {em.terms(entrywise)}, {sign or ''}1.0, {factor})"
     if model:
         em.helpers.add("assign")
         return f"assign(model, {new})"
@@ -501,6 +523,18 @@ def _emit_loop(em: _Emitter, ins: Instr) -> None:
         out += [f"{indent}{outer}[{n!r}].append(inner{depth + 1}[{n!r}])" for n in names]
 
 
+def _has_ewise(net: Network) -> bool:
+    return any(ins.op == "ewise" for ins in net.program.walk())
+
+
+def _adaptive_line(net: Network, em: _Emitter) -> list[str]:
+    if not _has_ewise(net):
+        return []
+    cp = net.abc.adaptive_exponents()
+    factors = ", ".join(f"{em.names[name]!r}: n ** {_num(-cp[la.index])}" for name, la in net.layers.items())
+    return [f"    adaptive = {{{factors}}}  # n^-c'_l: each layer's factor on entrywise (Adam-like) updates"]
+
+
 def loop_lines(net: Network, names: dict[str, str]) -> list[str]:
     """The emitted file's train() for a program whose training is written as loops, and its helpers."""
     em = _Emitter(net, names)
@@ -531,6 +565,8 @@ def loop_lines(net: Network, names: dict[str, str]) -> list[str]:
         "    grad(L, P) is dL/dw; states and plain assignments are not scaled. If `outputs` is a dict, the",
         "    program's outputs are put in it, each evaluated where the program writes it among the loops",
         "    (as `tpc run` does for one seed).",
+        *(["    An entrywise (adaptive) term of an update, Adam's or sign-SGD's, moves w^l by n^-c'_l instead",
+           "    (`adaptive`, per layer)."] if _has_ewise(net) else []),
         '    """',
     ]
     head = [
@@ -540,6 +576,7 @@ def loop_lines(net: Network, names: dict[str, str]) -> list[str]:
         *doc,
         "    n = model.width",
         f"    scale = n ** {_num(-c)}  # n^-c: the parametrization's factor on every update of parameters",
+        *_adaptive_line(net, em),
         "    records: dict[str, list] = {}",
     ]
     return _helper_lines(net, names, em.helpers) + head + body
@@ -592,6 +629,11 @@ _HELPER_CODE: dict[str, list[str]] = {
         "                out[k] = v.detach() * c if k not in out else out[k] + v.detach() * c",
         "    return out",
     ],
+    "at": [
+        "def at(values: dict[str, torch.Tensor], k: str) -> torch.Tensor:",
+        '    """Layer k\'s entry of a value for layers (zero where it has none yet)."""',
+        "    return values[k] if k in values else torch.zeros((), dtype=torch.float64)",
+    ],
     "weights": [
         "def weights(model: Network) -> dict[str, torch.Tensor]:",
         '    """The model\'s trained parameters w^l, by name."""',
@@ -603,12 +645,14 @@ _HELPER_CODE: dict[str, list[str]] = {
         "    return {k: w.detach().clone().requires_grad_(True) for k, w in params.items()}",
     ],
     "shifted": [
-        "def shifted(params: dict[str, torch.Tensor], step: dict[str, torch.Tensor],",
-        "            alpha: float) -> dict[str, torch.Tensor]:",
-        '    """New values of parameters: w + alpha * step for the layers of step, the others as they were."""',
+        "def shifted(params: dict[str, torch.Tensor], step: dict[str, torch.Tensor], alpha: float,",
+        "            factor: dict[str, float] | None = None) -> dict[str, torch.Tensor]:",
+        '    """New values of parameters: w + alpha * step (times factor[k] for layer k, if given) for the',
+        '    layers of step, the others as they were."""',
         "    out = dict(params)",
         "    for k, d in step.items():",
-        "        out[k] = (params[k].detach() + alpha * d).requires_grad_(True)",
+        "        a = alpha if factor is None else alpha * factor[k]",
+        "        out[k] = (params[k].detach() + a * d).requires_grad_(True)",
         "    return out",
     ],
     "replaced": [
