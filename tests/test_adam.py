@@ -71,13 +71,16 @@ def _reference(net: tpc.Network, width: int, seed: int, step: str, steps: int, l
         h = torch.relu(x @ W["U"].T + W["b"])
         return torch.tanh(h @ W["W"].T) @ W["V"].T
 
-    groups = [{"params": [w[k]], "lr": lr * width ** (-cp[k]),
+    # entrywise functions read the gradient at its natural scale n^s dL/dw (s = a + 1; a for the
+    # readout): for torch, whose Adam reads dL/dw itself, that is eps n^-s
+    s = {k: net.ab(net.layers[k])[0] + (net.layers[k].role != "readout") for k in names}
+    groups = [{"params": [w[k]], "lr": lr * width ** (-cp[k]), "eps": 1e-3 * width ** (-s[k]),
                "weight_decay": decay * width ** (-net.abc.c) / width ** (-cp[k])} for k in names]
     opt = None
     if step == "adam":
-        opt = torch.optim.Adam(groups, betas=(0.9, 0.99), eps=1e-3)
+        opt = torch.optim.Adam(groups, betas=(0.9, 0.99))
     elif step == "adamw":
-        opt = torch.optim.AdamW(groups, betas=(0.9, 0.99), eps=1e-3)
+        opt = torch.optim.AdamW(groups, betas=(0.9, 0.99))
     curve = []
     for _ in range(steps):
         loss = 0.5 * ((model(X)[:, 0] - Y.reshape(-1)) ** 2).mean()
@@ -141,19 +144,79 @@ def test_classify_reports_adam_programs(capsys: pytest.CaptureFixture[str]) -> N
     assert (cls.regime, cls.r) == ("feature learning", 0.0)
 
 
-def test_the_limit_and_the_unrolled_program_are_refused_with_the_reason(capsys: pytest.CaptureFixture[str],
-                                                                        tmp_path: Path) -> None:
+SIGN_LINEAR = """width n
+parametrization mup
+data X = [[1, 0.5]]
+data Y = [1]
+data Xt = [[0.4, 0.4], [-1, 0.2]]
+layer U : input n x 2, var = 2
+layer W : hidden n x n, var = 2
+layer V : readout 1 x n
+model f(x) = V @ (W @ (U @ x))
+for t in range(1) {
+  L = mse(f(X), Y)
+  GW = grad(L, W)
+  GV = grad(L, V)
+  W -= 0.5 * sign(GW)
+  V -= 0.5 * sign(GV)
+}
+output p = f(Xt)
+"""
+
+
+def _sign_step_closed_form() -> np.ndarray:
+    """One sign-SGD step of W and V from initialisation, f = V W U x in muP, one training point x with
+    target y = 1, in the limit. f_0 -> 0, so dL/df = -1; with h = U x, z = W h and v = n V:
+    - W's gradient at its natural scale is -v_a h_b, so W y moves by 0.5 sign(v_a) E[sign(h) y];
+    - V's is -z, so v moves by 0.5 sign(z).
+    On a test point x' (h', z' = W h'), f = E[v' z'] = 0.5 E|v| E[sign(h) h'] + 0.5 E[sign(z) z'],
+    and E[sign(A) B] = sqrt(2/pi) Cov(A, B) / sd(A) for jointly Gaussian A, B: Cov(h, h') = x.x'
+    (U's entries have variance 2/2), sd(h) = |x|, Cov(z, z') = 2 x.x', sd(z) = sqrt(2) |x|, E|v| =
+    sqrt(2/pi)."""
+    x, xt = np.array([1.0, 0.5]), np.array([[0.4, 0.4], [-1.0, 0.2]])
+    c, sd = xt @ x, np.sqrt(x @ x)
+    return 0.5 * np.sqrt(2 / np.pi) * c / sd * (np.sqrt(2 / np.pi) + np.sqrt(2))
+
+
+def test_one_step_sign_sgd_limit_equals_its_closed_form() -> None:
+    """Tensor Programs IVb's limit of an entrywise update, by grids over pairs of particles, against
+    the closed form; finite width agrees too."""
+    net = tpc.loads(SIGN_LINEAR)
+    want = _sign_step_closed_form()
+    lim = tpc.limit(net, particles=2**11, replicates=8)["p"]
+    assert lim.method == "monte-carlo"
+    assert np.all(np.abs(lim.value - want) <= 4 * lim.stderr), (lim.value, lim.stderr, want)
+    assert np.all(lim.stderr < 0.05)
+    fin = tpc.run(net, 1024, 8)["p"]
+    assert np.all(np.abs(fin.mean - want) <= 4 * fin.stderr + 0.02), (fin.mean, fin.stderr, want)
+
+
+@pytest.mark.parametrize("body", ["adam", "adamw", "sign"])
+def test_the_unrolled_program_equals_direct_training(body: str) -> None:
+    """At width n the unrolled program, where an n x n layer's entrywise updates are n x n grids of
+    the stored pairs, equals training with real matrices to round-off."""
+    from tpc.train.pooled import run_unrolled_finite
+
+    text = SIGN if body == "sign" else ADAM.replace("DECAY", " + 0.1 * f" if body == "adamw" else "")
+    net = tpc.loads(HEADER + "parametrization mup\n" + text)
+    direct, unrolled = tpc.run(net, 24, 2), run_unrolled_finite(net, 24, 2)
+    for k, res in direct.items():
+        np.testing.assert_allclose(res.values, unrolled[k], rtol=0, atol=1e-12, err_msg=k)
+
+
+def test_the_kernel_regime_of_entrywise_updates_is_refused(capsys: pytest.CaptureFixture[str],
+                                                           tmp_path: Path) -> None:
     path = tmp_path / "adam.tp"
-    path.write_text(HEADER + "parametrization mup\n" + ADAM.replace("DECAY", ""))
-    for cmd in (["limit", str(path)], ["compare", str(path), "--widths", "8,16"], ["graph", str(path), "--unrolled"]):
+    path.write_text(HEADER + "parametrization abc(a = [0, 0.5, 0.5], b = [0, 0, 0], c = 0, adaptive = [1, 1, 1])\n"
+                    + ADAM.replace("DECAY", ""))
+    for cmd in (["limit", str(path)], ["compare", str(path), "--widths", "8,16"]):
         assert main(cmd) == 2
         err = capsys.readouterr().err
-        assert "adam.tp:18:18: error:" in err and "entrywise" in err and "Traceback" not in err, err
-    with pytest.raises(TpcError, match="Tensor Programs IVb"):
+        assert "adam.tp:18:18: error:" in err and "kernel regime" in err and "Traceback" not in err, err
+    with pytest.raises(TpcError, match="feature-learning regime only"):
         tpc.limit(tpc.load(path))
-    assert main(["check", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert "no limit here: the limit of entrywise updates" in out
+    assert main(["graph", str(path), "--unrolled"]) == 2
+    assert "NE-OR-T" in capsys.readouterr().err
 
 
 def test_graph_prints_entrywise_instructions(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -198,3 +261,24 @@ output p = f(Xt)
     assert np.isfinite(tpc.run(net, 32, 2)["p"].values).all()
     assert main(["limit", str(path)]) == 2
     assert "unstable" in capsys.readouterr().err
+
+
+def test_coordcheck_of_adam_names_sp_and_follows_mup_to_its_limit() -> None:
+    """The `mup` package's check with Adam: at a width-independent rate SP's hidden pre-activations
+    grow like n (each entry of W moves by lr, and n of them add up); muP's stay put and approach the
+    limit's E|Z|."""
+    from tpc.coordcheck import coordcheck
+
+    def body(lr: float, steps: int) -> str:
+        return f"loss L = mse(f(X), Y)\ntrain adam(lr = {lr}, steps = {steps}) minimize L\noutput p = f(Xt)\n"
+
+    sp = coordcheck(tpc.loads(HEADER + "parametrization abc(a = [0, 0, 0], b = [0, 1/2, 1/2], c = 0)\n"
+                              + body(0.05, 2)), [32, 64, 128, 256], seeds=2)
+    grows = {p.name: t for p, t in sp.flagged() if t.verdict == "grows"}
+    assert sp.limit is None and "h2" in grows and grows["h2"].slope > 0.5, grows
+    # (enough training that f's learned part, not its n^-1/2 start, dominates at these widths)
+    mup = coordcheck(tpc.loads(HEADER + "parametrization mup\n" + body(0.2, 3)), [32, 64, 128, 256], seeds=2,
+                     particles=1024, replicates=2)
+    assert mup.flagged() == [] and mup.limit is not None
+    mean, lim = mup.mean()[-1, -1], mup.limit.mean(0)[-1]  # the widest width, the last step
+    assert np.allclose(mean, lim, rtol=0.15), (mean, lim)

@@ -13,8 +13,19 @@ import pytest
 import tpc
 
 ROOT = Path(__file__).resolve().parent.parent
-# programs/arch converge in test_arch.py at smaller widths; here, at the full widths, in the slow step
-PROGRAMS = [pytest.param(p, marks=pytest.mark.slow) if p.parent.name == "arch" else p
+
+
+def _slow(path: Path) -> bool:
+    """programs/arch converge in test_arch.py at smaller widths, and entrywise updates (Adam) in
+    test_adam.py on a closed form; here, at the full widths, in the slow step (Adam's limit holds
+    P x P grids of particles, and its finite widths n x n ones per seed)."""
+    if path.parent.name == "arch":
+        return True
+    prog = tpc.load(path)
+    return isinstance(prog, tpc.Network) and prog.entrywise
+
+
+PROGRAMS = [pytest.param(p, marks=pytest.mark.slow) if _slow(p) else p
             for p in sorted((ROOT / "programs").rglob("*.tp"))]
 WIDTHS = [64, 128, 256, 512, 1024, 2048]
 SEEDS = 16

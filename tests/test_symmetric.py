@@ -16,13 +16,14 @@ from tpc.backends.limit.symmetric import BlockKernel, all_finite, cut, row_block
 
 ROOT = Path(__file__).resolve().parent.parent
 
-def _over_positions(path: Path) -> bool:
-    """A model over positions: its unrolled limit at the default 65536 particles takes minutes."""
+def _slow_limit(path: Path) -> bool:
+    """A model over positions (its unrolled limit at the default 65536 particles takes minutes), or a
+    training with entrywise updates (Adam: P x P grids of particles, and no kernels by blocks)."""
     prog = tpc.load(path)
-    return isinstance(prog, tpc.Network) and prog.model.positions > 1
+    return isinstance(prog, tpc.Network) and (prog.model.positions > 1 or prog.entrywise)
 
 
-PROGRAMS = [pytest.param(p, marks=pytest.mark.slow) if _over_positions(p) else p
+PROGRAMS = [pytest.param(p, marks=pytest.mark.slow) if _slow_limit(p) else p
             for p in sorted((ROOT / "programs").glob("*/*.tp"))]
 
 

@@ -742,7 +742,9 @@ def parser() -> argparse.ArgumentParser:
                      help="auto: exact where linear, closed forms where known, Gauss-Hermite "
                      "quadrature otherwise, Monte Carlo in high dimension")
     lim.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    lim.add_argument("--particles", type=_count(2), default=2**16, help="Monte Carlo particles")
+    lim.add_argument("--particles", type=_count(2), default=2**16,
+                     help="Monte Carlo particles (default 65536; 4096 where entrywise updates of n x n layers, "
+                     "Adam's, need P x P grids)")
     lim.add_argument("--replicates", type=_count(2), default=None,
                      help="independent Monte Carlo runs, for the standard error (default 8; 4 for training)")
     lim.add_argument("--seed", type=_count(0), default=0)
@@ -801,7 +803,8 @@ def parser() -> argparse.ArgumentParser:
     cc.add_argument("--all", action="store_true",
                     help="every vector of the model (a norm's parts, residual sums), not only the pre-activations "
                     "and what each layer reads")
-    cc.add_argument("--particles", type=_count(2), default=2**16, help="Monte Carlo particles of the limit")
+    cc.add_argument("--particles", type=_count(2), default=2**16,
+                    help="Monte Carlo particles of the limit (default 65536; 4096 with entrywise updates)")
     cc.add_argument("--replicates", type=_count(2), default=4,
                     help="independent particle sets of the limit, for its standard error (default 4)")
     cc.add_argument("--seed", type=_count(0), default=0, help="the limit's first particle seed")

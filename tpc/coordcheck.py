@@ -342,7 +342,7 @@ def limit_plan(net: Network, steps: int, particles: int, replicates: int, rows: 
     refusal = limit_refusal(net)
     if refusal is not None:
         return f"no limit: {refusal.message}", 0
-    from tpc.train.pooled import Count, count
+    from tpc.train.pooled import Count, count, grids
 
     hidden = sum(1 for s in net.model.steps if s.op == "matmul" and net.layers[s.layer].role == "hidden")
     vectors = rows * len(net.model.steps)
@@ -350,7 +350,9 @@ def limit_plan(net: Network, steps: int, particles: int, replicates: int, rows: 
     if cls.regime == "feature learning":
         c = count(net)  # the whole loop's plan (generous for K steps), and the observations on top
         c = Count(c.gaussians + (steps + 1) * rows * hidden, c.stored_rows, max(c.peak_rows, vectors))
-        return f"limit: the unrolled training program on {how}", c.memory_bytes(particles)
+        g = grids(net)  # entrywise updates of n x n layers: P x P grids (pooled.py)
+        how += f", with up to {g} grids of {particles} x {particles}" if g else ""
+        return f"limit: the unrolled training program on {how}", c.memory_bytes(particles) + 8 * g * particles**2
     finite_side = sum(int(la.cols if la.role == "input" else 1) for la in net.layers.values()
                       if la.role in ("input", "bias"))
     need = Count(finite_side + rows * hidden, 0, vectors).memory_bytes(particles)
@@ -468,6 +470,9 @@ def coordcheck(net: Network, widths: list[int] | tuple[int, ...] = DEFAULT_WIDTH
         _count(w, "a width")
     _count(seeds, "seeds")
     _options({"dtype": dtype, "device": device, "particles": particles, "replicates": replicates, "seed": seed})
+    from tpc.train.pooled import particles_for
+
+    particles = particles_for(net, particles)  # fewer by default where entrywise updates need P x P grids
     steps, data = check(net, steps, data)
     on_device.check(device)
     memory_gb = on_device.memory_gb(device, memory_gb)

@@ -1,11 +1,12 @@
 """muP's hyperparameter transfer at laptop scale, with tpc's infinite-width limit beside the finite
-widths: the training loss of a 2-hidden-layer ReLU network after a few full-batch SGD steps on
-scikit-learn's digits, against the learning rate, at several widths, in muP and in the standard
-parametrization with a fixed learning rate.
+widths: the training loss of a 2-hidden-layer ReLU network after a few full-batch SGD (or Adam)
+steps on scikit-learn's digits, against the learning rate, at several widths, in muP and in the
+standard parametrization with a fixed learning rate.
 
 Task: 64 training images of scikit-learn's bundled digits (8x8, 10 classes; a fixed stratified
 subset, every pixel centred and all scaled to unit variance by the training set's statistics),
-softmax cross-entropy (`xent`), `--steps` full-batch SGD steps (default 5); test accuracy on 512
+softmax cross-entropy (`xent`), `--steps` full-batch steps (default 5) of `--optimizer` (sgd, the
+default, or adam: `train adam(lr, steps)` with torch's betas and eps); test accuracy on 512
 held-out images. Each (parametrization, width, learning rate) is one program, built here from a
 template with the learning rate in its train statement (`program_text`), and run for `--seeds`
 seeds (vectorised; mean and standard error over the seeds). Parametrizations:
@@ -23,6 +24,11 @@ seeds (vectorised; mean and standard error over the seeds). Parametrizations:
     python examples/transfer/transfer.py --quick         # widths 64 and 256, 5 lrs, 2 seeds, small limit
     python examples/transfer/transfer.py --data-only     # only examples/transfer/data/*.npy
     python examples/transfer/transfer.py --update-docs   # docs/transfer.png, examples/transfer/results.{json,md}
+    python examples/transfer/transfer.py --optimizer adam --update-docs   # ..._adam.png, results_adam.{json,md}
+
+With Adam, muP's entrywise updates have per-layer rates of their own (README, "Adaptive
+optimizers"), and SP with a fixed lr applies one rate to every layer (c' = c = 0). The muP limit
+holds each n x n layer's Adam updates as P x P grids of particles, so it runs on 4096 particles.
 
 The full run writes examples/transfer/data/*.npy (what the programs load), then transfer.png,
 results.json and results.md (the tables) to --out (default out/transfer/, which git ignores);
@@ -62,13 +68,18 @@ LRS = [2.0**k for k in range(-5, 3)]  # 1/32 .. 4: two decades, eight points, mu
 FULL = {"widths": "64,256,1024,4096", "lrs": ",".join(f"{v:g}" for v in LRS), "seeds": 4, "particles": 2**14,
         "replicates": 4}
 QUICK = {"widths": "64,256", "lrs": "0.0625,0.25,0.5,1,2", "seeds": 2, "particles": 2**11, "replicates": 2}
+# Adam's: rates two decades lower (its step is O(lr) per entry whatever the gradient), fewer particles
+ADAM_LRS = [2.0**k for k in range(-10, -2)]  # 1/1024 .. 1/8
+FULL_ADAM = {**FULL, "lrs": ",".join(f"{v:g}" for v in ADAM_LRS), "particles": 2**12}
+QUICK_ADAM = {**QUICK, "lrs": "0.00390625,0.015625,0.03125,0.0625,0.125", "particles": 2**10}
+STEP_NAMES = {"sgd": "SGD", "adam": "Adam"}
 QUICK_NOTE = "quick run (--quick): a small-scale check of the pipeline; its numbers are not the README's"
 CAP = 3 * math.log(10)  # the plot shows a loss above this (3x the loss of a uniform guess) at the top edge
 
 
-def program_text(param: str, lr: float, steps: int, data: str = "data") -> str:
+def program_text(param: str, lr: float, steps: int, data: str = "data", optimizer: str = "sgd") -> str:
     """The network program of one run: `param` a key of PARAMS, `data` the folder of the .npy files
-    (relative to the program's base folder, or absolute)."""
+    (relative to the program's base folder, or absolute), `optimizer` sgd or adam."""
     return f"""\
 width n
 parametrization {PARAMS[param][1]}
@@ -82,7 +93,7 @@ layer V : readout 10 x n
 model f(x) = V @ relu(W @ relu(U @ x))
 
 loss L = xent(f(X), Y)
-train sgd(lr = {lr!r}, steps = {steps}) minimize L    # full batch
+train {optimizer}(lr = {lr!r}, steps = {steps}) minimize L    # full batch
 
 output curve = history(L)                   # the loss before each step
 output final = L                            # the loss after the last step
@@ -109,7 +120,8 @@ def make_data(args: argparse.Namespace, base: Path = HERE) -> None:
 
 
 def load(param: str, lr: float, args: argparse.Namespace) -> tpc.Network:
-    return tpc.loads(program_text(param, lr, args.steps), f"transfer_{param}.tp", base_dir=args.base)
+    return tpc.loads(program_text(param, lr, args.steps, optimizer=args.optimizer), f"transfer_{param}.tp",
+                     base_dir=args.base)
 
 
 def summarize(finals: np.ndarray, curves: np.ndarray, acc: np.ndarray) -> dict:
@@ -156,7 +168,7 @@ def finite_sweep(param: str, args: argparse.Namespace, labels: np.ndarray, bar: 
     from tpc.sweep import sweep
 
     data = (args.base / "data").resolve()
-    net = tpc.loads(program_text(param, args.lr_list[0], args.steps, str(data)), f"transfer_{param}.tp",
+    net = tpc.loads(program_text(param, args.lr_list[0], args.steps, str(data), args.optimizer), f"transfer_{param}.tp",
                     allow_data_outside=True)  # absolute data paths: the tasks rebuild the program from its text
     grid = (f"width={','.join(map(str, args.width_list))} seed=0..{args.seeds - 1} "
             f"lr={','.join(repr(v) for v in args.lr_list)}")
@@ -233,7 +245,8 @@ def plan(args: argparse.Namespace) -> str:
     per_seed = max(finite_bytes_per_seed(net, widest, 8) for net in nets.values())
     lines = [f"plan: {runs} finite runs ({len(PARAMS)} parametrizations x {len(args.width_list)} widths x "
              f"{len(args.lr_list)} learning rates), {args.seeds} seeds each ({runs * args.seeds} trainings of "
-             f"{args.steps} SGD steps on {args.train} images; float64); the largest, n = {widest}, about "
+             f"{args.steps} {STEP_NAMES[args.optimizer]} steps on {args.train} images; float64); the largest, "
+             f"n = {widest}, about "
              f"{gb(per_seed)} per seed" + (f", through a Dask sweep on {args.workers} workers" if args.workers else
                                            " (seeds vectorised, as many at once as the memory budget allows)")]
     for p, net in nets.items():
@@ -260,7 +273,8 @@ def measure(args: argparse.Namespace, log=print) -> dict:  # noqa: ANN001 - a pr
 
 def _measure(args: argparse.Namespace, log) -> dict:  # noqa: ANN001
     labels = np.load(args.base / "data" / "test_y.npy")
-    results: dict = {"steps": args.steps, "seeds": args.seeds, "widths": args.width_list, "lrs": args.lr_list,
+    results: dict = {"optimizer": args.optimizer,
+                     "steps": args.steps, "seeds": args.seeds, "widths": args.width_list, "lrs": args.lr_list,
                      "particles": args.particles, "replicates": args.replicates, "train": args.train,
                      "test": len(labels), "params": {}}
     total = len(PARAMS) * len(args.width_list) * len(args.lr_list) * args.seeds
@@ -305,7 +319,8 @@ def tables(results: dict) -> str:
     """Markdown: the optimum per width (and the limit's), then every loss of the grid."""
     widths, lrs = results["widths"], results["lrs"]
     small = widths[0]
-    out = [f"Training loss after {results['steps']} SGD steps (mean ± standard error over {results['seeds']} "
+    steps = STEP_NAMES[results.get("optimizer", "sgd")]
+    out = [f"Training loss after {results['steps']} {steps} steps (mean ± standard error over {results['seeds']} "
            f"seeds; the limit's over {results['replicates']} replicates of {results['particles']} particles), "
            f"{results['train']} training images; test accuracy on {results['test']} held-out images.", "",
            "| parametrization | width | optimum lr | loss there | test accuracy there | "
@@ -354,7 +369,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--lrs", help=f"comma-separated learning rates, the same for every width and the limit "
                     f"({scale('lrs')})")
     ap.add_argument("--seeds", type=int, help=f"seeds per width and learning rate ({scale('seeds')})")
-    ap.add_argument("--steps", type=int, default=5, help="full-batch SGD steps (default 5)")
+    ap.add_argument("--steps", type=int, default=5, help="full-batch training steps (default 5)")
+    ap.add_argument("--optimizer", choices=sorted(STEP_NAMES), default="sgd",
+                    help="sgd (default) or adam (muP's Adam rates; other learning rates and 4096 particles)")
     ap.add_argument("--train", type=int, default=64, help="training images, a stratified subset (default 64)")
     ap.add_argument("--test", type=int, default=512, help="held-out test images (default 512)")
     ap.add_argument("--data-seed", type=int, default=0, help="seed of the training and test subsets (default 0)")
@@ -377,7 +394,8 @@ def parser() -> argparse.ArgumentParser:
 
 def resolve(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
     """Fill the scale from --quick or the README's defaults; the data folder and the output paths."""
-    fill_scale(ap, args, QUICK, FULL)
+    adam = args.optimizer == "adam"
+    fill_scale(ap, args, QUICK_ADAM if adam else QUICK, FULL_ADAM if adam else FULL)
     try:
         args.lr_list = [float(v) for v in args.lrs.split(",")]
     except ValueError:
@@ -392,7 +410,8 @@ def resolve(ap: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.N
                  "least 2, --workers and --threads at least 0")
     if args.train < 10 or args.train + args.test > 1797:
         ap.error("--train takes at least 10 images (one per class), and --train + --test at most the 1797 digits")
-    args.plot, stem = output_paths(args, "transfer", HERE / "results")
+    suffix = "_adam" if adam else ""
+    args.plot, stem = output_paths(args, "transfer" + suffix, HERE / ("results" + suffix))
     args.results = stem.with_suffix(".json")
     args.table = stem.with_suffix(".md")
     # the full run's data is the programs' (examples/transfer/data); --quick's stays beside its results
@@ -472,13 +491,14 @@ def plot(results: dict, out: Path, quick: bool = False) -> None:
         low = min([r["loss"] for w in entry["widths"].values() for r in w["runs"].values() if r["loss"] is not None]
                   + [CAP / 10])
         ax.set_ylim(low / 1.5, CAP * 1.3)
-        ax.set_ylabel(f"training loss after {results['steps']} SGD steps")
+        ax.set_ylabel(f"training loss after {results['steps']} {STEP_NAMES[results.get('optimizer', 'sgd')]} steps")
         ax.set_xlabel("learning rate")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7, loc="best")
     fig.suptitle(f"digits ({results['train']} training images), 2-hidden-layer ReLU MLP, softmax cross-entropy, "
-                 f"{results['steps']} full-batch SGD steps, {results['seeds']} seeds per point\n"
+                 f"{results['steps']} full-batch {STEP_NAMES[results.get('optimizer', 'sgd')]} steps, "
+                 f"{results['seeds']} seeds per point\n"
                  f"stars: each curve's optimum; triangles: loss above {CAP:.1f} or diverged"
                  + (" (--quick: not the README's numbers)" if quick else ""), fontsize=10)
     fig.tight_layout()

@@ -36,6 +36,8 @@ class DenseBackend:
         # an entrywise (adaptive) update moves w^l by n^-c'_l (parametrization.py)
         self.adaptive = {name: float(width ** (-net.abc.adaptive_exponents()[la.index]))
                          for name, la in net.layers.items()}
+        self.natural_scale = {name: float(width ** (net.ab(la)[0] + (la.role != "readout")))
+                              for name, la in net.layers.items()}
 
     def initial(self) -> dict[str, Tensor]:
         normals = standard_normals(self.net, self.n, self.seeds, self.dtype, self.device)
@@ -89,14 +91,20 @@ class DenseBackend:
                 new[la] = value.requires_grad_(True)
         return new
 
-    def entrywise(self, tree: ex.Tree, args: list[Tensor | None], layer: str) -> Tensor:
-        """An entrywise function of values of `layer` (None: zero) and numbers (one per seed or one)."""
+    def natural(self, layer: str, grad: Tensor) -> Tensor:
+        """dL/dw^l at its natural scale, n^s_l dL/dw^l: s_l = a_l + 1 (the backward signal n dL/dh is
+        of order one in muP), a_{L+1} for the readout."""
+        return grad * self.natural_scale[layer]
+
+    def entrywise(self, tree: ex.Tree, args: list[tuple[bool, Tensor | None]], layer: str) -> Tensor:
+        """An entrywise function of values of `layer` (True; None: zero) and numbers (False: one, or one
+        per seed)."""
         shape = (len(self.seeds), *shape_of(self.net.layers[layer], self.n))
         vals = []
-        for a in args:
+        for is_layer, a in args:
             if a is None:
                 a = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            elif a.shape != shape:  # a number, or one per seed
+            elif not is_layer:
                 a = a.to(self.dtype).to(self.device)
                 a = a.reshape(a.shape + (1,) * (len(shape) - a.dim()))
             vals.append(a)
@@ -120,16 +128,19 @@ class DenseBackend:
 
 
 def bytes_per_seed(net: Network, width: int, itemsize: int) -> int:
-    """The weights, each state's and copy's values, their gradients and temporaries, and every model
+    """The weights, each state's and copy's values, their gradients and temporaries (one set of weights
+    per combination or entrywise function in a loop), and every model
     value on the largest data set (forward, backward and autograd's saved tensors): a value at every
     position (`model f(x[P])`) has P rows per input, and attention holds its P x P logits and weights."""
     weights = sum(int(np.prod(shape_of(la, width))) for la in net.layers.values())
     buffers = sum(1 for ins in net.program.walk() if ins.op in ("state", "copy"))
+    # a step's values of layers (combinations, entrywise functions: Adam's G * G, sqrt(S), ...)
+    temporaries = sum(1 for ins in net.program.walk() if ins.op in ("lincomb", "ewise"))
     rows = max((net.data[d].shape[0] for d in net.point_sets()), default=1)
     P = net.model.positions  # noqa: N806
     values = sum((P if s.pos or s.op == "attend" else 1) * width + (2 * P * P if s.op == "attend" else 0)
                  for s in net.model.steps)
-    return itemsize * ((4 + 2 * buffers) * weights + 4 * rows * values)
+    return itemsize * ((4 + 2 * buffers + temporaries) * weights + 4 * rows * values)
 
 
 def loops_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",

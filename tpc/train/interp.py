@@ -348,28 +348,26 @@ def _run_lincomb(it: Interpreter, ins: Instr) -> None:
 
 def _run_ewise(it: Interpreter, ins: Instr) -> None:
     """An entrywise function of gradients and states made of them, layer by layer: its arguments are
-    values of layers (a layer a value lacks is zero there) and numbers."""
+    values of layers, each read at its natural scale (`natural`: entries of order one at any width),
+    and numbers. A layer a value lacks is zero there (None)."""
     entrywise = getattr(it.be, "entrywise", None)
-    if entrywise is None:  # pragma: no cover - limit.py and unrolled refuse such programs first
+    if entrywise is None:  # pragma: no cover - limit.py refuses such programs first
         raise TpcError("this backend has no entrywise updates", ins.span)
-    args = [it.env[i] for i in ins.args]
     out = {}
     with torch.no_grad():
         for la in ins.attrs["layers"]:
-            vals = [_layer_value(a, la) if isinstance(a, Bundle) else it.finite(i)
-                    for i, a in zip(ins.args, args, strict=True)]
-            out[la] = entrywise(ins.attrs["tree"], vals, la)
+            args = []
+            for i in ins.args:
+                v = it.env[i]
+                if not isinstance(v, Bundle):
+                    args.append((False, it.finite(i)))
+                elif la in v.grad:
+                    args.append((True, it.be.natural(la, v.grad[la])))
+                else:  # an entrywise value, or zero (loops.py refuses parameters and mixed terms here)
+                    args.append((True, v.adaptive.get(la)))
+            out[la] = entrywise(ins.attrs["tree"], args, la)
             it.check_finite(out[la], ins, f"this entrywise function of layer {la}")
     it.env[ins.id] = Bundle(adaptive=out)
-
-
-def _layer_value(b: Bundle, layer: str) -> Any:
-    """A layer's value in a Bundle (the sum of its parts; None: zero, the layer has no term yet)."""
-    out = None
-    for part in b.parts():
-        if layer in part:
-            out = part[layer] if out is None else out + part[layer]
-    return out
 
 
 def _run_state(it: Interpreter, ins: Instr) -> None:

@@ -72,12 +72,15 @@ def limit_refusal(net: Network) -> TpcError | None:
 
 
 def entrywise_refusal(net: Network) -> TpcError | None:
+    """Entrywise updates have a limit in the feature-learning regime (pooled.py's grids, Tensor
+    Programs IVb); in the kernel regime their training is no kernel descent, and tpc has no rule."""
     ewise = next((ins for ins in net.program.walk() if ins.op == "ewise"), None) if net.program else None
-    if ewise is None:
+    if ewise is None or net.classification().regime in ("feature learning", "unstable"):
         return None
-    return TpcError("the limit of entrywise updates (Adam, sign-SGD) is not built yet: they are entrywise "
-                    "functions of sums of outer products (Tensor Programs IVb), outside the stored pairs of "
-                    "Netsor-transpose; finite width runs (tpc run)", ewise.span)
+    return TpcError(f"this training has entrywise updates (Adam, sign-SGD) in the {net.classification().regime} "
+                    "regime: an entrywise function of the gradient is not a kernel step, and tpc takes their limit "
+                    "in the feature-learning regime only (r = 0, e.g. parametrization mup); finite width runs "
+                    "(tpc run)", ewise.span)
 
 
 def _positions_refusal(net: Network) -> TpcError | None:
@@ -97,9 +100,10 @@ def _positions_refusal(net: Network) -> TpcError | None:
 
 
 def _exact(net: Network, method: str) -> bool:
-    linear = net.is_linear()
+    linear = net.is_linear() and not net.entrywise
     if method == "exact" and not linear:
-        raise TpcError("--method exact: this model has a nonlinearity, so its limit is taken by Monte Carlo; use "
+        why = "entrywise updates (Adam, sign-SGD)" if net.entrywise else "a nonlinearity"
+        raise TpcError(f"--method exact: this training has {why}, so its limit is taken by Monte Carlo; use "
                        "--method auto or monte-carlo")
     if method not in ("auto", "exact", "monte-carlo"):
         raise TpcError(f"--method {method}: a training limit is exact (linear models) or monte-carlo")

@@ -566,7 +566,10 @@ class LoopBuilder:
             args.append(p)
             layers += [la for la in lin_layers if la not in layers]
         tree = ex.Apply(fn, tuple(ex.Arg(k) for k in range(len(args))))
-        return self.add("ewise", tuple(args), "params", span, tree=tree, layers=tuple(layers), types=["adaptive"])
+        # which arguments are gradients (or states of them): read at their natural scale (parametrization.py)
+        grads = [self.ins(a).kind == "params" and "grad" in self.params_type(self.ins(a)) for a in args]
+        return self.add("ewise", tuple(args), "params", span, tree=tree, layers=tuple(layers), types=["adaptive"],
+                        grads=grads)
 
     def as_lin(self, v: int | Lin) -> Lin | None:
         if isinstance(v, Lin):

@@ -30,7 +30,8 @@ from tpc.ops import expr as ex
 from tpc.passes.autodiff import derivative
 from tpc.train import positions as by_pos
 from tpc.train.interp import Applied, Bundle, Interpreter, Rows
-from tpc.train.loops import MAXIMAL_LR_EXPONENT
+from tpc.train.loops import FAN_IN_EXPONENT, MAXIMAL_LR_EXPONENT
+from tpc.train.losses import _tree
 from tpc.train.network import Network, Step
 from tpc.train.spaces import FiniteSpace, LimitSpace
 from tpc.train.steps import STEPS
@@ -42,15 +43,32 @@ Tensor = torch.Tensor
 class Pooled:
     a0: Tensor | float  # the coefficient of the initial matrix W_0
     coef: Tensor  # (*lead, P): the coefficients of the first P rows of the layer's pool
+    grid: Tensor | None = None  # (*lead, N, N): the sum of entrywise (adaptive) updates, natural scale
+
+
+DEFAULT_PARTICLES = 2**16  # the limit's Monte Carlo particles unless asked otherwise (tpc limit --particles)
+ENTRYWISE_PARTICLES = 2**12  # ... and when entrywise updates of n x n layers need P x P grids
+
+
+def grids(net: Network) -> int:
+    """How many P x P grids the limit of entrywise updates of n x n layers may hold at once: one per
+    hidden layer for each entrywise value of a step, each state and copy, and the model (0: none)."""
+    hidden = {name for name, la in net.layers.items() if la.role == "hidden"}
+    ewise = [ins for ins in net.program.walk() if ins.op == "ewise"] if net.program else []
+    per_value = sum(len(hidden & set(ins.attrs["layers"])) for ins in ewise)
+    if not per_value:
+        return 0
+    held = sum(1 for ins in net.program.walk() if ins.op in ("state", "copy")) + 1
+    return per_value + held * len(hidden)
+
+
+def particles_for(net: Network, particles: int) -> int:
+    """The default particles, fewer where entrywise updates need P x P grids (stated in the plan)."""
+    return ENTRYWISE_PARTICLES if particles == DEFAULT_PARTICLES and grids(net) else particles
 
 
 class PooledBackend:
     def __init__(self, net: Network, space: FiniteSpace | LimitSpace) -> None:
-        from tpc.train.limit import entrywise_refusal
-
-        refusal = entrywise_refusal(net)
-        if refusal is not None:  # entrywise updates have no stored-pairs form (callers check first)
-            raise refusal.locate(net.filename, net.source)
         self.net, self.space = net, space
         self.dtype = space.dtype
         finite = isinstance(space, FiniteSpace)
@@ -59,6 +77,10 @@ class PooledBackend:
         self.pool: dict[str, tuple[Tensor, Tensor]] = {}  # layer -> (inputs x, dh), each (*lead, P, n)
         self.rate = {name: MAXIMAL_LR_EXPONENT[la.role] - net.lr_exponent(la) for name, la in net.layers.items()}
         self.kept = 0  # pool rows after the last compaction
+        self.shapes: dict[str, tuple[int, ...]] = {}  # the finite-side layers' value shapes
+        cp = net.abc.adaptive_exponents()
+        self.adaptive_rate = {name: FAN_IN_EXPONENT[la.role] - net.ab(la)[0] - cp[la.index]
+                              for name, la in net.layers.items()}
         # attend's logits q.k / n^e are n^(1-e) gram(q, k) at the natural scale (network_limit refuses
         # e < 1 in the limit, where that factor grows)
         self.logit_scale = space.factor(1.0 - net.attention) if net.model.positions > 1 else 1.0
@@ -71,13 +93,14 @@ class PooledBackend:
                 out[name] = Pooled(1.0, torch.zeros((*self.lead_shape, 0), dtype=self.dtype))
             else:
                 out[name] = self.space.initial(la)
+                self.shapes[name] = tuple(out[name].shape)
         return out
 
     def scale(self, value: object, c: Tensor | float) -> object:
         if isinstance(value, Pooled):
             a0 = value.a0 * c
             cc = c.to(self.dtype)[..., None] if isinstance(c, Tensor) and c.dim() else c
-            return Pooled(a0, value.coef * cc)
+            return Pooled(a0, value.coef * cc, None if value.grid is None else self.scale(value.grid, c))
         if isinstance(c, Tensor):
             c = c.to(value.dtype)
             c = c.reshape(c.shape + (1,) * (value.dim() - c.dim()))
@@ -88,7 +111,8 @@ class PooledBackend:
             p = max(a.coef.shape[-1], b.coef.shape[-1])
             ca = torch.nn.functional.pad(a.coef, (0, p - a.coef.shape[-1]))
             cb = torch.nn.functional.pad(b.coef, (0, p - b.coef.shape[-1]))
-            return Pooled(a.a0 + b.a0, ca + cb)
+            grid = b.grid if a.grid is None else a.grid if b.grid is None else a.grid + b.grid
+            return Pooled(a.a0 + b.a0, ca + cb, grid)
         return a + b
 
     def update(self, params: dict[str, object], delta: Bundle, layers: tuple[str, ...], sign: float,
@@ -99,11 +123,16 @@ class PooledBackend:
                 new[la] = delta.weight[la] if la in delta.weight else self.scale(params[la], 0.0)
                 continue
             value = params[la]
-            for part, exponent in ((delta.weight, -self.net.abc.c), (delta.grad, self.rate[la])):
+            for part, exponent in ((delta.weight, -self.net.abc.c), (delta.grad, self.rate[la]),
+                                   (delta.adaptive, self.adaptive_rate[la])):
                 if la in part:
                     factor = self.space.factor(exponent) if scaled else 1.0
-                    if factor != 0.0:
-                        value = self.add(value, self.scale(part[la], sign * factor))
+                    if factor == 0.0:
+                        continue
+                    step = part[la]
+                    if part is delta.adaptive and isinstance(value, Pooled):  # a grid: W moves by n^-(a+c') Q
+                        step = Pooled(0.0, torch.zeros((*self.lead_shape, 0), dtype=self.dtype), step)
+                    value = self.add(value, self.scale(step, sign * factor))
             new[la] = value
         return new
 
@@ -118,9 +147,55 @@ class PooledBackend:
             left, right = (ds, xs) if transposed else (xs, ds)
             extra = (self.space.gram(y, left[..., :p, :]) * w.coef[..., None, :]) @ right[..., :p, :]
             out = extra if out is None else out + extra
+        if w.grid is not None:
+            extra = self.grid_apply(w.grid, y, transposed)
+            out = extra if out is None else out + extra
         if out is None:
             out = torch.zeros_like(y)
         return out
+
+    # --- entrywise (adaptive) updates: Tensor Programs IVb's entrywise functions of outer products
+    def grid_apply(self, grid: Tensor, y: Tensor, transposed: bool) -> Tensor:
+        """(Q y)_a = (1/n) sum_b Q_ab y_b (or Q.T y): at width n exactly; in the limit E_b[Q(a, b) y_b]
+        over the particles b, leaving out b = a (which the limit's independent coordinates never pair)."""
+        q = grid if transposed else grid.transpose(-1, -2)
+        if isinstance(self.space, FiniteSpace):
+            return y @ q / self.space.n
+        size = q.shape[-1]
+        return (y @ q - y * torch.diagonal(q, dim1=-2, dim2=-1)) / (size - 1)
+
+    def natural(self, layer: str, value: object) -> object:
+        """A gradient of `layer` at its natural scale, as an entrywise function reads it: for an n x n
+        layer the grid sum_p k_p dh_p x_p^T (N x N over coordinates or particles); the finite-side
+        layers' gradients are kept at that scale already."""
+        if not isinstance(value, Pooled):
+            return value
+        if bool(torch.as_tensor(value.a0).any()) or value.grid is not None:  # pragma: no cover
+            raise TpcError("internal: an entrywise function of parameters")  # loops.py refuses it first
+        p = value.coef.shape[-1]
+        xs, ds = self.pool[layer] if p else (None, None)
+        if not p:
+            return None
+        return (ds[..., :p, :].transpose(-1, -2) * value.coef[..., None, :]) @ xs[..., :p, :]
+
+    def entrywise(self, tree: ex.Tree, args: list[tuple[bool, object]], layer: str) -> Tensor:
+        """The function, entry by entry, of values of `layer` (True, at their natural scale; None is
+        zero) and numbers (False): a grid for an n x n layer, else the layer's own shape."""
+        la = self.net.layers[layer]
+        if la.role == "hidden":
+            size = self.space.n if isinstance(self.space, FiniteSpace) else self.space.space.size
+            shape: tuple[int, ...] = (*self.lead_shape, size, size)
+        else:
+            shape = self.shapes[layer]
+        vals = []
+        for is_layer, a in args:
+            if a is None:
+                a = torch.zeros(shape, dtype=self.dtype)
+            elif not is_layer:  # a number, or one per seed
+                a = a.to(self.dtype)
+                a = a.reshape(a.shape + (1,) * (len(shape) - a.dim()))
+            vals.append(a)
+        return _tree(tree, vals)
 
     def apply(self, params: dict[str, object], rows: Rows) -> Applied:
         x = self.space.data(rows.values)
@@ -273,7 +348,7 @@ class PooledBackend:
             if not isinstance(v, Pooled) or name not in keep:
                 return v
             k = keep[name]
-            return Pooled(v.a0, v.coef[..., k[k < v.coef.shape[-1]]])
+            return Pooled(v.a0, v.coef[..., k[k < v.coef.shape[-1]]], v.grid)
 
         return remap
 
@@ -377,15 +452,21 @@ def describe_limit(net: Network, exact: bool, particles: int, replicates: int) -
         return (f"the loops unrolled into a Netsor-transpose program over {steps} iterations (the plan is counted "
                 f"when the limit runs, up to {MAX_ITERATIONS} iterations)")
     c = count(net)
+    particles = particles_for(net, particles)
     how = ("exactly: every vector is a coefficient vector over the Gaussians (a linear model)" if exact else
            f"by Monte Carlo: {particles} particles x {replicates} replicates (standard errors across them)")
+    g = grids(net)
+    if g:
+        how += (f"; entrywise updates of n x n layers as {particles} x {particles} grids over pairs of particles "
+                f"(Tensor Programs IVb: for each particle, the mean over the others), up to {g} at once")
     zdot = ("; W.T after W (and W after W.T) gets its Zdot by Stein's lemma" if c.backward_rows else
             "; no n x n matrix is multiplied by its transpose, so no Zdot" if c.forward_rows else
             "; no n x n matrix, so no Zdot")
     size = c.gaussians + 1 if exact else particles
+    need = c.memory_bytes(size) + 8 * g * size * size
     return (f"the loops unrolled into a Netsor-transpose program: {c.gaussians} Gaussian vectors "
             f"({c.forward_rows} rows through initial n x n matrices forward, {c.backward_rows} backward), "
-            f"{c.stored_rows} stored rows; expectations {how}{zdot}; about {c.memory_bytes(size) / 2**30:.2g} GB")
+            f"{c.stored_rows} stored rows; expectations {how}{zdot}; about {need / 2**30:.2g} GB")
 
 
 
@@ -405,10 +486,13 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
         raise TpcError(f"the limit unrolls every step and keeps what each stores: {steps} loop iterations are more "
                        f"than it takes ({MAX_ITERATIONS}); fewer steps", loop.span).locate(net.filename, net.source)
     c = count(net)
-    size = c.gaussians + 1 if exact else particles
+    size = c.gaussians + 1 if exact else particles_for(net, particles)
+    g = grids(net)
     try:
-        memory.require(c.memory_bytes(size), f"the unrolled limit ({c.gaussians} Gaussian vectors over {size} "
-                       f"{'basis elements' if exact else 'particles'})", memory_gb, force, None,
+        grid_note = f", {g} grids of {size} x {size}" if g else ""
+        memory.require(c.memory_bytes(size) + 8 * g * size * size,
+                       f"the unrolled limit ({c.gaussians} Gaussian vectors over {size} "
+                       f"{'basis elements' if exact else 'particles'}{grid_note})", memory_gb, force, None,
                        hint="fewer particles or steps")
     except TpcError as err:
         raise err.locate(net.filename, net.source) from None

@@ -34,7 +34,7 @@ from tpc.train.network import Loss, Network
 # the emitted file's helper functions (module level) and train()'s own locals
 HELPERS = ("num", "whole", "pick", "batch_rows", "checked", "combine", "at", "weights", "copied", "shifted", "replaced",
            "assign", "grad", "stacked", "features", "mse_loss", "xent_loss", "logistic_loss")
-LOCALS = ("records", "outputs", "initial", "scale", "adaptive", "n", "model")
+LOCALS = ("records", "outputs", "initial", "scale", "adaptive", "natural", "n", "model")
 FILE_NAMES = {"Network", "optimizer", "train", "LR", "math", "torch"}  # the emitted file's other globals
 # ops written where they are used (never a line of their own); data rows (kind `data`) are too, unless named
 ALWAYS_INLINE = ("const", "counter", "zeros")
@@ -423,10 +423,10 @@ def _emit_ewise(em: _Emitter, ins: Instr) -> _Code:
     from tpc.backends.torch.codegen import _tree_code
 
     args = []
-    for i in ins.args:
+    for i, grad in zip(ins.args, ins.attrs["grads"], strict=True):
         if INSTRUCTIONS[em.instrs[i].op].kind == "params":
-            em.helpers.add("at")
-            args.append(f"at({em.value(i).text}, k)")
+            em.helpers.add("at")  # a gradient is read at its natural scale, n^s_l dL/dw^l
+            args.append(f"at({em.value(i).text}, k)" + (" * natural[k]" if grad else ""))
         else:
             args.append(em.tensor(i))
     layers = repr(tuple(em.names[la] for la in ins.attrs["layers"]))
@@ -532,7 +532,10 @@ def _adaptive_line(net: Network, em: _Emitter) -> list[str]:
         return []
     cp = net.abc.adaptive_exponents()
     factors = ", ".join(f"{em.names[name]!r}: n ** {_num(-cp[la.index])}" for name, la in net.layers.items())
-    return [f"    adaptive = {{{factors}}}  # n^-c'_l: each layer's factor on entrywise (Adam-like) updates"]
+    scales = ", ".join(f"{em.names[name]!r}: n ** {_num(net.ab(la)[0] + (la.role != 'readout'))}"
+                       for name, la in net.layers.items())
+    return [f"    adaptive = {{{factors}}}  # n^-c'_l: each layer's factor on entrywise (Adam-like) updates",
+            f"    natural = {{{scales}}}  # n^s_l: an entrywise function reads dL/dw^l at its natural scale"]
 
 
 def loop_lines(net: Network, names: dict[str, str]) -> list[str]:
@@ -566,7 +569,8 @@ def loop_lines(net: Network, names: dict[str, str]) -> list[str]:
         "    program's outputs are put in it, each evaluated where the program writes it among the loops",
         "    (as `tpc run` does for one seed).",
         *(["    An entrywise (adaptive) term of an update, Adam's or sign-SGD's, moves w^l by n^-c'_l instead",
-           "    (`adaptive`, per layer)."] if _has_ewise(net) else []),
+           "    (`adaptive`, per layer); an entrywise function reads a gradient as n^s_l dL/dw^l (`natural`),",
+           "    whose entries stay of order one at any width."] if _has_ewise(net) else []),
         '    """',
     ]
     head = [
