@@ -4,6 +4,7 @@ n^-c'_l; their classification; the emitted PyTorch; and refusals."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +283,16 @@ def test_coordcheck_of_adam_names_sp_and_follows_mup_to_its_limit() -> None:
     assert mup.flagged() == [] and mup.limit is not None
     mean, lim = mup.mean()[-1, -1], mup.limit.mean(0)[-1]  # the widest width, the last step
     assert np.allclose(mean, lim, rtol=0.15), (mean, lim)
+
+
+def test_tpc_classify_of_entrywise_updates(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["classify", str(ROOT / "programs" / "train" / "adam_relu2_mup.tp"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["adaptive"] == [0.5, 1.0, 0.5] and out["regime"] == "feature learning"
+    assert main(["classify", "--preset", "ntk", "--adaptive", "1,1,1"]) == 0
+    out = capsys.readouterr().out
+    assert "c' = [1.0, 1.0, 1.0]" in out and "regime     kernel" in out
+    assert main(["classify", "--a", "0,0,0", "--b", "0,1/2,1/2", "--c", "0", "--adaptive"]) == 0
+    assert "a_2 + c'_2 >= 1 (here 0)" in capsys.readouterr().out
+    assert main(["classify", "--preset", "mup", "--adaptive", "1,1"]) == 2
+    assert "--adaptive has 2 exponents" in capsys.readouterr().err

@@ -94,3 +94,24 @@ def test_tiny_measurement(tmp_path: Path) -> None:
     mod.plot(res, tmp_path / "transfer.png")
     assert (tmp_path / "transfer.png").stat().st_size > 10_000
     assert seconds < 60  # about 3 s on a quiet two-core machine
+
+
+def test_adam_options_and_a_tiny_adam_measurement(tmp_path: Path) -> None:
+    """--optimizer adam: its own grid of rates, 4096 particles and output names; in a tiny run muP's
+    widths agree with its limit, and SP with one Adam rate for every layer has no limit."""
+    mod = example()
+    default = resolved(mod, "--optimizer", "adam")
+    assert default.particles == 2**12 and max(default.lr_list) / min(default.lr_list) >= 100
+    assert resolved(mod, "--optimizer", "adam", "--update-docs").plot == ROOT / "docs" / "transfer_adam.png"
+    args = resolved(mod, "--optimizer", "adam", "--quick", "--out", str(tmp_path), "--widths", "64,256", "--lrs",
+                    "0.0625,0.25", "--seeds", "1", "--steps", "2", "--particles", "256", "--replicates", "2")
+    assert "train adam(lr = 0.0625, steps = 2)" in mod.program_text("mup", 0.0625, 2, optimizer="adam")
+    mod.make_data(args, args.base)
+    res = mod.measure(args, log=lambda *a, **k: None)
+    sp, mup = res["params"]["sp"], res["params"]["mup"]
+    assert res["optimizer"] == "adam" and sp["limit"] is None and "unstable" in sp["limit_refused"]
+    for lr in ("0.0625", "0.25"):
+        runs = [mup["widths"][w]["runs"][lr] for w in (64, 256)] + [mup["limit"]["runs"][lr]]
+        assert all(r["loss"] < r["curve"][0] - 0.05 for r in runs)
+        assert abs(runs[1]["loss"] - runs[2]["loss"]) < 0.15 + 3 * runs[2]["loss_se"]
+    assert "after 2 Adam steps" in mod.tables(res)

@@ -596,14 +596,18 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
-    from tpc.parametrization import ABC, classify, preset
+    from dataclasses import replace
 
+    from tpc.parametrization import ABC, classify, classify_adaptive, preset
+
+    entrywise = args.adaptive is not None
     if args.file:
         net = _load(args)
         if not _is_network(net):
             raise TpcError("this program has no parametrization (no layers): classify a network program, or "
                            "give --preset / --a --b --c").locate(args.file, "")
         abc = net.abc
+        entrywise = entrywise or net.entrywise  # a program trained with Adam is classified as such
     elif args.preset:
         # mean field is defined for one hidden layer; the others default to two
         abc = preset(args.preset, args.layers if args.layers is not None else (1 if args.preset == "mf" else 2))
@@ -611,12 +615,19 @@ def cmd_classify(args: argparse.Namespace) -> int:
         if args.a is None or args.b is None or args.c is None:
             raise TpcError("give --preset NAME (with --layers L), or all of --a, --b and --c")
         abc = ABC(_floats(args.a, "--a"), _floats(args.b, "--b"), _floats(args.c, "--c")[0])
-    res = classify(abc)
+    if args.adaptive:
+        cp = _floats(args.adaptive, "--adaptive")
+        if len(cp) != len(abc.a):
+            raise TpcError(f"--adaptive has {len(cp)} exponents; the parametrization has {len(abc.a)} layers")
+        abc = replace(abc, adaptive=cp)
+    res = classify_adaptive(abc) if entrywise else classify(abc)
     if args.json:
         print(dumps(res.to_json()))
         return 0
     layers = f"{abc.hidden_layers} hidden layer" + ("s" if abc.hidden_layers != 1 else "")
     print(f"a = {list(abc.a)}, b = {list(abc.b)}, c = {abc.c:g}  ({layers})")
+    if entrywise:
+        print(f"  entrywise updates (Adam, sign-SGD): c' = {list(abc.adaptive_exponents())}")
     print(f"  r          {res.r:g}")
     print(f"  stable     {'yes' if res.stable else 'no'}")
     for why in res.failed:
@@ -828,6 +839,9 @@ def parser() -> argparse.ArgumentParser:
     cl.add_argument("--a", help="a_1,...,a_{L+1} (comma-separated; fractions like -1/2 allowed)")
     cl.add_argument("--b", help="b_1,...,b_{L+1}")
     cl.add_argument("--c", help="c")
+    cl.add_argument("--adaptive", nargs="?", const="", metavar="C'",
+                    help="classify entrywise updates (Adam, sign-SGD): their exponents c'_1,...,c'_{L+1}, or none "
+                    "for the parametrization's own (muP's from TP5; c for the others)")
     cl.add_argument("--json", action="store_true", help="print one JSON object")
     _data_opt(cl)
     cl.set_defaults(fn=cmd_classify)

@@ -46,11 +46,15 @@ class Classification:
     nontrivial: bool
     regime: str  # "feature learning", "kernel", "trivial" or "unstable"
     failed: list[str] = field(default_factory=list)  # the stability conditions that fail
+    entrywise: bool = False  # of entrywise updates (classify_adaptive), with the exponents c'
 
     def to_json(self) -> dict:
-        return {"a": list(self.abc.a), "b": list(self.abc.b), "c": self.abc.c, "r": self.r,
-                "stable": self.stable, "nontrivial": self.nontrivial, "regime": self.regime,
-                "failed": self.failed}
+        out = {"a": list(self.abc.a), "b": list(self.abc.b), "c": self.abc.c, "r": self.r,
+               "stable": self.stable, "nontrivial": self.nontrivial, "regime": self.regime,
+               "failed": self.failed}
+        if self.entrywise:
+            out["adaptive"] = list(self.abc.adaptive_exponents())
+        return out
 
 
 def limit_of_power(exponent: float) -> float | None:
@@ -108,7 +112,7 @@ def classify_adaptive(p: ABC) -> Classification:
     nontrivial = abs(rs[L]) <= TOL or abs(out_ab + r - 1) <= TOL
     regime = ("unstable" if not stable else "trivial" if not nontrivial
               else "feature learning" if abs(r) <= TOL else "kernel")
-    return Classification(p, r, stable, nontrivial, regime, failed)
+    return Classification(p, r, stable, nontrivial, regime, failed, entrywise=True)
 
 
 def classify(p: ABC) -> Classification:
