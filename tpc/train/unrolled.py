@@ -22,7 +22,7 @@ from tpc.errors import TpcError
 from tpc.ops import expr as ex
 from tpc.passes.autodiff import derivative
 from tpc.train.instructions import INSTRUCTIONS
-from tpc.train.loops import MAXIMAL_LR_EXPONENT, Instr, whole_index
+from tpc.train.loops import FAN_IN_EXPONENT, MAXIMAL_LR_EXPONENT, Instr, whole_index
 from tpc.train.losses import batch_rows
 from tpc.train.network import Network, Step
 from tpc.train.show import INFIX, terms_text
@@ -84,13 +84,21 @@ class _Lister:
                        *self.regime(),
                        "# an update `P -= e` moves layer l by e times n^(e_l - 2 a_l - c) for gradient terms and n^-c "
                        "for parameter terms:"]
+        entrywise = net.entrywise
+        cp = net.abc.adaptive_exponents()
         for la in net.layers.values():
             e = MAXIMAL_LR_EXPONENT[la.role] - net.lr_exponent(la)
             decay = 0.0 - net.abc.c
-            self.lines.append(f"#   {la.name} ({la.role}): gradient terms n^{e:g}, parameter terms n^{decay:g}")
+            adaptive = FAN_IN_EXPONENT[la.role] - net.ab(la)[0] - cp[la.index]
+            self.lines.append(f"#   {la.name} ({la.role}): gradient terms n^{e:g}, parameter terms n^{decay:g}"
+                              + (f", entrywise terms n^{adaptive:g}" if entrywise else ""))
         if any(la.role == "hidden" for la in net.layers.values()):
             self.lines.append("# W@fk y = a W_0 y + sum_p k_p dh_p (x_p . y / n) over W's stored rows: only W_0 and "
-                              "W_0.T multiply")
+                              "W_0.T multiply" + (" (and + Q y / n for W's entrywise updates Q)" if entrywise else ""))
+        if entrywise:
+            self.lines.append("# an entrywise function of an n x n layer's gradients is the n x n grid Q_ab = "
+                              "psi(dh_a.., x_b..) of its stored pairs (Tensor Programs IVb's NE-OR-T); Q y / n "
+                              "is, in the limit, E_b[Q(a, b) y_b] over the particles b")
         self.block(self.prog.top)
         return "\n".join(self.lines) + "\n"
 
@@ -98,6 +106,8 @@ class _Lister:
         regime = self.net.classification().regime
         if regime == "unstable":
             return ["# unstable: tpc refuses this program's limit"]
+        if regime != "feature learning" and self.net.entrywise:
+            return [f"# {regime} regime with entrywise updates: tpc refuses this program's limit (README)"]
         if regime != "feature learning":
             return [f"# {regime} regime: tpc's limit of this program is kernel gradient descent in function space "
                     "(README), not this program with n -> oo"]
@@ -367,10 +377,9 @@ def _list_lincomb(ls: _Lister, ins: Instr) -> None:
 
 
 def _list_ewise(ls: _Lister, ins: Instr) -> None:
-    raise TpcError("an entrywise function of gradients (Adam, sign-SGD) has no unrolled Netsor-transpose program: "
-                   "its updates are entrywise functions of sums of outer products (Tensor Programs IVb's "
-                   "NE-OR-T programs), which tpc does not unroll yet; `tpc graph` shows the loop",
-                   ins.span).locate(ls.net.filename, ls.net.source)
+    args = [ls.ref(i) for i in ins.args]
+    ls.say(f"{ls.name(ins)} = {ex.render(ins.attrs['tree'], args)}   # entrywise, each layer's entries (grads "
+           "at n^s dL/dw)")
 
 
 def _list_state(ls: _Lister, ins: Instr) -> None:
@@ -452,7 +461,4 @@ def _ranges(rows: list[int]) -> str:
 
 
 def unrolled_loops(net: Network) -> str:
-    ewise = next((ins for ins in net.program.walk() if ins.op == "ewise"), None)
-    if ewise is not None:
-        _list_ewise(_Lister(net), ewise)
     return _Lister(net).run()
