@@ -298,3 +298,33 @@ def test_tpc_classify_of_entrywise_updates(capsys: pytest.CaptureFixture[str]) -
     assert "a_2 + c'_2 >= 1 (here 0)" in capsys.readouterr().out
     assert main(["classify", "--preset", "mup", "--adaptive", "1,1"]) == 2
     assert "--adaptive has 2 exponents" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("opt", ["adam", "adamw", "signsgd"])
+def test_emit_torch_of_train_adam_writes_its_loop_and_torch_optimizer(opt: str) -> None:
+    """The emitted file of `train adam/adamw/signsgd`: train() is the loop it desugars to, and (Adam,
+    AdamW) optimizer() is torch.optim with the per-layer settings; both give tpc run's numbers."""
+    net = tpc.loads(HEADER.replace("layer b : bias n\n", "").replace(" + b", "") + f"""parametrization mup
+loss L = mse(f(X), Y)
+train {opt}(lr = 0.05, steps = 3, beta2 = 0.99, eps = 1e-3) minimize L
+output p = f(Xt)
+""".replace(", beta2 = 0.99, eps = 1e-3" if opt == "signsgd" else "@@", ""))
+    want = tpc.run(net, 64, 1)["p"].values[0]
+    mod: dict = {}
+    exec(compile(tpc.torch_source(net), "<emitted>", "exec"), mod)  # noqa: S102 - our own generated source
+    X, Y, Xt = (torch.tensor(net.data[d]) for d in ("X", "Y", "Xt"))  # noqa: N806
+    model = mod["Network"](width=64, seed=0)
+    mod["train"](model, X, Y, Xt)
+    with torch.no_grad():
+        np.testing.assert_allclose(model(Xt)[:, 0].numpy(), want, rtol=1e-10, atol=1e-12)
+    if opt == "signsgd":
+        assert "def optimizer" not in tpc.torch_source(net)
+        return
+    model = mod["Network"](width=64, seed=0)
+    optimizer = mod["optimizer"](model)
+    for _ in range(3):
+        optimizer.zero_grad()
+        mod["loss_L"](model(X), Y).backward()
+        optimizer.step()
+    with torch.no_grad():
+        np.testing.assert_allclose(model(Xt)[:, 0].numpy(), want, rtol=1e-10, atol=1e-12)

@@ -400,9 +400,9 @@ def cmd_limit(args: argparse.Namespace) -> int:
         itemsize = 4 if args.dtype == "float32" else 8
         print(f"{args.file}: infinite-width limit; about {memory.gb(memory.gaussian_bytes(prog, itemsize))} for "
               f"its kernels (by particles, if it needs them: "
-              f"{memory.gb(memory.particle_bytes(prog, itemsize, args.particles))} more)",
+              f"{memory.gb(memory.particle_bytes(prog, itemsize, args.particles or 2**16))} more)",
               file=sys.stderr if args.json else sys.stdout, flush=True)
-        res = evaluate_limit(prog, method=args.method, dtype=args.dtype, particles=args.particles,
+        res = evaluate_limit(prog, method=args.method, dtype=args.dtype, particles=args.particles or 2**16,
                              replicates=args.replicates or 8, seed=args.seed, memory_gb=args.memory_gb,
                              force=args.force, device=args.device)
     if args.json:
@@ -422,7 +422,7 @@ def _tiled_limit(args: argparse.Namespace, prog) -> int:  # noqa: ANN001
         raise TpcError("--out computes the kernels of a raw program by tiles; a network program's limit is "
                        "printed (drop --out)")
     ignored = [flag for flag, on in (("--device", args.device != "cpu"), ("--json", args.json),
-                                     ("--particles", args.particles != 2**16), ("--replicates", args.replicates),
+                                     ("--particles", args.particles is not None), ("--replicates", args.replicates),
                                      ("--seed", args.seed)) if on]
     if ignored:  # tiles are deterministic kernels on the workers' CPUs, written to files
         raise TpcError(f"--out does not take {', '.join(ignored)}: its kernels are exact or by quadrature, "
@@ -569,7 +569,10 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
         _check_matplotlib()
     steps, data = cc.check(prog, args.steps, args.data)
     cls = prog.classification()
-    note, need = cc.limit_plan(prog, steps, args.particles, args.replicates, len(prog.data[data]))
+    from tpc.train.pooled import particles_for
+
+    note, need = cc.limit_plan(prog, steps, particles_for(prog, args.particles), args.replicates,
+                               len(prog.data[data]))
     print(f"{args.file}: {prog.param_name} (r = {cls.r:g}, {cls.regime}); {f'steps 0..{steps}' if steps else 'step 0'} "
           f"on the {len(prog.data[data])} rows of {data}; widths {', '.join(map(str, widths))}, {args.seeds} "
           f"seed{'s' if args.seeds != 1 else ''} each; "
@@ -753,7 +756,7 @@ def parser() -> argparse.ArgumentParser:
                      help="auto: exact where linear, closed forms where known, Gauss-Hermite "
                      "quadrature otherwise, Monte Carlo in high dimension")
     lim.add_argument("--dtype", choices=["float32", "float64"], default="float64")
-    lim.add_argument("--particles", type=_count(2), default=2**16,
+    lim.add_argument("--particles", type=_count(2), default=None,
                      help="Monte Carlo particles (default 65536; 4096 where entrywise updates of n x n layers, "
                      "Adam's, need P x P grids)")
     lim.add_argument("--replicates", type=_count(2), default=None,
@@ -814,7 +817,7 @@ def parser() -> argparse.ArgumentParser:
     cc.add_argument("--all", action="store_true",
                     help="every vector of the model (a norm's parts, residual sums), not only the pre-activations "
                     "and what each layer reads")
-    cc.add_argument("--particles", type=_count(2), default=2**16,
+    cc.add_argument("--particles", type=_count(2), default=None,
                     help="Monte Carlo particles of the limit (default 65536; 4096 with entrywise updates)")
     cc.add_argument("--replicates", type=_count(2), default=4,
                     help="independent particle sets of the limit, for its standard error (default 4)")

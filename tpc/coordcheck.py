@@ -453,7 +453,7 @@ def trend(widths: list[int], mean: np.ndarray, stderr: np.ndarray) -> Trend:
 
 
 def coordcheck(net: Network, widths: list[int] | tuple[int, ...] = DEFAULT_WIDTHS, seeds: int = 4,
-               steps: int | None = None, data: str | None = None, every: bool = False, particles: int = 2**16,
+               steps: int | None = None, data: str | None = None, every: bool = False, particles: int | None = None,
                replicates: int = 4, seed: int = 0, dtype: str = "float64", device: str = "cpu",
                memory_gb: float | None = None, force: bool = False,
                progress: Callable[[int], None] | None = None) -> CoordCheck:

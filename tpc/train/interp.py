@@ -361,12 +361,19 @@ def _run_ewise(it: Interpreter, ins: Instr) -> None:
                 v = it.env[i]
                 if not isinstance(v, Bundle):
                     args.append((False, it.finite(i)))
-                elif la in v.grad:
+                    continue
+                if la in v.weight or (la in v.grad and la in v.adaptive):  # pragma: no cover - loops.py refuses
+                    raise TpcError("internal: an entrywise function of parameters, or of gradients plus entrywise "
+                                   "values", ins.span)
+                if la in v.grad:
                     args.append((True, it.be.natural(la, v.grad[la])))
                 else:  # an entrywise value, or zero (loops.py refuses parameters and mixed terms here)
                     args.append((True, v.adaptive.get(la)))
             out[la] = entrywise(ins.attrs["tree"], args, la)
-            it.check_finite(out[la], ins, f"this entrywise function of layer {la}")
+            if it.checks and not torch.isfinite(out[la]).all():
+                raise NumericalError(f"at step {it.done + 1}, this entrywise function of layer {la} is not finite: a "
+                                     "square root of a negative number or a division by zero? (Adam adds eps to "
+                                     "the denominator)", ins.span).locate(it.net.filename, it.net.source)
     it.env[ins.id] = Bundle(adaptive=out)
 
 

@@ -15,7 +15,7 @@ if TYPE_CHECKING:  # the backends (and torch) are imported where the limit runs:
     from tpc.backends.limit.evaluate import LimitOutput
 
 
-def describe(net: Network, method: str = "auto", particles: int = 2**16, replicates: int = 4) -> str:
+def describe(net: Network, method: str = "auto", particles: int | None = None, replicates: int = 4) -> str:
     """What the limit will compute and how, before it runs."""
     cls = net.classification()
     if net.has_tables:
@@ -110,7 +110,7 @@ def _exact(net: Network, method: str) -> bool:
     return linear and method in ("auto", "exact")
 
 
-def network_limit(net: Network, method: str = "auto", particles: int = 2**16, replicates: int | None = None,
+def network_limit(net: Network, method: str = "auto", particles: int | None = None, replicates: int | None = None,
                   seed: int = 0, memory_gb: float | None = None, force: bool = False,
                   progress: Callable[[int, int], None] | None = None, device: str = "cpu") -> dict[str, LimitOutput]:
     from tpc.backends import device as on_device
@@ -146,5 +146,5 @@ def network_limit(net: Network, method: str = "auto", particles: int = 2**16, re
     except TpcError as err:
         raise err.locate(net.filename, net.source) from None
     # the kernels' own Monte Carlo, where one is needed, keeps evaluate_limit's 8 replicates by default
-    return loops_kernel_limit(net, seed=seed, particles=particles, replicates=replicates or 8,
+    return loops_kernel_limit(net, seed=seed, particles=particles or 2**16, replicates=replicates or 8,
                               memory_gb=memory_gb, force=force, device=device)

@@ -205,6 +205,8 @@ class LoopBuilder:
         self.applied: dict[tuple[str, object], int] = {}  # f(X) already computed since f last changed
         self.declared_here: list[list[str]] = []  # names declared in each open body (they die with it)
         self.gone: dict[str, Span] = {}  # names that lived in a body that has closed
+        # each read of a state: where, the kinds of terms it held then, and the loops open around it
+        self.state_reads: dict[str, list[tuple[Span, frozenset[str], frozenset[int]]]] = {}
 
     # --- building blocks
     def add(self, op: str, args: tuple[int, ...], kind: str, span: Span, **attrs: object) -> int:
@@ -416,6 +418,7 @@ class LoopBuilder:
             if self.local(target) is not None:
                 raise self.reassigned(target, tspan)
             raise self.b.unknown(target, tspan)
+        earlier = list(self.state_reads.get(target, ()))  # the reads before this statement
         v = self.value(e)
         if not isinstance(v, Lin) and self.ins(v).kind != "params":
             raise TpcError(f"'{target}' holds values for layers; the right side must be too (grad(L, {target}), "
@@ -428,9 +431,9 @@ class LoopBuilder:
                            f"use grad(L, {target})", e.span)
         scaled = m.what != "state" and op != "="
         if m.what != "state":
-            if op == "=" and "grad" in types:
-                raise TpcError(f"write '{target} -= ...' to move parameters along a gradient: the "
-                               "parametrization scales it", span)
+            if op == "=" and types & {"grad", "adaptive"}:
+                raise TpcError(f"write '{target} -= ...' to move parameters along a gradient or an entrywise "
+                               "function of it: the parametrization scales it", span)
             if scaled and self.refuse_growth:
                 self.check_growth(layers, types, span)
         else:
@@ -439,6 +442,7 @@ class LoopBuilder:
                 kinds = [TERM_NAMES[t] for t in ("weight", "grad", "adaptive") if t in new]
                 raise TpcError(f"state '{target}' would mix {' and '.join(kinds)} (they scale differently with the "
                                "width); keep them in separate states", span)
+            self.check_reads(target, new, earlier, span)
             m.types = new
         args, terms = self.lin_args(lin)
         self.add("update", args, "none", span, target=target, root=m.root, what=m.what, mode=op, terms=terms,
@@ -446,6 +450,18 @@ class LoopBuilder:
                  adaptive=[ins_p.op != "zeros" and "adaptive" in self.params_type(ins_p)
                            for ins_p in (self.ins(p) for _, _, p in terms)])
         self.forget((m.root,))
+
+    def check_reads(self, target: str, new: set[str], earlier: list, span: Span) -> None:
+        """A body is built once: a read of a state before the update that gives it a new kind of terms,
+        in a loop around both, would be checked (and scaled) as the old kind, though from the second
+        iteration on it holds the new one. Refuse it; the read belongs after that update."""
+        open_loops = {loop.id for loop in self.loops}
+        for where, kinds, loops in earlier:
+            if kinds != new and loops & open_loops:
+                what = " and ".join(TERM_NAMES[t] for t in ("weight", "grad", "adaptive") if t in new)
+                raise TpcError(f"state '{target}' is read here before the update at line {span.line} makes it hold "
+                               f"{what}, and the loop runs that update before this read again: read '{target}' "
+                               "after that update in the body", where)
 
     def check_growth(self, layers: tuple[str, ...], types: set[str], span: Span) -> None:
         """Refuse an update whose natural-scale coefficient grows with n: its limit does not exist."""
@@ -501,6 +517,9 @@ class LoopBuilder:
         b = self.b
         if e.id in self.mutables:
             m = self.mutables[e.id]
+            if m.what == "state":
+                self.state_reads.setdefault(e.id, []).append(
+                    (e.span, frozenset(m.types), frozenset(loop.id for loop in self.loops)))
             return self.add("read", (), "params", e.span, name=e.id, root=m.root, what=m.what, layers=m.layers)
         if e.id == "pi":
             return self.add("const", (), "finite", e.span, value=float(np.pi), static=True, scalar=True)

@@ -55,16 +55,24 @@ def grids(net: Network) -> int:
     hidden layer for each entrywise value of a step, each state and copy, and the model (0: none)."""
     hidden = {name for name, la in net.layers.items() if la.role == "hidden"}
     ewise = [ins for ins in net.program.walk() if ins.op == "ewise"] if net.program else []
-    per_value = sum(len(hidden & set(ins.attrs["layers"])) for ins in ewise)
-    if not per_value:
+    if not any(hidden & set(ins.attrs["layers"]) for ins in ewise):
         return 0
-    held = sum(1 for ins in net.program.walk() if ins.op in ("state", "copy")) + 1
+    # each entrywise value, each combination of them (Adam's S / (1 - beta2^t)), and per layer five
+    # temporaries (a gradient's grid, read once per argument; scaled copies in combinations and
+    # updates; measured on adam_relu2_mup.tp: 13 grids' worth at 2048 particles)
+    values = [ins for ins in net.program.walk()
+              if ins.op == "ewise" or ins.op == "lincomb" and "adaptive" in ins.attrs["types"]]
+    per_value = sum(len(hidden & set(ins.attrs["layers"])) for ins in values)
+    held = sum(1 for ins in net.program.walk() if ins.op in ("state", "copy")) + 1 + 5
     return per_value + held * len(hidden)
 
 
-def particles_for(net: Network, particles: int) -> int:
-    """The default particles, fewer where entrywise updates need P x P grids (stated in the plan)."""
-    return ENTRYWISE_PARTICLES if particles == DEFAULT_PARTICLES and grids(net) else particles
+def particles_for(net: Network, particles: int | None) -> int:
+    """The particles asked for, or by default 65536, fewer where entrywise updates need P x P grids
+    (stated in the plan)."""
+    if particles is not None:
+        return particles
+    return ENTRYWISE_PARTICLES if grids(net) else DEFAULT_PARTICLES
 
 
 class PooledBackend:
@@ -326,7 +334,9 @@ class PooledBackend:
                     put(la.name, self.stored(la.name, y, grads[i]))
         for name in layers:  # a layer the loss does not reach (behind a step function) has gradient zero
             if name not in out:
-                out[name] = self.scale(applied[0].params[name], 0.0)
+                value = applied[0].params[name]
+                out[name] = (Pooled(0.0, torch.zeros((*self.lead_shape, 0), dtype=self.dtype))
+                             if isinstance(value, Pooled) else self.scale(value, 0.0))
         return out
 
     def compact(self, live: list[tuple[str, object]]) -> Callable[[str, object], object] | None:

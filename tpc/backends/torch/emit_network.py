@@ -13,6 +13,7 @@ round-off: tpc vectorises over seeds).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import numpy as np
@@ -34,19 +35,26 @@ _SUGAR_NAMES = {"adapt", "loss_task", "_task_loss", "steps", "batch", "history",
                 "inner_steps", "labels", "P", "S", "SY", "Q", "QY"}
 
 
+LOOP_OPTIMIZERS = ("adam", "adamw", "signsgd")  # train statements emitted as the loops they desugar to
+
+
 def program_names(net: Network) -> dict[str, str]:
     """Python identifiers for the program's layers (attributes of Network) and data (arguments of
     train and the losses), apart from each other and from every name the file uses itself."""
     taken = _NET_TAKEN | {f"{p}{i}" for i in range(len(net.model.steps)) for p in ("s", "a")} | \
         {f"loss_{lo}" for lo in net.losses}
     keys = list(dict.fromkeys([*net.layers, *net.data]))
-    if net.train is None and net.program is not None:  # training written as loops: train()'s names (emit_loops)
+    if net.program is not None and (net.train is None or net.train.optimizer in LOOP_OPTIMIZERS):
+        # training written as loops, or a statement emitted as its loop: train()'s names (emit_loops)
         from tpc.backends.torch import emit_loops
 
         taken = (taken - _SUGAR_NAMES) | emit_loops.reserved(net)
         names = dict(zip(keys, safe_names(keys, taken), strict=True))
         local = [k for k in dict.fromkeys(emit_loops.user_names(net)) if k not in names]
-        return names | dict(zip(local, safe_names(local, emit_loops.reserved(net) | set(names.values())), strict=True))
+        # a desugared statement's own names (`<m>`, `<history of L>`) become identifiers (`m`, `history_of_L`)
+        idents = [k if k.isidentifier() else re.sub(r"\W+", "_", k).strip("_") or "v" for k in local]
+        safe = safe_names(idents, emit_loops.reserved(net) | set(names.values()))
+        return names | dict(zip(local, safe, strict=True))
     return dict(zip(keys, safe_names(keys, taken), strict=True))
 
 
@@ -228,6 +236,10 @@ def _input_layer(net: Network) -> str:
 
 
 def _optimizer_lines(net: Network, names: dict[str, str], c: float) -> list[str]:
+    if net.train and net.train.optimizer in ("adam", "adamw"):
+        return _adam_lines(net, names, c)
+    if net.train and net.train.optimizer == "signsgd":  # torch has none: train() below is the loop
+        return []
     lr = net.train.lr if net.train else (net.lr if net.lr is not None else 0.1)
     groups = [f"        {{'params': [model.{names[name]}], 'lr': lr * n ** {_num(-c)}}},  # {_comment(name)}"
               for name in net.layers]
@@ -243,6 +255,37 @@ def _optimizer_lines(net: Network, names: dict[str, str], c: float) -> list[str]
         "    return torch.optim.SGD([",
         *groups,
         "    ], lr=lr)",
+    ]
+
+
+def _adam_lines(net: Network, names: dict[str, str], c: float) -> list[str]:
+    """torch's Adam (AdamW) doing what the statement does: per layer the rate lr n^-c'_l, eps n^-s_l
+    (the statement's eps is at the gradient's natural scale) and AdamW's decay wd n^-c / n^-c'_l."""
+    t = net.train
+    cp = net.abc.adaptive_exponents()
+    kind = "AdamW" if t.optimizer == "adamw" else "Adam"
+    groups = []
+    for name, la in net.layers.items():
+        a = net.ab(la)[0]
+        s = a + (la.role != "readout")
+        decay = f", 'weight_decay': {_num(t.weight_decay)} * n ** {_num(-c + cp[la.index])}" if t.weight_decay else ""
+        groups.append(f"        {{'params': [model.{names[name]}], 'lr': lr * n ** {_num(-cp[la.index])}, "
+                      f"'eps': {_num(t.eps)} * n ** {_num(-s)}{decay}}},  # {_comment(name)}")
+    if t.optimizer == "adam" and t.weight_decay:  # the statement's decay is decoupled; torch's Adam's is not
+        kind = "AdamW"
+    return [
+        "", "",
+        f"LR = {_num(t.lr)}",
+        "",
+        "",
+        f"def optimizer(model: Network, lr: float = LR) -> torch.optim.{kind}:",
+        f'    """torch.optim.{kind} as the program\'s `train {t.optimizer}` trains: per layer the rate lr n^-c\'_l,',
+        "    eps n^-s_l (the program's eps is at the gradient's natural scale n^s_l dL/dw^l)"
+        + (",\n    and the decoupled decay weight_decay n^-c / n^-c'_l" if t.weight_decay else "") + '."""',
+        "    n = model.width",
+        f"    return torch.optim.{kind}([",
+        *groups,
+        f"    ], lr=lr, betas=({_num(t.betas[0])}, {_num(t.betas[1])}))",
     ]
 
 
@@ -268,6 +311,10 @@ def _train_lines(net: Network, names: dict[str, str]) -> list[str]:
         return ["", "", "# the program has no training statement"]
     if t.optimizer == "fomaml":
         return _fomaml_lines(net)
+    if t.optimizer in LOOP_OPTIMIZERS and net.program is not None:  # the loop it desugars to
+        from tpc.backends.torch.emit_loops import loop_lines
+
+        return loop_lines(net, names)
     if t.optimizer != "sgd":
         return ["", "", f"# the program trains by `{t.optimizer}`: its loop is not emitted",
                 "# Network, optimizer() and the losses above are the pieces it uses"]
