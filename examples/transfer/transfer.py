@@ -70,7 +70,7 @@ FULL = {"widths": "64,256,1024,4096", "lrs": ",".join(f"{v:g}" for v in LRS), "s
 QUICK = {"widths": "64,256", "lrs": "0.0625,0.25,0.5,1,2", "seeds": 2, "particles": 2**11, "replicates": 2}
 # Adam's: rates two decades lower (its step is O(lr) per entry whatever the gradient), fewer particles
 ADAM_LRS = [2.0**k for k in range(-9, 1)]  # 1/512 .. 1: SP's optimum falls like 1/n, muP's sits near 1/4
-FULL_ADAM = {**FULL, "lrs": ",".join(f"{v:g}" for v in ADAM_LRS), "particles": 2**12}
+FULL_ADAM = {**FULL, "lrs": ",".join(repr(v) for v in ADAM_LRS), "particles": 2**12}
 QUICK_ADAM = {**QUICK, "lrs": "0.00390625,0.015625,0.03125,0.0625,0.125", "particles": 2**10}
 STEP_NAMES = {"sgd": "SGD", "adam": "Adam"}
 QUICK_NOTE = "quick run (--quick): a small-scale check of the pipeline; its numbers are not the README's"
@@ -448,6 +448,13 @@ def main() -> None:
         print(QUICK_NOTE)
 
 
+def _lr_label(lr: float) -> str:
+    """1/512 rather than 0.00195312, where the rate is one over a whole number (to the 6 digits of
+    `--lrs` written with %g)."""
+    inv = 1 / lr
+    return f"1/{round(inv)}" if lr < 1 and abs(inv - round(inv)) < 1e-5 * inv else f"{lr:g}"
+
+
 def plot(results: dict, out: Path, quick: bool = False) -> None:
     """Two panels (SP, muP): loss after training against the learning rate, a line per width, the
     limit dashed, each curve's optimum starred; diverged or off-scale runs drawn at the top edge."""
@@ -485,7 +492,7 @@ def plot(results: dict, out: Path, quick: bool = False) -> None:
         else:
             title = f"{entry['name']}: no limit (tpc: unstable)"
         ax.set_xscale("log")
-        ax.set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        ax.set_xticks(lrs, [_lr_label(lr) for lr in lrs])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_yscale("log")
         low = min([r["loss"] for w in entry["widths"].values() for r in w["runs"].values() if r["loss"] is not None]
