@@ -328,3 +328,13 @@ output p = f(Xt)
         optimizer.step()
     with torch.no_grad():
         np.testing.assert_allclose(model(Xt)[:, 0].numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_non_finite_entrywise_function_is_named(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """sqrt of a gradient (negative entries) without eps: the error names the instruction and the layer."""
+    path = tmp_path / "nan.tp"
+    path.write_text(HEADER + "parametrization mup\nfor t in range(2) {\n  f -= 0.1 * sqrt(grad(mse(f(X), Y), f))\n}\n"
+                    "output p = f(Xt)\n")
+    assert main(["run", str(path), "--width", "16", "--seeds", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "nan.tp:12:14: error: at step 1, this entrywise function of layer U is not finite" in err, err
