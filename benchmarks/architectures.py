@@ -155,6 +155,16 @@ def kernels_tpc(n: int, out: Path, repeats: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         net = tpc.loads(resnet_source("X.npy"), str(RESNET), base_dir=base)
         load_s = time.perf_counter() - t0
+    lim, best, before = timed_limit(net, repeats, out, f"tpc_{{key}}_{n}.npy")
+    return {"seconds": best, "load_seconds": load_s, "peak_mb": peak_mb(), "before_mb": before,
+            "method": "; ".join(sorted({o.method for o in lim.values()}))}
+
+
+def timed_limit(net: Any, repeats: int, out: Path, name: str) -> tuple[dict, float, float]:
+    """The best of `repeats` runs of tpc.limit (its nngp and ntk saved to out/name, with {key} the
+    kernel), and the resident memory before them."""
+    import tpc
+
     before = start_peak()
     best = math.inf
     for _ in range(repeats):
@@ -162,9 +172,8 @@ def kernels_tpc(n: int, out: Path, repeats: int) -> dict[str, Any]:
         lim = tpc.limit(net)
         best = min(best, time.perf_counter() - t0)
     for key in ("nngp", "ntk"):
-        np.save(out / f"tpc_{key}_{n}.npy", lim[key].value)
-    return {"seconds": best, "load_seconds": load_s, "peak_mb": peak_mb(), "before_mb": before,
-            "method": "; ".join(sorted({o.method for o in lim.values()}))}
+        np.save(out / name.format(key=key), lim[key].value)
+    return lim, best, before
 
 
 def timed_direct(recursion: Any, warm: np.ndarray, x: np.ndarray, out: Path, prefix: str, n: int,
@@ -365,14 +374,7 @@ def cnn_tpc(n: int, out: Path, repeats: int) -> dict[str, Any]:
     net = cnn_net(digits(n), out, str(n))
     load_s = time.perf_counter() - t0
     stated = memory_bytes(net, n)
-    before = start_peak()
-    best = math.inf
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        lim = tpc.limit(net)
-        best = min(best, time.perf_counter() - t0)
-    for key in ("nngp", "ntk"):
-        np.save(out / f"cnn_tpc_{key}_{n}.npy", lim[key].value)
+    lim, best, before = timed_limit(net, repeats, out, f"cnn_tpc_{{key}}_{n}.npy")
     return {"seconds": best, "load_seconds": load_s, "peak_mb": peak_mb(), "before_mb": before,
             "stated_mb": stated / 2**20, "method": {key: lim[key].method for key in ("nngp", "ntk")}}
 
