@@ -17,7 +17,7 @@ from tpc import memory
 from tpc.backends.torch.run import DTYPES, FiniteResult
 from tpc.ops import expr as ex
 from tpc.train.finite import forward, shape_of, standard_normals
-from tpc.train.interp import Applied, Bundle, Interpreter, Rows
+from tpc.train.interp import Applied, Bundle, Interpreter, Rows, entrywise_args
 from tpc.train.losses import _tree
 from tpc.train.network import Network
 
@@ -34,10 +34,8 @@ class DenseBackend:
         self.mult = {name: float(width ** (-net.ab(la)[0])) for name, la in net.layers.items()}
         self.decay = float(width ** (-net.abc.c))
         # an entrywise (adaptive) update moves w^l by n^-c'_l (parametrization.py)
-        self.adaptive = {name: float(width ** (-net.abc.adaptive_exponents()[la.index]))
-                         for name, la in net.layers.items()}
-        self.natural_scale = {name: float(width ** (net.ab(la)[0] + (la.role != "readout")))
-                              for name, la in net.layers.items()}
+        self.adaptive = {name: float(width ** -net.adaptive_exponent(la)) for name, la in net.layers.items()}
+        self.natural_scale = {name: float(width ** net.natural_exponent(la)) for name, la in net.layers.items()}
 
     def initial(self) -> dict[str, Tensor]:
         normals = standard_normals(self.net, self.n, self.seeds, self.dtype, self.device)
@@ -92,23 +90,14 @@ class DenseBackend:
         return new
 
     def natural(self, layer: str, grad: Tensor) -> Tensor:
-        """dL/dw^l at its natural scale, n^s_l dL/dw^l: s_l = a_l + 1 (the backward signal n dL/dh is
-        of order one in muP), a_{L+1} for the readout."""
+        """dL/dw^l at its natural scale, n^s_l dL/dw^l (Network.natural_exponent)."""
         return grad * self.natural_scale[layer]
 
     def entrywise(self, tree: ex.Tree, args: list[tuple[bool, Tensor | None]], layer: str) -> Tensor:
         """An entrywise function of values of `layer` (True; None: zero) and numbers (False: one, or one
         per seed)."""
         shape = (len(self.seeds), *shape_of(self.net.layers[layer], self.n))
-        vals = []
-        for is_layer, a in args:
-            if a is None:
-                a = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            elif not is_layer:
-                a = a.to(self.dtype).to(self.device)
-                a = a.reshape(a.shape + (1,) * (len(shape) - a.dim()))
-            vals.append(a)
-        return _tree(tree, vals)
+        return _tree(tree, entrywise_args(args, shape, self.dtype, self.device))
 
     def feature_gram(self, applied: Applied) -> Tensor:
         feats = applied.vals[self.net.model.features]

@@ -379,6 +379,21 @@ def _run_ewise(it: Interpreter, ins: Instr) -> None:
     it.env[ins.id] = Bundle(adaptive=out)
 
 
+def entrywise_args(args: list[tuple[bool, Tensor | None]], shape: tuple[int, ...], dtype: torch.dtype,
+                   device: str | torch.device) -> list[Tensor]:
+    """A backend's arguments of an entrywise function, all of `shape`: values of a layer (True; None is
+    zero) as they are, and numbers (False: one, or one per seed) given trailing axes to broadcast."""
+    out = []
+    for is_layer, a in args:
+        if a is None:
+            a = torch.zeros(shape, dtype=dtype, device=device)
+        elif not is_layer:
+            a = a.to(dtype).to(device)
+            a = a.reshape(a.shape + (1,) * (len(shape) - a.dim()))
+        out.append(a)
+    return out
+
+
 def _run_state(it: Interpreter, ins: Instr) -> None:
     it.states[ins.attrs["name"]] = it.combine(ins.attrs["terms"])
 

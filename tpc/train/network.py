@@ -224,6 +224,15 @@ class Network:
         a, b = self.ab(layer)
         return a + b
 
+    def adaptive_exponent(self, layer: Layer) -> float:
+        """c'_l: an entrywise (Adam-like) update moves w^l by n^-c'_l (parametrization.py)."""
+        return self.abc.adaptive_exponents()[layer.index]
+
+    def natural_exponent(self, layer: Layer) -> float:
+        """s_l: an entrywise function reads dL/dw^l as n^s_l dL/dw^l, entries of order one (a_l + 1: the
+        backward signal n dL/dh is O(1) in muP; a_{L+1} for the readout)."""
+        return self.ab(layer)[0] + (layer.role != "readout")
+
     def lr_exponent(self, layer: Layer) -> float:
         """SGD on w moves W by -lr n^-(2a+c) dL/dW."""
         a, _ = self.ab(layer)

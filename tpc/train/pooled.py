@@ -29,7 +29,7 @@ from tpc.errors import TpcError
 from tpc.ops import expr as ex
 from tpc.passes.autodiff import derivative
 from tpc.train import positions as by_pos
-from tpc.train.interp import Applied, Bundle, Interpreter, Rows
+from tpc.train.interp import Applied, Bundle, Interpreter, Rows, entrywise_args
 from tpc.train.loops import FAN_IN_EXPONENT, MAXIMAL_LR_EXPONENT
 from tpc.train.losses import _tree
 from tpc.train.network import Network, Step
@@ -86,8 +86,7 @@ class PooledBackend:
         self.rate = {name: MAXIMAL_LR_EXPONENT[la.role] - net.lr_exponent(la) for name, la in net.layers.items()}
         self.kept = 0  # pool rows after the last compaction
         self.shapes: dict[str, tuple[int, ...]] = {}  # the finite-side layers' value shapes
-        cp = net.abc.adaptive_exponents()
-        self.adaptive_rate = {name: FAN_IN_EXPONENT[la.role] - net.ab(la)[0] - cp[la.index]
+        self.adaptive_rate = {name: FAN_IN_EXPONENT[la.role] - net.ab(la)[0] - net.adaptive_exponent(la)
                               for name, la in net.layers.items()}
         # attend's logits q.k / n^e are n^(1-e) gram(q, k) at the natural scale (network_limit refuses
         # e < 1 in the limit, where that factor grows)
@@ -195,15 +194,7 @@ class PooledBackend:
             shape: tuple[int, ...] = (*self.lead_shape, size, size)
         else:
             shape = self.shapes[layer]
-        vals = []
-        for is_layer, a in args:
-            if a is None:
-                a = torch.zeros(shape, dtype=self.dtype)
-            elif not is_layer:  # a number, or one per seed
-                a = a.to(self.dtype)
-                a = a.reshape(a.shape + (1,) * (len(shape) - a.dim()))
-            vals.append(a)
-        return _tree(tree, vals)
+        return _tree(tree, entrywise_args(args, shape, self.dtype, self.space.device))
 
     def apply(self, params: dict[str, object], rows: Rows) -> Applied:
         x = self.space.data(rows.values)

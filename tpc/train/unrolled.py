@@ -85,11 +85,10 @@ class _Lister:
                        "# an update `P -= e` moves layer l by e times n^(e_l - 2 a_l - c) for gradient terms and n^-c "
                        "for parameter terms:"]
         entrywise = net.entrywise
-        cp = net.abc.adaptive_exponents()
         for la in net.layers.values():
             e = MAXIMAL_LR_EXPONENT[la.role] - net.lr_exponent(la)
             decay = 0.0 - net.abc.c
-            adaptive = FAN_IN_EXPONENT[la.role] - net.ab(la)[0] - cp[la.index]
+            adaptive = FAN_IN_EXPONENT[la.role] - net.ab(la)[0] - net.adaptive_exponent(la)
             self.lines.append(f"#   {la.name} ({la.role}): gradient terms n^{e:g}, parameter terms n^{decay:g}"
                               + (f", entrywise terms n^{adaptive:g}" if entrywise else ""))
         if any(la.role == "hidden" for la in net.layers.values()):

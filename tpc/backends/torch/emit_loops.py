@@ -523,17 +523,12 @@ def _emit_loop(em: _Emitter, ins: Instr) -> None:
         out += [f"{indent}{outer}[{n!r}].append(inner{depth + 1}[{n!r}])" for n in names]
 
 
-def _has_ewise(net: Network) -> bool:
-    return any(ins.op == "ewise" for ins in net.program.walk())
-
-
 def _adaptive_line(net: Network, em: _Emitter) -> list[str]:
-    if not _has_ewise(net):
+    if not net.entrywise:
         return []
-    cp = net.abc.adaptive_exponents()
-    factors = ", ".join(f"{em.names[name]!r}: n ** {_num(-cp[la.index])}" for name, la in net.layers.items())
-    scales = ", ".join(f"{em.names[name]!r}: n ** {_num(net.ab(la)[0] + (la.role != 'readout'))}"
-                       for name, la in net.layers.items())
+    layers = net.layers.items()
+    factors = ", ".join(f"{em.names[name]!r}: n ** {_num(-net.adaptive_exponent(la))}" for name, la in layers)
+    scales = ", ".join(f"{em.names[name]!r}: n ** {_num(net.natural_exponent(la))}" for name, la in layers)
     return [f"    adaptive = {{{factors}}}  # n^-c'_l: each layer's factor on entrywise (Adam-like) updates",
             f"    natural = {{{scales}}}  # n^s_l: an entrywise function reads dL/dw^l at its natural scale"]
 
@@ -570,7 +565,7 @@ def loop_lines(net: Network, names: dict[str, str]) -> list[str]:
         "    (as `tpc run` does for one seed).",
         *(["    An entrywise (adaptive) term of an update, Adam's or sign-SGD's, moves w^l by n^-c'_l instead",
            "    (`adaptive`, per layer); an entrywise function reads a gradient as n^s_l dL/dw^l (`natural`),",
-           "    whose entries stay of order one at any width."] if _has_ewise(net) else []),
+           "    whose entries stay of order one at any width."] if net.entrywise else []),
         '    """',
     ]
     head = [

@@ -262,15 +262,13 @@ def _adam_lines(net: Network, names: dict[str, str], c: float) -> list[str]:
     """torch's Adam (AdamW) doing what the statement does: per layer the rate lr n^-c'_l, eps n^-s_l
     (the statement's eps is at the gradient's natural scale) and AdamW's decay wd n^-c / n^-c'_l."""
     t = net.train
-    cp = net.abc.adaptive_exponents()
     kind = "AdamW" if t.optimizer == "adamw" else "Adam"
     groups = []
     for name, la in net.layers.items():
-        a = net.ab(la)[0]
-        s = a + (la.role != "readout")
-        decay = f", 'weight_decay': {_num(t.weight_decay)} * n ** {_num(-c + cp[la.index])}" if t.weight_decay else ""
-        groups.append(f"        {{'params': [model.{names[name]}], 'lr': lr * n ** {_num(-cp[la.index])}, "
-                      f"'eps': {_num(t.eps)} * n ** {_num(-s)}{decay}}},  # {_comment(name)}")
+        cp = net.adaptive_exponent(la)
+        decay = f", 'weight_decay': {_num(t.weight_decay)} * n ** {_num(cp - c)}" if t.weight_decay else ""
+        groups.append(f"        {{'params': [model.{names[name]}], 'lr': lr * n ** {_num(-cp)}, "
+                      f"'eps': {_num(t.eps)} * n ** {_num(-net.natural_exponent(la))}{decay}}},  # {_comment(name)}")
     if t.optimizer == "adam" and t.weight_decay:  # the statement's decay is decoupled; torch's Adam's is not
         kind = "AdamW"
     return [
