@@ -11,8 +11,8 @@ NNGP and NTK of a small convolutional network.
    and trained by the same SGD; the max |difference| of their final `pred` (must be below 1e-8).
 3. limit: `tpc.limit(net, particles=P, replicates=R)` of the same transformer, with the memory the
    plan states before it runs (`tpc.train.limit.describe`) beside the measured peak.
-4. cnn: `tpc.limit` of programs/arch/cnn_digits.tp (U, relu, two 3 x 3 'same' convolutions of 9
-   taps each with relu, global average pooling, readout; NTK parametrization) on the first N of
+4. cnn: `tpc.limit` of programs/arch/cnn_digits.tp (two 3 x 3 'same' convolutions, the first
+   reading each pixel's patch, each with relu, global average pooling, readout; NTK parametrization) on the first N of
    scikit-learn's 8 x 8 digits (`load_digits`, pixels / 16, standardised by the mean and standard
    deviation of those N images' pixels; N = 8 gives programs/arch/data/digits8x64.csv), written to
    a temporary .npy that the program's text loads, with the memory tpc states before it runs
@@ -322,31 +322,30 @@ def taps_sum(m: np.ndarray, n: int) -> np.ndarray:
     return out.reshape(m.shape)
 
 
-def cnn_numpy(x: np.ndarray, var_u: float = 2.0, var_conv: float = 0.2222, convs: int = 2,
-              var_v: float = 1.0) -> dict[str, np.ndarray]:
+def cnn_numpy(x: np.ndarray, var_u: float = 2.0, var_conv: float = 2 / 9, var_v: float = 1.0) -> dict[str, np.ndarray]:
     """cnn_digits.tp's NNGP and NTK by the per-position recursion (Novak et al. 2019, Arora et al.
     2019), NTK parametrization, TP4's NTK (a layer's own term without its variance), on (N P) x
     (N P) matrices (the tensors (N, N, P, P) with their axes ordered a, p, b, q, so that relu_pair's
-    diagonal is each image's variance at each position). Input layer (d = 1): K = var_U x_p x'_q,
-    Theta = x_p x'_q; relu: E = E[relu relu], D = E[step step] (arc-cosine closed forms); a 3 x 3
-    'same' convolution with var v per tap: K = sum_s v S_s[E], Theta = sum_s (S_s[E] + v S_s[D
-    Theta]); pooling and the readout: nngp = var_V mean_pq E, ntk = mean_pq E + var_V mean_pq(D Theta)."""
+    diagonal is each image's variance at each position). The input convolution reads 3 x 3 patches
+    (9 numbers): K = var_U S[x x'] / 9, Theta = S[x x'], with S the sum over the 9 offsets s of
+    M at positions (p + s, q + s); relu: E = E[relu relu], D = E[step step] (arc-cosine closed
+    forms); the 3 x 3 'same' convolution with var v per tap: K = v S[E], Theta = S[E] + v S[D Theta];
+    pooling and the readout: nngp = var_V mean_pq E, ntk = mean_pq E + var_V mean_pq(D Theta)."""
     n, positions = x.shape
     flat = x.reshape(-1)
-    t = np.outer(flat, flat)
-    k = var_u * t  # / d, d = 1
-    for _ in range(convs):
-        e, dstep = relu_pair(k)
-        dstep *= t
-        del t, k
-        s_e = taps_sum(e, n)
-        del e
-        t = taps_sum(dstep, n)
-        del dstep
-        t *= var_conv
-        t += s_e
-        k = s_e
-        k *= var_conv
+    t = taps_sum(np.outer(flat, flat), n)
+    k = var_u * t / 9
+    e, dstep = relu_pair(k)
+    dstep *= t
+    del t, k
+    s_e = taps_sum(e, n)
+    del e
+    t = taps_sum(dstep, n)
+    del dstep
+    t *= var_conv
+    t += s_e
+    k = s_e
+    k *= var_conv
     e, dstep = relu_pair(k)
     dstep *= t
 

@@ -189,7 +189,9 @@ def probes(net: Network, every: bool = False) -> list[Probe]:
         if j in names and not top:
             return names[j][0]
         if s.op == "input":
-            return net.model.arg
+            from tpc.train.positions import patches_text
+
+            return patches_text(net.model.arg, s.patches)
         if s.op == "bias":
             return str(s.layer)
         if s.op == "moment":

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from tpc.backends.torch.run import FiniteResult
+from tpc.errors import TpcError
 from tpc.train.network import Layer, Network, Step
 
 Tensor = torch.Tensor
@@ -53,8 +54,12 @@ def forward(net: Network, weights: dict[str, Tensor], x: Tensor, keep: bool = Fa
 
 
 def _finite_input(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
+    from tpc.train import positions
+
     P = net.model.positions  # noqa: N806 - over positions: one row per (input, position), (B*P, d)
-    return x.reshape(x.shape[0] * P, x.shape[-1] // P) if step.pos else x
+    if not step.pos:
+        return x
+    return positions.patches(x.reshape(x.shape[0] * P, x.shape[-1] // P), step.patches, net.model.grid)
 
 
 def _finite_bias(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
@@ -95,12 +100,21 @@ def _finite_attend(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x
     from tpc.train import positions
 
     q, k, v = (vals[i] for i in step.args)
-    n, P = q.shape[-1], net.model.positions  # noqa: N806
+    n, P, H = q.shape[-1], net.model.positions, step.heads  # noqa: N806
+    check_heads(step, n)
 
     def gram(a: Tensor, b: Tensor) -> Tensor:
         return a @ b.transpose(-1, -2) / n
 
-    return positions.attend(positions.weights(q, k, P, gram, float(n ** (1 - net.attention))), v, P)
+    # a head's logits: q_h . k_h / (n/H)^e over its n/H coordinates
+    a = positions.weights(q, k, P, gram, float((n / H) ** (1 - net.attention)), H)
+    return positions.attend(a, v, P, H)
+
+
+def check_heads(step: Step, width: int) -> None:
+    if width % step.heads:
+        raise TpcError(f"width {width} does not split into {step.heads} heads: give a width that is a multiple "
+                       f"of {step.heads}", step.span)
 
 
 def bytes_per_seed(net: Network, width: int, itemsize: int) -> int:
@@ -123,6 +137,12 @@ def train_finite(net: Network, width: int, seeds: int, dtype: str = "float64", d
     counts finished seeds, `on_step(done, steps)` the SGD steps of the current chunk of seeds."""
     from tpc.backends import device as on_device
 
+    for step in net.model.steps:  # before anything runs
+        if step.op == "attend":
+            try:
+                check_heads(step, width)
+            except TpcError as err:
+                raise err.locate(net.filename, net.source) from None
     on_device.check(device)
     memory_gb = on_device.memory_gb(device, memory_gb)  # on CUDA: the device's memory, not the host's
     if net.has_tables:  # word2vec: its loop runs on tables of word vectors, not dense layers

@@ -333,7 +333,7 @@ def lowered_program(net: Network, X: np.ndarray) -> tuple[Program, dict[str, str
     arrays = {"X": X, "XX": X @ X.T}
     P = net.model.positions  # noqa: N806
     if P > 1:  # a row holds P positions of d numbers: each position's rows, and their cross products
-        at = X.reshape(X.shape[0], P, -1)
+        at = net.model.by_position(X)
         arrays.update({f"X{p}": at[:, p] for p in range(P)})
         arrays.update({f"XX{p}_{q}": at[:, p] @ at[:, q].T for p in range(P) for q in range(P)})
     for key, value in arrays.items():

@@ -227,6 +227,10 @@ class LoopBuilder:
             self.mutables[b.model.name] = Mutable(b.model.name, "model", b.model.name, layers, b.model.span)
             for la in layers:
                 self.mutables[la] = Mutable(la, "layer", b.model.name, (la,), b.layers[la].span)
+            for conv in b.convs.values():  # a convolution's name stands for its taps
+                if conv.name not in b.layers:
+                    taps = tuple(conv.tap(o) for o in conv.offsets)
+                    self.mutables[conv.name] = Mutable(conv.name, "layer", b.model.name, taps, conv.span)
 
     def local(self, name: str) -> int | None:
         for scope in reversed(self.scopes):
@@ -720,7 +724,7 @@ class LoopBuilder:
         v = self.value(e)
         ins = None if isinstance(v, Lin) else self.ins(v)
         if ins is None or ins.op != "read" or ins.attrs["what"] != "layer" \
-                or self.b.layers[ins.attrs["name"]].role != role:
+                or getattr(self.b.layers.get(ins.attrs["name"]), "role", None) != role:
             raise TpcError(f"this takes a table of word vectors: the model's {role} layer", e.span)
         return v
 
@@ -742,7 +746,7 @@ class LoopBuilder:
             raise TpcError("a row update runs in a loop", s.span)
         role, form = ROW_UPDATES[s.index]
         m = self.mutables.get(s.table)
-        if m is None or m.what != "layer" or self.b.layers[s.table].role != role:
+        if m is None or m.what != "layer" or getattr(self.b.layers.get(s.table), "role", None) != role:
             raise TpcError(f"{s.table}[... .{s.index}] updates the rows of the model's {role} layer", s.span)
         b = self.of_kind(ast.Name(s.span, s.batch), "batch")
         g = self.of_kind(ast.Name(s.span, s.coef), "finite")

@@ -13,6 +13,7 @@ L+1; a bias takes the input layer's `a` and `b` (a weight on a constant input 1)
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,7 +36,7 @@ GRADIENT_OPTIMIZERS = {
     "signsgd": ("lr", "steps", "batch"),
 }
 MAX_EXPONENT = 16.0  # the largest |a|, |b| or |c| an abc(...) may give
-ROLES = ("input", "embedding", "hidden", "readout", "bias")
+ROLES = ("input", "embedding", "hidden", "readout", "bias", "conv")
 LOSSES = ("mse", "xent", "logistic")
 NORMS = ("layernorm", "rmsnorm")  # a model's normalisations over the n coordinates, with eps (default below)
 POSITION_OPS = ("attend", "pool", "shift")  # over positions (`model f(x[P])`): attention, mean pooling, shifts
@@ -55,15 +56,43 @@ class Layer:
     var: float  # sigma_l^2
     span: Span
     index: int = -1  # its place l-1 in the parametrization's lists
+    group: str | None = None  # a tap of this convolution (`layer A : conv n x n, kernel = 3`)
 
     @property
     def fan_in(self) -> int:
         # an embedding's input counts words (one-hot rows), so its columns are unit-variance n-vectors
         return int(self.cols) if self.role == "input" else 1
 
+    taps: int = 1  # an input convolution's offsets: its columns are `taps` rows of data (conv(U, x))
+
     @property
     def takes_data(self) -> bool:
         return self.role in ("input", "embedding")
+
+    @property
+    def row_size(self) -> int:
+        """The numbers of one position of the data that this input layer reads."""
+        return int(self.cols) // self.taps
+
+
+@dataclass(frozen=True)
+class Conv:
+    """`layer A : conv n x n, kernel = 3` (`kernel = [3, 3]` on a grid; `n x d` reads the data):
+    weights shared across positions, one offset of the kernel each, with 'same' zero padding (torch's
+    `padding="same"`: an even kernel reaches one position further forward than back)."""
+
+    name: str
+    kernel: tuple[int, ...]
+    takes_data: bool
+    span: Span
+
+    @property
+    def offsets(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(itertools.product(*[range(-((k - 1) // 2), k - (k - 1) // 2) for k in self.kernel]))
+
+    def tap(self, offset: tuple[int, ...]) -> str:
+        """The hidden layer of one offset (a name no program can write, so it never clashes)."""
+        return f"{self.name}[{','.join(map(str, offset))}]"
 
 
 @dataclass
@@ -81,6 +110,8 @@ class Step:
     span: Span | None = None
     pos: bool = False  # one value per position of an input (`model f(x[P])`), until `pool`
     offset: tuple[int, ...] = ()  # shift: the value at position p is its argument's at p + offset
+    patches: tuple[tuple[int, ...], ...] = ()  # input: each position's row holds these offsets' rows (conv(U, x))
+    heads: int = 1  # attend: the heads, each over its block of n / heads coordinates
 
 
 @dataclass
@@ -100,6 +131,17 @@ class Model:
     def features(self) -> int:
         """The last hidden vector: what the readout multiplies."""
         return self.steps[self.out].args[0]
+
+    def by_position(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
+        """Data rows (N, P*d) as what the input layer reads at each position, (N, P, d'): d' = d, or
+        K*d for an input convolution (each position's patch of K rows)."""
+        import torch
+
+        from tpc.train import positions
+
+        at = torch.as_tensor(X, dtype=torch.float64).reshape(X.shape[0] * self.positions, -1)
+        patches = next((s.patches for s in self.steps if s.op == "input"), ())
+        return positions.patches(at, patches, self.grid).reshape(X.shape[0], self.positions, -1).numpy()
 
 
 @dataclass
@@ -307,6 +349,7 @@ class _Builder:
     adapted: list[tuple[Output, list[tuple[str, Span]], Span]] = field(default_factory=list)
     loops: LoopBuilder | None = None
     later: dict[str, Span] = field(default_factory=dict)  # states and copies, where the program declares them
+    convs: dict[str, Conv] = field(default_factory=dict)
 
     def declare(self, name: str, span: Span) -> None:
         if name in self.defined:
@@ -452,8 +495,10 @@ class _Builder:
                            s.role_span,
                            f"did you mean '{near}'?" if near else None)
         dims = [self.dim(d, sp) for d, sp in s.dims]
-        want = {"input": "n x d", "embedding": "n x d", "hidden": "n x n", "readout": "k x n", "bias": "n"}[s.role]
+        want = {"input": "n x d", "embedding": "n x d", "hidden": "n x n", "readout": "k x n", "bias": "n",
+                "conv": "n x n (or n x d, reading the data)"}[s.role]
         ok = {
+            "conv": len(dims) == 2 and dims[0] is None,
             "input": len(dims) == 2 and dims[0] is None and dims[1] is not None,
             "embedding": len(dims) == 2 and dims[0] is None and dims[1] is not None,
             "hidden": len(dims) == 2 and dims[0] is None and dims[1] is None,
@@ -463,6 +508,8 @@ class _Builder:
         if not ok:
             raise TpcError(f"a {s.role} layer is {want.replace('n', self.width)} (n the width, d and k finite)",
                            s.span)
+        if s.role == "conv":
+            return self.conv_layer(s, dims)
         kw = self.kwargs(s.kwargs, ("var",), "a layer")
         var = self.const(kw["var"].value) if "var" in kw else 1.0
         # a readout may start at zero (word2vec's output embeddings do), and a bias (a norm's learned
@@ -472,6 +519,33 @@ class _Builder:
                            kw["var"].value.span)
         rows, cols = (dims + [1])[:2] if s.role == "bias" else dims
         self.layers[s.name] = Layer(s.name, s.role, rows, cols, var, s.span)
+
+    def conv_layer(self, s: ast.LayerDecl, dims: list[int | None]) -> None:
+        """A convolution: one hidden layer per offset of its kernel (each of variance var / K, the
+        kernel's fan-in), or, reading the data, one input layer of K x d columns (each position's
+        patch of K rows)."""
+        kw = self.kwargs(s.kwargs, ("kernel", "var"), "a conv layer")
+        if "kernel" not in kw:
+            raise TpcError("a conv layer gives its kernel size: `kernel = 3` on a sequence, `kernel = [3, 3]` on "
+                           "a grid", s.span)
+        e = kw["kernel"].value
+        items = e.items if isinstance(e, ast.ListExpr) else (e,)
+        kernel = tuple(self.const(k) for k in items)
+        if not 1 <= len(kernel) <= 2 or not all(k == round(k) and 1 <= k <= 64 for k in kernel):
+            raise TpcError("a kernel is one or two whole numbers of positions, 1 to 64: `kernel = 3` or "
+                           "`kernel = [3, 3]`", e.span)
+        var = self.const(kw["var"].value) if "var" in kw else 1.0
+        if not var > 0 or not np.isfinite(var):
+            raise TpcError("a layer's variance must be positive", kw["var"].value.span)
+        conv = Conv(s.name, tuple(int(k) for k in kernel), dims[1] is not None, s.span)
+        self.convs[s.name] = conv
+        taps = len(conv.offsets)
+        if conv.takes_data:
+            self.layers[s.name] = Layer(s.name, "input", None, int(dims[1]) * taps, var, s.span, taps=taps)
+            return
+        for offset in conv.offsets:
+            tap = conv.tap(offset)
+            self.layers[tap] = Layer(tap, "hidden", None, None, var / taps, s.span, group=s.name)
 
     def f_call(self, e: ast.Expr) -> str | None:
         """`f(X)` with f the model and X data: the name of X, else None."""
@@ -491,7 +565,7 @@ class _Builder:
 
     def input_dim(self) -> int:
         """The numbers in one data row: the input layer's d, times the model's positions."""
-        d = int(next(la.cols for la in self.layers.values() if la.takes_data))
+        d = next(la.row_size for la in self.layers.values() if la.takes_data)
         return d * (self.model.positions if self.model else 1)
 
     def output_dim(self) -> int:
@@ -920,7 +994,7 @@ class _Builder:
         """The abc exponents, the learning rate if given, and the power of n that divides attention
         logits: 1 under muP (TP4/TP5: q.k/n, so logits stay O(1) as features learn) and wherever
         the parametrization learns features, 1/2 (q.k/sqrt(n)) otherwise; `attention = ...` sets it."""
-        hidden = sum(1 for la in self.layers.values() if la.role == "hidden")
+        hidden = len({la.group or la.name for la in self.layers.values() if la.role == "hidden"})
         L = hidden + 1  # noqa: N806 - the paper's name: the input layer is hidden layer 1
         if p.name == "abc":
             kw = self.kwargs(p.kwargs, ("a", "b", "c", "lr", "attention", "adaptive"), "abc")
@@ -988,16 +1062,15 @@ class ModelBuilder:
         roles = [self.b.layers[n].role for n in self.order]
         if roles.count("input") + roles.count("embedding") != 1 or roles.count("readout") != 1:
             raise TpcError("a model has one input layer and one readout layer", self.decl.body.span)
-        index = 1
+        numbers: dict[str, int] = {}  # a convolution's taps are one layer
         for name in self.order:  # TP4's layer numbers, in the order of application
             la = self.b.layers[name]
             la.index = {"input": 0, "embedding": 0, "bias": 0, "readout": -1}.get(la.role, -2)
             if la.role == "hidden":
-                la.index = index
-                index += 1
+                la.index = numbers.setdefault(la.group or name, len(numbers) + 1)
         for la in self.b.layers.values():
             if la.role == "readout":
-                la.index = index
+                la.index = len(numbers) + 1
         return Model(self.decl.name, self.decl.arg, self.steps, self.decl.span, self.decl.positions, self.decl.grid)
 
     def add(self, step: Step) -> int:
@@ -1058,6 +1131,9 @@ class ModelBuilder:
         raise self.b.unknown(e.id, e.span)
 
     def matmul(self, e: ast.BinOp) -> int:
+        if isinstance(e.left, ast.Name) and e.left.id in self.b.convs:
+            x = self.decl.arg if self.b.convs[e.left.id].takes_data else "h"
+            raise TpcError(f"'{e.left.id}' is a convolution: apply it with conv({e.left.id}, {x})", e.left.span)
         if not isinstance(e.left, ast.Name) or e.left.id not in self.b.layers:
             raise TpcError("the left of @ in a model is a layer", e.left.span)
         la = self.b.layers[e.left.id]
@@ -1105,6 +1181,8 @@ class ModelBuilder:
             return self.norm(fn, e)
         if fn in POSITION_OPS:
             return self.positional(fn, e)
+        if fn == "conv":
+            return self.conv(e)
         if fn not in FUNCTIONS or not FUNCTIONS[fn].user_visible:
             if e.fn == self.decl.name:
                 raise TpcError("a model cannot call itself", e.fn_span)
@@ -1149,10 +1227,17 @@ class ModelBuilder:
                            f"{self.decl.name}({self.decl.arg}[8])", e.span)
         grid = self.decl.grid
         arity = {"attend": 3, "pool": 1, "shift": 1 + len(grid)}[fn]
+        heads = 1
+        if fn == "attend" and len(e.args) == 4:  # attend(q, k, v, H): H heads
+            h = self.value(e.args[3])
+            if not isinstance(h, float) or h != round(h) or not 1 <= h <= 256:
+                raise TpcError("attend(q, k, v, H) takes a whole number of heads H, 1 to 256", e.args[3].span)
+            heads, e = int(h), replace(e, args=e.args[:3])
         if len(e.args) != arity:
-            what = "shift(h, s)" if len(grid) == 1 else "shift(h, dy, dx) on a grid of positions"
-            raise TpcError(f"{what if fn == 'shift' else fn + '(...)'} takes {arity} argument(s), got {len(e.args)}",
-                           e.span)
+            what = {"shift": "shift(h, s)" if len(grid) == 1 else "shift(h, dy, dx) on a grid of positions",
+                    "attend": "attend(q, k, v) or attend(q, k, v, heads)"}.get(fn, fn + "(...)")
+            takes = "3 or 4 arguments" if fn == "attend" else f"{arity} argument(s)"
+            raise TpcError(f"{what} takes {takes}, got {len(e.args)}", e.span)
         offset: tuple[int, ...] = ()
         if fn == "shift":
             for a, size in zip(e.args[1:], grid, strict=True):
@@ -1169,7 +1254,48 @@ class ModelBuilder:
             if not isinstance(v, int) or self.steps[v].kind != "vector" or not self.steps[v].pos:
                 what = "an n-vector at every position" + (", not pooled twice" if fn == "pool" else "")
                 raise TpcError(f"{fn}(...) takes {what}", a.span)
-        return self.add(Step(fn, "vector", args=tuple(args), span=e.span, pos=fn != "pool", offset=offset))
+        return self.add(Step(fn, "vector", args=tuple(args), span=e.span, pos=fn != "pool", offset=offset,
+                             heads=heads))
+
+    def conv(self, e: ast.Call) -> int:
+        """`conv(A, h)`: the sum over the kernel's offsets o of A[o] @ shift(h, o), each tap a hidden
+        layer; `conv(U, x)` on the model's input: U @ (each position's patch of data rows)."""
+        if len(e.args) != 2 or not isinstance(e.args[0], ast.Name) or e.args[0].id not in self.b.convs:
+            raise TpcError("conv(A, h) applies a conv layer A (`layer A : conv n x n, kernel = 3`) to h", e.span)
+        conv = self.b.convs[e.args[0].id]
+        grid = self.decl.grid
+        if self.decl.positions == 1:
+            raise TpcError(f"a convolution slides over positions; declare them: model {self.decl.name}"
+                           f"({self.decl.arg}[8]) or {self.decl.name}({self.decl.arg}[8, 8])", e.span)
+        if len(conv.kernel) != len(grid):
+            where = f"a sequence of {grid[0]}" if len(grid) == 1 else f"a grid of {grid[0]} x {grid[1]}"
+            raise TpcError(f"'{conv.name}' has a {len(conv.kernel)}-D kernel, but {self.decl.arg} is {where} "
+                           "positions", e.span)
+        for k, size in zip(conv.kernel, grid, strict=True):
+            if k > size:
+                raise TpcError(f"the kernel of '{conv.name}' ({' x '.join(map(str, conv.kernel))}) is larger than "
+                               f"the {' x '.join(map(str, grid))} positions it slides over", e.span)
+        arg, span = e.args[1], e.span
+        if conv.takes_data:
+            if not isinstance(arg, ast.Name) or arg.id != self.decl.arg or any(arg.id in sc for sc in self.scope):
+                raise TpcError(f"'{conv.name}' reads the data: conv({conv.name}, {self.decl.arg})", arg.span)
+            x = self.name(arg)
+            self.steps[x].patches = conv.offsets
+            return self.add(Step("matmul", "vector", layer=conv.name, args=(x,), span=span, pos=True))
+        self.scope.append({"<h>": self.value(arg)})  # h once; each tap reads it shifted
+        try:
+            terms: list[ast.Expr] = []
+            for offset in conv.offsets:
+                h: ast.Expr = ast.Name(span, "<h>")
+                if any(offset):
+                    h = ast.Call(span, "shift", (h, *(ast.Num(span, float(o)) for o in offset)), span)
+                terms.append(ast.BinOp(span, "@", ast.Name(span, conv.tap(offset)), h))
+            total = terms[0]
+            for t in terms[1:]:
+                total = ast.BinOp(span, "+", total, t)
+            return self.value(total)
+        finally:
+            self.scope.pop()
 
     def norm(self, fn: str, e: ast.Call) -> int | float:
         """`layernorm(h[, eps])` = (h - mean(h)) / sqrt(mean((h - mean(h))^2) + eps) and

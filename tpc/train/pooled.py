@@ -18,6 +18,7 @@ a growing one).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -91,6 +92,15 @@ class PooledBackend:
         # attend's logits q.k / n^e are n^(1-e) gram(q, k) at the natural scale (network_limit refuses
         # e < 1 in the limit, where that factor grows)
         self.logit_scale = space.factor(1.0 - net.attention) if net.model.positions > 1 else 1.0
+        self.finite = finite  # attention heads split the n coordinates; in the limit they coincide
+
+    def heads(self, step: Step) -> tuple[int, float]:
+        """attend's heads and their logits' factor: at width n, H heads over n/H coordinates each,
+        q_h . k_h / (n/H)^e = (n/H)^(1-e) H gram(q_h, k_h); in the limit every head's logits are
+        the same E[Z^q Z^k] (the coordinates are exchangeable), so the heads are one head."""
+        if not self.finite or step.heads == 1:
+            return 1, self.logit_scale
+        return step.heads, self.logit_scale * float(step.heads ** (self.net.attention - 1.0))
 
     # --- parameters
     def initial(self) -> dict[str, object]:
@@ -205,7 +215,9 @@ class PooledBackend:
 
     def _forward_input(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
         P = self.net.model.positions  # noqa: N806 - over positions: one row per (input, position)
-        return x.reshape(x.shape[0] * P, x.shape[-1] // P) if step.pos else x
+        if not step.pos:
+            return x
+        return by_pos.patches(x.reshape(x.shape[0] * P, x.shape[-1] // P), step.patches, self.net.model.grid)
 
     def _forward_bias(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
         return params[step.layer][..., None, :]
@@ -224,8 +236,8 @@ class PooledBackend:
 
     def _forward_attend(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
         q, k, v = (vals[i] for i in step.args)
-        P = self.net.model.positions  # noqa: N806
-        return by_pos.attend(by_pos.weights(q, k, P, self.space.gram, self.logit_scale), v, P)
+        P, (H, scale) = self.net.model.positions, self.heads(step)  # noqa: N806
+        return by_pos.attend(by_pos.weights(q, k, P, self.space.gram, scale, H), v, P, H)
 
     def _forward_matmul(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
         la = self.net.layers[step.layer]
@@ -272,9 +284,9 @@ class PooledBackend:
 
     def _backward_attend(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
         q, k, v = (vals[i] for i in step.args)
-        P, gram, scale = self.net.model.positions, self.space.gram, self.logit_scale  # noqa: N806
-        a = by_pos.weights(q, k, P, gram, scale)
-        for j, d in zip(step.args, by_pos.attend_backward(a, q, k, v, g, P, gram, scale), strict=True):
+        P, gram, (H, scale) = self.net.model.positions, self.space.gram, self.heads(step)  # noqa: N806
+        a = by_pos.weights(q, k, P, gram, scale, H)
+        for j, d in zip(step.args, by_pos.attend_backward(a, q, k, v, g, P, gram, scale, H), strict=True):
             add(j, d)
 
     def _backward_fn(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
@@ -419,7 +431,8 @@ class Count:
 
 class _CountingSpace(FiniteSpace):
     def __init__(self, net: Network) -> None:
-        super().__init__(net, 2, [0], torch.float64, "cpu")
+        heads = [s.heads for s in net.model.steps]  # a width that attention's heads split
+        super().__init__(net, math.lcm(2, *heads), [0], torch.float64, "cpu")
         self.rows = {False: 0, True: 0}
         self.peak = 0
 

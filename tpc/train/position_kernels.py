@@ -95,8 +95,8 @@ def _linear(tree: ex.Tree) -> list[tuple[float, ex.Tree]]:
 class Recursion:
     def __init__(self, net: Network, X: np.ndarray) -> None:  # noqa: N803
         self.net = net
-        self.P = P = net.model.positions  # noqa: N806
-        self.x = torch.as_tensor(X, dtype=torch.float64).reshape(X.shape[0], P, -1)
+        self.P = net.model.positions
+        self.x = torch.as_tensor(net.model.by_position(X))  # (N, P, d): a patch per position under conv(U, x)
         self._dots: Tensor | None = None  # made when first needed: `covered` allocates nothing
         self.expect_memo: dict[tuple[int, int], Tensor] = {}  # by the values' ids (bases hold them)
         self.N = X.shape[0]

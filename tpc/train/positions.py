@@ -24,29 +24,54 @@ def flat(v: Tensor) -> Tensor:
     return v.reshape(*v.shape[:-3], v.shape[-3] * v.shape[-2], v.shape[-1])
 
 
+def split_heads(v: Tensor, heads: int) -> Tensor:
+    """(..., R, m) -> (..., H, R, m/H): head h holds the h-th block of m/H coordinates."""
+    if heads == 1:
+        return v
+    return v.reshape(*v.shape[:-1], heads, v.shape[-1] // heads).movedim(-2, -3)
+
+
+def join_heads(v: Tensor, heads: int) -> Tensor:
+    """The inverse of `split_heads`: the heads' blocks side by side."""
+    if heads == 1:
+        return v
+    v = v.movedim(-3, -2)
+    return v.reshape(*v.shape[:-2], v.shape[-2] * v.shape[-1])
+
+
+def _per_head(gram: Callable[[Tensor, Tensor], Tensor], heads: int) -> Callable[[Tensor, Tensor], Tensor]:
+    """A head's inner product: the mean over its m/H coordinates, H times `gram`'s mean over m."""
+    return gram if heads == 1 else lambda a, b: heads * gram(a, b)
+
+
 def weights(q: Tensor, k: Tensor, positions: int, gram: Callable[[Tensor, Tensor], Tensor],
-            scale: float) -> Tensor:
-    """The attention weights a[..., b, p, r] = softmax_r(scale * gram(q_p, k_r)), (..., B, P, P)."""
-    return torch.softmax(scale * gram(by_input(q, positions), by_input(k, positions)), dim=-1)
+            scale: float, heads: int = 1) -> Tensor:
+    """The attention weights a[..., b, p, r] = softmax_r(scale * gram(q_p, k_r)), (..., B, P, P);
+    with H heads, one set per head, (..., H, B, P, P), over each head's block of coordinates."""
+    q, k = split_heads(q, heads), split_heads(k, heads)
+    return torch.softmax(scale * _per_head(gram, heads)(by_input(q, positions), by_input(k, positions)), dim=-1)
 
 
-def attend(a: Tensor, v: Tensor, positions: int) -> Tensor:
-    """sum_r a[p, r] v_r at every position p: (..., B*P, m)."""
-    return flat(a @ by_input(v, positions))
+def attend(a: Tensor, v: Tensor, positions: int, heads: int = 1) -> Tensor:
+    """sum_r a[p, r] v_r at every position p (each head on its block of v): (..., B*P, m)."""
+    return join_heads(flat(a @ by_input(split_heads(v, heads), positions)), heads)
 
 
 def attend_backward(a: Tensor, q: Tensor, k: Tensor, v: Tensor, g: Tensor, positions: int,
-                    gram: Callable[[Tensor, Tensor], Tensor], scale: float) -> tuple[Tensor, Tensor, Tensor]:
+                    gram: Callable[[Tensor, Tensor], Tensor], scale: float,
+                    heads: int = 1) -> tuple[Tensor, Tensor, Tensor]:
     """Given g = n dL/d(out) (natural scale), n dL/dq, n dL/dk and n dL/dv: the values move by
     a.T g, the weights by dL/da = gram(g_p, v_r), the logits by the softmax's Jacobian, and
-    s = scale q.k/n sends n dL/dq = scale ds k and n dL/dk = scale ds.T q."""
+    s = scale q.k/n sends n dL/dq = scale ds k and n dL/dk = scale ds.T q; a head's logits are
+    scale H q_h.k_h/n over its block h of coordinates, so its gradients carry H."""
+    q, k, v, g = (split_heads(t, heads) for t in (q, k, v, g))
     gq, vq = by_input(g, positions), by_input(v, positions)
     dv = a.transpose(-1, -2) @ gq
     da = gram(gq, vq)
     ds = a * (da - (a * da).sum(-1, keepdim=True))
-    dq = scale * (ds @ by_input(k, positions))
-    dk = scale * (ds.transpose(-1, -2) @ by_input(q, positions))
-    return flat(dq), flat(dk), flat(dv)
+    dq = scale * heads * (ds @ by_input(k, positions))
+    dk = scale * heads * (ds.transpose(-1, -2) @ by_input(q, positions))
+    return tuple(join_heads(flat(t), heads) for t in (dq, dk, dv))  # type: ignore[return-value]
 
 
 def pool(h: Tensor, positions: int) -> Tensor:
@@ -81,6 +106,22 @@ def shift(v: Tensor, offset: tuple[int, ...], grid: tuple[int, ...]) -> Tensor:
     for s in reversed(offset):
         pad += [max(-s, 0), max(s, 0)]
     return torch.nn.functional.pad(at, pad).reshape(v.shape)
+
+
+def patches(x: Tensor, offsets: tuple[tuple[int, ...], ...], grid: tuple[int, ...]) -> Tensor:
+    """Each position's patch: the rows at p + o for every offset o of a kernel (zero beyond the
+    edges), side by side: (..., B*P, d) -> (..., B*P, K*d), what an input convolution multiplies."""
+    if not offsets:
+        return x
+    return torch.cat([shift(x, o, grid) for o in offsets], dim=-1)
+
+
+def patches_text(x: str, offsets: tuple[tuple[int, ...], ...]) -> str:
+    """How `tpc graph` shows an input convolution's data: `patches(x, 3 x 3)`."""
+    if not offsets:
+        return x
+    kernel = [max(o[a] for o in offsets) - min(o[a] for o in offsets) + 1 for a in range(len(offsets[0]))]
+    return f"patches({x}, {' x '.join(map(str, kernel))})"
 
 
 def shift_backward(g: Tensor, offset: tuple[int, ...], grid: tuple[int, ...]) -> Tensor:

@@ -182,10 +182,12 @@ def loop_summary(prog: TrainProgram, loop: Instr) -> str:
 def model_lines(net: Network) -> list[str]:
     """The model's steps, one per line: a model over positions (`model f(x[P])`) is shown this way,
     since it has no Netsor program at initialisation to print yet."""
+    from tpc.train.positions import patches_text
     from tpc.train.steps import STEPS
 
     m = net.model
-    names = [m.arg if s.op == "input" else s.layer if s.op == "bias" else f"h{k}" for k, s in enumerate(m.steps)]
+    names = [patches_text(m.arg, s.patches) if s.op == "input" else s.layer if s.op == "bias" else f"h{k}"
+             for k, s in enumerate(m.steps)]
     names[-1] = f"{m.name}({m.arg})"
     at = f"[{', '.join(map(str, m.grid))}]" if m.positions > 1 else ""
     lines = [f"model {m.name}({m.arg}{at}): {len(m.steps)} steps"]
@@ -233,7 +235,7 @@ def _step_text_shift(step: Step, args: list[str], net: Network) -> str:
 
 
 def _step_text_attend(step: Step, args: list[str], net: Network) -> str:
-    return f"attend({', '.join(args)})"
+    return f"attend({', '.join(args + ([str(step.heads)] if step.heads > 1 else []))})"
 
 
 def training_text(net: Network) -> str:

@@ -25,6 +25,7 @@ from tpc.train.instructions import INSTRUCTIONS
 from tpc.train.loops import FAN_IN_EXPONENT, MAXIMAL_LR_EXPONENT, Instr, whole_index
 from tpc.train.losses import batch_rows
 from tpc.train.network import Network, Step
+from tpc.train.positions import patches_text
 from tpc.train.show import INFIX, terms_text
 from tpc.train.steps import STEPS
 
@@ -254,7 +255,7 @@ def _list_apply(ls: _Lister, ins: Instr) -> None:
     root, x = ins.attrs["root"], ls.ref(ins.args[0])
     out = ls.name(ins)
     steps = ls.net.model.steps
-    h = [x if s.op == "input" else f"h{k}{ls.suffix()}" for k, s in enumerate(steps)]
+    h = [patches_text(x, s.patches) if s.op == "input" else f"h{k}{ls.suffix()}" for k, s in enumerate(steps)]
     h[-1] = out
     ls.say(f"# {out} = {root}({x}), forward:")
     for k, step in enumerate(steps):  # each op's text: `_listing_<op>` below (tpc/train/steps.py)
@@ -295,8 +296,10 @@ def _listing_backward_shift(ls: _Lister, root: str, k: int, step: Step, h: list[
 
 def _listing_attend(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
     hq, hk, hv = (h[j] for j in step.args)
+    heads = (f"; {step.heads} heads at width n, each over n/{step.heads} coordinates, one head in the limit"
+             if step.heads > 1 else "")
     return (f"a({hq}, {hk}) @ {hv}   # a = softmax over positions of ({hq} . {hk} / n) "
-            f"n^{1 - ls.net.attention:g}: finite, per input")
+            f"n^{1 - ls.net.attention:g}: finite, per input{heads}")
 
 
 def _listing_matmul(ls: _Lister, root: str, step: Step, h: list[str]) -> str:

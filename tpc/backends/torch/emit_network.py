@@ -41,21 +41,26 @@ LOOP_OPTIMIZERS = ("adam", "adamw", "signsgd")  # train statements emitted as th
 def program_names(net: Network) -> dict[str, str]:
     """Python identifiers for the program's layers (attributes of Network) and data (arguments of
     train and the losses), apart from each other and from every name the file uses itself."""
-    taken = _NET_TAKEN | {f"{p}{i}" for i in range(len(net.model.steps)) for p in ("s", "a")} | \
+    taken = _NET_TAKEN | {f"{p}{i}" for i in range(len(net.model.steps)) for p in ("s", "a", "q", "k", "v", "x")} | \
         {f"loss_{lo}" for lo in net.losses}
     keys = list(dict.fromkeys([*net.layers, *net.data]))
+    idents = [_identifier(k) for k in keys]  # a convolution's taps, `A[-1,0]`, become `A_m1_0`
     if net.program is not None and (net.train is None or net.train.optimizer in LOOP_OPTIMIZERS):
         # training written as loops, or a statement emitted as its loop: train()'s names (emit_loops)
         from tpc.backends.torch import emit_loops
 
         taken = (taken - _SUGAR_NAMES) | emit_loops.reserved(net)
-        names = dict(zip(keys, safe_names(keys, taken), strict=True))
+        names = dict(zip(keys, safe_names(idents, taken), strict=True))
         local = [k for k in dict.fromkeys(emit_loops.user_names(net)) if k not in names]
         # a desugared statement's own names (`<m>`, `<history of L>`) become identifiers (`m`, `history_of_L`)
         idents = [k if k.isidentifier() else re.sub(r"\W+", "_", k).strip("_") or "v" for k in local]
         safe = safe_names(idents, emit_loops.reserved(net) | set(names.values()))
         return names | dict(zip(local, safe, strict=True))
-    return dict(zip(keys, safe_names(keys, taken), strict=True))
+    return dict(zip(keys, safe_names(idents, taken), strict=True))
+
+
+def _identifier(name: str) -> str:
+    return name if name.isidentifier() else re.sub(r"\W+", "_", name.replace("-", "m")).strip("_") or "v"
 
 
 def _loss_code(loss: Loss, names: dict[str, str]) -> list[str]:
@@ -116,7 +121,13 @@ def forward_code(net: Network, names: dict[str, str], owner: str, count: int) ->
 def _code_input(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
                 lines: list[str]) -> str:
     P = net.model.positions  # noqa: N806 - over positions: one row per (input, position)
-    return f"x.reshape(x.shape[0] * {P}, x.shape[-1] // {P})" if step.pos else "x"
+    if not step.pos:
+        return "x"
+    rows = f"x.reshape(x.shape[0] * {P}, x.shape[-1] // {P})"
+    if not step.patches:
+        return rows
+    lines.append(f"x{i} = {rows}")  # conv(U, x): each position's patch, the rows at p + o side by side
+    return f"torch.cat([{', '.join(_shifted(f'x{i}', o, net.model.grid) for o in step.patches)}], -1)"
 
 
 def _code_bias(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
@@ -154,11 +165,14 @@ def _code_pool(i: int, step: Step, values: list[str], names: dict[str, str], own
 def _code_shift(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
                 lines: list[str]) -> str:
     """h at position p + offset, zero beyond the edges: the rows that stay, padded with zeros."""
-    v, grid = values[step.args[0]], net.model.grid
-    if not any(step.offset):
+    return _shifted(values[step.args[0]], step.offset, net.model.grid)
+
+
+def _shifted(v: str, offset: tuple[int, ...], grid: tuple[int, ...]) -> str:
+    if not any(offset):
         return v
-    keep = ", ".join(f"{max(s, 0)}:{size - max(-s, 0)}" for s, size in zip(step.offset, grid, strict=True))
-    pad = [0, 0] + [k for s in reversed(step.offset) for k in (max(-s, 0), max(s, 0))]
+    keep = ", ".join(f"{max(s, 0)}:{size - max(-s, 0)}" for s, size in zip(offset, grid, strict=True))
+    pad = [0, 0] + [k for s in reversed(offset) for k in (max(-s, 0), max(s, 0))]
     at = f"{v}.reshape(*{v}.shape[:-2], -1, {', '.join(map(str, grid))}, {v}.shape[-1])"
     return f"torch.nn.functional.pad({at}[..., {keep}, :], {pad}).reshape({v}.shape)"
 
@@ -166,9 +180,16 @@ def _code_shift(i: int, step: Step, values: list[str], names: dict[str, str], ow
 def _code_attend(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
                  lines: list[str]) -> str:
     q, k, v = (values[j] for j in step.args)  # softmax over an input's positions of q.k / n^e, applied to v
-    lines.append(f"a{i} = torch.softmax({_by_input(q, net)} @ {_by_input(k, net)}.transpose(-1, -2) / "
-                 f"{q}.shape[-1] ** {_num(net.attention)}, dim=-1)")
-    return f"(a{i} @ {_by_input(v, net)}).reshape({v}.shape)"
+    if step.heads == 1:
+        lines.append(f"a{i} = torch.softmax({_by_input(q, net)} @ {_by_input(k, net)}.transpose(-1, -2) / "
+                     f"{q}.shape[-1] ** {_num(net.attention)}, dim=-1)")
+        return f"(a{i} @ {_by_input(v, net)}).reshape({v}.shape)"
+    # H heads: head h is the h-th block of n/H coordinates of q, k and v, (..., H, B*P, n/H)
+    lines.append(f"q{i}, k{i}, v{i} = (t.reshape(*t.shape[:-1], {step.heads}, -1).movedim(-2, -3) "
+                 f"for t in ({q}, {k}, {v}))")
+    lines.append(f"a{i} = torch.softmax({_by_input(f'q{i}', net)} @ {_by_input(f'k{i}', net)}.transpose(-1, -2) / "
+                 f"q{i}.shape[-1] ** {_num(net.attention)}, dim=-1)")
+    return f"(a{i} @ {_by_input(f'v{i}', net)}).movedim(-4, -2).reshape({v}.shape)"  # the heads side by side
 
 
 def emit_network_source(net: Network) -> str:
@@ -227,7 +248,7 @@ def emit_network_source(net: Network) -> str:
 
 def _row(net: Network) -> str:
     """What one input row holds: d numbers, or P positions of d numbers each."""
-    d = net.layers[_input_layer(net)].cols
+    d = net.layers[_input_layer(net)].row_size
     return f"{net.model.positions} * {d}" if net.model.positions > 1 else f"{d}"
 
 
