@@ -18,7 +18,11 @@ NNGP and NTK of a small convolutional network.
    a temporary .npy that the program's text loads, with the memory tpc states before it runs
    (`tpc.train.position_kernels.memory_bytes`), beside a direct NumPy per-position recursion of the
    same kernels (re-implemented here); the max |tpc - NumPy| of each kernel (must be below 1e-9).
-   Once per run: N = 1000 is refused before anything runs under `memory_gb=2.0`, with its message.
+   tpc runs under `memory_gb=CNN_BUDGET_GB` (--cnn-budget-gb): beyond it the recursion goes by blocks
+   of inputs (tpc.train.position_kernels.blocks_plan), and the direct recursion runs only up to
+   CNN_DIRECT_MAX images (its whole (N P)^2 matrices). Once per run: the plan for N = 1000 (block
+   size, recursions, memory), stated before anything would run, with the time it would take at the
+   rate per recursion of the largest N measured.
 
 Each measurement runs in its own process, so that its memory is its own: "peak MB" is the process's
 peak resident size during the measured call (Linux: VmHWM, restarted just before the call through
@@ -61,8 +65,9 @@ PARTS = ("kernels", "finite", "limit", "cnn")
 D = 3  # resnet_ln.tp's input dimension
 PRED_TOL = 1e-8  # tpc.run against the hand-written module
 CNN_TOL = 1e-9  # cnn_digits.tp's kernels: tpc.limit against the direct recursion
-CNN_REFUSED = 1000  # images whose kernels are refused under CNN_BUDGET_GB before anything runs
-CNN_BUDGET_GB = 2.0
+CNN_PLANNED = 1000  # images whose plan (blocks, memory, time) is stated without running it
+CNN_BUDGET_GB = 4.0  # tpc's memory budget for the cnn part: larger N go by blocks of inputs
+CNN_DIRECT_MAX = 64  # the direct recursion's (N P)^2 matrices: 1.4 GB each at N = 64
 
 
 _PEAK = {"restarted": False}
@@ -160,7 +165,8 @@ def kernels_tpc(n: int, out: Path, repeats: int) -> dict[str, Any]:
             "method": "; ".join(sorted({o.method for o in lim.values()}))}
 
 
-def timed_limit(net: Any, repeats: int, out: Path, name: str) -> tuple[dict, float, float]:
+def timed_limit(net: Any, repeats: int, out: Path, name: str,
+                memory_gb: float | None = None) -> tuple[dict, float, float]:
     """The best of `repeats` runs of tpc.limit (its nngp and ntk saved to out/name, with {key} the
     kernel), and the resident memory before them."""
     import tpc
@@ -169,7 +175,7 @@ def timed_limit(net: Any, repeats: int, out: Path, name: str) -> tuple[dict, flo
     best = math.inf
     for _ in range(repeats):
         t0 = time.perf_counter()
-        lim = tpc.limit(net)
+        lim = tpc.limit(net, memory_gb=memory_gb)
         best = min(best, time.perf_counter() - t0)
     for key in ("nngp", "ntk"):
         np.save(out / name.format(key=key), lim[key].value)
@@ -364,40 +370,33 @@ def cnn_net(images: np.ndarray, out: Path, tag: str) -> Any:
     return tpc.loads(program_source(CNN, str(data)), str(CNN), base_dir=data.parent)
 
 
-def cnn_tpc(n: int, out: Path, repeats: int) -> dict[str, Any]:
+def cnn_tpc(n: int, out: Path, repeats: int, budget_gb: float) -> dict[str, Any]:
     import tpc
-    from tpc.train.position_kernels import memory_bytes
+    from tpc.train.limit import kernel_regime_memory
 
     tpc.limit(cnn_net(digits(4, first=1000), out, "warmup"))  # warm-up: imports
     t0 = time.perf_counter()
     net = cnn_net(digits(n), out, str(n))
     load_s = time.perf_counter() - t0
-    stated = memory_bytes(net, n)
-    lim, best, before = timed_limit(net, repeats, out, f"cnn_tpc_{{key}}_{n}.npy")
+    stated, _, (block, count, _) = kernel_regime_memory(net, budget_gb)
+    lim, best, before = timed_limit(net, repeats, out, f"cnn_tpc_{{key}}_{n}.npy", memory_gb=budget_gb)
     return {"seconds": best, "load_seconds": load_s, "peak_mb": peak_mb(), "before_mb": before,
-            "stated_mb": stated / 2**20, "method": {key: lim[key].method for key in ("nngp", "ntk")}}
+            "stated_mb": stated / 2**20, "block": block, "recursions": count,
+            "method": {key: lim[key].method for key in ("nngp", "ntk")}}
 
 
 def cnn_direct(n: int, out: Path, repeats: int) -> dict[str, Any]:
     return timed_direct(cnn_numpy, digits(4, first=1000), digits(n), out, "cnn_numpy", n, repeats)
 
 
-def cnn_refused(n: int, out: Path) -> dict[str, Any]:
-    """`tpc.limit` of n images under CNN_BUDGET_GB: refused before it runs, with the memory it needs."""
-    import tpc
-    from tpc.errors import TpcError
-    from tpc.train.position_kernels import memory_bytes
+def cnn_plan(n: int, out: Path, budget_gb: float) -> dict[str, Any]:
+    """tpc's plan for n images under budget_gb, without running it: blocks, recursions, memory."""
+    from tpc.train.limit import describe, kernel_regime_memory
 
     net = cnn_net(digits(n), out, str(n))
-    t0 = time.perf_counter()
-    try:
-        tpc.limit(net, memory_gb=CNN_BUDGET_GB)
-    except TpcError as err:
-        message = err.message + (f" ({err.hint})" if err.hint else "")
-        return {"refused": True, "message": message, "seconds": time.perf_counter() - t0,
-                "stated_mb": memory_bytes(net, n) / 2**20}
-    return {"refused": False, "message": None, "seconds": time.perf_counter() - t0,
-            "stated_mb": memory_bytes(net, n) / 2**20}
+    stated, _, (block, count, _) = kernel_regime_memory(net, budget_gb)
+    return {"block": block, "recursions": count, "stated_mb": stated / 2**20,
+            "plan": describe(net, memory_gb=budget_gb)}
 
 
 # ---------------------------------------------------------------- the driver
@@ -407,15 +406,16 @@ ONE = {"kernels-tpc": lambda v, out, a: kernels_tpc(v, out, a.repeats),
        "finite-tpc": lambda v, out, a: finite_tpc(v, out),
        "finite-torch": lambda v, out, a: finite_torch(v, out),
        "limit": lambda v, out, a: limit_one(v, a.replicates, out),
-       "cnn-tpc": lambda v, out, a: cnn_tpc(v, out, a.repeats),
+       "cnn-tpc": lambda v, out, a: cnn_tpc(v, out, a.repeats, a.cnn_budget_gb),
        "cnn-direct": lambda v, out, a: cnn_direct(v, out, a.repeats),
-       "cnn-refused": lambda v, out, a: cnn_refused(v, out)}
+       "cnn-plan": lambda v, out, a: cnn_plan(v, out, a.cnn_budget_gb)}
 NUMPY_ONLY = ("kernels-numpy", "cnn-direct")  # measurements that never import torch
 
 
 def measure(kind: str, value: int, out: Path, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--one", f"{kind}:{value}", "--out", str(out), "--repeats", str(args.repeats),
-           "--replicates", str(args.replicates), "--threads", str(args.threads)]
+           "--replicates", str(args.replicates), "--threads", str(args.threads), "--cnn-budget-gb",
+           str(args.cnn_budget_gb)]
     threads = {var: str(args.threads) for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT), **threads))
     if proc.returncode != 0:
@@ -496,35 +496,44 @@ def part_limit(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
 
 def part_cnn(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     print(f"\n### 4. NNGP + NTK of {CNN.relative_to(ROOT)} (float64), the first N of scikit-learn's 8 x 8 digits\n")
-    cols = ["N", "tpc.limit s", "tpc peak MB (above)", "tpc states MB", "direct s", "direct peak MB (above)",
-            "max |diff| NNGP", "max |diff| NTK", "tpc method (nngp; ntk)"]
+    cols = ["N", "tpc blocks (recursions)", "tpc.limit s", "tpc peak MB (above)", "tpc states MB", "direct s",
+            "direct peak MB (above)", "max |diff| NNGP", "max |diff| NTK", "tpc method (nngp; ntk)"]
     header(cols)
     rows, bad = [], []
     for n in ints(args.cnn_sizes):
-        t, p = measure("cnn-tpc", n, out, args), measure("cnn-direct", n, out, args)
+        t = measure("cnn-tpc", n, out, args)
+        p = measure("cnn-direct", n, out, args) if n <= CNN_DIRECT_MAX else None
         diff = {k: float(np.abs(np.load(out / f"cnn_tpc_{k}_{n}.npy") - np.load(out / f"cnn_numpy_{k}_{n}.npy")).max())
-                for k in ("nngp", "ntk")}
+                for k in ("nngp", "ntk")} if p else None
         rows.append({"N": n, "tpc": t, "direct": p, "max_abs_diff": diff})
-        if not max(diff.values()) <= CNN_TOL:
+        if diff and not max(diff.values()) <= CNN_TOL:
             bad.append(n)
-        print(f"| {n} | {t['seconds']:.2f} | {mem(t)} | {t['stated_mb']:.0f} | {p['seconds']:.2f} | {mem(p)} | "
-              f"{diff['nngp']:.1e} | {diff['ntk']:.1e} | {t['method']['nngp']}; {t['method']['ntk']} |", flush=True)
+        blocks = "whole" if t["recursions"] == 1 else f"{t['block']} ({t['recursions']})"
+        direct = (f"{p['seconds']:.2f} | {mem(p)} | {diff['nngp']:.1e} | {diff['ntk']:.1e}" if p and diff
+                  else "- | - | - | -")
+        print(f"| {n} | {blocks} | {t['seconds']:.2f} | {mem(t)} | {t['stated_mb']:.0f} | {direct} | "
+              f"{t['method']['nngp']}; {t['method']['ntk']} |", flush=True)
     if rows:
         print(f"\ntpc.limit alone (the text's tpc.loads, with its data, took {rows[-1]['tpc']['load_seconds']:.2f} s "
-              f"at N = {rows[-1]['N']}); best of {args.repeats} after a warm-up on 4 digits; 'tpc states' = "
-              "tpc.train.position_kernels.memory_bytes(net, N), the memory tpc requires before it runs; the direct "
-              "recursion is NumPy's, written here")
+              f"at N = {rows[-1]['N']}) under memory_gb={args.cnn_budget_gb:g}; best of {args.repeats} after a "
+              "warm-up on 4 digits; 'tpc states' = tpc.train.limit.kernel_regime_memory(net, budget), the "
+              f"memory tpc requires before it runs; the direct recursion is NumPy's, written here, up to N = "
+              f"{CNN_DIRECT_MAX}")
     if bad:
         print(f"MISMATCH: tpc's kernels differ from the direct recursion's by more than {CNN_TOL:g} at N = {bad}")
-    elif rows:
-        print(f"tpc's NNGP and NTK equal the direct recursion's to {CNN_TOL:g} at every N")
-    r = measure("cnn-refused", CNN_REFUSED, out, args)
-    if r["refused"]:
-        print(f"\nN = {CNN_REFUSED} under memory_gb={CNN_BUDGET_GB:g}: refused after {r['seconds']:.3f} s, before "
-              f"anything runs (tpc states {r['stated_mb'] / 1024:.0f} GB): {r['message']}")
-    else:
-        print(f"\nNOT REFUSED: N = {CNN_REFUSED} ran under memory_gb={CNN_BUDGET_GB:g} in {r['seconds']:.1f} s")
-    return {"sizes": rows, "refused": {"N": CNN_REFUSED, "memory_gb": CNN_BUDGET_GB, **r}}
+    elif any(r["direct"] for r in rows):
+        print(f"tpc's NNGP and NTK equal the direct recursion's to {CNN_TOL:g} at every N where both ran")
+    r = measure("cnn-plan", CNN_PLANNED, out, args)
+    rate = ""
+    if rows:  # seconds per recursion, scaled by its inputs squared
+        last = rows[-1]["tpc"]
+        size = 2 * last["block"] if last["recursions"] > 1 else rows[-1]["N"]
+        per = last["seconds"] / last["recursions"] / size**2
+        rate = (f"; at N = {rows[-1]['N']}'s rate, about {per * r['recursions'] * (2 * r['block'])**2 / 60:.0f} "
+                "minutes")
+    print(f"\nN = {CNN_PLANNED} under memory_gb={args.cnn_budget_gb:g}, not run: blocks of {r['block']} inputs, "
+          f"{r['recursions']} recursions, tpc states {r['stated_mb'] / 1024:.1f} GB{rate}")
+    return {"sizes": rows, "planned": {"N": CNN_PLANNED, "memory_gb": args.cnn_budget_gb, **r}}
 
 
 def main() -> None:
@@ -534,6 +543,8 @@ def main() -> None:
     ap.add_argument("--particles", default="1024,4096,16384", help="limit: particle counts")
     ap.add_argument("--replicates", type=int, default=2, help="limit: independent replicates")
     ap.add_argument("--cnn-sizes", default="8,64,128", help="cnn: numbers of digits N")
+    ap.add_argument("--cnn-budget-gb", type=float, default=CNN_BUDGET_GB,
+                    help="cnn: tpc's memory budget (beyond it, blocks of inputs)")
     ap.add_argument("--repeats", type=int, default=1, help="kernels, cnn: timed calls per process (best kept)")
     ap.add_argument("--threads", type=int, default=1, help="torch and BLAS threads in each measuring process")
     ap.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {','.join(PARTS)}")

@@ -169,3 +169,32 @@ def test_feature_learning_limit_and_convergence() -> None:
     lim = tpc.limit(net, particles=2**13, replicates=2)["pred"]
     errors = [float(np.sqrt(((tpc.run(net, w, 4)["pred"].values - lim.value) ** 2).mean())) for w in (32, 512)]
     assert errors[1] < errors[0] / 2, errors
+
+
+def test_kernels_by_blocks_of_inputs_equal_the_whole() -> None:
+    """Beyond the memory budget the recursion runs over pairs of blocks of inputs (the kernel of two
+    inputs depends on them alone): the same numbers, and the plan says so before it runs."""
+    from tpc.train import kernel, position_kernels
+    from tpc.train.limit import describe, kernel_regime_memory
+
+    net = tpc.loads(SEQ_CONV.format(param="ntk") + LOOP)  # training: every layer's term
+    X = net.data["X"]  # noqa: N806
+    factors = {layer: kernel.limit_factor(kernel.term_exponent(net, layer)) for layer in net.layers}
+    whole = position_kernels.Recursion(net, X).kernels(factors, per_layer=True)
+    for block in (1, 2):
+        parts = position_kernels.blocked_kernels(net, X, factors, True, block)
+        for a, b in zip(parts[:2], whole[:2], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-15)
+        for name in net.layers:
+            np.testing.assert_allclose(parts[2][name], whole[2][name], rtol=1e-13, atol=1e-15, err_msg=name)
+    kernels = tpc.loads(SEQ_CONV.format(param="ntk") + KERNELS)
+    need, _, whole_plan = kernel_regime_memory(kernels, None)
+    assert whole_plan is not None and whole_plan[:2] == (3, 1)
+    other = need - whole_plan[2]  # the kernel-regime limit's own arrays
+    budget = (other + position_kernels.memory_bytes(net, 2) + position_kernels.output_bytes(net, 3) + 1000) / 2**30
+    assert kernel_regime_memory(kernels, budget)[2][:2] == (1, 6)  # type: ignore[index]
+    assert "by blocks of 1 inputs (6 recursions of 2" in describe(kernels, memory_gb=budget)
+    lim = tpc.limit(kernels, memory_gb=budget)
+    np.testing.assert_allclose(lim["T"].value, tpc.limit(kernels)["T"].value, rtol=1e-13)
+    with pytest.raises(tpc.TpcError, match="kernel-regime limit over 3 inputs would take"):
+        tpc.limit(kernels, memory_gb=other / 2**30)  # not even two inputs fit

@@ -955,7 +955,7 @@ def _not_utf8(path: Path, exc: UnicodeDecodeError) -> TpcError:
                     Span(line, column, line, column + 1))
 
 
-def load_source(source: str, filename: str = "<program>", base_dir: Path | None = None, *,
+def load_source(source: str, filename: str = "<program>", base_dir: Path | str | None = None, *,
                 allow_data_outside: bool = False, memory_gb: float | None = None,
                 force: bool = False) -> Program | Network:
     """Parse and build program text; `load(...)` paths are relative to `base_dir` (default: the
@@ -963,7 +963,7 @@ def load_source(source: str, filename: str = "<program>", base_dir: Path | None 
     from tpc.syntax import parse
 
     policy = DataPolicy(allow_data_outside, memory_gb, force)
-    return _build_any(parse(source, filename), filename, source, base_dir or Path.cwd(), policy)
+    return _build_any(parse(source, filename), filename, source, Path(base_dir or Path.cwd()), policy)
 
 
 def _build_any(module: ast.Module, filename: str, source: str, base_dir: Path,

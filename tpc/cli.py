@@ -476,7 +476,7 @@ def _network_limit(args: argparse.Namespace, net) -> dict:  # noqa: ANN001
     from tpc.train.limit import describe, network_limit
 
     replicates = args.replicates if args.replicates is not None else 4
-    print(f"{args.file}: {describe(net, args.method, args.particles, replicates)}",
+    print(f"{args.file}: {describe(net, args.method, args.particles, replicates, args.memory_gb)}",
           file=sys.stderr if args.json else sys.stdout, flush=True)
     bar = None
     if not args.json and not args.quiet and (net.train or net.program) \

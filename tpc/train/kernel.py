@@ -395,13 +395,15 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
     X = np.concatenate([net.data[d] for d in sets])  # noqa: N806
     fast = position_kernels.covered(net, X)
     if fast is not None:  # a model over positions that the per-position recursion may cover
-        memory.require(position_kernels.memory_bytes(net, len(X)), f"the kernels over {len(X)} inputs of "
-                       f"{net.model.positions} positions", limit_options.get("memory_gb"),  # type: ignore[arg-type]
+        memory_gb = limit_options.get("memory_gb")
+        block, _, need = position_kernels.blocks_plan(net, len(X), memory_gb)  # type: ignore[arg-type]
+        memory.require(need, f"the kernels over {len(X)} inputs of {net.model.positions} positions, even by "
+                       "blocks of two inputs", memory_gb,  # type: ignore[arg-type]
                        bool(limit_options.get("force", False)), hint="fewer inputs")
         factors = {layer: limit_factor(term_exponent(net, layer)) for layer in net.layers}
         trains = net.program is not None and net.program.iterations() > 0 or net.train is not None
         try:
-            feats, f0, theta = fast.kernels(factors, per_layer=trains)
+            feats, f0, theta = position_kernels.blocked_kernels(net, X, factors, trains, max(block, 1))
         except position_kernels.NotCoveredError:  # an expectation without a closed form: the lowered program
             fast = None
     if fast is not None:

@@ -15,7 +15,8 @@ if TYPE_CHECKING:  # the backends (and torch) are imported where the limit runs:
     from tpc.backends.limit.evaluate import LimitOutput
 
 
-def describe(net: Network, method: str = "auto", particles: int | None = None, replicates: int = 4) -> str:
+def describe(net: Network, method: str = "auto", particles: int | None = None, replicates: int = 4,
+             memory_gb: float | None = None) -> str:
     """What the limit will compute and how, before it runs."""
     cls = net.classification()
     if net.has_tables:
@@ -35,7 +36,7 @@ def describe(net: Network, method: str = "auto", particles: int | None = None, r
 
         check_kernel_program(net)
         if net.model.positions > 1:
-            head += f"; {_positions_plan(net)}"
+            head += f"; {_positions_plan(net, memory_gb)}"
         if not net.program.iterations():
             return (f"{head}: the model's kernels at initialisation (closed forms, quadrature, or Monte Carlo with "
                     "standard errors where neither serves); nothing trains")
@@ -47,7 +48,25 @@ def describe(net: Network, method: str = "auto", particles: int | None = None, r
     return head
 
 
-def _positions_plan(net: Network) -> str:
+def kernel_regime_memory(net: Network, memory_gb: float | None) -> tuple[int, float, tuple[int, int, int] | None]:
+    """The kernel-regime limit's bytes, the budget left to the kernels themselves (their recursion's
+    blocks, their Monte Carlo), and over positions the recursion's plan (blocks_plan)."""
+    from tpc import memory
+
+    points = sum(net.data[d].shape[0] for d in net.point_sets())
+    # the kernels (P x P each), and per layer and per state a (samples, P, k) array of f's moves
+    need = 8 * (8 * points**2 + 2**14 * points * net.output_dim() * (len(net.layers) + 4))
+    kernels_gb = memory.budget_gb(memory_gb) - need / 2**30
+    plan = None
+    if net.model.positions > 1:
+        from tpc.train import position_kernels
+
+        plan = position_kernels.blocks_plan(net, points, kernels_gb if kernels_gb > 0 else None)
+        need += plan[2]
+    return need, kernels_gb, plan
+
+
+def _positions_plan(net: Network, memory_gb: float | None = None) -> str:
     """How the kernels of a model over positions are taken, and the memory it needs."""
     import numpy as np
 
@@ -60,9 +79,12 @@ def _positions_plan(net: Network) -> str:
     X = np.concatenate([net.data[d] for d in sets])  # noqa: N806
     if position_kernels.covered(net, X) is None:
         return "kernels by the model lowered to a Netsor program with one vector per position"
-    need = position_kernels.memory_bytes(net, len(X))
+    _, _, plan = kernel_regime_memory(net, memory_gb)
+    assert plan is not None
+    block, count, need = plan
+    by = "" if count == 1 else f" by blocks of {block} inputs ({count} recursions of {2 * block}, within the budget)"
     return (f"kernels by the per-position recursion over {len(X)}^2 input pairs x {net.model.positions}^2 "
-            f"position pairs, about {memory.gb(need)}")
+            f"position pairs{by}, about {memory.gb(need)}")
 
 
 def limit_refusal(net: Network) -> TpcError | None:
@@ -135,16 +157,11 @@ def network_limit(net: Network, method: str = "auto", particles: int | None = No
     from tpc.train.kernel_loops import loops_kernel_limit
 
     points = sum(net.data[d].shape[0] for d in net.point_sets())
-    # the kernels (P x P each), and per layer and per state a (samples, P, k) array of f's moves
-    need = 8 * (8 * points**2 + 2**14 * points * net.output_dim() * (len(net.layers) + 4))
-    if net.model.positions > 1:  # the kernels over pairs of positions (position_kernels.py)
-        from tpc.train import position_kernels
-
-        need += position_kernels.memory_bytes(net, points)
     try:
+        need, kernels_gb, _ = kernel_regime_memory(net, memory_gb)
         memory.require(need, f"the kernel-regime limit over {points} inputs", memory_gb, force)
     except TpcError as err:
         raise err.locate(net.filename, net.source) from None
     # the kernels' own Monte Carlo, where one is needed, keeps evaluate_limit's 8 replicates by default
     return loops_kernel_limit(net, seed=seed, particles=particles or 2**16, replicates=replicates or 8,
-                              memory_gb=memory_gb, force=force, device=device)
+                              memory_gb=kernels_gb if kernels_gb > 0 else memory_gb, force=force, device=device)

@@ -50,6 +50,7 @@ class NotCoveredError(Exception):
 class Atom:
     base: int
     op: Tensor | None = None  # the position operator (P' x P of the base), None: the identity
+    shift: tuple[int, ...] | None = None  # op is the shift by this offset (applied by slicing)
 
 
 @dataclass
@@ -106,6 +107,7 @@ class Recursion:
         self.own_weight: dict[str, float] = {}
         self.values: list[Value | None] = []
         self.build()
+        self.fn_args = {id(b.arg) for b in self.bases if b.kind == "fn"}  # values whose pairs are kept
 
     # --- the model as values over bases
     def base(self, b: Base) -> Value:
@@ -158,7 +160,8 @@ class Recursion:
                     value += self.scaled(self.base(Base("fn", n_pos, arg=inner, fn=t.fn, upstream=up)), c)
                 self.values.append(value)
             elif step.op == "shift":
-                self.values.append(self.operated(self.values[step.args[0]], self.shift_matrix(step.offset)))
+                self.values.append(self.operated(self.values[step.args[0]], self.shift_matrix(step.offset),
+                                                 step.offset))
             elif step.op == "pool":
                 self.values.append(self.operated(self.values[step.args[0]], torch.full((1, P), 1.0 / P,
                                                                                       dtype=torch.float64)))
@@ -175,9 +178,11 @@ class Recursion:
         return [(c * ci, a) for ci, a in value]
 
     @staticmethod
-    def operated(value: Value | None, m: Tensor) -> Value:
+    def operated(value: Value | None, m: Tensor, shift: tuple[int, ...] | None = None) -> Value:
+        """M applied to each atom; a shift of a base itself keeps its offset (the fast path of
+        `combine`), any other product is a matrix."""
         assert value is not None
-        return [(c, Atom(a.base, m if a.op is None else m @ a.op)) for c, a in value]
+        return [(c, Atom(a.base, m, shift) if a.op is None else Atom(a.base, m @ a.op)) for c, a in value]
 
     def shift_matrix(self, offset: tuple[int, ...]) -> Tensor:
         """S[p, r] = 1 where r = p + offset on the grid (row by row), else 0."""
@@ -230,9 +235,12 @@ class Recursion:
     def expect(self, u: Value, v: Value) -> Tensor:
         """E[u v]; a function's argument is asked for several times (its variances and its pairs)."""
         key = (id(u), id(v))
-        if key not in self.expect_memo:
-            self.expect_memo[key] = self.combine(u, v, self.cov)
-        return self.expect_memo[key]
+        if key in self.expect_memo:
+            return self.expect_memo[key]
+        value = self.combine(u, v, self.cov)
+        if key[0] in self.fn_args and key[1] in self.fn_args:  # a layer's argument is asked for twice
+            self.expect_memo[key] = value  # at most, and its pairs are cheap again: not kept
+        return value
 
     def combine(self, u: Value, v: Value, rule: Callable[[int, int], Tensor | None]) -> Tensor:
         """sum_{k,l} c_k c_l M_k rule(base_k, base_l) M_l^T over the atoms of u and v."""
@@ -241,6 +249,12 @@ class Recursion:
             for cv, b in v:
                 k = rule(a.base, b.base)
                 if k is None:
+                    continue
+                if (a.shift or b.shift) and (a.op is None or a.shift) and (b.op is None or b.shift):
+                    # shifts on both position axes: one slice added in place, no operator products
+                    if total is None:
+                        total = torch.zeros(k.shape, dtype=k.dtype)
+                    _add_shifted(total, k, a.shift, b.shift, self.net.model.grid, cu * cv)
                     continue
                 if a.op is not None:
                     k = _operate(a.op, k, 2)
@@ -306,6 +320,8 @@ class Recursion:
         a, b = self.bases[i], self.bases[j]
         if layer is not None and (layer not in a.upstream or layer not in b.upstream):
             return None
+        if a.kind != "fn" or b.kind != "fn":  # a layer's term is its arguments' (kept) again
+            return self._theta(layer, i, j)
         key = (layer, i, j)
         if key not in self.theta_memo:
             self.theta_memo[key] = self._theta(layer, i, j)
@@ -358,6 +374,22 @@ class Recursion:
         return feats.numpy(), (readout.var * feats).numpy(), {k: np.asarray(v) for k, v in terms.items()}
 
 
+def _add_shifted(total: Tensor, k: Tensor, sa: tuple[int, ...] | None, sb: tuple[int, ...] | None,
+                 grid: tuple[int, ...], alpha: float) -> None:
+    """total += alpha S_a k S_b^T for shifts S_a, S_b (None: none) of the first and the second
+    position axis: the entry at positions (p, q) is k's at (p + a, q + b), zero where either leaves
+    the grid, so it is one slice of k added to one slice of total, on the grid's axes."""
+    lead = k.shape[:2]
+    src: list[slice] = [slice(None), slice(None)]
+    dst: list[slice] = [slice(None), slice(None)]
+    for offset in (sa, sb):
+        for s, size in zip(offset or (0,) * len(grid), grid, strict=True):
+            src.append(slice(max(s, 0), size + min(s, 0)))
+            dst.append(slice(max(-s, 0), size - max(s, 0)))
+    view = total.view(*lead, *grid, *grid)
+    view[tuple(dst)].add_(k.reshape(*lead, *grid, *grid)[tuple(src)], alpha=alpha)
+
+
 def _operate(m: Tensor, k: Tensor, axis: int) -> Tensor:
     """M applied to a position axis of k. A shift (each row of M one 1 or none) picks entries and
     zeros the rest, in O(N^2 P^2); other operators (pooling's one row) multiply."""
@@ -382,12 +414,64 @@ def covered(net: Network, X: np.ndarray) -> Recursion | None:  # noqa: N803
 
 def memory_bytes(net: Network, rows: int) -> int:
     """What the recursion holds at most, in (N, N, P, P) tensors: the pairs of functions of Gaussian
-    values (kept), one layer's NTK terms of them, and a few temporaries."""
+    values and of their arguments (kept), their NTK terms, and a few temporaries."""
     per = 8 * rows**2 * net.model.positions**2
     functions = sum(1 for s in net.model.steps if s.op == "fn" and s.tree is not None
                     and any(isinstance(t, ex.Apply) and t.fn not in ("add", "sub", "neg", "mul", "div")
                             for t in _subtrees(s.tree)))
-    return per * (3 * functions**2 + 12)  # measured peaks: about 1.5 times the tensors kept
+    # measured peaks, in tensors (benchmarks/architectures.py, and conv nets of 1 to 4 relus and a
+    # residual erf one): 10 for 2 functions, 13 to 17 for 3, 18 for 4; pairs of functions kept, and
+    # their arguments' pairs, grow like functions^2 where paths meet (residual sums)
+    return per * (functions + 1) * (functions + 2)
+
+
+def output_bytes(net: Network, rows: int) -> int:
+    """The kernels it returns: features, NNGP and one NTK term per layer, each rows x rows."""
+    return 8 * rows**2 * (len(net.layers) + 2)
+
+
+def block_size(net: Network, rows: int, memory_gb: float | None) -> int:
+    """The inputs one recursion takes: all of them where they fit in the budget, else b such that a
+    pair of blocks (2b inputs) fits beside the outputs; 0 where not even two inputs fit. The kernel
+    of two inputs depends on them alone, so blocks of inputs give the same numbers."""
+    from tpc import memory
+
+    budget = memory.budget_gb(memory_gb) * 2**30 - output_bytes(net, rows)
+    if memory_bytes(net, rows) <= budget:
+        return rows
+    return max(0, min(rows // 2, int(np.sqrt(max(budget, 0) / memory_bytes(net, 1)) / 2)))
+
+
+def blocks_plan(net: Network, rows: int, memory_gb: float | None) -> tuple[int, int, int]:
+    """(block size b, recursions, bytes needed): one recursion where all rows fit, else one per pair
+    of blocks of b inputs (each over its 2b inputs, every diagonal block computed again beside
+    each other block: about twice the work of one recursion); b = 0 where nothing fits."""
+    b = block_size(net, rows, memory_gb)
+    if b >= rows:
+        return rows, 1, memory_bytes(net, rows) + output_bytes(net, rows)
+    count = -(-rows // b) if b else rows
+    return b, count * (count + 1) // 2, memory_bytes(net, 2 * max(b, 1)) + output_bytes(net, rows)
+
+
+def blocked_kernels(net: Network, X: np.ndarray, factors: dict[str, float], per_layer: bool,  # noqa: N803
+                    block: int) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """`Recursion(net, X).kernels(...)` by blocks of `block` inputs: the recursion over each pair of
+    blocks, its four sub-blocks written into the whole kernels."""
+    rows = len(X)
+    if block >= rows:
+        return Recursion(net, X).kernels(factors, per_layer)
+    blocks = [np.arange(s, min(s + block, rows)) for s in range(0, rows, block)]
+    feats, nngp = np.zeros((rows, rows)), np.zeros((rows, rows))
+    terms = {name: np.zeros((rows, rows)) for name in net.layers}
+    for i, first in enumerate(blocks):
+        for second in blocks[i:]:
+            at = first if second is first else np.concatenate([first, second])
+            f, k, t = Recursion(net, X[at]).kernels(factors, per_layer)
+            where = np.ix_(at, at)
+            feats[where], nngp[where] = f, k
+            for name, term in t.items():
+                terms[name][where] = term
+    return feats, nngp, terms
 
 
 def _subtrees(tree: ex.Tree) -> list[ex.Tree]:
