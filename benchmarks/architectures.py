@@ -23,6 +23,10 @@ NNGP and NTK of a small convolutional network.
    CNN_DIRECT_MAX images (its whole (N P)^2 matrices). Once per run: the plan for N = 1000 (block
    size, recursions, memory), stated before anything would run, with the time it would take at the
    rate per recursion of the largest N measured.
+5. transformer: `tpc.limit` of programs/arch/transformer_kernels.tp (NNGP and NTK of the one-block
+   pre-LN transformer, attention logits q.k / n) on N random sentences of 8 tokens (seed 0), by
+   the per-position recursion, beside a direct NumPy recursion of the block written here; the max
+   |tpc - NumPy| of each kernel (must be below 1e-9).
 
 Each measurement runs in its own process, so that its memory is its own: "peak MB" is the process's
 peak resident size during the measured call (Linux: VmHWM, restarted just before the call through
@@ -36,7 +40,8 @@ times slower).
 
     python benchmarks/architectures.py [--sizes 200,1000] [--widths 256,1024,4096]
         [--particles 1024,4096,16384] [--replicates 2] [--cnn-sizes 8,64,128] [--repeats 1]
-        [--threads 1] [--skip kernels,finite,limit,cnn] [--json out.json]
+        [--tf-sizes 50,200] [--cnn-budget-gb 4] [--threads 1] [--skip kernels,finite,limit,cnn,transformer]
+        [--json out.json]
 """
 
 from __future__ import annotations
@@ -61,7 +66,8 @@ ARCH = ROOT / "programs" / "arch"
 RESNET = ARCH / "resnet_ln.tp"
 TRANSFORMER = ARCH / "transformer_mup.tp"
 CNN = ARCH / "cnn_digits.tp"
-PARTS = ("kernels", "finite", "limit", "cnn")
+TF_KERNELS = ARCH / "transformer_kernels.tp"
+PARTS = ("kernels", "finite", "limit", "cnn", "transformer")
 D = 3  # resnet_ln.tp's input dimension
 PRED_TOL = 1e-8  # tpc.run against the hand-written module
 CNN_TOL = 1e-9  # cnn_digits.tp's kernels: tpc.limit against the direct recursion
@@ -399,6 +405,79 @@ def cnn_plan(n: int, out: Path, budget_gb: float) -> dict[str, Any]:
             "plan": describe(net, memory_gb=budget_gb)}
 
 
+# ---------------------------------------------------------------- 5. transformer_kernels.tp's kernels
+
+TF_POSITIONS, TF_WORDS = 8, 10  # transformer_kernels.tp's sentences: 8 tokens of 10 words
+TF_TOL = 1e-9
+
+
+def sentences(n: int, seed: int = 0) -> np.ndarray:
+    """n random sentences as transformer_kernels.tp reads them: at each of 8 positions a word's
+    one-hot code (10 words, drawn uniformly, seed 0) then the position's (8): n x (8 x 18)."""
+    words = np.random.default_rng(seed).integers(0, TF_WORDS, size=(n, TF_POSITIONS))
+    x = np.zeros((n, TF_POSITIONS, TF_WORDS + TF_POSITIONS))
+    x[np.arange(n)[:, None], np.arange(TF_POSITIONS)[None, :], words] = 1.0
+    x[:, np.arange(TF_POSITIONS), TF_WORDS + np.arange(TF_POSITIONS)] = 1.0
+    return x.reshape(n, -1)
+
+
+def transformer_numpy(x: np.ndarray, eps: float = 1e-5) -> dict[str, np.ndarray]:
+    """transformer_kernels.tp's NNGP and NTK (NTK parametrization, logits q.k / n, TP4's NTK) on
+    (N P) x (N P) matrices, re-derived here. At initialisation Q and K are independent, so the
+    logits vanish and attention is the mean of v = Vv z over the positions (Q and K get no NTK term);
+    a layernorm of a centred value divides its kernel (and NTK) by sqrt((K_pp + eps)(K'_qq + eps)).
+    h = E x: K = x.x'/18, T = x.x'; z = ln(h); v = Vv z: Kv = Kz, Tv = Kz + Tz; a = mean_r v_r;
+    h += O a: K += Ka, T += Ka + Ta; u = W1 ln(h) (var 2): Ku = 2 Kz, Tu = Kz + 2 Tz; h += W2 relu(u):
+    K += E, T += E + D Tu; f = V pool(ln(h)): nngp = mean K, ntk = mean K + mean T."""
+    n, d = x.shape[0], x.shape[1] // TF_POSITIONS
+    flat = x.reshape(n * TF_POSITIONS, d)
+    t = flat @ flat.T
+    k = t / d
+
+    def ln(k: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        s = np.sqrt(np.diag(k) + eps)
+        return k / np.outer(s, s), t / np.outer(s, s)
+
+    def mean_positions(m: np.ndarray) -> np.ndarray:
+        grid = m.reshape(n, TF_POSITIONS, n, TF_POSITIONS).mean(axis=(1, 3), keepdims=True)
+        return np.broadcast_to(grid, (n, TF_POSITIONS, n, TF_POSITIONS)).reshape(m.shape)
+
+    kz, tz = ln(k, t)
+    ka, ta = mean_positions(kz), mean_positions(kz + tz)  # v = Vv z, averaged over the positions
+    k, t = k + ka, t + ka + ta  # h + O a
+    kz, tz = ln(k, t)
+    e, dstep = relu_pair(2 * kz)
+    k, t = k + e, t + e + dstep * (kz + 2 * tz)  # h + W2 relu(W1 z)
+    kz, tz = ln(k, t)
+    pooled = {key: m.reshape(n, TF_POSITIONS, n, TF_POSITIONS).mean(axis=(1, 3)) for key, m in (("k", kz), ("t", tz))}
+    return {"nngp": pooled["k"], "ntk": pooled["k"] + pooled["t"]}
+
+
+def tf_net(rows: np.ndarray, out: Path, tag: str) -> Any:
+    """transformer_kernels.tp reading `rows` from an .npy in `out`."""
+    import tpc
+
+    data = (out / f"sentences_{tag}.npy").resolve()
+    np.save(data, rows)
+    return tpc.loads(program_source(TF_KERNELS, str(data)), str(TF_KERNELS), base_dir=data.parent)
+
+
+def tf_tpc(n: int, out: Path, repeats: int) -> dict[str, Any]:
+    import tpc
+    from tpc.train.limit import kernel_regime_memory
+
+    tpc.limit(tf_net(sentences(4, seed=1), out, "warmup"))  # warm-up: imports
+    net = tf_net(sentences(n), out, str(n))
+    stated, _, _ = kernel_regime_memory(net, None)
+    lim, best, before = timed_limit(net, repeats, out, f"tf_tpc_{{key}}_{n}.npy")
+    return {"seconds": best, "peak_mb": peak_mb(), "before_mb": before, "stated_mb": stated / 2**20,
+            "method": {key: lim[key].method for key in ("nngp", "ntk")}}
+
+
+def tf_direct(n: int, out: Path, repeats: int) -> dict[str, Any]:
+    return timed_direct(transformer_numpy, sentences(4, seed=1), sentences(n), out, "tf_numpy", n, repeats)
+
+
 # ---------------------------------------------------------------- the driver
 
 ONE = {"kernels-tpc": lambda v, out, a: kernels_tpc(v, out, a.repeats),
@@ -408,8 +487,10 @@ ONE = {"kernels-tpc": lambda v, out, a: kernels_tpc(v, out, a.repeats),
        "limit": lambda v, out, a: limit_one(v, a.replicates, out),
        "cnn-tpc": lambda v, out, a: cnn_tpc(v, out, a.repeats, a.cnn_budget_gb),
        "cnn-direct": lambda v, out, a: cnn_direct(v, out, a.repeats),
-       "cnn-plan": lambda v, out, a: cnn_plan(v, out, a.cnn_budget_gb)}
-NUMPY_ONLY = ("kernels-numpy", "cnn-direct")  # measurements that never import torch
+       "cnn-plan": lambda v, out, a: cnn_plan(v, out, a.cnn_budget_gb),
+       "tf-tpc": lambda v, out, a: tf_tpc(v, out, a.repeats),
+       "tf-direct": lambda v, out, a: tf_direct(v, out, a.repeats)}
+NUMPY_ONLY = ("kernels-numpy", "cnn-direct", "tf-direct")  # measurements that never import torch
 
 
 def measure(kind: str, value: int, out: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -536,6 +617,27 @@ def part_cnn(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     return {"sizes": rows, "planned": {"N": CNN_PLANNED, "memory_gb": args.cnn_budget_gb, **r}}
 
 
+def part_transformer(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    print(f"\n### 5. NNGP + NTK of {TF_KERNELS.relative_to(ROOT)} (float64), N random sentences of 8 tokens\n")
+    header(["N", "tpc.limit s", "tpc peak MB (above)", "tpc states MB", "direct s", "direct peak MB (above)",
+            "max |diff| NNGP", "max |diff| NTK", "tpc method (nngp; ntk)"])
+    rows, bad = [], []
+    for n in ints(args.tf_sizes):
+        t, p = measure("tf-tpc", n, out, args), measure("tf-direct", n, out, args)
+        diff = {k: float(np.abs(np.load(out / f"tf_tpc_{k}_{n}.npy") - np.load(out / f"tf_numpy_{k}_{n}.npy")).max())
+                for k in ("nngp", "ntk")}
+        rows.append({"N": n, "tpc": t, "direct": p, "max_abs_diff": diff})
+        if not max(diff.values()) <= TF_TOL:
+            bad.append(n)
+        print(f"| {n} | {t['seconds']:.2f} | {mem(t)} | {t['stated_mb']:.0f} | {p['seconds']:.2f} | {mem(p)} | "
+              f"{diff['nngp']:.1e} | {diff['ntk']:.1e} | {t['method']['nngp']}; {t['method']['ntk']} |", flush=True)
+    if bad:
+        print(f"MISMATCH: tpc's kernels differ from the direct recursion's by more than {TF_TOL:g} at N = {bad}")
+    elif rows:
+        print(f"\ntpc's NNGP and NTK (the per-position recursion) equal the direct one's to {TF_TOL:g} at every N")
+    return {"sizes": rows}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="200,1000", help="kernels: numbers of inputs N")
@@ -543,6 +645,7 @@ def main() -> None:
     ap.add_argument("--particles", default="1024,4096,16384", help="limit: particle counts")
     ap.add_argument("--replicates", type=int, default=2, help="limit: independent replicates")
     ap.add_argument("--cnn-sizes", default="8,64,128", help="cnn: numbers of digits N")
+    ap.add_argument("--tf-sizes", default="50,200", help="transformer: numbers of sentences N")
     ap.add_argument("--cnn-budget-gb", type=float, default=CNN_BUDGET_GB,
                     help="cnn: tpc's memory budget (beyond it, blocks of inputs)")
     ap.add_argument("--repeats", type=int, default=1, help="kernels, cnn: timed calls per process (best kept)")
@@ -571,7 +674,7 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name, part in (("kernels", part_kernels), ("finite", part_finite), ("limit", part_limit),
-                           ("cnn", part_cnn)):
+                           ("cnn", part_cnn), ("transformer", part_transformer)):
             if name not in skip:
                 report[name] = part(args, Path(tmp))
     print(f"\ntotal {time.perf_counter() - start:.0f} s (load average now {os.getloadavg()[0]:.1f})")

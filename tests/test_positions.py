@@ -248,3 +248,57 @@ output pred = f(X)
         assert np.all(off <= 4 * run[name].stderr + 0.02), (name, off, run[name].stderr)
     spread = np.sqrt(np.diag(lim["pred"].cov))  # and the seeds' spread is the limit's covariance
     np.testing.assert_allclose(run["pred"].values.std(0, ddof=1), spread, rtol=0.35)
+
+
+NORMED = SMALL.replace("attend(Q @ layernorm(h), K @ layernorm(h), Vv @ layernorm(h))",
+                       "attend(Q @ rmsnorm(h), K @ layernorm(h), Vv @ layernorm(h, 0.1), 2)").replace(
+    "pool(relu(block(E @ x + b)))", "pool(rmsnorm(relu(W @ layernorm(block(E @ x + b)))))").replace(
+    "layer V : readout", "layer W : hidden n x n, var = 2\nlayer V : readout")
+
+
+@pytest.mark.parametrize("source", [
+    (ROOT / "programs" / "arch" / "transformer_kernels.tp").read_text().replace(
+        'load("data/', f'load("{ROOT / "programs" / "arch" / "data"}/'),
+    # 35 s each, the lowered program's part: in the slow step
+    pytest.param(NORMED.format(param="ntk(attention = 1)") + LOOP.replace("output move = feature_change(f, X)\n", ""),
+                 marks=pytest.mark.slow),
+    pytest.param(NORMED.format(param="mup") + "output K = nngp(f, X)\noutput T = ntk(f, X)\n", marks=pytest.mark.slow),
+], ids=["transformer", "norms-ntk-training", "norms-mup"])
+def test_the_recursion_covers_norms_and_attention_at_initialisation(source: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Layer and RMS norms (a value times 1/sqrt(E[h^2] + eps) per input and position) and attention
+    at initialisation (uniform weights where q and k come from different layers) in the per-position
+    recursion: the lowered Netsor program's kernels, per layer, to round-off."""
+    from tpc.train import kernel, position_kernels
+
+    net = tpc.loads(source)
+    X = np.concatenate([net.data[d] for d in net.point_sets()])  # noqa: N806
+    assert position_kernels.covered(net, X) is not None
+    fast = kernel.layer_kernels(net, net.point_sets())
+    monkeypatch.setattr(position_kernels, "covered", lambda net, x: None)
+    slow = kernel.layer_kernels(net, net.point_sets())
+    for name in ("nngp", "features", "ntk"):
+        np.testing.assert_allclose(getattr(fast, name), getattr(slow, name), rtol=1e-10, atol=1e-13, err_msg=name)
+    factors = {layer: kernel.limit_factor(kernel.term_exponent(net, layer)) for layer in net.layers}
+    _, _, per_layer = position_kernels.Recursion(net, X).kernels(factors, per_layer=True)
+    for layer in net.layers:
+        np.testing.assert_allclose(per_layer[layer], slow.theta[layer], rtol=1e-10, atol=1e-13, err_msg=layer)
+    assert np.abs(fast.ntk).max() > 0.1
+
+
+@pytest.mark.parametrize(("edit", "why"), [
+    ("attend(Q @ layernorm(h), K @ layernorm(h)", "attend(Q @ layernorm(h), Q @ layernorm(h) + K @ layernorm(h)"),
+    ("pool(relu(block(E @ x + b)))", "pool(layernorm(relu(block(E @ x + b))))"),
+], ids=["same-layer-logits", "norm-of-relu"])
+def test_what_the_recursion_leaves_to_the_lowered_program(edit: str, why: str) -> None:
+    """q and k from one layer (logits that do not vanish at initialisation) and the norm of a
+    non-centred value (its mean is a constant vector) are left to the lowered program, which gives
+    the limit (the first here; the second's moments of relu take minutes there)."""
+    from tpc.train import position_kernels
+
+    source = SMALL.format(param="ntk(attention = 1)").replace(edit, why) + "output T = ntk(f, X)\n"
+    assert why in source
+    net = tpc.loads(source)
+    assert position_kernels.covered(net, net.data["X"]) is None
+    if "Q @ layernorm(h) + K" in why:
+        assert np.isfinite(tpc.limit(net)["T"].value).all()

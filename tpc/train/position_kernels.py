@@ -53,44 +53,36 @@ class Atom:
     shift: tuple[int, ...] | None = None  # op is the shift by this offset (applied by slicing)
 
 
+@dataclass(frozen=True, eq=False)
+class Scalar:
+    """A number per input (and position) at initialisation, known once the expectations are: a
+    constant, the mean E[u v] of a product of two values at each input and position (a norm's
+    variance), or a function of scalars."""
+
+    kind: str  # const | mean | fn
+    value: float = 0.0
+    pair: tuple[Value, Value] | None = None
+    fn: str | None = None
+    args: tuple[Scalar, ...] = ()
+
+
+@dataclass(frozen=True, eq=False)
+class Product:
+    """u * v for two values: only its mean (a moment) is covered."""
+
+    u: Value
+    v: Value
+
+
 @dataclass
 class Base:
-    kind: str  # input | hidden | bias | fn
+    kind: str  # input | hidden | bias | fn | scaled
     positions: int  # 1 or P
     layer: str | None = None
-    arg: Value | None = None  # hidden: the value the layer multiplies; fn: its Gaussian argument
+    arg: Value | None = None  # hidden: the value the layer multiplies; fn, scaled: their argument
     fn: str | None = None
     upstream: frozenset[str] = frozenset()  # the layers it depends on
-
-
-def _linear(tree: ex.Tree) -> list[tuple[float, ex.Tree]]:
-    """tree as sum_k c_k t_k, each t_k an argument or a unary function of a linear combination of
-    arguments; NotCoveredError otherwise (a product of two values, a constant vector)."""
-    if isinstance(tree, ex.Arg):
-        return [(1.0, tree)]
-    if isinstance(tree, ex.Const):
-        if tree.value == 0.0:
-            return []
-        raise NotCoveredError("a constant vector")
-    fn, args = tree.fn, tree.args
-    if fn in ("add", "sub"):
-        right = _linear(args[1])
-        return _linear(args[0]) + [(-c if fn == "sub" else c, t) for c, t in right]
-    if fn == "neg":
-        return [(-c, t) for c, t in _linear(args[0])]
-    if fn in ("mul", "div"):
-        a, b = args
-        if fn == "mul" and isinstance(a, ex.Const):
-            a, b = b, a
-        if isinstance(b, ex.Const):
-            s = b.value if fn == "mul" else 1.0 / b.value
-            return [(s * c, t) for c, t in _linear(a)]
-        raise NotCoveredError("a product of two values")
-    if fn == "identity":
-        return _linear(args[0])
-    if FUNCTIONS[fn].arity == 1:
-        return [(1.0, tree)]
-    raise NotCoveredError(f"'{fn}'")
+    scale: Scalar | None = None  # scaled: arg times this number per input and position (a norm)
 
 
 class Recursion:
@@ -105,9 +97,10 @@ class Recursion:
         self.cov_memo: dict[tuple[int, int], Tensor] = {}
         self.theta_memo: dict[tuple[str | None, int, int], Tensor] = {}
         self.own_weight: dict[str, float] = {}
-        self.values: list[Value | None] = []
+        self.scalar_memo: dict[tuple[int, int], Tensor] = {}
+        self.values: list = []  # each step's: Value, Scalar (a number per input), Product, or None
         self.build()
-        self.fn_args = {id(b.arg) for b in self.bases if b.kind == "fn"}  # values whose pairs are kept
+        self.fn_args = {id(b.arg) for b in self.bases if b.kind in ("fn", "scaled")}  # values whose pairs are kept
 
     # --- the model as values over bases
     def base(self, b: Base) -> Value:
@@ -131,42 +124,147 @@ class Recursion:
                 if any(layer == step.layer for layer, _ in used):
                     raise NotCoveredError("a layer applied to two values (weights shared)")
                 if la.role == "readout":
-                    self.out = self.values[step.args[0]]
+                    self.out = self.as_value(self.values[step.args[0]])
                     self.values.append(None)
                 elif la.role == "input":
                     self.values.append(self.base(Base("input", n_pos, step.layer, upstream=frozenset({step.layer}))))
                 else:
-                    arg = self.values[step.args[0]]
+                    arg = self.as_value(self.values[step.args[0]])
                     up = self.upstream(arg) | {step.layer}
                     self.values.append(self.base(Base("hidden", n_pos, step.layer, arg, upstream=up)))
                 used[step.layer, step.args] = self.values[-1]
             elif step.op == "fn":
-                if step.kind != "vector":
-                    raise NotCoveredError("a number per input")
-                value: Value = []
-                for c, t in _linear(step.tree):
-                    if isinstance(t, ex.Arg):
-                        value += self.scaled(self.values[step.args[t.index]], c)
-                        continue
-                    inner: Value = []
-                    for ci, ti in _linear(t.args[0]):
-                        if not isinstance(ti, ex.Arg):
-                            raise NotCoveredError("a function of a function")
-                        inner += self.scaled(self.values[step.args[ti.index]], ci)
-                    if any(self.bases[a.base].kind == "fn" for _, a in inner):
-                        raise NotCoveredError("a function of a non-Gaussian value")
-                    self.derivative(t.fn)  # refuse early what has no closed form
-                    up = self.upstream(inner)
-                    value += self.scaled(self.base(Base("fn", n_pos, arg=inner, fn=t.fn, upstream=up)), c)
+                value = self.symbolic(step.tree, [self.values[j] for j in step.args], n_pos)
+                if isinstance(value, Scalar) and step.kind == "vector":
+                    raise NotCoveredError("a constant vector")
                 self.values.append(value)
+            elif step.op == "moment":
+                self.values.append(self.moment(self.values[step.args[0]]))
+            elif step.op == "attend":
+                self.values.append(self.uniform_attention(*(self.values[j] for j in step.args)))
             elif step.op == "shift":
-                self.values.append(self.operated(self.values[step.args[0]], self.shift_matrix(step.offset),
-                                                 step.offset))
+                self.values.append(self.operated(self.as_value(self.values[step.args[0]]),
+                                                 self.shift_matrix(step.offset), step.offset))
             elif step.op == "pool":
-                self.values.append(self.operated(self.values[step.args[0]], torch.full((1, P), 1.0 / P,
+                self.values.append(self.operated(self.as_value(self.values[step.args[0]]), torch.full((1, P), 1.0 / P,
                                                                                       dtype=torch.float64)))
             else:
                 raise NotCoveredError(step.op)
+
+    def symbolic(self, tree: ex.Tree, args: list, n_pos: int) -> Value | Product | Scalar:
+        """A coordinatewise step at initialisation: a linear combination of values, with numbers
+        per input as coefficients (a norm: `h / sqrt(mean(h^2) + eps)`, a scaled base), a closed-form
+        function of a Gaussian value (a function base), the product of two values (for a moment),
+        or a number per input. NotCoveredError for anything else (a constant vector, a function
+        of a non-Gaussian value)."""
+        if isinstance(tree, ex.Arg):
+            return args[tree.index]
+        if isinstance(tree, ex.Const):
+            return Scalar("const", tree.value)
+        fn = tree.fn
+        parts = [self.symbolic(a, args, n_pos) for a in tree.args]
+        if all(isinstance(a, Scalar) for a in parts):
+            if all(a.kind == "const" for a in parts):
+                vals = [torch.tensor(a.value, dtype=torch.float64) for a in parts]
+                return Scalar("const", float(FUNCTIONS[fn].torch(*vals)))
+            return Scalar("fn", fn=fn, args=tuple(parts))
+        if fn in ("add", "sub"):
+            a, b = (self.as_value(x) for x in parts)
+            return a + self.scaled(b, -1.0 if fn == "sub" else 1.0)
+        if fn == "neg":
+            return self.scaled(self.as_value(parts[0]), -1.0)
+        if fn == "identity":
+            return parts[0]
+        if fn in ("mul", "div"):
+            a, b = parts
+            if fn == "mul" and isinstance(a, Scalar):
+                a, b = b, a
+            if isinstance(b, Scalar):
+                if fn == "div":
+                    b = Scalar("const", 1.0 / b.value) if b.kind == "const" else Scalar("fn", fn="div", args=(
+                        Scalar("const", 1.0), b))
+                return self.times(self.as_value(a), b, n_pos)
+            if fn == "mul":
+                return Product(self.as_value(a), self.as_value(b))
+            raise NotCoveredError("a quotient of two values")
+        if fn == "pow" and isinstance(parts[1], Scalar) and parts[1].kind == "const" and parts[1].value == 2:
+            u = self.as_value(parts[0])
+            return Product(u, u)
+        if FUNCTIONS[fn].arity == 1:
+            inner = self.as_value(parts[0])
+            if not self.gaussian(inner):
+                raise NotCoveredError("a function of a non-Gaussian value")
+            self.derivative(fn)  # refuse early what has no closed form
+            return self.base(Base("fn", n_pos, arg=inner, fn=fn, upstream=self.upstream(inner)))
+        raise NotCoveredError(f"'{fn}'")
+
+    @staticmethod
+    def as_value(x: Value | Product | Scalar | None) -> Value:
+        """A vector term: a value, or the number 0 (a constant vector is not covered)."""
+        if isinstance(x, Scalar):
+            if x.kind == "const" and x.value == 0.0:
+                return []
+            raise NotCoveredError("a constant vector")
+        if isinstance(x, Product):
+            raise NotCoveredError("a product of two values")
+        if x is None:
+            raise NotCoveredError("the input outside its layer")
+        return x
+
+    def times(self, value: Value, s: Scalar, n_pos: int) -> Value:
+        """A value times a number per input: a constant scales it, any other is a scaled base."""
+        if s.kind == "const":
+            return self.scaled(value, s.value)
+        if not value:
+            return []
+        return self.base(Base("scaled", n_pos, arg=value, upstream=self.upstream(value), scale=s))
+
+    def moment(self, v: Value | Product | Scalar | None) -> Scalar:
+        """mean(v) at initialisation: 0 for a Gaussian value (centred), E[u v] for a product."""
+        if isinstance(v, Product):
+            return Scalar("mean", pair=(v.u, v.v))
+        if isinstance(v, list) and self.gaussian(v):
+            return Scalar("const", 0.0)
+        raise NotCoveredError("the mean of a function of a Gaussian value")
+
+    def uniform_attention(self, q: Value, k: Value, v: Value) -> Value:
+        """attend(q, k, v) at initialisation with logits q.k / n: where q and k are outputs of
+        different layers (independent Gaussians), q.k / n -> 0 and the weights are uniform, so the
+        output is the mean of v over the positions; Q and K get no NTK term through it (the
+        backward vector meets v through independent matrices: tests/test_positions.py)."""
+        if self.net.attention != 1.0:
+            raise NotCoveredError("attention logits other than q.k / n")
+        for value in (q, k):
+            if not self.gaussian(value) or any(self.bases[a.base].kind == "scaled" for _, a in value):
+                raise NotCoveredError("attention logits of non-Gaussian values")
+        layers = [{self.bases[a.base].layer for _, a in value} for value in (q, k)]
+        if layers[0] & layers[1] or None in layers[0] | layers[1]:
+            raise NotCoveredError("attention logits that do not vanish at initialisation")
+        P = self.positions_of(self.as_value(v))  # noqa: N806
+        return self.operated(v, torch.full((P, P), 1.0 / P, dtype=torch.float64))
+
+    def gaussian(self, value: Value) -> bool:
+        """Every atom a layer's output, a bias, or a norm of such (a centred Gaussian per input)."""
+        for _, a in value:
+            b = self.bases[a.base]
+            if b.kind == "fn" or b.kind == "scaled" and not self.gaussian(b.arg or []):
+                return False
+        return True
+
+    def scalar(self, s: Scalar) -> Tensor | float:
+        """A scalar's value: a float, or (N, P') per input and position."""
+        if s.kind == "const":
+            return s.value
+        key = (id(s), 0)
+        if key not in self.scalar_memo:
+            if s.kind == "mean":
+                u, v = s.pair  # type: ignore[misc]
+                self.scalar_memo[key] = torch.einsum("aapp->ap", self.expect(u, v))
+            else:
+                vals = [self.scalar(a) for a in s.args]
+                vals = [v if isinstance(v, Tensor) else torch.tensor(v, dtype=torch.float64) for v in vals]
+                self.scalar_memo[key] = FUNCTIONS[s.fn].torch(*vals)  # type: ignore[index]
+        return self.scalar_memo[key]
 
     def upstream(self, value: Value) -> frozenset[str]:
         return frozenset().union(*(self.bases[a.base].upstream for _, a in value))
@@ -291,6 +389,8 @@ class Recursion:
     def _cov(self, i: int, j: int) -> Tensor | None:
         a, b = self.bases[i], self.bases[j]
         net = self.net
+        if a.kind == "scaled" or b.kind == "scaled":  # s_a s_b E[arg_a arg_b]
+            return self.scaled_pair(i, j, self.expect)
         if a.kind == "fn" or b.kind == "fn":
             if a.kind != "fn":
                 other = self.cov(j, i)
@@ -311,6 +411,16 @@ class Recursion:
             return var * torch.ones(self.N, self.N, a.positions, b.positions, dtype=torch.float64)
         return var * self.expect(a.arg, b.arg)
 
+    def scaled_pair(self, i: int, j: int, pair: Callable[[Value, Value], Tensor]) -> Tensor:
+        """pair(u, v) of two bases, either a scaled base: its argument's, times its scale on its
+        position axis (a norm's value is arg / sqrt(E[arg^2] + eps) per input and position)."""
+        k = pair(*(self.bases[t].arg if self.bases[t].kind == "scaled" else [(1.0, Atom(t))] for t in (i, j)))
+        for t, at in ((i, (slice(None), None, slice(None), None)), (j, (None, slice(None), None, slice(None)))):
+            if self.bases[t].kind == "scaled":
+                s = self.scalar(self.bases[t].scale)  # type: ignore[arg-type]
+                k = k * (s[at] if isinstance(s, Tensor) else s)
+        return k
+
     def theta(self, layer: str | None, u: Value, v: Value) -> Tensor:
         """Layer's NTK term of u and v; layer None: every layer's, each own term times its weight
         in `self.own_weight` (one pass, where no layer's term is needed alone)."""
@@ -329,6 +439,8 @@ class Recursion:
 
     def _theta(self, layer: str, i: int, j: int) -> Tensor | None:
         a, b = self.bases[i], self.bases[j]
+        if a.kind == "scaled" or b.kind == "scaled":  # a norm's NTK maps as its kernel (README)
+            return self.scaled_pair(i, j, lambda u, v: self.theta(layer, u, v))
         if a.kind == "fn" or b.kind == "fn":
             ua = a.arg if a.kind == "fn" else [(1.0, Atom(i))]
             ub = b.arg if b.kind == "fn" else [(1.0, Atom(j))]
