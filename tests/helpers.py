@@ -70,3 +70,16 @@ def emitted_train_outputs(net: tpc.Network, width: int) -> dict[str, torch.Tenso
     outputs: dict = {}
     namespace["train"](model, *[torch.tensor(data[k]) for k in names], outputs=outputs)
     return outputs
+
+
+def assert_direct_equals_unrolled(net: tpc.Network, width: int, seeds: int) -> dict:
+    """Direct training in torch and the unrolled Netsor-transpose program at the same width and
+    seeds give every output to round-off; returns the direct results."""
+    from tpc.train.dense import loops_finite
+    from tpc.train.pooled import run_unrolled_finite
+
+    direct = loops_finite(net, width, seeds)
+    unrolled = run_unrolled_finite(net, width, seeds)
+    for name, res in direct.items():
+        np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)
+    return direct

@@ -13,10 +13,14 @@ import pytest
 import torch
 
 import tpc
-from tests.helpers import arccos_pair, emitted_train_outputs, initial_weights, jacobian_ntk
-from tpc.train.dense import loops_finite
+from tests.helpers import (
+    arccos_pair,
+    assert_direct_equals_unrolled,
+    emitted_train_outputs,
+    initial_weights,
+    jacobian_ntk,
+)
 from tpc.train.finite import forward
-from tpc.train.pooled import run_unrolled_finite
 
 # 3 sequences of 5 positions with 2 numbers each; a 3-tap convolution (taps A, B, C at -1, 0, +1)
 SEQ = """width n
@@ -136,10 +140,7 @@ def test_empirical_ntk_is_the_jacobians() -> None:
 @pytest.mark.parametrize("param", ["mup", "ntk"])
 def test_direct_equals_unrolled(param: str) -> None:
     net = tpc.loads(SEQ.format(param=param) + LOOP)
-    direct = loops_finite(net, 24, 2)
-    unrolled = run_unrolled_finite(net, 24, 2)
-    for name, res in direct.items():
-        np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)
+    direct = assert_direct_equals_unrolled(net, 24, 2)
     assert np.abs(direct["pred"].values - direct["before"].values).max() > 1e-3  # it trained
 
 

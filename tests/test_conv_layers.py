@@ -13,11 +13,10 @@ import pytest
 import torch
 
 import tpc
-from tests.helpers import emitted_train_outputs, initial_weights, jacobian_ntk
+from tests.helpers import assert_direct_equals_unrolled, emitted_train_outputs, initial_weights, jacobian_ntk
 from tests.test_conv import KERNELS, LOOP, SEQ, _recursion
 from tpc.train.dense import loops_finite
 from tpc.train.finite import forward
-from tpc.train.pooled import run_unrolled_finite
 
 SEQ_DATA = SEQ.split("layer U")[0]  # width, parametrization, X (3 inputs, 5 positions of 2), Y
 # a 3-tap input convolution (each position's patch of 3 x 2 numbers), then a 2-tap hidden one
@@ -136,10 +135,7 @@ LOOP_BY_LAYER = LOOP.replace("f -= 0.5 * grad(L, f)", "A -= 0.5 * grad(L, A)\n  
 @pytest.mark.parametrize("loop", [LOOP, LOOP_BY_LAYER], ids=["model", "by-layer"])
 def test_direct_equals_unrolled_and_a_convs_name_updates_its_taps(loop: str) -> None:
     net = tpc.loads(SEQ_CONV.format(param="mup") + loop)
-    direct = loops_finite(net, 24, 2)
-    unrolled = run_unrolled_finite(net, 24, 2)
-    for name, res in direct.items():
-        np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)
+    direct = assert_direct_equals_unrolled(net, 24, 2)
     assert np.abs(direct["pred"].values - direct["before"].values).max() > 1e-3  # it trained
     whole = loops_finite(tpc.loads(SEQ_CONV.format(param="mup") + LOOP), 24, 2)
     np.testing.assert_allclose(direct["pred"].values, whole["pred"].values, rtol=1e-12, atol=1e-14)

@@ -14,12 +14,10 @@ import pytest
 import torch
 
 import tpc
-from tests.helpers import emitted_train_outputs, initial_weights
+from tests.helpers import assert_direct_equals_unrolled, emitted_train_outputs, initial_weights
 from tests.test_positions import LOOP, SMALL
 from tpc.cli import main
-from tpc.train.dense import loops_finite
 from tpc.train.finite import forward
-from tpc.train.pooled import run_unrolled_finite
 
 HEADS = SMALL.replace("attend(Q @ layernorm(h), K @ layernorm(h), Vv @ layernorm(h))",
                       "attend(Q @ layernorm(h), K @ layernorm(h), Vv @ layernorm(h), 4)")
@@ -64,10 +62,7 @@ def test_one_head_is_attend_without_heads() -> None:
 @pytest.mark.parametrize("param", ["mup", "sp"])
 def test_direct_equals_unrolled(param: str) -> None:
     net = tpc.loads(HEADS.format(param=param) + LOOP)
-    direct = loops_finite(net, 40, 2)
-    unrolled = run_unrolled_finite(net, 40, 2)
-    for name, res in direct.items():
-        np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)
+    direct = assert_direct_equals_unrolled(net, 40, 2)
     assert np.abs(direct["pred"].values - direct["before"].values).max() > 1e-3  # it trained
 
 

@@ -11,11 +11,15 @@ import pytest
 import torch
 
 import tpc
-from tests.helpers import arccos_pair, emitted_train_outputs, initial_weights, jacobian_ntk
+from tests.helpers import (
+    arccos_pair,
+    assert_direct_equals_unrolled,
+    emitted_train_outputs,
+    initial_weights,
+    jacobian_ntk,
+)
 from tpc.cli import main
-from tpc.train.dense import loops_finite
 from tpc.train.finite import forward
-from tpc.train.pooled import run_unrolled_finite
 
 ROOT = Path(__file__).resolve().parent.parent
 TRANSFORMER = ROOT / "programs" / "arch" / "transformer_mup.tp"
@@ -67,10 +71,7 @@ def test_attention_equals_torchs_scaled_dot_product_attention(param: str, scale:
 @pytest.mark.parametrize("param", ["mup", "sp", "ntk"])
 def test_direct_equals_unrolled(param: str) -> None:
     net = tpc.loads(SMALL.format(param=param) + LOOP)
-    direct = loops_finite(net, 40, 2)
-    unrolled = run_unrolled_finite(net, 40, 2)
-    for name, res in direct.items():
-        np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)
+    direct = assert_direct_equals_unrolled(net, 40, 2)
     assert np.abs(direct["pred"].values - direct["before"].values).max() > 1e-3  # it trained
 
 
@@ -81,20 +82,14 @@ def test_a_mean_of_a_bias_is_the_same_at_every_position() -> None:
     net = tpc.loads(SMALL.format(param="mup").replace("model f(x[4]) = V @ pool(relu(block(E @ x + b)))\n", model)
                     + LOOP)
     assert net.model.steps[-1].op == "matmul" and any(s.op == "moment" and s.pos for s in net.model.steps)
-    direct = loops_finite(net, 40, 2)
-    unrolled = run_unrolled_finite(net, 40, 2)
-    for name, res in direct.items():
-        np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)
+    assert_direct_equals_unrolled(net, 40, 2)
     lim = tpc.limit(net, particles=2**10, replicates=2)
     assert np.isfinite(lim["pred"].value).all()
 
 
 def test_transformer_direct_equals_unrolled() -> None:
     net = tpc.load(TRANSFORMER)
-    direct = loops_finite(net, 24, 2)
-    unrolled = run_unrolled_finite(net, 24, 2)
-    for name, res in direct.items():
-        np.testing.assert_allclose(res.values, unrolled[name], rtol=1e-9, atol=1e-10, err_msg=name)
+    assert_direct_equals_unrolled(net, 24, 2)
 
 
 def test_empirical_ntk_over_positions_equals_the_jacobians() -> None:
