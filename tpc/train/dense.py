@@ -126,9 +126,7 @@ def bytes_per_seed(net: Network, width: int, itemsize: int) -> int:
     # a step's values of layers (combinations, entrywise functions: Adam's G * G, sqrt(S), ...)
     temporaries = sum(1 for ins in net.program.walk() if ins.op in ("lincomb", "ewise"))
     rows = max((net.data[d].shape[0] for d in net.point_sets()), default=1)
-    P = net.model.positions  # noqa: N806
-    values = sum((P if s.pos or s.op == "attend" else 1) * width + (2 * P * P if s.op == "attend" else 0)
-                 for s in net.model.steps)
+    values = sum(s.positions * width + (2 * s.positions**2 if s.op == "attend" else 0) for s in net.model.steps)
     return itemsize * ((4 + 2 * buffers + temporaries) * weights + 4 * rows * values)
 
 

@@ -87,20 +87,26 @@ def _finite_moment(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x
 def _finite_pool(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
     from tpc.train import positions
 
-    return positions.pool(vals[step.args[0]], net.model.positions)
+    return positions.pool(vals[step.args[0]], net.model.steps[step.args[0]].positions)
 
 
 def _finite_shift(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
     from tpc.train import positions
 
-    return positions.shift(vals[step.args[0]], step.offset, net.model.grid)
+    return positions.shift(vals[step.args[0]], step.offset, step.grid)
+
+
+def _finite_window(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
+    from tpc.train import positions
+
+    return positions.window(vals[step.args[0]], net.model.steps[step.args[0]].grid, step.window)
 
 
 def _finite_attend(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:
     from tpc.train import positions
 
     q, k, v = (vals[i] for i in step.args)
-    n, P, H = q.shape[-1], net.model.positions, step.heads  # noqa: N806
+    n, P, H = q.shape[-1], step.positions, step.heads  # noqa: N806
     check_heads(step, n)
 
     def gram(a: Tensor, b: Tensor) -> Tensor:

@@ -37,11 +37,10 @@ def empirical(net: Network, weights: dict[str, Tensor], x: Tensor, kind: str, wi
         w = {k: v.detach().requires_grad_(True) for k, v in weights.items()}
         vals: list[Tensor] = []
         rows = x.shape[0]
-        P = net.model.positions  # noqa: N806
         for step in net.model.steps:
             v = STEPS[step.op].finite(step, vals, w, x, net)
             if step.op == "bias":  # one copy per input (and position), so its gradient is per input
-                v = v.expand(v.shape[0], rows * (P if step.pos else 1), v.shape[-1]).clone()
+                v = v.expand(v.shape[0], rows * step.positions, v.shape[-1]).clone()
             vals.append(v)
         out = vals[-1]  # (S, B, k)
         k = out.shape[-1]

@@ -136,7 +136,7 @@ class _Lowering:
 
     def values(self, i: int, step: Step) -> list[tuple[int, str]]:
         """Fresh names for step i, (position, name) for each of its values."""
-        here = range(self.P) if step.pos else range(1)
+        here = range(step.positions)
         self.names.append([_fresh(f"s{i}" + (f"_{p}" if step.pos else ""), self.taken) for p in here])
         return list(enumerate(self.names[i]))
 
@@ -186,19 +186,32 @@ class _Lowering:
             self.assign(value, self.call("mean", self.name(arg)))
 
     def lower_pool(self, i: int, step: Step) -> None:
-        parts: list[ast.Expr] = [self.name(v) for r in range(self.P) if (v := self.at(step.args[0], r)) is not None]
+        P = self.net.model.steps[step.args[0]].positions  # noqa: N806
+        parts: list[ast.Expr] = [self.name(v) for r in range(P) if (v := self.at(step.args[0], r)) is not None]
         for _, value in self.values(i, step):
-            self.assign(value, self.op("/", self.total(parts), ast.Num(SPAN, float(self.P))))
+            self.assign(value, self.op("/", self.total(parts), ast.Num(SPAN, float(P))))
 
     def lower_shift(self, i: int, step: Step) -> None:
         """Names only: position p takes the argument's value at p + offset, or zero (None) beyond the edge."""
         from tpc.train.positions import source_position
 
         here: list[str | None] = []
-        for p in range(self.P):
-            r = source_position(p, step.offset, self.net.model.grid)
+        for p in range(step.positions):
+            r = source_position(p, step.offset, step.grid)
             here.append(None if r is None else self.at(step.args[0], r))
         self.names.append(here)
+
+    def lower_window(self, i: int, step: Step) -> None:
+        """Position q is the mean of its window's values; a window of one is that value's name."""
+        from tpc.train.positions import window_matrix
+
+        m = window_matrix(self.net.model.steps[step.args[0]].grid, step.window)
+        for q, value in self.values(i, step):
+            parts = [(float(m[q, r]), v) for r in range(m.shape[1]) if m[q, r] and (v := self.at(step.args[0], r))]
+            if len(parts) == 1 and parts[0][0] == 1.0 or not parts:
+                self.names[i][q] = parts[0][1] if parts else None
+                continue
+            self.assign(value, self.op("*", ast.Num(SPAN, parts[0][0]), self.total([self.name(v) for _, v in parts])))
 
     def lower_attend(self, i: int, step: Step) -> None:
         """Logits q.k / n are moments (limit.limit_refusal admits no other scale), the softmax
@@ -206,7 +219,7 @@ class _Lowering:
         q, k, v = step.args
         for p, value in self.values(i, step):
             weights: list[ast.Expr] = []
-            for r in range(self.P):
+            for r in range(step.positions):
                 qp, kr = self.at(q, p), self.at(k, r)
                 if qp is None or kr is None:  # a zero query or key: logit 0
                     weights.append(ast.Num(SPAN, 1.0))
@@ -295,7 +308,7 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
     uses: dict[str, list[tuple[str, str, int]]] = {}
     for i, step in enumerate(steps):
         if step.op == "matmul" and net.layers[step.layer].role in ("input", "hidden"):
-            for p in range(P if step.pos else 1):
+            for p in range(step.positions):
                 if low.names[i][p] in reaches:
                     uses.setdefault(step.layer, []).append((low.names[i][p], low.at(step.args[0], p), p))
 

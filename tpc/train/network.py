@@ -14,6 +14,7 @@ L+1; a bias takes the input layer's `a` and `b` (a weight on a constant input 1)
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -39,7 +40,7 @@ MAX_EXPONENT = 16.0  # the largest |a|, |b| or |c| an abc(...) may give
 ROLES = ("input", "embedding", "hidden", "readout", "bias", "conv")
 LOSSES = ("mse", "xent", "logistic")
 NORMS = ("layernorm", "rmsnorm")  # a model's normalisations over the n coordinates, with eps (default below)
-POSITION_OPS = ("attend", "pool", "shift")  # over positions (`model f(x[P])`): attention, mean pooling, shifts
+POSITION_OPS = ("attend", "pool", "shift", "avgpool")  # over positions (`model f(x[P])`): attention, pooling, shifts
 NORM_EPS = 1e-5  # torch.nn.LayerNorm's default
 OUTPUT_FUNCTIONS = ("history", "features", "feature_change", "adapted", "embeddings", "nngp", "ntk")
 NETWORK_STATEMENTS = (ast.ParamDecl, ast.LayerDecl, ast.ModelDecl, ast.LossDecl, ast.TrainDecl, ast.ForLoop,
@@ -85,6 +86,19 @@ class Conv:
     kernel: tuple[int, ...]
     takes_data: bool
     span: Span
+    stride: int = 1  # the output keeps every stride-th position (torch's `stride`)
+    valid: bool = False  # 'valid' padding: only the positions where the whole kernel fits
+
+    def window(self, grid: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:
+        """The positions the output keeps, as a `window` step's (start, stop, size 1, stride) per axis:
+        'same', 0, s, 2s, ... (torch's padding (k - 1) // 2); 'valid', the positions where every tap
+        is inside the grid (the first tap's offset is -(k - 1) // 2), every s-th of them."""
+        return tuple(((k - 1) // 2, size - k + (k - 1) // 2 + 1, 1, self.stride) if self.valid else
+                     (0, size, 1, self.stride) for k, size in zip(self.kernel, grid, strict=True))
+
+    @property
+    def resamples(self) -> bool:
+        return self.valid or self.stride > 1
 
     @property
     def offsets(self) -> tuple[tuple[int, ...], ...]:
@@ -108,10 +122,23 @@ class Step:
     args: tuple[int, ...] = ()
     tree: ex.Tree | None = None
     span: Span | None = None
-    pos: bool = False  # one value per position of an input (`model f(x[P])`), until `pool`
+    grid: tuple[int, ...] = ()  # the positions it holds a value at, row by row (the model's grid, or a
+    # smaller one after a strided convolution or a windowed pool); () one value per input
     offset: tuple[int, ...] = ()  # shift: the value at position p is its argument's at p + offset
+    window: tuple[tuple[int, int, int, int], ...] = ()  # window: (start, stop, size, stride) per axis of
+    # its argument's grid: the mean over each window of `size` positions, every stride-th from start
     patches: tuple[tuple[int, ...], ...] = ()  # input: each position's row holds these offsets' rows (conv(U, x))
     heads: int = 1  # attend: the heads, each over its block of n / heads coordinates
+
+    @property
+    def pos(self) -> bool:
+        """One value per position of an input (`model f(x[P])`), until `pool`."""
+        return bool(self.grid)
+
+    @property
+    def positions(self) -> int:
+        """The rows per input: its positions, or 1."""
+        return math.prod(self.grid) if self.grid else 1
 
 
 @dataclass
@@ -524,7 +551,7 @@ class _Builder:
         """A convolution: one hidden layer per offset of its kernel (each of variance var / K, the
         kernel's fan-in), or, reading the data, one input layer of K x d columns (each position's
         patch of K rows)."""
-        kw = self.kwargs(s.kwargs, ("kernel", "var"), "a conv layer")
+        kw = self.kwargs(s.kwargs, ("kernel", "var", "stride", "padding"), "a conv layer")
         if "kernel" not in kw:
             raise TpcError("a conv layer gives its kernel size: `kernel = 3` on a sequence, `kernel = [3, 3]` on "
                            "a grid", s.span)
@@ -537,7 +564,15 @@ class _Builder:
         var = self.const(kw["var"].value) if "var" in kw else 1.0
         if not var > 0 or not np.isfinite(var):
             raise TpcError("a layer's variance must be positive", kw["var"].value.span)
-        conv = Conv(s.name, tuple(int(k) for k in kernel), dims[1] is not None, s.span)
+        stride = self.const(kw["stride"].value) if "stride" in kw else 1.0
+        if not (stride == round(stride) and 1 <= stride <= 64):
+            raise TpcError("a stride is a whole number of positions, 1 to 64", kw["stride"].value.span)
+        padding = kw["padding"].value if "padding" in kw else None
+        if padding is not None and not (isinstance(padding, ast.Name) and padding.id in ("same", "valid")):
+            raise TpcError("padding is `same` (zeros around the edges: as many positions out as in, before "
+                           "the stride) or `valid` (no padding: only where the kernel fits)", padding.span)
+        valid = isinstance(padding, ast.Name) and padding.id == "valid"
+        conv = Conv(s.name, tuple(int(k) for k in kernel), dims[1] is not None, s.span, int(stride), valid)
         self.convs[s.name] = conv
         taps = len(conv.offsets)
         if conv.takes_data:
@@ -1044,7 +1079,7 @@ class ModelBuilder:
         self.steps: list[Step] = []
         self.scope: list[dict[str, int | float]] = []
         self.order: list[str] = []  # layers in the order of first use
-        self.bias_context: dict[int, bool] = {}  # bias step -> used at every position (True) or per input
+        self.bias_context: dict[int, tuple[int, ...]] = {}  # bias step -> the grid it is used on, () per input
         self.budget = ExpansionBudget()  # nonlins are inlined: the model's expansion is bounded
 
     def build(self) -> Model:
@@ -1114,7 +1149,7 @@ class ModelBuilder:
             for i, s in enumerate(self.steps):
                 if s.op == "input":
                     return i
-            return self.add(Step("input", "data", span=e.span, pos=self.decl.positions > 1))
+            return self.add(Step("input", "data", span=e.span, grid=self.decl.grid if self.decl.positions > 1 else ()))
         if e.id in self.b.dims:
             return float(self.b.dims[e.id])
         if e.id in self.b.layers:
@@ -1154,7 +1189,7 @@ class ModelBuilder:
             raise TpcError("the readout takes one vector per input: average over the positions first, "
                            "V @ pool(h)", e.right.span)
         return self.add(Step("matmul", "out" if la.role == "readout" else "vector", layer=la.name, args=(x,),
-                             span=e.span, pos=self.steps[x].pos))
+                             span=e.span, grid=self.steps[x].grid))
 
     def call(self, e: ast.Call) -> int | float:
         if e.fn in self.b.nonlins:
@@ -1201,51 +1236,49 @@ class ModelBuilder:
         """`mean(h)`: the average of an n-vector's coordinates, one number per input."""
         if not isinstance(v, int) or self.steps[v].kind != "vector":
             raise TpcError(f"mean(...) averages the n coordinates of a vector; this is {self.what(v)}", e.span)
-        return self.add(Step("moment", "scalar", args=(v,), span=e.span, pos=self.steps[v].pos))
+        return self.add(Step("moment", "scalar", args=(v,), span=e.span, grid=self.steps[v].grid))
 
     def position_free(self, v: int) -> bool:
         """A bias, or a value computed from biases alone (mean(b)): the same at every position."""
         step = self.steps[v]
         return step.op == "bias" or step.op in ("moment", "fn") and all(self.position_free(a) for a in step.args)
 
-    def take_context(self, v: int, ctx: bool, e: ast.Expr) -> None:
-        """A position-free value used at every position (ctx True) or per input, and its biases."""
+    def take_context(self, v: int, ctx: tuple[int, ...], e: ast.Expr) -> None:
+        """A position-free value used on a grid of positions (ctx) or per input (()), and its biases."""
         step = self.steps[v]
         if step.op == "bias" and self.bias_context.setdefault(v, ctx) != ctx:
-            raise TpcError(f"the bias '{step.layer}' is used both at every position and after "
-                           "pool: give each its own bias layer", e.span)
-        step.pos = ctx
+            where = "at every position and after pool" if () in (ctx, self.bias_context[v]) else \
+                "on grids of two sizes"
+            raise TpcError(f"the bias '{step.layer}' is used both {where}: give each its own bias layer", e.span)
+        step.grid = ctx
         for a in step.args:
             self.take_context(a, ctx, e)
 
     def positional(self, fn: str, e: ast.Call) -> int:
         """`attend(q, k, v)`: at each position p, sum_r softmax_r(q_p . k_r / n^e) v_r over the input's
         positions r (e from the parametrization: `attention` below); `pool(h)`: the mean over them;
-        `shift(h, s)` (`shift(h, dy, dx)` on a grid): h at position p + s, zero beyond the edges."""
+        `shift(h, s)` (`shift(h, dy, dx)` on a grid): h at position p + s, zero beyond the edges;
+        `avgpool(h, k)` (`avgpool(h, k, s)`): the mean over k (k x k) positions, every s-th (s = k)."""
         if self.decl.positions == 1:
             raise TpcError(f"{fn}(...) mixes the positions of an input; declare them: model "
                            f"{self.decl.name}({self.decl.arg}[8])", e.span)
-        grid = self.decl.grid
-        arity = {"attend": 3, "pool": 1, "shift": 1 + len(grid)}[fn]
+        dims = len(self.decl.grid)
+        arity = {"attend": 3, "pool": 1, "shift": 1 + dims, "avgpool": 2}[fn]
         heads = 1
         if fn == "attend" and len(e.args) == 4:  # attend(q, k, v, H): H heads
             h = self.value(e.args[3])
             if not isinstance(h, float) or h != round(h) or not 1 <= h <= 256:
                 raise TpcError("attend(q, k, v, H) takes a whole number of heads H, 1 to 256", e.args[3].span)
             heads, e = int(h), replace(e, args=e.args[:3])
-        if len(e.args) != arity:
-            what = {"shift": "shift(h, s)" if len(grid) == 1 else "shift(h, dy, dx) on a grid of positions",
+        if len(e.args) != arity and not (fn == "avgpool" and len(e.args) == 3):
+            what = {"shift": "shift(h, s)" if dims == 1 else "shift(h, dy, dx) on a grid of positions",
                     "attend": "attend(q, k, v) or attend(q, k, v, heads)"}.get(fn, fn + "(...)")
-            takes = "3 or 4 arguments" if fn == "attend" else f"{arity} argument(s)"
+            takes = {"attend": "3 or 4 arguments", "avgpool": "2 or 3 arguments: avgpool(h, k) or "
+                     "avgpool(h, k, stride)"}.get(fn, f"{arity} argument(s)")
             raise TpcError(f"{what} takes {takes}, got {len(e.args)}", e.span)
-        offset: tuple[int, ...] = ()
-        if fn == "shift":
-            for a, size in zip(e.args[1:], grid, strict=True):
-                s = self.value(a)
-                if not isinstance(s, float) or s != round(s) or abs(s) >= size:
-                    raise TpcError(f"a shift is a whole number of positions, -{size - 1} to {size - 1} here", a.span)
-                offset += (int(s),)
-            e = replace(e, args=e.args[:1])
+        numbers: tuple[ast.Expr, ...] = ()  # a shift's offsets, avgpool's window and stride
+        if fn in ("shift", "avgpool"):
+            numbers, e = e.args[1:], replace(e, args=e.args[:1])
         args = [self.value(a) for a in e.args]
         for a, v in zip(e.args, args, strict=True):
             if isinstance(v, int) and self.steps[v].kind == "vector" and self.position_free(v):
@@ -1254,8 +1287,35 @@ class ModelBuilder:
             if not isinstance(v, int) or self.steps[v].kind != "vector" or not self.steps[v].pos:
                 what = "an n-vector at every position" + (", not pooled twice" if fn == "pool" else "")
                 raise TpcError(f"{fn}(...) takes {what}", a.span)
-        return self.add(Step(fn, "vector", args=tuple(args), span=e.span, pos=fn != "pool", offset=offset,
+        grid = self.steps[args[0]].grid
+        if len({self.steps[v].grid for v in args}) > 1:
+            raise TpcError("attend(q, k, v) takes q, k and v on the same grid of positions", e.span)
+        offset: tuple[int, ...] = ()
+        if fn == "shift":
+            for a, size in zip(numbers, grid, strict=True):
+                offset += (self.whole(a, -(size - 1), size - 1, "a shift is a whole number of positions"),)
+            return self.add(Step("shift", "vector", args=tuple(args), span=e.span, grid=grid, offset=offset))
+        if fn == "avgpool":
+            least = min(grid)
+            k = self.whole(numbers[0], 1, least, "avgpool's window is a whole number of positions")
+            stride = self.whole(numbers[1], 1, 64, "avgpool's stride is a whole number of positions") \
+                if len(numbers) == 2 else k
+            return self.window(args[0], tuple((0, size, k, stride) for size in grid), e.span)
+        return self.add(Step(fn, "vector", args=tuple(args), span=e.span, grid=() if fn == "pool" else grid,
                              heads=heads))
+
+    def whole(self, e: ast.Expr, low: int, high: int, what: str) -> int:
+        """A whole number from low to high, written in the model (a shift, a window)."""
+        v = self.value(e)
+        if not isinstance(v, float) or v != round(v) or not low <= v <= high:
+            raise TpcError(f"{what}, {low} to {high} here", e.span)
+        return int(v)
+
+    def window(self, v: int, spec: tuple[tuple[int, int, int, int], ...], span: Span) -> int:
+        """The mean over windows of v's positions: a strided or 'valid' convolution, avgpool."""
+        from tpc.train.positions import window_grid
+
+        return self.add(Step("window", "vector", args=(v,), span=span, grid=window_grid(spec), window=spec))
 
     def conv(self, e: ast.Call) -> int:
         """`conv(A, h)`: the sum over the kernel's offsets o of A[o] @ shift(h, o), each tap a hidden
@@ -1263,10 +1323,18 @@ class ModelBuilder:
         if len(e.args) != 2 or not isinstance(e.args[0], ast.Name) or e.args[0].id not in self.b.convs:
             raise TpcError("conv(A, h) applies a conv layer A (`layer A : conv n x n, kernel = 3`) to h", e.span)
         conv = self.b.convs[e.args[0].id]
-        grid = self.decl.grid
         if self.decl.positions == 1:
             raise TpcError(f"a convolution slides over positions; declare them: model {self.decl.name}"
                            f"({self.decl.arg}[8]) or {self.decl.name}({self.decl.arg}[8, 8])", e.span)
+        arg, span = e.args[1], e.span
+        h: int | float = 0.0
+        if conv.takes_data:
+            if not isinstance(arg, ast.Name) or arg.id != self.decl.arg or any(arg.id in sc for sc in self.scope):
+                raise TpcError(f"'{conv.name}' reads the data: conv({conv.name}, {self.decl.arg})", arg.span)
+        else:
+            h = self.value(arg)
+        # the grid it slides over: the data's, or h's (smaller after a strided convolution or avgpool)
+        grid = self.steps[h].grid if isinstance(h, int) and self.steps[h].pos else self.decl.grid
         if len(conv.kernel) != len(grid):
             where = f"a sequence of {grid[0]}" if len(grid) == 1 else f"a grid of {grid[0]} x {grid[1]}"
             raise TpcError(f"'{conv.name}' has a {len(conv.kernel)}-D kernel, but {self.decl.arg} is {where} "
@@ -1275,25 +1343,30 @@ class ModelBuilder:
             if k > size:
                 raise TpcError(f"the kernel of '{conv.name}' ({' x '.join(map(str, conv.kernel))}) is larger than "
                                f"the {' x '.join(map(str, grid))} positions it slides over", e.span)
-        arg, span = e.args[1], e.span
         if conv.takes_data:
-            if not isinstance(arg, ast.Name) or arg.id != self.decl.arg or any(arg.id in sc for sc in self.scope):
-                raise TpcError(f"'{conv.name}' reads the data: conv({conv.name}, {self.decl.arg})", arg.span)
             x = self.name(arg)
             self.steps[x].patches = conv.offsets
-            return self.add(Step("matmul", "vector", layer=conv.name, args=(x,), span=span, pos=True))
-        self.scope.append({"<h>": self.value(arg)})  # h once; each tap reads it shifted
+            out = self.add(Step("matmul", "vector", layer=conv.name, args=(x,), span=span, grid=grid))
+        else:
+            out = self.taps(conv, h, span)
+        return self.window(out, conv.window(grid), span) if conv.resamples else out
+
+    def taps(self, conv: Conv, h: int | float, span: Span) -> int:
+        """The sum over the kernel's offsets o of A[o] @ shift(h, o), built as the expression it is."""
+        self.scope.append({"<h>": h})  # h once; each tap reads it shifted
         try:
             terms: list[ast.Expr] = []
             for offset in conv.offsets:
-                h: ast.Expr = ast.Name(span, "<h>")
+                x: ast.Expr = ast.Name(span, "<h>")
                 if any(offset):
-                    h = ast.Call(span, "shift", (h, *(ast.Num(span, float(o)) for o in offset)), span)
-                terms.append(ast.BinOp(span, "@", ast.Name(span, conv.tap(offset)), h))
+                    x = ast.Call(span, "shift", (x, *(ast.Num(span, float(o)) for o in offset)), span)
+                terms.append(ast.BinOp(span, "@", ast.Name(span, conv.tap(offset)), x))
             total = terms[0]
             for t in terms[1:]:
                 total = ast.BinOp(span, "+", total, t)
-            return self.value(total)
+            out = self.value(total)
+            assert isinstance(out, int)
+            return out
         finally:
             self.scope.pop()
 
@@ -1325,13 +1398,18 @@ class ModelBuilder:
             if kind == "out":
                 raise TpcError("the model ends at its readout; put any function of the outputs in the loss", e.span)
         kind = "vector" if any(self.steps[v].kind == "vector" for v in steps) else "scalar"
-        pos = {self.steps[v].pos for v in steps if not self.position_free(v)}  # a bias is the same everywhere
-        if len(pos) > 1:
-            raise TpcError("this combines values at every position with values per input (after pool): "
-                           "keep them apart", e.span)
+        grids = {self.steps[v].grid for v in steps if not self.position_free(v)}  # a bias is the same everywhere
+        if len(grids) > 1:
+            if () in grids:
+                raise TpcError("this combines values at every position with values per input (after pool): "
+                               "keep them apart", e.span)
+            raise TpcError("this combines values on grids of positions of different sizes ("
+                           f"{' and '.join(' x '.join(map(str, g)) for g in sorted(grids))}: a strided "
+                           "convolution or avgpool changed one): keep them apart", e.span)
+        grid = next(iter(grids)) if grids else ()
         for v in steps:  # a bias takes the context it is added in (at every position, or per input)
-            if self.position_free(v) and pos:
-                self.take_context(v, pos == {True}, e)
+            if self.position_free(v) and grids:
+                self.take_context(v, grid, e)
         args: list[int] = []
         trees: list[ex.Tree] = []
         for v in vals:
@@ -1349,7 +1427,7 @@ class ModelBuilder:
             if not np.isfinite(value):
                 raise TpcError("this constant is not finite", e.span)
             return value
-        return self.add(Step("fn", kind, args=tuple(args), tree=tree, span=e.span, pos=True in pos))
+        return self.add(Step("fn", kind, args=tuple(args), tree=tree, span=e.span, grid=grid))
 
 
 def is_network(module: ast.Module) -> bool:

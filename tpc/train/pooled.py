@@ -229,14 +229,17 @@ class PooledBackend:
         return self.space.mean(vals[step.args[0]])
 
     def _forward_pool(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
-        return by_pos.pool(vals[step.args[0]], self.net.model.positions)
+        return by_pos.pool(vals[step.args[0]], self.net.model.steps[step.args[0]].positions)
 
     def _forward_shift(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
-        return by_pos.shift(vals[step.args[0]], step.offset, self.net.model.grid)
+        return by_pos.shift(vals[step.args[0]], step.offset, step.grid)
+
+    def _forward_window(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
+        return by_pos.window(vals[step.args[0]], self.net.model.steps[step.args[0]].grid, step.window)
 
     def _forward_attend(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
         q, k, v = (vals[i] for i in step.args)
-        P, (H, scale) = self.net.model.positions, self.heads(step)  # noqa: N806
+        P, (H, scale) = step.positions, self.heads(step)  # noqa: N806
         return by_pos.attend(by_pos.weights(q, k, P, self.space.gram, scale, H), v, P, H)
 
     def _forward_matmul(self, step: Step, vals: list, params: dict, x: Tensor) -> Tensor:
@@ -277,14 +280,17 @@ class PooledBackend:
         add(step.args[0], g.expand(vals[step.args[0]].shape))  # m = mean(a): n dL/da = dL/dm everywhere
 
     def _backward_pool(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
-        add(step.args[0], by_pos.pool_backward(g, self.net.model.positions))
+        add(step.args[0], by_pos.pool_backward(g, self.net.model.steps[step.args[0]].positions))
 
     def _backward_shift(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
-        add(step.args[0], by_pos.shift_backward(g, step.offset, self.net.model.grid))
+        add(step.args[0], by_pos.shift_backward(g, step.offset, step.grid))
+
+    def _backward_window(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
+        add(step.args[0], by_pos.window_backward(g, self.net.model.steps[step.args[0]].grid, step.window))
 
     def _backward_attend(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
         q, k, v = (vals[i] for i in step.args)
-        P, gram, (H, scale) = self.net.model.positions, self.space.gram, self.heads(step)  # noqa: N806
+        P, gram, (H, scale) = step.positions, self.space.gram, self.heads(step)  # noqa: N806
         a = by_pos.weights(q, k, P, gram, scale, H)
         for j, d in zip(step.args, by_pos.attend_backward(a, q, k, v, g, P, gram, scale, H), strict=True):
             add(j, d)

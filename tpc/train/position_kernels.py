@@ -27,6 +27,7 @@ convention at the natural scale (a layer's own term without its variance):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -36,7 +37,7 @@ import torch
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS, pair_rule
 from tpc.train.network import Network
-from tpc.train.positions import source_position
+from tpc.train.positions import source_position, window_matrix
 
 Tensor = torch.Tensor
 Value = list[tuple[float, "Atom"]]
@@ -83,12 +84,13 @@ class Base:
     fn: str | None = None
     upstream: frozenset[str] = frozenset()  # the layers it depends on
     scale: Scalar | None = None  # scaled: arg times this number per input and position (a norm)
+    grid: tuple[int, ...] = ()  # its positions' grid (a shift of it is taken on this grid)
 
 
 class Recursion:
     def __init__(self, net: Network, X: np.ndarray) -> None:  # noqa: N803
         self.net = net
-        self.P = net.model.positions
+        self.grid_now: tuple[int, ...] = ()  # the grid of the step being built
         self.x = torch.as_tensor(net.model.by_position(X))  # (N, P, d): a patch per position under conv(U, x)
         self._dots: Tensor | None = None  # made when first needed: `covered` allocates nothing
         self.expect_memo: dict[tuple[int, int], Tensor] = {}  # by the values' ids (bases hold them)
@@ -104,14 +106,15 @@ class Recursion:
 
     # --- the model as values over bases
     def base(self, b: Base) -> Value:
+        b.grid = self.grid_now
         self.bases.append(b)
         return [(1.0, Atom(len(self.bases) - 1))]
 
     def build(self) -> None:
-        net, P = self.net, self.P  # noqa: N806
+        net = self.net
         used: dict[tuple[str, tuple[int, ...]], Value | None] = {}
         for step in net.model.steps:
-            n_pos = P if step.pos else 1
+            n_pos, self.grid_now = step.positions, step.grid
             if step.op == "input":
                 self.values.append(None)
             elif step.op == "bias":
@@ -144,10 +147,14 @@ class Recursion:
                 self.values.append(self.uniform_attention(*(self.values[j] for j in step.args)))
             elif step.op == "shift":
                 self.values.append(self.operated(self.as_value(self.values[step.args[0]]),
-                                                 self.shift_matrix(step.offset), step.offset))
+                                                 self.shift_matrix(step.offset, step.grid), step.offset))
             elif step.op == "pool":
-                self.values.append(self.operated(self.as_value(self.values[step.args[0]]), torch.full((1, P), 1.0 / P,
-                                                                                      dtype=torch.float64)))
+                r = net.model.steps[step.args[0]].positions
+                self.values.append(self.operated(self.as_value(self.values[step.args[0]]),
+                                                 torch.full((1, r), 1.0 / r, dtype=torch.float64)))
+            elif step.op == "window":
+                m = window_matrix(net.model.steps[step.args[0]].grid, step.window)
+                self.values.append(self.operated(self.as_value(self.values[step.args[0]]), m))
             else:
                 raise NotCoveredError(step.op)
 
@@ -282,11 +289,13 @@ class Recursion:
         assert value is not None
         return [(c, Atom(a.base, m, shift) if a.op is None else Atom(a.base, m @ a.op)) for c, a in value]
 
-    def shift_matrix(self, offset: tuple[int, ...]) -> Tensor:
+    @staticmethod
+    def shift_matrix(offset: tuple[int, ...], grid: tuple[int, ...]) -> Tensor:
         """S[p, r] = 1 where r = p + offset on the grid (row by row), else 0."""
-        m = torch.zeros(self.P, self.P, dtype=torch.float64)
-        for p in range(self.P):
-            r = source_position(p, offset, self.net.model.grid)
+        P = math.prod(grid)  # noqa: N806
+        m = torch.zeros(P, P, dtype=torch.float64)
+        for p in range(P):
+            r = source_position(p, offset, grid)
             if r is not None:
                 m[p, r] = 1.0
         return m
@@ -352,7 +361,8 @@ class Recursion:
                     # shifts on both position axes: one slice added in place, no operator products
                     if total is None:
                         total = torch.zeros(k.shape, dtype=k.dtype)
-                    _add_shifted(total, k, a.shift, b.shift, self.net.model.grid, cu * cv)
+                    _add_shifted(total, k, a.shift, b.shift, self.bases[a.base].grid, self.bases[b.base].grid,
+                                 cu * cv)
                     continue
                 if a.op is not None:
                     k = _operate(a.op, k, 2)
@@ -487,19 +497,19 @@ class Recursion:
 
 
 def _add_shifted(total: Tensor, k: Tensor, sa: tuple[int, ...] | None, sb: tuple[int, ...] | None,
-                 grid: tuple[int, ...], alpha: float) -> None:
+                 grid_a: tuple[int, ...], grid_b: tuple[int, ...], alpha: float) -> None:
     """total += alpha S_a k S_b^T for shifts S_a, S_b (None: none) of the first and the second
     position axis: the entry at positions (p, q) is k's at (p + a, q + b), zero where either leaves
     the grid, so it is one slice of k added to one slice of total, on the grid's axes."""
     lead = k.shape[:2]
     src: list[slice] = [slice(None), slice(None)]
     dst: list[slice] = [slice(None), slice(None)]
-    for offset in (sa, sb):
+    for offset, grid in ((sa, grid_a), (sb, grid_b)):
         for s, size in zip(offset or (0,) * len(grid), grid, strict=True):
             src.append(slice(max(s, 0), size + min(s, 0)))
             dst.append(slice(max(-s, 0), size - max(s, 0)))
-    view = total.view(*lead, *grid, *grid)
-    view[tuple(dst)].add_(k.reshape(*lead, *grid, *grid)[tuple(src)], alpha=alpha)
+    view = total.view(*lead, *grid_a, *grid_b)
+    view[tuple(dst)].add_(k.reshape(*lead, *grid_a, *grid_b)[tuple(src)], alpha=alpha)
 
 
 def _operate(m: Tensor, k: Tensor, axis: int) -> Tensor:

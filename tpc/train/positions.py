@@ -127,3 +127,55 @@ def patches_text(x: str, offsets: tuple[tuple[int, ...], ...]) -> str:
 def shift_backward(g: Tensor, offset: tuple[int, ...], grid: tuple[int, ...]) -> Tensor:
     """The adjoint of `shift`: n dL/dv from g = n dL/d(shift(v)) is g shifted back."""
     return shift(g, tuple(-s for s in offset), grid)
+
+
+Window = tuple[tuple[int, int, int, int], ...]
+
+
+def window_grid(spec: Window) -> tuple[int, ...]:
+    """The grid a window step makes: per axis, the windows of `size` from start, every stride-th,
+    that end by stop."""
+    return tuple((stop - start - size) // stride + 1 for start, stop, size, stride in spec)
+
+
+def window_text(spec: Window) -> str:
+    """How `tpc graph` shows a window step: per axis start:stop:stride, and xsize for windows of more than one."""
+    return "[" + ", ".join(f"{start}:{stop}:{stride}" + (f" x{size}" if size > 1 else "")
+                           for start, stop, size, stride in spec) + "]"
+
+
+def axis_matrices(grid: tuple[int, ...], spec: Window) -> list[Tensor]:
+    """Per axis, the (out, in) matrix of the mean over each window: 1/size on the window's positions."""
+    mats = []
+    for size_in, (start, _, size, stride), out in zip(grid, spec, window_grid(spec), strict=True):
+        m = torch.zeros(out, size_in, dtype=torch.float64)
+        for i in range(out):
+            m[i, start + i * stride:start + i * stride + size] = 1.0 / size
+        mats.append(m)
+    return mats
+
+
+def window_matrix(grid: tuple[int, ...], spec: Window) -> Tensor:
+    """The whole (P', P) map over positions numbered row by row: the axes' matrices' Kronecker product."""
+    mats = axis_matrices(grid, spec)
+    return mats[0] if len(mats) == 1 else torch.kron(mats[0], mats[1])
+
+
+def _along_axes(v: Tensor, grid: tuple[int, ...], mats: list[Tensor]) -> Tensor:
+    """Each axis's matrix applied along that axis of the grid: (..., B*P, m) -> (..., B*P', m)."""
+    at = v.reshape(*v.shape[:-2], v.shape[-2] // math.prod(grid), *grid, v.shape[-1])
+    for axis, m in enumerate(mats):
+        dim = at.dim() - 1 - len(grid) + axis
+        at = (at.movedim(dim, -1) @ m.to(v).T).movedim(-1, dim)
+    return at.reshape(*v.shape[:-2], -1, v.shape[-1])
+
+
+def window(v: Tensor, grid: tuple[int, ...], spec: Window) -> Tensor:
+    """The mean over each window of positions (a strided or 'valid' convolution's kept positions are
+    windows of one; `avgpool(h, k)` windows of k x k): (..., B*P, m) -> (..., B*P', m)."""
+    return _along_axes(v, grid, axis_matrices(grid, spec))
+
+
+def window_backward(g: Tensor, grid: tuple[int, ...], spec: Window) -> Tensor:
+    """The adjoint of `window`: n dL/dv on the argument's grid from g = n dL/d(window(v))."""
+    return _along_axes(g, window_grid(spec), [m.T for m in axis_matrices(grid, spec)])

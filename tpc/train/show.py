@@ -198,7 +198,7 @@ def model_lines(net: Network) -> list[str]:
         text = STEPS[s.op].text(s, args, net)  # `_step_text_<op>` below (tpc/train/steps.py)
         where = {"scalar": "a number per input", "out": "finite"}.get(s.kind, "an n-vector")
         if s.pos:
-            where += " at every position"
+            where += " at every position" if s.grid == m.grid else f" at {' x '.join(map(str, s.grid))} positions"
         note = f"softmax over positions of q.k / n^{net.attention:g}" if s.op == "attend" else where
         lines.append(f"  {names[k]:<8} = {text:<48} # {note}")
     return lines
@@ -232,6 +232,12 @@ def _step_text_pool(step: Step, args: list[str], net: Network) -> str:
 
 def _step_text_shift(step: Step, args: list[str], net: Network) -> str:
     return f"shift({args[0]}, {', '.join(map(str, step.offset))})"
+
+
+def _step_text_window(step: Step, args: list[str], net: Network) -> str:
+    from tpc.train.positions import window_text
+
+    return f"window({args[0]}, {window_text(step.window)})"
 
 
 def _step_text_attend(step: Step, args: list[str], net: Network) -> str:

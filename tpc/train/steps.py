@@ -70,6 +70,9 @@ _TABLE = (
         meaning="pool(h): the mean over an input's positions"),
     _op("shift", makes="a vector at every position",
         meaning="shift(h, s) / shift(h, dy, dx): h at position p + s, zero beyond the edges (a convolution's tap)"),
+    _op("window", makes="a vector at every position of a smaller grid",
+        meaning="the mean over windows of positions, every stride-th: a strided or 'valid' convolution's "
+                "kept positions (windows of one), avgpool(h, k)"),
     _op("attend", makes="a vector at every position",
         meaning="attend(q, k, v): sum_r softmax_r(q_p . k_r / n^e) v_r over an input's positions"),
 )

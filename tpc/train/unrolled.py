@@ -25,7 +25,7 @@ from tpc.train.instructions import INSTRUCTIONS
 from tpc.train.loops import FAN_IN_EXPONENT, MAXIMAL_LR_EXPONENT, Instr, whole_index
 from tpc.train.losses import batch_rows
 from tpc.train.network import Network, Step
-from tpc.train.positions import patches_text
+from tpc.train.positions import patches_text, window_text
 from tpc.train.show import INFIX, terms_text
 from tpc.train.steps import STEPS
 
@@ -289,6 +289,16 @@ def _listing_shift(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
     return f"shift({h[step.args[0]]}, {', '.join(map(str, step.offset))})   # zero beyond the edges"
 
 
+def _listing_window(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
+    return (f"window({h[step.args[0]]}, {window_text(step.window)})   # the mean over each window of positions "
+            "(start:stop:stride xsize per axis)")
+
+
+def _listing_backward_window(ls: _Lister, root: str, k: int, step: Step, h: list[str], g: str,
+                             grads: dict[int, list[str]]) -> None:
+    grads.setdefault(step.args[0], []).append(f"window.T({g}, {window_text(step.window)})")  # spread back
+
+
 def _listing_backward_shift(ls: _Lister, root: str, k: int, step: Step, h: list[str], g: str,
                             grads: dict[int, list[str]]) -> None:
     grads.setdefault(step.args[0], []).append(f"shift({g}, {', '.join(str(-s) for s in step.offset)})")
@@ -326,7 +336,8 @@ def _listing_backward_moment(ls: _Lister, root: str, k: int, step: Step, h: list
 
 def _listing_backward_pool(ls: _Lister, root: str, k: int, step: Step, h: list[str], g: str,
                            grads: dict[int, list[str]]) -> None:
-    grads.setdefault(step.args[0], []).append(f"{g} / {ls.net.model.positions}   # at every position")
+    P = ls.net.model.steps[step.args[0]].positions  # noqa: N806
+    grads.setdefault(step.args[0], []).append(f"{g} / {P}   # at every position")
 
 
 def _listing_backward_attend(ls: _Lister, root: str, k: int, step: Step, h: list[str], g: str,

@@ -127,7 +127,7 @@ def _code_input(i: int, step: Step, values: list[str], names: dict[str, str], ow
     if not step.patches:
         return rows
     lines.append(f"x{i} = {rows}")  # conv(U, x): each position's patch, the rows at p + o side by side
-    return f"torch.cat([{', '.join(_shifted(f'x{i}', o, net.model.grid) for o in step.patches)}], -1)"
+    return f"torch.cat([{', '.join(_shifted(f'x{i}', o, step.grid) for o in step.patches)}], -1)"
 
 
 def _code_bias(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
@@ -152,20 +152,34 @@ def _code_moment(i: int, step: Step, values: list[str], names: dict[str, str], o
     return f"{values[step.args[0]]}.mean(-1, keepdim=True)"
 
 
-def _by_input(v: str, net: Network) -> str:
+def _by_input(v: str, positions: int) -> str:
     """A positional value's rows grouped by input: (..., B, P, n)."""
-    return f"{v}.reshape(*{v}.shape[:-2], -1, {net.model.positions}, {v}.shape[-1])"
+    return f"{v}.reshape(*{v}.shape[:-2], -1, {positions}, {v}.shape[-1])"
 
 
 def _code_pool(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
                lines: list[str]) -> str:
-    return f"{_by_input(values[step.args[0]], net)}.mean(-2)"  # the mean over each input's P rows
+    P = net.model.steps[step.args[0]].positions  # noqa: N806
+    return f"{_by_input(values[step.args[0]], P)}.mean(-2)"  # the mean over each input's P rows
 
 
 def _code_shift(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
                 lines: list[str]) -> str:
     """h at position p + offset, zero beyond the edges: the rows that stay, padded with zeros."""
-    return _shifted(values[step.args[0]], step.offset, net.model.grid)
+    return _shifted(values[step.args[0]], step.offset, step.grid)
+
+
+def _code_window(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
+                 lines: list[str]) -> str:
+    """The mean over windows of positions, every stride-th: per axis of the grid, the positions from
+    start to stop, torch's `unfold` into windows, their mean."""
+    v, grid = values[step.args[0]], net.model.steps[step.args[0]].grid
+    at = f"{v}.reshape(*{v}.shape[:-2], -1, {', '.join(map(str, grid))}, {v}.shape[-1])"
+    for axis, (start, stop, size, stride) in enumerate(step.window):
+        dim = axis - len(grid) - 1  # the grid's axes, counted from the end (n is last)
+        at = f"{at}.narrow({dim}, {start}, {stop - start}).unfold({dim}, {size}, {stride})"
+        at = f"{at}.mean(-1)" if size > 1 else f"{at}[..., 0]"
+    return f"{at}.reshape(*{v}.shape[:-2], -1, {v}.shape[-1])"
 
 
 def _shifted(v: str, offset: tuple[int, ...], grid: tuple[int, ...]) -> str:
@@ -180,16 +194,17 @@ def _shifted(v: str, offset: tuple[int, ...], grid: tuple[int, ...]) -> str:
 def _code_attend(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
                  lines: list[str]) -> str:
     q, k, v = (values[j] for j in step.args)  # softmax over an input's positions of q.k / n^e, applied to v
+    P = step.positions  # noqa: N806
     if step.heads == 1:
-        lines.append(f"a{i} = torch.softmax({_by_input(q, net)} @ {_by_input(k, net)}.transpose(-1, -2) / "
+        lines.append(f"a{i} = torch.softmax({_by_input(q, P)} @ {_by_input(k, P)}.transpose(-1, -2) / "
                      f"{q}.shape[-1] ** {_num(net.attention)}, dim=-1)")
-        return f"(a{i} @ {_by_input(v, net)}).reshape({v}.shape)"
+        return f"(a{i} @ {_by_input(v, P)}).reshape({v}.shape)"
     # H heads: head h is the h-th block of n/H coordinates of q, k and v, (..., H, B*P, n/H)
     lines.append(f"q{i}, k{i}, v{i} = (t.reshape(*t.shape[:-1], {step.heads}, -1).movedim(-2, -3) "
                  f"for t in ({q}, {k}, {v}))")
-    lines.append(f"a{i} = torch.softmax({_by_input(f'q{i}', net)} @ {_by_input(f'k{i}', net)}.transpose(-1, -2) / "
+    lines.append(f"a{i} = torch.softmax({_by_input(f'q{i}', P)} @ {_by_input(f'k{i}', P)}.transpose(-1, -2) / "
                  f"q{i}.shape[-1] ** {_num(net.attention)}, dim=-1)")
-    return f"(a{i} @ {_by_input(f'v{i}', net)}).movedim(-4, -2).reshape({v}.shape)"  # the heads side by side
+    return f"(a{i} @ {_by_input(f'v{i}', P)}).movedim(-4, -2).reshape({v}.shape)"  # the heads side by side
 
 
 def emit_network_source(net: Network) -> str:
