@@ -430,7 +430,7 @@ def _features_at_init(net: Network, particles: int, seed: int) -> Any:
     class FeaturesAtInit(LimitSpace):
         def initial(self, layer: Any) -> torch.Tensor:
             if layer.role == "readout":
-                return torch.zeros((int(layer.rows), self.space.size), dtype=self.dtype)
+                return torch.zeros((int(layer.weight_rows), self.space.size), dtype=self.dtype)
             return super().initial(layer)
 
     return FeaturesAtInit(net, False, particles, seed)

@@ -100,12 +100,15 @@ class DenseBackend:
         return _tree(tree, entrywise_args(args, shape, self.dtype, self.device))
 
     def feature_gram(self, applied: Applied) -> Tensor:
-        feats = applied.vals[self.net.model.features]
-        return feats @ feats.transpose(-1, -2) / self.n
+        from tpc.train.positions import mean_over_positions
+
+        feats = applied.vals[self.net.model.features]  # over positions for V @ flatten(h): their mean
+        return mean_over_positions(feats @ feats.transpose(-1, -2) / self.n, self.net.readout().taps)
 
     def feature_change(self, applied: Applied, before: Applied) -> Tensor:
         diff = applied.vals[self.net.model.features] - before.vals[self.net.model.features]
-        return torch.sqrt((diff * diff).mean(-1))
+        sq = (diff * diff).mean(-1)  # per row: per input, or per input and position (flatten)
+        return torch.sqrt(sq.reshape(*sq.shape[:-1], -1, self.net.readout().taps).mean(-1))
 
     def init_kernel(self, kind: str, data: str, params: dict[str, Tensor]) -> Tensor:
         """Each seed's empirical nngp or ntk of the parameters `params` (init_kernels.py)."""

@@ -23,7 +23,7 @@ Tensor = torch.Tensor
 def shape_of(layer: Layer, width: int) -> tuple[int, ...]:
     if layer.role == "bias":
         return (width,)
-    return tuple(width if d is None else int(d) for d in (layer.rows, layer.cols))
+    return tuple(width if d is None else int(d) for d in (layer.weight_rows, layer.cols))
 
 
 def standard_normals(net: Network, width: int, seeds: list[int], dtype: torch.dtype,
@@ -71,6 +71,10 @@ def _finite_matmul(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x
     arg = vals[step.args[0]]
     if arg.dim() == 2:  # the data (B, d) times the input layer (S, n, d)
         return torch.einsum("bd,snd->sbn", arg, w)
+    la = net.layers[step.layer]
+    if la.role == "readout" and la.taps > 1:  # V @ flatten(h): each input's P rows side by side
+        rows = arg.reshape(arg.shape[0], -1, la.taps * arg.shape[-1])
+        return rows @ w.reshape(w.shape[0], -1, la.taps * w.shape[-1]).transpose(-1, -2)
     return arg @ w.transpose(-1, -2)
 
 

@@ -44,16 +44,18 @@ def empirical(net: Network, weights: dict[str, Tensor], x: Tensor, kind: str, wi
             vals.append(v)
         out = vals[-1]  # (S, B, k)
         k = out.shape[-1]
-        feats = vals[net.model.features]
+        # x . x' of the features the readout reads (summed over positions for V @ flatten(h))
+        feats = _per_input(vals[net.model.features], rows)
+        feats_gram = torch.einsum("sbpi,scpi->sbc", feats, feats)
         if kind == "nngp":
             # the readout's weights integrated out (as a raw program's cov(f)): a seed's value converges
             # to the limit, where f(X) f(X).T / k itself stays random
             readout = net.readout()
-            scale = readout.var * float(width ** (-2 * net.init_exponent(readout)))
-            return (scale * (feats @ feats.transpose(-1, -2))).detach()
+            scale = readout.var / readout.fan_in * float(width ** (-2 * net.init_exponent(readout)))
+            return (scale * feats_gram).detach()
         c = net.abc.c
         factor = {name: float(width ** (-c - 2 * net.ab(la)[0])) for name, la in net.layers.items()}
-        total = factor[net.readout().name] * (feats @ feats.transpose(-1, -2))
+        total = factor[net.readout().name] * feats_gram
         uses = [i for i, s in enumerate(net.model.steps)
                 if s.op == "bias" or s.op == "matmul" and s.kind == "vector"]
         for j in range(k):

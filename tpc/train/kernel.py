@@ -95,6 +95,7 @@ class _Lowering:
         # edge), which no statement holds: a layer applied to it is zero too
         self.names: list[list[str | None]] = []
         self.carrier: dict[int, str] = {}  # a vector at each position that a constant vector can ride on
+        self.readouts: list[str] = []  # f, or f_p at each position p of V @ flatten(h): f is their sum
 
     # --- syntax trees
     @staticmethod
@@ -151,8 +152,13 @@ class _Lowering:
         if self.net.layers[step.layer].role == "readout":  # normalised: v @ x / sqrt(n), v one row
             f = self.own["f"]
             self.names.append([f])
-            self.assign(f, self.op("/", self.op("@", self.name(step.layer), self.name(self.at(step.args[0], 0))),
-                                   self.call("sqrt", self.name(self.own["n"]))))
+            # V @ flatten(h): one readout vector per position (readout_vectors), f = sum_p f_p with
+            # f_p = v_p @ h_p / sqrt(n), each a Gaussian readout of its own (a Netsor program adds none)
+            root_n = self.call("sqrt", self.name(self.own["n"]))
+            for p, v in enumerate(self.readout_vectors(step)):
+                if (x := self.at(step.args[0], p)) is not None:
+                    self.readouts.append(f if len(self.readout_vectors(step)) == 1 else _fresh(f"{f}_{p}", self.taken))
+                    self.assign(self.readouts[-1], self.op("/", self.op("@", self.name(v), self.name(x)), root_n))
             return
         for p, value in self.values(i, step):
             arg = self.at(step.args[0], p)
@@ -162,6 +168,12 @@ class _Lowering:
             self.assign(value, self.op("@", self.name(step.layer), self.name(arg)))
             if self.net.layers[step.layer].role == "input":
                 self.carrier.setdefault(p, value)
+
+    def readout_vectors(self, step: Step) -> list[str]:
+        """The readout's vectors: itself, or for V @ flatten(h) one per position of h (`V[p]`, names no
+        program can write)."""
+        taps = self.net.layers[step.layer].taps
+        return [step.layer] if taps == 1 else [f"{step.layer}[{p}]" for p in range(taps)]
 
     def lower_fn(self, i: int, step: Step) -> None:
         for p, value in self.values(i, step):
@@ -278,7 +290,7 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
 
     low = _Lowering(net)
     own, name, call, op = low.own, low.name, low.call, low.op
-    n, f, P = own["n"], own["f"], low.P  # noqa: N806
+    n, P = own["n"], low.P  # noqa: N806
     shown: list[str] = []  # each variance as `tpc graph` shows it: the lowered program's only text
 
     def variance(value: ast.Expr, text: str) -> ast.Normal:
@@ -293,18 +305,26 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
         elif la.role == "hidden":
             var = variance(op("/", ast.Num(SPAN, la.var), name(n)), f"{la.var!r} / n")
             low.stmts.append(ast.MatrixDecl(SPAN, la.name, n, n, SPAN, SPAN, var))
+        elif la.role == "readout" and la.taps > 1:  # V @ flatten(h): P independent vectors of var / P
+            for v in low.readout_vectors(net.model.steps[-1]):
+                low.stmts.append(ast.VectorDecl(SPAN, (v,), variance(ast.Num(SPAN, la.var / la.taps),
+                                                                     f"{la.var!r} / {la.taps}")))
         else:
             low.stmts.append(ast.VectorDecl(SPAN, (la.name,), variance(ast.Num(SPAN, la.var), f"{la.var!r}")))
     steps = net.model.steps
     for i, step in enumerate(steps):
         STEPS[step.op].lower(low, i, step)
     terms: list[tuple[str, str, float]] = []
-    feats = name(low.names[net.model.features][0])
-    low.stmts.append(ast.OutputDecl(SPAN, own["features"], call("gram", feats)))
-    low.stmts.append(ast.OutputDecl(SPAN, own["nngp"], call("cov", name(f))))
+    # the readout's term: x . x' of what it reads, summed over the positions for V @ flatten(h)
+    feats = low.total([call("gram", name(v)) for v in low.names[net.model.features] if v is not None])
+    flat = net.readout().taps
+    low.stmts.append(ast.OutputDecl(SPAN, own["features"], feats if flat == 1 else
+                                    op("/", feats, ast.Num(SPAN, float(flat)))))
+    low.stmts.append(ast.OutputDecl(SPAN, own["nngp"], low.total([call("cov", name(g)) for g in low.readouts])))
     # each application of a layer (at each position p) that f depends on: its output's and its
     # input's names, and p (a value a shift moves past the edge, or a zero, adds nothing)
-    reaches = _reaching(low.stmts, f)
+    reach = {g: _reaching(low.stmts, g) for g in low.readouts}
+    reaches = set().union(*reach.values())
     uses: dict[str, list[tuple[str, str, int]]] = {}
     for i, step in enumerate(steps):
         if step.op == "matmul" and net.layers[step.layer].role in ("input", "hidden"):
@@ -312,8 +332,12 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
                 if low.names[i][p] in reaches:
                     uses.setdefault(step.layer, []).append((low.names[i][p], low.at(step.args[0], p), p))
 
+    def grad_f(v: str) -> ast.Expr:
+        """df/dv: the sum over the readouts that reach v (f_p are independent readouts, f their sum)."""
+        return low.total([call("grad", name(g), name(v)) for g in low.readouts if v in reach[g]])
+
     def pair(u: tuple[str, str, int], w: tuple[str, str, int]) -> ast.Expr:
-        return call("gram", call("grad", name(f), name(u[0])), call("grad", name(f), name(w[0])))
+        return call("gram", grad_f(u[0]), grad_f(w[0]))
 
     def inputs(u: tuple[str, str, int], w: tuple[str, str, int]) -> ast.Expr:
         """x . x' of the data an input layer multiplies (at those positions)."""
@@ -322,9 +346,9 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
     for layer, la in net.layers.items():
         out = _fresh(f"theta_{layer}", low.taken)
         if la.role == "readout":
-            value = call("gram", feats)
+            value = feats
         elif la.role == "bias":
-            value = call("gram", call("grad", name(f), name(layer)))
+            value = call("gram", grad_f(layer))
         elif la.role == "input":
             value = low.partial_sums([op("*", pair(u, w), inputs(u, w)) for u in uses[layer] for w in uses[layer]],
                                      out)

@@ -61,10 +61,18 @@ class Layer:
 
     @property
     def fan_in(self) -> int:
-        # an embedding's input counts words (one-hot rows), so its columns are unit-variance n-vectors
-        return int(self.cols) if self.role == "input" else 1
+        # an embedding's input counts words (one-hot rows), so its columns are unit-variance n-vectors;
+        # a readout of flattened positions has P vectors of n per output (var / P each)
+        return int(self.cols) if self.role == "input" else self.taps if self.role == "readout" else 1
 
-    taps: int = 1  # an input convolution's offsets: its columns are `taps` rows of data (conv(U, x))
+    # an input convolution's offsets: its columns are `taps` rows of data (conv(U, x)); a readout of
+    # flatten(h): h's positions, one row of n weights per output and position (k * taps rows)
+    taps: int = 1
+
+    @property
+    def weight_rows(self) -> int | None:
+        """The rows of its weight matrix (None: the width n): a flattening readout's k * P."""
+        return int(self.rows) * self.taps if self.role == "readout" else self.rows
 
     @property
     def takes_data(self) -> bool:
@@ -382,7 +390,8 @@ class _Builder:
         if name in self.defined:
             raise TpcError(f"'{name}' is already defined (first defined at line {self.defined[name].line})", span)
         if name in FUNCTIONS and FUNCTIONS[name].user_visible or name in ALIASES or name in LOSSES \
-                or name in OUTPUT_FUNCTIONS or name in NORMS + POSITION_OPS or name in ("mean", "sum", "load", "N"):
+                or name in OUTPUT_FUNCTIONS or name in NORMS + POSITION_OPS \
+                or name in ("mean", "sum", "load", "N", "flatten"):
             raise TpcError(f"'{name}' is a built-in function; choose another name", span)
         self.defined[name] = span
 
@@ -1174,7 +1183,14 @@ class ModelBuilder:
         la = self.b.layers[e.left.id]
         if la.role == "bias":
             raise TpcError(f"'{la.name}' is a bias: add it (W @ x + {la.name})", e.left.span)
-        x = self.value(e.right)
+        right, flat = e.right, isinstance(e.right, ast.Call) and e.right.fn == "flatten"
+        if flat:  # V @ flatten(h): the readout with its own weights at each of h's positions
+            if la.role != "readout" or len(e.right.args) != 1:
+                raise TpcError("flatten(h) is read by the readout alone: V @ flatten(h)", e.right.span)
+            right = e.right.args[0]
+        x = self.value(right)
+        if flat and not (isinstance(x, int) and self.steps[x].kind == "vector" and self.steps[x].pos):
+            raise TpcError("flatten(h) takes an n-vector at every position", right.span)
         kind = self.steps[x].kind if isinstance(x, int) else "constant"
         want = "data" if la.takes_data else "vector"
         if kind != want:
@@ -1186,10 +1202,12 @@ class ModelBuilder:
         if la.role == "readout" and self.scope:
             raise TpcError("the readout is applied in the model's body, not inside a nonlin", e.span)
         if la.role == "readout" and self.steps[x].pos:
-            raise TpcError("the readout takes one vector per input: average over the positions first, "
-                           "V @ pool(h)", e.right.span)
+            if not flat:
+                raise TpcError("the readout takes one vector per input: average over the positions first, "
+                               "V @ pool(h), or give it weights at every position, V @ flatten(h)", e.right.span)
+            la.taps = self.steps[x].positions
         return self.add(Step("matmul", "out" if la.role == "readout" else "vector", layer=la.name, args=(x,),
-                             span=e.span, grid=self.steps[x].grid))
+                             span=e.span, grid=() if la.role == "readout" else self.steps[x].grid))
 
     def call(self, e: ast.Call) -> int | float:
         if e.fn in self.b.nonlins:
@@ -1218,6 +1236,8 @@ class ModelBuilder:
             return self.positional(fn, e)
         if fn == "conv":
             return self.conv(e)
+        if fn == "flatten":
+            raise TpcError("flatten(h) is read by the readout alone: V @ flatten(h)", e.span)
         if fn not in FUNCTIONS or not FUNCTIONS[fn].user_visible:
             if e.fn == self.decl.name:
                 raise TpcError("a model cannot call itself", e.fn_span)

@@ -247,6 +247,8 @@ class PooledBackend:
         y = vals[step.args[0]]
         if la.role == "input":
             return y @ params[la.name]
+        if la.role == "readout" and la.taps > 1:  # V @ flatten(h): output j sums its rows' products at each position
+            return by_pos.flat_readout(self.space.gram(y, params[la.name]), la.taps)
         if la.role == "readout":
             return self.space.gram(y, params[la.name])  # f = W x = (v . x) / n
         return self.hidden(la.name, params[la.name], y, False)
@@ -264,7 +266,8 @@ class PooledBackend:
             grads[i] = g if grads[i] is None else grads[i] + g
 
         out = steps[-1]
-        add(out.args[0], chi @ params[out.layer])  # n dL/dx = sum_i chi_i v_i
+        taps = self.net.layers[out.layer].taps  # a flattening readout: each position its own rows
+        add(out.args[0], (chi if taps == 1 else by_pos.spread(chi, taps)) @ params[out.layer])  # sum_i chi_i v_i
         for i in range(len(steps) - 2, -1, -1):
             rule = STEPS[steps[i].op].backward
             if grads[i] is not None and rule is not None:
@@ -338,7 +341,7 @@ class PooledBackend:
                 if la.role == "input":
                     put(la.name, y.transpose(-1, -2) @ grads[i])
                 elif la.role == "readout":
-                    put(la.name, chi.transpose(-1, -2) @ y)
+                    put(la.name, (chi if la.taps == 1 else by_pos.spread(chi, la.taps)).transpose(-1, -2) @ y)
                 else:
                     put(la.name, self.stored(la.name, y, grads[i]))
         for name in layers:  # a layer the loss does not reach (behind a step function) has gradient zero
@@ -382,8 +385,8 @@ class PooledBackend:
         return Pooled(0.0, coef)
 
     def feature_gram(self, applied: Applied) -> Tensor:
-        feats = applied.vals[self.net.model.features]
-        return self.space.gram(feats, feats)
+        feats = applied.vals[self.net.model.features]  # over positions for V @ flatten(h): their mean
+        return by_pos.mean_over_positions(self.space.gram(feats, feats), self.net.readout().taps)
 
     def init_kernel(self, kind: str, data: str, params: dict[str, object]) -> Tensor:
         """nngp(f, X) or ntk(f, X) at initialisation: at width n the seeds' empirical kernels (the
@@ -403,7 +406,8 @@ class PooledBackend:
 
     def feature_change(self, applied: Applied, before: Applied) -> Tensor:
         diff = applied.vals[self.net.model.features] - before.vals[self.net.model.features]
-        return torch.sqrt(torch.clamp(self.space.gram(diff[..., None, :], diff[..., None, :])[..., 0, 0], min=0.0))
+        sq = self.space.gram(diff[..., None, :], diff[..., None, :])[..., 0, 0]  # per row (and position)
+        return torch.sqrt(torch.clamp(sq.reshape(*sq.shape[:-1], -1, self.net.readout().taps).mean(-1), min=0.0))
 
 
 def run_pooled(net: Network, space: FiniteSpace | LimitSpace,
@@ -455,7 +459,7 @@ def count(net: Network) -> Count:
     dry.checks = False
     with torch.enable_grad():
         dry.run()
-    initial = sum(int(la.cols if la.role == "input" else la.rows if la.role == "readout" else 1)
+    initial = sum(int(la.cols if la.role == "input" else la.weight_rows if la.role == "readout" else 1)
                   for la in net.layers.values() if la.role != "hidden")
     stored = sum(int(x.shape[-2]) for x, _ in backend.pool.values())
     return Count(initial + space.rows[False] + space.rows[True], stored, space.peak, space.rows[False],

@@ -480,19 +480,25 @@ class Recursion:
         readout_name = self.net.model.steps[-1].layer
         readout = self.net.layers[readout_name]
         g = self.out
-        if self.positions_of(g) != 1:
+        flat = readout.taps  # V @ flatten(h): position p read by its own vectors, var / P each
+
+        def read(k: Tensor) -> Tensor:
+            """(N, N, P, P) -> (N, N): what the readout sees, the mean over positions p of (p, p)."""
+            return torch.einsum("abpp->ab", k) / flat
+
+        if self.positions_of(g) != flat:  # pragma: no cover - the model builder refuses it
             raise NotCoveredError("the readout of positions")
-        feats = self.expect(g, g)[:, :, 0, 0]
+        feats = read(self.expect(g, g))
         terms = {name: torch.zeros_like(feats) for name in self.net.layers}
-        terms[readout_name] = factors[readout_name] * feats
+        terms[readout_name] = factors[readout_name] * flat * feats  # its own term sums the positions
         if per_layer:
             for name, la in self.net.layers.items():
                 if la.role != "readout" and factors[name]:
-                    terms[name] = factors[name] * readout.var * self.theta(name, g, g)[:, :, 0, 0]
+                    terms[name] = factors[name] * readout.var * read(self.theta(name, g, g))
                     self.theta_memo.clear()  # one layer's terms at a time
         else:
             self.own_weight = factors
-            terms[readout_name] = terms[readout_name] + readout.var * self.theta(None, g, g)[:, :, 0, 0]
+            terms[readout_name] = terms[readout_name] + readout.var * read(self.theta(None, g, g))
         return feats.numpy(), (readout.var * feats).numpy(), {k: np.asarray(v) for k, v in terms.items()}
 
 

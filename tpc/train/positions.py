@@ -179,3 +179,28 @@ def window(v: Tensor, grid: tuple[int, ...], spec: Window) -> Tensor:
 def window_backward(g: Tensor, grid: tuple[int, ...], spec: Window) -> Tensor:
     """The adjoint of `window`: n dL/dv on the argument's grid from g = n dL/d(window(v))."""
     return _along_axes(g, window_grid(spec), [m.T for m in axis_matrices(grid, spec)])
+
+
+def flat_readout(gram: Tensor, positions: int) -> Tensor:
+    """f = V @ flatten(h) from gram = (h . V) over every row of h (B*P) and of V (k*P, row j*P + p
+    the weights of output j at position p): f[b, j] = sum_p gram[b*P + p, j*P + p], (..., B, k)."""
+    at = gram.reshape(*gram.shape[:-2], gram.shape[-2] // positions, positions, gram.shape[-1] // positions,
+                      positions)
+    return torch.diagonal(at, dim1=-3, dim2=-1).sum(-1)
+
+
+def spread(chi: Tensor, positions: int) -> Tensor:
+    """chi (..., B, k) as the (..., B*P, k*P) matrix whose (b*P + p, j*P + q) entry is chi[b, j] where
+    p = q, else 0: what a flattening readout's backward and weight gradient multiply (the adjoint
+    of `flat_readout`)."""
+    eye = torch.eye(positions, dtype=chi.dtype, device=chi.device)
+    out = torch.einsum("...bj,pq->...bpjq", chi, eye)
+    return out.reshape(*chi.shape[:-2], chi.shape[-2] * positions, chi.shape[-1] * positions)
+
+
+def mean_over_positions(pairs: Tensor, positions: int) -> Tensor:
+    """(..., B*P, C*P) products of rows -> (..., B, C): the mean over p of the (b, p), (c, p) entry;
+    `features(f, X)` of a flattening readout (P = 1: unchanged)."""
+    if positions == 1:
+        return pairs
+    return flat_readout(pairs, positions) / positions

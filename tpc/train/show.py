@@ -213,7 +213,8 @@ def _step_text_bias(step: Step, args: list[str], net: Network) -> str:  # pragma
 
 
 def _step_text_matmul(step: Step, args: list[str], net: Network) -> str:
-    return f"{step.layer} @ {args[0]}"
+    flat = net.layers[step.layer].role == "readout" and net.layers[step.layer].taps > 1
+    return f"{step.layer} @ flatten({args[0]})" if flat else f"{step.layer} @ {args[0]}"
 
 
 def _step_text_fn(step: Step, args: list[str], net: Network) -> str:

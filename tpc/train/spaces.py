@@ -92,7 +92,7 @@ class LimitSpace:
         if layer.role == "input":
             return self.factor(e) * std * self.space.normals(int(layer.cols))
         if layer.role == "readout":
-            return self.factor(1 + e) * std * self.space.normals(int(layer.rows))
+            return self.factor(1 + e) * std * self.space.normals(int(layer.weight_rows))
         return self.factor(e) * std * self.space.normals(1)[0]
 
     def matmul(self, layer: Layer, rows: Tensor, transposed: bool) -> Tensor:

@@ -292,7 +292,9 @@ class _Emitter:
             elif o.kind == "features":
                 self.helpers.add("features")
                 x = self.names[o.data]
-                out.append(f"{key} = features(model, {x}) @ features(model, {x}).T / n")
+                flat = self.net.readout().taps  # V @ flatten(h): the mean over positions of h_p . h'_p / n
+                per = f" / {flat}" if flat > 1 else ""
+                out.append(f"{key} = features(model, {x}) @ features(model, {x}).T / n{per}")
             elif o.kind == "feature_change":
                 self.helpers.add("features")
                 x = self.names[o.data]
@@ -723,4 +725,8 @@ def _features_code(net: Network, names: dict[str, str]) -> list[str]:
              '    """The model\'s features on the rows of x: (B, n), the vector its readout multiplies."""',
              "    m = model.multiplier"]
     lines += ["    " + line for line in forward_code(net, names, "model", net.model.features + 1)]
+    flat = net.readout().taps
+    if flat > 1:  # V @ flatten(h): each input's P rows side by side, (B, P n)
+        v = f"s{net.model.features}"
+        lines[-1] = f"    return {v}.reshape(*{v}.shape[:-2], -1, {flat} * {v}.shape[-1])"
     return lines

@@ -138,7 +138,11 @@ def _code_bias(i: int, step: Step, values: list[str], names: dict[str, str], own
 
 def _code_matmul(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
                  lines: list[str]) -> str:
-    layer = names[step.layer]
+    layer, la = names[step.layer], net.layers[step.layer]
+    if la.role == "readout" and la.taps > 1:  # V @ flatten(h): each input's P rows side by side, row j*P + p of V
+        v = values[step.args[0]]
+        return (f"{v}.reshape(*{v}.shape[:-2], -1, {la.taps} * {v}.shape[-1]) @ "
+                f"(m[{layer!r}] * {owner}.{layer}).reshape({la.rows}, -1).T")
     return f"{values[step.args[0]]} @ (m[{layer!r}] * {owner}.{layer}).T"
 
 
@@ -243,7 +247,7 @@ def emit_network_source(net: Network) -> str:
     for name, la in net.layers.items():
         a, b = net.ab(la)
         shape = "(n,)" if la.role == "bias" else \
-            "(" + ", ".join("n" if d is None else str(int(d)) for d in (la.rows, la.cols)) + ")"
+            "(" + ", ".join("n" if d is None else str(int(d)) for d in (la.weight_rows, la.cols)) + ")"
         std = math.sqrt(la.var / la.fan_in)
         lines += [
             f"        # {_comment(name)}: {la.role} layer {la.index + 1}, a = {a:g}, b = {b:g}, var = {la.var:g}",
