@@ -241,3 +241,21 @@ def test_feature_learning_limit_and_convergence() -> None:
     lim = tpc.limit(net, particles=2**13, replicates=2)["pred"]
     errors = [float(np.sqrt(((tpc.run(net, w, 4)["pred"].values - lim.value) ** 2).mean())) for w in (32, 512)]
     assert errors[1] < errors[0] / 2, errors
+
+
+def test_a_norm_of_a_value_shifted_past_the_edge_lowers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At the last position shift(h, 1) is zero, and so is its layernorm: a function of numbers per
+    input alone, which the lowered program keeps as a vector (it used to become a number there, and
+    W @ it an error). The lowered program equals the per-position recursion."""
+    from tpc.train import position_kernels
+
+    source = STRIDED.replace("layer B : conv n x n, kernel = [2, 2], var = 1.5, padding = valid\n", "").replace(
+        "model f(x[4, 4]) = V @ pool(relu(conv(B, relu(conv(A, relu(conv(U, x)))))))",
+        "layer W : hidden n x n, var = 2\n"
+        "model f(x[4, 4]) = V @ pool(relu(W @ layernorm(shift(conv(A, relu(conv(U, x))), 1, 0))))")
+    net = tpc.loads(source.format(param="ntk") + KERNELS)
+    fast = tpc.limit(net)
+    monkeypatch.setattr(position_kernels, "covered", lambda net, x: None)
+    lowered = tpc.limit(net)
+    for name in ("K", "T"):
+        np.testing.assert_allclose(lowered[name].value, fast[name].value, rtol=1e-9, atol=1e-12)

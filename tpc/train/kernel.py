@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from tpc import memory
 from tpc import syntax as ast
@@ -184,9 +185,18 @@ class _Lowering:
                 if const == 0.0:
                     self.names[i][p] = None
                     continue
-                if step.kind == "vector":  # c at every coordinate, as a function of a vector it ignores
-                    names.append(self.carrier[p])
-                    tree = ex.Apply("add", (tree, ex.Apply("mul", (ex.Const(0.0), ex.Arg(len(names) - 1)))))
+            elif step.kind == "vector" and not any(self.net.model.steps[step.args[k]].kind == "vector"
+                                                   for k in ex.args_used(tree)):
+                # a function of numbers per input alone: a norm of a value that is zero here (shifted past
+                # the edge) is zero whatever its scale; anything else is not lowered
+                probes = [float(evaluate_tree(tree, [torch.tensor(v, dtype=torch.float64)] * len(names)))
+                          for v in (0.37, 1.9, 12.5)]
+                if any(probes):
+                    raise TpcError("the kernels' lowered program does not take a vector that is a function of "
+                                   "numbers per input alone here (a value shifted past the edge meets a norm's "
+                                   "scale)", step.span)
+                self.names[i][p] = None
+                continue
             self.assign(value, _expr(tree, [v or "" for v in names], SPAN))
 
     def lower_moment(self, i: int, step: Step) -> None:

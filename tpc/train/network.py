@@ -99,8 +99,11 @@ class Conv:
 
     def window(self, grid: tuple[int, ...]) -> tuple[tuple[int, int, int, int], ...]:
         """The positions the output keeps, as a `window` step's (start, stop, size 1, stride) per axis:
-        'same', 0, s, 2s, ... (torch's padding (k - 1) // 2); 'valid', the positions where every tap
-        is inside the grid (the first tap's offset is -(k - 1) // 2), every s-th of them."""
+        'same', 0, s, 2s, ... of the 'same' output (torch's padding (k - 1) // 2 for an odd kernel; an
+        even one is padded (k - 1) // 2 before and k // 2 after, as torch's padding="same", so it keeps
+        ceil(size / s) positions, one more than padding (k - 1) // 2 can where size - 1 is a multiple
+        of s); 'valid', the positions where every tap is inside the grid (the first tap's offset is
+        -(k - 1) // 2), every s-th of them."""
         return tuple(((k - 1) // 2, size - k + (k - 1) // 2 + 1, 1, self.stride) if self.valid else
                      (0, size, 1, self.stride) for k, size in zip(self.kernel, grid, strict=True))
 

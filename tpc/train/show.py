@@ -198,7 +198,8 @@ def model_lines(net: Network) -> list[str]:
         text = STEPS[s.op].text(s, args, net)  # `_step_text_<op>` below (tpc/train/steps.py)
         where = {"scalar": "a number per input", "out": "finite"}.get(s.kind, "an n-vector")
         if s.pos:
-            where += " at every position" if s.grid == m.grid else f" at {' x '.join(map(str, s.grid))} positions"
+            count = " x ".join(map(str, s.grid)) + (" positions" if s.positions > 1 else " position")
+            where += " at every position" if s.grid == m.grid else f" at {count}"
         note = f"softmax over positions of q.k / n^{net.attention:g}" if s.op == "attend" else where
         lines.append(f"  {names[k]:<8} = {text:<48} # {note}")
     return lines

@@ -142,7 +142,10 @@ class _Lister:
         chi = f"chi{self.suffix()}"
         self.say(f"  {chi} = d{loss}/d{h[-1]}   # finite")
         readout = steps[-1]
-        grads: dict[int, list[str]] = {readout.args[0]: [f"{self.layer(root, readout.layer)}.T @ {chi}"]}
+        taps = self.net.layers[readout.layer].taps  # V @ flatten(h): position p's own rows of V
+        back = f"{self.layer(root, readout.layer)}.T @ {chi}" if taps == 1 else \
+            f"{self.layer(root, readout.layer)}[p].T @ {chi}"
+        grads: dict[int, list[str]] = {readout.args[0]: [back]}
         for k in range(len(steps) - 2, -1, -1):
             step = steps[k]
             if k not in grads or step.kind == "data":
@@ -169,7 +172,9 @@ class _Lister:
             else:
                 finite.setdefault(la.name, []).append(f"{chi}.T {h[step.args[0]]}")
         for name, parts in finite.items():
-            note = {"input": "   # d columns", "readout": "   # k rows"}.get(self.net.layers[name].role, "")
+            la = self.net.layers[name]
+            rows = "k rows" if la.taps == 1 else f"k x {la.taps} rows: each position's"
+            note = {"input": "   # d columns", "readout": f"   # {rows}"}.get(la.role, "")
             self.say(f"  {out}.{name} = {' + '.join(parts)}{note}")
 
     def terms(self, terms: list) -> str:
