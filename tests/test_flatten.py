@@ -18,17 +18,22 @@ import tpc
 from tests.helpers import assert_direct_equals_unrolled, emitted_train_outputs, initial_weights, jacobian_ntk
 from tests.test_conv import KERNELS, LOOP
 from tests.test_conv_layers import _taps
-from tests.test_strided import _conv, _pick, _relu, _sandwich, _shift_matrix
+from tests.test_strided import (
+    IMAGES,
+    _conv,
+    _pick,
+    _relu,
+    _sandwich,
+    _shift_matrix,
+    assert_both_kernel_paths_equal,
+    assert_finite_kernels_approach_the_limit,
+    assert_training_approaches_the_limit,
+)
 from tpc.train.finite import forward
 
 # 3 images of 4 x 4 pixels: a 3 x 3 input convolution, a 3 x 3 one with stride 2 (2 x 2 positions),
 # and a readout of 2 outputs with weights at each of the 4 positions
-FLAT = """width n
-parametrization {param}
-data X = [[1, 0.5, -0.3, 0.2, 0.9, -1, 0.4, 0.1, 0.3, -0.2, 0.6, 0.8, -0.5, 0.2, 0.7, -0.1],
-          [0.2, -0.8, 0.5, 1, -0.4, 0.3, 0.7, -0.6, 0.1, 0.5, -0.2, 0.9, 0.3, 0.3, -0.7, 0.6],
-          [0.9, 0.1, -0.5, 0.6, 0.2, -0.3, -1, 0.4, 0.8, 0, 0.3, -0.4, 0.5, 0.1, -0.2, 0.7]]
-data Y = [[1, 0], [-1, 0.5], [0.5, -1]]
+FLAT = IMAGES.replace("data Y = [1, -1, 0.5]", "data Y = [[1, 0], [-1, 0.5], [0.5, -1]]") + """\
 layer U : conv n x 1, kernel = [3, 3], var = 2
 layer A : conv n x n, kernel = [3, 3], var = 2, stride = 2
 layer V : readout 2 x n, var = 1.5
@@ -66,18 +71,8 @@ def _flat_recursion(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def test_kernels_equal_a_recursion_written_here(monkeypatch: pytest.MonkeyPatch) -> None:
-    from tpc.train import position_kernels
-
     net = tpc.loads(FLAT.format(param="ntk") + KERNELS)
-    nngp, ntk = _flat_recursion(net.data["X"])
-    lim = tpc.limit(net)
-    assert lim["T"].method == "exact+closed-form"
-    np.testing.assert_allclose(lim["K"].value, nngp, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(lim["T"].value, ntk, rtol=1e-9, atol=1e-12)
-    monkeypatch.setattr(position_kernels, "covered", lambda net, x: None)
-    lowered = tpc.limit(net)
-    np.testing.assert_allclose(lowered["K"].value, nngp, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(lowered["T"].value, ntk, rtol=1e-9, atol=1e-12)
+    assert_both_kernel_paths_equal(net, *_flat_recursion(net.data["X"]), monkeypatch)
 
 
 def test_empirical_kernels() -> None:
@@ -102,20 +97,12 @@ def test_direct_equals_unrolled_and_emitted_torch() -> None:
 
 
 def test_finite_kernels_approach_the_limit() -> None:
-    net = tpc.loads(FLAT.format(param="ntk") + KERNELS)
-    lim = tpc.limit(net)
-    for name in ("K", "T"):
-        errors = [float(np.sqrt(((tpc.run(net, w, 6)[name].values - lim[name].value) ** 2).mean()))
-                  for w in (32, 512)]
-        assert errors[1] < errors[0] / 2, (name, errors)
+    assert_finite_kernels_approach_the_limit(tpc.loads(FLAT.format(param="ntk") + KERNELS))
 
 
 @pytest.mark.slow  # 15 s: the particle limit of training
 def test_feature_learning_limit_and_convergence() -> None:
-    net = tpc.loads(FLAT.format(param="mup") + LOOP)
-    lim = tpc.limit(net, particles=2**13, replicates=2)["pred"]
-    errors = [float(np.sqrt(((tpc.run(net, w, 4)["pred"].values - lim.value) ** 2).mean())) for w in (32, 512)]
-    assert errors[1] < errors[0] / 2, errors
+    assert_training_approaches_the_limit(tpc.loads(FLAT.format(param="mup") + LOOP))
 
 
 def test_graph_shows_flatten() -> None:

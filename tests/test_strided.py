@@ -25,29 +25,25 @@ from tests.test_conv import KERNELS, LOOP
 from tests.test_conv_layers import _taps
 from tpc.train.finite import forward
 
-# 3 images of 4 x 4 one-number pixels: a 3 x 3 input convolution ('same'), a 3 x 3 hidden one with
-# stride 2 (4 x 4 -> 2 x 2, torch's padding 1), then a 2 x 2 'valid' one (2 x 2 -> 1 x 1)
-STRIDED = """width n
+# 3 images of 4 x 4 one-number pixels
+IMAGES = """width n
 parametrization {param}
 data X = [[1, 0.5, -0.3, 0.2, 0.9, -1, 0.4, 0.1, 0.3, -0.2, 0.6, 0.8, -0.5, 0.2, 0.7, -0.1],
           [0.2, -0.8, 0.5, 1, -0.4, 0.3, 0.7, -0.6, 0.1, 0.5, -0.2, 0.9, 0.3, 0.3, -0.7, 0.6],
           [0.9, 0.1, -0.5, 0.6, 0.2, -0.3, -1, 0.4, 0.8, 0, 0.3, -0.4, 0.5, 0.1, -0.2, 0.7]]
 data Y = [1, -1, 0.5]
-layer U : conv n x 1, kernel = [3, 3], var = 2
+"""
+# a 3 x 3 input convolution ('same'), a 3 x 3 hidden one with stride 2 (4 x 4 -> 2 x 2, torch's
+# padding 1), then a 2 x 2 'valid' one (2 x 2 -> 1 x 1)
+STRIDED = IMAGES + """layer U : conv n x 1, kernel = [3, 3], var = 2
 layer A : conv n x n, kernel = [3, 3], var = 2, stride = 2
 layer B : conv n x n, kernel = [2, 2], var = 1.5, padding = valid
 layer V : readout 1 x n
 model f(x[4, 4]) = V @ pool(relu(conv(B, relu(conv(A, relu(conv(U, x)))))))
 """
-# the same images: a 'valid' 3 x 3 input convolution (4 x 4 -> 2 x 2 positions) on one side, and
-# 2 x 2 average pooling of a 'same' one on the other (4 x 4 -> 2 x 2), then a hidden layer
-POOLED = """width n
-parametrization {param}
-data X = [[1, 0.5, -0.3, 0.2, 0.9, -1, 0.4, 0.1, 0.3, -0.2, 0.6, 0.8, -0.5, 0.2, 0.7, -0.1],
-          [0.2, -0.8, 0.5, 1, -0.4, 0.3, 0.7, -0.6, 0.1, 0.5, -0.2, 0.9, 0.3, 0.3, -0.7, 0.6],
-          [0.9, 0.1, -0.5, 0.6, 0.2, -0.3, -1, 0.4, 0.8, 0, 0.3, -0.4, 0.5, 0.1, -0.2, 0.7]]
-data Y = [1, -1, 0.5]
-layer U : conv n x 1, kernel = [3, 3], var = 2
+# 2 x 2 average pooling of a 'same' 3 x 3 input convolution (4 x 4 -> 2 x 2 positions), then a
+# hidden layer
+POOLED = IMAGES + """layer U : conv n x 1, kernel = [3, 3], var = 2
 layer W : hidden n x n, var = 2
 layer V : readout 1 x n
 model f(x[4, 4]) = V @ pool(relu(W @ avgpool(relu(conv(U, x)), 2)))
@@ -177,10 +173,15 @@ def _pooled_recursion(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def test_kernels_equal_a_recursion_written_here(program: str, recursion, monkeypatch: pytest.MonkeyPatch) -> None:
     """The per-position recursion, and the lowered Netsor program (one vector per position), both
     equal the recursion above to 1e-9."""
+    net = tpc.loads(program.format(param="ntk") + KERNELS)
+    assert_both_kernel_paths_equal(net, *recursion(net.data["X"]), monkeypatch)
+
+
+def assert_both_kernel_paths_equal(net: tpc.Network, nngp: np.ndarray, ntk: np.ndarray,
+                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """K and T by the per-position recursion, then by the lowered Netsor program, against nngp, ntk."""
     from tpc.train import position_kernels
 
-    net = tpc.loads(program.format(param="ntk") + KERNELS)
-    nngp, ntk = recursion(net.data["X"])
     lim = tpc.limit(net)
     assert lim["T"].method == "exact+closed-form"
     np.testing.assert_allclose(lim["K"].value, nngp, rtol=1e-9, atol=1e-12)
@@ -225,7 +226,10 @@ def test_graph_shows_the_windows_and_the_smaller_grids() -> None:
 def test_finite_kernels_approach_the_limit(program: str) -> None:
     """The seeds' NNGP and NTK at width 32 and 512 against the limit: 16 times the width, about 4
     times smaller root-mean-square errors (at least 2 allowing for the seeds' noise)."""
-    net = tpc.loads(program.format(param="ntk") + KERNELS)
+    assert_finite_kernels_approach_the_limit(tpc.loads(program.format(param="ntk") + KERNELS))
+
+
+def assert_finite_kernels_approach_the_limit(net: tpc.Network) -> None:
     lim = tpc.limit(net)
     for name in ("K", "T"):
         errors = [float(np.sqrt(((tpc.run(net, w, 6)[name].values - lim[name].value) ** 2).mean()))
@@ -237,7 +241,10 @@ def test_finite_kernels_approach_the_limit(program: str) -> None:
 def test_feature_learning_limit_and_convergence() -> None:
     """muP training through a strided and a valid convolution: each seed's predictions approach
     the particle limit (16 times the width: about 4 times smaller errors, allowing for noise)."""
-    net = tpc.loads(STRIDED.format(param="mup") + LOOP)
+    assert_training_approaches_the_limit(tpc.loads(STRIDED.format(param="mup") + LOOP))
+
+
+def assert_training_approaches_the_limit(net: tpc.Network) -> None:
     lim = tpc.limit(net, particles=2**13, replicates=2)["pred"]
     errors = [float(np.sqrt(((tpc.run(net, w, 4)["pred"].values - lim.value) ** 2).mean())) for w in (32, 512)]
     assert errors[1] < errors[0] / 2, errors
