@@ -199,7 +199,7 @@ def _check_network(path: str, net) -> int:  # noqa: ANN001
 
 def _layer_dims(la, width: str) -> str:  # noqa: ANN001
     dims = [width if d is None else str(d) for d in (la.rows, la.cols)]
-    flat = f" at each of {la.taps} positions (flatten)" if la.role == "readout" and la.taps > 1 else ""
+    flat = f" at each of {la.taps} positions (flatten)" if la.flattens else ""
     return width if la.role == "bias" else " x ".join(dims) + flat
 
 

@@ -16,6 +16,7 @@ import torch
 from tpc import memory
 from tpc.backends.torch.run import DTYPES, FiniteResult
 from tpc.ops import expr as ex
+from tpc.train import positions as by_pos
 from tpc.train.finite import forward, shape_of, standard_normals
 from tpc.train.interp import Applied, Bundle, Interpreter, Rows, entrywise_args
 from tpc.train.losses import _tree
@@ -100,15 +101,13 @@ class DenseBackend:
         return _tree(tree, entrywise_args(args, shape, self.dtype, self.device))
 
     def feature_gram(self, applied: Applied) -> Tensor:
-        from tpc.train.positions import mean_over_positions
-
         feats = applied.vals[self.net.model.features]  # over positions for V @ flatten(h): their mean
-        return mean_over_positions(feats @ feats.transpose(-1, -2) / self.n, self.net.readout().taps)
+        return by_pos.mean_over_positions(feats @ feats.transpose(-1, -2) / self.n, self.net.readout().taps)
 
     def feature_change(self, applied: Applied, before: Applied) -> Tensor:
         diff = applied.vals[self.net.model.features] - before.vals[self.net.model.features]
         sq = (diff * diff).mean(-1)  # per row: per input, or per input and position (flatten)
-        return torch.sqrt(sq.reshape(*sq.shape[:-1], -1, self.net.readout().taps).mean(-1))
+        return torch.sqrt(by_pos.mean_per_input(sq, self.net.readout().taps))
 
     def init_kernel(self, kind: str, data: str, params: dict[str, Tensor]) -> Tensor:
         """Each seed's empirical nngp or ntk of the parameters `params` (init_kernels.py)."""

@@ -72,7 +72,7 @@ def _finite_matmul(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x
     if arg.dim() == 2:  # the data (B, d) times the input layer (S, n, d)
         return torch.einsum("bd,snd->sbn", arg, w)
     la = net.layers[step.layer]
-    if la.role == "readout" and la.taps > 1:  # V @ flatten(h): each input's P rows side by side
+    if la.flattens:  # V @ flatten(h): each input's P rows side by side
         rows = arg.reshape(arg.shape[0], -1, la.taps * arg.shape[-1])
         return rows @ w.reshape(w.shape[0], -1, la.taps * w.shape[-1]).transpose(-1, -2)
     return arg @ w.transpose(-1, -2)

@@ -315,7 +315,7 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
         elif la.role == "hidden":
             var = variance(op("/", ast.Num(SPAN, la.var), name(n)), f"{la.var!r} / n")
             low.stmts.append(ast.MatrixDecl(SPAN, la.name, n, n, SPAN, SPAN, var))
-        elif la.role == "readout" and la.taps > 1:  # V @ flatten(h): P independent vectors of var / P
+        elif la.flattens:  # V @ flatten(h): P independent vectors of var / P
             for v in low.readout_vectors(net.model.steps[-1]):
                 low.stmts.append(ast.VectorDecl(SPAN, (v,), variance(ast.Num(SPAN, la.var / la.taps),
                                                                      f"{la.var!r} / {la.taps}")))

@@ -70,6 +70,11 @@ class Layer:
     taps: int = 1
 
     @property
+    def flattens(self) -> bool:
+        """A readout of flatten(h): its own rows at each of h's positions."""
+        return self.role == "readout" and self.taps > 1
+
+    @property
     def weight_rows(self) -> int | None:
         """The rows of its weight matrix (None: the width n): a flattening readout's k * P."""
         return int(self.rows) * self.taps if self.role == "readout" else self.rows

@@ -247,7 +247,7 @@ class PooledBackend:
         y = vals[step.args[0]]
         if la.role == "input":
             return y @ params[la.name]
-        if la.role == "readout" and la.taps > 1:  # V @ flatten(h): output j sums its rows' products at each position
+        if la.flattens:  # V @ flatten(h): output j sums its rows' products at each position
             return by_pos.flat_readout(self.space.gram(y, params[la.name]), la.taps)
         if la.role == "readout":
             return self.space.gram(y, params[la.name])  # f = W x = (v . x) / n
@@ -407,7 +407,7 @@ class PooledBackend:
     def feature_change(self, applied: Applied, before: Applied) -> Tensor:
         diff = applied.vals[self.net.model.features] - before.vals[self.net.model.features]
         sq = self.space.gram(diff[..., None, :], diff[..., None, :])[..., 0, 0]  # per row (and position)
-        return torch.sqrt(torch.clamp(sq.reshape(*sq.shape[:-1], -1, self.net.readout().taps).mean(-1), min=0.0))
+        return torch.sqrt(torch.clamp(by_pos.mean_per_input(sq, self.net.readout().taps), min=0.0))
 
 
 def run_pooled(net: Network, space: FiniteSpace | LimitSpace,

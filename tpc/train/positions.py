@@ -204,3 +204,8 @@ def mean_over_positions(pairs: Tensor, positions: int) -> Tensor:
     if positions == 1:
         return pairs
     return flat_readout(pairs, positions) / positions
+
+
+def mean_per_input(values: Tensor, positions: int) -> Tensor:
+    """(..., B*P) numbers per row -> (..., B): each input's mean over its positions."""
+    return values.reshape(*values.shape[:-1], -1, positions).mean(-1)

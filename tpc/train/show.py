@@ -214,7 +214,7 @@ def _step_text_bias(step: Step, args: list[str], net: Network) -> str:  # pragma
 
 
 def _step_text_matmul(step: Step, args: list[str], net: Network) -> str:
-    flat = net.layers[step.layer].role == "readout" and net.layers[step.layer].taps > 1
+    flat = net.layers[step.layer].flattens
     return f"{step.layer} @ flatten({args[0]})" if flat else f"{step.layer} @ {args[0]}"
 
 

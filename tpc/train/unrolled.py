@@ -322,7 +322,7 @@ def _listing_matmul(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
     arg = h[step.args[0]]
     if la.role == "input":
         return f"{ls.layer(root, la.name)} @ {arg}"
-    if la.role == "readout" and la.taps > 1:
+    if la.flattens:
         return (f"sum_p ({ls.layer(root, la.name)}[p] . {arg}[p]) / n   # finite: at each of the {la.taps} positions "
                 f"its own readout rows v = n {la.name}")
     if la.role == "readout":

@@ -139,7 +139,7 @@ def _code_bias(i: int, step: Step, values: list[str], names: dict[str, str], own
 def _code_matmul(i: int, step: Step, values: list[str], names: dict[str, str], owner: str, net: Network,
                  lines: list[str]) -> str:
     layer, la = names[step.layer], net.layers[step.layer]
-    if la.role == "readout" and la.taps > 1:  # V @ flatten(h): each input's P rows side by side, row j*P + p of V
+    if la.flattens:  # V @ flatten(h): each input's P rows side by side, row j*P + p of V
         v = values[step.args[0]]
         return (f"{v}.reshape(*{v}.shape[:-2], -1, {la.taps} * {v}.shape[-1]) @ "
                 f"(m[{layer!r}] * {owner}.{layer}).reshape({la.rows}, -1).T")
