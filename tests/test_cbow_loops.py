@@ -2,7 +2,8 @@
 gathers rows of the tables, takes the logits of the batch's words and updates the tables' rows by
 index (tpc/train/desugar.py, the table instructions of tpc/train/instructions.py), run by the one
 interpreter on tables of word vectors (tpc/train/tables.py). Pinned against numbers the old cbow
-executor printed; `tpc graph` prints the loop; a loop written with the instructions runs."""
+executor printed; `tpc graph` prints the loop; loops written in the language (`stream S = cbow(...)`,
+`for t in steps(S)`, `V[b.words] -= b.lr * outer(g, h)`) run, and equal the sugar."""
 
 from __future__ import annotations
 
@@ -20,7 +21,6 @@ from tpc.train import cbow, desugar
 from tpc.train.finite import train_finite
 from tpc.train.interp import Interpreter
 from tpc.train.limit import network_limit
-from tpc.train.loops import RowUpdate
 from tpc.train.tables import TableBackend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,12 +92,13 @@ def test_the_stream_is_read_when_the_loop_runs() -> None:
 
 
 def test_graph_prints_the_loop(capsys: pytest.CaptureFixture[str]) -> None:
+    """The sugar's loop, printed as the program would write it."""
     assert main(["graph", str(PROGRAM)]) == 0
     out = capsys.readouterr().out
-    for line in ("for <step> in range(250) over stream(T):", "Loop (carries U, V)",
-                 "<b> = stream(T, <step>)", "<h> = bag(U, <b>.context)", "<v> = V[<b>.words]",
-                 "<z> = <v> . <h> / n", "<L> = negative_sampling(<z>, <b>)", "<g> = d<L>/d<z>",
-                 "V[<b>.words] -= <b>.lr * outer(<g>, <h>)", "U[<b>.context] -= <b>.lr * (<g> . <v>)"):
+    for line in ("for <step> in steps(<stream>) (250 batches):", "Loop (carries U, V)",
+                 "<b> = <stream>[<step>]", "<h> = bag(U, <b>)", "<v> = V[<b>.words]",
+                 "<z> = logits(<v>, <h>)", "<L> = negative_sampling(<z>, <b>)", "<g> = grad(<L>, <z>)",
+                 "V[<b>.words] -= <b>.lr * outer(<g>, <h>)", "U[<b>.context] -= <b>.lr * (<g> @ <v>)"):
         assert line in out, line
     assert main(["graph", "--format", "json", str(PROGRAM)]) == 0
     out = capsys.readouterr().out
@@ -111,8 +112,9 @@ def test_graph_unrolled_lists_a_short_run(capsys: pytest.CaptureFixture[str], tm
     assert main(["graph", "--unrolled", str(tmp_path / "short.tp")]) == 0
     out = capsys.readouterr().out
     assert out.count("\n# step = ") == 2
-    assert "<h>.step1 = bag(U@f1, <b>.step1.context)" in out
-    assert "V@f2 = V@f1, rows <b>.step1.words -= <b>.step1.lr * outer(<g>.step1, <h>.step1)" in out
+    assert "<b>.step1 = <stream>[1]" in out
+    assert "<h>.step1 = bag(U@f1, <b>.step1)" in out
+    assert "V@f2 = V@f1, then V@f1[<b>.step1.words] -= <b>.step1.lr * outer(<g>.step1, <h>.step1)" in out
 
 
 def test_emit_torch_refuses_the_table_instructions(capsys: pytest.CaptureFixture[str]) -> None:
@@ -126,34 +128,56 @@ def test_emit_torch_refuses_the_table_instructions(capsys: pytest.CaptureFixture
         loop_lines(net, program_names(net))
 
 
-def readout_only(b: object) -> list[ast.Stmt]:
-    """A loop written with the table instructions (the language has no syntax for them: this replaces
-    the sugar): only the readout learns, over the stream's batches 0, 1, 0, 1."""
-    span = b.train.span
-
-    def name(s: str) -> ast.Name:
-        return ast.Name(span, s)
-
-    def let(target: str, fn: str, *args: ast.Expr | str) -> ast.Assign:
-        exprs = tuple(name(a) if isinstance(a, str) else a for a in args)
-        return ast.Assign(span, target, ast.Call(span, fn, exprs, span))
-
-    body = (let("<i>", "mod", "<step>", ast.Num(span, 2.0)),
-            let("<b>", "<stream>", "T", "<i>"), let("<h>", "<bag>", "U", "<b>"), let("<v>", "<rows>", "V", "<b>"),
-            let("<z>", "<logits>", "<v>", "<h>"), let("<L>", "<negative sampling>", "<z>", "<b>"),
-            ast.RecordStmt(span, "<loss>", name("<L>")), let("<g>", "<dlogits>", "<L>", "<z>", "<b>"),
-            RowUpdate(span, "V", "words", "<b>", "<g>", "<h>"))
-    return [ast.ForLoop(span, "<step>", span, ast.Num(span, 4.0), body)]
+HEAD = PROGRAM.read_text().split("train cbow")[0]
+STREAM = "stream S = cbow(T, lr = 0.05, window = 2, negatives = 3, sample = 0, epochs = 2, batch = 16)\n"
 
 
-def test_a_loop_written_with_the_table_instructions_runs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Its exact limit against a Gram recursion written here: U stays put, V -> V + Q U."""
-    monkeypatch.setattr(desugar, "cbow", readout_only)
-    net = load()
+def written(body: str, loop: str = "for t in range(4)", tail: str = "") -> str:
+    """cbow_mup.tp's model with a loop written over its stream instead of `train cbow`."""
+    return (HEAD + STREAM + loop + " {\n" + body + "\n}\noutput words = embeddings(U)\noutput outs = embeddings(V)\n"
+            + tail)
+
+
+READOUT_ONLY = """
+  b = S[mod(t, 2)]
+  h = bag(U, b)
+  v = V[b.words]
+  z = logits(v, h)
+  L = negative_sampling(z, b)
+  record loss = L
+  g = grad(L, z)
+  V[b.words] -= b.lr * outer(g, h)"""
+
+
+def test_the_written_loop_equals_the_sugar() -> None:
+    """programs/word2vec/cbow_loop_mup.tp writes out the loop that `train cbow` desugars to: the same
+    numbers, exactly, at finite width and in the limit; its recorded losses are the sugar's."""
+    sugar, loop = load(), load((PROGRAM.parent / "cbow_loop_mup.tp").read_text())
+    a, b = network_limit(sugar), network_limit(loop)
+    for k in ("words", "outs"):
+        assert np.array_equal(a[k].value, b[k].value)
+    fa, fb = train_finite(sugar, 32, 2), train_finite(loop, 32, 2)
+    for k in ("words", "outs"):
+        assert np.array_equal(fa[k].values, fb[k].values)
+    assert b["curve"].value.shape == (250,) and fb["curve"].values.shape == (2, 250)
+    # the first step's loss: every logit is 0 at the start (V starts at zero), so each position's loss is
+    # (1 + live negatives) log 2
+    batch = next(iter(cbow.stream(loop)))
+    words = np.concatenate([batch.center[:, None], batch.neg], axis=1)
+    live = len(batch.center) + (words[:, 1:] != words[:, :1]).sum()
+    assert abs(b["curve"].value[0] - live * np.log(2)) < 1e-12
+    assert np.abs(fb["curve"].values[:, 0] - live * np.log(2)).max() < 1e-12
+
+
+def test_a_loop_written_with_the_table_instructions_runs() -> None:
+    """Only the readout learns, over the stream's batches 0, 1, 0, 1: its exact limit against a Gram
+    recursion written here (U stays put, V -> V + Q U)."""
+    net = load(written(READOUT_ONLY, tail="output losses = loss\n"))
     out = network_limit(net)
     k = 12
     guu, gvv, guv = np.eye(k), np.zeros((k, k)), np.zeros((k, k))
     first = list(cbow.stream(net))[:2]
+    losses = []
     for b in (*first, *first):
         counts = np.zeros((len(b.center), k))
         np.add.at(counts, (b.pos, b.ctx), 1.0)
@@ -161,7 +185,9 @@ def test_a_loop_written_with_the_table_instructions_runs(monkeypatch: pytest.Mon
         z = np.einsum("bc,bkc->bk", counts, guv.T[words])
         live = np.ones_like(z)
         live[:, 1:] = words[:, 1:] != words[:, :1]
-        g = (1 / (1 + np.exp(-z)) - (np.arange(z.shape[1]) == 0)) * live
+        label = np.arange(z.shape[1]) == 0
+        losses.append((np.logaddexp(0, np.where(label, -z, z)) * live).sum())
+        g = (1 / (1 + np.exp(-z)) - label) * live
         q = np.zeros((k, k))
         for r in range(len(b.center)):
             for j, w in enumerate(words[r]):
@@ -169,34 +195,32 @@ def test_a_loop_written_with_the_table_instructions_runs(monkeypatch: pytest.Mon
         gvv, guv = gvv + q @ guv + guv.T @ q.T + q @ guu @ q.T, guv + guu @ q.T
     assert np.array_equal(out["words"].value, np.eye(12))  # U was never updated
     assert np.abs(out["outs"].value - gvv).max() < 1e-12 and np.abs(gvv).max() > 0.05
+    assert np.abs(out["losses"].value - losses).max() < 1e-12
     assert train_finite(net, 16, 1)["outs"].values.shape == (1, 12, 12)
 
 
-def test_a_row_update_takes_the_rows_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The readout's words move along outer(g, h), the embedding's context along g . v: the other
-    pairing is refused where the loop is built."""
-    def swapped(b: object) -> list[ast.Stmt]:
-        loop = readout_only(b)[0]
-        span = loop.span
-        body = (*loop.body[:-1], RowUpdate(span, "V", "words", "<b>", "<g>", "<v>"))
-        return [ast.ForLoop(span, "<step>", span, loop.trip, body)]
+def test_a_row_update_takes_numbers_and_its_own_rate() -> None:
+    """`V[b.words] -= 0.025 * outer(g, h)` is word2vec with a constant rate: 0.5 * b.lr * ... with
+    lr = min_lr = 0.05 gives the same step; `+= -c * ...` is `-= c * ...`."""
+    constant = STREAM.replace("lr = 0.05", "lr = 0.05, min_lr = 0.05")
 
-    monkeypatch.setattr(desugar, "cbow", swapped)
-    with pytest.raises(TpcError, match="the rows of the batch's words of the readout"):
-        load()
+    def limit(step: str) -> dict:
+        body = READOUT_ONLY.replace("V[b.words] -= b.lr * outer(g, h)", step)
+        return network_limit(load(written(body).replace(STREAM, constant)))
+
+    base = limit("V[b.words] -= b.lr * outer(g, h)")["outs"].value
+    assert np.abs(base).max() > 0.05
+    for step in ("V[b.words] -= 0.05 * outer(g, h)", "V[b.words] += -2 * b.lr * outer(g, h) / 2",
+                 "V[b.words] -= outer(g, h) * b.lr"):
+        assert np.abs(limit(step)["outs"].value - base).max() < 1e-14, step
+    half = limit("V[b.words] -= 0.5 * b.lr * outer(g, h)")["outs"].value
+    assert np.abs(half - base).max() > 1e-3  # a different step size, a different result
 
 
-def test_an_index_past_the_stream_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    def long(b: object) -> list[ast.Stmt]:
-        loop = readout_only(b)[0]
-        span = loop.span
-        body = (ast.Assign(span, "<i>", ast.BinOp(span, "+", ast.Name(span, "<step>"), ast.Num(span, 249.0))),
-                *loop.body[1:])
-        return [ast.ForLoop(span, "<step>", span, loop.trip, body)]
-
-    monkeypatch.setattr(desugar, "cbow", long)
+def test_an_index_past_the_stream_is_refused() -> None:
+    net = load(written(READOUT_ONLY.replace("S[mod(t, 2)]", "S[t + 249]")))
     with pytest.raises(TpcError, match="the stream has 250 batches: step 250 is past its end"):
-        network_limit(load())
+        network_limit(net)
 
 
 def test_no_executor_is_specific_to_cbow() -> None:

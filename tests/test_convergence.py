@@ -18,8 +18,10 @@ ROOT = Path(__file__).resolve().parent.parent
 def _slow(path: Path) -> bool:
     """programs/arch converge in test_arch.py at smaller widths, and entrywise updates (Adam) in
     test_adam.py on a closed form; here, at the full widths, in the slow step (Adam's limit holds
-    P x P grids of particles, and its finite widths n x n ones per seed)."""
-    if path.parent.name == "arch":
+    P x P grids of particles, and its finite widths n x n ones per seed). word2vec's written loop
+    equals cbow_mup.tp's sugar exactly (test_cbow_loops.py), which converges here by default: its own
+    run (a minute) adds only the recorded losses, in the slow step."""
+    if path.parent.name == "arch" or path.stem == "cbow_loop_mup":
         return True
     prog = tpc.load(path)
     return isinstance(prog, tpc.Network) and prog.entrywise

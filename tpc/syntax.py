@@ -241,12 +241,26 @@ class CopyDecl(Stmt):
 
 @dataclass(frozen=True)
 class Update(Stmt):
-    """`P -= expr` or `P += expr` on a layer, a model, a copy or a state."""
+    """`P -= expr` or `P += expr` on a layer, a model, a copy or a state; with `index`, the rows
+    `P[b.words]` or `P[b.context]` of a table of word vectors (word2vec's row update)."""
 
     target: str
     target_span: Span
     op: str  # "-=" | "+="
     value: Expr
+    index: Expr | None = None
+
+
+@dataclass(frozen=True)
+class StreamDecl(Stmt):
+    """`stream S = cbow(T, window = 2, ...)`: word2vec's batches over the token data T."""
+
+    name: str
+    kind: str
+    kind_span: Span
+    tokens: str
+    tokens_span: Span
+    kwargs: tuple[Kwarg, ...]
 
 
 @dataclass
@@ -446,9 +460,11 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def loop_stmt(self, meta, children):
         counter, rng, trip, *body = children
-        if str(rng) != "range":
-            raise TpcError(f"expected 'range' after 'in', got '{clip(str(rng))}'", _span(rng),
-                           hint=f"write: for {counter} in range(10) {{ ... }}")
+        if str(rng) == "steps":  # one iteration per batch of a stream: the builder counts them
+            trip = Call(_span(rng), "<steps>", (trip,), _span(rng))
+        elif str(rng) != "range":
+            raise TpcError(f"expected 'range' (or 'steps' of a stream) after 'in', got '{clip(str(rng))}'",
+                           _span(rng), hint=f"write: for {counter} in range(10) {{ ... }}")
         return ForLoop(_span(meta), str(counter), _span(counter), trip, tuple(body))
 
     @v_args(meta=True)
@@ -465,8 +481,13 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def update(self, meta, children):
-        target, op, value = children
-        return Update(_span(meta), str(target), _span(target), str(op), value)
+        target, index, op, value = children
+        return Update(_span(meta), str(target), _span(target), str(op), value, index)
+
+    @v_args(meta=True)
+    def stream_decl(self, meta, children):
+        name, kind, tokens, *kwargs = children
+        return StreamDecl(_span(meta), str(name), str(kind), _span(kind), str(tokens), _span(tokens), tuple(kwargs))
 
     def start(self, children):
         return Module(list(children))

@@ -1,8 +1,8 @@
 """`train sgd(...)`, `train adam(...)` (adamw, signsgd), `train fomaml(...)` and
-`train cbow(...)` as loops: the statements a user would write (cbow's table instructions have no
-syntax yet), built as syntax trees (with the train statement's position) and checked and lowered
-by `loops.py` like any other loop. `tpc graph` prints the result. Names the user cannot write
-(`<step>`, `<g>`) keep them apart from the program's own.
+`train cbow(...)` as loops: the statements a user would write, built as syntax trees (with the
+train statement's position) and checked and lowered by `loops.py` like any other loop. `tpc graph`
+prints the result. Names the user cannot write (`<step>`, `<g>`) keep them apart from the
+program's own.
 
     train sgd(lr, steps, batch) minimize L    ->  for <step> in range(steps) {
                                                     record <history of L> = L        (history(L) wanted)
@@ -36,17 +36,18 @@ by `loops.py` like any other loop. `tpc graph` prints the result. Names the user
     output a = adapted(f, P, S, SY, Q)        ->  the inner loop on each task's support, recording
                                                   <g>(P[Q[<i>]]) per task
     train cbow(lr, window, ...) minimize logistic on T, for f(x) = V @ (U @ x)
-                                              ->  for <step> in range(steps(T)) {
-                                                    <b> = stream(T, <step>)     (word2vec's batch <step>)
-                                                    <h> = bag(U, <b>.context)   (each position's context sum)
+                                              ->  stream <stream> = cbow(T, lr, window, ...)
+                                                  for <step> in steps(<stream>) {
+                                                    <b> = <stream>[<step>]      (word2vec's batch <step>)
+                                                    <h> = bag(U, <b>)           (each position's context sum)
                                                     <v> = V[<b>.words]          (its centre word's and negatives' rows)
-                                                    <z> = <v> . <h> / n
+                                                    <z> = logits(<v>, <h>)      (v . h / n)
                                                     <L> = negative_sampling(<z>, <b>)
-                                                    <g> = d<L>/d<z>
+                                                    <g> = grad(<L>, <z>)
                                                     V[<b>.words] -= <b>.lr * outer(<g>, <h>)
-                                                    U[<b>.context] -= <b>.lr * (<g> . <v>)
+                                                    U[<b>.context] -= <b>.lr * (<g> @ <v>)
                                                   }
-The last two are indexed row updates of the tables (`loops.RowUpdate`), which the parametrization
+The last two are indexed row updates of the tables (op `scatter_add`), which the parametrization
 scales like any update (TP4: n^(e_l - 2 a_l - c)); the stream (cbow.Stream) is seeded by the
 statement, so every width and the limit see the same batches. The loop records no per-step loss:
 a long run's thousands of small records fragmented the heap (resident memory grew by 0.2 MB a
@@ -59,7 +60,7 @@ from typing import TYPE_CHECKING
 
 from tpc import syntax as ast
 from tpc.errors import Span
-from tpc.train.loops import LoopBuilder, RowUpdate, TrainProgram
+from tpc.train.loops import TRAIN_STREAM, LoopBuilder, TrainProgram
 
 if TYPE_CHECKING:
     from tpc.train.network import Output, Tasks, _Builder
@@ -172,22 +173,42 @@ def fomaml(b: _Builder) -> list[ast.Stmt]:
 
 
 def cbow(b: _Builder) -> list[ast.Stmt]:
+    """word2vec's loop over the stream of `train cbow(...)`, as a program would write it:
+
+        for <step> in steps(<stream>) {
+          <b> = <stream>[<step>]
+          <h> = bag(U, <b>)
+          <v> = V[<b>.words]
+          <z> = logits(<v>, <h>)
+          <L> = negative_sampling(<z>, <b>)
+          <g> = grad(<L>, <z>)
+          V[<b>.words] -= <b>.lr * outer(<g>, <h>)
+          U[<b>.context] -= <b>.lr * (<g> @ <v>)   # with the rows before this step, as word2vec does
+        }
+    """
     t = b.train
     s = _Sugar(b, t.span)
     cfg = t.cbow
+    n = s.name
 
-    def let(name: str, fn: str, *args: str) -> ast.Assign:
-        return ast.Assign(t.span, name, s.call(fn, *map(s.name, args)))
+    def let(name: str, value: ast.Expr) -> ast.Assign:
+        return ast.Assign(t.span, name, value)
 
-    body = [let("<b>", "<stream>", cfg.tokens, "<step>"),
-            let("<h>", "<bag>", cfg.embedding, "<b>"),
-            let("<v>", "<rows>", cfg.output, "<b>"),
-            let("<z>", "<logits>", "<v>", "<h>"),
-            let("<L>", "<negative sampling>", "<z>", "<b>"),
-            let("<g>", "<dlogits>", "<L>", "<z>", "<b>"),
-            RowUpdate(t.span, cfg.output, "words", "<b>", "<g>", "<h>"),  # with the rows before this step,
-            RowUpdate(t.span, cfg.embedding, "context", "<b>", "<g>", "<v>")]  # as word2vec does
-    return [s.loop("<step>", s.call("<steps>", s.name(cfg.tokens)), body)]
+    def rows(table: str, which: str) -> ast.Index:
+        return ast.Index(t.span, n(table), ast.Attr(t.span, n("<b>"), which))
+
+    rate = ast.Attr(t.span, n("<b>"), "lr")
+    body = [let("<b>", ast.Index(t.span, n(TRAIN_STREAM), n("<step>"))),
+            let("<h>", s.call("bag", n(cfg.embedding), n("<b>"))),
+            let("<v>", rows(cfg.output, "words")),
+            let("<z>", s.call("logits", n("<v>"), n("<h>"))),
+            let("<L>", s.call("negative_sampling", n("<z>"), n("<b>"))),
+            let("<g>", s.call("grad", n("<L>"), n("<z>"))),
+            ast.Update(t.span, cfg.output, t.span, "-=", s.op("*", rate, s.call("outer", n("<g>"), n("<h>"))),
+                       rows(cfg.output, "words").index),
+            ast.Update(t.span, cfg.embedding, t.span, "-=", s.op("*", rate, s.op("@", n("<g>"), n("<v>"))),
+                       rows(cfg.embedding, "context").index)]
+    return [s.loop("<step>", s.call("<steps>", n(TRAIN_STREAM)), body)]
 
 
 def adapted(b: _Builder, o: Output) -> list[ast.Stmt]:

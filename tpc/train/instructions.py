@@ -133,27 +133,27 @@ _TABLE = (
     _ins("loop", "none", tag="Loop",
          meaning="for t in range(T) { body }: the body run T times",
          run="_run_loop", text="_text_loop", listing="_list_loop", emit="_emit_loop"),
-    # word2vec's step on tables of word vectors (desugared `train cbow`; the backend is tables.TableBackend)
+    # word2vec's step on tables of word vectors (a loop over a stream; the backend is tables.TableBackend)
     _ins("stream", "batch", tag="Stream",
-         meaning="stream(T, t): batch t of word2vec's stream over the tokens T (centre words, contexts of "
+         meaning="S[t]: batch t of word2vec's stream S over its tokens (centre words, contexts of "
                  "reduced windows, negatives, the decaying rate), the same at every width",
          run="_run_stream", text="_text_stream", listing="_list_stream", emit="_emit_table_op"),
     _ins("gather", "vectors", tag="Gather",
-         meaning="bag(U, b.context): each position's sum of its context words' rows; V[b.words]: the rows "
+         meaning="bag(U, b): each position's sum of its context words' rows; V[b.words]: the rows "
                  "of its centre word and negatives",
          run="_run_gather", text="_text_gather", listing="_list_gather", emit="_emit_table_op"),
     _ins("logits", "finite", tag="Logits",
-         meaning="v . h / n: each position's logits of its centre word and negatives",
+         meaning="logits(v, h) = v . h / n: each position's logits of its centre word and negatives",
          run="_run_logits", text="_text_logits", listing="_list_logits", emit="_emit_table_op"),
     _ins("ns_loss", "finite", tag="Loss",
          meaning="negative_sampling(z, b): -log s(z_centre) - sum_neg log s(-z_neg), summed over the batch",
          run="_run_ns_loss", text="_text_ns_loss", listing="_list_ns_loss", emit="_emit_table_op"),
     _ins("ns_grad", "finite", tag="Grad",
-         meaning="dL/dz of the negative-sampling loss: s(z) - label, per position and word",
+         meaning="grad(L, z): dL/dz of the negative-sampling loss, s(z) - label, per position and word",
          run="_run_ns_grad", text="_text_ns_grad", listing="_list_ns_grad", emit="_emit_table_op"),
     _ins("scatter_add", "none", tag="Scatter",
-         meaning="V[b.words] -= b.lr * outer(g, h), U[b.context] -= b.lr * (g . v): indexed row updates of a "
-                 "table, scaled by the parametrization",
+         meaning="V[b.words] -= b.lr * outer(g, h), U[b.context] -= b.lr * (g @ v) (times numbers): indexed "
+                 "row updates of a table, scaled by the parametrization",
          run="_run_scatter_add", text="_text_scatter_add", listing="_list_scatter_add", emit="_emit_table_op"),
 )
 

@@ -542,4 +542,5 @@ def _run_ns_grad(it: Interpreter, ins: Instr) -> None:
 def _run_scatter_add(it: Interpreter, ins: Instr) -> None:
     table = it.params[ins.attrs["root"]][ins.attrs["layer"]]
     b, g, rows = (it.env[i] for i in ins.args)
-    it.be.scatter_add(table, ins.attrs["layer"], ins.attrs["index"], b, g, rows)
+    rate = ins.attrs["coef"] * (b.lr if ins.attrs["rate"] else 1.0)  # c * b.lr, or c alone
+    it.be.scatter_add(table, ins.attrs["layer"], ins.attrs["index"], b, g, rows, rate)

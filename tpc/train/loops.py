@@ -16,12 +16,14 @@ Values have one of these kinds:
 - `params`: a value for some of the model's layers: the parameters of `f`, of a layer or of a
   copy (`weight` terms), gradients (`grad` terms), or a linear combination of both;
 - `batch`: one step's batch of word2vec's stream (centre words, contexts, negatives, the rate),
-  known before training (desugared `train cbow`, see desugar.py);
+  known before training: `S[t]` of a `stream S = cbow(T, ...)`;
 - `vectors`: rows of an embedding table (n-vectors, one per position or per word of a batch).
 
-Desugared `train cbow(...)` uses instructions that a program can't write (their names are `<...>`):
-the stream's batch, gathers of table rows, the logits of the batch's words, the negative-sampling
-loss and its gradient, and the indexed row updates of the tables (`RowUpdate`, op `scatter_add`).
+word2vec's step on its tables (`train cbow` desugars to it, desugar.py) is written with these:
+`b = S[t]` (the stream's batch t), `bag(U, b)` (each position's sum of its context words' vectors),
+`V[b.words]` (the rows of its centre word and negatives), `logits(v, h)`, `negative_sampling(z, b)`,
+`grad(L, z)` (its gradient with respect to the logits), and the indexed row updates of the tables
+`V[b.words] -= b.lr * outer(g, h)` and `U[b.context] -= b.lr * (g @ v)` (op `scatter_add`).
 
 Updates follow TP4's convention (Yang & Hu 2021): `P -= e` changes the trained parameter
 w <- w - n^-c e, with `grad(L, P)` the gradient dL/dw; the parametrization's `c` and the layers'
@@ -53,8 +55,11 @@ MAX_NESTING = 16  # loops inside loops (a record stacks one axis per level)
 # of layer l by lr n^-c dL/dw^l carries n^(MAXIMAL_LR_EXPONENT[role] - 2 a_l - c)
 MAXIMAL_LR_EXPONENT = {"input": -1.0, "embedding": -1.0, "bias": -1.0, "hidden": 0.0, "readout": 1.0}
 TOL = 1e-12
-# word2vec's step on tables (desugar.py's cbow): the names desugared `train cbow` calls, with their arities
-TABLE_CALLS = {"<stream>": 2, "<bag>": 2, "<rows>": 2, "<logits>": 2, "<negative sampling>": 2, "<dlogits>": 3}
+# word2vec's step on tables: the functions a loop over a stream calls, with their arities
+TABLE_CALLS = {"bag": 2, "logits": 2, "negative_sampling": 2}
+TRAIN_STREAM = "<stream>"  # the name of the stream of `train cbow(...)` in its desugared loop
+ROW_UPDATE_FORMS = ("a row update of a table is `V[b.words] -= b.lr * outer(g, h)` or "
+                    "`U[b.context] -= b.lr * (g @ v)` (times numbers), with g = grad(L, z) of the batch's logits")
 NONLINEAR = ("a number is expected here; values of layers (parameters, gradients, states) combine by sums, "
              "products with numbers and entrywise functions")
 TERM_NAMES = {"weight": "parameters", "grad": "gradients", "adaptive": "entrywise functions of gradients"}
@@ -95,20 +100,9 @@ class Instr:
         return bool(self.attrs.get("static", False))
 
 
-@dataclass(frozen=True)
-class RowUpdate(ast.Stmt):
-    """`T[b.words] -= b.lr * outer(g, h)` (the readout's rows of each position's words) or
-    `T[b.context] -= b.lr * (g . v)` (the embedding's rows of each position's context): word2vec's
-    indexed row update of a table. Desugared `train cbow` makes it; the parser has no syntax for it."""
-
-    table: str
-    index: str  # words | context
-    batch: str
-    coef: str  # dL/dz, one number per (position, word)
-    rows: str  # the vectors it multiplies: each position's context sum h (words), its words' rows v (context)
-
-
-# the rows each row update reads: the readout's words take the context sums, the context the words' rows
+# word2vec's indexed row updates of a table, `V[b.words] -= b.lr * outer(g, h)` (the readout's rows of
+# each position's words) and `U[b.context] -= b.lr * (g @ v)` (the embedding's rows of each position's
+# context): the table's role, and the rows they multiply (the context sums h, the words' rows v)
 ROW_UPDATES = {"words": ("readout", "bag"), "context": ("embedding", "words")}
 
 
@@ -273,7 +267,10 @@ class LoopBuilder:
         elif isinstance(s, ast.Update):
             if self.body is None:
                 raise TpcError("an update runs in a loop: for t in range(1) { ... }", s.span)
-            self.update(s.target, s.target_span, s.op, s.value, s.span)
+            if s.index is not None:
+                self.row_update(s)
+            else:
+                self.update(s.target, s.target_span, s.op, s.value, s.span)
         elif isinstance(s, ast.Assign):
             if self.body is None:  # pragma: no cover - network.py sends top-level assignments elsewhere
                 raise TpcError("a network program names values inside loops only", s.span)
@@ -285,8 +282,6 @@ class LoopBuilder:
             if isinstance(v, Lin):
                 v = self.materialize(v, s.value.span)
             self.bind(s.name, v, s.span)
-        elif isinstance(s, RowUpdate):
-            self.row_update(s)
         elif isinstance(s, ast.RecordStmt):
             if self.body is None:
                 raise TpcError("record keeps one value per step of a loop: put it inside the loop", s.span)
@@ -310,7 +305,7 @@ class LoopBuilder:
         ins_id = self.add("loop", (), "none", s.span, counter=s.counter, trip=trip, body=[])
         loop = self.ins(ins_id)
         if isinstance(s.trip, ast.Call) and s.trip.fn == "<steps>":  # the interpreter counts them when it runs
-            loop.attrs["stream"] = s.trip.args[0].id
+            loop.attrs["stream"] = s.trip.args[0].id  # type: ignore[attr-defined]
         outer = self.body
         self.body = loop.attrs["body"]
         self.loops.append(loop)
@@ -345,7 +340,10 @@ class LoopBuilder:
         return []
 
     def trip_count(self, e: ast.Expr) -> int:
-        if isinstance(e, ast.Call) and e.fn == "<steps>":  # desugared cbow: one step per batch of its stream
+        if isinstance(e, ast.Call) and e.fn == "<steps>":  # `steps(S)`: one step per batch of the stream
+            if len(e.args) != 1 or not isinstance(e.args[0], ast.Name) or e.args[0].id != self.stream_name():
+                raise TpcError("steps(S) counts the batches of a stream S: declare it first, "
+                               "`stream S = cbow(T, ...)`", e.span)
             return self.stream_steps(e.span)
         if isinstance(e, ast.Name) and e.id == self.b.width:
             raise TpcError("a loop can't run n times: the trip count is a number that does not depend on the "
@@ -383,6 +381,13 @@ class LoopBuilder:
         if stream.positions == 0:
             raise TpcError("subsampling leaves no position to train on: raise sample (or set sample = 0)", span)
         return stream.steps
+
+    def stream_name(self) -> str | None:
+        """The name of the program's stream of word2vec batches (None if it has none)."""
+        t = self.b.train
+        if t is None or t.cbow is None:
+            return None
+        return t.stream or TRAIN_STREAM
 
     def state(self, s: ast.StateDecl) -> None:
         if s.name in self.mutables:
@@ -511,6 +516,9 @@ class LoopBuilder:
             return self.call(e)
         if isinstance(e, ast.Index):
             return self.index(e)
+        if isinstance(e, ast.Attr) and e.attr in ("lr", "words", "context"):
+            raise TpcError(f"b.{e.attr} is read by the row updates of word2vec's tables: "
+                           + ROW_UPDATE_FORMS.split(" is ", 1)[1].split(" (times")[0], e.span)
         raise TpcError("not part of a loop: numbers, data, f(X), losses, grad(L, f) and their combinations",
                        e.span)
 
@@ -527,6 +535,8 @@ class LoopBuilder:
             return self.add("read", (), "params", e.span, name=e.id, root=m.root, what=m.what, layers=m.layers)
         if e.id == "pi":
             return self.add("const", (), "finite", e.span, value=float(np.pi), static=True, scalar=True)
+        if e.id == self.stream_name():
+            raise TpcError(f"'{e.id}' is a stream: a loop reads one batch of it at a time, {e.id}[t]", e.span)
         if e.id in b.dims:
             return self.add("const", (), "finite", e.span, value=float(b.dims[e.id]), static=True, scalar=True)
         if e.id in b.data:
@@ -649,7 +659,7 @@ class LoopBuilder:
             return self.add("zeros", (), "params", e.span, layers=m.layers)
         if name == "batch":
             return self.batch(e)
-        if name in TABLE_CALLS:
+        if name in TABLE_CALLS and self.stream_name() is not None:
             return self.table_call(e)
         if name == "<loss on rows>":  # desugared `train sgd(batch = B)`: loss L on rows tB .. tB+B-1
             loss = b.losses[e.args[0].id]
@@ -685,33 +695,49 @@ class LoopBuilder:
             return self.entrywise(fn, args, e.span)
         return self.fn(fn, args, e.span)
 
-    # --- word2vec's step on embedding tables (desugared `train cbow`)
+    # --- word2vec's step on embedding tables (a loop over a stream; `train cbow` desugars to one)
     def table_call(self, e: ast.Call) -> int:
         name, args = e.fn, e.args
-        if len(args) != TABLE_CALLS[name]:  # pragma: no cover - desugar.py writes them
-            raise TpcError(f"{name} takes {TABLE_CALLS[name]} arguments", e.span)
-        if name == "<stream>":
-            if not isinstance(args[0], ast.Name) or self.b.train is None or self.b.train.cbow is None \
-                    or args[0].id != self.b.train.cbow.tokens:
-                raise TpcError("the stream is the token data of the train statement", args[0].span)
-            t = self.static_index(args[1])
-            return self.add("stream", (t,), "batch", e.span, tokens=args[0].id, static=True)
-        if name in ("<bag>", "<rows>"):
-            table = self.table(args[0], "embedding" if name == "<bag>" else "readout")
+        if len(args) != TABLE_CALLS[name]:
+            usage = {"bag": "bag(U, b): each position's sum of its context words' vectors in U",
+                     "logits": "logits(v, h): the logits v . h / n of the batch's words, v = V[b.words], h = bag(U, b)",
+                     "negative_sampling": "negative_sampling(z, b): word2vec's loss of the logits z of batch b"}
+            raise TpcError(usage[name], e.span)
+        if name == "bag":
+            table = self.table(args[0], "embedding")
             b = self.of_kind(args[1], "batch")
             read = self.ins(table)
-            return self.add("gather", (table, b), "vectors", e.span, form="bag" if name == "<bag>" else "words",
-                            layer=read.attrs["name"], root=read.attrs["root"])
-        if name == "<logits>":
+            return self.add("gather", (table, b), "vectors", e.span, form="bag", layer=read.attrs["name"],
+                            root=read.attrs["root"])
+        if name == "logits":
             rows, h = self.gathered(args[0], "words"), self.gathered(args[1], "bag")
             return self.add("logits", (rows, h), "finite", e.span)
-        if name == "<negative sampling>":
-            z, b = self.logits_of(args[0]), self.of_kind(args[1], "batch")
-            return self.add("ns_loss", (z, b), "finite", e.span, scalar=True)
-        loss, z, b = self.of_kind(args[0], "finite"), self.logits_of(args[1]), self.of_kind(args[2], "batch")
+        z, b = self.logits_of(args[0]), self.of_kind(args[1], "batch")
+        return self.add("ns_loss", (z, b), "finite", e.span, scalar=True)
+
+    def stream_batch(self, e: ast.Index) -> int:
+        """`S[t]`: batch t of the stream (a static step)."""
+        t = self.static_index(e.index)
+        return self.add("stream", (t,), "batch", e.span, tokens=self.b.train.cbow.tokens,
+                        stream=self.stream_name(), static=True)
+
+    def words_of(self, e: ast.Index) -> int:
+        """`V[b.words]`: the readout's rows of each position's centre word and negatives."""
+        if not isinstance(e.index, ast.Attr) or e.index.attr != "words":
+            raise TpcError("a table's rows are read as V[b.words] (each position's centre word and negatives) "
+                           "or bag(U, b) (each position's sum of its context words)", e.index.span)
+        table = self.table(e.operand, "readout")
+        b = self.of_kind(e.index.operand, "batch")
+        read = self.ins(table)
+        return self.add("gather", (table, b), "vectors", e.span, form="words", layer=read.attrs["name"],
+                        root=read.attrs["root"])
+
+    def dlogits(self, loss: int, z: int, span: Span) -> int:
+        """`grad(L, z)`: dL/dz of a negative-sampling loss with respect to its own logits."""
         if self.ins(loss).op != "ns_loss" or self.ins(loss).args[0] != z:
-            raise TpcError("the gradient of a negative-sampling loss with respect to its own logits", e.span)
-        return self.add("ns_grad", (loss, z, b), "finite", e.span)
+            raise TpcError("grad(L, z) with logits z is the gradient of L = negative_sampling(z, b) with respect "
+                           "to its own logits", span)
+        return self.add("ns_grad", (loss, z, self.ins(loss).args[1]), "finite", span)
 
     def of_kind(self, e: ast.Expr, kind: str) -> int:
         v = self.value(e)
@@ -731,8 +757,9 @@ class LoopBuilder:
     def gathered(self, e: ast.Expr, form: str) -> int:
         v = self.of_kind(e, "vectors")
         if self.ins(v).attrs["form"] != form:
-            raise TpcError("the rows of the batch's words of the readout, or the bags of its contexts of the "
-                           "embedding", e.span)
+            what = "h = bag(U, b), each position's sum of its context words' vectors" if form == "bag" else \
+                "v = V[b.words], the rows of each position's centre word and negatives"
+            raise TpcError(f"this takes {what}", e.span)
         return v
 
     def logits_of(self, e: ast.Expr) -> int:
@@ -741,21 +768,76 @@ class LoopBuilder:
             raise TpcError("this takes the logits of a batch's words", e.span)
         return v
 
-    def row_update(self, s: RowUpdate) -> None:
-        if self.body is None:  # pragma: no cover - desugar.py puts it in a loop
-            raise TpcError("a row update runs in a loop", s.span)
-        role, form = ROW_UPDATES[s.index]
-        m = self.mutables.get(s.table)
-        if m is None or m.what != "layer" or getattr(self.b.layers.get(s.table), "role", None) != role:
-            raise TpcError(f"{s.table}[... .{s.index}] updates the rows of the model's {role} layer", s.span)
-        b = self.of_kind(ast.Name(s.span, s.batch), "batch")
-        g = self.of_kind(ast.Name(s.span, s.coef), "finite")
+    def row_update(self, s: ast.Update) -> None:
+        """`V[b.words] -= c * b.lr * outer(g, h)` or `U[b.context] -= c * b.lr * (g @ v)`: word2vec's
+        indexed row update (c: numbers, optional; so is the stream's decaying rate b.lr)."""
+        idx = s.index
+        if self.stream_name() is None:
+            raise TpcError("indexed updates are word2vec's row updates of tables, in a loop over a stream "
+                           "(`stream S = cbow(T, ...)`)", idx.span)
+        if not isinstance(idx, ast.Attr) or idx.attr not in ROW_UPDATES:
+            raise TpcError(ROW_UPDATE_FORMS, idx.span)
+        role, form = ROW_UPDATES[idx.attr]
+        m = self.mutables.get(s.target)
+        if m is None or m.what != "layer" or getattr(self.b.layers.get(s.target), "role", None) != role:
+            raise TpcError(f"{clip(s.target)}[b.{idx.attr}] updates the rows of the model's {role} layer",
+                           s.target_span)
+        b = self.of_kind(idx.operand, "batch")
+        coef, rate, step = self.row_step(s.value, b)
+        if step is None:
+            raise TpcError(ROW_UPDATE_FORMS, s.value.span)
+        fn, g_expr, rows_expr = step
+        if fn != ("outer" if idx.attr == "words" else "@"):
+            raise TpcError(f"the {idx.attr} of a batch move along "
+                           + ("outer(g, h)" if idx.attr == "words" else "(g @ v)") + ": " + ROW_UPDATE_FORMS,
+                           s.value.span)
+        g = self.of_kind(g_expr, "finite")
         if self.ins(g).op != "ns_grad":
-            raise TpcError("a row update moves the rows along the gradient of the logits", s.span)
-        rows = self.gathered(ast.Name(s.span, s.rows), form)
-        self.add("scatter_add", (b, g, rows), "none", s.span, target=s.table, root=m.root, layer=s.table,
-                 index=s.index, scaled=True)
+            raise TpcError("a row update moves the rows along the gradient of the logits, g = grad(L, z)",
+                           g_expr.span)
+        if self.ins(g).args[2] != b:
+            raise TpcError("g is the gradient of another batch's logits than the rows updated", g_expr.span)
+        rows = self.gathered(rows_expr, form)
+        self.add("scatter_add", (b, g, rows), "none", s.span, target=s.target, root=m.root, layer=s.target,
+                 index=idx.attr, scaled=True, coef=coef if s.op == "-=" else -coef, rate=rate)
         self.forget((m.root,))
+
+    def row_step(self, e: ast.Expr, b: int) -> tuple[float, bool, tuple[str, ast.Expr, ast.Expr] | None]:
+        """The factors of a row update's right side: a number, whether it has the batch's rate b.lr, and its
+        step `outer(g, h)` or `g @ v` (None if it has none)."""
+        if isinstance(e, ast.Neg):
+            coef, rate, step = self.row_step(e.operand, b)
+            return -coef, rate, step
+        if isinstance(e, ast.BinOp) and e.op == "*":
+            c1, r1, s1 = self.row_step(e.left, b)
+            c2, r2, s2 = self.row_step(e.right, b)
+            if r1 and r2 or s1 and s2:
+                raise TpcError(ROW_UPDATE_FORMS, e.span)
+            return c1 * c2, r1 or r2, s1 or s2
+        if isinstance(e, ast.BinOp) and e.op == "/":
+            c1, r1, s1 = self.row_step(e.left, b)
+            d = self.row_number(e.right)
+            if d == 0:
+                raise TpcError("division by zero", e.right.span)
+            return c1 / d, r1, s1
+        if isinstance(e, ast.Attr) and e.attr == "lr":
+            if self.of_kind(e.operand, "batch") != b:
+                raise TpcError("the rate of another batch than the rows updated", e.span)
+            return 1.0, True, None
+        if isinstance(e, ast.Call) and e.fn == "outer" and len(e.args) == 2:
+            return 1.0, False, ("outer", e.args[0], e.args[1])
+        if isinstance(e, ast.BinOp) and e.op == "@":
+            return 1.0, False, ("@", e.left, e.right)
+        return self.row_number(e), False, None
+
+    def row_number(self, e: ast.Expr) -> float:
+        try:
+            value = self.b.const(e)
+        except TpcError:
+            raise TpcError(ROW_UPDATE_FORMS, e.span) from None
+        if not np.isfinite(value):
+            raise TpcError("this constant is not finite", e.span)
+        return value
 
     def finite(self, e: ast.Expr) -> int:
         v = self.value(e)
@@ -810,6 +892,9 @@ class LoopBuilder:
             raise TpcError("grad(L, P) takes a loss and parameters (the model, a layer or a copy)", e.span)
         loss = self.finite(e.args[0])
         target = e.args[1]
+        z = self.local(target.id) if isinstance(target, ast.Name) else None
+        if z is not None and self.ins(z).op == "logits":
+            return self.dlogits(loss, z, e.span)
         m = self.mutables.get(target.id) if isinstance(target, ast.Name) else None
         if m is None or m.what == "state":
             what = clip(target.id) if isinstance(target, ast.Name) else "..."
@@ -868,6 +953,12 @@ class LoopBuilder:
         return i
 
     def index(self, e: ast.Index) -> int:
+        if isinstance(e.operand, ast.Name) and self.stream_name() is not None:
+            if e.operand.id == self.stream_name():
+                return self.stream_batch(e)
+            m = self.mutables.get(e.operand.id)
+            if m is not None and m.what == "layer":
+                return self.words_of(e)
         x = self.value(e.operand)
         if isinstance(x, Lin) or self.ins(x).kind != "data":
             raise TpcError("X[i] picks rows of data", e.operand.span)

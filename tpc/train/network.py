@@ -44,7 +44,7 @@ POSITION_OPS = ("attend", "pool", "shift", "avgpool")  # over positions (`model 
 NORM_EPS = 1e-5  # torch.nn.LayerNorm's default
 OUTPUT_FUNCTIONS = ("history", "features", "feature_change", "adapted", "embeddings", "nngp", "ntk")
 NETWORK_STATEMENTS = (ast.ParamDecl, ast.LayerDecl, ast.ModelDecl, ast.LossDecl, ast.TrainDecl, ast.ForLoop,
-                      ast.StateDecl, ast.CopyDecl)
+                      ast.StateDecl, ast.CopyDecl, ast.StreamDecl)
 LOOP_STATEMENTS = (ast.ForLoop, ast.StateDecl, ast.CopyDecl, ast.Update, ast.RecordStmt)
 
 
@@ -253,6 +253,7 @@ class Train:
     inner_lr: float = 0.0
     inner_steps: int = 0
     cbow: Cbow | None = None
+    stream: str = ""  # cbow: the name of a `stream S = cbow(...)` that a written loop reads ('' for `train cbow`)
     betas: tuple[float, float] = (0.9, 0.999)  # adam, adamw: the moving averages' rates
     eps: float = 1e-8  # adam, adamw
     weight_decay: float = 0.0  # adam, adamw: decoupled, w <- w - lr n^-c weight_decay w
@@ -493,13 +494,18 @@ class _Builder:
         elif isinstance(s, ast.LossDecl):
             self.declare(s.name, s.span)
             self.losses[s.name] = self.loss(s)
+        elif isinstance(s, ast.StreamDecl):
+            self.stream(s)
         elif isinstance(s, ast.TrainDecl):
+            if self.train is not None and self.train.stream:
+                raise TpcError(f"this program declares the stream '{self.train.stream}' for a loop it writes: write "
+                               "its training as that loop, not `train`", s.span)
             if self.loops is not None:
                 raise TpcError("this program trains with loops: write the optimizer as a loop too, not `train`",
                                s.span)
             self.train_stmt(s)
         elif isinstance(s, LOOP_STATEMENTS):
-            if self.train is not None:
+            if self.train is not None and not self.train.stream:
                 raise TpcError("this program already trains with `train ...`: write its training as loops "
                                "instead", s.span)
             if self.model is None:
@@ -819,7 +825,28 @@ class _Builder:
             raise TpcError("define the model before the train statement", s.span)
         if len(s.on) != 1:
             raise TpcError("cbow trains on one token stream: `minimize logistic on T`", s.span)
-        tokens, tsp = s.on[0]
+        return self.cbow_stream(s.on[0][0], s.on[0][1], s.kwargs, s.span)
+
+    def stream(self, s: ast.StreamDecl) -> None:
+        """`stream S = cbow(T, ...)`: the batches of word2vec's stream over T, with the settings of
+        `train cbow`, for a loop written with the table instructions (`for t in steps(S)`)."""
+        if self.train is not None:
+            raise TpcError(f"a program has one stream ('{self.train.stream}', line {self.train.span.line})"
+                           if self.train.stream else "this program trains with `train ...`, which makes its own "
+                           "stream: write its training as a loop instead", s.span)
+        if s.kind != "cbow":
+            raise TpcError(f"unknown stream '{clip(s.kind)}': tpc has word2vec's cbow(T, ...)", s.kind_span)
+        if self.model is None:
+            raise TpcError("define the model before its stream", s.span)
+        if self.param is None:
+            raise TpcError("declare the parametrization before the stream: `parametrization mup` (or sp, ntk, mf, "
+                           "abc(...))", s.span)
+        self.declare(s.name, s.span)
+        self.train = self.cbow_stream(s.tokens, s.tokens_span, s.kwargs, s.span)
+        self.train.stream = s.name
+
+    def cbow_stream(self, tokens: str, tsp: Span, kwargs: tuple[ast.Kwarg, ...], span: Span) -> Train:
+        """The settings of word2vec's stream over the token data `tokens` (train cbow's and a stream's)."""
         if tokens not in self.data:
             raise self.unknown(tokens, tsp)
         steps = self.model.steps
@@ -835,7 +862,7 @@ class _Builder:
         if t.ndim != 1 and not (t.ndim == 2 and 1 in t.shape) or t.size < 2 or not np.all(
                 (t >= 0) & (t < emb.cols) & (t == np.round(t))):
             raise TpcError(f"'{tokens}' is a stream of word ids 0..{emb.cols - 1} (one column or row)", tsp)
-        kw = self.kwargs(s.kwargs, ("lr", "window", "negatives", "sample", "epochs", "batch", "min_lr", "seed"),
+        kw = self.kwargs(kwargs, ("lr", "window", "negatives", "sample", "epochs", "batch", "min_lr", "seed"),
                          "cbow")
 
         def number(name: str, default: float, low: float, high: float, whole: bool) -> float:
@@ -850,7 +877,7 @@ class _Builder:
                    number("sample", 1e-3, 0, 1, False), number("epochs", 1, 1, 10**4, True),
                    number("min_lr", np.nan, 0, 1e6, False) if "min_lr" in kw else np.nan,  # default: finish()
                    number("seed", 0, 0, 2**31, True), emb.name, out.name)
-        return Train(lr, 0, number("batch", 256, 1, 10**6, True), "logistic", s.span, "cbow", cbow=cfg)
+        return Train(lr, 0, number("batch", 256, 1, 10**6, True), "logistic", span, "cbow", cbow=cfg)
 
     def adapted_tasks(self, names: list[tuple[str, Span]], span: Span) -> Tasks:
         """adapted(f, P, S, SY, Q): checked like fomaml's tasks, without query labels."""
@@ -907,7 +934,9 @@ class _Builder:
                                f"only there: `record` it in the loop and output the record", e.span)
             if isinstance(e, ast.Name) and e.id not in self.losses and e.id not in self.defined:
                 raise self.unknown(e.id, e.span)
-            if isinstance(e, ast.Call) and e.fn in ("history", "adapted", "embeddings"):
+            stream = self.train is not None and self.train.stream
+            if isinstance(e, ast.Call) and e.fn in ("history", "adapted", "embeddings") \
+                    and not (stream and e.fn == "embeddings"):
                 raise TpcError(f"{e.fn}(...) belongs to `train` statements; in a loop, `record` what you need "
                                "and output it", e.span)
             if isinstance(e, ast.Call) and e.fn == "feature_change" and phase == "init":
@@ -1006,7 +1035,7 @@ class _Builder:
             if la.var == 0 and la.role == "readout" and not cbow:
                 raise TpcError("a readout that starts at zero is supported in cbow programs only", la.span)
         if cbow and any(o.phase == "init" for o in self.outputs):
-            raise TpcError("a cbow program's outputs come after its train statement",
+            raise TpcError("a cbow program's outputs come after its training",
                            next(o.span for o in self.outputs if o.phase == "init"))
         abc, lr, attention = self.parametrization(self.param)
         if self.train:
@@ -1030,6 +1059,9 @@ class _Builder:
             for o in self.outputs:
                 if o.position < 0:  # written before the first loop
                     o.position = 0
+        elif self.train is not None and self.train.stream:
+            raise TpcError(f"no loop reads the stream '{self.train.stream}': for t in steps({self.train.stream}) "
+                           "{ ... }", self.train.span)
         elif self.train is not None:
             from tpc.train.desugar import desugar
 

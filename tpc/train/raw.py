@@ -28,7 +28,7 @@ from tpc.errors import Span, TpcError
 
 RAW = (ast.MatrixDecl, ast.VectorDecl)
 MAX_EXPONENT = 16.0  # the network builder's bound on |a| and |b|
-NETWORK_ONLY = (ast.LayerDecl, ast.ModelDecl, ast.ParamDecl, ast.TrainDecl, ast.CopyDecl)
+NETWORK_ONLY = (ast.LayerDecl, ast.ModelDecl, ast.ParamDecl, ast.TrainDecl, ast.CopyDecl, ast.StreamDecl)
 TRAINING = (ast.ForLoop, ast.LossDecl, ast.StateDecl)
 
 

@@ -134,21 +134,22 @@ def _text_record(prog: TrainProgram, ins: Instr) -> str:
 
 
 def _text_loop(prog: TrainProgram, ins: Instr) -> str:
-    over = f" over stream({ins.attrs['stream']})" if "stream" in ins.attrs else ""  # counted again when it runs
-    return f"for {ins.attrs['counter']} in range({ins.attrs['trip']}){over}:"
+    if "stream" in ins.attrs:  # counted again when it runs, from the data it has then
+        return f"for {ins.attrs['counter']} in steps({ins.attrs['stream']}) ({ins.attrs['trip']} batches):"
+    return f"for {ins.attrs['counter']} in range({ins.attrs['trip']}):"
 
 
 def _text_stream(prog: TrainProgram, ins: Instr) -> str:
-    return f"stream({ins.attrs['tokens']}, {ref(prog, ins.args[0])})"
+    return f"{ins.attrs['stream']}[{ref(prog, ins.args[0])}]"
 
 
 def _text_gather(prog: TrainProgram, ins: Instr) -> str:
     table, b = _args(prog, ins)
-    return f"bag({table}, {b}.context)" if ins.attrs["form"] == "bag" else f"{table}[{b}.words]"
+    return f"bag({table}, {b})" if ins.attrs["form"] == "bag" else f"{table}[{b}.words]"
 
 
 def _text_logits(prog: TrainProgram, ins: Instr) -> str:
-    return "{} . {} / n".format(*_args(prog, ins))
+    return "logits({}, {})".format(*_args(prog, ins))
 
 
 def _text_ns_loss(prog: TrainProgram, ins: Instr) -> str:
@@ -156,14 +157,21 @@ def _text_ns_loss(prog: TrainProgram, ins: Instr) -> str:
 
 
 def _text_ns_grad(prog: TrainProgram, ins: Instr) -> str:
-    return "d{}/d{}".format(*_args(prog, ins)[:2])
+    return "grad({}, {})".format(*_args(prog, ins)[:2])
+
+
+def row_update_text(target: str, attrs: dict, b: str, g: str, rows: str) -> str:
+    """`V[b.words] -= b.lr * outer(g, h)` or `U[b.context] -= 0.5 * (g @ v)`, as the program writes it."""
+    step = f"outer({g}, {rows})" if attrs["index"] == "words" else f"({g} @ {rows})"
+    coef = attrs["coef"]
+    factors = ([] if abs(coef) == 1 else [f"{abs(coef):g}"]) + ([f"{b}.lr"] if attrs["rate"] else []) + [step]
+    return f"{target}[{b}.{attrs['index']}] {'-=' if coef > 0 else '+='} {' * '.join(factors)}"
 
 
 def _text_scatter_add(prog: TrainProgram, ins: Instr) -> str:
     b, g, rows = _args(prog, ins)
-    step = f"outer({g}, {rows})" if ins.attrs["index"] == "words" else f"({g} . {rows})"
-    return f"{ins.attrs['target']}[{b}.{ins.attrs['index']}] -= {b}.lr * {step}   (scaled per layer by the " \
-           "parametrization)"
+    return row_update_text(ins.attrs["target"], ins.attrs, b, g, rows) + "   (scaled per layer by the " \
+        "parametrization)"
 
 
 # --- whole programs

@@ -96,8 +96,9 @@ class TableBackend:
             return torch.bmm(rows[0], h[0, :, :, None])[None, ..., 0]
         return torch.einsum("sbkm,sbm->sbk", rows, h)
 
-    def scatter_add(self, table: Tensor, layer: str, index: str, b: StepBatch, g: Tensor, rows: Tensor) -> None:
-        """table[words] -= lr n^q g h (each position's words), or table[context] -= lr n^s sum_j g_j v_j
+    def scatter_add(self, table: Tensor, layer: str, index: str, b: StepBatch, g: Tensor, rows: Tensor,
+                    rate: float) -> None:
+        """table[words] -= rate n^q g h (each position's words), or table[context] -= rate n^s sum_j g_j v_j
         (each position's context words), in place; nothing where the power of n vanishes in the limit."""
         factor = self.factor[layer]
         if not factor:
@@ -105,11 +106,11 @@ class TableBackend:
         seeds, m = table.shape[0], table.shape[2]
         if index == "words":
             table.index_add_(1, b.words.reshape(-1), (g[..., None] * rows[:, :, None, :]).reshape(seeds, -1, m),
-                             alpha=-b.lr * factor)
+                             alpha=-rate * factor)
             return
         back = torch.bmm(g[0, :, None, :], rows[0])[None, :, 0] if seeds == 1 else torch.einsum("sbk,sbkm->sbm", g,
                                                                                                 rows)
-        table.index_add_(1, b.ctx, back[:, b.pos], alpha=-b.lr * factor)
+        table.index_add_(1, b.ctx, back[:, b.pos], alpha=-rate * factor)
 
     def embeddings(self, table: Tensor, layer: str) -> Tensor:
         return cbow.gram(self.net, layer, table if self.lead else table[0], self.width)
@@ -145,6 +146,11 @@ def tables_limit(net: Network, dtype: str = "float64", device: str = "cpu",
     """The exact limit: the loop on coefficient tables (feature learning), or the initial Gram
     matrices in the kernel regime, where the word vectors stay at initialisation (TP4's Dichotomy)."""
     if net.classification().regime != "feature learning":
+        for o in net.outputs:
+            if o.kind != "embeddings":  # the logits move in function space there: not built
+                raise TpcError(f"the kernel-regime limit of '{o.name}' (a value recorded in a word2vec loop) is not "
+                               "built: only the word vectors' Gram matrices, which stay at initialisation",
+                               o.span).locate(net.filename, net.source)
         return {o.name: LimitOutput(net.layers[o.layer].var * np.eye(cbow.vocabulary(net)), "exact")
                 for o in net.outputs}
     m = cbow.basis_size(net)  # refuses a table whose initial vectors grow
@@ -155,7 +161,8 @@ def tables_limit(net: Network, dtype: str = "float64", device: str = "cpu",
         raise err.locate(net.filename, net.source) from None
     factors = Factors.limit(net)  # refuses an update that grows
     for o in net.outputs:  # and an output that does, before the run rather than after it
-        cbow.gram_scale(net, o.layer, None)
+        if o.kind == "embeddings":
+            cbow.gram_scale(net, o.layer, None)
     u, v = cbow.limit_tables(net, DTYPES[dtype], device)
     with torch.no_grad():
         out = Interpreter(net, TableBackend(net, u[None], v[None], factors, None)).run(progress)

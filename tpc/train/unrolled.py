@@ -26,7 +26,7 @@ from tpc.train.loops import FAN_IN_EXPONENT, MAXIMAL_LR_EXPONENT, Instr, whole_i
 from tpc.train.losses import batch_rows
 from tpc.train.network import Network, Step
 from tpc.train.positions import patches_text, window_text
-from tpc.train.show import INFIX, terms_text
+from tpc.train.show import INFIX, row_update_text, terms_text
 from tpc.train.steps import STEPS
 
 MAX_STEPS = 200  # loop iterations listed in all
@@ -440,21 +440,20 @@ def _list_record(ls: _Lister, ins: Instr) -> None:
 
 def _list_stream(ls: _Lister, ins: Instr) -> None:
     t = int(whole_index(ls.static(ins.args[0]), ins.span))
-    ls.say(f"{ls.name(ins)} = stream({ins.attrs['tokens']}) batch {t}   # static: centre words, contexts, negatives, "
-           "rate")
+    ls.say(f"{ls.name(ins)} = {ins.attrs['stream']}[{t}]   # static: centre words, contexts, negatives, rate")
 
 
 def _list_gather(ls: _Lister, ins: Instr) -> None:
     read = ls.prog.instrs[ins.args[0]]
     table, b = ls.layer(read.attrs["root"], ins.attrs["layer"]), ls.ref(ins.args[1])
     if ins.attrs["form"] == "bag":
-        ls.say(f"{ls.name(ins)} = bag({table}, {b}.context)   # each position's sum of its context's rows")
+        ls.say(f"{ls.name(ins)} = bag({table}, {b})   # each position's sum of its context's rows")
     else:
         ls.say(f"{ls.name(ins)} = {table}[{b}.words]   # the rows of each position's centre word and negatives")
 
 
 def _list_logits(ls: _Lister, ins: Instr) -> None:
-    ls.say(f"{ls.name(ins)} = {ls.ref(ins.args[0])} . {ls.ref(ins.args[1])} / n   # finite")
+    ls.say(f"{ls.name(ins)} = logits({ls.ref(ins.args[0])}, {ls.ref(ins.args[1])})   # v . h / n: finite")
 
 
 def _list_ns_loss(ls: _Lister, ins: Instr) -> None:
@@ -462,17 +461,16 @@ def _list_ns_loss(ls: _Lister, ins: Instr) -> None:
 
 
 def _list_ns_grad(ls: _Lister, ins: Instr) -> None:
-    ls.say(f"{ls.name(ins)} = d{ls.ref(ins.args[0])}/d{ls.ref(ins.args[1])}   # finite")
+    ls.say(f"{ls.name(ins)} = grad({ls.ref(ins.args[0])}, {ls.ref(ins.args[1])})   # finite")
 
 
 def _list_scatter_add(ls: _Lister, ins: Instr) -> None:
-    root, layer, index = ins.attrs["root"], ins.attrs["layer"], ins.attrs["index"]
+    root, layer = ins.attrs["root"], ins.attrs["layer"]
     b, g, rows = (ls.ref(i) for i in ins.args)
     old = ls.layer(root, layer)
     ls.version[(root, layer)] = ls.version.get((root, layer), 0) + 1
-    step = f"outer({g}, {rows})" if index == "words" else f"({g} . {rows})"
-    ls.say(f"{ls.layer(root, layer)} = {old}, rows {b}.{index} -= {b}.lr * {step}   # scaled per layer (header); "
-           "the other rows stay")
+    ls.say(f"{ls.layer(root, layer)} = {old}, then {row_update_text(old, ins.attrs, b, g, rows)}   # scaled per "
+           "layer (header); the other rows stay")
 
 
 def _ranges(rows: list[int]) -> str:
