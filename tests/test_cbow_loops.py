@@ -7,12 +7,15 @@ executor printed; `tpc graph` prints the loop; loops written in the language (`s
 
 from __future__ import annotations
 
-import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+import tpc
 from tpc import syntax as ast
 from tpc.build import load_source
 from tpc.cli import main
@@ -117,15 +120,62 @@ def test_graph_unrolled_lists_a_short_run(capsys: pytest.CaptureFixture[str], tm
     assert "V@f2 = V@f1, then V@f1[<b>.step1.words] -= <b>.step1.lr * outer(<g>.step1, <h>.step1)" in out
 
 
-def test_emit_torch_refuses_the_table_instructions(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["emit-torch", str(PROGRAM)]) == 2
-    assert "table instructions" in capsys.readouterr().err
-    from tpc.backends.torch.emit_loops import loop_lines
-    from tpc.backends.torch.emit_network import program_names
+# run in a fresh interpreter: tpc is made unimportable before the emitted file is loaded
+WORD2VEC_SCRIPT = """
+import sys, importlib.util
+sys.modules["tpc"] = None
+import numpy as np, torch
+spec = importlib.util.spec_from_file_location("emitted", sys.argv[1])
+mod = importlib.util.module_from_spec(spec); spec.loader.exec_module(mod)
+tokens = np.load(sys.argv[2])["T"]
+out = {}
+for seed in (0, 1):
+    model, outputs = mod.Tables(width=int(sys.argv[3]), seed=seed), {}
+    mod.train(model, torch.as_tensor(tokens), outputs)
+    for k, v in outputs.items():
+        out.setdefault(k, []).append(v.numpy())
+np.savez(sys.argv[4], **{k: np.stack(v) for k, v in out.items()})
+"""
 
-    net = dataclasses.replace(load(), train=None)  # its loop, as a program written with loops would have it
-    with pytest.raises(TpcError, match="no PyTorch code for word2vec's table instruction 'stream'"):
-        loop_lines(net, program_names(net))
+
+@pytest.mark.parametrize("program", ["cbow_mup.tp", "cbow_loop_mup.tp"])
+def test_emitted_word2vec_stands_alone_and_trains_like_tpc_run(program: str, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    """The emitted file (tables, the stream's code, the loop) in a process where tpc can't be imported:
+    the same word vectors and losses as `tpc run` at the same seeds."""
+    path = PROGRAM.parent / program
+    assert main(["emit-torch", str(path)]) == 0
+    source = capsys.readouterr().out
+    assert "class Tables(torch.nn.Module):" in source and "def train(" in source and "class Stream:" in source
+    assert "model.V.index_add_(0" in source
+    # each line with the program's text beside it (the sugar's: its train statement)
+    assert ("# V[b.words] -= b.lr * outer(g, h)" in source) == (program == "cbow_loop_mup.tp")
+    net = load(path.read_text())
+    (tmp_path / "emitted.py").write_text(source)
+    np.savez(tmp_path / "data.npz", T=net.data["T"])
+    subprocess.run([sys.executable, "-c", WORD2VEC_SCRIPT, str(tmp_path / "emitted.py"), str(tmp_path / "data.npz"),
+                    "24", str(tmp_path / "out.npz")], check=True, cwd=tmp_path, timeout=300)
+    got = dict(np.load(tmp_path / "out.npz"))
+    ref = train_finite(net, 24, 2)
+    assert set(got) == {o.name for o in net.outputs}
+    for k, v in got.items():
+        assert np.abs(v - ref[k].values).max() <= 1e-10 * max(1.0, np.abs(ref[k].values).max()), k
+    assert np.abs(ref["words"].values[0] - np.eye(12)).max() > 0.05  # trained: not the initial Gram
+
+
+def test_emitted_word2vec_takes_numbers_revisited_batches_and_a_frozen_table() -> None:
+    """A loop with `S[mod(t, 2)]`, a constant rate and only the readout trained, emitted and run here
+    (tpc.torch_source), against tpc run."""
+    body = READOUT_ONLY.replace("V[b.words] -= b.lr * outer(g, h)", "V[b.words] -= 0.02 * outer(g, h)")
+    net = load(written(body, tail="output losses = loss\n"))
+    namespace: dict = {}
+    exec(compile(tpc.torch_source(net), "<emitted>", "exec"), namespace)  # noqa: S102
+    ref = train_finite(net, 16, 1)
+    model, outputs = namespace["Tables"](16, 0), {}
+    records = namespace["train"](model, torch.as_tensor(net.data["T"]), outputs)
+    assert len(records["loss"]) == 4
+    for k in ("words", "outs", "losses"):
+        assert np.abs(outputs[k].numpy() - ref[k].values[0]).max() < 1e-12, k
 
 
 HEAD = PROGRAM.read_text().split("train cbow")[0]

@@ -154,6 +154,10 @@ def torch_source(prog: Program | Network) -> str:
     if _is_network(prog):
         from tpc.backends.torch.emit_network import emit_network_source
 
+        if prog.has_tables:  # word2vec: tables of word vectors, a stream and its loop
+            from tpc.backends.torch.emit_tables import emit_tables_source
+
+            return emit_tables_source(prog)
         return emit_network_source(prog)
     from tpc.backends.torch import emit_source
 

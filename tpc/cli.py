@@ -315,10 +315,11 @@ def cmd_emit(args: argparse.Namespace) -> int:
     if _is_network(prog):
         from tpc.backends.torch.emit_network import emit_network_source
 
-        if prog.has_tables:
-            raise TpcError("a cbow program's word vectors are tables updated by index: emit-torch writes no PyTorch "
-                           "code for its loop's table instructions yet (tpc graph shows them); use tpc run, limit or "
-                           "compare", prog.train.span).locate(prog.filename, prog.source)
+        if prog.has_tables:  # word2vec: tables of word vectors, a stream and its loop
+            from tpc.backends.torch.emit_tables import emit_tables_source
+
+            print(emit_tables_source(prog), end="")
+            return 0
         print(emit_network_source(prog), end="")
         return 0
     print(emit_source(prog), end="")

@@ -27,7 +27,7 @@ Gram matrices are var * I.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,73 +35,10 @@ import torch
 
 from tpc.errors import TpcError
 from tpc.parametrization import limit_of_power
-from tpc.train.network import Cbow, Layer, Network
+from tpc.train.network import Layer, Network
+from tpc.train.stream import Batch, Stream  # noqa: F401 - Batch: the stream's batches, named here too
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class Batch:
-    """Positions of the (subsampled) stream: their centre words, their context words as pairs
-    (batch row `pos[i]` has context word `ctx[i]`, sorted by row: row b's pairs start at
-    `starts[b]`), K negative words each, and the step's rate."""
-
-    center: np.ndarray  # (B,)
-    pos: np.ndarray  # (P,)
-    ctx: np.ndarray  # (P,)
-    starts: np.ndarray  # (B,)
-    neg: np.ndarray  # (B, K)
-    lr: float
-    epoch: int
-
-
-@dataclass
-class Stream:
-    """word2vec's data pipeline over a token stream, seeded by the program so that every width and
-    the limit see the same batches: subsampling of frequent words, a reduced window drawn per
-    position, negatives from the unigram distribution to the 3/4, and a linearly decaying rate."""
-
-    tokens: np.ndarray
-    vocab: int
-    cfg: Cbow
-    batch: int
-    lr: float
-
-    def __post_init__(self) -> None:
-        counts = np.bincount(self.tokens, minlength=self.vocab).astype(np.float64)
-        rng = np.random.default_rng(self.cfg.seed)
-        if self.cfg.sample > 0:  # word2vec.c: keep w with probability (sqrt(f / t) + 1) t / f, t = sample * total
-            t = self.cfg.sample * counts.sum()
-            keep = np.minimum(1.0, (np.sqrt(counts / t) + 1) * t / np.maximum(counts, 1))
-            self.masks = [rng.random(len(self.tokens)) < keep[self.tokens] for _ in range(self.cfg.epochs)]
-        else:
-            self.masks = [np.ones(len(self.tokens), bool)] * self.cfg.epochs
-        noise = counts**0.75
-        self.noise_cdf = np.cumsum(noise) / noise.sum()
-        self.rng = rng
-        self.positions = int(sum(m.sum() for m in self.masks))
-
-    @property
-    def steps(self) -> int:
-        return sum(-(-int(m.sum()) // self.batch) for m in self.masks)
-
-    def __iter__(self) -> Iterator[Batch]:
-        w, k, rng = self.cfg.window, self.cfg.negatives, self.rng
-        offsets = np.concatenate([np.arange(-w, 0), np.arange(1, w + 1)])
-        done = 0
-        for epoch, mask in enumerate(self.masks):
-            s = self.tokens[mask]
-            for start in range(0, len(s), self.batch):
-                p = np.arange(start, min(start + self.batch, len(s)))
-                reach = rng.integers(1, w + 1, size=len(p))  # word2vec's reduced window
-                idx = p[:, None] + offsets
-                valid = (np.abs(offsets) <= reach[:, None]) & (idx >= 0) & (idx < len(s))
-                rows, cols = np.nonzero(valid)
-                neg = np.minimum(np.searchsorted(self.noise_cdf, rng.random((len(p), k))), self.vocab - 1)
-                lr = self.lr - (self.lr - self.cfg.min_lr) * done / self.positions
-                done += len(p)
-                starts = np.searchsorted(rows, np.arange(len(p)))
-                yield Batch(s[p], rows, s[idx[rows, cols]], starts, neg, lr, epoch)
 
 
 def limit_of_exponent(e: float, what: str, net: Network) -> float:
@@ -158,7 +95,10 @@ def tokens_of(net: Network) -> np.ndarray:
 
 
 def stream(net: Network) -> Stream:
-    return Stream(tokens_of(net), vocabulary(net), net.train.cbow, net.train.batch, net.train.lr)
+    t = net.train
+    c = t.cbow
+    return Stream(tokens_of(net), vocabulary(net), c.window, c.negatives, c.sample, c.epochs, t.batch, t.lr, c.min_lr,
+                  c.seed)
 
 
 def checked_stream(net: Network) -> Stream:

@@ -63,12 +63,14 @@ _INTERP = "tpc.train.interp:"
 _SHOW = "tpc.train.show:"
 _UNROLLED = "tpc.train.unrolled:"
 _EMIT = "tpc.backends.torch.emit_loops:"
+_TABLES = "tpc.backends.torch.emit_tables:"
 
 
 def _ins(op: str, kind: str, *, tag: str = "", inline: bool = False, meaning: str, run: str, text: str,
          listing: str, emit: str) -> Instruction:
+    emitter = emit if ":" in emit else _EMIT + emit  # the table instructions' rules: emit_tables.py
     return Instruction(op, kind, meaning, tag, Rule(_INTERP + run), Rule(_SHOW + text), Rule(_UNROLLED + listing),
-                       Rule(_EMIT + emit), inline)
+                       Rule(emitter), inline)
 
 
 _TABLE = (
@@ -137,24 +139,25 @@ _TABLE = (
     _ins("stream", "batch", tag="Stream",
          meaning="S[t]: batch t of word2vec's stream S over its tokens (centre words, contexts of "
                  "reduced windows, negatives, the decaying rate), the same at every width",
-         run="_run_stream", text="_text_stream", listing="_list_stream", emit="_emit_table_op"),
+         run="_run_stream", text="_text_stream", listing="_list_stream", emit=_TABLES + "_emit_stream"),
     _ins("gather", "vectors", tag="Gather",
          meaning="bag(U, b): each position's sum of its context words' rows; V[b.words]: the rows "
                  "of its centre word and negatives",
-         run="_run_gather", text="_text_gather", listing="_list_gather", emit="_emit_table_op"),
+         run="_run_gather", text="_text_gather", listing="_list_gather", emit=_TABLES + "_emit_gather"),
     _ins("logits", "finite", tag="Logits",
          meaning="logits(v, h) = v . h / n: each position's logits of its centre word and negatives",
-         run="_run_logits", text="_text_logits", listing="_list_logits", emit="_emit_table_op"),
+         run="_run_logits", text="_text_logits", listing="_list_logits", emit=_TABLES + "_emit_logits"),
     _ins("ns_loss", "finite", tag="Loss",
          meaning="negative_sampling(z, b): -log s(z_centre) - sum_neg log s(-z_neg), summed over the batch",
-         run="_run_ns_loss", text="_text_ns_loss", listing="_list_ns_loss", emit="_emit_table_op"),
+         run="_run_ns_loss", text="_text_ns_loss", listing="_list_ns_loss", emit=_TABLES + "_emit_ns_loss"),
     _ins("ns_grad", "finite", tag="Grad",
          meaning="grad(L, z): dL/dz of the negative-sampling loss, s(z) - label, per position and word",
-         run="_run_ns_grad", text="_text_ns_grad", listing="_list_ns_grad", emit="_emit_table_op"),
+         run="_run_ns_grad", text="_text_ns_grad", listing="_list_ns_grad", emit=_TABLES + "_emit_ns_grad"),
     _ins("scatter_add", "none", tag="Scatter",
          meaning="V[b.words] -= b.lr * outer(g, h), U[b.context] -= b.lr * (g @ v) (times numbers): indexed "
                  "row updates of a table, scaled by the parametrization",
-         run="_run_scatter_add", text="_text_scatter_add", listing="_list_scatter_add", emit="_emit_table_op"),
+         run="_run_scatter_add", text="_text_scatter_add", listing="_list_scatter_add",
+         emit=_TABLES + "_emit_scatter_add"),
 )
 
 INSTRUCTIONS: dict[str, Instruction] = {ins.op: ins for ins in _TABLE}

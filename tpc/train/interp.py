@@ -36,7 +36,7 @@ from tpc.train.losses import batch_rows, loss_value
 from tpc.train.network import Loss, Network, Output
 
 if TYPE_CHECKING:
-    from tpc.train.cbow import Stream
+    from tpc.train.stream import Stream
 
 Tensor = torch.Tensor
 
@@ -104,7 +104,8 @@ class Interpreter:
         self.done = 0
         self.stop: int | None = None  # run only this many top-level iterations (None: all)
         self.checks = True  # off for a dry run that only counts (pooled.count)
-        self.stream: _StreamState | None = None  # cbow's batches, read in order
+        self.stream: Stream | None = None  # cbow's batches, read in order
+        self.batch: tuple[int, Any] | None = None  # the last batch read: its step and its backend form
         self.rules: dict[int, list[tuple[Callable[[Interpreter, Instr], None], Instr]]] = {}  # per loop body
 
     # --- running
@@ -138,7 +139,7 @@ class Interpreter:
         runs: the stream is read then (like any data a loop reads), from the token data and the train
         statement's settings."""
         if "stream" in loop.attrs:
-            return _stream(self).stream.steps
+            return _stream(self).steps
         return loop.attrs["trip"]
 
     def execute(self, ins: Instr) -> None:
@@ -472,45 +473,29 @@ def _stack(values: list[Tensor], lead: int) -> Tensor:
 # --- word2vec's step on embedding tables (desugared `train cbow`; the backend is tables.TableBackend)
 
 
-@dataclass
-class _StreamState:
-    """cbow's stream as one run reads it: batch t follows from the draws of batches 0..t-1."""
-
-    stream: Stream
-    batches: Any  # an iterator over the stream's Batches
-    next: int = 0
-    last: Any = None  # the backend's form of batch next - 1
-
-
-def _stream(it: Interpreter, fresh: bool = False) -> _StreamState:
-    if it.stream is None or fresh:
+def _stream(it: Interpreter) -> Stream:
+    """The program's stream, made when the loop first runs (from the data the program has then)."""
+    if it.stream is None:
         from tpc.train.cbow import checked_stream
 
-        s = checked_stream(it.net)
-        it.stream = _StreamState(s, iter(s))
+        it.stream = checked_stream(it.net)
     return it.stream
 
 
-def _batch(it: Interpreter, ins: Instr, t: int) -> Any:
-    """Batch t in the backend's form (tables.StepBatch); an earlier one than the last is drawn again
-    from the start of the stream."""
-    state = _stream(it, fresh=it.stream is not None and t < it.stream.next - 1)
-    if t == state.next - 1:
-        return state.last
-    b = None
-    while state.next <= t:
-        b = next(state.batches, None)
-        if b is None:
-            raise TpcError(f"the stream has {state.stream.steps} batches: step {t} is past its end", ins.span)
-        state.next += 1
-    state.last = it.be.batch(b)
-    return state.last
-
-
 def _run_stream(it: Interpreter, ins: Instr) -> None:
+    """Batch t in the backend's form (tables.StepBatch), converted once per batch read."""
     step = it.env[ins.args[0]]
     counter = it.prog.instrs[ins.args[0]].op == "counter"  # whole by construction: no check (a step of 11164)
-    it.env[ins.id] = _batch(it, ins, int(step) if counter else int(_whole(it, ins, step)))
+    t = int(step) if counter else int(_whole(it, ins, step))
+    if it.batch is not None and it.batch[0] == t:
+        it.env[ins.id] = it.batch[1]
+        return
+    try:
+        b = _stream(it).at(t)
+    except IndexError as err:
+        raise TpcError(str(err), ins.span) from None
+    it.batch = (t, it.be.batch(b))
+    it.env[ins.id] = it.batch[1]
 
 
 def _run_gather(it: Interpreter, ins: Instr) -> None:

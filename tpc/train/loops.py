@@ -373,11 +373,13 @@ class LoopBuilder:
     def stream_steps(self, span: Span) -> int:
         """The number of batches of the train statement's stream (it depends on the subsampling draws, not
         on the width); the interpreter counts them again when it runs, from the data it has then."""
-        from tpc.train.cbow import Stream  # (imports torch: only cbow programs build one)
+        from tpc.train.stream import Stream  # (imports torch: only cbow programs build one)
 
         t = self.b.train
-        vocab = int(self.b.layers[t.cbow.embedding].cols)
-        stream = Stream(self.b.data[t.cbow.tokens].reshape(-1).astype(np.int64), vocab, t.cbow, t.batch, t.lr)
+        c = t.cbow
+        vocab = int(self.b.layers[c.embedding].cols)
+        stream = Stream(self.b.data[c.tokens].reshape(-1).astype(np.int64), vocab, c.window, c.negatives, c.sample,
+                        c.epochs, t.batch, t.lr, c.min_lr, c.seed)
         if stream.positions == 0:
             raise TpcError("subsampling leaves no position to train on: raise sample (or set sample = 0)", span)
         return stream.steps

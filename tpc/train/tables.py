@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,28 +26,12 @@ from tpc.backends.limit.evaluate import LimitOutput
 from tpc.backends.torch.run import DTYPES, FiniteResult
 from tpc.errors import TpcError
 from tpc.train import cbow
-from tpc.train.cbow import Batch, Factors
+from tpc.train.cbow import Factors
 from tpc.train.interp import Interpreter
 from tpc.train.network import Network
+from tpc.train.stream import Batch, StepBatch, step_batch
 
 Tensor = torch.Tensor
-
-
-@dataclass
-class StepBatch:
-    """A batch of the stream on the tables' device: context pairs (batch row `pos[i]` has context
-    word `ctx[i]`; row b's pairs start at `starts[b]`), each position's centre word and negatives
-    (`words`, (B, 1 + K)), their labels (1 for the centre word) and which of them count (`live`: a
-    negative equal to the centre word is skipped, as word2vec does), and the step's rate."""
-
-    pos: Tensor
-    ctx: Tensor
-    starts: Tensor
-    words: Tensor
-    label: Tensor
-    live: Tensor
-    lr: float
-    epoch: int
 
 
 class TableBackend:
@@ -68,14 +51,7 @@ class TableBackend:
         return dict(self.tables)
 
     def batch(self, b: Batch) -> StepBatch:
-        dev = self.device
-        words = torch.as_tensor(np.concatenate([b.center[:, None], b.neg], axis=1), device=dev)
-        label = torch.zeros(words.shape, dtype=self.dtype, device=dev)
-        label[:, 0] = 1
-        live = torch.ones_like(label)
-        live[:, 1:] = words[:, 1:] != words[:, :1]
-        return StepBatch(torch.as_tensor(b.pos, device=dev), torch.as_tensor(b.ctx, device=dev),
-                         torch.as_tensor(b.starts, device=dev), words, label, live, b.lr, b.epoch)
+        return step_batch(b, self.dtype, self.device)
 
     def bag(self, table: Tensor, b: StepBatch) -> Tensor:
         """h_b = the sum of the rows of position b's context words: (S, B, m)."""

@@ -32,10 +32,13 @@ from tpc.train.loops import Instr, TrainProgram
 from tpc.train.network import Loss, Network
 
 # the emitted file's helper functions (module level) and train()'s own locals
-HELPERS = ("num", "whole", "pick", "batch_rows", "checked", "combine", "at", "weights", "copied", "shifted", "replaced",
-           "assign", "grad", "stacked", "features", "mse_loss", "xent_loss", "logistic_loss")
-LOCALS = ("records", "outputs", "initial", "scale", "adaptive", "natural", "n", "model")
-FILE_NAMES = {"Network", "optimizer", "train", "LR", "math", "torch"}  # the emitted file's other globals
+HELPERS = ("num", "whole", "pick", "batch_rows", "batch_at", "checked", "combine", "at", "weights", "copied", "shifted",
+           "replaced", "assign", "grad", "stacked", "features", "mse_loss", "xent_loss", "logistic_loss")
+LOCALS = ("records", "outputs", "initial", "scale", "adaptive", "natural", "n", "model", "stream", "factor", "dtype",
+          "device")
+# the emitted file's other globals (a word2vec file's: emit_tables.py, with the stream's code)
+FILE_NAMES = {"Network", "optimizer", "train", "LR", "math", "torch", "Tables", "Stream", "Batch", "StepBatch",
+              "step_batch", "np", "NamedTuple", "Iterator", "annotations"}
 # ops written where they are used (never a line of their own); data rows (kind `data`) are too, unless named
 ALWAYS_INLINE = ("const", "counter", "zeros")
 # ops inlined into their only use, when nothing that changes parameters runs in between
@@ -502,15 +505,6 @@ def _emit_record(em: _Emitter, ins: Instr) -> None:
     em.lines.append(f"{em.indent}{target}[{ins.attrs['name']!r}].append({value}){em.comment(ins)}")
 
 
-def _emit_table_op(em: _Emitter, ins: Instr) -> _Code:
-    """word2vec's table instructions (stream, gather, logits, ns_loss, ns_grad, scatter_add) have no
-    PyTorch code here yet: the emitted file holds a dense Network, and a cbow program's layers are
-    tables of word vectors updated by index."""
-    raise TpcError(f"emit-torch writes no PyTorch code for word2vec's table instruction '{ins.op}' yet (its "
-                   "word vectors are tables updated by index); run the program with tpc run, limit or compare",
-                   ins.span)
-
-
 def _emit_loop(em: _Emitter, ins: Instr) -> None:
     indent, depth, out = em.indent, em.depth, em.lines
     names = em.prog.recorded(ins)
@@ -518,7 +512,8 @@ def _emit_loop(em: _Emitter, ins: Instr) -> None:
         out.append(f"{indent}inner{depth + 1} = {{{', '.join(f'{n!r}: []' for n in names)}}}")
     elif names:
         out += [f"{indent}records[{n!r}] = []" for n in names]
-    out.append(f"{indent}for {em.local(ins.attrs['counter'])} in range({ins.attrs['trip']}):{em.comment(ins)}")
+    trip = "stream.steps" if "stream" in ins.attrs else ins.attrs["trip"]  # a stream's: its batches
+    out.append(f"{indent}for {em.local(ins.attrs['counter'])} in range({trip}):{em.comment(ins)}")
     em.emit(ins.attrs["body"], indent + "    ", depth + 1)
     if depth >= 1:
         outer = "records" if depth == 1 else f"inner{depth}"
@@ -607,6 +602,11 @@ _HELPER_CODE: dict[str, list[str]] = {
         "        raise IndexError(f'an index is outside the {x.shape[0]} rows')",
         "    return x[i]",
     ],
+    "batch_at": [
+        "def batch_at(stream: Stream, t: torch.Tensor | int, dtype: torch.dtype, device: torch.device) -> StepBatch:",
+        '    """Batch t of the stream (a whole number), as tensors."""',
+        "    return step_batch(stream.at(int(whole(t))), dtype, device)",
+    ],
     "batch_rows": [
         "def batch_rows(t: torch.Tensor | int, size: int, m: int) -> torch.Tensor:",
         '    """Step t\'s batch: rows tB .. tB + B - 1 (mod m) of a data set of m rows, B = size."""',
@@ -691,7 +691,7 @@ _HELPER_CODE: dict[str, list[str]] = {
         "                        if not isinstance(v, torch.Tensor) else v for v in values])",
     ],
 }
-_NEEDS = {"pick": ("whole",), "batch_rows": ("whole",)}
+_NEEDS = {"pick": ("whole",), "batch_rows": ("whole",), "batch_at": ("whole",)}
 
 
 def _helper_lines(net: Network, names: dict[str, str], used: set[str]) -> list[str]:

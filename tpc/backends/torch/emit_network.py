@@ -45,7 +45,7 @@ def program_names(net: Network) -> dict[str, str]:
         {f"loss_{lo}" for lo in net.losses}
     keys = list(dict.fromkeys([*net.layers, *net.data]))
     idents = [_identifier(k) for k in keys]  # a convolution's taps, `A[-1,0]`, become `A_m1_0`
-    if net.program is not None and (net.train is None or net.train.optimizer in LOOP_OPTIMIZERS):
+    if net.program is not None and (net.train is None or net.train.optimizer in LOOP_OPTIMIZERS or net.has_tables):
         # training written as loops, or a statement emitted as its loop: train()'s names (emit_loops)
         from tpc.backends.torch import emit_loops
 
