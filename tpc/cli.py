@@ -175,7 +175,8 @@ def _check_network(path: str, net) -> int:  # noqa: ANN001
         t = net.train
         if t.cbow:
             c = t.cbow
-            print(f"  training   cbow on {c.tokens}, lr {t.lr:g} -> {c.min_lr:g} (times n^-c), window {c.window}, "
+            what = f"training   stream {t.stream} = cbow" if t.stream else "training   cbow"
+            print(f"  {what} on {c.tokens}, lr {t.lr:g} -> {c.min_lr:g} (times n^-c), window {c.window}, "
                   f"{c.negatives} negatives, sample {c.sample:g}, {c.epochs} epoch(s), batch {t.batch}, seed {c.seed}")
         else:
             scale = "n^-c'_l, each layer's" if t.optimizer in ("adam", "adamw", "signsgd") else "n^-c"
