@@ -713,9 +713,17 @@ class LoopBuilder:
                             root=read.attrs["root"])
         if name == "logits":
             rows, h = self.gathered(args[0], "words"), self.gathered(args[1], "bag")
+            self.same_batch(self.ins(rows).args[1], h, args[1].span)
             return self.add("logits", (rows, h), "finite", e.span)
         z, b = self.logits_of(args[0]), self.of_kind(args[1], "batch")
+        self.same_batch(b, self.ins(z).args[0], args[0].span, "these logits are of another batch's words")
         return self.add("ns_loss", (z, b), "finite", e.span, scalar=True)
+
+    def same_batch(self, b: int, vectors: int, span: Span, why: str = "these rows were gathered for another batch"
+                   ) -> None:
+        """Rows gathered for one batch pair with that batch only (its positions, words and labels)."""
+        if self.ins(vectors).args[1] != b:
+            raise TpcError(why, span)
 
     def stream_batch(self, e: ast.Index) -> int:
         """`S[t]`: batch t of the stream (a static step)."""
@@ -800,6 +808,7 @@ class LoopBuilder:
         if self.ins(g).args[2] != b:
             raise TpcError("g is the gradient of another batch's logits than the rows updated", g_expr.span)
         rows = self.gathered(rows_expr, form)
+        self.same_batch(b, rows, rows_expr.span)
         self.add("scatter_add", (b, g, rows), "none", s.span, target=s.target, root=m.root, layer=s.target,
                  index=idx.attr, scaled=True, coef=coef if s.op == "-=" else -coef, rate=rate)
         self.forget((m.root,))
