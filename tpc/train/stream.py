@@ -57,10 +57,7 @@ class Stream:
         self.noise_cdf = np.cumsum(noise) / noise.sum()
         self.state = rng.bit_generator.state  # the draws of the batches start here
         self.positions = int(sum(m.sum() for m in self.masks))
-
-    @property
-    def steps(self) -> int:
-        return sum(-(-int(m.sum()) // self.batch) for m in self.masks)
+        self.steps = sum(-(-int(m.sum()) // self.batch) for m in self.masks)  # batches in all
 
     def __iter__(self) -> Iterator[Batch]:
         rng = np.random.default_rng()
