@@ -20,7 +20,7 @@ from tpc import syntax as ast
 from tpc.build import load_source
 from tpc.cli import main
 from tpc.errors import TpcError
-from tpc.train import cbow, desugar
+from tpc.train import cbow, desugar, stream
 from tpc.train.finite import train_finite
 from tpc.train.interp import Interpreter
 from tpc.train.limit import network_limit
@@ -280,3 +280,17 @@ def test_no_executor_is_specific_to_cbow() -> None:
         assert 'optimizer == "cbow"' not in (ROOT / "tpc" / "train" / f"{module}.py").read_text()
     for gone in ("step", "cbow_finite", "cbow_limit"):
         assert not hasattr(cbow, gone)
+
+
+def test_the_stream_reads_batches_in_any_order() -> None:
+    """S[t] in any order is batch t of the stream read through (the generator's state is saved every
+    CHECKPOINT batches, so reading backwards restarts from the nearest one, not from batch 0)."""
+    s = cbow.stream(load())
+    batches = list(s)
+    order = np.random.default_rng(0).permutation(s.steps).tolist() + list(range(s.steps - 1, -1, -1))
+    for t in order:
+        got, want = s.at(t), batches[t]
+        assert all(np.array_equal(a, b) for a, b in zip(got, want, strict=True)), t
+    assert len(s._points) == -(-s.steps // stream.CHECKPOINT)
+    with pytest.raises(IndexError, match="step -1 is before its first batch"):
+        s.at(-1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -563,7 +564,8 @@ def _grammar_cache() -> str | bool:
 
 
 _KEYWORD_STARTS = {"width", "dim", "data", "scalar", "matrix", "vector", "nonlin", "output",
-                   "parametrization", "layer", "model", "loss", "train", "for", "state", "record", "copy"}
+                   "parametrization", "layer", "model", "loss", "train", "for", "state", "record", "copy",
+                   "stream"}
 
 
 # Limits on one expression, checked on Lark's tree without recursion before anything recursive (the
@@ -649,6 +651,9 @@ def parse(source: str, filename: str = "<program>") -> Module:
             hint = "is a ')' missing?"
         if "RBRACE" in exc.expected and tok.type == "$END":
             hint = "is a '}' missing? a loop's body ends with '}'"
+        before = re.search(r"([A-Za-z_][A-Za-z0-9_]*)\s*$", source[:tok.start_pos]) if tok.type != "$END" else None
+        if before and before.group(1) in _KEYWORD_STARTS and tok.type in ("EQUAL", "UPDATE_OP", "LSQB"):
+            hint = f"'{before.group(1)}' starts a statement of its own: give this value another name"
         if tok.type == "NAME" and str(tok) not in _KEYWORD_STARTS and "EQUAL" in exc.expected:
             hint = ("a statement is a declaration or `NAME = expression`; is an operator missing before "
                     f"'{clip(str(tok))}'?")

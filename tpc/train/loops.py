@@ -58,6 +58,13 @@ TOL = 1e-12
 # word2vec's step on tables: the functions a loop over a stream calls, with their arities
 TABLE_CALLS = {"bag": 2, "logits": 2, "negative_sampling": 2}
 TRAIN_STREAM = "<stream>"  # the name of the stream of `train cbow(...)` in its desugared loop
+# a word2vec program's layers are tables of word vectors (tables.py): its loops change them by row updates only
+TABLES_ONLY = ("in a word2vec program (an embedding layer) the layers are tables of word vectors: its loops read "
+               "them with bag(U, b) and V[b.words] and change them with row updates, "
+               "`V[b.words] -= b.lr * outer(g, h)`, `U[b.context] -= b.lr * (g @ v)`")
+KIND_WORDS = {"finite": "a number or a finite value (a loss, logits(v, h), grad(L, z))",
+              "batch": "a batch of the stream, b = S[t]", "vectors": "rows of a table, bag(U, b) or V[b.words]",
+              "data": "data", "outputs": "the model on data, f(X)", "params": "values of layers"}
 ROW_UPDATE_FORMS = ("a row update of a table is `V[b.words] -= b.lr * outer(g, h)` or "
                     "`U[b.context] -= b.lr * (g @ v)` (times numbers), with g = grad(L, z) of the batch's logits")
 NONLINEAR = ("a number is expected here; values of layers (parameters, gradients, states) combine by sums, "
@@ -73,9 +80,12 @@ def whole_index(value: object, span: Span, rows: int | None = None, source: str 
     """A step or a row index as whole numbers (and, given `rows`, within 0..rows-1): the one check that
     every backend and the listing make."""
     arr = np.asarray(value, dtype=np.float64)
-    bad = arr[~np.isfinite(arr) | (np.abs(arr) > 2.0**53) | (arr != np.round(arr))]
+    bad = arr[~np.isfinite(arr) | (arr != np.round(arr))]
     if bad.size:
         raise TpcError(f"an index must be a whole number, got {bad.ravel()[0]:g}", span)
+    huge = arr[np.abs(arr) > 2.0**53]
+    if huge.size:
+        raise TpcError(f"index {huge.ravel()[0]:g} is too large (beyond 2^53)", span)
     out = arr.astype(np.int64)
     if rows is not None:
         outside = out[(out < 0) | (out >= rows)]
@@ -288,6 +298,9 @@ class LoopBuilder:
             v = self.value(s.value)
             if isinstance(v, Lin) or self.ins(v).kind not in ("finite", "outputs"):
                 raise TpcError("record keeps finite values (a loss, f(X), a number)", s.value.span)
+            if self.stream_name() is not None and not self.ins(v).attrs.get("scalar"):
+                raise TpcError("a word2vec loop records numbers (a loss, mean(z)): its batches' sizes change from step "
+                               "to step", s.value.span)
             if s.name in self.prog.records:
                 raise TpcError(f"'{s.name}' is recorded twice (first at line {self.prog.records[s.name][1].line})",
                                s.span)
@@ -380,8 +393,8 @@ class LoopBuilder:
         vocab = int(self.b.layers[c.embedding].cols)
         stream = Stream(self.b.data[c.tokens].reshape(-1).astype(np.int64), vocab, c.window, c.negatives, c.sample,
                         c.epochs, t.batch, t.lr, c.min_lr, c.seed)
-        if stream.positions == 0:
-            raise TpcError("subsampling leaves no position to train on: raise sample (or set sample = 0)", span)
+        if stream.positions == 0:  # said at the stream's declaration (or the train statement), whose setting it is
+            raise TpcError("subsampling leaves no position to train on: raise sample (or set sample = 0)", t.span)
         return stream.steps
 
     def stream_name(self) -> str | None:
@@ -392,6 +405,8 @@ class LoopBuilder:
         return t.stream or TRAIN_STREAM
 
     def state(self, s: ast.StateDecl) -> None:
+        if self.stream_name() is not None:
+            raise TpcError(f"{TABLES_ONLY}: they keep no state", s.span)
         if s.name in self.mutables:
             raise TpcError(f"'{s.name}' is already defined", s.span)
         v = self.value(s.value)
@@ -408,6 +423,8 @@ class LoopBuilder:
         self.add("state", args, "none", s.span, name=s.name, terms=terms, layers=layers)
 
     def copy(self, s: ast.CopyDecl) -> None:
+        if self.stream_name() is not None:
+            raise TpcError(f"{TABLES_ONLY}: they make no copy", s.span)
         src = self.mutables.get(s.source)
         if src is None or src.what not in ("model", "copy"):
             raise TpcError(f"copy g = {s.source}: a copy is taken of the model or of another copy",
@@ -423,6 +440,10 @@ class LoopBuilder:
 
     def update(self, target: str, tspan: Span, op: str, e: ast.Expr, span: Span) -> None:
         m = self.mutables.get(target)
+        if target == self.stream_name():
+            raise TpcError(f"'{target}' is a stream: its batches are drawn from the data, not updated", tspan)
+        if self.stream_name() is not None and m is not None:
+            raise TpcError(TABLES_ONLY, span)
         if m is None:
             if target in self.b.data:
                 raise TpcError(f"'{target}' is data: only layers, models, copies and states can be updated", tspan)
@@ -521,6 +542,8 @@ class LoopBuilder:
         if isinstance(e, ast.Attr) and e.attr in ("lr", "words", "context"):
             raise TpcError(f"b.{e.attr} is read by the row updates of word2vec's tables: "
                            + ROW_UPDATE_FORMS.split(" is ", 1)[1].split(" (times")[0], e.span)
+        if isinstance(e, ast.Attr) and self.stream_name() is not None:
+            raise TpcError(f"a batch has .words, .context and .lr, read by row updates; not .{clip(e.attr)}", e.span)
         raise TpcError("not part of a loop: numbers, data, f(X), losses, grad(L, f) and their combinations",
                        e.span)
 
@@ -722,12 +745,19 @@ class LoopBuilder:
     def same_batch(self, b: int, vectors: int, span: Span, why: str = "these rows were gathered for another batch"
                    ) -> None:
         """Rows gathered for one batch pair with that batch only (its positions, words and labels)."""
-        if self.ins(vectors).args[1] != b:
+        other = self.ins(self.ins(vectors).args[1])
+        if other.id != b and other.args != self.ins(b).args:  # S[t] read twice is one batch
             raise TpcError(why, span)
 
     def stream_batch(self, e: ast.Index) -> int:
-        """`S[t]`: batch t of the stream (a static step)."""
+        """`S[t]`: batch t of the stream (a static step; a number is checked here)."""
         t = self.static_index(e.index)
+        if self.ins(t).op == "const":
+            step = int(whole_index(self.ins(t).attrs["value"], e.index.span))
+            steps = self.stream_steps(e.span)
+            if not 0 <= step < steps:
+                raise TpcError(f"the stream has {steps} batches (0 .. {steps - 1}): there is no batch {step}",
+                               e.index.span)
         return self.add("stream", (t,), "batch", e.span, tokens=self.b.train.cbow.tokens,
                         stream=self.stream_name(), static=True)
 
@@ -752,7 +782,7 @@ class LoopBuilder:
     def of_kind(self, e: ast.Expr, kind: str) -> int:
         v = self.value(e)
         if isinstance(v, Lin) or self.ins(v).kind != kind:
-            raise TpcError(f"this takes a value of kind {kind}", e.span)
+            raise TpcError(f"this takes {KIND_WORDS[kind]}", e.span)
         return v
 
     def table(self, e: ast.Expr, role: str) -> int:
@@ -789,7 +819,12 @@ class LoopBuilder:
             raise TpcError(ROW_UPDATE_FORMS, idx.span)
         role, form = ROW_UPDATES[idx.attr]
         m = self.mutables.get(s.target)
-        if m is None or m.what != "layer" or getattr(self.b.layers.get(s.target), "role", None) != role:
+        if m is None and s.target != self.stream_name() and s.target not in self.b.defined:
+            raise self.b.unknown(s.target, s.target_span)
+        if m is None or m.what != "layer":
+            raise TpcError(f"'{clip(s.target)}' is not a table: row updates change the model's embedding layer "
+                           "(U[b.context]) and readout (V[b.words])", s.target_span)
+        if getattr(self.b.layers.get(s.target), "role", None) != role:
             raise TpcError(f"{clip(s.target)}[b.{idx.attr}] updates the rows of the model's {role} layer",
                            s.target_span)
         b = self.of_kind(idx.operand, "batch")
@@ -805,7 +840,8 @@ class LoopBuilder:
         if self.ins(g).op != "ns_grad":
             raise TpcError("a row update moves the rows along the gradient of the logits, g = grad(L, z)",
                            g_expr.span)
-        if self.ins(g).args[2] != b:
+        gb = self.ins(self.ins(g).args[2])
+        if gb.id != b and gb.args != self.ins(b).args:
             raise TpcError("g is the gradient of another batch's logits than the rows updated", g_expr.span)
         rows = self.gathered(rows_expr, form)
         self.same_batch(b, rows, rows_expr.span)
@@ -832,7 +868,8 @@ class LoopBuilder:
                 raise TpcError("division by zero", e.right.span)
             return c1 / d, r1, s1
         if isinstance(e, ast.Attr) and e.attr == "lr":
-            if self.of_kind(e.operand, "batch") != b:
+            rb = self.ins(self.of_kind(e.operand, "batch"))
+            if rb.id != b and rb.args != self.ins(b).args:
                 raise TpcError("the rate of another batch than the rows updated", e.span)
             return 1.0, True, None
         if isinstance(e, ast.Call) and e.fn == "outer" and len(e.args) == 2:
@@ -857,6 +894,8 @@ class LoopBuilder:
         return v
 
     def apply(self, root: str, x: int, span: Span) -> int:
+        if self.stream_name() is not None:
+            raise TpcError(f"{TABLES_ONLY}; the model is not applied to data sets there", span)
         ins = self.ins(x)
         key: tuple[str, object] = (root, x)
         if ins.op == "data":  # the same data set: one forward pass until the parameters change
@@ -907,6 +946,9 @@ class LoopBuilder:
         if z is not None and self.ins(z).op == "logits":
             return self.dlogits(loss, z, e.span)
         m = self.mutables.get(target.id) if isinstance(target, ast.Name) else None
+        if self.stream_name() is not None:
+            raise TpcError("in a word2vec loop grad(L, z) is the gradient of L = negative_sampling(z, b) with respect "
+                           "to its logits z, which the row updates take", target.span)
         if m is None or m.what == "state":
             what = clip(target.id) if isinstance(target, ast.Name) else "..."
             raise TpcError(f"grad(L, {what}): not a parameter (the model, a layer, or a copy of the model)",

@@ -917,7 +917,7 @@ class _Builder:
     def output(self, s: ast.OutputDecl) -> None:
         if any(o.name == s.name for o in self.outputs):
             raise TpcError(f"output '{s.name}' is defined twice", s.span)
-        phase = "trained" if self.train else "init"
+        phase = "trained" if self.train and not self.train.stream else "init"  # a stream is not training yet
         e = s.value
         if self.model is None:
             raise TpcError("define the model before the outputs", s.span)
@@ -937,6 +937,9 @@ class _Builder:
             stream = self.train is not None and self.train.stream
             if isinstance(e, ast.Call) and e.fn in ("history", "adapted", "embeddings") \
                     and not (stream and e.fn == "embeddings"):
+                if e.fn == "embeddings":
+                    raise TpcError("embeddings(U) is an output of word2vec programs, after `train cbow(...)` or a "
+                                   "loop over a `stream S = cbow(T, ...)`", e.span)
                 raise TpcError(f"{e.fn}(...) belongs to `train` statements; in a loop, `record` what you need "
                                "and output it", e.span)
             if isinstance(e, ast.Call) and e.fn == "feature_change" and phase == "init":
@@ -972,7 +975,8 @@ class _Builder:
                 raise TpcError("embeddings(U) is the Gram matrix of the words' vectors of an embedding layer U "
                                "(its columns) or of a readout (its rows)", e.span)
             if self.train is None or self.train.optimizer != "cbow":
-                raise TpcError("embeddings(U) is an output of word2vec programs, after `train cbow(...)`", e.span)
+                raise TpcError("embeddings(U) is an output of word2vec programs, after `train cbow(...)` or a loop "
+                               "over a `stream S = cbow(T, ...)`", e.span)
             self.outputs.append(Output(s.name, "embeddings", phase, s.span, layer=e.args[0].id))
             return
         if isinstance(e, ast.Call) and e.fn == "adapted":
@@ -1030,10 +1034,14 @@ class _Builder:
         cbow = self.train is not None and self.train.optimizer == "cbow"
         for la in self.layers.values():
             if la.role == "embedding" and not cbow:
-                raise TpcError("an embedding layer is trained by `train cbow(...)`; other models take an input "
-                               "layer", la.span)
+                raise TpcError("an embedding layer is trained by `train cbow(...)` or a loop over a `stream S = "
+                               "cbow(T, ...)`; other models take an input layer", la.span)
             if la.var == 0 and la.role == "readout" and not cbow:
                 raise TpcError("a readout that starts at zero is supported in cbow programs only", la.span)
+        stream = self.train.stream if self.train is not None else ""
+        if stream and (self.loops is None or not any(i.op == "stream" for i in self.loops.prog.walk())):
+            raise TpcError(f"no loop reads the stream '{stream}': for t in steps({stream}) {{ b = {stream}[t] ... }}",
+                           self.train.span)
         if cbow and any(o.phase == "init" for o in self.outputs):
             raise TpcError("a cbow program's outputs come after its training",
                            next(o.span for o in self.outputs if o.phase == "init"))
@@ -1059,9 +1067,6 @@ class _Builder:
             for o in self.outputs:
                 if o.position < 0:  # written before the first loop
                     o.position = 0
-        elif self.train is not None and self.train.stream:
-            raise TpcError(f"no loop reads the stream '{self.train.stream}': for t in steps({self.train.stream}) "
-                           "{ ... }", self.train.span)
         elif self.train is not None:
             from tpc.train.desugar import desugar
 

@@ -16,6 +16,8 @@ import torch
 
 # ---- stream (copied into emitted files from here on)
 
+CHECKPOINT = 16  # Stream.at saves the generator's state every 16 batches
+
 
 class Batch(NamedTuple):
     """Positions of the (subsampled) stream: their centre words, their context words as pairs
@@ -55,19 +57,26 @@ class Stream:
             self.masks = [np.ones(len(self.tokens), bool)] * self.epochs
         noise = counts**0.75
         self.noise_cdf = np.cumsum(noise) / noise.sum()
-        self.state = rng.bit_generator.state  # the draws of the batches start here
+        self._points = [(0, 0, 0, 0, rng.bit_generator.state)]  # the draws of the batches start here
         self.positions = int(sum(m.sum() for m in self.masks))
         self.steps = sum(-(-int(m.sum()) // self.batch) for m in self.masks)  # batches in all
 
     def __iter__(self) -> Iterator[Batch]:
+        return self._draw(self._points[0])
+
+    def _draw(self, point: tuple) -> Iterator[Batch]:
+        """The batches from a saved point on: (batch index, epoch, start, positions done, generator state).
+        Every CHECKPOINT-th batch's point is saved as the draws pass it."""
+        index, first_epoch, first_start, done, state = point
         rng = np.random.default_rng()
-        rng.bit_generator.state = self.state
+        rng.bit_generator.state = state
         w, k = self.window, self.negatives
         offsets = np.concatenate([np.arange(-w, 0), np.arange(1, w + 1)])
-        done = 0
-        for epoch, mask in enumerate(self.masks):
-            s = self.tokens[mask]
-            for start in range(0, len(s), self.batch):
+        for epoch in range(first_epoch, self.epochs):
+            s = self.tokens[self.masks[epoch]]
+            for start in range(first_start if epoch == first_epoch else 0, len(s), self.batch):
+                if index == len(self._points) * CHECKPOINT:
+                    self._points.append((index, epoch, start, done, rng.bit_generator.state))
                 p = np.arange(start, min(start + self.batch, len(s)))
                 reach = rng.integers(1, w + 1, size=len(p))  # word2vec's reduced window
                 idx = p[:, None] + offsets
@@ -76,18 +85,23 @@ class Stream:
                 neg = np.minimum(np.searchsorted(self.noise_cdf, rng.random((len(p), k))), self.vocab - 1)
                 lr = self.lr - (self.lr - self.min_lr) * done / self.positions
                 done += len(p)
+                index += 1
                 starts = np.searchsorted(rows, np.arange(len(p)))
                 yield Batch(s[p], rows, s[idx[rows, cols]], starts, neg, lr, epoch)
 
     def at(self, t: int) -> Batch:
-        """Batch t: the next one after the last read, or drawn again from the start."""
+        """Batch t: the next one after the last read, or drawn again from the nearest saved point before
+        it (so reading backwards costs at most CHECKPOINT draws a batch)."""
         if not 0 <= t < self.steps:
-            raise IndexError(f"the stream has {self.steps} batches: step {t} is past its end")
+            where = "past its end" if t >= self.steps else "before its first batch, 0"
+            raise IndexError(f"the stream has {self.steps} batches: step {t} is {where}")
         it, following, last = self._cursor or (iter(self), 0, None)
         if t == following - 1:
             return last
-        if t < following:
-            it, following = iter(self), 0
+        if t < following or t >= following + CHECKPOINT:
+            point = self._points[min(t // CHECKPOINT, len(self._points) - 1)]
+            if t < following or point[0] > following:
+                it, following = self._draw(point), point[0]
         while following <= t:
             last = next(it)
             following += 1

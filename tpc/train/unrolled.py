@@ -35,6 +35,7 @@ MAX_STEPS = 200  # loop iterations listed in all
 class _Lister:
     def __init__(self, net: Network) -> None:
         self.net, self.prog = net, net.program
+        self.stream_steps: int | None = None  # a word2vec stream's batches, counted when first listed
         self.lines: list[str] = []
         self.tag: list[str] = []  # the counters' values of the enclosing loops
         self.counters: dict[int, int] = {}
@@ -439,7 +440,13 @@ def _list_record(ls: _Lister, ins: Instr) -> None:
 
 
 def _list_stream(ls: _Lister, ins: Instr) -> None:
+    from tpc.train.cbow import checked_stream
+
     t = int(whole_index(ls.static(ins.args[0]), ins.span))
+    if ls.stream_steps is None:
+        ls.stream_steps = checked_stream(ls.net).steps
+    if not 0 <= t < ls.stream_steps:
+        raise TpcError(f"the stream has {ls.stream_steps} batches: there is no batch {t}", ins.span)
     ls.say(f"{ls.name(ins)} = {ins.attrs['stream']}[{t}]   # static: centre words, contexts, negatives, rate")
 
 
