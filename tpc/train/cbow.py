@@ -183,7 +183,7 @@ def describe(net: Network) -> str:
     cls = net.classification()
     data = stream(net)
     head = (f"{net.param_name}: r = {cls.r:g}, {cls.regime}; cbow over {len(data.tokens)} tokens x "
-            f"{net.train.cbow.epochs} epoch(s), {data.positions} positions after subsampling, {data.steps} steps "
+            f"{net.train.cbow.epochs} epoch(s), {data.positions} positions after subsampling, {data.steps} batches "
             f"of {net.train.batch}")
     if not cls.stable:
         return f"{head}; unstable ({'; '.join(cls.failed)}): tpc refuses its limit"
