@@ -23,7 +23,9 @@ from tests.fuzzing import (  # noqa: E402
 )
 
 EXAMPLES = 500  # drawn in the default run (about 320 distinct ones run: about 20 s on one core)
-LONG_EXAMPLES = 700  # drawn in the slow step (pytest -m slow): the default run's budget before it was 500
+# drawn in the slow step (pytest -m slow): the default run's budget before it was 500. 2000 draws find the
+# bug of test_bug_loop_loss_of_a_readout_wider_than_its_targets: raise this when that is fixed
+LONG_EXAMPLES = 700
 STAGE_TIMEOUT = 20.0  # seconds per command; the programs are tiny (most take milliseconds): longer is a hang
 WALL_CAP = 150.0  # stop early rather than blow the suite's time on a slow machine (the default run)
 LONG_WALL_CAP = 600.0  # the slow step's
@@ -218,3 +220,12 @@ model f(x) = V @ gelu(U @ x + b)
 output pred = f(X)
 """
     assert not _clean(source, [["limit", "--particles", "256", "--replicates", "2"]])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="open: found by 2000 draws of the fuzz; f(X) - Y in a loop is not shape-checked (the "
+                          "loss statement's is: 'Y' is a vector of 2, but f(X) is 2 x 3) and torch raises")
+def test_bug_loop_loss_of_a_readout_wider_than_its_targets() -> None:
+    source = HEADER.replace("readout 1 x n", "readout 3 x n") + \
+        "for t in range(1) { L = sum((f(X) - Y) ^ 2) }\noutput p = f(X)\n"
+    assert not _clean(source, [["check"], ["run", "--width", "4", "--seeds", "2"]])
