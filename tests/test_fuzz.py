@@ -19,11 +19,16 @@ from tests.fuzzing import (  # noqa: E402
     RandomChooser,
     cases_strategy,
     loop_program,
+    stages,
 )
 
-EXAMPLES = 700  # about 45 s on one core
+EXAMPLES = 500  # drawn in the default run (about 320 distinct ones run: about 20 s on one core)
+# drawn in the slow step (pytest -m slow): the default run's budget before it was 500. 2000 draws find the
+# bug of test_bug_loop_loss_of_a_readout_wider_than_its_targets: raise this when that is fixed
+LONG_EXAMPLES = 700
 STAGE_TIMEOUT = 20.0  # seconds per command; the programs are tiny (most take milliseconds): longer is a hang
-WALL_CAP = 150.0  # stop early rather than blow the suite's time on a slow machine
+WALL_CAP = 150.0  # stop early rather than blow the suite's time on a slow machine (the default run)
+LONG_WALL_CAP = 600.0  # the slow step's
 FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                 phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
 
@@ -40,25 +45,44 @@ def _summary(failures: list[tuple[Case, Outcome]]) -> str:
     return "\n".join(parts)
 
 
-def test_no_tracebacks_and_no_hangs() -> None:
-    """Random programs, half of them mutated, through check, graph, emit-torch, classify, run and limit."""
+def _fuzz(examples: int, wall_cap: float) -> None:
+    """`examples` random programs, half of them mutated, through check, graph, emit-torch, classify, run
+    and limit. A case drawn again (the same program through the same commands: hypothesis's draws
+    differ, but about a third of them come out as a program already drawn) is not run again: it would
+    take the same path to the same outcomes."""
     failures: list[tuple[Case, Outcome]] = []
+    seen: set[tuple[object, ...]] = set()
     ran = 0
     start = time.monotonic()
     with Harness(STAGE_TIMEOUT) as h:
-        @FUZZ
+        @settings(FUZZ, max_examples=examples)
         @given(cases_strategy(mutate_p=0.5))
         def one(case: Case) -> None:
             nonlocal ran
-            if time.monotonic() - start > WALL_CAP:
+            if time.monotonic() - start > wall_cap:
                 return
+            key = (case.source, case.skip, *(tuple(argv) for argv in stages(case)))
+            if key in seen:
+                return
+            seen.add(key)
             ran += 1
             failures.extend((case, o) for o in h.run_case(case).outcomes if o.status in ("traceback", "hang"))
 
         one()
     assert not failures, _summary(failures)
     # the wall-clock cap must not turn the test into one that checks nothing
-    assert ran >= EXAMPLES // 4, f"only {ran} of {EXAMPLES} programs ran within {WALL_CAP:g} s"
+    assert ran >= examples // 4, f"only {ran} distinct programs of {examples} drawn ran within {wall_cap:g} s"
+
+
+def test_no_tracebacks_and_no_hangs() -> None:
+    """No traceback and no hang over EXAMPLES random programs (the slow step draws LONG_EXAMPLES)."""
+    _fuzz(EXAMPLES, WALL_CAP)
+
+
+@pytest.mark.slow
+def test_no_tracebacks_and_no_hangs_long() -> None:
+    """The same over LONG_EXAMPLES random programs."""
+    _fuzz(LONG_EXAMPLES, LONG_WALL_CAP)
 
 
 def test_generator_makes_mostly_valid_programs() -> None:
@@ -196,3 +220,12 @@ model f(x) = V @ gelu(U @ x + b)
 output pred = f(X)
 """
     assert not _clean(source, [["limit", "--particles", "256", "--replicates", "2"]])
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError,
+                   reason="open: found by 2000 draws of the fuzz; f(X) - Y in a loop is not shape-checked (the "
+                          "loss statement's is: 'Y' is a vector of 2, but f(X) is 2 x 3) and torch raises")
+def test_bug_loop_loss_of_a_readout_wider_than_its_targets() -> None:
+    source = HEADER.replace("readout 1 x n", "readout 3 x n") + \
+        "for t in range(1) { L = sum((f(X) - Y) ^ 2) }\noutput p = f(X)\n"
+    assert not _clean(source, [["check"], ["run", "--width", "4", "--seeds", "2"]])

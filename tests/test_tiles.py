@@ -127,10 +127,11 @@ output s = gram(h, h)
 
 
 def test_an_asymmetric_kernel_is_tiled_by_both_blocks_and_a_failed_run_leaves_no_file(
-        program: Path, tmp_path: Path) -> None:
+        program: Path, cluster, tmp_path: Path) -> None:  # noqa: ANN001
     """gram(h, h * h) is not its own transpose: block (J, I) is sent, not (I, J) transposed. Under
     --method auto its 2-variable expectation is taken by Monte Carlo, which tiles refuse: the run
-    stops and leaves no .npy behind (the files are written as .npy.partial until every tile is in)."""
+    stops and leaves no .npy behind (the files are written as .npy.partial until every tile is in).
+    On the module's cluster: a cluster of tiled_limit's own (--workers) is test_cli_out_writes_npy_files'."""
     from tpc.tiles import plan, tiled_limit
 
     path = program.parent / "asym.tp"
@@ -139,11 +140,11 @@ def test_an_asymmetric_kernel_is_tiled_by_both_blocks_and_a_failed_run_leaves_no
     assert plan(prog, 25).symmetric == {"s"}
     ref = tpc.limit(prog, method="quadrature")
     assert np.abs(ref["k"].value - ref["k"].value.T).max() > 1e-3
-    paths = tiled_limit(prog, tmp_path / "q", tile=25, workers=1, method="quadrature")
+    paths = tiled_limit(prog, tmp_path / "q", tile=25, cluster=cluster.scheduler_address, method="quadrature")
     for name, p in paths.items():
         np.testing.assert_allclose(np.load(p), ref[name].value, rtol=0, atol=1e-12)
     with pytest.raises(TpcError, match="without Monte Carlo"):  # tiles of 2 rows: the first task fails fast
-        tiled_limit(prog, tmp_path / "mc", tile=2, workers=1)
+        tiled_limit(prog, tmp_path / "mc", tile=2, cluster=cluster.scheduler_address)
     assert list((tmp_path / "mc").iterdir()) == []
 
 
