@@ -222,10 +222,9 @@ output pred = f(X)
     assert not _clean(source, [["limit", "--particles", "256", "--replicates", "2"]])
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="open: found by 2000 draws of the fuzz; f(X) - Y in a loop is not shape-checked (the "
-                          "loss statement's is: 'Y' is a vector of 2, but f(X) is 2 x 3) and torch raises")
-def test_bug_loop_loss_of_a_readout_wider_than_its_targets() -> None:
+def test_loop_loss_of_a_readout_wider_than_its_targets() -> None:
+    """Found by 2000 draws of the fuzz: f(X) - Y in a loop was not shape-checked and torch raised; now
+    refused where it is written (tests/errors/loop_shapes_differ.tp)."""
     source = HEADER.replace("readout 1 x n", "readout 3 x n") + \
         "for t in range(1) { L = sum((f(X) - Y) ^ 2) }\noutput p = f(X)\n"
     assert not _clean(source, [["check"], ["run", "--width", "4", "--seeds", "2"]])

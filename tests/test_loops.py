@@ -324,3 +324,39 @@ output p = f(Xt)
     np.testing.assert_allclose(direct, unrolled, rtol=1e-9, atol=1e-10)
     appended = 12 * 2 * (2 * 2 + 3)  # per task: two inner steps on 2 rows, the query on 3
     assert backend.pool["W"][0].shape[-2] <= 12 * 2 * 3 + 64 < appended  # the query rows stay
+
+
+def test_a_model_with_one_output_is_a_number_per_row_in_loop_arithmetic() -> None:
+    """f(X) - Y with one output is taken row by row (not B x B by broadcasting): mean((f(X) - Y)^2) is
+    twice mse(f(X), Y) (which halves), at finite width, in the emitted file, and in the limit."""
+    src = HEADER_ONE_OUTPUT + """for t in range(2) {
+  record a = mean((f(X) - Y) ^ 2)
+  record b = mse(f(X), Y)
+  f -= 0.5 * grad(mean((f(X) - Y) ^ 2), f)
+}
+output a = a
+output b = b
+"""
+    net = tpc.loads(src)
+    run = tpc.run(net, 64, 2)
+    assert np.abs(run["a"].values - 2 * run["b"].values).max() < 1e-12
+    assert np.abs(run["a"].values).min() > 0.1
+    lim = tpc.limit(net)
+    assert np.abs(lim["a"].value - 2 * lim["b"].value).max() < 1e-12
+    namespace: dict = {}
+    exec(compile(tpc.torch_source(net), "<emitted>", "exec"), namespace)  # noqa: S102
+    model = namespace["Network"](64, 0)
+    records = namespace["train"](model, *[torch.as_tensor(net.data[k]) for k in ("X", "Y")])
+    assert np.allclose(records["a"], 2 * np.asarray(records["b"]), rtol=0, atol=1e-12)
+    assert np.allclose(records["a"], run["a"].values[0], rtol=0, atol=1e-10)
+
+
+HEADER_ONE_OUTPUT = """width n
+parametrization mup
+data X = [[1, 0.5], [-0.3, 0.8], [0.2, 0.1]]
+data Y = [1, -1, 0.5]
+layer U : input n x 2
+layer W : hidden n x n
+layer V : readout 1 x n
+model f(x) = V @ tanh(W @ tanh(U @ x))
+"""

@@ -190,9 +190,11 @@ class Interpreter:
         return out
 
     def finite(self, i: int) -> Tensor:
+        """A finite value; f(X) of a model with one output is a number per row, (..., B), so that
+        `f(X) - Y` is taken row by row."""
         v = self.env[i]
         if isinstance(v, Applied):
-            return v.F
+            return v.F[..., 0] if v.F.shape[-1] == 1 else v.F
         if isinstance(v, Rows):
             return torch.as_tensor(v.values, dtype=self.be.dtype)
         return v
@@ -426,8 +428,6 @@ def _run_update(it: Interpreter, ins: Instr) -> None:
 
 def _run_record(it: Interpreter, ins: Instr) -> None:
     v = it.finite(ins.args[0]).detach()
-    if it.prog.instrs[ins.args[0]].op == "apply" and v.shape[-1] == 1:  # one output: a number per row, as f(X)
-        v = v[..., 0]
     if it.prog.instrs[ins.args[0]].static:  # the same for every seed: give it the seed axes all the same
         v = v.to(it.be.dtype).expand(*it.be.lead_shape, *v.shape) if it.be.lead_shape else v
     it.recording[-1].setdefault(ins.attrs["name"], []).append(v)

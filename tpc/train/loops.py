@@ -661,7 +661,36 @@ class LoopBuilder:
             if not np.isfinite(value):
                 raise TpcError("this constant is not finite", span)
             return self.add("const", (), "finite", span, value=value, static=True, scalar=True)
-        return self.add("fn", tuple(vals), "finite", span, fn=fn, static=static, scalar=scalar)
+        shapes = [self.value_shape(v) for v in vals]
+        shape: tuple[int, ...] | None = ()
+        if any(sh is None for sh in shapes):
+            shape = None
+        else:
+            arrays = list(dict.fromkeys(sh for sh in shapes if sh))
+            if len(arrays) > 1:  # numpy would broadcast f(X) (B x k) against Y (B): refuse, say the shapes
+                texts = " and ".join(" x ".join(map(str, sh)) for sh in arrays)
+                raise TpcError(f"these values are {texts}: entrywise arithmetic takes values of one shape, or "
+                               "numbers (f(X) is one number per row for a model with one output, else rows x outputs)",
+                               span)
+            shape = arrays[0] if arrays else ()
+        return self.add("fn", tuple(vals), "finite", span, fn=fn, static=static, scalar=scalar, shape=shape)
+
+    def value_shape(self, i: int) -> tuple[int, ...] | None:
+        """The shape of a finite value where it is known when the loop is built (None: known when it runs)."""
+        ins = self.ins(i)
+        if ins.attrs.get("scalar"):
+            return ()
+        if ins.kind == "data" or ins.op == "fn":
+            shape = ins.attrs.get("shape")
+            return None if shape is None else tuple(int(d) for d in shape)
+        if ins.op == "apply":
+            x = self.value_shape(ins.args[0])
+            if x is None:
+                return None
+            rows = 1 if len(x) == 1 else x[0]  # one row, X[i]: a batch of one
+            k = int(next(la.rows for la in self.b.layers.values() if la.role == "readout"))
+            return (rows,) if k == 1 else (rows, k)
+        return None
 
     def call(self, e: ast.Call) -> int | Lin:
         b = self.b

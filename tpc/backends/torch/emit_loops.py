@@ -199,11 +199,21 @@ class _Emitter:
         return INSTRUCTIONS[ins.op].emit(self, ins)
 
     def tensor(self, i: int) -> str:
-        c = self.value(i)
+        return self.as_tensor(self.value(i))
+
+    def as_tensor(self, c: _Code) -> str:
         if c.tensor:
             return c.text
         self.helpers.add("num")
         return f"num({c.text})"
+
+    def finite(self, i: int) -> _Code:
+        """Instruction i as a finite value: f(X) of a model with one output is a number per row (B,),
+        as tpc's interpreter reads it, so that `f(X) - Y` is taken row by row."""
+        c = self.value(i)
+        if self.instrs[i].op == "apply" and self.net.output_dim() == 1:
+            return _Code(f"{self.operand(c)}[:, 0]", True)
+        return c
 
     def operand(self, c: _Code) -> str:
         return f"({c.text})" if c.compound else c.text
@@ -339,28 +349,25 @@ def _emit_index(em: _Emitter, ins: Instr) -> _Code:
 
 def _emit_fn(em: _Emitter, ins: Instr) -> _Code:
     name = ins.attrs["fn"]
+    codes = [em.finite(i) for i in ins.args]
     if name in ("min", "max", "mod"):
         call = {"min": "torch.minimum", "max": "torch.maximum", "mod": "torch.remainder"}[name]
-        return _Code(f"{call}({', '.join(em.tensor(i) for i in ins.args)})", True)
+        return _Code(f"{call}({', '.join(em.as_tensor(c) for c in codes)})", True)
     f = FUNCTIONS[name]
     if f.infix or name in PAREN_FNS:
         # numbers only: the first becomes a tensor, as tpc computes with float64 tensors
-        first = not any(em.value(i).tensor for i in ins.args)
-        parts = [em.tensor(i) if first and k == 0 else em.operand(em.value(i))
-                 for k, i in enumerate(ins.args)]
+        first = not any(c.tensor for c in codes)
+        parts = [em.as_tensor(c) if first and k == 0 else em.operand(c) for k, c in enumerate(codes)]
         return _Code(f.code.format(*parts), True, True)
     # a call torch.f(x) takes its argument as it is; another template gets it parenthesised
     call = re.fullmatch(r"[\w.]+\(\{0\}\)", f.code) is not None
-    parts = []
-    for i in ins.args:
-        c = em.value(i)
-        parts.append(em.tensor(i) if not c.tensor else c.text if call else em.operand(c))
+    parts = [em.as_tensor(c) if not c.tensor else c.text if call else em.operand(c) for c in codes]
     return _Code(f.code.format(*parts), True, not call)
 
 
 def _emit_reduce(em: _Emitter, ins: Instr) -> _Code:
-    arg = em.value(ins.args[0])
-    text = em.operand(arg) if arg.tensor else em.tensor(ins.args[0])
+    arg = em.finite(ins.args[0])
+    text = em.operand(arg) if arg.tensor else em.as_tensor(arg)
     return _Code(f"{text}.{ins.attrs['fn']}()", True)
 
 
