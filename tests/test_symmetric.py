@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # evaluates a limit twice from the same random state, whole and by blocks, and asks for the same values to
 # round-off; the particle count only sizes the sample. Which kernels are kept by blocks, which are formed
 # whole, and the method of every output (quadrature or Monte Carlo: decided by QUADRATURE_BUDGET, not by
-# the particles) are the same at 2**12 as at 2**16 for every program below, at a tenth of the time.
+# the particles) are the same at 2**12 as at 2**16 for every program below; its Monte Carlo takes 5-10x less time.
 PARTICLES = 2**12
 
 
