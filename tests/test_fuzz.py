@@ -23,9 +23,9 @@ from tests.fuzzing import (  # noqa: E402
 )
 
 EXAMPLES = 500  # drawn in the default run (about 320 distinct ones run: about 20 s on one core)
-# drawn in the slow step (pytest -m slow): the default run's budget before it was 500. 2000 draws find the
-# bug of test_bug_loop_loss_of_a_readout_wider_than_its_targets: raise this when that is fixed
-LONG_EXAMPLES = 700
+# drawn in the slow step (pytest -m slow); 2000 draws found the bug that
+# test_loop_loss_of_a_readout_wider_than_its_targets now pins
+LONG_EXAMPLES = 2000
 STAGE_TIMEOUT = 20.0  # seconds per command; the programs are tiny (most take milliseconds): longer is a hang
 WALL_CAP = 150.0  # stop early rather than blow the suite's time on a slow machine (the default run)
 LONG_WALL_CAP = 600.0  # the slow step's
