@@ -35,8 +35,8 @@ import torch
 
 from tpc.errors import TpcError
 from tpc.parametrization import limit_of_power
-from tpc.train.network import Layer, Network
-from tpc.train.stream import Batch, Stream  # noqa: F401 - Batch: the stream's batches, named here too
+from tpc.train.network import Layer, Network, Train
+from tpc.train.stream import Stream
 
 Tensor = torch.Tensor
 
@@ -95,10 +95,13 @@ def tokens_of(net: Network) -> np.ndarray:
 
 
 def stream(net: Network) -> Stream:
-    t = net.train
+    return stream_of(net.train, tokens_of(net), vocabulary(net))
+
+
+def stream_of(t: Train, tokens: np.ndarray, vocab: int) -> Stream:
+    """The stream of a `train cbow` statement's or a `stream S = cbow(...)`'s settings over word ids."""
     c = t.cbow
-    return Stream(tokens_of(net), vocabulary(net), c.window, c.negatives, c.sample, c.epochs, t.batch, t.lr, c.min_lr,
-                  c.seed)
+    return Stream(tokens, vocab, c.window, c.negatives, c.sample, c.epochs, t.batch, t.lr, c.min_lr, c.seed)
 
 
 def checked_stream(net: Network) -> Stream:

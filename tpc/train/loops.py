@@ -211,6 +211,7 @@ class LoopBuilder:
         self.gone: dict[str, Span] = {}  # names that lived in a body that has closed
         # each read of a state: where, the kinds of terms it held then, and the loops open around it
         self.state_reads: dict[str, list[tuple[Span, frozenset[str], frozenset[int]]]] = {}
+        self.steps_of_stream: int | None = None  # the stream's batches, counted when first needed
 
     # --- building blocks
     def add(self, op: str, args: tuple[int, ...], kind: str, span: Span, **attrs: object) -> int:
@@ -386,15 +387,16 @@ class LoopBuilder:
     def stream_steps(self, span: Span) -> int:
         """The number of batches of the train statement's stream (it depends on the subsampling draws, not
         on the width); the interpreter counts them again when it runs, from the data it has then."""
-        from tpc.train.stream import Stream  # (imports torch: only cbow programs build one)
+        from tpc.train.cbow import stream_of  # (imports torch: only cbow programs build one)
 
+        if self.steps_of_stream is not None:  # drawn once per program (a corpus's masks take a while)
+            return self.steps_of_stream
         t = self.b.train
         c = t.cbow
-        vocab = int(self.b.layers[c.embedding].cols)
-        stream = Stream(self.b.data[c.tokens].reshape(-1).astype(np.int64), vocab, c.window, c.negatives, c.sample,
-                        c.epochs, t.batch, t.lr, c.min_lr, c.seed)
+        stream = stream_of(t, self.b.data[c.tokens].reshape(-1).astype(np.int64), int(self.b.layers[c.embedding].cols))
         if stream.positions == 0:  # said at the stream's declaration (or the train statement), whose setting it is
             raise TpcError("subsampling leaves no position to train on: raise sample (or set sample = 0)", t.span)
+        self.steps_of_stream = stream.steps
         return stream.steps
 
     def stream_name(self) -> str | None:
