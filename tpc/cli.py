@@ -310,20 +310,9 @@ def _lowered(net):  # noqa: ANN001, ANN202
 
 
 def cmd_emit(args: argparse.Namespace) -> int:
-    from tpc.backends.torch import emit_source
+    from tpc import torch_source  # the one dispatch: Netsor, network and word2vec programs
 
-    prog = _load(args)
-    if _is_network(prog):
-        from tpc.backends.torch.emit_network import emit_network_source
-
-        if prog.has_tables:  # word2vec: tables of word vectors, a stream and its loop
-            from tpc.backends.torch.emit_tables import emit_tables_source
-
-            print(emit_tables_source(prog), end="")
-            return 0
-        print(emit_network_source(prog), end="")
-        return 0
-    print(emit_source(prog), end="")
+    print(torch_source(_load(args)), end="")
     return 0
 
 

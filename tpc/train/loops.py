@@ -767,17 +767,18 @@ class LoopBuilder:
                             root=read.attrs["root"])
         if name == "logits":
             rows, h = self.gathered(args[0], "words"), self.gathered(args[1], "bag")
-            self.same_batch(self.ins(rows).args[1], h, args[1].span)
+            self.same_batch(self.ins(rows).args[1], self.ins(h).args[1], args[1].span)
             return self.add("logits", (rows, h), "finite", e.span)
         z, b = self.logits_of(args[0]), self.of_kind(args[1], "batch")
-        self.same_batch(b, self.ins(z).args[0], args[0].span, "these logits are of another batch's words")
+        self.same_batch(b, self.ins(self.ins(z).args[0]).args[1], args[0].span,
+                        "these logits are of another batch's words")
         return self.add("ns_loss", (z, b), "finite", e.span, scalar=True)
 
-    def same_batch(self, b: int, vectors: int, span: Span, why: str = "these rows were gathered for another batch"
+    def same_batch(self, b: int, other: int, span: Span, why: str = "these rows were gathered for another batch"
                    ) -> None:
-        """Rows gathered for one batch pair with that batch only (its positions, words and labels)."""
-        other = self.ins(self.ins(vectors).args[1])
-        if other.id != b and other.args != self.ins(b).args:  # S[t] read twice is one batch
+        """Values of one batch (rows, logits, gradients, its rate) pair with that batch only: its positions,
+        words and labels. `S[t]` read twice is one batch."""
+        if other != b and self.ins(other).args != self.ins(b).args:
             raise TpcError(why, span)
 
     def stream_batch(self, e: ast.Index) -> int:
@@ -871,11 +872,10 @@ class LoopBuilder:
         if self.ins(g).op != "ns_grad":
             raise TpcError("a row update moves the rows along the gradient of the logits, g = grad(L, z)",
                            g_expr.span)
-        gb = self.ins(self.ins(g).args[2])
-        if gb.id != b and gb.args != self.ins(b).args:
-            raise TpcError("g is the gradient of another batch's logits than the rows updated", g_expr.span)
+        self.same_batch(b, self.ins(g).args[2], g_expr.span,
+                        "g is the gradient of another batch's logits than the rows updated")
         rows = self.gathered(rows_expr, form)
-        self.same_batch(b, rows, rows_expr.span)
+        self.same_batch(b, self.ins(rows).args[1], rows_expr.span)
         self.add("scatter_add", (b, g, rows), "none", s.span, target=s.target, root=m.root, layer=s.target,
                  index=idx.attr, scaled=True, coef=coef if s.op == "-=" else -coef, rate=rate)
         self.forget((m.root,))
@@ -899,9 +899,8 @@ class LoopBuilder:
                 raise TpcError("division by zero", e.right.span)
             return c1 / d, r1, s1
         if isinstance(e, ast.Attr) and e.attr == "lr":
-            rb = self.ins(self.of_kind(e.operand, "batch"))
-            if rb.id != b and rb.args != self.ins(b).args:
-                raise TpcError("the rate of another batch than the rows updated", e.span)
+            self.same_batch(b, self.of_kind(e.operand, "batch"), e.span,
+                            "the rate of another batch than the rows updated")
             return 1.0, True, None
         if isinstance(e, ast.Call) and e.fn == "outer" and len(e.args) == 2:
             return 1.0, False, ("outer", e.args[0], e.args[1])

@@ -264,10 +264,15 @@ def _nums(a: np.ndarray) -> str:
     return "[" + ", ".join(_nums(x) for x in a) + "]"
 
 
+def source_below(module: object, marker: str) -> str:
+    """A module's source after its marker line: the part an emitted file carries as its own."""
+    text = inspect.getsource(module)  # type: ignore[arg-type]
+    return text[text.index(marker) + len(marker):].strip("\n") + "\n"
+
+
 def runtime_source() -> str:
     """The helpers every emitted module calls (tpc/backends/torch/runtime.py below its marker)."""
-    text = inspect.getsource(runtime)
-    return text[text.index(_RUNTIME_MARKER) + len(_RUNTIME_MARKER):].strip("\n") + "\n"
+    return source_below(runtime, _RUNTIME_MARKER)
 
 
 def emit_source(prog: Program, class_name: str = "TensorProgram") -> str:

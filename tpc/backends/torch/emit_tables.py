@@ -12,9 +12,7 @@ update is `index_add_` in place, scaled by the parametrization's power of n for 
 
 from __future__ import annotations
 
-import inspect
-
-from tpc.backends.torch.codegen import _comment, _num
+from tpc.backends.torch.codegen import _comment, _num, source_below
 from tpc.backends.torch.emit_loops import _Code, _Emitter, _helper_lines
 from tpc.train import cbow, stream
 from tpc.train.loops import Instr
@@ -24,8 +22,7 @@ _MARKER = "# ---- stream (copied into emitted files from here on)"
 
 
 def stream_source() -> str:
-    text = inspect.getsource(stream)
-    return text[text.index(_MARKER) + len(_MARKER):].strip("\n") + "\n"
+    return source_below(stream, _MARKER)
 
 
 def emit_tables_source(net: Network) -> str:
@@ -185,7 +182,7 @@ def _emit_ns_grad(em: _Emitter, ins: Instr) -> _Code:
 def _emit_scatter_add(em: _Emitter, ins: Instr) -> None:
     b, g, rows = (em.value(i).text for i in ins.args)
     a = ins.attrs
-    table = f"model.{em.names[a['layer']]}"
+    table = _table(em, ins)
     rate = " * ".join(([] if a["coef"] == 1 else [_num(a["coef"])]) + ([f"{b}.lr"] if a["rate"] else [])) or "1.0"
     alpha = f"alpha=-{rate} * factor[{em.names[a['layer']]!r}]"
     if a["index"] == "words":
