@@ -249,10 +249,10 @@ def test_graph_prints_the_loop_and_its_body(capsys: pytest.CaptureFixture[str]) 
     assert "      M = 0.9 * M + %" in out and "f -= 0.2 * M" in out
     assert main(["graph", path, "--format", "json"]) == 0
     doc = json.loads(capsys.readouterr().out)
-    loop = next(n for n in doc["training"]["top"] if n["op"] == "loop")
+    loop = next(n for n in doc["program"] if n["op"] == "loop")  # the program graph (test_program_graph.py)
     assert loop["trip"] == 6 and any(b["op"] == "grad" for b in loop["body"])
     assert main(["graph", path, "--format", "dot"]) == 0
-    assert "subgraph cluster_loop_" in capsys.readouterr().out
+    assert f"subgraph cluster_{loop['id']} {{" in capsys.readouterr().out
     assert main(["graph", "--unrolled", path]) == 0
     out = capsys.readouterr().out
     assert out.count("\n# t = ") == 6 and "dh2.t1 = a W_0.T @ dh3.t1 + sum_(p<1)" in out

@@ -242,8 +242,11 @@ def _dim(d: object, prog) -> str:  # noqa: ANN001
 
 
 def cmd_graph(args: argparse.Namespace) -> int:
-    from tpc.ir import dumps_json, print_program, to_dot
-    from tpc.train.show import training_dot, training_json, training_text
+    from tpc.ir import dot_lines, dumps_json, print_program, to_dot
+    from tpc.train.graph import program_graph
+    from tpc.train.graph import to_dot as graph_dot
+    from tpc.train.graph import to_json as graph_json
+    from tpc.train.show import model_lines, training_text
 
     prog = _load(args)
     if args.unrolled:
@@ -260,36 +263,38 @@ def cmd_graph(args: argparse.Namespace) -> int:
         print(dumps({"file": args.file, "unrolled": listing.splitlines()}) if args.format == "json" else listing,
               end="\n" if args.format == "json" else "")
         return 0
-    net = prog if _is_network(prog) and prog.program is not None else None
-    if net is not None and not net.point_sets():  # nothing applies the model: only the training to show
-        print(training_text(net) if args.format == "text" else training_dot(net) if args.format == "dot" else
-              dumps({"training": training_json(net)}))
+    if not _is_network(prog):
+        print(print_program(prog, backward=args.backward) if args.format == "text" else
+              to_dot(prog, backward=args.backward) if args.format == "dot" else dumps_json(prog))
         return 0
-    if net is not None and net.model.positions > 1:  # no Netsor program over positions yet: the model's steps
-        from tpc.train.show import model_lines
-
-        if args.format == "dot":
-            raise TpcError("a model over positions is shown as text or JSON (tpc graph FILE [--format json])")
-        lines = model_lines(net)
-        print("\n".join(lines) + "\n\n" + training_text(net) if args.format == "text" else
-              dumps({"model": lines, "training": training_json(net)}))
-        return 0
-    if _is_network(prog):
-        prog = _lowered(prog)
+    # a network program: text lists its Netsor program at initialisation (where it has one: not over
+    # positions, not word2vec's tables) and its training; JSON and DOT export the program graph
+    # (tpc/train/graph.py), with the Netsor program at initialisation beside it
+    net = prog
+    graph = program_graph(net)
+    lowered = _lowered(net) if net.point_sets() and net.model.positions == 1 else None
     if args.format == "text":
-        print(print_program(prog, backward=args.backward))
-        if net is not None:
-            print("\n" + training_text(net))
+        if lowered is not None:
+            print(print_program(lowered, backward=args.backward))
+        elif net.model.positions > 1:  # no Netsor program over positions yet: the model's steps
+            print("\n".join(model_lines(net)))
+        if net.program is not None:
+            print(("\n" if lowered is not None or net.model.positions > 1 else "") + training_text(net))
     elif args.format == "dot":
-        print(to_dot(prog, backward=args.backward))
-        if net is not None:
-            print(training_dot(net))
+        extra = []
+        if lowered is not None:
+            extra = ["  subgraph cluster_initialisation {",
+                     '    label="the Netsor program at initialisation (what the kernel-regime limit evaluates)";',
+                     *dot_lines(lowered, args.backward, "    "), "  }"]
+        print(graph_dot(graph, "tpc", extra))
     else:
         import json
 
-        doc = json.loads(dumps_json(prog))
-        if net is not None:
-            doc["training"] = training_json(net)
+        doc = json.loads(dumps_json(lowered)) if lowered is not None else \
+            {"file": net.filename, "width": net.width_name}
+        if net.model.positions > 1:
+            doc["model"] = model_lines(net)
+        doc["program"] = graph_json(graph)
         print(dumps(doc))
     return 0
 

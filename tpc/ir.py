@@ -317,24 +317,29 @@ def to_json(prog: Program) -> dict[str, Any]:
 
 def to_dot(prog: Program, backward: bool = False) -> str:
     """Graphviz DOT; like the text listing, the backward instructions only with `backward`."""
-    lines = ["digraph tpc {", "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
+    return "\n".join(["digraph tpc {", "  rankdir=TB;", '  node [shape=box, fontname="monospace"];',
+                      *dot_lines(prog, backward), "}"])
+
+
+def dot_lines(prog: Program, backward: bool = False, indent: str = "  ") -> list[str]:
+    """The DOT lines of the nodes (`n<id>`) and edges, to put in a digraph or in a cluster of one."""
+    lines = []
     outs = set(prog.outputs.values())
     shown = {n.id for n in prog.nodes() if backward or not n.params.get("derived")}
     for node in prog.nodes():
         if node.id not in shown:
             continue
         spec = INSTRUCTIONS[node.op]
-        label = f"{node.name} = {describe(prog, node)}\\n{spec.tag}"
-        label = label.replace('"', '\\"')
+        text = f"{node.name} = {describe(prog, node)}".replace("\\", "\\\\").replace('"', '\\"')
+        label = f"{text}\\n{spec.tag}"  # user text escaped for DOT (a path may hold either)
         style = ', peripheries=2' if node.id in outs else ""
-        lines.append(f'  n{node.id} [label="{label}", style=filled, fillcolor={spec.color}{style}];')
+        lines.append(f'{indent}n{node.id} [label="{label}", style=filled, fillcolor={spec.color}{style}];')
     for src, dst, pos in prog.edges():
         if src not in shown or dst not in shown:
             continue
         label = ",".join(str(p) for p in pos)
-        lines.append(f'  n{src} -> n{dst} [label="{label}"];')
-    lines.append("}")
-    return "\n".join(lines)
+        lines.append(f'{indent}n{src} -> n{dst} [label="{label}"];')
+    return lines
 
 
 def dumps_json(prog: Program) -> str:

@@ -17,6 +17,7 @@ import itertools
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS, LINEAR_FNS
 from tpc.parametrization import ABC, Classification, classify, classify_adaptive, preset
 from tpc.train.loops import LoopBuilder, TrainProgram
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 # `train OPT(...) minimize L` with a gradient optimizer, and the settings each takes (desugar.py writes the loop)
 GRADIENT_OPTIMIZERS = {
@@ -293,6 +297,14 @@ class Network:
     @property
     def hidden_layers(self) -> int:
         return self.abc.hidden_layers
+
+    @property
+    def graph(self) -> nx.DiGraph:
+        """The whole program as one networkx DiGraph: data, layers, losses, the model and each loop as a
+        node whose `body` is a graph of its own, and the outputs (tpc/train/graph.py). Made when asked."""
+        from tpc.train.graph import program_graph
+
+        return program_graph(self)
 
     @property
     def entrywise(self) -> bool:

@@ -1,4 +1,5 @@
-"""A training program (loops.py) printed back: text that reads like the program, JSON and DOT.
+"""A training program (loops.py) printed back as text that reads like the program (its JSON and DOT
+are those of the program graph, tpc/train/graph.py).
 
 Numbers, counters, data sets and parameter reads are written inline where they are used; every
 other instruction is one line `#id  name = text   Op`, a loop's body indented under it. A value
@@ -275,45 +276,4 @@ def training_text(net: Network) -> str:
     outs = ", ".join(f"{o.name} (after #{prog.top[o.position - 1]})" if o.position else f"{o.name} (at init)"
                      for o in net.outputs)
     lines.append(f"outputs: {outs}")
-    return "\n".join(lines)
-
-
-def training_json(net: Network) -> dict:
-    prog = net.program
-
-    def node(i: int) -> dict:
-        ins = prog.instrs[i]
-        out: dict = {"id": i, "op": ins.op, "line": ins.span.line, "column": ins.span.column, "args": list(ins.args)}
-        out["text"] = text_of(prog, ins)
-        if ins.op == "loop":
-            out["trip"] = ins.attrs["trip"]
-            out["counter"] = ins.attrs["counter"]
-            out["body"] = [node(j) for j in ins.attrs["body"]]
-        return out
-
-    return {"top": [node(i) for i in prog.top],
-            "outputs": [{"name": o.name, "after": o.position} for o in net.outputs]}
-
-
-def training_dot(net: Network) -> str:
-    prog = net.program
-    lines = ["digraph training {", "  rankdir=TB;", '  node [shape=box, fontname="monospace"];']
-
-    def emit(ids: list[int], depth: int) -> None:
-        for i in ids:
-            ins = prog.instrs[i]
-            label = text_of(prog, ins).replace("\\", "\\\\")
-            label = label.replace('"', '\\"')
-            if ins.op == "loop":
-                lines.append(f"{'  ' * depth}subgraph cluster_loop_{i} {{")
-                lines.append(f'{"  " * depth}  label="{label}";')
-                emit(ins.attrs["body"], depth + 1)
-                lines.append(f"{'  ' * depth}}}")
-                continue
-            lines.append(f'{"  " * depth}i{i} [label="#{i} {label}"];')
-            for a in ins.args:
-                lines.append(f"{'  ' * depth}i{a} -> i{i};")
-
-    emit(prog.top, 1)
-    lines.append("}")
     return "\n".join(lines)
