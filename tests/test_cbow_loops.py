@@ -267,10 +267,17 @@ def test_a_row_update_takes_numbers_and_its_own_rate() -> None:
     assert np.abs(half - base).max() > 1e-3  # a different step size, a different result
 
 
-def test_an_index_past_the_stream_is_refused() -> None:
-    net = load(written(READOUT_ONLY.replace("S[mod(t, 2)]", "S[t + 249]")))
+@pytest.mark.parametrize("param", ["mup", "ntk"])
+def test_an_index_past_the_stream_is_refused(param: str) -> None:
+    """In the kernel regime too, where the limit (the initial Gram matrices) needs no training: the loop
+    is run on tables of one coordinate to read the batches it names (before, NTK gave a number)."""
+    src = written(READOUT_ONLY.replace("S[mod(t, 2)]", "S[t + 249]").replace("  record loss = L\n", ""))
+    net = load(src.replace("parametrization mup", f"parametrization {param}"))
+    assert net.classification().regime == ("kernel" if param == "ntk" else "feature learning")
     with pytest.raises(TpcError, match="the stream has 250 batches: step 250 is past its end"):
         network_limit(net)
+    fine = load(src.replace("S[t + 249]", "S[t + 246]").replace("parametrization mup", f"parametrization {param}"))
+    assert set(network_limit(fine)) == {"words", "outs"}
 
 
 def test_no_executor_is_specific_to_cbow() -> None:

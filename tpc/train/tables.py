@@ -127,6 +127,10 @@ def tables_limit(net: Network, dtype: str = "float64", device: str = "cpu",
                 raise TpcError(f"the kernel-regime limit of '{o.name}' (a value recorded in a word2vec loop) is not "
                                "built: only the word vectors' Gram matrices, which stay at initialisation",
                                o.span).locate(net.filename, net.source)
+        # the Gram matrices need no training, but the loop must be one that runs: it is run on tables of one
+        # coordinate, which reads every batch it names (one past the stream's end is refused here too)
+        tiny = torch.zeros(cbow.vocabulary(net), 1, dtype=DTYPES[dtype])
+        train_tables(net, tiny, tiny.clone(), Factors.finite(net, 1), progress)
         return {o.name: LimitOutput(net.layers[o.layer].var * np.eye(cbow.vocabulary(net)), "exact")
                 for o in net.outputs}
     m = cbow.basis_size(net)  # refuses a table whose initial vectors grow
