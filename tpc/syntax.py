@@ -185,6 +185,7 @@ class ModelDecl(Stmt):
     positions: int = 1  # `model f(x[P])`: each input is P positions
     positions_span: Span | None = None
     grid: tuple[int, ...] = ()  # the positions' shape: (P,), or (H, W) for `model f(x[H, W])`
+    lets: tuple[Assign, ...] = ()  # `model f(x) { h = ...  return ... }`: the statements before `return`
 
 
 @dataclass(frozen=True)
@@ -432,13 +433,13 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def model_decl(self, meta, children):
-        name, arg, positions, body = children
+        name, arg, positions, *lets, body = children
         if positions is None:
-            return ModelDecl(_span(meta), str(name), str(arg), body)
+            return ModelDecl(_span(meta), str(name), str(arg), body, lets=tuple(lets))
         toks = [t for t in positions if t is not None]
         grid = tuple(int(t) for t in toks)
         span = Span(toks[0].line, toks[0].column, toks[-1].end_line, toks[-1].end_column)
-        return ModelDecl(_span(meta), str(name), str(arg), body, math.prod(grid), span, grid)
+        return ModelDecl(_span(meta), str(name), str(arg), body, math.prod(grid), span, grid, tuple(lets))
 
     def positions(self, children):
         return children
@@ -527,7 +528,10 @@ _TOKEN_NAMES = {
 def _describe(terminal: str) -> str:
     if terminal in _TOKEN_NAMES:
         return _TOKEN_NAMES[terminal]
-    if terminal.startswith("__ANON") or terminal.isupper():
+    if terminal.startswith("__ANON"):  # a literal Lark named for itself, such as `**`
+        found = [t.pattern.value for t in _parser().terminals if t.name == terminal]
+        return f"'{found[0]}'" if found else terminal.lower()
+    if terminal.isupper():
         return terminal.lower()
     return terminal
 
@@ -622,6 +626,10 @@ def _end_span(source: str) -> Span:
     return Span(len(lines), len(lines[-1]) + 1, len(lines), len(lines[-1]) + 2)
 
 
+# the source before a token ends inside `model f(x) { ...` (a block with no `}` yet)
+_IN_MODEL_BODY = re.compile(r"(?:^|\n)[ \t]*model\s+\w+\s*\([^)]*\)\s*\{[^}]*$")
+
+
 def parse(source: str, filename: str = "<program>") -> Module:
     """Parse `.tp` source text into a Module; a syntax error raises TpcError with its location."""
     try:
@@ -657,6 +665,9 @@ def parse(source: str, filename: str = "<program>") -> Module:
         if tok.type == "NAME" and str(tok) not in _KEYWORD_STARTS and "EQUAL" in exc.expected:
             hint = ("a statement is a declaration or `NAME = expression`; is an operator missing before "
                     f"'{clip(str(tok))}'?")
+        if tok.type != "$END" and _IN_MODEL_BODY.search(source[:tok.start_pos]):
+            hint = "a model's body is statements `NAME = expression`, then `return expression`: " \
+                   "model f(x) { h = relu(U @ x)  return V @ h }"
         raise TpcError(msg, span, hint).locate(filename, source) from None
     except lark.UnexpectedEOF as exc:  # pragma: no cover - LALR reports UnexpectedToken($END)
         raise TpcError(f"syntax error: unexpected end of program, expected {exc.expected}").locate(

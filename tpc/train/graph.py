@@ -155,7 +155,7 @@ class _Builder:
                 ids.append(layer_in[s.layer])
                 names.append(s.layer)
                 continue
-            name = f"{m.name}({m.arg})" if k == m.out else f"h{k}"
+            name = f"{m.name}({m.arg})" if k == m.out else m.names.get(k, f"h{k}")
             inputs = [ids[j] for j in s.args] + ([layer_in[s.layer]] if s.layer and s.op == "matmul" else [])
             text = STEPS[s.op].text(s, [names[j] for j in s.args], self.net)
             ids.append(self.node(body, s.op, name, text, s.op.capitalize(), s.span, inputs))

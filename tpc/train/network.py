@@ -169,6 +169,7 @@ class Model:
     span: Span
     positions: int = 1  # `model f(x[P])`: the steps with `pos` hold P rows per input
     grid: tuple[int, ...] = ()  # the positions' shape, row by row: (P,) or (H, W); () without positions
+    names: dict[int, str] = field(default_factory=dict)  # steps the model's body named (`h = ...`)
 
     @property
     def out(self) -> int:
@@ -1147,6 +1148,10 @@ class ModelBuilder:
         self.order: list[str] = []  # layers in the order of first use
         self.bias_context: dict[int, tuple[int, ...]] = {}  # bias step -> the grid it is used on, () per input
         self.budget = ExpansionBudget()  # nonlins are inlined: the model's expansion is bounded
+        # `model f(x) { h = ...  return ... }`: the body's names, each a step (or a number), and where they are
+        self.lets: dict[str, int | float] = {}
+        self.let_spans: dict[str, Span] = {}
+        self.used: set[str] = set()
 
     def build(self) -> Model:
         if not any(la.takes_data for la in self.b.layers.values()):
@@ -1155,7 +1160,10 @@ class ModelBuilder:
                 or any(g < 1 for g in self.decl.grid):
             raise TpcError(f"{self.decl.arg}[P] or {self.decl.arg}[H, W] declares 2 to 4096 positions per input "
                            f"(one position: write {self.decl.name}({self.decl.arg}))", self.decl.positions_span)
+        for let in self.decl.lets:
+            self.let(let)
         out = self.value(self.decl.body)
+        self.check_lets_used(out)
         if not isinstance(out, int) or self.steps[out].kind != "out":
             raise TpcError("a model ends with its readout layer: model f(x) = V @ ...", self.decl.body.span)
         if out != len(self.steps) - 1:  # pragma: no cover - the readout is applied last by construction
@@ -1172,7 +1180,34 @@ class ModelBuilder:
         for la in self.b.layers.values():
             if la.role == "readout":
                 la.index = len(numbers) + 1
-        return Model(self.decl.name, self.decl.arg, self.steps, self.decl.span, self.decl.positions, self.decl.grid)
+        names = {v: k for k, v in self.lets.items() if isinstance(v, int) and self.steps[v].op not in ("input", "bias")}
+        return Model(self.decl.name, self.decl.arg, self.steps, self.decl.span, self.decl.positions, self.decl.grid,
+                     names)
+
+    def let(self, s: ast.Assign) -> None:
+        """`h = expr` in a model's body: a name for a value, which later statements and `return` use."""
+        first = self.let_spans.get(s.name) or self.b.defined.get(s.name)
+        if first is not None:
+            raise TpcError(f"'{s.name}' is already defined (first defined at line {first.line}); a model's "
+                           "statements name each value once", s.span)
+        if s.name in (self.decl.arg, self.decl.name, self.b.width) or s.name in self.b.nonlins:
+            raise TpcError(f"'{s.name}' already names the model, its input, the width or a nonlin", s.span)
+        self.lets[s.name] = self.value(s.value)
+        self.let_spans[s.name] = s.span
+
+    def check_lets_used(self, out: int | float) -> None:
+        """Every statement of a model's body feeds its output (a value it does not use would still be a
+        layer's forward pass, and a layer that the output does not read)."""
+        reached: set[int] = set()
+        stack = [out] if isinstance(out, int) else []
+        while stack:
+            i = stack.pop()
+            if i not in reached:
+                reached.add(i)
+                stack.extend(self.steps[i].args)
+        for name, v in self.lets.items():
+            if (v not in reached) if isinstance(v, int) else name not in self.used:
+                raise TpcError(f"'{name}' is not used by the model's output", self.let_spans[name])
 
     def add(self, step: Step) -> int:
         self.steps.append(step)
@@ -1211,6 +1246,9 @@ class ModelBuilder:
         for local in reversed(self.scope):
             if e.id in local:
                 return local[e.id]
+        if not self.scope and e.id in self.lets:  # the model's body (a nonlin does not see its names)
+            self.used.add(e.id)
+            return self.lets[e.id]
         if e.id == self.decl.arg:
             for i, s in enumerate(self.steps):
                 if s.op == "input":
