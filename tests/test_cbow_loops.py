@@ -280,6 +280,23 @@ def test_an_index_past_the_stream_is_refused(param: str) -> None:
     assert set(network_limit(fine)) == {"words", "outs"}
 
 
+def test_the_kernel_regime_runs_no_loop_that_reads_its_own_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`S[t]` of `for t in steps(S)` (train cbow's loop) is within the stream by construction: the kernel
+    regime's check does not run it (on a text8-sized corpus it would cost minutes; from a review)."""
+    from tpc.train import tables
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the loop ran")
+
+    monkeypatch.setattr(tables, "train_tables", refuse)
+    net = load(PROGRAM.read_text().replace("parametrization mup", "parametrization ntk"))
+    assert set(network_limit(net)) == {o.name for o in net.outputs}
+    bad = load(written(READOUT_ONLY.replace("S[mod(t, 2)]", "S[t + 1]").replace("  record loss = L\n", ""))
+               .replace("parametrization mup", "parametrization ntk"))
+    with pytest.raises(AssertionError, match="the loop ran"):
+        network_limit(bad)
+
+
 def test_no_executor_is_specific_to_cbow() -> None:
     """finite.py and limit.py choose the tables by the program's layers, not by the optimizer's name,
     and cbow.py runs no step of its own."""

@@ -118,9 +118,33 @@ def test_the_bundled_residual_network_reads_as_statements(monkeypatch: pytest.Mo
     ("X = relu(U @ x)\n  return V @ X", "'X' is already defined (first defined at line 3)"),
     ("x = relu(U @ x)\n  return V @ x", "'x' already names the model, its input"),
     ("h = relu(U @ x)\n  V @ relu(W1 @ h)", "then `return expression`"),
+    # (from a review) a built-in's name; a statement that only renames; a misspelt or later name
+    ("relu = tanh(U @ x)\n  return V @ relu(relu)", "'relu' is a built-in function"),
+    ("y = x\n  return V @ relu(U @ x)", "'y' is not used by the model's output"),
+    ("h = relu(U @ x)\n  g = h\n  return V @ relu(W1 @ h)", "'g' is not used by the model's output"),
+    ("hidden = relu(U @ x)\n  return V @ hiden", "did you mean 'hidden'?"),
+    ("h = relu(W1 @ g)\n  g = relu(U @ x)\n  return V @ h", "'g' is used before the statement that defines it"),
 ])
 def test_a_bad_model_body_is_refused_at_its_line(body: str, says: str) -> None:
     src = HEADER.format(param="mup") + "model f(x) {\n  " + body + "\n}\noutput p = f(Xt)\n"
     with pytest.raises(TpcError) as err:
         tpc.loads(src)
     assert says in err.value.render()
+
+
+def test_an_unclosed_model_body_says_so() -> None:
+    src = HEADER.format(param="mup") + "model f(x) {\n  h = relu(U @ x)\n  return V @ h\n"
+    with pytest.raises(TpcError, match="syntax error") as err:
+        tpc.loads(src)
+    assert "a model's body ends with '}'" in err.value.render()
+
+
+def test_generated_step_names_never_take_a_statements_name() -> None:
+    """(From a review.) A step the body did not name is h<k>, unless the body calls another step h<k>."""
+    net = tpc.loads(HEADER.format(param="mup") + "model f(x) {\n  h3 = U @ x\n  return V @ relu(W2 @ relu(W1 @ tanh(h3)))\n}\n"
+                    "output p = f(Xt)\n")
+    shown = [net.model.step_name(k) for k in range(len(net.model.steps) - 1)]
+    assert shown.count("h3") == 1 and "_h3" in shown and len(set(shown)) == len(shown)
+    body = next(d for _, d in program_graph(net).nodes(data=True) if d["op"] == "model")["body"]
+    texts = {d["name"]: d["text"] for _, d in body.nodes(data=True)}
+    assert texts["h3"] == "U @ x" and texts["_h3"] == "W1 @ h2"

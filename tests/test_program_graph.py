@@ -212,3 +212,28 @@ def test_a_loss_the_user_wrote_reads_its_data_and_reads_as_written() -> None:
     assert g.nodes[loss]["text"] == "mean((f(X) - Y)^2) / 2"
     assert {g.nodes[n]["name"] for n in g.predecessors(loss) if g.nodes[n]["op"] == "data"} == {"X", "Y"}
     assert loss in nx.ancestors(g, one(g, "output", "curve"))
+
+
+def test_review_findings_names_assignments_and_comments() -> None:
+    """(From a review.) A body's input for a value of the enclosing body takes that value's name;
+    `M = ...` does not read M's old value; a loss's text leaves out comments."""
+    net = tpc.loads(HEADER + """loss Q = mean((f(X) - Y)^2 +   # a "quoted" \\ comment
+    0 * f(X))
+state M = zeros(V)
+for t in range(2) {
+  L = mse(f(X), Y)
+  c = 0.5 * L
+  for s in range(2) { record r = c }
+  M = grad(L, V)
+  V -= 0.1 * M
+}
+output r = r
+""")
+    g = program_graph(net)
+    check_well_formed(g)
+    assert g.nodes[one(g, "loss", "Q")]["text"] == "mean((f(X) - Y)^2 + 0 * f(X))"
+    loop = one(g, "loop")
+    body = g.nodes[loop]["body"]
+    inner = body.nodes[one(body, "loop")]["body"]
+    assert body.nodes[one(body, "fn", "c")] and one(inner, "in", "c") is not None
+    assert one(g, "state", "M") not in g.predecessors(loop)  # M's old value is never read

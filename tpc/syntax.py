@@ -658,7 +658,8 @@ def parse(source: str, filename: str = "<program>") -> Module:
         if "RPAR" in exc.expected and tok.type != "RPAR":
             hint = "is a ')' missing?"
         if "RBRACE" in exc.expected and tok.type == "$END":
-            hint = "is a '}' missing? a loop's body ends with '}'"
+            what = "a model's" if _IN_MODEL_BODY.search(source) else "a loop's"
+            hint = f"is a '}}' missing? {what} body ends with '}}'"
         before = re.search(r"([A-Za-z_][A-Za-z0-9_]*)\s*$", source[:tok.start_pos]) if tok.type != "$END" else None
         if before and before.group(1) in _KEYWORD_STARTS and tok.type in ("EQUAL", "UPDATE_OP", "LSQB"):
             hint = f"'{before.group(1)}' starts a statement of its own: give this value another name"

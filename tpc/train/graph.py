@@ -14,7 +14,8 @@ Node attributes: `op` (the instruction: `data`, `layer`, `loss`, `model` and `ou
 declarations, a model step's op (tpc/train/steps.py) in the model's body, a loop instruction's
 (tpc/train/instructions.py) in the training, `in` for a body's inputs), `name`, `text` (as `tpc
 graph` writes it), `tag`, `span` (a Span or None), and `body` (a DiGraph) for the model and loops;
-loops also have `trip` and `counter`, and `in` nodes `outer`. Edges carry `pos`, the positions of
+loops also have `trip` and `counter`, and a loop body's `in` nodes `outer` (the model's `in` nodes
+have none: its argument and layers are the inputs of each `apply`). Edges carry `pos`, the positions of
 the source among the destination's inputs. Ids are whole numbers, unique across all bodies, in
 creation order (a topological order of each graph).
 """
@@ -58,6 +59,7 @@ class _Builder:
         self.nx = nx
         self.net = net
         self.next_id = 0
+        self.names: dict[int, str] = {}  # every node's name, whichever graph holds it
 
     def reserve(self) -> int:
         """A node's id, taken before its body's nodes are made (so ids read in program order)."""
@@ -68,6 +70,7 @@ class _Builder:
              inputs: list[int], nid: int | None = None, **attrs: Any) -> int:
         nid = self.reserve() if nid is None else nid
         scope.graph.add_node(nid, op=op, name=name, text=text, tag=tag, span=span, **attrs)
+        self.names[nid] = name
         for pos, src in enumerate(inputs):
             if scope.graph.has_edge(src, nid):
                 scope.graph.edges[src, nid]["pos"] += (pos,)
@@ -82,7 +85,7 @@ class _Builder:
             return scope.current[name]
         assert scope.parent is not None, f"'{name}' is not defined"
         outer = self.lookup(scope.parent, name)
-        shown = self.shown(name)
+        shown = self.names[outer] if name.startswith("%") else self.shown(name)  # a value: by its own name
         nid = self.node(scope, "in", shown, f"in {shown}", "In", None, [], outer=outer)
         scope.current[name] = scope.inputs[name] = nid
         return nid
@@ -155,7 +158,7 @@ class _Builder:
                 ids.append(layer_in[s.layer])
                 names.append(s.layer)
                 continue
-            name = f"{m.name}({m.arg})" if k == m.out else m.names.get(k, f"h{k}")
+            name = f"{m.name}({m.arg})" if k == m.out else m.step_name(k)
             inputs = [ids[j] for j in s.args] + ([layer_in[s.layer]] if s.layer and s.op == "matmul" else [])
             text = STEPS[s.op].text(s, [names[j] for j in s.args], self.net)
             ids.append(self.node(body, s.op, name, text, s.op.capitalize(), s.span, inputs))
@@ -219,7 +222,7 @@ class _Builder:
             reads = [self.lookup(scope, f"model {self.net.model.name}")] + self.layers(scope, a["root"]) + reads
         elif op == "named_loss":
             reads = [self.lookup(scope, f"loss {a['loss']}")] + reads
-        elif op == "update":
+        elif op == "update" and a["mode"] != "=":  # `M = ...` does not read M's old value (unless it names it)
             reads = self.current(scope, self.keys(ins)) + reads
         elif op in ("gather", "scatter_add"):
             reads = self.layers(scope, self.net.model.name, (a["layer"],)) + reads
@@ -282,13 +285,14 @@ class _Builder:
 
 
 def _source(source: str, span: Span) -> str:
-    """The text a span covers, on one line."""
+    """The text a span covers, on one line, without comments (an expression holds no string, so a `#`
+    always starts one)."""
     lines = source.splitlines()[span.line - 1:span.end_line]
     if not lines:
         return ""
-    if len(lines) == 1:
-        return lines[0][span.column - 1:span.end_column - 1]
-    return " ".join([lines[0][span.column - 1:], *lines[1:-1], lines[-1][:span.end_column - 1]])
+    lines[-1] = lines[-1][:span.end_column - 1]
+    lines[0] = lines[0][span.column - 1:]
+    return " ".join(" ".join(line.split("#", 1)[0].split()) for line in lines if line.split("#", 1)[0].strip())
 
 
 def program_graph(net: Network) -> nx.DiGraph:

@@ -171,6 +171,13 @@ class Model:
     grid: tuple[int, ...] = ()  # the positions' shape, row by row: (P,) or (H, W); () without positions
     names: dict[int, str] = field(default_factory=dict)  # steps the model's body named (`h = ...`)
 
+    def step_name(self, k: int) -> str:
+        """Step k's name where it is shown: the body's own name for it, else h<k> (or _h<k>, where the
+        body used h<k> for another step)."""
+        if k in self.names:
+            return self.names[k]
+        return f"_h{k}" if f"h{k}" in self.names.values() else f"h{k}"
+
     @property
     def out(self) -> int:
         return len(self.steps) - 1
@@ -411,11 +418,14 @@ class _Builder:
     def declare(self, name: str, span: Span) -> None:
         if name in self.defined:
             raise TpcError(f"'{name}' is already defined (first defined at line {self.defined[name].line})", span)
+        self.not_builtin(name, span)
+        self.defined[name] = span
+
+    def not_builtin(self, name: str, span: Span) -> None:
         if name in FUNCTIONS and FUNCTIONS[name].user_visible or name in ALIASES or name in LOSSES \
                 or name in OUTPUT_FUNCTIONS or name in NORMS + POSITION_OPS \
                 or name in ("mean", "sum", "load", "N", "flatten"):
             raise TpcError(f"'{name}' is a built-in function; choose another name", span)
-        self.defined[name] = span
 
     def known(self) -> list[str]:
         return list(self.defined) + [k for k, f in FUNCTIONS.items() if f.user_visible]
@@ -1192,6 +1202,7 @@ class ModelBuilder:
                            "statements name each value once", s.span)
         if s.name in (self.decl.arg, self.decl.name, self.b.width) or s.name in self.b.nonlins:
             raise TpcError(f"'{s.name}' already names the model, its input, the width or a nonlin", s.span)
+        self.b.not_builtin(s.name, s.span)
         self.lets[s.name] = self.value(s.value)
         self.let_spans[s.name] = s.span
 
@@ -1205,8 +1216,8 @@ class ModelBuilder:
             if i not in reached:
                 reached.add(i)
                 stack.extend(self.steps[i].args)
-        for name, v in self.lets.items():
-            if (v not in reached) if isinstance(v, int) else name not in self.used:
+        for name, v in self.lets.items():  # (a name read only by unused statements reaches no step)
+            if name not in self.used or isinstance(v, int) and v not in reached:
                 raise TpcError(f"'{name}' is not used by the model's output", self.let_spans[name])
 
     def add(self, step: Step) -> int:
@@ -1267,6 +1278,13 @@ class ModelBuilder:
         if e.id == self.b.width:
             raise TpcError(f"the parametrization supplies the powers of {e.id}; a model does not use the width",
                            e.span)
+        later = next((s for s in self.decl.lets if s.name == e.id), None)
+        if later is not None and not self.scope:
+            raise TpcError(f"'{clip(e.id)}' is used before the statement that defines it (line {later.span.line})",
+                           e.span)
+        if not self.scope and self.decl.lets:  # the body's names are candidates too
+            near = nearest(e.id, self.b.known() + list(self.lets))
+            raise TpcError(f"unknown name '{clip(e.id)}'", e.span, f"did you mean '{near}'?" if near else None)
         raise self.b.unknown(e.id, e.span)
 
     def matmul(self, e: ast.BinOp) -> int:

@@ -196,7 +196,7 @@ def model_lines(net: Network) -> list[str]:
 
     m = net.model
     names = [patches_text(m.arg, s.patches) if s.op == "input" else s.layer if s.op == "bias" else
-             m.names.get(k, f"h{k}") for k, s in enumerate(m.steps)]
+             m.step_name(k) for k, s in enumerate(m.steps)]
     names[-1] = f"{m.name}({m.arg})"
     at = f"[{', '.join(map(str, m.grid))}]" if m.positions > 1 else ""
     lines = [f"model {m.name}({m.arg}{at}): {len(m.steps)} steps"]

@@ -127,10 +127,11 @@ def tables_limit(net: Network, dtype: str = "float64", device: str = "cpu",
                 raise TpcError(f"the kernel-regime limit of '{o.name}' (a value recorded in a word2vec loop) is not "
                                "built: only the word vectors' Gram matrices, which stay at initialisation",
                                o.span).locate(net.filename, net.source)
-        # the Gram matrices need no training, but the loop must be one that runs: it is run on tables of one
-        # coordinate, which reads every batch it names (one past the stream's end is refused here too)
-        tiny = torch.zeros(cbow.vocabulary(net), 1, dtype=DTYPES[dtype])
-        train_tables(net, tiny, tiny.clone(), Factors.finite(net, 1), progress)
+        if not _reads_own_steps(net):
+            # the Gram matrices need no training, but the loop must be one that runs: it is run on tables of
+            # one coordinate, which reads every batch it names (one past the stream's end is refused here too)
+            tiny = torch.zeros(cbow.vocabulary(net), 1, dtype=DTYPES[dtype])
+            train_tables(net, tiny, tiny.clone(), Factors.finite(net, 1), progress)
         return {o.name: LimitOutput(net.layers[o.layer].var * np.eye(cbow.vocabulary(net)), "exact")
                 for o in net.outputs}
     m = cbow.basis_size(net)  # refuses a table whose initial vectors grow
@@ -147,6 +148,18 @@ def tables_limit(net: Network, dtype: str = "float64", device: str = "cpu",
     with torch.no_grad():
         out = Interpreter(net, TableBackend(net, u[None], v[None], factors, None)).run(progress)
     return {k: LimitOutput(g.cpu().numpy(), "exact") for k, g in out.items()}
+
+
+def _reads_own_steps(net: Network) -> bool:
+    """Every batch the loops read is `S[t]` of its own `for t in steps(S)` (as `train cbow`'s loop): within
+    the stream by construction."""
+    prog = net.program
+    for ins in prog.walk():
+        if ins.op == "stream":
+            index = prog.instrs[ins.args[0]]
+            if index.op != "counter" or "stream" not in prog.instrs[index.attrs["loop"]].attrs:
+                return False
+    return True
 
 
 def train_tables(net: Network, u: Tensor, v: Tensor, factors: Factors,
