@@ -141,8 +141,8 @@ def test_an_unclosed_model_body_says_so() -> None:
 
 def test_generated_step_names_never_take_a_statements_name() -> None:
     """(From a review.) A step the body did not name is h<k>, unless the body calls another step h<k>."""
-    net = tpc.loads(HEADER.format(param="mup") + "model f(x) {\n  h3 = U @ x\n  return V @ relu(W2 @ relu(W1 @ tanh(h3)))\n}\n"
-                    "output p = f(Xt)\n")
+    body = "model f(x) {\n  h3 = U @ x\n  return V @ relu(W2 @ relu(W1 @ tanh(h3)))\n}\n"
+    net = tpc.loads(HEADER.format(param="mup") + body + "output p = f(Xt)\n")
     shown = [net.model.step_name(k) for k in range(len(net.model.steps) - 1)]
     assert shown.count("h3") == 1 and "_h3" in shown and len(set(shown)) == len(shown)
     body = next(d for _, d in program_graph(net).nodes(data=True) if d["op"] == "model")["body"]
