@@ -365,6 +365,19 @@ def _parametrization(c: Chooser, hidden: int, lr_in_param: bool) -> str:
     return f"parametrization {kind}({lr})" if lr else f"parametrization {kind}"
 
 
+
+def model_text(c: Chooser, first: str, acts: list[str], ws: list[str]) -> str:
+    """`model f(x) = V @ act(W @ act(U @ x))`, or the same model as statements ending in `return`."""
+    if c.chance(0.3):
+        lines = [f"  h0 = {acts[0]}({first})"]
+        for i, (w, act) in enumerate(zip(ws, acts[1:], strict=True)):
+            lines.append(f"  h{i + 1} = {act}({w} @ h{i})")
+        return "model f(x) {\n" + "\n".join(lines) + f"\n  return V @ h{len(ws)}\n}}"
+    body = f"{acts[0]}({first})"
+    for w, act in zip(ws, acts[1:], strict=True):
+        body = f"{act}({w} @ {body})"
+    return f"model f(x) = V @ {body}"
+
 def network_program(c: Chooser) -> str:
     """A network program: layers with roles, a parametrization, a model, a loss, SGD, outputs."""
     k_opt = c.integer(0, 9)
@@ -399,11 +412,7 @@ def network_program(c: Chooser) -> str:
         lines.append(f"layer {w} : hidden n x n{var}")
     lines.append(f"layer V : readout {k} x n")
     acts = [c.choice(ACTIVATIONS) if c.chance(0.85) else "" for _ in range(hidden + 1)]
-    body = "U @ x + b" if bias else "U @ x"
-    body = f"{acts[0]}({body})"
-    for w, act in zip(ws, acts[1:], strict=True):
-        body = f"{act}({w} @ {body})"
-    lines.append(f"model f(x) = V @ {body}")
+    lines.append(model_text(c, "U @ x + b" if bias else "U @ x", acts, ws))
     if loss == "user":
         lines.append(c.choice(["loss L = mean((f(X) - Y)^2) / 2", "loss L = sum((f(X) - Y)^4) / 20",
                            "loss L = mean(abs(f(X) - Y))", "loss L = mean(softplus(-f(X) * Y))"]))
@@ -689,10 +698,7 @@ class _Loops:
         self.layers += ws
         lines.append(f"layer V : readout {self.k} x n")
         acts = [c.choice(ACTIVATIONS) if c.chance(0.85) else "" for _ in range(hidden + 1)]
-        body = f"{acts[0]}(U @ x{' + b' if bias else ''})"
-        for w, act in zip(ws, acts[1:], strict=True):
-            body = f"{act}({w} @ {body})"
-        lines.append(f"model f(x) = V @ {body}")
+        lines.append(model_text(c, f"U @ x{' + b' if bias else ''}", acts, ws))
         self.top_loss = c.chance(0.3)
         if self.top_loss:
             lines.append(f"loss L0 = {'mse' if self.loss == 'user' else self.loss}(f(X), Y)")

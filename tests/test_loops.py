@@ -360,3 +360,31 @@ layer W : hidden n x n
 layer V : readout 1 x n
 model f(x) = V @ tanh(W @ tanh(U @ x))
 """
+
+
+def test_unrolled_listing_folds_indices_computed_from_data(capsys: pytest.CaptureFixture[str],
+                                                          tmp_path: Path) -> None:
+    """(Found by the fuzz.) `S[min(k, D[k])]` picks rows by arithmetic on data: --unrolled folded it
+    without the data's values and crashed (KeyError); now it lists the rows that the run uses."""
+    path = tmp_path / "p.tp"
+    path.write_text("""width n
+parametrization sp
+data X = [[-0.3, 1.4], [1, 1.1], [-0.6, 1.5]]
+data Y = [1, 1, 0]
+data S = [[2], [1]]
+data D = [1, 0]
+layer U : input n x 2
+layer V : readout 1 x n
+model f(x) = V @ (U @ x)
+for k in range(2) {
+  L = logistic(f(X[S[min(k, D[k])]]), Y[S[0]])
+  f -= 0.8 * grad(L, f)
+}
+output p = f(X)
+""")
+    assert main(["graph", "--unrolled", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "v9.k0 = f(X[2])" in out and "v9.k1 = f(X[2])" in out  # min(0, 1) = 0 and min(1, 0) = 0: S[0]
+    path.write_text(path.read_text().replace("D = [1, 0]", "D = [1, 1]"))
+    assert main(["graph", "--unrolled", str(path)]) == 0
+    assert "f(X[1])" in capsys.readouterr().out  # k = 1: min(1, 1) = 1: S[1]

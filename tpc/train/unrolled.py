@@ -193,6 +193,8 @@ def _list_const(ls: _Lister, ins: Instr) -> None:
 def _list_inline(ls: _Lister, ins: Instr) -> None:
     """Counters, data sets and parameter reads: nothing here, they are written where they are used
     (`_Lister.ref`; a counter's value is set by its loop, a read's text names the versions of that point)."""
+    if ins.op == "data":  # its value, for the static arithmetic that picks rows (`S[min(k, D)]`)
+        ls.values[ins.id] = ls.net.data[ins.attrs["name"]]
 
 
 def _list_loop(ls: _Lister, ins: Instr) -> None:
