@@ -2,7 +2,10 @@
 limit of `train cbow` (programs/word2vec/cbow_mup.tp) against the same loop written in the language
 (cbow_loop_mup.tp, which also records each step's loss), and the stream read forwards against read
 backwards (`S[T - 1 - t]`: Stream.at restarts from the generator state it saved every 16 batches)
-and against the obvious alternative of re-drawing from the first batch, in one run.
+and against the obvious alternative of re-drawing from the first batch, in one run. Also the
+kernel-regime (NTK) limit: the Gram matrices at initialisation, after running the loop on tables of
+one coordinate to check the batches it names, which a loop reading `S[t]` of its own `steps(S)`
+skips.
 
     python benchmarks/word2vec_loop.py [--repeat 20] [--runs 3]
 """
@@ -44,6 +47,16 @@ def main() -> None:
     print(f"{steps} steps of {nets['cbow_mup'].train.batch} positions, best of {args.runs}")
     for name, net in nets.items():
         print(f"  limit of {name + '.tp':<20} {best(lambda net=net: network_limit(net), args.runs):6.2f} s")
+
+    kernel = {}
+    for name, index in (("S[t]", "S[t]"), ("S[T - 1 - t]", f"S[{steps - 1} - t]")):
+        src = (PROGRAMS / "cbow_loop_mup.tp").read_text().replace("parametrization mup", "parametrization ntk")
+        src = src.replace("  record loss = L\n", "").replace("output curve = loss", "").replace("S[t]", index)
+        net = tpc.loads(src, "cbow_loop_ntk", PROGRAMS)
+        net.data["T"] = np.tile(net.data["T"], args.repeat)
+        kernel[name] = best(lambda net=net: network_limit(net), args.runs)
+    print(f"  NTK limit, loop reads S[t]         {kernel['S[t]']:6.2f} s (its own steps: no check run)")
+    print(f"  NTK limit, loop reads S[T - 1 - t] {kernel['S[T - 1 - t]']:6.2f} s (the loop run on 1-coordinate tables)")
 
     def read(order: list[int], fresh: bool) -> None:
         s = cbow.stream(nets["cbow_mup"])
