@@ -84,6 +84,7 @@ def test_a_loop_is_a_node_whose_body_reads_the_layers_and_carries_them_to_the_ou
     # inside: the velocity's update reads the gradient and the state's value coming in; f's update reads M's
     grad, update_m, update_f = one(body, "grad"), one(body, "update", "M"), one(body, "update", "f")
     assert grad in body.predecessors(update_m) and update_m in body.predecessors(update_f)
+    assert body.nodes[grad]["kind"] == "params" and body.nodes[one(body, "loss", "L")]["kind"] == "finite"
     m_in = one(body, "in", "M")
     assert body.nodes[m_in]["outer"] == state and m_in in body.predecessors(update_m)
     assert {body.nodes[n]["outer"] for n in body.predecessors(update_f) if body.nodes[n]["op"] == "in"} == \

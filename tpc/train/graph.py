@@ -13,7 +13,9 @@ and those loops' inputs reach the layers at initialisation and the data.
 Node attributes: `op` (the instruction: `data`, `layer`, `loss`, `model` and `output` for the
 declarations, a model step's op (tpc/train/steps.py) in the model's body, a loop instruction's
 (tpc/train/instructions.py) in the training, `in` for a body's inputs), `name`, `text` (as `tpc
-graph` writes it), `tag`, `span` (a Span or None), and `body` (a DiGraph) for the model and loops;
+graph` writes it), `tag`, `span` (a Span or None), `kind` for the model's steps (tpc/train/network.py's
+Step.kind) and the training's instructions (tpc/train/loops.py's kinds), and `body` (a DiGraph) for the
+model and loops;
 loops also have `trip` and `counter`, and a loop body's `in` nodes `outer` (the model's `in` nodes
 have none: its argument and layers are the inputs of each `apply`). Edges carry `pos`, the positions of
 the source among the destination's inputs. Ids are whole numbers, unique across all bodies, in
@@ -161,7 +163,7 @@ class _Builder:
             name = f"{m.name}({m.arg})" if k == m.out else m.step_name(k)
             inputs = [ids[j] for j in s.args] + ([layer_in[s.layer]] if s.layer and s.op == "matmul" else [])
             text = STEPS[s.op].text(s, [names[j] for j in s.args], self.net)
-            ids.append(self.node(body, s.op, name, text, s.op.capitalize(), s.span, inputs))
+            ids.append(self.node(body, s.op, name, text, s.op.capitalize(), s.span, inputs, kind=s.kind))
             names.append(name)
         # the model is a function (a closed body): its argument and layers are the inputs of each
         # application, `apply` (the current layers, then the data), not of its definition
@@ -234,7 +236,8 @@ class _Builder:
             body, extra = self.loop(scope, prog, ins)
             reads = list(dict.fromkeys(body.graph.nodes[i]["outer"] for i in body.inputs.values()))
         self.node(scope, op, name, text_of(prog, ins),
-                  spec.tag + (f" ({loop_summary(prog, ins)})" if op == "loop" else ""), ins.span, reads, nid, **extra)
+                  spec.tag + (f" ({loop_summary(prog, ins)})" if op == "loop" else ""), ins.span, reads, nid,
+                  kind=ins.kind, **extra)
         scope.current[f"%{ins.id}"] = nid
         if op == "update":
             for key in self.keys(ins):
@@ -342,7 +345,7 @@ def to_json(g: nx.DiGraph) -> list[dict[str, Any]]:
         span = d.get("span")
         if span is not None:
             item["line"], item["column"] = span.line, span.column
-        for key in ("outer", "trip", "counter"):
+        for key in ("kind", "outer", "trip", "counter"):
             if key in d:
                 item[key] = d[key]
         if "body" in d:
