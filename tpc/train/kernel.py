@@ -139,7 +139,8 @@ class _Lowering:
     def values(self, i: int, step: Step) -> list[tuple[int, str]]:
         """Fresh names for step i, (position, name) for each of its values."""
         here = range(step.positions)
-        self.names.append([_fresh(f"s{i}" + (f"_{p}" if step.pos else ""), self.taken) for p in here])
+        stem = self.net.model.names.get(i, f"s{i}")  # a model's statement names its value
+        self.names.append([_fresh(stem + (f"_{p}" if step.pos else ""), self.taken) for p in here])
         return list(enumerate(self.names[i]))
 
     # --- each step op's rule
