@@ -94,6 +94,15 @@ def test_the_program_graph_names_the_models_values() -> None:
     assert names["h0"] in body.predecessors(names["h1"]) and body.nodes[names["h0"]]["text"] == "U @ x"
 
 
+def test_tpc_graph_lists_the_statements_names(capsys: pytest.CaptureFixture[str]) -> None:
+    from tpc.cli import main
+
+    assert main(["graph", str(ROOT / "programs" / "arch" / "resnet_ln.tp")]) == 0
+    lines = [line.split() for line in capsys.readouterr().out.splitlines()]
+    named = {words[1]: words[3:6] for words in lines if len(words) > 5 and words[2] == "="}
+    assert named["h0"][:2] == ["U", "X"] and named["h1"][:2] == ["h0", "+"] and named["h4"][:2] == ["h3", "+"]
+
+
 def test_the_bundled_residual_network_reads_as_statements(monkeypatch: pytest.MonkeyPatch) -> None:
     """programs/arch/resnet_ln.tp is written with statements; its kernels are those of the same
     network written with `nonlin` blocks (closed forms, checked against Monte Carlo in test_arch.py)."""
