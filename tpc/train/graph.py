@@ -110,7 +110,8 @@ class _Builder:
             top.current[f"data {name}"] = self.node(top, "data", name, f"data {shape}", "Data", None, [])
         width = net.width_name
         for name, layer in net.layers.items():
-            dims = " x ".join(width if d is None else str(d) for d in (layer.rows, layer.cols))
+            dims = width if layer.role == "bias" else \
+                " x ".join(width if d is None else str(d) for d in (layer.rows, layer.cols))
             text = f"{layer.role} layer {dims}, var {layer.var:g}"
             top.current[f"{net.model.name}.{name}"] = self.node(top, "layer", name, text, "Layer", layer.span, [])
         self.initial = [top.current[f"{net.model.name}.{name}"] for name in net.layers]
