@@ -24,7 +24,6 @@ creation order (a topological order of each graph).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -353,10 +352,6 @@ def to_json(g: nx.DiGraph) -> list[dict[str, Any]]:
             item["body"] = to_json(d["body"])
         nodes.append(item)
     return nodes
-
-
-def dumps_json(g: nx.DiGraph) -> str:
-    return json.dumps({"file": g.graph["file"], "width": g.graph["width"], "nodes": to_json(g)}, indent=2)
 
 
 def _label(text: str) -> str:
