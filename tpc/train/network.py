@@ -761,6 +761,8 @@ class _Builder:
     def train_stmt(self, s: ast.TrainDecl) -> None:
         if self.train is not None:
             raise TpcError("a network program has one train statement", s.span)
+        if self.model is None:  # (the fuzz found fomaml reading the input layer before there was one)
+            raise TpcError("define the layers and the model before the train statement", s.span)
         if s.optimizer == "fomaml":
             self.train = self.fomaml(s)
             return
