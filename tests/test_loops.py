@@ -388,3 +388,27 @@ output p = f(X)
     path.write_text(path.read_text().replace("D = [1, 0]", "D = [1, 1]"))
     assert main(["graph", "--unrolled", str(path)]) == 0
     assert "f(X[1])" in capsys.readouterr().out  # k = 1: min(1, 1) = 1: S[1]
+
+
+def test_a_wide_readout_over_no_data_needs_no_k_squared_memory() -> None:
+    """(Found by the fuzz.) The kernel regime's exact cubature built its basis beside a k x k identity:
+    34 GB for a readout of 65536 rows, over no data at all. Now the basis is filled in place, and the
+    memory estimate counts the 2 P k cubature points where they outnumber the 2^14 samples."""
+    from tpc.train.limit import kernel_regime_memory
+
+    net = tpc.loads("""width n
+parametrization ntk
+layer U : input n x 1
+layer W : hidden n x n
+layer V : readout 65536 x n
+model f(x) = V @ relu(W @ (U @ x))
+for t in range(0) {
+  record r = 0.5 * (1 + t)
+}
+output r = r
+""")
+    assert tpc.limit(net)["r"].value.shape == (0,)
+    wide = tpc.loads(HEADER + "layer U : input n x 2\nlayer V : readout 1000 x n\nmodel f(x) = V @ relu(U @ x)\n"
+                     "parametrization ntk\noutput p = f(Xt)\noutput q = f(X)\n")
+    points, k = 7, 1000
+    assert kernel_regime_memory(wide, None)[0] >= 8 * (2 * points * k) * points * k

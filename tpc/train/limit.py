@@ -54,8 +54,11 @@ def kernel_regime_memory(net: Network, memory_gb: float | None) -> tuple[int, fl
     from tpc import memory
 
     points = sum(net.data[d].shape[0] for d in net.point_sets())
-    # the kernels (P x P each), and per layer and per state a (samples, P, k) array of f's moves
-    need = 8 * (8 * points**2 + 2**14 * points * net.output_dim() * (len(net.layers) + 4))
+    # the kernels (P x P each), and per layer and per state a (samples, P, k) array of f's moves, with
+    # 2^14 samples of f_0 or the exact rule's 2 P k cubature points
+    k = net.output_dim()
+    samples = max(2**14, 2 * points * k)
+    need = 8 * (8 * points**2 + samples * points * k * (len(net.layers) + 4))
     kernels_gb = memory.budget_gb(memory_gb) - need / 2**30
     plan = None
     if net.model.positions > 1:
