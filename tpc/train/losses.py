@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from tpc.errors import TpcError
 from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS
 from tpc.ops.shapes import broadcast_shapes
@@ -50,8 +51,14 @@ def loss_value(loss: Loss, F: Tensor, data: dict[str, np.ndarray], rows: np.ndar
         return 0.5 * ((F - y) ** 2).sum(-1).mean(-1)
     if loss.kind == "xent":
         y = arr(loss.target)
-        onehot = y.reshape(len(rows), k) if y.ndim == 2 and y.shape[1] == k and k > 1 else \
-            torch.nn.functional.one_hot(y.reshape(-1).long(), k).to(F.dtype)
+        if y.ndim == 2 and y.shape[1] == k and k > 1:
+            onehot = y.reshape(len(rows), k)
+        else:  # labels: a loop may pick rows of data that no check saw (the fuzz found one_hot's traceback)
+            bad = y[~((y >= 0) & (y < k) & (y == torch.round(y)))]
+            if bad.numel():
+                raise TpcError(f"xent targets are class labels 0..{k - 1} (or one-hot rows); these include "
+                               f"{float(bad.reshape(-1)[0]):g}", loss.span)
+            onehot = torch.nn.functional.one_hot(y.reshape(-1).long(), k).to(F.dtype)
         return -(onehot * torch.log_softmax(F, dim=-1)).sum(-1).mean(-1)
     if loss.kind == "logistic":
         s = torch.where(arr(loss.target).reshape(-1) > 0, 1.0, -1.0).to(F.dtype)
