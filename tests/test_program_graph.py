@@ -81,6 +81,7 @@ def test_a_loop_is_a_node_whose_body_reads_the_layers_and_carries_them_to_the_ou
     assert set(layers.values()) | {state, one(g, "data", "X"), one(g, "data", "Y"), one(g, "model", "f")} == reads
     body = g.nodes[loop]["body"]
     assert g.nodes[loop]["trip"] == 6 and g.nodes[loop]["counter"] == "t"
+    assert sorted(g.nodes[loop]["carries"]) == ["M", "U", "V", "W", "loss"]
     # inside: the velocity's update reads the gradient and the state's value coming in; f's update reads M's
     grad, update_m, update_f = one(body, "grad"), one(body, "update", "M"), one(body, "update", "f")
     assert grad in body.predecessors(update_m) and update_m in body.predecessors(update_f)
@@ -127,7 +128,8 @@ output q = q
     assert adapt in nx.ancestors(inner, one(inner, "update", "G"))  # the query gradient at the adapted copy
     # the copy reads f's layers coming in through both loops; G is declared in the outer body: not carried out
     assert {inner.nodes[n]["outer"] for n in inner.predecessors(copy)} <= set(body.nodes)
-    assert "G" not in {g.nodes[n]["name"] for n in g.nodes}
+    assert sorted(g.nodes[outer]["carries"]) == ["U", "V", "W", "q"]  # not G (it is declared in the body) nor g
+    assert sorted(body.nodes[tasks]["carries"]) == ["G", "q"]  # not g: a copy made in its body
     assert list(g.predecessors(one(g, "output", "q"))) == [outer]  # a nested record comes out of both loops
 
 

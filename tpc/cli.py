@@ -271,7 +271,6 @@ def cmd_graph(args: argparse.Namespace) -> int:
     # positions, not word2vec's tables) and its training; JSON and DOT export the program graph
     # (tpc/train/graph.py), with the Netsor program at initialisation beside it
     net = prog
-    graph = program_graph(net)
     lowered = _lowered(net) if net.point_sets() and net.model.positions == 1 else None
     if args.format == "text":
         if lowered is not None:
@@ -286,7 +285,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
             extra = ["  subgraph cluster_initialisation {",
                      '    label="the Netsor program at initialisation (what the kernel-regime limit evaluates)";',
                      *dot_lines(lowered, args.backward, "    "), "  }"]
-        print(graph_dot(graph, "tpc", extra))
+        print(graph_dot(program_graph(net), "tpc", extra))
     else:
         import json
 
@@ -294,7 +293,7 @@ def cmd_graph(args: argparse.Namespace) -> int:
             {"file": net.filename, "width": net.width_name}
         if net.model.positions > 1:
             doc["model"] = model_lines(net)
-        doc["program"] = graph_json(graph)
+        doc["program"] = graph_json(program_graph(net))
         print(dumps(doc))
     return 0
 

@@ -16,7 +16,8 @@ declarations, a model step's op (tpc/train/steps.py) in the model's body, a loop
 graph` writes it), `tag`, `span` (a Span or None), `kind` for the model's steps (tpc/train/network.py's
 Step.kind) and the training's instructions (tpc/train/loops.py's kinds), and `body` (a DiGraph) for the
 model and loops;
-loops also have `trip` and `counter`, and a loop body's `in` nodes `outer` (the model's `in` nodes
+loops also have `trip`, `counter` and `carries` (the names whose values
+they give: layers as W, a copy's as g.W, states, records), and a loop body's `in` nodes `outer` (the model's `in` nodes
 have none: its argument and layers are the inputs of each `apply`). Edges carry `pos`, the positions of
 the source among the destination's inputs. Ids are whole numbers, unique across all bodies, in
 creation order (a topological order of each graph).
@@ -220,6 +221,7 @@ class _Builder:
         name = a.get("label") or f"%{ins.id}" if spec.kind != "none" else \
             f"for {a['counter']}" if op == "loop" else a.get("target") or a.get("name") or op
         extra: dict[str, Any] = {}
+        carried: list[str] = []
         if op == "apply":
             reads = [self.lookup(scope, f"model {self.net.model.name}")] + self.layers(scope, a["root"]) + reads
         elif op == "named_loss":
@@ -233,7 +235,7 @@ class _Builder:
         elif op == "copy":
             reads = self.layers(scope, a["source"], a["layers"])
         elif op == "loop":
-            body, extra = self.loop(scope, prog, ins)
+            body, extra, carried = self.loop(scope, prog, ins)
             reads = list(dict.fromkeys(body.graph.nodes[i]["outer"] for i in body.inputs.values()))
         self.node(scope, op, name, text_of(prog, ins),
                   spec.tag + (f" ({loop_summary(prog, ins)})" if op == "loop" else ""), ins.span, reads, nid,
@@ -252,9 +254,8 @@ class _Builder:
         elif op == "record":
             scope.current[f"record {a['name']}"] = nid
         elif op == "loop":
-            for key in extra.pop("carried"):
+            for key in carried:
                 scope.current[key] = nid
-            scope.graph.nodes[nid].pop("carried", None)
 
     def current(self, scope: _Scope, keys: list[str]) -> list[int]:
         return list(dict.fromkeys(self.lookup(scope, k) for k in keys))
@@ -275,7 +276,7 @@ class _Builder:
                 out.append(self.lookup(scope, f"%{i}"))
         return list(dict.fromkeys(out))
 
-    def loop(self, scope: _Scope, prog: TrainProgram, ins: Instr) -> tuple[_Scope, dict[str, Any]]:
+    def loop(self, scope: _Scope, prog: TrainProgram, ins: Instr) -> tuple[_Scope, dict[str, Any], list[str]]:
         body = _Scope(self.nx.DiGraph(), scope)
         for i in ins.attrs["body"]:
             self.instruction(body, prog, prog.instrs[i])
@@ -283,8 +284,9 @@ class _Builder:
         carried = [k for k, v in body.current.items()
                    if k not in body.local and body.inputs.get(k) != v
                    and (k in body.inputs or k.startswith("record "))]
-        return body, {"body": body.graph, "trip": ins.attrs["trip"], "counter": ins.attrs["counter"],
-                      "carried": carried}
+        attrs = {"body": body.graph, "trip": ins.attrs["trip"], "counter": ins.attrs["counter"],
+                 "carries": [self.shown(k) for k in carried]}
+        return body, attrs, carried
 
 
 def _source(source: str, span: Span) -> str:
@@ -345,7 +347,7 @@ def to_json(g: nx.DiGraph) -> list[dict[str, Any]]:
         span = d.get("span")
         if span is not None:
             item["line"], item["column"] = span.line, span.column
-        for key in ("kind", "outer", "trip", "counter"):
+        for key in ("kind", "outer", "trip", "counter", "carries"):
             if key in d:
                 item[key] = d[key]
         if "body" in d:
