@@ -110,11 +110,15 @@ for k, path in enumerate(sys.argv[1:]):
 
 def _programs() -> list[tuple[str, tpc.Network]]:
     nets = [(name, tpc.load(ROOT / "programs" / "train" / name)) for name in
-            ("momentum_relu2_mup.tp", "wd_cosine_tanh_mup.tp", "two_phase_linear_mup.tp")]
+            ("momentum_relu2_mup.tp", "wd_cosine_tanh_mup.tp", "two_phase_linear_mup.tp", "fixed_relu2_mup.tp")]
     from tests.test_adam import ADAM, HEADER
 
     adamw = tpc.loads(HEADER + "parametrization mup\n" + ADAM.replace("DECAY", " + 0.1 * f"), "<adamw loop>")
-    return [*nets, ("maml_loop", tpc.loads(MAML_LOOP, "<maml loop>")), ("adamw_loop", adamw)]
+    # MAML's copies of a model with a fixed random matrix: they apply it and never adapt it
+    fixed = MAML_LOOP.replace("model f(x) = V @ (U @ x)",
+                              "matrix A : n x n ~ N(0, 1/n)\nmodel f(x) = V @ tanh(A @ (U @ x))")
+    return [*nets, ("maml_loop", tpc.loads(MAML_LOOP, "<maml loop>")), ("adamw_loop", adamw),
+            ("maml_fixed", tpc.loads(fixed, "<maml fixed>"))]
 
 
 def _imports(source: str) -> set[str]:

@@ -127,10 +127,12 @@ np.savez(sys.argv[4], p=np.array(preds))
 """
 
 
-def test_emitted_fomaml_trains_like_tpc_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("hidden", ["layer W : hidden n x n", "matrix W : n x n ~ N(0, 1/n)"])
+def test_emitted_fomaml_trains_like_tpc_run(hidden: str, tmp_path: Path) -> None:
+    """(A fixed `matrix` W: the emitted inner loop adapts U and V only, as tpc's does.)"""
     from tests.test_training import MAML
 
-    net = tpc.loads(MAML.replace("model f(x) = V @ (U @ x)", "layer W : hidden n x n\nmodel f(x) = V @ tanh(W @ "
+    net = tpc.loads(MAML.replace("model f(x) = V @ (U @ x)", f"{hidden}\nmodel f(x) = V @ tanh(W @ "
                                  "relu(U @ x))"), "<maml>")
     data = {k: net.data[k] for k in ("P", "S", "SY", "Q", "QY")}
     out = _run_isolated(FOMAML_SCRIPT, tpc.torch_source(net), data, 64, tmp_path)

@@ -163,10 +163,15 @@ def _check_network(path: str, net) -> int:  # noqa: ANN001
           f"r = {cls.r:g}, {cls.regime}")
     for why in cls.failed:
         print(f"    fails    {why}")
-    order = sorted(net.layers.values(), key=lambda la: (la.index, la.role != "bias"))
+    order = sorted((la for la in net.layers.values() if not la.fixed), key=lambda la: (la.index, la.role != "bias"))
     print("  layers     " + ", ".join(
         f"{la.name} ({la.role} {_layer_dims(la, net.width_name)}, layer {la.index + 1}, var {la.var:g})"
         for la in order))
+    fixed = [la for la in net.layers.values() if la.fixed]
+    if fixed:  # var is the layer's, over its fan-in: the entries' variance is var / n or var / d
+        print("  fixed      " + ", ".join(
+            f"{la.name} (random {_layer_dims(la, net.width_name)} matrix, var {la.var:g}, never trained)"
+            for la in fixed))
     at = f"[{', '.join(map(str, net.model.grid))}]" if net.model.positions > 1 else ""
     print(f"  model      {net.model.name}({net.model.arg}{at}): {len(net.model.steps)} steps")
     if net.losses:

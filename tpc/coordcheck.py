@@ -174,12 +174,14 @@ def probes(net: Network, every: bool = False) -> list[Probe]:
     for i, s in enumerate(steps):
         if s.kind != "vector" or s.op in ("input", "bias"):
             continue
-        if s.op == "matmul":
-            names[i] = (unique(f"h{net.layers[s.layer].index + 1}"), "pre-activation")
+        if s.op == "matmul":  # h_l = W_l x_(l-1), TP4's numbers; a fixed matrix A (no number) gives h_A
+            la = net.layers[s.layer]
+            names[i] = (unique(f"h_{la.name}" if la.fixed else f"h{la.index + 1}"), "pre-activation")
             continue
         layers = [j for j in readers.get(i, []) if steps[j].op == "matmul"]
         if layers:
-            names[i] = (unique(f"x{net.layers[steps[layers[0]].layer].index}"), "post-activation")
+            la = net.layers[steps[layers[0]].layer]
+            names[i] = (unique(f"x_{la.name}" if la.fixed else f"x{la.index}"), "post-activation")
         elif every:
             names[i] = (unique(f"v{i}"), "vector")
 

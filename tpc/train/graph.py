@@ -112,8 +112,11 @@ class _Builder:
         for name, layer in net.layers.items():
             dims = width if layer.role == "bias" else \
                 " x ".join(width if d is None else str(d) for d in (layer.rows, layer.cols))
-            text = f"{layer.role} layer {dims}, var {layer.var:g}"
-            top.current[f"{net.model.name}.{name}"] = self.node(top, "layer", name, text, "Layer", layer.span, [])
+            text = f"fixed random matrix {dims}, var {layer.var:g}" if layer.fixed else \
+                f"{layer.role} layer {dims}, var {layer.var:g}"
+            extra = {"fixed": True} if layer.fixed else {}  # drawn once, never trained
+            top.current[f"{net.model.name}.{name}"] = self.node(top, "layer", name, text, "Layer", layer.span, [],
+                                                                **extra)
         self.initial = [top.current[f"{net.model.name}.{name}"] for name in net.layers]
         self.model_node(top)
         for name, loss in net.losses.items():
@@ -347,7 +350,7 @@ def to_json(g: nx.DiGraph) -> list[dict[str, Any]]:
         span = d.get("span")
         if span is not None:
             item["line"], item["column"] = span.line, span.column
-        for key in ("kind", "outer", "trip", "counter", "carries"):
+        for key in ("kind", "outer", "trip", "counter", "carries", "fixed"):
             if key in d:
                 item[key] = d[key]
         if "body" in d:

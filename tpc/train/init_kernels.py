@@ -70,6 +70,8 @@ def empirical(net: Network, weights: dict[str, Tensor], x: Tensor, kind: str, wi
                     y = _per_input(y.expand(d.shape[0], *y.shape[-2:]), rows)
                 by_layer.setdefault(step.layer, []).append((d, y))
             for layer, pairs in by_layer.items():
+                if net.layers[layer].fixed:  # no parameter: no term of the tangent kernel
+                    continue
                 term = 0.0
                 for du, yu in pairs:
                     for dw, yw in pairs:

@@ -19,6 +19,7 @@ limit (closed forms, quadrature).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -287,6 +288,8 @@ def _reaching(stmts: list[ast.Stmt], target: str) -> set[str]:
 def term_exponent(net: Network, layer: str) -> float:
     """The power of n on layer's NTK term (the module docstring's table)."""
     la = net.layers[layer]
+    if la.fixed:  # a fixed matrix is no parameter: no term (limit_factor(inf) = 0)
+        return math.inf
     beta, gamma = net.init_exponent(net.readout()), net.lr_exponent(la)
     return {"readout": 1.0, "hidden": 2 - 2 * beta}.get(la.role, 1 - 2 * beta) - gamma
 
@@ -355,6 +358,8 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
         return name(own["XX"] if P == 1 else own[f"XX{u[2]}_{w[2]}"])
 
     for layer, la in net.layers.items():
+        if la.fixed:  # no parameter, no term
+            continue
         out = _fresh(f"theta_{layer}", low.taken)
         if la.role == "readout":
             value = feats

@@ -228,7 +228,7 @@ class LoopBuilder:
         if b.model is None:
             raise TpcError("define the model before training it")
         if b.model.name not in self.mutables:
-            layers = tuple(la for la in b.layers)
+            layers = tuple(name for name, la in b.layers.items() if not la.fixed)  # a fixed matrix is no parameter
             self.mutables[b.model.name] = Mutable(b.model.name, "model", b.model.name, layers, b.model.span)
             for la in layers:
                 self.mutables[la] = Mutable(la, "layer", b.model.name, (la,), b.layers[la].span)
@@ -437,7 +437,8 @@ class LoopBuilder:
         if self.declared_here:
             self.declared_here[-1].append(s.name)
         self.mutables[s.name] = Mutable(s.name, "copy", s.name, src.layers, s.span)
-        self.add("copy", (), "none", s.span, name=s.name, source=src.root, layers=src.layers)
+        # the copy's weights: its parameters and the fixed matrices, which its forward passes apply too
+        self.add("copy", (), "none", s.span, name=s.name, source=src.root, layers=tuple(self.b.layers))
         self.forget((s.name,))
 
     def update(self, target: str, tspan: Span, op: str, e: ast.Expr, span: Span) -> None:
@@ -447,6 +448,7 @@ class LoopBuilder:
         if self.stream_name() is not None and m is not None:
             raise TpcError(TABLES_ONLY, span)
         if m is None:
+            self.refuse_fixed(target, tspan)
             if target in self.b.data:
                 raise TpcError(f"'{target}' is data: only layers, models, copies and states can be updated", tspan)
             if self.local(target) is not None:
@@ -576,7 +578,15 @@ class LoopBuilder:
         if e.id == b.width:
             raise TpcError(f"the width can't appear in a loop: the parametrization scales updates with "
                            f"powers of {e.id}", e.span)
+        self.refuse_fixed(e.id, e.span)
         raise b.unknown(e.id, e.span)
+
+    def refuse_fixed(self, name: str, span: Span) -> None:
+        la = self.b.layers.get(name)
+        if la is not None and la.fixed:
+            raise TpcError(f"'{name}' is a fixed random matrix (declared with `matrix`): the model applies it, but it "
+                           f"is no parameter to train, differentiate or keep state for; declare it as a layer to "
+                           "train it", span)
 
     def binop(self, e: ast.BinOp) -> int | Lin:
         if e.op == "@":
@@ -709,6 +719,8 @@ class LoopBuilder:
         if name == "grad":
             return self.grad(e)
         if name == "zeros":
+            if len(e.args) == 1 and isinstance(e.args[0], ast.Name):
+                self.refuse_fixed(e.args[0].id, e.args[0].span)
             if len(e.args) != 1 or not isinstance(e.args[0], ast.Name) or e.args[0].id not in self.mutables:
                 raise TpcError("zeros(P) is zero for the layers of P (a model, a layer, a copy or a state)", e.span)
             m = self.mutables[e.args[0].id]
@@ -979,6 +991,8 @@ class LoopBuilder:
         if self.stream_name() is not None:
             raise TpcError("in a word2vec loop grad(L, z) is the gradient of L = negative_sampling(z, b) with respect "
                            "to its logits z, which the row updates take", target.span)
+        if isinstance(target, ast.Name):
+            self.refuse_fixed(target.id, target.span)
         if m is None or m.what == "state":
             what = clip(target.id) if isinstance(target, ast.Name) else "..."
             raise TpcError(f"grad(L, {what}): not a parameter (the model, a layer, or a copy of the model)",

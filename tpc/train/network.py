@@ -72,6 +72,9 @@ class Layer:
     # an input convolution's offsets: its columns are `taps` rows of data (conv(U, x)); a readout of
     # flatten(h): h's positions, one row of n weights per output and position (k * taps rows)
     taps: int = 1
+    # `matrix A : n x n ~ N(0, 2/n)`: drawn once at the variance written, never trained, outside the
+    # parametrization's lists (the model applies it; grad, updates, zeros(f) and the NTK skip it)
+    fixed: bool = False
 
     @property
     def flattens(self) -> bool:
@@ -323,6 +326,8 @@ class Network:
         return classify_adaptive(self.abc) if self.entrywise else classify(self.abc)
 
     def ab(self, layer: Layer) -> tuple[float, float]:
+        if layer.fixed:  # a fixed matrix's entries: c/n (n x n) or c/d (n x d), whatever the parametrization
+            return 0.0, 0.5 if layer.role == "hidden" else 0.0
         return self.abc.a[layer.index], self.abc.b[layer.index]
 
     def init_exponent(self, layer: Layer) -> float:
@@ -332,7 +337,7 @@ class Network:
 
     def adaptive_exponent(self, layer: Layer) -> float:
         """c'_l: an entrywise (Adam-like) update moves w^l by n^-c'_l (parametrization.py)."""
-        return self.abc.adaptive_exponents()[layer.index]
+        return 0.0 if layer.fixed else self.abc.adaptive_exponents()[layer.index]  # fixed: never updated
 
     def natural_exponent(self, layer: Layer) -> float:
         """s_l: an entrywise function reads dL/dw^l as n^s_l dL/dw^l, entries of order one (a_l + 1: the
@@ -541,9 +546,12 @@ class _Builder:
             self.loops.statement(s)
         elif isinstance(s, ast.OutputDecl):
             self.output(s)
-        elif isinstance(s, (ast.MatrixDecl, ast.VectorDecl)):
-            raise TpcError("a network program declares its weights with `layer`, not `matrix` or `vector`", s.span,
-                           "write: layer W : hidden n x n")
+        elif isinstance(s, ast.MatrixDecl):
+            self.fixed_matrix(s)
+        elif isinstance(s, ast.VectorDecl):
+            raise TpcError("a program with layers is a network program: its vectors are bias layers (`layer b : "
+                           "bias n`), and a fixed random vector is not supported (a raw program, with no layers, "
+                           "declares its weights as `matrix` and `vector`)", s.span)
         else:
             raise TpcError("a network program has no top-level assignments: name values in the model, the losses, "
                            "the outputs or inside a loop's body", s.span)
@@ -592,6 +600,35 @@ class _Builder:
                            kw["var"].value.span)
         rows, cols = (dims + [1])[:2] if s.role == "bias" else dims
         self.layers[s.name] = Layer(s.name, s.role, rows, cols, var, s.span)
+
+    def fixed_matrix(self, s: ast.MatrixDecl) -> None:
+        """`matrix A : n x n ~ N(0, 2/n)` (or `n x d ~ N(0, 1/d)`, applied to the data): a Gaussian matrix of
+        the Tensor Program, drawn once at the variance written and never trained. Its entries have
+        variance c/n (n x n) or c (n x d), as a layer's have at initialisation in every stable
+        parametrization (a + b = 1/2 for a hidden layer, 0 for an input layer, TP4), so it is the layer of
+        var c (c d) that no update moves: exponents a = 0 and b = 1/2 (0), outside the abc lists."""
+        self.declare(s.name, s.span)
+        if self.width is None:
+            raise TpcError("declare the width before any matrix: `width n`", s.span)
+        rows = self.dim(s.rows, s.rows_span)
+        cols = self.dim(s.cols, s.cols_span)
+        if rows is not None:
+            raise TpcError(f"a fixed matrix in a network program is {self.width} x {self.width} or {self.width} x d "
+                           "(applied to n-vectors or to the data); a readout is a layer", s.rows_span)
+        from tpc.train.raw import width_monomial
+
+        mean, _ = width_monomial(s.dist.mean, self.width, self.dims)
+        if mean != 0:
+            raise TpcError("a fixed matrix has mean 0", s.dist.mean.span)
+        c, power = width_monomial(s.dist.var, self.width, self.dims)
+        want = -1.0 if cols is None else 0.0
+        if not (c > 0 and np.isfinite(c)) or power != want:
+            form = f"c/{self.width}, like N(0, 2/{self.width})" if cols is None else "a number c, like N(0, 1/3)"
+            raise TpcError(f"the entries of a fixed {self.width} x {s.cols} matrix have variance {form}: the "
+                           "scale at which every parametrization initialises such a layer", s.dist.var.span)
+        role = "hidden" if cols is None else "input"
+        var = c if cols is None else c * cols  # a layer's var is over its fan-in
+        self.layers[s.name] = Layer(s.name, role, None, cols, var, s.span, fixed=True)
 
     def conv_layer(self, s: ast.LayerDecl, dims: list[int | None]) -> None:
         """A convolution: one hidden layer per offset of its kernel (each of variance var / K, the
@@ -1050,7 +1087,7 @@ class _Builder:
         used = {s.layer for s in self.model.steps if s.layer}
         for la in self.layers.values():
             if la.name not in used:
-                raise TpcError(f"layer '{la.name}' is not used by the model", la.span)
+                raise TpcError(f"{'matrix' if la.fixed else 'layer'} '{la.name}' is not used by the model", la.span)
         for out, names, span in self.adapted:
             if self.train is None or self.train.optimizer != "fomaml":
                 raise TpcError("adapted(f, P, S, SY, Q) adapts with fomaml's inner steps: the program needs a "
@@ -1108,7 +1145,7 @@ class _Builder:
         """The abc exponents, the learning rate if given, and the power of n that divides attention
         logits: 1 under muP (TP4/TP5: q.k/n, so logits stay O(1) as features learn) and wherever
         the parametrization learns features, 1/2 (q.k/sqrt(n)) otherwise; `attention = ...` sets it."""
-        hidden = len({la.group or la.name for la in self.layers.values() if la.role == "hidden"})
+        hidden = len({la.group or la.name for la in self.layers.values() if la.role == "hidden" and not la.fixed})
         L = hidden + 1  # noqa: N806 - the paper's name: the input layer is hidden layer 1
         if p.name == "abc":
             kw = self.kwargs(p.kwargs, ("a", "b", "c", "lr", "attention", "adaptive"), "abc")
@@ -1187,7 +1224,7 @@ class ModelBuilder:
         for name in self.order:  # TP4's layer numbers, in the order of application
             la = self.b.layers[name]
             la.index = {"input": 0, "embedding": 0, "bias": 0, "readout": -1}.get(la.role, -2)
-            if la.role == "hidden":
+            if la.role == "hidden" and not la.fixed:  # a fixed matrix has no place in the abc lists
                 la.index = numbers.setdefault(la.group or name, len(numbers) + 1)
         for la in self.b.layers.values():
             if la.role == "readout":

@@ -33,9 +33,11 @@ TRAINING = (ast.ForLoop, ast.LossDecl, ast.StateDecl)
 
 
 def is_trained_raw(module: ast.Module) -> bool:
-    """A program with raw declarations and a loop or a loss: one to translate."""
+    """A program with raw declarations and a loop or a loss, and no layers: one to translate. (With
+    layers it is a network program, where a `matrix` is a fixed random matrix: network.py.)"""
     s = module.statements
-    return any(isinstance(x, RAW) for x in s) and any(isinstance(x, TRAINING + NETWORK_ONLY) for x in s)
+    return any(isinstance(x, RAW) for x in s) and any(isinstance(x, TRAINING + NETWORK_ONLY) for x in s) \
+        and not any(isinstance(x, (ast.LayerDecl, ast.ModelDecl)) for x in s)
 
 
 def translate(module: ast.Module) -> ast.Module:
@@ -299,37 +301,10 @@ class _Translator:
 
     # ------------------------------------------------------------------ expressions
     def monomial(self, e: ast.Expr, allow_other: bool = False) -> tuple[float, float]:
-        """(c, p) with e = c n^p. With allow_other, factors without n count as c = 1 (a loop value)."""
-        if isinstance(e, ast.Num):
-            return e.value, 0.0
-        if isinstance(e, ast.Name):
-            if e.id == self.width:
-                return 1.0, 1.0
-            if e.id in self.dims:
-                return float(self.dims[e.id]), 0.0
-        if isinstance(e, ast.Neg):
-            c, p = self.monomial(e.operand, allow_other)
-            return -c, p
-        if isinstance(e, ast.BinOp) and e.op in "*/":
-            (c1, p1), (c2, p2) = self.monomial(e.left, allow_other), self.monomial(e.right, allow_other)
-            if e.op == "*":
-                return c1 * c2, p1 + p2
-            return (c1 / c2 if c2 else math.inf), p1 - p2
-        if isinstance(e, ast.BinOp) and e.op == "^":
-            k, kp = self.monomial(e.right)  # the exponent is a number: n^-1, n^(1/2)
-            if kp != 0:
-                raise TpcError("an exponent of the width is a number", e.right.span)
-            c, p = self.monomial(e.left, allow_other)
-            return c**k, p * k
-        if isinstance(e, ast.Call) and e.fn == "sqrt" and len(e.args) == 1:
-            c, p = self.monomial(e.args[0], allow_other)
-            return math.sqrt(c) if c >= 0 else math.nan, p / 2
-        if allow_other and not self.mentions_width(e):
-            return 1.0, 0.0
-        raise TpcError("expected a number times a power of the width (like 2/n or 1/sqrt(n))", e.span)
+        return width_monomial(e, self.width, self.dims, allow_other)
 
     def mentions_width(self, e: ast.Expr) -> bool:
-        return isinstance(e, ast.Name) and e.id == self.width or any(self.mentions_width(c) for c in _children(e))
+        return _mentions_width(e, self.width)
 
     def no_width(self, e: ast.Expr) -> None:
         if self.mentions_width(e):
@@ -353,6 +328,44 @@ class _Translator:
             data = self.readouts[e.id][2]
             return ast.Call(e.span, self.model_name, (ast.Name(e.span, data),), e.span)
         return _map_children(e, self.calls)
+
+
+def width_monomial(e: ast.Expr, width: str, dims: dict[str, int], allow_other: bool = False) -> tuple[float, float]:
+    """(c, p) with e = c n^p, n the width. With allow_other, factors without n count as c = 1 (a loop value)."""
+    def mono(e: ast.Expr, allow_other: bool = allow_other) -> tuple[float, float]:
+        return width_monomial(e, width, dims, allow_other)
+
+    if isinstance(e, ast.Num):
+        return e.value, 0.0
+    if isinstance(e, ast.Name):
+        if e.id == width:
+            return 1.0, 1.0
+        if e.id in dims:
+            return float(dims[e.id]), 0.0
+    if isinstance(e, ast.Neg):
+        c, p = mono(e.operand)
+        return -c, p
+    if isinstance(e, ast.BinOp) and e.op in "*/":
+        (c1, p1), (c2, p2) = mono(e.left), mono(e.right)
+        if e.op == "*":
+            return c1 * c2, p1 + p2
+        return (c1 / c2 if c2 else math.inf), p1 - p2
+    if isinstance(e, ast.BinOp) and e.op == "^":
+        k, kp = mono(e.right, False)  # the exponent is a number: n^-1, n^(1/2)
+        if kp != 0:
+            raise TpcError("an exponent of the width is a number", e.right.span)
+        c, p = mono(e.left)
+        return c**k, p * k
+    if isinstance(e, ast.Call) and e.fn == "sqrt" and len(e.args) == 1:
+        c, p = mono(e.args[0])
+        return math.sqrt(c) if c >= 0 else math.nan, p / 2
+    if allow_other and not _mentions_width(e, width):
+        return 1.0, 0.0
+    raise TpcError("expected a number times a power of the width (like 2/n or 1/sqrt(n))", e.span)
+
+
+def _mentions_width(e: object, width: str) -> bool:
+    return isinstance(e, ast.Name) and e.id == width or any(_mentions_width(c, width) for c in _children(e))
 
 
 def _inline_scalars(statements: list[ast.Stmt]) -> list[ast.Stmt]:

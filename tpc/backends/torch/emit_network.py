@@ -249,10 +249,12 @@ def emit_network_source(net: Network) -> str:
         shape = "(n,)" if la.role == "bias" else \
             "(" + ", ".join("n" if d is None else str(int(d)) for d in (la.weight_rows, la.cols)) + ")"
         std = math.sqrt(la.var / la.fan_in)
+        what = "fixed random matrix (never trained)" if la.fixed else f"{la.role} layer {la.index + 1}"
+        frozen = ", requires_grad=False" if la.fixed else ""
         lines += [
-            f"        # {_comment(name)}: {la.role} layer {la.index + 1}, a = {a:g}, b = {b:g}, var = {la.var:g}",
+            f"        # {_comment(name)}: {what}, a = {a:g}, b = {b:g}, var = {la.var:g}",
             f"        self.{names[name]} = torch.nn.Parameter(torch.randn({shape}, generator=gen, dtype=dtype, "
-            f"device=device) * ({_num(std)} * n ** {_num(-b)}))",
+            f"device=device) * ({_num(std)} * n ** {_num(-b)}){frozen})",
             f"        self.multiplier[{names[name]!r}] = n ** {_num(-a)}",
         ]
     lines += ["", "    def forward(self, x: torch.Tensor) -> torch.Tensor:",
@@ -282,7 +284,7 @@ def _optimizer_lines(net: Network, names: dict[str, str], c: float) -> list[str]
         return []
     lr = net.train.lr if net.train else (net.lr if net.lr is not None else 0.1)
     groups = [f"        {{'params': [model.{names[name]}], 'lr': lr * n ** {_num(-c)}}},  # {_comment(name)}"
-              for name in net.layers]
+              for name, la in net.layers.items() if not la.fixed]
     return [
         "", "",
         f"LR = {_num(lr)}",
@@ -305,6 +307,8 @@ def _adam_lines(net: Network, names: dict[str, str], c: float) -> list[str]:
     kind = "AdamW" if t.optimizer == "adamw" else "Adam"
     groups = []
     for name, la in net.layers.items():
+        if la.fixed:
+            continue
         cp = net.adaptive_exponent(la)
         decay = f", 'weight_decay': {_num(t.weight_decay)} * n ** {_num(cp - c)}" if t.weight_decay else ""
         groups.append(f"        {{'params': [model.{names[name]}], 'lr': lr * n ** {_num(-cp)}, "
@@ -412,7 +416,7 @@ def _fomaml_lines(net: Network) -> list[str]:
         f'    inner_lr n^-c (c = {c:g}). Returns the adapted parameters (use them with',
         '    torch.func.functional_call(model, params, (x,)))."""',
         f"    rate = inner_lr * model.width ** {_num(-c)}",
-        "    params = {k: v.detach().requires_grad_(True) for k, v in model.named_parameters()}",
+        "    params = {k: v.detach().requires_grad_(True) for k, v in model.named_parameters() if v.requires_grad}",
         "    for _ in range(inner_steps):",
         "        grads = torch.autograd.grad(_task_loss(model, params, P, rows, labels), list(params.values()),",
         "                                    allow_unused=True)",
