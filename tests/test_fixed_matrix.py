@@ -1,5 +1,5 @@
-"""A raw `matrix` in a network program: a Gaussian matrix drawn once at the variance written and never
-trained (programs/train/fixed_relu2_mup.tp). It must be the layer of that initial scale that no update
+"""A raw `matrix` (or `vector`) in a network program: a Gaussian matrix drawn once at the variance
+written and never trained (programs/train/fixed_relu2_mup.tp). It must be the layer of that initial scale that no update
 moves: the same numbers as the network whose loop updates every other layer by name, at finite width
 (bitwise, same draws) and in both limits; the kernel regime's training kernel without its term
 (closed form); copies and every construct of a loop keep it as it was."""
@@ -144,3 +144,23 @@ def test_check_graph_and_emitted_torch_show_it_fixed(tmp_path: Path, capsys: pyt
     assert node.get("fixed") is True
     source = tpc.torch_source(tpc.load(FIXED))
     assert "requires_grad=False" in source and "# A: fixed random matrix" in source
+
+
+def test_a_fixed_vector_is_a_bias_no_update_moves() -> None:
+    """`vector y ~ N(0, 1)` added in the model: a bias of var 1 (muP's bias, a + b = 0) that the loop
+    leaves alone; the same draws and numbers at finite width (to round-off: muP's bias is n^(1/2) times
+    entries of n^(-1/2), the fixed vector its entries), and the same limit within its errors."""
+    source = (FIXED.read_text().replace("matrix A : n x n ~ N(0, 2/n)", "vector y ~ N(0, 1)\nlayer A : hidden n x n")
+              .replace("relu(U @ x)", "relu(U @ x + y)"))
+    fixed = tpc.loads(source, base_dir=FIXED.parent)
+    bias = tpc.loads(source.replace("vector y ~ N(0, 1)", "layer y : bias n").replace(
+        "f -= 0.5 * grad(L, f)", "U -= 0.5 * grad(L, U)\n  A -= 0.5 * grad(L, A)\n  V -= 0.5 * grad(L, V)"),
+        base_dir=FIXED.parent)
+    assert fixed.layers["y"].fixed and fixed.program.trained_layers() == {"U", "A", "V"}
+    a, b = tpc.run(fixed, 128, 3), tpc.run(bias, 128, 3)
+    for name in ("pred", "curve"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-10, atol=1e-12, err_msg=name)
+    la, lb = tpc.limit(fixed), tpc.limit(bias)
+    for name in ("pred", "curve"):
+        se = np.sqrt(np.asarray(la[name].stderr) ** 2 + np.asarray(lb[name].stderr) ** 2)
+        assert np.all(np.abs(np.asarray(la[name].value) - np.asarray(lb[name].value)) <= 5 * se + 1e-12), name

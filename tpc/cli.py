@@ -170,7 +170,7 @@ def _check_network(path: str, net) -> int:  # noqa: ANN001
     fixed = [la for la in net.layers.values() if la.fixed]
     if fixed:  # var is the layer's, over its fan-in: the entries' variance is var / n or var / d
         print("  fixed      " + ", ".join(
-            f"{la.name} (random {_layer_dims(la, net.width_name)} matrix, var {la.var:g}, never trained)"
+            f"{la.name} (random {_layer_dims(la, net.width_name)} {la.declared}, var {la.var:g}, never trained)"
             for la in fixed))
     at = f"[{', '.join(map(str, net.model.grid))}]" if net.model.positions > 1 else ""
     print(f"  model      {net.model.name}({net.model.arg}{at}): {len(net.model.steps)} steps")

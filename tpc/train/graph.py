@@ -112,7 +112,7 @@ class _Builder:
         for name, layer in net.layers.items():
             dims = width if layer.role == "bias" else \
                 " x ".join(width if d is None else str(d) for d in (layer.rows, layer.cols))
-            text = f"fixed random matrix {dims}, var {layer.var:g}" if layer.fixed else \
+            text = f"fixed random {layer.declared} {dims}, var {layer.var:g}" if layer.fixed else \
                 f"{layer.role} layer {dims}, var {layer.var:g}"
             extra = {"fixed": True} if layer.fixed else {}  # drawn once, never trained
             top.current[f"{net.model.name}.{name}"] = self.node(top, "layer", name, text, "Layer", layer.span, [],

@@ -584,9 +584,9 @@ class LoopBuilder:
     def refuse_fixed(self, name: str, span: Span) -> None:
         la = self.b.layers.get(name)
         if la is not None and la.fixed:
-            raise TpcError(f"'{name}' is a fixed random matrix (declared with `matrix`): the model applies it, but it "
-                           f"is no parameter to train, differentiate or keep state for; declare it as a layer to "
-                           "train it", span)
+            raise TpcError(f"'{name}' is a fixed random {la.declared} (declared with `{la.declared}`): the model "
+                           "applies it, but it is no parameter to train, differentiate or keep state for; declare it "
+                           "as a layer to train it", span)
 
     def binop(self, e: ast.BinOp) -> int | Lin:
         if e.op == "@":

@@ -72,9 +72,15 @@ class Layer:
     # an input convolution's offsets: its columns are `taps` rows of data (conv(U, x)); a readout of
     # flatten(h): h's positions, one row of n weights per output and position (k * taps rows)
     taps: int = 1
-    # `matrix A : n x n ~ N(0, 2/n)`: drawn once at the variance written, never trained, outside the
-    # parametrization's lists (the model applies it; grad, updates, zeros(f) and the NTK skip it)
+    # `matrix A : n x n ~ N(0, 2/n)` (or `vector y ~ N(0, 1)`, added as a bias): drawn once at the variance
+    # written, never trained, outside the parametrization's lists (the model applies it; grad, updates,
+    # zeros(f) and the NTK skip it)
     fixed: bool = False
+
+    @property
+    def declared(self) -> str:
+        """What the program declared: a layer, or a fixed `matrix` or `vector` (a fixed bias)."""
+        return ("vector" if self.role == "bias" else "matrix") if self.fixed else "layer"
 
     @property
     def flattens(self) -> bool:
@@ -549,12 +555,13 @@ class _Builder:
         elif isinstance(s, ast.MatrixDecl):
             self.fixed_matrix(s)
         elif isinstance(s, ast.VectorDecl):
-            raise TpcError("a program with layers is a network program: its vectors are bias layers (`layer b : "
-                           "bias n`), and a fixed random vector is not supported (a raw program, with no layers, "
-                           "declares its weights as `matrix` and `vector`)", s.span)
+            self.fixed_vectors(s)
         else:
+            raw = any(la.fixed for la in self.layers.values())  # a raw program's statements beside layers?
             raise TpcError("a network program has no top-level assignments: name values in the model, the losses, "
-                           "the outputs or inside a loop's body", s.span)
+                           "the outputs or inside a loop's body", s.span,
+                           "a program with layers is a network program; a raw Netsor program declares none"
+                           if raw else None)
 
     def dim(self, d: str | int, span: Span) -> int | None:
         if d == self.width:
@@ -629,6 +636,24 @@ class _Builder:
         role = "hidden" if cols is None else "input"
         var = c if cols is None else c * cols  # a layer's var is over its fan-in
         self.layers[s.name] = Layer(s.name, role, None, cols, var, s.span, fixed=True)
+
+    def fixed_vectors(self, s: ast.VectorDecl) -> None:
+        """`vector y ~ N(0, 1)`: n-vectors of the Tensor Program drawn once and never trained, which the
+        model adds as it adds a bias (`h + y`): bias layers of var c that no update moves (a = b = 0)."""
+        if self.width is None:
+            raise TpcError("declare the width before any vector: `width n`", s.span)
+        from tpc.train.raw import width_monomial
+
+        mean, _ = width_monomial(s.dist.mean, self.width, self.dims)
+        if mean != 0:
+            raise TpcError("a fixed vector has mean 0", s.dist.mean.span)
+        c, power = width_monomial(s.dist.var, self.width, self.dims)
+        if not (c > 0 and np.isfinite(c)) or power != 0:
+            raise TpcError("the coordinates of a fixed vector have variance a number c, like N(0, 1): a "
+                           "Tensor Program's initial vectors", s.dist.var.span)
+        for name in s.names:
+            self.declare(name, s.span)
+            self.layers[name] = Layer(name, "bias", None, 1, c, s.span, fixed=True)
 
     def conv_layer(self, s: ast.LayerDecl, dims: list[int | None]) -> None:
         """A convolution: one hidden layer per offset of its kernel (each of variance var / K, the
@@ -1087,7 +1112,7 @@ class _Builder:
         used = {s.layer for s in self.model.steps if s.layer}
         for la in self.layers.values():
             if la.name not in used:
-                raise TpcError(f"{'matrix' if la.fixed else 'layer'} '{la.name}' is not used by the model", la.span)
+                raise TpcError(f"{la.declared} '{la.name}' is not used by the model", la.span)
         for out, names, span in self.adapted:
             if self.train is None or self.train.optimizer != "fomaml":
                 raise TpcError("adapted(f, P, S, SY, Q) adapts with fomaml's inner steps: the program needs a "
@@ -1309,7 +1334,7 @@ class ModelBuilder:
         if e.id in self.b.layers:
             la = self.b.layers[e.id]
             if la.role != "bias":
-                raise TpcError(f"layer '{e.id}' is applied with @: {e.id} @ ...", e.span)
+                raise TpcError(f"{la.declared} '{e.id}' is applied with @: {e.id} @ ...", e.span)
             for i, s in enumerate(self.steps):
                 if s.op == "bias" and s.layer == e.id:
                     return i
@@ -1348,6 +1373,9 @@ class ModelBuilder:
         if kind != want:
             what = {"data": f"the model's input {self.decl.arg}", "vector": "an n-vector"}[want]
             article = "an" if la.role[0] in "aeiou" else "a"
+            if la.fixed:  # the user wrote a matrix, not a role
+                shape = "n x n" if la.role == "hidden" else "n x d"
+                raise TpcError(f"the fixed {shape} matrix '{la.name}' multiplies {what}", e.right.span)
             raise TpcError(f"{article} {la.role} layer multiplies {what}", e.right.span)
         if self.steps[x].kind == "out":  # pragma: no cover - guarded by the kind check
             raise TpcError("the readout's output is finite", e.span)

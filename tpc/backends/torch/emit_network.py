@@ -249,7 +249,7 @@ def emit_network_source(net: Network) -> str:
         shape = "(n,)" if la.role == "bias" else \
             "(" + ", ".join("n" if d is None else str(int(d)) for d in (la.weight_rows, la.cols)) + ")"
         std = math.sqrt(la.var / la.fan_in)
-        what = "fixed random matrix (never trained)" if la.fixed else f"{la.role} layer {la.index + 1}"
+        what = f"fixed random {la.declared} (never trained)" if la.fixed else f"{la.role} layer {la.index + 1}"
         frozen = ", requires_grad=False" if la.fixed else ""
         lines += [
             f"        # {_comment(name)}: {what}, a = {a:g}, b = {b:g}, var = {la.var:g}",
