@@ -389,10 +389,11 @@ def network_program(c: Chooser) -> str:
     d = c.integer(1, 3)
     m = c.integer(1, 3)
     hidden = c.choice([0, 0, 1, 1, 2])
+    fixed = hidden > 0 and c.chance(0.2)  # the last hidden matrix a fixed `matrix`: no place in the abc lists
     loss = c.choice(["mse", "mse", "mse", "xent", "logistic", "user"])
     k = c.integer(2, 3) if loss == "xent" else 1
     lr_in_param = c.chance(0.3)
-    lines.append(_parametrization(c, hidden, lr_in_param))
+    lines.append(_parametrization(c, hidden - fixed, lr_in_param))
     lines.append(f"data X = {matrix_literal(c, m, d)}")
     if loss == "xent":
         lines.append(f"data Y = [{', '.join(str(c.integer(0, k - 1)) for _ in range(m))}]")
@@ -405,11 +406,11 @@ def network_program(c: Chooser) -> str:
     lines.append(f"layer U : input n x {d}{var}")
     bias = c.chance(0.3)
     if bias:
-        lines.append("layer b : bias n")
+        lines.append("layer b : bias n" if c.chance(0.8) else "vector b ~ N(0, 1)")
     ws = [f"W{i + 1}" for i in range(hidden)]
     for w in ws:
         var = f", var = {num(c, 0.5, 2, 1)}" if c.chance(0.4) else ""
-        lines.append(f"layer {w} : hidden n x n{var}")
+        lines.append(f"matrix {w} : n x n ~ N(0, 2/n)" if fixed and w == ws[-1] else f"layer {w} : hidden n x n{var}")
     lines.append(f"layer V : readout {k} x n")
     acts = [c.choice(ACTIVATIONS) if c.chance(0.85) else "" for _ in range(hidden + 1)]
     lines.append(model_text(c, "U @ x + b" if bias else "U @ x", acts, ws))
@@ -670,10 +671,11 @@ class _Loops:
         self.m = m = c.integer(2, 4)
         self.r = c.integer(1, 3)
         hidden = c.choice([0, 0, 0, 1, 1, 2])
+        fixed = hidden > 0 and c.chance(0.2)  # the last hidden matrix a fixed `matrix`, never trained
         self.budget = (4, 2, 1)[hidden]  # the limit's Monte Carlo pays for every step through a hidden layer
         self.loss = c.choice(["mse", "mse", "mse", "xent", "logistic", "user"])
         self.k = c.integer(2, 3) if self.loss == "xent" else 1
-        lines += ["width n", _parametrization(c, hidden, False)]
+        lines += ["width n", _parametrization(c, hidden - fixed, False)]
         lines.append(f"data X = {matrix_literal(c, m, d)}")
         if self.loss == "xent":
             lines.append(f"data Y = [{', '.join(str(c.integer(0, self.k - 1)) for _ in range(m))}]")
@@ -694,8 +696,8 @@ class _Loops:
             self.layers.append("b")
         ws = [f"W{i + 1}" for i in range(hidden)]
         for w in ws:
-            lines.append(f"layer {w} : hidden n x n")
-        self.layers += ws
+            lines.append(f"matrix {w} : n x n ~ N(0, 1/n)" if fixed and w == ws[-1] else f"layer {w} : hidden n x n")
+        self.layers += ws[:-1] if fixed else ws  # a fixed matrix is no layer to train
         lines.append(f"layer V : readout {self.k} x n")
         acts = [c.choice(ACTIVATIONS) if c.chance(0.85) else "" for _ in range(hidden + 1)]
         lines.append(model_text(c, f"U @ x{' + b' if bias else ''}", acts, ws))
