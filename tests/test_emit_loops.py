@@ -118,7 +118,31 @@ def _programs() -> list[tuple[str, tpc.Network]]:
     fixed = MAML_LOOP.replace("model f(x) = V @ (U @ x)",
                               "matrix A : n x n ~ N(0, 1/n)\nmodel f(x) = V @ tanh(A @ (U @ x))")
     return [*nets, ("maml_loop", tpc.loads(MAML_LOOP, "<maml loop>")), ("adamw_loop", adamw),
-            ("maml_fixed", tpc.loads(fixed, "<maml fixed>"))]
+            ("maml_fixed", tpc.loads(fixed, "<maml fixed>")), ("reptile_fixed", tpc.loads(REPTILE_FIXED, "<reptile>"))]
+
+
+# Reptile-like arithmetic of the model and a copy (`f - g`): the fixed matrix and vector stay put (the
+# emitted weights(model) and copies hold the trained parameters only)
+REPTILE_FIXED = """width n
+parametrization mup
+data X = [[1, 0.5], [-0.3, 0.8], [0.2, -1], [0.9, 0.1]]
+data Y = [1, -1, 1, 1]
+data Xt = [[0.4, 0.4], [-1, 0.2]]
+layer U : input n x 2, var = 2
+vector y ~ N(0, 1)
+matrix A : n x n ~ N(0, 2/n)
+layer V : readout 1 x n
+model f(x) = V @ relu(A @ relu(U @ x + y))
+for t in range(3) {
+  copy g = f
+  g -= 0.3 * grad(mse(g(X), Y), g)
+  g -= 0.5 * (g - f)
+  record r = g(Xt)
+  f -= 0.5 * (f - g) + 0.01 * f
+}
+output pred = f(Xt)
+output r = r
+"""
 
 
 def _imports(source: str) -> set[str]:

@@ -411,7 +411,7 @@ def _emit_read(em: _Emitter, ins: Instr) -> _Code:
     if a["root"] != em.net.model.name:  # states and copies are never changed in place
         return _Code(em.local(a["root"]), False)
     layers = [em.names[la] for la in a["layers"]]
-    if len(layers) == len(em.net.layers):
+    if len(layers) == sum(not la.fixed for la in em.net.layers.values()):
         em.helpers.add("weights")
         what = "weights(model)"
     else:
@@ -644,8 +644,9 @@ _HELPER_CODE: dict[str, list[str]] = {
     ],
     "weights": [
         "def weights(model: Network) -> dict[str, torch.Tensor]:",
-        '    """The model\'s trained parameters w^l, by name."""',
-        "    return dict(model.named_parameters())",
+        '    """The model\'s trained parameters w^l, by name (not its fixed random matrices: a copy\'s forward',
+        '    pass, torch.func.functional_call, takes those from the model)."""',
+        "    return {k: w for k, w in model.named_parameters() if w.requires_grad}",
     ],
     "copied": [
         "def copied(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:",
@@ -678,7 +679,7 @@ _HELPER_CODE: dict[str, list[str]] = {
         '    """The model\'s parameters take these values (in place)."""',
         "    with torch.no_grad():",
         "        for k, w in model.named_parameters():",
-        "            if params[k] is not w:",
+        "            if k in params and params[k] is not w:",
         "                w.copy_(params[k])",
     ],
     "grad": [
