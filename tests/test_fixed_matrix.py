@@ -138,7 +138,7 @@ def test_check_graph_and_emitted_torch_show_it_fixed(tmp_path: Path, capsys: pyt
     assert main(["check", str(FIXED)]) == 0
     out = capsys.readouterr().out
     assert "layers     U (input n x 3, layer 1, var 2), V (readout 1 x n, layer 2, var 1)" in out
-    assert "fixed      A (random n x n matrix, var 2, never trained)" in out
+    assert "fixed      A (random n x n matrix, entries N(0, 2/n), never trained)" in out
     graph = tpc.load(FIXED).graph
     node = next(d for _, d in graph.nodes(data=True) if d["op"] == "layer" and d["name"] == "A")
     assert node.get("fixed") is True

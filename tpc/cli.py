@@ -168,10 +168,11 @@ def _check_network(path: str, net) -> int:  # noqa: ANN001
         f"{la.name} ({la.role} {_layer_dims(la, net.width_name)}, layer {la.index + 1}, var {la.var:g})"
         for la in order))
     fixed = [la for la in net.layers.values() if la.fixed]
-    if fixed:  # var is the layer's, over its fan-in: the entries' variance is var / n or var / d
+    if fixed:  # as declared: entries N(0, c/n) for n x n, N(0, c) for n x d and vectors (a layer's var is c d)
         print("  fixed      " + ", ".join(
-            f"{la.name} (random {_layer_dims(la, net.width_name)} {la.declared}, var {la.var:g}, never trained)"
-            for la in fixed))
+            f"{la.name} (random {_layer_dims(la, net.width_name)} {la.declared}, entries N(0, "
+            + (f"{la.var:g}/{net.width_name}" if la.role == "hidden" else f"{la.var / la.fan_in:g}")
+            + "), never trained)" for la in fixed))
     at = f"[{', '.join(map(str, net.model.grid))}]" if net.model.positions > 1 else ""
     print(f"  model      {net.model.name}({net.model.arg}{at}): {len(net.model.steps)} steps")
     if net.losses:

@@ -425,6 +425,9 @@ class _Builder:
     loops: LoopBuilder | None = None
     later: dict[str, Span] = field(default_factory=dict)  # states and copies, where the program declares them
     convs: dict[str, Conv] = field(default_factory=dict)
+    # where the program first declares a layer or model (what makes its `matrix`/`vector` fixed), if it
+    # declares raw objects too: a raw program with a stray `layer` gets told which line did it
+    network_at: Span | None = None
 
     def declare(self, name: str, span: Span) -> None:
         if name in self.defined:
@@ -557,11 +560,8 @@ class _Builder:
         elif isinstance(s, ast.VectorDecl):
             self.fixed_vectors(s)
         else:
-            raw = any(la.fixed for la in self.layers.values())  # a raw program's statements beside layers?
             raise TpcError("a network program has no top-level assignments: name values in the model, the losses, "
-                           "the outputs or inside a loop's body", s.span,
-                           "a program with layers is a network program; a raw Netsor program declares none"
-                           if raw else None)
+                           "the outputs or inside a loop's body", s.span, self.raw_hint())
 
     def dim(self, d: str | int, span: Span) -> int | None:
         if d == self.width:
@@ -608,6 +608,12 @@ class _Builder:
         rows, cols = (dims + [1])[:2] if s.role == "bias" else dims
         self.layers[s.name] = Layer(s.name, s.role, rows, cols, var, s.span)
 
+    def raw_hint(self) -> str | None:
+        if self.network_at is None:
+            return None
+        return (f"line {self.network_at.line} declares a layer or a model, so this is a network program (where a "
+                "`matrix` or `vector` is fixed random weights); a raw Netsor program declares none")
+
     def fixed_matrix(self, s: ast.MatrixDecl) -> None:
         """`matrix A : n x n ~ N(0, 2/n)` (or `n x d ~ N(0, 1/d)`, applied to the data): a Gaussian matrix of
         the Tensor Program, drawn once at the variance written and never trained. Its entries have
@@ -632,7 +638,8 @@ class _Builder:
         if not (c > 0 and np.isfinite(c)) or power != want:
             form = f"c/{self.width}, like N(0, 2/{self.width})" if cols is None else "a number c, like N(0, 1/3)"
             raise TpcError(f"the entries of a fixed {self.width} x {s.cols} matrix have variance {form}: the "
-                           "scale at which every parametrization initialises such a layer", s.dist.var.span)
+                           "scale at which every parametrization initialises such a layer", s.dist.var.span,
+                           self.raw_hint())
         role = "hidden" if cols is None else "input"
         var = c if cols is None else c * cols  # a layer's var is over its fan-in
         self.layers[s.name] = Layer(s.name, role, None, cols, var, s.span, fixed=True)
@@ -642,6 +649,9 @@ class _Builder:
         model adds as it adds a bias (`h + y`): bias layers of var c that no update moves (a = b = 0)."""
         if self.width is None:
             raise TpcError("declare the width before any vector: `width n`", s.span)
+        if isinstance(s.dist.mean, ast.ListExpr) or isinstance(s.dist.var, ast.ListExpr):
+            raise TpcError("fixed vectors in a network program are independent, each N(0, c): declare them one "
+                           "by one", s.dist.span)
         from tpc.train.raw import width_monomial
 
         mean, _ = width_monomial(s.dist.mean, self.width, self.dims)
@@ -650,7 +660,7 @@ class _Builder:
         c, power = width_monomial(s.dist.var, self.width, self.dims)
         if not (c > 0 and np.isfinite(c)) or power != 0:
             raise TpcError("the coordinates of a fixed vector have variance a number c, like N(0, 1): a "
-                           "Tensor Program's initial vectors", s.dist.var.span)
+                           "Tensor Program's initial vectors", s.dist.var.span, self.raw_hint())
         for name in s.names:
             self.declare(name, s.span)
             self.layers[name] = Layer(name, "bias", None, 1, c, s.span, fixed=True)
@@ -1178,10 +1188,12 @@ class _Builder:
                 if need not in kw:
                     raise TpcError(f"abc(...) needs {need}", p.span)
             a, b = self.const_list(kw["a"].value), self.const_list(kw["b"].value)
+            fixed = " (a fixed matrix takes no entry)" if any(la.fixed and la.role == "hidden"
+                                                               for la in self.layers.values()) else ""
             for key, vals in (("a", a), ("b", b)):
                 if len(vals) != L + 1:
                     raise TpcError(f"{key} has {len(vals)} entries; this network has {L + 1} layers "
-                                   f"(the input layer, {L - 1} hidden, the readout)", kw[key].value.span)
+                                   f"(the input layer, {L - 1} hidden, the readout){fixed}", kw[key].value.span)
             c = self.const(kw["c"].value)
             adaptive = self.const_list(kw["adaptive"].value) if "adaptive" in kw else None
             if adaptive is not None and len(adaptive) != L + 1:
@@ -1359,6 +1371,9 @@ class ModelBuilder:
             raise TpcError("the left of @ in a model is a layer", e.left.span)
         la = self.b.layers[e.left.id]
         if la.role == "bias":
+            if la.fixed:
+                raise TpcError(f"'{la.name}' is a fixed vector, added as a bias (W @ x + {la.name}); a readout is a "
+                               "layer: layer V : readout 1 x n", e.left.span)
             raise TpcError(f"'{la.name}' is a bias: add it (W @ x + {la.name})", e.left.span)
         right, flat = e.right, isinstance(e.right, ast.Call) and e.right.fn == "flatten"
         if flat:  # V @ flatten(h): the readout with its own weights at each of h's positions
@@ -1375,7 +1390,8 @@ class ModelBuilder:
             article = "an" if la.role[0] in "aeiou" else "a"
             if la.fixed:  # the user wrote a matrix, not a role
                 shape = "n x n" if la.role == "hidden" else "n x d"
-                raise TpcError(f"the fixed {shape} matrix '{la.name}' multiplies {what}", e.right.span)
+                other = {"data": "an n-vector", "vector": f"the model's input {self.decl.arg}"}[want]
+                raise TpcError(f"the fixed {shape} matrix '{la.name}' multiplies {what}, not {other}", e.right.span)
             raise TpcError(f"{article} {la.role} layer multiplies {what}", e.right.span)
         if self.steps[x].kind == "out":  # pragma: no cover - guarded by the kind check
             raise TpcError("the readout's output is finite", e.span)
@@ -1651,6 +1667,9 @@ def build_network(module: ast.Module, filename: str, source: str, base_dir: Path
                   policy: DataPolicy = DEFAULT_POLICY) -> Network:
     b = _Builder(base_dir, policy)
     b.later = _declared(module.statements)
+    if any(isinstance(s, (ast.MatrixDecl, ast.VectorDecl)) for s in module.statements):
+        b.network_at = next((s.span for s in module.statements if isinstance(s, (ast.LayerDecl, ast.ModelDecl))),
+                            None)
     try:
         with ast.stack_room():
             for s in module.statements:

@@ -88,12 +88,15 @@ class _Lister:
                        "for parameter terms:"]
         entrywise = net.entrywise
         for la in net.layers.values():
+            if la.fixed:
+                self.lines.append(f"#   {la.name} (fixed {la.declared}): never updated")
+                continue
             e = MAXIMAL_LR_EXPONENT[la.role] - net.lr_exponent(la)
             decay = 0.0 - net.abc.c
             adaptive = FAN_IN_EXPONENT[la.role] - net.ab(la)[0] - net.adaptive_exponent(la)
             self.lines.append(f"#   {la.name} ({la.role}): gradient terms n^{e:g}, parameter terms n^{decay:g}"
                               + (f", entrywise terms n^{adaptive:g}" if entrywise else ""))
-        if any(la.role == "hidden" for la in net.layers.values()):
+        if any(la.role == "hidden" and not la.fixed for la in net.layers.values()):
             self.lines.append("# W@fk y = a W_0 y + sum_p k_p dh_p (x_p . y / n) over W's stored rows: only W_0 and "
                               "W_0.T multiply" + (" (and + Q y / n for W's entrywise updates Q)" if entrywise else ""))
         if entrywise:
