@@ -164,3 +164,21 @@ def test_a_fixed_vector_is_a_bias_no_update_moves() -> None:
     for name in ("pred", "curve"):
         se = np.sqrt(np.asarray(la[name].stderr) ** 2 + np.asarray(lb[name].stderr) ** 2)
         assert np.all(np.abs(np.asarray(la[name].value) - np.asarray(lb[name].value)) <= 5 * se + 1e-12), name
+
+
+def test_frozen_features_do_not_move_in_the_monte_carlo_limit() -> None:
+    """Random features (fixed U and W, the readout trained): the features never move, so
+    feature_change is exactly 0 at finite width and must be in the limit too. W x of the same x at
+    every step is the random variable it was at the first (before any W.T Gaussian); re-estimated it
+    carried the Stein estimate of a zero Zdot, noise whose root-mean-square read 0.0095 at 65536
+    particles. The other outputs still converge."""
+    source = (FIXED.read_text().replace("layer U : input n x 3, var = 2", "matrix U : n x 3 ~ N(0, 2/3)"))
+    net = tpc.loads(source, base_dir=FIXED.parent)
+    assert net.program.trained_layers() == {"V"}
+    lim = tpc.limit(net)
+    assert np.all(np.asarray(lim["move"].value) == 0.0)
+    finite = tpc.run(net, 1024, 8)
+    assert np.all(finite["move"].values == 0.0)
+    for name in ("pred", "curve"):
+        se = np.sqrt(finite[name].stderr ** 2 + np.asarray(lim[name].stderr) ** 2)
+        assert np.all(np.abs(finite[name].values.mean(0) - lim[name].value) <= 5 * se + 3.0 / 1024), name

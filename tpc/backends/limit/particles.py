@@ -81,6 +81,25 @@ class Family:
     zhats: list[Tensor] = field(default_factory=list)  # Zhat^{Wx}, each (space,)
     generators: list[Tensor] = field(default_factory=list)  # its standard normals, (space,) each
     chol: Tensor | None = None  # (k, k): Zhat_i = sum_j chol[i, j] generators[j]
+    # the inputs multiplied before the other side of the matrix had any Gaussians (their Z^{Wx} is their
+    # Zhat, kept above), by a fingerprint: W x of such a vector x, met again, is that same random variable
+    # (at finite width the same numbers), not a new estimate
+    seen: dict[tuple[float, float], list[int]] = field(default_factory=dict)
+
+    def find(self, row: Tensor) -> int | None:
+        """The index of an earlier input equal to `row` bit for bit whose Z^{Wx} is its Zhat, if any."""
+        for i in self.seen.get(_fingerprint(row), ()):
+            if torch.equal(self.inputs[i], row):
+                return i
+        return None
+
+    def remember(self, rows: Tensor, start: int) -> None:
+        for j, row in enumerate(rows):
+            self.seen.setdefault(_fingerprint(row), []).append(start + j)
+
+
+def _fingerprint(row: Tensor) -> tuple[float, float]:
+    return float(row.sum()), float((row * row).sum())
 
 
 @dataclass
@@ -137,8 +156,21 @@ class GaussianSpace:
         mat, transposed = key  # type: ignore[misc]
         fam = self.families.setdefault(key, Family())
         other = self.families.get((mat, not transposed))
+        known = [fam.find(row) for row in rows] if other and other.zhats and fam.seen else [None]
+        if all(i is not None for i in known):
+            # vectors multiplied before any Gaussian of W.T existed, again (features below frozen layers,
+            # recomputed at every step): their own Z^{Wx}, the Zhat they had. A new estimate would add the
+            # Zdot of W after W.T, exactly 0 for them but Monte Carlo noise as estimated, which biased a
+            # zero feature_change upwards. The normals a new estimate draws are drawn still, so that the
+            # particles of everything else stay as they were.
+            self.normals(rows.shape[0])
+            return torch.stack([fam.zhats[i] for i in known])  # type: ignore[index]
+        start = len(fam.inputs)
         zhat = self.new_zhat(fam, rows, s2, where)
-        return zhat + self.zdot(other, rows, s2) if other and other.zhats else zhat
+        if other and other.zhats:
+            return zhat + self.zdot(other, rows, s2)
+        fam.remember(rows, start)  # no Zdot: Z^{Wx} is the Zhat the family keeps anyway
+        return zhat
 
     def new_zhat(self, fam: Family, rows: Tensor, s2: float, where: str) -> Tensor:
         """Zhat for new inputs `rows` (b, space): extends the family's Cholesky factor."""
