@@ -253,11 +253,14 @@ class PooledBackend:
             return self.space.gram(y, params[la.name])  # f = W x = (v . x) / n
         return self.hidden(la.name, params[la.name], y, False)
 
-    def backward(self, applied: Applied, chi: Tensor) -> list[Tensor | None]:
+    def backward(self, applied: Applied, chi: Tensor, layers: tuple[str, ...]) -> list[Tensor | None]:
         """n dL/d(value) for every vector step and dL/d(value) for every scalar step (a moment, or a
         function of moments: one number per input), from chi = dL/df (..., B, k); each op's rule is
-        `_backward_<op>` below (tpc/train/steps.py)."""
+        `_backward_<op>` below (tpc/train/steps.py). Only down to the first step of the `layers` wanted:
+        below it (fixed or frozen layers) nothing is needed, and each step through an n x n matrix
+        there would cost Gaussians of its transpose in the limit."""
         steps, vals, params = self.net.model.steps, applied.vals, applied.params
+        low = min((i for i, s in enumerate(steps[:-1]) if s.layer in layers), default=len(steps) - 1)
         grads: list[Tensor | None] = [None] * len(steps)
 
         def add(i: int, g: Tensor) -> None:
@@ -268,7 +271,7 @@ class PooledBackend:
         out = steps[-1]
         taps = self.net.layers[out.layer].taps  # a flattening readout: each position its own rows
         add(out.args[0], (chi if taps == 1 else by_pos.spread(chi, taps)) @ params[out.layer])  # sum_i chi_i v_i
-        for i in range(len(steps) - 2, -1, -1):
+        for i in range(len(steps) - 2, low - 1, -1):
             rule = STEPS[steps[i].op].backward
             if grads[i] is not None and rule is not None:
                 rule(self, steps[i], vals, params, grads[i], add)
@@ -329,7 +332,7 @@ class PooledBackend:
             if chi is None:
                 continue
             chi = chi.detach()
-            grads = self.backward(a, chi)
+            grads = self.backward(a, chi, layers)
             for i, step in enumerate(self.net.model.steps):
                 if step.layer not in layers or grads[i] is None and step.kind == "vector":
                     continue

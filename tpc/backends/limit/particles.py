@@ -156,13 +156,13 @@ class GaussianSpace:
         mat, transposed = key  # type: ignore[misc]
         fam = self.families.setdefault(key, Family())
         other = self.families.get((mat, not transposed))
-        known = [fam.find(row) for row in rows] if other and other.zhats and fam.seen else [None]
+        known = [fam.find(row) for row in rows] if fam.seen else [None]
         if all(i is not None for i in known):
             # vectors multiplied before any Gaussian of W.T existed, again (features below frozen layers,
-            # recomputed at every step): their own Z^{Wx}, the Zhat they had. A new estimate would add the
-            # Zdot of W after W.T, exactly 0 for them but Monte Carlo noise as estimated, which biased a
-            # zero feature_change upwards. The normals a new estimate draws are drawn still, so that the
-            # particles of everything else stay as they were.
+            # recomputed at every step): their own Z^{Wx}, the Zhat they had. A new estimate would extend
+            # the Cholesky factor by a zero column (round-off) and add the Zdot of W after W.T, exactly 0
+            # for them but Monte Carlo noise as estimated, which biased a zero feature_change upwards. The
+            # normals a new estimate draws are drawn still, so the particles of all else stay as they were.
             self.normals(rows.shape[0])
             return torch.stack([fam.zhats[i] for i in known])  # type: ignore[index]
         start = len(fam.inputs)
