@@ -29,6 +29,7 @@ from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS, LINEAR_FNS
 from tpc.parametrization import ABC, Classification, classify, classify_adaptive, preset
 from tpc.train.loops import LoopBuilder, TrainProgram
+from tpc.train.raw import width_monomial
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -614,6 +615,13 @@ class _Builder:
         return (f"line {self.network_at.line} declares a layer or a model, so this is a network program (where a "
                 "`matrix` or `vector` is fixed random weights); a raw Netsor program declares none")
 
+    def fixed_variance(self, dist: ast.Normal, what: str) -> tuple[float, float]:
+        """(c, p): a fixed object's N(0, c n^p), the powers of the width read as a raw program's are."""
+        assert self.width is not None
+        if width_monomial(dist.mean, self.width, self.dims)[0] != 0:
+            raise TpcError(f"a fixed {what} has mean 0", dist.mean.span)
+        return width_monomial(dist.var, self.width, self.dims)
+
     def fixed_matrix(self, s: ast.MatrixDecl) -> None:
         """`matrix A : n x n ~ N(0, 2/n)` (or `n x d ~ N(0, 1/d)`, applied to the data): a Gaussian matrix of
         the Tensor Program, drawn once at the variance written and never trained. Its entries have
@@ -628,12 +636,7 @@ class _Builder:
         if rows is not None:
             raise TpcError(f"a fixed matrix in a network program is {self.width} x {self.width} or {self.width} x d "
                            "(applied to n-vectors or to the data); a readout is a layer", s.rows_span)
-        from tpc.train.raw import width_monomial
-
-        mean, _ = width_monomial(s.dist.mean, self.width, self.dims)
-        if mean != 0:
-            raise TpcError("a fixed matrix has mean 0", s.dist.mean.span)
-        c, power = width_monomial(s.dist.var, self.width, self.dims)
+        c, power = self.fixed_variance(s.dist, "matrix")
         want = -1.0 if cols is None else 0.0
         if not (c > 0 and np.isfinite(c)) or power != want:
             form = f"c/{self.width}, like N(0, 2/{self.width})" if cols is None else "a number c, like N(0, 1/3)"
@@ -652,12 +655,7 @@ class _Builder:
         if isinstance(s.dist.mean, ast.ListExpr) or isinstance(s.dist.var, ast.ListExpr):
             raise TpcError("fixed vectors in a network program are independent, each N(0, c): declare them one "
                            "by one", s.dist.span)
-        from tpc.train.raw import width_monomial
-
-        mean, _ = width_monomial(s.dist.mean, self.width, self.dims)
-        if mean != 0:
-            raise TpcError("a fixed vector has mean 0", s.dist.mean.span)
-        c, power = width_monomial(s.dist.var, self.width, self.dims)
+        c, power = self.fixed_variance(s.dist, "vector")
         if not (c > 0 and np.isfinite(c)) or power != 0:
             raise TpcError("the coordinates of a fixed vector have variance a number c, like N(0, 1): a "
                            "Tensor Program's initial vectors", s.dist.var.span, self.raw_hint())

@@ -86,20 +86,21 @@ class Family:
     # (at finite width the same numbers), not a new estimate
     seen: dict[tuple[float, float], list[int]] = field(default_factory=dict)
 
-    def find(self, row: Tensor) -> int | None:
-        """The index of an earlier input equal to `row` bit for bit whose Z^{Wx} is its Zhat, if any."""
-        for i in self.seen.get(_fingerprint(row), ()):
-            if torch.equal(self.inputs[i], row):
-                return i
-        return None
+    def find(self, rows: Tensor) -> list[int | None]:
+        """For each row, the index of an earlier input equal to it bit for bit whose Z^{Wx} is its Zhat."""
+        out: list[int | None] = []
+        for row, key in zip(rows, _fingerprints(rows), strict=True):
+            out.append(next((i for i in self.seen.get(key, ()) if torch.equal(self.inputs[i], row)), None))
+        return out
 
     def remember(self, rows: Tensor, start: int) -> None:
-        for j, row in enumerate(rows):
-            self.seen.setdefault(_fingerprint(row), []).append(start + j)
+        for j, key in enumerate(_fingerprints(rows)):
+            self.seen.setdefault(key, []).append(start + j)
 
 
-def _fingerprint(row: Tensor) -> tuple[float, float]:
-    return float(row.sum()), float((row * row).sum())
+def _fingerprints(rows: Tensor) -> list[tuple[float, float]]:
+    """A row's sum and sum of squares: equal rows have equal ones (one device sync for all rows)."""
+    return list(zip(rows.sum(-1).tolist(), (rows * rows).sum(-1).tolist(), strict=True))
 
 
 @dataclass
@@ -156,7 +157,7 @@ class GaussianSpace:
         mat, transposed = key  # type: ignore[misc]
         fam = self.families.setdefault(key, Family())
         other = self.families.get((mat, not transposed))
-        known = [fam.find(row) for row in rows] if fam.seen else [None]
+        known = fam.find(rows) if fam.seen else [None]
         if all(i is not None for i in known):
             # vectors multiplied before any Gaussian of W.T existed, again (features below frozen layers,
             # recomputed at every step): their own Z^{Wx}, the Zhat they had. A new estimate would extend
