@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import tpc
-from tests.test_loops import BODY, HEADER
+from tests.test_loops import BODY, HEADER, check_warmup_kernel_descent
 from tests.test_training import _relu_kernels
 from tpc.train.dense import loops_finite
 from tpc.train.pooled import run_unrolled_finite
@@ -103,17 +103,8 @@ def test_kernel_regime_trains_without_the_fixed_term() -> None:
     g1 = 2.0 * d2 * d1  # back through the fixed W (var 2)
     ntk = x2 + g1 * (P @ P.T)  # the readout's and the input layer's terms: none for W
     m = len(X)
-    mean, A = np.zeros(len(P)), np.eye(len(P))  # noqa: N806 - f_t = A f_0 + mean
-    curve = []
-    for t in range(4):
-        curve.append(0.5 * np.mean((mean[:m] - y) ** 2 + np.diag(A[:m] @ x2 @ A[:m].T)))
-        rate = 0.5 * min(1, (t + 1) / 2)
-        mean = mean - rate * ntk[:, :m] @ (mean[:m] - y) / m
-        A = A - rate * ntk[:, :m] @ A[:m] / m  # noqa: N806
     np.testing.assert_allclose(lim["K"].value, ntk[:m, :m], atol=1e-10)
-    np.testing.assert_allclose(lim["pred"].value, mean[m:], atol=1e-10)
-    np.testing.assert_allclose(lim["pred"].cov, A[m:] @ x2 @ A[m:].T, atol=1e-10)
-    np.testing.assert_allclose(lim["curve"].value, curve, atol=1e-10)
+    check_warmup_kernel_descent(lim, ntk, x2, y)
     finite = tpc.run(net, 2048, 8)["K"]
     assert np.all(np.abs(finite.values.mean(0) - ntk[:m, :m]) <= 5 * finite.stderr + 0.02)
 

@@ -217,8 +217,16 @@ def test_ntk_loop_against_the_ntk_recursion_and_kernel_descent() -> None:
     g2 = d2  # <dh2, dh2'> / n: v times step(h2)
     g1 = 2.0 * g2 * d1  # back through W (var 2) and step(h1)
     ntk = x2 + g2 * x1 + g1 * (P @ P.T)  # readout, hidden and input layers' terms
-    m = len(X)
-    mean, A = np.zeros(len(P)), np.eye(len(P))  # noqa: N806 - f_t = A f_0 + mean
+    check_warmup_kernel_descent(lim, ntk, nngp, y)
+    assert lim["pred"].method == "exact+closed-form"
+
+
+def check_warmup_kernel_descent(lim: dict, ntk: np.ndarray, nngp: np.ndarray, y: np.ndarray) -> None:
+    """relu2_ntk_loop.tp's limit against kernel gradient descent by hand: 4 steps of mse at rate
+    0.5 min(1, (t + 1) / 2) from f_0 ~ GP(0, nngp), the first len(y) points the training ones; f_t
+    = A f_0 + mean, so the predictions' mean and covariance and the expected loss are exact."""
+    m, P = len(y), len(ntk)  # noqa: N806
+    mean, A = np.zeros(P), np.eye(P)  # noqa: N806
     curve = []
     for t in range(4):
         curve.append(0.5 * np.mean((mean[:m] - y) ** 2 + np.diag(A[:m] @ nngp @ A[:m].T)))
@@ -228,7 +236,6 @@ def test_ntk_loop_against_the_ntk_recursion_and_kernel_descent() -> None:
     np.testing.assert_allclose(lim["pred"].value, mean[m:], atol=1e-10)
     np.testing.assert_allclose(lim["pred"].cov, A[m:] @ nngp @ A[m:].T, atol=1e-10)
     np.testing.assert_allclose(lim["curve"].value, curve, atol=1e-10)
-    assert lim["pred"].method == "exact+closed-form"
 
 
 def test_kernel_regime_refuses_order_one_weight_decay() -> None:
