@@ -755,6 +755,11 @@ class LoopBuilder:
             raise TpcError(f"{name}(...) is an output: write it at the top level, after the loop", e.span)
         fn = ALIASES.get(name, name)
         if fn not in FUNCTIONS or not FUNCTIONS[fn].user_visible:
+            if name in b.layers or name in self.mutables or name in b.data or self.local(name) is not None:
+                # a name the program defines, called (was: "unknown name 'U'; did you mean 'U'?")
+                what = f"a {b.layers[name].declared} of the model" if name in b.layers else "not a function"
+                raise TpcError(f"'{clip(name)}' is {what}: a loop applies the whole model, {b.model.name}(X)",
+                               e.fn_span)
             raise b.unknown(name, e.fn_span)
         if len(e.args) != FUNCTIONS[fn].arity:
             raise TpcError(f"'{name}' takes {FUNCTIONS[fn].arity} argument(s)", e.span)
