@@ -163,7 +163,7 @@ def _check_network(path: str, net) -> int:  # noqa: ANN001
           f"r = {cls.r:g}, {cls.regime}")
     for why in cls.failed:
         print(f"    fails    {why}")
-    order = sorted((la for la in net.layers.values() if not la.fixed), key=lambda la: (la.index, la.role != "bias"))
+    order = sorted((net.layers[name] for name in net.parameters), key=lambda la: (la.index, la.role != "bias"))
     print("  layers     " + ", ".join(
         f"{la.name} ({la.role} {_layer_dims(la, net.width_name)}, layer {la.index + 1}, var {la.var:g})"
         for la in order))

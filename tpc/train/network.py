@@ -197,6 +197,11 @@ class Model:
         """The last hidden vector: what the readout multiplies."""
         return self.steps[self.out].args[0]
 
+    def first_step_of(self, layers: tuple[str, ...]) -> int:
+        """The first step below the readout that applies one of `layers` (the readout's, if none): a
+        backward pass for their gradients stops there; nothing under it is needed."""
+        return min((i for i, s in enumerate(self.steps[:-1]) if s.layer in layers), default=self.out)
+
     def by_position(self, X: np.ndarray) -> np.ndarray:  # noqa: N803
         """Data rows (N, P*d) as what the input layer reads at each position, (N, P, d'): d' = d, or
         K*d for an input convolution (each position's patch of K rows)."""
@@ -315,6 +320,11 @@ class Network:
     @property
     def hidden_layers(self) -> int:
         return self.abc.hidden_layers
+
+    @property
+    def parameters(self) -> list[str]:
+        """The layers that training may move: all but the fixed random matrices and vectors."""
+        return [name for name, la in self.layers.items() if not la.fixed]
 
     @property
     def graph(self) -> nx.DiGraph:

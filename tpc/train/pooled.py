@@ -260,7 +260,7 @@ class PooledBackend:
         below it (fixed or frozen layers) nothing is needed, and each step through an n x n matrix
         there would cost Gaussians of its transpose in the limit."""
         steps, vals, params = self.net.model.steps, applied.vals, applied.params
-        low = min((i for i, s in enumerate(steps[:-1]) if s.layer in layers), default=len(steps) - 1)
+        low = self.net.model.first_step_of(layers)
         grads: list[Tensor | None] = [None] * len(steps)
 
         def add(i: int, g: Tensor) -> None:

@@ -150,8 +150,8 @@ class _Lister:
         back = f"{self.layer(root, readout.layer)}.T @ {chi}" if taps == 1 else \
             f"{self.layer(root, readout.layer)}[p].T @ {chi}"
         grads: dict[int, list[str]] = {readout.args[0]: [back]}
-        low = min((i for i, s in enumerate(steps[:-1]) if s.layer in layers), default=len(steps) - 1)
-        for k in range(len(steps) - 2, low - 1, -1):  # down to the first step of a wanted layer (pooled.py)
+        low = self.net.model.first_step_of(layers)  # as pooled.py's backward: nothing under it is needed
+        for k in range(len(steps) - 2, low - 1, -1):
             step = steps[k]
             if k not in grads or step.kind == "data":
                 continue

@@ -411,7 +411,7 @@ def _emit_read(em: _Emitter, ins: Instr) -> _Code:
     if a["root"] != em.net.model.name:  # states and copies are never changed in place
         return _Code(em.local(a["root"]), False)
     layers = [em.names[la] for la in a["layers"]]
-    if len(layers) == sum(not la.fixed for la in em.net.layers.values()):
+    if len(layers) == len(em.net.parameters):
         em.helpers.add("weights")
         what = "weights(model)"
     else:

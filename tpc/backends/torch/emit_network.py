@@ -284,7 +284,7 @@ def _optimizer_lines(net: Network, names: dict[str, str], c: float) -> list[str]
         return []
     lr = net.train.lr if net.train else (net.lr if net.lr is not None else 0.1)
     groups = [f"        {{'params': [model.{names[name]}], 'lr': lr * n ** {_num(-c)}}},  # {_comment(name)}"
-              for name, la in net.layers.items() if not la.fixed]
+              for name in net.parameters]
     return [
         "", "",
         f"LR = {_num(lr)}",
@@ -306,9 +306,8 @@ def _adam_lines(net: Network, names: dict[str, str], c: float) -> list[str]:
     t = net.train
     kind = "AdamW" if t.optimizer == "adamw" else "Adam"
     groups = []
-    for name, la in net.layers.items():
-        if la.fixed:
-            continue
+    for name in net.parameters:
+        la = net.layers[name]
         cp = net.adaptive_exponent(la)
         decay = f", 'weight_decay': {_num(t.weight_decay)} * n ** {_num(cp - c)}" if t.weight_decay else ""
         groups.append(f"        {{'params': [model.{names[name]}], 'lr': lr * n ** {_num(-cp)}, "
