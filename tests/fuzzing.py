@@ -411,9 +411,12 @@ def network_program(c: Chooser) -> str:
     for w in ws:
         var = f", var = {num(c, 0.5, 2, 1)}" if c.chance(0.4) else ""
         lines.append(f"matrix {w} : n x n ~ N(0, 2/n)" if fixed and w == ws[-1] else f"layer {w} : hidden n x n{var}")
+    named = bias and c.chance(0.25)  # the bias through a vector statement beside the layers
+    if named:
+        lines.append(f"z = {c.choice(ACTIVATIONS) or 'relu'}(b) * 0.5 + b")
     lines.append(f"layer V : readout {k} x n")
     acts = [c.choice(ACTIVATIONS) if c.chance(0.85) else "" for _ in range(hidden + 1)]
-    lines.append(model_text(c, "U @ x + b" if bias else "U @ x", acts, ws))
+    lines.append(model_text(c, "U @ x + z" if named else "U @ x + b" if bias else "U @ x", acts, ws))
     if loss == "user":
         lines.append(c.choice(["loss L = mean((f(X) - Y)^2) / 2", "loss L = sum((f(X) - Y)^4) / 20",
                            "loss L = mean(abs(f(X) - Y))", "loss L = mean(softplus(-f(X) * Y))"]))
@@ -698,9 +701,12 @@ class _Loops:
         for w in ws:
             lines.append(f"matrix {w} : n x n ~ N(0, 1/n)" if fixed and w == ws[-1] else f"layer {w} : hidden n x n")
         self.layers += ws[:-1] if fixed else ws  # a fixed matrix is no layer to train
+        named = bias and c.chance(0.25)  # the bias through a vector statement beside the layers
+        if named:
+            lines.append(f"z = 0.5 * {c.choice(ACTIVATIONS) or 'tanh'}(b) + b")
         lines.append(f"layer V : readout {self.k} x n")
         acts = [c.choice(ACTIVATIONS) if c.chance(0.85) else "" for _ in range(hidden + 1)]
-        lines.append(model_text(c, f"U @ x{' + b' if bias else ''}", acts, ws))
+        lines.append(model_text(c, f"U @ x{' + z' if named else ' + b' if bias else ''}", acts, ws))
         self.top_loss = c.chance(0.3)
         if self.top_loss:
             lines.append(f"loss L0 = {'mse' if self.loss == 'user' else self.loss}(f(X), Y)")

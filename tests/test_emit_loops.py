@@ -110,7 +110,8 @@ for k, path in enumerate(sys.argv[1:]):
 
 def _programs() -> list[tuple[str, tpc.Network]]:
     nets = [(name, tpc.load(ROOT / "programs" / "train" / name)) for name in
-            ("momentum_relu2_mup.tp", "wd_cosine_tanh_mup.tp", "two_phase_linear_mup.tp", "fixed_relu2_mup.tp")]
+            ("momentum_relu2_mup.tp", "wd_cosine_tanh_mup.tp", "two_phase_linear_mup.tp", "fixed_relu2_mup.tp",
+             "named_values_mup.tp")]
     from tests.test_adam import ADAM, HEADER
 
     adamw = tpc.loads(HEADER + "parametrization mup\n" + ADAM.replace("DECAY", " + 0.1 * f"), "<adamw loop>")

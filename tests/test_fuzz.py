@@ -94,7 +94,7 @@ def test_generator_makes_mostly_valid_programs() -> None:
 
     # the cases are drawn first and loaded after: loading inside the test changes what hypothesis draws
     # next (it sees the test's side effects), so any change to tpc would change the sample
-    @settings(max_examples=150, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=300, deadline=None, derandomize=True, database=None,
               phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
     @given(cases_strategy(mutate_p=0.0))
     def one(case: Case) -> None:

@@ -422,13 +422,8 @@ class _ToAst(Transformer):
 
     @v_args(meta=True)
     def layer_decl(self, meta, children):
-        name, role, first, x, second, *kwargs = children
-        dims = (first,)
-        if second is not None:
-            if str(x) != "x":
-                raise TpcError(f"expected 'x' between the dimensions of layer '{name}', got '{x}'", _span(x),
-                               hint=f"write: layer {name} : hidden n x n")
-            dims = (first, second)
+        name, role, first, _, second, *kwargs = children
+        dims = (first,) if second is None else (first, second)
         return LayerDecl(_span(meta), str(name), str(role), _span(role), dims, tuple(kwargs))
 
     @v_args(meta=True)
@@ -630,6 +625,10 @@ def _end_span(source: str) -> Span:
 _IN_MODEL_BODY = re.compile(r"(?:^|\n)[ \t]*model\s+\w+\s*\([^)]*\)\s*\{[^}]*$")
 
 
+# the source before a token ends in `layer W : hidden n by` (a separator other than `x`)
+_LAYER_DIMS = re.compile(r"(?:^|\n)[ \t]*layer\s+(\w+)\s*:\s*\w+\s+\w+\s+(\w+)\s*$")
+
+
 def parse(source: str, filename: str = "<program>") -> Module:
     """Parse `.tp` source text into a Module; a syntax error raises TpcError with its location."""
     try:
@@ -666,6 +665,9 @@ def parse(source: str, filename: str = "<program>") -> Module:
         if tok.type == "NAME" and str(tok) not in _KEYWORD_STARTS and "EQUAL" in exc.expected:
             hint = ("a statement is a declaration or `NAME = expression`; is an operator missing before "
                     f"'{clip(str(tok))}'?")
+        layer = _LAYER_DIMS.search(source[:tok.start_pos]) if tok.type != "$END" else None
+        if layer and layer.group(2) != "x":
+            hint = f"a layer's dimensions are separated by 'x': layer {layer.group(1)} : hidden n x n"
         if tok.type != "$END" and _IN_MODEL_BODY.search(source[:tok.start_pos]):
             hint = "a model's body is statements `NAME = expression`, then `return expression`: " \
                    "model f(x) { h = relu(U @ x)  return V @ h }"

@@ -29,7 +29,7 @@ from tpc.ops import expr as ex
 from tpc.ops.functions import ALIASES, FUNCTIONS, LINEAR_FNS
 from tpc.parametrization import ABC, Classification, classify, classify_adaptive, preset
 from tpc.train.loops import LoopBuilder, TrainProgram
-from tpc.train.raw import width_monomial
+from tpc.train.raw import first_mention, width_monomial
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -439,6 +439,11 @@ class _Builder:
     # where the program first declares a layer or model (what makes its `matrix`/`vector` fixed), if it
     # declares raw objects too: a raw program with a stray `layer` gets told which line did it
     network_at: Span | None = None
+    # `z = tanh(A @ y)` at the top level: names of values the model reads (raw statements beside layers),
+    # built where the model first uses them; and which ones it did use
+    top_lets: dict[str, ast.Assign] = field(default_factory=dict)
+    top_used: set[str] = field(default_factory=set)
+    later_lets: dict[str, Span] = field(default_factory=dict)  # every top-level `z = ...`, for a use before it
 
     def declare(self, name: str, span: Span) -> None:
         if name in self.defined:
@@ -456,6 +461,12 @@ class _Builder:
         return list(self.defined) + [k for k, f in FUNCTIONS.items() if f.user_visible]
 
     def unknown(self, name: str, span: Span) -> TpcError:
+        if name in self.top_lets:
+            return TpcError(f"'{clip(name)}' is a value of the model (line {self.top_lets[name].span.line}): outside "
+                            "the model, a program reads the model's outputs, f(X)", span)
+        if name in self.later_lets and name not in self.defined:
+            return TpcError(f"'{clip(name)}' is used before the statement that defines it (line "
+                            f"{self.later_lets[name].line})", span)
         if name in self.later and name not in self.defined:
             return TpcError(f"'{clip(name)}' is used before it is defined (line {self.later[name].line}): declare a "
                             "state or copy before the statements that read it", span)
@@ -570,9 +581,25 @@ class _Builder:
             self.fixed_matrix(s)
         elif isinstance(s, ast.VectorDecl):
             self.fixed_vectors(s)
-        else:
-            raise TpcError("a network program has no top-level assignments: name values in the model, the losses, "
-                           "the outputs or inside a loop's body", s.span, self.raw_hint())
+        elif isinstance(s, ast.Assign):
+            self.top_let(s)
+        else:  # pragma: no cover - the grammar has no other statement
+            raise TpcError("not a statement of a network program", s.span)
+
+    def top_let(self, s: ast.Assign) -> None:
+        """`z = tanh(A @ y)` beside the layers, as a raw program writes it: a name for a value built from the
+        fixed matrices and vectors, the layers and earlier such names, which the model reads by name. It is
+        built into the model where the model first uses it (a definition: one that reads a layer stands for
+        its current value); data enter through the model's argument, so it reads none."""
+        self.declare(s.name, s.span)
+        if self.model is not None:
+            raise TpcError(f"'{s.name}' comes after the model: a value the model reads is named before it", s.span)
+        data = first_mention(s.value, self.data)
+        if data is not None:
+            raise TpcError(f"'{s.name}' is named outside the model, so it reads no data ('{data.id}'): the data enter "
+                           "through the model's argument (name this value inside the model: model f(x) { ... })",
+                           data.span, self.raw_hint())
+        self.top_lets[s.name] = s
 
     def dim(self, d: str | int, span: Span) -> int | None:
         if d == self.width:
@@ -1113,6 +1140,9 @@ class _Builder:
                                "training", e.span)
             self.outputs.append(Output(s.name, e.fn, phase, s.span, data=x))
             return
+        top = first_mention(e, self.top_lets)
+        if top is not None:
+            raise self.unknown(top.id, top.span)
         raise TpcError(f"a network program outputs {self.model.name}(X), a loss, history(L), features(f, X), "
                        "feature_change(f, X), nngp(f, X), ntk(f, X), adapted(f, P, S, SY, Q) or embeddings(U)",
                        e.span)
@@ -1127,6 +1157,9 @@ class _Builder:
                            "abc(...))")
         if not self.outputs:
             raise TpcError("the program has no outputs: add `output NAME = ...`")
+        for name, let in self.top_lets.items():
+            if name not in self.top_used:
+                raise TpcError(f"'{name}' is not used by the model", let.span)
         used = {s.layer for s in self.model.steps if s.layer}
         for la in self.layers.values():
             if la.name not in used:
@@ -1246,6 +1279,8 @@ class ModelBuilder:
         self.lets: dict[str, int | float] = {}
         self.let_spans: dict[str, Span] = {}
         self.used: set[str] = set()
+        self.top_values: dict[str, int | float] = {}  # the top-level names the model read, as its steps
+        self.top_stack: list[str] = []  # the top-level statements being built (inner last)
 
     def build(self) -> Model:
         if not any(la.takes_data for la in self.b.layers.values()):
@@ -1274,7 +1309,8 @@ class ModelBuilder:
         for la in self.b.layers.values():
             if la.role == "readout":
                 la.index = len(numbers) + 1
-        names = {v: k for k, v in self.lets.items() if isinstance(v, int) and self.steps[v].op not in ("input", "bias")}
+        named = {**self.top_values, **self.lets}
+        names = {v: k for k, v in named.items() if isinstance(v, int) and self.steps[v].op not in ("input", "bias")}
         return Model(self.decl.name, self.decl.arg, self.steps, self.decl.span, self.decl.positions, self.decl.grid,
                      names)
 
@@ -1341,9 +1377,15 @@ class ModelBuilder:
         for local in reversed(self.scope):
             if e.id in local:
                 return local[e.id]
-        if not self.scope and e.id in self.lets:  # the model's body (a nonlin does not see its names)
-            self.used.add(e.id)
+        if not self.scope and not self.top_stack and e.id in self.lets:  # the model's body (a nonlin does not
+            self.used.add(e.id)                                          # see its names)
             return self.lets[e.id]
+        if not self.scope and e.id in self.b.top_lets:
+            return self.top_value(e)
+        if self.top_stack and e.id == self.decl.arg:  # (data: refused where the statement is, top_let)
+            raise TpcError(f"'{self.top_stack[-1]}' is named outside the model, so it cannot read the model's "
+                           f"argument '{e.id}' (name this value inside the model: model {self.decl.name}("
+                           f"{self.decl.arg}) {{ ... }})", e.span)
         if e.id == self.decl.arg:
             for i, s in enumerate(self.steps):
                 if s.op == "input":
@@ -1370,6 +1412,26 @@ class ModelBuilder:
             near = nearest(e.id, self.b.known() + list(self.lets))
             raise TpcError(f"unknown name '{clip(e.id)}'", e.span, f"did you mean '{near}'?" if near else None)
         raise self.b.unknown(e.id, e.span)
+
+    def top_value(self, e: ast.Name) -> int | float:
+        """A value named at the top level (`z = tanh(A @ y)`), built the first time the model reads it."""
+        if e.id in self.top_values:
+            return self.top_values[e.id]
+        names = list(self.b.top_lets)
+        if self.top_stack and names.index(e.id) >= names.index(self.top_stack[-1]):
+            let = self.b.top_lets[e.id]
+            raise TpcError(f"'{clip(e.id)}' is used before the statement that defines it (line {let.span.line})",
+                           e.span)
+        self.top_stack.append(e.id)
+        saved, self.scope = self.scope, []
+        try:
+            v = self.value(self.b.top_lets[e.id].value)
+        finally:
+            self.scope = saved
+            self.top_stack.pop()
+        self.top_values[e.id] = v
+        self.b.top_used.add(e.id)
+        return v
 
     def matmul(self, e: ast.BinOp) -> int:
         if isinstance(e.left, ast.Name) and e.left.id in self.b.convs:
@@ -1675,6 +1737,7 @@ def build_network(module: ast.Module, filename: str, source: str, base_dir: Path
                   policy: DataPolicy = DEFAULT_POLICY) -> Network:
     b = _Builder(base_dir, policy)
     b.later = _declared(module.statements)
+    b.later_lets = {s.name: s.span for s in module.statements if isinstance(s, ast.Assign)}
     if any(isinstance(s, (ast.MatrixDecl, ast.VectorDecl)) for s in module.statements):
         b.network_at = next((s.span for s in module.statements if isinstance(s, (ast.LayerDecl, ast.ModelDecl))),
                             None)

@@ -402,6 +402,13 @@ def _mentions(e: object, name: str) -> bool:
     return isinstance(e, ast.Name) and e.id == name or any(_mentions(c, name) for c in _children(e))
 
 
+def first_mention(e: object, names: set[str] | dict) -> ast.Name | None:
+    """The first name of `names` that expression e reads (in source order), or None."""
+    if isinstance(e, ast.Name) and e.id in names:
+        return e
+    return next((m for c in _children(e) if (m := first_mention(c, names)) is not None), None)
+
+
 def _children(e: object) -> list[ast.Expr]:
     out: list[ast.Expr] = []
     if not is_dataclass(e):
