@@ -422,6 +422,9 @@ class LayerKernels:
     # features', and the NTK's as the sum of its terms' (they share particles, so a bound)
     errors: dict[str, np.ndarray] = field(default_factory=dict)
     methods: dict[str, str] = field(default_factory=dict)  # nngp, ntk, features -> how each was computed
+    # where Monte Carlo served the kernels: each replicate's (theta, nngp), so that what training computes
+    # from them carries their error (the spread of its results across replicates)
+    replicas: list[tuple[dict[str, np.ndarray], np.ndarray]] = field(default_factory=list)
 
     @property
     def ntk(self) -> np.ndarray:
@@ -483,7 +486,32 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
         return "+".join(m for m in order if m in methods)
 
     methods = {"nngp": how([own["nngp"]]), "features": how([own["features"]]), "ntk": how([t[0] for t in terms])}
-    return LayerKernels(points, theta, nngp, lim[own["features"]].value, how(list(lim)), errors, methods)
+    return LayerKernels(points, theta, nngp, lim[own["features"]].value, how(list(lim)), errors, methods,
+                        _replicas(lim, own["nngp"], terms, list(net.layers), limit_factor(1 - 2 * beta)))
+
+
+def _replicas(lim: dict, nngp: str, terms: list[tuple[str, str, float]], layers: list[str],
+              scale: float) -> list[tuple[dict[str, np.ndarray], np.ndarray]]:
+    """Each Monte Carlo replicate's kernels (theta per layer, nngp), or none where no kernel had Monte Carlo
+    error or the replicates are not all there."""
+    outs = [nngp] + [t[0] for t in terms]
+    if all(lim[o].replicates is None for o in outs):
+        return []
+    counts = {len(lim[o].replicates) for o in outs if lim[o].replicates is not None}
+    if len(counts) != 1:  # pragma: no cover - one evaluation: every Monte Carlo output has each replicate
+        return []
+    (count,) = counts
+
+    def rep(o: str, r: int) -> np.ndarray:  # an exact output is the same in every replicate
+        return lim[o].value if lim[o].replicates is None else lim[o].replicates[r]
+
+    out = []
+    for r in range(count):
+        theta = {name: np.zeros_like(lim[nngp].value) for name in layers}
+        for o, layer, exponent in terms:
+            theta[layer] = theta[layer] + limit_factor(exponent) * rep(o, r)
+        out.append((theta, scale * rep(nngp, r)))
+    return out
 
 
 def kernels(net: Network, **limit_options: object) -> Kernels:

@@ -16,7 +16,7 @@ standard errors).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -160,9 +160,44 @@ def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
                        **limit_options: object) -> dict[str, LimitOutput]:
     check_kernel_program(net)
     K = layer_kernels(net, net.point_sets(), seed=seed, **limit_options)  # noqa: N806
+    exact = affine_in_f0(net)
+    if not exact and any(ins.op == "copy" for ins in net.program.walk()):
+        samples = min(samples, 512)  # per-task records (MAML) are kept per sample, for accuracies
+    out = _train(net, K, exact, samples, seed)
+    # Monte Carlo kernels: the same training from each replicate's kernels (the same draws of f_0's
+    # normals), whose spread is the error they carry into every output
+    spread = [_train(net, replace(K, theta=theta, nngp=nngp, replicas=[]), exact, samples, seed)
+              for theta, nngp in K.replicas]
+    method = K.method if exact or "monte-carlo" in K.method else K.method + "+monte-carlo"
+    results: dict[str, LimitOutput] = {}
+    for o in net.outputs:
+        v = out[o.name]
+        if o.kind in ("features", "nngp", "ntk"):
+            results[o.name] = LimitOutput(v, K.methods.get(o.kind, K.method),
+                                          K.stderr(o.kind, o.data) if o.data else None)
+            continue
+        if o.kind == "feature_change":
+            results[o.name] = LimitOutput(v, "exact")
+            continue
+        mean = v.mean(0)
+        err = None if exact else v.std(0, ddof=1) / np.sqrt(v.shape[0])
+        if spread:
+            means = np.stack([r[o.name].mean(0) for r in spread])
+            kernel_err = means.std(0, ddof=1) / np.sqrt(len(spread))
+            err = kernel_err if err is None else np.sqrt(err**2 + kernel_err**2)
+        cov = None
+        if o.kind == "predict":
+            flat = (v - mean).reshape(v.shape[0], -1)
+            cov = (flat.T @ flat / (v.shape[0] - (0 if exact else 1))).reshape(*mean.shape, *mean.shape)
+        kept = v if o.kind == "record" and not exact else None  # draws of f_0's outcomes (accuracies need them)
+        results[o.name] = LimitOutput(mean, method, err, cov, random=True, samples=kept)
+    return results
+
+
+def _train(net: Network, K: LayerKernels, exact: bool, samples: int, seed: int) -> dict[str, np.ndarray]:  # noqa: N803
+    """The loops in function space from kernels K: every output, one row per point (or draw) of f_0."""
     k = net.output_dim()
     P = K.nngp.shape[0]  # noqa: N806
-    exact = affine_in_f0(net)
     if exact:
         # the degree-3 cubature points +-sqrt(D) e_i of N(0, I_D), D = P k; a root of the NNGP that
         # Monte Carlo kernels (few particles) left slightly indefinite is taken on its PSD part
@@ -176,30 +211,9 @@ def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
         basis = np.sqrt(D) * basis.reshape(D, P, k)
         f0 = torch.cat([basis, -basis]) if D else torch.zeros((1, P, k), dtype=torch.float64)  # no points: f_0 = {}
     else:
-        if any(ins.op == "copy" for ins in net.program.walk()):
-            samples = min(samples, 512)  # per-task records (MAML) are kept per sample, for accuracies
         rng = np.random.default_rng(seed)
         w, v = np.linalg.eigh(K.nngp)
         f0 = torch.as_tensor((v * np.sqrt(np.clip(w, 0, None))) @ rng.standard_normal((samples, P, k)))
     with torch.enable_grad():
         out = Interpreter(net, KernelBackend(net, K, f0)).run()
-    method = K.method if exact or "monte-carlo" in K.method else K.method + "+monte-carlo"
-    results: dict[str, LimitOutput] = {}
-    for o in net.outputs:
-        v = out[o.name].detach().numpy()
-        if o.kind in ("features", "nngp", "ntk"):
-            results[o.name] = LimitOutput(v, K.methods.get(o.kind, K.method),
-                                          K.stderr(o.kind, o.data) if o.data else None)
-            continue
-        if o.kind == "feature_change":
-            results[o.name] = LimitOutput(v, "exact")
-            continue
-        mean = v.mean(0)
-        err = None if exact else v.std(0, ddof=1) / np.sqrt(v.shape[0])
-        cov = None
-        if o.kind == "predict":
-            flat = (v - mean).reshape(v.shape[0], -1)
-            cov = (flat.T @ flat / (v.shape[0] - (0 if exact else 1))).reshape(*mean.shape, *mean.shape)
-        kept = v if o.kind == "record" and not exact else None  # draws of f_0's outcomes (accuracies need them)
-        results[o.name] = LimitOutput(mean, method, err, cov, random=True, samples=kept)
-    return results
+    return {o.name: out[o.name].detach().numpy() for o in net.outputs}

@@ -693,6 +693,9 @@ class LimitOutput:
     cov: np.ndarray | None = None
     random: bool = False  # random in the limit (value is its mean): a Gaussian readout, a kernel-regime output
     samples: np.ndarray | None = None  # draws of a random output, where it was sampled (not in JSON)
+    # the value of each Monte Carlo replicate (stacked on axis 0), where stderr is taken across them: what
+    # a computation from this value uses to carry the Monte Carlo error on (not in JSON)
+    replicates: np.ndarray | None = None
 
     def to_json(self) -> dict:
         out: dict = {"value": _tolist(self.value), "method": self.method}
@@ -773,5 +776,6 @@ def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
         stderr = None
         if len(vals) > 1 and "monte-carlo" in methods:
             stderr = stack.std(axis=0, ddof=1) / np.sqrt(len(vals))
-        out[name] = LimitOutput(stack.mean(axis=0) if len(vals) > 1 else stack[0], label, stderr, cov)
+        out[name] = LimitOutput(stack.mean(axis=0) if len(vals) > 1 else stack[0], label, stderr, cov,
+                                replicates=stack if stderr is not None else None)
     return out
