@@ -60,3 +60,54 @@ def test_classify_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert "fails    initialization: a_1 + b_1 = 0" in capsys.readouterr().out
     assert main(["classify", "--a", "x", "--b", "1", "--c", "0"]) == 2
     assert capsys.readouterr().err.startswith("tpc: error:")
+
+
+def test_a_program_that_leaves_layers_untrained_has_its_own_r() -> None:
+    """TP4's r sums the moves of the trained layers only: an untrained layer's update is no term, an
+    untrained readout's update no part of the backward pass (Yang & Hu 2021, Section 3)."""
+    mup = preset("mup", 2)  # a = [-1/2, 0, 1/2], b = [1/2, 1/2, 1/2], c = 0
+    every = classify(mup)
+    assert every.r == 0 and every.regime == "feature learning" and every.trained is None
+    readout = classify(mup, (False, False, True))  # random features: the features never move
+    assert readout.r == float("inf") and readout.stable and readout.nontrivial and readout.regime == "kernel"
+    hidden = classify(mup, (False, True, False))  # the readout frozen at its n^-1 start: still r = 0
+    assert hidden.r == 0 and hidden.regime == "feature learning"
+    nothing = classify(mup, (False, False, False))
+    assert nothing.stable and not nothing.nontrivial and nothing.regime == "trivial"
+    ntk = preset("ntk", 2)
+    assert classify(ntk).r == 0.5 and classify(ntk, (True, True, False)).r == 0.5  # back: n^-(a+b) either way
+    sp = ABC((0.0, 0.0, 0.0), (0.0, 0.5, 0.5), 0.0)  # SP at rate O(1): its readout step blows up (2 a + c = 0 < 1)
+    assert not classify(sp, (False, False, True)).stable
+    assert any("2 a_3 + c" in why for why in classify(sp, (False, False, True)).failed)
+    assert not any("2 a_3 + c" in why for why in classify(sp, (True, True, False)).failed)
+
+
+RANDOM_FEATURES = """width n
+parametrization mup
+data X = [[1, 0.5, 0], [0.2, -1, 0.3]]
+data Y = [1, -1]
+matrix U : n x 3 ~ N(0, 2/3)
+matrix A : n x n ~ N(0, 2/n)
+layer V : readout 1 x n
+model f(x) = V @ relu(A @ relu(U @ x))
+for t in range(2) { L = mse(f(X), Y)  f -= 0.5 * grad(L, f) }
+output p = f(X)
+"""
+
+
+def test_classify_and_check_of_a_program_name_what_it_trains(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # noqa: ANN001
+    path = tmp_path / "rf.tp"
+    path.write_text(RANDOM_FEATURES)
+    assert main(["classify", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "this program trains V only (every layer trained: r = 0, feature learning)" in out
+    assert "r          inf" in out and "regime     kernel" in out
+    assert main(["classify", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["r"] is None and data["trained"] == [False, True] and data["regime"] == "kernel"
+    assert main(["check", str(path)]) == 0
+    assert "this training moves V only: r = inf, kernel" in capsys.readouterr().out
+    path.write_text(RANDOM_FEATURES.replace("matrix U : n x 3 ~ N(0, 2/3)", "layer U : input n x 3, var = 2"))
+    assert main(["classify", str(path)]) == 0
+    out = capsys.readouterr().out  # every layer trained: the parametrization's own class, no extra line
+    assert "this program trains" not in out and "r          0" in out and "feature learning" in out

@@ -163,6 +163,9 @@ def _check_network(path: str, net) -> int:  # noqa: ANN001
           f"r = {cls.r:g}, {cls.regime}")
     for why in cls.failed:
         print(f"    fails    {why}")
+    ours = net.program_classification()
+    if ours.trained is not None:  # the training leaves some layers alone: its own r
+        print(f"  this training moves {_entries(net, ours.trained)} only: r = {ours.r:g}, {ours.regime}")
     order = sorted((net.layers[name] for name in net.parameters), key=lambda la: (la.index, la.role != "bias"))
     print("  layers     " + ", ".join(
         f"{la.name} ({la.role} {_layer_dims(la, net.width_name)}, layer {la.index + 1}, var {la.var:g})"
@@ -606,6 +609,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from tpc.parametrization import ABC, classify, classify_adaptive, preset
 
     entrywise = args.adaptive is not None
+    trained = None
     if args.file:
         net = _load(args)
         if not _is_network(net):
@@ -613,6 +617,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
                            "give --preset / --a --b --c").locate(args.file, "")
         abc = net.abc
         entrywise = entrywise or net.entrywise  # a program trained with Adam is classified as such
+        trained = net.trained_entries()  # the layers it trains: a program's r leaves the others out
     elif args.preset:
         # mean field is defined for one hidden layer; the others default to two
         abc = preset(args.preset, args.layers if args.layers is not None else (1 if args.preset == "mf" else 2))
@@ -625,12 +630,16 @@ def cmd_classify(args: argparse.Namespace) -> int:
         if len(cp) != len(abc.a):
             raise TpcError(f"--adaptive has {len(cp)} exponents; the parametrization has {len(abc.a)} layers")
         abc = replace(abc, adaptive=cp)
-    res = classify_adaptive(abc) if entrywise else classify(abc)
+    res = classify_adaptive(abc, trained) if entrywise else classify(abc, trained)
     if args.json:
         print(dumps(res.to_json()))
         return 0
     layers = f"{abc.hidden_layers} hidden layer" + ("s" if abc.hidden_layers != 1 else "")
     print(f"a = {list(abc.a)}, b = {list(abc.b)}, c = {abc.c:g}  ({layers})")
+    if trained is not None:
+        whole = classify_adaptive(abc) if entrywise else classify(abc)
+        print(f"  this program trains {_entries(net, trained)} only (every layer trained: r = {whole.r:g}, "
+              f"{whole.regime})")
     if entrywise:
         print(f"  entrywise updates (Adam, sign-SGD): c' = {list(abc.adaptive_exponents())}")
     print(f"  r          {res.r:g}")
@@ -640,6 +649,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
     print(f"  nontrivial {'yes' if res.nontrivial else 'no'}")
     print(f"  regime     {res.regime}")
     return 0
+
+
+def _entries(net, trained: tuple[bool, ...]) -> str:  # noqa: ANN001
+    """The abc entries a program trains, by their layers' names: 'V', 'U, b and V'."""
+    names = [la.name for la in sorted(net.layers.values(), key=lambda la: la.index)
+             if not la.fixed and 0 <= la.index < len(trained) and trained[la.index]]
+    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0] if names else "no layer"
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:

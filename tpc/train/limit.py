@@ -24,6 +24,9 @@ def describe(net: Network, method: str = "auto", particles: int | None = None, r
 
         return cbow.describe(net)
     head = f"{net.param_name}: r = {cls.r:g}, {cls.regime}"
+    ours = net.program_classification()
+    if ours.trained is not None:  # a training that leaves layers alone has its own r (computed the same way)
+        head += f" (this training: r = {ours.r:g}, {ours.regime})"
     refusal = limit_refusal(net)
     if refusal is not None:
         return f"{head}: no limit here: {refusal.message}"

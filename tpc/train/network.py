@@ -340,7 +340,28 @@ class Network:
         return self.program is not None and any(ins.op == "ewise" for ins in self.program.walk())
 
     def classification(self) -> Classification:
+        """The parametrization's class (TP4), every layer trained: what chooses the limit's backend."""
         return classify_adaptive(self.abc) if self.entrywise else classify(self.abc)
+
+    def trained_entries(self) -> tuple[bool, ...] | None:
+        """Which entries of the abc lists this program's training moves (a layer, or a bias on the input's
+        entry); None where it moves every one or trains nothing."""
+        if self.program is None or not self.program.iterations():
+            return None
+        on = [False] * len(self.abc.a)
+        for name in self.program.trained_layers():
+            la = self.layers.get(name)
+            if la is not None and not la.fixed and 0 <= la.index < len(on):
+                on[la.index] = True
+        return None if all(on) else tuple(on)
+
+    def program_classification(self) -> Classification:
+        """The class of this program's training: the parametrization's, with the layers it never trains
+        left out of r (readout-only training of a muP network is a kernel method: r is infinite)."""
+        trained = self.trained_entries()
+        if trained is None:
+            return self.classification()
+        return classify_adaptive(self.abc, trained) if self.entrywise else classify(self.abc, trained)
 
     def ab(self, layer: Layer) -> tuple[float, float]:
         if layer.fixed:  # a fixed matrix's entries: c/n (n x n) or c/d (n x d), whatever the parametrization
