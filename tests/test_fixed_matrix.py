@@ -163,14 +163,56 @@ def test_frozen_features_do_not_move_in_the_monte_carlo_limit() -> None:
     feature_change is exactly 0 at finite width and must be in the limit too. W x of the same x at
     every step is the random variable it was at the first (before any W.T Gaussian); re-estimated it
     carried the Stein estimate of a zero Zdot, noise whose root-mean-square read 0.0095 at 65536
-    particles. The other outputs still converge."""
+    particles. The other outputs agree with the exact limit. (tpc limit takes this training in
+    function space, test_random_features_are_kernel_regression_exactly; here the unrolled program.)"""
+    from tpc.train.pooled import loops_limit
+
     source = (FIXED.read_text().replace("layer U : input n x 3, var = 2", "matrix U : n x 3 ~ N(0, 2/3)"))
     net = tpc.loads(source, base_dir=FIXED.parent)
     assert net.program.trained_layers() == {"V"}
-    lim = tpc.limit(net)
+    lim = loops_limit(net, False, 2**16, 4, 0, None, False, None)
     assert np.all(np.asarray(lim["move"].value) == 0.0)
+    exact = tpc.limit(net)
+    for name in ("pred", "curve"):
+        assert np.all(np.abs(lim[name].value - exact[name].value) <= 6 * np.asarray(lim[name].stderr) + 1e-4), name
+
+
+def test_random_features_are_kernel_regression_exactly() -> None:
+    """Only the readout trains (r infinite in muP): tpc limit runs the loop in function space, where it
+    is gradient descent on the readout with the features' kernel (the arc-cosine recursion, f_0 = 0 at
+    muP's readout scale), equal to that written out here to 1e-10; finite widths converge to it."""
+    source = (FIXED.read_text().replace("layer U : input n x 3, var = 2", "matrix U : n x 3 ~ N(0, 2/3)"))
+    net = tpc.loads(source, base_dir=FIXED.parent)
+    lim = tpc.limit(net)
+    assert lim["pred"].method == "exact+closed-form" and not lim["pred"].random and lim["pred"].stderr is None
+    X, Xt, Y = net.data["X"], net.data["Xt"], net.data["Y"].ravel()  # noqa: N806
+    P = np.concatenate([X, Xt])  # noqa: N806
+    x1, _ = _relu_kernels(2.0 * P @ P.T / 3, 1.0)  # fixed U: var 2/3 per input coordinate
+    K, _ = _relu_kernels(2.0 * x1, 1.0)  # noqa: N806 - fixed A: var 2
+    f, curve, B = np.zeros(len(P)), [], len(X)  # noqa: N806
+    for _ in range(4):  # mse's gradient (f - y) / B; lr 0.5; the readout's kernel at unit rate
+        curve.append(0.5 * np.mean((f[:B] - Y) ** 2))
+        f = f - 0.5 * K[:, :B] @ (f[:B] - Y) / B
+    np.testing.assert_allclose(lim["curve"].value, curve, atol=1e-10)
+    np.testing.assert_allclose(lim["pred"].value, f[B:], atol=1e-10)
     finite = tpc.run(net, 1024, 8)
     assert np.all(finite["move"].values == 0.0)
     for name in ("pred", "curve"):
-        se = np.sqrt(finite[name].stderr ** 2 + np.asarray(lim[name].stderr) ** 2)
-        assert np.all(np.abs(finite[name].values.mean(0) - lim[name].value) <= 5 * se + 3.0 / 1024), name
+        assert np.all(np.abs(finite[name].values.mean(0) - lim[name].value)
+                      <= 5 * finite[name].stderr + 3.0 / 1024), name
+
+
+def test_what_function_space_does_not_cover_stays_unrolled() -> None:
+    """A decay term (order one in muP) or entrywise updates of the readout: no kernel descent, so the
+    unrolled program takes them, as for any feature-learning parametrization."""
+    from tpc.train.limit import in_function_space
+
+    source = (FIXED.read_text().replace("layer U : input n x 3, var = 2", "matrix U : n x 3 ~ N(0, 2/3)"))
+    assert in_function_space(tpc.loads(source, base_dir=FIXED.parent))
+    decay = source.replace("f -= 0.5 * grad(L, f)", "f -= 0.5 * (grad(L, f) + 0.1 * f)")
+    adam = source.replace("for t in range(4) {", "state S = zeros(f)\nfor t in range(4) {").replace(
+        "f -= 0.5 * grad(L, f)",
+        "S = 0.9 * S + 0.1 * grad(L, f) * grad(L, f)\n  f -= 0.01 * grad(L, f) / (sqrt(S) + 1e-8)")
+    for text in (decay, adam):
+        net = tpc.loads(text, base_dir=FIXED.parent)
+        assert net.program_classification().regime == "kernel" and not in_function_space(net)

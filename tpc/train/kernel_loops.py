@@ -169,6 +169,8 @@ def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
     spread = [_train(net, replace(K, theta=theta, nngp=nngp, replicas=[]), exact, samples, seed)
               for theta, nngp in K.replicas]
     method = K.method if exact or "monte-carlo" in K.method else K.method + "+monte-carlo"
+    # f_0 is random unless its readout starts at a vanishing scale (muP's n^-1: random features in muP)
+    random = bool(np.any(K.nngp != 0))
     results: dict[str, LimitOutput] = {}
     for o in net.outputs:
         v = out[o.name]
@@ -186,11 +188,11 @@ def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
             kernel_err = means.std(0, ddof=1) / np.sqrt(len(spread))
             err = kernel_err if err is None else np.sqrt(err**2 + kernel_err**2)
         cov = None
-        if o.kind == "predict":
+        if o.kind == "predict" and random:
             flat = (v - mean).reshape(v.shape[0], -1)
             cov = (flat.T @ flat / (v.shape[0] - (0 if exact else 1))).reshape(*mean.shape, *mean.shape)
         kept = v if o.kind == "record" and not exact else None  # draws of f_0's outcomes (accuracies need them)
-        results[o.name] = LimitOutput(mean, method, err, cov, random=True, samples=kept)
+        results[o.name] = LimitOutput(mean, method, err, cov, random=random, samples=kept)
     return results
 
 

@@ -30,11 +30,11 @@ def describe(net: Network, method: str = "auto", particles: int | None = None, r
     refusal = limit_refusal(net)
     if refusal is not None:
         return f"{head}: no limit here: {refusal.message}"
-    if cls.regime == "feature learning":
+    if cls.regime == "feature learning" and not in_function_space(net):
         from tpc.train.pooled import describe_limit
 
         return f"{head}: {describe_limit(net, _exact(net, method), particles, replicates)}"
-    if cls.regime in ("kernel", "trivial"):
+    if cls.regime in ("kernel", "trivial", "feature learning"):
         from tpc.train.kernel_loops import affine_in_f0, check_kernel_program
 
         check_kernel_program(net)
@@ -91,6 +91,27 @@ def _positions_plan(net: Network, memory_gb: float | None = None) -> str:
     by = "" if count == 1 else f" by blocks of {block} inputs ({count} recursions of {2 * block}, within the budget)"
     return (f"kernels by the per-position recursion over {len(X)}^2 input pairs x {net.model.positions}^2 "
             f"position pairs{by}, about {memory.gb(need)}")
+
+
+def in_function_space(net: Network) -> bool:
+    """The limit of this training is taken in function space (the kernel regime's backend): its
+    parametrization is in the kernel regime, or the training leaves every layer below the readout of
+    a feature-learning parametrization alone (random features: r is infinite, the features never
+    move, and training the readout is kernel descent with the features' kernel, exactly)."""
+    cls = net.classification()
+    if cls.regime in ("kernel", "trivial"):
+        return True
+    ours = net.program_classification()
+    if cls.regime != "feature learning" or ours.trained is None or ours.regime not in ("kernel", "trivial") \
+            or net.entrywise or net.has_tables:
+        return False
+    from tpc.train.kernel_loops import check_kernel_program
+
+    try:
+        check_kernel_program(net)  # (a decay term: the unrolled program takes it)
+    except TpcError:
+        return False
+    return True
 
 
 def limit_refusal(net: Network) -> TpcError | None:
@@ -156,7 +177,7 @@ def network_limit(net: Network, method: str = "auto", particles: int | None = No
         from tpc.train.tables import tables_limit
 
         return tables_limit(net, device=device, progress=progress, memory_gb=memory_gb, force=force)
-    if cls.regime == "feature learning":
+    if cls.regime == "feature learning" and not in_function_space(net):
         from tpc.train.pooled import loops_limit
 
         return loops_limit(net, _exact(net, method), particles, replicates, seed, memory_gb, force, progress, device)
