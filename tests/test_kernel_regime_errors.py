@@ -60,6 +60,22 @@ def test_sampled_initial_functions_add_both_errors() -> None:
     assert not affine_in_f0(net)
     K = layer_kernels(net, net.point_sets(), particles=4096)  # noqa: N806
     assert K.replicas  # Monte Carlo kernels: one (theta, nngp) per replicate
-    v = _train(net, K, False, 2**14, 0)["curve"]
+    v = _train(net, K, [K.theta], [K.nngp], False, 2**14, 0)[0]["curve"]
     samples_only = v.std(0, ddof=1) / np.sqrt(v.shape[0])
     assert np.all(np.asarray(with_kernels["curve"].stderr) >= samples_only - 1e-15)
+
+
+def test_replicates_trained_together_equal_each_trained_alone() -> None:
+    """Several sets of kernels in one run (a group of f_0's samples each) give what each gives alone."""
+    from tpc.train.kernel import layer_kernels
+    from tpc.train.kernel_loops import _train
+
+    net = _ntk()
+    K = layer_kernels(net, net.point_sets(), particles=4096)  # noqa: N806
+    sets = K.replicas[:3]
+    together = _train(net, K, [t for t, _ in sets], [n for _, n in sets], True, 1, 0)
+    for (theta, nngp), out in zip(sets, together, strict=True):
+        alone = _train(net, K, [theta], [nngp], True, 1, 0)[0]
+        for name in ("curve", "pred"):
+            np.testing.assert_allclose(out[name], alone[name], rtol=1e-12, atol=1e-14, err_msg=name)
+        assert not np.allclose(out["pred"], together[0]["pred"]) or out is together[0]  # the sets differ

@@ -111,3 +111,43 @@ def test_classify_and_check_of_a_program_name_what_it_trains(tmp_path, capsys: p
     assert main(["classify", str(path)]) == 0
     out = capsys.readouterr().out  # every layer trained: the parametrization's own class, no extra line
     assert "this program trains" not in out and "r          0" in out and "feature learning" in out
+
+
+STABLE_TRAINING = """width n
+parametrization abc(a = [-0.25, 0.25, 0.5], b = [0.25, 0.25, 0.5], c = -0.5)
+data X = [[1, 2, 3], [0, 1, 0]]
+data Y = [1, -1]
+layer U : input n x 3
+layer W : hidden n x n
+layer V : readout 1 x n
+model f(x) = V @ relu(W @ relu(U @ x))
+for t in range(3) {
+  L = mse(f(X), Y)
+  U -= 0.5 * grad(L, U)
+  W -= 0.5 * grad(L, W)
+}
+output p = f(X)
+"""
+
+
+def test_a_stable_training_in_an_unstable_parametrization_has_a_limit() -> None:
+    """Every layer trained, this abc is unstable (r = -1/2: the readout's step); the program never steps the
+    readout, and its own training is stable feature learning (r = 0): tpc limit takes it (it refused
+    it, naming the parametrization), and finite widths approach it."""
+    import numpy as np
+
+    import tpc
+
+    net = tpc.loads(STABLE_TRAINING)
+    assert not net.classification().stable
+    ours = net.program_classification()
+    assert ours.stable and ours.r == 0 and ours.regime == "feature learning"
+    lim = tpc.limit(net, particles=2**14)
+    finite = tpc.run(net, 1024, 8)
+    gap = np.abs(finite["p"].values.mean(0) - lim["p"].value)
+    assert np.all(gap <= 5 * np.sqrt(finite["p"].stderr ** 2 + lim["p"].stderr ** 2) + 0.05), gap
+    # SP at rate O(1) stepping U and W only: its features blow up (r = 1/2 + 0 - 1 + 0 < 0)
+    sp = STABLE_TRAINING.replace("abc(a = [-0.25, 0.25, 0.5], b = [0.25, 0.25, 0.5], c = -0.5)",
+                                 "abc(a = [0, 0, 0], b = [0, 0.5, 0.5], c = 0)")
+    with pytest.raises(TpcError, match="this training is unstable .*r >= 0 \\(here r = -0.5\\)"):
+        tpc.limit(tpc.loads(sp))

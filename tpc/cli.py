@@ -165,7 +165,7 @@ def _check_network(path: str, net) -> int:  # noqa: ANN001
         print(f"    fails    {why}")
     ours = net.program_classification()
     if ours.trained is not None:  # the training leaves some layers alone: its own r
-        print(f"  this training moves {_entries(net, ours.trained)} only: r = {ours.r:g}, {ours.regime}")
+        print(f"  this training moves {_entries(net, ours.trained)}: r = {ours.r:g}, {ours.regime}")
     order = sorted((net.layers[name] for name in net.parameters), key=lambda la: (la.index, la.role != "bias"))
     print("  layers     " + ", ".join(
         f"{la.name} ({la.role} {_layer_dims(la, net.width_name)}, layer {la.index + 1}, var {la.var:g})"
@@ -638,7 +638,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     print(f"a = {list(abc.a)}, b = {list(abc.b)}, c = {abc.c:g}  ({layers})")
     if trained is not None:
         whole = classify_adaptive(abc) if entrywise else classify(abc)
-        print(f"  this program trains {_entries(net, trained)} only (every layer trained: r = {whole.r:g}, "
+        print(f"  this program trains {_entries(net, trained)} (every layer trained: r = {whole.r:g}, "
               f"{whole.regime})")
     if entrywise:
         print(f"  entrywise updates (Adam, sign-SGD): c' = {list(abc.adaptive_exponents())}")
@@ -652,10 +652,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _entries(net, trained: tuple[bool, ...]) -> str:  # noqa: ANN001
-    """The abc entries a program trains, by their layers' names: 'V', 'U, b and V'."""
+    """The abc entries a program trains, by their layers' names: 'V only', 'U, b and V only', 'no layer'."""
     names = [la.name for la in sorted(net.layers.values(), key=lambda la: la.index)
              if not la.fixed and 0 <= la.index < len(trained) and trained[la.index]]
-    return ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0] if names else "no layer"
+    if not names:
+        return "no layer"
+    return (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + " only"
 
 
 def _floats(text: str, flag: str) -> tuple[float, ...]:

@@ -124,7 +124,7 @@ def classify_adaptive(p: ABC, trained: tuple[bool, ...] | None = None) -> Classi
 
 def classify(p: ABC, trained: tuple[bool, ...] | None = None) -> Classification:
     """TP4's classification (Yang & Hu 2021, Section 3): the features move by n^-r after a step,
-    r = min(a_{L+1} + b_{L+1}, 2 a_{L+1} + c) + c - 1 + min_l (2 a_l - [l = 1]). `trained` (one flag
+    r = min(a_{L+1} + b_{L+1}, 2 a_{L+1} + c) + c - 1 + min_l (2 a_l + [l = 1]). `trained` (one flag
     per entry, None: all) restricts it to the layers a program trains: an untrained layer's update
     is no term of r, and an untrained readout's update none of the backward pass, so where nothing
     below the readout trains r is infinite (the features never move)."""

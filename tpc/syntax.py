@@ -492,6 +492,7 @@ class _ToAst(Transformer):
 
 _TOKEN_NAMES = {
     "NAME": "a name",
+    "BY": "'x'",
     "NUMBER": "a number",
     "SIGNED_NUMBER": "a number",
     "INT": "a whole number",
@@ -626,7 +627,7 @@ _IN_MODEL_BODY = re.compile(r"(?:^|\n)[ \t]*model\s+\w+\s*\([^)]*\)\s*\{[^}]*$")
 
 
 # the source before a token ends in `layer W : hidden n by` (a separator other than `x`)
-_LAYER_DIMS = re.compile(r"(?:^|\n)[ \t]*layer\s+(\w+)\s*:\s*\w+\s+\w+\s+(\w+)\s*$")
+_LAYER_DIMS = re.compile(r"(?:^|\n)[ \t]*layer\s+(\w+)\s*:\s*(\w+)\s+(\w+)\s+(\w+)\s*$")
 
 
 def parse(source: str, filename: str = "<program>") -> Module:
@@ -666,8 +667,9 @@ def parse(source: str, filename: str = "<program>") -> Module:
             hint = ("a statement is a declaration or `NAME = expression`; is an operator missing before "
                     f"'{clip(str(tok))}'?")
         layer = _LAYER_DIMS.search(source[:tok.start_pos]) if tok.type != "$END" else None
-        if layer and layer.group(2) != "x":
-            hint = f"a layer's dimensions are separated by 'x': layer {layer.group(1)} : hidden n x n"
+        if layer and layer.group(4) != "x" and layer.group(2) != "bias":  # (a bias has one dimension)
+            name, role, first = layer.group(1, 2, 3)
+            hint = f"a layer's dimensions are separated by 'x': layer {name} : {role} {first} x {clip(str(tok))}"
         if tok.type != "$END" and _IN_MODEL_BODY.search(source[:tok.start_pos]):
             hint = "a model's body is statements `NAME = expression`, then `return expression`: " \
                    "model f(x) { h = relu(U @ x)  return V @ h }"

@@ -20,6 +20,7 @@ limit (closed forms, quadrature).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -468,15 +469,14 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
         return LayerKernels(points, theta, nngp, feats, "exact+closed-form", {}, methods)
     prog, own, terms = lowered_program(net, X)
     lim = evaluate_limit(prog, **limit_options)
-    theta = {name: np.zeros((len(X), len(X))) for name in net.layers}
+    theta = _layer_terms(terms, list(net.layers), lambda out: lim[out].value, len(X))
     errors: dict[str, np.ndarray] = {}
-    for out, layer, exponent in terms:
-        theta[layer] = theta[layer] + limit_factor(exponent) * lim[out].value
+    for out, _, exponent in terms:
         if lim[out].stderr is not None:
             errors["ntk"] = errors.get("ntk", 0.0) + abs(limit_factor(exponent)) * np.asarray(lim[out].stderr)
-    beta = net.init_exponent(net.readout())
-    nngp = limit_factor(1 - 2 * beta) * lim[own["nngp"]].value
-    for kind, out, factor in (("nngp", own["nngp"], limit_factor(1 - 2 * beta)), ("features", own["features"], 1.0)):
+    scale = limit_factor(1 - 2 * net.init_exponent(net.readout()))  # f_0's: 0 where the readout starts small
+    nngp = scale * lim[own["nngp"]].value
+    for kind, out, factor in (("nngp", own["nngp"], scale), ("features", own["features"], 1.0)):
         if lim[out].stderr is not None:
             errors[kind] = abs(factor) * np.asarray(lim[out].stderr)
     order = ("exact", "closed-form", "quadrature", "monte-carlo")
@@ -487,7 +487,17 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
 
     methods = {"nngp": how([own["nngp"]]), "features": how([own["features"]]), "ntk": how([t[0] for t in terms])}
     return LayerKernels(points, theta, nngp, lim[own["features"]].value, how(list(lim)), errors, methods,
-                        _replicas(lim, own["nngp"], terms, list(net.layers), limit_factor(1 - 2 * beta)))
+                        _replicas(lim, own["nngp"], terms, list(net.layers), scale))
+
+
+def _layer_terms(terms: list[tuple[str, str, float]], layers: list[str],
+                 value: Callable[[str], np.ndarray], points: int) -> dict[str, np.ndarray]:
+    """Each layer's training kernel over the points: the sum of its terms' kernels (outputs of the lowered
+    program, read by `value`), each times the limit of its power of n; zero for a layer with none."""
+    theta = {name: np.zeros((points, points)) for name in layers}
+    for out, layer, exponent in terms:
+        theta[layer] = theta[layer] + limit_factor(exponent) * value(out)
+    return theta
 
 
 def _replicas(lim: dict, nngp: str, terms: list[tuple[str, str, float]], layers: list[str],
@@ -505,13 +515,9 @@ def _replicas(lim: dict, nngp: str, terms: list[tuple[str, str, float]], layers:
     def rep(o: str, r: int) -> np.ndarray:  # an exact output is the same in every replicate
         return lim[o].value if lim[o].replicates is None else lim[o].replicates[r]
 
-    out = []
-    for r in range(count):
-        theta = {name: np.zeros_like(lim[nngp].value) for name in layers}
-        for o, layer, exponent in terms:
-            theta[layer] = theta[layer] + limit_factor(exponent) * rep(o, r)
-        out.append((theta, scale * rep(nngp, r)))
-    return out
+    points = lim[nngp].value.shape[0]
+    return [(_layer_terms(terms, layers, lambda o, r=r: rep(o, r), points), scale * rep(nngp, r))
+            for r in range(count)]
 
 
 def kernels(net: Network, **limit_options: object) -> Kernels:

@@ -16,7 +16,7 @@ standard errors).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -53,11 +53,17 @@ class Effect:
 class KernelBackend:
     lead = 1  # the samples of f_0
 
-    def __init__(self, net: Network, K: LayerKernels, f0: Tensor) -> None:  # noqa: N803
+    def __init__(self, net: Network, K: LayerKernels, f0: Tensor,  # noqa: N803
+                 thetas: list[dict[str, np.ndarray]] | None = None) -> None:
+        """`thetas`: training from several sets of kernels at once (Monte Carlo replicates), one per
+        equal group of f_0's samples; by default K's."""
         self.net, self.K, self.f0 = net, K, f0
         self.dtype = torch.float64
         self.lead_shape = (f0.shape[0],)
-        self.theta = {name: torch.as_tensor(t) for name, t in K.theta.items()}
+        sets = thetas or [K.theta]
+        # per layer (G, P, P): group g of the samples trains with kernels sets[g]
+        self.theta = {name: torch.as_tensor(np.stack([t[name] for t in sets])) for name in K.theta}
+        self.groups = len(sets)
 
     def points(self, rows: Rows) -> Tensor:
         return torch.as_tensor(self.K.points[rows.source].start + np.asarray(rows.idx))
@@ -71,8 +77,10 @@ class KernelBackend:
         if e.blocks:  # one product over every block's rows
             rows = torch.cat([r for _, r, _ in e.blocks])
             chi = torch.cat([self.scale(chi, c) for c, _, chi in e.blocks], dim=1)  # (S, R, k)
-            theta = self.theta[e.layer][:, rows] if pts is None else self.theta[e.layer][pts][:, rows]
-            term = torch.matmul(theta, chi)
+            theta = self.theta[e.layer][:, :, rows] if pts is None else self.theta[e.layer][:, pts][:, :, rows]
+            g = self.groups  # (G, P', R) @ (G, S/G, R, k) -> (S, P', k)
+            term = torch.matmul(theta[:, None], chi.reshape(g, chi.shape[0] // g, *chi.shape[1:])).reshape(
+                chi.shape[0], theta.shape[1], chi.shape[2])
             out = term if out is None else out + term
         return out
 
@@ -163,11 +171,8 @@ def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
     exact = affine_in_f0(net)
     if not exact and any(ins.op == "copy" for ins in net.program.walk()):
         samples = min(samples, 512)  # per-task records (MAML) are kept per sample, for accuracies
-    out = _train(net, K, exact, samples, seed)
-    # Monte Carlo kernels: the same training from each replicate's kernels (the same draws of f_0's
-    # normals), whose spread is the error they carry into every output
-    spread = [_train(net, replace(K, theta=theta, nngp=nngp, replicas=[]), exact, samples, seed)
-              for theta, nngp in K.replicas]
+    out = _train(net, K, [K.theta], [K.nngp], exact, samples, seed)[0]
+    spread = _replicate_means(net, K, exact, samples, seed)
     method = K.method if exact or "monte-carlo" in K.method else K.method + "+monte-carlo"
     # f_0 is random unless its readout starts at a vanishing scale (muP's n^-1: random features in muP)
     random = bool(np.any(K.nngp != 0))
@@ -184,8 +189,7 @@ def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
         mean = v.mean(0)
         err = None if exact else v.std(0, ddof=1) / np.sqrt(v.shape[0])
         if spread:
-            means = np.stack([r[o.name].mean(0) for r in spread])
-            kernel_err = means.std(0, ddof=1) / np.sqrt(len(spread))
+            kernel_err = np.stack([m[o.name] for m in spread]).std(0, ddof=1) / np.sqrt(len(spread))
             err = kernel_err if err is None else np.sqrt(err**2 + kernel_err**2)
         cov = None
         if o.kind == "predict" and random:
@@ -196,26 +200,58 @@ def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
     return results
 
 
-def _train(net: Network, K: LayerKernels, exact: bool, samples: int, seed: int) -> dict[str, np.ndarray]:  # noqa: N803
-    """The loops in function space from kernels K: every output, one row per point (or draw) of f_0."""
-    k = net.output_dim()
-    P = K.nngp.shape[0]  # noqa: N806
-    if exact:
-        # the degree-3 cubature points +-sqrt(D) e_i of N(0, I_D), D = P k; a root of the NNGP that
-        # Monte Carlo kernels (few particles) left slightly indefinite is taken on its PSD part
-        w, v = np.linalg.eigh(K.nngp)
-        root = torch.as_tensor(v * np.sqrt(np.clip(w, 0, None)))  # (P, P)
-        D = P * k  # noqa: N806
-        # basis[(i, o), p, j] = root[p, i] [o == j], filled in place: an identity k x k beside it would
-        # take k^2 memory that no estimate counts (the fuzz found a 65536-row readout over no data: 34 GB)
-        basis = torch.zeros((P, k, P, k), dtype=torch.float64)
-        basis[:, torch.arange(k), :, torch.arange(k)] = root.T.expand(k, P, P)
-        basis = np.sqrt(D) * basis.reshape(D, P, k)
-        f0 = torch.cat([basis, -basis]) if D else torch.zeros((1, P, k), dtype=torch.float64)  # no points: f_0 = {}
-    else:
-        rng = np.random.default_rng(seed)
-        w, v = np.linalg.eigh(K.nngp)
-        f0 = torch.as_tensor((v * np.sqrt(np.clip(w, 0, None))) @ rng.standard_normal((samples, P, k)))
+# the outputs with no axis of f_0's samples: kernels at initialisation, the (zero) feature change
+UNSAMPLED = ("features", "nngp", "ntk", "feature_change")
+# the samples of f_0 that the memory estimate (limit.kernel_regime_memory) allows one training
+SAMPLES_BUDGET = 2**14
+
+
+def _replicate_means(net: Network, K: LayerKernels, exact: bool, samples: int,  # noqa: N803
+                     seed: int) -> list[dict[str, np.ndarray]]:
+    """Where Monte Carlo served the kernels: the mean of every output when training from each replicate's
+    kernels, with the same draws of f_0's normals (the exact rule's cubature, or the first of the
+    samples), several replicates in one run as far as the samples' budget goes. Their spread is the
+    error the kernels carry into the outputs."""
+    if not K.replicas:
+        return []
+    # the exact rule's 2 P k points; or common draws of f_0, so that the spread is the kernels', not f_0's
+    per = max(1, 2 * K.nngp.shape[0] * net.output_dim()) if exact else min(samples, 2048)
+    chunk = max(1, SAMPLES_BUDGET // per)
+    means: list[dict[str, np.ndarray]] = []
+    for start in range(0, len(K.replicas), chunk):
+        part = K.replicas[start:start + chunk]
+        for out in _train(net, K, [t for t, _ in part], [n for _, n in part], exact, per, seed):
+            means.append({o.name: out[o.name].mean(0) for o in net.outputs if o.kind not in UNSAMPLED})
+    return means
+
+
+def _train(net: Network, K: LayerKernels, thetas: list[dict[str, np.ndarray]], nngps: list[np.ndarray],  # noqa: N803
+           exact: bool, samples: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """The loops in function space, once per set of kernels (thetas[g], nngps[g]) in one run: every
+    output, one row per point (or draw) of f_0."""
+    f0 = torch.cat([_initial_functions(nngp, net.output_dim(), exact, samples, seed) for nngp in nngps])
     with torch.enable_grad():
-        out = Interpreter(net, KernelBackend(net, K, f0)).run()
-    return {o.name: out[o.name].detach().numpy() for o in net.outputs}
+        out = Interpreter(net, KernelBackend(net, K, f0, thetas)).run()
+    groups = len(thetas)
+    values = {o.name: out[o.name].detach().numpy() for o in net.outputs}
+    per = f0.shape[0] // groups  # each group's samples, in turn (an array of no points has size 0)
+    return [{o.name: values[o.name] if o.kind in UNSAMPLED else  # one value for every group
+             values[o.name][g * per:(g + 1) * per] for o in net.outputs} for g in range(groups)]
+
+
+def _initial_functions(nngp: np.ndarray, k: int, exact: bool, samples: int, seed: int) -> Tensor:
+    """Points (or draws) of f_0 ~ N(0, nngp x I_k): (S, P, k)."""
+    P = nngp.shape[0]  # noqa: N806
+    w, v = np.linalg.eigh(nngp)
+    # a root of the NNGP that Monte Carlo kernels (few particles) left slightly indefinite: its PSD part
+    root = v * np.sqrt(np.clip(w, 0, None))  # (P, P)
+    if not exact:
+        return torch.as_tensor(root @ np.random.default_rng(seed).standard_normal((samples, P, k)))
+    # the degree-3 cubature points +-sqrt(D) e_i of N(0, I_D), D = P k
+    D = P * k  # noqa: N806
+    # basis[(i, o), p, j] = root[p, i] [o == j], filled in place: an identity k x k beside it would
+    # take k^2 memory that no estimate counts (the fuzz found a 65536-row readout over no data: 34 GB)
+    basis = torch.zeros((P, k, P, k), dtype=torch.float64)
+    basis[:, torch.arange(k), :, torch.arange(k)] = torch.as_tensor(root).T.expand(k, P, P)
+    basis = np.sqrt(D) * basis.reshape(D, P, k)
+    return torch.cat([basis, -basis]) if D else torch.zeros((1, P, k), dtype=torch.float64)  # no points: f_0 = {}

@@ -30,25 +30,26 @@ def describe(net: Network, method: str = "auto", particles: int | None = None, r
     refusal = limit_refusal(net)
     if refusal is not None:
         return f"{head}: no limit here: {refusal.message}"
-    if cls.regime == "feature learning" and not in_function_space(net):
+    if not ours.stable:
+        return head  # (tpc limit refuses it, naming the conditions that fail)
+    if not in_function_space(net):
         from tpc.train.pooled import describe_limit
 
         return f"{head}: {describe_limit(net, _exact(net, method), particles, replicates)}"
-    if cls.regime in ("kernel", "trivial", "feature learning"):
-        from tpc.train.kernel_loops import affine_in_f0, check_kernel_program
+    # function space
+    from tpc.train.kernel_loops import affine_in_f0, check_kernel_program
 
-        check_kernel_program(net)
-        if net.model.positions > 1:
-            head += f"; {_positions_plan(net, memory_gb)}"
-        if not net.program.iterations():
-            return (f"{head}: the model's kernels at initialisation (closed forms, quadrature, or Monte Carlo with "
-                    "standard errors where neither serves); nothing trains")
-        how = ("f_t is affine in f_0 (squared error): exact means and covariances by a degree-3 cubature of f_0"
-               if affine_in_f0(net) else "f_0 sampled (Monte Carlo)")
-        return (f"{head}: the features stay at initialisation; the loops run in function space with each "
-                f"layer's limit kernel (closed forms, quadrature, or Monte Carlo with standard errors where neither "
-                f"serves); {how}")
-    return head
+    check_kernel_program(net)
+    if net.model.positions > 1:
+        head += f"; {_positions_plan(net, memory_gb)}"
+    if not net.program.iterations():
+        return (f"{head}: the model's kernels at initialisation (closed forms, quadrature, or Monte Carlo with "
+                "standard errors where neither serves); nothing trains")
+    how = ("f_t is affine in f_0 (squared error): exact means and covariances by a degree-3 cubature of f_0"
+           if affine_in_f0(net) else "f_0 sampled (Monte Carlo)")
+    return (f"{head}: the features stay at initialisation; the loops run in function space with each "
+            f"layer's limit kernel (closed forms, quadrature, or Monte Carlo with standard errors where neither "
+            f"serves); {how}")
 
 
 def kernel_regime_memory(net: Network, memory_gb: float | None) -> tuple[int, float, tuple[int, int, int] | None]:
@@ -95,15 +96,16 @@ def _positions_plan(net: Network, memory_gb: float | None = None) -> str:
 
 def in_function_space(net: Network) -> bool:
     """The limit of this training is taken in function space (the kernel regime's backend): its
-    parametrization is in the kernel regime, or the training leaves every layer below the readout of
-    a feature-learning parametrization alone (random features: r is infinite, the features never
-    move, and training the readout is kernel descent with the features' kernel, exactly)."""
+    parametrization is in the kernel regime, or the training itself is (one that leaves every layer
+    below the readout alone: random features, r infinite, the features never move, and training the
+    readout is kernel descent with the features' kernel, exactly). Otherwise the unrolled program
+    takes it: the limit of any stable training whose updates keep their scale (loops.py refuses one
+    that grows)."""
     cls = net.classification()
     if cls.regime in ("kernel", "trivial"):
         return True
     ours = net.program_classification()
-    if cls.regime != "feature learning" or ours.trained is None or ours.regime not in ("kernel", "trivial") \
-            or net.entrywise or net.has_tables:
+    if ours.trained is None or ours.regime not in ("kernel", "trivial") or net.entrywise or net.has_tables:
         return False
     from tpc.train.kernel_loops import check_kernel_program
 
@@ -166,9 +168,10 @@ def network_limit(net: Network, method: str = "auto", particles: int | None = No
 
     on_device.check(device)
     memory_gb = on_device.memory_gb(device, memory_gb)
-    cls = net.classification()
+    cls = net.program_classification()  # a training that leaves layers alone: its own conditions
     if not cls.stable:
-        raise TpcError(f"the parametrization is unstable (its limit blows up): {'; '.join(cls.failed)}",
+        what = "the parametrization is" if cls.trained is None else "this training is"
+        raise TpcError(f"{what} unstable (its limit blows up): {'; '.join(cls.failed)}",
                        net.param_span).locate(net.filename, net.source)
     refusal = limit_refusal(net)
     if refusal is not None:
@@ -177,7 +180,7 @@ def network_limit(net: Network, method: str = "auto", particles: int | None = No
         from tpc.train.tables import tables_limit
 
         return tables_limit(net, device=device, progress=progress, memory_gb=memory_gb, force=force)
-    if cls.regime == "feature learning" and not in_function_space(net):
+    if not in_function_space(net):
         from tpc.train.pooled import loops_limit
 
         return loops_limit(net, _exact(net, method), particles, replicates, seed, memory_gb, force, progress, device)

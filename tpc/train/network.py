@@ -345,7 +345,7 @@ class Network:
 
     def trained_entries(self) -> tuple[bool, ...] | None:
         """Which entries of the abc lists this program's training moves (a layer, or a bias on the input's
-        entry); None where it moves every one or trains nothing."""
+        entry); None where it moves every one or runs no loop (a loop that moves none: all False)."""
         if self.program is None or not self.program.iterations():
             return None
         on = [False] * len(self.abc.a)
@@ -464,7 +464,8 @@ class _Builder:
     # built where the model first uses them; and which ones it did use
     top_lets: dict[str, ast.Assign] = field(default_factory=dict)
     top_used: set[str] = field(default_factory=set)
-    later_lets: dict[str, Span] = field(default_factory=dict)  # every top-level `z = ...`, for a use before it
+    declared_names: dict[str, Span] = field(default_factory=dict)  # every top-level name: for a use before it
+    previous: ast.Stmt | None = None  # the statement before the one being built
 
     def declare(self, name: str, span: Span) -> None:
         if name in self.defined:
@@ -485,12 +486,11 @@ class _Builder:
         if name in self.top_lets:
             return TpcError(f"'{clip(name)}' is a value of the model (line {self.top_lets[name].span.line}): outside "
                             "the model, a program reads the model's outputs, f(X)", span)
-        if name in self.later_lets and name not in self.defined:
-            return TpcError(f"'{clip(name)}' is used before the statement that defines it (line "
-                            f"{self.later_lets[name].line})", span)
         if name in self.later and name not in self.defined:
             return TpcError(f"'{clip(name)}' is used before it is defined (line {self.later[name].line}): declare a "
                             "state or copy before the statements that read it", span)
+        if name in self.declared_names and name not in self.defined:
+            return used_before(name, self.declared_names[name], span)
         near = nearest(name, self.known())
         return TpcError(f"unknown name '{clip(name)}'", span, f"did you mean '{near}'?" if near else None)
 
@@ -604,17 +604,28 @@ class _Builder:
             self.fixed_vectors(s)
         elif isinstance(s, ast.Assign):
             self.top_let(s)
-        else:  # pragma: no cover - the grammar has no other statement
-            raise TpcError("not a statement of a network program", s.span)
+        elif isinstance(s, ast.ScalarDecl):
+            raise TpcError("a network program has no `scalar` declarations: write the number where it is used (a "
+                           "whole number may be a `dim`)", s.span, self.raw_hint())
+        else:
+            raise TpcError("not a statement of a network program", s.span, self.raw_hint())
 
     def top_let(self, s: ast.Assign) -> None:
         """`z = tanh(A @ y)` beside the layers, as a raw program writes it: a name for a value built from the
         fixed matrices and vectors, the layers and earlier such names, which the model reads by name. It is
         built into the model where the model first uses it (a definition: one that reads a layer stands for
         its current value); data enter through the model's argument, so it reads none."""
+        layer = self.previous if isinstance(self.previous, ast.LayerDecl) else None
+        if layer is not None and layer.span.end_line == s.span.line and s.name == "var":
+            raise TpcError("a layer's arguments follow a comma", s.span,
+                           f"write: layer {layer.name} : ..., var = ...")
         self.declare(s.name, s.span)
         if self.model is not None:
-            raise TpcError(f"'{s.name}' comes after the model: a value the model reads is named before it", s.span)
+            raise TpcError(f"'{s.name}' is named after the model: a value named at the top level is one the model "
+                           f"reads, named before it (an output is written `output {s.name} = ...`)", s.span)
+        later = first_mention(s.value, {n: sp for n, sp in self.declared_names.items() if n not in self.defined})
+        if later is not None:
+            raise used_before(later.id, self.declared_names[later.id], later.span)
         data = first_mention(s.value, self.data)
         if data is not None:
             raise TpcError(f"'{s.name}' is named outside the model, so it reads no data ('{data.id}'): the data enter "
@@ -1178,7 +1189,7 @@ class _Builder:
                            "abc(...))")
         if not self.outputs:
             raise TpcError("the program has no outputs: add `output NAME = ...`")
-        for name, let in self.top_lets.items():
+        for name, let in reversed(self.top_lets.items()):  # the last first: an earlier one may feed it
             if name not in self.top_used:
                 raise TpcError(f"'{name}' is not used by the model", let.span)
         used = {s.layer for s in self.model.steps if s.layer}
@@ -1403,10 +1414,11 @@ class ModelBuilder:
             return self.lets[e.id]
         if not self.scope and e.id in self.b.top_lets:
             return self.top_value(e)
-        if self.top_stack and e.id == self.decl.arg:  # (data: refused where the statement is, top_let)
-            raise TpcError(f"'{self.top_stack[-1]}' is named outside the model, so it cannot read the model's "
-                           f"argument '{e.id}' (name this value inside the model: model {self.decl.name}("
-                           f"{self.decl.arg}) {{ ... }})", e.span)
+        if self.scope and (e.id in self.b.top_lets or e.id in self.lets):
+            raise TpcError(f"'{clip(e.id)}' is a value of the model: a nonlin sees only its own arguments and "
+                           f"parameters (pass it as an argument)", e.span)
+        if self.top_stack:
+            self.outside_model(e)
         if e.id == self.decl.arg:
             for i, s in enumerate(self.steps):
                 if s.op == "input":
@@ -1427,12 +1439,22 @@ class ModelBuilder:
                            e.span)
         later = next((s for s in self.decl.lets if s.name == e.id), None)
         if later is not None and not self.scope:
-            raise TpcError(f"'{clip(e.id)}' is used before the statement that defines it (line {later.span.line})",
-                           e.span)
+            raise used_before(e.id, later.span, e.span)
         if not self.scope and self.decl.lets:  # the body's names are candidates too
             near = nearest(e.id, self.b.known() + list(self.lets))
             raise TpcError(f"unknown name '{clip(e.id)}'", e.span, f"did you mean '{near}'?" if near else None)
         raise self.b.unknown(e.id, e.span)
+
+    def outside_model(self, e: ast.Name) -> None:
+        """Refuse what a value named at the top level (outside the model) cannot read: the model's argument,
+        data (declared after it: data before it are refused at its line) and the model's own names."""
+        where = f"'{self.top_stack[-1]}' is named outside the model, so it cannot read"
+        inside = f"(name this value inside the model: model {self.decl.name}({self.decl.arg}) {{ ... }})"
+        if e.id == self.decl.arg or e.id in self.b.data:
+            what = "the model's argument" if e.id == self.decl.arg else "data"
+            raise TpcError(f"{where} {what} '{e.id}' {inside}", e.span)
+        if any(s.name == e.id for s in self.decl.lets):
+            raise TpcError(f"{where} '{clip(e.id)}', a name of the model's body {inside}", e.span)
 
     def top_value(self, e: ast.Name) -> int | float:
         """A value named at the top level (`z = tanh(A @ y)`), built the first time the model reads it."""
@@ -1440,9 +1462,7 @@ class ModelBuilder:
             return self.top_values[e.id]
         names = list(self.b.top_lets)
         if self.top_stack and names.index(e.id) >= names.index(self.top_stack[-1]):
-            let = self.b.top_lets[e.id]
-            raise TpcError(f"'{clip(e.id)}' is used before the statement that defines it (line {let.span.line})",
-                           e.span)
+            raise used_before(e.id, self.b.top_lets[e.id].span, e.span)
         self.top_stack.append(e.id)
         saved, self.scope = self.scope, []
         try:
@@ -1528,6 +1548,9 @@ class ModelBuilder:
         if fn not in FUNCTIONS or not FUNCTIONS[fn].user_visible:
             if e.fn == self.decl.name:
                 raise TpcError("a model cannot call itself", e.fn_span)
+            if e.fn in self.b.top_lets or e.fn in self.lets:
+                raise TpcError(f"'{clip(e.fn)}' is a value, not a function (a function of the model's values is "
+                               f"declared as one: nonlin {clip(e.fn)}(z) = ...)", e.fn_span)
             raise self.b.unknown(e.fn, e.fn_span)
         if len(e.args) != FUNCTIONS[fn].arity:
             raise TpcError(f"'{e.fn}' takes {FUNCTIONS[fn].arity} argument(s), got {len(e.args)}", e.span)
@@ -1741,6 +1764,21 @@ def is_network(module: ast.Module) -> bool:
     return any(isinstance(s, NETWORK_STATEMENTS) for s in module.statements)
 
 
+def used_before(name: str, where: Span, span: Span) -> TpcError:
+    """A name read above the statement that defines it (at `where`)."""
+    return TpcError(f"'{clip(name)}' is used before the statement that defines it (line {where.line})", span)
+
+
+def _top_level_names(stmts: tuple[ast.Stmt, ...]) -> dict[str, Span]:
+    """Every name a top-level statement defines, where it first does."""
+    out: dict[str, Span] = {}
+    for s in stmts:
+        for name in (getattr(s, "name", None), *getattr(s, "names", ())):
+            if isinstance(name, str):
+                out.setdefault(name, s.span)
+    return out
+
+
 def _declared(stmts: tuple[ast.Stmt, ...]) -> dict[str, Span]:
     """Every state and copy the program declares, in loops too (for the error of a use before it)."""
     out: dict[str, Span] = {}
@@ -1758,7 +1796,7 @@ def build_network(module: ast.Module, filename: str, source: str, base_dir: Path
                   policy: DataPolicy = DEFAULT_POLICY) -> Network:
     b = _Builder(base_dir, policy)
     b.later = _declared(module.statements)
-    b.later_lets = {s.name: s.span for s in module.statements if isinstance(s, ast.Assign)}
+    b.declared_names = _top_level_names(module.statements)
     if any(isinstance(s, (ast.MatrixDecl, ast.VectorDecl)) for s in module.statements):
         b.network_at = next((s.span for s in module.statements if isinstance(s, (ast.LayerDecl, ast.ModelDecl))),
                             None)
@@ -1766,6 +1804,7 @@ def build_network(module: ast.Module, filename: str, source: str, base_dir: Path
         with ast.stack_room():
             for s in module.statements:
                 b.statement(s)
+                b.previous = s
             return b.finish(filename, source)
     except TpcError as err:
         raise err.locate(filename, source) from None
