@@ -41,7 +41,8 @@ def main() -> None:
 
     named = (ROOT / "named_values_mup.tp").read_text().replace("parametrization mup", "parametrization ntk")
     net = tpc.loads(named.replace("range(4)", f"range({args.steps})"), "named_values_ntk", ROOT)
-    K, t_kernels = clock(lambda: layer_kernels(net, net.point_sets(), particles=args.particles, replicates=8))  # noqa: N806
+    K, t_kernels = clock(lambda: layer_kernels(  # noqa: N806
+        net, net.point_sets(), particles=args.particles, replicates=8, keep_replicates=True))
     exact = affine_in_f0(net)
     _, t_main = clock(lambda: _train(net, K, [K.theta], [K.nngp], exact, 2**14, 0))
     _, t_together = clock(lambda: _replicate_means(net, K, exact, 2**14, 0))

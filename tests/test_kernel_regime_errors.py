@@ -58,7 +58,7 @@ def test_sampled_initial_functions_add_both_errors() -> None:
     from tpc.train.kernel_loops import _train, affine_in_f0
 
     assert not affine_in_f0(net)
-    K = layer_kernels(net, net.point_sets(), particles=4096)  # noqa: N806
+    K = layer_kernels(net, net.point_sets(), particles=4096, keep_replicates=True)  # noqa: N806
     assert K.replicas  # Monte Carlo kernels: one (theta, nngp) per replicate
     v = _train(net, K, [K.theta], [K.nngp], False, 2**14, 0)[0]["curve"]
     samples_only = v.std(0, ddof=1) / np.sqrt(v.shape[0])
@@ -71,7 +71,7 @@ def test_replicates_trained_together_equal_each_trained_alone() -> None:
     from tpc.train.kernel_loops import _train
 
     net = _ntk()
-    K = layer_kernels(net, net.point_sets(), particles=4096)  # noqa: N806
+    K = layer_kernels(net, net.point_sets(), particles=4096, keep_replicates=True)  # noqa: N806
     sets = K.replicas[:3]
     together = _train(net, K, [t for t, _ in sets], [n for _, n in sets], True, 1, 0)
     for (theta, nngp), out in zip(sets, together, strict=True):
@@ -79,3 +79,17 @@ def test_replicates_trained_together_equal_each_trained_alone() -> None:
         for name in ("curve", "pred"):
             np.testing.assert_allclose(out[name], alone[name], rtol=1e-12, atol=1e-14, err_msg=name)
         assert not np.allclose(out["pred"], together[0]["pred"]) or out is together[0]  # the sets differ
+
+
+def test_replicates_are_kept_only_where_the_budget_allows() -> None:
+    """Each replicate's kernels cost copies of every P x P kernel: tpc limit keeps them within its memory
+    budget (the outputs then carry the kernels' error), and past it trains from their mean alone."""
+    from tpc.train.kernel_loops import loops_kernel_limit
+    from tpc.train.limit import kernel_regime_memory
+
+    net = _ntk()
+    assert tpc.limit(net, particles=4096)["pred"].stderr is not None  # 7 points: the copies are small
+    need = kernel_regime_memory(net, None)[0]
+    assert 3 * 8 * 8 * 7**2 * (len(net.layers) + 2) < need / 100
+    mean_only = loops_kernel_limit(net, particles=4096, keep_replicates=False)
+    assert mean_only["pred"].stderr is None and "monte-carlo" in mean_only["pred"].method

@@ -419,3 +419,31 @@ output r = r
                      "parametrization ntk\noutput p = f(Xt)\noutput q = f(X)\n")
     points, k = 7, 1000
     assert kernel_regime_memory(wide, None)[0] >= 8 * (2 * points * k) * points * k
+
+
+def test_a_row_index_of_more_than_one_axis_is_refused_by_every_backend(capsys: pytest.CaptureFixture[str],
+                                                                     tmp_path: Path) -> None:
+    """`X[S[min(k, S)]]`: an index computed from a 2 x 2 data array is a 2 x 2 array of rows, which no
+    backend's batch is (the kernel regime crashed on it, the unrolled listing too; finite width ran it as
+    a batch of batches). The fuzz found it."""
+    source = """width n
+parametrization ntk
+data X = [[1.3, -0.3], [-0.9, -1.1]]
+data Y = [1, 0]
+data S = [[0, 1], [0, 0]]
+layer U : input n x 2
+layer V : readout 3 x n
+model f(x) = V @ tanh(U @ x)
+for k in range(2) {
+  f -= 0.3 * grad(xent(f(X[S[min(k, S)]]), Y[S[min(k, 1)]]), f)
+}
+output pred = f(X)
+"""
+    net = tpc.loads(source)
+    for run in (lambda: tpc.run(net, 32, 2), lambda: tpc.limit(net)):
+        with pytest.raises(TpcError, match="a row index is a number or a list of numbers; this one is a 2 x 2 array"):
+            run()
+    path = tmp_path / "rows.tp"
+    path.write_text(source)
+    assert main(["graph", "--unrolled", str(path)]) == 2
+    assert "10:28: error: a row index" in capsys.readouterr().err

@@ -31,7 +31,7 @@ from tpc.errors import NumericalError, TpcError
 from tpc.ops.functions import FUNCTIONS
 from tpc.ops.shapes import broadcast_shapes
 from tpc.train.instructions import INSTRUCTIONS
-from tpc.train.loops import Instr, whole_index
+from tpc.train.loops import Instr, row_index, whole_index
 from tpc.train.losses import batch_rows, loss_value
 from tpc.train.network import Loss, Network, Output
 
@@ -279,7 +279,8 @@ def _run_rows(it: Interpreter, ins: Instr) -> None:
 
 def _run_index(it: Interpreter, ins: Instr) -> None:
     x: Rows = it.env[ins.args[0]]
-    i = _whole(it, ins, it.env[ins.args[1]], x.values.shape[0], x.source)
+    v = it.env[ins.args[1]]
+    i = row_index(v.detach().numpy() if isinstance(v, Tensor) else v.values, ins.span, x.values.shape[0], x.source)
     it.env[ins.id] = Rows(x.values[i], x.source, x.idx[i])
 
 

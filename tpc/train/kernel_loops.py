@@ -164,10 +164,14 @@ def affine_in_f0(net: Network) -> bool:
     return all(net.losses[o.loss].kind == "mse" for o in net.outputs if o.kind == "loss")
 
 
-def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0,
+def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0, keep_replicates: bool = True,
                        **limit_options: object) -> dict[str, LimitOutput]:
+    """The loops in function space. `keep_replicates`: where Monte Carlo serves the kernels, train from
+    each replicate's too, so that the outputs' standard errors include the kernels' (tpc limit does
+    where its memory budget allows)."""
     check_kernel_program(net)
-    K = layer_kernels(net, net.point_sets(), seed=seed, **limit_options)  # noqa: N806
+    K = layer_kernels(net, net.point_sets(), seed=seed, keep_replicates=keep_replicates,  # noqa: N806
+                      **limit_options)
     exact = affine_in_f0(net)
     if not exact and any(ins.op == "copy" for ins in net.program.walk()):
         samples = min(samples, 512)  # per-task records (MAML) are kept per sample, for accuracies

@@ -187,11 +187,17 @@ def network_limit(net: Network, method: str = "auto", particles: int | None = No
     from tpc.train.kernel_loops import loops_kernel_limit
 
     points = sum(net.data[d].shape[0] for d in net.point_sets())
+    replicates = replicates or 8  # the kernels' own Monte Carlo, where one is needed: evaluate_limit's default
     try:
         need, kernels_gb, _ = kernel_regime_memory(net, memory_gb)
-        memory.require(need, f"the kernel-regime limit over {points} inputs", memory_gb, force)
+        # where Monte Carlo serves the kernels, each replicate's kernels are kept to carry their error into
+        # the trained outputs (a few copies of every layer's P x P kernel), within the budget only
+        spread = 3 * 8 * replicates * points**2 * (len(net.layers) + 2)
+        keep = need + spread <= memory.budget_gb(memory_gb) * 2**30
+        memory.require(need + (spread if keep else 0), f"the kernel-regime limit over {points} inputs", memory_gb,
+                       force)
     except TpcError as err:
         raise err.locate(net.filename, net.source) from None
-    # the kernels' own Monte Carlo, where one is needed, keeps evaluate_limit's 8 replicates by default
-    return loops_kernel_limit(net, seed=seed, particles=particles or 2**16, replicates=replicates or 8,
-                              memory_gb=kernels_gb if kernels_gb > 0 else memory_gb, force=force, device=device)
+    return loops_kernel_limit(net, seed=seed, particles=particles or 2**16, replicates=replicates,
+                              memory_gb=kernels_gb if kernels_gb > 0 else memory_gb, force=force, device=device,
+                              keep_replicates=keep)

@@ -94,6 +94,15 @@ def whole_index(value: object, span: Span, rows: int | None = None, source: str 
     return out
 
 
+def row_index(value: object, span: Span, rows: int, source: str) -> np.ndarray:
+    """The index of `X[i]`: a whole number, or a list of them (a batch of rows), within X's rows."""
+    out = whole_index(value, span, rows, source)
+    if out.ndim > 1:
+        raise TpcError("a row index is a number or a list of numbers; this one is a "
+                       f"{' x '.join(map(str, out.shape))} array", span)
+    return out
+
+
 @dataclass
 class Instr:
     """One instruction: `args` are ids of earlier instructions (of this body or an enclosing one)."""

@@ -22,7 +22,7 @@ from tpc.errors import TpcError
 from tpc.ops import expr as ex
 from tpc.passes.autodiff import derivative
 from tpc.train.instructions import INSTRUCTIONS
-from tpc.train.loops import FAN_IN_EXPONENT, MAXIMAL_LR_EXPONENT, Instr, whole_index
+from tpc.train.loops import FAN_IN_EXPONENT, MAXIMAL_LR_EXPONENT, Instr, row_index, whole_index
 from tpc.train.losses import batch_rows
 from tpc.train.network import Network, Step
 from tpc.train.positions import patches_text, window_text
@@ -229,8 +229,8 @@ def _list_rows(ls: _Lister, ins: Instr) -> None:
 def _list_index(ls: _Lister, ins: Instr) -> None:
     base = ls.prog.instrs[ins.args[0]]
     source = base.attrs["name"] if base.op == "data" else ls.names[ins.args[0]]
-    i = whole_index(ls.static(ins.args[1]), ins.span, len(ls.values[ins.args[0]]) if base.op != "data" else
-                    ls.net.data[base.attrs["name"]].shape[0], source)
+    i = row_index(ls.static(ins.args[1]), ins.span, len(ls.values[ins.args[0]]) if base.op != "data" else
+                  ls.net.data[base.attrs["name"]].shape[0], source)
     if base.op == "data":
         ls.values[ins.id] = ls.net.data[base.attrs["name"]][i]
         ls.names[ins.id] = f"{base.attrs['name']}[{_ranges(np.atleast_1d(i).tolist())}]"

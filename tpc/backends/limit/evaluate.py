@@ -717,9 +717,12 @@ ORDER = ("exact", "closed-form", "quadrature", "monte-carlo")
 
 def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
                    particles: int = 2**16, replicates: int = 8, seed: int = 0,
-                   memory_gb: float | None = None, force: bool = False, device: str = "cpu") -> dict[str, LimitOutput]:
+                   memory_gb: float | None = None, force: bool = False, device: str = "cpu",
+                   keep_replicates: bool = False) -> dict[str, LimitOutput]:
     """The limit of every output. Where Monte Carlo served any expectation, the whole evaluation
-    is repeated with independent particles and the standard error is taken across replicates.
+    is repeated with independent particles and the standard error is taken across replicates
+    (`keep_replicates`: each output keeps every replicate's value too, for a computation from it
+    to carry the error on; it costs that many copies of every output).
     Refuses (before allocating) what would need more than `memory_gb` (see tpc.memory; on CUDA, by
     default half of the device's memory). Runs on `device` (tpc.backends.device)."""
     on_device.check(device)
@@ -777,5 +780,5 @@ def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
         if len(vals) > 1 and "monte-carlo" in methods:
             stderr = stack.std(axis=0, ddof=1) / np.sqrt(len(vals))
         out[name] = LimitOutput(stack.mean(axis=0) if len(vals) > 1 else stack[0], label, stderr, cov,
-                                replicates=stack if stderr is not None else None)
+                                replicates=stack if keep_replicates and stderr is not None else None)
     return out
