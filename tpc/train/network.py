@@ -1770,9 +1770,11 @@ def used_before(name: str, where: Span, span: Span) -> TpcError:
 
 
 def _top_level_names(stmts: tuple[ast.Stmt, ...]) -> dict[str, Span]:
-    """Every name a top-level statement defines, where it first does."""
+    """Every name a top-level statement defines, where it first does (a parametrization's is a preset's)."""
     out: dict[str, Span] = {}
     for s in stmts:
+        if isinstance(s, ast.ParamDecl):
+            continue
         for name in (getattr(s, "name", None), *getattr(s, "names", ())):
             if isinstance(name, str):
                 out.setdefault(name, s.span)
