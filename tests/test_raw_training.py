@@ -56,6 +56,18 @@ output curve = loss
 """
 
 
+# with a bias, rate 0.3 makes the loss grow (0.375 -> 2.26 in the limit): finite widths then approach
+# the limit slowly, so these train at 0.1
+LINEAR_BIAS_RAW = LINEAR_RAW.replace("0.3 *", "0.1 *") \
+    .replace("vector v ~ N(0, 3)", "vector v ~ N(0, 3)\nvector b ~ N(0, 0.5)") \
+    .replace("(U @ X)", "(U @ X + b)").replace("(U @ Xt)", "(U @ Xt + b)") \
+    .replace("  gv = grad(L, v)\n", "  gv = grad(L, v)\n  gb = grad(L, b)\n") \
+    .replace("  v -= 0.1 * n * gv\n", "  v -= 0.1 * n * gv\n  b -= 0.1 * n * gb\n")
+LINEAR_BIAS_NETWORK = LINEAR_NETWORK.replace("0.3 *", "0.1 *") \
+    .replace("layer V : readout 1 x n, var = 3", "layer V : readout 1 x n, var = 3\nlayer b : bias n, var = 0.5") \
+    .replace("(U @ x)", "(U @ x + b)")
+
+
 def test_the_raw_program_reads_its_parametrization_off_its_powers_of_n() -> None:
     net = tpc.load(RAW)
     assert [la.role for la in net.layers.values()] == ["input", "hidden", "readout"]
@@ -91,9 +103,11 @@ def test_linear_raw_program_equals_its_network_exactly() -> None:
     np.testing.assert_allclose(fa["pred"].values, fb["pred"].values, rtol=0, atol=1e-12)
 
 
-def test_linear_raw_program_finite_widths_approach_its_exact_limit() -> None:
-    """Width 1024, 8 seeds: within 5 standard errors of the exact limit (plus an O(1/n) allowance)."""
-    raw = tpc.loads(LINEAR_RAW)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_raw_program_finite_widths_approach_its_exact_limit(bias: bool) -> None:
+    """Width 1024, 8 seeds: within 5 standard errors of the exact limit (plus an O(1/n) allowance);
+    with a trained bias too."""
+    raw = tpc.loads(LINEAR_BIAS_RAW if bias else LINEAR_RAW)
     lim = tpc.limit(raw)
     fin = tpc.run(raw, 1024, 8)
     for name in ("pred", "curve"):
@@ -148,3 +162,45 @@ def test_a_momentum_buffer_in_a_raw_loop_equals_the_network_programs() -> None:
         np.testing.assert_allclose(a[name].values, b[name].values, rtol=0, atol=1e-12)
     la, lb = tpc.limit(raw), tpc.limit(net)
     np.testing.assert_allclose(la["pred"].value, lb["pred"].value, rtol=1e-10, atol=1e-12)
+
+
+def test_a_raw_vector_added_in_the_network_is_a_trained_bias() -> None:
+    """`U @ X + b` with `b -= lr * n * gb`: the bias layer of muP (a bias takes the input layer's a
+    and b), the same numbers as the network program at finite width and exactly in the limit."""
+    assert LINEAR_BIAS_RAW.count("+ b") == 2 and "b -= 0.1 * n * gb" in LINEAR_BIAS_RAW
+    assert "(U @ x + b)" in LINEAR_BIAS_NETWORK and "layer b : bias n" in LINEAR_BIAS_NETWORK
+    raw, net = tpc.loads(LINEAR_BIAS_RAW), tpc.loads(LINEAR_BIAS_NETWORK)
+    assert raw.layers["b"].role == "bias" and raw.layers["b"].var == 0.5
+    assert tuple(raw.abc.a) == (-0.5, 0.0, 0.5) and tuple(raw.abc.b) == (0.5, 0.5, 0.5)
+    assert set(raw.program.trained_layers()) == {"U", "W", "v", "b"}
+    a, b = tpc.run(raw, 64, 2), tpc.run(net, 64, 2)
+    for name in ("pred", "curve"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=0, atol=1e-12)
+    la, lb = tpc.limit(raw), tpc.limit(net)
+    for name in ("pred", "curve"):
+        assert la[name].method == "exact"
+        np.testing.assert_allclose(la[name].value, lb[name].value, rtol=1e-10, atol=1e-12)
+    without = tpc.limit(tpc.loads(LINEAR_RAW))  # the bias changes the answer
+    assert np.abs(la["pred"].value - without["pred"].value).max() > 1e-2
+
+
+def test_a_trained_bias_sets_the_rate_of_a_fixed_input_matrix() -> None:
+    """An input matrix that no update moves has no power of n of its own: the input entry of the
+    abc lists takes its bias's (n^1: a = -1/2, b = 1/2, muP's; without the bias it would read n^0).
+    The same numbers as the muP network program with U a fixed `matrix`."""
+    text = LINEAR_BIAS_RAW.replace("  U -= 0.1 * n * gU\n", "")
+    assert "U -=" not in text and "b -= 0.1 * n * gb" in text
+    net = tpc.loads(text)
+    assert (net.abc.a[0], net.abc.b[0]) == (-0.5, 0.5)
+    assert "U" not in net.program.trained_layers() and "b" in net.program.trained_layers()
+    fixed = LINEAR_BIAS_NETWORK.replace("layer U : input n x 3, var = 2", "matrix U : n x 3 ~ N(0, 2/3)")
+    assert "matrix U" in fixed
+    other = tpc.loads(fixed)
+    a, b = tpc.run(net, 64, 2), tpc.run(other, 64, 2)
+    np.testing.assert_allclose(a["pred"].values, b["pred"].values, rtol=0, atol=1e-12)
+    # 2/3 as written and the layer's var / d = 2 / 3 differ in the last bit, and the exact limit's
+    # Cholesky extensions cut eigenvalues at round-off: here that moves the values by ~2e-10
+    la, lb = tpc.limit(net), tpc.limit(other)
+    np.testing.assert_allclose(la["pred"].value, lb["pred"].value, rtol=1e-8, atol=1e-12)
+    slow_bias = tpc.loads(text.replace("b -= 0.1 * n * gb", "b -= 0.1 * gb"))  # n^0: NTK's input entry
+    assert (slow_bias.abc.a[0], slow_bias.abc.b[0]) == (0.0, 0.0)

@@ -12,10 +12,13 @@ those layers, the model its readout computes, and that parametrization; the netw
 checks it and every backend runs it (finite width, the unrolled program, both limits).
 
 What translates: `matrix` declarations applied to data (input layers, `n x d`) and to n-vectors
-(hidden, `n x n`); readouts `v @ E / n` or `/ sqrt(n)` of a `vector v` or a `k x n` matrix; vector
-statements that chain them through coordinatewise functions, each readout the same function of
-its data (one model); losses of readouts; loops whose updates of declared objects carry the width
-only as a factor `n^p` of their gradient terms, the same power for one object throughout.
+(hidden, `n x n`); readouts `v @ E / n` or `/ sqrt(n)` of a `vector v` or a `k x n` matrix; other
+declared vectors that the network reads (biases: `U @ x + b`, gains), which take the input layer's
+a and b as a weight on a constant input 1 does (TP4), so they share its variance scale and, when
+both train, its power of n; vector statements that chain them through coordinatewise functions,
+each readout the same function of its data (one model); losses of readouts; loops whose updates of
+declared objects carry the width only as a factor `n^p` of their gradient terms, the same power for
+one object throughout.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class _Translator:
         self.model_name = ""
         self.model_body: ast.Expr | None = None
         self.order: list[str] = []  # layers in the order the model applies them
+        self.biases: list[str] = []  # declared vectors that the network reads other than as its readout
         self.scale: dict[str, float] = {}  # the readout's power s
         self.power: dict[str, tuple[float, Span]] = {}  # each object's update power p
         # loop values and states that hold gradients ("grad") or parameters ("weight"): a term's power
@@ -128,6 +132,8 @@ class _Translator:
             self.model_name, self.model_body = name, body
             self.scale[obj] = s
             self.order = self.applied(body)
+            self.biases = [name for name, (decl, _) in self.objects.items() if isinstance(decl, ast.VectorDecl)
+                           and name not in self.order and _mentions(body, name)]
         elif not _same(body, self.model_body) or self.scale.get(obj) != s:
             raise TpcError(f"readout '{name}' is another function of its data than '{self.model_name}': a trained raw "
                            "program trains one network (write each readout as the same network on other data)", a.span)
@@ -171,6 +177,8 @@ class _Translator:
         decl = self.objects[name][0]
         if name in self.scale:
             return "readout"
+        if name in self.biases:
+            return "bias"
         if isinstance(decl, ast.MatrixDecl) and decl.rows == self.width and decl.cols == self.width:
             return "hidden"
         if isinstance(decl, ast.MatrixDecl) and decl.rows == self.width:
@@ -195,14 +203,17 @@ class _Translator:
     def layers(self) -> list[ast.Stmt]:
         out: list[ast.Stmt] = []
         for name, (decl, span) in self.objects.items():
-            if name not in self.order:
-                if self.model_body is not None and _mentions(self.model_body, name):
-                    raise TpcError(f"'{name}' enters the network other than as a matrix applied to a vector or as "
-                                   "its readout (a bias?): a trained raw program does not translate that yet", span)
+            if name not in self.order and name not in self.biases:
+                use = first_mention(self.model_body, {name}) if self.model_body is not None else None
+                if use is not None:
+                    raise TpcError(f"the matrix '{name}' enters the network other than applied to a vector "
+                                   f"(`{name} @ x`): a trained raw program does not translate that", use.span)
                 raise TpcError(f"'{name}' is declared but not used by the readout '{self.model_name}'", span)
             role = self.role(name)
             if isinstance(decl, ast.MatrixDecl):
                 dims = ((decl.rows, decl.rows_span), (decl.cols, decl.cols_span))
+            elif role == "bias":
+                dims = ((self.width, span),)
             else:
                 dims = ((1, span), (self.width, span))
             var, _ = self.init(name)
@@ -222,9 +233,36 @@ class _Translator:
             if max(abs(a[-1]), abs(b[-1])) > MAX_EXPONENT:  # as the network builder would, but here
                 raise TpcError(f"{name}'s variance and learning rate give the exponents a = {a[-1]:g}, "
                                f"b = {b[-1]:g}, beyond +-{MAX_EXPONENT:g}", self.objects[name][1])
+        if self.biases:
+            first = next((i for i, name in enumerate(ordered) if self.role(name) == "input"), None)
+            a_in, b_in = (a[first], b[first]) if first is not None else (None, None)
+            self.check_biases(ordered[first] if first is not None else None, a_in, b_in)
+            if first is not None and ordered[first] not in self.power:  # a fixed input layer: the biases' rate
+                p = next((self.power[x][0] for x in self.biases if x in self.power), None)
+                if p is not None:
+                    a[first], b[first] = -p / 2, a_in + b_in + p / 2
         lists = [ast.Kwarg(k, ast.ListExpr(span, tuple(ast.Num(span, v) for v in vals)), span)
                  for k, vals in (("a", a), ("b", b))]
         return ast.ParamDecl(span, "abc", span, (*lists, ast.Kwarg("c", ast.Num(span, 0.0), span)))
+
+    def check_biases(self, layer: str | None, a_in: float | None, b_in: float | None) -> None:
+        """A bias is a weight on a constant input 1: it takes the input layer's a and b (TP4), so its
+        variance has the input layer's power of n and, where both train, its update the same n^p."""
+        if layer is None:
+            raise TpcError(f"the vector '{self.biases[0]}' is added in a network without an input matrix (`U @ X`): a "
+                           "bias takes the input layer's parametrization", self.objects[self.biases[0]][1])
+        trained = [(self.power[x][0], x) for x in [layer, *self.biases] if x in self.power]
+        for name in self.biases:
+            _, total = self.init(name)
+            if not math.isclose(total, a_in + b_in, abs_tol=1e-12):  # type: ignore[operator]
+                raise TpcError(f"the bias '{name}' has variance ~ n^{0.0 - 2 * total:g} and the input layer "
+                               f"'{layer}' ~ n^{0.0 - 2 * (a_in + b_in):g}: a bias takes the input layer's scale",
+                               self.objects[name][0].dist.span)  # type: ignore[attr-defined]
+            if name in self.power and trained and self.power[name][0] != trained[0][0]:
+                p, other = trained[0]
+                raise TpcError(f"{name}'s updates carry n^{self.power[name][0]:g} and {other}'s n^{p:g}: a bias moves "
+                               "at the input layer's rate (it takes the input layer's a and b, TP4)",
+                               self.power[name][1])
 
     # ------------------------------------------------------------------ statements
     def statement(self, s: ast.Stmt) -> ast.Stmt:
