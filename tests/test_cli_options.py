@@ -29,6 +29,9 @@ TRAIN = "programs/train/relu2_mup.tp"
     ["limit", RELU, "--replicates", "1"],
     ["compare", RELU, "--seeds", "-1"],
     ["classify", "--preset", "mup", "--layers", "0"],
+    ["limit", RELU, "--seed", "99999999999999999999"],  # a ValueError from torch's generator before
+    ["run", RELU, "--width", "8", "--first-seed", "2147483648"],
+    ["limit", RELU, "--replicates", "2000000"],
 ])
 def test_bad_options_are_refused_by_the_parser(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
@@ -154,3 +157,28 @@ def test_compare_takes_the_limits_particles(capsys: pytest.CaptureFixture[str]) 
                  "--particles", "1024", "--replicates", "2", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     np.testing.assert_allclose(doc["outputs"]["pred"]["limit"]["value"], want.value, rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs", [{"seed": 2**31}, {"replicates": 2**21}, {"seed": -1}])
+def test_the_api_bounds_seeds_as_the_parser_does(kwargs: dict[str, int]) -> None:
+    with pytest.raises(TpcError, match="seed|replicates"):
+        tpc.limit(tpc.load(RELU), **kwargs)
+
+
+def test_monte_carlo_replicates_of_different_seeds_are_independent() -> None:
+    """Seed s draws its replicates from their own streams (s * 2^20 + r): seeds 0 and 1 share no
+    replicate (with s + r they shared all but one, and the scatter between them understated the
+    Monte Carlo error); seed 0's are those of before (0, 1, ...), so shown figures stay."""
+    from tpc.backends.limit import evaluate_limit
+    from tpc.seeds import replicate_seed
+
+    assert [replicate_seed(0, r) for r in range(3)] == [0, 1, 2] and replicate_seed(1, 0) == 2**20
+    prog = tpc.load("programs/netsor/moments.tp")
+    opts = {"method": "monte-carlo", "particles": 256, "replicates": 3, "keep_replicates": True}
+    runs = [evaluate_limit(prog, seed=s, **opts) for s in (0, 1)]
+    name = "tanh3"
+    a, b = (np.asarray(r[name].replicates).reshape(3, -1) for r in runs)
+    gaps = np.abs(a[:, None, :] - b[None, :, :]).max(-1)  # every replicate of seed 0 against every one of seed 1
+    assert gaps.min() > 1e-6, gaps
+    again = evaluate_limit(prog, seed=0, **opts)[name].replicates
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(runs[0][name].replicates))

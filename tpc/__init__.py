@@ -55,12 +55,14 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'tpc' has no attribute {name!r}") from None
 
 
-def _count(value: object, what: str, minimum: int = 1) -> None:
-    """The API checks what the CLI's parser checks: whole numbers, at least `minimum`."""
+def _count(value: object, what: str, minimum: int = 1, maximum: int | None = None) -> None:
+    """The API checks what the CLI's parser checks: whole numbers, at least `minimum` (at most `maximum`)."""
     from tpc.errors import TpcError
 
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise TpcError(f"{what} must be a whole number of at least {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise TpcError(f"{what} must be at most {maximum}, got {value!r}")
 
 
 def is_device(device: object) -> bool:
@@ -79,9 +81,12 @@ def _options(options: dict[str, object]) -> None:
     device = options.get("device", "cpu")
     if not is_device(device):
         raise TpcError(f"device is 'cpu', 'cuda' or 'cuda:K', got {device!r}")
-    for key, minimum in (("particles", 2), ("replicates", 2), ("first_seed", 0), ("seed", 0)):
+    from tpc.seeds import MAX_REPLICATES, MAX_SEED
+
+    for key, minimum, maximum in (("particles", 2, None), ("replicates", 2, MAX_REPLICATES),
+                                  ("first_seed", 0, MAX_SEED), ("seed", 0, MAX_SEED)):
         if options.get(key) is not None:
-            _count(options[key], key, minimum)
+            _count(options[key], key, minimum, maximum)
 
 
 def load(path: object, **options: object) -> Program | Network:

@@ -22,6 +22,7 @@ import numpy as np
 
 from tpc import __version__
 from tpc.errors import TpcError
+from tpc.seeds import MAX_REPLICATES, MAX_SEED
 
 EXIT_USER_ERROR = 2
 
@@ -96,8 +97,8 @@ def dumps(obj: object) -> str:
     return json.dumps(_strict(obj), indent=1, allow_nan=False)
 
 
-def _count(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least `minimum`."""
+def _count(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `minimum` (and at most `maximum`)."""
 
     def parse(text: str) -> int:
         try:
@@ -106,6 +107,8 @@ def _count(minimum: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected a whole number, got '{text}'") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     return parse
@@ -762,7 +765,7 @@ def parser() -> argparse.ArgumentParser:
     r = add("run", "Run the program at finite width for several seeds (vectorised across seeds); "
             "print each output's mean and standard error.", cmd_run)
     r.add_argument("--width", type=_count(1), required=True, help="the width n")
-    r.add_argument("--first-seed", type=_count(0), default=0)
+    r.add_argument("--first-seed", type=_count(0, MAX_SEED), default=0)
     r.add_argument("--workers", type=_count(1), default=None,
                    help="run each seed as a task on a local Dask cluster of this many workers")
     r.add_argument("--cluster", default=None, metavar="ADDRESS",
@@ -779,9 +782,10 @@ def parser() -> argparse.ArgumentParser:
     lim.add_argument("--particles", type=_count(2), default=None,
                      help="Monte Carlo particles (default 65536; 4096 where entrywise updates of n x n layers, "
                      "Adam's, need P x P grids)")
-    lim.add_argument("--replicates", type=_count(2), default=None,
+    lim.add_argument("--replicates", type=_count(2, MAX_REPLICATES), default=None,
                      help="independent Monte Carlo runs, for the standard error (default 8; 4 for training)")
-    lim.add_argument("--seed", type=_count(0), default=0)
+    lim.add_argument("--seed", type=_count(0, MAX_SEED), default=0,
+                     help="the particles' seed: replicate r draws from the stream seed * 2^20 + r (default 0)")
     lim.add_argument("--device", type=_device, default="cpu",
                      help="cpu, cuda or cuda:K: where the kernels and particles are computed (default cpu)")
     lim.add_argument("--out", default=None, metavar="DIR",
@@ -816,7 +820,8 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--plot", metavar="PNG", help="write a log-log plot of error against width")
     c.add_argument("--particles", type=_count(2), default=None,
                    help="Monte Carlo particles of the limit, where it needs them (default: as tpc limit)")
-    c.add_argument("--replicates", type=_count(2), default=None, help="independent particle sets of the limit")
+    c.add_argument("--replicates", type=_count(2, MAX_REPLICATES), default=None,
+                   help="independent particle sets of the limit")
     c.add_argument("--workers", type=_count(1), default=None,
                    help="run each (width, seed) as a task on a local Dask cluster of this many workers")
     c.add_argument("--cluster", default=None, metavar="ADDRESS",
@@ -839,9 +844,9 @@ def parser() -> argparse.ArgumentParser:
                     "and what each layer reads")
     cc.add_argument("--particles", type=_count(2), default=None,
                     help="Monte Carlo particles of the limit (default 65536; 4096 with entrywise updates)")
-    cc.add_argument("--replicates", type=_count(2), default=4,
+    cc.add_argument("--replicates", type=_count(2, MAX_REPLICATES), default=4,
                     help="independent particle sets of the limit, for its standard error (default 4)")
-    cc.add_argument("--seed", type=_count(0), default=0, help="the limit's first particle seed")
+    cc.add_argument("--seed", type=_count(0, MAX_SEED), default=0, help="the limit's particle seed")
     cc.add_argument("--device", type=_device, default="cpu", help="cpu, cuda or cuda:K (default cpu)")
     cc.add_argument("--dtype", choices=["float32", "float64"], default="float64", help="of the finite runs")
     cc.add_argument("--plot", "--png", metavar="PNG", dest="plot",

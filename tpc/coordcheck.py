@@ -397,6 +397,7 @@ def limit_values(net: Network, tracked: list[Probe], rows: Rows, steps: int, par
     import torch
 
     from tpc.backends import device as on_device
+    from tpc.seeds import replicate_seed
     from tpc.train.limit import limit_refusal
     from tpc.train.pooled import PooledBackend
     from tpc.train.spaces import LimitSpace
@@ -408,10 +409,10 @@ def limit_values(net: Network, tracked: list[Probe], rows: Rows, steps: int, par
     with on_device.on(device):
         for r in range(replicates):
             if cls.regime == "feature learning":
-                space = LimitSpace(net, False, particles, seed + r)
+                space = LimitSpace(net, False, particles, replicate_seed(seed, r))
                 values = observe(net, PooledBackend(net, space), rows, tracked, steps)
             else:
-                backend = PooledBackend(net, _features_at_init(net, particles, seed + r))
+                backend = PooledBackend(net, _features_at_init(net, particles, replicate_seed(seed, r)))
                 with torch.no_grad():
                     first = _statistics(backend.apply(backend.initial(), rows).vals, tracked, 0)
                 values = first[None].expand(steps + 1, -1).clone()

@@ -26,6 +26,7 @@ import numpy as np
 from tpc import memory
 from tpc import syntax as ast
 from tpc.errors import TpcError
+from tpc.seeds import MAX_SEED
 
 RUN_AXES = ("width", "seed")
 MAX_TASKS = 100_000
@@ -61,6 +62,10 @@ def parse_grid(text: str) -> dict[str, list[str]]:
             if not v.isdigit() or name == "width" and int(v) < 1:
                 raise TpcError(f"--grid: {name} takes whole numbers{' of at least 1' if name == 'width' else ''}, "
                                f"got '{v}'")
+            if name == "seed" and int(v) > MAX_SEED:
+                raise TpcError(f"--grid: a seed is at most {MAX_SEED}, got '{v}'")
+        if len({int(v) for v in axes.get(name, [])}) != len(axes.get(name, [])):  # seed=0,00: one seed twice
+            raise TpcError(f"--grid: '{name}' repeats a value")
     if "width" not in axes:
         raise TpcError("--grid needs widths: width=64,256,...")
     return axes

@@ -29,6 +29,7 @@ from tpc.backends.torch.run import DTYPES
 from tpc.errors import TpcError
 from tpc.ops import expr as ex
 from tpc.passes.autodiff import derivative
+from tpc.seeds import replicate_seed
 from tpc.train import positions as by_pos
 from tpc.train.interp import Applied, Bundle, Interpreter, Rows, entrywise_args
 from tpc.train.loops import FAN_IN_EXPONENT, MAXIMAL_LR_EXPONENT
@@ -534,7 +535,7 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
             def step_done(done: int, _total: int, r: int = r) -> None:
                 if progress:
                     progress(r * steps + done, reps * steps)
-            space = LimitSpace(net, exact, size, seed + r)
+            space = LimitSpace(net, exact, size, replicate_seed(seed, r))
             space.kernels = kernels
             runs.append(run_pooled(net, space, step_done))
     out = {}

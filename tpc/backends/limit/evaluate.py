@@ -25,6 +25,7 @@ from tpc.ops import expr as ex
 from tpc.ops.functions import FUNCTIONS, clear_kernel_cache
 from tpc.ops.instructions import INSTRUCTIONS, multiplies_data
 from tpc.ops.shapes import broadcast_shapes
+from tpc.seeds import replicate_seed
 
 Tensor = torch.Tensor
 METHODS = ("auto", "exact", "closed-form", "quadrature", "monte-carlo")
@@ -758,11 +759,11 @@ def evaluate_limit(prog: Program, method: str = "auto", dtype: str = "float64",
 
     with torch.no_grad(), on_device.on(device):
         try:
-            result, mc_used = run_once(seed)
+            result, mc_used = run_once(replicate_seed(seed, 0))
             runs = [result]
             if mc_used:
                 for r in range(1, max(2, replicates)):
-                    runs.append(run_once(seed + r)[0])
+                    runs.append(run_once(replicate_seed(seed, r))[0])
         finally:
             clear_kernel_cache()
     out = {}
