@@ -446,4 +446,6 @@ output pred = f(X)
     path = tmp_path / "rows.tp"
     path.write_text(source)
     assert main(["graph", "--unrolled", str(path)]) == 2
-    assert "10:28: error: a row index" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "10:28: error: a row index" in err
+    assert "f -= 0.3 * grad(xent(f(X[S[min(k, S)]])" in err and "^~~~" in err  # the line, as other commands show

@@ -269,7 +269,10 @@ def cmd_graph(args: argparse.Namespace) -> int:
                            getattr(prog.train, "span", None)).locate(prog.filename, prog.source)
         from tpc.train.unrolled import unrolled_loops
 
-        listing = unrolled_loops(prog)
+        try:
+            listing = unrolled_loops(prog)
+        except TpcError as err:  # the listing's refusals carry spans, not the file
+            raise (err if err.source is not None else err.locate(prog.filename, prog.source)) from None
         if args.format == "dot":
             raise TpcError("--unrolled lists the unrolled program as text (or --format json); it has no DOT form")
         print(dumps({"file": args.file, "unrolled": listing.splitlines()}) if args.format == "json" else listing,

@@ -207,8 +207,7 @@ def _list_loop(ls: _Lister, ins: Instr) -> None:
         ls.iterations += 1
         if ls.iterations > MAX_STEPS:
             raise TpcError(f"--unrolled is for short runs: more than {MAX_STEPS} loop iterations in all; lower "
-                           "the trip counts to read the program", ins.span
-                           ).locate(ls.net.filename, ls.net.source)
+                           "the trip counts to read the program", ins.span)
         ls.counters[counter] = t
         ls.values[counter] = t
         ls.say(f"# {ins.attrs['counter'].strip('<>')} = {t}")
