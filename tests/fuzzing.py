@@ -920,6 +920,93 @@ def loop_program(c: Chooser, brk: str | None = None) -> str:
     return _Loops(c, brk).build()
 
 
+def raw_loop_program(c: Chooser) -> str:
+    """A raw Netsor program trained by a loop (tpc/train/raw.py translates it): declared matrices and
+    vectors (an input matrix, 0-2 hidden ones, a readout vector, maybe a bias or a gain), vector
+    statements, a readout `v @ x / n` (muP's powers in the updates) or `/ sqrt(n)` (none: NTK), and
+    a loop of gradients and updates, with now and then a momentum buffer, a decay term, a schedule,
+    a test readout, or one object's power of n drawn at random (refused or unstable, at times)."""
+    d, rows = c.integer(1, 3), c.integer(1, 4)
+    hidden = c.integer(0, 2)
+    mup = c.chance(0.6)
+    act = c.choice(["relu", "tanh", "", "relu", "tanh"])
+    bias = c.choice(["", "", "input", "hidden", "gain"]) if hidden or c.chance(0.5) else c.choice(["", "input"])
+    if bias == "hidden" and not hidden:
+        bias = "input"
+    lines = ["width n", f"data X = {matrix_literal(c, rows, d)}",  # rows: the inputs
+             f"data Y = [{', '.join(num(c, -1, 1, 1) for _ in range(rows))}]"]
+    test = c.chance(0.5)
+    if test:
+        lines.append(f"data Xt = {matrix_literal(c, 2, d)}")
+    lr = num(c, 0.05, 0.5)
+    if c.chance(0.3):
+        lines.append(f"scalar lr = {lr}")
+        lr = "lr"
+    lines.append(f"matrix U : n x {d} ~ N(0, {num(c, 0.5, 2, 1)}/{d})")
+    ws = [f"W{i + 1}" for i in range(hidden)]
+    lines += [f"matrix {w} : n x n ~ N(0, {num(c, 0.5, 2, 1)}/n)" for w in ws]
+    lines.append(f"vector v ~ N(0, {num(c, 0.5, 2, 1)})")
+    if bias:
+        lines.append(f"vector b ~ N(0, {num(c, 0.2, 1.5, 1)})")
+
+    def wrap(e: str) -> str:
+        return f"{act}({e})" if act else f"({e})"
+
+    def chain(data: str) -> str:
+        h = wrap(f"U @ {data} + b" if bias == "input" else f"U @ {data}")
+        for j, w in enumerate(ws):
+            h = wrap(f"{w} @ {h} + b" if bias == "hidden" and j == 0 else f"{w} @ {h}")
+        return f"((1 + b) * {h})" if bias == "gain" else h
+
+    scale = "n" if mup else "sqrt(n)"
+    named = c.chance(0.5)
+    if named:  # the training readout through named vectors, the test one inline
+        prev = "X"
+        h = wrap("U @ X + b" if bias == "input" else "U @ X")
+        lines.append(f"h0 = {h}")
+        for j, w in enumerate(ws):
+            lines.append(f"h{j + 1} = " + wrap(f"{w} @ h{j} + b" if bias == "hidden" and j == 0 else f"{w} @ h{j}"))
+        prev = f"h{hidden}"
+        if bias == "gain":
+            lines.append(f"g = (1 + b) * {prev}")
+            prev = "g"
+        lines.append(f"f = v @ {prev} / {scale}")
+    else:
+        lines.append(f"f = v @ {chain('X')} / {scale}")
+    if test:
+        lines.append(f"ft = v @ {chain('Xt')} / {scale}")
+    lines.append("loss L = mse(f, Y)")
+    objects = ["U", *ws, "v", *(["b"] if bias else [])]
+    trained = [o for o in objects if c.chance(0.85)] or ["v"]
+    power = {o: (("1" if o in ("U", "v", "b") else "") if mup else "") for o in objects}
+    if c.chance(0.15):  # one object's power drawn at random
+        power[c.choice(trained)] = c.choice(["", "1", "2", "0.5", "-1"])
+    momentum = c.choice(trained) if c.chance(0.25) else None
+    if momentum:
+        lines.append(f"state M = zeros({momentum})")
+    trip = c.integer(1, 4)
+    lines.append(f"for t in range({trip}) {{")
+    if c.chance(0.6):
+        lines.append("  record loss = L")
+    rate = f"{lr} * (1 - t / {trip + 1})" if c.chance(0.2) else lr
+    for o in trained:
+        lines.append(f"  g{o} = grad(L, {o})")
+    for o in trained:
+        factor = {"": "", "1": " * n", "2": " * n^2", "0.5": " * sqrt(n)", "-1": " / n"}[power[o]]
+        term = f"g{o}"
+        if o == momentum:
+            lines.append(f"  M = 0.9 * M + g{o}")
+            term = "M"
+        decay = f" + 0.01 * {o}" if c.chance(0.1) else ""
+        lines.append(f"  {o} -= {rate}{factor} * {term}{decay}" if not decay else
+                     f"  {o} -= {rate} * ({factor[3:] + ' * ' if factor.startswith(' * ') else ''}{term}{decay})")
+    lines.append("}")
+    lines.append(f"output pred = {'ft' if test else 'f'}")
+    if any("record" in line for line in lines):
+        lines.append("output curve = loss")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------------------- mutations
 
 TOKEN = re.compile(r'"[^"\n]*"|[A-Za-z_][A-Za-z0-9_]*|[0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?|\*\*|\s+|.', re.S)
@@ -984,9 +1071,10 @@ class Case:
 def program(c: Chooser, broken: bool = False, known_bugs: bool = False,
             loops_p: float = 0.12) -> tuple[str, str, str | None]:
     """An unmutated program and its kind: Netsor (60%), a network trained by `train` (28%) or by loops
-    written in the language (`loops_p`, 12%). With `broken`, a loop program is broken on purpose three
-    times in four (the kind of break is returned); `known_bugs` adds the breaks of KNOWN_BUG_BREAKS.
-    (Under hypothesis, coin flips lean towards True: HypothesisChooser.)"""
+    written in the language (`loops_p`, 12%; a quarter of the unbroken ones raw Netsor programs). With
+    `broken`, a loop program is broken on purpose three times in four (the kind of break is returned);
+    `known_bugs` adds the breaks of KNOWN_BUG_BREAKS. (Under hypothesis, coin flips lean towards True:
+    HypothesisChooser.)"""
     network_p = max(0.4, loops_p)
     if not c.chance(network_p):
         return netsor_program(c), "netsor", None
@@ -995,6 +1083,8 @@ def program(c: Chooser, broken: bool = False, known_bugs: bool = False,
     brk = None
     if broken and c.chance(0.75):
         brk = c.choice(LOOP_BREAKS + (KNOWN_BUG_BREAKS if known_bugs else ()))
+    if brk is None and c.chance(0.25):  # a raw Netsor program trained by a loop (translated: raw.py)
+        return raw_loop_program(c), "loops", None
     return loop_program(c, brk), "loops", brk
 
 

@@ -204,3 +204,19 @@ def test_a_trained_bias_sets_the_rate_of_a_fixed_input_matrix() -> None:
     np.testing.assert_allclose(la["pred"].value, lb["pred"].value, rtol=1e-8, atol=1e-12)
     slow_bias = tpc.loads(text.replace("b -= 0.1 * n * gb", "b -= 0.1 * gb"))  # n^0: NTK's input entry
     assert (slow_bias.abc.a[0], slow_bias.abc.b[0]) == (0.0, 0.0)
+
+
+def test_a_momentum_buffer_of_an_object_updated_with_a_power_of_n() -> None:
+    """`state M = zeros(v)` holds none of v's value: `v -= 0.2 * n * M` is a learning rate n^1 times
+    gradients, not a decay term with a power of n (refused so before; the fuzz found it). The
+    network program with the same buffer gives the same numbers."""
+    raw_loop = MOMENTUM.replace("zeros(W)", "zeros(v)").replace("grad(L, W)", "grad(L, v)") \
+        .replace("W -= 0.2 * M", "v -= 0.2 * n * M\n  U -= 0.2 * n * grad(L, U)")
+    net_loop = MOMENTUM.replace("zeros(W)", "zeros(V)").replace("grad(L, W)", "grad(L, V)") \
+        .replace("W -= 0.2 * M", "V -= 0.2 * M\n  U -= 0.2 * grad(L, U)")
+    assert "v -= 0.2 * n * M" in raw_loop and "V -= 0.2 * M" in net_loop
+    raw = tpc.loads(LINEAR_RAW.replace(_loop(LINEAR_RAW), raw_loop))
+    net = tpc.loads(LINEAR_NETWORK.replace(_loop(LINEAR_NETWORK), net_loop))
+    a, b = tpc.run(raw, 48, 2), tpc.run(net, 48, 2)
+    np.testing.assert_allclose(a["pred"].values, b["pred"].values, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tpc.limit(raw)["pred"].value, tpc.limit(net)["pred"].value, rtol=1e-10, atol=1e-12)

@@ -326,6 +326,8 @@ class _Translator:
         object, or a loop value made of one); empty for a number."""
         if isinstance(e, ast.Call) and e.fn == "grad":
             return {"grad"}
+        if isinstance(e, ast.Call) and e.fn == "zeros":  # zeros(W): W's shape, none of its value
+            return set()
         if isinstance(e, ast.Name):
             return {"weight"} if e.id in self.objects else set(self.kinds.get(e.id, ()))
         out: set[str] = set()
