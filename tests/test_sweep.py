@@ -69,6 +69,9 @@ def test_bad_settings_and_memory_are_refused_before_running(capsys: pytest.Captu
         sweep(RELU, "width=4096", workers=2, memory_gb=0.5)
     assert main(["sweep", str(RELU), "--grid", "width=64 lr=fast"]) == 2
     assert "lr takes numbers" in capsys.readouterr().err
+    assert main(["sweep", str(RELU), "--grid", "width=64 bogus=1,2"]) == 2  # no header or bar before refusing
+    out = capsys.readouterr()
+    assert "names no parameter" in out.err and "runs (settings" not in out.out + out.err
 
 
 def test_cli_sweep_json_and_param_axis(capsys: pytest.CaptureFixture[str]) -> None:

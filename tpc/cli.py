@@ -454,21 +454,28 @@ def _tiled_limit(args: argparse.Namespace, prog) -> int:  # noqa: ANN001
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """`tpc sweep FILE --grid ...`: every (width, seed, setting) a task on a Dask cluster; one table."""
-    from tpc.sweep import parse_grid, settings, sweep
+    from tpc.sweep import sweep
 
     prog = _load(args)
     _check_device(args.device)
-    axes = parse_grid(args.grid)
-    total = len(settings(axes)) * len(axes["width"]) * len(axes.get("seed", ["0"]))
     where = f"the Dask cluster at {args.cluster}" if args.cluster else f"a local Dask cluster of {args.workers} workers"
-    print(f"{args.file}: {total} runs (settings x widths x seeds) on {where}",
-          file=sys.stderr if args.json else sys.stdout, flush=True)
-    update, close = _step_bar(not args.json and not args.quiet, "runs", "run", 0)
+    bar: list[tuple[Callable[[int, int], None] | None, Callable[[], None]]] = []
+
+    def starting(total: int) -> None:  # the grid and every setting checked: the header, then the bar
+        print(f"{args.file}: {total} runs (settings x widths x seeds) on {where}",
+              file=sys.stderr if args.json else sys.stdout, flush=True)
+        bar.append(_step_bar(not args.json and not args.quiet, "runs", "run", 0))
+
+    def update(done: int, total: int) -> None:
+        if bar and bar[0][0] is not None:
+            bar[0][0](done, total)
+
     try:
         res = sweep(prog, args.grid, args.workers, args.cluster, args.dtype, args.device, args.memory_gb, args.force,
-                    update, allow_data_outside=args.allow_data_outside)
+                    update, allow_data_outside=args.allow_data_outside, starting=starting)
     finally:
-        close()
+        if bar:
+            bar[0][1]()
     if args.json:
         print(dumps(res.to_json()))
         return 0

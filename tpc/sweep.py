@@ -181,8 +181,10 @@ class SweepResult:
 
 def sweep(path_or_prog: object, grid: str, workers: int = 2, cluster: str | None = None, dtype: str = "float64",
           device: str = "cpu", memory_gb: float | None = None, force: bool = False,
-          progress: Callable[[int, int], None] | None = None, allow_data_outside: bool = False) -> SweepResult:
-    """Runs every (width, seed, setting) of the grid as a task; `progress(done, total)`."""
+          progress: Callable[[int, int], None] | None = None, allow_data_outside: bool = False,
+          starting: Callable[[int], None] | None = None) -> SweepResult:
+    """Runs every (width, seed, setting) of the grid as a task; `progress(done, total)`, and
+    `starting(runs)` once every setting has been built and checked, before the cluster starts."""
     from tpc import load
     from tpc.backends import device as on_device
 
@@ -213,6 +215,8 @@ def sweep(path_or_prog: object, grid: str, workers: int = 2, cluster: str | None
         raise TpcError(f"the largest run would take about {memory.gb(biggest)}, more than a worker's share of the "
                        f"budget ({memory.gb(share)} = {memory.gb(budget)} / {workers} workers); --memory-gb, fewer "
                        "--workers or smaller widths (--force runs it anyway)")
+    if starting is not None:
+        starting(len(tasks))
     from tpc.tiles import engine
 
     dist = engine()
