@@ -196,3 +196,30 @@ def test_backward_is_hidden_unless_asked() -> None:
     full = tpc.print_program(prog, backward=True)
     assert "W3.T" not in short and "backward instructions" in short
     assert "W3.T d_t9" in full and "W2.T" in full
+
+
+def test_the_ntk_of_one_input_is_one_number_per_seed() -> None:
+    """f on one input (data without a batch): its tangent kernel is a number per seed, at finite
+    width as in the limit, and in the emitted module. The input layer's term X X^T was a 1 x 1 array
+    there, which broadcast the seeds into an S x S table of which each row was every seed's value
+    (the emit-torch fuzz found it). Linear, NTK convention (each term carries its parameter's
+    variance, as the recursion above): Theta = s2_v Sigma (readout) + s2_v Sigma (input), with
+    Sigma = (s2_U / 3) |x|^2."""
+    source = """width n
+data X1 = [-0.4, -0.7, -0.2]
+matrix U : n x 3 ~ N(0, 1.5/3)
+vector r ~ N(0, 2)
+f = r @ (U @ X1) / sqrt(n)
+output k = tangent_kernel(f)
+"""
+    prog = tpc.loads(source)
+    x2 = 0.4**2 + 0.7**2 + 0.2**2
+    exact = 2 * (1.5 / 3 * x2) * 2
+    lim = tpc.limit(prog)["k"]
+    assert np.shape(lim.value) == () and lim.value == pytest.approx(exact, rel=1e-12)
+    fin = tpc.run(prog, 2048, 6)["k"]
+    assert fin.values.shape == (6,)
+    assert abs(fin.mean - exact) < 5 * fin.stderr + 1e-3
+    module = tpc.torch_module(prog, width=2048, seeds=list(range(6)))
+    emitted = module(X1=torch.tensor([-0.4, -0.7, -0.2], dtype=torch.float64))["k"]
+    np.testing.assert_allclose(emitted.detach().numpy(), fin.values, rtol=1e-12)

@@ -51,8 +51,11 @@ def gram(x: Tensor, y: Tensor) -> Tensor:
 
 
 def data_gram(a: Tensor, b: Tensor) -> Tensor:
-    """A B^T of two data arrays, rows against rows (autodiff's input-layer term of an NTK)."""
-    return a @ b.mT
+    """A B^T of two data arrays, rows against rows (autodiff's input-layer term of an NTK), shaped as
+    gram() shapes its result: (1, *batch of a, *batch of b), so one input (no batch) gives a number."""
+    xs = a if a.dim() == 3 else a.unsqueeze(-2)
+    ys = b if b.dim() == 3 else b.unsqueeze(-2)
+    return (xs @ ys.mT).reshape(max(a.shape[0], b.shape[0]), *a.shape[1:-1], *b.shape[1:-1])
 
 
 def as_data(value: Tensor | None, default: Tensor | None, name: str, rank: int, dtype: torch.dtype,
