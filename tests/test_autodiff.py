@@ -223,3 +223,31 @@ output k = tangent_kernel(f)
     module = tpc.torch_module(prog, width=2048, seeds=list(range(6)))
     emitted = module(X1=torch.tensor([-0.4, -0.7, -0.2], dtype=torch.float64))["k"]
     np.testing.assert_allclose(emitted.detach().numpy(), fin.values, rtol=1e-12)
+
+
+def test_a_gradient_that_is_one_vector_for_every_input_keeps_the_batch() -> None:
+    """f = r . W (1.45 h) / sqrt(n) on a batch of 2: df_i/dh_i = 1.45 W.T r for every input, one
+    vector, but a batch of 2 in the program (autodiff's d_h), so gram(d_h, d_h) is 2 x 2 at finite
+    width as in the limit (it was 1 x 1 per seed in tpc run and emit-torch; the shape fuzz found
+    it). Its limit is 1.45^2 * 0.74 * 1.85 in every entry (E[(W.T r)^2] = s2_W E[r^2])."""
+    source = """width n
+data X = [[-0.9, -0.7], [-1.2, 1]]
+matrix U : n x 2 ~ N(0, 1.11/2)
+h = U @ X
+matrix W : n x n ~ N(0, 0.74/n)
+vector r ~ N(0, 1.85)
+f = r @ (W @ (1.45 * h)) / sqrt(n)
+output k = gram(grad(f, h))
+output m = mean(grad(f, h) * grad(f, h))
+"""
+    prog = tpc.loads(source)
+    exact = 1.45**2 * 0.74 * 1.85
+    lim = tpc.limit(prog)
+    np.testing.assert_allclose(lim["k"].value, np.full((2, 2), exact), rtol=1e-12)
+    np.testing.assert_allclose(lim["m"].value, np.full(2, exact), rtol=1e-12)
+    fin = tpc.run(prog, 2048, 6)
+    assert fin["k"].values.shape == (6, 2, 2) and fin["m"].values.shape == (6, 2)
+    assert np.all(np.abs(fin["k"].mean - exact) < 5 * fin["k"].stderr + 1e-3)
+    module = tpc.torch_module(prog, width=256, seeds=[0, 1])
+    emitted = module()["k"].detach().numpy()
+    np.testing.assert_allclose(emitted, tpc.run(prog, 256, 2)["k"].values, rtol=1e-12)

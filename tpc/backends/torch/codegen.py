@@ -229,16 +229,28 @@ def _torch_matmul(em: _Emitter, node: Node) -> None:
     em.compute(node, f"matmul({w}, {em.ref(node.inputs[1])})")
 
 
+def _full_batch(em: _Emitter, node: Node, code: str, vector: bool) -> str:
+    """`code` expanded to the node's batch where no input carries it: autodiff's d_h of f on a batch
+    is a batch even when it is one vector for every input (a linear layer's W.T v), and a lifted
+    input broadcasts over a batch of 1 only."""
+    used = ex.args_used(node.params["tree"])
+    if not node.shape or any(em.prog.node(node.inputs[k]).shape == node.shape for k in used):
+        return code
+    return f"({code}).expand(-1, {', '.join(map(str, node.shape))}{', -1' if vector else ''})"
+
+
 def _torch_nonlin(em: _Emitter, node: Node) -> None:
     args = [em.lifted(i, len(node.shape), node.kind == "vector") for i in node.inputs]
     hoisted: list[str] = []
-    em.compute(node, _tree_code(node.params["tree"], args, hoisted), hoisted, comment=False)
+    code = _full_batch(em, node, _tree_code(node.params["tree"], args, hoisted), node.kind == "vector")
+    em.compute(node, code, hoisted, comment=False)
 
 
 def _torch_moment(em: _Emitter, node: Node) -> None:
     args = [em.lifted(i, len(node.shape), True) for i in node.inputs]
     hoisted: list[str] = []
-    em.compute(node, f"({_tree_code(node.params['tree'], args, hoisted)}).mean(-1)", hoisted)
+    em.compute(node, _full_batch(em, node, f"({_tree_code(node.params['tree'], args, hoisted)}).mean(-1)", False),
+               hoisted)
 
 
 def _torch_gram(em: _Emitter, node: Node) -> None:
