@@ -165,6 +165,27 @@ def test_the_api_bounds_seeds_as_the_parser_does(kwargs: dict[str, int]) -> None
         tpc.limit(tpc.load(RELU), **kwargs)
 
 
+@pytest.mark.parametrize("call", [
+    lambda p: tpc.torch_module(p, 16, [2**70]),  # a ValueError from torch's generator before
+    lambda p: tpc.torch_module(p, 16, []),  # a RuntimeError from torch.stack before
+    lambda p: tpc.torch_module(p, 16, [-1]),
+    lambda p: tpc.compare(p, [16], 2, replicates=2.5),  # a TypeError before
+    lambda p: tpc.compare(p, [16], 2, particles=1),
+    lambda p: tpc.run(p, 16, 3, first_seed=2**31 - 1),  # seeds past the bound
+])
+def test_the_api_checks_seed_lists_and_counts(call: object) -> None:
+    with pytest.raises(TpcError, match="seed|replicates|particles"):
+        call(tpc.load(TRAIN))  # type: ignore[operator]
+
+
+def test_seeds_past_the_bound_are_refused_by_run(capsys: pytest.CaptureFixture[str]) -> None:
+    """With --workers it was refused as a --grid error the user never wrote; without, it ran."""
+    for extra in ([], ["--workers", "1"]):
+        assert main(["run", RELU, "--width", "8", "--seeds", "3", "--first-seed", "2147483647", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "seeds 2147483647 to 2147483649 go past 2147483647" in err and "--grid" not in err
+
+
 def test_monte_carlo_replicates_of_different_seeds_are_independent() -> None:
     """Seed s draws its replicates from their own streams (s * 2^20 + r): seeds 0 and 1 share no
     replicate (with s + r they shared all but one, and the scatter between them understated the

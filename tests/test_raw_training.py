@@ -220,3 +220,35 @@ def test_a_momentum_buffer_of_an_object_updated_with_a_power_of_n() -> None:
     a, b = tpc.run(raw, 48, 2), tpc.run(net, 48, 2)
     np.testing.assert_allclose(a["pred"].values, b["pred"].values, rtol=0, atol=1e-12)
     np.testing.assert_allclose(tpc.limit(raw)["pred"].value, tpc.limit(net)["pred"].value, rtol=1e-10, atol=1e-12)
+
+
+def test_kernels_and_features_of_a_raw_readout_are_the_models() -> None:
+    """nngp(f, X), ntk(f, X) and features(f, X) of a raw program's readout f are the translated
+    model's (ntk and nngp were refused as "takes the model and a data set"): in NTK's powers (a
+    readout / sqrt(n), rate n^-1 on the n x n matrix's entries) the same numbers as the network
+    program in NTK parametrization, at finite width and exactly in the limit."""
+    raw_text = LINEAR_RAW.replace("/ n\n", "/ sqrt(n)\n").replace(" * n * g", " * g") \
+        .replace("W -= 0.3 * gW", "W -= 0.3 / n * gW") \
+        .replace("loss L", "output K = ntk(f, X)\noutput S = nngp(f, X)\noutput F = features(f, X)\nloss L")
+    net_text = LINEAR_NETWORK.replace("parametrization mup", "parametrization ntk") \
+        .replace("loss L", "output K = ntk(f, X)\noutput S = nngp(f, X)\noutput F = features(f, X)\nloss L")
+    assert "sqrt(n)" in raw_text and " * n * g" not in raw_text and "ntk(f, X)" in raw_text
+    raw, net = tpc.loads(raw_text), tpc.loads(net_text)
+    assert tuple(raw.abc.a) == tuple(net.abc.a) and tuple(raw.abc.b) == tuple(net.abc.b)
+    a, b = tpc.run(raw, 64, 2), tpc.run(net, 64, 2)
+    la, lb = tpc.limit(raw), tpc.limit(net)
+    for name in ("K", "S", "F", "pred"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(la[name].value, lb[name].value, rtol=1e-10, atol=1e-12)
+    assert np.abs(la["K"].value).max() > 0.1
+
+
+def test_a_declared_vector_named_x_is_no_model_argument() -> None:
+    """The translated model takes its data under a name the program does not use: a bias named `x`
+    was taken for the model's input ("the model's input enters through its input layer")."""
+    import re
+
+    renamed = re.sub(r"\bb\b", "x", LINEAR_BIAS_RAW)
+    assert "vector x ~ N(0, 0.5)" in renamed and "(U @ X + x)" in renamed
+    a, b = tpc.run(tpc.loads(renamed), 48, 2), tpc.run(tpc.loads(LINEAR_BIAS_RAW), 48, 2)
+    np.testing.assert_allclose(a["pred"].values, b["pred"].values, rtol=0, atol=0)

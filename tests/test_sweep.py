@@ -108,6 +108,7 @@ def test_cli_run_on_the_engine_prints_what_run_prints(capsys: pytest.CaptureFixt
 def test_grid_refuses_empty_and_repeated_values() -> None:
     for bad, msg in (("width=,", "no values"), ("width=8 seed=1,1", "repeats"),
                      ("width=8 seed=0..10000000", "more than"), ("width=8 seed=0,00", "repeats"),
-                     ("width=8,08", "repeats"), ("width=8 seed=99999999999999999999", "at most")):
+                     ("width=8,08", "repeats"), ("width=8 seed=99999999999999999999", "at most"),
+                     ("width=8 lr=0.1,0.10", "repeats"), ("width=8 lr=1e-1,0.1", "repeats")):
         with pytest.raises(TpcError, match=msg):
             parse_grid(bad)

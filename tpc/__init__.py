@@ -89,6 +89,15 @@ def _options(options: dict[str, object]) -> None:
             _count(options[key], key, minimum, maximum)
 
 
+def _seed_range(first: object, seeds: object) -> None:
+    """Seeds first .. first + seeds - 1 all within the bound every seed has."""
+    from tpc.errors import TpcError
+    from tpc.seeds import MAX_SEED
+
+    if isinstance(first, int) and isinstance(seeds, int) and first + seeds - 1 > MAX_SEED:
+        raise TpcError(f"seeds {first} to {first + seeds - 1} go past {MAX_SEED}, the largest seed")
+
+
 def load(path: object, **options: object) -> Program | Network:
     """Parse, check and build a .tp file (see tpc.build.load_program)."""
     from tpc.build import load_program
@@ -129,6 +138,7 @@ def run(prog: Program | Network, width: int, seeds: int, **options: object) -> d
     _count(width, "width")
     _count(seeds, "seeds")
     _options(options)
+    _seed_range(options.get("first_seed", 0), seeds)
     if _is_network(prog):
         from tpc.train.finite import train_finite
 
@@ -142,9 +152,17 @@ def torch_module(prog: Program | Network, width: int, seeds: int | list[int] = 1
     """The emitted PyTorch module at width `width` (what `tpc emit-torch` writes, instantiated): a
     Netsor program's for a batch of seeds (`module()` gives every output), a network program's
     model for one seed (a ModuleList for several)."""
+    from tpc.errors import TpcError
+    from tpc.seeds import MAX_SEED
+
     _count(width, "width")
     if isinstance(seeds, int):
         _count(seeds, "seeds")
+    elif not isinstance(seeds, (list, tuple)) or not seeds:
+        raise TpcError(f"seeds is a count or a non-empty list of seeds, got {seeds!r}")
+    else:
+        for s in seeds:
+            _count(s, "a seed", 0, MAX_SEED)
     if _is_network(prog):
         from tpc.backends.torch.emit_network import network_module
 

@@ -356,9 +356,11 @@ def _check_device(device: str) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from tpc import _seed_range
     from tpc.backends.torch import run_finite
     from tpc.train.finite import train_finite
 
+    _seed_range(args.first_seed, args.seeds)
     prog = _load(args)
     _check_device(args.device)
     show = not args.json and not args.quiet

@@ -88,7 +88,7 @@ def compare(prog: Program | Network, widths: list[int], seeds: int, method: str 
     for w in widths:
         _count(w, "a width")
     _count(seeds, "seeds")
-    _options({"dtype": dtype, "device": device})
+    _options({"dtype": dtype, "device": device, "particles": particles, "replicates": replicates})
     network = isinstance(prog, Network)
     budget = {"memory_gb": memory_gb, "force": force}
     mc = {k: v for k, v in (("particles", particles), ("replicates", replicates)) if v is not None}

@@ -66,9 +66,20 @@ def parse_grid(text: str) -> dict[str, list[str]]:
                 raise TpcError(f"--grid: a seed is at most {MAX_SEED}, got '{v}'")
         if len({int(v) for v in axes.get(name, [])}) != len(axes.get(name, [])):  # seed=0,00: one seed twice
             raise TpcError(f"--grid: '{name}' repeats a value")
+    for name, values in axes.items():  # lr=0.1,0.10: one setting twice
+        numbers = [_float_or_none(v) for v in values]
+        if None not in numbers and len(set(numbers)) != len(numbers):
+            raise TpcError(f"--grid: '{name}' repeats a value")
     if "width" not in axes:
         raise TpcError("--grid needs widths: width=64,256,...")
     return axes
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def settings(axes: dict[str, list[str]]) -> list[dict[str, str]]:

@@ -67,6 +67,8 @@ class _Translator:
                 for name in s.names:
                     self.objects[name] = (s, s.span)
         self.assigns = {s.name: s for s in self.statements if isinstance(s, ast.Assign)}
+        taken = _names(self.statements)  # the model's argument: a name the program does not use (`vector x`)
+        self.arg = next(a for a in ("x", *(f"x{k}" for k in range(len(taken) + 1))) if a not in taken)
         self.readouts: dict[str, tuple[str, float, str, ast.Expr]] = {}  # name: (object, s, data, body)
         self.model_name = ""
         self.model_body: ast.Expr | None = None
@@ -105,7 +107,7 @@ class _Translator:
         out.append(self.parametrization(span))
         out += self.layers()
         assert self.model_body is not None
-        out.append(ast.ModelDecl(span, self.model_name, "x", self.model_body))
+        out.append(ast.ModelDecl(span, self.model_name, self.arg, self.model_body))
         return ast.Module(out + body_stmts)
 
     def readout(self, e: ast.Expr) -> tuple[str, float, ast.Expr] | None:
@@ -144,7 +146,7 @@ class _Translator:
         if isinstance(e, ast.Name):
             if e.id in self.data:
                 used.add(e.id)
-                return ast.Name(e.span, "x")
+                return ast.Name(e.span, self.arg)
             if e.id in self.assigns and e.id not in seen:
                 self.chain.add(e.id)
                 return self.inline(self.assigns[e.id].value, used, seen | {e.id})
@@ -238,9 +240,13 @@ class _Translator:
             a_in, b_in = (a[first], b[first]) if first is not None else (None, None)
             self.check_biases(ordered[first] if first is not None else None, a_in, b_in)
             if first is not None and ordered[first] not in self.power:  # a fixed input layer: the biases' rate
-                p = next((self.power[x][0] for x in self.biases if x in self.power), None)
-                if p is not None:
+                bias = next((x for x in self.biases if x in self.power), None)
+                if bias is not None:
+                    p, where = self.power[bias]
                     a[first], b[first] = -p / 2, a_in + b_in + p / 2
+                    if max(abs(a[first]), abs(b[first])) > MAX_EXPONENT:
+                        raise TpcError(f"{bias}'s variance and learning rate give the input layer's exponents a = "
+                                       f"{a[first]:g}, b = {b[first]:g}, beyond +-{MAX_EXPONENT:g}", where)
         lists = [ast.Kwarg(k, ast.ListExpr(span, tuple(ast.Num(span, v) for v in vals)), span)
                  for k, vals in (("a", a), ("b", b))]
         return ast.ParamDecl(span, "abc", span, (*lists, ast.Kwarg("c", ast.Num(span, 0.0), span)))
@@ -359,8 +365,8 @@ class _Translator:
 
     def calls(self, e: ast.Expr) -> ast.Expr:
         """A readout's name becomes the model applied to its data: `f` -> `f(X)`; as the model argument
-        of features(f, X) or feature_change(f, X), the model itself."""
-        if isinstance(e, ast.Call) and e.fn in ("features", "feature_change") and e.args \
+        of features(f, X), feature_change(f, X), nngp(f, X) or ntk(f, X), the model itself."""
+        if isinstance(e, ast.Call) and e.fn in ("features", "feature_change", "nngp", "ntk") and e.args \
                 and isinstance(e.args[0], ast.Name) and e.args[0].id in self.readouts:
             model = ast.Name(e.args[0].span, self.model_name)
             return replace(e, args=(model, *(self.calls(a) for a in e.args[1:])))
@@ -435,6 +441,24 @@ def _inline_scalars(statements: list[ast.Stmt]) -> list[ast.Stmt]:
             values[s.name] = expr(s.value)
         else:
             out.append(stmt(s))  # type: ignore[arg-type]
+    return out
+
+
+def _names(node: object) -> set[str]:
+    """Every name a statement (or expression, or list of them) declares or reads."""
+    if isinstance(node, (list, tuple)):
+        return set().union(*(_names(x) for x in node)) if node else set()
+    if not is_dataclass(node):
+        return set()
+    out: set[str] = {node.id} if isinstance(node, ast.Name) else set()
+    for f in fields(node):
+        v = getattr(node, f.name)
+        if f.name in ("name", "counter", "target") and isinstance(v, str):
+            out.add(v)
+        elif f.name == "names" and isinstance(v, tuple):
+            out |= {x for x in v if isinstance(x, str)}
+        elif isinstance(v, (list, tuple)) or is_dataclass(v):
+            out |= _names(v)
     return out
 
 
