@@ -7,11 +7,14 @@ network programs trained by `train`, and network programs trained by loops writt
 (a mutated one of those is often broken on purpose: tests/fuzzing.py's LOOP_BREAKS; `--known-bugs`
 adds the breaks that reproduce bugs already reported, KNOWN_BUG_BREAKS). Each distinct failure (exception
 type and innermost tpc frame) is minimised by deleting lines while it persists, and written to
-the output folder with its command and traceback; a summary table ends the run.
+the output folder with its command and traceback; a summary table ends the run. With
+`--differential`, every program that loads also meets the numbers' oracles (Harness.differential:
+finite and limit shapes agree, emitted PyTorch equals tpc run, autograd equals the unrolled
+program); a broken one is a failure too, written as found.
 
     python benchmarks/fuzz.py --seconds 600 --out fuzz_failures/ [--seed 0] [--jobs 2]
                               [--mutate 0.5] [--timeout 20] [--cases N] [--loops 0.12]
-                              [--known-bugs]
+                              [--known-bugs] [--differential]
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ class Failure:
 
 
 def worker(seed: int, seconds: float, mutate_p: float, timeout: float, cases: int | None = None,
-           known_bugs: bool = False, loops_p: float = 0.12) -> tuple[list[Failure], Counter, int]:
+           known_bugs: bool = False, loops_p: float = 0.12,
+           differential: bool = False) -> tuple[list[Failure], Counter, int]:
     """Fuzz for `seconds` (or `cases` programs, whichever comes first) from `seed`: the failures, outcome
     counts and the number of programs."""
     import torch
@@ -62,6 +66,12 @@ def worker(seed: int, seconds: float, mutate_p: float, timeout: float, cases: in
                 counts[o.status] += 1
                 if o.status in ("traceback", "hang"):
                     failures.append(Failure(c, argvs[o.stage], o))
+            if differential and report.outcomes[0].status == "ok":
+                for message in h.differential(c.source):
+                    counts["mismatch"] += 1
+                    kind = re.sub(r"-?\d[\d.e+-]*|output \S+", "#", message)  # one failure per kind of mismatch
+                    failures.append(Failure(c, ["differential"], Outcome("differential", "mismatch", 0.0,
+                                                                         "Mismatch", kind[:80], message)))
     return failures, counts, programs
 
 
@@ -83,11 +93,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="the fraction of programs trained by written loops (default 0.12)")
     p.add_argument("--known-bugs", action="store_true",
                    help="also break loop programs in the ways that reproduce bugs already reported")
+    p.add_argument("--differential", action="store_true",
+                   help="also check the numbers' oracles on every program that loads (shapes, emitted PyTorch, "
+                        "the unrolled program)")
     args = p.parse_args(argv)
 
     t0 = time.monotonic()
-    jobs = [(args.seed + i, args.seconds, args.mutate, args.timeout, args.cases, args.known_bugs, args.loops)
-            for i in range(args.jobs)]
+    jobs = [(args.seed + i, args.seconds, args.mutate, args.timeout, args.cases, args.known_bugs, args.loops,
+             args.differential) for i in range(args.jobs)]
     if args.jobs == 1:
         results = [worker(*jobs[0])]
     else:
@@ -109,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
         for i, ((exc, where), group) in enumerate(sorted(groups.items(), key=lambda kv: -len(kv[1]))):
             # the shortest example, minimised
             ex = min(group, key=lambda f: len(f.case.source))
-            small = ex.case.source if args.no_minimise else h.minimise(ex.case.source, ex.argv, (exc, where))
-            check = h.run_stage(small, ex.argv)
+            if ex.outcome.status == "mismatch":  # written as found: minimising would re-run every oracle
+                small, check = ex.case.source, ex.outcome
+            else:
+                small = ex.case.source if args.no_minimise else h.minimise(ex.case.source, ex.argv, (exc, where))
+                check = h.run_stage(small, ex.argv)
             name = f"{i:03d}_{slug(exc)}_{slug(where)}"
             (out / f"{name}.tp").write_text(small, encoding="utf-8", errors="surrogateescape")
             command = f"tpc {ex.argv[0]} {name}.tp {' '.join(ex.argv[1:])}".rstrip()

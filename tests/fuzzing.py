@@ -1217,6 +1217,32 @@ def stages(case: Case) -> list[list[str]]:
     ]
 
 
+def _emitted_outputs(prog: Any, source: str, width: int, inspect: Any, torch: Any) -> dict[str, Any]:
+    """The outputs of the emitted module for seeds 0 and 1, (2, ...) each: a Netsor program's
+    TensorProgram on the program's data, or a network program's training written as loops run on
+    each seed's Network (word2vec's tables and `train` statements: none)."""
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "<emitted>", "exec"), namespace)  # noqa: S102 - tpc's own output
+    if "TensorProgram" in namespace:
+        from tpc.backends.torch.codegen import program_data
+
+        data = {k: torch.tensor(v) for k, v in program_data(prog).items()}
+        with torch.no_grad():
+            values = namespace["TensorProgram"](width=width, seeds=[0, 1])(**data)
+        return {k: v.detach().numpy() for k, v in values.items()}
+    train = namespace.get("train")
+    if "Network" not in namespace or train is None or "outputs" not in inspect.signature(train).parameters:
+        return {}
+    args = [name for name, p in inspect.signature(train).parameters.items()
+            if name not in ("model", "outputs") and p.default is inspect.Parameter.empty]
+    per_seed = []
+    for seed in (0, 1):
+        outputs: dict[str, Any] = {}
+        train(namespace["Network"](width, seed=seed), *[torch.tensor(prog.data[a]) for a in args], outputs=outputs)
+        per_seed.append(outputs)
+    return {k: [torch.as_tensor(p[k]).detach().numpy() for p in per_seed] for k in per_seed[0]}
+
+
 class Harness:
     """Runs programs in-process through tpc's commands (`tpc.cli`), with stdout and stderr captured.
 
@@ -1280,6 +1306,60 @@ class Harness:
                 continue
             outcomes.append(self.run_stage(case.source, argv))
         return Report(case, outcomes)
+
+    def differential(self, source: str, width: int = 16) -> list[str]:
+        """Oracles on a program's numbers, each broken one described (empty: none broken, or the
+        program does not load): every output's shape at finite width (per seed) is its limit's;
+        the emitted PyTorch (`tpc emit-torch`) gives `tpc run`'s values, seed for seed; and a
+        program trained by loops gives the same values by autograd and by the unrolled program at
+        that width (run_unrolled_finite). A clean TpcError anywhere ends the checks: what fails
+        cleanly is the stages' business."""
+        import inspect
+
+        import numpy as np
+        import torch
+
+        import tpc
+        from tpc.errors import TpcError
+
+        out: list[str] = []
+        try:
+            with time_limit(self.timeout):
+                prog = self.load(source)
+                fin = tpc.run(prog, width, 2, force=True)
+                lim = tpc.limit(prog, particles=256, replicates=2, force=True)
+                for k in sorted(set(fin) | set(lim)):
+                    a = fin[k].values.shape[1:] if k in fin else None
+                    b = np.shape(lim[k].value) if k in lim else None
+                    if a != b:
+                        out.append(f"output {k}: shape {a} at finite width, {b} in the limit")
+                emitted = _emitted_outputs(prog, tpc.torch_source(prog), width, inspect, torch)
+                trained = getattr(prog, "program", None) is not None
+                if trained:
+                    from tpc.train.pooled import run_unrolled_finite
+
+                    unrolled = run_unrolled_finite(prog, width, 2)
+                for k, res in fin.items():
+                    for what, other in (("emitted PyTorch", emitted.get(k)),
+                                        ("the unrolled program", unrolled.get(k) if trained else None)):
+                        if other is None:
+                            continue
+                        got = np.asarray(other, dtype=float)
+                        want = np.asarray(res.values, dtype=float)
+                        if got.size != want.size:
+                            out.append(f"output {k}: {what} has shape {got.shape}, tpc run {want.shape}")
+                            continue
+                        got = got.reshape(want.shape)
+                        ok = np.isfinite(want) & np.isfinite(got)
+                        scale = max(1.0, float(np.abs(want[ok]).max())) if ok.any() else 1.0
+                        if ok.any() and float(np.abs(got - want)[ok].max()) > 1e-8 * scale:
+                            out.append(f"output {k}: {what} differs from tpc run by "
+                                       f"{float(np.abs(got - want)[ok].max()):.3g}")
+        except (TpcError, StageTimeout):
+            return out
+        except Exception as exc:  # the stages report tracebacks; here only the numbers
+            out.append(f"{type(exc).__name__} in the differential checks: {str(exc)[:200]}")
+        return out
 
     def minimise(self, source: str, argv: list[str], key: tuple[str, str], budget_s: float = 30.0) -> str:
         """Delete lines (then tokens) one at a time while the same exception type and frame persist."""

@@ -177,3 +177,29 @@ def test_emitted_network_with_awkward_names(names: dict[str, str], depth: int) -
     with torch.no_grad():
         pred = model(torch.tensor(net.data[names["x"]]))[:, 0].numpy()
     np.testing.assert_allclose(pred, tpc.run(net, 64, 2)["p"].values[1], rtol=1e-10, atol=1e-12)
+
+
+def test_emitted_loops_apply_the_model_to_one_row() -> None:
+    """f(X[min(t, 2)]) is the model on one row (no batch): one number, which the emitted training
+    took as a batch (`[:, 0]`, an IndexError); it now gives tpc run's values, record included."""
+    from tests.fuzzing import Harness
+
+    source = """width n
+parametrization mup
+data X = [[0, 1.1], [1.4, 0.8], [-1.4, 1.2]]
+data Y = [0.6, 0.5, 1]
+layer U : input n x 2
+layer W : hidden n x n
+layer V : readout 1 x n
+model f(x) = V @ tanh(W @ tanh(U @ x))
+for t in range(3) {
+  L = mse(f(X), Y) + 0.1 * mean(f(X[min(t, 2)]))
+  record r = f(X[min(t, 2)])
+  f -= 0.3 * grad(L, f)
+}
+output pred = f(X)
+output r = r
+"""
+    with Harness() as h:
+        assert h.differential(source) == []
+    assert "[..., 0]" in tpc.torch_source(tpc.loads(source))

@@ -212,7 +212,7 @@ class _Emitter:
         as tpc's interpreter reads it, so that `f(X) - Y` is taken row by row."""
         c = self.value(i)
         if self.instrs[i].op == "apply" and self.net.output_dim() == 1:
-            return _Code(f"{self.operand(c)}[:, 0]", True)
+            return _Code(f"{self.operand(c)}[..., 0]", True)
         return c
 
     def operand(self, c: _Code) -> str:
@@ -504,7 +504,7 @@ def _emit_record(em: _Emitter, ins: Instr) -> None:
     target = "records" if em.depth == 1 else f"inner{em.depth}"
     v = em.value(ins.args[0])
     if em.instrs[ins.args[0]].op == "apply" and em.net.output_dim() == 1:  # f(X): one number per row
-        value = f"{em.operand(v)}[:, 0].detach()"
+        value = f"{em.operand(v)}[..., 0].detach()"
     elif not em.instrs[ins.args[0]].attrs.get("scalar"):
         value = f"{em.operand(v)}.detach()"
     else:
