@@ -64,6 +64,10 @@ class _Translator:
             if isinstance(s, ast.MatrixDecl):
                 self.objects[s.name] = (s, s.span)
             elif isinstance(s, ast.VectorDecl):
+                if any(isinstance(x, ast.ListExpr) for x in (s.dist.mean, s.dist.var)):
+                    raise TpcError("correlated vectors (a list of means or a covariance matrix) have no layer to "
+                                   "become in a trained raw program: declare each vector with its own variance",
+                                   s.dist.span)
                 for name in s.names:
                     self.objects[name] = (s, s.span)
         self.assigns = {s.name: s for s in self.statements if isinstance(s, ast.Assign)}
@@ -395,7 +399,9 @@ def width_monomial(e: ast.Expr, width: str, dims: dict[str, int], allow_other: b
         (c1, p1), (c2, p2) = mono(e.left), mono(e.right)
         if e.op == "*":
             return c1 * c2, p1 + p2
-        return (c1 / c2 if c2 else math.inf), p1 - p2
+        if c2 == 0:
+            raise TpcError("division by zero", e.span)
+        return c1 / c2, p1 - p2
     if isinstance(e, ast.BinOp) and e.op == "^":
         k, kp = mono(e.right, False)  # the exponent is a number: n^-1, n^(1/2)
         if kp != 0:
