@@ -252,3 +252,14 @@ def test_a_declared_vector_named_x_is_no_model_argument() -> None:
     assert "vector x ~ N(0, 0.5)" in renamed and "(U @ X + x)" in renamed
     a, b = tpc.run(tpc.loads(renamed), 48, 2), tpc.run(tpc.loads(LINEAR_BIAS_RAW), 48, 2)
     np.testing.assert_allclose(a["pred"].values, b["pred"].values, rtol=0, atol=0)
+
+
+def test_check_names_the_layers_a_training_moves(capsys: pytest.CaptureFixture[str], tmp_path) -> None:  # noqa: ANN001
+    """Training the bias and not its input matrix moves the input layer's abc entry; `tpc check`
+    names the bias (it named U too, which no update moves)."""
+    text = LINEAR_BIAS_RAW.replace("  U -= 0.1 * n * gU\n", "").replace("  W -= 0.1 * gW\n", "")
+    assert "U -=" not in text and "W -=" not in text and "b -= 0.1 * n * gb" in text
+    path = tmp_path / "bias_only.tp"
+    path.write_text(text)
+    assert main(["check", str(path)]) == 0
+    assert "this training moves b and v only" in capsys.readouterr().out

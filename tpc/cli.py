@@ -667,9 +667,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _entries(net, trained: tuple[bool, ...]) -> str:  # noqa: ANN001
-    """The abc entries a program trains, by their layers' names: 'V only', 'U, b and V only', 'no layer'."""
+    """The abc entries a program trains, by the names of the layers its updates move: 'V only', 'U, b
+    and V only', 'no layer' (a bias shares the input layer's entry: training b alone names b)."""
+    moved = set(net.program.trained_layers()) if net.program is not None else set()
     names = [la.name for la in sorted(net.layers.values(), key=lambda la: la.index)
-             if not la.fixed and 0 <= la.index < len(trained) and trained[la.index]]
+             if not la.fixed and 0 <= la.index < len(trained) and trained[la.index] and la.name in moved]
     if not names:
         return "no layer"
     return (", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]) + " only"
