@@ -978,7 +978,8 @@ def raw_loop_program(c: Chooser) -> str:
     lines.append("loss L = mse(f, Y)")
     objects = ["U", *ws, "v", *(["b"] if bias else [])]
     trained = [o for o in objects if c.chance(0.85)] or ["v"]
-    power = {o: (("1" if o in ("U", "v", "b") else "") if mup else "") for o in objects}
+    # muP: n^1 on the input matrix, the readout and the bias; NTK: n^-1 on the n x n matrices' entries
+    power = {o: ("1" if o in ("U", "v", "b") else "") if mup else ("-1" if o.startswith("W") else "") for o in objects}
     if c.chance(0.15):  # one object's power drawn at random
         power[c.choice(trained)] = c.choice(["", "1", "2", "0.5", "-1"])
     momentum = c.choice(trained) if c.chance(0.25) else None
@@ -997,9 +998,10 @@ def raw_loop_program(c: Chooser) -> str:
         if o == momentum:
             lines.append(f"  M = 0.9 * M + g{o}")
             term = "M"
-        decay = f" + 0.01 * {o}" if c.chance(0.1) else ""
-        lines.append(f"  {o} -= {rate}{factor} * {term}{decay}" if not decay else
-                     f"  {o} -= {rate} * ({factor[3:] + ' * ' if factor.startswith(' * ') else ''}{term}{decay})")
+        if c.chance(0.1):  # a decay term, which carries no power of n
+            lines.append(f"  {o} -= {rate} * ({term}{factor} + 0.01 * {o})")
+        else:
+            lines.append(f"  {o} -= {rate}{factor} * {term}")
     lines.append("}")
     lines.append(f"output pred = {'ft' if test else 'f'}")
     if any("record" in line for line in lines):
@@ -1327,8 +1329,11 @@ class Harness:
             with time_limit(self.timeout):
                 prog = self.load(source)
                 fin = tpc.run(prog, width, 2, force=True)
-                lim = tpc.limit(prog, particles=256, replicates=2, force=True)
-                for k in sorted(set(fin) | set(lim)):
+                try:  # a limit refused cleanly leaves the other oracles to check
+                    lim = tpc.limit(prog, particles=256, replicates=2, force=True)
+                except TpcError:
+                    lim = None
+                for k in sorted(set(fin) | set(lim or ())) if lim is not None else ():
                     a = fin[k].values.shape[1:] if k in fin else None
                     b = np.shape(lim[k].value) if k in lim else None
                     if a != b:
@@ -1346,10 +1351,9 @@ class Harness:
                             continue
                         got = np.asarray(other, dtype=float)
                         want = np.asarray(res.values, dtype=float)
-                        if got.size != want.size:
+                        if got.shape != want.shape:
                             out.append(f"output {k}: {what} has shape {got.shape}, tpc run {want.shape}")
                             continue
-                        got = got.reshape(want.shape)
                         ok = np.isfinite(want) & np.isfinite(got)
                         scale = max(1.0, float(np.abs(want[ok]).max())) if ok.any() else 1.0
                         if ok.any() and float(np.abs(got - want)[ok].max()) > 1e-8 * scale:

@@ -251,3 +251,8 @@ output m = mean(grad(f, h) * grad(f, h))
     module = tpc.torch_module(prog, width=256, seeds=[0, 1])
     emitted = module()["k"].detach().numpy()
     np.testing.assert_allclose(emitted, tpc.run(prog, 256, 2)["k"].values, rtol=1e-12)
+    # the batch is forward()'s, not the program's: three other rows, and one (the expansion was a
+    # literal 2, which broke on other data)
+    for rows in ([[-0.9, -0.7], [-1.2, 1], [0.3, 0.2]], [[0.5, 0.5]]):
+        other = module(X=torch.tensor(rows, dtype=torch.float64))
+        assert other["k"].shape == (2, len(rows), len(rows)) and other["m"].shape == (2, len(rows))

@@ -179,6 +179,32 @@ def test_emitted_network_with_awkward_names(names: dict[str, str], depth: int) -
     np.testing.assert_allclose(pred, tpc.run(net, 64, 2)["p"].values[1], rtol=1e-10, atol=1e-12)
 
 
+ONE_ROW_OVER_POSITIONS = """width n
+parametrization mup
+data X = [[0, 1.1, 0.3, -0.5], [1.4, 0.8, -0.2, 0.4], [-1.4, 1.2, 0.1, 0.9]]
+data Y = [0.6, 0.5, 1]
+layer U : input n x 2
+layer V : readout 1 x n
+model f(x[2]) = V @ pool(tanh(U @ x))
+for t in range(2) {
+  L = mse(f(X), Y) + 0.1 * mean(f(X[t]))
+  record r = f(X[t])
+  f -= 0.3 * grad(L, f)
+}
+output pred = f(X)
+output r = r
+"""
+
+
+def test_emitted_loops_apply_a_model_over_positions_to_one_row() -> None:
+    """One row of a model over positions: forward() reshaped it as a batch (x.shape[0] * P rows) and
+    failed; one input is now a batch of one, and the training gives tpc run's values."""
+    from tests.fuzzing import Harness
+
+    with Harness() as h:
+        assert h.differential(ONE_ROW_OVER_POSITIONS) == []
+
+
 def test_emitted_loops_apply_the_model_to_one_row() -> None:
     """f(X[min(t, 2)]) is the model on one row (no batch): one number, which the emitted training
     took as a batch (`[:, 0]`, an IndexError); it now gives tpc run's values, record included."""

@@ -297,6 +297,12 @@ def tangent_kernel(prog: Program, f: int, grads: dict[int, int], span: Span | No
                     raise TpcError("tangent_kernel: a matrix applied to an unbatched vector inside a batched "
                                    "network is not supported yet", span)
                 if mat.params["role"] != "hidden":  # U x or V.T c: a matrix times finite data
+                    if batched and (prog.node(xu).shape[:-1] == ()) != (prog.node(xw).shape[:-1] == ()):
+                        # X_i . x1 would have to line up with the kernel's rows, and a Nonlin's (B,) argument
+                        # lines up with its columns: refused, as for a hidden matrix, rather than transposed
+                        raise TpcError(f"tangent_kernel: '{mat.name}' is applied both to a batch of inputs and to "
+                                       "one input (data without a batch) inside a batched network; this is not "
+                                       "supported yet", span)
                     # the data's Gram, formed where it is used (ir.data_value): the limit shares it with the
                     # covariance of U x, which is the same product, and a program stays light
                     shape = prog.node(xu).shape[:-1] + prog.node(xw).shape[:-1]

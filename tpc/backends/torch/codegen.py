@@ -236,7 +236,13 @@ def _full_batch(em: _Emitter, node: Node, code: str, vector: bool) -> str:
     used = ex.args_used(node.params["tree"])
     if not node.shape or any(em.prog.node(node.inputs[k]).shape == node.shape for k in used):
         return code
-    return f"({code}).expand(-1, {', '.join(map(str, node.shape))}{', -1' if vector else ''})"
+    # the batch as forward() is given it (its sizes may differ from the program's data): an input's
+    full = next((i for i in node.inputs if em.prog.node(i).shape == node.shape), None)
+    if full is None:  # pragma: no cover - autodiff's nodes keep the value they differentiate by
+        return f"({code}).expand(-1, {', '.join(map(str, node.shape))}{', -1' if vector else ''})"
+    other = em.prog.node(full)
+    stop = -1 if other.kind == "vector" else len(other.shape) + 1
+    return f"({code}).expand(-1, *{em.ref(full)}.shape[1:{stop}]{', -1' if vector else ''})"
 
 
 def _torch_nonlin(em: _Emitter, node: Node) -> None:

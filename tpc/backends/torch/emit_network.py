@@ -258,7 +258,10 @@ def emit_network_source(net: Network) -> str:
             f"        self.multiplier[{names[name]!r}] = n ** {_num(-a)}",
         ]
     lines += ["", "    def forward(self, x: torch.Tensor) -> torch.Tensor:",
-              f'        """x: (B, {_row(net)}) inputs, one per row -> (B, {net.output_dim()}) outputs."""',
+              f'        """x: (B, {_row(net)}) inputs, one per row -> (B, {net.output_dim()}) outputs; one input'
+              f' x ({_row(net)}) is a batch of one, as tpc reads X[k]."""',
+              "        if x.dim() == 1:",
+              "            x = x[None]",
               "        m = self.multiplier"]
     lines += ["        " + line for line in forward_code(net, names, "self", len(net.model.steps))]
     lines += _optimizer_lines(net, names, c)
