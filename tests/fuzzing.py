@@ -1356,9 +1356,9 @@ class Harness:
                             continue
                         ok = np.isfinite(want) & np.isfinite(got)
                         scale = max(1.0, float(np.abs(want[ok]).max())) if ok.any() else 1.0
-                        if ok.any() and float(np.abs(got - want)[ok].max()) > 1e-8 * scale:
+                        if ok.any() and float(np.abs(got[ok] - want[ok]).max()) > 1e-8 * scale:
                             out.append(f"output {k}: {what} differs from tpc run by "
-                                       f"{float(np.abs(got - want)[ok].max()):.3g}")
+                                       f"{float(np.abs(got[ok] - want[ok]).max()):.3g}")
         except (TpcError, StageTimeout):
             return out
         except Exception as exc:  # the stages report tracebacks; here only the numbers
