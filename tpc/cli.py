@@ -461,23 +461,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     prog = _load(args)
     _check_device(args.device)
     where = f"the Dask cluster at {args.cluster}" if args.cluster else f"a local Dask cluster of {args.workers} workers"
-    bar: list[tuple[Callable[[int, int], None] | None, Callable[[], None]]] = []
+    update_bar: Callable[[int, int], None] | None = None
+    close_bar: Callable[[], None] = lambda: None
 
     def starting(total: int) -> None:  # the grid and every setting checked: the header, then the bar
+        nonlocal update_bar, close_bar
         print(f"{args.file}: {total} runs (settings x widths x seeds) on {where}",
               file=sys.stderr if args.json else sys.stdout, flush=True)
-        bar.append(_step_bar(not args.json and not args.quiet, "runs", "run", 0))
+        update_bar, close_bar = _step_bar(not args.json and not args.quiet, "runs", "run", 0)
 
     def update(done: int, total: int) -> None:
-        if bar and bar[0][0] is not None:
-            bar[0][0](done, total)
+        if update_bar is not None:
+            update_bar(done, total)
 
     try:
         res = sweep(prog, args.grid, args.workers, args.cluster, args.dtype, args.device, args.memory_gb, args.force,
                     update, allow_data_outside=args.allow_data_outside, starting=starting)
     finally:
-        if bar:
-            bar[0][1]()
+        close_bar()
     if args.json:
         print(dumps(res.to_json()))
         return 0
