@@ -1219,10 +1219,14 @@ def stages(case: Case) -> list[list[str]]:
     ]
 
 
-def _emitted_outputs(prog: Any, source: str, width: int, inspect: Any, torch: Any) -> dict[str, Any]:
+def _emitted_outputs(prog: Any, source: str, width: int) -> dict[str, Any]:
     """The outputs of the emitted module for seeds 0 and 1, (2, ...) each: a Netsor program's
     TensorProgram on the program's data, or a network program's training written as loops run on
     each seed's Network (word2vec's tables and `train` statements: none)."""
+    import inspect
+
+    import torch
+
     namespace: dict[str, Any] = {}
     exec(compile(source, "<emitted>", "exec"), namespace)  # noqa: S102 - tpc's own output
     if "TensorProgram" in namespace:
@@ -1316,10 +1320,7 @@ class Harness:
         program trained by loops gives the same values by autograd and by the unrolled program at
         that width (run_unrolled_finite). A clean TpcError anywhere ends the checks: what fails
         cleanly is the stages' business."""
-        import inspect
-
         import numpy as np
-        import torch
 
         import tpc
         from tpc.errors import TpcError
@@ -1338,7 +1339,7 @@ class Harness:
                     b = np.shape(lim[k].value) if k in lim else None
                     if a != b:
                         out.append(f"output {k}: shape {a} at finite width, {b} in the limit")
-                emitted = _emitted_outputs(prog, tpc.torch_source(prog), width, inspect, torch)
+                emitted = _emitted_outputs(prog, tpc.torch_source(prog), width)
                 trained = getattr(prog, "program", None) is not None
                 if trained:
                     from tpc.train.pooled import run_unrolled_finite
