@@ -415,8 +415,10 @@ def network_program(c: Chooser) -> str:
     if named:
         lines.append(f"z = {c.choice(ACTIVATIONS) or 'relu'}(b) * 0.5 + b")
     lines.append(f"layer V : readout {k} x n")
-    acts = [c.choice(ACTIVATIONS) if c.chance(0.85) else "" for _ in range(hidden + 1)]
-    lines.append(model_text(c, "U @ x + z" if named else "U @ x + b" if bias else "U @ x", acts, ws))
+    tied = hidden > 0 and c.chance(0.2)  # the first hidden matrix applied again, transposed (tied weights)
+    acts = [c.choice(ACTIVATIONS) if c.chance(0.85) else "" for _ in range(hidden + 1 + tied)]
+    lines.append(model_text(c, "U @ x + z" if named else "U @ x + b" if bias else "U @ x", acts,
+                            ws + [f"{ws[0]}.T"] if tied else ws))
     if loss == "user":
         lines.append(c.choice(["loss L = mean((f(X) - Y)^2) / 2", "loss L = sum((f(X) - Y)^4) / 20",
                            "loss L = mean(abs(f(X) - Y))", "loss L = mean(softplus(-f(X) * Y))"]))
@@ -705,8 +707,10 @@ class _Loops:
         if named:
             lines.append(f"z = 0.5 * {c.choice(ACTIVATIONS) or 'tanh'}(b) + b")
         lines.append(f"layer V : readout {self.k} x n")
-        acts = [c.choice(ACTIVATIONS) if c.chance(0.85) else "" for _ in range(hidden + 1)]
-        lines.append(model_text(c, f"U @ x{' + z' if named else ' + b' if bias else ''}", acts, ws))
+        tied = hidden > 0 and c.chance(0.2)  # the first hidden matrix applied again, transposed (tied weights)
+        acts = [c.choice(ACTIVATIONS) if c.chance(0.85) else "" for _ in range(hidden + 1 + tied)]
+        lines.append(model_text(c, f"U @ x{' + z' if named else ' + b' if bias else ''}", acts,
+                                ws + [f"{ws[0]}.T"] if tied else ws))
         self.top_loss = c.chance(0.3)
         if self.top_loss:
             lines.append(f"loss L0 = {'mse' if self.loss == 'user' else self.loss}(f(X), Y)")
@@ -949,12 +953,14 @@ def raw_loop_program(c: Chooser) -> str:
     if bias:
         lines.append(f"vector b ~ N(0, {num(c, 0.2, 1.5, 1)})")
 
+    uses = ws + [f"{ws[0]}.T"] if hidden and c.chance(0.25) else ws  # tied weights: W1 again, transposed
+
     def wrap(e: str) -> str:
         return f"{act}({e})" if act else f"({e})"
 
     def chain(data: str) -> str:
         h = wrap(f"U @ {data} + b" if bias == "input" else f"U @ {data}")
-        for j, w in enumerate(ws):
+        for j, w in enumerate(uses):
             h = wrap(f"{w} @ {h} + b" if bias == "hidden" and j == 0 else f"{w} @ {h}")
         return f"((1 + b) * {h})" if bias == "gain" else h
 
@@ -964,9 +970,9 @@ def raw_loop_program(c: Chooser) -> str:
         prev = "X"
         h = wrap("U @ X + b" if bias == "input" else "U @ X")
         lines.append(f"h0 = {h}")
-        for j, w in enumerate(ws):
+        for j, w in enumerate(uses):
             lines.append(f"h{j + 1} = " + wrap(f"{w} @ h{j} + b" if bias == "hidden" and j == 0 else f"{w} @ h{j}"))
-        prev = f"h{hidden}"
+        prev = f"h{len(uses)}"
         if bias == "gain":
             lines.append(f"g = (1 + b) * {prev}")
             prev = "g"

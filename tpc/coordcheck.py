@@ -200,7 +200,9 @@ def probes(net: Network, every: bool = False) -> list[Probe]:
             return f"mean({text(s.args[0])})"
         if s.op == "matmul":
             flat = net.layers[s.layer].flattens
-            return f"{s.layer} @ flatten({text(s.args[0])})" if flat else f"{s.layer} @ {text(s.args[0])}"
+            if flat:
+                return f"{s.layer} @ flatten({text(s.args[0])})"
+            return f"{s.layer}{'.T' if s.transposed else ''} @ {text(s.args[0])}"
         if s.tree is None:  # another operation of the model (attention, pooling): by its name
             return f"{s.op}({', '.join([text(a) for a in s.args] + [str(k) for k in s.offset])})"
         leaves: list[str] = []

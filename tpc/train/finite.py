@@ -75,7 +75,7 @@ def _finite_matmul(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x
     if la.flattens:  # V @ flatten(h): each input's P rows side by side
         rows = arg.reshape(arg.shape[0], -1, la.taps * arg.shape[-1])
         return rows @ w.reshape(w.shape[0], -1, la.taps * w.shape[-1]).transpose(-1, -2)
-    return arg @ w.transpose(-1, -2)
+    return arg @ w if step.transposed else arg @ w.transpose(-1, -2)  # rows: h W.T is (W h)^T
 
 
 def _finite_fn(step: Step, vals: list[Tensor], weights: dict[str, Tensor], x: Tensor, net: Network) -> Tensor:

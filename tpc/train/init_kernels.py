@@ -68,7 +68,8 @@ def empirical(net: Network, weights: dict[str, Tensor], x: Tensor, kind: str, wi
                 y = None if step.op == "bias" else vals[step.args[0]]
                 if y is not None:
                     y = _per_input(y.expand(d.shape[0], *y.shape[-2:]), rows)
-                by_layer.setdefault(step.layer, []).append((d, y))
+                # W.T y_u: its gradient y_u delta_u^T pairs the other way round
+                by_layer.setdefault(step.layer, []).append((y, d) if step.transposed else (d, y))
             for layer, pairs in by_layer.items():
                 if net.layers[layer].fixed:  # no parameter: no term of the tangent kernel
                     continue

@@ -78,6 +78,7 @@ def _expr(tree: ex.Tree, names: list[str], span: Span) -> ast.Expr:
 
 
 SPAN = Span(1, 1, 1, 1)
+Use = tuple[str, str, int, bool]  # a layer's application: its output's and input's names, the position, transposed
 
 
 class _Lowering:
@@ -169,7 +170,8 @@ class _Lowering:
             if arg is None:
                 self.names[i][p] = None
                 continue
-            self.assign(value, self.op("@", self.name(step.layer), self.name(arg)))
+            mat = ast.Attr(SPAN, self.name(step.layer), "T") if step.transposed else self.name(step.layer)
+            self.assign(value, self.op("@", mat, self.name(arg)))
             if self.net.layers[step.layer].role == "input":
                 self.carrier.setdefault(p, value)
 
@@ -340,21 +342,29 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
     # input's names, and p (a value a shift moves past the edge, or a zero, adds nothing)
     reach = {g: _reaching(low.stmts, g) for g in low.readouts}
     reaches = set().union(*reach.values())
-    uses: dict[str, list[tuple[str, str, int]]] = {}
+    uses: dict[str, list[Use]] = {}
     for i, step in enumerate(steps):
         if step.op == "matmul" and net.layers[step.layer].role in ("input", "hidden"):
             for p in range(step.positions):
                 if low.names[i][p] in reaches:
-                    uses.setdefault(step.layer, []).append((low.names[i][p], low.at(step.args[0], p), p))
+                    uses.setdefault(step.layer, []).append((low.names[i][p], low.at(step.args[0], p), p,
+                                                             step.transposed))
 
     def grad_f(v: str) -> ast.Expr:
         """df/dv: the sum over the readouts that reach v (f_p are independent readouts, f their sum)."""
         return low.total([call("grad", name(g), name(v)) for g in low.readouts if v in reach[g]])
 
-    def pair(u: tuple[str, str, int], w: tuple[str, str, int]) -> ast.Expr:
+    def pair(u: Use, w: Use) -> ast.Expr:
         return call("gram", grad_f(u[0]), grad_f(w[0]))
 
-    def inputs(u: tuple[str, str, int], w: tuple[str, str, int]) -> ast.Expr:
+    def hidden_pair(u: Use, w: Use) -> ast.Expr:
+        """<df/dW at use u, df'/dW at use w>: W y gives df/dW = g y^T and W.T y gives y g^T, so two uses
+        the same way round pair g with g and y with y, and a use of W with one of W.T pairs g with y."""
+        if u[3] == w[3]:
+            return op("*", pair(u, w), call("gram", name(u[1]), name(w[1])))
+        return op("*", call("gram", grad_f(u[0]), name(w[1])), call("gram", name(u[1]), grad_f(w[0])))
+
+    def inputs(u: Use, w: Use) -> ast.Expr:
         """x . x' of the data an input layer multiplies (at those positions)."""
         return name(own["XX"] if P == 1 else own[f"XX{u[2]}_{w[2]}"])
 
@@ -370,8 +380,7 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
             value = low.partial_sums([op("*", pair(u, w), inputs(u, w)) for u in uses[layer] for w in uses[layer]],
                                      out)
         else:
-            value = low.partial_sums([op("*", pair(u, w), call("gram", name(u[1]), name(w[1])))
-                                      for u in uses[layer] for w in uses[layer]], out)
+            value = low.partial_sums([hidden_pair(u, w) for u in uses[layer] for w in uses[layer]], out)
         low.stmts.append(ast.OutputDecl(SPAN, out, value))
         terms.append((out, layer, term_exponent(net, layer)))
     own["<shown>"] = "\n".join(shown)

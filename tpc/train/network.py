@@ -159,6 +159,7 @@ class Step:
     # its argument's grid: the mean over each window of `size` positions, every stride-th from start
     patches: tuple[tuple[int, ...], ...] = ()  # input: each position's row holds these offsets' rows (conv(U, x))
     heads: int = 1  # attend: the heads, each over its block of n / heads coordinates
+    transposed: bool = False  # matmul: W.T @ h, an n x n layer applied transposed (tied weights)
 
     @property
     def pos(self) -> bool:
@@ -1393,6 +1394,8 @@ class ModelBuilder:
             return self.name(e)
         if isinstance(e, ast.BinOp) and e.op == "@":
             return self.matmul(e)
+        if isinstance(e, ast.BinOp) and transpose_by_caret(e):
+            raise TpcError("the transpose of a layer is written W.T: W.T @ h", e.span)
         if isinstance(e, ast.BinOp):
             fn = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow"}[e.op]
             return self.fn(fn, [self.value(e.left), self.value(e.right)], e)
@@ -1400,9 +1403,10 @@ class ModelBuilder:
             return self.fn("neg", [self.value(e.operand)], e)
         if isinstance(e, ast.Call):
             return self.call(e)
-        if isinstance(e, ast.Attr) or isinstance(e, ast.BinOp) and transpose_by_caret(e):
-            raise TpcError("a model applies its layers forward (W @ x); the backward pass is derived by tpc",
-                           e.span)
+        if isinstance(e, ast.Attr):
+            if e.attr == "T":
+                raise TpcError("a transpose is used only as a product: W.T @ h", e.span)
+            raise TpcError(f"unknown attribute '.{clip(e.attr)}'", e.span)
         raise TpcError("not part of a model: layers, coordinatewise functions and numbers", e.span)
 
     def name(self, e: ast.Name) -> int | float:
@@ -1478,9 +1482,18 @@ class ModelBuilder:
         if isinstance(e.left, ast.Name) and e.left.id in self.b.convs:
             x = self.decl.arg if self.b.convs[e.left.id].takes_data else "h"
             raise TpcError(f"'{e.left.id}' is a convolution: apply it with conv({e.left.id}, {x})", e.left.span)
-        if not isinstance(e.left, ast.Name) or e.left.id not in self.b.layers:
+        transposed = isinstance(e.left, ast.Attr) and e.left.attr == "T"
+        left = e.left.operand if transposed else e.left  # type: ignore[attr-defined]
+        if not isinstance(left, ast.Name) or left.id not in self.b.layers:
             raise TpcError("the left of @ in a model is a layer", e.left.span)
-        la = self.b.layers[e.left.id]
+        la = self.b.layers[left.id]
+        if transposed and la.role != "hidden":
+            # U.T or V.T would map the n coordinates back to the d inputs or k outputs: not an n-vector
+            what = {"input": "an input layer (n x d)", "readout": "a readout layer (k x n)", "bias": "a bias"}[la.role]
+            if la.fixed:
+                what = "a fixed n x d matrix" if la.role == "input" else "a fixed vector"
+            raise TpcError(f"a model applies an n x n layer transposed (tied weights, W.T @ h); '{la.name}' is {what}",
+                           e.left.span)
         if la.role == "bias":
             if la.fixed:
                 raise TpcError(f"'{la.name}' is a fixed vector, added as a bias (W @ x + {la.name}); a readout is a "
@@ -1514,7 +1527,8 @@ class ModelBuilder:
                                "V @ pool(h), or give it weights at every position, V @ flatten(h)", e.right.span)
             la.taps = self.steps[x].positions
         return self.add(Step("matmul", "out" if la.role == "readout" else "vector", layer=la.name, args=(x,),
-                             span=e.span, grid=() if la.role == "readout" else self.steps[x].grid))
+                             span=e.span, grid=() if la.role == "readout" else self.steps[x].grid,
+                             transposed=transposed))
 
     def call(self, e: ast.Call) -> int | float:
         if e.fn in self.b.nonlins:

@@ -252,7 +252,7 @@ class PooledBackend:
             return by_pos.flat_readout(self.space.gram(y, params[la.name]), la.taps)
         if la.role == "readout":
             return self.space.gram(y, params[la.name])  # f = W x = (v . x) / n
-        return self.hidden(la.name, params[la.name], y, False)
+        return self.hidden(la.name, params[la.name], y, step.transposed)
 
     def backward(self, applied: Applied, chi: Tensor, layers: tuple[str, ...]) -> list[Tensor | None]:
         """n dL/d(value) for every vector step and dL/d(value) for every scalar step (a moment, or a
@@ -281,7 +281,7 @@ class PooledBackend:
     def _backward_matmul(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
         la = self.net.layers[step.layer]
         if la.role == "hidden":  # an input layer's argument is data, a readout's backward is chi's
-            add(step.args[0], self.hidden(la.name, params[la.name], g, True))
+            add(step.args[0], self.hidden(la.name, params[la.name], g, not step.transposed))
 
     def _backward_moment(self, step: Step, vals: list, params: dict, g: Tensor, add: Callable) -> None:
         add(step.args[0], g.expand(vals[step.args[0]].shape))  # m = mean(a): n dL/da = dL/dm everywhere
@@ -346,6 +346,8 @@ class PooledBackend:
                     put(la.name, y.transpose(-1, -2) @ grads[i])
                 elif la.role == "readout":
                     put(la.name, (chi if la.taps == 1 else by_pos.spread(chi, la.taps)).transpose(-1, -2) @ y)
+                elif step.transposed:  # h = W.T y: dL/dW = y dh^T, W.T's stored rows the other way round
+                    put(la.name, self.stored(la.name, grads[i], y))
                 else:
                     put(la.name, self.stored(la.name, y, grads[i]))
         for name in layers:  # a layer the loss does not reach (behind a step function) has gradient zero

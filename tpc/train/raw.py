@@ -155,12 +155,13 @@ class _Translator:
                 self.chain.add(e.id)
                 return self.inline(self.assigns[e.id].value, used, seen | {e.id})
             return e
-        declared = isinstance(e, ast.BinOp) and isinstance(e.left, ast.Name) and e.left.id in self.objects
-        if isinstance(e, ast.BinOp) and e.op == "@" and not declared:
-            raise TpcError("in a trained raw program a matrix product is a declared matrix applied to a vector "
-                           "(`W @ x`); transposes and other products are not translated", e.span)
+        if isinstance(e, ast.BinOp) and e.op == "@":
+            if _applied_matrix(e.left) not in self.objects:
+                raise TpcError("in a trained raw program a matrix product is a declared matrix (or its transpose) "
+                               "applied to a vector (`W @ x`, `W.T @ x`); other products are not translated", e.span)
+            return replace(e, right=self.inline(e.right, used, seen))  # W.T stays: the model applies W transposed
         if isinstance(e, ast.Attr):
-            raise TpcError("a trained raw program's network uses its matrices, not their transposes", e.span)
+            raise TpcError("a transpose is used only as a product: W.T @ x", e.span)
         return _map_children(e, lambda c: self.inline(c, used, seen))
 
     def applied(self, body: ast.Expr) -> list[str]:
@@ -170,8 +171,9 @@ class _Translator:
         def walk(e: ast.Expr) -> None:
             if isinstance(e, ast.BinOp) and e.op == "@":
                 walk(e.right)
-                if isinstance(e.left, ast.Name) and e.left.id not in order:
-                    order.append(e.left.id)
+                name = _applied_matrix(e.left)
+                if name is not None and name not in order:
+                    order.append(name)
                 return
             for c in _children(e):
                 walk(c)
@@ -477,6 +479,13 @@ def first_mention(e: object, names: set[str] | dict) -> ast.Name | None:
     if isinstance(e, ast.Name) and e.id in names:
         return e
     return next((m for c in _children(e) if (m := first_mention(c, names)) is not None), None)
+
+
+def _applied_matrix(e: ast.Expr) -> str | None:
+    """The declared name on the left of a product: W in `W @ x` and in `W.T @ x`."""
+    if isinstance(e, ast.Attr) and e.attr == "T":
+        e = e.operand
+    return e.id if isinstance(e, ast.Name) else None
 
 
 def _children(e: object) -> list[ast.Expr]:

@@ -224,7 +224,9 @@ def _step_text_bias(step: Step, args: list[str], net: Network) -> str:  # pragma
 
 def _step_text_matmul(step: Step, args: list[str], net: Network) -> str:
     flat = net.layers[step.layer].flattens
-    return f"{step.layer} @ flatten({args[0]})" if flat else f"{step.layer} @ {args[0]}"
+    if flat:
+        return f"{step.layer} @ flatten({args[0]})"
+    return f"{step.layer}{'.T' if step.transposed else ''} @ {args[0]}"
 
 
 def _step_text_fn(step: Step, args: list[str], net: Network) -> str:

@@ -61,7 +61,8 @@ _TABLE = (
     _op("bias", backward=False, makes="a vector, the same for every input (and position)",
         meaning="a bias layer's vector, added where the model adds it"),
     _op("matmul", makes="a vector (the readout: the k outputs); keeps its argument's positions",
-        meaning="a layer applied to a value: W @ h (the input layer to the data, the readout last)"),
+        meaning="a layer applied to a value: W @ h (the input layer to the data, the readout last), or an "
+                "n x n layer transposed, W.T @ h (tied weights: `Step.transposed`)"),
     _op("fn", makes="a vector if any argument is one, else a number per input; keeps positions",
         meaning="a coordinatewise function of earlier values (a tree over them)"),
     _op("moment", makes="a number per input (and position): a norm's scale",

@@ -168,7 +168,8 @@ class _Lister:
             if la.role == "hidden":
                 first = self.stored.get(la.name, 0)
                 self.stored[la.name] = first + 1
-                self.say(f"  {la.name}x_{first}, {la.name}dh_{first} = {h[step.args[0]]}, d{h[k]}   # stored: "
+                x, dh = (f"d{h[k]}", h[step.args[0]]) if step.transposed else (h[step.args[0]], f"d{h[k]}")
+                self.say(f"  {la.name}x_{first}, {la.name}dh_{first} = {x}, {dh}   # stored: "
                          f"a block of rows of {la.name}")
             elif la.role == "bias":
                 finite.setdefault(la.name, []).append(f"sum_rows d{h[k]}")
@@ -333,14 +334,14 @@ def _listing_matmul(ls: _Lister, root: str, step: Step, h: list[str]) -> str:
                 f"its own readout rows v = n {la.name}")
     if la.role == "readout":
         return f"({ls.layer(root, la.name)} . {arg}) / n   # finite: the readout rows v = n {la.name}"
-    return ls.hidden(root, la.name, arg, False)
+    return ls.hidden(root, la.name, arg, step.transposed)
 
 
 def _listing_backward_matmul(ls: _Lister, root: str, k: int, step: Step, h: list[str], g: str,
                              grads: dict[int, list[str]]) -> None:
     la = ls.net.layers[step.layer]
     if la.role == "hidden":
-        grads.setdefault(step.args[0], []).append(ls.hidden(root, la.name, g, True).split("   #")[0])
+        grads.setdefault(step.args[0], []).append(ls.hidden(root, la.name, g, not step.transposed).split("   #")[0])
 
 
 def _listing_backward_moment(ls: _Lister, root: str, k: int, step: Step, h: list[str], g: str,

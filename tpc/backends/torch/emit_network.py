@@ -143,6 +143,8 @@ def _code_matmul(i: int, step: Step, values: list[str], names: dict[str, str], o
         v = values[step.args[0]]
         return (f"{v}.reshape(*{v}.shape[:-2], -1, {la.taps} * {v}.shape[-1]) @ "
                 f"(m[{layer!r}] * {owner}.{layer}).reshape({la.rows}, -1).T")
+    if step.transposed:  # W.T @ h: rows times W
+        return f"{values[step.args[0]]} @ (m[{layer!r}] * {owner}.{layer})"
     return f"{values[step.args[0]]} @ (m[{layer!r}] * {owner}.{layer}).T"
 
 
