@@ -189,6 +189,9 @@ def test_bundled_program_and_its_listings(capsys: pytest.CaptureFixture[str]) ->
     assert main(["graph", str(TIED), "--unrolled"]) == 0
     out = capsys.readouterr().out
     assert "W_0.T @ " in out and "Wx_1, Wdh_1 = dh" in out  # the transposed use's rows: (g, y)
+    body = next(d["body"] for _, d in net.graph.nodes(data=True) if d["op"] == "model")
+    assert [(d["text"], d.get("transposed", False)) for _, d in body.nodes(data=True) if d["op"] == "matmul"] == [
+        ("U @ x", False), ("W @ h2", False), ("W.T @ z", True), ("V @ h6", False)]
     products = [line.split("@")[1].strip() for line in tpc.torch_source(net).splitlines() if "* self.W)" in line]
     assert products == ["(m['W'] * self.W).T", "(m['W'] * self.W)"]  # rows times W.T, then times W
 

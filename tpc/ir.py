@@ -308,6 +308,8 @@ def to_json(prog: Program) -> dict[str, Any]:
             "text": describe(prog, node),
             "derived": bool(node.params.get("derived")),
         }
+        if node.params.get("transposed"):  # W.T x: the same matrix, transposed
+            item["transposed"] = True
         if node.span is not None:
             item["span"] = {"line": node.span.line, "column": node.span.column,
                             "end_line": node.span.end_line, "end_column": node.span.end_column}

@@ -167,7 +167,8 @@ class _Builder:
             name = f"{m.name}({m.arg})" if k == m.out else m.step_name(k)
             inputs = [ids[j] for j in s.args] + ([layer_in[s.layer]] if s.layer and s.op == "matmul" else [])
             text = STEPS[s.op].text(s, [names[j] for j in s.args], self.net)
-            ids.append(self.node(body, s.op, name, text, s.op.capitalize(), s.span, inputs, kind=s.kind))
+            extra = {"transposed": True} if s.transposed else {}  # W.T @ h: tied weights
+            ids.append(self.node(body, s.op, name, text, s.op.capitalize(), s.span, inputs, kind=s.kind, **extra))
             names.append(name)
         # the model is a function (a closed body): its argument and layers are the inputs of each
         # application, `apply` (the current layers, then the data), not of its definition
