@@ -228,3 +228,35 @@ output curve = loss
     a, b = tpc.run(fixed, 64, 2), tpc.run(layer, 64, 2)
     for name in ("pred", "curve"):
         np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+
+
+@pytest.mark.parametrize("both", ["W @ h + W.T @ h", "W.T @ h + W @ h"])
+def test_both_uses_of_one_value_over_positions(both: str) -> None:
+    """`W @ h + W.T @ h` of one h over 2 positions (the per-position recursion's case): W.T h is a
+    Gaussian independent of W h (h does not depend on W, so no Zdot), and f's NNGP is
+    2 * var_U / d * s . s' / P^2 with s the sum of an input's positions, in either order (the first
+    order once reused W h's value for W.T h, twice the limit)."""
+    net = tpc.loads("""width n
+parametrization ntk
+data X = [[1, 0, 0.5, 1], [0, 1, -0.5, 0.2]]
+layer U : input n x 2
+layer W : hidden n x n
+layer V : readout 1 x n
+model f(x[2]) {
+  h = U @ x
+  return V @ pool(""" + both + """)
+}
+output K = nngp(f, X)
+""")
+    X = net.data["X"]  # noqa: N806
+    s = X[:, :2] + X[:, 2:]
+    np.testing.assert_allclose(tpc.limit(net)["K"].value, 2 * (s @ s.T / 2) / 4, rtol=1e-10, atol=1e-12)
+
+
+def test_the_plan_counts_a_forward_transpose() -> None:
+    from tpc.train.pooled import count
+
+    p = count(tpc.loads(LINEAR.format(param="mup") + WARMUP))
+    # 4 steps x (4 rows forward + 4 backward) and 2 rows of Xt after training, each row through W_0 and
+    # W_0.T once (forward W then W.T, backward the reverse): the model's W.T counts as a transpose
+    assert (p.plain_rows, p.transposed_rows) == (2 * 16 + 2, 2 * 16 + 2)

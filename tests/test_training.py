@@ -306,8 +306,8 @@ def test_plan_counts_gaussians() -> None:
     p = count(net)
     # init forward on X (kernel0, feature_change), 3 steps x (4 forward + 4 backward), trained forward
     # on X and Xt: one hidden matrix, so one Gaussian per row; plus U's 3 columns and V's row
-    assert (p.forward_rows, p.backward_rows) == (4 + 12 + 4 + 3, 12)
-    assert p.gaussians == 3 + 1 + p.forward_rows + p.backward_rows
+    assert (p.plain_rows, p.transposed_rows) == (4 + 12 + 4 + 3, 12)
+    assert p.gaussians == 3 + 1 + p.plain_rows + p.transposed_rows
     assert p.stored_rows == 12
 
 

@@ -1489,7 +1489,8 @@ class ModelBuilder:
         la = self.b.layers[left.id]
         if transposed and la.role != "hidden":
             # U.T or V.T would map the n coordinates back to the d inputs or k outputs: not an n-vector
-            what = {"input": "an input layer (n x d)", "readout": "a readout layer (k x n)", "bias": "a bias"}[la.role]
+            what = {"input": "an input layer (n x d)", "embedding": "an embedding layer (n x d)",
+                    "readout": "a readout layer (k x n)", "bias": "a bias"}.get(la.role, f"a {la.role} layer")
             if la.fixed:
                 what = "a fixed n x d matrix" if la.role == "input" else "a fixed vector"
             raise TpcError(f"a model applies an n x n layer transposed (tied weights, W.T @ h); '{la.name}' is {what}",

@@ -438,8 +438,8 @@ class Count:
     gaussians: int  # independent Gaussian vectors (initial columns and rows, and one per row of W_0 y)
     stored_rows: int  # rows kept in the pools
     peak_rows: int  # the most rows of one forward pass
-    forward_rows: int = 0  # rows multiplied by an initial n x n matrix, forward and backward (by its transpose)
-    backward_rows: int = 0
+    plain_rows: int = 0  # rows multiplied by an initial n x n matrix W_0 (the forward pass, or W.T's backward)
+    transposed_rows: int = 0  # ... by W_0.T (the backward pass, or a model's W.T forward)
 
     def memory_bytes(self, size: int) -> int:
         return 8 * size * (4 * self.gaussians + 2 * self.stored_rows + 8 * self.peak_rows)
@@ -489,13 +489,13 @@ def describe_limit(net: Network, exact: bool, particles: int, replicates: int) -
     if g:
         how += (f"; entrywise updates of n x n layers as {particles} x {particles} grids over pairs of particles "
                 f"(Tensor Programs IVb: for each particle, the mean over the others), up to {g} at once")
-    zdot = ("; W.T after W (and W after W.T) gets its Zdot by Stein's lemma" if c.backward_rows else
-            "; no n x n matrix is multiplied by its transpose, so no Zdot" if c.forward_rows else
-            "; no n x n matrix, so no Zdot")
+    zdot = ("; W.T after W (and W after W.T) gets its Zdot by Stein's lemma" if c.plain_rows and c.transposed_rows
+            else "; no n x n matrix is multiplied by its transpose, so no Zdot" if c.plain_rows or c.transposed_rows
+            else "; no n x n matrix, so no Zdot")
     size = c.gaussians + 1 if exact else particles
     need = c.memory_bytes(size) + 8 * g * size * size
     return (f"the loops unrolled into a Netsor-transpose program: {c.gaussians} Gaussian vectors "
-            f"({c.forward_rows} rows through initial n x n matrices forward, {c.backward_rows} backward), "
+            f"({c.plain_rows} rows through initial n x n matrices, {c.transposed_rows} through their transposes), "
             f"{c.stored_rows} stored rows; expectations {how}{zdot}; about {need / 2**30:.2g} GB")
 
 

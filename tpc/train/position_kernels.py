@@ -121,11 +121,11 @@ class Recursion:
                 self.values.append(self.base(Base("bias", n_pos, step.layer, upstream=frozenset({step.layer}))))
             elif step.op == "matmul":
                 la = net.layers[step.layer]
+                if step.transposed:  # W.T h beside W h' correlates them (TP's Zdot): the lowered program's
+                    raise NotCoveredError("a layer applied transposed")
                 if (step.layer, step.args) in used:  # the same product written twice: one value
                     self.values.append(used[step.layer, step.args])
                     continue
-                if step.transposed:  # W.T h beside W h' correlates them (TP's Zdot): the lowered program's
-                    raise NotCoveredError("a layer applied transposed")
                 if any(layer == step.layer for layer, _ in used):
                     raise NotCoveredError("a layer applied to two values (weights shared)")
                 if la.role == "readout":
