@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--width", type=int, default=2048, help="of the finite runs (--mode finite)")
     p.add_argument("--loops", action="store_true", help="programs trained by loops (--mode finite)")
+    p.add_argument("--only", default="", help="compare only programs whose text contains this (e.g. '.T @')")
     args = p.parse_args(argv)
     counts: Counter = Counter()
     start, i = time.monotonic(), 0
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             c = RandomChooser(args.seed + i)
             i += 1
             kind, source = draw(c, args.mode, args.loops)
+            if args.only not in source:
+                counts["skipped (--only)"] += 1
+                continue
             try:
                 with time_limit(h.timeout):
                     found = flags(args.mode, args.loops, h.load(source), args.width)

@@ -197,7 +197,7 @@ def test_bundled_program_and_its_listings(capsys: pytest.CaptureFixture[str]) ->
 
 
 @pytest.mark.parametrize(("model", "message"), [
-    ("V @ relu(U.T @ relu(U @ x))", r"a model applies an n x n layer transposed .* 'U' is an input layer \(n x d\)"),
+    ("V @ relu(U.T @ relu(U @ x))", r"only an n x n layer is applied transposed .* 'U' is an input layer \(n x d\)"),
     ("V.T @ relu(U @ x)", "'V' is a readout layer"),
     ("V @ relu(W^T @ relu(U @ x))", r"the transpose of a layer is written W\.T"),
     ("V @ relu(W.T)", r"a transpose is used only as a product: W\.T @ h"),

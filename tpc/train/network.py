@@ -1493,7 +1493,7 @@ class ModelBuilder:
                     "readout": "a readout layer (k x n)", "bias": "a bias"}.get(la.role, f"a {la.role} layer")
             if la.fixed:
                 what = "a fixed n x d matrix" if la.role == "input" else "a fixed vector"
-            raise TpcError(f"a model applies an n x n layer transposed (tied weights, W.T @ h); '{la.name}' is {what}",
+            raise TpcError(f"only an n x n layer is applied transposed (tied weights, W.T @ h); '{la.name}' is {what}",
                            e.left.span)
         if la.role == "bias":
             if la.fixed:
