@@ -39,13 +39,15 @@ def initial_weights(net: tpc.Network, width: int, seeds: list[int]) -> dict[str,
 
 def jacobian_ntk(net: tpc.Network, width: int, seed: int) -> np.ndarray:
     """sum_l n^-c <df/dw^l, df'/dw^l> averaged over the k outputs, on the data set X, from the full
-    Jacobian of f with respect to the trained w^l (W^l = n^-a w^l)."""
+    Jacobian of f with respect to the trained w^l (W^l = n^-a w^l); a fixed `matrix` or `vector` is
+    no parameter, so it has no term."""
     x = torch.as_tensor(net.data["X"])
     mult = {k: width ** (-net.ab(la)[0]) for k, la in net.layers.items()}
     w0 = {k: v / mult[k] for k, v in initial_weights(net, width, [seed]).items()}
+    fixed = {k: w0.pop(k) for k, la in net.layers.items() if la.fixed}
 
     def f(ws: dict[str, torch.Tensor]) -> torch.Tensor:
-        return forward(net, {k: mult[k] * v for k, v in ws.items()}, x)[-1][0]  # (B, k)
+        return forward(net, {k: mult[k] * v for k, v in {**ws, **fixed}.items()}, x)[-1][0]  # (B, k)
 
     rows, k = len(x), net.output_dim()
     theta = np.zeros((rows, rows))

@@ -81,6 +81,14 @@ def test_empirical_ntk_is_the_jacobians() -> None:
     np.testing.assert_allclose(tpc.run(net, 12, 1)["T"].values[0], jacobian_ntk(net, 12, 0), rtol=1e-10, atol=1e-12)
 
 
+def test_empirical_ntk_of_a_fixed_matrix_used_both_ways_is_the_jacobians() -> None:
+    """A fixed `matrix W` applied as W and W.T: no term of its own, the others through both uses."""
+    net = tpc.loads(RELU.format(param="ntk").replace("layer W : hidden n x n, var = 2", "matrix W : n x n ~ N(0, 2/n)")
+                    + KERNELS)
+    assert net.layers["W"].fixed
+    np.testing.assert_allclose(tpc.run(net, 12, 1)["T"].values[0], jacobian_ntk(net, 12, 0), rtol=1e-10, atol=1e-12)
+
+
 def test_linear_kernels_are_the_closed_forms() -> None:
     """f = v . W.T W U x / sqrt(n) in NTK parametrization, q = x . x' / 3: W.T (W h) is
     Zhat + sigma^2 h (Zdot), so the NNGP is 2q (q untied, W2 W1); the NTK's terms are 2q for V
