@@ -11,6 +11,7 @@ the unrolled program (the stored rows of the transposed use), the raw Netsor pro
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -268,3 +269,69 @@ def test_the_plan_counts_a_forward_transpose() -> None:
     # 4 steps x (4 rows forward + 4 backward) and 2 rows of Xt after training, each row through W_0 and
     # W_0.T once (forward W then W.T, backward the reverse): the model's W.T counts as a transpose
     assert (p.plain_rows, p.transposed_rows) == (2 * 16 + 2, 2 * 16 + 2)
+
+
+# a transposed convolution with the same weights: conv(A.T, h) = sum_o A[o].T @ shift(h, -o), the
+# adjoint of conv(A, h) ('same' padding, stride 1), as torch's conv_transpose of A's weight
+CONV_T = """width n
+parametrization {param}
+data X = [[1, 0.5, -0.3, 0.2, 0.9, -1, 0.4, 0.1, 0.3, -0.2, 0.6, 0.8],
+          [0.2, -0.8, 0.5, 1, -0.4, 0.3, 0.7, -0.6, 0.1, 0.5, -0.2, 0.9]]
+data Y = [1, -1]
+layer U : conv n x 2, kernel = {k}, var = 2
+layer A : conv n x n, kernel = {k}, var = 2
+layer V : readout 1 x n
+model f(x[{grid}]) = V @ pool(relu(conv(A.T, relu(conv(A, relu(conv(U, x)))))))
+"""
+
+
+@pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
+@pytest.mark.parametrize(("k", "grid"), [("3", "6"), ("2", "6"), ("[3, 2]", "3, 2")])
+def test_a_transposed_conv_is_torchs_conv_transpose(k: str, grid: str) -> None:
+    from tests.test_conv_layers import _taps
+
+    net = tpc.loads(CONV_T.format(param="mup", k=k, grid=grid) + KERNELS)
+    kernel = [int(v) for v in k.strip("[]").split(",")]
+    shape = [int(v) for v in grid.split(",")]
+    w = initial_weights(net, 12, [0])
+    x = torch.as_tensor(net.data["X"]).reshape(2, *shape, 2).movedim(-1, 1)  # (B, d, *grid)
+    conv, conv_t = ((torch.nn.functional.conv1d, torch.nn.functional.conv_transpose1d) if len(kernel) == 1 else
+                    (torch.nn.functional.conv2d, torch.nn.functional.conv_transpose2d))
+    u = w["U"][0].reshape(-1, *kernel, 2).movedim(-1, 1)  # (n, d, *kernel): U's columns, patch row by row
+    offsets = list(itertools.product(*[range(-((q - 1) // 2), q - (q - 1) // 2) for q in kernel]))
+    a = _taps(w, "A", offsets)
+    h = torch.relu(conv(x, u, padding="same"))
+    z = torch.relu(conv(h, a, padding="same"))
+    # 'same' pads (q - 1) // 2 before: the adjoint's output starts there, cropped to the grid
+    y = conv_t(z, a, padding=tuple((q - 1) // 2 for q in kernel))
+    y = torch.relu(y[(..., *[slice(0, s) for s in shape])])
+    want = y.mean(tuple(range(2, y.dim()))) @ w["V"][0].T
+    got = forward(net, w, torch.as_tensor(net.data["X"]))[-1][0]
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_transposed_conv_kernels_training_and_torch() -> None:
+    """The empirical NTK is the Jacobians'; direct training equals the unrolled program and the
+    emitted torch; finite widths approach the kernels' limit (the lowered program's)."""
+    net = tpc.loads(CONV_T.format(param="ntk", k="3", grid="6") + KERNELS)
+    np.testing.assert_allclose(tpc.run(net, 12, 1)["T"].values[0], jacobian_ntk(net, 12, 0), rtol=1e-10, atol=1e-12)
+    lim = tpc.limit(net)
+    errors = [float(np.sqrt(((tpc.run(net, w, 4)["K"].values - lim["K"].value) ** 2).mean())) for w in (32, 512)]
+    assert errors[1] < errors[0] / 2, errors
+    trained = tpc.loads(CONV_T.format(param="mup", k="2", grid="6") + WARMUP.replace("f(Xt)", "f(X)"))
+    direct = assert_direct_equals_unrolled(trained, 12, 2)
+    got = emitted_train_outputs(trained, 12)
+    np.testing.assert_allclose(np.asarray(got["pred"]).reshape(-1), direct["pred"].values[0].reshape(-1),
+                               rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize(("layer", "message"), [
+    ("layer A : conv n x n, kernel = 3, var = 2, stride = 2", "'A' has a stride or 'valid' padding"),
+    ("layer A : conv n x n, kernel = 3, var = 2, padding = valid", "'A' has a stride or 'valid' padding"),
+])
+def test_transposed_conv_refusals(layer: str, message: str) -> None:
+    source = CONV_T.format(param="mup", k="3", grid="6").replace("layer A : conv n x n, kernel = 3, var = 2", layer)
+    with pytest.raises(TpcError, match=message):
+        tpc.loads(source + KERNELS)
+    with pytest.raises(TpcError, match="'U' reads the data"):
+        tpc.loads(CONV_T.format(param="mup", k="3", grid="6").replace("conv(U, x)", "conv(U.T, x)") + KERNELS)

@@ -1665,9 +1665,16 @@ class ModelBuilder:
     def conv(self, e: ast.Call) -> int:
         """`conv(A, h)`: the sum over the kernel's offsets o of A[o] @ shift(h, o), each tap a hidden
         layer; `conv(U, x)` on the model's input: U @ (each position's patch of data rows)."""
-        if len(e.args) != 2 or not isinstance(e.args[0], ast.Name) or e.args[0].id not in self.b.convs:
+        transposed = len(e.args) == 2 and isinstance(e.args[0], ast.Attr) and e.args[0].attr == "T"
+        layer = e.args[0].operand if transposed else e.args[0] if e.args else None  # type: ignore[union-attr]
+        if len(e.args) != 2 or not isinstance(layer, ast.Name) or layer.id not in self.b.convs:
             raise TpcError("conv(A, h) applies a conv layer A (`layer A : conv n x n, kernel = 3`) to h", e.span)
-        conv = self.b.convs[e.args[0].id]
+        conv = self.b.convs[layer.id]
+        if transposed and (conv.takes_data or conv.resamples):
+            # the adjoint of a strided or 'valid' convolution would upsample: not a step of a model yet
+            what = "reads the data" if conv.takes_data else "has a stride or 'valid' padding"
+            raise TpcError(f"conv({conv.name}.T, h), the transposed convolution, takes an n x n conv layer with 'same' "
+                           f"padding and stride 1; '{conv.name}' {what}", e.args[0].span)
         if self.decl.positions == 1:
             raise TpcError(f"a convolution slides over positions; declare them: model {self.decl.name}"
                            f"({self.decl.arg}[8]) or {self.decl.name}({self.decl.arg}[8, 8])", e.span)
@@ -1693,19 +1700,23 @@ class ModelBuilder:
             self.steps[x].patches = conv.offsets
             out = self.add(Step("matmul", "vector", layer=conv.name, args=(x,), span=span, grid=grid))
         else:
-            out = self.taps(conv, h, span)
+            out = self.taps(conv, h, span, transposed)
         return self.window(out, conv.window(grid), span) if conv.resamples else out
 
-    def taps(self, conv: Conv, h: int | float, span: Span) -> int:
-        """The sum over the kernel's offsets o of A[o] @ shift(h, o), built as the expression it is."""
+    def taps(self, conv: Conv, h: int | float, span: Span, transposed: bool = False) -> int:
+        """The sum over the kernel's offsets o of A[o] @ shift(h, o), built as the expression it is;
+        transposed, its adjoint (torch's conv_transpose with the same weights): the sum of
+        A[o].T @ shift(h, -o)."""
         self.scope.append({"<h>": h})  # h once; each tap reads it shifted
         try:
             terms: list[ast.Expr] = []
             for offset in conv.offsets:
                 x: ast.Expr = ast.Name(span, "<h>")
-                if any(offset):
-                    x = ast.Call(span, "shift", (x, *(ast.Num(span, float(o)) for o in offset)), span)
-                terms.append(ast.BinOp(span, "@", ast.Name(span, conv.tap(offset)), x))
+                shift = tuple(-o for o in offset) if transposed else offset
+                if any(shift):
+                    x = ast.Call(span, "shift", (x, *(ast.Num(span, float(o)) for o in shift)), span)
+                tap: ast.Expr = ast.Name(span, conv.tap(offset))
+                terms.append(ast.BinOp(span, "@", ast.Attr(span, tap, "T") if transposed else tap, x))
             total = terms[0]
             for t in terms[1:]:
                 total = ast.BinOp(span, "+", total, t)
