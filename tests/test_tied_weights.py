@@ -201,6 +201,10 @@ def test_bundled_program_and_its_listings(capsys: pytest.CaptureFixture[str]) ->
     body = next(d["body"] for _, d in net.graph.nodes(data=True) if d["op"] == "model")
     assert [(d["text"], d.get("transposed", False)) for _, d in body.nodes(data=True) if d["op"] == "matmul"] == [
         ("U @ x", False), ("W @ h2", False), ("W.T @ z", True), ("V @ h6", False)]
+    from tpc.train.graph import to_json
+
+    exported = next(d["body"] for d in to_json(net.graph) if d["op"] == "model")
+    assert [d.get("transposed", False) for d in exported if d["op"] == "matmul"] == [False, False, True, False]
     products = [line.split("@")[1].strip() for line in tpc.torch_source(net).splitlines() if "* self.W)" in line]
     assert products == ["(m['W'] * self.W).T", "(m['W'] * self.W)"]  # rows times W.T, then times W
 
@@ -333,5 +337,7 @@ def test_transposed_conv_refusals(layer: str, message: str) -> None:
     source = CONV_T.format(param="mup", k="3", grid="6").replace("layer A : conv n x n, kernel = 3, var = 2", layer)
     with pytest.raises(TpcError, match=message):
         tpc.loads(source + KERNELS)
+    with pytest.raises(TpcError, match=r"'A' is a convolution: apply it with conv\(A\.T, h\)"):
+        tpc.loads(CONV_T.format(param="mup", k="3", grid="6").replace("conv(A.T, relu(", "A.T @ relu((") + KERNELS)
     with pytest.raises(TpcError, match="'U' reads the data"):
         tpc.loads(CONV_T.format(param="mup", k="3", grid="6").replace("conv(U, x)", "conv(U.T, x)") + KERNELS)

@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -913,7 +914,13 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except TpcError as err:
         if err.filename == "<program>":
-            err.filename = getattr(args, "file", None) or "tpc"
+            path = getattr(args, "file", None)
+            err.filename = path or "tpc"
+            if path and err.span is not None:  # raised after loading (a backend's refusal): show its line too
+                try:
+                    err.source = Path(path).read_text(encoding="utf-8", errors="replace")
+                except OSError:
+                    pass
         print(err.render(), file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:

@@ -351,7 +351,7 @@ def to_json(g: nx.DiGraph) -> list[dict[str, Any]]:
         span = d.get("span")
         if span is not None:
             item["line"], item["column"] = span.line, span.column
-        for key in ("kind", "outer", "trip", "counter", "carries", "fixed"):
+        for key in ("kind", "outer", "trip", "counter", "carries", "fixed", "transposed"):
             if key in d:
                 item[key] = d[key]
         if "body" in d:

@@ -30,7 +30,7 @@ import torch
 from tpc import memory
 from tpc import syntax as ast
 from tpc.backends.limit.evaluate import evaluate_limit, evaluate_tree
-from tpc.errors import Span, TpcError
+from tpc.errors import NumericalError, Span, TpcError
 from tpc.ir import Program
 from tpc.ops import expr as ex
 from tpc.train import position_kernels
@@ -477,7 +477,13 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
         methods = dict.fromkeys(("nngp", "ntk", "features"), "exact+closed-form")
         return LayerKernels(points, theta, nngp, feats, "exact+closed-form", {}, methods)
     prog, own, terms = lowered_program(net, X)
-    lim = evaluate_limit(prog, **limit_options)
+    try:
+        lim = evaluate_limit(prog, **limit_options)
+    except NumericalError as err:  # named in the lowered program, whose lines the user never wrote
+        raise NumericalError(
+            f"the kernels of model {net.model.name} at initialisation, by its lowered Netsor program: {err.message}",
+            net.model.span, hint="a Monte Carlo covariance can miss the PSD check by its sampling error: more "
+            "--particles make that smaller") from None
     theta = _layer_terms(terms, list(net.layers), lambda out: lim[out].value, len(X))
     errors: dict[str, np.ndarray] = {}
     for out, _, exponent in terms:

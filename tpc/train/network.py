@@ -1479,11 +1479,12 @@ class ModelBuilder:
         return v
 
     def matmul(self, e: ast.BinOp) -> int:
-        if isinstance(e.left, ast.Name) and e.left.id in self.b.convs:
-            x = self.decl.arg if self.b.convs[e.left.id].takes_data else "h"
-            raise TpcError(f"'{e.left.id}' is a convolution: apply it with conv({e.left.id}, {x})", e.left.span)
         transposed = isinstance(e.left, ast.Attr) and e.left.attr == "T"
         left = e.left.operand if transposed else e.left  # type: ignore[attr-defined]
+        if isinstance(left, ast.Name) and left.id in self.b.convs:
+            x = self.decl.arg if self.b.convs[left.id].takes_data else "h"
+            name = f"{left.id}.T" if transposed else left.id
+            raise TpcError(f"'{left.id}' is a convolution: apply it with conv({name}, {x})", e.left.span)
         if not isinstance(left, ast.Name) or left.id not in self.b.layers:
             raise TpcError("the left of @ in a model is a layer", e.left.span)
         la = self.b.layers[left.id]

@@ -116,6 +116,11 @@ class _Translator:
 
     def readout(self, e: ast.Expr) -> tuple[str, float, ast.Expr] | None:
         """`v @ E / n^s`: (v, s, E), where v is a declared vector or a k x n matrix."""
+        if (isinstance(e, ast.BinOp) and e.op == "/" and isinstance(e.left, ast.BinOp) and e.left.op == "@"
+                and isinstance(e.left.left, ast.Attr) and isinstance(e.left.left.operand, ast.Name)
+                and isinstance(self.objects.get(e.left.left.operand.id, (None,))[0], ast.VectorDecl)):
+            v = e.left.left.operand.id
+            raise TpcError(f"a readout is written {v} @ x / n: a vector has no transpose", e.left.left.span)
         if not (isinstance(e, ast.BinOp) and e.op == "/" and isinstance(e.left, ast.BinOp) and e.left.op == "@"
                 and isinstance(e.left.left, ast.Name) and e.left.left.id in self.objects):
             return None
