@@ -319,7 +319,7 @@ def test_transposed_conv_kernels_training_and_torch() -> None:
     emitted torch; finite widths approach the kernels' limit (the lowered program's)."""
     net = tpc.loads(CONV_T.format(param="ntk", k="3", grid="6") + KERNELS)
     np.testing.assert_allclose(tpc.run(net, 12, 1)["T"].values[0], jacobian_ntk(net, 12, 0), rtol=1e-10, atol=1e-12)
-    lim = tpc.limit(net)
+    lim = tpc.limit(net, particles=2**13)  # Monte Carlo (the lowered program): its error well under width 512's
     errors = [float(np.sqrt(((tpc.run(net, w, 4)["K"].values - lim["K"].value) ** 2).mean())) for w in (32, 512)]
     assert errors[1] < errors[0] / 2, errors
     trained = tpc.loads(CONV_T.format(param="mup", k="2", grid="6") + WARMUP.replace("f(Xt)", "f(X)"))
