@@ -58,8 +58,9 @@ def jacobian_ntk(net: tpc.Network, width: int, seed: int) -> np.ndarray:
 
 
 def emitted_train_outputs(net: tpc.Network, width: int) -> dict[str, torch.Tensor]:
-    """The outputs of `tpc emit-torch`'s file: its Network at `width`, seed 0, trained by its
-    train() on the program's data."""
+    """The outputs of `tpc emit-torch`'s file for a program trained by loops: its Network at `width`,
+    seed 0, trained by its train() on the program's data (a `train` statement's file has another
+    train(), of its hyperparameters, returning the loss history)."""
     from tpc.backends.torch.emit_network import program_arrays
 
     source = tpc.torch_source(net)
