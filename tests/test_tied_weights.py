@@ -341,3 +341,18 @@ def test_transposed_conv_refusals(layer: str, message: str) -> None:
         tpc.loads(CONV_T.format(param="mup", k="3", grid="6").replace("conv(A.T, relu(", "A.T @ relu((") + KERNELS)
     with pytest.raises(TpcError, match="'U' reads the data"):
         tpc.loads(CONV_T.format(param="mup", k="3", grid="6").replace("conv(U, x)", "conv(U.T, x)") + KERNELS)
+
+
+def test_the_plan_says_zdot_only_where_one_matrix_goes_both_ways() -> None:
+    """A frozen W2 used transposed and a frozen W1 used plainly: each matrix one way, no Zdot (the
+    loop trains only U and V, so nothing backpropagates through W1 or W2)."""
+    from tpc.train.pooled import count, describe_limit
+
+    source = LINEAR.format(param="mup").replace("W.T @", "W2.T @").replace(
+        "layer V", "layer W2 : hidden n x n\nlayer V") + WARMUP.replace(
+        "f -= 0.5 * min(1, (t + 1) / 2) * grad(L, f)", "V -= 0.5 * grad(L, V)")
+    net = tpc.loads(source)
+    p = count(net)
+    assert p.plain_rows > 0 and p.transposed_rows > 0 and not p.zdot
+    assert "no n x n matrix is multiplied by its transpose" in describe_limit(net, True, 1024, 2)
+    assert count(tpc.loads(LINEAR.format(param="mup") + WARMUP)).zdot

@@ -440,6 +440,7 @@ class Count:
     peak_rows: int  # the most rows of one forward pass
     plain_rows: int = 0  # rows multiplied by an initial n x n matrix W_0 (the forward pass, or W.T's backward)
     transposed_rows: int = 0  # ... by W_0.T (the backward pass, or a model's W.T forward)
+    zdot: bool = False  # some matrix multiplies both ways (W_0 and W_0.T), so Zdot terms arise
 
     def memory_bytes(self, size: int) -> int:
         return 8 * size * (4 * self.gaussians + 2 * self.stored_rows + 8 * self.peak_rows)
@@ -451,9 +452,11 @@ class _CountingSpace(FiniteSpace):
         super().__init__(net, math.lcm(2, *heads), [0], torch.float64, "cpu")
         self.rows = {False: 0, True: 0}
         self.peak = 0
+        self.ways: dict[str, set[bool]] = {}  # each matrix's orientations
 
     def matmul(self, layer, rows: Tensor, transposed: bool) -> Tensor:  # noqa: ANN001
         self.rows[transposed] += int(np.prod(rows.shape[1:-1]))
+        self.ways.setdefault(layer.name, set()).add(transposed)
         self.peak = max(self.peak, int(np.prod(rows.shape[1:-1])))
         return super().matmul(layer, rows, transposed)
 
@@ -469,7 +472,7 @@ def count(net: Network) -> Count:
                   for la in net.layers.values() if la.role != "hidden")
     stored = sum(int(x.shape[-2]) for x, _ in backend.pool.values())
     return Count(initial + space.rows[False] + space.rows[True], stored, space.peak, space.rows[False],
-                 space.rows[True])
+                 space.rows[True], any(len(ways) == 2 for ways in space.ways.values()))
 
 
 COUNTED = 5000  # loop iterations up to which `tpc check` counts the plan by a dry run
@@ -489,7 +492,7 @@ def describe_limit(net: Network, exact: bool, particles: int, replicates: int) -
     if g:
         how += (f"; entrywise updates of n x n layers as {particles} x {particles} grids over pairs of particles "
                 f"(Tensor Programs IVb: for each particle, the mean over the others), up to {g} at once")
-    zdot = ("; W.T after W (and W after W.T) gets its Zdot by Stein's lemma" if c.plain_rows and c.transposed_rows
+    zdot = ("; W.T after W (and W after W.T) gets its Zdot by Stein's lemma" if c.zdot
             else "; no n x n matrix is multiplied by its transpose, so no Zdot" if c.plain_rows or c.transposed_rows
             else "; no n x n matrix, so no Zdot")
     size = c.gaussians + 1 if exact else particles
