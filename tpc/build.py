@@ -468,8 +468,8 @@ class Builder:
         return Ref(new.id)
 
     def matmul(self, e: ast.BinOp) -> Value:
-        transposed = isinstance(e.left, ast.Attr) and e.left.attr == "T"
-        a = self.expr(e.left.operand if transposed else e.left)  # type: ignore[attr-defined]
+        left, transposed = ast.untransposed(e.left)
+        a = self.expr(left)
         if transposed and not (isinstance(a, Ref) and self.node(a.nid).kind == "matrix"):
             raise TpcError("'.T' transposes a matrix: W.T @ x", e.left.span)
         if isinstance(a, Ref) and self.node(a.nid).kind == "matrix":

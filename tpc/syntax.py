@@ -61,6 +61,13 @@ class Attr(Expr):
     attr: str
 
 
+def untransposed(e: Expr) -> tuple[Expr, bool]:
+    """`W.T` -> (W, True); any other expression -> (itself, False)."""
+    if isinstance(e, Attr) and e.attr == "T":
+        return e.operand, True
+    return e, False
+
+
 @dataclass(frozen=True)
 class ListExpr(Expr):
     items: tuple[Expr, ...]

@@ -1479,8 +1479,7 @@ class ModelBuilder:
         return v
 
     def matmul(self, e: ast.BinOp) -> int:
-        transposed = isinstance(e.left, ast.Attr) and e.left.attr == "T"
-        left = e.left.operand if transposed else e.left  # type: ignore[attr-defined]
+        left, transposed = ast.untransposed(e.left)
         if isinstance(left, ast.Name) and left.id in self.b.convs:
             x = self.decl.arg if self.b.convs[left.id].takes_data else "h"
             name = f"{left.id}.T" if transposed else left.id
@@ -1666,8 +1665,7 @@ class ModelBuilder:
     def conv(self, e: ast.Call) -> int:
         """`conv(A, h)`: the sum over the kernel's offsets o of A[o] @ shift(h, o), each tap a hidden
         layer; `conv(U, x)` on the model's input: U @ (each position's patch of data rows)."""
-        transposed = len(e.args) == 2 and isinstance(e.args[0], ast.Attr) and e.args[0].attr == "T"
-        layer = e.args[0].operand if transposed else e.args[0] if e.args else None  # type: ignore[union-attr]
+        layer, transposed = ast.untransposed(e.args[0]) if len(e.args) == 2 else (None, False)
         if len(e.args) != 2 or not isinstance(layer, ast.Name) or layer.id not in self.b.convs:
             raise TpcError("conv(A, h) applies a conv layer A (`layer A : conv n x n, kernel = 3`) to h", e.span)
         conv = self.b.convs[layer.id]

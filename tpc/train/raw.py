@@ -116,21 +116,20 @@ class _Translator:
 
     def readout(self, e: ast.Expr) -> tuple[str, float, ast.Expr] | None:
         """`v @ E / n^s`: (v, s, E), where v is a declared vector or a k x n matrix."""
-        if (isinstance(e, ast.BinOp) and e.op == "/" and isinstance(e.left, ast.BinOp) and e.left.op == "@"
-                and isinstance(e.left.left, ast.Attr) and isinstance(e.left.left.operand, ast.Name)
-                and isinstance(self.objects.get(e.left.left.operand.id, (None,))[0], ast.VectorDecl)):
-            v = e.left.left.operand.id
-            raise TpcError(f"a readout is written {v} @ x / n: a vector has no transpose", e.left.left.span)
-        if not (isinstance(e, ast.BinOp) and e.op == "/" and isinstance(e.left, ast.BinOp) and e.left.op == "@"
-                and isinstance(e.left.left, ast.Name) and e.left.left.id in self.objects):
+        if not (isinstance(e, ast.BinOp) and e.op == "/" and isinstance(e.left, ast.BinOp) and e.left.op == "@"):
             return None
-        decl = self.objects[e.left.left.id][0]
-        if isinstance(decl, ast.MatrixDecl) and (decl.cols != self.width or decl.rows == self.width):
+        left, transposed = ast.untransposed(e.left.left)
+        if not (isinstance(left, ast.Name) and left.id in self.objects):
+            return None
+        decl = self.objects[left.id][0]
+        if transposed and isinstance(decl, ast.VectorDecl):
+            raise TpcError(f"a readout is written {left.id} @ x / n: a vector has no transpose", e.left.left.span)
+        if transposed or isinstance(decl, ast.MatrixDecl) and (decl.cols != self.width or decl.rows == self.width):
             return None  # a readout matrix is k x n; W @ x / sqrt(n) with an n x n W is a hidden layer
         coef, s = self.monomial(e.right)
         if coef != 1 or s not in (0.5, 1.0):
             raise TpcError("a readout divides by n (muP's scaling) or sqrt(n)", e.right.span)
-        return e.left.left.id, s, e.left.right
+        return left.id, s, e.left.right
 
     def add_readout(self, name: str, a: ast.Assign, obj: str, s: float, e: ast.Expr) -> None:
         used: set[str] = set()
@@ -488,8 +487,7 @@ def first_mention(e: object, names: set[str] | dict) -> ast.Name | None:
 
 def _applied_matrix(e: ast.Expr) -> str | None:
     """The declared name on the left of a product: W in `W @ x` and in `W.T @ x`."""
-    if isinstance(e, ast.Attr) and e.attr == "T":
-        e = e.operand
+    e, _ = ast.untransposed(e)
     return e.id if isinstance(e, ast.Name) else None
 
 
