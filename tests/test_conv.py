@@ -197,6 +197,50 @@ def test_without_a_closed_form_the_lowered_program_serves() -> None:
     assert np.isfinite(lim["T"].value).all()
 
 
+# a transposed use, which the recursion leaves to the lowered program
+TIED = """width n
+parametrization {param}
+data X = [[1, 0.5, -0.3], [0.2, -0.8, 0.5], [0.9, 0.1, -0.5]]
+layer U : input n x 3, var = 2
+layer W : hidden n x n, var = 2
+layer V : readout 1 x n
+model f(x) = V @ (tanh(W @ relu(U @ x)) * relu(W.T @ relu(U @ x)))
+"""
+
+
+@pytest.mark.parametrize("program", [SEQ, TIED])
+def test_the_nngp_alone_takes_no_backward_pass(program: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`nngp(f, X)` without `ntk(f, X)` builds no kernel term: the lowered program has no backward
+    pass (the recursion no layer's term), and the nngp is the same number either way (same particles)."""
+    from tpc.train import kernel, position_kernels
+
+    net = tpc.loads(program.format(param="ntk") + KERNELS)
+    both = kernel.layer_kernels(net, ["X"], particles=2**12)
+    alone = kernel.layer_kernels(net, ["X"], ntk=False, particles=2**12)
+    np.testing.assert_allclose(alone.nngp, both.nngp, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(alone.features, both.features, rtol=1e-12, atol=1e-15)
+    assert alone.theta == {} and "ntk" not in alone.methods and np.abs(both.ntk).max() > 0.1
+    with pytest.raises(ValueError, match="not computed"):
+        _ = alone.ntk
+    # autodiff appends ordinary instructions: the backward pass's are more transposed products
+    nodes = [kernel.lowered_program(net, net.data["X"], ntk=ntk)[0].nodes() for ntk in (False, True)]
+    backward = [sum(node.op == "matmul" and bool(node.params.get("transposed")) for node in ns) for ns in nodes]
+    assert backward[0] < backward[1] and len(nodes[0]) < len(nodes[1])
+    # through tpc.limit: only the nngp asked for, so the recursion runs once with no layer's term
+    calls: list[dict] = []
+    real = position_kernels.Recursion.kernels
+
+    def spy(self, factors, per_layer=True):  # noqa: ANN001, ANN202
+        calls.append(dict(factors))
+        return real(self, factors, per_layer)
+
+    monkeypatch.setattr(position_kernels.Recursion, "kernels", spy)
+    lim = tpc.limit(tpc.loads(program.format(param="ntk") + "output K = nngp(f, X)\n"), particles=2**12)
+    np.testing.assert_allclose(lim["K"].value, both.nngp, rtol=1e-12, atol=1e-15)
+    readout = net.readout().name
+    assert all(f == 0 for c in calls for name, f in c.items() if name != readout)
+
+
 def test_the_kernels_memory_is_stated_and_bounded(tmp_path: Path) -> None:
     from tpc.cli import main
 

@@ -85,17 +85,20 @@ def empirical(net: Network, weights: dict[str, Tensor], x: Tensor, kind: str, wi
         return total.detach()
 
 
-def limit_kernels(net: Network, sets: list[str],
+def limit_kernels(net: Network, wanted: list[tuple[str, str]],
                   **limit_options: object) -> dict[tuple[str, str], tuple[np.ndarray, str, np.ndarray | None]]:
     """(kind, data set) -> the limit of nngp or ntk on that data set, how it was computed and its
-    standard error (None without Monte Carlo): the lowered program is evaluated once per data set
-    for both kernels, with `limit_options` (particles, replicates, seed) where it needs particles."""
+    standard error (None without Monte Carlo), for each (kind, data set) in `wanted`: the lowered
+    program is evaluated once per data set, with `limit_options` (particles, replicates, seed) where
+    it needs particles, and with its backward pass only where the ntk is wanted."""
     from tpc.train.kernel import layer_kernels
 
     out: dict[tuple[str, str], tuple[np.ndarray, str, np.ndarray | None]] = {}
-    for data in dict.fromkeys(sets):
-        K = layer_kernels(net, [data], **limit_options)  # noqa: N806
-        for kind, value in (("nngp", K.nngp), ("ntk", K.ntk)):
+    for data in dict.fromkeys(d for _, d in wanted):
+        kinds = {k for k, d in wanted if d == data}
+        K = layer_kernels(net, [data], ntk="ntk" in kinds, **limit_options)  # noqa: N806
+        for kind in sorted(kinds):
+            value = K.nngp if kind == "nngp" else K.ntk
             out[kind, data] = (value, K.methods.get(kind, K.method), K.stderr(kind, data))
     return out
 

@@ -297,12 +297,13 @@ def term_exponent(net: Network, layer: str) -> float:
     return {"readout": 1.0, "hidden": 2 - 2 * beta}.get(la.role, 1 - 2 * beta) - gamma
 
 
-def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[tuple[str, str, float]]]:
+def lowered_module(net: Network, ntk: bool = True
+                   ) -> tuple[list[ast.Stmt], dict[str, str], list[tuple[str, str, float]]]:
     """The network at initialisation as a forward Tensor Program on the stacked points (the readout
     normalised to v @ x / sqrt(n), v a single row), with one output per kernel term, built as syntax
     trees (no source text: a layer's name never meets a name of this program's own). Returns the
     statements, the names of the program's own values (width, X, XX, f, features, nngp) and the terms
-    (output name, layer, exponent)."""
+    (output name, layer, exponent). ntk False: no terms, and so no backward pass (for the nngp alone)."""
     from tpc.train.steps import STEPS
 
     low = _Lowering(net)
@@ -331,13 +332,16 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
     steps = net.model.steps
     for i, step in enumerate(steps):
         STEPS[step.op].lower(low, i, step)
-    terms: list[tuple[str, str, float]] = []
     # the readout's term: x . x' of what it reads, summed over the positions for V @ flatten(h)
     feats = low.total([call("gram", name(v)) for v in low.names[net.model.features] if v is not None])
     flat = net.readout().taps
     low.stmts.append(ast.OutputDecl(SPAN, own["features"], feats if flat == 1 else
                                     op("/", feats, ast.Num(SPAN, float(flat)))))
     low.stmts.append(ast.OutputDecl(SPAN, own["nngp"], low.total([call("cov", name(g)) for g in low.readouts])))
+    terms: list[tuple[str, str, float]] = []
+    if not ntk:
+        own["<shown>"] = "\n".join(shown)
+        return low.stmts, own, terms
     # each application of a layer (at each position p) that f depends on: its output's and its
     # input's names, and p (a value a shift moves past the edge, or a zero, adds nothing)
     reach = {g: _reaching(low.stmts, g) for g in low.readouts}
@@ -387,10 +391,11 @@ def lowered_module(net: Network) -> tuple[list[ast.Stmt], dict[str, str], list[t
     return low.stmts, own, terms
 
 
-def lowered_program(net: Network, X: np.ndarray) -> tuple[Program, dict[str, str], list[tuple[str, str, float]]]:  # noqa: N803
+def lowered_program(net: Network, X: np.ndarray, ntk: bool = True  # noqa: N803
+                    ) -> tuple[Program, dict[str, str], list[tuple[str, str, float]]]:
     from tpc.build import Builder, ExpansionBudget
 
-    stmts, own, terms = lowered_module(net)
+    stmts, own, terms = lowered_module(net, ntk)
     prog = Program(filename=f"<{net.filename} at initialisation>", source=own.pop("<shown>"))
     b = Builder(prog, Path.cwd())
     arrays = {"X": X, "XX": X @ X.T}
@@ -439,6 +444,8 @@ class LayerKernels:
     @property
     def ntk(self) -> np.ndarray:
         """The tangent kernel: every layer's term, at unit rate."""
+        if not self.theta and self.nngp.size:
+            raise ValueError("the tangent kernel was not computed (layer_kernels(..., ntk=False))")
         return sum(self.theta.values(), np.zeros_like(self.nngp))
 
     def stderr(self, kind: str, data: str) -> np.ndarray | None:
@@ -450,7 +457,9 @@ class LayerKernels:
         return err[np.ix_(pts, pts)]
 
 
-def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> LayerKernels:
+def layer_kernels(net: Network, sets: list[str], ntk: bool = True, **limit_options: object) -> LayerKernels:
+    """The kernels on the data sets `sets`, stacked; ntk False: the nngp and the features' Gram matrix
+    alone (no layer's term: `theta` is empty), which needs no backward pass."""
     points, start = {}, 0
     for d in sets:
         points[d] = slice(start, start + net.data[d].shape[0])
@@ -466,17 +475,19 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
         memory.require(need, f"the kernels over {len(X)} inputs of {net.model.positions} positions, even by "
                        "blocks of two inputs", memory_gb,  # type: ignore[arg-type]
                        bool(limit_options.get("force", False)), hint="fewer inputs")
-        factors = {layer: limit_factor(term_exponent(net, layer)) for layer in net.layers}
-        trains = net.program is not None and net.program.iterations() > 0 or net.train is not None
+        factors = {layer: limit_factor(term_exponent(net, layer)) if ntk or la.role == "readout" else 0.0
+                   for layer, la in net.layers.items()}
+        # per layer where training needs each term, or where there is none to take (ntk False)
+        trains = net.program is not None and net.program.iterations() > 0 or net.train is not None or not ntk
         try:
             feats, f0, theta = position_kernels.blocked_kernels(net, X, factors, trains, max(block, 1))
         except position_kernels.NotCoveredError:  # an expectation without a closed form: the lowered program
             fast = None
     if fast is not None:
         nngp = limit_factor(1 - 2 * net.init_exponent(net.readout())) * f0
-        methods = dict.fromkeys(("nngp", "ntk", "features"), "exact+closed-form")
-        return LayerKernels(points, theta, nngp, feats, "exact+closed-form", {}, methods)
-    prog, own, terms = lowered_program(net, X)
+        methods = dict.fromkeys(("nngp", "ntk", "features") if ntk else ("nngp", "features"), "exact+closed-form")
+        return LayerKernels(points, theta if ntk else {}, nngp, feats, "exact+closed-form", {}, methods)
+    prog, own, terms = lowered_program(net, X, ntk)
     try:
         lim = evaluate_limit(prog, **limit_options)
     except NumericalError as err:  # named in the lowered program, whose lines the user never wrote
@@ -484,7 +495,7 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
             f"the kernels of model {net.model.name} at initialisation, by its lowered Netsor program: {err.message}",
             net.model.span, hint="a Monte Carlo covariance can miss the PSD check by its sampling error: more "
             "--particles make that smaller") from None
-    theta = _layer_terms(terms, list(net.layers), lambda out: lim[out].value, len(X))
+    theta = _layer_terms(terms, list(net.layers), lambda out: lim[out].value, len(X)) if ntk else {}
     errors: dict[str, np.ndarray] = {}
     for out, _, exponent in terms:
         if lim[out].stderr is not None:
@@ -500,7 +511,9 @@ def layer_kernels(net: Network, sets: list[str], **limit_options: object) -> Lay
         methods = {m for out in outs for m in lim[out].method.split("+")}
         return "+".join(m for m in order if m in methods)
 
-    methods = {"nngp": how([own["nngp"]]), "features": how([own["features"]]), "ntk": how([t[0] for t in terms])}
+    methods = {"nngp": how([own["nngp"]]), "features": how([own["features"]])}
+    if ntk:
+        methods["ntk"] = how([t[0] for t in terms])
     return LayerKernels(points, theta, nngp, lim[own["features"]].value, how(list(lim)), errors, methods,
                         _replicas(lim, own["nngp"], terms, list(net.layers), scale))
 

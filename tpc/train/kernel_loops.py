@@ -170,7 +170,9 @@ def loops_kernel_limit(net: Network, samples: int = 2**14, seed: int = 0, keep_r
     each replicate's too, so that the outputs' standard errors include the kernels' (tpc limit does
     where its memory budget allows)."""
     check_kernel_program(net)
-    K = layer_kernels(net, net.point_sets(), seed=seed, keep_replicates=keep_replicates,  # noqa: N806
+    # the layers' terms only where something trains or the ntk is an output (else no backward pass)
+    ntk = net.program.iterations() > 0 or any(o.kind == "ntk" for o in net.outputs)
+    K = layer_kernels(net, net.point_sets(), ntk, seed=seed, keep_replicates=keep_replicates,  # noqa: N806
                       **limit_options)
     exact = affine_in_f0(net)
     if not exact and any(ins.op == "copy" for ins in net.program.walk()):

@@ -407,7 +407,7 @@ class PooledBackend:
             dense = DenseBackend(self.net, sp.n, sp.seeds, sp.dtype, sp.device)
             return dense.init_kernel(kind, data, dense.initial())
         known = self.space.kernels.get((kind, data))  # loops_limit takes each once, for all replicates
-        value = (known if known is not None else limit_kernels(self.net, [data])[kind, data])[0]
+        value = (known if known is not None else limit_kernels(self.net, [(kind, data)])[kind, data])[0]
         return torch.as_tensor(value, dtype=self.dtype)
 
     def feature_change(self, applied: Applied, before: Applied) -> Tensor:
@@ -531,7 +531,7 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
         raise err.locate(net.filename, net.source) from None
     from tpc.train.init_kernels import KERNEL_OUTPUTS, limit_kernels
 
-    kernels = limit_kernels(net, [o.data for o in net.outputs if o.kind in KERNEL_OUTPUTS])
+    kernels = limit_kernels(net, [(o.kind, o.data) for o in net.outputs if o.kind in KERNEL_OUTPUTS])
     runs = []
     reps = 1 if exact else max(2, replicates or 4)
     steps = sum(net.program.instrs[i].attrs["trip"] for i in net.program.top if net.program.instrs[i].op == "loop")
