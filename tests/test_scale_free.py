@@ -124,6 +124,18 @@ def test_indefinite_covariance_is_refused_at_any_scale(scale: float) -> None:
         e(tree)
 
 
+@pytest.mark.parametrize("var", [0.5, 2.0, 8.0])
+def test_a_scaled_gaussian_beside_a_combination_is_not_refused(var: float) -> None:
+    """E[h (h + 0.1 u)] = var for h = W x with W of variance var / n (a Gaussian whose covariance is
+    kept unscaled, var apart) and u independent: the Cauchy-Schwarz check compared the unscaled
+    Var(h) with Cov(h, h + 0.1 u) in full units, and refused var = 2 as not PSD (an excess of 0.58)."""
+    prog = tpc.loads(f"width n\nmatrix W : n x n ~ N(0, {var}/n)\nvector x ~ N(0, 1)\nvector u ~ N(0, 1)\n"
+                     "h = W @ x\noutput m = mean(h * (h + 0.1 * u))\noutput s = mean((h - 0.1 * u) * h)\n")
+    lim = tpc.limit(prog)
+    assert lim["m"].method == "exact"
+    assert lim["m"].value == pytest.approx(var, rel=1e-12) and lim["s"].value == pytest.approx(var, rel=1e-12)
+
+
 def test_pseudo_inverse_keeps_ill_conditioned_directions() -> None:
     """Variances 1e-10 and 1: no direction is dropped as if it were round-off."""
     cov = torch.tensor([[1e-10, 0.5e-5], [0.5e-5, 1.0]], dtype=torch.float64)

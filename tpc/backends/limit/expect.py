@@ -416,7 +416,8 @@ class Expectation:
         self.check_var(vb, pb)
         if f == "identity" and g == "identity":
             if not (_is_unit(la) and _is_unit(lb)):  # cancellation in linear combinations
-                self.check_corr(va, vb, c, pa, pb)
+                # in Cov's units: a single Gaussian's variance comes unscaled (Var(a) = sa va)
+                self.check_corr(_scaled(sa, va), _scaled(sb, vb), _scaled(sc, c), pa, pb)
             if is_zero(ma) or is_zero(mb):
                 return c, "exact", sc, False  # the stored kernel itself: never written in place
             return _scaled(sc, c) + ma * mb, "exact", 1.0, False
