@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tpc
+from tests.helpers import emitted_train_outputs
 from tpc.cli import main
 from tpc.errors import TpcError
 from tpc.train.dense import loops_finite
@@ -449,3 +450,31 @@ output pred = f(X)
     err = capsys.readouterr().err
     assert "10:28: error: a row index" in err
     assert "f -= 0.3 * grad(xent(f(X[S[min(k, S)]])" in err and "^~~~" in err  # the line, as other commands show
+
+
+@pytest.mark.parametrize(("loss", "targets", "readout"), [("mse", "[1, -1, 0.5]", 1), ("mse", "[[1], [-1], [0.5]]", 1),
+                                                          ("mse", "[[1, 0], [0, 1], [1, 1]]", 2),
+                                                          ("xent", "[0, 2, 1]", 3)])
+def test_one_example_per_step(loss: str, targets: str, readout: int) -> None:
+    """`mse(f(X[t]), Y[t])`: one input is a batch of one, and its target that batch's row (it was
+    refused: "the targets have no rows"). The same numbers as `batch(X, t, 1)`, at finite width
+    (direct and unrolled) and in the limit."""
+    head = HEADER_ONE_OUTPUT.replace("data Y = [1, -1, 0.5]", f"data Y = {targets}").replace(
+        "readout 1 x n", f"readout {readout} x n")
+    loop = "for t in range(3) {{\n  L = {loss}(f({x}), {y})\n  record c = L\n  f -= 0.5 * grad(L, f)\n}}\n" \
+           "output p = f(X)\noutput c = c\n"
+    one = tpc.loads(head + loop.format(loss=loss, x="X[t]", y="Y[t]"))
+    batch = tpc.loads(head + loop.format(loss=loss, x="batch(X, t, 1)", y="batch(Y, t, 1)"))
+    a, b = tpc.run(one, 64, 2), tpc.run(batch, 64, 2)
+    for name in ("p", "c"):
+        np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-12, atol=1e-13, err_msg=name)
+        np.testing.assert_allclose(run_unrolled_finite(one, 64, 2)[name], a[name].values, rtol=1e-9, atol=1e-10)
+    la, lb = tpc.limit(one, particles=2**10, replicates=2), tpc.limit(batch, particles=2**10, replicates=2)
+    np.testing.assert_allclose(la["p"].value, lb["p"].value, rtol=1e-12, atol=1e-13)
+    assert np.abs(a["p"].values).max() > 0.05  # not a trivial zero
+    emitted = emitted_train_outputs(one, 64)
+    np.testing.assert_allclose(np.asarray(emitted["p"]), a["p"].values[0], rtol=1e-9, atol=1e-10)
+    in_ntk = head.replace("parametrization mup", "parametrization ntk")  # the kernel regime
+    ntk = tpc.loads(in_ntk + loop.format(loss=loss, x="X[t]", y="Y[t]"))
+    ntk_batch = tpc.loads(in_ntk + loop.format(loss=loss, x="batch(X, t, 1)", y="batch(Y, t, 1)"))
+    np.testing.assert_allclose(tpc.limit(ntk)["p"].value, tpc.limit(ntk_batch)["p"].value, rtol=1e-12, atol=1e-13)

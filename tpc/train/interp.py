@@ -314,6 +314,8 @@ def _run_apply(it: Interpreter, ins: Instr) -> None:
 def _run_loss(it: Interpreter, ins: Instr) -> None:
     F = it.env[ins.args[0]].F  # noqa: N806
     y = np.asarray(it.env[ins.args[1]].values, dtype=np.float64)
+    if it.env[it.prog.instrs[ins.args[0]].args[0]].values.ndim == 1:  # f(X[t]): Y[t] is its batch's one row
+        y = y[None]
     loss = Loss("<loss>", ins.attrs["loss"], "<x>", "<y>", ins.span)
     value = loss_value(loss, F, {"<y>": y}, np.arange(F.shape[-2]))
     it.check_finite(value, ins, "the loss")

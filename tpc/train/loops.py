@@ -981,9 +981,11 @@ class LoopBuilder:
             raise TpcError("the targets are data", e.args[1].span)
         xs, ys = self.ins(self.ins(f).args[0]).attrs.get("shape"), self.ins(y).attrs.get("shape")
         if xs is not None and ys is not None:
-            x_arr = np.zeros((xs[0], 1))
-            self.b.check_targets(e.fn, x_arr, np.zeros(ys) if e.fn != "xent" else self.data_sample(y),
-                                 e.args[1].span)
+            # f(X[t]) is one input, a batch of one: its target Y[t] is that batch's one row
+            one = len(xs) == 1
+            x_arr = np.zeros((1 if one else xs[0], 1))
+            targets = np.zeros(ys) if e.fn != "xent" else self.data_sample(y)
+            self.b.check_targets(e.fn, x_arr, targets.reshape(1, *targets.shape) if one else targets, e.args[1].span)
         return self.add("loss", (f, y), "finite", e.span, loss=e.fn, scalar=True)
 
     def data_sample(self, y: int) -> np.ndarray:
