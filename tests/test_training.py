@@ -357,6 +357,37 @@ output p = f(Xt)
         tpc.run(tpc.loads(src), 64, 1)
 
 
+@pytest.mark.parametrize("how", ["run", "limit", "compare", "kernel"])
+def test_a_non_finite_result_is_never_printed(how: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A schedule that is not finite at some step is an error at its line (it was printed as nan,
+    exit 0); so is an output after a last step that diverged, or a record that is not finite."""
+    param = "ntk" if how == "kernel" else "mup"
+    head = HEADER + f"parametrization {param}\n" + """data Y = [1, -1, 1, 1, -1]
+layer U : input n x 2
+layer V : readout 1 x n
+model f(x) = V @ tanh(U @ x)
+"""
+    command = {"run": ["run", "--width", "32", "--seeds", "2"], "limit": ["limit", "--particles", "1024"],
+               "compare": ["compare", "--widths", "32,64", "--seeds", "2", "--particles", "1024"],
+               "kernel": ["limit"]}[how]
+    cases = {
+        "schedule": ("for t in range(3) {\n  eta = 0.5 * sqrt(1 - t)\n  f -= eta * grad(mse(f(X), Y), f)\n}\n"
+                     "output p = f(Xt)\n", ":10:15: error: at step 3 this value is not finite (nan)"),
+        "record": ("for t in range(3) {\n  record r = sqrt(f(Xt) * 0 - t)\n  f -= 0.1 * grad(mse(f(X), Y), f)\n}\n"
+                   "output r = r\n", ":10:3: error: training diverged at step 2: the recorded r is not finite"),
+    }
+    if how in ("run", "compare"):  # at width n; the limit of f_0 = 0 (muP) has no rate^2 term to overflow
+        cases["last step"] = ("for t in range(1) {\n  f -= 1e200 * grad(mse(f(X), Y), f)\n}\noutput p = f(Xt)\n",
+                              ":12:1: error: output p is not finite: training diverged")
+    for name, (body, where) in cases.items():
+        path = tmp_path / f"{name.replace(' ', '_')}.tp"
+        # a linear model: the weights of the last step overflow into the outputs (tanh would saturate)
+        path.write_text((head.replace("tanh(U @ x)", "(U @ x)") if name == "last step" else head) + body)
+        assert main([*command, str(path)]) == 2, name
+        err = capsys.readouterr().err
+        assert where in err and "Traceback" not in err, (name, err)
+
+
 def test_cli_limit_prints_its_plan_and_classify_reads_a_program(capsys: pytest.CaptureFixture[str]) -> None:
     path = str(ROOT / "programs" / "train" / "linear_mup.tp")
     assert main(["limit", path]) == 0

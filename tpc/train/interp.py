@@ -127,6 +127,7 @@ class Interpreter:
                     init_features[o.data] = self.forward(o.data, cache)
                     continue
                 results[o.name] = self.output(o, cache, init_features)
+                self.check_output(o, results[o.name])
             if position < len(top):
                 self.execute(self.prog.instrs[top[position]])
         return results
@@ -219,6 +220,21 @@ class Interpreter:
             raise NumericalError(f"training diverged at step {self.done + 1}: {what} is not finite (lower the "
                                  "learning rate)", ins.span).locate(self.net.filename, self.net.source)
 
+    def check_static(self, value: Tensor, ins: Instr) -> None:
+        """A number the loop computes from its counters and data (a schedule), the same for every seed."""
+        if self.checks and not torch.isfinite(value).all():
+            bad = float(value[~torch.isfinite(value)].reshape(-1)[0]) if value.dim() else float(value)
+            raise NumericalError(f"at step {self.done + 1} this value is not finite ({bad}): a square root or "
+                                 "logarithm of a negative number, or a division by zero?", ins.span
+                                 ).locate(self.net.filename, self.net.source)
+
+    def check_output(self, o: Output, value: Tensor) -> None:
+        """A non-finite output is never printed: the steps before it diverged (the losses, schedules and
+        records the loop computes are checked where they are computed; an update of the last step is not)."""
+        if self.checks and not torch.isfinite(torch.as_tensor(value)).all():
+            raise NumericalError(f"output {o.name} is not finite: training diverged (lower the learning rate)",
+                                 o.span).locate(self.net.filename, self.net.source)
+
     # --- outputs
     def forward(self, data: str, cache: dict[str, Applied]) -> Applied:
         if data not in cache:
@@ -295,6 +311,8 @@ def _run_fn(it: Interpreter, ins: Instr) -> None:
         it.env[ins.id] = torch.remainder(*args)
     else:
         it.env[ins.id] = FUNCTIONS[fn].torch(*args)
+    if ins.static:
+        it.check_static(it.env[ins.id], ins)
 
 
 def _run_reduce(it: Interpreter, ins: Instr) -> None:
@@ -302,6 +320,8 @@ def _run_reduce(it: Interpreter, ins: Instr) -> None:
     lead = 0 if it.prog.instrs[ins.args[0]].static else it.be.lead
     dims = tuple(range(lead, v.dim()))
     it.env[ins.id] = (v.mean(dims) if ins.attrs["fn"] == "mean" else v.sum(dims)) if dims else v
+    if ins.static:
+        it.check_static(it.env[ins.id], ins)
 
 
 def _run_apply(it: Interpreter, ins: Instr) -> None:
@@ -431,6 +451,8 @@ def _run_update(it: Interpreter, ins: Instr) -> None:
 
 def _run_record(it: Interpreter, ins: Instr) -> None:
     v = it.finite(ins.args[0]).detach()
+    name = ins.attrs["name"]
+    it.check_finite(v, ins, "the recorded value" if name.startswith("<") else f"the recorded {name}")
     if it.prog.instrs[ins.args[0]].static:  # the same for every seed: give it the seed axes all the same
         v = v.to(it.be.dtype).expand(*it.be.lead_shape, *v.shape) if it.be.lead_shape else v
     it.recording[-1].setdefault(ins.attrs["name"], []).append(v)
