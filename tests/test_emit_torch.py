@@ -4,6 +4,7 @@ on the program's data; network programs: the model, its optimizer and its traini
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -68,6 +69,26 @@ def test_emitted_netsor_module_stands_alone(program: str, tmp_path: Path) -> Non
     assert set(out) == set(ref)
     for name, res in ref.items():
         np.testing.assert_allclose(out[name], res.values, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("body", ["x = relu(U @ X)\noutput B = U.T @ x / n\n",
+                                  "c = 2\nx = relu(U @ X) * c\noutput m = mean(x)\n"])
+def test_emitted_module_takes_only_the_programs_data(body: str) -> None:
+    """tpc's own numbers are built inside forward(): the identity whose product with U gives U's
+    columns (`U.T @ x / n`), and a named constant. They were forward() arguments with no default
+    (`module(X, t4)`), so the emitted file could not run on the program's data alone."""
+    x = [[1, 0.5, -0.3], [0.2, -0.8, 0.5]]
+    prog = tpc.loads(f"width n\ndata X = {x}\nmatrix U : n x 3 ~ N(0, 1)\n" + body)
+    source = tpc.torch_source(prog)
+    namespace: dict = {}
+    exec(compile(source, "<emitted>", "exec"), namespace)  # noqa: S102 - tpc's own output
+    params = list(inspect.signature(namespace["TensorProgram"].forward).parameters)
+    assert params == ["self", "X"], params
+    module = namespace["TensorProgram"](64, seeds=[0, 1])
+    out = module(torch.tensor(x, dtype=torch.float64))
+    ref = tpc.run(prog, 64, 2)
+    for name, res in ref.items():
+        np.testing.assert_allclose(out[name].detach().numpy(), res.values, rtol=1e-12, atol=1e-12)
 
 
 def test_emitted_netsor_module_takes_other_inputs() -> None:

@@ -276,7 +276,8 @@ class Builder:
             return p.args[p.tree.index]
         if not p.args:  # combine() folds constants, so an expression without inputs is a Const
             assert isinstance(p.tree, ex.Const)
-            node = self.prog.add("data", (), "scalar", (), name, span, value=np.array(p.tree.value), source=None)
+            node = self.prog.add("data", (), "scalar", (), name, span, value=np.array(p.tree.value), source=None,
+                                  constant=True)
             return node.id
         node = self.prog.add("nonlin", tuple(p.args), p.kind, p.shape, name, span, tree=p.tree)
         return node.id
@@ -534,7 +535,7 @@ class Builder:
         d = mat.params["cols"]
         # the columns are U @ identity: d x d float64 numbers, made at check time
         self.data_policy.require(d * d * 8, f"'{mat.name}.T @ x' (the {d} x {d} identity)", e.span)
-        eye = self.prog.add("data", (), "scalar", (d, d), None, e.span, value=np.eye(d), source=None)
+        eye = self.prog.add("data", (), "scalar", (d, d), None, e.span, value=np.eye(d), source=None, constant=True)
         cols = self.prog.instruction("matmul", (mat.id, eye.id), f"{mat.name}_columns", e.span)
         return RawReadout(cols.id, x, e.span, gram=True)
 

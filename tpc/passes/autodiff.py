@@ -128,7 +128,7 @@ class Backward:
         elif f.kind == "scalar" and f.op in ("moment", "nonlin") and len(f.shape) <= 1:
             # a moment (or a scalar function of moments): d_z = n df/dz, and d_f = 1 for each
             # element of f's batch
-            one = self.add("data", (), "scalar", f.shape, None, value=np.ones(f.shape), source=None)
+            one = self.add("data", (), "scalar", f.shape, None, value=np.ones(f.shape), source=None, constant=True)
             self.contribute(f.id, ex.Arg(0), [one.id])
             cone = self.prog.ancestors(f.id) | {f.id}
         else:
@@ -160,7 +160,8 @@ class Backward:
         kind = node.kind
         if kind == "vector" and self.f.shape and not any(self.prog.node(a).shape for a in args):
             # the same gradient for every element of f's batch (d_x = c v): give it that batch
-            ones = self.add("data", (), "scalar", self.f.shape, None, value=np.ones(self.f.shape), source=None)
+            ones = self.add("data", (), "scalar", self.f.shape, None, value=np.ones(self.f.shape), source=None,
+                            constant=True)
             args.append(ones.id)
             tree = _mul(tree, ex.Arg(len(args) - 1))
         shape = self.batch(*args) if kind == "vector" else _broadcast(self.prog, args)
