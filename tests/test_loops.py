@@ -205,21 +205,58 @@ def test_two_phase_program_exact_limit_is_a_deep_linear_network_limit() -> None:
 def test_ntk_loop_against_the_ntk_recursion_and_kernel_descent() -> None:
     """relu2_ntk_loop.tp: the limit is kernel gradient descent with the NTK (Jacot et al.; TP4's
     Dichotomy) at each step's warm-up rate; NTK and NNGP from the ReLU arc-cosine recursion."""
-    from tests.test_training import _relu_kernels
 
     net = tpc.load(ROOT / "programs" / "train" / "relu2_ntk_loop.tp")
     lim = tpc.limit(net)
-    X, Xt, y = net.data["X"], net.data["Xt"], net.data["Y"].reshape(-1)  # noqa: N806
-    P = np.vstack([X, Xt])  # noqa: N806
+    ntk, nngp = relu2_ntk_kernels(net)
+    check_warmup_kernel_descent(lim, ntk, nngp, net.data["Y"].reshape(-1))
+    assert lim["pred"].method == "exact+closed-form"
+
+
+def relu2_ntk_kernels(net: tpc.Network) -> tuple[np.ndarray, np.ndarray]:
+    """The NTK and NNGP of relu2_ntk_loop.tp's model on its training and test points, from the ReLU
+    arc-cosine recursion."""
+    from tests.test_training import _relu_kernels
+
+    P = np.vstack([net.data["X"], net.data["Xt"]])  # noqa: N806
     s1 = 2.0 * P @ P.T / 3  # input layer, var 2, fan-in 3
     x1, d1 = _relu_kernels(s1, 1.0)
     x2, d2 = _relu_kernels(2.0 * x1, 1.0)  # hidden layer, var 2
-    nngp = x2  # readout var 1
     g2 = d2  # <dh2, dh2'> / n: v times step(h2)
     g1 = 2.0 * g2 * d1  # back through W (var 2) and step(h1)
-    ntk = x2 + g2 * x1 + g1 * (P @ P.T)  # readout, hidden and input layers' terms
-    check_warmup_kernel_descent(lim, ntk, nngp, y)
-    assert lim["pred"].method == "exact+closed-form"
+    return x2 + g2 * x1 + g1 * (P @ P.T), x2  # readout, hidden and input layers' terms; readout var 1
+
+
+def test_a_quadratic_loss_in_the_kernel_regime_is_exact() -> None:
+    """Squared error plus an output penalty 0.3 mean(f(X)^2) is of degree 2 in f: its gradient is affine,
+    so f_t is affine in f_0 and the cubature rule is exact (it was sampled: only mse counted). Against
+    kernel descent by hand, with a record of degree 3, E[f^3] = mu^3 + 3 mu sigma^2 (a Gaussian f)."""
+    src = (ROOT / "programs" / "train" / "relu2_ntk_loop.tp").read_text()
+    src = src.replace("L = mse(f(X), Y)", "L = mse(f(X), Y) + 0.3 * mean(f(X) ^ 2)").replace(
+        "record loss = L", "record loss = L\n  record cube = mean(f(Xt) ^ 3)").replace(
+        "output curve = loss", "output curve = loss\noutput cube = cube")
+    net = tpc.loads(src, "penalty.tp", ROOT / "programs" / "train")
+    lim = tpc.limit(net)
+    assert all(lim[k].method == "exact+closed-form" and lim[k].stderr is None for k in ("pred", "curve", "cube"))
+    ntk, nngp = relu2_ntk_kernels(net)
+    y = net.data["Y"].reshape(-1)
+    m, P = len(y), len(ntk)  # noqa: N806
+    mean, A = np.zeros(P), np.eye(P)  # noqa: N806
+    curve, cube = [], []
+    for t in range(4):
+        var = np.diag(A @ nngp @ A.T)
+        curve.append(0.5 * np.mean((mean[:m] - y) ** 2 + var[:m]) + 0.3 * np.mean(mean[:m] ** 2 + var[:m]))
+        cube.append(np.mean(mean[m:] ** 3 + 3 * mean[m:] * var[m:]))
+        rate = 0.5 * min(1, (t + 1) / 2)
+        mean = mean - rate * ntk[:, :m] @ (1.6 * mean[:m] - y) / m
+        A = A - rate * 1.6 * ntk[:, :m] @ A[:m] / m  # noqa: N806
+    np.testing.assert_allclose(lim["pred"].value, mean[m:], atol=1e-10)
+    np.testing.assert_allclose(lim["pred"].cov, A[m:] @ nngp @ A[m:].T, atol=1e-10)
+    np.testing.assert_allclose(lim["curve"].value, curve, atol=1e-10)
+    np.testing.assert_allclose(lim["cube"].value, cube, atol=1e-10)
+    # degree 4 is past the rule: sampled, with standard errors
+    quartic = tpc.loads(src.replace("mean(f(Xt) ^ 3)", "mean(f(Xt) ^ 4)"), "q.tp", ROOT / "programs" / "train")
+    assert "monte-carlo" in tpc.limit(quartic)["cube"].method
 
 
 def check_warmup_kernel_descent(lim: dict, ntk: np.ndarray, nngp: np.ndarray, y: np.ndarray) -> None:

@@ -7,11 +7,11 @@ Every value the loop keeps for a layer (the layer itself, a momentum buffer, a c
 on f at all the points the program uses, a (P, k) array; f_0 is the Gaussian process with the
 NNGP kernel.
 
-f_0 enters through samples. Where every loss is squared error and every coefficient is fixed
-before training, everything is affine in f_0, and each output is a polynomial of degree <= 2 in
-it: then the samples are the 2D points +-sqrt(D) e_i of a degree-3 cubature rule for N(0, I_D),
-D = P k, and means and covariances are exact. Otherwise f_0 is sampled (Monte Carlo, with
-standard errors).
+f_0 enters through samples. Where every loss that is differentiated is of degree <= 2 in f and
+every coefficient is fixed before training, everything is affine in f_0 (`affine_in_f0`): then the
+samples are the 2D points +-sqrt(D) e_i of a degree-3 cubature rule for N(0, I_D), D = P k, which
+gives the predictions' means and covariances and the means of losses and records of degree <= 3
+exactly. Otherwise f_0 is sampled (Monte Carlo, with standard errors).
 """
 
 from __future__ import annotations
@@ -148,15 +148,65 @@ def check_kernel_program(net: Network) -> None:
                                ).locate(net.filename, net.source)
 
 
-def affine_in_f0(net: Network) -> bool:
-    """Squared-error losses only and coefficients fixed before training: f_t is affine in f_0."""
+def degrees_in_f0(net: Network) -> dict[int, float]:
+    """Each finite value's degree as a polynomial in f_0, where the parameters' effects on f are affine
+    in it (inf: not a polynomial, or not known to be one). The model on data is degree 1, a number
+    computed from counters and data 0, squared error 2; sums, products, quotients by a degree-0 value
+    and whole powers follow the algebra; any other function of a value of f is inf."""
     prog = net.program
+    deg: dict[int, float] = {}
+    inf = float("inf")
     for ins in prog.walk():
-        if ins.op == "loss" and ins.attrs["loss"] != "mse":
+        args = [deg.get(a, inf) for a in ins.args]
+        if ins.static:
+            d = 0.0
+        elif ins.op == "apply":
+            d = 1.0
+        elif ins.op == "loss":
+            d = 2 * args[0] if ins.attrs["loss"] == "mse" else inf
+        elif ins.op == "named_loss":
+            d = 2.0 if net.losses[ins.attrs["loss"]].kind == "mse" else inf
+        elif ins.op == "reduce":
+            d = args[0]
+        elif ins.op == "fn":
+            d = _fn_degree(prog, ins, args)
+        else:
+            continue
+        deg[ins.id] = d
+    return deg
+
+
+def _fn_degree(prog: Any, ins: Any, args: list[float]) -> float:
+    fn, inf = ins.attrs["fn"], float("inf")
+    if fn in ("add", "sub"):
+        return max(args)
+    if fn in ("neg", "identity"):
+        return args[0]
+    if fn == "mul":
+        return sum(args)
+    if fn == "div":
+        return args[0] if args[1] == 0 else inf
+    if fn == "pow":
+        exponent = prog.instrs[ins.args[1]]
+        e = exponent.attrs.get("value") if exponent.op == "const" else None
+        if e is None or e < 0 or e != int(e):
+            return inf
+        return args[0] * e if e else 0.0
+    return inf  # another function of a value of f (min, exp, ...): no polynomial
+
+
+def affine_in_f0(net: Network) -> bool:
+    """f_t is affine in f_0 where every loss that is differentiated is of degree <= 2 in f (squared
+    error, mean(f(X)^2), ...) and every update's coefficients are fixed before training; and the
+    degree-3 cubature rule is then exact for what is reported: predictions (affine: means and
+    covariances) and losses and records of degree <= 3 (means)."""
+    prog = net.program
+    deg = degrees_in_f0(net)
+    inf = float("inf")
+    for ins in prog.walk():
+        if ins.op == "grad" and deg.get(ins.args[0], inf) > 2:
             return False
-        if ins.op == "named_loss" and net.losses[ins.attrs["loss"]].kind != "mse":
-            return False
-        if ins.op in ("fn", "reduce") and not ins.static:
+        if ins.op == "record" and deg.get(ins.args[0], inf) > 3:
             return False
         if ins.op in ("lincomb", "state", "update") and any(not prog.instrs[c].static
                                                              for _, cs, _ in ins.attrs["terms"] for c in cs):
