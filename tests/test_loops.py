@@ -205,7 +205,6 @@ def test_two_phase_program_exact_limit_is_a_deep_linear_network_limit() -> None:
 def test_ntk_loop_against_the_ntk_recursion_and_kernel_descent() -> None:
     """relu2_ntk_loop.tp: the limit is kernel gradient descent with the NTK (Jacot et al.; TP4's
     Dichotomy) at each step's warm-up rate; NTK and NNGP from the ReLU arc-cosine recursion."""
-
     net = tpc.load(ROOT / "programs" / "train" / "relu2_ntk_loop.tp")
     lim = tpc.limit(net)
     ntk, nngp = relu2_ntk_kernels(net)
