@@ -140,6 +140,14 @@ output p = f(X)
     assert "no limit: attention logits q.k / sqrt(n)" in text(res)
 
 
+def test_a_layer_applied_twice_names_its_values_after_each_use() -> None:
+    """Tied weights: phi(h2) is x2 and phi(h2_2) x2_2, after the pre-activation they come from (the
+    post-activation read by W.T was x1_2, named after its reader's layer number)."""
+    labels = [p.label for p in probes(tpc.load(ROOT / "programs" / "train" / "tied_relu2_mup.tp"))]
+    assert labels == ["h1 = U @ x", "x1 = relu(h1)", "h2 = W @ x1", "x2 = relu(h2)", "h2_2 = W.T @ x2",
+                      "x2_2 = relu(h2_2)", "f = V @ x2_2"], labels
+
+
 def test_a_trend_needs_a_slope_beyond_the_standard_errors() -> None:
     assert trend([64, 256], np.array([1.0, 2.0]), np.array([0.01, 0.02])).verdict == "grows"
     assert trend([64, 256], np.array([1.0, 0.5]), np.array([0.01, 0.01])).verdict == "vanishes"

@@ -179,7 +179,11 @@ def probes(net: Network, every: bool = False) -> list[Probe]:
             names[i] = (unique(f"h_{la.name}" if la.fixed else f"h{la.index + 1}"), "pre-activation")
             continue
         layers = [j for j in readers.get(i, []) if steps[j].op == "matmul"]
-        if layers:
+        made = [a for a in s.args if a in names and names[a][1] == "pre-activation"]
+        if layers and len(made) == 1 and all(steps[a].kind != "vector" or a in made for a in s.args):
+            # phi(h2) is x2 (and phi(h2_2) x2_2, where a layer is applied twice: shared or tied weights)
+            names[i] = (unique("x" + names[made[0]][0][1:]), "post-activation")
+        elif layers:
             la = net.layers[steps[layers[0]].layer]
             names[i] = (unique(f"x_{la.name}" if la.fixed else f"x{la.index}"), "post-activation")
         elif every:
