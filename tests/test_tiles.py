@@ -100,6 +100,27 @@ def test_cli_out_writes_npy_files(program: Path, tmp_path: Path, capsys: pytest.
     assert "raw program" in capsys.readouterr().err
 
 
+def test_a_bad_out_or_cluster_is_an_error_not_a_traceback(program: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """--out on a file, or a scheduler that does not answer: one line naming it, exit status 2 (both
+    were tracebacks, FileExistsError and OSError, exit 1). Found by a reviewer."""
+    import tpc.tiles
+
+    (tmp_path / "afile").write_text("")
+    assert main(["limit", str(program), "--out", str(tmp_path / "afile"), "--tile", "45", "--workers", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "afile: cannot write the kernels there" in err and "Traceback" not in err
+    monkeypatch.setattr(tpc.tiles, "CONNECT_SECONDS", 1)
+    for args in (["limit", str(program), "--out", str(tmp_path / "K")],
+                 ["run", str(Path(__file__).resolve().parent.parent / "programs" / "train" / "linear_mup.tp"),
+                  "--width", "16", "--seeds", "2"]):
+        assert main([*args, "--cluster", "tcp://127.0.0.1:1"]) == 2
+        err = capsys.readouterr().err
+        assert "cannot reach the Dask scheduler at tcp://127.0.0.1:1" in err and "Traceback" not in err, err
+    assert not (tmp_path / "K").exists() or not any((tmp_path / "K").iterdir())  # nothing half-written
+
+
 def tpc_tiled(prog, out: Path, **kw) -> dict[str, Path]:  # noqa: ANN001
     from tpc.tiles import tiled_limit
 

@@ -226,14 +226,14 @@ def sweep(path_or_prog: object, grid: str, workers: int = 2, cluster: str | None
                        "--workers or smaller widths (--force runs it anyway)")
     if starting is not None:
         starting(len(tasks))
-    from tpc.tiles import engine
+    from tpc.tiles import connect, engine
 
     dist = engine()
     own = None
     if cluster is None:
         own = dist.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                            resources={"MEMORY": max(share, biggest)}, memory_limit=0)
-    client = dist.Client(cluster or own)
+    client = connect(dist, cluster, own)
     result = SweepResult(axes, settings=combos, seeds=seeds)
     try:
         advertised = [(w.get("resources") or {}).get("MEMORY") for w in client.scheduler_info()["workers"].values()]

@@ -23,12 +23,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 
 from tpc import memory
 from tpc.data import DataPolicy
-from tpc.errors import TpcError
+from tpc.errors import TpcError, clip
 from tpc.ir import Program
 
 DEFAULT_TILE = 2000
@@ -193,19 +194,23 @@ def tiled_limit(prog: Program, out_dir: str | Path, tile: int = DEFAULT_TILE, wo
         raise err.locate(prog.filename, prog.source) from None
     dist = engine()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     x = _data_rows(prog, p.data)
     paths = {name: out / f"{name}.npy" for name in p.outputs}
-    # written as NAME.npy.partial and renamed when every tile is in: a failed run leaves no file that
-    # looks like a kernel
-    files = {name: NpyWriter(path.with_suffix(".npy.partial"), p.rows) for name, path in paths.items()}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        # written as NAME.npy.partial and renamed when every tile is in: a failed run leaves no file that
+        # looks like a kernel
+        files = {name: NpyWriter(path.with_suffix(".npy.partial"), p.rows) for name, path in paths.items()}
+    except OSError as err:
+        raise TpcError(f"--out {clip(str(out), 160)}: cannot write the kernels there ({err.strerror or err})",
+                       hint="--out names a folder (made if it does not exist) that this user may write to") from None
     own = client = None
     finished = False
     try:
         if cluster is None:
             own = dist.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                memory_limit=max(p.task_bytes * 2, 2**30))
-        client = dist.Client(cluster or own)
+        client = connect(dist, cluster, own)
         threads = max(1, (os.cpu_count() or 1) // workers) if cluster is None else 1
         options = {"method": method, "dtype": dtype, "threads": threads}
         xf = client.scatter(x, broadcast=True)
@@ -267,6 +272,21 @@ def engine() -> ModuleType:
         raise TpcError("this needs Dask distributed, which is not installed: pip install \"tpc[distributed]\" "
                        "(or pip install \"dask[distributed]\")") from None
     return dist
+
+
+CONNECT_SECONDS = 10  # a scheduler given by --cluster answers within this, or it is an error
+
+
+def connect(dist: ModuleType, cluster: str | None, own: object) -> Any:
+    """A Dask client of the scheduler at `cluster` (or of our own local cluster): an address that does
+    not answer, or is not one, is an error naming it, not a traceback."""
+    if cluster is None:
+        return dist.Client(own)
+    try:
+        return dist.Client(cluster, timeout=CONNECT_SECONDS)
+    except (OSError, TimeoutError, ValueError, TypeError) as err:
+        raise TpcError(f"cannot reach the Dask scheduler at {clip(cluster)}: {clip(str(err), 160)}",
+                       hint="start one (dask scheduler) and give its address as tcp://host:8786") from None
 
 
 def _write(files: dict[str, NpyWriter], blocks: dict[str, dict], rows_i: tuple[int, int],
