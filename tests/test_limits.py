@@ -162,6 +162,24 @@ def test_float32_limit_is_close() -> None:
                                tpc.limit(prog)["nngp"].value, rtol=1e-5)
 
 
+def test_float32_takes_an_input_of_zeros() -> None:
+    """A zero input row makes a Gaussian of variance 0: its kernel entries are 0, not 0/0. In float32
+    the closed forms' floor under a variance (1e-300) underflowed to 0 and gave NaN (found by a
+    reviewer). E[gelu(z)^2] for z ~ N(0, 7) is 3.4404 (quadrature written here)."""
+    prog = tpc.loads("width n\ndata X = [[1, 2, 3], [0, 0, 0]]\nmatrix U : n x 3 ~ N(0, 1)\n"
+                     "matrix W : n x n ~ N(0, 1/n)\nx1 = relu(U @ X)\noutput G = gram(gelu(W @ x1))\n"
+                     "output K = gram(relu(W @ x1))\n")
+    z, w = np.polynomial.hermite_e.hermegauss(200)
+    z = z * math.sqrt(7.0)
+    gelu2 = float(np.sum(w * (z * 0.5 * (1 + np.vectorize(math.erf)(z / math.sqrt(2)))) ** 2) / math.sqrt(2 * math.pi))
+    for dtype in ("float64", "float32"):
+        lim = tpc.limit(prog, dtype=dtype)
+        assert lim["K"].value == pytest.approx(np.array([[3.5, 0.0], [0.0, 0.0]]), rel=1e-5, abs=1e-6), dtype
+        g = lim["G"]
+        assert abs(g.value[1, 1]) < 1e-12 and abs(g.value[0, 1]) < 1e-12
+        assert abs(g.value[0, 0] - gelu2) < 5 * float(np.max(g.stderr)) + 1e-6, (dtype, g.value, gelu2)
+
+
 def test_naming_an_intermediate_keeps_the_closed_form() -> None:
     prog = tpc.loads("width n\nvector v ~ N(0, 1)\nx = relu(v)\noutput m = mean(x)\noutput m2 = mean(relu(v))\n")
     out = tpc.limit(prog)

@@ -94,7 +94,10 @@ def _Phi(x: Tensor) -> Tensor:  # noqa: N802 - the usual name of the normal cdf
 
 
 def _sd(var: Tensor) -> Tensor:
-    return torch.sqrt(torch.clamp(var, min=1e-300))
+    """sqrt(var), never 0: a zero variance (a Gaussian that is the constant 0) divides a zero covariance
+    to 0, not 0/0. The floor is a normal number of the dtype (1e-300 underflows to 0 in float32)."""
+    floor = 1e-300 if var.dtype == torch.float64 else torch.finfo(var.dtype).tiny
+    return torch.sqrt(torch.clamp(var, min=floor))
 
 
 class CorrelationError(ValueError):
