@@ -88,6 +88,26 @@ def test_limit_kernels_against_the_recursion(name: str) -> None:
         np.testing.assert_allclose(lim[key].value, want, rtol=0, atol=1e-9, err_msg=key)
 
 
+def test_ntk_is_tp4s_and_jacots_differs_by_each_layers_variance() -> None:
+    """ntk(f, X) is TP4's kernel (gradients with respect to w^l, which carries the variance); Jacot et
+    al.'s, a raw program's tangent_kernel of the same network, weighs layer l's term by var_l (by
+    var / d for the input layer). Exact on both sides (arc-cosine closed forms), so to 1e-12."""
+    from tpc.train.kernel import layer_kernels
+
+    x = "[[1, 0, 0], [0.6, 0.8, 0], [-1, 1, 2], [0.2, -0.3, 0.1]]"
+    net = tpc.loads(f"width n\nparametrization ntk\ndata X = {x}\nlayer U : input n x 3, var = 1.5\n"
+                    "layer W : hidden n x n, var = 2\nlayer V : readout 1 x n, var = 0.7\n"
+                    "model f(x) = V @ relu(W @ relu(U @ x))\noutput ntk = ntk(f, X)\n")
+    raw = tpc.loads(f"width n\ndata X = {x}\nmatrix U : n x 3 ~ N(0, 1.5/3)\nmatrix W : n x n ~ N(0, 2/n)\n"
+                    "vector v ~ N(0, 0.7)\nf = v @ relu(W @ relu(U @ X)) / sqrt(n)\n"
+                    "output ntk = tangent_kernel(f, X)\n")
+    K = layer_kernels(net, ["X"])  # noqa: N806
+    jacot = 1.5 / 3 * K.theta["U"] + 2 * K.theta["W"] + 0.7 * K.theta["V"]
+    np.testing.assert_allclose(tpc.limit(raw)["ntk"].value, jacot, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(tpc.limit(net)["ntk"].value, K.ntk, rtol=0, atol=1e-12)
+    assert np.abs(K.ntk - jacot).max() > 0.5  # the two conventions differ here
+
+
 def test_norms_matter_in_the_recursion() -> None:
     """The recursion is not blind to what the tests above check: the eps of the first rmsnorm and
     the branch multiplier each change the kernels by far more than the tolerance (the first norm's
