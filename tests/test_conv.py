@@ -241,6 +241,28 @@ def test_the_nngp_alone_takes_no_backward_pass(program: str, monkeypatch: pytest
     assert all(f == 0 for c in calls for name, f in c.items() if name != readout)
 
 
+def test_mup_kernels_alone_run_no_particles(monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """In muP a program whose outputs are nngp and ntk alone takes them from the kernels, and its plan
+    says so: it ran (and announced) the unrolled program's particle replicates for nothing."""
+    from tpc.cli import main
+    from tpc.train import pooled
+    from tpc.train.kernel import layer_kernels
+
+    monkeypatch.setattr(pooled, "run_pooled", lambda *a, **k: pytest.fail("particles ran"))
+    net = tpc.loads(SEQ.format(param="mup") + KERNELS)
+    lim = tpc.limit(net)
+    K = layer_kernels(net, ["X"])  # noqa: N806
+    np.testing.assert_allclose(lim["K"].value, K.nngp, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(lim["T"].value, K.ntk, rtol=0, atol=1e-15)
+    assert lim["T"].method == "exact+closed-form" and np.abs(K.ntk).max() > 0.1
+    path = tmp_path / "k.tp"
+    path.write_text(SEQ.format(param="mup") + KERNELS)
+    assert main(["limit", str(path)]) == 0
+    out = capsys.readouterr()
+    assert "kernels at initialisation" in out.out and "particles" not in out.out + out.err
+
+
 def test_the_kernels_memory_is_stated_and_bounded(tmp_path: Path) -> None:
     from tpc.cli import main
 

@@ -501,7 +501,7 @@ def _network_limit(args: argparse.Namespace, net) -> dict:  # noqa: ANN001
     print(f"{args.file}: {describe(net, args.method, args.particles, replicates, args.memory_gb)}",
           file=sys.stderr if args.json else sys.stdout, flush=True)
     bar = None
-    if not args.json and not args.quiet and (net.train or net.program) \
+    if not args.json and not args.quiet and (net.train or net.program and net.program.iterations()) \
             and net.classification().regime == "feature learning":
         from tqdm import tqdm
 

@@ -43,9 +43,11 @@ def describe(net: Network, method: str = "auto", particles: int | None = None, r
     if net.model.positions > 1:
         head += f"; {_positions_plan(net, memory_gb)}"
     if not net.program.iterations():
-        return (f"{head}: the model's kernels at initialisation (closed forms, quadrature, or Monte Carlo with "
-                "standard errors where neither serves); nothing trains")
-    how = ("f_t is affine in f_0 (squared error): exact means and covariances by a degree-3 cubature of f_0"
+        from tpc.train.pooled import KERNELS_ONLY
+
+        return f"{head}: {KERNELS_ONLY}"
+    how = ("f_t is affine in f_0 (losses of degree 2 in f): exact means and covariances by a degree-3 cubature "
+           "of f_0"
            if affine_in_f0(net) else "f_0 sampled (Monte Carlo)")
     return (f"{head}: the features stay at initialisation; the loops run in function space with each "
             f"layer's limit kernel (closed forms, quadrature, or Monte Carlo with standard errors where neither "

@@ -479,7 +479,20 @@ COUNTED = 5000  # loop iterations up to which `tpc check` counts the plan by a d
 MAX_ITERATIONS = 100_000  # the limit keeps rows of every step: beyond this it is refused
 
 
+KERNELS_ONLY = ("the model's kernels at initialisation (closed forms, quadrature, or Monte Carlo with standard "
+                "errors where neither serves); nothing trains")
+
+
+def kernels_only(net: Network) -> bool:
+    """Every output is nngp(f, X) or ntk(f, X): the lowered program serves them, no particle runs."""
+    from tpc.train.init_kernels import KERNEL_OUTPUTS
+
+    return bool(net.outputs) and all(o.kind in KERNEL_OUTPUTS for o in net.outputs)
+
+
 def describe_limit(net: Network, exact: bool, particles: int, replicates: int) -> str:
+    if kernels_only(net):
+        return KERNELS_ONLY
     steps = net.program.iterations()
     if steps > COUNTED:
         return (f"the loops unrolled into a Netsor-transpose program over {steps} iterations (the plan is counted "
@@ -512,7 +525,11 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
     from tpc import memory
     from tpc.backends import device as on_device
     from tpc.backends.limit.evaluate import LimitOutput
+    from tpc.train.init_kernels import KERNEL_OUTPUTS, limit_kernels
 
+    if kernels_only(net):  # the outputs do not depend on the loops, which no particle needs to run
+        kernels = limit_kernels(net, [(o.kind, o.data) for o in net.outputs])
+        return {o.name: LimitOutput(*kernels[o.kind, o.data]) for o in net.outputs}
     steps = net.program.iterations()
     if steps > MAX_ITERATIONS:
         loop = next(i for i in net.program.walk() if i.op == "loop")
@@ -529,8 +546,6 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
                        hint="fewer particles or steps")
     except TpcError as err:
         raise err.locate(net.filename, net.source) from None
-    from tpc.train.init_kernels import KERNEL_OUTPUTS, limit_kernels
-
     kernels = limit_kernels(net, [(o.kind, o.data) for o in net.outputs if o.kind in KERNEL_OUTPUTS])
     runs = []
     reps = 1 if exact else max(2, replicates or 4)
