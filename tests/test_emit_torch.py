@@ -86,6 +86,8 @@ def test_emitted_module_takes_only_the_programs_data(body: str) -> None:
     assert params == ["self", "X"], params
     module = namespace["TensorProgram"](64, seeds=[0, 1])
     out = module(torch.tensor(x, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"data \['x'\]: forward\(\) takes \['X'\]"):  # not silently ignored
+        namespace["TensorProgram"](64, data={"x": torch.tensor(x)})
     ref = tpc.run(prog, 64, 2)
     for name, res in ref.items():
         np.testing.assert_allclose(out[name].detach().numpy(), res.values, rtol=1e-12, atol=1e-12)

@@ -170,6 +170,8 @@ def _load_csv(raw: bytes, shown: str, span: Span) -> np.ndarray:
         row = []
         for col, cell in enumerate(line.split(","), 1):
             try:
+                if "_" in cell:  # float() reads 1_0 as 10: a typo, not a number of a data file
+                    raise ValueError(cell)
                 value = float(cell)
             except ValueError:
                 raise TpcError(f"{shown}:{lineno}: field {col} is not a number: {clip(cell.strip())!r}",

@@ -342,6 +342,9 @@ def emit_source(prog: Program, class_name: str = "TensorProgram") -> str:
         "        n = self.width = width",
         "        self.dtype, self.device, self.seeds = dtype, device, list(seeds)",
         "        data = data or {}",
+        f"        known = {tuple(em.names[n.id] for n in em.inputs())!r}",
+        "        if set(data) - set(known):  # a name forward() does not take would be ignored",
+        "            raise ValueError(f'data {sorted(set(data) - set(known))}: forward() takes {list(known)}')",
         "        gens = generators(self.seeds, device)",
     ]
     out += ["        " + line for line in em.init_lines()]
