@@ -336,5 +336,5 @@ def tangent_kernel(prog: Program, f: int, grads: dict[int, int], span: Span | No
         tree = t if tree is None else _add(tree, t)
     shape = fnode.shape + fnode.shape
     node = prog.add("nonlin", tuple(args), "scalar", shape, name, span, tree=tree, derived=False,
-                    text=f"tangent_kernel({fnode.name})")
+                    text=f"tangent_kernel({fnode.name})", symmetric=True)
     return node.id

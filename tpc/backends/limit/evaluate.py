@@ -444,7 +444,13 @@ class LimitEvaluator:
         if node.kind == "scalar":
             args = [self.scalars[i].value for i in node.inputs]
             value = self.scalar_tree(node.params["tree"], args)
-            self.scalars[node.id] = LimitValue(value, self.methods_of(node.inputs) | {"exact"})
+            methods = self.methods_of(node.inputs) | {"exact"}
+            if node.params.get("symmetric") and "monte-carlo" in methods and isinstance(value, Tensor):
+                # a tangent kernel: its terms' cross Grams are sampled entry by entry, so (i, j) and
+                # (j, i) differ by their errors; their mean, symmetric like the kernel
+                half = value.dim() // 2
+                value = (value + value.permute(*range(half, 2 * half), *range(half))) / 2
+            self.scalars[node.id] = LimitValue(value, methods)
             return
         mapping = {}
         for i, nid in enumerate(node.inputs):
