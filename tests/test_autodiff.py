@@ -274,3 +274,5 @@ output ntk = tangent_kernel(f, X)
     lim = tpc.limit(prog, particles=2**12, replicates=2)["ntk"]
     assert "monte-carlo" in lim.method
     np.testing.assert_array_equal(lim.value, lim.value.T)
+    one = tpc.loads(prog.source.replace("[[1, 0, 0], [0.6, 0.8, 0], [-1, 1, 2]]", "[1, 0.5, 0]"))  # one input
+    assert np.shape(tpc.limit(one, particles=2**10, replicates=2)["ntk"].value) == ()

@@ -445,7 +445,8 @@ class LimitEvaluator:
             args = [self.scalars[i].value for i in node.inputs]
             value = self.scalar_tree(node.params["tree"], args)
             methods = self.methods_of(node.inputs) | {"exact"}
-            if node.params.get("symmetric") and "monte-carlo" in methods and isinstance(value, Tensor):
+            if node.params.get("symmetric") and "monte-carlo" in methods and isinstance(value, Tensor) \
+                    and value.dim():  # (a number, the kernel of one input, is its own transpose)
                 # a tangent kernel: its terms' cross Grams are sampled entry by entry, so (i, j) and
                 # (j, i) differ by their errors; their mean, symmetric like the kernel
                 half = value.dim() // 2
