@@ -261,6 +261,11 @@ def test_mup_kernels_alone_run_no_particles(monkeypatch: pytest.MonkeyPatch,
     assert main(["limit", str(path)]) == 0
     out = capsys.readouterr()
     assert "kernels at initialisation" in out.out and "particles" not in out.out + out.err
+    # kernels by the lowered program (tied weights) take the particles and seed asked for
+    tied = tpc.loads(TIED.format(param="mup") + "output K = ntk(f, X)\n")
+    few, more = (tpc.limit(tied, particles=p, replicates=2)["K"] for p in (2**10, 2**12))
+    assert "monte-carlo" in few.method and np.abs(few.value - more.value).max() > 0
+    np.testing.assert_array_equal(tpc.limit(tied, particles=2**10, replicates=2)["K"].value, few.value)
 
 
 def test_the_kernels_memory_is_stated_and_bounded(tmp_path: Path) -> None:

@@ -527,8 +527,10 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
     from tpc.backends.limit.evaluate import LimitOutput
     from tpc.train.init_kernels import KERNEL_OUTPUTS, limit_kernels
 
+    # the kernels at initialisation, by the lowered program where they need particles: those asked for
+    options: dict[str, object] = {"seed": seed} if particles is None else {"seed": seed, "particles": particles}
     if kernels_only(net):  # the outputs do not depend on the loops, which no particle needs to run
-        kernels = limit_kernels(net, [(o.kind, o.data) for o in net.outputs])
+        kernels = limit_kernels(net, [(o.kind, o.data) for o in net.outputs], **options)
         return {o.name: LimitOutput(*kernels[o.kind, o.data]) for o in net.outputs}
     steps = net.program.iterations()
     if steps > MAX_ITERATIONS:
@@ -546,7 +548,7 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
                        hint="fewer particles or steps")
     except TpcError as err:
         raise err.locate(net.filename, net.source) from None
-    kernels = limit_kernels(net, [(o.kind, o.data) for o in net.outputs if o.kind in KERNEL_OUTPUTS])
+    kernels = limit_kernels(net, [(o.kind, o.data) for o in net.outputs if o.kind in KERNEL_OUTPUTS], **options)
     runs = []
     reps = 1 if exact else max(2, replicates or 4)
     steps = sum(net.program.instrs[i].attrs["trip"] for i in net.program.top if net.program.instrs[i].op == "loop")
