@@ -379,10 +379,17 @@ model f(x) = V @ tanh(U @ x)
     if how in ("run", "compare"):  # at width n; the limit of f_0 = 0 (muP) has no rate^2 term to overflow
         cases["last step"] = ("for t in range(1) {\n  f -= 1e200 * grad(mse(f(X), Y), f)\n}\noutput p = f(Xt)\n",
                               ":12:1: error: output p is not finite: training diverged")
+    # an infinity on the way to a finite number is no error: min(1, 1 / t) is 1 at t = 0
+    cases["fine"] = ("for t in range(3) {\n  eta = 0.5 * min(1, 1 / t)\n  f -= eta * grad(mse(f(X), Y), f)\n"
+                     "  record e = eta\n}\noutput p = f(Xt)\noutput e = e\n", "")
     for name, (body, where) in cases.items():
         path = tmp_path / f"{name.replace(' ', '_')}.tp"
         # a linear model: the weights of the last step overflow into the outputs (tanh would saturate)
         path.write_text((head.replace("tanh(U @ x)", "(U @ x)") if name == "last step" else head) + body)
+        if name == "fine":
+            assert main([*command, str(path)]) == 0, capsys.readouterr().err
+            capsys.readouterr()
+            continue
         assert main([*command, str(path)]) == 2, name
         err = capsys.readouterr().err
         assert where in err and "Traceback" not in err, (name, err)

@@ -207,7 +207,10 @@ class Interpreter:
             for k, coefs, p in terms:
                 c: Tensor | float = k
                 for ci in coefs:
-                    c = c * self.finite(ci).detach()
+                    value = self.finite(ci).detach()
+                    if self.prog.instrs[ci].static:
+                        self.check_static(value, self.prog.instrs[ci])
+                    c = c * value
                 b: Bundle = self.env[p]
                 for part, acc in zip(b.parts(), out.parts(), strict=True):
                     for layer, value in part.items():
@@ -221,12 +224,23 @@ class Interpreter:
                                  "learning rate)", ins.span).locate(self.net.filename, self.net.source)
 
     def check_static(self, value: Tensor, ins: Instr) -> None:
-        """A number the loop computes from its counters and data (a schedule), the same for every seed."""
-        if self.checks and not torch.isfinite(value).all():
-            bad = float(value[~torch.isfinite(value)].reshape(-1)[0]) if value.dim() else float(value)
-            raise NumericalError(f"at step {self.done + 1} this value is not finite ({bad}): a square root or "
-                                 "logarithm of a negative number, or a division by zero?", ins.span
-                                 ).locate(self.net.filename, self.net.source)
+        """A number the loop computes from its counters and data (a schedule), where it is used (an
+        update's coefficient, a record): one that is not finite is an error at the first of the values
+        it is computed from that is not finite while their own arguments are (min(1, 1 / t) at t = 0 is
+        1, and no error)."""
+        if not self.checks or torch.isfinite(value).all():
+            return
+        while True:  # back to where it stopped being finite
+            bad = [a for a in ins.args if self.prog.instrs[a].static and self.prog.instrs[a].op in ("fn", "reduce")
+                   and not torch.isfinite(torch.as_tensor(self.env[a])).all()]
+            if not bad:
+                break
+            ins = self.prog.instrs[bad[0]]
+        value = torch.as_tensor(self.env[ins.id])
+        shown = float(value[~torch.isfinite(value)].reshape(-1)[0]) if value.dim() else float(value)
+        raise NumericalError(f"at step {self.done + 1} this value is not finite ({shown}): a square root or "
+                             "logarithm of a negative number, or a division by zero?", ins.span
+                             ).locate(self.net.filename, self.net.source)
 
     def check_output(self, o: Output, value: Tensor) -> None:
         """A non-finite output is never printed: the steps before it diverged (the losses, schedules and
@@ -311,8 +325,6 @@ def _run_fn(it: Interpreter, ins: Instr) -> None:
         it.env[ins.id] = torch.remainder(*args)
     else:
         it.env[ins.id] = FUNCTIONS[fn].torch(*args)
-    if ins.static:
-        it.check_static(it.env[ins.id], ins)
 
 
 def _run_reduce(it: Interpreter, ins: Instr) -> None:
@@ -320,8 +332,6 @@ def _run_reduce(it: Interpreter, ins: Instr) -> None:
     lead = 0 if it.prog.instrs[ins.args[0]].static else it.be.lead
     dims = tuple(range(lead, v.dim()))
     it.env[ins.id] = (v.mean(dims) if ins.attrs["fn"] == "mean" else v.sum(dims)) if dims else v
-    if ins.static:
-        it.check_static(it.env[ins.id], ins)
 
 
 def _run_apply(it: Interpreter, ins: Instr) -> None:
@@ -452,6 +462,8 @@ def _run_update(it: Interpreter, ins: Instr) -> None:
 def _run_record(it: Interpreter, ins: Instr) -> None:
     v = it.finite(ins.args[0]).detach()
     name = ins.attrs["name"]
+    if it.prog.instrs[ins.args[0]].static:
+        it.check_static(v, it.prog.instrs[ins.args[0]])
     it.check_finite(v, ins, "the recorded value" if name.startswith("<") else f"the recorded {name}")
     if it.prog.instrs[ins.args[0]].static:  # the same for every seed: give it the seed axes all the same
         v = v.to(it.be.dtype).expand(*it.be.lead_shape, *v.shape) if it.be.lead_shape else v
