@@ -93,6 +93,20 @@ def test_emitted_module_takes_only_the_programs_data(body: str) -> None:
         np.testing.assert_allclose(out[name].detach().numpy(), res.values, rtol=1e-12, atol=1e-12)
 
 
+def test_autodiffs_ones_follow_the_batch_forward_is_given() -> None:
+    """d f / d h for f = mean(relu(h)) seeds the backward pass with ones shaped like f's batch: sized by
+    the batch forward() is given (they were the program's two, so one row gave a 1 x 2 x 2 kernel and
+    three rows an error; found by a reviewer)."""
+    src = "width n\ndata X = {x}\nmatrix U : n x 2 ~ N(0, 1.11/2)\nh = U @ X\nf = mean(relu(h))\n" \
+          "output k = gram(grad(f, h))\n"
+    module = tpc.torch_module(tpc.loads(src.format(x="[[-0.9, -0.7], [-1.2, 1]]")), width=64, seeds=[0])
+    rows = [[0.5, 0.5], [1.0, 2.0], [3.0, -1.0]]
+    for x in (rows[:1], rows):
+        got = module(X=torch.tensor(x, dtype=torch.float64))["k"].detach().numpy()
+        want = tpc.run(tpc.loads(src.format(x=x)), 64, 1)["k"].values
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_emitted_netsor_module_takes_other_inputs() -> None:
     prog = tpc.load(ROOT / "programs" / "kernels" / "relu_mlp.tp")
     module = tpc.torch_module(prog, width=32, seeds=[0])

@@ -128,7 +128,8 @@ class Backward:
         elif f.kind == "scalar" and f.op in ("moment", "nonlin") and len(f.shape) <= 1:
             # a moment (or a scalar function of moments): d_z = n df/dz, and d_f = 1 for each
             # element of f's batch
-            one = self.add("data", (), "scalar", f.shape, None, value=np.ones(f.shape), source=None, constant=True)
+            # ones shaped like f (its input: the emitted module sizes them by the batch it is given)
+            one = self.add("data", (f.id,), "scalar", f.shape, None, value=np.ones(f.shape), source=None, like=True)
             self.contribute(f.id, ex.Arg(0), [one.id])
             cone = self.prog.ancestors(f.id) | {f.id}
         else:
@@ -160,8 +161,8 @@ class Backward:
         kind = node.kind
         if kind == "vector" and self.f.shape and not any(self.prog.node(a).shape for a in args):
             # the same gradient for every element of f's batch (d_x = c v): give it that batch
-            ones = self.add("data", (), "scalar", self.f.shape, None, value=np.ones(self.f.shape), source=None,
-                            constant=True)
+            ones = self.add("data", (self.f.id,), "scalar", self.f.shape, None, value=np.ones(self.f.shape),
+                            source=None, like=True)
             args.append(ones.id)
             tree = _mul(tree, ex.Arg(len(args) - 1))
         shape = self.batch(*args) if kind == "vector" else _broadcast(self.prog, args)

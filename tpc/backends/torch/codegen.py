@@ -201,7 +201,9 @@ def _torch_data(em: _Emitter, node: Node) -> None:
     if node.params.get("gram"):  # autodiff's A B^T of two data arrays (an NTK's input-layer term)
         a, b = (em.ref(i) for i in node.inputs)
         em.body.append(f"{em.names[node.id]} = data_gram({a}, {b})")
-    elif node.params.get("constant"):  # tpc's own numbers (a named constant, an identity, autodiff's ones)
+    elif node.params.get("like"):  # autodiff's ones, shaped like f over the batch forward() is given
+        em.body.append(f"{em.names[node.id]} = torch.ones_like({em.ref(node.inputs[0])}[:1])")
+    elif node.params.get("constant"):  # tpc's own numbers (a named constant, the identity of U.T @ x)
         em.body.append(f"{em.names[node.id]} = {_constant_code(np.asarray(node.params['value'], dtype=np.float64))}")
     else:
         em.arguments.append(node)
@@ -209,12 +211,10 @@ def _torch_data(em: _Emitter, node: Node) -> None:
 
 def _constant_code(v: np.ndarray) -> str:
     """A constant as forward() builds it, with the leading seeds axis of 1 that data carry: an
-    identity or ones by shape (an identity is d x d numbers), anything else as its numbers."""
+    identity by its size (d x d numbers), anything else as its numbers."""
     opts = "dtype=dtype, device=device"
     if v.ndim == 2 and v.shape[0] == v.shape[1] and np.array_equal(v, np.eye(v.shape[0])):
         return f"torch.eye({v.shape[0]}, {opts})[None]"
-    if v.ndim and np.all(v == 1.0):
-        return f"torch.ones((1, {', '.join(map(str, v.shape))}), {opts})"
     return f"torch.tensor([{_nums(v)}], {opts})"
 
 
