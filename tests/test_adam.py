@@ -337,4 +337,4 @@ def test_a_non_finite_entrywise_function_is_named(capsys: pytest.CaptureFixture[
                     "output p = f(Xt)\n")
     assert main(["run", str(path), "--width", "16", "--seeds", "2"]) == 2
     err = capsys.readouterr().err
-    assert "nan.tp:12:14: error: at step 1, this entrywise function of layer U is not finite" in err, err
+    assert "nan.tp:12:14: error: at t = 0, this entrywise function of layer U is not finite" in err, err

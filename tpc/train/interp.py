@@ -102,6 +102,7 @@ class Interpreter:
         self.records: dict[str, Tensor] = {}
         self.progress: Callable[[int, int], None] | None = None
         self.done = 0
+        self.active: list[list[Any]] = []  # [counter name, value] of each loop running, outermost first
         self.stop: int | None = None  # run only this many top-level iterations (None: all)
         self.checks = True  # off for a dry run that only counts (pooled.count)
         self.stream: Stream | None = None  # cbow's batches, read in order
@@ -220,7 +221,8 @@ class Interpreter:
 
     def check_finite(self, value: Tensor, ins: Instr, what: str) -> None:
         if self.checks and not torch.isfinite(value).all():
-            raise NumericalError(f"training diverged at step {self.done + 1}: {what} is not finite (lower the "
+            self.blame_static(ins)  # a schedule on its way that is not finite, rather than divergence
+            raise NumericalError(f"training diverged at {self.where()}: {what} is not finite (lower the "
                                  "learning rate)", ins.span).locate(self.net.filename, self.net.source)
 
     def check_static(self, value: Tensor, ins: Instr) -> None:
@@ -238,9 +240,31 @@ class Interpreter:
             ins = self.prog.instrs[bad[0]]
         value = torch.as_tensor(self.env[ins.id])
         shown = float(value[~torch.isfinite(value)].reshape(-1)[0]) if value.dim() else float(value)
-        raise NumericalError(f"at step {self.done + 1} this value is not finite ({shown}): a square root or "
+        raise NumericalError(f"at {self.where()}, this value is not finite ({shown}): a square root or "
                              "logarithm of a negative number, or a division by zero?", ins.span
                              ).locate(self.net.filename, self.net.source)
+
+    def where(self) -> str:
+        """Where the loops are: a loop's variable and its value (`e = 0, t = 2`), a train statement's
+        step from 1 (`step 3`)."""
+        parts = [f"{name} = {t}" if not name.startswith("<") else f"{name.strip('<>')} {t + 1}"
+                 for name, t in self.active]
+        return ", ".join(parts) if parts else f"step {self.done + 1}"
+
+    def blame_static(self, ins: Instr) -> None:
+        """Raise at a number computed from counters and data that is not finite, among the values `ins`
+        is computed from (through the loop's arithmetic, not through the model)."""
+        todo, seen = list(ins.args), set()
+        while todo:
+            i = todo.pop(0)
+            arg = self.prog.instrs[i]
+            if i in seen or arg.op not in ("fn", "reduce") or not isinstance(self.env.get(i), Tensor):
+                continue
+            seen.add(i)
+            if arg.static:
+                self.check_static(self.env[i], arg)
+            else:
+                todo += arg.args
 
     def check_output(self, o: Output, value: Tensor) -> None:
         """A non-finite output is never printed: the steps before it diverged (the losses, schedules and
@@ -362,6 +386,7 @@ def _run_named_loss(it: Interpreter, ins: Instr) -> None:
 
 def _run_grad(it: Interpreter, ins: Instr) -> None:
     loss = it.finite(ins.args[0])
+    it.check_finite(loss.detach(), it.prog.instrs[ins.args[0]], "the loss")
     applied = [it.env[i] for i in ins.args[1:]]
     it.env[ins.id] = Bundle(grad=it.be.grad(loss, applied, ins.attrs["layers"]))
 
@@ -409,7 +434,7 @@ def _run_ewise(it: Interpreter, ins: Instr) -> None:
             # one pass over the sum first (isfinite of a whole n x n tensor cost a fifth of Adam's step); a
             # sum that overflows only is not an error, so the entries decide
             if it.checks and not math.isfinite(float(out[la].sum())) and not torch.isfinite(out[la]).all():
-                raise NumericalError(f"at step {it.done + 1}, this entrywise function of layer {la} is not finite: a "
+                raise NumericalError(f"at {it.where()}, this entrywise function of layer {la} is not finite: a "
                                      "square root of a negative number or a division by zero? (Adam adds eps to "
                                      "the denominator)", ins.span).locate(it.net.filename, it.net.source)
     it.env[ins.id] = Bundle(adaptive=out)
@@ -479,16 +504,19 @@ def _run_loop(it: Interpreter, ins: Instr) -> None:
     it.recording.append({})
     top = len(it.recording) == 1
     body = it.prog.inside(ins)
+    it.active.append([it.prog.instrs[counter].attrs["name"], 0])
     for t in range(it.trip(ins)):
         if top and it.stop is not None and it.done >= it.stop:
             break
         it.env[counter] = torch.tensor(float(t), dtype=torch.float64)
+        it.active[-1][1] = t
         it.body(ins)
         it.collect(body)
         if top:
             it.done += 1
             if it.progress:
                 it.progress(it.done, it.total_steps())
+    it.active.pop()
     kept = it.recording.pop()
     names = it.prog.recorded(ins)
     for name in names:
