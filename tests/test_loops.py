@@ -502,8 +502,12 @@ def test_one_example_per_step(loss: str, targets: str, readout: int) -> None:
     one = tpc.loads(head + loop.format(loss=loss, x="X[t]", y="Y[t]"))
     batch = tpc.loads(head + loop.format(loss=loss, x="batch(X, t, 1)", y="batch(Y, t, 1)"))
     a, b = tpc.run(one, 64, 2), tpc.run(batch, 64, 2)
+    mixed = [tpc.run(tpc.loads(head + loop.format(loss=loss, x=x, y=y)), 64, 2)
+             for x, y in (("X[t]", "batch(Y, t, 1)"), ("batch(X, t, 1)", "Y[t]"))]
     for name in ("p", "c"):
         np.testing.assert_allclose(a[name].values, b[name].values, rtol=1e-12, atol=1e-13, err_msg=name)
+        for m in mixed:  # one row and a batch of one, either way round
+            np.testing.assert_allclose(m[name].values, b[name].values, rtol=1e-12, atol=1e-13, err_msg=name)
         np.testing.assert_allclose(run_unrolled_finite(one, 64, 2)[name], a[name].values, rtol=1e-9, atol=1e-10)
     la, lb = tpc.limit(one, particles=2**10, replicates=2), tpc.limit(batch, particles=2**10, replicates=2)
     np.testing.assert_allclose(la["p"].value, lb["p"].value, rtol=1e-12, atol=1e-13)

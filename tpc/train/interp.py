@@ -367,8 +367,9 @@ def _run_apply(it: Interpreter, ins: Instr) -> None:
 
 def _run_loss(it: Interpreter, ins: Instr) -> None:
     F = it.env[ins.args[0]].F  # noqa: N806
-    y = np.asarray(it.env[ins.args[1]].values, dtype=np.float64)
-    if it.env[it.prog.instrs[ins.args[0]].args[0]].values.ndim == 1:  # f(X[t]): Y[t] is its batch's one row
+    target: Rows = it.env[ins.args[1]]
+    y = np.asarray(target.values, dtype=np.float64)
+    if y.ndim < np.ndim(it.net.data[target.source]):  # Y[t], one row: a batch of one, as f(X[t]) is
         y = y[None]
     loss = Loss("<loss>", ins.attrs["loss"], "<x>", "<y>", ins.span)
     value = loss_value(loss, F, {"<y>": y}, np.arange(F.shape[-2]))

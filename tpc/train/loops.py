@@ -981,12 +981,21 @@ class LoopBuilder:
             raise TpcError("the targets are data", e.args[1].span)
         xs, ys = self.ins(self.ins(f).args[0]).attrs.get("shape"), self.ins(y).attrs.get("shape")
         if xs is not None and ys is not None:
-            # f(X[t]) is one input, a batch of one: its target Y[t] is that batch's one row
-            one = len(xs) == 1
-            x_arr = np.zeros((1 if one else xs[0], 1))
+            # f(X[t]) is one input, a batch of one; a target Y[t] is one row, a batch of one too
+            x_arr = np.zeros((1 if len(xs) == 1 else xs[0], 1))
             targets = np.zeros(ys) if e.fn != "xent" else self.data_sample(y)
-            self.b.check_targets(e.fn, x_arr, targets.reshape(1, *targets.shape) if one else targets, e.args[1].span)
+            if self.one_row(y):
+                targets = targets.reshape(1, *targets.shape)
+            self.b.check_targets(e.fn, x_arr, targets, e.args[1].span)
         return self.add("loss", (f, y), "finite", e.span, loss=e.fn, scalar=True)
+
+    def one_row(self, i: int) -> bool:
+        """Is data instruction i one row of its data (X[t], not X, batch(X, t, B) or P[S[t]])?"""
+        ins = self.ins(i)
+        if ins.op != "index":
+            return False
+        index = self.ins(ins.args[1])
+        return (index.attrs.get("shape") if index.kind == "data" else ()) == ()
 
     def data_sample(self, y: int) -> np.ndarray:
         """The data of a static data instruction when it is a whole data set, for label checks."""
