@@ -31,7 +31,7 @@ from tpc.errors import NumericalError, TpcError
 from tpc.ops.functions import FUNCTIONS
 from tpc.ops.shapes import broadcast_shapes
 from tpc.train.instructions import INSTRUCTIONS
-from tpc.train.loops import Instr, row_index, whole_index
+from tpc.train.loops import Instr, batch_of_one, row_index, whole_index
 from tpc.train.losses import batch_rows, loss_value
 from tpc.train.network import Loss, Network, Output
 
@@ -367,10 +367,7 @@ def _run_apply(it: Interpreter, ins: Instr) -> None:
 
 def _run_loss(it: Interpreter, ins: Instr) -> None:
     F = it.env[ins.args[0]].F  # noqa: N806
-    target: Rows = it.env[ins.args[1]]
-    y = np.asarray(target.values, dtype=np.float64)
-    if y.ndim < np.ndim(it.net.data[target.source]):  # Y[t], one row: a batch of one, as f(X[t]) is
-        y = y[None]
+    y = batch_of_one(F.shape[-2], np.asarray(it.env[ins.args[1]].values, dtype=np.float64))
     loss = Loss("<loss>", ins.attrs["loss"], "<x>", "<y>", ins.span)
     value = loss_value(loss, F, {"<y>": y}, np.arange(F.shape[-2]))
     it.check_finite(value, ins, "the loss")

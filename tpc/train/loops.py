@@ -76,6 +76,12 @@ ENTRYWISE_OF_WEIGHTS = ("an entrywise function of the parameters themselves is n
                         "entrywise functions of gradients and of states made of them (Adam's m / (sqrt(v) + eps))")
 
 
+def batch_of_one(rows: int, y: np.ndarray) -> np.ndarray:
+    """The targets of a batch of `rows` inputs: Y[t] (one row, or one label) before a batch of one is
+    given its row axis; targets that have it (batch(Y, t, 1), a task's labels) are as they are."""
+    return y[None] if rows == 1 and y.shape[:1] != (1,) else y
+
+
 def whole_index(value: object, span: Span, rows: int | None = None, source: str = "") -> np.ndarray:
     """A step or a row index as whole numbers (and, given `rows`, within 0..rows-1): the one check that
     every backend and the listing make."""
@@ -981,21 +987,11 @@ class LoopBuilder:
             raise TpcError("the targets are data", e.args[1].span)
         xs, ys = self.ins(self.ins(f).args[0]).attrs.get("shape"), self.ins(y).attrs.get("shape")
         if xs is not None and ys is not None:
-            # f(X[t]) is one input, a batch of one; a target Y[t] is one row, a batch of one too
+            # f(X[t]) is one input, a batch of one (batch_of_one reads its targets)
             x_arr = np.zeros((1 if len(xs) == 1 else xs[0], 1))
-            targets = np.zeros(ys) if e.fn != "xent" else self.data_sample(y)
-            if self.one_row(y):
-                targets = targets.reshape(1, *targets.shape)
+            targets = batch_of_one(len(x_arr), np.zeros(ys) if e.fn != "xent" else self.data_sample(y))
             self.b.check_targets(e.fn, x_arr, targets, e.args[1].span)
         return self.add("loss", (f, y), "finite", e.span, loss=e.fn, scalar=True)
-
-    def one_row(self, i: int) -> bool:
-        """Is data instruction i one row of its data (X[t], not X, batch(X, t, B) or P[S[t]])?"""
-        ins = self.ins(i)
-        if ins.op != "index":
-            return False
-        index = self.ins(ins.args[1])
-        return (index.attrs.get("shape") if index.kind == "data" else ()) == ()
 
     def data_sample(self, y: int) -> np.ndarray:
         """The data of a static data instruction when it is a whole data set, for label checks."""
