@@ -266,6 +266,7 @@ def test_mup_kernels_alone_run_no_particles(monkeypatch: pytest.MonkeyPatch,
     few, more = (tpc.limit(tied, particles=p, replicates=2)["K"] for p in (2**10, 2**12))
     assert "monte-carlo" in few.method and np.abs(few.value - more.value).max() > 0
     np.testing.assert_array_equal(tpc.limit(tied, particles=2**10, replicates=2)["K"].value, few.value)
+    assert np.abs(tpc.limit(tied, particles=2**10, replicates=3)["K"].value - few.value).max() > 0  # and replicates
 
 
 def test_the_kernels_memory_is_stated_and_bounded(tmp_path: Path) -> None:

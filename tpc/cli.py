@@ -496,13 +496,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _network_limit(args: argparse.Namespace, net) -> dict:  # noqa: ANN001
     """The plan first (how many Gaussians, which method), then the limit with a bar per step."""
     from tpc.train.limit import describe, network_limit
+    from tpc.train.pooled import kernels_only
 
     replicates = args.replicates if args.replicates is not None else 4
     print(f"{args.file}: {describe(net, args.method, args.particles, replicates, args.memory_gb)}",
           file=sys.stderr if args.json else sys.stdout, flush=True)
     bar = None
     if not args.json and not args.quiet and (net.train or net.program and net.program.iterations()) \
-            and net.classification().regime == "feature learning":
+            and net.classification().regime == "feature learning" and not kernels_only(net):
         from tqdm import tqdm
 
         bar = tqdm(desc="training steps (limit, all replicates)", unit="step", file=sys.stderr, leave=False)

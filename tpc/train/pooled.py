@@ -492,6 +492,9 @@ def kernels_only(net: Network) -> bool:
 
 def describe_limit(net: Network, exact: bool, particles: int, replicates: int) -> str:
     if kernels_only(net):
+        if net.program.iterations():
+            return KERNELS_ONLY.replace("nothing trains", "every output is taken before training, so the loops "
+                                        "do not run")
         return KERNELS_ONLY
     steps = net.program.iterations()
     if steps > COUNTED:
@@ -528,7 +531,11 @@ def loops_limit(net: Network, exact: bool, particles: int, replicates: int | Non
     from tpc.train.init_kernels import KERNEL_OUTPUTS, limit_kernels
 
     # the kernels at initialisation, by the lowered program where they need particles: those asked for
-    options: dict[str, object] = {"seed": seed} if particles is None else {"seed": seed, "particles": particles}
+    options: dict[str, object] = {"seed": seed}
+    if particles is not None:
+        options["particles"] = particles
+    if replicates is not None:
+        options["replicates"] = replicates
     if kernels_only(net):  # the outputs do not depend on the loops, which no particle needs to run
         kernels = limit_kernels(net, [(o.kind, o.data) for o in net.outputs], **options)
         return {o.name: LimitOutput(*kernels[o.kind, o.data]) for o in net.outputs}
