@@ -196,17 +196,21 @@ def tiled_limit(prog: Program, out_dir: str | Path, tile: int = DEFAULT_TILE, wo
     out = Path(out_dir)
     x = _data_rows(prog, p.data)
     paths = {name: out / f"{name}.npy" for name in p.outputs}
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        # written as NAME.npy.partial and renamed when every tile is in: a failed run leaves no file that
-        # looks like a kernel
-        files = {name: NpyWriter(path.with_suffix(".npy.partial"), p.rows) for name, path in paths.items()}
-    except OSError as err:
-        raise TpcError(f"--out {clip(str(out), 160)}: cannot write the kernels there ({err.strerror or err})",
-                       hint="--out names a folder (made if it does not exist) that this user may write to") from None
+    made = not out.exists()  # a folder this run makes is removed again if the run fails
+    # written as NAME.npy.partial and renamed when every tile is in: a failed run leaves no file that
+    # looks like a kernel
+    files: dict[str, NpyWriter] = {}
     own = client = None
     finished = False
     try:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for name, path in paths.items():
+                files[name] = NpyWriter(path.with_suffix(".npy.partial"), p.rows)
+        except OSError as err:
+            raise TpcError(f"--out {clip(str(out), 160)}: cannot write the kernels there ({err.strerror or err})",
+                           hint="--out names a folder (made if it does not exist) that this user may write "
+                           "to") from None
         if cluster is None:
             own = dist.LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                                memory_limit=max(p.task_bytes * 2, 2**30))
@@ -258,6 +262,8 @@ def tiled_limit(prog: Program, out_dir: str | Path, tile: int = DEFAULT_TILE, wo
                 f.path.replace(paths[name])
             else:
                 f.path.unlink(missing_ok=True)
+        if made and not finished and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
     return paths
 
 
