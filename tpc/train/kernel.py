@@ -478,9 +478,9 @@ def layer_kernels(net: Network, sets: list[str], ntk: bool = True, **limit_optio
         factors = {layer: limit_factor(term_exponent(net, layer)) if ntk or la.role == "readout" else 0.0
                    for layer, la in net.layers.items()}
         # per layer where training needs each term, or where there is none to take (ntk False)
-        trains = net.program is not None and net.program.iterations() > 0 or net.train is not None or not ntk
+        per_layer = net.program is not None and net.program.iterations() > 0 or net.train is not None or not ntk
         try:
-            feats, f0, theta = position_kernels.blocked_kernels(net, X, factors, trains, max(block, 1))
+            feats, f0, theta = position_kernels.blocked_kernels(net, X, factors, per_layer, max(block, 1))
         except position_kernels.NotCoveredError:  # an expectation without a closed form: the lowered program
             fast = None
     if fast is not None:

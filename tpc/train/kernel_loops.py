@@ -27,6 +27,7 @@ from tpc.errors import TpcError
 from tpc.parametrization import limit_of_power
 from tpc.train.interp import Applied, Bundle, Interpreter, Rows
 from tpc.train.kernel import LayerKernels, layer_kernels
+from tpc.train.loops import Instr, TrainProgram
 from tpc.train.network import Network
 
 Tensor = torch.Tensor
@@ -176,7 +177,7 @@ def degrees_in_f0(net: Network) -> dict[int, float]:
     return deg
 
 
-def _fn_degree(prog: Any, ins: Any, args: list[float]) -> float:
+def _fn_degree(prog: TrainProgram, ins: Instr, args: list[float]) -> float:
     fn, inf = ins.attrs["fn"], float("inf")
     if fn in ("add", "sub"):
         return max(args)
