@@ -175,3 +175,27 @@ def test_cli_options_that_go_with_out(program: Path, tmp_path: Path, capsys: pyt
     assert "go with --out" in capsys.readouterr().err
     assert main(["limit", str(program), "--out", str(tmp_path), "--json"]) == 2
     assert "does not take --json" in capsys.readouterr().err
+
+
+TRANSPOSED_INPUT = """\
+width n
+data X = load("X.npy")
+matrix U : n x 5 ~ N(0, 1/5)
+vector v ~ N(0, 1)
+z = U.T @ relu(U @ X) / n
+f = v @ tanh(U @ z) / sqrt(n)
+output nngp = cov(f)
+"""
+
+
+def test_tpc_own_arrays_are_not_taken_for_a_second_batch(program: Path, cluster, tmp_path: Path) -> None:  # noqa: ANN001
+    """`U.T @ x / n` reads a d x d identity that tpc makes: the batch is still X alone, so it tiles."""
+    from tpc.tiles import plan
+
+    path = program.parent / "transposed_input.tp"
+    path.write_text(TRANSPOSED_INPUT)
+    prog = tpc.load(path)
+    assert plan(prog, 25).rows == 90
+    ref = tpc.limit(prog)["nngp"].value
+    got = np.load(tpc_tiled(prog, tmp_path, tile=25, cluster=cluster.scheduler_address)["nngp"])
+    np.testing.assert_allclose(got, ref, rtol=0, atol=1e-12 * np.abs(ref).max())

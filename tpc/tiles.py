@@ -58,7 +58,9 @@ class TilePlan:
 
 def plan(prog: Program, tile: int = DEFAULT_TILE) -> TilePlan:
     """Checks that the program's outputs can be computed by tiles and plans them."""
-    data = [n for n in prog.needed() if n.op == "data" and not n.params.get("gram")]
+    # tpc's own arrays (the identity behind `U.T @ x / n`, autodiff's ones) are not the user's data
+    data = [n for n in prog.needed() if n.op == "data" and not n.params.get("gram")
+            and not n.params.get("constant") and not n.params.get("like")]
     batches = [n for n in data if len(n.shape) == 2]
     if len(batches) != 1 or not batches[0].params.get("source"):
         raise TpcError("a tiled limit needs one data set loaded from a file (`data X = load(\"X.npy\")`): the "
