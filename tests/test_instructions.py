@@ -81,16 +81,16 @@ STEP_RULES = ("finite", "forward", "backward", "lower", "code", "listing", "list
 
 
 def test_every_model_step_op_has_all_its_rules() -> None:
-    """Each op ModelBuilder makes (`Step("op", ...)` in network.py) has an entry, and each of its
+    """Each op ModelBuilder makes (`Step("op", ...)` in model_builder.py) has an entry, and each of its
     rules resolves; every per-op rule a backend defines is the registry's (no if-chain left over)."""
     import inspect
 
     from tpc.backends.torch import emit_network
-    from tpc.train import finite, kernel, network, pooled, show, unrolled
+    from tpc.train import finite, kernel, model_builder, network, pooled, show, unrolled
     from tpc.train.steps import STEPS
 
     # Step(fn, ...) for the position ops, but avgpool(h, k) makes a window step
-    made = set(re.findall(r'Step\("(\w+)"', inspect.getsource(network))) | {
+    made = set(re.findall(r'Step\("(\w+)"', inspect.getsource(model_builder))) | {
         {"avgpool": "window"}.get(fn, fn) for fn in network.POSITION_OPS}
     assert made == set(STEPS), made ^ set(STEPS)
     for op, spec in STEPS.items():

@@ -2,7 +2,7 @@
 by side, as `instructions.py` holds the loop instructions' and `tpc/ops/instructions.py` the
 Netsor ops'. A model is a list of steps; for an op the registry holds:
 - `op`, `meaning`, and `makes`: the value it makes (its kind and whether it keeps positions:
-  the shape rule, checked where `network.ModelBuilder` adds the step);
+  the shape rule, checked where `model_builder.ModelBuilder` adds the step);
 - `finite`: its value at width n in torch, `(step, vals, weights, x, net) -> Tensor`
   (tpc/train/finite.py; weights are the W^l with a seeds axis);
 - `forward` and `backward`: its value in the unrolled Netsor-transpose program, at width n or in
