@@ -237,3 +237,32 @@ def test_mup_emitted_torch_reproduces_tpc_run() -> None:
     assert set(outputs) == set(ref)
     for k, res in ref.items():
         np.testing.assert_allclose(outputs[k].detach().numpy(), res.values[0], rtol=1e-10, atol=1e-12, err_msg=k)
+
+
+ZERO_ROW_NORMS = {
+    # the per-position recursion, the lowered program (no positions), and a norm inside a residual
+    "positions": ("data X = [[0.3, -1, 0.5, 0.2, 1, -0.4, 0.1, 0.9], [0, 0, 0, 0, 0, 0, 0, 0]]\n"
+                  "layer U : conv n x 2, kernel = 3\n", "model f(x[4]) = V @ pool(relu(rmsnorm(conv(U, x), 0)))"),
+    "plain": ("data X = [[0.3, -1], [0, 0]]\nlayer U : input n x 2\n", "model f(x) = V @ relu(rmsnorm(U @ x, 0))"),
+    "layernorm": ("data X = [[0.3, -1], [0, 0]]\nlayer U : input n x 2\n",
+                  "model f(x) = V @ relu(layernorm(U @ x, 0))"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ZERO_ROW_NORMS))
+def test_a_norm_of_zero_is_named_at_the_norm(name: str, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """eps = 0 and an input row of zeros: 0/0 at every width. Finite width and the limit both name the
+    norm (line 5). The limit used to crash in eigh (the recursion) or blame the lowered program's own
+    line with a PSD hint; finite width said training diverged, with nothing trained."""
+    from tpc.cli import main
+
+    data, model = ZERO_ROW_NORMS[name]
+    path = tmp_path / "z.tp"
+    path.write_text(f"width n\nparametrization ntk\n{data}layer V : readout 1 x n\n{model}\noutput k = nngp(f, X)\n")
+    column = model.index("rmsnorm" if "rmsnorm" in model else "layernorm") + 1
+    for argv in (["limit", str(path)], ["run", str(path), "--width", "16", "--seeds", "2"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"z.tp:6:{column}: error: at initialisation, this value of model f on X is not finite" in err, err
+        assert "diverged" not in err and "PSD" not in err and "Traceback" not in err

@@ -18,7 +18,7 @@ from tpc.backends.torch.run import DTYPES, FiniteResult
 from tpc.ops import expr as ex
 from tpc.train import positions as by_pos
 from tpc.train.finite import forward, shape_of, standard_normals
-from tpc.train.interp import Applied, Bundle, Interpreter, Rows, entrywise_args
+from tpc.train.interp import Applied, Bundle, Interpreter, Rows, blame_steps, entrywise_args
 from tpc.train.losses import _tree
 from tpc.train.network import Network
 
@@ -116,6 +116,15 @@ class DenseBackend:
         weights = {k: self.mult[k] * w for k, w in params.items()}
         x = torch.as_tensor(self.net.data[data], dtype=self.dtype, device=self.device)
         return empirical(self.net, weights, x, kind, self.n)
+
+
+def blame_initial(net: Network, X: np.ndarray, data: str, width: int = 64) -> None:  # noqa: N803
+    """Where a limit's kernels came out not finite: raise at the model's first step that is not finite
+    on X at a small width (seed 0), when there is one (a norm of a zero vector with eps = 0 is 0/0
+    at every width)."""
+    be = DenseBackend(net, width, [0], torch.float64, "cpu")
+    with torch.no_grad():
+        blame_steps(net, be.apply(be.initial(), Rows(X, data, np.arange(len(X)))).vals, data)
 
 
 def bytes_per_seed(net: Network, width: int, itemsize: int) -> int:

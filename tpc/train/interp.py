@@ -267,11 +267,26 @@ class Interpreter:
                 todo += arg.args
 
     def check_output(self, o: Output, value: Tensor) -> None:
-        """A non-finite output is never printed: the steps before it diverged (the losses, schedules and
-        records the loop computes are checked where they are computed; an update of the last step is not)."""
-        if self.checks and not torch.isfinite(torch.as_tensor(value)).all():
-            raise NumericalError(f"output {o.name} is not finite: training diverged (lower the learning rate)",
-                                 o.span).locate(self.net.filename, self.net.source)
+        """A non-finite output is never printed. Before any training step it is the model's own doing (a
+        norm of a zero vector with eps = 0, ...), named at its first step that is not finite; after,
+        the steps before it diverged (the losses, schedules and records the loop computes are checked
+        where they are computed; an update of the last step is not)."""
+        if not self.checks or torch.isfinite(torch.as_tensor(value)).all():
+            return
+        if self.done == 0:
+            if o.data is not None:
+                self.blame_model(o.data)
+            raise NumericalError(f"output {o.name} is not finite at initialisation: a division by zero, or a square "
+                                 "root or logarithm of a negative number?", o.span
+                                 ).locate(self.net.filename, self.net.source)
+        raise NumericalError(f"output {o.name} is not finite: training diverged (lower the learning rate)",
+                             o.span).locate(self.net.filename, self.net.source)
+
+    def blame_model(self, data: str) -> None:
+        """Raise at the model's first step whose value on `data` is not finite (finite width: the
+        backends whose steps' values are tensors)."""
+        with torch.no_grad():
+            blame_steps(self.net, self.forward(data, {}).vals, data)
 
     # --- outputs
     def forward(self, data: str, cache: dict[str, Applied]) -> Applied:
@@ -592,3 +607,15 @@ def _run_scatter_add(it: Interpreter, ins: Instr) -> None:
     b, g, rows = (it.env[i] for i in ins.args)
     rate = ins.attrs["coef"] * (b.lr if ins.attrs["rate"] else 1.0)  # c * b.lr, or c alone
     it.be.scatter_add(table, ins.attrs["layer"], ins.attrs["index"], b, g, rows, rate)
+
+
+def blame_steps(net: Network, vals: list[Any], data: str) -> None:
+    """Raise at the first of the model's steps whose value (`vals`, one per step) is not finite, at
+    initialisation on data set `data`."""
+    for step, v in zip(net.model.steps, vals, strict=False):
+        if isinstance(v, Tensor) and not torch.isfinite(v).all():
+            m = net.model
+            raise NumericalError(f"at initialisation, this value of model {m.name} on {data} is not finite: a "
+                                 "division by zero (a norm of a zero vector with eps = 0?), or a square root or "
+                                 "logarithm of a negative number?", step.span or m.span
+                                 ).locate(net.filename, net.source)

@@ -457,6 +457,15 @@ class LayerKernels:
         return err[np.ix_(pts, pts)]
 
 
+def _not_finite(net: Network, X: np.ndarray, sets: list[str]) -> None:  # noqa: N803
+    """Kernels that are not finite: named at the model's step that makes them so, else at the model."""
+    from tpc.train.dense import blame_initial
+
+    blame_initial(net, X, " and ".join(sets))
+    raise NumericalError(f"the kernels of model {net.model.name} at initialisation are not finite",
+                         net.model.span)
+
+
 def layer_kernels(net: Network, sets: list[str], ntk: bool = True, **limit_options: object) -> LayerKernels:
     """The kernels on the data sets `sets`, stacked; ntk False: the nngp and the features' Gram matrix
     alone (no layer's term: `theta` is empty), which needs no backward pass."""
@@ -484,6 +493,8 @@ def layer_kernels(net: Network, sets: list[str], ntk: bool = True, **limit_optio
         except position_kernels.NotCoveredError:  # an expectation without a closed form: the lowered program
             fast = None
     if fast is not None:
+        if not (np.isfinite(f0).all() and all(np.isfinite(t).all() for t in theta.values())):
+            _not_finite(net, X, sets)
         nngp = limit_factor(1 - 2 * net.init_exponent(net.readout())) * f0
         methods = dict.fromkeys(("nngp", "ntk", "features") if ntk else ("nngp", "features"), "exact+closed-form")
         return LayerKernels(points, theta if ntk else {}, nngp, feats, "exact+closed-form", {}, methods)
@@ -491,10 +502,12 @@ def layer_kernels(net: Network, sets: list[str], ntk: bool = True, **limit_optio
     try:
         lim = evaluate_limit(prog, **limit_options)
     except NumericalError as err:  # named in the lowered program, whose lines the user never wrote
+        if "not finite" in err.message:
+            _not_finite(net, X, sets)
         raise NumericalError(
             f"the kernels of model {net.model.name} at initialisation, by its lowered Netsor program: {err.message}",
             net.model.span, hint="a Monte Carlo covariance can miss the PSD check by its sampling error: more "
-            "--particles make that smaller") from None
+            "--particles make that smaller" if "PSD" in err.message else None) from None
     theta = _layer_terms(terms, list(net.layers), lambda out: lim[out].value, len(X)) if ntk else {}
     errors: dict[str, np.ndarray] = {}
     for out, _, exponent in terms:
