@@ -102,3 +102,18 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_limit_options_a_network_program_cannot_take_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    """--method and --dtype were silently ignored by the kernel regime and word2vec's tables, and
+    --dtype by every network program's limit (computed in float64)."""
+    train = ROOT / "programs" / "train"
+    cases = [((str(train / "relu2_ntk.tp"), "--method", "monte-carlo"), "use --method auto"),
+             ((str(train / "relu2_ntk.tp"), "--method", "exact"), "use --method auto"),
+             ((str(ROOT / "programs" / "word2vec" / "cbow_mup.tp"), "--method", "quadrature"), "exact"),
+             ((str(train / "linear_mup.tp"), "--dtype", "float32"), "computed in float64")]
+    for argv, says in cases:
+        status, _, err = run(capsys, "limit", *argv)
+        assert status == 2 and says in err and "Traceback" not in err, (argv, err)
+    status, out, _ = run(capsys, "limit", str(train / "relu2_ntk.tp"), "--json")  # auto: as before
+    assert status == 0 and json.loads(out)

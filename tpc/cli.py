@@ -498,6 +498,9 @@ def _network_limit(args: argparse.Namespace, net) -> dict:  # noqa: ANN001
     from tpc.train.limit import describe, network_limit
     from tpc.train.pooled import kernels_only
 
+    if args.dtype != "float64":  # not silently ignored
+        raise TpcError(f"--dtype {args.dtype}: a network program's limit is computed in float64 (--dtype sets a "
+                       "raw program's limit and the finite runs)")
     replicates = args.replicates if args.replicates is not None else 4
     print(f"{args.file}: {describe(net, args.method, args.particles, replicates, args.memory_gb)}",
           file=sys.stderr if args.json else sys.stdout, flush=True)

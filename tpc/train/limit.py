@@ -181,6 +181,10 @@ def network_limit(net: Network, method: str = "auto", particles: int | None = No
     if net.has_tables:  # word2vec: its loop on coefficient tables
         from tpc.train.tables import tables_limit
 
+        if method not in ("auto", "exact"):
+            raise TpcError(f"--method {method}: word2vec's limit is exact (its coefficient tables); use --method "
+                           "auto or exact").locate(net.filename, net.source)
+
         return tables_limit(net, device=device, progress=progress, memory_gb=memory_gb, force=force)
     if not in_function_space(net):
         from tpc.train.pooled import loops_limit
@@ -188,6 +192,10 @@ def network_limit(net: Network, method: str = "auto", particles: int | None = No
         return loops_limit(net, _exact(net, method), particles, replicates, seed, memory_gb, force, progress, device)
     from tpc.train.kernel_loops import loops_kernel_limit
 
+    if method != "auto":  # not silently ignored: nothing below takes it
+        raise TpcError(f"--method {method}: the kernel regime's limit takes each kernel by the method that fits it "
+                       "(closed forms, quadrature or Monte Carlo, as `tpc limit` prints) and its training exactly or "
+                       "from sampled f_0; use --method auto").locate(net.filename, net.source)
     points = sum(net.data[d].shape[0] for d in net.point_sets())
     replicates = replicates or 8  # the kernels' own Monte Carlo, where one is needed: evaluate_limit's default
     try:
