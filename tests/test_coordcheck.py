@@ -220,3 +220,15 @@ def test_programs_it_cannot_follow_are_refused(capsys: pytest.CaptureFixture[str
     assert status == 2 and "a Netsor program without training" in err
     with pytest.raises(tpc.TpcError, match="cbow program"):
         coordcheck(tpc.load(str(ROOT / "programs" / "word2vec" / "cbow_mup.tp")), [16])
+
+
+def test_a_vector_falling_to_a_positive_limit_does_not_vanish() -> None:
+    """f after two muP steps of a MAML loop: mean |f| falls from 0.066 to 0.030 as its n^-1/2 part
+    at initialisation fades, towards the limit's 0.026. That is convergence, not vanishing (a
+    reviewer saw "vanishes like n^-0.57" beside the limit's column); a mean that falls below a
+    positive limit, beyond the errors, still vanishes."""
+    widths, mean, se = [64, 256, 1024], np.array([0.066, 0.030, 0.027]), np.array([0.002, 0.001, 0.0005])
+    assert trend(widths, mean, se).verdict == "vanishes"  # without a limit: the slope alone
+    assert trend(widths, mean, se, np.array([0.0255, 0.0258])).verdict is None
+    assert trend(widths, mean, se, np.array([0.05, 0.0502])).verdict == "vanishes"
+    assert trend(widths, mean, se, np.array([0.0, 0.0])).verdict == "vanishes"

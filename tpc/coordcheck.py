@@ -446,8 +446,11 @@ def _features_at_init(net: Network, particles: int, seed: int) -> Any:
     return FeaturesAtInit(net, False, particles, seed)
 
 
-def trend(widths: list[int], mean: np.ndarray, stderr: np.ndarray) -> Trend:
-    """A vector's scaling at one step from its means (and standard errors) at each width."""
+def trend(widths: list[int], mean: np.ndarray, stderr: np.ndarray, limit: np.ndarray | None = None) -> Trend:
+    """A vector's scaling at one step from its means (and standard errors) at each width; `limit`: the
+    limit's replicates of E|Z| there, if any. A mean that falls towards a positive limit (from
+    above, or within the errors at the largest width) approaches it and does not vanish: the
+    n^-1/2 part of a vector whose limit is small, such as f after a few muP steps."""
     mean, stderr = np.asarray(mean, dtype=float), np.asarray(stderr, dtype=float)
     if not np.isfinite(mean).all():
         return Trend(float("nan"), "not finite")
@@ -460,6 +463,11 @@ def trend(widths: list[int], mean: np.ndarray, stderr: np.ndarray) -> Trend:
     change = abs(np.log(mean[hi] / mean[lo]))
     beyond = not np.isfinite(err) or change > SIGNIFICANCE * err
     if abs(slope) > SLOPE and beyond:
+        if slope < 0 and limit is not None and np.isfinite(limit).all() and limit.size and limit.mean() > 0:
+            lim = float(limit.mean())
+            lim_se = float(limit.std(ddof=1) / np.sqrt(limit.size)) if limit.size > 1 else 0.0
+            if mean[hi] >= lim - SIGNIFICANCE * float(np.hypot(np.nan_to_num(stderr[hi]), lim_se)):
+                return Trend(slope, None)
         return Trend(slope, "grows" if slope > 0 else "vanishes")
     return Trend(slope, None)
 
@@ -507,7 +515,8 @@ def coordcheck(net: Network, widths: list[int] | tuple[int, ...] = DEFAULT_WIDTH
     res = CoordCheck(net.filename, data, len(arr), widths, seeds, steps, tracked, values, net.param_name,
                      cls.regime, limit, note, particles if limit is not None else 0)
     mean, se = res.mean(), res.stderr()
-    res.trends = [trend(widths, mean[:, -1, i], se[:, -1, i]) for i in range(len(tracked))]
+    res.trends = [trend(widths, mean[:, -1, i], se[:, -1, i], None if limit is None else limit[:, -1, i])
+                  for i in range(len(tracked))]
     return res
 
 
