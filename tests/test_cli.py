@@ -117,3 +117,17 @@ def test_limit_options_a_network_program_cannot_take_are_refused(capsys: pytest.
         assert status == 2 and says in err and "Traceback" not in err, (argv, err)
     status, out, _ = run(capsys, "limit", str(train / "relu2_ntk.tp"), "--json")  # auto: as before
     assert status == 0 and json.loads(out)
+
+
+def test_plot_and_widths_are_checked_before_any_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """A --plot matplotlib cannot write (x.foo was a traceback after every run; a folder or a name
+    without an extension was written as NAME.png while tpc named NAME), and a width given twice
+    (a slope fitted to it meant nothing): one line, exit 2, nothing run."""
+    pytest.importorskip("matplotlib")
+    for plot, says in (("x.foo", "matplotlib's formats"), ("noext", "matplotlib's formats"),
+                       (str(tmp_path), "that is a folder")):
+        for cmd in (["compare", RELU], ["coordcheck", str(ROOT / "programs" / "train" / "relu2_mup.tp")]):
+            status, out, err = run(capsys, *cmd, "--widths", "64,128", "--seeds", "2", "--plot", plot)
+            assert status == 2 and says in err and "Traceback" not in err and not out, (cmd, plot, err)
+    status, out, err = run(capsys, "compare", RELU, "--widths", "64,64", "--seeds", "2")
+    assert status == 2 and "64 more than once" in err and not out

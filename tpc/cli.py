@@ -591,8 +591,6 @@ def cmd_coordcheck(args: argparse.Namespace) -> int:
     from tpc import memory
 
     prog, widths = _load_for_widths(args)
-    if args.plot:
-        _check_matplotlib()
     steps, data = cc.check(prog, args.steps, args.data)
     cls = prog.classification()
     from tpc.train.pooled import particles_for
@@ -713,6 +711,16 @@ def _print_outputs_json(results: dict) -> int:
 def _check_writable(path: str) -> None:
     import os
 
+    _check_matplotlib()
+    if os.path.isdir(path):
+        raise TpcError(f"--plot {path}: that is a folder; give a file name, such as {os.path.join(path, 'plot.png')}")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if ext not in kinds:  # matplotlib would fail (or append .png) only after every run
+        raise TpcError(f"--plot {path}: the file name must end in one of matplotlib's formats: "
+                       + ", ".join(f".{k}" for k in sorted(kinds)))
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise TpcError(f"--plot {path}: the folder {folder} does not exist")
@@ -734,6 +742,9 @@ def _widths(text: str) -> list[int]:
         raise TpcError(f"--widths expects comma-separated whole numbers, got '{text}'") from None
     if not widths or min(widths) < 1:
         raise TpcError("--widths needs at least one positive width")
+    repeated = sorted({w for w in widths if widths.count(w) > 1})
+    if repeated:  # a slope fitted to one width twice means nothing
+        raise TpcError(f"--widths gives {', '.join(map(str, repeated))} more than once: each width once")
     return widths
 
 
