@@ -319,7 +319,7 @@ def test_limit_refuses_what_would_not_fit(capsys: pytest.CaptureFixture[str]) ->
 
 
 def test_unstable_parametrization_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
-    src = HEADER + """parametrization abc(a = [0, 0], b = [0, 0], c = 0, lr = 0.1)
+    src = HEADER + """parametrization abc(a = [0, 0], b = [0, 0], c = 0)
 layer U : input n x 2
 layer V : readout 1 x n
 model f(x) = V @ relu(U @ x)

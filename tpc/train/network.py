@@ -1234,6 +1234,10 @@ class _Builder:
             if cfg and cfg.min_lr > self.train.lr:
                 raise TpcError(f"min_lr ({cfg.min_lr:g}) is above lr ({self.train.lr:g}): the rate decays from lr "
                                "to min_lr", self.train.span)
+        elif lr is not None and self.param is not None:  # nothing would read it (a sweep of it would change nothing)
+            given = next(kw for kw in self.param.kwargs if kw.name == "lr")
+            raise TpcError(f"lr = {lr:g} is the rate of a `train` statement, and this program has none: a loop "
+                           "writes its own rates (f -= 0.1 * grad(L, f))", given.span)
         program = None
         if self.loops is not None:
             program = self.loops.finish()
