@@ -133,12 +133,17 @@ def bytes_per_seed(net: Network, width: int, itemsize: int) -> int:
     value on the largest data set (forward, backward and autograd's saved tensors): a value at every
     position (`model f(x[P])`) has P rows per input, and attention holds its P x P logits and weights."""
     weights = sum(int(np.prod(shape_of(la, width))) for la in net.layers.values())
+    # a state or copy: its value, its next value while the old one is alive, and the update's term
     buffers = sum(1 for ins in net.program.walk() if ins.op in ("state", "copy"))
-    # a step's values of layers (combinations, entrywise functions: Adam's G * G, sqrt(S), ...)
-    temporaries = sum(1 for ins in net.program.walk() if ins.op in ("lincomb", "ewise"))
+    # a step's values of layers (combinations, entrywise functions: Adam's G * G, sqrt(S), ...) and
+    # gradients, each alive until the end of its iteration
+    temporaries = sum(1 for ins in net.program.walk() if ins.op in ("lincomb", "ewise", "grad"))
     rows = max((net.data[d].shape[0] for d in net.point_sets()), default=1)
     values = sum(s.positions * width + (2 * s.positions**2 if s.op == "attend" else 0) for s in net.model.steps)
-    return itemsize * ((4 + 2 * buffers + temporaries) * weights + 4 * rows * values)
+    # 5: the weights, their scaled copies W = n^-a w, autograd's gradients and the updated weights;
+    # measured peaks at width 4096 (README, "Memory") are 5.0, 15.6 and 16.7 times the weights for
+    # relu2_mup.tp, adam_relu2_mup.tp and an AdamW transformer, which this puts at 6, 19 and 18
+    return itemsize * ((5 + 3 * buffers + temporaries) * weights + 4 * rows * values)
 
 
 def loops_finite(net: Network, width: int, seeds: int, dtype: str = "float64", device: str = "cpu",
