@@ -342,10 +342,8 @@ def _finite_need(prog, width: int, args: argparse.Namespace) -> str:  # noqa: AN
     from tpc import memory
 
     need = memory.finite_bytes_per_seed(prog, width, 4 if args.dtype == "float32" else 8)
-    try:
-        memory.require(need, f"one seed at width {width}", args.memory_gb, args.force, hint="a smaller --width")
-    except TpcError as err:
-        raise err.locate(prog.filename, prog.source) from None
+    memory.seeds_at_once(need, getattr(args, "seeds", 1), f"one seed at width {width}", args.memory_gb, args.force,
+                         prog.filename, prog.source, kept_per_seed=memory.kept_per_seed(prog))
     return memory.gb(need)
 
 

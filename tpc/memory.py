@@ -74,15 +74,33 @@ def require(nbytes: float, what: str, memory_gb: float | None, force: bool = Fal
                        f"(--memory-gb{', or ' + hint if hint else ''}; --force runs it anyway)", span)
 
 
+def kept_per_seed(prog: object) -> int:
+    """The bytes of one seed's outputs that a raw program's finite run keeps to its end (float64);
+    a network program's outputs are small beside its weights: 0."""
+    from tpc.train.network import Network
+
+    if isinstance(prog, Network):
+        return 0
+    return 8 * sum(_size(prog.node(nid).shape) for nid in prog.outputs.values())  # type: ignore[attr-defined]
+
+
 def seeds_at_once(per_seed: int, seeds: int, what: str, memory_gb: float | None, force: bool,
-                  filename: str, source: str) -> int:
-    """How many seeds a finite run takes at once within the budget (at least one, if it fits)."""
+                  filename: str, source: str, kept_per_seed: int = 0) -> int:
+    """How many seeds a finite run takes at once within the budget (at least one, if it fits).
+    `kept_per_seed`: each seed's outputs, kept to the end of the run (twice: the parts and their
+    concatenation), so many seeds of large outputs are refused too."""
+    kept = 2 * kept_per_seed * seeds
     try:
         budget = budget_gb(memory_gb)
-        require(per_seed, what, budget, force, hint="a smaller --width")
+        if kept:
+            require(per_seed + kept, f"{what}, with the outputs of {seeds} seeds ({gb(kept)})", budget, force,
+                    hint="fewer --seeds or a smaller --width")
+        else:
+            require(per_seed, what, budget, force, hint="a smaller --width")
     except TpcError as err:
         raise err.locate(filename, source) from None
-    return max(1, min(seeds, int(min(budget * 2**30 / max(per_seed, 1), seeds))))
+    room = max(budget * 2**30 - kept, per_seed)
+    return max(1, min(seeds, int(room / max(per_seed, 1))))
 
 
 def _size(shape: tuple[int, ...]) -> int:

@@ -65,7 +65,7 @@ def run_finite(prog: Program, width: int, seeds: int, dtype: str = "float64", de
     tdtype = DTYPES[dtype]
     per_seed = bytes_per_seed(prog, width, torch.finfo(tdtype).bits // 8)
     chunk = memory.seeds_at_once(per_seed, seeds, f"one seed at width {width}", memory_gb, force,
-                                 prog.filename, prog.source)
+                                 prog.filename, prog.source, kept_per_seed=memory.kept_per_seed(prog))
     cls = module_class(prog)
     data = {k: torch.as_tensor(v) for k, v in program_data(prog).items()}
     parts: dict[str, list[np.ndarray]] = {k: [] for k in prog.outputs}
