@@ -60,6 +60,11 @@ def test_classify_cli_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert "fails    initialization: a_1 + b_1 = 0" in capsys.readouterr().out
     assert main(["classify", "--a", "x", "--b", "1", "--c", "0"]) == 2
     assert capsys.readouterr().err.startswith("tpc: error:")
+    # two parametrizations at once: the preset used to win silently over --a/--b/--c
+    assert main(["classify", "--preset", "mup", "--a", "1,2", "--b", "1,1", "--c", "0"]) == 2
+    assert "error: give one parametrization to classify: --preset or --a/--b/--c" in capsys.readouterr().err
+    assert main(["classify", "--a", "0,0", "--b", "0,0", "--c", "0", "--layers", "3"]) == 2
+    assert "error: --layers goes with --preset" in capsys.readouterr().err
 
 
 def test_a_program_that_leaves_layers_untrained_has_its_own_r() -> None:

@@ -627,6 +627,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
 
     entrywise = args.adaptive is not None
     trained = None
+    given = [name for name, value in (("FILE", args.file), ("--preset", args.preset)) if value] + \
+        (["--a/--b/--c"] if any(v is not None for v in (args.a, args.b, args.c)) else [])
+    if len(given) > 1:  # one would silently win over the other
+        raise TpcError(f"give one parametrization to classify: {' or '.join(given)}, not both")
+    if args.layers is not None and not args.preset:
+        raise TpcError("--layers goes with --preset (a program or --a/--b/--c give their own layers)")
     if args.file:
         net = _load(args)
         if not _is_network(net):
