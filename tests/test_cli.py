@@ -32,11 +32,17 @@ def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert "FILE" in capsys.readouterr().out
 
 
-def test_check_summary(capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_summary(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     status, out, _ = run(capsys, "check", RELU)
     assert status == 0
     assert "width      n" in out and "W2 (hidden, n x n)" in out
     assert "MatMul 3" in out and "nngp [8x8]" in out
+    # the identity behind U.T @ x / n is tpc's, not the user's data (it was listed as `_t4 2x2`)
+    path = tmp_path / "ut.tp"
+    path.write_text("width n\ndata X = [[1, 0.5], [-0.3, 0.8]]\nmatrix U : n x 2 ~ N(0, 1/2)\n"
+                    "z = U.T @ relu(U @ X) / n\noutput k = gram(U @ z)\n")
+    status, out, _ = run(capsys, "check", str(path))
+    assert status == 0 and "  data       X 2x2\n" in out
 
 
 def test_graph_formats(capsys: pytest.CaptureFixture[str]) -> None:

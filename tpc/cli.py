@@ -230,7 +230,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"  width      {prog.width_name}")
     mats = [n for n in prog.nodes() if n.op == "matrix"]
     vecs = [n for n in prog.nodes() if n.op == "vector"]
-    data = [n for n in prog.nodes() if n.op == "data" and n.shape and not n.params.get("derived")]
+    # the user's data, not tpc's own arrays (the identity behind U.T @ x / n)
+    data = [n for n in prog.nodes() if n.op == "data" and n.shape and not n.params.get("derived")
+            and not n.params.get("constant")]
     if mats:
         print("  matrices   " + ", ".join(
             f"{m.name} ({m.params['role']}, {_dim(m.params['rows'], prog)} x {_dim(m.params['cols'], prog)})"
