@@ -79,6 +79,7 @@ def test_cli_sweep_json_and_param_axis(capsys: pytest.CaptureFixture[str]) -> No
                  "--workers", "1", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["grid"]["param"] == ["mup", "ntk"]
+    assert out["grid"]["width"] == [32] and out["grid"]["seed"] == [0, 1]  # numbers, as in the rows
     rows = {(tuple(r["setting"].items()), r["output"]): r for r in out["rows"]}
     mup, ntk = rows[((("param", "mup"),), "pred")], rows[((("param", "ntk"),), "pred")]
     assert len(mup["values"]) == 2 and mup["mean"] != ntk["mean"]

@@ -185,7 +185,9 @@ class SweepResult:
                              "mean": v.mean(0).tolist(),
                              "stderr": (v.std(0, ddof=1) / np.sqrt(s)).tolist() if s > 1 else None,
                              "values": v.tolist()})
-        return {"grid": self.axes, "rows": rows}
+        # widths and seeds as the rows give them (numbers); a setting as written (`param=mup`, `lr=0.1`)
+        grid = {k: [int(v) for v in vs] if k in RUN_AXES else vs for k, vs in self.axes.items()}
+        return {"grid": grid, "rows": rows}
 
 
 def sweep(path_or_prog: object, grid: str, workers: int = 2, cluster: str | None = None, dtype: str = "float64",
