@@ -563,6 +563,9 @@ class LoopBuilder:
                            + ROW_UPDATE_FORMS.split(" is ", 1)[1].split(" (times")[0], e.span)
         if isinstance(e, ast.Attr) and self.stream_name() is not None:
             raise TpcError(f"a batch has .words, .context and .lr, read by row updates; not .{clip(e.attr)}", e.span)
+        if isinstance(e, ast.ListExpr):  # a loop reads arrays by name, as its rows (X[t], Y[S[i]])
+            raise TpcError("a list of numbers in a loop: declare it as data (`data Y2 = [...]`) and use its name",
+                           e.span)
         raise TpcError("not part of a loop: numbers, data, f(X), losses, grad(L, f) and their combinations",
                        e.span)
 
