@@ -165,8 +165,9 @@ def test_an_asymmetric_kernel_is_tiled_by_both_blocks_and_a_failed_run_leaves_no
     paths = tiled_limit(prog, tmp_path / "q", tile=25, cluster=cluster.scheduler_address, method="quadrature")
     for name, p in paths.items():
         np.testing.assert_allclose(np.load(p), ref[name].value, rtol=0, atol=1e-12)
-    with pytest.raises(TpcError, match="without Monte Carlo"):  # tiles of 2 rows: the first task fails fast
+    with pytest.raises(TpcError, match="output 'k' is taken by Monte Carlo") as err:  # the first task fails fast
         tiled_limit(prog, tmp_path / "mc", tile=2, cluster=cluster.scheduler_address)
+    assert str(err.value).startswith(f"{path}:5:12: error:"), str(err.value)  # at the output it names
     assert not (tmp_path / "mc").exists()  # no file, and not the folder the run made
 
 

@@ -137,9 +137,11 @@ def tile_task(source: str, filename: str, base_dir: str, data: str, x: np.ndarra
     idx = np.arange(*rows_i) if rows_j is None else np.concatenate([np.arange(*rows_i), np.arange(*rows_j)])
     prog = _build_on(source, filename, Path(base_dir), data, x[idx])
     out = evaluate_limit(prog, force=True, **options)  # the plan checked the memory of every task
-    if any("monte-carlo" in o.method for o in out.values()):
-        raise TpcError("a tiled limit needs kernels without Monte Carlo (closed forms, quadrature): tiles of "
-                       "random estimates would not fit together")
+    sampled = [name for name, o in out.items() if "monte-carlo" in o.method]
+    if sampled:
+        raise TpcError(f"output '{sampled[0]}' is taken by Monte Carlo here: a tiled limit needs kernels without "
+                       "it (closed forms, quadrature), as tiles of random estimates would not fit together",
+                       prog.node(prog.outputs[sampled[0]]).span).locate(filename, source)
     b = rows_i[1] - rows_i[0]
     blocks: dict[str, dict] = {}
     for name, o in out.items():
