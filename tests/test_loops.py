@@ -518,3 +518,38 @@ def test_one_example_per_step(loss: str, targets: str, readout: int) -> None:
     ntk = tpc.loads(in_ntk + loop.format(loss=loss, x="X[t]", y="Y[t]"))
     ntk_batch = tpc.loads(in_ntk + loop.format(loss=loss, x="batch(X, t, 1)", y="batch(Y, t, 1)"))
     np.testing.assert_allclose(tpc.limit(ntk)["p"].value, tpc.limit(ntk_batch)["p"].value, rtol=1e-12, atol=1e-13)
+
+
+NOT_FINITE_BEFORE_TRAINING = {
+    # (model, the loop's loss, options of tpc run, where the error is, what it says)
+    "log in the model": ("V @ relu(W @ log(U @ x))", "mse(f(X), Y)", [], "8:27",
+                         "at initialisation, this value of model f"),
+    "log in the loss": ("V @ relu(W @ relu(U @ x))", "mean(log(f(X) - 100))", [], "10:7",
+                        "at t = 0, before any update, the loss is not finite"),
+    "exp overflows in float32": ("V @ tanh(exp(U @ x))", "mse(f(X), Y)", ["--dtype", "float32"], "8:23",
+                                 "at t = 0, this value of model f is not finite: it overflows"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NOT_FINITE_BEFORE_TRAINING))
+def test_trouble_before_any_update_is_not_called_divergence(case: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """A model or loss that is not finite before any update used to be 'training diverged ... (lower
+    the learning rate)', even at lr 1e-9; it is named where it happens. The overflow: exp in float32
+    gives inf, tanh(inf) = 1 keeps the loss finite, and the backward pass's 0 * inf is NaN."""
+    from tpc.cli import main
+
+    model, loss, opts, where, says = NOT_FINITE_BEFORE_TRAINING[case]
+    path = tmp_path / "p.tp"
+    hidden = "layer W : hidden n x n" if "W @" in model else "# no hidden layer"
+    path.write_text("width n\nparametrization mup\ndata X = [[1, 0.5, -1], [0.3, -0.8, 2]]\ndata Y = [1, -1]\n"
+                    f"layer U : input n x 3, var = {6000 if 'exp' in model else 2}\n{hidden}\n"
+                    f"layer V : readout 1 x n\nmodel f(x) = {model}\nfor t in range(2) {{\n  L = {loss}\n"
+                    "  f -= 1e-9 * grad(L, f)\n}\noutput p = f(X)\n")
+    commands = [["run", str(path), "--width", "64", "--seeds", "2", *opts]]
+    if not opts:  # the limit: the unrolled program, then the model at initialisation at a small width
+        commands.append(["limit", str(path), "--particles", "1024", "--replicates", "2"])
+    for argv in commands:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"p.tp:{where}: error: {says}" in err and "not finite" in err and "diverged" not in err, (argv, err)

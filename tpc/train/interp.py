@@ -102,6 +102,7 @@ class Interpreter:
         self.records: dict[str, Tensor] = {}
         self.progress: Callable[[int, int], None] | None = None
         self.done = 0
+        self.updated = False  # whether any parameters have moved: a value not finite before is no divergence
         self.active: list[list[Any]] = []  # [counter name, value] of each loop running, outermost first
         self.stop: int | None = None  # run only this many top-level iterations (None: all)
         self.checks = True  # off for a dry run that only counts (pooled.count)
@@ -222,8 +223,29 @@ class Interpreter:
     def check_finite(self, value: Tensor, ins: Instr, what: str) -> None:
         if self.checks and not torch.isfinite(value).all():
             self.blame_static(ins)  # a schedule on its way that is not finite, rather than divergence
+            if not self.updated:  # nothing has trained: the model's or the loss's own doing
+                for applied in self.applied_under(ins):
+                    blame_steps(self.net, applied.vals, None, "at initialisation")
+                raise NumericalError(f"at {self.where()}, before any update, {what} is not finite: a division by zero, "
+                                     "or a square root or logarithm of a negative number?", ins.span
+                                     ).locate(self.net.filename, self.net.source)
             raise NumericalError(f"training diverged at {self.where()}: {what} is not finite (lower the "
                                  "learning rate)", ins.span).locate(self.net.filename, self.net.source)
+
+    def applied_under(self, ins: Instr) -> list[Applied]:
+        """The model's applications that `ins` is computed from (through losses and arithmetic)."""
+        out, todo, seen = [], list(ins.args), set()
+        while todo:
+            i = todo.pop(0)
+            if i in seen:
+                continue
+            seen.add(i)
+            v = self.env.get(i)
+            if isinstance(v, Applied):
+                out.append(v)
+            elif isinstance(v, Tensor):
+                todo += self.prog.instrs[i].args
+        return out
 
     def check_static(self, value: Tensor, ins: Instr) -> None:
         """A number the loop computes from its counters and data (a schedule), where it is used (an
@@ -401,7 +423,14 @@ def _run_grad(it: Interpreter, ins: Instr) -> None:
     loss = it.finite(ins.args[0])
     it.check_finite(loss.detach(), it.prog.instrs[ins.args[0]], "the loss")
     applied = [it.env[i] for i in ins.args[1:]]
-    it.env[ins.id] = Bundle(grad=it.be.grad(loss, applied, ins.attrs["layers"]))
+    grads = it.be.grad(loss, applied, ins.attrs["layers"])
+    if it.checks and any(isinstance(g, Tensor) and not torch.isfinite(g).all() for g in grads.values()):
+        # a finite loss with a gradient that is not: an overflow on the way (exp in float32, then 0 * inf)
+        for a in applied:
+            blame_steps(it.net, a.vals, None, f"at {it.where()}")
+        raise NumericalError(f"at {it.where()}, the gradient is not finite though the loss is: an overflow in the "
+                             "backward pass?", ins.span).locate(it.net.filename, it.net.source)
+    it.env[ins.id] = Bundle(grad=grads)
 
 
 def _run_read(it: Interpreter, ins: Instr) -> None:
@@ -495,6 +524,7 @@ def _run_update(it: Interpreter, ins: Instr) -> None:
     root = ins.attrs["root"]
     sign = {"-=": -1.0, "+=": 1.0, "=": 0.0}[op]
     it.params[root] = it.be.update(it.params[root], delta, ins.attrs["layers"], sign, ins.attrs["scaled"])
+    it.updated = True
 
 
 def _run_record(it: Interpreter, ins: Instr) -> None:
@@ -609,13 +639,15 @@ def _run_scatter_add(it: Interpreter, ins: Instr) -> None:
     it.be.scatter_add(table, ins.attrs["layer"], ins.attrs["index"], b, g, rows, rate)
 
 
-def blame_steps(net: Network, vals: list[Any], data: str) -> None:
-    """Raise at the first of the model's steps whose value (`vals`, one per step) is not finite, at
-    initialisation on data set `data`."""
+def blame_steps(net: Network, vals: list[Any], data: str | None, when: str = "at initialisation") -> None:
+    """Raise at the first of the model's steps whose value (`vals`, one per step, on data set `data`)
+    is not finite: infinite values overflowed, NaN came from 0/0 or a function outside its domain."""
     for step, v in zip(net.model.steps, vals, strict=False):
         if isinstance(v, Tensor) and not torch.isfinite(v).all():
             m = net.model
-            raise NumericalError(f"at initialisation, this value of model {m.name} on {data} is not finite: a "
-                                 "division by zero (a norm of a zero vector with eps = 0?), or a square root or "
-                                 "logarithm of a negative number?", step.span or m.span
+            why = "it overflows (float64, or smaller inputs or variances?)" if not torch.isnan(v).any() else \
+                "a division by zero (a norm of a zero vector with eps = 0?), or a square root or logarithm of a " \
+                "negative number?"
+            on = f" on {data}" if data else ""
+            raise NumericalError(f"{when}, this value of model {m.name}{on} is not finite: {why}", step.span or m.span
                                  ).locate(net.filename, net.source)

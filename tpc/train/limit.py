@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tpc import memory
-from tpc.errors import TpcError
+from tpc.errors import NumericalError, TpcError
 from tpc.train.network import Network
 
 if TYPE_CHECKING:  # the backends (and torch) are imported where the limit runs: `tpc check` needs none
@@ -189,7 +189,15 @@ def network_limit(net: Network, method: str = "auto", particles: int | None = No
     if not in_function_space(net):
         from tpc.train.pooled import loops_limit
 
-        return loops_limit(net, _exact(net, method), particles, replicates, seed, memory_gb, force, progress, device)
+        try:
+            return loops_limit(net, _exact(net, method), particles, replicates, seed, memory_gb, force, progress,
+                               device)
+        except NumericalError:  # named in the unrolled program: first, a model not finite at initialisation
+            from tpc.train.dense import blame_initial
+
+            for d in net.point_sets():
+                blame_initial(net, net.data[d], d)
+            raise
     from tpc.train.kernel_loops import loops_kernel_limit
 
     if method != "auto":  # not silently ignored: nothing below takes it
