@@ -338,3 +338,21 @@ def test_a_non_finite_entrywise_function_is_named(capsys: pytest.CaptureFixture[
     assert main(["run", str(path), "--width", "16", "--seeds", "2"]) == 2
     err = capsys.readouterr().err
     assert "nan.tp:12:14: error: at t = 0, this entrywise function of layer U is not finite" in err, err
+
+
+def test_a_bias_correction_dividing_by_zero_is_named_by_every_command(tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """`1 - 0.9 ^ t` is 0 at t = 0. `tpc run` named it; check, limit and coordcheck said "internal: an
+    entrywise function of parameters" (their dry run, checks off, carried the NaN into the grid)."""
+    root = Path(__file__).resolve().parent.parent / "programs" / "train"
+    src = (root / "adam_relu2_mup.tp").read_text()
+    assert "(1 - 0.9 ^ (t + 1))" in src
+    path = tmp_path / "adam_bc.tp"
+    path.write_text(src.replace("(1 - 0.9 ^ (t + 1))", "(1 - 0.9 ^ t)").replace('"data/', f'"{root}/data/'))
+    assert main(["check", str(path), "--allow-data-outside"]) == 0
+    capsys.readouterr()
+    for argv in (["run", "--width", "32", "--seeds", "1"], ["limit", "--particles", "256", "--replicates", "2"],
+                 ["coordcheck", "--widths", "32,64", "--seeds", "1", "--particles", "256", "--replicates", "2"]):
+        assert main([argv[0], str(path), *argv[1:], "--allow-data-outside"]) == 2
+        err = capsys.readouterr().err
+        assert "adam_bc.tp:25:16: error: at t = 0, this value is not finite (inf)" in err and "internal" not in err, err
