@@ -137,3 +137,17 @@ def test_plot_and_widths_are_checked_before_any_run(capsys: pytest.CaptureFixtur
             assert status == 2 and says in err and "Traceback" not in err and not out, (cmd, plot, err)
     status, out, err = run(capsys, "compare", RELU, "--widths", "64,64", "--seeds", "2")
     assert status == 2 and "64 more than once" in err and not out
+
+
+def test_means_and_standard_errors_near_the_largest_float(capsys: pytest.CaptureFixture[str]) -> None:
+    """Their sum and squares overflowed: the mean of 1e308, 1e308, -1e308, 1e308 came out inf, and a
+    standard error of 1e208s (mean(exp(184 a)) at width 64) inf, printed with no ± and null in JSON."""
+    import numpy as np
+
+    from tpc.backends.torch.run import FiniteResult
+
+    r = FiniteResult("m", np.array([[1e308], [1e308], [-1e308], [1e308]]), 64)
+    np.testing.assert_allclose(r.mean, [5e307], rtol=1e-12)
+    np.testing.assert_allclose(r.stderr, [5e307], rtol=1e-12)  # std 1e308, over sqrt(4)
+    big = FiniteResult("m", np.array([1.2e208, 0.1e208, 3.4e208, 0.0]), 64)
+    assert np.isfinite(big.stderr) and np.isclose(big.stderr, np.std(big.values / 1e200, ddof=1) / 2 * 1e200)

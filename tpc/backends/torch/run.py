@@ -24,16 +24,25 @@ class FiniteResult:
     values: np.ndarray  # (seeds, *shape)
     width: int
 
+    def _scale(self) -> np.ndarray:
+        """Each entry's largest |value|: the mean and the spread are taken of values divided by it, so
+        that values near the largest float do not overflow on the way (a sum, a square)."""
+        scale = np.abs(self.values).max(axis=0) if self.values.shape[0] else np.ones(self.values.shape[1:])
+        return np.where((scale > 0) & np.isfinite(scale), scale, 1.0)
+
     @property
     def mean(self) -> np.ndarray:
-        return self.values.mean(axis=0)
+        scale = self._scale()
+        return (self.values / scale).mean(axis=0) * scale
 
     @property
     def stderr(self) -> np.ndarray:
         s = self.values.shape[0]
         if s < 2:
             return np.full(self.values.shape[1:], np.nan)
-        return self.values.std(axis=0, ddof=1) / np.sqrt(s)
+        scale = self._scale()
+        with np.errstate(over="ignore"):  # a spread beyond the largest float is inf, and printed so
+            return (self.values / scale).std(axis=0, ddof=1) / np.sqrt(s) * scale
 
     def to_json(self) -> dict:
         return {"mean": self.mean.tolist(), "stderr": self.stderr.tolist(),
