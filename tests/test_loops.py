@@ -258,6 +258,20 @@ def test_a_quadratic_loss_in_the_kernel_regime_is_exact() -> None:
     assert "monte-carlo" in tpc.limit(quartic)["cube"].method
 
 
+def test_a_top_level_quadratic_loss_is_exact_too() -> None:
+    """`loss Q = 0.5 * mean((f(X) - Y) ^ 2)` is mse written out: its degree comes from its expression
+    (only a top-level mse counted, so it was sampled while the same loss inside the loop was exact)."""
+    src = (ROOT / "programs" / "train" / "relu2_ntk_loop.tp").read_text()
+    want = tpc.limit(tpc.loads(src, "mse.tp", ROOT / "programs" / "train"))
+    written = src.replace("for t in range(4) {", "loss Q = 0.5 * mean((f(X) - Y) ^ 2)\nfor t in range(4) {").replace(
+        "L = mse(f(X), Y)", "L = Q")
+    got = tpc.limit(tpc.loads(written, "q.tp", ROOT / "programs" / "train"))
+    for k in ("pred", "curve"):
+        assert got[k].method == "exact+closed-form" and got[k].stderr is None, got[k].method
+        np.testing.assert_allclose(got[k].value, want[k].value, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(got["pred"].cov, want["pred"].cov, rtol=0, atol=1e-12)
+
+
 def check_warmup_kernel_descent(lim: dict, ntk: np.ndarray, nngp: np.ndarray, y: np.ndarray) -> None:
     """relu2_ntk_loop.tp's limit against kernel gradient descent by hand: 4 steps of mse at rate
     0.5 min(1, (t + 1) / 2) from f_0 ~ GP(0, nngp), the first len(y) points the training ones; f_t

@@ -24,6 +24,7 @@ import torch
 
 from tpc.backends.limit.evaluate import LimitOutput
 from tpc.errors import TpcError
+from tpc.ops import expr as ex
 from tpc.parametrization import limit_of_power
 from tpc.train.interp import Applied, Bundle, Interpreter, Rows
 from tpc.train.kernel import LayerKernels, layer_kernels
@@ -166,7 +167,8 @@ def degrees_in_f0(net: Network) -> dict[int, float]:
         elif ins.op == "loss":
             d = 2 * args[0] if ins.attrs["loss"] == "mse" else inf
         elif ins.op == "named_loss":
-            d = 2.0 if net.losses[ins.attrs["loss"]].kind == "mse" else inf
+            loss = net.losses[ins.attrs["loss"]]
+            d = 2.0 if loss.kind == "mse" else _tree_degree(loss.tree) if loss.tree is not None else inf
         elif ins.op == "reduce":
             d = args[0]
         elif ins.op == "fn":
@@ -178,7 +180,26 @@ def degrees_in_f0(net: Network) -> dict[int, float]:
 
 
 def _fn_degree(prog: TrainProgram, ins: Instr, args: list[float]) -> float:
-    fn, inf = ins.attrs["fn"], float("inf")
+    exponent = prog.instrs[ins.args[1]] if ins.attrs["fn"] == "pow" else None
+    power = exponent.attrs.get("value") if exponent is not None and exponent.op == "const" else None
+    return _degree(ins.attrs["fn"], args, power)
+
+
+def _tree_degree(tree: ex.Tree) -> float:
+    """A top-level loss's degree in f: Arg(0) is f(X), the other arguments data (degree 0)."""
+    if isinstance(tree, ex.Arg):
+        return 1.0 if tree.index == 0 else 0.0
+    if isinstance(tree, ex.Const):
+        return 0.0
+    if tree.fn in ("mean_all", "sum_all"):
+        return _tree_degree(tree.args[0])
+    power = tree.args[1].value if tree.fn == "pow" and isinstance(tree.args[1], ex.Const) else None
+    return _degree(tree.fn, [_tree_degree(a) for a in tree.args], power)
+
+
+def _degree(fn: str, args: list[float], power: float | None) -> float:
+    """The degree of fn(args) from its arguments' degrees; `power`: a whole power's exponent."""
+    inf = float("inf")
     if fn in ("add", "sub"):
         return max(args)
     if fn in ("neg", "identity"):
@@ -188,11 +209,9 @@ def _fn_degree(prog: TrainProgram, ins: Instr, args: list[float]) -> float:
     if fn == "div":
         return args[0] if args[1] == 0 else inf
     if fn == "pow":
-        exponent = prog.instrs[ins.args[1]]
-        e = exponent.attrs.get("value") if exponent.op == "const" else None
-        if e is None or e < 0 or e != int(e):
+        if power is None or power < 0 or power != int(power):
             return inf
-        return args[0] * e if e else 0.0
+        return args[0] * power if power else 0.0
     return inf  # another function of a value of f (min, exp, ...): no polynomial
 
 

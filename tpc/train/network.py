@@ -865,6 +865,10 @@ class _Builder:
         if isinstance(e, ast.BinOp) and e.op in "+-*/^":
             fn = {"+": "add", "-": "sub", "*": "mul", "/": "div", "^": "pow"}[e.op]
             return ex.Apply(fn, (sub(e.left), sub(e.right)))
+        if isinstance(e, ast.Call) and e.fn in LOSSES:
+            raise TpcError(f"{e.fn}(...) is a whole loss, not a term of one: a top-level loss is {e.fn}(f(X), Y) "
+                           "alone or an expression in mean(...) and sum(...) (mse of one output: 0.5 * mean((f(X) - "
+                           f"Y) ^ 2)); inside a loop, L = {e.fn}(f(X), Y) + ... combines them", e.fn_span)
         if isinstance(e, ast.Call):
             fn = ALIASES.get(e.fn, e.fn)
             if fn == "sqrt" and len(e.args) == 1:
