@@ -218,3 +218,19 @@ def test_torch_module_and_command_of_a_loop_program(capsys: pytest.CaptureFixtur
     assert set(records) == {"first", "second"} and len(records["first"]) == 4
     assert all(isinstance(v, float) for v in records["first"])
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_emitted_loops_refuse_an_output_that_is_not_finite() -> None:
+    """Adam with eps = 0 for one step makes W NaN (0 / 0 where a gradient entry is 0): tpc run refuses
+    it at the update; the emitted train() filled `outputs` with NaN and returned."""
+    src = (ROOT / "programs" / "train" / "adam_relu2_mup.tp").read_text()
+    src = src.replace("+ 1e-3)", "+ 0)").replace("range(4)", "range(1)")
+    net = tpc.loads(src, "adam0.tp", ROOT / "programs" / "train")
+    with pytest.raises(tpc.TpcError, match="not finite"):
+        tpc.run(net, 64, 1)
+    namespace: dict = {}
+    exec(compile(tpc.torch_source(net), "<emitted>", "exec"), namespace)  # noqa: S102 - our own output
+    data = program_arrays(net)
+    names = list(inspect.signature(namespace["train"]).parameters)[1:-1]
+    with pytest.raises(FloatingPointError, match="output pred is not finite"):
+        namespace["train"](namespace["Network"](64, seed=0), *[torch.tensor(data[k]) for k in names], outputs={})

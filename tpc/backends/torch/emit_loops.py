@@ -32,8 +32,9 @@ from tpc.train.loops import Instr, TrainProgram
 from tpc.train.network import Loss, Network
 
 # the emitted file's helper functions (module level) and train()'s own locals
-HELPERS = ("num", "whole", "pick", "batch_rows", "batch_at", "checked", "combine", "at", "weights", "copied", "shifted",
-           "replaced", "assign", "grad", "stacked", "features", "mse_loss", "xent_loss", "logistic_loss")
+HELPERS = ("num", "whole", "pick", "batch_rows", "batch_at", "checked", "finite_output", "combine", "at", "weights",
+           "copied", "shifted", "replaced", "assign", "grad", "stacked", "features", "mse_loss", "xent_loss",
+           "logistic_loss")
 LOCALS = ("records", "outputs", "initial", "scale", "adaptive", "natural", "n", "model", "stream", "factor", "dtype",
           "device")
 # the emitted file's other globals (a word2vec file's: emit_tables.py, with the stream's code)
@@ -314,6 +315,8 @@ class _Emitter:
                 out.append(f"{key} = torch.sqrt(((features(model, {x}) - initial[{x!r}]) ** 2).mean(-1))")
             else:  # pragma: no cover - network.py refuses other outputs in programs with loops
                 raise TpcError(f"emit-torch: the output {o.name} ({o.kind}) is not supported", o.span)
+            self.helpers.add("finite_output")
+            out.append(f"{indent}        finite_output({o.name!r}, outputs[{o.name!r}])")
 
 
 # --- the code of each instruction (`emit` in tpc/train/instructions.py): a value's expression, or a
@@ -618,6 +621,12 @@ _HELPER_CODE: dict[str, list[str]] = {
         "def batch_rows(t: torch.Tensor | int, size: int, m: int) -> torch.Tensor:",
         '    """Step t\'s batch: rows tB .. tB + B - 1 (mod m) of a data set of m rows, B = size."""',
         "    return (torch.arange(size) + int(whole(t)) * size) % m",
+    ],
+    "finite_output": [
+        "def finite_output(name: str, value: torch.Tensor) -> None:",
+        '    """An output is never returned when it is not finite (as tpc run refuses it)."""',
+        "    if not torch.isfinite(value).all():",
+        "        raise FloatingPointError(f'output {name} is not finite: training diverged')",
     ],
     "checked": [
         "def checked(loss: torch.Tensor) -> torch.Tensor:",
