@@ -464,3 +464,17 @@ output p = f(Xt)
 """))
     assert "Wx_0, Wdh_0 = h2.step0, dh3.step0" in listing and "Wx_1, Wdh_1 = h4.step0, dh5.step0" in listing
     assert "U = X[0..1].T dh1.step0 + X[0..1].T dh6.step0   # d columns" in listing
+
+
+def test_an_overflow_after_the_last_step_is_named_at_the_output(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """lr 1e200: the one step is finite, the predictions after it overflow in the limit's MatMul. The
+    error had no position at all; it is the output's, and says that training came before it."""
+    src = (ROOT / "programs" / "train" / "relu2_mup.tp").read_text()
+    path = tmp_path / "last.tp"
+    path.write_text(src.replace("train sgd(lr = 0.5, steps = 3)", "train sgd(lr = 1e200, steps = 1)").replace(
+        '"data/', f'"{ROOT}/programs/train/data/'))
+    assert main(["limit", str(path), "--allow-data-outside", "--particles", "1024", "--replicates", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "last.tp:20:1: error: layer W (line 11): the covariance of this MatMul's Gaussians overflows (after " \
+           "training: did it diverge?" in err, err

@@ -128,7 +128,14 @@ class Interpreter:
                 if position == 0 and o.kind == "feature_change":
                     init_features[o.data] = self.forward(o.data, cache)
                     continue
-                results[o.name] = self.output(o, cache, init_features)
+                try:
+                    results[o.name] = self.output(o, cache, init_features)
+                except TpcError as err:  # a backend's trouble in the output's own computation: named there
+                    if err.span is None:
+                        err.span = o.span
+                        if self.updated:
+                            err.message += " (after training: did it diverge? lower the learning rate)"
+                    raise err.locate(self.net.filename, self.net.source) from None
                 self.check_output(o, results[o.name])
             if position < len(top):
                 self.execute(self.prog.instrs[top[position]])
