@@ -121,6 +121,13 @@ def test_limit_options_a_network_program_cannot_take_are_refused(capsys: pytest.
     for argv, says in cases:
         status, _, err = run(capsys, "limit", *argv)
         assert status == 2 and says in err and "Traceback" not in err, (argv, err)
+    import tpc
+    from tpc.errors import TpcError
+
+    net = tpc.load(train / "linear_mup.tp")  # the API as the command line (dtype was a TypeError)
+    assert tpc.limit(net, dtype="float64")["pred"].value.shape == (3,)
+    with pytest.raises(TpcError, match="computed in float64"):
+        tpc.limit(net, dtype="float32")
     status, out, _ = run(capsys, "limit", str(train / "relu2_ntk.tp"), "--json")  # auto: as before
     assert status == 0 and json.loads(out)
 
@@ -136,7 +143,7 @@ def test_plot_and_widths_are_checked_before_any_run(capsys: pytest.CaptureFixtur
             status, out, err = run(capsys, *cmd, "--widths", "64,128", "--seeds", "2", "--plot", plot)
             assert status == 2 and says in err and "Traceback" not in err and not out, (cmd, plot, err)
     status, out, err = run(capsys, "compare", RELU, "--widths", "64,64", "--seeds", "2")
-    assert status == 2 and "64 more than once" in err and not out
+    assert status == 2 and "64 given more than once" in err and not out
 
 
 def test_means_and_standard_errors_near_the_largest_float(capsys: pytest.CaptureFixture[str]) -> None:
@@ -151,3 +158,11 @@ def test_means_and_standard_errors_near_the_largest_float(capsys: pytest.Capture
     np.testing.assert_allclose(r.stderr, [5e307], rtol=1e-12)  # std 1e308, over sqrt(4)
     big = FiniteResult("m", np.array([1.2e208, 0.1e208, 3.4e208, 0.0]), 64)
     assert np.isfinite(big.stderr) and np.isclose(big.stderr, np.std(big.values / 1e200, ddof=1) / 2 * 1e200)
+
+
+def test_the_api_refuses_a_width_given_twice() -> None:
+    import tpc
+    from tpc.errors import TpcError
+
+    with pytest.raises(TpcError, match="16 given more than once"):
+        tpc.compare(tpc.load(RELU), [16, 16], 2)

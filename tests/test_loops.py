@@ -541,7 +541,7 @@ NOT_FINITE_BEFORE_TRAINING = {
     "log in the loss": ("V @ relu(W @ relu(U @ x))", "mean(log(f(X) - 100))", [], "10:7",
                         "at t = 0, before any update, the loss is not finite"),
     "exp overflows in float32": ("V @ tanh(exp(U @ x))", "mse(f(X), Y)", ["--dtype", "float32"], "8:23",
-                                 "at t = 0, this value of model f is not finite: it overflows"),
+                                 "at initialisation, this value of model f is not finite: it overflows"),
 }
 
 
@@ -567,3 +567,24 @@ def test_trouble_before_any_update_is_not_called_divergence(case: str, tmp_path:
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert f"p.tp:{where}: error: {says}" in err and "not finite" in err and "diverged" not in err, (argv, err)
+
+
+def test_trouble_after_updates_is_still_divergence(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The other side of the test above: after updates, a loss or gradient that is not finite is
+    divergence, also where the updates are word2vec's row updates or the gradient overflows first
+    (the first versions of these checks blamed the model, or said 'before any update' at t = 24)."""
+    from tpc.cli import main
+
+    path = tmp_path / "ov.tp"
+    path.write_text("width n\nparametrization mup\ndata X = [[1, 0.5, -1], [0.3, -0.8, 2]]\ndata Y = [1, -1]\n"
+                    "layer U : input n x 3, var = 1\nlayer V : readout 1 x n\nmodel f(x) = V @ tanh(exp(U @ x))\n"
+                    "for t in range(6) {\n  L = mse(f(X), Y)\n  f -= 100 * grad(L, f)\n}\noutput p = f(X)\n")
+    assert main(["run", str(path), "--width", "64", "--seeds", "2", "--dtype", "float32"]) == 2
+    err = capsys.readouterr().err
+    assert "error: training diverged at t = " in err and "lower the learning rate" in err, err
+    src = (ROOT / "programs" / "word2vec" / "cbow_loop_mup.tp").read_text()
+    assert "lr = 0.05" in src
+    w2v = tpc.loads(src.replace("lr = 0.05", "lr = 1e6"), "w.tp", ROOT / "programs" / "word2vec")
+    with pytest.raises(tpc.TpcError, match="training diverged at t = ") as err_info:
+        tpc.run(w2v, 64, 1)
+    assert "before any update" not in str(err_info.value)

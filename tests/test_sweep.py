@@ -113,3 +113,14 @@ def test_grid_refuses_empty_and_repeated_values() -> None:
                      ("width=8 lr=0.1,0.10", "repeats"), ("width=8 lr=1e-1,0.1", "repeats")):
         with pytest.raises(TpcError, match=msg):
             parse_grid(bad)
+
+
+def test_a_sweeps_means_and_errors_near_the_largest_float() -> None:
+    """The sweep took its own mean and error (inf, printed with no ±, null in JSON) where `tpc run` had
+    stopped overflowing: both are FiniteResult's now."""
+    from tpc.sweep import SweepResult
+
+    vals = np.array([1.2e208, 0.1e208, 3.4e208, 0.0])
+    res = SweepResult({"width": ["64"], "seed": ["0", "1", "2", "3"]}, {(0, 64): {"m": vals}}, [{}], [0, 1, 2, 3])
+    row = res.to_json()["rows"][0]
+    assert np.isclose(row["mean"], vals.mean()) and np.isclose(row["stderr"], np.std(vals / 1e200, ddof=1) / 2 * 1e200)

@@ -127,6 +127,10 @@ def limit(prog: Program | Network, **options: object) -> dict[str, LimitOutput]:
     if _is_network(prog):
         from tpc.train.limit import network_limit
 
+        if options.pop("dtype", "float64") != "float64":  # as the command line refuses --dtype float32
+            from tpc.errors import TpcError
+
+            raise TpcError("a network program's limit is computed in float64 (dtype sets a raw program's limit)")
         return network_limit(prog, **options)
     from tpc.backends.limit import evaluate_limit
 

@@ -365,8 +365,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     prog = _load(args)
     _check_device(args.device)
     show = not args.json and not args.quiet
+    from tpc import memory
+
+    kept = memory.kept_bytes(memory.kept_per_seed(prog), args.seeds)
+    also = f", and {memory.gb(kept)} for the outputs of all seeds" if kept >= 2**20 else ""
     print(f"{args.file}: width {args.width}, {args.seeds} seeds, {args.dtype} on {args.device}; "
-          f"{_finite_need(prog, args.width, args)} per seed", file=sys.stderr if args.json else sys.stdout,
+          f"{_finite_need(prog, args.width, args)} per seed{also}", file=sys.stderr if args.json else sys.stdout,
           flush=True)
     update, close = _progress(args.seeds, f"width {args.width}", show)
     try:
@@ -483,13 +487,15 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.json:
         print(dumps(res.to_json()))
         return 0
+    from tpc.backends.torch.run import FiniteResult
+
     print(f"mean ± standard error over seeds {', '.join(map(str, res.seeds))}")
     for (si, width), outs in sorted(res.values.items()):
         setting = " ".join(f"{k}={v}" for k, v in res.settings[si].items())
         print(f"{setting + ' ' if setting else ''}width {width}:")
         for name, v in outs.items():
-            err = v.std(0, ddof=1) / np.sqrt(v.shape[0]) if v.shape[0] > 1 else None
-            print(f"  {name} = {_fmt_array(v.mean(0), err)}")
+            r = FiniteResult(name, v, width)
+            print(f"  {name} = {_fmt_array(r.mean, r.stderr if v.shape[0] > 1 else None)}")
     return 0
 
 
@@ -748,9 +754,9 @@ def _widths(text: str) -> list[int]:
         raise TpcError(f"--widths expects comma-separated whole numbers, got '{text}'") from None
     if not widths or min(widths) < 1:
         raise TpcError("--widths needs at least one positive width")
-    repeated = sorted({w for w in widths if widths.count(w) > 1})
-    if repeated:  # a slope fitted to one width twice means nothing
-        raise TpcError(f"--widths gives {', '.join(map(str, repeated))} more than once: each width once")
+    from tpc.compare import once
+
+    once(widths)
     return widths
 
 

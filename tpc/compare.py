@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tpc.errors import TpcError
+
 if TYPE_CHECKING:  # imported where used: `import tpc` stays light (no torch until a backend runs)
     from tpc.backends.limit import LimitOutput
     from tpc.ir import Program
@@ -70,6 +72,13 @@ def fit_slope(widths: list[int], errors: list[float]) -> float:
     return float(np.polyfit(x, y, 1)[0])
 
 
+def once(widths: list[int]) -> None:
+    """Each width once: a slope fitted to a width given twice means nothing."""
+    repeated = sorted({w for w in widths if list(widths).count(w) > 1})
+    if repeated:
+        raise TpcError(f"widths {', '.join(map(str, repeated))} given more than once: each width once")
+
+
 def compare(prog: Program | Network, widths: list[int], seeds: int, method: str = "auto",
             dtype: str = "float64", device: str = "cpu", memory_gb: float | None = None, force: bool = False,
             progress: Callable[[int], None] | None = None, workers: int | None = None,
@@ -87,6 +96,7 @@ def compare(prog: Program | Network, widths: list[int], seeds: int, method: str 
 
     for w in widths:
         _count(w, "a width")
+    once(widths)
     _count(seeds, "seeds")
     _options({"dtype": dtype, "device": device, "particles": particles, "replicates": replicates})
     network = isinstance(prog, Network)

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tpc import memory
-from tpc.compare import fit_slope
+from tpc.compare import fit_slope, once
 from tpc.errors import Span, TpcError
 
 if TYPE_CHECKING:  # torch and the backends are imported where the runs are
@@ -488,6 +488,7 @@ def coordcheck(net: Network, widths: list[int] | tuple[int, ...] = DEFAULT_WIDTH
         raise TpcError("coordcheck needs at least one width")
     for w in widths:
         _count(w, "a width")
+    once(widths)
     _count(seeds, "seeds")
     _options({"dtype": dtype, "device": device, "particles": particles, "replicates": replicates, "seed": seed})
     from tpc.train.pooled import particles_for

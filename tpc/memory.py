@@ -84,12 +84,17 @@ def kept_per_seed(prog: object) -> int:
     return 8 * sum(_size(prog.node(nid).shape) for nid in prog.outputs.values())  # type: ignore[attr-defined]
 
 
+def kept_bytes(kept_per_seed: int, seeds: int) -> int:
+    return 3 * kept_per_seed * seeds
+
+
 def seeds_at_once(per_seed: int, seeds: int, what: str, memory_gb: float | None, force: bool,
                   filename: str, source: str, kept_per_seed: int = 0) -> int:
     """How many seeds a finite run takes at once within the budget (at least one, if it fits).
-    `kept_per_seed`: each seed's outputs, kept to the end of the run (twice: the parts and their
-    concatenation), so many seeds of large outputs are refused too."""
-    kept = 2 * kept_per_seed * seeds
+    `kept_per_seed`: each seed's outputs, kept to the end of the run (three times: the parts, their
+    concatenation, and the copy a mean or standard error divides), so many seeds of large outputs
+    are refused too."""
+    kept = kept_bytes(kept_per_seed, seeds)
     try:
         budget = budget_gb(memory_gb)
         if kept:

@@ -177,13 +177,14 @@ class SweepResult:
     seeds: list[int] = field(default_factory=list)
 
     def to_json(self) -> dict:
+        from tpc.backends.torch.run import FiniteResult
+
         rows = []
         for (si, width), outs in sorted(self.values.items()):
             for name, v in outs.items():
-                s = v.shape[0]
+                r = FiniteResult(name, v, width)  # its mean and error, safe near the largest float
                 rows.append({"setting": self.settings[si], "width": width, "output": name, "seeds": self.seeds,
-                             "mean": v.mean(0).tolist(),
-                             "stderr": (v.std(0, ddof=1) / np.sqrt(s)).tolist() if s > 1 else None,
+                             "mean": r.mean.tolist(), "stderr": r.stderr.tolist() if v.shape[0] > 1 else None,
                              "values": v.tolist()})
         # widths and seeds as the rows give them (numbers); a setting as written (`param=mup`, `lr=0.1`)
         grid = {k: [int(v) for v in vs] if k in RUN_AXES else vs for k, vs in self.axes.items()}

@@ -130,7 +130,7 @@ class Interpreter:
                     continue
                 try:
                     results[o.name] = self.output(o, cache, init_features)
-                except TpcError as err:  # a backend's trouble in the output's own computation: named there
+                except NumericalError as err:  # a backend's trouble in the output's own computation: named there
                     if err.span is None:
                         err.span = o.span
                         if self.updated:
@@ -432,11 +432,15 @@ def _run_grad(it: Interpreter, ins: Instr) -> None:
     applied = [it.env[i] for i in ins.args[1:]]
     grads = it.be.grad(loss, applied, ins.attrs["layers"])
     if it.checks and any(isinstance(g, Tensor) and not torch.isfinite(g).all() for g in grads.values()):
-        # a finite loss with a gradient that is not: an overflow on the way (exp in float32, then 0 * inf)
-        for a in applied:
-            blame_steps(it.net, a.vals, None, f"at {it.where()}")
-        raise NumericalError(f"at {it.where()}, the gradient is not finite though the loss is: an overflow in the "
-                             "backward pass?", ins.span).locate(it.net.filename, it.net.source)
+        # a finite loss with a gradient that is not: an overflow on the way (exp in float32, then 0 * inf),
+        # the model's own before any update, else the training's
+        if not it.updated:
+            for a in applied:
+                blame_steps(it.net, a.vals, None, "at initialisation")
+        raise NumericalError(f"training diverged at {it.where()}: the gradient is not finite though the loss is "
+                             "(lower the learning rate)" if it.updated else f"at {it.where()}, the gradient is not "
+                             "finite though the loss is: an overflow in the backward pass?", ins.span
+                             ).locate(it.net.filename, it.net.source)
     it.env[ins.id] = Bundle(grad=grads)
 
 
@@ -644,6 +648,7 @@ def _run_scatter_add(it: Interpreter, ins: Instr) -> None:
     b, g, rows = (it.env[i] for i in ins.args)
     rate = ins.attrs["coef"] * (b.lr if ins.attrs["rate"] else 1.0)  # c * b.lr, or c alone
     it.be.scatter_add(table, ins.attrs["layer"], ins.attrs["index"], b, g, rows, rate)
+    it.updated = True
 
 
 def blame_steps(net: Network, vals: list[Any], data: str | None, when: str = "at initialisation") -> None:
@@ -652,7 +657,7 @@ def blame_steps(net: Network, vals: list[Any], data: str | None, when: str = "at
     for step, v in zip(net.model.steps, vals, strict=False):
         if isinstance(v, Tensor) and not torch.isfinite(v).all():
             m = net.model
-            why = "it overflows (float64, or smaller inputs or variances?)" if not torch.isnan(v).any() else \
+            why = "it overflows (smaller inputs or variances, or float64?)" if not torch.isnan(v).any() else \
                 "a division by zero (a norm of a zero vector with eps = 0?), or a square root or logarithm of a " \
                 "negative number?"
             on = f" on {data}" if data else ""

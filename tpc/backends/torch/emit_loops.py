@@ -626,7 +626,7 @@ _HELPER_CODE: dict[str, list[str]] = {
         "def finite_output(name: str, value: torch.Tensor) -> None:",
         '    """An output is never returned when it is not finite (as tpc run refuses it)."""',
         "    if not torch.isfinite(value).all():",
-        "        raise FloatingPointError(f'output {name} is not finite: training diverged')",
+        "        raise FloatingPointError(f'output {name} is not finite')",
     ],
     "checked": [
         "def checked(loss: torch.Tensor) -> torch.Tensor:",
