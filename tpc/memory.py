@@ -85,6 +85,8 @@ def kept_per_seed(prog: object) -> int:
 
 
 def kept_bytes(kept_per_seed: int, seeds: int) -> int:
+    """The outputs of `seeds` seeds as a run holds them at its end: the parts, their concatenation and
+    the scaled copy a mean or standard error divides."""
     return 3 * kept_per_seed * seeds
 
 

@@ -141,8 +141,9 @@ def bytes_per_seed(net: Network, width: int, itemsize: int) -> int:
     rows = max((net.data[d].shape[0] for d in net.point_sets()), default=1)
     values = sum(s.positions * width + (2 * s.positions**2 if s.op == "attend" else 0) for s in net.model.steps)
     # 5: the weights, their scaled copies W = n^-a w, autograd's gradients and the updated weights;
-    # measured peaks at width 4096 (README, "Memory") are 4.7, 14.9 and 16.7 times the weights for
-    # relu2_mup.tp, adam_relu2_mup.tp and an AdamW transformer, which this puts at 6, 19 and 18
+    # measured peaks at width 4096 (README, "Memory") are 5.0 and 16.0 times the weights for
+    # relu2_mup.tp and adam_relu2_mup.tp (a reviewer's AdamW transformer: about 16.7), which this
+    # puts at 6, 19 and 18
     return itemsize * ((5 + 3 * buffers + temporaries) * weights + 4 * rows * values)
 
 

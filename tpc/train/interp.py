@@ -296,13 +296,13 @@ class Interpreter:
                 todo += arg.args
 
     def check_output(self, o: Output, value: Tensor) -> None:
-        """A non-finite output is never printed. Before any training step it is the model's own doing (a
+        """A non-finite output is never printed. Before any update it is the model's own doing (a
         norm of a zero vector with eps = 0, ...), named at its first step that is not finite; after,
         the steps before it diverged (the losses, schedules and records the loop computes are checked
         where they are computed; an update of the last step is not)."""
         if not self.checks or torch.isfinite(torch.as_tensor(value)).all():
             return
-        if self.done == 0:
+        if not self.updated:  # the same test as check_finite's: nothing has moved the parameters
             if o.data is not None:
                 self.blame_model(o.data)
             raise NumericalError(f"output {o.name} is not finite at initialisation: a division by zero, or a square "
